@@ -1,0 +1,250 @@
+"""``edge-agent``: the device's command line.
+
+Exit codes (DESIGN.md): 0 success; 1 the operation failed (download refused, …);
+2 bad command-line usage; 78 (EX_CONFIG) invalid configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from agent.config import DEFAULT_CONFIG_PATH, Config, load_config, preflight
+from agent.errors import ConfigError, EdgeAgentError
+from agent.manifest import FileEntry, parse_index
+from agent.registry import Progress, Registry
+from agent.store import Release, Store
+from agent.updater import Updater
+
+EX_CONFIG = 78
+
+
+class _ProgressLine:
+    """One self-overwriting line on a terminal for long downloads; silent elsewhere.
+
+    Ten lines of our own rather than a progress-bar dependency on every device.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+
+    def __call__(self, entry: FileEntry) -> Progress | None:
+        if not self.enabled or entry.size < 1_000_000:
+            return None
+        start = last = time.monotonic()
+
+        def show(done: int, total: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last < 0.1 and done < total:
+                return
+            last = now
+            rate = done / max(now - start, 1e-6) / 1e6
+            end = "\n" if done >= total else ""
+            self.stream.write(
+                f"\r{entry.name}: {done / 1e6:7.1f} / {total / 1e6:.1f} MB  {rate:6.1f} MB/s{end}"
+            )
+            self.stream.flush()
+
+        return show
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"config file (default: $EDGE_AGENT_CONFIG or {DEFAULT_CONFIG_PATH})",
+    )
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print data as JSON")
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(prog="edge-agent", parents=[common],
+                                     description="Edge deployment agent for TFLite models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("check-config", parents=[common], help="validate the config (exit 0 or 78)")
+    sub.add_parser("status", parents=[common], help="the active release and the store")
+    models = sub.add_parser("models", parents=[common], help="list, pull or roll back releases")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = msub.add_parser("list", parents=[common], help="releases in the store")
+    listing.add_argument("--remote", action="store_true", help="also list the registry's index")
+    pull = msub.add_parser("pull", parents=[common], help="fetch, verify and activate a release")
+    pull.add_argument("--version", type=int, help="version to pull (default: the channel's)")
+    rollback = msub.add_parser("rollback", parents=[common],
+                               help="switch back to a stored release, no download")
+    rollback.add_argument("--to", type=int, help="version (default: the previous one)")
+    return parser
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    explicit: Path | None = getattr(args, "config", None)
+    return explicit or Path(os.environ.get("EDGE_AGENT_CONFIG", str(DEFAULT_CONFIG_PATH)))
+
+
+def _release_info(release: Release, store: Store) -> dict[str, Any]:
+    manifest = release.manifest
+    return {
+        "model": release.model,
+        "version": release.version,
+        "task": manifest.task,
+        "created": manifest.created,
+        "manifest_sha256": release.manifest_sha256,
+        "files": [
+            {"name": f.name, "role": f.role, "variant": f.variant, "size": f.size,
+             "sha256": f.sha256, "path": str(store.blobs / f.sha256)}
+            for f in manifest.files
+        ],
+    }
+
+
+def _emit(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        print("\n".join(lines))
+
+
+def cmd_check_config(config: Config, path: Path, as_json: bool) -> int:
+    problems = preflight(config)
+    if problems:
+        raise ConfigError([f"{path}: {p}" for p in problems])
+    _emit({"ok": True, "config": str(path)}, as_json, [f"{path}: configuration is valid"])
+    return 0
+
+
+def cmd_status(config: Config, as_json: bool) -> int:
+    store = Store(config.store.dir, config.store.keep)
+    pointer = store.pointer()
+    active = store.active()
+    data: dict[str, Any] = {
+        "device": config.device.id,
+        "model": config.model.name,
+        "store": str(store.root),
+        "active": _release_info(active, store) if active else None,
+        "previous_version": pointer.previous if pointer else None,
+        "activated_at": pointer.activated_at if pointer else None,
+        "stored_versions": store.versions(active.model if active else config.model.name or ""),
+    }
+    lines = [f"device:   {config.device.id}", f"store:    {store.root}"]
+    if active is None or pointer is None:
+        lines.append("active:   none (no release pulled yet)")
+    else:
+        model_file = next(f for f in active.manifest.files if f.role == "model")
+        lines += [
+            f"active:   {active.model} v{active.version} (since {pointer.activated_at})",
+            f"model:    {model_file.name} sha256 {model_file.sha256}",
+            f"previous: {f'v{pointer.previous}' if pointer.previous else 'none'}",
+            f"stored:   {', '.join(f'v{v}' for v in data['stored_versions'])}",
+        ]
+    _emit(data, as_json, lines)
+    return 0
+
+
+def cmd_models_list(config: Config, remote: bool, as_json: bool) -> int:
+    store = Store(config.store.dir, config.store.keep)
+    pointer = store.pointer()
+    model = pointer.model if pointer else config.model.name
+    rows = []
+    for version in store.versions(model or ""):
+        release = store.release(model or "", version)
+        if release is not None:
+            info = _release_info(release, store)
+            info["active"] = pointer is not None and pointer.version == version
+            rows.append(info)
+    data: dict[str, Any] = {"model": model, "stored": rows}
+    lines = [f"{'':2}{'VERSION':>7}  {'TASK':<15} {'SIZE MB':>8}  CREATED"]
+    for row in rows:
+        size = sum(f["size"] for f in row["files"]) / 1e6
+        mark = "*" if row["active"] else " "
+        lines.append(f"{mark:2}{'v' + str(row['version']):>7}  {row['task']:<15} {size:8.1f}  {row['created']}")
+    if not rows:
+        lines.append("  (no releases in the store)")
+    if remote:
+        updater = Updater(config, store, Registry.from_config(config.registry))
+        raw = updater.registry.fetch_document(f"{updater.model}/index.json", updater.doc_max)
+        assert raw is not None
+        index = parse_index(raw)
+        data["registry"] = {"versions": index.versions, "channels": index.channels}
+        channels = ", ".join(f"{k}=v{v}" for k, v in sorted(index.channels.items())) or "none"
+        lines.append(f"registry: versions {', '.join(f'v{v}' for v in index.versions)}; channels {channels}")
+    _emit(data, as_json, lines)
+    return 0
+
+
+def cmd_models_pull(config: Config, version: int | None, as_json: bool) -> int:
+    store = Store(config.store.dir, config.store.keep).open()
+    registry = Registry.from_config(config.registry)
+    try:
+        updater = Updater(config, store, registry, progress=_ProgressLine(sys.stderr))
+        started = time.monotonic()
+        result = updater.pull(version)
+        seconds = time.monotonic() - started
+    finally:
+        registry.close()
+    release = result.release
+    data = {
+        "changed": result.changed,
+        "note": result.note,
+        "fetched_bytes": result.fetched_bytes,
+        "seconds": round(seconds, 3),
+        "active": _release_info(release, store),
+    }
+    if result.changed:
+        line = (f"activated {release.model} v{release.version} "
+                f"({result.fetched_bytes / 1e6:.1f} MB fetched in {seconds:.1f} s)")
+    else:
+        line = f"unchanged: {result.note}"
+    _emit(data, as_json, [line])
+    return 0
+
+
+def cmd_models_rollback(config: Config, to: int | None, as_json: bool) -> int:
+    store = Store(config.store.dir, config.store.keep).open()
+    with store.lock():
+        before = store.pointer()
+        release = store.rollback(to)
+    data = {"active": _release_info(release, store), "from_version": before.version if before else None}
+    _emit(data, as_json, [f"rolled back {release.model} to v{release.version}"
+                          f" (was v{data['from_version']})"])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    as_json = bool(getattr(args, "json", False))
+    path = _config_path(args)
+    try:
+        config = load_config(path)
+        if args.command == "check-config":
+            return cmd_check_config(config, path, as_json)
+        if args.command == "status":
+            return cmd_status(config, as_json)
+        if args.models_command == "list":
+            return cmd_models_list(config, args.remote, as_json)
+        if args.models_command == "pull":
+            return cmd_models_pull(config, args.version, as_json)
+        return cmd_models_rollback(config, args.to, as_json)
+    except ConfigError as exc:
+        print(f"edge-agent: invalid configuration:\n{exc}", file=sys.stderr)
+        return EX_CONFIG
+    except EdgeAgentError as exc:
+        print(f"edge-agent: {type(exc).__name__.removesuffix('Error').lower() or 'error'}: {exc}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

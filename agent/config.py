@@ -1,0 +1,340 @@
+"""Typed configuration, validated once at start.
+
+``load_config`` reads the YAML file of ../shared/DESIGN.md "Configuration", applies
+``EDGE_AGENT_<SECTION>_<KEY>`` environment overrides and validates everything.
+Unknown keys are refused. Every error names the key path and where the value came
+from (``config.yaml:12`` or the environment variable). Validation does no I/O;
+``preflight`` checks the files a valid config refers to.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.yaml")
+ENV_PREFIX = "EDGE_AGENT_"
+
+# Model names become URL path segments and store folder names: keep them plain.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceConfig(_Section):
+    id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Device id used in MQTT topics; defaults to the hostname.",
+    )
+    groups: list[str] = Field(default_factory=list, description="Fleet groups this device is in.")
+
+
+class RegistryConfig(_Section):
+    url: str | None = Field(
+        default=None,
+        description="Registry base URL: http(s)://… or file:///path. Absent: no updates.",
+    )
+    public_key: Path | None = Field(
+        default=None,
+        description="Ed25519 public key (PEM). When set, unsigned or badly signed releases "
+        "are refused.",
+    )
+    ca: Path | None = Field(
+        default=None, description="CA bundle for an https registry with a private CA."
+    )
+    poll_interval_s: float = Field(default=300, gt=0, description="Seconds between polls.")
+    max_download_mb: float = Field(
+        default=500, gt=0, description="Largest file a release may list, in MB."
+    )
+    max_manifest_kb: float = Field(
+        default=1024, gt=0, description="Largest manifest.json or index.json accepted, in KB."
+    )
+    timeout_s: float = Field(
+        default=30, gt=0, description="Connect and per-read timeout of registry requests."
+    )
+    deadline_s: float = Field(
+        default=1800,
+        gt=0,
+        description="Overall deadline for fetching one file, retries included.",
+    )
+    retries: int = Field(
+        default=5, ge=0, description="Retries of a broken transfer (resumed with Range)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(https?|file)://", value):
+            raise ValueError("must start with http://, https:// or file://")
+        return value
+
+
+class ModelConfig(_Section):
+    name: str | None = Field(
+        default=None, pattern=MODEL_NAME_PATTERN, description="Model name in the registry."
+    )
+    channel: str = Field(
+        default="stable", min_length=1, description="index.json channel to follow."
+    )
+
+
+class StoreConfig(_Section):
+    dir: Path = Field(
+        default=Path("/var/lib/edge-agent/models"), description="Where releases are kept."
+    )
+    keep: int = Field(default=3, ge=1, description="Releases kept on disk for rollback.")
+    reserve_mb: float = Field(
+        default=64, ge=0, description="Free space that must remain after a download, in MB."
+    )
+
+
+class RuntimeConfig(_Section):
+    accelerator: Literal["auto", "edgetpu", "cpu"] = Field(
+        default="auto", description="auto uses the Edge TPU when present, else the CPU variant."
+    )
+    edgetpu_device: str = Field(
+        default="",
+        pattern=r"^(|usb|pci)(:\d+)?$",
+        description='Edge TPU to use: "", usb, usb:N, pci:N.',
+    )
+    threads: int = Field(default=2, ge=1, le=64, description="CPU interpreter threads.")
+
+
+class SourceConfig(_Section):
+    type: Literal[
+        "camera", "video", "mjpeg", "rtsp", "images", "picamera2", "serial", "udp", "synthetic"
+    ] = Field(default="camera", description="Where frames or samples come from.")
+    device: str | None = Field(default=None, description="Camera or serial device path.")
+    path: Path | None = Field(default=None, description="Video file or image folder.")
+    url: str | None = Field(default=None, description="MJPEG or RTSP stream URL.")
+    port: int | None = Field(default=None, ge=1, le=65535, description="UDP port.")
+    baudrate: int | None = Field(default=None, gt=0, description="Serial baud rate.")
+    fps: float = Field(default=15, gt=0, description="Frames per second to process.")
+
+
+class ResultsConfig(_Section):
+    publish: Literal["every", "on_change", "interval", "off"] = Field(
+        default="on_change", description="When inference results are published."
+    )
+    min_score: float = Field(default=0.5, ge=0, le=1, description="Lowest score reported.")
+
+
+class MqttConfig(_Section):
+    url: str | None = Field(
+        default=None,
+        description="mqtt:// or mqtts:// broker URL; absent: telemetry stays in the outbox.",
+    )
+    ca: Path | None = Field(default=None, description="CA certificate of the broker.")
+    cert: Path | None = Field(default=None, description="Device certificate (mTLS).")
+    key: Path | None = Field(default=None, description="Device private key (mTLS).")
+    topic_prefix: str = Field(
+        default="edge", pattern=r"^[^#+/][^#+]*$", description="Topic prefix."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^mqtts?://", value):
+            raise ValueError("must start with mqtt:// or mqtts://")
+        return value
+
+
+class TelemetryConfig(_Section):
+    interval_s: float = Field(default=10, gt=0, description="Seconds between telemetry.")
+    outbox: Path = Field(
+        default=Path("/var/lib/edge-agent/outbox.sqlite"), description="SQLite outbox file."
+    )
+    outbox_max_mb: float = Field(default=64, gt=0, description="Outbox size cap, in MB.")
+
+
+class Config(_Section):
+    device: DeviceConfig = Field(default_factory=DeviceConfig, description="This device.")
+    registry: RegistryConfig = Field(
+        default_factory=RegistryConfig, description="Model registry."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model to follow.")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="Local model store.")
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig, description="Interpreter settings."
+    )
+    source: SourceConfig = Field(default_factory=SourceConfig, description="Input stream.")
+    results: ResultsConfig = Field(
+        default_factory=ResultsConfig, description="Result publishing."
+    )
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker.")
+    telemetry: TelemetryConfig = Field(
+        default_factory=TelemetryConfig, description="Telemetry and outbox."
+    )
+
+    @model_validator(mode="after")
+    def _requirements(self) -> Config:
+        if self.registry.url is not None and self.model.name is None:
+            raise PydanticCustomError(
+                "missing", "model.name is required when registry.url is set"
+            )
+        if (self.mqtt.cert is None) != (self.mqtt.key is None):
+            raise PydanticCustomError("missing", "mqtt.cert and mqtt.key go together")
+        return self
+
+
+SECTIONS = tuple(Config.model_fields)
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Where a value came from, for error messages."""
+
+    text: str
+
+
+def _origins_from_yaml(node: yaml.Node, file: str) -> tuple[dict[tuple[str, ...], _Origin], list[str]]:
+    """Map every key path of a composed YAML document to its line; report duplicate keys."""
+    origins: dict[tuple[str, ...], _Origin] = {}
+    problems: list[str] = []
+
+    def walk(n: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(n, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, value_node in n.value:
+                key = str(key_node.value)
+                line = key_node.start_mark.line + 1
+                dotted = ".".join((*path, key))
+                if key in seen:
+                    problems.append(f"{file}:{line}: {dotted}: duplicate key")
+                seen.add(key)
+                origins[(*path, key)] = _Origin(f"{file}:{line}")
+                walk(value_node, (*path, key))
+        elif isinstance(n, yaml.SequenceNode):
+            for index, item in enumerate(n.value):
+                origins[(*path, str(index))] = _Origin(f"{file}:{item.start_mark.line + 1}")
+                walk(item, (*path, str(index)))
+
+    walk(node, ())
+    return origins, problems
+
+
+def _env_value(raw: str) -> Any:
+    # Scalars stay strings and pydantic converts them ("300" -> 300, "true" -> True),
+    # so "0123" stays a device id; lists and maps are written in YAML flow style.
+    if raw.lstrip().startswith(("[", "{")):
+        return yaml.safe_load(raw)
+    return raw
+
+
+def _apply_env(
+    data: dict[str, Any], env: Mapping[str, str], origins: dict[tuple[str, ...], _Origin]
+) -> None:
+    for var, raw in sorted(env.items()):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        if section not in SECTIONS or not key:
+            continue  # other EDGE_AGENT_* variables are not config
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            continue  # the YAML error for this section is reported by validation
+        try:
+            target[key] = _env_value(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{var}: {section}.{key}: not valid YAML: {exc}"]) from exc
+        origins[(section, key)] = _Origin(var)
+
+
+def _describe(
+    error: ValidationError, origins: dict[tuple[str, ...], _Origin], file: str
+) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = tuple(str(part) for part in item["loc"])
+        dotted = ".".join(loc) or "(top level)"
+        where = file
+        for depth in range(len(loc), 0, -1):  # nearest enclosing key that has a line
+            if loc[:depth] in origins:
+                where = origins[loc[:depth]].text
+                break
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{where}: {dotted}: {message}")
+    return problems
+
+
+def parse_config(text: str, file: str = "config.yaml", env: Mapping[str, str] | None = None) -> Config:
+    """Parse and validate config text. Raises ConfigError naming key paths and lines."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark is not None else file
+        raise ConfigError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+    if node is None:
+        data: Any = {}
+        origins: dict[tuple[str, ...], _Origin] = {}
+    else:
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigError([f"{file}:1: the configuration must be a mapping of sections"])
+        origins, problems = _origins_from_yaml(node, file)
+        if problems:
+            raise ConfigError(problems)
+        data = yaml.safe_load(text)
+    _apply_env(data, os.environ if env is None else env, origins)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origins, file)) from exc
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the config file at ``path``. Raises ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError([f"{path}: config file not found"]) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
+    return parse_config(text, str(path), env)
+
+
+def preflight(config: Config) -> list[str]:
+    """Check the files a valid config refers to. Returns problems (empty when fine)."""
+    problems = []
+    files = {
+        "registry.public_key": config.registry.public_key,
+        "registry.ca": config.registry.ca,
+        "mqtt.ca": config.mqtt.ca,
+        "mqtt.cert": config.mqtt.cert,
+        "mqtt.key": config.mqtt.key,
+    }
+    for key, path in files.items():
+        if path is not None and not os.access(path, os.R_OK):
+            problems.append(f"{key}: cannot read {path}")
+    store_dir = config.store.dir
+    existing = store_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        problems.append(f"store.dir: {store_dir} is not writable")
+    return problems

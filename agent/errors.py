@@ -1,0 +1,51 @@
+"""The error families of edge-agent.
+
+Callers branch on the family, not on the message:
+
+- ``ConfigError``: the configuration is invalid (exit 78, never retried).
+- ``TransportError``: the registry could not be reached or the transfer broke off;
+  retried with capped, jittered backoff, and a partial download is kept for resume.
+- ``VerificationError``: what arrived is not what was promised (length, hash,
+  signature, manifest rules); never retried, reported loudly.
+- ``RefusedError``: the release is well-formed but policy forbids it (downgrade,
+  same version with other bytes, another model); never retried.
+- ``StoreError``: the local store cannot take the release (disk full, busy, corrupt).
+"""
+
+from __future__ import annotations
+
+
+class EdgeAgentError(Exception):
+    """Base of every error edge-agent raises on purpose; its text is shown to operators."""
+
+
+class ConfigError(EdgeAgentError):
+    """The configuration is invalid. ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class UpdateError(EdgeAgentError):
+    """An update could not be completed; the active release is unchanged."""
+
+
+class TransportError(UpdateError):
+    """The registry was unreachable or a transfer broke off. Worth retrying."""
+
+
+class RegistryError(UpdateError):
+    """The registry answered, but not usefully (404, off-host redirect). Not retried."""
+
+
+class VerificationError(UpdateError):
+    """Bytes, length, signature or manifest do not match what was promised. Not retried."""
+
+
+class RefusedError(UpdateError):
+    """The release is valid but policy refuses it (downgrade, other bytes, other model)."""
+
+
+class StoreError(UpdateError):
+    """The local model store cannot complete the operation (no space, busy, damaged)."""

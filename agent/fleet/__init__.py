@@ -1,0 +1,1 @@
+"""Fleet-side tools: publishing releases (and, later, deploy, rollout, devices)."""

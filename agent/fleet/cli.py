@@ -1,0 +1,73 @@
+"""``edge-fleet``: the operator's commands (keygen, publish).
+
+Exit codes as DESIGN.md: 0 success, 1 the operation failed, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from agent.errors import EdgeAgentError
+from agent.fleet.publish import publish
+from agent.manifest import TASKS
+from agent.verify import generate_keypair
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-fleet", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing releases")
+    keygen.add_argument("--out", type=Path, required=True, help="folder for NAME.key and NAME.pub")
+    keygen.add_argument("--name", default="registry", help="file name stem (default: registry)")
+    keygen.add_argument("--force", action="store_true", help="replace existing keys")
+
+    pub = sub.add_parser("publish", help="publish a release into a registry folder")
+    pub.add_argument("files", nargs="+", type=Path, metavar="MODEL_FILE",
+                     help="*.tflite files; *_edgetpu.tflite is the edgetpu variant")
+    pub.add_argument("--model", required=True, help="model name")
+    pub.add_argument("--version", required=True, type=int, help="release version (1, 2, …)")
+    pub.add_argument("--registry", required=True, type=Path, help="registry folder")
+    pub.add_argument("--sign-key", type=Path, help="Ed25519 private key (from keygen)")
+    pub.add_argument("--labels", type=Path, help="labels file")
+    pub.add_argument("--task", default="raw", choices=TASKS, help="what the outputs mean")
+    pub.add_argument("--channel", action="append", default=[],
+                     help="point this index.json channel at the version (repeatable)")
+    pub.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "keygen":
+            private, public = generate_keypair(args.out, args.name, args.force)
+            print(f"wrote {private} (keep it secret) and {public} (copy to devices)")
+        elif args.command == "publish":
+            result = publish(
+                args.files,
+                model=args.model,
+                version=args.version,
+                registry=args.registry,
+                task=args.task,
+                labels=args.labels,
+                sign_key=args.sign_key,
+                channels=tuple(args.channel),
+            )
+            if args.json:
+                print(json.dumps(result.manifest, indent=2))
+            else:
+                verb = "published" if result.created else "already published (unchanged)"
+                channels = f", channels: {', '.join(args.channel)}" if args.channel else ""
+                print(f"{verb}: {args.model} v{args.version} at {result.folder}{channels}")
+    except (EdgeAgentError, FileExistsError) as exc:
+        print(f"edge-fleet: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Publishing a release into a registry folder (served by any web server, S3 or a CDN).
+
+Atomic from a reader's point of view: the release folder is assembled under a
+hidden staging name and renamed into place whole, and only then is ``index.json``
+replaced (also by rename) to list it. A crash at any point leaves ``index.json``
+naming complete releases only; publishing the same release again finishes the job.
+A published version never changes: publishing other bytes under it is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.atomic import fsync_dir, fsync_file, write_atomic
+from agent.errors import EdgeAgentError
+from agent.manifest import (
+    TASKS,
+    check_file_name,
+    dump_json,
+    parse_index,
+    parse_manifest,
+)
+from agent.verify import load_private_key, sha256_file, sign
+
+TFLITE_IDENTIFIER = b"TFL3"
+
+
+class PublishError(EdgeAgentError):
+    """The release cannot be published as asked; the registry is unchanged."""
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    folder: Path
+    manifest: dict[str, object]
+    created: bool  # False: this exact release was already published
+
+
+def _file_entry(path: Path, role: str, variant: str | None) -> dict[str, object]:
+    entry: dict[str, object] = {"name": path.name, "role": role}
+    if variant is not None:
+        entry["variant"] = variant
+    entry["size"] = path.stat().st_size
+    entry["sha256"] = sha256_file(path)
+    return entry
+
+
+def _model_entry(path: Path) -> dict[str, object]:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[4:8] != TFLITE_IDENTIFIER:
+        raise PublishError(f"{path}: not a TFLite model (no 'TFL3' identifier)")
+    variant = "edgetpu" if path.name.endswith("_edgetpu.tflite") else "cpu"
+    return _file_entry(path, "model", variant)
+
+
+def _same_release(a: dict[str, object], b: dict[str, object]) -> bool:
+    keys = ("model", "version", "task", "files", "selftest", "budget")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def publish(
+    files: list[Path],
+    *,
+    model: str,
+    version: int,
+    registry: Path,
+    task: str = "raw",
+    labels: Path | None = None,
+    sign_key: Path | None = None,
+    channels: tuple[str, ...] = (),
+) -> PublishResult:
+    """Publish ``files`` as ``model`` v``version`` into the registry folder ``registry``.
+
+    Raises PublishError naming what is wrong; the registry is unchanged then.
+    """
+    if task not in TASKS:
+        raise PublishError(f"--task: {task!r} is not one of {', '.join(TASKS)}")
+    if version < 1:
+        raise PublishError(f"--version: {version} is not a positive integer")
+    paths = [*files, *([labels] if labels else [])]
+    for path in paths:
+        if not path.is_file():
+            raise PublishError(f"{path}: no such file")
+        try:
+            check_file_name(path.name)
+        except ValueError as exc:
+            raise PublishError(f"{path}: {exc}") from None
+    for path in files:
+        if path.suffix != ".tflite":
+            raise PublishError(f"{path}: model files must end in .tflite")
+    entries = [_model_entry(p) for p in files]
+    if labels is not None:
+        entries.append(_file_entry(labels, "labels", None))
+    manifest: dict[str, object] = {
+        "schema": 1,
+        "model": model,
+        "version": version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "task": task,
+        "files": entries,
+    }
+    raw = dump_json(manifest)
+    try:
+        parse_manifest(raw, f"{model} v{version}")  # the device's own rules, applied here first
+    except EdgeAgentError as exc:
+        raise PublishError(str(exc)) from None
+    key = load_private_key(sign_key) if sign_key is not None else None
+
+    model_dir = registry / model
+    folder = model_dir / str(version)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    created = True
+    if folder.exists():
+        existing = json.loads((folder / "manifest.json").read_bytes())
+        if not _same_release(existing, manifest):
+            raise PublishError(
+                f"{model} v{version} is already published with different content; "
+                "a version never changes: publish a new version"
+            )
+        created = False
+        manifest = existing
+    else:
+        staging = model_dir / f".staging-{version}"
+        shutil.rmtree(staging, ignore_errors=True)  # what a crashed publish left
+        staging.mkdir()
+        try:
+            for path in paths:
+                shutil.copyfile(path, staging / path.name)
+                fsync_file(staging / path.name)
+            write_atomic(staging / "manifest.json", raw)
+            if key is not None:
+                write_atomic(staging / "manifest.json.sig", sign(key, raw))
+            fsync_dir(staging)
+            os.rename(staging, folder)
+            fsync_dir(model_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    _update_index(model_dir, model, version, channels)
+    return PublishResult(folder, manifest, created)
+
+
+def _update_index(model_dir: Path, model: str, version: int, channels: tuple[str, ...]) -> None:
+    path = model_dir / "index.json"
+    if path.exists():
+        try:
+            index = parse_index(path.read_bytes(), str(path))
+        except EdgeAgentError as exc:
+            raise PublishError(f"{exc}; fix or remove it first") from None
+        versions, current = set(index.versions), dict(index.channels)
+    else:
+        versions, current = set(), {}
+    versions.add(version)
+    current.update({channel: version for channel in channels})
+    data = {"schema": 1, "model": model, "versions": sorted(versions), "channels": current}
+    write_atomic(path, dump_json(data))

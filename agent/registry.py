@@ -1,0 +1,365 @@
+"""Fetching from a model registry: plain files over http(s):// or file://.
+
+The download discipline (after python-tuf's fetcher): every fetch has a hard
+maximum length and an overall deadline, not only a per-read timeout; a body longer
+than promised is refused as soon as it is seen; a transfer that breaks off is
+resumed with an HTTP Range request, keeping the bytes already on disk; transport
+failures are retried with capped, jittered backoff, everything else is not.
+Redirects are followed only within the registry's own origin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import urllib3
+
+from agent import __version__
+from agent.config import RegistryConfig
+from agent.errors import RegistryError, StoreError, TransportError, VerificationError
+from agent.faults import crash_point
+
+CHUNK = 1 << 20
+MAX_REDIRECTS = 5
+Progress = Callable[[int, int], None]
+
+
+class NotFoundError(RegistryError):
+    """The registry has no such file (HTTP 404/410, or no file under file://)."""
+
+
+class _RangeRefused(TransportError):
+    """HTTP 416: the partial file on disk does not fit the file on the server."""
+
+
+class _Body(Protocol):
+    def read1(self, amt: int = ..., /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Response:
+    body: _Body
+    start: int  # offset of the body's first byte in the file
+    length: int | None  # bytes the body declares, when it does
+
+
+class _Transport(Protocol):
+    def open(self, relpath: str, offset: int, timeout: float) -> _Response: ...
+
+    def close(self) -> None: ...
+
+
+class _FileTransport:
+    """A registry folder on this machine (file:///srv/registry)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def open(self, relpath: str, offset: int, timeout: float) -> _Response:
+        path = self.root / relpath
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"{path}: not found in the registry") from exc
+        except OSError as exc:
+            raise TransportError(f"{path}: cannot read: {exc.strerror}") from exc
+        size = path.stat().st_size
+        f.seek(min(offset, size))
+        return _Response(f, min(offset, size), size - min(offset, size))
+
+    def close(self) -> None:
+        pass
+
+
+class _HttpTransport:
+    """A registry behind any web server, object store or CDN."""
+
+    def __init__(self, base: str, ca: Path | None) -> None:
+        self.base = base if base.endswith("/") else base + "/"
+        self.origin = self._origin(self.base)
+        self.pool = urllib3.PoolManager(
+            num_pools=2,
+            ca_certs=str(ca) if ca is not None else None,
+            retries=False,  # retries are ours: they resume, and they respect the deadline
+        )
+
+    @staticmethod
+    def _origin(url: str) -> tuple[str, str, int | None]:
+        parts = urllib.parse.urlsplit(url)
+        return parts.scheme, (parts.hostname or "").lower(), parts.port
+
+    def open(self, relpath: str, offset: int, timeout: float) -> _Response:
+        url = self.base + urllib.parse.quote(relpath)
+        headers = {"User-Agent": f"edge-agent/{__version__}", "Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                resp = self.pool.request(
+                    "GET",
+                    url,
+                    headers=headers,
+                    redirect=False,
+                    preload_content=False,
+                    decode_content=False,
+                    timeout=urllib3.Timeout(connect=timeout, read=timeout),
+                )
+            except urllib3.exceptions.HTTPError as exc:
+                raise TransportError(f"{url}: {_reason(exc)}") from exc
+            if resp.status in (301, 302, 303, 307, 308):
+                target = urllib.parse.urljoin(url, resp.headers.get("Location", ""))
+                resp.release_conn()
+                if self._origin(target) != self.origin:
+                    raise RegistryError(
+                        f"{url}: redirected to another host ({target}); refused, "
+                        "only redirects within the registry's origin are followed"
+                    )
+                url = target
+                continue
+            return self._accept(url, resp, offset)
+        raise RegistryError(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+    @staticmethod
+    def _accept(url: str, resp: urllib3.BaseHTTPResponse, offset: int) -> _Response:
+        status = resp.status
+        if status in (200, 206):
+            declared = resp.headers.get("Content-Length")
+            length = int(declared) if declared and declared.isdigit() else None
+            start = 0
+            if status == 206:
+                content_range = resp.headers.get("Content-Range", "")
+                try:
+                    start = int(content_range.split()[1].split("-")[0])
+                except (IndexError, ValueError):
+                    resp.release_conn()
+                    raise TransportError(f"{url}: bad Content-Range {content_range!r}") from None
+            return _Response(resp, start, length)
+        resp.release_conn()
+        if status in (404, 410):
+            raise NotFoundError(f"{url}: not found (HTTP {status})")
+        if status == 416 and offset:
+            raise _RangeRefused(f"{url}: HTTP 416 for a resume at byte {offset}")
+        if status >= 500 or status in (408, 429):
+            raise TransportError(f"{url}: HTTP {status}")
+        raise RegistryError(f"{url}: HTTP {status}")
+
+    def close(self) -> None:
+        self.pool.clear()
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost useful reason of a urllib3 error, for one-line messages."""
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc)
+
+
+class Registry:
+    """A client of one registry. Thread-compatible: use one per thread."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 30,
+        deadline_s: float = 1800,
+        retries: int = 5,
+        ca: Path | None = None,
+        backoff_s: float = 0.5,
+        backoff_cap_s: float = 30,
+    ) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.backoff_cap_s = backoff_cap_s
+        self.transport: _Transport
+        if url.startswith("file://"):
+            self.transport = _FileTransport(Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)))
+        else:
+            self.transport = _HttpTransport(url, ca)
+
+    @classmethod
+    def from_config(cls, config: RegistryConfig) -> Registry:
+        if config.url is None:
+            raise RegistryError("registry.url is not set: no registry to fetch from")
+        return cls(
+            config.url,
+            timeout_s=config.timeout_s,
+            deadline_s=config.deadline_s,
+            retries=config.retries,
+            ca=config.ca,
+        )
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def _retrying(self, what: str, deadline: float, attempt_once: Callable[[], bytes | str]) -> bytes | str:
+        attempt = 0
+        while True:
+            try:
+                return attempt_once()
+            except TransportError as exc:
+                attempt += 1
+                remaining = deadline - time.monotonic()
+                if attempt > self.retries or remaining <= 0:
+                    tries = f"{attempt} attempt{'s' if attempt > 1 else ''}"
+                    raise TransportError(f"{exc} (gave up on {what} after {tries})") from exc
+                # Full jitter: devices that lost the registry together do not return together.
+                cap = min(self.backoff_cap_s, self.backoff_s * 2 ** (attempt - 1))
+                time.sleep(min(random.uniform(0, cap), remaining))
+
+    def fetch_document(self, relpath: str, max_bytes: int, *, optional: bool = False) -> bytes | None:
+        """Fetch a small document (index, manifest, signature) whole.
+
+        Returns None when ``optional`` and the registry has no such file. Raises
+        VerificationError when it is longer than ``max_bytes``, TransportError when
+        retries are spent, RegistryError for other refusals.
+        """
+        deadline = time.monotonic() + self.deadline_s
+
+        def once() -> bytes:
+            resp = self.transport.open(relpath, 0, self._timeout(deadline))
+            try:
+                if resp.length is not None and resp.length > max_bytes:
+                    raise VerificationError(
+                        f"{relpath}: {resp.length} bytes, over the limit of {max_bytes}"
+                    )
+                data = bytearray()
+                while chunk := self._read(resp.body, relpath, deadline):
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise VerificationError(f"{relpath}: longer than the limit of {max_bytes} bytes")
+                if resp.length is not None and len(data) < resp.length:
+                    raise TransportError(f"{relpath}: truncated at {len(data)} of {resp.length} bytes")
+                return bytes(data)
+            finally:
+                resp.body.close()
+
+        try:
+            result = self._retrying(relpath, deadline, once)
+        except NotFoundError:
+            if optional:
+                return None
+            raise
+        assert isinstance(result, bytes)
+        return result
+
+    def download(self, relpath: str, part: Path, size: int, progress: Progress | None = None) -> str:
+        """Fetch ``relpath`` into ``part`` until it holds exactly ``size`` bytes.
+
+        Bytes already in ``part`` (an earlier, broken-off attempt) are kept and only the
+        rest is requested. Returns the hex SHA-256 of the whole file; the caller
+        compares it with the manifest. On TransportError the partial file is kept for
+        the next attempt; on VerificationError and StoreError it is deleted.
+        """
+        deadline = time.monotonic() + self.deadline_s
+        try:
+            digest = self._retrying(
+                relpath, deadline, lambda: self._download_once(relpath, part, size, deadline, progress)
+            )
+        except (VerificationError, StoreError, RegistryError):
+            part.unlink(missing_ok=True)
+            raise
+        assert isinstance(digest, str)
+        return digest
+
+    def _download_once(
+        self, relpath: str, part: Path, size: int, deadline: float, progress: Progress | None
+    ) -> str:
+        digest = hashlib.sha256()
+        offset = part.stat().st_size if part.exists() else 0
+        if offset > size:
+            part.unlink()
+            offset = 0
+        if offset:
+            with open(part, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+        if offset == size:
+            return digest.hexdigest()
+        try:
+            resp = self.transport.open(relpath, offset, self._timeout(deadline))
+        except _RangeRefused:
+            part.unlink()  # the server's file is not the one we began: start over
+            raise
+        try:
+            if resp.start != offset:  # the server ignored Range: take the whole body
+                digest, offset = hashlib.sha256(), 0
+            if resp.length is not None and resp.start + resp.length > size:
+                raise VerificationError(
+                    f"{relpath}: server sends {resp.start + resp.length} bytes, manifest says {size}"
+                )
+            return self._receive(relpath, resp, part, offset, size, digest, deadline, progress)
+        finally:
+            resp.body.close()
+
+    def _receive(
+        self,
+        relpath: str,
+        resp: _Response,
+        part: Path,
+        offset: int,
+        size: int,
+        digest: hashlib._Hash,
+        deadline: float,
+        progress: Progress | None,
+    ) -> str:
+        done = offset
+        try:
+            f = open(part, "r+b" if offset else "wb")
+        except OSError as exc:
+            raise StoreError(f"{part}: cannot write: {exc.strerror}") from exc
+        with f:
+            f.seek(offset)
+            f.truncate()
+            while chunk := self._read(resp.body, relpath, deadline, done, size):
+                if done + len(chunk) > size:
+                    raise VerificationError(
+                        f"{relpath}: body longer than the manifest's {size} bytes"
+                    )
+                try:
+                    f.write(chunk)
+                except OSError as exc:
+                    raise StoreError(f"{part}: write failed: {exc.strerror}") from exc
+                digest.update(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, size)
+                if done - len(chunk) == offset:
+                    f.flush()
+                    crash_point("download_partial")
+            try:
+                f.flush()
+            except OSError as exc:
+                raise StoreError(f"{part}: write failed: {exc.strerror}") from exc
+        if done < size:
+            raise TransportError(f"{relpath}: truncated at {done} of {size} bytes")
+        return digest.hexdigest()
+
+    def _read(
+        self, body: _Body, relpath: str, deadline: float, done: int = 0, size: int | None = None
+    ) -> bytes:
+        if time.monotonic() > deadline:
+            got = f" ({done} of {size} bytes)" if size is not None else ""
+            raise TransportError(
+                f"{relpath}: overall deadline of {self.deadline_s:g} s exceeded{got}"
+            )
+        try:
+            return body.read1(CHUNK)
+        except urllib3.exceptions.HTTPError as exc:
+            raise TransportError(f"{relpath}: transfer broke off: {_reason(exc)}") from exc
+        except OSError as exc:
+            raise TransportError(f"{relpath}: read failed: {exc}") from exc
+
+    def _timeout(self, deadline: float) -> float:
+        return max(0.05, min(self.timeout_s, deadline - time.monotonic()))

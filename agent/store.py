@@ -1,0 +1,358 @@
+"""The device's model store: verified releases on disk, one of them active.
+
+Layout under ``store.dir``::
+
+    blobs/<sha256>                      every file, named by its hash (read-only)
+    releases/<model>/<version>/         manifest.json (+ manifest.json.sig), as fetched
+    tmp/<sha256>.part                   downloads in progress (kept for resume)
+    active.json                         the pointer: which release is active, and history
+
+Invariants, kept across a crash at any instant:
+
+- a blob exists only once its length and hash were checked, and is fsynced;
+- a release folder appears (by one rename) only when all its blobs exist;
+- ``active.json`` is replaced atomically and names only a release folder that exists.
+
+So after any crash exactly the old or the new release is active, and its files match.
+No name taken from a manifest is ever used as a path: blobs are named by hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.atomic import fsync_dir, fsync_file, write_atomic
+from agent.errors import RefusedError, StoreError, VerificationError
+from agent.faults import crash_point
+from agent.manifest import FileEntry, Manifest, parse_manifest
+from agent.verify import check_file, sha256_bytes
+
+POINTER = "active.json"
+HISTORY_MAX = 32
+
+
+@dataclass(frozen=True)
+class Release:
+    """A release present in the store: its manifest and where its files are."""
+
+    manifest: Manifest
+    manifest_sha256: str
+    blobs: Path
+
+    @property
+    def model(self) -> str:
+        return self.manifest.model
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def path(self, entry: FileEntry) -> Path:
+        """Where the file of ``entry`` lives (named by its hash)."""
+        return self.blobs / entry.sha256
+
+    def model_path(self, variant: str) -> Path | None:
+        entry = self.manifest.model_file(variant)
+        return None if entry is None else self.path(entry)
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """The content of ``active.json``."""
+
+    model: str
+    version: int
+    manifest_sha256: str
+    activated_at: str
+    history: list[int] = field(default_factory=list)  # activation order, oldest first
+
+    @property
+    def previous(self) -> int | None:
+        earlier = [v for v in self.history if v != self.version]
+        return earlier[-1] if earlier else None
+
+
+class Store:
+    """The model store at ``root``; ``keep`` releases are kept for rollback."""
+
+    def __init__(self, root: Path, keep: int = 3) -> None:
+        self.root = root
+        self.keep = keep
+        self.blobs = root / "blobs"
+        self.releases = root / "releases"
+        self.tmp = root / "tmp"
+
+    def open(self) -> Store:
+        """Create the layout if needed and clear what a crash left half-done."""
+        try:
+            for folder in (self.root, self.blobs, self.releases, self.tmp):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"store.dir: cannot create {exc.filename}: {exc.strerror}") from exc
+        for stale in self.tmp.glob("release-*"):  # a staged release that was never renamed
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.root.glob(f".{POINTER}.*.tmp"):  # a pointer never switched in
+            stale.unlink(missing_ok=True)
+        return self
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the store's write lock. Raises StoreError at once if another process has it."""
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise StoreError(
+                    f"store {self.root} is busy: another update holds it (pid {holder})"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    # ----- reading -----
+
+    def pointer(self) -> Pointer | None:
+        """The active pointer, or None when nothing was ever activated."""
+        path = self.root / POINTER
+        try:
+            data: dict[str, Any] = json.loads(path.read_bytes())
+            return Pointer(
+                model=str(data["model"]),
+                version=int(data["version"]),
+                manifest_sha256=str(data["manifest_sha256"]),
+                activated_at=str(data.get("activated_at", "")),
+                history=[int(v) for v in data.get("history", [])],
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"{path}: damaged pointer: {exc}") from exc
+
+    def release(self, model: str, version: int) -> Release | None:
+        """The stored release ``model`` v``version``, or None if it is not in the store."""
+        folder = self.releases / model / str(version)
+        try:
+            raw = (folder / "manifest.json").read_bytes()
+        except FileNotFoundError:
+            return None
+        manifest = parse_manifest(raw, f"{folder}/manifest.json")
+        return Release(manifest, sha256_bytes(raw), self.blobs)
+
+    def active(self) -> Release | None:
+        """The active release, or None. Raises StoreError if the pointer names nothing."""
+        pointer = self.pointer()
+        if pointer is None:
+            return None
+        release = self.release(pointer.model, pointer.version)
+        if release is None:
+            raise StoreError(
+                f"{self.root / POINTER}: names {pointer.model} v{pointer.version}, "
+                "which is not in the store"
+            )
+        return release
+
+    def versions(self, model: str) -> list[int]:
+        """Versions of ``model`` in the store, ascending."""
+        folder = self.releases / model
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+    def manifest_bytes(self, model: str, version: int) -> bytes | None:
+        try:
+            return (self.releases / model / str(version) / "manifest.json").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    # ----- writing (hold the lock) -----
+
+    def has_blob(self, entry: FileEntry) -> bool:
+        path = self.blobs / entry.sha256
+        return path.is_file() and path.stat().st_size == entry.size
+
+    def part_path(self, entry: FileEntry) -> Path:
+        return self.tmp / f"{entry.sha256}.part"
+
+    def partial_bytes(self, entry: FileEntry) -> int:
+        part = self.part_path(entry)
+        return part.stat().st_size if part.exists() else 0
+
+    def free_bytes(self) -> int:
+        stat = os.statvfs(self.root)
+        return stat.f_bavail * stat.f_frsize
+
+    def install_blob(self, entry: FileEntry, part: Path, digest: str) -> None:
+        """Move a finished download into ``blobs/`` once its hash is the manifest's.
+
+        Raises VerificationError (and deletes the download) on a hash mismatch.
+        """
+        if digest != entry.sha256:
+            part.unlink(missing_ok=True)
+            raise VerificationError(
+                f"{entry.name}: sha256 {digest} does not match the manifest's {entry.sha256}"
+            )
+        try:
+            fsync_file(part)
+            crash_point("blob_downloaded")
+            os.chmod(part, 0o444)
+            os.replace(part, self.blobs / entry.sha256)
+            fsync_dir(self.blobs)
+        except OSError as exc:
+            raise StoreError(f"{entry.name}: cannot install into {self.blobs}: {exc}") from exc
+        crash_point("blob_installed")
+
+    def add_release(self, raw_manifest: bytes, signature: bytes | None, manifest: Manifest) -> Release:
+        """Make a release folder appear, in one rename, once all its blobs exist.
+
+        Raises RefusedError if the store holds this version with other bytes.
+        """
+        existing = self.manifest_bytes(manifest.model, manifest.version)
+        if existing is not None:
+            if existing != raw_manifest:
+                raise RefusedError(
+                    f"{manifest.model} v{manifest.version}: the store holds this version with "
+                    "different bytes; a published version never changes, publish a new one"
+                )
+            return Release(manifest, sha256_bytes(raw_manifest), self.blobs)
+        for entry in manifest.files:
+            if not self.has_blob(entry):
+                raise StoreError(f"{entry.name}: not in the store; cannot add the release")
+        staging = self.tmp / f"release-{manifest.model}-{manifest.version}-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir()
+            files = {"manifest.json": raw_manifest}
+            if signature is not None:
+                files["manifest.json.sig"] = signature
+            for name, data in files.items():
+                with open(staging / name, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            fsync_dir(staging)
+            crash_point("release_staged")
+            model_dir = self.releases / manifest.model
+            if not model_dir.exists():
+                model_dir.mkdir()
+                fsync_dir(self.releases)
+            os.rename(staging, model_dir / str(manifest.version))
+            fsync_dir(model_dir)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StoreError(f"cannot add {manifest.model} v{manifest.version}: {exc}") from exc
+        crash_point("release_added")
+        return Release(manifest, sha256_bytes(raw_manifest), self.blobs)
+
+    def verify_entry(self, entry: FileEntry) -> None:
+        """Re-check one stored file against its entry. Raises VerificationError."""
+        check_file(self.blobs / entry.sha256, entry.size, entry.sha256, f"{entry.name} in the store")
+
+    def verify(self, release: Release) -> None:
+        """Re-check every file of ``release`` against its manifest. Raises VerificationError."""
+        for entry in release.manifest.files:
+            self.verify_entry(entry)
+
+    def discard_blob(self, entry: FileEntry) -> None:
+        """Remove a damaged blob so that it is fetched again."""
+        (self.blobs / entry.sha256).unlink(missing_ok=True)
+
+    def activate(self, release: Release) -> Pointer:
+        """Switch the active pointer to ``release`` atomically. The release must be stored."""
+        current = self.pointer()
+        history = [] if current is None or current.model != release.model else current.history
+        history = [v for v in history if v != release.version][-(HISTORY_MAX - 1) :]
+        pointer = Pointer(
+            model=release.model,
+            version=release.version,
+            manifest_sha256=release.manifest_sha256,
+            activated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            history=[*history, release.version],
+        )
+        data = {"schema": 1, **pointer.__dict__}
+        try:
+            write_atomic(self.root / POINTER, (json.dumps(data, indent=2) + "\n").encode(), crash_tag="pointer")
+        except OSError as exc:
+            raise StoreError(f"cannot switch {self.root / POINTER}: {exc}") from exc
+        return pointer
+
+    def rollback(self, to: int | None = None) -> Release:
+        """Make an earlier stored release active at once, with no download.
+
+        ``to`` None means the previously active one. Raises StoreError when there is
+        none, or ``to`` is not in the store; VerificationError if its files are damaged.
+        """
+        pointer = self.pointer()
+        if pointer is None:
+            raise StoreError("nothing is active: there is nothing to roll back from")
+        stored = self.versions(pointer.model)
+        if to is None:
+            candidates = [v for v in reversed(pointer.history) if v != pointer.version and v in stored]
+            if not candidates:
+                raise StoreError(
+                    f"no earlier release of {pointer.model} in the store to roll back to"
+                )
+            to = candidates[0]
+        if to == pointer.version:
+            raise RefusedError(f"{pointer.model} v{to} is already active")
+        release = self.release(pointer.model, to)
+        if release is None:
+            have = ", ".join(f"v{v}" for v in stored) or "none"
+            raise StoreError(f"{pointer.model} v{to} is not in the store (stored: {have})")
+        self.verify(release)
+        self.activate(release)
+        return release
+
+    def gc(self) -> list[str]:
+        """Keep the active release and the ``keep`` most recently used; drop the rest.
+
+        Returns what was removed. Blobs no kept release needs go too, and so do
+        leftover partial downloads.
+        """
+        pointer = self.pointer()
+        all_releases = [
+            (model_dir.name, v)
+            for model_dir in self.releases.iterdir()
+            if model_dir.is_dir()
+            for v in self.versions(model_dir.name)
+        ]
+        order: list[tuple[str, int]] = []
+        if pointer is not None:
+            order += [(pointer.model, v) for v in reversed(pointer.history)]
+        order += sorted(all_releases, key=lambda r: r[1], reverse=True)
+        kept: list[tuple[str, int]] = []
+        for item in order:
+            if item in all_releases and item not in kept and len(kept) < self.keep:
+                kept.append(item)
+        if pointer is not None and (pointer.model, pointer.version) not in kept:
+            kept.append((pointer.model, pointer.version))
+        removed = []
+        needed: set[str] = set()
+        for model, version in all_releases:
+            if (model, version) in kept:
+                release = self.release(model, version)
+                if release is not None:
+                    needed.update(f.sha256 for f in release.manifest.files)
+                continue
+            doomed = self.tmp / f"gone-{model}-{version}-{secrets.token_hex(4)}"
+            os.rename(self.releases / model / str(version), doomed)  # vanish in one step
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(f"{model} v{version}")
+        for blob in self.blobs.iterdir():
+            if blob.name not in needed:
+                blob.unlink(missing_ok=True)
+        for part in self.tmp.glob("*.part"):
+            part.unlink(missing_ok=True)
+        return removed
