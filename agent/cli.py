@@ -63,15 +63,17 @@ def _common() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help=f"config file (default: $EDGE_AGENT_CONFIG or {DEFAULT_CONFIG_PATH})",
     )
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print data as JSON")
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print data as JSON"
+    )
     return common
 
 
 def _parser() -> argparse.ArgumentParser:
     common = _common()
-    parser = argparse.ArgumentParser(prog="edge-agent", parents=[common],
-                                     description="Edge deployment agent for TFLite models.")
+    parser = argparse.ArgumentParser(
+        prog="edge-agent", parents=[common], description="Edge deployment agent for TFLite models."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("check-config", parents=[common], help="validate the config (exit 0 or 78)")
     sub.add_parser("status", parents=[common], help="the active release and the store")
@@ -81,8 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--remote", action="store_true", help="also list the registry's index")
     pull = msub.add_parser("pull", parents=[common], help="fetch, verify and activate a release")
     pull.add_argument("--version", type=int, help="version to pull (default: the channel's)")
-    rollback = msub.add_parser("rollback", parents=[common],
-                               help="switch back to a stored release, no download")
+    rollback = msub.add_parser(
+        "rollback", parents=[common], help="switch back to a stored release, no download"
+    )
     rollback.add_argument("--to", type=int, help="version (default: the previous one)")
     return parser
 
@@ -101,8 +104,14 @@ def _release_info(release: Release, store: Store) -> dict[str, Any]:
         "created": manifest.created,
         "manifest_sha256": release.manifest_sha256,
         "files": [
-            {"name": f.name, "role": f.role, "variant": f.variant, "size": f.size,
-             "sha256": f.sha256, "path": str(store.blobs / f.sha256)}
+            {
+                "name": f.name,
+                "role": f.role,
+                "variant": f.variant,
+                "size": f.size,
+                "sha256": f.sha256,
+                "path": str(store.blobs / f.sha256),
+            }
             for f in manifest.files
         ],
     }
@@ -167,7 +176,8 @@ def cmd_models_list(config: Config, remote: bool, as_json: bool) -> int:
     for row in rows:
         size = sum(f["size"] for f in row["files"]) / 1e6
         mark = "*" if row["active"] else " "
-        lines.append(f"{mark:2}{'v' + str(row['version']):>7}  {row['task']:<15} {size:8.1f}  {row['created']}")
+        label = f"v{row['version']}"
+        lines.append(f"{mark:2}{label:>7}  {row['task']:<15} {size:8.1f}  {row['created']}")
     if not rows:
         lines.append("  (no releases in the store)")
     if remote:
@@ -177,7 +187,9 @@ def cmd_models_list(config: Config, remote: bool, as_json: bool) -> int:
         index = parse_index(raw)
         data["registry"] = {"versions": index.versions, "channels": index.channels}
         channels = ", ".join(f"{k}=v{v}" for k, v in sorted(index.channels.items())) or "none"
-        lines.append(f"registry: versions {', '.join(f'v{v}' for v in index.versions)}; channels {channels}")
+        lines.append(
+            f"registry: versions {', '.join(f'v{v}' for v in index.versions)}; channels {channels}"
+        )
     _emit(data, as_json, lines)
     return 0
 
@@ -201,8 +213,10 @@ def cmd_models_pull(config: Config, version: int | None, as_json: bool) -> int:
         "active": _release_info(release, store),
     }
     if result.changed:
-        line = (f"activated {release.model} v{release.version} "
-                f"({result.fetched_bytes / 1e6:.1f} MB fetched in {seconds:.1f} s)")
+        line = (
+            f"activated {release.model} v{release.version} "
+            f"({result.fetched_bytes / 1e6:.1f} MB fetched in {seconds:.1f} s)"
+        )
     else:
         line = f"unchanged: {result.note}"
     _emit(data, as_json, [line])
@@ -214,9 +228,15 @@ def cmd_models_rollback(config: Config, to: int | None, as_json: bool) -> int:
     with store.lock():
         before = store.pointer()
         release = store.rollback(to)
-    data = {"active": _release_info(release, store), "from_version": before.version if before else None}
-    _emit(data, as_json, [f"rolled back {release.model} to v{release.version}"
-                          f" (was v{data['from_version']})"])
+    data = {
+        "active": _release_info(release, store),
+        "from_version": before.version if before else None,
+    }
+    _emit(
+        data,
+        as_json,
+        [f"rolled back {release.model} to v{release.version} (was v{data['from_version']})"],
+    )
     return 0
 
 
@@ -239,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-agent: invalid configuration:\n{exc}", file=sys.stderr)
         return EX_CONFIG
     except EdgeAgentError as exc:
-        print(f"edge-agent: {type(exc).__name__.removesuffix('Error').lower() or 'error'}: {exc}",
-              file=sys.stderr)
+        print(
+            f"edge-agent: {type(exc).__name__.removesuffix('Error').lower() or 'error'}: {exc}",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         return 130

@@ -82,6 +82,11 @@ class RegistryConfig(_Section):
     retries: int = Field(
         default=5, ge=0, description="Retries of a broken transfer (resumed with Range)."
     )
+    retry_backoff_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="First retry waits up to this long; doubles per retry, capped at 60 s.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -171,18 +176,14 @@ class TelemetryConfig(_Section):
 
 class Config(_Section):
     device: DeviceConfig = Field(default_factory=DeviceConfig, description="This device.")
-    registry: RegistryConfig = Field(
-        default_factory=RegistryConfig, description="Model registry."
-    )
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registry.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model to follow.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Local model store.")
     runtime: RuntimeConfig = Field(
         default_factory=RuntimeConfig, description="Interpreter settings."
     )
     source: SourceConfig = Field(default_factory=SourceConfig, description="Input stream.")
-    results: ResultsConfig = Field(
-        default_factory=ResultsConfig, description="Result publishing."
-    )
+    results: ResultsConfig = Field(default_factory=ResultsConfig, description="Result publishing.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker.")
     telemetry: TelemetryConfig = Field(
         default_factory=TelemetryConfig, description="Telemetry and outbox."
@@ -191,9 +192,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _requirements(self) -> Config:
         if self.registry.url is not None and self.model.name is None:
-            raise PydanticCustomError(
-                "missing", "model.name is required when registry.url is set"
-            )
+            raise PydanticCustomError("missing", "model.name is required when registry.url is set")
         if (self.mqtt.cert is None) != (self.mqtt.key is None):
             raise PydanticCustomError("missing", "mqtt.cert and mqtt.key go together")
         return self
@@ -209,7 +208,9 @@ class _Origin:
     text: str
 
 
-def _origins_from_yaml(node: yaml.Node, file: str) -> tuple[dict[tuple[str, ...], _Origin], list[str]]:
+def _origins_from_yaml(
+    node: yaml.Node, file: str
+) -> tuple[dict[tuple[str, ...], _Origin], list[str]]:
     """Map every key path of a composed YAML document to its line; report duplicate keys."""
     origins: dict[tuple[str, ...], _Origin] = {}
     problems: list[str] = []
@@ -220,16 +221,16 @@ def _origins_from_yaml(node: yaml.Node, file: str) -> tuple[dict[tuple[str, ...]
             for key_node, value_node in n.value:
                 key = str(key_node.value)
                 line = key_node.start_mark.line + 1
-                dotted = ".".join((*path, key))
+                dotted = ".".join(path + (key,))
                 if key in seen:
                     problems.append(f"{file}:{line}: {dotted}: duplicate key")
                 seen.add(key)
-                origins[(*path, key)] = _Origin(f"{file}:{line}")
-                walk(value_node, (*path, key))
+                origins[path + (key,)] = _Origin(f"{file}:{line}")
+                walk(value_node, path + (key,))
         elif isinstance(n, yaml.SequenceNode):
             for index, item in enumerate(n.value):
-                origins[(*path, str(index))] = _Origin(f"{file}:{item.start_mark.line + 1}")
-                walk(item, (*path, str(index)))
+                origins[path + (str(index),)] = _Origin(f"{file}:{item.start_mark.line + 1}")
+                walk(item, path + (str(index),))
 
     walk(node, ())
     return origins, problems
@@ -269,7 +270,7 @@ def _describe(
     problems = []
     for item in error.errors():
         loc = tuple(str(part) for part in item["loc"])
-        dotted = ".".join(loc) or "(top level)"
+        dotted = ".".join(loc)
         where = file
         for depth in range(len(loc), 0, -1):  # nearest enclosing key that has a line
             if loc[:depth] in origins:
@@ -278,11 +279,13 @@ def _describe(
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        problems.append(f"{where}: {dotted}: {message}")
+        problems.append(f"{where}: {dotted}: {message}" if dotted else f"{where}: {message}")
     return problems
 
 
-def parse_config(text: str, file: str = "config.yaml", env: Mapping[str, str] | None = None) -> Config:
+def parse_config(
+    text: str, file: str = "config.yaml", env: Mapping[str, str] | None = None
+) -> Config:
     """Parse and validate config text. Raises ConfigError naming key paths and lines."""
     try:
         node = yaml.compose(text)

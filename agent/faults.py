@@ -25,6 +25,7 @@ CRASH_POINTS = (
     "pointer_written",
     "pointer_replaced",
 )
+PUBLISH_CRASH_POINTS = ("publish_staged", "publish_renamed")
 
 
 def crash_point(name: str) -> None:

@@ -10,7 +10,15 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from agent.config import MODEL_NAME_PATTERN
@@ -93,22 +101,29 @@ class Manifest(_Doc):
     selftest: SelfTest | None = Field(default=None, description="On-device self-test.")
     budget: Budget | None = Field(default=None, description="On-device latency budget.")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Manifest:
-        names = [f.name for f in self.files]
+    @field_validator("files")
+    @classmethod
+    def _files(cls, files: list[FileEntry]) -> list[FileEntry]:
+        names = [f.name for f in files]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise PydanticCustomError("files", f"duplicate file names: {', '.join(duplicates)}")
-        variants = [f.variant for f in self.files if f.role == "model"]
+        variants = [f.variant for f in files if f.role == "model"]
         if not variants:
             raise PydanticCustomError("files", "no file has role 'model'")
         if len(set(variants)) != len(variants):
             raise PydanticCustomError("files", "two model files have the same variant")
-        if self.selftest is not None:
-            for ref in (self.selftest.inputs, self.selftest.expect):
+        return files
+
+    @field_validator("selftest")
+    @classmethod
+    def _selftest_files(cls, selftest: SelfTest | None, info: ValidationInfo) -> SelfTest | None:
+        names = {f.name for f in info.data.get("files", [])}
+        if selftest is not None and names:
+            for ref in (selftest.inputs, selftest.expect):
                 if ref not in names:
                     raise PydanticCustomError("selftest", f"selftest file {ref!r} is not in files")
-        return self
+        return selftest
 
     def model_file(self, variant: str) -> FileEntry | None:
         """The model file of ``variant`` (``edgetpu`` or ``cpu``), if the release has one."""
@@ -162,7 +177,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
+    return out
 
 
 def _parse(raw: bytes, what: str, cls: type[_Doc]) -> Any:
@@ -176,7 +191,8 @@ def _parse(raw: bytes, what: str, cls: type[_Doc]) -> Any:
         first = exc.errors()[0]
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-        raise VerificationError(f"{what}: {_loc(first['loc'])}: {message}{more}") from exc
+        where = f"{what}: {_loc(first['loc'])}" if first["loc"] else what
+        raise VerificationError(f"{where}: {message}{more}") from exc
 
 
 def parse_manifest(raw: bytes, what: str = "manifest.json") -> Manifest:

@@ -11,6 +11,7 @@ Redirects are followed only within the registry's own origin.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import time
 import urllib.parse
@@ -67,12 +68,12 @@ class _FileTransport:
     def open(self, relpath: str, offset: int, timeout: float) -> _Response:
         path = self.root / relpath
         try:
-            f = open(path, "rb")
+            f = open(path, "rb")  # noqa: SIM115 - the caller closes the response body
         except FileNotFoundError as exc:
             raise NotFoundError(f"{path}: not found in the registry") from exc
         except OSError as exc:
             raise TransportError(f"{path}: cannot read: {exc.strerror}") from exc
-        size = path.stat().st_size
+        size = os.fstat(f.fileno()).st_size
         f.seek(min(offset, size))
         return _Response(f, min(offset, size), size - min(offset, size))
 
@@ -157,7 +158,17 @@ class _HttpTransport:
 
 
 def _reason(exc: BaseException) -> str:
-    """The innermost useful reason of a urllib3 error, for one-line messages."""
+    """What a urllib3 error means, in one short phrase for an operator."""
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        return "no data within the read timeout (registry.timeout_s)"
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):  # before its base class
+        return f"cannot connect: {str(exc).rsplit(': ', 1)[-1]}"
+    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+        return "connect timed out (registry.timeout_s)"
+    if isinstance(exc, urllib3.exceptions.ProtocolError):
+        if "IncompleteRead" in str(exc) or "InvalidChunkLength" in str(exc):
+            return "connection closed early"
+        return f"connection broken: {exc.args[0] if exc.args else exc}"
     reason = getattr(exc, "reason", None)
     return str(reason or exc)
 
@@ -174,7 +185,7 @@ class Registry:
         retries: int = 5,
         ca: Path | None = None,
         backoff_s: float = 0.5,
-        backoff_cap_s: float = 30,
+        backoff_cap_s: float = 60,
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
@@ -184,7 +195,9 @@ class Registry:
         self.backoff_cap_s = backoff_cap_s
         self.transport: _Transport
         if url.startswith("file://"):
-            self.transport = _FileTransport(Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)))
+            self.transport = _FileTransport(
+                Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+            )
         else:
             self.transport = _HttpTransport(url, ca)
 
@@ -198,12 +211,15 @@ class Registry:
             deadline_s=config.deadline_s,
             retries=config.retries,
             ca=config.ca,
+            backoff_s=config.retry_backoff_s,
         )
 
     def close(self) -> None:
         self.transport.close()
 
-    def _retrying(self, what: str, deadline: float, attempt_once: Callable[[], bytes | str]) -> bytes | str:
+    def _retrying(
+        self, what: str, deadline: float, attempt_once: Callable[[], bytes | str]
+    ) -> bytes | str:
         attempt = 0
         while True:
             try:
@@ -218,7 +234,9 @@ class Registry:
                 cap = min(self.backoff_cap_s, self.backoff_s * 2 ** (attempt - 1))
                 time.sleep(min(random.uniform(0, cap), remaining))
 
-    def fetch_document(self, relpath: str, max_bytes: int, *, optional: bool = False) -> bytes | None:
+    def fetch_document(
+        self, relpath: str, max_bytes: int, *, optional: bool = False
+    ) -> bytes | None:
         """Fetch a small document (index, manifest, signature) whole.
 
         Returns None when ``optional`` and the registry has no such file. Raises
@@ -238,9 +256,13 @@ class Registry:
                 while chunk := self._read(resp.body, relpath, deadline):
                     data += chunk
                     if len(data) > max_bytes:
-                        raise VerificationError(f"{relpath}: longer than the limit of {max_bytes} bytes")
+                        raise VerificationError(
+                            f"{relpath}: longer than the limit of {max_bytes} bytes"
+                        )
                 if resp.length is not None and len(data) < resp.length:
-                    raise TransportError(f"{relpath}: truncated at {len(data)} of {resp.length} bytes")
+                    raise TransportError(
+                        f"{relpath}: truncated at {len(data)} of {resp.length} bytes"
+                    )
                 return bytes(data)
             finally:
                 resp.body.close()
@@ -254,7 +276,9 @@ class Registry:
         assert isinstance(result, bytes)
         return result
 
-    def download(self, relpath: str, part: Path, size: int, progress: Progress | None = None) -> str:
+    def download(
+        self, relpath: str, part: Path, size: int, progress: Progress | None = None
+    ) -> str:
         """Fetch ``relpath`` into ``part`` until it holds exactly ``size`` bytes.
 
         Bytes already in ``part`` (an earlier, broken-off attempt) are kept and only the
@@ -265,7 +289,9 @@ class Registry:
         deadline = time.monotonic() + self.deadline_s
         try:
             digest = self._retrying(
-                relpath, deadline, lambda: self._download_once(relpath, part, size, deadline, progress)
+                relpath,
+                deadline,
+                lambda: self._download_once(relpath, part, size, deadline, progress),
             )
         except (VerificationError, StoreError, RegistryError):
             part.unlink(missing_ok=True)
@@ -296,8 +322,9 @@ class Registry:
             if resp.start != offset:  # the server ignored Range: take the whole body
                 digest, offset = hashlib.sha256(), 0
             if resp.length is not None and resp.start + resp.length > size:
+                sends = resp.start + resp.length
                 raise VerificationError(
-                    f"{relpath}: server sends {resp.start + resp.length} bytes, manifest says {size}"
+                    f"{relpath}: server sends {sends} bytes, manifest says {size}"
                 )
             return self._receive(relpath, resp, part, offset, size, digest, deadline, progress)
         finally:
@@ -316,7 +343,7 @@ class Registry:
     ) -> str:
         done = offset
         try:
-            f = open(part, "r+b" if offset else "wb")
+            f = open(part, "r+b" if offset else "wb")  # noqa: SIM115 - a `with` follows
         except OSError as exc:
             raise StoreError(f"{part}: cannot write: {exc.strerror}") from exc
         with f:
@@ -343,7 +370,9 @@ class Registry:
             except OSError as exc:
                 raise StoreError(f"{part}: write failed: {exc.strerror}") from exc
         if done < size:
-            raise TransportError(f"{relpath}: truncated at {done} of {size} bytes")
+            raise TransportError(
+                f"{relpath}: truncated at {done} of {size} bytes (connection closed early)"
+            )
         return digest.hexdigest()
 
     def _read(
@@ -356,10 +385,11 @@ class Registry:
             )
         try:
             return body.read1(CHUNK)
-        except urllib3.exceptions.HTTPError as exc:
-            raise TransportError(f"{relpath}: transfer broke off: {_reason(exc)}") from exc
-        except OSError as exc:
-            raise TransportError(f"{relpath}: read failed: {exc}") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            reason = _reason(exc) if isinstance(exc, urllib3.exceptions.HTTPError) else str(exc)
+            at = f" at {done} of {size} bytes" if size is not None else ""
+            verb = "truncated" if reason == "connection closed early" else "transfer broke off"
+            raise TransportError(f"{relpath}: {verb}{at} ({reason})") from exc
 
     def _timeout(self, deadline: float) -> float:
         return max(0.05, min(self.timeout_s, deadline - time.monotonic()))

@@ -215,7 +215,9 @@ class Store:
             raise StoreError(f"{entry.name}: cannot install into {self.blobs}: {exc}") from exc
         crash_point("blob_installed")
 
-    def add_release(self, raw_manifest: bytes, signature: bytes | None, manifest: Manifest) -> Release:
+    def add_release(
+        self, raw_manifest: bytes, signature: bytes | None, manifest: Manifest
+    ) -> Release:
         """Make a release folder appear, in one rename, once all its blobs exist.
 
         Raises RefusedError if the store holds this version with other bytes.
@@ -258,7 +260,9 @@ class Store:
 
     def verify_entry(self, entry: FileEntry) -> None:
         """Re-check one stored file against its entry. Raises VerificationError."""
-        check_file(self.blobs / entry.sha256, entry.size, entry.sha256, f"{entry.name} in the store")
+        check_file(
+            self.blobs / entry.sha256, entry.size, entry.sha256, f"{entry.name} in the store"
+        )
 
     def verify(self, release: Release) -> None:
         """Re-check every file of ``release`` against its manifest. Raises VerificationError."""
@@ -283,7 +287,11 @@ class Store:
         )
         data = {"schema": 1, **pointer.__dict__}
         try:
-            write_atomic(self.root / POINTER, (json.dumps(data, indent=2) + "\n").encode(), crash_tag="pointer")
+            write_atomic(
+                self.root / POINTER,
+                (json.dumps(data, indent=2) + "\n").encode(),
+                crash_tag="pointer",
+            )
         except OSError as exc:
             raise StoreError(f"cannot switch {self.root / POINTER}: {exc}") from exc
         return pointer
@@ -299,7 +307,9 @@ class Store:
             raise StoreError("nothing is active: there is nothing to roll back from")
         stored = self.versions(pointer.model)
         if to is None:
-            candidates = [v for v in reversed(pointer.history) if v != pointer.version and v in stored]
+            candidates = [
+                v for v in reversed(pointer.history) if v != pointer.version and v in stored
+            ]
             if not candidates:
                 raise StoreError(
                     f"no earlier release of {pointer.model} in the store to roll back to"

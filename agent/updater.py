@@ -104,9 +104,7 @@ class Updater:
         where = f"{self.model}/{version}/manifest.json"
         raw = self.registry.fetch_document(where, self.doc_max)
         assert raw is not None
-        signature = self.registry.fetch_document(
-            f"{where}.sig", SIGNATURE_MAX_BYTES, optional=True
-        )
+        signature = self.registry.fetch_document(f"{where}.sig", SIGNATURE_MAX_BYTES, optional=True)
         if self.public_key is not None:
             # Checked before the manifest is even parsed: unsigned bytes get no say.
             verify_signature(self.public_key, raw, signature, where)

@@ -37,7 +37,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def check_file(path: Path, size: int, sha256: str, what: str) -> None:
-    """Raise VerificationError unless the file at ``path`` has ``size`` bytes and hash ``sha256``."""
+    """Raise VerificationError unless ``path`` has exactly ``size`` bytes and hash ``sha256``."""
     try:
         actual_size = path.stat().st_size
     except FileNotFoundError as exc:
@@ -92,7 +92,9 @@ def verify_signature(key: Ed25519PublicKey, data: bytes, sig_file: bytes | None,
         ) from exc
 
 
-def generate_keypair(out_dir: Path, name: str = "registry", force: bool = False) -> tuple[Path, Path]:
+def generate_keypair(
+    out_dir: Path, name: str = "registry", force: bool = False
+) -> tuple[Path, Path]:
     """Write ``NAME.key`` (PKCS#8 PEM, mode 0600) and ``NAME.pub`` (PEM) into ``out_dir``.
 
     Refuses to overwrite existing keys unless ``force``. Returns (private, public) paths.

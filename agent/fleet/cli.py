@@ -26,16 +26,25 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--force", action="store_true", help="replace existing keys")
 
     pub = sub.add_parser("publish", help="publish a release into a registry folder")
-    pub.add_argument("files", nargs="+", type=Path, metavar="MODEL_FILE",
-                     help="*.tflite files; *_edgetpu.tflite is the edgetpu variant")
+    pub.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        metavar="MODEL_FILE",
+        help="*.tflite files; *_edgetpu.tflite is the edgetpu variant",
+    )
     pub.add_argument("--model", required=True, help="model name")
     pub.add_argument("--version", required=True, type=int, help="release version (1, 2, …)")
     pub.add_argument("--registry", required=True, type=Path, help="registry folder")
     pub.add_argument("--sign-key", type=Path, help="Ed25519 private key (from keygen)")
     pub.add_argument("--labels", type=Path, help="labels file")
     pub.add_argument("--task", default="raw", choices=TASKS, help="what the outputs mean")
-    pub.add_argument("--channel", action="append", default=[],
-                     help="point this index.json channel at the version (repeatable)")
+    pub.add_argument(
+        "--channel",
+        action="append",
+        default=[],
+        help="point this index.json channel at the version (repeatable)",
+    )
     pub.add_argument("--json", action="store_true", help="print the manifest as JSON")
     return parser
 

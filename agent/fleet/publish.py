@@ -18,6 +18,7 @@ from pathlib import Path
 
 from agent.atomic import fsync_dir, fsync_file, write_atomic
 from agent.errors import EdgeAgentError
+from agent.faults import crash_point
 from agent.manifest import (
     TASKS,
     check_file_name,
@@ -137,8 +138,10 @@ def publish(
             if key is not None:
                 write_atomic(staging / "manifest.json.sig", sign(key, raw))
             fsync_dir(staging)
+            crash_point("publish_staged")
             os.rename(staging, folder)
             fsync_dir(model_dir)
+            crash_point("publish_renamed")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

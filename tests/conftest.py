@@ -1,0 +1,185 @@
+"""Fixtures: a fleet-side registry folder, a real HTTP registry on loopback, a device."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent.config import Config, load_config
+from agent.fleet.publish import publish
+from agent.registry import Registry
+from agent.store import Store
+from agent.updater import Updater
+from agent.verify import generate_keypair, sha256_file
+from tests.registry_server import RegistryServer
+
+MODEL = "person-detector"
+
+
+def tflite_bytes(size: int, seed: int) -> bytes:
+    """Bytes shaped like a TFLite file (the 'TFL3' identifier) for store tests.
+
+    These tests move and verify files; none claims inference, so no interpreter runs.
+    """
+    data = bytearray(random.Random(seed).randbytes(size))
+    data[4:8] = b"TFL3"
+    return bytes(data)
+
+
+@dataclass
+class Fleet:
+    """The operator's side: signing keys and a registry folder."""
+
+    root: Path
+    registry: Path
+    key: Path
+    pub: Path
+    other_key: Path
+
+    def release(
+        self,
+        version: int,
+        *,
+        size: int = 200_000,
+        seed: int | None = None,
+        edgetpu: bool = False,
+        signed: bool = True,
+        channels: tuple[str, ...] = ("stable",),
+        model: str = MODEL,
+    ) -> dict[str, Any]:
+        """Publish a release with a generated model file; returns its manifest."""
+        src = self.root / "src" / f"{model}-{version}"
+        src.mkdir(parents=True, exist_ok=True)
+        files = [src / "model.tflite"]
+        files[0].write_bytes(tflite_bytes(size, seed if seed is not None else version))
+        if edgetpu:
+            files.append(src / "model_edgetpu.tflite")
+            files[1].write_bytes(tflite_bytes(size, 1000 + version))
+        labels = src / "labels.txt"
+        labels.write_text("background\nperson\n")
+        result = publish(
+            files,
+            model=model,
+            version=version,
+            registry=self.registry,
+            task="detection",
+            labels=labels,
+            sign_key=self.key if signed else None,
+            channels=channels,
+        )
+        return result.manifest
+
+    def path(self, version: int, name: str, model: str = MODEL) -> Path:
+        return self.registry / model / str(version) / name
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    keys = tmp_path / "keys"
+    key, pub = generate_keypair(keys)
+    other, _ = generate_keypair(keys, "other")
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    return Fleet(tmp_path / "fleet", registry, key, pub, other)
+
+
+@pytest.fixture
+def server(fleet: Fleet) -> Iterator[RegistryServer]:
+    with RegistryServer(fleet.registry) as srv:
+        yield srv
+
+
+@dataclass
+class Device:
+    """A device: its config file, its store, and ways to run the agent on it."""
+
+    root: Path
+    config_path: Path
+    settings: dict[str, Any]
+
+    @property
+    def config(self) -> Config:
+        return load_config(self.config_path, env={})
+
+    @property
+    def store(self) -> Store:
+        return Store(self.config.store.dir, self.config.store.keep).open()
+
+    def set(self, section: str, **values: Any) -> Device:
+        self.settings.setdefault(section, {}).update(values)
+        self.config_path.write_text(yaml.safe_dump(self.settings))
+        return self
+
+    def updater(self) -> Updater:
+        config = self.config
+        return Updater(config, self.store, Registry.from_config(config.registry))
+
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``edge-agent ARGS --config …`` as a subprocess (the real entry point)."""
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+        full_env.update(env or {})
+        return subprocess.run(
+            [sys.executable, "-m", "agent.cli", *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=60,
+            **kw,
+        )
+
+    def status(self) -> dict[str, Any]:
+        result = self.cli("status", "--json")
+        assert result.returncode == 0, result.stderr
+        data: dict[str, Any] = json.loads(result.stdout)
+        return data
+
+    def assert_serving(self, version: int | None) -> None:
+        """The active release is ``version`` and every one of its files matches its hash."""
+        store = self.store
+        active = store.active()
+        if version is None:
+            assert active is None
+            return
+        assert active is not None and active.version == version
+        for entry in active.manifest.files:
+            path = active.path(entry)
+            assert path.stat().st_size == entry.size
+            assert sha256_file(path) == entry.sha256
+
+    def leftovers(self) -> list[Path]:
+        """Partial downloads and staging folders left in the store's tmp/."""
+        return sorted((self.root / "store" / "tmp").glob("*"))
+
+
+@pytest.fixture
+def device(tmp_path: Path, fleet: Fleet, server: RegistryServer) -> Device:
+    root = tmp_path / "device"
+    root.mkdir()
+    settings: dict[str, Any] = {
+        "device": {"id": "pi-test-01"},
+        "registry": {
+            "url": server.url,
+            "public_key": str(fleet.pub),
+            "timeout_s": 2,
+            "deadline_s": 10,
+            "retries": 2,
+            "retry_backoff_s": 0.05,
+        },
+        "model": {"name": MODEL},
+        "store": {"dir": str(root / "store"), "keep": 3, "reserve_mb": 0},
+    }
+    dev = Device(root, root / "config.yaml", settings)
+    dev.set("device")
+    return dev

@@ -1,0 +1,167 @@
+"""Configuration: typed, validated at load, errors name the key path and its line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config, parse_config
+from agent.errors import ConfigError
+
+GOOD = """\
+device:
+  id: pi-door-01
+  groups: [door, canary]
+registry:
+  url: https://models.example.com/
+  poll_interval_s: 300
+model:
+  name: person-detector
+  channel: stable
+store:
+  dir: /var/lib/edge-agent/models
+  keep: 3
+runtime:
+  accelerator: auto
+source:
+  type: camera
+  device: /dev/video0
+  fps: 15
+mqtt:
+  url: mqtts://broker.example.com:8883
+  topic_prefix: edge
+telemetry:
+  interval_s: 10
+"""
+
+
+def problems(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "config.yaml", env or {})
+    return info.value.problems
+
+
+def test_design_example_config_is_valid() -> None:
+    config = parse_config(GOOD, env={})
+    assert config.device.groups == ["door", "canary"]
+    assert config.registry.poll_interval_s == 300
+    assert config.store.dir == Path("/var/lib/edge-agent/models")
+    assert config.registry.max_download_mb == 500  # defaults fill the rest
+
+
+def test_empty_config_takes_defaults() -> None:
+    config = parse_config("", env={})
+    assert config.model.channel == "stable" and config.registry.url is None
+
+
+def test_unknown_key_is_refused_with_path_and_line() -> None:
+    text = GOOD.replace("  poll_interval_s: 300", "  poll_intervall_s: 300")
+    assert problems(text) == ["config.yaml:6: registry.poll_intervall_s: unknown key"]
+
+
+def test_unknown_section_is_refused() -> None:
+    assert problems(GOOD + "camera:\n  fps: 3\n") == ["config.yaml:24: camera: unknown key"]
+
+
+def test_wrong_type_names_key_path_and_line() -> None:
+    text = GOOD.replace("  keep: 3", "  keep: lots")
+    (problem,) = problems(text)
+    assert problem.startswith("config.yaml:12: store.keep: Input should be a valid integer")
+
+
+def test_out_of_range_and_bad_choice_are_both_reported() -> None:
+    text = GOOD.replace("  fps: 15", "  fps: -1").replace("accelerator: auto", "accelerator: tpu")
+    found = problems(text)
+    assert any(
+        p.startswith("config.yaml:14: runtime.accelerator: Input should be 'auto'") for p in found
+    )
+    assert any(
+        p.startswith("config.yaml:18: source.fps: Input should be greater than 0") for p in found
+    )
+
+
+def test_bad_url_scheme_is_refused() -> None:
+    (problem,) = problems(GOOD.replace("https://models", "ftp://models"))
+    assert (
+        problem
+        == "config.yaml:5: registry.url: Value error, must start with http://, https:// or file://"
+    )
+
+
+def test_duplicate_key_is_refused() -> None:
+    (problem,) = problems(GOOD.replace("  keep: 3", "  keep: 3\n  keep: 4"))
+    assert problem == "config.yaml:13: store.keep: duplicate key"
+
+
+def test_invalid_yaml_names_the_line() -> None:
+    (problem,) = problems(GOOD.replace("  keep: 3", "  keep: [3"))
+    assert problem.startswith("config.yaml:") and "not valid YAML" in problem
+
+
+def test_registry_without_model_name_is_refused() -> None:
+    text = GOOD.replace("  name: person-detector\n", "")
+    (problem,) = problems(text)
+    assert "model.name is required when registry.url is set" in problem
+
+
+def test_environment_overrides_a_key() -> None:
+    env = {
+        "EDGE_AGENT_REGISTRY_POLL_INTERVAL_S": "60",
+        "EDGE_AGENT_DEVICE_GROUPS": "[a, b]",
+        "EDGE_AGENT_DEVICE_ID": "0123",
+        "EDGE_AGENT_CRASH_AT": "not-config",
+    }
+    config = parse_config(GOOD, env=env)
+    assert config.registry.poll_interval_s == 60
+    assert config.device.groups == ["a", "b"]
+    assert config.device.id == "0123"  # stays a string, leading zero and all
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    (problem,) = problems(GOOD, env={"EDGE_AGENT_STORE_KEEP": "zero"})
+    assert problem.startswith("EDGE_AGENT_STORE_KEEP: store.keep: Input should be a valid integer")
+    (problem,) = problems(GOOD, env={"EDGE_AGENT_STORE_KEPE": "2"})
+    assert problem == "EDGE_AGENT_STORE_KEPE: store.kepe: unknown key"
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_check_config_exits_0_for_a_valid_config(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(GOOD.replace("/var/lib/edge-agent/models", str(tmp_path / "store")))
+    result = _check_config(path)
+    assert result.returncode == 0, result.stderr
+    assert "configuration is valid" in result.stdout
+
+
+def test_check_config_exits_78_and_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(GOOD.replace("  keep: 3", "  keep: 0"))
+    result = _check_config(path)
+    assert result.returncode == 78
+    assert f"{path}:12: store.keep: Input should be greater than or equal to 1" in result.stderr
+
+
+def test_check_config_checks_referenced_files(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    text = GOOD.replace("/var/lib/edge-agent/models", str(tmp_path / "store"))
+    path.write_text(text.replace("  poll_interval_s: 300", f"  public_key: {tmp_path}/missing.pub"))
+    result = _check_config(path)
+    assert result.returncode == 78
+    assert f"registry.public_key: cannot read {tmp_path}/missing.pub" in result.stderr

@@ -1,0 +1,184 @@
+"""Publishing releases and the manifest contract they follow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.errors import VerificationError
+from agent.fleet.publish import PublishError, publish
+from agent.manifest import parse_index, parse_manifest
+from agent.verify import load_public_key, sha256_file, verify_signature
+from tests.conftest import MODEL, Fleet, tflite_bytes
+
+
+def test_publish_writes_the_registry_layout(fleet: Fleet) -> None:
+    fleet.release(1, edgetpu=True, channels=("stable", "beta"))
+    folder = fleet.registry / MODEL / "1"
+    raw = (folder / "manifest.json").read_bytes()
+    manifest = parse_manifest(raw)
+    assert manifest.model == MODEL and manifest.version == 1 and manifest.task == "detection"
+    roles = {(f.name, f.role, f.variant) for f in manifest.files}
+    assert roles == {
+        ("model.tflite", "model", "cpu"),
+        ("model_edgetpu.tflite", "model", "edgetpu"),
+        ("labels.txt", "labels", None),
+    }
+    for entry in manifest.files:
+        assert (folder / entry.name).stat().st_size == entry.size
+        assert sha256_file(folder / entry.name) == entry.sha256
+    verify_signature(
+        load_public_key(fleet.pub), raw, (folder / "manifest.json.sig").read_bytes(), "m"
+    )
+    index = parse_index((fleet.registry / MODEL / "index.json").read_bytes())
+    assert index.versions == [1] and index.channels == {"stable": 1, "beta": 1}
+
+
+def test_publish_keeps_channels_it_was_not_asked_to_move(fleet: Fleet) -> None:
+    fleet.release(1, channels=("stable",))
+    fleet.release(2, channels=("beta",))
+    index = json.loads((fleet.registry / MODEL / "index.json").read_bytes())
+    assert index == {
+        "schema": 1,
+        "model": MODEL,
+        "versions": [1, 2],
+        "channels": {"stable": 1, "beta": 2},
+    }
+
+
+def test_publishing_the_same_release_again_is_a_no_op(fleet: Fleet) -> None:
+    first = fleet.release(1)
+    second = fleet.release(1)
+    assert first == second
+
+
+def test_publish_refuses_to_overwrite_a_version_with_other_bytes(fleet: Fleet) -> None:
+    fleet.release(1)
+    before = (fleet.registry / MODEL / "1" / "manifest.json").read_bytes()
+    with pytest.raises(PublishError, match=r"v1 is already published with different content"):
+        fleet.release(1, seed=42)
+    assert (fleet.registry / MODEL / "1" / "manifest.json").read_bytes() == before
+
+
+def test_publish_refuses_a_file_that_is_not_tflite(fleet: Fleet, tmp_path: Path) -> None:
+    fake = tmp_path / "model.tflite"
+    fake.write_bytes(b"\x00" * 100)
+    with pytest.raises(PublishError, match=r"model.tflite: not a TFLite model"):
+        publish([fake], model=MODEL, version=1, registry=fleet.registry)
+    assert not (fleet.registry / MODEL / "1").exists()
+
+
+def test_publish_refuses_two_models_of_one_variant(fleet: Fleet, tmp_path: Path) -> None:
+    a, b = tmp_path / "a" / "m.tflite", tmp_path / "b" / "n.tflite"
+    for i, path in enumerate((a, b)):
+        path.parent.mkdir()
+        path.write_bytes(tflite_bytes(100, i))
+    with pytest.raises(PublishError, match=r"two model files have the same variant"):
+        publish([a, b], model=MODEL, version=1, registry=fleet.registry)
+
+
+def test_publish_refuses_a_bad_model_name(fleet: Fleet, tmp_path: Path) -> None:
+    path = tmp_path / "m.tflite"
+    path.write_bytes(tflite_bytes(100, 1))
+    with pytest.raises(PublishError, match=r"model: String should match pattern"):
+        publish([path], model="../evil", version=1, registry=fleet.registry)
+
+
+def test_fleet_cli_keygen_and_publish(tmp_path: Path) -> None:
+    def fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent.fleet.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert fleet_cli("keygen", "--out", str(tmp_path / "k")).returncode == 0
+    assert (tmp_path / "k" / "registry.key").stat().st_mode & 0o777 == 0o600
+    again = fleet_cli("keygen", "--out", str(tmp_path / "k"))
+    assert again.returncode == 1 and "exists; use --force" in again.stderr
+    model = tmp_path / "det_edgetpu.tflite"
+    model.write_bytes(tflite_bytes(1000, 3))
+    result = fleet_cli(
+        "publish",
+        str(model),
+        "--model",
+        "det",
+        "--version",
+        "1",
+        "--registry",
+        str(tmp_path / "reg"),
+        "--sign-key",
+        str(tmp_path / "k" / "registry.key"),
+        "--task",
+        "classification",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["files"][0]["variant"] == "edgetpu"
+    bad = fleet_cli(
+        "publish",
+        str(model),
+        "--model",
+        "det",
+        "--version",
+        "1",
+        "--registry",
+        str(tmp_path / "reg"),
+        "--task",
+        "nonsense",
+    )
+    assert bad.returncode == 2  # usage error
+
+
+MANIFEST = {
+    "schema": 1,
+    "model": "m",
+    "version": 1,
+    "created": "2026-11-23T10:00:00Z",
+    "task": "raw",
+    "files": [
+        {"name": "model.tflite", "role": "model", "variant": "cpu", "size": 1, "sha256": "a" * 64}
+    ],
+}
+
+
+def _manifest_error(**change: object) -> str:
+    data = json.loads(json.dumps(MANIFEST))
+    data.update(change)
+    with pytest.raises(VerificationError) as info:
+        parse_manifest(json.dumps(data).encode())
+    return str(info.value)
+
+
+def test_manifest_rules_name_the_field() -> None:
+    entry = MANIFEST["files"][0]  # type: ignore[index]
+    assert "files[0].sha256: String should match pattern" in _manifest_error(
+        files=[{**entry, "sha256": "XYZ"}]
+    )
+    assert "files[0]: a model file needs a variant" in _manifest_error(
+        files=[{k: v for k, v in entry.items() if k != "variant"}]
+    )
+    assert "files: duplicate file names: model.tflite" in _manifest_error(files=[entry, entry])
+    assert "files: no file has role 'model'" in _manifest_error(
+        files=[{"name": "l.txt", "role": "labels", "size": 1, "sha256": "b" * 64}]
+    )
+    assert "colour: unknown field" in _manifest_error(colour="red")
+    assert "schema: Input should be 1" in _manifest_error(schema=2)
+    assert "selftest: selftest file 'x.npz' is not in files" in _manifest_error(
+        selftest={"inputs": "x.npz", "expect": "model.tflite"}
+    )
+    with pytest.raises(VerificationError, match=r"manifest\.json: not valid JSON"):
+        parse_manifest(b"{nope")
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "a/b", "/abs", "..hidden", "a\\b", "nul\x00", "tab\tname"]
+)
+def test_manifest_refuses_unsafe_file_names(name: str) -> None:
+    entry = {**MANIFEST["files"][0], "name": name}  # type: ignore[index]
+    assert "files[0].name: file name" in _manifest_error(files=[entry])
