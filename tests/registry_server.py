@@ -199,3 +199,35 @@ class RegistryServer:
     def clear_log(self) -> None:
         with self.state.lock:
             self.state.log.clear()
+
+
+def main() -> None:
+    """Serve a registry folder in its own process (for benchmarks).
+
+    Prints the URL on the first line; on SIGTERM prints the request log as JSON lines.
+    ``--fault PATH:KIND:AT`` spoils the first request for PATH (e.g. a cut at byte AT).
+    """
+    import argparse
+    import json
+    import signal
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--fault", action="append", default=[])
+    args = parser.parse_args()
+    server = RegistryServer(args.root)
+    for spec in args.fault:
+        path, kind, at = spec.rsplit(":", 2)
+        server.fault(path, kind, at=int(at))
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    server.start()
+    print(server.url, flush=True)
+    done.wait()
+    server.stop()
+    for record in server.log:
+        print(json.dumps(record.__dict__), flush=True)
+
+
+if __name__ == "__main__":
+    main()
