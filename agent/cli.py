@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from agent.config import DEFAULT_CONFIG_PATH, Config, load_config, preflight
 from agent.errors import ConfigError, EdgeAgentError
-from agent.manifest import FileEntry, parse_index
+from agent.manifest import FileEntry
 from agent.registry import Progress, Registry
 from agent.store import Release, Store
 from agent.updater import Updater
@@ -143,7 +143,7 @@ def cmd_status(config: Config, as_json: bool) -> int:
         "active": _release_info(active, store) if active else None,
         "previous_version": pointer.previous if pointer else None,
         "activated_at": pointer.activated_at if pointer else None,
-        "stored_versions": store.versions(active.model if active else config.model.name or ""),
+        "stored_versions": store.versions(pointer.model) if pointer else [],
     }
     lines = [f"device:   {config.device.id}", f"store:    {store.root}"]
     if active is None or pointer is None:
@@ -165,8 +165,8 @@ def cmd_models_list(config: Config, remote: bool, as_json: bool) -> int:
     pointer = store.pointer()
     model = pointer.model if pointer else config.model.name
     rows = []
-    for version in store.versions(model or ""):
-        release = store.release(model or "", version)
+    for version in store.versions(model) if model else []:
+        release = store.release(model, version) if model else None
         if release is not None:
             info = _release_info(release, store)
             info["active"] = pointer is not None and pointer.version == version
@@ -181,15 +181,15 @@ def cmd_models_list(config: Config, remote: bool, as_json: bool) -> int:
     if not rows:
         lines.append("  (no releases in the store)")
     if remote:
-        updater = Updater(config, store, Registry.from_config(config.registry))
-        raw = updater.registry.fetch_document(f"{updater.model}/index.json", updater.doc_max)
-        assert raw is not None
-        index = parse_index(raw)
+        registry = Registry.from_config(config.registry)
+        try:
+            index = Updater(config, store, registry).fetch_index()
+        finally:
+            registry.close()
         data["registry"] = {"versions": index.versions, "channels": index.channels}
         channels = ", ".join(f"{k}=v{v}" for k, v in sorted(index.channels.items())) or "none"
-        lines.append(
-            f"registry: versions {', '.join(f'v{v}' for v in index.versions)}; channels {channels}"
-        )
+        versions = ", ".join(f"v{v}" for v in index.versions)
+        lines.append(f"registry: versions {versions}; channels {channels}")
     _emit(data, as_json, lines)
     return 0
 
@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             f"edge-agent: {type(exc).__name__.removesuffix('Error').lower() or 'error'}: {exc}",
             file=sys.stderr,
         )
+        return 1
+    except OSError as exc:  # permissions, a read-only or missing disk: say so in one line
+        print(f"edge-agent: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -287,22 +287,23 @@ def parse_config(
     text: str, file: str = "config.yaml", env: Mapping[str, str] | None = None
 ) -> Config:
     """Parse and validate config text. Raises ConfigError naming key paths and lines."""
-    try:
-        node = yaml.compose(text)
+    loader = yaml.SafeLoader(text)
+    try:  # one parse: the node tree gives the lines, the same tree gives the values
+        node = loader.get_single_node()
+        data: Any = {} if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}" if mark is not None else file
         raise ConfigError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
-    if node is None:
-        data: Any = {}
-        origins: dict[tuple[str, ...], _Origin] = {}
-    else:
+    finally:
+        loader.dispose()
+    origins: dict[tuple[str, ...], _Origin] = {}
+    if node is not None:
         if not isinstance(node, yaml.MappingNode):
             raise ConfigError([f"{file}:1: the configuration must be a mapping of sections"])
         origins, problems = _origins_from_yaml(node, file)
         if problems:
             raise ConfigError(problems)
-        data = yaml.safe_load(text)
     _apply_env(data, os.environ if env is None else env, origins)
     try:
         return Config.model_validate(data)

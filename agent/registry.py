@@ -18,7 +18,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import urllib3
 
@@ -30,6 +30,7 @@ from agent.faults import crash_point
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
 Progress = Callable[[int, int], None]
+T = TypeVar("T")
 
 
 class NotFoundError(RegistryError):
@@ -217,9 +218,7 @@ class Registry:
     def close(self) -> None:
         self.transport.close()
 
-    def _retrying(
-        self, what: str, deadline: float, attempt_once: Callable[[], bytes | str]
-    ) -> bytes | str:
+    def _retrying(self, what: str, deadline: float, attempt_once: Callable[[], T]) -> T:
         attempt = 0
         while True:
             try:
@@ -268,13 +267,11 @@ class Registry:
                 resp.body.close()
 
         try:
-            result = self._retrying(relpath, deadline, once)
+            return self._retrying(relpath, deadline, once)
         except NotFoundError:
             if optional:
                 return None
             raise
-        assert isinstance(result, bytes)
-        return result
 
     def download(
         self, relpath: str, part: Path, size: int, progress: Progress | None = None
@@ -288,7 +285,7 @@ class Registry:
         """
         deadline = time.monotonic() + self.deadline_s
         try:
-            digest = self._retrying(
+            return self._retrying(
                 relpath,
                 deadline,
                 lambda: self._download_once(relpath, part, size, deadline, progress),
@@ -296,8 +293,6 @@ class Registry:
         except (VerificationError, StoreError, RegistryError):
             part.unlink(missing_ok=True)
             raise
-        assert isinstance(digest, str)
-        return digest
 
     def _download_once(
         self, relpath: str, part: Path, size: int, deadline: float, progress: Progress | None
@@ -319,8 +314,12 @@ class Registry:
             part.unlink()  # the server's file is not the one we began: start over
             raise
         try:
-            if resp.start != offset:  # the server ignored Range: take the whole body
+            if resp.start == 0 and offset:  # the server ignored Range: take the whole body
                 digest, offset = hashlib.sha256(), 0
+            elif resp.start != offset:
+                raise TransportError(
+                    f"{relpath}: asked for bytes from {offset}, the server sent from {resp.start}"
+                )
             if resp.length is not None and resp.start + resp.length > size:
                 sends = resp.start + resp.length
                 raise VerificationError(
@@ -362,7 +361,7 @@ class Registry:
                 done += len(chunk)
                 if progress is not None:
                     progress(done, size)
-                if done - len(chunk) == offset:
+                if done - len(chunk) == offset:  # the first chunk of this transfer is written
                     f.flush()
                     crash_point("download_partial")
             try:

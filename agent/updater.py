@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.config import Config
 from agent.errors import RefusedError, StoreError, VerificationError
 from agent.faults import crash_point
-from agent.manifest import FileEntry, Manifest, parse_index, parse_manifest
+from agent.manifest import FileEntry, Index, Manifest, parse_index, parse_manifest
 from agent.registry import Progress, Registry
 from agent.store import Release, Store
 from agent.verify import load_public_key, sha256_bytes, verify_signature
@@ -55,15 +55,19 @@ class Updater:
         )
         self.doc_max = int(config.registry.max_manifest_kb * 1000)
 
+    def fetch_index(self) -> Index:
+        """The registry's ``index.json`` of the configured model (size-capped, checked)."""
+        where = f"{self.model}/index.json"
+        raw = self.registry.fetch_document(where, self.doc_max)
+        assert raw is not None  # not optional: absence raises
+        index = parse_index(raw, where)
+        if index.model != self.model:
+            raise VerificationError(f"{where}: model is {index.model!r}, expected {self.model!r}")
+        return index
+
     def channel_version(self) -> int:
         """The version the configured channel of ``index.json`` points at."""
-        raw = self.registry.fetch_document(f"{self.model}/index.json", self.doc_max)
-        assert raw is not None
-        index = parse_index(raw, f"{self.model}/index.json")
-        if index.model != self.model:
-            raise VerificationError(
-                f"{self.model}/index.json: model is {index.model!r}, expected {self.model!r}"
-            )
+        index = self.fetch_index()
         try:
             return index.resolve(self.config.model.channel)
         except ValueError as exc:

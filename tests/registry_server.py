@@ -22,7 +22,7 @@ from pathlib import Path
 @dataclass
 class Fault:
     # truncate | truncate_no_length | no_length | corrupt | trickle | stall | status
-    # | redirect | ignore_range
+    # | redirect | ignore_range | shifted_range
     kind: str
     times: int = 1  # how many requests it spoils; -1: every request
     at: int = 0  # byte offset (truncate, corrupt)
@@ -90,6 +90,8 @@ class _Handler(BaseHTTPRequestHandler):
             offset = 0
         if offset > len(data):
             return self._bare(record, 416)
+        if fault is not None and fault.kind == "shifted_range" and offset:
+            offset += fault.at  # answer 206 for a range the client did not ask for
         body = data[offset:]
         if fault is not None and fault.kind == "corrupt":
             index = fault.at - offset

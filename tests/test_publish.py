@@ -64,6 +64,12 @@ def test_publish_refuses_to_overwrite_a_version_with_other_bytes(fleet: Fleet) -
     assert (fleet.registry / MODEL / "1" / "manifest.json").read_bytes() == before
 
 
+def test_publish_over_a_damaged_version_folder_says_so(fleet: Fleet) -> None:
+    (fleet.registry / MODEL / "1").mkdir(parents=True)
+    with pytest.raises(PublishError, match=r"exists but holds no readable manifest.json"):
+        fleet.release(1)
+
+
 def test_publish_refuses_a_file_that_is_not_tflite(fleet: Fleet, tmp_path: Path) -> None:
     fake = tmp_path / "model.tflite"
     fake.write_bytes(b"\x00" * 100)

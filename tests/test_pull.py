@@ -209,6 +209,16 @@ def test_server_ignoring_range_restarts_cleanly(on_v1: Device, server: RegistryS
     on_v1.assert_serving(2)
 
 
+def test_resume_answered_with_another_range_is_not_spliced_in(
+    on_v1: Device, server: RegistryServer
+) -> None:
+    server.fault(MODEL_FILE, "truncate", at=100_000)
+    server.fault(MODEL_FILE, "shifted_range", at=10)
+    assert on_v1.updater().pull(2).changed  # the bad answer is dropped and asked again
+    on_v1.assert_serving(2)
+    assert [r.range_start for r in server.requests_for(MODEL_FILE)] == [None, 100_000, 100_000]
+
+
 def test_unsigned_manifest_is_refused_when_a_key_is_configured(fleet: Fleet, on_v1: Device) -> None:
     fleet.release(3, signed=False)
     with pytest.raises(VerificationError, match=r"3/manifest.json: unsigned"):

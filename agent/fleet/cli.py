@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 verb = "published" if result.created else "already published (unchanged)"
                 channels = f", channels: {', '.join(args.channel)}" if args.channel else ""
                 print(f"{verb}: {args.model} v{args.version} at {result.folder}{channels}")
-    except (EdgeAgentError, FileExistsError) as exc:
+    except (EdgeAgentError, OSError) as exc:
         print(f"edge-fleet: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -118,7 +118,13 @@ def publish(
     model_dir.mkdir(parents=True, exist_ok=True)
     created = True
     if folder.exists():
-        existing = json.loads((folder / "manifest.json").read_bytes())
+        try:
+            existing = json.loads((folder / "manifest.json").read_bytes())
+        except (OSError, ValueError) as exc:
+            raise PublishError(
+                f"{folder} exists but holds no readable manifest.json ({exc}); "
+                "remove it or publish a new version"
+            ) from None
         if not _same_release(existing, manifest):
             raise PublishError(
                 f"{model} v{version} is already published with different content; "
