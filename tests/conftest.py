@@ -183,3 +183,14 @@ def device(tmp_path: Path, fleet: Fleet, server: RegistryServer) -> Device:
     dev = Device(root, root / "config.yaml", settings)
     dev.set("device")
     return dev
+
+
+def serving_v1_with_v2_published(
+    fleet: Fleet, device: Device, server: RegistryServer, v2_size: int
+) -> Device:
+    """Bring ``device`` to serve v1 and publish a v2 of ``v2_size`` bytes, not yet pulled."""
+    fleet.release(1)
+    assert device.updater().pull().release.version == 1
+    fleet.release(2, size=v2_size)
+    server.clear_log()
+    return device

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from agent.faults import CRASH_ENV, CRASH_POINTS, PUBLISH_CRASH_POINTS
-from tests.conftest import MODEL, Device, Fleet, tflite_bytes
+from tests.conftest import MODEL, Device, Fleet, serving_v1_with_v2_published, tflite_bytes
 from tests.registry_server import RegistryServer
 
 MODEL_FILE = f"{MODEL}/2/model.tflite"
@@ -24,11 +24,8 @@ MODEL_FILE = f"{MODEL}/2/model.tflite"
 
 @pytest.fixture
 def on_v1(fleet: Fleet, device: Device, server: RegistryServer) -> Device:
-    fleet.release(1)
-    assert device.updater().pull().release.version == 1
-    fleet.release(2, size=3_000_000)
-    server.clear_log()
-    return device
+    """A device serving v1, with v2 (3_000_000 bytes) published and not yet pulled."""
+    return serving_v1_with_v2_published(fleet, device, server, v2_size=3_000_000)
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)

@@ -109,35 +109,16 @@ def test_fleet_cli_keygen_and_publish(tmp_path: Path) -> None:
     assert again.returncode == 1 and "exists; use --force" in again.stderr
     model = tmp_path / "det_edgetpu.tflite"
     model.write_bytes(tflite_bytes(1000, 3))
+    publish_args = ["publish", str(model), "--model", "det", "--version", "1"]
+    publish_args += ["--registry", str(tmp_path / "reg")]
     result = fleet_cli(
-        "publish",
-        str(model),
-        "--model",
-        "det",
-        "--version",
-        "1",
-        "--registry",
-        str(tmp_path / "reg"),
-        "--sign-key",
-        str(tmp_path / "k" / "registry.key"),
-        "--task",
-        "classification",
-        "--json",
+        *publish_args,
+        *("--sign-key", str(tmp_path / "k" / "registry.key")),
+        *("--task", "classification", "--json"),
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["files"][0]["variant"] == "edgetpu"
-    bad = fleet_cli(
-        "publish",
-        str(model),
-        "--model",
-        "det",
-        "--version",
-        "1",
-        "--registry",
-        str(tmp_path / "reg"),
-        "--task",
-        "nonsense",
-    )
+    bad = fleet_cli(*publish_args, "--task", "nonsense")
     assert bad.returncode == 2  # usage error
 
 

@@ -19,7 +19,7 @@ from agent.errors import (
     VerificationError,
 )
 from agent.verify import load_private_key, sign
-from tests.conftest import MODEL, Device, Fleet
+from tests.conftest import MODEL, Device, Fleet, serving_v1_with_v2_published
 from tests.registry_server import RegistryServer
 
 MODEL_FILE = f"{MODEL}/2/model.tflite"
@@ -27,12 +27,8 @@ MODEL_FILE = f"{MODEL}/2/model.tflite"
 
 @pytest.fixture
 def on_v1(fleet: Fleet, device: Device, server: RegistryServer) -> Device:
-    """A device serving v1, with v2 published (300 kB model) and not yet pulled."""
-    fleet.release(1)
-    assert device.updater().pull().release.version == 1
-    fleet.release(2, size=300_000)
-    server.clear_log()
-    return device
+    """A device serving v1, with v2 (300_000 bytes) published and not yet pulled."""
+    return serving_v1_with_v2_published(fleet, device, server, v2_size=300_000)
 
 
 def test_pull_installs_verified_release_and_activates_it(fleet: Fleet, device: Device) -> None:
