@@ -162,6 +162,8 @@ def _reason(exc: BaseException) -> str:
     """What a urllib3 error means, in one short phrase for an operator."""
     if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
         return "no data within the read timeout (registry.timeout_s)"
+    if isinstance(exc, urllib3.exceptions.SSLError):
+        return f"TLS failed: {exc.args[0] if exc.args else exc} (is registry.ca right?)"
     if isinstance(exc, urllib3.exceptions.NewConnectionError):  # before its base class
         return f"cannot connect: {str(exc).rsplit(': ', 1)[-1]}"
     if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):

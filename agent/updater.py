@@ -174,12 +174,25 @@ class Updater:
             )
         fetched = 0
         for entry in missing:
-            part = self.store.part_path(entry)
-            before = self.store.partial_bytes(entry)
-            progress = self.progress(entry) if self.progress else None
-            digest = self.registry.download(
-                f"{manifest.model}/{manifest.version}/{entry.name}", part, entry.size, progress
-            )
-            fetched += entry.size - before
-            self.store.install_blob(entry, part, digest)
+            resumed = self.store.partial_bytes(entry) > 0
+            try:
+                fetched += self._fetch_file(manifest, entry)
+            except VerificationError:
+                if not resumed:
+                    raise
+                # The bytes kept from an earlier attempt may be the bad ones (a server
+                # that changed the file, a flipped bit at rest): they are deleted by now,
+                # so start over from zero, once.
+                fetched += self._fetch_file(manifest, entry)
         return fetched
+
+    def _fetch_file(self, manifest: Manifest, entry: FileEntry) -> int:
+        """Download one file into the store's blobs. Returns the bytes fetched."""
+        part = self.store.part_path(entry)
+        before = self.store.partial_bytes(entry)
+        progress = self.progress(entry) if self.progress else None
+        digest = self.registry.download(
+            f"{manifest.model}/{manifest.version}/{entry.name}", part, entry.size, progress
+        )
+        self.store.install_blob(entry, part, digest)
+        return entry.size - before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -128,7 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._hang_up()
             else:
                 self._send(record, body)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             self.close_connection = True
 
     def _send(self, record: Request, chunk: bytes) -> None:
@@ -158,13 +159,21 @@ class _Server(ThreadingHTTPServer):
 class RegistryServer:
     """Serve ``root`` on ``host``:free-port until ``stop()`` (or the ``with`` block ends)."""
 
-    def __init__(self, root: Path, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, root: Path, host: str = "127.0.0.1", tls: tuple[Path, Path] | None = None
+    ) -> None:
         self.state = _State(root)
         self.httpd = _Server((host, 0), _Handler)
         self.httpd.state = self.state
+        scheme = "http"
+        if tls is not None:  # (certificate, key): serve https
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
         self.host = host
         self.port = self.httpd.server_address[1]
-        self.url = f"http://{host}:{self.port}/"
+        self.url = f"{scheme}://{host}:{self.port}/"
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )

@@ -357,6 +357,19 @@ def test_free_space_is_checked_before_downloading(on_v1: Device, server: Registr
     on_v1.assert_serving(1)
 
 
+def test_bad_kept_partial_is_discarded_and_fetched_from_zero(
+    on_v1: Device, server: RegistryServer
+) -> None:
+    manifest = on_v1.updater()._fetch_manifest(2)[2]
+    entry = manifest.file("model.tflite")
+    store = on_v1.store
+    store.part_path(entry).write_bytes(b"\xff" * 100_000)  # an earlier attempt's bad bytes
+    assert on_v1.updater().pull(2).changed
+    on_v1.assert_serving(2)
+    assert [r.range_start for r in server.requests_for(MODEL_FILE)] == [100_000, None]
+    assert on_v1.leftovers() == []
+
+
 def test_damaged_stored_blob_is_fetched_again(
     fleet: Fleet, on_v1: Device, server: RegistryServer
 ) -> None:
