@@ -75,6 +75,7 @@ class Pointer:
     manifest_sha256: str
     activated_at: str
     history: list[int] = field(default_factory=list)  # activation order, oldest first
+    rolled_back: list[int] = field(default_factory=list)  # left by rollback: channels skip them
 
     @property
     def previous(self) -> int | None:
@@ -93,21 +94,28 @@ class Store:
         self.tmp = root / "tmp"
 
     def open(self) -> Store:
-        """Create the layout if needed and clear what a crash left half-done."""
+        """Create the layout if needed. Touches nothing another process may be writing."""
         try:
             for folder in (self.root, self.blobs, self.releases, self.tmp):
                 folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"store.dir: cannot create {exc.filename}: {exc.strerror}") from exc
-        for stale in self.tmp.glob("release-*"):  # a staged release that was never renamed
-            shutil.rmtree(stale, ignore_errors=True)
+        return self
+
+    def _recover(self) -> None:
+        """Clear what a crashed writer left half-done. Only ever called holding the lock."""
+        for pattern in ("release-*", "gone-*"):  # a staged release never renamed in; a GC
+            for stale in self.tmp.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
         for stale in self.root.glob(f".{POINTER}.*.tmp"):  # a pointer never switched in
             stale.unlink(missing_ok=True)
-        return self
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the store's write lock. Raises StoreError at once if another process has it."""
+        """Hold the store's write lock, then clear what a crashed writer left.
+
+        Raises StoreError at once if another process holds it.
+        """
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -119,6 +127,7 @@ class Store:
                 ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self._recover()
             yield
         finally:
             os.close(fd)
@@ -136,6 +145,7 @@ class Store:
                 manifest_sha256=str(data["manifest_sha256"]),
                 activated_at=str(data.get("activated_at", "")),
                 history=[int(v) for v in data.get("history", [])],
+                rolled_back=[int(v) for v in data.get("rolled_back", [])],
             )
         except FileNotFoundError:
             return None
@@ -255,6 +265,10 @@ class Store:
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise StoreError(f"cannot add {manifest.model} v{manifest.version}: {exc}") from exc
+        if self.manifest_bytes(manifest.model, manifest.version) != raw_manifest:
+            raise StoreError(
+                f"{manifest.model} v{manifest.version}: the release folder is incomplete"
+            )
         crash_point("release_added")
         return Release(manifest, sha256_bytes(raw_manifest), self.blobs)
 
@@ -273,17 +287,27 @@ class Store:
         """Remove a damaged blob so that it is fetched again."""
         (self.blobs / entry.sha256).unlink(missing_ok=True)
 
-    def activate(self, release: Release) -> Pointer:
-        """Switch the active pointer to ``release`` atomically. The release must be stored."""
+    def activate(self, release: Release, *, rolled_back_from: int | None = None) -> Pointer:
+        """Switch the active pointer to ``release`` atomically. The release must be stored.
+
+        ``rolled_back_from`` marks the version being left as rolled back, so that a
+        channel does not bring it straight back; activating a version clears its mark.
+        """
         current = self.pointer()
-        history = [] if current is None or current.model != release.model else current.history
+        same_model = current is not None and current.model == release.model
+        history = current.history if current is not None and same_model else []
         history = [v for v in history if v != release.version][-(HISTORY_MAX - 1) :]
+        marked = current.rolled_back if current is not None and same_model else []
+        marked = [v for v in marked if v not in (release.version, rolled_back_from)]
+        if rolled_back_from is not None:
+            marked.append(rolled_back_from)
         pointer = Pointer(
             model=release.model,
             version=release.version,
             manifest_sha256=release.manifest_sha256,
             activated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             history=[*history, release.version],
+            rolled_back=marked[-HISTORY_MAX:],
         )
         data = {"schema": 1, **pointer.__dict__}
         try:
@@ -322,7 +346,7 @@ class Store:
             have = ", ".join(f"v{v}" for v in stored) or "none"
             raise StoreError(f"{pointer.model} v{to} is not in the store (stored: {have})")
         self.verify(release)
-        self.activate(release)
+        self.activate(release, rolled_back_from=pointer.version)
         return release
 
     def gc(self) -> list[str]:
@@ -350,11 +374,13 @@ class Store:
             kept.append((pointer.model, pointer.version))
         removed = []
         needed: set[str] = set()
+        for model, version in kept:
+            release = self.release(model, version)
+            if release is None:  # never guess what a kept release needs: delete nothing
+                raise StoreError(f"{model} v{version}: release folder unreadable; clean-up skipped")
+            needed.update(f.sha256 for f in release.manifest.files)
         for model, version in all_releases:
             if (model, version) in kept:
-                release = self.release(model, version)
-                if release is not None:
-                    needed.update(f.sha256 for f in release.manifest.files)
                 continue
             doomed = self.tmp / f"gone-{model}-{version}-{secrets.token_hex(4)}"
             os.rename(self.releases / model / str(version), doomed)  # vanish in one step

@@ -84,32 +84,60 @@ class Updater:
             active = self.store.active()
             if version is None:
                 version = self.channel_version()
-                if active is not None and active.model == self.model and version < active.version:
-                    return PullResult(
-                        active,
-                        False,
-                        0,
-                        f"v{active.version} is active, newer than channel "
-                        f"{self.config.model.channel!r} (v{version}); a channel never moves "
-                        "a device backwards",
-                    )
+                held = self._channel_hold(version, active)
+                if held is not None:
+                    return held
             raw, signature, manifest = self._fetch_manifest(version)
             crash_point("manifest_fetched")
             same = self._check_rules(manifest, raw, active, allow_downgrade)
-            if same is not None:
-                return PullResult(same, False, 0, f"v{version} is already active")
+            if same is not None:  # make sure the active files are whole; repair if not
+                repaired = self._fetch_files(manifest)
+                note = f"v{version} is already active" + (" (repaired)" if repaired else "")
+                return PullResult(same, False, repaired, note)
             fetched = self._fetch_files(manifest)
             release = self.store.add_release(raw, signature, manifest)
             self.store.activate(release)
-            self.store.gc()
-            return PullResult(release, True, fetched)
+            note = ""
+            try:
+                self.store.gc()
+            except (StoreError, VerificationError, OSError) as exc:
+                # The new release is active and whole; only old ones were not cleared.
+                note = f"clean-up of old releases failed: {exc}"
+            return PullResult(release, True, fetched, note)
+
+    def _channel_hold(self, version: int, active: Release | None) -> PullResult | None:
+        """Why the channel's ``version`` is not to be installed now, if it is not."""
+        if active is None or active.model != self.model:
+            return None
+        channel = self.config.model.channel
+        if version < active.version:
+            return PullResult(
+                active,
+                False,
+                0,
+                f"v{active.version} is active, newer than channel {channel!r} (v{version}); "
+                "a channel never moves a device backwards",
+            )
+        pointer = self.store.pointer()
+        if pointer is not None and version in pointer.rolled_back:
+            return PullResult(
+                active,
+                False,
+                0,
+                f"channel {channel!r} names v{version}, which was rolled back on this device; "
+                f"pull it explicitly with --version {version} to try it again",
+            )
+        return None
 
     def _fetch_manifest(self, version: int) -> tuple[bytes, bytes | None, Manifest]:
         where = f"{self.model}/{version}/manifest.json"
         raw = self.registry.fetch_document(where, self.doc_max)
         assert raw is not None
-        signature = self.registry.fetch_document(f"{where}.sig", SIGNATURE_MAX_BYTES, optional=True)
+        signature = None
         if self.public_key is not None:
+            signature = self.registry.fetch_document(
+                f"{where}.sig", SIGNATURE_MAX_BYTES, optional=True
+            )
             # Checked before the manifest is even parsed: unsigned bytes get no say.
             verify_signature(self.public_key, raw, signature, where)
         manifest = parse_manifest(raw, where)

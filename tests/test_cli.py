@@ -124,3 +124,20 @@ def test_long_download_shows_progress_on_a_terminal(fleet: Fleet, device: Device
     assert proc.returncode == 0
     assert b"model.tflite:" in shown and b"3.0 / 3.0 MB" in shown and b"MB/s" in shown
     assert f"activated {MODEL} v1" in proc.stdout
+
+
+def test_a_rolled_back_version_is_not_brought_back_by_its_channel(
+    fleet: Fleet, device: Device
+) -> None:
+    fleet.release(1)
+    fleet.release(2)  # stable -> v2
+    assert device.cli("models", "pull", "--version", "1").returncode == 0
+    assert device.cli("models", "pull").returncode == 0
+    assert device.cli("models", "rollback").returncode == 0
+    again = device.cli("models", "pull")  # the channel still names v2
+    assert again.returncode == 0
+    assert "v2, which was rolled back on this device" in again.stdout
+    device.assert_serving(1)
+    # A newer release on the channel is taken as usual; an explicit pull clears the mark.
+    assert device.cli("models", "pull", "--version", "2").returncode == 0
+    device.assert_serving(2)

@@ -388,6 +388,45 @@ def test_damaged_stored_blob_is_fetched_again(
     ]
 
 
+def test_a_second_command_never_clears_a_running_update_half_way(on_v1: Device) -> None:
+    # Another process is mid-install: it holds the lock and has a release staged.
+    store = on_v1.store
+    staged = store.tmp / "release-person-detector-2-abcd1234"
+    with store.lock():
+        staged.mkdir()
+        (staged / "manifest.json").write_bytes(b"{}")
+        assert on_v1.store.open() is not None  # what every command does first
+        busy = on_v1.cli("models", "pull", "--version", "2")
+        assert busy.returncode == 1 and "is busy" in busy.stderr
+        assert (staged / "manifest.json").exists()  # untouched while the writer lives
+    # Once the writer is gone (crashed), the next holder of the lock clears it.
+    with store.lock():
+        assert not staged.exists()
+    on_v1.assert_serving(1)
+
+
+def test_pulling_the_active_version_repairs_its_damaged_files(on_v1: Device) -> None:
+    store = on_v1.store
+    active = store.active()
+    assert active is not None
+    model = active.path(active.manifest.file("model.tflite"))
+    model.chmod(0o644)
+    model.write_bytes(b"bit rot")
+    result = on_v1.updater().pull(1)
+    assert not result.changed and result.note == "v1 is already active (repaired)"
+    on_v1.assert_serving(1)
+
+
+def test_unsigned_registry_is_not_asked_for_signatures_without_a_key(
+    fleet: Fleet, device: Device, server: RegistryServer
+) -> None:
+    device.set("registry", public_key=None)
+    fleet.release(1)
+    assert device.updater().pull().changed
+    assert not [r for r in server.log if r.path.endswith(".sig")]
+    assert (device.store.releases / MODEL / "1" / "manifest.json.sig").exists() is False
+
+
 def test_concurrent_update_is_refused_while_the_store_is_locked(on_v1: Device) -> None:
     with on_v1.store.lock(), pytest.raises(StoreError, match=r"is busy: another update holds it"):
         on_v1.updater().pull(2)
