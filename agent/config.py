@@ -10,16 +10,17 @@ from (``config.yaml:12`` or the environment variable). Validation does no I/O;
 from __future__ import annotations
 
 import os
-import re
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -28,13 +29,39 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, EdgeAgentError
+from agent.verify import load_public_key
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.yaml")
 ENV_PREFIX = "EDGE_AGENT_"
 
 # Model names become URL path segments and store folder names: keep them plain.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+def _path_text(value: object) -> object:
+    if isinstance(value, str) and (value == "" or "\x00" in value):
+        raise ValueError("must be a path (not empty, no NUL byte)")
+    return value
+
+
+# Every path in the config: "" would silently mean the current folder.
+FilePath = Annotated[Path, BeforeValidator(_path_text)]
+
+
+def _check_url(value: str, schemes: tuple[str, ...]) -> str:
+    """Raise ValueError unless ``value`` is a complete URL of one of ``schemes``."""
+    parts = urllib.parse.urlsplit(value)  # ValueError for a broken IPv6 host
+    if parts.scheme not in schemes:
+        choices = [f"{scheme}://" for scheme in schemes]
+        raise ValueError(f"must start with {', '.join(choices[:-1])} or {choices[-1]}")
+    _ = parts.port  # ValueError for a port that is not a number in 0-65535
+    if parts.scheme == "file":
+        if not parts.path or parts.netloc not in ("", "localhost"):
+            raise ValueError("a file:// URL needs an absolute path: file:///srv/registry")
+    elif not parts.hostname:
+        raise ValueError("has no host name")
+    return value
 
 
 class _Section(BaseModel):
@@ -56,12 +83,12 @@ class RegistryConfig(_Section):
         default=None,
         description="Registry base URL: http(s)://… or file:///path. Absent: no updates.",
     )
-    public_key: Path | None = Field(
+    public_key: FilePath | None = Field(
         default=None,
         description="Ed25519 public key (PEM). When set, unsigned or badly signed releases "
         "are refused.",
     )
-    ca: Path | None = Field(
+    ca: FilePath | None = Field(
         default=None, description="CA bundle for an https registry with a private CA."
     )
     poll_interval_s: float = Field(default=300, gt=0, description="Seconds between polls.")
@@ -91,9 +118,7 @@ class RegistryConfig(_Section):
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^(https?|file)://", value):
-            raise ValueError("must start with http://, https:// or file://")
-        return value
+        return None if value is None else _check_url(value, ("http", "https", "file"))
 
 
 class ModelConfig(_Section):
@@ -106,7 +131,7 @@ class ModelConfig(_Section):
 
 
 class StoreConfig(_Section):
-    dir: Path = Field(
+    dir: FilePath = Field(
         default=Path("/var/lib/edge-agent/models"), description="Where releases are kept."
     )
     keep: int = Field(default=3, ge=1, description="Releases kept on disk for rollback.")
@@ -132,7 +157,7 @@ class SourceConfig(_Section):
         "camera", "video", "mjpeg", "rtsp", "images", "picamera2", "serial", "udp", "synthetic"
     ] = Field(default="camera", description="Where frames or samples come from.")
     device: str | None = Field(default=None, description="Camera or serial device path.")
-    path: Path | None = Field(default=None, description="Video file or image folder.")
+    path: FilePath | None = Field(default=None, description="Video file or image folder.")
     url: str | None = Field(default=None, description="MJPEG or RTSP stream URL.")
     port: int | None = Field(default=None, ge=1, le=65535, description="UDP port.")
     baudrate: int | None = Field(default=None, gt=0, description="Serial baud rate.")
@@ -151,9 +176,9 @@ class MqttConfig(_Section):
         default=None,
         description="mqtt:// or mqtts:// broker URL; absent: telemetry stays in the outbox.",
     )
-    ca: Path | None = Field(default=None, description="CA certificate of the broker.")
-    cert: Path | None = Field(default=None, description="Device certificate (mTLS).")
-    key: Path | None = Field(default=None, description="Device private key (mTLS).")
+    ca: FilePath | None = Field(default=None, description="CA certificate of the broker.")
+    cert: FilePath | None = Field(default=None, description="Device certificate (mTLS).")
+    key: FilePath | None = Field(default=None, description="Device private key (mTLS).")
     topic_prefix: str = Field(
         default="edge", pattern=r"^[^#+/][^#+]*$", description="Topic prefix."
     )
@@ -161,14 +186,12 @@ class MqttConfig(_Section):
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^mqtts?://", value):
-            raise ValueError("must start with mqtt:// or mqtts://")
-        return value
+        return None if value is None else _check_url(value, ("mqtt", "mqtts"))
 
 
 class TelemetryConfig(_Section):
     interval_s: float = Field(default=10, gt=0, description="Seconds between telemetry.")
-    outbox: Path = Field(
+    outbox: FilePath = Field(
         default=Path("/var/lib/edge-agent/outbox.sqlite"), description="SQLite outbox file."
     )
     outbox_max_mb: float = Field(default=64, gt=0, description="Outbox size cap, in MB.")
@@ -215,7 +238,12 @@ def _origins_from_yaml(
     origins: dict[tuple[str, ...], _Origin] = {}
     problems: list[str] = []
 
+    visited: set[int] = set()
+
     def walk(n: yaml.Node, path: tuple[str, ...]) -> None:
+        if id(n) in visited:  # an alias met again (or one that refers to itself)
+            return
+        visited.add(id(n))
         if isinstance(n, yaml.MappingNode):
             seen: set[str] = set()
             for key_node, value_node in n.value:
@@ -291,6 +319,8 @@ def parse_config(
     try:  # one parse: the node tree gives the lines, the same tree gives the values
         node = loader.get_single_node()
         data: Any = {} if node is None else loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError([f"{file}: a YAML alias refers to itself"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}" if mark is not None else file
@@ -335,6 +365,11 @@ def preflight(config: Config) -> list[str]:
     for key, path in files.items():
         if path is not None and not os.access(path, os.R_OK):
             problems.append(f"{key}: cannot read {path}")
+    if config.registry.public_key is not None and not problems:
+        try:
+            load_public_key(config.registry.public_key)
+        except EdgeAgentError as exc:
+            problems.append(str(exc))
     store_dir = config.store.dir
     existing = store_dir
     while not existing.exists() and existing != existing.parent:

@@ -118,9 +118,14 @@ class _HttpTransport:
             except urllib3.exceptions.HTTPError as exc:
                 raise TransportError(f"{url}: {_reason(exc)}") from exc
             if resp.status in (301, 302, 303, 307, 308):
-                target = urllib.parse.urljoin(url, resp.headers.get("Location", ""))
+                location = resp.headers.get("Location", "")
                 resp.release_conn()
-                if self._origin(target) != self.origin:
+                try:
+                    target = urllib.parse.urljoin(url, location)
+                    origin = self._origin(target)
+                except ValueError:
+                    raise RegistryError(f"{url}: unusable redirect to {location!r}") from None
+                if origin != self.origin:
                     raise RegistryError(
                         f"{url}: redirected to another host ({target}); refused, "
                         "only redirects within the registry's origin are followed"
@@ -135,7 +140,9 @@ class _HttpTransport:
         status = resp.status
         if status in (200, 206):
             declared = resp.headers.get("Content-Length")
-            length = int(declared) if declared and declared.isdigit() else None
+            length = (
+                int(declared) if declared and declared.isascii() and declared.isdigit() else None
+            )
             start = 0
             if status == 206:
                 content_range = resp.headers.get("Content-Range", "")
@@ -308,7 +315,11 @@ class Registry:
             with open(part, "rb") as f:
                 while chunk := f.read(CHUNK):
                     digest.update(chunk)
-        if offset == size:
+        if offset == size:  # finished earlier (or an empty file): nothing to ask for
+            try:
+                part.touch()
+            except OSError as exc:
+                raise StoreError(f"{part}: cannot write: {exc.strerror}") from exc
             return digest.hexdigest()
         try:
             resp = self.transport.open(relpath, offset, self._timeout(deadline))

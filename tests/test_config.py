@@ -165,3 +165,42 @@ def test_check_config_checks_referenced_files(tmp_path: Path) -> None:
     result = _check_config(path)
     assert result.returncode == 78
     assert f"registry.public_key: cannot read {tmp_path}/missing.pub" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://[::1/", "Invalid IPv6 URL"),
+        ("http://models:99999/", "Port out of range"),
+        ("http:///nohost", "has no host name"),
+        ("file://relative/registry", "needs an absolute path"),
+    ],
+)
+def test_unusable_registry_url_is_refused(url: str, why: str) -> None:
+    (problem,) = problems(GOOD.replace("https://models.example.com/", url))
+    assert problem.startswith("config.yaml:5: registry.url: Value error") and why in problem
+
+
+def test_empty_or_nul_path_is_refused() -> None:
+    (problem,) = problems(GOOD.replace("/var/lib/edge-agent/models", '""'))
+    assert (
+        problem == "config.yaml:11: store.dir: Value error, must be a path (not empty, no NUL byte)"
+    )
+    (problem,) = problems(GOOD, env={"EDGE_AGENT_REGISTRY_PUBLIC_KEY": "/etc/k\x00ey"})
+    assert "registry.public_key: Value error, must be a path" in problem
+
+
+def test_self_referring_yaml_alias_is_refused() -> None:
+    (problem,) = problems("device:\n  groups: &g [*g]\n")
+    assert problem.startswith("config.yaml:2: device.groups.0: ")
+
+
+def test_check_config_refuses_a_public_key_that_is_not_one(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    junk = tmp_path / "junk.pub"
+    junk.write_text("not a key")
+    text = GOOD.replace("/var/lib/edge-agent/models", str(tmp_path / "store"))
+    path.write_text(text.replace("  poll_interval_s: 300", f"  public_key: {junk}"))
+    result = _check_config(path)
+    assert result.returncode == 78
+    assert f"registry.public_key: cannot load {junk}" in result.stderr

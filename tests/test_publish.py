@@ -169,3 +169,25 @@ def test_manifest_rules_name_the_field() -> None:
 def test_manifest_refuses_unsafe_file_names(name: str) -> None:
     entry = {**MANIFEST["files"][0], "name": name}  # type: ignore[index]
     assert "files[0].name: file name" in _manifest_error(files=[entry])
+
+
+@pytest.mark.parametrize("reserved", ["manifest.json", "index.json"])
+def test_publish_refuses_a_labels_file_with_a_registry_name(
+    fleet: Fleet, tmp_path: Path, reserved: str
+) -> None:
+    model = tmp_path / "m.tflite"
+    model.write_bytes(tflite_bytes(100, 1))
+    (tmp_path / reserved).write_text("person\n")
+    with pytest.raises(PublishError, match=r"is the registry's own file name"):
+        publish(
+            [model], model=MODEL, version=1, registry=fleet.registry, labels=tmp_path / reserved
+        )
+
+
+def test_republishing_an_unsigned_release_with_a_key_signs_it(fleet: Fleet) -> None:
+    fleet.release(1, signed=False)
+    sig = fleet.path(1, "manifest.json.sig")
+    assert not sig.exists()
+    fleet.release(1, signed=True)
+    raw = fleet.path(1, "manifest.json").read_bytes()
+    verify_signature(load_public_key(fleet.pub), raw, sig.read_bytes(), "manifest.json")

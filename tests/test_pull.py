@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,8 +19,9 @@ from agent.errors import (
     TransportError,
     VerificationError,
 )
+from agent.fleet.publish import publish
 from agent.verify import load_private_key, sign
-from tests.conftest import MODEL, Device, Fleet, serving_v1_with_v2_published
+from tests.conftest import MODEL, Device, Fleet, serving_v1_with_v2_published, tflite_bytes
 from tests.registry_server import RegistryServer
 
 MODEL_FILE = f"{MODEL}/2/model.tflite"
@@ -450,3 +452,34 @@ def test_registry_over_file_url(fleet: Fleet, device: Device) -> None:
     fleet.release(1)
     assert device.updater().pull().changed
     device.assert_serving(1)
+
+
+def test_release_with_an_empty_file_installs(fleet: Fleet, device: Device, tmp_path: Path) -> None:
+    src = tmp_path / "empty"
+    src.mkdir()
+    (src / "model.tflite").write_bytes(tflite_bytes(1000, 5))
+    (src / "labels.txt").write_bytes(b"")
+    publish(
+        [src / "model.tflite"],
+        model=MODEL,
+        version=1,
+        registry=fleet.registry,
+        labels=src / "labels.txt",
+        sign_key=fleet.key,
+        channels=("stable",),
+    )
+    assert device.updater().pull().changed
+    device.assert_serving(1)
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [("Location", "http://[::1/x"), ("Location", "http://127.0.0.1:99999/x")],
+)
+def test_unusable_redirect_is_a_registry_error(
+    on_v1: Device, server: RegistryServer, header: str, value: str
+) -> None:
+    server.fault(MODEL_FILE, "redirect", location=value)
+    with pytest.raises(RegistryError, match=r"unusable redirect to"):
+        on_v1.updater().pull(2)
+    on_v1.assert_serving(1)

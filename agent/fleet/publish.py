@@ -9,12 +9,17 @@ A published version never changes: publishing other bytes under it is refused.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.atomic import fsync_dir, fsync_file, write_atomic
 from agent.errors import EdgeAgentError
@@ -29,6 +34,7 @@ from agent.manifest import (
 from agent.verify import load_private_key, sha256_file, sign
 
 TFLITE_IDENTIFIER = b"TFL3"
+RESERVED_NAMES = ("manifest.json", "manifest.json.sig", "index.json")
 
 
 class PublishError(EdgeAgentError):
@@ -92,6 +98,8 @@ def publish(
             check_file_name(path.name)
         except ValueError as exc:
             raise PublishError(f"{path}: {exc}") from None
+        if path.name in RESERVED_NAMES:
+            raise PublishError(f"{path}: {path.name!r} is the registry's own file name")
     for path in files:
         if path.suffix != ".tflite":
             raise PublishError(f"{path}: model files must end in .tflite")
@@ -114,12 +122,39 @@ def publish(
     key = load_private_key(sign_key) if sign_key is not None else None
 
     model_dir = registry / model
-    folder = model_dir / str(version)
     model_dir.mkdir(parents=True, exist_ok=True)
-    created = True
+    with _publish_lock(model_dir):
+        created, manifest = _install(model_dir, version, paths, raw, manifest, key)
+        _update_index(model_dir, model, version, channels)
+    folder = model_dir / str(version)
+    return PublishResult(folder, manifest, created)
+
+
+@contextlib.contextmanager
+def _publish_lock(model_dir: Path) -> Iterator[None]:
+    """Serialise publishers of one model on this machine (index.json is read-modify-write)."""
+    fd = os.open(model_dir / ".publish.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _install(
+    model_dir: Path,
+    version: int,
+    paths: list[Path],
+    raw: bytes,
+    manifest: dict[str, object],
+    key: Ed25519PrivateKey | None,
+) -> tuple[bool, dict[str, object]]:
+    """Put the release folder in place. Returns (created, the manifest as published)."""
+    folder = model_dir / str(version)
     if folder.exists():
         try:
-            existing = json.loads((folder / "manifest.json").read_bytes())
+            existing_raw = (folder / "manifest.json").read_bytes()
+            existing = json.loads(existing_raw)
         except (OSError, ValueError) as exc:
             raise PublishError(
                 f"{folder} exists but holds no readable manifest.json ({exc}); "
@@ -127,32 +162,32 @@ def publish(
             ) from None
         if not _same_release(existing, manifest):
             raise PublishError(
-                f"{model} v{version} is already published with different content; "
-                "a version never changes: publish a new version"
+                f"{manifest['model']} v{version} is already published with different "
+                "content; a version never changes: publish a new version"
             )
-        created = False
-        manifest = existing
-    else:
-        staging = model_dir / f".staging-{version}"
-        shutil.rmtree(staging, ignore_errors=True)  # what a crashed publish left
-        staging.mkdir()
-        try:
-            for path in paths:
-                shutil.copyfile(path, staging / path.name)
-                fsync_file(staging / path.name)
-            write_atomic(staging / "manifest.json", raw)
-            if key is not None:
-                write_atomic(staging / "manifest.json.sig", sign(key, raw))
-            fsync_dir(staging)
-            crash_point("publish_staged")
-            os.rename(staging, folder)
-            fsync_dir(model_dir)
-            crash_point("publish_renamed")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    _update_index(model_dir, model, version, channels)
-    return PublishResult(folder, manifest, created)
+        sig = folder / "manifest.json.sig"
+        if key is not None and not sig.exists():  # signing a release published unsigned
+            write_atomic(sig, sign(key, existing_raw))
+        return False, existing
+    staging = model_dir / f".staging-{version}"
+    shutil.rmtree(staging, ignore_errors=True)  # what a crashed publish left
+    staging.mkdir()
+    try:
+        for path in paths:
+            shutil.copyfile(path, staging / path.name)
+            fsync_file(staging / path.name)
+        write_atomic(staging / "manifest.json", raw)
+        if key is not None:
+            write_atomic(staging / "manifest.json.sig", sign(key, raw))
+        fsync_dir(staging)
+        crash_point("publish_staged")
+        os.rename(staging, folder)
+        fsync_dir(model_dir)
+        crash_point("publish_renamed")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return True, manifest
 
 
 def _update_index(model_dir: Path, model: str, version: int, channels: tuple[str, ...]) -> None:
