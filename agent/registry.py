@@ -10,15 +10,18 @@ Redirects are followed only within the registry's own origin.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
+import socket
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import urllib3
 
@@ -35,6 +38,10 @@ T = TypeVar("T")
 
 class NotFoundError(RegistryError):
     """The registry has no such file (HTTP 404/410, or no file under file://)."""
+
+
+class DeadlineError(TransportError):
+    """The overall deadline (registry.deadline_s) passed; not retried."""
 
 
 class _RangeRefused(TransportError):
@@ -55,7 +62,7 @@ class _Response:
 
 
 class _Transport(Protocol):
-    def open(self, relpath: str, offset: int, timeout: float) -> _Response: ...
+    def open(self, relpath: str, offset: int, deadline: float) -> _Response: ...
 
     def close(self) -> None: ...
 
@@ -66,7 +73,7 @@ class _FileTransport:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def open(self, relpath: str, offset: int, timeout: float) -> _Response:
+    def open(self, relpath: str, offset: int, deadline: float) -> _Response:
         path = self.root / relpath
         try:
             f = open(path, "rb")  # noqa: SIM115 - the caller closes the response body
@@ -82,10 +89,78 @@ class _FileTransport:
         pass
 
 
+class _Watchdog:
+    """Shuts the current request's socket down when the overall deadline passes.
+
+    Per-read timeouts cannot bound a server that sends a header or body byte now and
+    then; this does, wherever the read is blocked (status line, headers, body).
+    """
+
+    _current = threading.local()  # the watchdog of this thread's transfer, if any
+
+    def __init__(self, seconds: float) -> None:
+        self.fired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        _Watchdog._current.watchdog = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _Watchdog._current.watchdog = None
+
+    @classmethod
+    def watch(cls, sock: socket.socket | None) -> None:
+        """Put ``sock`` under this thread's watchdog (called as each request goes out)."""
+        watchdog: _Watchdog | None = getattr(cls._current, "watchdog", None)
+        if watchdog is not None and sock is not None:
+            with watchdog._lock:
+                watchdog._sock = sock
+                if watchdog.fired:
+                    _shut(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            if self._sock is not None:
+                _shut(self._sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _WatchedConnection(urllib3.connection.HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        super().request(*args, **kwargs)
+        _Watchdog.watch(self.sock)
+
+
+class _WatchedTLSConnection(urllib3.connection.HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        super().request(*args, **kwargs)
+        _Watchdog.watch(self.sock)
+
+
+class _WatchedPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedConnection
+
+
+class _WatchedTLSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedTLSConnection
+
+
 class _HttpTransport:
     """A registry behind any web server, object store or CDN."""
 
-    def __init__(self, base: str, ca: Path | None) -> None:
+    def __init__(self, base: str, ca: Path | None, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
         self.base = base if base.endswith("/") else base + "/"
         self.origin = self._origin(self.base)
         self.pool = urllib3.PoolManager(
@@ -93,18 +168,22 @@ class _HttpTransport:
             ca_certs=str(ca) if ca is not None else None,
             retries=False,  # retries are ours: they resume, and they respect the deadline
         )
+        self.pool.pool_classes_by_scheme = {"http": _WatchedPool, "https": _WatchedTLSPool}
 
     @staticmethod
     def _origin(url: str) -> tuple[str, str, int | None]:
         parts = urllib.parse.urlsplit(url)
         return parts.scheme, (parts.hostname or "").lower(), parts.port
 
-    def open(self, relpath: str, offset: int, timeout: float) -> _Response:
+    def open(self, relpath: str, offset: int, deadline: float) -> _Response:
         url = self.base + urllib.parse.quote(relpath)
         headers = {"User-Agent": f"edge-agent/{__version__}", "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         for _ in range(MAX_REDIRECTS + 1):
+            timeout = min(self.timeout_s, deadline - time.monotonic())
+            if timeout <= 0:
+                raise DeadlineError(f"{url}: overall deadline exceeded (registry.deadline_s)")
             try:
                 resp = self.pool.request(
                     "GET",
@@ -165,6 +244,10 @@ class _HttpTransport:
         self.pool.clear()
 
 
+def _attempts(n: int) -> str:
+    return f"{n} attempt{'s' if n != 1 else ''}"
+
+
 def _reason(exc: BaseException) -> str:
     """What a urllib3 error means, in one short phrase for an operator."""
     if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
@@ -209,7 +292,7 @@ class Registry:
                 Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
             )
         else:
-            self.transport = _HttpTransport(url, ca)
+            self.transport = _HttpTransport(url, ca, timeout_s)
 
     @classmethod
     def from_config(cls, config: RegistryConfig) -> Registry:
@@ -229,18 +312,28 @@ class Registry:
 
     def _retrying(self, what: str, deadline: float, attempt_once: Callable[[], T]) -> T:
         attempt = 0
-        while True:
-            try:
-                return attempt_once()
-            except TransportError as exc:
-                attempt += 1
-                remaining = deadline - time.monotonic()
-                if attempt > self.retries or remaining <= 0:
-                    tries = f"{attempt} attempt{'s' if attempt > 1 else ''}"
-                    raise TransportError(f"{exc} (gave up on {what} after {tries})") from exc
-                # Full jitter: devices that lost the registry together do not return together.
-                cap = min(self.backoff_cap_s, self.backoff_s * 2 ** (attempt - 1))
-                time.sleep(min(random.uniform(0, cap), remaining))
+        with _Watchdog(deadline - time.monotonic()) as watchdog:
+            while True:
+                try:
+                    return attempt_once()
+                except DeadlineError:
+                    raise
+                except TransportError as exc:
+                    attempt += 1
+                    remaining = deadline - time.monotonic()
+                    if watchdog.fired or remaining <= 0:
+                        raise DeadlineError(
+                            f"{what}: overall deadline of {self.deadline_s:g} s exceeded "
+                            f"(registry.deadline_s) after {_attempts(attempt)}; last: {exc}"
+                        ) from exc
+                    if attempt > self.retries:
+                        raise TransportError(
+                            f"{exc} (gave up on {what} after {_attempts(attempt)})"
+                        ) from exc
+                    # Full jitter: devices that lost the registry together do not return
+                    # together.
+                    cap = min(self.backoff_cap_s, self.backoff_s * 2 ** (attempt - 1))
+                    time.sleep(min(random.uniform(0, cap), remaining))
 
     def fetch_document(
         self, relpath: str, max_bytes: int, *, optional: bool = False
@@ -254,7 +347,7 @@ class Registry:
         deadline = time.monotonic() + self.deadline_s
 
         def once() -> bytes:
-            resp = self.transport.open(relpath, 0, self._timeout(deadline))
+            resp = self.transport.open(relpath, 0, deadline)
             try:
                 if resp.length is not None and resp.length > max_bytes:
                     raise VerificationError(
@@ -322,7 +415,7 @@ class Registry:
                 raise StoreError(f"{part}: cannot write: {exc.strerror}") from exc
             return digest.hexdigest()
         try:
-            resp = self.transport.open(relpath, offset, self._timeout(deadline))
+            resp = self.transport.open(relpath, offset, deadline)
         except _RangeRefused:
             part.unlink()  # the server's file is not the one we began: start over
             raise
@@ -392,7 +485,7 @@ class Registry:
     ) -> bytes:
         if time.monotonic() > deadline:
             got = f" ({done} of {size} bytes)" if size is not None else ""
-            raise TransportError(
+            raise DeadlineError(
                 f"{relpath}: overall deadline of {self.deadline_s:g} s exceeded{got}"
             )
         try:
@@ -402,6 +495,3 @@ class Registry:
             at = f" at {done} of {size} bytes" if size is not None else ""
             verb = "truncated" if reason == "connection closed early" else "transfer broke off"
             raise TransportError(f"{relpath}: {verb}{at} ({reason})") from exc
-
-    def _timeout(self, deadline: float) -> float:
-        return max(0.05, min(self.timeout_s, deadline - time.monotonic()))

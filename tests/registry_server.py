@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import sys
 import threading
 import time
 import urllib.parse
@@ -23,7 +24,7 @@ from pathlib import Path
 @dataclass
 class Fault:
     # truncate | truncate_no_length | no_length | corrupt | trickle | stall | status
-    # | redirect | ignore_range | shifted_range
+    # | redirect | ignore_range | shifted_range | slow_headers
     kind: str
     times: int = 1  # how many requests it spoils; -1: every request
     at: int = 0  # byte offset (truncate, corrupt)
@@ -82,6 +83,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._bare(record, fault.status)
         if fault is not None and fault.kind == "redirect":
             return self._bare(record, 302, {"Location": fault.location})
+        if fault is not None and fault.kind == "slow_headers":
+            return self._slow_headers(record, fault)
         file = (state.root / path).resolve()
         if not file.is_relative_to(state.root.resolve()) or not file.is_file():
             return self._bare(record, 404)
@@ -132,6 +135,23 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             self.close_connection = True
 
+    def _slow_headers(self, record: Request, fault: Fault) -> None:
+        """Send the status line, then a header byte every ``interval`` (bounded)."""
+        record.status = 200
+        header = b"X-Slow: a\r\n"
+        deadline = time.monotonic() + fault.max_seconds
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            i = 0
+            while time.monotonic() < deadline and not self.server.state.stopping.is_set():
+                self.wfile.write(header[i % len(header) : i % len(header) + 1])
+                self.wfile.flush()
+                i += 1
+                time.sleep(fault.interval)
+        except OSError:
+            pass
+        self._hang_up()
+
     def _send(self, record: Request, chunk: bytes) -> None:
         self.wfile.write(chunk)
         self.wfile.flush()
@@ -154,6 +174,11 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     state: _State
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # a client hanging up mid-response is what several tests do on purpose
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class RegistryServer:

@@ -20,6 +20,7 @@ from agent.errors import (
     VerificationError,
 )
 from agent.fleet.publish import publish
+from agent.registry import DeadlineError
 from agent.verify import load_private_key, sign
 from tests.conftest import MODEL, Device, Fleet, serving_v1_with_v2_published, tflite_bytes
 from tests.registry_server import RegistryServer
@@ -142,6 +143,19 @@ def test_trickling_server_hits_the_overall_deadline(on_v1: Device, server: Regis
     with pytest.raises(TransportError, match=r"overall deadline of 1 s exceeded"):
         on_v1.updater().pull(2)
     # Bytes kept arriving within the per-read timeout; only the deadline stopped it.
+    assert time.monotonic() - started < 2.5
+    on_v1.assert_serving(1)
+
+
+def test_server_dribbling_headers_hits_the_overall_deadline(
+    on_v1: Device, server: RegistryServer
+) -> None:
+    on_v1.set("registry", deadline_s=1.0, timeout_s=0.5)
+    server.fault(f"{MODEL}/2/manifest.json", "slow_headers", interval=0.1, max_seconds=10)
+    started = time.monotonic()
+    with pytest.raises(DeadlineError, match=r"overall deadline of 1 s exceeded"):
+        on_v1.updater().pull(2)
+    # A header byte every 0.1 s never trips the 0.5 s read timeout; the deadline does.
     assert time.monotonic() - started < 2.5
     on_v1.assert_serving(1)
 
