@@ -198,7 +198,7 @@ class _HttpTransport:
                 raise TransportError(f"{url}: {_reason(exc)}") from exc
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.headers.get("Location", "")
-                resp.release_conn()
+                resp.close()  # unread body: never hand the connection back
                 try:
                     target = urllib.parse.urljoin(url, location)
                     origin = self._origin(target)
@@ -228,10 +228,10 @@ class _HttpTransport:
                 try:
                     start = int(content_range.split()[1].split("-")[0])
                 except (IndexError, ValueError):
-                    resp.release_conn()
+                    resp.close()  # unread body: never hand the connection back
                     raise TransportError(f"{url}: bad Content-Range {content_range!r}") from None
             return _Response(resp, start, length)
-        resp.release_conn()
+        resp.close()  # unread body: never hand the connection back
         if status in (404, 410):
             raise NotFoundError(f"{url}: not found (HTTP {status})")
         if status == 416 and offset:

@@ -159,11 +159,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _bare(self, record: Request, status: int, headers: dict[str, str] | None = None) -> None:
         record.status = status
+        # A body as real servers send with errors and redirects (nginx: an HTML page).
+        body = f"<html><body><h1>{status}</h1></body></html>\n".encode()
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
-        self.send_header("Content-Length", "0")
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        self.wfile.write(body)
 
     def _hang_up(self) -> None:
         self.close_connection = True
