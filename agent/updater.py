@@ -194,7 +194,7 @@ class Updater:
         need = sum(e.size - self.store.partial_bytes(e) for e in missing)
         reserve = int(self.config.store.reserve_mb * MB)
         free = self.store.free_bytes()
-        if need + reserve > free:
+        if need and need + reserve > free:  # nothing to write: no space is asked for
             raise StoreError(
                 f"not enough free space in {self.store.root}: the release needs "
                 f"{need / MB:.1f} MB and store.reserve_mb keeps {reserve / MB:.1f} MB free, "

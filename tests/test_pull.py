@@ -386,6 +386,14 @@ def test_bad_kept_partial_is_discarded_and_fetched_from_zero(
     assert on_v1.leftovers() == []
 
 
+def test_nothing_to_download_needs_no_free_space(on_v1: Device) -> None:
+    free_mb = on_v1.store.free_bytes() / 1e6
+    on_v1.set("store", reserve_mb=free_mb + 1000)
+    result = on_v1.updater().pull(1)  # the active release, all files already stored
+    assert not result.changed and result.note == "v1 is already active"
+    on_v1.assert_serving(1)
+
+
 def test_damaged_stored_blob_is_fetched_again(
     fleet: Fleet, on_v1: Device, server: RegistryServer
 ) -> None:
