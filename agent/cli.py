@@ -165,12 +165,13 @@ def cmd_models_list(config: Config, remote: bool, as_json: bool) -> int:
     pointer = store.pointer()
     model = pointer.model if pointer else config.model.name
     rows = []
-    for version in store.versions(model) if model else []:
-        release = store.release(model, version) if model else None
-        if release is not None:
-            info = _release_info(release, store)
-            info["active"] = pointer is not None and pointer.version == version
-            rows.append(info)
+    if model is not None:
+        for version in store.versions(model):
+            release = store.release(model, version)
+            if release is not None:
+                info = _release_info(release, store)
+                info["active"] = pointer is not None and pointer.version == version
+                rows.append(info)
     data: dict[str, Any] = {"model": model, "stored": rows}
     lines = [f"{'':2}{'VERSION':>7}  {'TASK':<15} {'SIZE MB':>8}  CREATED"]
     for row in rows:

@@ -320,7 +320,7 @@ def parse_config(
         node = loader.get_single_node()
         data: Any = {} if node is None else loader.construct_document(node)
     except RecursionError:
-        raise ConfigError([f"{file}: a YAML alias refers to itself"]) from None
+        raise ConfigError([f"{file}: YAML nested too deeply"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}" if mark is not None else file

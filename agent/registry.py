@@ -32,6 +32,7 @@ from agent.faults import crash_point
 
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
+CLOSED_EARLY = "connection closed early"  # how _reason names a cut; _read calls it truncation
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
 
@@ -82,8 +83,9 @@ class _FileTransport:
         except OSError as exc:
             raise TransportError(f"{path}: cannot read: {exc.strerror}") from exc
         size = os.fstat(f.fileno()).st_size
-        f.seek(min(offset, size))
-        return _Response(f, min(offset, size), size - min(offset, size))
+        start = min(offset, size)
+        f.seek(start)
+        return _Response(f, start, size - start)
 
     def close(self) -> None:
         pass
@@ -260,7 +262,7 @@ def _reason(exc: BaseException) -> str:
         return "connect timed out (registry.timeout_s)"
     if isinstance(exc, urllib3.exceptions.ProtocolError):
         if "IncompleteRead" in str(exc) or "InvalidChunkLength" in str(exc):
-            return "connection closed early"
+            return CLOSED_EARLY
         return f"connection broken: {exc.args[0] if exc.args else exc}"
     reason = getattr(exc, "reason", None)
     return str(reason or exc)
@@ -475,9 +477,7 @@ class Registry:
             except OSError as exc:
                 raise StoreError(f"{part}: write failed: {exc.strerror}") from exc
         if done < size:
-            raise TransportError(
-                f"{relpath}: truncated at {done} of {size} bytes (connection closed early)"
-            )
+            raise TransportError(f"{relpath}: truncated at {done} of {size} bytes ({CLOSED_EARLY})")
         return digest.hexdigest()
 
     def _read(
@@ -493,5 +493,5 @@ class Registry:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             reason = _reason(exc) if isinstance(exc, urllib3.exceptions.HTTPError) else str(exc)
             at = f" at {done} of {size} bytes" if size is not None else ""
-            verb = "truncated" if reason == "connection closed early" else "transfer broke off"
+            verb = "truncated" if reason == CLOSED_EARLY else "transfer broke off"
             raise TransportError(f"{relpath}: {verb}{at} ({reason})") from exc
