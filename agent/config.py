@@ -149,19 +149,128 @@ class RuntimeConfig(_Section):
         pattern=r"^(|usb|pci)(:\d+)?$",
         description='Edge TPU to use: "", usb, usb:N, pci:N.',
     )
+    edgetpu_library: str = Field(
+        default="libedgetpu.so.1",
+        min_length=1,
+        description="The Edge TPU delegate library (a name the loader finds, or a path).",
+    )
     threads: int = Field(default=2, ge=1, le=64, description="CPU interpreter threads.")
+    invoke_timeout_ms: float = Field(
+        default=2000,
+        gt=0,
+        description="An inference running longer than this is a stalled accelerator: the "
+        "delegate is re-initialised, else the CPU variant takes over.",
+    )
+    warmup_runs: int = Field(
+        default=2, ge=0, le=100, description="Inferences run on a new model before it serves."
+    )
 
 
-class SourceConfig(_Section):
-    type: Literal[
-        "camera", "video", "mjpeg", "rtsp", "images", "picamera2", "serial", "udp", "synthetic"
-    ] = Field(default="camera", description="Where frames or samples come from.")
-    device: str | None = Field(default=None, description="Camera or serial device path.")
-    path: FilePath | None = Field(default=None, description="Video file or image folder.")
-    url: str | None = Field(default=None, description="MJPEG or RTSP stream URL.")
-    port: int | None = Field(default=None, ge=1, le=65535, description="UDP port.")
-    baudrate: int | None = Field(default=None, gt=0, description="Serial baud rate.")
-    fps: float = Field(default=15, gt=0, description="Frames per second to process.")
+class _Source(_Section):
+    fps: float = Field(
+        default=15,
+        ge=0,
+        description="Frames per second. Live sources capture at this rate; files and "
+        "synthetic frames are paced to it, and 0 means as fast as inference takes them.",
+    )
+    reconnect_max_s: float = Field(
+        default=30, gt=0, description="Longest wait between reconnection attempts."
+    )
+
+
+class CameraSource(_Source):
+    type: Literal["camera"] = "camera"
+    device: str = Field(
+        default="/dev/video0", min_length=1, description="V4L2 device path or index (0, 1, …)."
+    )
+    width: int | None = Field(default=None, gt=0, description="Requested capture width.")
+    height: int | None = Field(default=None, gt=0, description="Requested capture height.")
+
+
+class VideoSource(_Source):
+    type: Literal["video"] = "video"
+    path: FilePath = Field(description="Video file.")
+    loop: bool = Field(default=False, description="Start again at the end of the file.")
+
+
+class MjpegSource(_Source):
+    type: Literal["mjpeg"] = "mjpeg"
+    url: str = Field(description="HTTP multipart MJPEG stream URL.")
+    timeout_s: float = Field(default=10, gt=0, description="Connect and read timeout.")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        return _check_url(value, ("http", "https"))
+
+
+class RtspSource(_Source):
+    type: Literal["rtsp"] = "rtsp"
+    url: str = Field(description="RTSP stream URL.")
+    transport: Literal["tcp", "udp"] = Field(default="tcp", description="RTP transport.")
+    timeout_s: float = Field(default=10, gt=0, description="Connect and read timeout.")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        return _check_url(value, ("rtsp", "rtsps"))
+
+
+class ImagesSource(_Source):
+    type: Literal["images"] = "images"
+    path: FilePath = Field(description="Folder of images (.jpg, .jpeg, .png, .bmp), by name.")
+    loop: bool = Field(default=False, description="Start again after the last image.")
+
+
+class Picamera2Source(_Source):
+    type: Literal["picamera2"] = "picamera2"
+    width: int = Field(default=640, gt=0, description="Capture width.")
+    height: int = Field(default=480, gt=0, description="Capture height.")
+
+
+class _SensorSource(_Source):
+    window: int = Field(default=32, ge=1, le=1_000_000, description="Samples per inference.")
+    hop: int | None = Field(
+        default=None, ge=1, description="Samples between windows; default: the window size."
+    )
+    channels: int = Field(default=1, ge=1, le=4096, description="Values per sample.")
+    fps: float = Field(default=0, ge=0, description="Unused for sensors: samples pace them.")
+
+
+class SerialSource(_SensorSource):
+    type: Literal["serial"] = "serial"
+    device: str = Field(default="/dev/ttyUSB0", min_length=1, description="Serial device.")
+    baudrate: int = Field(default=115200, gt=0, description="Serial baud rate.")
+
+
+class UdpSource(_SensorSource):
+    type: Literal["udp"] = "udp"
+    port: int = Field(ge=1, le=65535, description="UDP port receiving JSON-lines datagrams.")
+    bind: str = Field(default="0.0.0.0", min_length=1, description="Address to listen on.")
+
+
+class SyntheticSource(_Source):
+    type: Literal["synthetic"] = "synthetic"
+    width: int = Field(default=320, gt=0, le=8192, description="Frame width.")
+    height: int = Field(default=240, gt=0, le=8192, description="Frame height.")
+    frames: int = Field(default=0, ge=0, description="Frames to produce; 0 means endless.")
+
+
+SourceConfig = Annotated[
+    CameraSource
+    | VideoSource
+    | MjpegSource
+    | RtspSource
+    | ImagesSource
+    | Picamera2Source
+    | SerialSource
+    | UdpSource
+    | SyntheticSource,
+    Field(discriminator="type"),
+]
+SOURCE_TYPES = (
+    "camera", "video", "mjpeg", "rtsp", "images", "picamera2", "serial", "udp", "synthetic"
+)
 
 
 class ResultsConfig(_Section):
@@ -169,6 +278,10 @@ class ResultsConfig(_Section):
         default="on_change", description="When inference results are published."
     )
     min_score: float = Field(default=0.5, ge=0, le=1, description="Lowest score reported.")
+    top_k: int = Field(default=5, ge=1, le=1000, description="Most classes or detections kept.")
+    interval_s: float = Field(
+        default=1, gt=0, description="Seconds between results when publish is interval."
+    )
 
 
 class MqttConfig(_Section):
@@ -205,7 +318,9 @@ class Config(_Section):
     runtime: RuntimeConfig = Field(
         default_factory=RuntimeConfig, description="Interpreter settings."
     )
-    source: SourceConfig = Field(default_factory=SourceConfig, description="Input stream.")
+    source: SourceConfig = Field(
+        default_factory=CameraSource, description="Input stream; its keys depend on source.type."
+    )
     results: ResultsConfig = Field(default_factory=ResultsConfig, description="Result publishing.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker.")
     telemetry: TelemetryConfig = Field(
@@ -298,6 +413,8 @@ def _describe(
     problems = []
     for item in error.errors():
         loc = tuple(str(part) for part in item["loc"])
+        if len(loc) > 1 and loc[0] == "source" and loc[1] in SOURCE_TYPES:
+            loc = loc[:1] + loc[2:]  # pydantic puts the union's tag in the path
         dotted = ".".join(loc)
         where = file
         for depth in range(len(loc), 0, -1):  # nearest enclosing key that has a line
@@ -307,6 +424,10 @@ def _describe(
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        elif item["type"] == "union_tag_invalid":
+            dotted = f"{dotted}.type"
+            ctx = item.get("ctx", {})
+            message = f"unknown type {ctx.get('tag')!r}; one of {ctx.get('expected_tags')}"
         problems.append(f"{where}: {dotted}: {message}" if dotted else f"{where}: {message}")
     return problems
 

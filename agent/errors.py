@@ -10,6 +10,9 @@ Callers branch on the family, not on the message:
 - ``RefusedError``: the release is well-formed but policy forbids it (downgrade,
   same version with other bytes, another model); never retried.
 - ``StoreError``: the local store cannot take the release (disk full, busy, corrupt).
+- ``ModelError``: a model cannot be loaded or run here (no runtime, compiled for a TPU
+  that is absent, corrupt file); ``AcceleratorError`` when the Edge TPU is the cause.
+- ``SourceError`` (``agent.sources``): the stream is lost; the pipeline reconnects.
 """
 
 from __future__ import annotations
@@ -49,3 +52,11 @@ class RefusedError(UpdateError):
 
 class StoreError(UpdateError):
     """The local model store cannot complete the operation (no space, busy, damaged)."""
+
+
+class ModelError(EdgeAgentError):
+    """A model cannot be loaded or run on this device; the message says what to change."""
+
+
+class AcceleratorError(ModelError):
+    """The Edge TPU is missing, unreachable or failed; the CPU variant may still serve."""

@@ -91,6 +91,11 @@ class Budget(_Doc):
     latency_ms_p95: float = Field(gt=0, description="Largest p95 latency accepted on device.")
 
 
+class InputSpec(_Doc):
+    mean: float = Field(default=0.0, description="Subtracted from each pixel.")
+    std: float = Field(default=255.0, gt=0, description="Then divided into it.")
+
+
 class Manifest(_Doc):
     schema_: Literal[1] = Field(alias="schema", description="Manifest schema version.")
     model: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name.")
@@ -100,6 +105,11 @@ class Manifest(_Doc):
     files: list[FileEntry] = Field(min_length=1, description="Every file of the release.")
     selftest: SelfTest | None = Field(default=None, description="On-device self-test.")
     budget: Budget | None = Field(default=None, description="On-device latency budget.")
+    input: InputSpec | None = Field(
+        default=None,
+        description="Pixel normalisation, (pixel - mean) / std; default [0, 1] for float "
+        "inputs and raw pixels for quantised ones.",
+    )
 
     @field_validator("files")
     @classmethod

@@ -1,0 +1,296 @@
+"""Task adapters: frames into input tensors, output tensors into results.
+
+What pycoral's adapters give, without pycoral: the input size, resizing (stretched,
+or aspect kept with padding for detection, with the scale to map boxes back),
+quantised inputs and outputs (scale, zero point), classification top-k with labels,
+SSD detection in its post-processed 4-output form (boxes, classes, scores, count)
+with boxes in frame pixels, and regression/raw outputs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.errors import ModelError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from agent.runtime.backends import TensorSpec
+
+TASKS = ("classification", "detection", "regression", "raw")
+RAW_VALUES_MAX = 64  # raw outputs larger than this are summarised, not listed
+
+
+@dataclass(frozen=True)
+class InputNorm:
+    """``(pixel - mean) / std`` gives the real input value a model expects.
+
+    Float models get it applied. Quantised models get raw pixels unless a norm is
+    given explicitly (what Coral's models and pycoral expect); with one, the real
+    value is quantised with the input's scale and zero point.
+    """
+
+    mean: float = 0.0
+    std: float = 255.0
+    explicit: bool = False
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a frame was fitted into the input: to map boxes back to frame pixels."""
+
+    frame_height: int
+    frame_width: int
+    scale_y: float  # input pixels per frame pixel
+    scale_x: float
+    input_height: int = 0
+    input_width: int = 0
+
+
+@dataclass(frozen=True)
+class Detection:
+    class_id: int
+    label: str
+    score: float
+    box: tuple[float, float, float, float]  # xmin, ymin, xmax, ymax in frame pixels
+
+
+@dataclass(frozen=True)
+class Output:
+    """What one inference found: ``classes`` or ``detections`` or ``values``."""
+
+    task: str
+    classes: list[tuple[int, str, float]] = field(default_factory=list)  # id, label, score
+    detections: list[Detection] = field(default_factory=list)
+    values: list[Any] = field(default_factory=list)  # regression floats; raw per-output dicts
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.task == "classification":
+            return {"classes": [{"id": i, "label": lab, "score": round(s, 4)}
+                                for i, lab, s in self.classes]}
+        if self.task == "detection":
+            return {"detections": [{"id": d.class_id, "label": d.label, "score": round(d.score, 4),
+                                    "box": [round(v, 1) for v in d.box]} for d in self.detections]}
+        return {"values": self.values}
+
+    def summary(self) -> str:
+        """One short line for a terminal."""
+        if self.task == "classification":
+            return ", ".join(f"{lab} {s:.2f}" for _, lab, s in self.classes) or "nothing"
+        if self.task == "detection":
+            return ", ".join(f"{d.label} {d.score:.2f} at {[round(v) for v in d.box]}"
+                             for d in self.detections) or "nothing"
+        return str(self.values)
+
+
+def read_labels(path: Path) -> dict[int, str]:
+    """Labels from ``path``: ``N label`` lines (Coral's format) or one label per line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: cannot read labels: {exc}") from exc
+    numbered = re.compile(r"^\s*(\d+)[\s:]+(.*\S)\s*$")
+    if lines and all(numbered.match(line) for line in lines if line.strip()):
+        return {int(m[1]): m[2] for m in map(numbered.match, lines) if m}
+    return {index: line.strip() for index, line in enumerate(lines)}
+
+
+def _resize(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    try:
+        import cv2
+    except ImportError:
+        raise ModelError(
+            f"frames of {frame.shape[1]}x{frame.shape[0]} need resizing to {width}x{height}: "
+            "install opencv-python-headless (pip install 'edge-agent[video]')"
+        ) from None
+    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def prepare(
+    frame: np.ndarray, spec: TensorSpec, norm: InputNorm, keep_aspect: bool
+) -> tuple[np.ndarray, Geometry]:
+    """The input tensor for ``frame``, and how the frame was fitted into it.
+
+    Image inputs are ``[1, H, W, C]``: the frame is resized (stretched, or with its
+    aspect kept and padded at the right and bottom when ``keep_aspect``). Other inputs
+    take the frame as is, with a batch axis added. Raises ValueError when the frame
+    cannot fit the input.
+    """
+    import numpy as np
+
+    shape = spec.shape
+    if len(shape) == 4 and frame.ndim == 3:
+        height, width, channels = shape[1], shape[2], shape[3]
+        fh, fw = frame.shape[:2]
+        if frame.shape[2] != channels:
+            if channels == 1:
+                frame = frame.mean(axis=2, keepdims=True).astype(frame.dtype)
+            else:
+                raise ValueError(f"frame has {frame.shape[2]} channels, the model wants {channels}")
+        if keep_aspect:
+            scale = min(width / fw, height / fh)
+            sw, sh = max(1, round(fw * scale)), max(1, round(fh * scale))
+            resized = frame if (sw, sh) == (fw, fh) else _resize(frame, sw, sh)
+            pixels = np.zeros((height, width, channels), dtype=frame.dtype)
+            pixels[:sh, :sw] = resized.reshape(sh, sw, channels)
+            geometry = Geometry(fh, fw, scale, scale, height, width)
+        else:
+            pixels = frame if (fw, fh) == (width, height) else _resize(frame, width, height)
+            pixels = pixels.reshape(height, width, channels)
+            geometry = Geometry(fh, fw, height / fh, width / fw, height, width)
+        tensor = _to_input(pixels, spec, norm)[np.newaxis]
+        return tensor, geometry
+    if frame.size != int(np.prod(shape)):
+        raise ValueError(f"frame of shape {list(frame.shape)} does not fit input {list(shape)}")
+    tensor = _to_input(frame.reshape(shape), spec, norm)
+    return tensor, Geometry(0, 0, 1.0, 1.0)
+
+
+def _to_input(values: np.ndarray, spec: TensorSpec, norm: InputNorm) -> np.ndarray:
+    import numpy as np
+
+    dtype = np.dtype(spec.dtype)
+    if dtype.kind == "f":
+        if values.dtype.kind == "f" and not norm.explicit:
+            return values.astype(dtype, copy=False)  # sensor values are already real numbers
+        return ((values.astype(np.float32) - norm.mean) / norm.std).astype(dtype, copy=False)
+    if spec.quantised and norm.explicit:
+        real = (values.astype(np.float32) - norm.mean) / norm.std
+        quantised = np.round(real / spec.scale + spec.zero_point)
+        info = np.iinfo(dtype)
+        return np.clip(quantised, info.min, info.max).astype(dtype)
+    if dtype == np.uint8 and values.dtype == np.uint8:
+        return values
+    if dtype == np.int8 and values.dtype == np.uint8:
+        return (values.astype(np.int16) - 128).astype(np.int8)  # pycoral's convention
+    return values.astype(dtype)
+
+
+def dequantise(tensor: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Real values of an output tensor (float32)."""
+    import numpy as np
+
+    if spec.quantised:
+        return (tensor.astype(np.float32) - spec.zero_point) * spec.scale
+    return tensor.astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Turns the outputs of one model into an ``Output`` for its task."""
+
+    task: str
+    outputs: list[TensorSpec]
+    labels: dict[int, str]
+    top_k: int = 5
+    min_score: float = 0.0
+    detection_order: tuple[int, int, int, int] = (0, 1, 2, 3)  # boxes, classes, scores, count
+
+    @classmethod
+    def build(
+        cls, task: str, outputs: list[TensorSpec], labels: dict[int, str],
+        top_k: int = 5, min_score: float = 0.0,
+    ) -> Adapter:
+        """Check that ``outputs`` fit ``task``. Raises ModelError naming the mismatch."""
+        if task not in TASKS:
+            raise ModelError(f"task {task!r} is not one of {', '.join(TASKS)}")
+        order = (0, 1, 2, 3)
+        if task == "detection":
+            order = detection_outputs(outputs)
+        elif task == "classification" and not outputs:
+            raise ModelError("a classification model needs an output")
+        return cls(task, outputs, labels, top_k, min_score, order)
+
+    def label(self, class_id: int) -> str:
+        return self.labels.get(class_id, str(class_id))
+
+    def interpret(self, tensors: list[np.ndarray], geometry: Geometry) -> Output:
+        import numpy as np
+
+        if self.task == "classification":
+            scores = dequantise(tensors[0], self.outputs[0]).reshape(-1)
+            best = np.argsort(-scores, kind="stable")[: self.top_k]
+            classes = [(int(i), self.label(int(i)), float(scores[i]))
+                       for i in best if scores[i] >= self.min_score]
+            return Output(self.task, classes=classes)
+        if self.task == "detection":
+            return Output(self.task, detections=self._detections(tensors, geometry))
+        if self.task == "regression":
+            values = dequantise(tensors[0], self.outputs[0]).reshape(-1)
+            return Output(self.task, values=[round(float(v), 6) for v in values])
+        return Output(self.task, values=[_raw(t, s) for t, s in zip(tensors, self.outputs)])
+
+    def _detections(self, tensors: list[np.ndarray], geometry: Geometry) -> list[Detection]:
+        b, c, s, n = (dequantise(tensors[i], self.outputs[i]) for i in self.detection_order)
+        boxes, classes, scores = b.reshape(-1, 4), c.reshape(-1), s.reshape(-1)
+        count = min(int(n.reshape(-1)[0]), len(scores))
+        height, width = geometry.input_height, geometry.input_width
+        found = []
+        for i in range(count):
+            if scores[i] < self.min_score:
+                continue
+            ymin, xmin, ymax, xmax = (float(v) for v in boxes[i])
+            # normalised to the input; the frame filled input pixels [0, frame * scale)
+            box = (
+                _clip(xmin * width / geometry.scale_x, geometry.frame_width),
+                _clip(ymin * height / geometry.scale_y, geometry.frame_height),
+                _clip(xmax * width / geometry.scale_x, geometry.frame_width),
+                _clip(ymax * height / geometry.scale_y, geometry.frame_height),
+            )
+            cid = int(classes[i])
+            found.append(Detection(cid, self.label(cid), float(scores[i]), box))
+        found.sort(key=lambda d: -d.score)
+        return found[: self.top_k]
+
+
+def _clip(value: float, limit: int) -> float:
+    return min(max(value, 0.0), float(limit))
+
+
+def _raw(tensor: np.ndarray, spec: TensorSpec) -> dict[str, Any]:
+    values = dequantise(tensor, spec)
+    entry: dict[str, Any] = {"name": spec.name, "shape": list(values.shape)}
+    if values.size <= RAW_VALUES_MAX:
+        entry["values"] = [round(float(v), 6) for v in values.reshape(-1)]
+    else:
+        entry.update(min=round(float(values.min()), 6), max=round(float(values.max()), 6),
+                     mean=round(float(values.mean()), 6))
+    return entry
+
+
+def detection_outputs(outputs: list[TensorSpec]) -> tuple[int, int, int, int]:
+    """Positions of boxes, classes, scores and count among an SSD model's outputs.
+
+    Boxes are ``[1, N, 4]`` and count ``[1]``. Classes and scores are both ``[1, N]``:
+    TFLite's post-processing op names them ``…:1`` and ``…:2``; other exports carry
+    "class" and "score" in their names; failing both, classes come first (TF1 order).
+    Raises ModelError when the outputs are not this form.
+    """
+    shapes = [tuple(o.shape) for o in outputs]
+    if len(outputs) != 4:
+        raise ModelError(
+            f"a detection model needs the 4 post-processed SSD outputs (boxes, classes, scores, "
+            f"count); this one has {len(outputs)}: {shapes}"
+        )
+    boxes = [i for i, o in enumerate(outputs) if len(o.shape) == 3 and o.shape[-1] == 4]
+    count = [i for i, o in enumerate(outputs) if len(o.shape) == 1 or int(_size(o.shape)) == 1]
+    pair = [i for i in range(4) if i not in boxes + count]
+    if len(boxes) != 1 or len(count) != 1 or len(pair) != 2:
+        raise ModelError(f"detection outputs are not boxes [1,N,4], [1,N], [1,N], [1]: {shapes}")
+    first, second = (outputs[i].name.lower() for i in pair)
+    if first.endswith(":2") and second.endswith(":1"):
+        pair.reverse()
+    elif "score" in first and "class" in second:
+        pair.reverse()
+    return boxes[0], pair[0], pair[1], count[0]
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    total = 1
+    for n in shape:
+        total *= n
+    return total

@@ -1,0 +1,207 @@
+"""Choosing a backend for a release and loading it: the Edge TPU with CPU fallback.
+
+``runtime.accelerator``:
+
+- ``auto``: the ``edgetpu`` variant on the Edge TPU when the release has one and a
+  TPU answers; otherwise the ``cpu`` variant. A release with only a compiled model
+  and no TPU is refused with a clear error, never a crash.
+- ``edgetpu``: the ``edgetpu`` variant on the TPU, or an error saying how to fix it.
+- ``cpu``: the ``cpu`` variant on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent.errors import AcceleratorError, ModelError
+from agent.runtime.adapters import Adapter, Geometry, InputNorm, Output, prepare, read_labels
+from agent.runtime.backends import Backend, CpuBackend, EdgeTpuBackend, is_edgetpu_model
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from agent.config import RuntimeConfig
+    from agent.store import Release
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Everything needed to load one model: its variants, labels and task."""
+
+    name: str
+    version: int | None
+    task: str
+    cpu: Path | None = None
+    edgetpu: Path | None = None
+    labels: Path | None = None
+    norm: InputNorm = field(default_factory=InputNorm)
+
+    @classmethod
+    def from_release(cls, release: Release) -> ModelFiles:
+        manifest = release.manifest
+        labels = next((f for f in manifest.files if f.role == "labels"), None)
+        norm = InputNorm()
+        if manifest.input is not None:
+            norm = InputNorm(manifest.input.mean, manifest.input.std, explicit=True)
+        return cls(
+            name=manifest.model,
+            version=manifest.version,
+            task=manifest.task,
+            cpu=release.model_path("cpu"),
+            edgetpu=release.model_path("edgetpu"),
+            labels=None if labels is None else release.path(labels),
+            norm=norm,
+        )
+
+    @classmethod
+    def from_file(
+        cls, path: Path, task: str = "raw", labels: Path | None = None,
+        norm: InputNorm | None = None,
+    ) -> ModelFiles:
+        """One model file; a compiled one counts as the edgetpu variant, else as cpu."""
+        try:
+            compiled = is_edgetpu_model(path)
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot read the model: {exc.strerror or exc}") from exc
+        slot = {"edgetpu": path} if compiled else {"cpu": path}
+        return cls(name=path.stem, version=None, task=task, labels=labels,
+                   norm=norm or InputNorm(), **slot)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.version is None else f"{self.name} v{self.version}"
+
+
+BackendFactory = Callable[["RuntimeConfig"], Backend]
+
+BACKENDS: dict[str, BackendFactory] = {
+    "cpu": lambda runtime: CpuBackend(runtime.threads),
+    "edgetpu": lambda runtime: EdgeTpuBackend(
+        runtime.threads, runtime.edgetpu_library, runtime.edgetpu_device
+    ),
+}
+
+
+class LoadedModel:
+    """A model loaded on a backend, with the adapter for its task. Used by one thread."""
+
+    def __init__(self, files: ModelFiles, backend: Backend, adapter: Adapter, note: str = ""):
+        self.files = files
+        self.backend = backend
+        self.adapter = adapter
+        self.note = note  # why this backend was chosen when it was not the first choice
+        if not backend.inputs:
+            raise ModelError(f"{files.label}: the model has no input")
+        self.input = backend.inputs[0]
+        self.keep_aspect = files.task == "detection"
+        # frames prepared for one model fit another only if this key is the same
+        self.input_key = (self.input.shape, str(self.input.dtype), self.input.scale,
+                          self.input.zero_point, files.norm, self.keep_aspect)
+
+    @property
+    def name(self) -> str:
+        return self.files.name
+
+    @property
+    def version(self) -> int | None:
+        return self.files.version
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def prepare(self, frame: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        """Input tensor for ``frame``. Raises ValueError when the frame cannot fit."""
+        return prepare(frame, self.input, self.files.norm, self.keep_aspect)
+
+    def infer(self, tensor: np.ndarray) -> list[np.ndarray]:
+        """Run the model. Raises RuntimeError (a failing delegate, a closed model)."""
+        return self.backend.infer([tensor])
+
+    def interpret(self, outputs: list[np.ndarray], geometry: Geometry) -> Output:
+        return self.adapter.interpret(outputs, geometry)
+
+    def run(self, frame: np.ndarray) -> Output:
+        """prepare, infer and interpret one frame, in this thread."""
+        tensor, geometry = self.prepare(frame)
+        return self.interpret(self.infer(tensor), geometry)
+
+    def warmup(self, runs: int) -> None:
+        """Run on a blank input ``runs`` times, so a broken delegate shows before serving."""
+        import numpy as np
+
+        blank = np.zeros(self.input.shape, dtype=self.input.dtype)
+        for _ in range(runs):
+            self.backend.infer([blank])
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def load_model(
+    files: ModelFiles,
+    runtime: RuntimeConfig,
+    top_k: int = 5,
+    min_score: float = 0.0,
+    accelerator: str | None = None,
+    backends: Mapping[str, BackendFactory] = BACKENDS,
+) -> LoadedModel:
+    """Load ``files`` on the backend ``accelerator`` (default: ``runtime.accelerator``).
+
+    Warms the model up with ``runtime.warmup_runs`` inferences. Raises AcceleratorError
+    when the Edge TPU is required and absent, ModelError for every other refusal.
+    """
+    wanted = accelerator or runtime.accelerator
+    labels = read_labels(files.labels) if files.labels is not None else {}
+    note = ""
+    if wanted == "cpu" and files.cpu is None:
+        raise ModelError(
+            f"{files.label} has only an Edge-TPU-compiled model and runtime.accelerator is cpu: "
+            "publish a cpu variant, or run it on a device with an Edge TPU"
+        )
+    if wanted == "edgetpu" and files.edgetpu is None:
+        raise ModelError(
+            f"{files.label} has no edgetpu variant and runtime.accelerator is edgetpu: publish "
+            "one (compiled with edgetpu_compiler), or set runtime.accelerator: auto"
+        )
+    if wanted in ("auto", "edgetpu") and files.edgetpu is not None:
+        try:
+            return _load(files, files.edgetpu, backends["edgetpu"](runtime), runtime, labels,
+                         top_k, min_score)
+        except AcceleratorError as exc:
+            if wanted == "edgetpu":
+                raise AcceleratorError(
+                    f"{exc}; or set runtime.accelerator: auto to serve the cpu variant "
+                    "when there is no TPU"
+                ) from exc
+            if files.cpu is None:
+                raise ModelError(
+                    f"{files.label} is compiled for the Edge TPU and has no cpu variant, and "
+                    f"the Edge TPU is unavailable: {exc}"
+                ) from exc
+            note = f"Edge TPU unavailable, serving the cpu variant: {exc}"
+    assert files.cpu is not None  # every branch without a cpu variant has returned or raised
+    return _load(files, files.cpu, backends["cpu"](runtime), runtime, labels, top_k, min_score,
+                 note)
+
+
+def _load(
+    files: ModelFiles, path: Path, backend: Backend, runtime: RuntimeConfig,
+    labels: dict[int, str], top_k: int, min_score: float, note: str = "",
+) -> LoadedModel:
+    backend.load(path)
+    try:
+        adapter = Adapter.build(files.task, backend.outputs, labels, top_k, min_score)
+        model = LoadedModel(files, backend, adapter, note)
+        model.warmup(runtime.warmup_runs)
+    except RuntimeError as exc:  # the delegate failed on its first inferences
+        backend.close()
+        error = AcceleratorError if backend.name == "edgetpu" else ModelError
+        raise error(f"{files.label}: the {backend.name} failed its warm-up: {exc}") from exc
+    except BaseException:
+        backend.close()
+        raise
+    return model
