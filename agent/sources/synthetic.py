@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 PATTERN_FRAMES = 30  # one second of pattern at 30 fps, then it repeats
 
 
-def test_pattern(width: int, height: int, count: int = PATTERN_FRAMES) -> list[np.ndarray]:
+def pattern_frames(width: int, height: int, count: int = PATTERN_FRAMES) -> list[np.ndarray]:
     """``count`` RGB frames: a gradient with a bright square that moves across it."""
     import numpy as np
 
@@ -70,7 +70,7 @@ class SyntheticSource(MemorySource):
     name = "synthetic"
 
     def __init__(self, config: SyntheticConfig):
-        super().__init__(test_pattern(config.width, config.height), loop=True)
+        super().__init__(pattern_frames(config.width, config.height), loop=True)
         self.limit = config.frames
         self._served = 0
 

@@ -1,0 +1,462 @@
+"""The pipeline: source → prepare → infer → interpret → results, in overlapping threads.
+
+Two threads do the work and a third watches:
+
+- the capture thread reads the source (reconnecting with backoff when it is lost),
+  paces files to ``fps``, and prepares each frame for the model (resize, normalise,
+  quantise: numpy and OpenCV calls that release the GIL);
+- the inference thread runs the model and interprets its outputs, so preparing
+  frame n+1 overlaps with inferring frame n;
+- the watchdog notices an inference that overruns ``invoke_timeout_s`` (a stalled
+  USB Coral) and brings the model back on a fresh delegate or the CPU variant.
+
+Between capture and inference is one slot holding the latest frame. A live source
+(camera, stream, sensor) overwrites it, so a slow model never builds a queue: the
+overwritten frame is counted as dropped. A file played as fast as possible
+(``fps: 0``) waits for the slot instead, and no frame is dropped.
+
+``swap`` puts in a new model that was loaded and warmed up beside the running one;
+the inference thread switches between two frames, so no frame is lost and none
+sees a half-loaded model. Every result names the model version that produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from agent.errors import EdgeAgentError
+from agent.sources.base import EndOfStream, Source, SourceError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from agent.runtime.adapters import Geometry, Output
+    from agent.runtime.model import LoadedModel, ModelFiles
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 0.25  # longest a source read blocks, so stop() is prompt
+STATS_WINDOW = 2048  # results kept for percentiles and fps
+
+
+@dataclass(frozen=True)
+class Result:
+    """What the model made of one frame."""
+
+    frame: int  # the pipeline's frame number, from 0
+    ts: float  # wall clock time of capture
+    model: str
+    version: int | None
+    backend: str
+    latency_ms: float  # capture to result
+    infer_ms: float  # the interpreter alone
+    output: Output
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"frame": self.frame, "ts": round(self.ts, 3), "model": self.model,
+                "version": self.version, "backend": self.backend,
+                "latency_ms": round(self.latency_ms, 2), "infer_ms": round(self.infer_ms, 2),
+                **self.output.to_dict()}
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counters since start, and rates and percentiles over the recent results."""
+
+    frames: int  # read from the source
+    results: int
+    dropped: int  # overwritten before inference (live sources only)
+    errors: int
+    fps: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    latency_ms_p99: float
+    infer_ms_p50: float
+    backend: str
+    model: str
+    version: int | None
+    source_connected: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in vars(self).items()}
+
+
+@dataclass
+class _Item:
+    index: int
+    ts: float
+    mono: float
+    frame: np.ndarray
+    tensor: np.ndarray | None
+    geometry: Geometry | None
+    key: object  # the model input key the tensor was prepared for
+
+
+_END = object()
+
+Reload = Callable[["ModelFiles", str], "LoadedModel"]
+"""Load these files on ``edgetpu`` or ``cpu`` (for the watchdog). Raises ModelError."""
+
+
+class _Slot:
+    """One item between the threads: latest wins (counting drops), or wait for room."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Any = None
+
+    def put(self, item: Any, wait: bool, stop: threading.Event) -> bool:
+        """Store ``item``; True when it replaced one that was never taken."""
+        with self._cond:
+            while wait and self._item is not None and not stop.is_set():
+                self._cond.wait(0.1)
+            replaced = self._item is not None
+            self._item = item
+            self._cond.notify_all()
+            return replaced
+
+    def take(self, timeout: float) -> Any:
+        with self._cond:
+            if self._item is None:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            self._cond.notify_all()
+            return item
+
+
+class Pipeline:
+    """Runs ``model`` on every frame of ``source``; results and events go to callbacks.
+
+    Callbacks run in the pipeline's threads: keep them short (hand off to a queue).
+    An exception in one is counted as an error and logged, never fatal.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        model: LoadedModel,
+        on_result: Callable[[Result], None],
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        fps: float = 0.0,
+        reconnect_max_s: float = 30.0,
+        invoke_timeout_s: float = 2.0,
+        reload: Reload | None = None,
+    ) -> None:
+        self.source = source
+        self._model = model
+        self._pending: LoadedModel | None = None
+        self._swapped = threading.Condition()
+        self.on_result = on_result
+        self.on_event = on_event or (lambda name, detail: None)
+        self.fps = fps
+        self.reconnect_max_s = reconnect_max_s
+        self.invoke_timeout_s = invoke_timeout_s
+        self.reload = reload
+        self._slot = _Slot()
+        self._stop = threading.Event()
+        self._finished = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._generation = 0  # bumped when the watchdog abandons a stalled inference
+        self._invoke_started: float | None = None
+        # counters: each is written by one thread only
+        self._frames = 0
+        self._dropped = 0
+        self._capture_errors = 0
+        self._infer_errors = 0
+        self._results = 0
+        self._connected = False
+        self._lock = threading.Lock()
+        self._latency: deque[float] = deque(maxlen=STATS_WINDOW)
+        self._infer_time: deque[float] = deque(maxlen=STATS_WINDOW)
+        self._done_at: deque[float] = deque(maxlen=STATS_WINDOW)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the threads. The source is opened by the capture thread (with retries)."""
+        self._spawn(self._capture_loop, "capture")
+        self._spawn(lambda: self._infer_loop(0, None), "infer")
+        self._spawn(self._watchdog_loop, "watchdog")
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        # daemon: a stalled accelerator call can never be joined, and must not keep
+        # the process alive
+        thread = threading.Thread(target=target, name=f"pipeline-{name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the threads and close the source and models. Bounded by ``timeout``."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._swapped:
+            pending, self._pending = self._pending, None
+            self._swapped.notify_all()
+        if pending is not None:
+            pending.close()
+        if not any(t.is_alive() and t.name == "pipeline-infer" for t in self._threads):
+            self._model.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until a finite source has been fully processed; True when it has."""
+        return self._finished.wait(timeout)
+
+    def __enter__(self) -> Pipeline:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def model(self) -> LoadedModel:
+        return self._model
+
+    def swap(self, model: LoadedModel, timeout: float = 10.0) -> bool:
+        """Switch to ``model`` (loaded and warmed up) between two frames.
+
+        Returns True once the inference thread serves it, False when it did not take
+        it within ``timeout`` (it still will, at the next frame). The replaced model is
+        closed by the pipeline.
+        """
+        with self._swapped:
+            if self._pending is not None:
+                self._pending.close()
+            if not self._threads or self._finished.is_set():  # not running: switch now
+                old, self._model = self._model, model
+                old.close()
+                return True
+            self._pending = model
+            return self._swapped.wait_for(
+                lambda: self._pending is not model or self._stop.is_set(), timeout
+            ) and self._model is model
+
+    def stats(self) -> Stats:
+        import numpy as np
+
+        with self._lock:
+            latency = np.array(self._latency) if self._latency else np.zeros(1)
+            infer = np.array(self._infer_time) if self._infer_time else np.zeros(1)
+            done = list(self._done_at)
+        now = time.monotonic()
+        recent = [t for t in done if now - t <= 5.0]
+        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 2 else 0.0
+        p50, p95, p99 = np.percentile(latency, [50, 95, 99])
+        model = self._model
+        return Stats(
+            frames=self._frames, results=self._results, dropped=self._dropped,
+            errors=self._capture_errors + self._infer_errors, fps=float(fps),
+            latency_ms_p50=float(p50), latency_ms_p95=float(p95), latency_ms_p99=float(p99),
+            infer_ms_p50=float(np.percentile(infer, 50)), backend=model.backend_name,
+            model=model.name, version=model.version, source_connected=self._connected,
+        )
+
+    # -- capture -----------------------------------------------------------------
+
+    def _capture_loop(self) -> None:
+        attempt = 0
+        lost_at: float | None = None
+        interval = 1.0 / self.fps if self.fps > 0 and not self.source.live else 0.0
+        wait = not self.source.live and interval == 0.0  # a file as fast as inference
+        next_due = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if not self._connected:
+                    try:
+                        self.source.open()
+                    except SourceError as exc:
+                        lost_at = self._lost(exc, lost_at, attempt)
+                        attempt += 1
+                        self._stop.wait(_backoff(attempt, self.reconnect_max_s))
+                        continue
+                    self._connected = True
+                    if lost_at is not None:
+                        self._event("source_recovered", source=self.source.name,
+                                    down_s=round(time.monotonic() - lost_at, 2))
+                    attempt, lost_at = 0, None
+                if interval:
+                    now = time.monotonic()
+                    if next_due > now:
+                        self._stop.wait(next_due - now)
+                    next_due = max(next_due + interval, time.monotonic() - interval)
+                try:
+                    frame = self.source.read(READ_TIMEOUT_S)
+                except EndOfStream:
+                    self._slot.put(_END, True, self._stop)
+                    return
+                except SourceError as exc:
+                    self._connected = False
+                    self.source.close()
+                    lost_at = self._lost(exc, lost_at, attempt)
+                    attempt += 1
+                    self._stop.wait(_backoff(attempt, self.reconnect_max_s))
+                    continue
+                if frame is None:
+                    continue
+                item = self._prepare(frame)
+                if item is not None and self._slot.put(item, wait, self._stop):
+                    self._dropped += 1
+        except Exception:  # a bug must not silently stop the stream: count and report it
+            log.exception("capture thread failed")
+            self._capture_errors += 1
+            self._event("pipeline_error", stage="capture")
+            self._slot.put(_END, False, self._stop)
+        finally:
+            self.source.close()
+            self._connected = False
+
+    def _lost(self, exc: SourceError, lost_at: float | None, attempt: int) -> float:
+        if lost_at is None:  # one event per outage, not one per attempt
+            self._event("source_lost", source=self.source.name, error=str(exc))
+            return time.monotonic()
+        log.debug("source still lost (attempt %d): %s", attempt, exc)
+        return lost_at
+
+    def _prepare(self, frame: np.ndarray) -> _Item | None:
+        index = self._frames
+        self._frames += 1
+        item = _Item(index, time.time(), time.monotonic(), frame, None, None, None)
+        model = self._pending or self._model  # frames from now on go to the newest model
+        try:
+            item.tensor, item.geometry = model.prepare(frame)
+            item.key = model.input_key
+        except (ValueError, EdgeAgentError) as exc:
+            self._capture_errors += 1
+            log.warning("frame %d does not fit the model: %s", index, exc)
+            return None
+        return item
+
+    # -- inference ---------------------------------------------------------------
+
+    def _infer_loop(self, generation: int, recover_reason: str | None) -> None:
+        if recover_reason is not None and not self._recover(recover_reason):
+            return
+        while not self._stop.is_set() and generation == self._generation:
+            item = self._slot.take(0.1)
+            if item is None:
+                continue
+            if item is _END:
+                self._finished.set()
+                return
+            self._switch_if_pending()
+            model = self._model
+            try:
+                if item.key != model.input_key:  # prepared before a swap to another input
+                    item.tensor, item.geometry = model.prepare(item.frame)
+                self._invoke_started = started = time.monotonic()
+                outputs = model.infer(item.tensor)
+                self._invoke_started = None
+                if generation != self._generation:
+                    return  # the watchdog gave up on this call; its result is stale
+                finished = time.monotonic()
+                output = model.interpret(outputs, item.geometry)
+            except RuntimeError as exc:
+                self._invoke_started = None
+                if generation != self._generation:
+                    return
+                self._infer_errors += 1
+                if model.backend_name == "edgetpu":
+                    if not self._recover(f"inference failed: {exc}"):
+                        return
+                else:
+                    log.warning("inference failed on frame %d: %s", item.index, exc)
+                continue
+            except (ValueError, EdgeAgentError) as exc:
+                self._infer_errors += 1
+                log.warning("frame %d: %s", item.index, exc)
+                continue
+            self._emit(item, model, output, started, finished)
+
+    def _switch_if_pending(self) -> None:
+        if self._pending is None:
+            return
+        with self._swapped:
+            new, self._pending = self._pending, None
+            if new is None:
+                return
+            old, self._model = self._model, new
+            self._swapped.notify_all()
+        old.close()
+        self._event("model_swapped", model=new.name, version=new.version,
+                    previous=old.version, backend=new.backend_name)
+
+    def _emit(
+        self, item: _Item, model: LoadedModel, output: Output, started: float, finished: float
+    ) -> None:
+        now = time.monotonic()
+        result = Result(
+            frame=item.index, ts=item.ts, model=model.name, version=model.version,
+            backend=model.backend_name, latency_ms=(now - item.mono) * 1000,
+            infer_ms=(finished - started) * 1000, output=output,
+        )
+        with self._lock:
+            self._latency.append(result.latency_ms)
+            self._infer_time.append(result.infer_ms)
+            self._done_at.append(now)
+        self._results += 1
+        try:
+            self.on_result(result)
+        except Exception:
+            self._infer_errors += 1
+            log.exception("result callback failed on frame %d", item.index)
+
+    # -- accelerator watchdog --------------------------------------------------------
+
+    def _watchdog_loop(self) -> None:
+        period = min(0.1, self.invoke_timeout_s / 4)
+        while not self._stop.wait(period):
+            started = self._invoke_started
+            if started is None or time.monotonic() - started < self.invoke_timeout_s:
+                continue
+            # The stalled call cannot be interrupted: abandon its thread (it exits
+            # when the call returns, if ever) and serve from a new one.
+            self._invoke_started = None
+            self._infer_errors += 1
+            self._generation += 1
+            reason = f"inference stalled for over {self.invoke_timeout_s * 1000:.0f} ms"
+            generation = self._generation
+            self._spawn(lambda: self._infer_loop(generation, reason), f"infer-{generation}")
+
+    def _recover(self, reason: str) -> bool:
+        """Bring the model back after an accelerator failure. False when stopping."""
+        old = self._model
+        self._event("accelerator_lost", backend=old.backend_name, error=reason)
+        if self.reload is None:
+            return True  # nothing to reload with: keep going on the same model
+        attempt = 0
+        while not self._stop.is_set():
+            for accelerator in ("edgetpu", "cpu"):
+                try:
+                    new = self.reload(old.files, accelerator)
+                except EdgeAgentError as exc:
+                    log.warning("re-initialising on the %s failed: %s", accelerator, exc)
+                    continue
+                self._model = new
+                self._event("accelerator_recovered" if new.backend_name == "edgetpu"
+                            else "accelerator_fallback", backend=new.backend_name,
+                            model=new.name, version=new.version)
+                return True
+            attempt += 1
+            self._stop.wait(_backoff(attempt, self.reconnect_max_s))
+        return False
+
+    def _event(self, name: str, **detail: Any) -> None:
+        log.info("%s %s", name, detail)
+        try:
+            self.on_event(name, detail)
+        except Exception:
+            log.exception("event callback failed for %s", name)
+
+
+def _backoff(attempt: int, cap: float) -> float:
+    """Capped exponential backoff with full jitter: 0.5 s, 1 s, 2 s, … up to ``cap``."""
+    return random.uniform(0.5, 1.0) * min(cap, 0.5 * 2 ** max(attempt - 1, 0))

@@ -1,0 +1,309 @@
+"""The pipeline with real models on the real interpreter: ordering, drops, hot swap, faults.
+
+The Edge TPU cannot exist here, so the accelerator watchdog tests use ``FlakyTpu``: a
+backend implementing the same Protocol as the real one (it runs the real CPU
+interpreter) that stalls or fails on cue, like a USB Coral that resets mid-stream.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.config import RuntimeConfig
+from agent.errors import AcceleratorError
+from agent.pipeline import Pipeline, Result
+from agent.runtime import BACKENDS, LoadedModel, ModelFiles, load_model
+from agent.runtime.backends import CpuBackend
+from agent.sources import MemorySource, SourceError, pattern_frames
+from tests.conftest import Models
+
+RUNTIME = RuntimeConfig(warmup_runs=1, threads=1)
+FRAMES = pattern_frames(64, 48)
+
+
+def classifier(models: Models, version: int, name: str | None = None) -> LoadedModel:
+    path = models.path(name or f"v{version}.tflite")
+    return load_model(ModelFiles(name="colours", version=version, task="raw", cpu=path), RUNTIME)
+
+
+def offset_of(result: Result) -> int:
+    """The version the model that produced ``result`` carries in its outputs."""
+    return int(result.output.values[0]["values"][0] // 1000)
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.results: list[Result] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def result(self, result: Result) -> None:
+        self.results.append(result)
+
+    def event(self, name: str, detail: dict[str, Any]) -> None:
+        self.events.append((name, detail))
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.events]
+
+    def wait_for(self, check: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.01)
+
+
+def run(pipeline: Pipeline, timeout: float = 20.0) -> None:
+    pipeline.start()
+    try:
+        assert pipeline.wait(timeout), "the source was not finished in time"
+    finally:
+        pipeline.stop()
+
+
+def test_file_source_as_fast_as_possible_gets_every_frame_in_order(models: Models) -> None:
+    got = Collector()
+    pipeline = Pipeline(MemorySource(FRAMES * 20), classifier(models, 1), got.result)
+    run(pipeline)
+    assert [r.frame for r in got.results] == list(range(600))
+    stats = pipeline.stats()
+    assert (stats.frames, stats.results, stats.dropped, stats.errors) == (600, 600, 0, 0)
+    assert 0 < stats.latency_ms_p50 <= stats.latency_ms_p95 <= stats.latency_ms_p99
+    assert stats.fps > 0 and stats.infer_ms_p50 > 0
+
+
+def test_hot_swap_under_a_running_stream_loses_no_frame_and_mixes_no_model(
+    models: Models,
+) -> None:
+    got = Collector()
+    pipeline = Pipeline(MemorySource(FRAMES * 100), classifier(models, 1), got.result,
+                        got.event)
+    pipeline.start()
+    try:
+        got.wait_for(lambda: len(got.results) >= 200)
+        assert pipeline.swap(classifier(models, 2))  # loaded and warmed beside the running one
+        got.wait_for(lambda: any(r.version == 2 for r in got.results[-50:]))
+        assert pipeline.swap(classifier(models, 4, "v4_small.tflite"))  # another input size
+        assert pipeline.wait(20)
+    finally:
+        pipeline.stop()
+    frames = [r.frame for r in got.results]
+    assert frames == list(range(3000))  # every frame, exactly once
+    versions = [r.version for r in got.results]
+    assert versions == sorted(versions) and set(versions) == {1, 2, 4}
+    # each result was computed wholly by the model it names (its outputs carry the offset)
+    assert all(offset_of(r) == r.version for r in got.results)
+    assert [d["version"] for n, d in got.events if n == "model_swapped"] == [2, 4]
+
+
+def test_live_source_faster_than_the_model_drops_old_frames_and_counts_them(
+    models: Models,
+) -> None:
+    got = Collector()
+    source = MemorySource(FRAMES, loop=True, live=True)  # a "camera" that never waits
+
+    def slow(result: Result) -> None:
+        got.result(result)
+        time.sleep(0.005)  # a consumer slower than the camera
+
+    pipeline = Pipeline(source, classifier(models, 1), slow)
+    pipeline.start()
+    try:
+        got.wait_for(lambda: len(got.results) >= 40)
+    finally:
+        pipeline.stop()
+    stats = pipeline.stats()
+    assert stats.dropped > stats.results  # old frames were overwritten, not queued
+    assert stats.frames - stats.dropped - stats.results in (0, 1, 2)  # at most in flight
+    frames = [r.frame for r in got.results]
+    assert frames == sorted(frames) and len(set(frames)) == len(frames)
+
+
+def test_paced_file_source_is_played_at_its_fps(models: Models) -> None:
+    got = Collector()
+    pipeline = Pipeline(MemorySource(FRAMES[:10]), classifier(models, 1), got.result, fps=25)
+    started = time.monotonic()
+    run(pipeline)
+    assert time.monotonic() - started >= 9 / 25 * 0.9  # 10 frames at 25 fps
+    assert len(got.results) == 10
+
+
+class Unreliable:
+    """A source that is lost after some frames and refuses to reopen twice."""
+
+    name = "unreliable"
+    live = True
+
+    def __init__(self, frames: list[np.ndarray], lose_after: int, refuse: int) -> None:
+        self.frames, self.lose_after, self.refuse = frames, lose_after, refuse
+        self.opens = 0
+        self.served = 0
+
+    def open(self) -> None:
+        self.opens += 1
+        if 1 < self.opens <= 1 + self.refuse:
+            raise SourceError("connection refused")
+
+    def read(self, timeout: float) -> np.ndarray | None:
+        self.served += 1
+        if self.served == self.lose_after:
+            raise SourceError("stream cut")
+        time.sleep(0.002)
+        return self.frames[self.served % len(self.frames)]
+
+    def close(self) -> None:
+        pass
+
+
+def test_lost_source_is_reported_and_reconnected_with_backoff(models: Models) -> None:
+    got = Collector()
+    source = Unreliable(FRAMES, lose_after=20, refuse=2)
+    pipeline = Pipeline(source, classifier(models, 1), got.result, got.event,
+                        reconnect_max_s=0.2)
+    pipeline.start()
+    try:
+        got.wait_for(lambda: "source_recovered" in got.names() and len(got.results) > 40)
+    finally:
+        pipeline.stop()
+    assert got.names().count("source_lost") == 1  # one event per outage, not per attempt
+    assert got.names().count("source_recovered") == 1
+    lost = dict(got.events)["source_lost"]
+    assert lost == {"source": "unreliable", "error": "stream cut"}
+    assert source.opens == 4  # first open, two refusals, then back
+
+
+def test_frames_that_do_not_fit_and_failing_callbacks_are_counted_not_fatal(
+    models: Models,
+) -> None:
+    bad = np.zeros((48, 64, 2), np.uint8)  # two channels: the model wants three
+    frames = [FRAMES[0], bad, FRAMES[1], FRAMES[2]]
+    got: list[int] = []
+
+    def callback(result: Result) -> None:
+        if result.frame == 2:
+            raise ValueError("consumer bug")
+        got.append(result.frame)
+
+    pipeline = Pipeline(MemorySource(frames), classifier(models, 1), callback)
+    run(pipeline)
+    assert got == [0, 3]
+    assert pipeline.stats().errors == 2
+
+
+# -- accelerator watchdog ------------------------------------------------------------------
+
+
+class FlakyTpu(CpuBackend):
+    """Stands in for an Edge TPU: the real CPU interpreter, with faults on cue."""
+
+    name = "edgetpu"
+
+    def __init__(self, plan: dict[str, Any]) -> None:
+        super().__init__(threads=1)
+        self.plan = plan  # shared by every instance: the "device" outlives a re-init
+
+    def load(self, model: Path) -> None:
+        if self.plan.get("refuse_reload") and self.plan.setdefault("loads", 0) >= 1:
+            raise AcceleratorError("no answer from an Edge TPU (device reset)")
+        self.plan["loads"] = self.plan.get("loads", 0) + 1
+        super().load(model)
+
+    def infer(self, tensors: list[np.ndarray]) -> list[np.ndarray]:
+        calls = self.plan["calls"] = self.plan.get("calls", 0) + 1
+        if calls == self.plan.get("stall_at"):
+            self.plan["stalled"].wait(30)  # like a USB Coral that stops answering
+        if calls == self.plan.get("fail_at"):
+            raise RuntimeError("Failed to invoke: USB transfer error 2")
+        return super().infer(tensors)
+
+
+def tpu_release(models: Models, plan: dict[str, Any]) -> tuple[LoadedModel, Any]:
+    files = ModelFiles(name="colours", version=7, task="raw", cpu=models.path("v1.tflite"),
+                       edgetpu=models.path("v2.tflite"))
+    backends = {"edgetpu": lambda runtime: FlakyTpu(plan), "cpu": BACKENDS["cpu"]}
+
+    def reload(files: ModelFiles, accelerator: str) -> LoadedModel:
+        return load_model(files, RUNTIME, accelerator=accelerator, backends=backends)
+
+    return reload(files, "auto"), reload
+
+
+def test_stalled_accelerator_is_replaced_by_the_cpu_variant_and_the_stream_flows(
+    models: Models,
+) -> None:
+    # call 1 is the warm-up: frame 29 is the 31st call
+    plan: dict[str, Any] = {"stall_at": 31, "stalled": threading.Event(), "refuse_reload": True}
+    model, reload = tpu_release(models, plan)
+    assert model.backend_name == "edgetpu"
+    got = Collector()
+    source = MemorySource(FRAMES * 10, live=False)
+    pipeline = Pipeline(source, model, got.result, got.event, invoke_timeout_s=0.3,
+                        reload=reload)
+    try:
+        run(pipeline)
+    finally:
+        plan["stalled"].set()  # let the abandoned call return: its result must be dropped
+    time.sleep(0.1)
+    assert got.names() == ["accelerator_lost", "accelerator_fallback"]
+    assert "stalled" in got.events[0][1]["error"]
+    backends = [r.backend for r in got.results]
+    switch = backends.index("cpu")
+    assert backends == ["edgetpu"] * switch + ["cpu"] * (len(backends) - switch)
+    assert [offset_of(r) for r in got.results] == [2] * switch + [1] * (len(backends) - switch)
+    frames = [r.frame for r in got.results]
+    assert 29 not in frames  # the stalled frame is lost, and counted
+    assert frames == [f for f in range(300) if f != 29]
+    assert pipeline.stats().errors == 1
+
+
+def test_delegate_error_mid_stream_reinitialises_the_tpu(models: Models) -> None:
+    plan: dict[str, Any] = {"fail_at": 51}  # frame 49 (call 1 is the warm-up)
+    model, reload = tpu_release(models, plan)
+    got = Collector()
+    pipeline = Pipeline(MemorySource(FRAMES * 5), model, got.result, got.event, reload=reload)
+    run(pipeline)
+    assert got.names() == ["accelerator_lost", "accelerator_recovered"]
+    assert "USB transfer error" in got.events[0][1]["error"]
+    assert {r.backend for r in got.results} == {"edgetpu"}
+    assert [r.frame for r in got.results] == [f for f in range(150) if f != 49]
+    assert plan["loads"] == 2
+
+
+def test_swap_before_start_and_after_the_end_switches_at_once(models: Models) -> None:
+    pipeline = Pipeline(MemorySource(FRAMES[:3]), classifier(models, 1), lambda r: None)
+    assert pipeline.swap(classifier(models, 2)) and pipeline.model.version == 2
+    run(pipeline)
+    assert pipeline.swap(classifier(models, 3)) and pipeline.model.version == 3
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_stop_is_prompt_while_the_source_has_nothing(models: Models, live: bool) -> None:
+    class Silent:
+        name = "silent"
+
+        def __init__(self) -> None:
+            self.live = live
+            self.closed = False
+
+        def open(self) -> None:
+            pass
+
+        def read(self, timeout: float) -> None:
+            time.sleep(timeout)
+
+        def close(self) -> None:
+            self.closed = True
+
+    source = Silent()
+    pipeline = Pipeline(source, classifier(models, 1), lambda r: None)
+    pipeline.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    pipeline.stop(timeout=5)
+    assert time.monotonic() - started < 2 and source.closed
