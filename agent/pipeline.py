@@ -135,7 +135,8 @@ class Pipeline:
     """Runs ``model`` on every frame of ``source``; results and events go to callbacks.
 
     Callbacks run in the pipeline's threads: keep them short (hand off to a queue).
-    An exception in one is counted as an error and logged, never fatal.
+    An exception in one is counted as an error and logged, never fatal. ``stop``
+    closes the model being served unless ``close_model`` is False.
     """
 
     def __init__(
@@ -148,8 +149,10 @@ class Pipeline:
         reconnect_max_s: float = 30.0,
         invoke_timeout_s: float = 2.0,
         reload: Reload | None = None,
+        close_model: bool = True,
     ) -> None:
         self.source = source
+        self.close_model = close_model
         self._model = model
         self._pending: LoadedModel | None = None
         self._swapped = threading.Condition()
@@ -163,8 +166,10 @@ class Pipeline:
         self._stop = threading.Event()
         self._finished = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._abandoned: list[threading.Thread] = []  # stuck in a stalled inference
         self._generation = 0  # bumped when the watchdog abandons a stalled inference
         self._invoke_started: float | None = None
+        self._infer_thread: threading.Thread | None = None
         # counters: each is written by one thread only
         self._frames = 0
         self._dropped = 0
@@ -182,28 +187,31 @@ class Pipeline:
     def start(self) -> None:
         """Start the threads. The source is opened by the capture thread (with retries)."""
         self._spawn(self._capture_loop, "capture")
-        self._spawn(lambda: self._infer_loop(0, None), "infer")
+        self._infer_thread = self._spawn(lambda: self._infer_loop(0, None), "infer")
         self._spawn(self._watchdog_loop, "watchdog")
 
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
+    def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
         # daemon: a stalled accelerator call can never be joined, and must not keep
         # the process alive
         thread = threading.Thread(target=target, name=f"pipeline-{name}", daemon=True)
         self._threads.append(thread)
         thread.start()
+        return thread
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the threads and close the source and models. Bounded by ``timeout``."""
         self._stop.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread not in self._abandoned:
+                thread.join(max(0.0, deadline - time.monotonic()))
         with self._swapped:
             pending, self._pending = self._pending, None
             self._swapped.notify_all()
         if pending is not None:
             pending.close()
-        if not any(t.is_alive() and t.name == "pipeline-infer" for t in self._threads):
+        idle = not any(t.is_alive() and t not in self._abandoned for t in self._threads)
+        if idle and self.close_model:
             self._model.close()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -424,7 +432,10 @@ class Pipeline:
             self._generation += 1
             reason = f"inference stalled for over {self.invoke_timeout_s * 1000:.0f} ms"
             generation = self._generation
-            self._spawn(lambda: self._infer_loop(generation, reason), f"infer-{generation}")
+            self._abandoned.append(self._infer_thread)
+            self._infer_thread = self._spawn(
+                lambda: self._infer_loop(generation, reason), f"infer-{generation}"
+            )
 
     def _recover(self, reason: str) -> bool:
         """Bring the model back after an accelerator failure. False when stopping."""

@@ -1,0 +1,81 @@
+"""Pipeline throughput as ratios against baselines run alternately in the same run.
+
+(a) pipeline fps / the bare interpreter loop (set_tensor, invoke, get_tensor on one
+    prepared input), same model and threads, frames from memory (640x480, resized
+    by the pipeline). Goals: >= 0.95 on a ~15 ms model, >= 0.80 on a ~1 ms model.
+(b) pipeline fps / a naive sequential loop (read frame, convert, resize, invoke,
+    interpret, one after another) on a real video file (MJPG .avi written with
+    OpenCV). Goal: >= 1.3 on 2 cores.
+
+Models come from pinned PyPI wheels (agent.zoo): MediaPipe's face_detection_short_range
+(~1 ms) and pose_landmark_full (~14 ms) on one interpreter thread.
+
+    python bench/pipeline_fps.py [--seconds 2] [--rounds 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent import zoo  # noqa: E402
+from agent.bench import Comparison, compare, pipeline_fps, pipeline_vs_bare, sequential_fps  # noqa: E402
+from agent.config import RuntimeConfig, VideoSource as VideoConfig  # noqa: E402
+from agent.runtime import ModelFiles, load_model  # noqa: E402
+from agent.sources import pattern_frames  # noqa: E402
+from agent.sources.opencv import VideoSource  # noqa: E402
+
+MODELS = {"~1 ms": "face_detection_short_range.tflite", "~15 ms": "pose_landmark_full.tflite"}
+
+
+def write_video(path: Path, frames: int = 300, width: int = 1280, height: int = 720) -> None:
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (width, height))
+    pattern = pattern_frames(width, height, 30)
+    for index in range(frames):
+        writer.write(cv2.cvtColor(pattern[index % 30], cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+def show(label: str, c: Comparison, goal: float) -> None:
+    verdict = "ok" if c.ratio >= goal else "BELOW GOAL"
+    print(f"{label:34} {c.name} {c.fps:8.1f} fps / {c.baseline} {c.baseline_fps:8.1f} fps"
+          f" = {c.ratio:.2f}  (goal >= {goal}: {verdict})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    runtime = RuntimeConfig(threads=args.threads)
+    frames = pattern_frames(640, 480)
+    with tempfile.TemporaryDirectory() as tmp:
+        video = Path(tmp) / "clip.avi"
+        write_video(video)
+        for size, name in MODELS.items():
+            model = load_model(ModelFiles.from_file(zoo.fetch(name)), runtime)
+            goal = 0.80 if size == "~1 ms" else 0.95
+            show(f"(a) {name[:-7]} ({size})",
+                 pipeline_vs_bare(model, frames, args.seconds, args.rounds), goal)
+
+            def source() -> VideoSource:
+                return VideoSource(VideoConfig(path=video, loop=True, fps=0))
+
+            c = compare("pipeline", "sequential loop",
+                        lambda: pipeline_fps(model, source(), args.seconds),
+                        lambda: (sequential_fps(model, source(), args.seconds)),
+                        args.rounds)
+            show(f"(b) {name[:-7]} ({size}), 720p video", c, 1.3)
+            model.close()
+
+
+if __name__ == "__main__":
+    main()
