@@ -50,9 +50,7 @@ def bare_loop_fps(model: LoadedModel, frame: np.ndarray, seconds: float) -> floa
     return count / (time.perf_counter() - started)
 
 
-def pipeline_fps(
-    model: LoadedModel, source: Source, seconds: float
-) -> tuple[float, Stats]:
+def pipeline_fps(model: LoadedModel, source: Source, seconds: float) -> tuple[float, Stats]:
     """Results per second of the pipeline on ``source`` (run for about ``seconds``)."""
     done = [0]
     first: list[float] = []

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.config import DEFAULT_CONFIG_PATH, Config, load_config, preflight
+from agent.config import DEFAULT_CONFIG_PATH, Config, RuntimeConfig, load_config, preflight
 from agent.errors import ConfigError, EdgeAgentError
 from agent.manifest import FileEntry
+from agent.oneshot import TASK_CHOICES
 from agent.registry import Progress, Registry
 from agent.store import Release, Store
 from agent.updater import Updater
@@ -87,6 +88,37 @@ def _parser() -> argparse.ArgumentParser:
         "rollback", parents=[common], help="switch back to a stored release, no download"
     )
     rollback.add_argument("--to", type=int, help="version (default: the previous one)")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", type=Path, required=True, help="a .tflite file")
+    model.add_argument("--labels", type=Path, help="labels file (N label, or one per line)")
+    model.add_argument(
+        "--task",
+        choices=TASK_CHOICES,
+        default="auto",
+        help="what the outputs mean (auto: detection for SSD outputs, "
+        "classification with --labels, else raw)",
+    )
+    model.add_argument(
+        "--accelerator",
+        choices=("auto", "edgetpu", "cpu"),
+        help="default: runtime.accelerator of the config",
+    )
+    model.add_argument("--threads", type=int, help="default: runtime.threads of the config")
+    model.add_argument("--top-k", type=int, default=5, help="classes or detections kept")
+    model.add_argument("--min-score", type=float, default=0.0, help="lowest score shown")
+    model.add_argument("--input-mean", type=float, help="input = (pixel - mean) / std")
+    model.add_argument("--input-std", type=float, help="input = (pixel - mean) / std")
+    infer = sub.add_parser(
+        "infer",
+        parents=[common, model],
+        help="run a model on images or videos and print the results",
+    )
+    infer.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image or video")
+    bench = sub.add_parser(
+        "bench", parents=[common, model], help="pipeline fps against the bare interpreter loop"
+    )
+    bench.add_argument("--seconds", type=float, default=2.0, help="length of each measurement")
+    bench.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
     return parser
 
 
@@ -241,11 +273,41 @@ def cmd_models_rollback(config: Config, to: int | None, as_json: bool) -> int:
     return 0
 
 
+def cmd_model_tool(args: argparse.Namespace, path: Path, as_json: bool) -> int:
+    """infer and bench: the config is optional (its runtime section, when there is one)."""
+    from agent import oneshot
+
+    explicit = getattr(args, "config", None) is not None or "EDGE_AGENT_CONFIG" in os.environ
+    runtime = load_config(path).runtime if explicit or path.exists() else RuntimeConfig()
+    overrides = {"accelerator": args.accelerator, "threads": args.threads}
+    runtime = runtime.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    model = oneshot.open_model(
+        args.model,
+        args.task,
+        args.labels,
+        runtime,
+        args.top_k,
+        args.min_score,
+        args.input_mean,
+        args.input_std,
+    )
+    try:
+        if model.note:
+            print(f"edge-agent: {model.note}", file=sys.stderr)
+        if args.command == "infer":
+            return oneshot.infer(model, args.inputs, as_json)
+        return oneshot.bench(model, args.seconds, args.rounds, as_json)
+    finally:
+        model.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     as_json = bool(getattr(args, "json", False))
     path = _config_path(args)
     try:
+        if args.command in ("infer", "bench"):
+            return cmd_model_tool(args, path, as_json)
         config = load_config(path)
         if args.command == "check-config":
             return cmd_check_config(config, path, as_json)

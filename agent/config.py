@@ -269,7 +269,15 @@ SourceConfig = Annotated[
     Field(discriminator="type"),
 ]
 SOURCE_TYPES = (
-    "camera", "video", "mjpeg", "rtsp", "images", "picamera2", "serial", "udp", "synthetic"
+    "camera",
+    "video",
+    "mjpeg",
+    "rtsp",
+    "images",
+    "picamera2",
+    "serial",
+    "udp",
+    "synthetic",
 )
 
 

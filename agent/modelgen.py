@@ -53,8 +53,12 @@ class _Graph:
         tensor = s.TensorT()
         tensor.name = name
         tensor.shape = list(shape)
-        tensor.type = {"float32": s.TensorType.FLOAT32, "uint8": s.TensorType.UINT8,
-                       "int8": s.TensorType.INT8, "int32": s.TensorType.INT32}[dtype]
+        tensor.type = {
+            "float32": s.TensorType.FLOAT32,
+            "uint8": s.TensorType.UINT8,
+            "int8": s.TensorType.INT8,
+            "int32": s.TensorType.INT32,
+        }[dtype]
         tensor.buffer = 0
         if data is not None:
             buffer = s.BufferT()
@@ -98,14 +102,21 @@ class _Graph:
         options = s.ReducerOptionsT()
         options.keepDims = False
         axis = self.const(f"{name}/axes", list(axes), "int32")
-        self.op(s.BuiltinOperator.MEAN, [source, axis], [out], (s.BuiltinOptions.ReducerOptions, options))
+        self.op(
+            s.BuiltinOperator.MEAN,
+            [source, axis],
+            [out],
+            (s.BuiltinOptions.ReducerOptions, options),
+        )
         return out
 
     def binary(self, code: int, a: int, b: int, shape: Sequence[int], name: str) -> int:
         s = self.schema
         out = self.tensor(name, shape)
-        kind = {s.BuiltinOperator.ADD: (s.BuiltinOptions.AddOptions, s.AddOptionsT()),
-                s.BuiltinOperator.MUL: (s.BuiltinOptions.MulOptions, s.MulOptionsT())}[code]
+        kind = {
+            s.BuiltinOperator.ADD: (s.BuiltinOptions.AddOptions, s.AddOptionsT()),
+            s.BuiltinOperator.MUL: (s.BuiltinOptions.MulOptions, s.MulOptionsT()),
+        }[code]
         self.op(code, [a, b], [out], kind)
         return out
 
@@ -115,15 +126,25 @@ class _Graph:
     def mul(self, a: int, b: int, shape: Sequence[int], name: str) -> int:
         return self.binary(self.schema.BuiltinOperator.MUL, a, b, shape, name)
 
-    def reshape(self, source: int, shape: Sequence[int], name: str, dtype: str = "float32",
-                quant: tuple[float, int] | None = None) -> int:
+    def reshape(
+        self,
+        source: int,
+        shape: Sequence[int],
+        name: str,
+        dtype: str = "float32",
+        quant: tuple[float, int] | None = None,
+    ) -> int:
         s = self.schema
         out = self.tensor(name, shape, dtype, quant=quant)
         target = self.const(f"{name}/shape", list(shape), "int32")
         options = s.ReshapeOptionsT()
         options.newShape = list(shape)
-        self.op(s.BuiltinOperator.RESHAPE, [source, target], [out],
-                (s.BuiltinOptions.ReshapeOptions, options))
+        self.op(
+            s.BuiltinOperator.RESHAPE,
+            [source, target],
+            [out],
+            (s.BuiltinOptions.ReshapeOptions, options),
+        )
         return out
 
     def finish(self, inputs: Sequence[int], outputs: Sequence[int], description: str) -> bytes:
@@ -170,8 +191,12 @@ def colour_classifier(size: int = 32, offset: float = 0.0, quantised: bool = Fal
         options.padding = s.Padding.VALID
         options.strideW = options.strideH = 1
         options.filterWidth = options.filterHeight = size
-        g.op(s.BuiltinOperator.AVERAGE_POOL_2D, [image], [pooled],
-             (s.BuiltinOptions.Pool2DOptions, options))
+        g.op(
+            s.BuiltinOperator.AVERAGE_POOL_2D,
+            [image],
+            [pooled],
+            (s.BuiltinOptions.Pool2DOptions, options),
+        )
         scores = g.reshape(pooled, [1, 3], "scores", "uint8", quant)
         return g.finish([image], [scores], "edge-agent colour_classifier (uint8)")
     image = g.tensor("image", [1, size, size, 3])

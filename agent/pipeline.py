@@ -22,6 +22,7 @@ sees a half-loaded model. Every result names the model version that produced it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -60,10 +61,16 @@ class Result:
     output: Output
 
     def to_dict(self) -> dict[str, Any]:
-        return {"frame": self.frame, "ts": round(self.ts, 3), "model": self.model,
-                "version": self.version, "backend": self.backend,
-                "latency_ms": round(self.latency_ms, 2), "infer_ms": round(self.infer_ms, 2),
-                **self.output.to_dict()}
+        return {
+            "frame": self.frame,
+            "ts": round(self.ts, 3),
+            "model": self.model,
+            "version": self.version,
+            "backend": self.backend,
+            "latency_ms": round(self.latency_ms, 2),
+            "infer_ms": round(self.infer_ms, 2),
+            **self.output.to_dict(),
+        }
 
 
 @dataclass(frozen=True)
@@ -244,9 +251,12 @@ class Pipeline:
                 old.close()
                 return True
             self._pending = model
-            return self._swapped.wait_for(
-                lambda: self._pending is not model or self._stop.is_set(), timeout
-            ) and self._model is model
+            return (
+                self._swapped.wait_for(
+                    lambda: self._pending is not model or self._stop.is_set(), timeout
+                )
+                and self._model is model
+            )
 
     def stats(self) -> Stats:
         import numpy as np
@@ -261,11 +271,19 @@ class Pipeline:
         p50, p95, p99 = np.percentile(latency, [50, 95, 99])
         model = self._model
         return Stats(
-            frames=self._frames, results=self._results, dropped=self._dropped,
-            errors=self._capture_errors + self._infer_errors, fps=float(fps),
-            latency_ms_p50=float(p50), latency_ms_p95=float(p95), latency_ms_p99=float(p99),
-            infer_ms_p50=float(np.percentile(infer, 50)), backend=model.backend_name,
-            model=model.name, version=model.version, source_connected=self._connected,
+            frames=self._frames,
+            results=self._results,
+            dropped=self._dropped,
+            errors=self._capture_errors + self._infer_errors,
+            fps=float(fps),
+            latency_ms_p50=float(p50),
+            latency_ms_p95=float(p95),
+            latency_ms_p99=float(p99),
+            infer_ms_p50=float(np.percentile(infer, 50)),
+            backend=model.backend_name,
+            model=model.name,
+            version=model.version,
+            source_connected=self._connected,
         )
 
     # -- capture -----------------------------------------------------------------
@@ -288,8 +306,11 @@ class Pipeline:
                         continue
                     self._connected = True
                     if lost_at is not None:
-                        self._event("source_recovered", source=self.source.name,
-                                    down_s=round(time.monotonic() - lost_at, 2))
+                        self._event(
+                            "source_recovered",
+                            source=self.source.name,
+                            down_s=round(time.monotonic() - lost_at, 2),
+                        )
                     attempt, lost_at = 0, None
                 if interval:
                     now = time.monotonic()
@@ -394,17 +415,27 @@ class Pipeline:
             old, self._model = self._model, new
             self._swapped.notify_all()
         old.close()
-        self._event("model_swapped", model=new.name, version=new.version,
-                    previous=old.version, backend=new.backend_name)
+        self._event(
+            "model_swapped",
+            model=new.name,
+            version=new.version,
+            previous=old.version,
+            backend=new.backend_name,
+        )
 
     def _emit(
         self, item: _Item, model: LoadedModel, output: Output, started: float, finished: float
     ) -> None:
         now = time.monotonic()
         result = Result(
-            frame=item.index, ts=item.ts, model=model.name, version=model.version,
-            backend=model.backend_name, latency_ms=(now - item.mono) * 1000,
-            infer_ms=(finished - started) * 1000, output=output,
+            frame=item.index,
+            ts=item.ts,
+            model=model.name,
+            version=model.version,
+            backend=model.backend_name,
+            latency_ms=(now - item.mono) * 1000,
+            infer_ms=(finished - started) * 1000,
+            output=output,
         )
         with self._lock:
             self._latency.append(result.latency_ms)
@@ -432,9 +463,10 @@ class Pipeline:
             self._generation += 1
             reason = f"inference stalled for over {self.invoke_timeout_s * 1000:.0f} ms"
             generation = self._generation
-            self._abandoned.append(self._infer_thread)
+            if self._infer_thread is not None:
+                self._abandoned.append(self._infer_thread)
             self._infer_thread = self._spawn(
-                lambda: self._infer_loop(generation, reason), f"infer-{generation}"
+                functools.partial(self._infer_loop, generation, reason), f"infer-{generation}"
             )
 
     def _recover(self, reason: str) -> bool:
@@ -452,9 +484,14 @@ class Pipeline:
                     log.warning("re-initialising on the %s failed: %s", accelerator, exc)
                     continue
                 self._model = new
-                self._event("accelerator_recovered" if new.backend_name == "edgetpu"
-                            else "accelerator_fallback", backend=new.backend_name,
-                            model=new.name, version=new.version)
+                self._event(
+                    "accelerator_recovered"
+                    if new.backend_name == "edgetpu"
+                    else "accelerator_fallback",
+                    backend=new.backend_name,
+                    model=new.name,
+                    version=new.version,
+                )
                 return True
             attempt += 1
             self._stop.wait(_backoff(attempt, self.reconnect_max_s))
@@ -470,4 +507,4 @@ class Pipeline:
 
 def _backoff(attempt: int, cap: float) -> float:
     """Capped exponential backoff with full jitter: 0.5 s, 1 s, 2 s, … up to ``cap``."""
-    return random.uniform(0.5, 1.0) * min(cap, 0.5 * 2 ** max(attempt - 1, 0))
+    return random.uniform(0.5, 1.0) * min(cap, 0.5 * 2.0 ** max(attempt - 1, 0))

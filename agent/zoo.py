@@ -94,8 +94,18 @@ def _wheel(requirement: str, wheels: Path) -> Path:
     if found is not None:
         return found
     wheels.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--quiet", "--dest", str(wheels), requirement]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--dest",
+        str(wheels),
+        requirement,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
     found = find()
     if result.returncode != 0 or found is None:

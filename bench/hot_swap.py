@@ -11,6 +11,7 @@ frames lost, and no gap between two results longer than 2 frame intervals.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -57,12 +58,14 @@ def measure(name: str, fps: float, swaps: int, runtime: RuntimeConfig) -> None:
     # frames read before the last result that got none (the one in flight at stop is not lost)
     lost = len(set(range(frames[0], frames[-1] + 1)) - set(frames))
     interval = 1.0 / fps
-    gaps = [b[0] - a[0] for a, b in zip(done, done[1:])]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(done)]
     versions = sorted({v for _, _, v in done if v is not None})
-    print(f"{name[:-7]:28} {len(frames):5} results, versions {versions[0]}..{versions[-1]}: "
-          f"frames lost {lost} (dropped {stats.dropped}, errors {stats.errors}); longest gap "
-          f"{max(gaps) * 1000:.1f} ms = {max(gaps) / interval:.2f} frame intervals "
-          f"(goal: 0 and <= 2); load + warm-up beside {min(load_ms):.0f}-{max(load_ms):.0f} ms")
+    print(
+        f"{name[:-7]:28} {len(frames):5} results, versions {versions[0]}..{versions[-1]}: "
+        f"frames lost {lost} (dropped {stats.dropped}, errors {stats.errors}); longest gap "
+        f"{max(gaps) * 1000:.1f} ms = {max(gaps) / interval:.2f} frame intervals "
+        f"(goal: 0 and <= 2); load + warm-up beside {min(load_ms):.0f}-{max(load_ms):.0f} ms"
+    )
 
 
 def main() -> None:

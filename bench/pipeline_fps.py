@@ -25,8 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 from agent import zoo  # noqa: E402
 from agent.bench import Comparison, compare, pipeline_fps, pipeline_vs_bare, sequential_fps  # noqa: E402
-from agent.config import RuntimeConfig, VideoSource as VideoConfig  # noqa: E402
-from agent.runtime import ModelFiles, load_model  # noqa: E402
+from agent.config import RuntimeConfig  # noqa: E402
+from agent.config import VideoSource as VideoConfig  # noqa: E402
+from agent.runtime import LoadedModel, ModelFiles, load_model  # noqa: E402
 from agent.sources import pattern_frames  # noqa: E402
 from agent.sources.opencv import VideoSource  # noqa: E402
 
@@ -43,10 +44,25 @@ def write_video(path: Path, frames: int = 300, width: int = 1280, height: int = 
     writer.release()
 
 
+def against_sequential(model: LoadedModel, video: Path, seconds: float, rounds: int) -> Comparison:
+    def source() -> VideoSource:
+        return VideoSource(VideoConfig(path=video, loop=True, fps=0))
+
+    return compare(
+        "pipeline",
+        "sequential loop",
+        lambda: pipeline_fps(model, source(), seconds),
+        lambda: sequential_fps(model, source(), seconds),
+        rounds,
+    )
+
+
 def show(label: str, c: Comparison, goal: float) -> None:
     verdict = "ok" if c.ratio >= goal else "BELOW GOAL"
-    print(f"{label:34} {c.name} {c.fps:8.1f} fps / {c.baseline} {c.baseline_fps:8.1f} fps"
-          f" = {c.ratio:.2f}  (goal >= {goal}: {verdict})")
+    print(
+        f"{label:34} {c.name} {c.fps:8.1f} fps / {c.baseline} {c.baseline_fps:8.1f} fps"
+        f" = {c.ratio:.2f}  (goal >= {goal}: {verdict})"
+    )
 
 
 def main() -> None:
@@ -63,16 +79,13 @@ def main() -> None:
         for size, name in MODELS.items():
             model = load_model(ModelFiles.from_file(zoo.fetch(name)), runtime)
             goal = 0.80 if size == "~1 ms" else 0.95
-            show(f"(a) {name[:-7]} ({size})",
-                 pipeline_vs_bare(model, frames, args.seconds, args.rounds), goal)
+            show(
+                f"(a) {name[:-7]} ({size})",
+                pipeline_vs_bare(model, frames, args.seconds, args.rounds),
+                goal,
+            )
 
-            def source() -> VideoSource:
-                return VideoSource(VideoConfig(path=video, loop=True, fps=0))
-
-            c = compare("pipeline", "sequential loop",
-                        lambda: pipeline_fps(model, source(), args.seconds),
-                        lambda: (sequential_fps(model, source(), args.seconds)),
-                        args.rounds)
+            c = against_sequential(model, video, args.seconds, args.rounds)
             show(f"(b) {name[:-7]} ({size}), 720p video", c, 1.3)
             model.close()
 

@@ -253,8 +253,12 @@ def fake_edgetpu(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("native") / "libfake_edgetpu.so"
     source = Path(__file__).parent / "native" / "fake_edgetpu.c"
     try:
-        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(out), str(source)],
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            ["cc", "-shared", "-fPIC", "-O1", "-o", str(out), str(source)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"no C compiler to build the fake Edge TPU library: {exc}")
     return out

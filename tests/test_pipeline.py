@@ -82,8 +82,7 @@ def test_hot_swap_under_a_running_stream_loses_no_frame_and_mixes_no_model(
     models: Models,
 ) -> None:
     got = Collector()
-    pipeline = Pipeline(MemorySource(FRAMES * 100), classifier(models, 1), got.result,
-                        got.event)
+    pipeline = Pipeline(MemorySource(FRAMES * 100), classifier(models, 1), got.result, got.event)
     pipeline.start()
     try:
         got.wait_for(lambda: len(got.results) >= 200)
@@ -164,8 +163,7 @@ class Unreliable:
 def test_lost_source_is_reported_and_reconnected_with_backoff(models: Models) -> None:
     got = Collector()
     source = Unreliable(FRAMES, lose_after=20, refuse=2)
-    pipeline = Pipeline(source, classifier(models, 1), got.result, got.event,
-                        reconnect_max_s=0.2)
+    pipeline = Pipeline(source, classifier(models, 1), got.result, got.event, reconnect_max_s=0.2)
     pipeline.start()
     try:
         got.wait_for(lambda: "source_recovered" in got.names() and len(got.results) > 40)
@@ -224,8 +222,13 @@ class FlakyTpu(CpuBackend):
 
 
 def tpu_release(models: Models, plan: dict[str, Any]) -> tuple[LoadedModel, Any]:
-    files = ModelFiles(name="colours", version=7, task="raw", cpu=models.path("v1.tflite"),
-                       edgetpu=models.path("v2.tflite"))
+    files = ModelFiles(
+        name="colours",
+        version=7,
+        task="raw",
+        cpu=models.path("v1.tflite"),
+        edgetpu=models.path("v2.tflite"),
+    )
     backends = {"edgetpu": lambda runtime: FlakyTpu(plan), "cpu": BACKENDS["cpu"]}
 
     def reload(files: ModelFiles, accelerator: str) -> LoadedModel:
@@ -243,8 +246,7 @@ def test_stalled_accelerator_is_replaced_by_the_cpu_variant_and_the_stream_flows
     assert model.backend_name == "edgetpu"
     got = Collector()
     source = MemorySource(FRAMES * 10, live=False)
-    pipeline = Pipeline(source, model, got.result, got.event, invoke_timeout_s=0.3,
-                        reload=reload)
+    pipeline = Pipeline(source, model, got.result, got.event, invoke_timeout_s=0.3, reload=reload)
     try:
         run(pipeline)
     finally:

@@ -16,9 +16,8 @@ import pytest
 from agent.config import RuntimeConfig
 from agent.errors import AcceleratorError, ModelError
 from agent.runtime import InputNorm, ModelFiles, load_model
-from agent.runtime.adapters import Geometry, read_labels
+from agent.runtime.adapters import Geometry, detection_outputs, read_labels
 from agent.runtime.backends import CpuBackend, TensorSpec, is_edgetpu_model
-from agent.runtime.adapters import detection_outputs
 from tests.conftest import Models
 
 RUNTIME = RuntimeConfig(warmup_runs=1, threads=1)
@@ -30,23 +29,28 @@ def solid(red: int, green: int, blue: int, width: int = 64, height: int = 48) ->
     return frame
 
 
-def files(path: Path, task: str = "classification", labels: Path | None = None,
-          **kw: Any) -> ModelFiles:
+def files(
+    path: Path, task: str = "classification", labels: Path | None = None, **kw: Any
+) -> ModelFiles:
     return ModelFiles.from_file(path, task, labels, **kw)
 
 
 def test_quantised_classifier_gives_dequantised_top_k_with_labels(models: Models) -> None:
-    model = load_model(files(models.path("classifier_uint8.tflite"), labels=models.labels),
-                       RUNTIME, top_k=2)
+    model = load_model(
+        files(models.path("classifier_uint8.tflite"), labels=models.labels), RUNTIME, top_k=2
+    )
     assert model.input.dtype == np.uint8 and model.input.quantised
     output = model.run(solid(255, 0, 102))
     assert [(label, round(score, 2)) for _, label, score in output.classes] == [
-        ("red", 1.0), ("blue", 0.4)]  # uint8 scores scaled by 1/255; top_k=2 drops green
+        ("red", 1.0),
+        ("blue", 0.4),
+    ]  # uint8 scores scaled by 1/255; top_k=2 drops green
 
 
 def test_min_score_filters_classes(models: Models) -> None:
-    model = load_model(files(models.path("classifier.tflite"), labels=models.labels), RUNTIME,
-                       min_score=0.5)
+    model = load_model(
+        files(models.path("classifier.tflite"), labels=models.labels), RUNTIME, min_score=0.5
+    )
     output = model.run(solid(0, 200, 100))
     assert [label for _, label, _ in output.classes] == ["green"]
 
@@ -61,8 +65,7 @@ def test_float_classifier_resizes_any_frame_and_scales_to_unit_range(models: Mod
 
 def test_explicit_input_norm_is_applied_to_float_and_quantised_inputs(models: Models) -> None:
     norm = InputNorm(mean=127.5, std=127.5, explicit=True)  # pixels to [-1, 1]
-    model = load_model(files(models.path("classifier.tflite"), norm=norm), RUNTIME,
-                       min_score=-1)
+    model = load_model(files(models.path("classifier.tflite"), norm=norm), RUNTIME, min_score=-1)
     scores = {cid: s for cid, _, s in model.run(solid(255, 0, 127)).classes}
     assert scores == pytest.approx({0: 1.0, 1: -1.0, 2: -0.0039}, abs=1e-3)
     # quantised: the real value (pixel/2 here) is quantised with scale 1/255
@@ -73,8 +76,9 @@ def test_explicit_input_norm_is_applied_to_float_and_quantised_inputs(models: Mo
 
 
 def test_detector_boxes_come_back_in_frame_pixels_with_aspect_kept(models: Models) -> None:
-    model = load_model(files(models.path("detector.tflite"), "detection", models.labels),
-                       RUNTIME, min_score=0.3)
+    model = load_model(
+        files(models.path("detector.tflite"), "detection", models.labels), RUNTIME, min_score=0.3
+    )
     output = model.run(solid(255, 0, 0, width=64, height=48))
     (red,) = output.detections
     # 64x48 fits the 32x32 input at scale 0.5, padded below: box (0,0)-(0.5,0.5) of the
@@ -93,15 +97,21 @@ def _spec(index: int, name: str, shape: tuple[int, ...]) -> TensorSpec:
 
 
 def test_detection_outputs_are_found_by_shape_and_name() -> None:
-    tflite = [_spec(0, "TFLite_Detection_PostProcess", (1, 10, 4)),
-              _spec(1, "TFLite_Detection_PostProcess:1", (1, 10)),
-              _spec(2, "TFLite_Detection_PostProcess:2", (1, 10)),
-              _spec(3, "TFLite_Detection_PostProcess:3", (1,))]
+    tflite = [
+        _spec(0, "TFLite_Detection_PostProcess", (1, 10, 4)),
+        _spec(1, "TFLite_Detection_PostProcess:1", (1, 10)),
+        _spec(2, "TFLite_Detection_PostProcess:2", (1, 10)),
+        _spec(3, "TFLite_Detection_PostProcess:3", (1,)),
+    ]
     assert detection_outputs(tflite) == (0, 1, 2, 3)
-    named = [_spec(0, "detection_scores", (1, 10)), _spec(1, "detection_boxes", (1, 10, 4)),
-             _spec(2, "num_detections", (1,)), _spec(3, "detection_classes", (1, 10))]
+    named = [
+        _spec(0, "detection_scores", (1, 10)),
+        _spec(1, "detection_boxes", (1, 10, 4)),
+        _spec(2, "num_detections", (1,)),
+        _spec(3, "detection_classes", (1, 10)),
+    ]
     assert detection_outputs(named) == (1, 3, 0, 2)
-    with pytest.raises(ModelError, match="4 post-processed SSD outputs"):
+    with pytest.raises(ModelError, match=r"4 post-processed SSD outputs"):
         detection_outputs(tflite[:2])
 
 
@@ -121,7 +131,7 @@ def test_regressor_takes_a_sensor_window(models: Models) -> None:
     model = load_model(files(models.path("regressor.tflite"), "regression"), RUNTIME)
     window = np.array([[1, 10], [2, 20], [3, 30], [4, 40]], np.float32)
     assert model.run(window).values == [2.5, 25.0]
-    with pytest.raises(ValueError, match="does not fit input"):
+    with pytest.raises(ValueError, match=r"does not fit input"):
         model.prepare(np.zeros((3, 2), np.float32))
 
 
@@ -147,7 +157,7 @@ def test_corrupt_model_file_is_refused_naming_it(tmp_path: Path) -> None:
     broken.write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(200))
     with pytest.raises(ModelError, match=r"broken\.tflite: cannot load the model on the cpu"):
         load_model(files(broken), RUNTIME)
-    with pytest.raises(ModelError, match="cannot read the model"):
+    with pytest.raises(ModelError, match=r"cannot read the model"):
         files(tmp_path / "missing.tflite")
 
 
@@ -159,24 +169,29 @@ def test_compiled_model_without_tpu_and_without_cpu_variant_is_refused(zoo_file:
     compiled = files(path)
     assert compiled.edgetpu == path and compiled.cpu is None
     absent = RuntimeConfig(edgetpu_library="libedgetpu-absent.so.1", warmup_runs=0)
-    with pytest.raises(ModelError, match="compiled for the Edge TPU and has no cpu variant"):
+    with pytest.raises(ModelError, match=r"compiled for the Edge TPU and has no cpu variant"):
         load_model(compiled, absent)
-    with pytest.raises(ModelError, match="only an Edge-TPU-compiled model and runtime.acc"):
+    with pytest.raises(ModelError, match=r"only an Edge-TPU-compiled model and runtime.acc"):
         load_model(compiled, absent, accelerator="cpu")
-    with pytest.raises(AcceleratorError, match="cannot load libedgetpu-absent.so.1.*Coral"):
+    with pytest.raises(AcceleratorError, match=r"cannot load libedgetpu-absent.so.1.*Coral"):
         load_model(compiled, absent, accelerator="edgetpu")
 
 
 def test_compiled_model_loaded_as_cpu_variant_is_refused_not_crashed(models: Models) -> None:
     backend = CpuBackend()
-    with pytest.raises(ModelError, match="compiled for the Edge TPU.*cannot run on the CPU"):
+    with pytest.raises(ModelError, match=r"compiled for the Edge TPU.*cannot run on the CPU"):
         backend.load(models.path("edgetpu_stub.tflite"))
 
 
 def release_files(models: Models) -> ModelFiles:
-    return ModelFiles(name="colours", version=4, task="classification",
-                      cpu=models.path("classifier.tflite"),
-                      edgetpu=models.path("edgetpu_stub.tflite"), labels=models.labels)
+    return ModelFiles(
+        name="colours",
+        version=4,
+        task="classification",
+        cpu=models.path("classifier.tflite"),
+        edgetpu=models.path("edgetpu_stub.tflite"),
+        labels=models.labels,
+    )
 
 
 def test_auto_without_tpu_library_serves_cpu_variant_and_says_why(models: Models) -> None:
@@ -196,7 +211,7 @@ def test_tpu_that_does_not_answer_falls_back_or_refuses(
     runtime = RuntimeConfig(edgetpu_library=str(fake_edgetpu), edgetpu_device="usb:1")
     model = load_model(release_files(models), runtime)
     assert model.backend_name == "cpu" and "no answer from Edge TPU 'usb:1'" in model.note
-    with pytest.raises(AcceleratorError, match="runtime.accelerator: auto") as info:
+    with pytest.raises(AcceleratorError, match=r"runtime.accelerator: auto") as info:
         load_model(release_files(models), runtime, accelerator="edgetpu")
     assert "lsusb" in str(info.value)
     assert log.read_text().splitlines() == ["create device=usb:1"] * 2  # the device was asked
@@ -209,8 +224,13 @@ def test_tpu_present_serves_the_edgetpu_variant_with_the_configured_device(
     monkeypatch.setenv("FAKE_EDGETPU_LOG", str(log))
     monkeypatch.setenv("FAKE_EDGETPU_PRESENT", "1")
     # the stand-in delegate takes no ops, so the "edgetpu" variant here is a CPU model
-    both = ModelFiles(name="colours", version=1, task="classification",
-                      cpu=models.path("v1.tflite"), edgetpu=models.path("v2.tflite"))
+    both = ModelFiles(
+        name="colours",
+        version=1,
+        task="classification",
+        cpu=models.path("v1.tflite"),
+        edgetpu=models.path("v2.tflite"),
+    )
     runtime = RuntimeConfig(edgetpu_library=str(fake_edgetpu), edgetpu_device="pci:0")
     model = load_model(both, runtime)
     assert model.backend_name == "edgetpu" and model.note == ""

@@ -70,11 +70,23 @@ class Output:
 
     def to_dict(self) -> dict[str, Any]:
         if self.task == "classification":
-            return {"classes": [{"id": i, "label": lab, "score": round(s, 4)}
-                                for i, lab, s in self.classes]}
+            return {
+                "classes": [
+                    {"id": i, "label": lab, "score": round(s, 4)} for i, lab, s in self.classes
+                ]
+            }
         if self.task == "detection":
-            return {"detections": [{"id": d.class_id, "label": d.label, "score": round(d.score, 4),
-                                    "box": [round(v, 1) for v in d.box]} for d in self.detections]}
+            return {
+                "detections": [
+                    {
+                        "id": d.class_id,
+                        "label": d.label,
+                        "score": round(d.score, 4),
+                        "box": [round(v, 1) for v in d.box],
+                    }
+                    for d in self.detections
+                ]
+            }
         return {"values": self.values}
 
     def summary(self) -> str:
@@ -82,8 +94,13 @@ class Output:
         if self.task == "classification":
             return ", ".join(f"{lab} {s:.2f}" for _, lab, s in self.classes) or "nothing"
         if self.task == "detection":
-            return ", ".join(f"{d.label} {d.score:.2f} at {[round(v) for v in d.box]}"
-                             for d in self.detections) or "nothing"
+            return (
+                ", ".join(
+                    f"{d.label} {d.score:.2f} at {[round(v) for v in d.box]}"
+                    for d in self.detections
+                )
+                or "nothing"
+            )
         return str(self.values)
 
 
@@ -192,8 +209,12 @@ class Adapter:
 
     @classmethod
     def build(
-        cls, task: str, outputs: list[TensorSpec], labels: dict[int, str],
-        top_k: int = 5, min_score: float = 0.0,
+        cls,
+        task: str,
+        outputs: list[TensorSpec],
+        labels: dict[int, str],
+        top_k: int = 5,
+        min_score: float = 0.0,
     ) -> Adapter:
         """Check that ``outputs`` fit ``task``. Raises ModelError naming the mismatch."""
         if task not in TASKS:
@@ -214,15 +235,19 @@ class Adapter:
         if self.task == "classification":
             scores = dequantise(tensors[0], self.outputs[0]).reshape(-1)
             best = np.argsort(-scores, kind="stable")[: self.top_k]
-            classes = [(int(i), self.label(int(i)), float(scores[i]))
-                       for i in best if scores[i] >= self.min_score]
+            classes = [
+                (int(i), self.label(int(i)), float(scores[i]))
+                for i in best
+                if scores[i] >= self.min_score
+            ]
             return Output(self.task, classes=classes)
         if self.task == "detection":
             return Output(self.task, detections=self._detections(tensors, geometry))
         if self.task == "regression":
             values = dequantise(tensors[0], self.outputs[0]).reshape(-1)
             return Output(self.task, values=[round(float(v), 6) for v in values])
-        return Output(self.task, values=[_raw(t, s) for t, s in zip(tensors, self.outputs)])
+        pairs = zip(tensors, self.outputs, strict=True)
+        return Output(self.task, values=[_raw(tensor, spec) for tensor, spec in pairs])
 
     def _detections(self, tensors: list[np.ndarray], geometry: Geometry) -> list[Detection]:
         b, c, s, n = (dequantise(tensors[i], self.outputs[i]) for i in self.detection_order)
@@ -257,8 +282,11 @@ def _raw(tensor: np.ndarray, spec: TensorSpec) -> dict[str, Any]:
     if values.size <= RAW_VALUES_MAX:
         entry["values"] = [round(float(v), 6) for v in values.reshape(-1)]
     else:
-        entry.update(min=round(float(values.min()), 6), max=round(float(values.max()), 6),
-                     mean=round(float(values.mean()), 6))
+        entry.update(
+            min=round(float(values.min()), 6),
+            max=round(float(values.max()), 6),
+            mean=round(float(values.mean()), 6),
+        )
     return entry
 
 
@@ -282,9 +310,7 @@ def detection_outputs(outputs: list[TensorSpec]) -> tuple[int, int, int, int]:
     if len(boxes) != 1 or len(count) != 1 or len(pair) != 2:
         raise ModelError(f"detection outputs are not boxes [1,N,4], [1,N], [1,N], [1]: {shapes}")
     first, second = (outputs[i].name.lower() for i in pair)
-    if first.endswith(":2") and second.endswith(":1"):
-        pair.reverse()
-    elif "score" in first and "class" in second:
+    if (first.endswith(":2") and second.endswith(":1")) or ("score" in first and "class" in second):
         pair.reverse()
     return boxes[0], pair[0], pair[1], count[0]
 

@@ -65,7 +65,7 @@ def runtime_api() -> tuple[str, Any, Any]:
     except ImportError:
         pass
     try:
-        from tflite_runtime.interpreter import (  # type: ignore[import-not-found]
+        from tflite_runtime.interpreter import (
             Interpreter,
             load_delegate,
         )
@@ -131,7 +131,9 @@ class CpuBackend:
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             reason = str(exc).strip().splitlines()[0]
-            raise ModelError(f"{model}: cannot load the model on the {self.name}: {reason}") from exc
+            raise ModelError(
+                f"{model}: cannot load the model on the {self.name}: {reason}"
+            ) from exc
         self._interpreter = interpreter
         self.inputs = _specs(interpreter.get_input_details())
         self.outputs = _specs(interpreter.get_output_details())

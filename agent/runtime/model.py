@@ -58,7 +58,10 @@ class ModelFiles:
 
     @classmethod
     def from_file(
-        cls, path: Path, task: str = "raw", labels: Path | None = None,
+        cls,
+        path: Path,
+        task: str = "raw",
+        labels: Path | None = None,
         norm: InputNorm | None = None,
     ) -> ModelFiles:
         """One model file; a compiled one counts as the edgetpu variant, else as cpu."""
@@ -67,8 +70,9 @@ class ModelFiles:
         except OSError as exc:
             raise ModelError(f"{path}: cannot read the model: {exc.strerror or exc}") from exc
         slot = {"edgetpu": path} if compiled else {"cpu": path}
-        return cls(name=path.stem, version=None, task=task, labels=labels,
-                   norm=norm or InputNorm(), **slot)
+        return cls(
+            name=path.stem, version=None, task=task, labels=labels, norm=norm or InputNorm(), **slot
+        )
 
     @property
     def label(self) -> str:
@@ -98,8 +102,14 @@ class LoadedModel:
         self.input = backend.inputs[0]
         self.keep_aspect = files.task == "detection"
         # frames prepared for one model fit another only if this key is the same
-        self.input_key = (self.input.shape, str(self.input.dtype), self.input.scale,
-                          self.input.zero_point, files.norm, self.keep_aspect)
+        self.input_key = (
+            self.input.shape,
+            str(self.input.dtype),
+            self.input.scale,
+            self.input.zero_point,
+            files.norm,
+            self.keep_aspect,
+        )
 
     @property
     def name(self) -> str:
@@ -169,8 +179,15 @@ def load_model(
         )
     if wanted in ("auto", "edgetpu") and files.edgetpu is not None:
         try:
-            return _load(files, files.edgetpu, backends["edgetpu"](runtime), runtime, labels,
-                         top_k, min_score)
+            return _load(
+                files,
+                files.edgetpu,
+                backends["edgetpu"](runtime),
+                runtime,
+                labels,
+                top_k,
+                min_score,
+            )
         except AcceleratorError as exc:
             if wanted == "edgetpu":
                 raise AcceleratorError(
@@ -184,13 +201,20 @@ def load_model(
                 ) from exc
             note = f"Edge TPU unavailable, serving the cpu variant: {exc}"
     assert files.cpu is not None  # every branch without a cpu variant has returned or raised
-    return _load(files, files.cpu, backends["cpu"](runtime), runtime, labels, top_k, min_score,
-                 note)
+    return _load(
+        files, files.cpu, backends["cpu"](runtime), runtime, labels, top_k, min_score, note
+    )
 
 
 def _load(
-    files: ModelFiles, path: Path, backend: Backend, runtime: RuntimeConfig,
-    labels: dict[int, str], top_k: int, min_score: float, note: str = "",
+    files: ModelFiles,
+    path: Path,
+    backend: Backend,
+    runtime: RuntimeConfig,
+    labels: dict[int, str],
+    top_k: int,
+    min_score: float,
+    note: str = "",
 ) -> LoadedModel:
     backend.load(path)
     try:
