@@ -79,7 +79,8 @@ def test_out_of_range_and_bad_choice_are_both_reported() -> None:
         p.startswith("config.yaml:14: runtime.accelerator: Input should be 'auto'") for p in found
     )
     assert any(
-        p.startswith("config.yaml:18: source.fps: Input should be greater than or equal to 0") for p in found
+        p.startswith("config.yaml:18: source.fps: Input should be greater than or equal to 0")
+        for p in found
     )
 
 

@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--labels", type=Path, help="labels file")
     pub.add_argument("--task", default="raw", choices=TASKS, help="what the outputs mean")
     pub.add_argument(
+        "--input-norm",
+        nargs=2,
+        type=float,
+        metavar=("MEAN", "STD"),
+        help="the model's input is (pixel - MEAN) / STD (e.g. 127.5 127.5 for [-1, 1])",
+    )
+    pub.add_argument(
         "--channel",
         action="append",
         default=[],
@@ -63,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 registry=args.registry,
                 task=args.task,
                 labels=args.labels,
+                input_norm=tuple(args.input_norm) if args.input_norm else None,
                 sign_key=args.sign_key,
                 channels=tuple(args.channel),
             )

@@ -81,6 +81,7 @@ def publish(
     labels: Path | None = None,
     sign_key: Path | None = None,
     channels: tuple[str, ...] = (),
+    input_norm: tuple[float, float] | None = None,
 ) -> PublishResult:
     """Publish ``files`` as ``model`` v``version`` into the registry folder ``registry``.
 
@@ -114,6 +115,8 @@ def publish(
         "task": task,
         "files": entries,
     }
+    if input_norm is not None:  # (pixel - mean) / std is what the model expects
+        manifest["input"] = {"mean": input_norm[0], "std": input_norm[1]}
     raw = dump_json(manifest)
     try:
         parse_manifest(raw, f"{model} v{version}")  # the device's own rules, applied here first

@@ -11,6 +11,7 @@ Arrays are ``uint8`` RGB ``[height, width, 3]`` for image sources and ``float32`
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import TYPE_CHECKING, Protocol
 
 from agent.errors import EdgeAgentError
@@ -23,7 +24,7 @@ class SourceError(EdgeAgentError):
     """The source is lost (device gone, stream cut, file unreadable); reopening may help."""
 
 
-class EndOfStream(Exception):  # noqa: N818 - a signal like StopIteration, not a failure
+class EndOfStream(Exception):  # a signal, like StopIteration, not a failure
     """A finite source (a file, a folder, ``synthetic.frames``) has no more frames."""
 
 
@@ -45,8 +46,19 @@ class Source(Protocol):
         """The next frame, or None when nothing arrived within ``timeout`` seconds.
 
         Raises EndOfStream when a finite source is done and SourceError when lost.
-        Never blocks much longer than ``timeout``, so the pipeline can stop.
+        Should not block much longer than ``timeout``, so the pipeline can stop; where a
+        library cannot be bounded so (a stalled V4L2 camera: ~2 s; RTSP: the source's
+        ``timeout_s``) the source says so, and the pipeline abandons the read at stop.
         """
 
     def close(self) -> None:
         """Release the device or connection. Safe to call twice, or after a failed open."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: errors reach logs and MQTT events."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()
