@@ -22,7 +22,7 @@ from agent.pipeline import Pipeline, Result
 from agent.runtime import BACKENDS, LoadedModel, ModelFiles, load_model
 from agent.runtime.backends import CpuBackend
 from agent.sources import MemorySource, SourceError, pattern_frames
-from tests.conftest import Models
+from tests.conftest import MODEL, Device, Fleet, Models
 
 RUNTIME = RuntimeConfig(warmup_runs=1, threads=1)
 FRAMES = pattern_frames(64, 48)
@@ -309,3 +309,78 @@ def test_stop_is_prompt_while_the_source_has_nothing(models: Models, live: bool)
     started = time.monotonic()
     pipeline.stop(timeout=5)
     assert time.monotonic() - started < 2 and source.closed
+
+
+# -- from the store to the stream ------------------------------------------------------
+
+
+def test_pulled_release_serves_a_configured_source_and_is_hot_swapped_to_the_next(
+    fleet: Fleet, device: Device, models: Models, tmp_path: Path
+) -> None:
+    """The whole way: publish real models, pull and verify, load the active release on
+    the source the config names, then pull v2 and swap it in under the stream."""
+    from agent.config import SyntheticSource
+    from agent.fleet.publish import publish
+    from agent.sources import make_source
+
+    for version in (1, 2):
+        src = tmp_path / f"src{version}"
+        src.mkdir()
+        (src / "model.tflite").write_bytes(models.path(f"v{version}.tflite").read_bytes())
+        publish(
+            [src / "model.tflite"],
+            model=MODEL,
+            version=version,
+            registry=fleet.registry,
+            task="classification",
+            labels=models.labels,
+            sign_key=fleet.key,
+            channels=("stable",) if version == 1 else (),
+        )
+    updater = device.updater()
+    first = updater.pull().release
+    got = Collector()
+    source = make_source(SyntheticSource(width=96, height=64, fps=200))  # endless, paced
+    model = load_model(ModelFiles.from_release(first), RUNTIME)
+    pipeline = Pipeline(source, model, got.result, got.event)
+    pipeline.start()
+    try:
+        got.wait_for(lambda: len(got.results) >= 50)
+        second = updater.pull(version=2).release  # verified and activated in the store
+        assert pipeline.swap(load_model(ModelFiles.from_release(second), RUNTIME))
+        got.wait_for(lambda: got.results[-1].version == 2 and len(got.results) >= 100)
+    finally:
+        pipeline.stop()
+    assert [r.frame for r in got.results] == list(range(len(got.results)))
+    assert {r.version for r in got.results} == {1, 2}
+    top = got.results[-1].output.classes[0]
+    assert top[1] in ("red", "green", "blue") and top[2] == pytest.approx(2000, abs=1)
+    assert device.store.pointer().version == 2
+
+
+def test_mjpeg_camera_that_goes_away_is_reported_and_rejoined(models: Models) -> None:
+    """A real MJPEG server on loopback stops, then comes back on the same port."""
+    from agent.config import MjpegSource as MjpegConfig
+    from agent.sources.mjpeg import MjpegSource
+    from tests.test_sources import MjpegServer
+
+    server = MjpegServer()
+    port = server.port
+    got = Collector()
+    source = MjpegSource(MjpegConfig(url=server.url(), timeout_s=2, reconnect_max_s=0.3))
+    pipeline = Pipeline(source, classifier(models, 1), got.result, got.event, reconnect_max_s=0.3)
+    pipeline.start()
+    try:
+        got.wait_for(lambda: len(got.results) >= 3)
+        server.stop()
+        got.wait_for(lambda: "source_lost" in got.names())
+        before = len(got.results)
+        time.sleep(0.5)  # refused while it is down: still one source_lost
+        server = MjpegServer(port)
+        got.wait_for(lambda: "source_recovered" in got.names() and len(got.results) > before)
+    finally:
+        pipeline.stop()
+        server.stop()
+    assert got.names()[:2] == ["source_lost", "source_recovered"]
+    assert "127.0.0.1" in got.events[0][1]["error"]
+    assert pipeline.stats().errors == 0
