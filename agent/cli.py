@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -70,6 +71,19 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
@@ -103,11 +117,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "edgetpu", "cpu"),
         help="default: runtime.accelerator of the config",
     )
-    model.add_argument("--threads", type=int, help="default: runtime.threads of the config")
-    model.add_argument("--top-k", type=int, default=5, help="classes or detections kept")
+    model.add_argument("--threads", type=_positive(int), help="default: runtime.threads")
+    model.add_argument("--top-k", type=_positive(int), default=5, help="classes/detections kept")
     model.add_argument("--min-score", type=float, default=0.0, help="lowest score shown")
     model.add_argument("--input-mean", type=float, help="input = (pixel - mean) / std")
-    model.add_argument("--input-std", type=float, help="input = (pixel - mean) / std")
+    model.add_argument("--input-std", type=_positive(float), help="input = (pixel - mean) / std")
     infer = sub.add_parser(
         "infer",
         parents=[common, model],
@@ -117,8 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", parents=[common, model], help="pipeline fps against the bare interpreter loop"
     )
-    bench.add_argument("--seconds", type=float, default=2.0, help="length of each measurement")
-    bench.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
+    bench.add_argument(
+        "--seconds", type=_positive(float), default=2.0, help="length of each measurement"
+    )
+    bench.add_argument(
+        "--rounds", type=_positive(int), default=3, help="alternating rounds (medians)"
+    )
     return parser
 
 
@@ -295,7 +313,8 @@ def cmd_model_tool(args: argparse.Namespace, path: Path, as_json: bool) -> int:
         if model.note:
             print(f"edge-agent: {model.note}", file=sys.stderr)
         if args.command == "infer":
-            return oneshot.infer(model, args.inputs, as_json)
+            reload = oneshot.reloader(runtime, args.top_k, args.min_score)
+            return oneshot.infer(model, args.inputs, as_json, runtime, reload)
         return oneshot.bench(model, args.seconds, args.rounds, as_json)
     finally:
         model.close()

@@ -170,8 +170,9 @@ class _Source(_Section):
     fps: float = Field(
         default=15,
         ge=0,
-        description="Frames per second. Live sources capture at this rate; files and "
-        "synthetic frames are paced to it, and 0 means as fast as inference takes them.",
+        description="Frames per second. Files and synthetic frames are paced to it (0: as "
+        "fast as inference takes them); cameras are asked for it; network streams and "
+        "sensors keep their own pace.",
     )
     reconnect_max_s: float = Field(
         default=30, gt=0, description="Longest wait between reconnection attempts."
@@ -268,16 +269,19 @@ SourceConfig = Annotated[
     | SyntheticSource,
     Field(discriminator="type"),
 ]
-SOURCE_TYPES = (
-    "camera",
-    "video",
-    "mjpeg",
-    "rtsp",
-    "images",
-    "picamera2",
-    "serial",
-    "udp",
-    "synthetic",
+SOURCE_TYPES = tuple(
+    cls.model_fields["type"].default
+    for cls in (
+        CameraSource,
+        VideoSource,
+        MjpegSource,
+        RtspSource,
+        ImagesSource,
+        Picamera2Source,
+        SerialSource,
+        UdpSource,
+        SyntheticSource,
+    )
 )
 
 

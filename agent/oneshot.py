@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from agent.config import RuntimeConfig
-    from agent.pipeline import Result
+    from agent.pipeline import Reload, Result
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -34,24 +34,33 @@ def open_model(
     classification when labels are given, else raw."""
     norm = InputNorm()
     if mean is not None or std is not None:
-        norm = InputNorm(mean if mean is not None else 0.0, std or 255.0, explicit=True)
+        norm = InputNorm(0.0 if mean is None else mean, 255.0 if std is None else std, True)
+    files = ModelFiles.from_file(path, "raw" if task == "auto" else task, labels, norm)
+    model = load_model(files, runtime, top_k, min_score)
     if task == "auto":
-        raw = load_model(ModelFiles.from_file(path, "raw", labels, norm), runtime, top_k, min_score)
-        task = "raw"
         try:
-            detection_outputs(raw.backend.outputs)
-            task = "detection"
+            detection_outputs(model.backend.outputs)
+            model.retask("detection")
         except ModelError:
             if labels is not None:
-                task = "classification"
-        if task == "raw":
-            return raw
-        raw.close()
-    return load_model(ModelFiles.from_file(path, task, labels, norm), runtime, top_k, min_score)
+                model.retask("classification")
+    return model
+
+
+def reloader(runtime: RuntimeConfig, top_k: int, min_score: float) -> Reload:
+    """How the pipeline's watchdog brings a model back on a fresh delegate or the CPU."""
+
+    def reload(files: ModelFiles, accelerator: str) -> LoadedModel:
+        return load_model(files, runtime, top_k, min_score, accelerator=accelerator)
+
+    return reload
 
 
 def _read_image(path: Path) -> np.ndarray:
-    import cv2
+    try:
+        import cv2
+    except ImportError:
+        raise ModelError("reading images needs OpenCV: pip install 'edge-agent[video]'") from None
 
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
@@ -59,8 +68,14 @@ def _read_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def infer(model: LoadedModel, inputs: list[Path], as_json: bool) -> int:
-    """Run ``model`` on images (one result each) or videos (every frame). Prints results."""
+def infer(
+    model: LoadedModel, inputs: list[Path], as_json: bool, runtime: RuntimeConfig, reload: Reload
+) -> int:
+    """Run ``model`` on images (one result each) or videos (every frame). Prints results.
+
+    Returns 1 when an input gave no result at all, else 0. Raises ModelError or
+    SourceError naming an input that cannot be read.
+    """
     from agent.config import VideoSource as VideoConfig
     from agent.pipeline import Pipeline
     from agent.sources.opencv import VideoSource
@@ -73,30 +88,46 @@ def infer(model: LoadedModel, inputs: list[Path], as_json: bool) -> int:
             timing = f"  ({ms:.1f} ms)" if ms is not None else ""
             print(f"{name}: {output.summary()}{timing}", flush=True)
 
+    failed = False
     for path in inputs:
         if not path.exists():
             raise ModelError(f"{path}: no such file")
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            show(str(path), None, model.run(_read_image(path)))
+            try:
+                output = model.run(_read_image(path))
+            except ValueError as exc:  # the model's input is not an image
+                raise ModelError(f"{path}: {exc}") from exc
+            show(str(path), None, output)
             continue
         source = VideoSource(VideoConfig(path=path, fps=0))
+        source.open()  # here, so an unreadable file fails now instead of being retried
+        source.close()
 
         def emit(result: Result, name: str = str(path)) -> None:
             show(f"{name}#{result.frame}", result, result.output, result.infer_ms)
 
-        pipeline = Pipeline(source, model, emit, close_model=False)
+        pipeline = Pipeline(
+            source,
+            model,
+            emit,
+            invoke_timeout_s=runtime.invoke_timeout_ms / 1000,
+            reload=reload,
+            close_model=False,
+        )
         pipeline.start()
         try:
             pipeline.wait()
         finally:
             pipeline.stop()
         stats = pipeline.stats()
+        model = pipeline.model  # the watchdog may have brought up another
         print(
             f"{path}: {stats.results} frames, {stats.errors} errors, "
             f"inference p50 {stats.infer_ms_p50:.1f} ms",
             file=sys.stderr,
         )
-    return 0
+        failed = failed or stats.results == 0
+    return 1 if failed else 0
 
 
 def bench(model: LoadedModel, seconds: float, rounds: int, as_json: bool) -> int:
@@ -104,7 +135,12 @@ def bench(model: LoadedModel, seconds: float, rounds: int, as_json: bool) -> int
     from agent.bench import pipeline_vs_bare
     from agent.sources import pattern_frames
 
-    comparison = pipeline_vs_bare(model, pattern_frames(640, 480), seconds, rounds)
+    try:
+        comparison = pipeline_vs_bare(model, pattern_frames(640, 480), seconds, rounds)
+    except ValueError as exc:  # prepare() refused the frames
+        raise ModelError(
+            f"bench feeds 640x480 camera frames, which this model cannot take: {exc}"
+        ) from exc
     stats = comparison.stats
     data = {
         "model": model.name,

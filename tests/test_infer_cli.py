@@ -141,3 +141,21 @@ def test_bench_reports_pipeline_against_the_bare_loop(models: Models) -> None:
     assert data["bare_fps"] > 0 and data["pipeline_fps"] > 0
     assert data["ratio"] == pytest.approx(data["pipeline_fps"] / data["bare_fps"], abs=0.001)
     assert 0 < data["latency_ms_p50"] <= data["latency_ms_p99"]
+
+
+def test_infer_on_a_file_that_is_no_video_fails_at_once_naming_it(
+    models: Models, tmp_path: Path
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a video\n")
+    result = edge_agent("infer", "--model", str(models.path("classifier.tflite")), str(notes))
+    assert result.returncode == 1 and "notes.txt" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_refuses_a_model_that_takes_no_image_and_bad_numbers(models: Models) -> None:
+    result = edge_agent("bench", "--model", str(models.path("regressor.tflite")))
+    assert result.returncode == 1 and "cannot take" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = edge_agent("bench", "--model", str(models.path("regressor.tflite")), "--rounds", "0")
+    assert result.returncode == 2 and "must be greater than 0" in result.stderr

@@ -216,6 +216,8 @@ class FlakyTpu(CpuBackend):
         calls = self.plan["calls"] = self.plan.get("calls", 0) + 1
         if calls == self.plan.get("stall_at"):
             self.plan["stalled"].wait(30)  # like a USB Coral that stops answering
+        if calls in self.plan.get("stalls", {}):
+            self.plan["stalls"][calls].wait(30)
         if calls == self.plan.get("fail_at"):
             raise RuntimeError("Failed to invoke: USB transfer error 2")
         return super().infer(tensors)
@@ -277,11 +279,88 @@ def test_delegate_error_mid_stream_reinitialises_the_tpu(models: Models) -> None
     assert plan["loads"] == 2
 
 
+def test_stalled_call_returning_late_does_not_blind_the_watchdog(models: Models) -> None:
+    """The first stall returns while a second one is stalling: both are caught."""
+    first, second = threading.Event(), threading.Event()
+    plan: dict[str, Any] = {"stalls": {11: first, 41: second}}  # frames 9 and 38
+    model, reload = tpu_release(models, plan)
+    got = Collector()
+    pipeline = Pipeline(
+        MemorySource(FRAMES * 10), model, got.result, got.event, invoke_timeout_s=0.3, reload=reload
+    )
+    pipeline.start()
+    try:
+        got.wait_for(lambda: got.names().count("accelerator_recovered") == 1)
+        got.wait_for(lambda: plan.get("calls", 0) >= 41)  # the second call is stalling
+        first.set()  # the first, abandoned call returns now
+        assert pipeline.wait(20)
+    finally:
+        second.set()
+        pipeline.stop()
+    assert got.names() == ["accelerator_lost", "accelerator_recovered"] * 2
+    frames = [r.frame for r in got.results]
+    assert len(frames) == 298 and 9 not in frames and frames == sorted(set(frames))
+    assert pipeline.stats().errors == 2
+
+
+def test_slow_cpu_model_is_not_taken_for_a_stalled_accelerator(models: Models) -> None:
+    got = Collector()
+
+    class Slow(CpuBackend):
+        def infer(self, tensors: list[np.ndarray]) -> list[np.ndarray]:
+            time.sleep(0.05)
+            return super().infer(tensors)
+
+    backends = {"cpu": lambda runtime: Slow(1)}
+    files = ModelFiles(name="colours", version=1, task="raw", cpu=models.path("v1.tflite"))
+    model = load_model(files, RUNTIME, backends=backends)
+
+    def reload(files: ModelFiles, accelerator: str) -> LoadedModel:
+        return load_model(files, RUNTIME, accelerator=accelerator, backends=backends)
+
+    pipeline = Pipeline(
+        MemorySource(FRAMES[:8]), model, got.result, got.event, invoke_timeout_s=0.01, reload=reload
+    )
+    run(pipeline)
+    assert len(got.results) == 8 and got.events == []
+
+
+def test_accelerator_that_never_comes_back_and_no_cpu_variant_stops_cleanly(
+    models: Models,
+) -> None:
+    plan: dict[str, Any] = {"fail_at": 5, "refuse_reload": True}
+    files = ModelFiles(name="colours", version=7, task="raw", edgetpu=models.path("v2.tflite"))
+    backends = {"edgetpu": lambda runtime: FlakyTpu(plan), "cpu": BACKENDS["cpu"]}
+
+    def reload(files: ModelFiles, accelerator: str) -> LoadedModel:
+        return load_model(files, RUNTIME, accelerator=accelerator, backends=backends)
+
+    got = Collector()
+    pipeline = Pipeline(
+        MemorySource(FRAMES, loop=True),
+        reload(files, "auto"),
+        got.result,
+        got.event,
+        reload=reload,
+        reconnect_max_s=0.2,
+    )
+    pipeline.start()
+    time.sleep(1.0)  # retrying with backoff, nothing served
+    started = time.monotonic()
+    pipeline.stop()
+    assert time.monotonic() - started < 2
+    assert got.names() == ["accelerator_lost"] and len(got.results) == 3
+
+
 def test_swap_before_start_and_after_the_end_switches_at_once(models: Models) -> None:
     pipeline = Pipeline(MemorySource(FRAMES[:3]), classifier(models, 1), lambda r: None)
     assert pipeline.swap(classifier(models, 2)) and pipeline.model.version == 2
-    run(pipeline)
+    pipeline.start()
+    assert pipeline.wait(10)
     assert pipeline.swap(classifier(models, 3)) and pipeline.model.version == 3
+    pipeline.stop()
+    late = classifier(models, 4, "v4_small.tflite")
+    assert not pipeline.swap(late) and pipeline.model.version == 3  # stopped: refused
 
 
 @pytest.mark.parametrize("live", [False, True])

@@ -244,3 +244,17 @@ def test_geometry_of_a_stretched_frame(models: Models) -> None:
     model = load_model(files(models.path("classifier.tflite")), RUNTIME)
     _, geometry = model.prepare(solid(0, 0, 0, 64, 16))
     assert geometry == Geometry(16, 64, 2.0, 0.5, 32, 32)
+
+
+def test_tpu_that_loads_but_cannot_run_the_compiled_model_falls_back_to_cpu(
+    models: Models, fake_edgetpu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delegate loads, then allocation fails (as with a model compiled for another
+    Edge TPU runtime version): auto serves the cpu variant, edgetpu refuses."""
+    monkeypatch.setenv("FAKE_EDGETPU_PRESENT", "1")
+    runtime = RuntimeConfig(edgetpu_library=str(fake_edgetpu), warmup_runs=1)
+    model = load_model(release_files(models), runtime)  # edgetpu variant: the stub
+    assert model.backend_name == "cpu"
+    assert "cannot load the model on the edgetpu" in model.note
+    with pytest.raises(AcceleratorError, match=r"edgetpu-custom-op"):
+        load_model(release_files(models), runtime, accelerator="edgetpu")

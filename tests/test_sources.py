@@ -150,14 +150,21 @@ def test_images_with_loop_start_again(tmp_path: Path) -> None:
         assert_colour(frame, rgb)
 
 
-def test_corrupt_image_raises_naming_the_file(tmp_path: Path) -> None:
+def test_corrupt_image_is_skipped_counted_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     assert cv2.imwrite(str(tmp_path / "a.png"), bgr(COLOURS[0]))
     (tmp_path / "b.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    assert cv2.imwrite(str(tmp_path / "c.png"), bgr(COLOURS[1]))
     source = make_source(config.ImagesSource(path=tmp_path))
     source.open()
-    assert source.read(timeout=1) is not None
-    with pytest.raises(SourceError, match=r"b\.jpg"):
+    assert_colour(source.read(timeout=1), COLOURS[0])
+    assert source.read(timeout=1) is None
+    assert_colour(source.read(timeout=1), COLOURS[1])
+    with pytest.raises(EndOfStream):
         source.read(timeout=1)
+    assert source.bad_files == 1  # type: ignore[attr-defined]
+    assert "skipping b.jpg" in caplog.text
 
 
 @pytest.mark.parametrize("make", ["empty", "missing", "only-text"])

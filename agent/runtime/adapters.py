@@ -305,7 +305,7 @@ def detection_outputs(outputs: list[TensorSpec]) -> tuple[int, int, int, int]:
             f"count); this one has {len(outputs)}: {shapes}"
         )
     boxes = [i for i, o in enumerate(outputs) if len(o.shape) == 3 and o.shape[-1] == 4]
-    count = [i for i, o in enumerate(outputs) if len(o.shape) == 1 or int(_size(o.shape)) == 1]
+    count = [i for i, o in enumerate(outputs) if len(o.shape) == 1]  # [1]; [1,1] may be N=1
     pair = [i for i in range(4) if i not in boxes + count]
     if len(boxes) != 1 or len(count) != 1 or len(pair) != 2:
         raise ModelError(f"detection outputs are not boxes [1,N,4], [1,N], [1,N], [1]: {shapes}")
@@ -313,10 +313,3 @@ def detection_outputs(outputs: list[TensorSpec]) -> tuple[int, int, int, int]:
     if (first.endswith(":2") and second.endswith(":1")) or ("score" in first and "class" in second):
         pair.reverse()
     return boxes[0], pair[0], pair[1], count[0]
-
-
-def _size(shape: tuple[int, ...]) -> int:
-    total = 1
-    for n in shape:
-        total *= n
-    return total

@@ -131,9 +131,10 @@ class CpuBackend:
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             reason = str(exc).strip().splitlines()[0]
-            raise ModelError(
-                f"{model}: cannot load the model on the {self.name}: {reason}"
-            ) from exc
+            # On the TPU this is the accelerator's failure (e.g. a model compiled for
+            # another runtime version): auto then falls back to the cpu variant.
+            error = AcceleratorError if self.name == "edgetpu" else ModelError
+            raise error(f"{model}: cannot load the model on the {self.name}: {reason}") from exc
         self._interpreter = interpreter
         self.inputs = _specs(interpreter.get_input_details())
         self.outputs = _specs(interpreter.get_output_details())

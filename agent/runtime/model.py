@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,16 +101,28 @@ class LoadedModel:
         if not backend.inputs:
             raise ModelError(f"{files.label}: the model has no input")
         self.input = backend.inputs[0]
-        self.keep_aspect = files.task == "detection"
+        self._keys()
+
+    def _keys(self) -> None:
+        self.keep_aspect = self.files.task == "detection"
         # frames prepared for one model fit another only if this key is the same
         self.input_key = (
             self.input.shape,
             str(self.input.dtype),
             self.input.scale,
             self.input.zero_point,
-            files.norm,
+            self.files.norm,
             self.keep_aspect,
         )
+
+    def retask(self, task: str) -> None:
+        """Read the outputs as ``task`` from now on. Raises ModelError when they do not fit."""
+        adapter = self.adapter
+        self.adapter = Adapter.build(
+            task, self.backend.outputs, adapter.labels, adapter.top_k, adapter.min_score
+        )
+        self.files = dataclasses.replace(self.files, task=task)
+        self._keys()
 
     @property
     def name(self) -> str:

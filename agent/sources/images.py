@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from agent.sources.base import EndOfStream, SourceError
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
 
     from agent.config import ImagesSource as ImagesConfig
 
+log = logging.getLogger(__name__)
+
 EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 
 
@@ -22,7 +25,8 @@ class ImagesSource:
     The folder is listed at ``open()``, which raises SourceError when it is missing or
     holds no image. Frames are RGB ``uint8`` ``[height, width, 3]`` (grey and alpha
     images too). After the last image: EndOfStream, or with ``loop`` the first again.
-    A file that cannot be read as an image raises SourceError naming it.
+    A file that cannot be read as an image is skipped (logged and counted in
+    ``bad_files``): one broken file must not stop, or endlessly restart, the folder.
     """
 
     name = "images"
@@ -33,6 +37,7 @@ class ImagesSource:
         self.loop = config.loop
         self.files: list[Path] = []
         self._next = 0
+        self.bad_files = 0
 
     def open(self) -> None:
         try:
@@ -45,7 +50,7 @@ class ImagesSource:
             raise SourceError(f"images {self.folder}: no image in the folder ({choices})")
         self._next = 0
 
-    def read(self, timeout: float) -> np.ndarray:
+    def read(self, timeout: float) -> np.ndarray | None:
         import cv2
 
         if not self.files:
@@ -58,7 +63,11 @@ class ImagesSource:
         self._next += 1
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # always 3 channels, 8 bits
         if image is None:
-            raise SourceError(f"images {self.folder}: cannot read {path.name} as an image")
+            self.bad_files += 1
+            log.warning(
+                "images %s: skipping %s: not an image OpenCV can read", self.folder, path.name
+            )
+            return None
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     def close(self) -> None:
