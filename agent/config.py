@@ -15,7 +15,7 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -194,27 +194,30 @@ class VideoSource(_Source):
     loop: bool = Field(default=False, description="Start again at the end of the file.")
 
 
-class MjpegSource(_Source):
+class _StreamSource(_Source):
+    schemes: ClassVar[tuple[str, ...]] = ()
+    url: str = Field(description="Stream URL.")
+    timeout_s: float = Field(default=10, gt=0, description="Connect and read timeout.")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        return _check_url(value, cls.schemes)
+
+
+class MjpegSource(_StreamSource):
+    """An HTTP multipart MJPEG stream."""
+
+    schemes = ("http", "https")
     type: Literal["mjpeg"] = "mjpeg"
-    url: str = Field(description="HTTP multipart MJPEG stream URL.")
-    timeout_s: float = Field(default=10, gt=0, description="Connect and read timeout.")
-
-    @field_validator("url")
-    @classmethod
-    def _scheme(cls, value: str) -> str:
-        return _check_url(value, ("http", "https"))
 
 
-class RtspSource(_Source):
+class RtspSource(_StreamSource):
+    """An RTSP stream."""
+
+    schemes = ("rtsp", "rtsps")
     type: Literal["rtsp"] = "rtsp"
-    url: str = Field(description="RTSP stream URL.")
     transport: Literal["tcp", "udp"] = Field(default="tcp", description="RTP transport.")
-    timeout_s: float = Field(default=10, gt=0, description="Connect and read timeout.")
-
-    @field_validator("url")
-    @classmethod
-    def _scheme(cls, value: str) -> str:
-        return _check_url(value, ("rtsp", "rtsps"))
 
 
 class ImagesSource(_Source):
