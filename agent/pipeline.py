@@ -1,6 +1,7 @@
 """The pipeline: source → prepare → infer → interpret → results, in overlapping threads.
 
-Two threads do the work and a third watches:
+Two threads do the work and, when the pipeline has a way to reload the model, a
+third watches:
 
 - the capture thread reads the source (reconnecting with backoff when it is lost),
   paces files to ``fps``, and prepares each frame for the model (resize, normalise,
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from agent.backoff import backoff_delay
 from agent.errors import EdgeAgentError
 from agent.sources.base import EndOfStream, Source, SourceError
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 0.25  # longest a source read blocks, so stop() is prompt
 STATS_WINDOW = 2048  # results kept for percentiles and fps
+RECONNECT_FIRST_S = 0.5  # first wait before reopening a source or reloading a model
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,8 @@ class Pipeline:
         """Start the threads. The source is opened by the capture thread (with retries)."""
         self._spawn(self._capture_loop, "capture")
         self._infer_thread = self._spawn(lambda: self._infer_loop(0, None), "infer")
-        self._spawn(self._watchdog_loop, "watchdog")
+        if self.reload is not None:  # without a way to reload, no call is watched
+            self._spawn(self._watchdog_loop, "watchdog")
 
     def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
         # daemon: a stalled accelerator call can never be joined, and must not keep
@@ -308,17 +311,9 @@ class Pipeline:
             while not self._stop.is_set():
                 if not self._connected:
                     try:
-                        self.source.open()
-                    except ImportError as exc:  # a device library is missing: say which
-                        error = SourceError(f"{self.source.name}: cannot import {exc.name}: {exc}")
-                        lost_at = self._lost(error, lost_at, attempt)
-                        attempt += 1
-                        self._stop.wait(_backoff(attempt, self.reconnect_max_s))
-                        continue
+                        self._open_source()
                     except SourceError as exc:
-                        lost_at = self._lost(exc, lost_at, attempt)
-                        attempt += 1
-                        self._stop.wait(_backoff(attempt, self.reconnect_max_s))
+                        lost_at, attempt = self._outage(exc, lost_at, attempt)
                         continue
                     self._connected = True
                     if lost_at is not None:
@@ -341,9 +336,7 @@ class Pipeline:
                 except SourceError as exc:
                     self._connected = False
                     self.source.close()
-                    lost_at = self._lost(exc, lost_at, attempt)
-                    attempt += 1
-                    self._stop.wait(_backoff(attempt, self.reconnect_max_s))
+                    lost_at, attempt = self._outage(exc, lost_at, attempt)
                     continue
                 if frame is None:
                     continue
@@ -359,12 +352,25 @@ class Pipeline:
             self.source.close()
             self._connected = False
 
-    def _lost(self, exc: SourceError, lost_at: float | None, attempt: int) -> float:
+    def _open_source(self) -> None:
+        try:
+            self.source.open()
+        except ImportError as exc:  # a device library is missing: say which
+            raise SourceError(f"{self.source.name}: cannot import {exc.name}: {exc}") from exc
+
+    def _outage(self, exc: SourceError, lost_at: float | None, attempt: int) -> tuple[float, int]:
+        """Report the start of an outage once, then wait before the next attempt."""
         if lost_at is None:  # one event per outage, not one per attempt
             self._event("source_lost", source=self.source.name, error=str(exc))
-            return time.monotonic()
-        log.debug("source still lost (attempt %d): %s", attempt, exc)
-        return lost_at
+            lost_at = time.monotonic()
+        else:
+            log.debug("source still lost (attempt %d): %s", attempt, exc)
+        attempt += 1
+        self._stop.wait(self._retry_delay(attempt))
+        return lost_at, attempt
+
+    def _retry_delay(self, attempt: int) -> float:
+        return backoff_delay(attempt, RECONNECT_FIRST_S, self.reconnect_max_s, low=0.5)
 
     def _prepare(self, frame: np.ndarray) -> _Item | None:
         index = self._frames
@@ -536,7 +542,7 @@ class Pipeline:
                 )
                 return True
             attempt += 1
-            self._stop.wait(_backoff(attempt, self.reconnect_max_s))
+            self._stop.wait(self._retry_delay(attempt))
         return False
 
     def _event(self, name: str, **detail: Any) -> None:
@@ -545,8 +551,3 @@ class Pipeline:
             self.on_event(name, detail)
         except Exception:
             log.exception("event callback failed for %s", name)
-
-
-def _backoff(attempt: int, cap: float) -> float:
-    """Capped exponential backoff, jittered down to half: 0.5 s, 1 s, 2 s, … up to ``cap``."""
-    return random.uniform(0.5, 1.0) * min(cap, 0.5 * 2.0 ** max(attempt - 1, 0))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import random
 import socket
 import threading
 import time
@@ -26,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 import urllib3
 
 from agent import __version__
+from agent.backoff import backoff_delay
 from agent.config import RegistryConfig
 from agent.errors import RegistryError, StoreError, TransportError, VerificationError
 from agent.faults import crash_point
@@ -332,10 +332,10 @@ class Registry:
                         raise TransportError(
                             f"{exc} (gave up on {what} after {_attempts(attempt)})"
                         ) from exc
-                    # Full jitter: devices that lost the registry together do not return
-                    # together.
-                    cap = min(self.backoff_cap_s, self.backoff_s * 2 ** (attempt - 1))
-                    time.sleep(min(random.uniform(0, cap), remaining))
+                    delay = backoff_delay(
+                        attempt, self.backoff_s, self.backoff_cap_s
+                    )  # full jitter
+                    time.sleep(min(delay, remaining))
 
     def fetch_document(
         self, relpath: str, max_bytes: int, *, optional: bool = False
