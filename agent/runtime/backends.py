@@ -116,13 +116,18 @@ class CpuBackend:
     def _delegates(self) -> list[Any]:
         return []
 
-    def load(self, model: Path) -> None:
-        _, interpreter_class, _ = runtime_api()
-        if self.name == "cpu" and is_edgetpu_model(model):
-            raise ModelError(
+    def _load_failed(self, model: Path, exc: Exception) -> ModelError:
+        # A compiled model fails at allocation here ("unresolved custom op"): say why.
+        if EDGETPU_OP.decode() in str(exc):
+            return ModelError(
                 f"{model}: compiled for the Edge TPU (edgetpu-custom-op); it cannot run on "
                 "the CPU: use the release's cpu variant or a device with an Edge TPU"
             )
+        reason = str(exc).strip().splitlines()[0]
+        return ModelError(f"{model}: cannot load the model on the {self.name}: {reason}")
+
+    def load(self, model: Path) -> None:
+        _, interpreter_class, _ = runtime_api()
         delegates = self._delegates()
         try:
             interpreter = interpreter_class(
@@ -130,11 +135,7 @@ class CpuBackend:
             )
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            reason = str(exc).strip().splitlines()[0]
-            # On the TPU this is the accelerator's failure (e.g. a model compiled for
-            # another runtime version): auto then falls back to the cpu variant.
-            error = AcceleratorError if self.name == "edgetpu" else ModelError
-            raise error(f"{model}: cannot load the model on the {self.name}: {reason}") from exc
+            raise self._load_failed(model, exc) from exc
         self._interpreter = interpreter
         self.inputs = _specs(interpreter.get_input_details())
         self.outputs = _specs(interpreter.get_output_details())
@@ -164,6 +165,12 @@ class EdgeTpuBackend(CpuBackend):
 
     def _delegates(self) -> list[Any]:
         return [open_edgetpu(self.library, self.device)]
+
+    def _load_failed(self, model: Path, exc: Exception) -> ModelError:
+        # The accelerator's failure (e.g. a model compiled for another Edge TPU runtime
+        # version), so that auto falls back to the cpu variant.
+        reason = str(exc).strip().splitlines()[0]
+        return AcceleratorError(f"{model}: cannot load the model on the {self.name}: {reason}")
 
 
 def open_edgetpu(library: str = "libedgetpu.so.1", device: str = "") -> Any:
