@@ -297,6 +297,11 @@ class ResultsConfig(_Section):
     interval_s: float = Field(
         default=1, gt=0, description="Seconds between results when publish is interval."
     )
+    qos: Literal[0, 1] = Field(
+        default=1,
+        description="1: results go through the outbox and are never lost; 0: sent only "
+        "while connected, not kept.",
+    )
 
 
 class MqttConfig(_Section):
@@ -309,6 +314,37 @@ class MqttConfig(_Section):
     key: FilePath | None = Field(default=None, description="Device private key (mTLS).")
     topic_prefix: str = Field(
         default="edge", pattern=r"^[^#+/][^#+]*$", description="Topic prefix."
+    )
+    username: str | None = Field(
+        default=None, min_length=1, description="User name, when the broker wants a password."
+    )
+    password_file: FilePath | None = Field(
+        default=None, description="File holding the password (first line)."
+    )
+    password_credential: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="systemd credential holding the password (LoadCredential= in the unit; "
+        "read from $CREDENTIALS_DIRECTORY).",
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto", description="MQTT version; auto tries 5, then 3.1.1."
+    )
+    keepalive_s: int = Field(default=60, ge=5, le=65535, description="Keep-alive interval.")
+    session_expiry_s: int = Field(
+        default=86400,
+        ge=0,
+        description="How long the broker keeps this device's session (subscriptions, "
+        "queued commands) while it is offline. MQTT 5 only; 3.1.1 keeps it until cleared.",
+    )
+    reconnect_max_s: float = Field(
+        default=60, gt=0, description="Longest wait between reconnect attempts."
+    )
+    max_inflight: int = Field(
+        default=128, ge=1, le=65535, description="QoS 1 messages sent but not yet acknowledged."
+    )
+    command_max_bytes: int = Field(
+        default=16384, ge=64, description="Largest command payload; larger ones get an error."
     )
 
     @field_validator("url")
@@ -346,8 +382,19 @@ class Config(_Section):
     def _requirements(self) -> Config:
         if self.registry.url is not None and self.model.name is None:
             raise PydanticCustomError("missing", "model.name is required when registry.url is set")
-        if (self.mqtt.cert is None) != (self.mqtt.key is None):
+        mqtt = self.mqtt
+        if (mqtt.cert is None) != (mqtt.key is None):
             raise PydanticCustomError("missing", "mqtt.cert and mqtt.key go together")
+        if mqtt.url and mqtt.url.startswith("mqtt://") and (mqtt.ca or mqtt.cert):
+            raise PydanticCustomError(
+                "scheme", "mqtt.ca, mqtt.cert and mqtt.key need an mqtts:// mqtt.url"
+            )
+        if mqtt.password_file and mqtt.password_credential:
+            raise PydanticCustomError(
+                "conflict", "set mqtt.password_file or mqtt.password_credential, not both"
+            )
+        if (mqtt.password_file or mqtt.password_credential) and not mqtt.username:
+            raise PydanticCustomError("missing", "a password needs mqtt.username")
         return self
 
 

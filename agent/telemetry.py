@@ -1,0 +1,450 @@
+"""Telemetry: what the device tells its operators, over MQTT, without losing any of it.
+
+:class:`Telemetry` numbers every message, keeps it in the SQLite :class:`Outbox` and
+only then hands it to the broker :class:`Link`; a message leaves the outbox when the
+broker acknowledges it. One thread (the *writer*) does all of that in batches:
+
+    record() ─► queue ─► writer: outbox.write(batch, acks) ─► link.publish (window of
+                                  max_inflight) ◄─ acks ◄─ paho network thread
+
+After a reconnect the writer sends the online status first, then replays the outbox
+from its oldest message; after a restart it replays everything that was never
+acknowledged. Messages paho still holds (sent before a drop, not acknowledged) are
+resent by paho itself and not again by us, so a broker outage makes few duplicates.
+
+Topics and payloads are DESIGN.md's: ``<prefix>/<device>/{status,state,telemetry,
+results,events,reply}``; every payload has ``schema``, ``ts``, ``seq`` (per device and
+topic, from 1) and ``id``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from paho.mqtt.client import topic_matches_sub
+
+from agent.config import MqttConfig, ResultsConfig
+from agent.mqtt import Incoming, Link, Will
+from agent.outbox import Message, Outbox, OutboxError, Record
+from agent.pipeline import Result
+from agent.runtime.adapters import Output
+from agent.sysinfo import SystemProbe
+
+log = logging.getLogger(__name__)
+
+_BATCH = 1000  # records per outbox transaction, at most
+_TICK_S = 0.5  # the writer wakes at least this often
+_ACK_BATCH = 1000  # acknowledged rows deleted in one commit
+_ACK_WAIT_S = 0.5  # or after this long
+
+
+def now_ts() -> float:
+    return round(time.time(), 3)
+
+
+class Topics:
+    """The device's topic names under ``prefix``."""
+
+    def __init__(self, prefix: str, device: str) -> None:
+        self.prefix = prefix
+        self.device = device
+        self.base = f"{prefix}/{device}"
+
+    def __call__(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    @property
+    def commands(self) -> str:
+        return f"{self.base}/cmd/+"
+
+
+def _signature(output: Output) -> tuple[Any, ...]:
+    """What must differ for on_change to publish: labels found, or values to 2 decimals."""
+    if output.task == "classification":
+        return tuple(sorted(label for _, label, _ in output.classes))
+    if output.task == "detection":
+        return tuple(sorted(d.label for d in output.detections))
+    return tuple(round(v, 2) if isinstance(v, float) else repr(v) for v in output.values)
+
+
+class ResultGate:
+    """Decides which results are published, per ``results.publish``."""
+
+    def __init__(self, config: ResultsConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self._last_signature: tuple[Any, ...] | None = None
+        self._next = 0.0
+
+    def admit(self, result: Result) -> bool:
+        mode = self.config.publish
+        if mode == "every":
+            return True
+        if mode == "off":
+            return False
+        if mode == "interval":
+            now = self.clock()
+            if now < self._next:
+                return False
+            self._next = now + self.config.interval_s
+            return True
+        signature = (result.model, result.version, _signature(result.output))
+        if signature == self._last_signature:
+            return False
+        self._last_signature = signature
+        return True
+
+
+@dataclass
+class _Counters:
+    sent: int = 0  # handed to paho
+    acked: int = 0
+    rejected: int = 0  # the broker answered with a failure reason (not authorized, …)
+    unsent: int = 0  # QoS 0 messages not sent for lack of a connection
+    outbox_errors: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Telemetry:
+    """The device's MQTT voice: status, state, telemetry, results, events and replies."""
+
+    def __init__(
+        self,
+        device: str,
+        outbox: Outbox,
+        mqtt: MqttConfig,
+        results: ResultsConfig,
+        *,
+        interval_s: float,
+        probe: SystemProbe | None = None,
+        stats: Callable[[], Mapping[str, Any] | None] | None = None,
+        handlers: Mapping[str, Callable[[Incoming], None]] | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> None:
+        """Build (no I/O but reading the password); ``handlers`` maps topic filters under
+        the device (``cmd/+``, ``desired``) to functions called on paho's thread.
+
+        Raises ConfigError (from the Link) for unusable MQTT settings.
+        """
+        self.device = device
+        self.topics = Topics(mqtt.topic_prefix, device)
+        self.outbox = outbox
+        self.interval_s = interval_s
+        self.probe = probe
+        self.stats_source = stats
+        self.gate = ResultGate(results)
+        self.results_qos = results.qos
+        self.counters = _Counters()
+        self.max_inflight = mqtt.max_inflight
+        self._handlers = {self.topics(sub): fn for sub, fn in (handlers or {}).items()}
+        self._queue: collections.deque[Record] = collections.deque()
+        self._busy = False  # the writer holds records taken from the queue, not yet written
+        self._acked_rows: list[int] = []  # acknowledged, not yet deleted from the outbox
+        self._acked_set: set[int] = set()
+        self._acked_since = 0.0
+        self._acks: collections.deque[tuple[int, bool, str]] = collections.deque()
+        self._wake = threading.Event()
+        self._idle = threading.Condition()
+        self._stop = threading.Event()
+        self._reconnected = threading.Event()
+        self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (rowid or 0, generation)
+        self._inflight_rows: set[int] = set()
+        self._cursor = 0  # highest outbox row handed to paho on this connection
+        self._tail = outbox.last_rowid()  # highest outbox row written
+        self._fresh: list[Message] = []  # this batch's rows, when the cursor was at the tail
+        self._thread: threading.Thread | None = None
+        self.link: Link | None = None
+        if mqtt.url is not None:
+            offline = {"schema": 1, "state": "offline", "ts": now_ts(), "reason": "lost"}
+            self.link = Link(
+                mqtt,
+                device,
+                Will(self.topics("status"), json.dumps(offline).encode()),
+                on_connect=self._on_connect,
+                on_disconnect=self._wake.set,
+                on_ack=self._on_ack,
+                on_message=self._on_message,
+                subscriptions=tuple(self._handlers),
+                environ=environ,
+            )
+
+    # -- recording (any thread) ----------------------------------------------------
+
+    def record(
+        self,
+        stream: str,
+        body: Mapping[str, Any],
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        keep: bool | None = None,
+        topic: str | None = None,
+        properties: dict[str, Any] | None = None,
+    ) -> None:
+        """Queue a message for ``<prefix>/<device>/<stream>`` (or ``topic``).
+
+        QoS 1 messages are kept in the outbox until acknowledged; QoS 0 ones and
+        ``keep=False`` ones are sent only if connected when their turn comes.
+        """
+        doc = {"ts": now_ts(), **body}
+        self._queue.append(
+            Record(
+                stream,
+                topic or self.topics(stream),
+                doc,
+                qos,
+                retain,
+                qos == 1 if keep is None else keep,
+                properties or {},
+            )
+        )
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def event(self, name: str, detail: Mapping[str, Any] | None = None) -> None:
+        self.record("events", {"event": name, **(detail or {})})
+
+    def state(self, state: Mapping[str, Any]) -> None:
+        """Publish the retained ``state`` (the active model, update phase, last error)."""
+        self.record("state", state, retain=True)
+
+    def result(self, result: Result) -> None:
+        """Publish ``result`` if ``results.publish`` lets it through (pipeline thread)."""
+        if self.gate.admit(result):
+            self.record("results", result.to_dict(), qos=self.results_qos)
+
+    def reply(self, topic: str, body: Mapping[str, Any], correlation: bytes | None) -> None:
+        """Answer a command; sent once if connected, never kept (the asker may be gone)."""
+        props = {"CorrelationData": correlation} if correlation is not None else None
+        self.record("reply", body, topic=topic, keep=False, properties=props)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+        self._thread.start()
+        if self.link is not None:
+            self.link.start()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything recorded so far is in the outbox (or sent, if direct)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.set()
+                self._idle.wait(min(left, 0.1))
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Record what is queued, say offline (retained) when connected, disconnect."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.link is not None:
+            final = None
+            try:
+                body = {"ts": now_ts(), "state": "offline", "reason": "stopped"}
+                offline = Record("status", self.topics("status"), body, retain=True, keep=False)
+                (message,), _ = self.outbox.write([offline])
+                final = (message.topic, message.payload)
+            except OutboxError as exc:
+                log.error("%s", exc)
+            self.link.stop(final=final)
+
+    def wait_delivered(self, timeout: float) -> bool:
+        """Wait until the outbox is empty (everything acknowledged); bounded."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._queue and self.depth() == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def depth(self) -> int:
+        """Messages recorded and not yet acknowledged."""
+        return self.outbox.stats().depth - len(self._acked_set)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The outbox and connection figures that telemetry carries."""
+        link = self.link
+        return {
+            "outbox": {**self.outbox.stats().to_dict(), "depth": self.depth()},
+            "mqtt": {
+                "connected": bool(link and link.connected.is_set()),
+                "protocol": link.protocol if link else None,
+                "connects": link.connects if link else 0,
+                "inflight": len(self._inflight),
+                "rejected": self.counters.rejected,
+                "unsent_qos0": self.counters.unsent,
+            },
+        }
+
+    # -- paho callbacks (network thread) ---------------------------------------------
+
+    def _on_connect(self, session_present: bool) -> None:
+        self._reconnected.set()
+        self.record("status", {"state": "online"}, retain=True, keep=False)
+
+    def _on_ack(self, mid: int, ok: bool, reason: str) -> None:
+        self._acks.append((mid, ok, reason))
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _on_message(self, message: Incoming) -> None:
+        for pattern, handler in self._handlers.items():
+            if topic_matches_sub(pattern, message.topic):
+                try:
+                    handler(message)
+                except Exception:  # a handler bug must not kill paho's thread
+                    log.exception("handler for %s failed", message.topic)
+                return
+
+    # -- the writer thread ------------------------------------------------------------
+
+    def _telemetry(self) -> dict[str, Any]:
+        body: dict[str, Any] = dict(self.probe.sample()) if self.probe else {}
+        inference = self.stats_source() if self.stats_source else None
+        body["inference"] = dict(inference) if inference is not None else None
+        body.update(self.snapshot())
+        return body
+
+    def _run(self) -> None:
+        next_tick = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_tick and not self._stop.is_set():
+                try:
+                    self.record("telemetry", self._telemetry())
+                except Exception:  # a sensor must not stop the outbox
+                    log.exception("telemetry sample failed")
+                next_tick = max(next_tick + self.interval_s, now)
+            self._wake.wait(min(_TICK_S, max(next_tick - time.monotonic(), 0.0)))
+            self._wake.clear()
+            stopping = self._stop.is_set()
+            self._step()
+            if stopping and not self._queue:
+                break
+
+    def _step(self) -> None:
+        """One batch: settle acks, record queued messages, send what the window allows."""
+        link = self.link
+        if self._reconnected.is_set():
+            self._reconnected.clear()
+            generation = link.generation if link else 0
+            for mid, (rowid, gen) in list(self._inflight.items()):
+                if gen != generation:  # that paho client and its queue are gone
+                    del self._inflight[mid]
+                    self._inflight_rows.discard(rowid)
+            self._cursor = 0
+        self._settle()
+        self._busy = True
+        batch = [self._queue.popleft() for _ in range(min(len(self._queue), _BATCH))]
+        # Acknowledged rows are deleted with the next batch, or once enough gathered: a
+        # commit (an fsync) per acknowledgement would make the outbox the bottleneck.
+        # Until deleted they are skipped; after a crash they are sent again (duplicates).
+        if (
+            batch
+            or len(self._acked_rows) >= _ACK_BATCH
+            or (self._acked_rows and time.monotonic() - self._acked_since > _ACK_WAIT_S)
+        ):
+            try:
+                messages, dropped = self.outbox.write(batch, self._acked_rows)
+            except OutboxError as exc:
+                self.counters.outbox_errors += 1
+                log.error("%s; retrying", exc)
+                self._queue.extendleft(reversed(batch))
+                self._busy = False
+                self._stop.wait(1.0)
+                return
+            self._acked_rows.clear()
+            self._acked_set.clear()
+            if dropped:
+                log.warning("outbox full: dropped the %d oldest messages", dropped)
+            fresh = []
+            for message in messages:
+                if message.rowid == 0:
+                    self._send_direct(message)
+                else:
+                    fresh.append(message)
+            if fresh:
+                if self._cursor == self._tail:  # caught up: send from memory, not the file
+                    self._fresh.extend(fresh)
+                self._tail = fresh[-1].rowid
+        with self._idle:
+            self._busy = False
+            self._idle.notify_all()
+        if link is not None and link.connected.is_set():
+            self._fill_window(link)
+        self._fresh.clear()
+
+    def _settle(self) -> None:
+        """Turn paho's acknowledgements into outbox rows to delete."""
+        while self._acks:
+            mid, ok, reason = self._acks.popleft()
+            entry = self._inflight.pop(mid, None)
+            if entry is None:
+                continue
+            rowid = entry[0]
+            self._inflight_rows.discard(rowid)
+            self.counters.acked += 1
+            if not ok:
+                self.counters.rejected += 1
+                log.warning("broker refused message %d: %s; not retried", rowid, reason)
+            if rowid:
+                if not self._acked_rows:
+                    self._acked_since = time.monotonic()
+                self._acked_rows.append(rowid)
+                self._acked_set.add(rowid)
+
+    def _send_direct(self, message: Message) -> None:
+        link = self.link
+        if link is None or not link.connected.is_set():
+            if message.qos == 0:
+                self.counters.unsent += 1
+            return
+        mid = link.publish(
+            message.topic, message.payload, message.qos, message.retain, message.properties
+        )
+        if mid:
+            self._inflight[mid] = (0, link.generation)
+        if mid is not None:
+            self.counters.sent += 1
+        elif message.qos == 0:
+            self.counters.unsent += 1
+
+    def _fill_window(self, link: Link) -> None:
+        """Hand paho the oldest outbox messages not yet handed over, up to the window."""
+        room = self.max_inflight - len(self._inflight)
+        while room > 0:
+            if self._fresh and self._fresh[0].rowid == self._cursor + 1:
+                rows, self._fresh = self._fresh[:room], self._fresh[room:]
+            else:
+                rows = self.outbox.pending(self._cursor, room)
+            if not rows:
+                self._cursor = max(self._cursor, self._tail)  # all sent, or acked
+                return
+            for message in rows:
+                if message.rowid in self._inflight_rows or message.rowid in self._acked_set:
+                    self._cursor = message.rowid
+                    continue
+                if room <= 0 or not link.connected.is_set():
+                    return
+                mid = link.publish(message.topic, message.payload, message.qos, message.retain, {})
+                if mid is None:
+                    return  # the connection just went; the reconnect replays from the start
+                self._cursor = message.rowid
+                self._inflight[mid] = (message.rowid, link.generation)
+                self._inflight_rows.add(message.rowid)
+                self.counters.sent += 1
+                room -= 1
