@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="edge-agent", parents=[common], description="Edge deployment agent for TFLite models."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="the agent: serve the model, report over MQTT")
     sub.add_parser("check-config", parents=[common], help="validate the config (exit 0 or 78)")
     sub.add_parser("status", parents=[common], help="the active release and the store")
     models = sub.add_parser("models", parents=[common], help="list, pull or roll back releases")
@@ -172,6 +173,35 @@ def _emit(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
         print(json.dumps(data, indent=2))
     else:
         print("\n".join(lines))
+
+
+def cmd_run(config: Config, path: Path) -> int:
+    """Run until SIGTERM or SIGINT; the handlers only set an event."""
+    import logging
+    import signal
+    import threading
+
+    from agent.service import Service
+
+    logging.basicConfig(
+        level=os.environ.get("EDGE_AGENT_LOG", "INFO").upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    problems = preflight(config)
+    if problems:
+        raise ConfigError([f"{path}: {p}" for p in problems])
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    service = Service(config)
+    service.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        service.stop()
+    return 0
 
 
 def cmd_check_config(config: Config, path: Path, as_json: bool) -> int:
@@ -328,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("infer", "bench"):
             return cmd_model_tool(args, path, as_json)
         config = load_config(path)
+        if args.command == "run":
+            return cmd_run(config, path)
         if args.command == "check-config":
             return cmd_check_config(config, path, as_json)
         if args.command == "status":

@@ -287,7 +287,7 @@ class Link:
     ) -> None:
         was = self.connected.is_set()
         self.connected.clear()
-        if was:
+        if was and not self._stopping:
             log.warning("disconnected from %s:%d: %s", self.host, self.port, reason)
             self._on_disconnect()
         self._backoff(client)

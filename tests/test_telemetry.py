@@ -1,0 +1,286 @@
+"""Telemetry, the outbox and commands in one process, against a real mosquitto."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.commands import CommandError, Commands
+from agent.config import MqttConfig, ResultsConfig
+from agent.errors import ConfigError
+from agent.mqtt import read_password
+from agent.outbox import Outbox
+from agent.pipeline import Result
+from agent.runtime.adapters import Detection, Output
+from agent.sysinfo import SystemProbe
+from agent.telemetry import ResultGate, Telemetry
+from tests.broker import Mosquitto, Received, subscriber, wait_until
+
+DEV = "dev-t"
+
+
+def _docs(messages: list[Received]) -> list[dict[str, Any]]:
+    return [json.loads(m.payload) for m in messages]
+
+
+def _telemetry(
+    tmp_path: Path,
+    url: str | None,
+    *,
+    results: ResultsConfig | None = None,
+    commands: Commands | None = None,
+    **mqtt: Any,
+) -> Telemetry:
+    handlers = {"cmd/+": commands.submit} if commands else None
+    return Telemetry(
+        DEV,
+        Outbox(tmp_path / "outbox.sqlite", 10**7),
+        MqttConfig(url=url, reconnect_max_s=1, **mqtt),
+        results or ResultsConfig(publish="every"),
+        interval_s=0.2,
+        probe=SystemProbe(tmp_path),
+        stats=lambda: {"fps": 12.5, "latency_ms_p95": 7.0},
+        handlers=handlers,
+    )
+
+
+@pytest.fixture
+def running(tmp_path: Path, broker: Mosquitto) -> Iterator[Telemetry]:
+    telemetry = _telemetry(tmp_path, broker.url)
+    telemetry.start()
+    yield telemetry
+    telemetry.stop()
+
+
+def test_online_status_is_retained_and_telemetry_carries_the_figures(
+    running: Telemetry, broker: Mosquitto
+) -> None:
+    assert running.link is not None and running.link.connected.wait(5)
+    assert wait_until(lambda: running.counters.acked >= 1)  # the status is at the broker
+    watcher = subscriber(broker.url, [f"edge/{DEV}/#"])
+    try:
+        status = watcher.wait_for_topic(f"edge/{DEV}/status")
+        assert status.retain and json.loads(status.payload)["state"] == "online"
+        watcher.wait_for(lambda ms: sum(m.topic.endswith("/telemetry") for m in ms) >= 2)
+        docs = _docs(watcher.messages(f"edge/{DEV}/telemetry"))
+    finally:
+        watcher.close()
+    first, second = docs[0], docs[1]
+    assert first["schema"] == 1 and second["seq"] == first["seq"] + 1
+    assert first["id"] != second["id"] and second["ts"] >= first["ts"]
+    for key in ("cpu_pct", "load", "mem_pct", "rss_mb", "disk_free_mb", "uptime_s"):
+        assert first[key] is not None, key
+    assert first["rss_mb"] > 10 and len(first["load"]) == 3
+    assert first["inference"] == {"fps": 12.5, "latency_ms_p95": 7.0}
+    assert first["outbox"]["depth"] >= 0 and first["mqtt"]["protocol"] == "5"
+
+
+def test_clean_stop_leaves_a_retained_offline_status(tmp_path: Path, broker: Mosquitto) -> None:
+    telemetry = _telemetry(tmp_path, broker.url)
+    telemetry.start()
+    assert telemetry.link is not None and telemetry.link.connected.wait(5)
+    telemetry.stop()
+    late = subscriber(broker.url, [f"edge/{DEV}/status"])  # joins afterwards: retained only
+    try:
+        doc = json.loads(late.wait_for_topic(f"edge/{DEV}/status").payload)
+    finally:
+        late.close()
+    assert doc["state"] == "offline" and doc["reason"] == "stopped"
+
+
+def test_messages_recorded_while_the_broker_is_down_arrive_in_order(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    broker.stop()
+    telemetry = _telemetry(tmp_path, broker.url)
+    telemetry.start()
+    try:
+        for i in range(300):
+            telemetry.event("tick", {"i": i})
+        assert telemetry.flush(5)
+        assert telemetry.depth() >= 300  # kept, and nothing sent
+        broker.start()
+        watcher = subscriber(broker.url, [f"edge/{DEV}/events"])
+        try:
+            watcher.wait_for(
+                lambda ms: any(json.loads(m.payload).get("i") == 299 for m in ms), timeout=15
+            )
+            ticks = [d["i"] for d in _docs(watcher.messages()) if d["event"] == "tick"]
+        finally:
+            watcher.close()
+        assert ticks == list(range(300))
+        assert wait_until(lambda: telemetry.depth() == 0, 5)
+    finally:
+        telemetry.stop()
+
+
+def test_qos0_results_are_not_kept_while_disconnected(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"mqtt://127.0.0.1:{sock.getsockname()[1]}"
+    telemetry = _telemetry(tmp_path, url, results=ResultsConfig(publish="every", qos=0))
+    telemetry.start()
+    try:
+        for i in range(5):
+            telemetry.result(_result(i, "red"))
+        assert telemetry.flush(5)
+        assert wait_until(lambda: telemetry.counters.unsent == 5)
+        assert telemetry.outbox.stats().depth == 0 or all(
+            m.topic.endswith(("/telemetry", "/events")) for m in telemetry.outbox.pending(0, 100)
+        )
+    finally:
+        telemetry.stop()
+
+
+def _result(frame: int, *labels: str, model: str = "m", version: int = 1) -> Result:
+    output = Output(
+        "detection",
+        detections=[Detection(0, label, 0.9, (1.0, 2.0, 3.0, 4.0)) for label in labels],
+    )
+    return Result(frame, 0.0, model, version, "cpu", 1.0, 1.0, output)
+
+
+def test_result_gate_on_change_interval_every_off() -> None:
+    on_change = ResultGate(ResultsConfig(publish="on_change"))
+    seen = [
+        on_change.admit(_result(i, *labels))
+        for i, labels in enumerate(
+            [("cat",), ("cat",), ("cat", "dog"), ("dog", "cat"), (), ("cat",)]
+        )
+    ]
+    assert seen == [True, False, True, False, True, True]
+    assert on_change.admit(_result(9, "cat", version=2))  # a new model is a change
+    now = [0.0]
+    interval = ResultGate(ResultsConfig(publish="interval", interval_s=1), clock=lambda: now[0])
+    admitted = []
+    for step in range(25):
+        now[0] = step * 0.1
+        admitted.append(interval.admit(_result(step, "cat")))
+    assert admitted.count(True) == 3  # at 0.0, 1.0, 2.0
+    assert all(ResultGate(ResultsConfig(publish="every")).admit(_result(i)) for i in range(3))
+    assert not ResultGate(ResultsConfig(publish="off")).admit(_result(0, "cat"))
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def commanded(tmp_path: Path, broker: Mosquitto) -> Iterator[tuple[Telemetry, Commands]]:
+    calls: list[dict[str, Any]] = []
+    gate = threading.Event()
+
+    def ping(args: dict[str, Any]) -> dict[str, Any]:
+        calls.append(args)
+        return {"pong": True, "echo": args.get("x")}
+
+    def rollback(args: dict[str, Any]) -> dict[str, Any]:
+        raise CommandError("no earlier release in the store")
+
+    def crash(args: dict[str, Any]) -> dict[str, Any]:
+        gate.set()
+        raise ZeroDivisionError("boom")
+
+    holder: list[Telemetry] = []
+    commands = Commands(
+        {"ping": ping, "rollback": rollback, "crash": crash},
+        lambda topic, body, corr: holder[0].reply(topic, body, corr),
+        reply_topic=f"edge/{DEV}/reply",
+        max_bytes=256,
+    )
+    telemetry = _telemetry(tmp_path, broker.url, commands=commands)
+    holder.append(telemetry)
+    commands.start()
+    telemetry.start()
+    assert telemetry.link is not None and telemetry.link.connected.wait(5)
+    # the cmd/+ subscription goes out before the status; once that is acknowledged it holds
+    assert wait_until(lambda: telemetry.counters.acked >= 1)
+    yield telemetry, commands
+    commands.stop()
+    telemetry.stop()
+
+
+def _ask(
+    broker: Mosquitto, name: str, payload: bytes, *, response_topic: str | None = None
+) -> dict[str, Any]:
+    """Send a command and return the one reply it gets."""
+    reply_topic = response_topic or f"edge/{DEV}/reply"
+    asker = subscriber(broker.url, [reply_topic])
+    try:
+        props = None
+        if response_topic is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = response_topic
+            props.CorrelationData = b"corr-42"
+        before = len(asker.messages())
+        asker.publish(f"edge/{DEV}/cmd/{name}", payload, properties=props)
+        got = asker.wait_for(lambda ms: len(ms) > before)[before]
+        if response_topic is not None:
+            assert got.properties is not None
+            assert got.properties.CorrelationData == b"corr-42"
+        doc: dict[str, Any] = json.loads(got.payload)
+        return doc
+    finally:
+        asker.close()
+
+
+def test_commands_reply_on_the_response_topic_or_the_device_reply_topic(
+    commanded: tuple[Telemetry, Commands], broker: Mosquitto
+) -> None:
+    doc = _ask(broker, "ping", b'{"id": "r1", "x": 5}', response_topic="asker/7/replies")
+    assert doc["ok"] and doc["result"] == {"pong": True, "echo": 5} and doc["request_id"] == "r1"
+    assert doc["command"] == "ping" and doc["schema"] == 1 and "seq" in doc
+    doc = _ask(broker, "ping", b"")
+    assert doc["ok"] and doc["result"]["pong"]
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "error"),
+    [
+        ("reboot", b"{}", "unknown command 'reboot'; known: crash, ping, rollback"),
+        ("ping", b"{not json", "payload is not JSON"),
+        ("ping", b"[1, 2]", "payload must be a JSON object, not list"),
+        ("ping", b"\xff\xfe", "payload is not JSON"),
+        (
+            "ping",
+            b'{"x": "' + b"a" * 300 + b'"}',
+            "payload too large: 309 bytes (mqtt.command_max_bytes is 256)",
+        ),
+        ("rollback", b"{}", "no earlier release in the store"),
+        ("crash", b"{}", "internal error: ZeroDivisionError: boom"),
+    ],
+)
+def test_bad_commands_get_an_error_reply_and_the_agent_keeps_serving(
+    commanded: tuple[Telemetry, Commands],
+    broker: Mosquitto,
+    name: str,
+    payload: bytes,
+    error: str,
+) -> None:
+    doc = _ask(broker, name, payload)
+    assert doc["ok"] is False and doc["command"] == name
+    assert doc["error"].startswith(error), doc["error"]
+    assert _ask(broker, "ping", b"{}")["ok"]  # still answering
+
+
+# -- settings ------------------------------------------------------------------------
+
+
+def test_password_comes_from_a_file_or_a_systemd_credential(tmp_path: Path) -> None:
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("s3cret\n")
+    cfg = MqttConfig(url="mqtt://h", username="u", password_file=secret)
+    assert read_password(cfg) == "s3cret"
+    cred = MqttConfig(url="mqtt://h", username="u", password_credential="mqtt-password")
+    assert read_password(cred, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "s3cret"
+    with pytest.raises(ConfigError, match=r"mqtt.password_credential: \$CREDENTIALS_DIRECTORY"):
+        read_password(cred, {})
+    with pytest.raises(ConfigError, match="mqtt.password_file: cannot read"):
+        read_password(MqttConfig(url="mqtt://h", username="u", password_file=tmp_path / "no"))
