@@ -21,6 +21,7 @@ from agent.registry import Registry
 from agent.store import Store
 from agent.updater import Updater
 from agent.verify import generate_keypair, sha256_file
+from tests.broker import Mosquitto, SecureBroker, start_secure_broker
 from tests.registry_server import RegistryServer
 
 MODEL = "person-detector"
@@ -262,3 +263,27 @@ def fake_edgetpu(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"no C compiler to build the fake Edge TPU library: {exc}")
     return out
+
+
+# -- MQTT broker -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A started mosquitto with one plain, anonymous listener (``broker.url``), no ACL."""
+    with Mosquitto(tmp_path / "mosquitto") as mosquitto:
+        yield mosquitto
+
+
+@pytest.fixture
+def secure_broker(tmp_path: Path) -> Iterator[SecureBroker]:
+    """A started mosquitto with mutual TLS and the fleet ACL on ``.broker.tls_url``.
+
+    Devices dev-a (group door) and dev-b (group yard), admin "fleet";
+    ``.client_cert(cn)`` / ``.tls(cn)`` / ``.client(cn, topics)`` connect as any CN.
+    """
+    secure = start_secure_broker(tmp_path / "mosquitto-tls")
+    try:
+        yield secure
+    finally:
+        secure.broker.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -22,7 +23,7 @@ from agent.pipeline import Result
 from agent.runtime.adapters import Detection, Output
 from agent.sysinfo import SystemProbe
 from agent.telemetry import ResultGate, Telemetry
-from tests.broker import Mosquitto, Received, subscriber, wait_until
+from tests.broker import Mosquitto, Received, SecureBroker, subscriber, wait_until
 
 DEV = "dev-t"
 
@@ -282,5 +283,94 @@ def test_password_comes_from_a_file_or_a_systemd_credential(tmp_path: Path) -> N
     assert read_password(cred, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "s3cret"
     with pytest.raises(ConfigError, match=r"mqtt.password_credential: \$CREDENTIALS_DIRECTORY"):
         read_password(cred, {})
-    with pytest.raises(ConfigError, match="mqtt.password_file: cannot read"):
+    with pytest.raises(ConfigError, match=r"mqtt\.password_file: cannot read"):
         read_password(MqttConfig(url="mqtt://h", username="u", password_file=tmp_path / "no"))
+
+
+def test_messages_the_broker_refuses_are_counted_and_do_not_block_the_outbox(
+    tmp_path: Path, secure_broker: SecureBroker
+) -> None:
+    issued = secure_broker.client_cert("dev-a")  # dev-a's certificate, dev-t's topics
+    telemetry = _telemetry(
+        tmp_path,
+        secure_broker.broker.tls_url,
+        ca=secure_broker.ca.cert_path,
+        cert=issued.cert,
+        key=issued.key,
+    )
+    telemetry.start()
+    try:
+        for i in range(50):
+            telemetry.event("tick", {"i": i})
+        assert wait_until(lambda: telemetry.counters.rejected >= 50, 10)
+        assert wait_until(lambda: telemetry.depth() == 0, 5)  # refused is settled, not retried
+    finally:
+        telemetry.stop()
+
+
+class _V311OnlyProxy:
+    """A TCP relay to a real broker that answers an MQTT 5 CONNECT the way a 3.1.1-only
+    broker does (CONNACK, return code 1: unacceptable protocol version) and relays the rest."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.refused = 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.server.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        first = client.recv(65536)  # the CONNECT: fixed header, length, "\0\4MQTT", level
+        level = first[first.index(b"MQTT") + 4]
+        if level == 5:
+            self.refused += 1
+            client.sendall(b"\x20\x02\x00\x01")
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        upstream.sendall(first)
+
+        def pipe(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        pipe(client, upstream)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.close()
+
+
+def test_a_broker_without_mqtt5_gets_mqtt_3_1_1(tmp_path: Path, broker: Mosquitto) -> None:
+    proxy = _V311OnlyProxy(broker.port)
+    watcher = subscriber(broker.url, [f"edge/{DEV}/events"])
+    telemetry = _telemetry(tmp_path, f"mqtt://127.0.0.1:{proxy.port}")
+    telemetry.start()
+    try:
+        telemetry.event("hello")
+        watcher.wait_for(lambda ms: len(ms) >= 1, timeout=15)
+        assert telemetry.link is not None and telemetry.link.protocol == "3.1.1"
+        assert proxy.refused == 1
+        assert json.loads(watcher.messages()[0].payload)["event"] == "hello"
+    finally:
+        telemetry.stop()
+        watcher.close()
+        proxy.close()

@@ -1,6 +1,7 @@
-"""``edge-fleet``: the operator's commands (keygen, publish).
+"""``edge-fleet``: the operator's commands (keygen, publish, acl).
 
-Exit codes as DESIGN.md: 0 success, 1 the operation failed, 2 bad usage.
+Exit codes as DESIGN.md: 0 success, 1 the operation failed, 2 bad usage (including
+device ids, group or admin names that cannot be used in topics).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from agent.errors import EdgeAgentError
+from agent.atomic import write_atomic
+from agent.errors import ConfigError, EdgeAgentError
+from agent.fleet.acl import render_acl
 from agent.fleet.publish import publish
 from agent.manifest import TASKS
 from agent.verify import generate_keypair
@@ -53,7 +56,48 @@ def _parser() -> argparse.ArgumentParser:
         help="point this index.json channel at the version (repeatable)",
     )
     pub.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    acl = sub.add_parser("acl", help="write the broker's ACL file (mosquitto acl_file)")
+    acl.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="ID[=GROUP,GROUP]",
+        help="a device id (its certificate CN) and its groups (repeatable)",
+    )
+    acl.add_argument(
+        "--admin",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an operator certificate CN with full access (repeatable; default: fleet)",
+    )
+    acl.add_argument("--prefix", default="edge", help="topic prefix (default: edge)")
+    acl.add_argument("--out", type=Path, help="write this file atomically (default: stdout)")
     return parser
+
+
+def _devices(specs: list[str]) -> dict[str, list[str]]:
+    """``ID[=GROUP,GROUP]`` arguments as id -> groups; a repeated id adds groups."""
+    devices: dict[str, list[str]] = {}
+    for spec in specs:
+        device, sep, groups = spec.partition("=")
+        listed = devices.setdefault(device, [])
+        if sep:
+            listed += groups.split(",")  # "dev=" gives [""], reported as an empty name
+    return devices
+
+
+def _acl(args: argparse.Namespace) -> None:
+    """Render the ACL to stdout or, atomically, to ``--out``; raises ConfigError, OSError."""
+    devices = _devices(args.device)
+    admins = args.admin or ["fleet"]
+    text = render_acl(devices, prefix=args.prefix, admins=admins)
+    if args.out is None:
+        sys.stdout.write(text)
+        return
+    write_atomic(args.out, text.encode(), mode=0o644)  # mosquitto reads it after setuid
+    print(f"wrote {args.out}: {len(devices)} device(s), admins: {', '.join(admins)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                 verb = "published" if result.created else "already published (unchanged)"
                 channels = f", channels: {', '.join(args.channel)}" if args.channel else ""
                 print(f"{verb}: {args.model} v{args.version} at {result.folder}{channels}")
+        elif args.command == "acl":
+            _acl(args)
+    except ConfigError as exc:  # names that cannot be used: bad usage, nothing written
+        print(f"edge-fleet: {exc}".replace("\n", "\nedge-fleet: "), file=sys.stderr)
+        return 2
     except (EdgeAgentError, OSError) as exc:
         print(f"edge-fleet: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,146 @@
+"""The broker's access control list: what each device and operator may publish and read.
+
+``render_acl`` writes a mosquitto ``acl_file`` for listeners that take the client
+certificate's CN as the user name (``use_identity_as_username true``), so a device's
+user name is its device id. Per-device rights are ``pattern`` lines with ``%u``; they
+apply to every user, which is why the CA must sign only valid device ids (and the
+admin names only for operators): a certificate's CN *is* its identity on the broker.
+
+A device may write only its own reports (status, state, telemetry, results, events,
+replies) and read only its own desired state and commands plus its groups' desired
+states; it can never write a desired state or a command, its own included.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from agent.errors import ConfigError
+
+# The same rule as DeviceConfig.id in agent/config.py: one topic level, no wildcards,
+# no '/', no spaces, nothing mosquitto's ACL parser would read as a comment or a %-code.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# "groups" is a topic level of its own (PREFIX/groups/<group>/desired): a device with
+# that id would own PREFIX/groups/reply/# and so the desired state of group "reply".
+RESERVED_DEVICE_IDS = frozenset({"groups"})
+
+DEVICE_WRITES = ("status", "state", "telemetry", "results", "events", "reply", "reply/#")
+DEVICE_READS = ("desired", "cmd/#")
+
+
+def _check_name(kind: str, name: str) -> str | None:
+    """The problem with ``name`` as a ``kind``, or None when it is usable."""
+    if not NAME_PATTERN.fullmatch(name):
+        return (
+            f"{kind} {name!r} is not valid: use letters, digits, '.', '_' and '-' "
+            "(not first), no '/', '+', '#' or spaces"
+        )
+    return None
+
+
+def check_prefix(prefix: str) -> str | None:
+    """The problem with ``prefix`` as a topic prefix, or None when it is usable.
+
+    A prefix is one or more topic levels (``edge``, ``acme/edge``) of the same
+    characters as device ids; it cannot start with '$' (broker topics).
+    """
+    levels = prefix.split("/")
+    if not all(NAME_PATTERN.fullmatch(level) for level in levels):
+        return (
+            f"topic prefix {prefix!r} is not valid: levels of letters, digits, '.', '_' "
+            "and '-' joined by '/', no '+', '#', spaces or empty levels"
+        )
+    return None
+
+
+def check_device_id(device: str) -> str | None:
+    """The problem with ``device`` as a device id (= certificate CN), or None when usable.
+
+    Whoever signs device certificates must apply this check to the CN: the ACL's
+    patterns trust the CN, and a CN such as ``dev-a/cmd`` would reach dev-a's commands.
+    """
+    problem = _check_name("device id", device)
+    if problem is None and device in RESERVED_DEVICE_IDS:
+        problem = f"device id {device!r} is reserved (it is a topic level of its own)"
+    return problem
+
+
+def render_acl(
+    devices: Mapping[str, Sequence[str]],
+    *,
+    prefix: str = "edge",
+    admins: Sequence[str] = ("fleet",),
+) -> str:
+    """The text of a mosquitto acl_file for ``devices`` (id -> its groups) and ``admins``.
+
+    Guarantees, for every certificate CN the broker accepts:
+
+    - a device (CN = device id) may write only ``PREFIX/<id>/status``, ``/state``,
+      ``/telemetry``, ``/results``, ``/events``, ``/reply`` and ``/reply/#``, and read
+      only ``PREFIX/<id>/desired``, ``PREFIX/<id>/cmd/#`` and
+      ``PREFIX/groups/<group>/desired`` for the groups given here;
+    - an admin may read and write everything under ``PREFIX/``;
+    - the reserved name ``groups`` gets nothing, even with a certificate.
+
+    The output is deterministic (sorted), so it diffs well under configuration
+    management. Raises ConfigError naming every invalid device id, group name, admin
+    name or prefix, and any name used both as a device and as an admin.
+    """
+    problems: list[str] = []
+    if (problem := check_prefix(prefix)) is not None:
+        problems.append(problem)
+    for device, groups in devices.items():
+        if (problem := check_device_id(device)) is not None:
+            problems.append(problem)
+        if isinstance(groups, str):  # "door" would silently mean groups d, o, o, r
+            problems.append(f"groups of {device!r} must be a list of names, not {groups!r}")
+            continue
+        problems += [
+            f"{p} (device {device!r})"
+            for group in groups
+            if (p := _check_name("group name", group)) is not None
+        ]
+    if not admins:
+        problems.append("at least one admin is needed (the fleet tools connect as one)")
+    for admin in admins:
+        if (problem := _check_name("admin name", admin)) is not None:
+            problems.append(problem)
+        elif admin in devices:
+            problems.append(f"{admin!r} is both a device and an admin")
+        elif admin in RESERVED_DEVICE_IDS:
+            problems.append(f"admin name {admin!r} is reserved (it is a topic level of its own)")
+    if problems:
+        raise ConfigError(problems)
+
+    lines = [
+        "# mosquitto acl_file for edge-agent, written by `edge-fleet acl`; edit the command,",
+        "# not this file. User name = client certificate CN (use_identity_as_username):",
+        "# devices are their device id, operators their admin name. The patterns below",
+        "# hold for every certificate the CA signs, so sign only valid device ids.",
+        "# Anything not granted here is denied.",
+        "",
+        "# Each device: its own reports (write) and its own desired state and commands",
+        "# (read). Never the other way round: nobody but an admin issues instructions.",
+    ]
+    lines += [f"pattern write {prefix}/%u/{suffix}" for suffix in DEVICE_WRITES]
+    lines += [f"pattern read {prefix}/%u/{suffix}" for suffix in DEVICE_READS]
+    lines += [
+        "",
+        "# Not a device: 'groups' is a topic level, a certificate with that CN gets nothing.",
+        *(f"user {name}\ntopic deny {prefix}/#" for name in sorted(RESERVED_DEVICE_IDS)),
+    ]
+    grouped = {device: sorted(set(groups)) for device, groups in devices.items() if groups}
+    if grouped:
+        lines += ["", "# The desired state of each device's groups (read only)."]
+    for device in sorted(grouped):
+        lines.append(f"user {device}")
+        lines += [f"topic read {prefix}/groups/{group}/desired" for group in grouped[device]]
+    lines += [
+        "",
+        "# Operators (edge-fleet deploy, devices, telemetry): everything under the prefix.",
+    ]
+    for admin in sorted(set(admins)):
+        lines += [f"user {admin}", f"topic readwrite {prefix}/#"]
+    return "\n".join(lines) + "\n"

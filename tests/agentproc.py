@@ -1,0 +1,168 @@
+"""``edge-agent run`` as a real subprocess, and a broker-side tap with a persistent session.
+
+``AgentProcess`` writes a device config (a generated classifier published into a
+``file://`` registry, a synthetic stream, MQTT to the test broker), starts the agent
+and can SIGKILL or SIGTERM it. ``Tap`` is an observer that keeps its session on the
+broker (clean_start=False with a session expiry), so what the broker queues for it
+while it is away, or while the broker restarts with persistence, still reaches it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.fleet.publish import publish
+
+MODEL = "colours"
+
+
+def publish_models(registry: Path, models_root: Path, versions: tuple[int, ...] = (1,)) -> None:
+    """Publish the generated colour classifiers v1.. into ``registry`` (channel stable)."""
+    for version in versions:
+        publish(
+            [models_root / f"v{version}.tflite"],
+            model=MODEL,
+            version=version,
+            registry=registry,
+            task="classification",
+            labels=models_root / "colours.txt",
+            channels=("stable",),
+        )
+
+
+class AgentProcess:
+    """One device: its folder, its config, and the agent process running on it."""
+
+    def __init__(self, root: Path, device_id: str, settings: dict[str, Any]) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.device_id = device_id
+        self.config_path = root / "config.yaml"
+        self.log_path = root / "agent.log"
+        self.outbox_path = root / "outbox.sqlite"
+        base: dict[str, Any] = {
+            "device": {"id": device_id},
+            "model": {"name": MODEL},
+            "store": {"dir": str(root / "store"), "reserve_mb": 0},
+            "runtime": {"accelerator": "cpu", "warmup_runs": 1},
+            "source": {"type": "synthetic", "width": 64, "height": 48, "fps": 20},
+            "results": {"publish": "every", "min_score": 0.0, "top_k": 1},
+            "telemetry": {"interval_s": 0.25, "outbox": str(self.outbox_path)},
+        }
+        for section, values in settings.items():
+            base.setdefault(section, {}).update(values)
+        self.settings = base
+        self.config_path.write_text(yaml.safe_dump(base))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+        env["EDGE_AGENT_LOG"] = "DEBUG"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind runs in the agent."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def close(self) -> None:
+        if self.alive():
+            self.kill()
+
+
+class Tap:
+    """An MQTT 5 observer with a persistent session that records every JSON message."""
+
+    def __init__(self, host: str, port: int, topics: list[str], client_id: str | None = None):
+        self.messages: list[tuple[str, dict[str, Any], bool]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.topics = topics
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"tap-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.1, 0.5)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 600
+        self.client.connect(host, port, keepalive=30, clean_start=False, properties=props)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise TimeoutError("tap: no SUBACK")
+
+    def _on_connect(self, client: mqtt.Client, *args: Any) -> None:
+        client.subscribe([(topic, 1) for topic in self.topics])
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            doc = json.loads(msg.payload)
+        except ValueError:
+            doc = {"raw": msg.payload.decode(errors="replace")}
+        with self._lock:
+            self.messages.append((msg.topic, doc, bool(msg.retain)))
+
+    def docs(self, suffix: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [doc for topic, doc, _ in self.messages if topic.endswith(suffix)]
+
+    def wait(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.02)
+        raise TimeoutError(f"tap: {what} not seen within {timeout} s")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def seq_gaps(docs: list[dict[str, Any]]) -> list[int]:
+    """The seq numbers missing between the lowest and highest seen (duplicates allowed)."""
+    seen = {doc["seq"] for doc in docs}
+    if not seen:
+        return []
+    return sorted(set(range(min(seen), max(seen) + 1)) - seen)
