@@ -274,8 +274,9 @@ class Link:
 
     def _connect_failed(self, client: paho.Client, userdata: Any) -> None:
         self.last_error = f"cannot reach {self.host}:{self.port}"
-        log.warning("%s", self.last_error)
         self._backoff(client)
+        if self._attempt & (self._attempt - 1) == 0:  # attempts 1, 2, 4, 8…: a quiet journal
+            log.warning("%s (attempt %d; retrying)", self.last_error, self._attempt)
 
     def _disconnected(
         self,
