@@ -11,5 +11,5 @@ def backoff_delay(attempt: int, first_s: float, cap_s: float, low: float = 0.0) 
 
     Jitter keeps devices that lost the same server together from returning together.
     """
-    delay = min(cap_s, first_s * 2.0 ** max(attempt - 1, 0))
+    delay = min(cap_s, first_s * 2.0 ** min(max(attempt - 1, 0), 60))  # no float overflow
     return random.uniform(low, 1.0) * delay

@@ -179,7 +179,6 @@ def cmd_run(config: Config, path: Path) -> int:
     """Run until SIGTERM or SIGINT; the handlers only set an event."""
     import logging
     import signal
-    import threading
 
     from agent.service import Service
 
@@ -191,14 +190,14 @@ def cmd_run(config: Config, path: Path) -> int:
     problems = preflight(config)
     if problems:
         raise ConfigError([f"{path}: {p}" for p in problems])
-    stop = threading.Event()
+    stopping: list[int] = []  # the handler only records the signal (no locks in it)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda signum, frame: stopping.append(signum))
     service = Service(config)
-    service.start()
     try:
-        while not stop.wait(1.0):
-            pass
+        service.start()
+        while not stopping:
+            time.sleep(0.2)
     finally:
         service.stop()
     return 0

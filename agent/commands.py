@@ -67,6 +67,7 @@ class Commands:
         self.refused = 0
         self._queue: queue.Queue[_Request | None] = queue.Queue(_QUEUE)
         self._thread: threading.Thread | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
@@ -74,11 +75,20 @@ class Commands:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Finish the running command (bounded) and drop the queued ones unanswered."""
+        self._stopping = True
         while True:
             try:
-                self._queue.get_nowait()
+                request = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if request is not None:
+                self._answer(
+                    request.name,
+                    request.reply_to,
+                    request.correlation,
+                    request.request_id,
+                    error="agent stopping: not run",
+                )
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
         if self._thread is not None:
@@ -92,6 +102,8 @@ class Commands:
         try:
             args = self._parse(message.payload)
             request_id = args.pop("id", None)
+            if self._stopping:
+                raise CommandError("agent stopping: not run")
             if name not in self.handlers:
                 known = ", ".join(sorted(self.handlers))
                 raise CommandError(f"unknown command {name!r}; known: {known}")
@@ -101,6 +113,11 @@ class Commands:
         except queue.Full:
             self._answer(
                 name, reply_to, message.correlation, request_id, error="busy: too many commands"
+            )
+        except Exception as exc:  # never leave a request unanswered
+            log.exception("command %s could not be taken", name)
+            self._answer(
+                name, reply_to, message.correlation, request_id, error=f"internal error: {exc}"
             )
 
     def _parse(self, payload: bytes) -> dict[str, Any]:
@@ -113,7 +130,7 @@ class Commands:
             return {}
         try:
             doc = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, too deep, huge ints
             raise CommandError(f"payload is not JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise CommandError(f"payload must be a JSON object, not {type(doc).__name__}")
@@ -125,7 +142,7 @@ class Commands:
             if request is None:
                 return
             try:
-                result = self.handlers[request.name](request.args)
+                result = dict(self.handlers[request.name](request.args))
             except EdgeAgentError as exc:
                 self._answer(
                     request.name,
@@ -149,7 +166,7 @@ class Commands:
                     request.reply_to,
                     request.correlation,
                     request.request_id,
-                    result=dict(result),
+                    result=result,
                 )
 
     def _answer(

@@ -75,6 +75,13 @@ class DeviceConfig(_Section):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="Device id used in MQTT topics; defaults to the hostname.",
     )
+
+    @field_validator("id")
+    @classmethod
+    def _not_groups(cls, value: str) -> str:
+        if value == "groups":  # edge/groups/… is where group desired states live
+            raise ValueError("'groups' is reserved for group topics; pick another device id")
+        return value
     groups: list[str] = Field(default_factory=list, description="Fleet groups this device is in.")
 
 

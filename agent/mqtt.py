@@ -16,6 +16,7 @@ import logging
 import os
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from agent.errors import ConfigError
 log = logging.getLogger(__name__)
 
 _UNSUPPORTED_PROTOCOL = 132  # CONNACK "Unsupported protocol version" (paho maps 3.1.1's rc 1)
+_STABLE_S = 10.0  # a connection up this long resets the backoff (not one kicked at once)
+_DISCONNECT_WITH_WILL = 0x04
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class Link:
         *,
         on_connect: Callable[[bool], None],
         on_disconnect: Callable[[], None],
-        on_ack: Callable[[int, bool, str], None],
+        on_ack: Callable[[int, int, str], None],  # mid, reason code, its name if failed
         on_message: Callable[[Incoming], None],
         subscriptions: tuple[str, ...] = (),
         environ: dict[str, str] | None = None,
@@ -125,6 +128,8 @@ class Link:
         self.generation = 0  # bumped when the client is rebuilt: its queue is gone then
         self.last_error = ""
         self._attempt = 0
+        self._up_since = 0.0
+        self.window = config.max_inflight  # lowered to the broker's Receive Maximum
         self._lock = threading.Lock()
         self._stopping = False
         self._client = self._build()
@@ -139,6 +144,7 @@ class Link:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if v5 else False,
         )
+        client.suppress_exceptions = True  # a callback bug is logged, never ends the thread
         client.max_inflight_messages_set(self.config.max_inflight)
         client.max_queued_messages_set(0)
         if self.tls:
@@ -185,11 +191,19 @@ class Link:
         with self._lock:
             self._stopping = True
             client = self._client
+        sent = False
         if final is not None and self.connected.is_set():
             info = client.publish(final[0], final[1], qos=1, retain=True)
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout)  # bounded: it can hang when the broker goes
-        client.disconnect()
+            sent = info.is_published()
+        if final is not None and not sent and self.protocol == "5":
+            # the offline status did not go out: let the broker send the Will instead
+            client.disconnect(
+                reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=_DISCONNECT_WITH_WILL)
+            )
+        else:
+            client.disconnect()
         client.loop_stop()
         self.connected.clear()
 
@@ -239,14 +253,15 @@ class Link:
                 threading.Thread(target=self._downgrade, name="mqtt-downgrade").start()
                 return
             log.error("%s:%d: %s", self.host, self.port, self.last_error)
-            self._backoff(client)
-            return
+            return  # paho calls on_disconnect next, which sets the backoff
         with self._lock:
             if self._stopping:
                 return
-        self._attempt = 0
         self.connects += 1
+        self._up_since = time.monotonic()
         self.last_error = ""
+        receive_max = getattr(properties, "ReceiveMaximum", None) if properties else None
+        self.window = min(self.config.max_inflight, receive_max or 65535)
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
         log.info(
@@ -256,13 +271,13 @@ class Link:
             self.protocol,
             "resumed" if flags.session_present else "new",
         )
+        self._on_connect(flags.session_present)  # before connected: the writer sees both
         self.connected.set()
-        self._on_connect(flags.session_present)
 
     def _downgrade(self) -> None:
         """Rebuild the client for MQTT 3.1.1 (paho's protocol is fixed per client)."""
         with self._lock:
-            if self._stopping:
+            if self._stopping or self.protocol != "5":
                 return
             old = self._client
             old.disconnect()
@@ -288,6 +303,8 @@ class Link:
     ) -> None:
         was = self.connected.is_set()
         self.connected.clear()
+        if was and time.monotonic() - self._up_since > _STABLE_S:
+            self._attempt = 0  # only a connection that lasted resets the backoff
         if was and not self._stopping:
             log.warning("disconnected from %s:%d: %s", self.host, self.port, reason)
             self._on_disconnect()
@@ -307,8 +324,7 @@ class Link:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        failed = reason.is_failure
-        self._on_ack(mid, not failed, str(reason) if failed else "")
+        self._on_ack(mid, reason.value, str(reason) if reason.is_failure else "")
 
     def _message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)

@@ -112,16 +112,21 @@ class Outbox:
         self._db = self._open(path)
         self._seq: dict[str, int] = {}
         for name, value in self._db.execute("SELECT name, value FROM counters"):
-            self._seq[name] = value
-        self._dropped = self._seq.pop("dropped", 0)
+            if name.startswith("seq:"):
+                self._seq[name[4:]] = value
+        row = self._db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+        self._dropped = int(row[0]) if row else 0
         count, size = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages"
         ).fetchone()
         self._depth, self._bytes = int(count), int(size)
         # Row ids are handed out here (one writer), so a batch is one executemany.
         # AUTOINCREMENT's sqlite_sequence keeps them rising even after the table empties.
-        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
-        self._next_rowid = (int(row[0]) if row else 0) + 1
+        row = self._db.execute(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),"
+            " COALESCE((SELECT MAX(rowid) FROM messages), 0))"
+        ).fetchone()
+        self._next_rowid = int(row[0]) + 1
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
@@ -173,32 +178,31 @@ class Outbox:
         """
         acked = list(acked)
         out: list[Message] = []
+        rows = []
         with self._lock:
             seq = dict(self._seq)
+            next_rowid = self._next_rowid
+            for record in records:  # numbered and encoded before the transaction opens
+                n = seq.get(record.stream, 0) + 1
+                try:
+                    payload = envelope(record, n)
+                except (TypeError, ValueError) as exc:  # a body JSON cannot carry: a bug
+                    log.error("%s: cannot encode a %s message: %s", self.path, record.stream, exc)
+                    continue
+                seq[record.stream] = n
+                rowid = 0
+                if record.keep:
+                    rowid, next_rowid = next_rowid, next_rowid + 1
+                    size = len(payload) + len(record.topic) + _OVERHEAD
+                    rows.append((rowid, record.topic, payload, record.qos, record.retain, size))
+                out.append(
+                    Message(
+                        rowid, record.topic, payload, record.qos, record.retain, record.properties
+                    )
+                )
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 freed_n, freed_b = self._delete(acked)
-                rows = []
-                next_rowid = self._next_rowid
-                for record in records:
-                    n = seq.get(record.stream, 0) + 1
-                    seq[record.stream] = n
-                    payload = envelope(record, n)
-                    rowid = 0
-                    if record.keep:
-                        rowid, next_rowid = next_rowid, next_rowid + 1
-                        size = len(payload) + len(record.topic) + _OVERHEAD
-                        rows.append((rowid, record.topic, payload, record.qos, record.retain, size))
-                    out.append(
-                        Message(
-                            rowid,
-                            record.topic,
-                            payload,
-                            record.qos,
-                            record.retain,
-                            record.properties,
-                        )
-                    )
                 self._db.executemany(
                     "INSERT INTO messages (rowid, topic, payload, qos, retain, size) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -207,7 +211,7 @@ class Outbox:
                 added_n, added_b = len(rows), sum(row[-1] for row in rows)
                 self._db.executemany(
                     "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
-                    [(k, v) for k, v in seq.items() if v != self._seq.get(k)],
+                    [(f"seq:{k}", v) for k, v in seq.items() if v != self._seq.get(k)],
                 )
                 depth = self._depth - freed_n + added_n
                 size_now = self._bytes - freed_b + added_b
@@ -218,9 +222,11 @@ class Outbox:
                         (self._dropped + dropped_n,),
                     )
                 self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except BaseException as exc:
                 self._rollback()
-                raise OutboxError(f"{self.path}: outbox write failed: {exc}") from exc
+                if isinstance(exc, sqlite3.Error):
+                    raise OutboxError(f"{self.path}: outbox write failed: {exc}") from exc
+                raise
             self._seq = seq
             self._next_rowid = next_rowid
             self._depth = depth - dropped_n

@@ -11,6 +11,7 @@ validation gate and probation, sd_notify.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -25,7 +26,7 @@ from agent.pipeline import Pipeline
 from agent.registry import Registry
 from agent.runtime.model import LoadedModel, ModelFiles, load_model
 from agent.sources import make_source
-from agent.store import Release, Store
+from agent.store import Pointer, Release, Store
 from agent.sysinfo import SystemProbe
 from agent.telemetry import Telemetry
 from agent.updater import Updater
@@ -67,25 +68,36 @@ class Service:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start telemetry, then serve the active release (pulling one if there is none).
+
+        A model that cannot be loaded is reported (event, state's last_error) and the
+        agent keeps running without inference, reachable by commands.
+        """
         self.telemetry.start()
-        self.telemetry.event("agent_started", {"pid_start": round(time.time(), 3)})
+        self.telemetry.event("agent_started")
         with self._lock:
             release = self.store.active()
             if release is None and self.config.registry.url is not None:
                 release = self._pull(None)
             if release is not None:
-                self._serve(release)
+                with contextlib.suppress(EdgeAgentError):  # reported; commands can fix it
+                    self._serve(release)
             self._publish_state("idle")
         self.commands.start()
 
     def stop(self) -> None:
-        self.commands.stop()
-        with self._lock:
-            if self.pipeline is not None:
-                self.pipeline.stop()
-        self.telemetry.event("agent_stopped")
-        self.telemetry.stop()
-        self.outbox.close()
+        """Stop in reverse order; each step runs even when an earlier one failed."""
+        try:
+            self.commands.stop()
+            with self._lock:
+                if self.pipeline is not None:
+                    self.pipeline.stop()
+        finally:
+            try:
+                self.telemetry.event("agent_stopped")
+                self.telemetry.stop()
+            finally:
+                self.outbox.close()
 
     # -- model changes (under _lock) ------------------------------------------------
 
@@ -98,14 +110,18 @@ class Service:
         )
 
     def _serve(self, release: Release) -> None:
-        """Load ``release`` beside the running model and switch to it (or start)."""
+        """Load ``release`` beside the running model and switch to it (or start).
+
+        Raises the load's ModelError (reported first), or CommandError when the pipeline
+        did not take the model; the running model keeps serving in both cases.
+        """
         try:
             model = self._load(release)
         except EdgeAgentError as exc:
             self.last_error = f"v{release.version}: {exc}"
             log.error("cannot load %s v%d: %s", release.model, release.version, exc)
             self.telemetry.event("model_failed", {"version": release.version, "error": str(exc)})
-            return
+            raise
         if self.pipeline is None:
             cfg, runtime = self.config, self.config.runtime
             self.pipeline = Pipeline(
@@ -122,6 +138,20 @@ class Service:
         elif not self.pipeline.swap(model):
             model.close()
             raise CommandError("the pipeline did not take the new model in time")
+
+    def _serve_or_restore(self, release: Release, before: Pointer | None) -> None:
+        """Serve ``release``; if that fails, make ``before`` active again and re-raise, so
+        the store never points at a release the pipeline is not serving."""
+        try:
+            self._serve(release)
+        except EdgeAgentError:
+            if before is not None and before.version != release.version:
+                previous = self.store.release(before.model, before.version)
+                if previous is not None:
+                    with self.store.lock():
+                        self.store.activate(previous)
+            self._publish_state("idle")
+            raise
 
     def _pull(self, version: int | None, allow_downgrade: bool = False) -> Release | None:
         registry = Registry.from_config(self.config.registry)
@@ -183,7 +213,7 @@ class Service:
             before = self.store.pointer()
             with self.store.lock():
                 release = self.store.rollback(to)
-            self._serve(release)
+            self._serve_or_restore(release, before)
             self.telemetry.event(
                 "rolled_back",
                 {"from": before.version if before else None, "to": release.version},
@@ -202,6 +232,6 @@ class Service:
                 raise CommandError(f"update failed: {self.last_error}")
             changed = before is None or before.version != release.version
             if changed or self.pipeline is None:
-                self._serve(release)
+                self._serve_or_restore(release, before)
             self._publish_state("idle")
         return {"version": release.version, "changed": changed}

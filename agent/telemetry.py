@@ -43,6 +43,10 @@ _BATCH = 1000  # records per outbox transaction, at most
 _TICK_S = 0.5  # the writer wakes at least this often
 _ACK_BATCH = 1000  # acknowledged rows deleted in one commit
 _ACK_WAIT_S = 0.5  # or after this long
+_QUEUE_MAX = 100_000  # records waiting for the writer; beyond, the oldest are dropped
+# PUBACK reasons that will not change on a retry: not authorized, topic name invalid,
+# packet too large, payload format invalid. Other failures (quota, busy) are retried.
+_PERMANENT = {0x87, 0x90, 0x95, 0x99}
 
 
 def now_ts() -> float:
@@ -109,6 +113,7 @@ class _Counters:
     rejected: int = 0  # the broker answered with a failure reason (not authorized, …)
     unsent: int = 0  # QoS 0 messages not sent for lack of a connection
     outbox_errors: int = 0
+    overflow: int = 0  # records lost before the outbox because it kept failing
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -149,7 +154,7 @@ class Telemetry:
         self._acked_rows: list[int] = []  # acknowledged, not yet deleted from the outbox
         self._acked_set: set[int] = set()
         self._acked_since = 0.0
-        self._acks: collections.deque[tuple[int, bool, str]] = collections.deque()
+        self._acks: collections.deque[tuple[int, int, str]] = collections.deque()
         self._wake = threading.Event()
         self._idle = threading.Condition()
         self._stop = threading.Event()
@@ -160,6 +165,8 @@ class Telemetry:
         self._tail = outbox.last_rowid()  # highest outbox row written
         self._fresh: list[Message] = []  # this batch's rows, when the cursor was at the tail
         self._thread: threading.Thread | None = None
+        self._generation = 0  # the Link's client generation the inflight map belongs to
+        self._pause_until = 0.0  # after a deferred message: no sending before this
         self.link: Link | None = None
         if mqtt.url is not None:
             offline = {"schema": 1, "state": "offline", "ts": now_ts(), "reason": "lost"}
@@ -194,6 +201,9 @@ class Telemetry:
         ``keep=False`` ones are sent only if connected when their turn comes.
         """
         doc = {"ts": now_ts(), **body}
+        if len(self._queue) >= _QUEUE_MAX:  # the outbox is failing: keep memory bounded
+            self._queue.popleft()
+            self.counters.overflow += 1
         self._queue.append(
             Record(
                 stream,
@@ -201,7 +211,7 @@ class Telemetry:
                 doc,
                 qos,
                 retain,
-                qos == 1 if keep is None else keep,
+                qos == 1 and (keep is None or keep),
                 properties or {},
             )
         )
@@ -261,6 +271,12 @@ class Telemetry:
             except OutboxError as exc:
                 log.error("%s", exc)
             self.link.stop(final=final)
+            self._settle()  # acknowledgements that came in while stopping
+            if self._acked_rows:
+                try:
+                    self.outbox.write([], self._acked_rows)
+                except OutboxError as exc:
+                    log.error("%s", exc)
 
     def wait_delivered(self, timeout: float) -> bool:
         """Wait until the outbox is empty (everything acknowledged); bounded."""
@@ -273,13 +289,17 @@ class Telemetry:
 
     def depth(self) -> int:
         """Messages recorded and not yet acknowledged."""
-        return self.outbox.stats().depth - len(self._acked_set)
+        return max(0, self.outbox.stats().depth - len(self._acked_set))
 
     def snapshot(self) -> dict[str, Any]:
         """The outbox and connection figures that telemetry carries."""
         link = self.link
         return {
-            "outbox": {**self.outbox.stats().to_dict(), "depth": self.depth()},
+            "outbox": {
+                **self.outbox.stats().to_dict(),
+                "depth": self.depth(),
+                "overflow": self.counters.overflow,
+            },
             "mqtt": {
                 "connected": bool(link and link.connected.is_set()),
                 "protocol": link.protocol if link else None,
@@ -296,8 +316,8 @@ class Telemetry:
         self._reconnected.set()
         self.record("status", {"state": "online"}, retain=True, keep=False)
 
-    def _on_ack(self, mid: int, ok: bool, reason: str) -> None:
-        self._acks.append((mid, ok, reason))
+    def _on_ack(self, mid: int, code: int, reason: str) -> None:
+        self._acks.append((mid, code, reason))
         if not self._wake.is_set():
             self._wake.set()
 
@@ -332,16 +352,22 @@ class Telemetry:
             self._wake.wait(min(_TICK_S, max(next_tick - time.monotonic(), 0.0)))
             self._wake.clear()
             stopping = self._stop.is_set()
-            self._step()
+            try:
+                self._step()
+            except Exception:  # a bug here must not silence the device: log, go on
+                log.exception("telemetry writer step failed")
+                self._busy = False
+                time.sleep(0.5)
             if stopping and not self._queue:
                 break
 
     def _step(self) -> None:
         """One batch: settle acks, record queued messages, send what the window allows."""
         link = self.link
-        if self._reconnected.is_set():
+        generation = link.generation if link else 0
+        if self._reconnected.is_set() or generation != self._generation:
             self._reconnected.clear()
-            generation = link.generation if link else 0
+            self._generation = generation
             for mid, (rowid, gen) in list(self._inflight.items()):
                 if gen != generation:  # that paho client and its queue are gone
                     del self._inflight[mid]
@@ -365,7 +391,7 @@ class Telemetry:
                 log.error("%s; retrying", exc)
                 self._queue.extendleft(reversed(batch))
                 self._busy = False
-                self._stop.wait(1.0)
+                time.sleep(1.0)
                 return
             self._acked_rows.clear()
             self._acked_set.clear()
@@ -384,21 +410,27 @@ class Telemetry:
         with self._idle:
             self._busy = False
             self._idle.notify_all()
-        if link is not None and link.connected.is_set():
+        if link is not None and link.connected.is_set() and time.monotonic() >= self._pause_until:
             self._fill_window(link)
         self._fresh.clear()
 
     def _settle(self) -> None:
         """Turn paho's acknowledgements into outbox rows to delete."""
         while self._acks:
-            mid, ok, reason = self._acks.popleft()
+            mid, code, reason = self._acks.popleft()
             entry = self._inflight.pop(mid, None)
             if entry is None:
                 continue
             rowid = entry[0]
             self._inflight_rows.discard(rowid)
+            if code >= 0x80 and code not in _PERMANENT:  # quota, busy, …: send it again later
+                log.warning("broker deferred message %d: %s; retrying in 1 s", rowid, reason)
+                if rowid:
+                    self._cursor = min(self._cursor, rowid - 1)
+                self._pause_until = time.monotonic() + 1.0
+                continue
             self.counters.acked += 1
-            if not ok:
+            if code >= 0x80:
                 self.counters.rejected += 1
                 log.warning("broker refused message %d: %s; not retried", rowid, reason)
             if rowid:
@@ -425,7 +457,7 @@ class Telemetry:
 
     def _fill_window(self, link: Link) -> None:
         """Hand paho the oldest outbox messages not yet handed over, up to the window."""
-        room = self.max_inflight - len(self._inflight)
+        room = min(self.max_inflight, link.window) - len(self._inflight)
         while room > 0:
             if self._fresh and self._fresh[0].rowid == self._cursor + 1:
                 rows, self._fresh = self._fresh[:room], self._fresh[room:]
@@ -444,6 +476,9 @@ class Telemetry:
                 if mid is None:
                     return  # the connection just went; the reconnect replays from the start
                 self._cursor = message.rowid
+                old = self._inflight.get(mid)
+                if old is not None:  # a mid paho reused: that message's fate is unknown
+                    self._inflight_rows.discard(old[0])
                 self._inflight[mid] = (message.rowid, link.generation)
                 self._inflight_rows.add(message.rowid)
                 self.counters.sent += 1

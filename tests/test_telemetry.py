@@ -17,7 +17,7 @@ from paho.mqtt.properties import Properties
 from agent.commands import CommandError, Commands
 from agent.config import MqttConfig, ResultsConfig
 from agent.errors import ConfigError
-from agent.mqtt import read_password
+from agent.mqtt import Incoming, read_password
 from agent.outbox import Outbox
 from agent.pipeline import Result
 from agent.runtime.adapters import Detection, Output
@@ -374,3 +374,23 @@ def test_a_broker_without_mqtt5_gets_mqtt_3_1_1(tmp_path: Path, broker: Mosquitt
         telemetry.stop()
         watcher.close()
         proxy.close()
+
+
+def test_json_that_breaks_the_parser_still_gets_one_error_reply() -> None:
+    replies: list[dict[str, Any]] = []
+    commands = Commands(
+        {"ping": lambda args: {"pong": True}},
+        lambda topic, body, corr: replies.append(dict(body)),
+        reply_topic="edge/d/reply",
+        max_bytes=100_000,
+    )
+    for payload in (b"[" * 50_000, b'{"n": ' + b"9" * 5000 + b"}"):
+        commands.submit(Incoming("edge/d/cmd/ping", payload, None, None))
+    assert [r["ok"] for r in replies] == [False, False]
+    assert all(r["error"].startswith("payload is not JSON") for r in replies)
+
+
+def test_backoff_survives_any_number_of_attempts() -> None:
+    from agent.backoff import backoff_delay
+
+    assert 0.5 * 60 <= backoff_delay(100_000, 0.5, 60, low=0.5) <= 60
