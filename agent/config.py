@@ -82,6 +82,7 @@ class DeviceConfig(_Section):
         if value == "groups":  # edge/groups/… is where group desired states live
             raise ValueError("'groups' is reserved for group topics; pick another device id")
         return value
+
     groups: list[str] = Field(default_factory=list, description="Fleet groups this device is in.")
 
 
