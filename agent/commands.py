@@ -63,8 +63,6 @@ class Commands:
         self.reply = reply
         self.reply_topic = reply_topic
         self.max_bytes = max_bytes
-        self.handled = 0
-        self.refused = 0
         self._queue: queue.Queue[_Request | None] = queue.Queue(_QUEUE)
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -182,10 +180,8 @@ class Commands:
         body: dict[str, Any] = {"command": name, "ok": error is None}
         if error is None:
             body["result"] = result or {}
-            self.handled += 1
         else:
             body["error"] = error
-            self.refused += 1
             log.warning("command %s refused: %s", name, error)
         if request_id is not None:
             body["request_id"] = request_id

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from paho.mqtt.client import topic_matches_sub
@@ -114,7 +114,6 @@ class _Counters:
     unsent: int = 0  # QoS 0 messages not sent for lack of a connection
     outbox_errors: int = 0
     overflow: int = 0  # records lost before the outbox because it kept failing
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Telemetry:
