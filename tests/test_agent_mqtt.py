@@ -66,6 +66,8 @@ def _outbox_rows(path: Path) -> list[tuple[str, int]]:
     db = sqlite3.connect(path)
     try:
         rows = db.execute("SELECT topic, payload FROM messages ORDER BY rowid").fetchall()
+    except sqlite3.OperationalError:  # the agent has created the file, not yet the tables
+        rows = []
     finally:
         db.close()
     return [(topic, json.loads(payload)["seq"]) for topic, payload in rows]
@@ -75,6 +77,8 @@ def _outbox_counter(path: Path, name: str) -> int:
     db = sqlite3.connect(path)
     try:
         row = db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+    except sqlite3.OperationalError:  # the agent has created the file, not yet the tables
+        row = None
     finally:
         db.close()
     return int(row[0]) if row else 0
