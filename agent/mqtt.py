@@ -71,7 +71,7 @@ def read_password(config: MqttConfig, environ: dict[str, str] | None = None) -> 
         if not folder:
             raise ConfigError(
                 [
-                    f"mqtt.password_credential: ${'CREDENTIALS_DIRECTORY'} is not set; load the "
+                    "mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set; load the "
                     f"credential in the unit (LoadCredential={config.password_credential}:PATH)"
                 ]
             )

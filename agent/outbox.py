@@ -279,11 +279,6 @@ class Outbox:
             ).fetchall()
         return [Message(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows]
 
-    def last_rowid(self) -> int:
-        """The row id of the newest message ever kept (0 for a new outbox)."""
-        with self._lock:
-            return self._next_rowid - 1
-
     def stats(self) -> OutboxStats:
         with self._lock:
             return OutboxStats(self._depth, self._bytes, self._dropped)

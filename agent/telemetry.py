@@ -64,10 +64,6 @@ class Topics:
     def __call__(self, name: str) -> str:
         return f"{self.base}/{name}"
 
-    @property
-    def commands(self) -> str:
-        return f"{self.base}/cmd/+"
-
 
 def _signature(output: Output) -> tuple[Any, ...]:
     """What must differ for on_change to publish: labels found, or values to 2 decimals."""
@@ -161,8 +157,6 @@ class Telemetry:
         self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (rowid or 0, generation)
         self._inflight_rows: set[int] = set()
         self._cursor = 0  # highest outbox row handed to paho on this connection
-        self._tail = outbox.last_rowid()  # highest outbox row written
-        self._fresh: list[Message] = []  # this batch's rows, when the cursor was at the tail
         self._thread: threading.Thread | None = None
         self._generation = 0  # the Link's client generation the inflight map belongs to
         self._pause_until = 0.0  # after a deferred message: no sending before this
@@ -277,15 +271,6 @@ class Telemetry:
                 except OutboxError as exc:
                     log.error("%s", exc)
 
-    def wait_delivered(self, timeout: float) -> bool:
-        """Wait until the outbox is empty (everything acknowledged); bounded."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._queue and self.depth() == 0:
-                return True
-            time.sleep(0.02)
-        return False
-
     def depth(self) -> int:
         """Messages recorded and not yet acknowledged."""
         return max(0, self.outbox.stats().depth - len(self._acked_set))
@@ -396,22 +381,14 @@ class Telemetry:
             self._acked_set.clear()
             if dropped:
                 log.warning("outbox full: dropped the %d oldest messages", dropped)
-            fresh = []
             for message in messages:
                 if message.rowid == 0:
                     self._send_direct(message)
-                else:
-                    fresh.append(message)
-            if fresh:
-                if self._cursor == self._tail:  # caught up: send from memory, not the file
-                    self._fresh.extend(fresh)
-                self._tail = fresh[-1].rowid
         with self._idle:
             self._busy = False
             self._idle.notify_all()
         if link is not None and link.connected.is_set() and time.monotonic() >= self._pause_until:
             self._fill_window(link)
-        self._fresh.clear()
 
     def _settle(self) -> None:
         """Turn paho's acknowledgements into outbox rows to delete."""
@@ -458,12 +435,8 @@ class Telemetry:
         """Hand paho the oldest outbox messages not yet handed over, up to the window."""
         room = min(self.max_inflight, link.window) - len(self._inflight)
         while room > 0:
-            if self._fresh and self._fresh[0].rowid == self._cursor + 1:
-                rows, self._fresh = self._fresh[:room], self._fresh[room:]
-            else:
-                rows = self.outbox.pending(self._cursor, room)
+            rows = self.outbox.pending(self._cursor, room)
             if not rows:
-                self._cursor = max(self._cursor, self._tail)  # all sent, or acked
                 return
             for message in rows:
                 if message.rowid in self._inflight_rows or message.rowid in self._acked_set:
