@@ -10,6 +10,8 @@ Callers branch on the family, not on the message:
 - ``RefusedError``: the release is well-formed but policy forbids it (downgrade,
   same version with other bytes, another model); never retried.
 - ``StoreError``: the local store cannot take the release (disk full, busy, corrupt).
+- ``ValidationError``: the release fails its on-device self-test or latency budget;
+  never retried (the version is marked bad on this device).
 - ``ModelError``: a model cannot be loaded or run here (no runtime, compiled for a TPU
   that is absent, corrupt file); ``AcceleratorError`` when the Edge TPU is the cause.
 - ``SourceError`` (``agent.sources``): the stream is lost; the pipeline reconnects.
@@ -52,6 +54,10 @@ class RefusedError(UpdateError):
 
 class StoreError(UpdateError):
     """The local model store cannot complete the operation (no space, busy, damaged)."""
+
+
+class ValidationError(UpdateError):
+    """The release failed its self-test or latency budget on this device. Not retried."""
 
 
 class ModelError(EdgeAgentError):
