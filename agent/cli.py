@@ -176,31 +176,17 @@ def _emit(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
 
 
 def cmd_run(config: Config, path: Path) -> int:
-    """Run until SIGTERM or SIGINT; the handlers only set an event."""
+    """The daemon (agent.service.run): until SIGTERM or SIGINT; SIGHUP reloads."""
     import logging
-    import signal
 
-    from agent.service import Service
+    from agent.service import run
 
     logging.basicConfig(
         level=os.environ.get("EDGE_AGENT_LOG", "INFO").upper(),
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    problems = preflight(config)
-    if problems:
-        raise ConfigError([f"{path}: {p}" for p in problems])
-    stopping: list[int] = []  # the handler only records the signal (no locks in it)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, frame: stopping.append(signum))
-    service = Service(config)
-    try:
-        service.start()
-        while not stopping:
-            time.sleep(0.2)
-    finally:
-        service.stop()
-    return 0
+    return run(config, path)
 
 
 def cmd_check_config(config: Config, path: Path, as_json: bool) -> int:

@@ -369,6 +369,47 @@ class TelemetryConfig(_Section):
     outbox_max_mb: float = Field(default=64, gt=0, description="Outbox size cap, in MB.")
 
 
+class UpdateConfig(_Section):
+    probation_s: float = Field(
+        default=120,
+        ge=0,
+        description="Seconds a new release is watched after activation; 0 turns probation off.",
+    )
+    probation_max_error_rate: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="Share of frames failing during probation that rolls the release back.",
+    )
+    probation_min_errors: int = Field(
+        default=5, ge=1, description="Failed frames needed before the error rate counts."
+    )
+    crash_loop_restarts: int = Field(
+        default=3,
+        ge=1,
+        description="Agent restarts during probation that roll the release back.",
+    )
+    validate_timeout_s: float = Field(
+        default=120, gt=0, description="Deadline of loading, self-test and budget together."
+    )
+    activate_timeout_s: float = Field(
+        default=30, gt=0, description="Deadline for the pipeline to take the new model."
+    )
+    budget_runs: int = Field(
+        default=50, ge=5, le=100_000, description="Timed inferences for the latency budget."
+    )
+    poll_jitter: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="Each poll waits poll_interval_s times a random 1 +- this, so a fleet "
+        "does not poll in step.",
+    )
+    retry_max_s: float = Field(
+        default=300, gt=0, description="Longest wait before retrying a failed download."
+    )
+
+
 class Config(_Section):
     device: DeviceConfig = Field(default_factory=DeviceConfig, description="This device.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registry.")
@@ -384,6 +425,9 @@ class Config(_Section):
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker.")
     telemetry: TelemetryConfig = Field(
         default_factory=TelemetryConfig, description="Telemetry and outbox."
+    )
+    update: UpdateConfig = Field(
+        default_factory=UpdateConfig, description="Update gate, probation and polling."
     )
 
     @model_validator(mode="after")

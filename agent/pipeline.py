@@ -271,6 +271,18 @@ class Pipeline:
                 and self._model is model
             )
 
+    def withdraw(self, model: LoadedModel) -> bool:
+        """Take back ``model`` handed to swap() and not yet serving (then closed).
+
+        Returns False when it is serving already: the swap happened after all.
+        """
+        with self._swapped:
+            if self._pending is not model:
+                return self._model is not model
+            self._pending = None
+        model.close()
+        return True
+
     def stats(self) -> Stats:
         import numpy as np
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import socket
 import threading
@@ -60,10 +61,22 @@ class _Response:
     body: _Body
     start: int  # offset of the body's first byte in the file
     length: int | None  # bytes the body declares, when it does
+    etag: str | None = None  # the validator to send as If-None-Match next time
+    not_modified: bool = False  # the file still has the ETag asked about; no body
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A conditional fetch: ``data`` None means unchanged since ``etag``."""
+
+    data: bytes | None
+    etag: str | None
 
 
 class _Transport(Protocol):
-    def open(self, relpath: str, offset: int, deadline: float) -> _Response: ...
+    def open(
+        self, relpath: str, offset: int, deadline: float, etag: str | None = None
+    ) -> _Response: ...
 
     def close(self) -> None: ...
 
@@ -74,7 +87,9 @@ class _FileTransport:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def open(self, relpath: str, offset: int, deadline: float) -> _Response:
+    def open(
+        self, relpath: str, offset: int, deadline: float, etag: str | None = None
+    ) -> _Response:
         path = self.root / relpath
         try:
             f = open(path, "rb")  # noqa: SIM115 - the caller closes the response body
@@ -82,10 +97,14 @@ class _FileTransport:
             raise NotFoundError(f"{path}: not found in the registry") from exc
         except OSError as exc:
             raise TransportError(f"{path}: cannot read: {exc.strerror}") from exc
-        size = os.fstat(f.fileno()).st_size
-        start = min(offset, size)
+        stat = os.fstat(f.fileno())
+        tag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'  # as a web server makes one
+        if etag is not None and etag == tag and not offset:
+            f.close()
+            return _Response(io.BytesIO(), 0, 0, tag, not_modified=True)
+        start = min(offset, stat.st_size)
         f.seek(start)
-        return _Response(f, start, size - start)
+        return _Response(f, start, stat.st_size - start, tag)
 
     def close(self) -> None:
         pass
@@ -177,11 +196,15 @@ class _HttpTransport:
         parts = urllib.parse.urlsplit(url)
         return parts.scheme, (parts.hostname or "").lower(), parts.port
 
-    def open(self, relpath: str, offset: int, deadline: float) -> _Response:
+    def open(
+        self, relpath: str, offset: int, deadline: float, etag: str | None = None
+    ) -> _Response:
         url = self.base + urllib.parse.quote(relpath)
         headers = {"User-Agent": f"edge-agent/{__version__}", "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
+        elif etag is not None:
+            headers["If-None-Match"] = etag
         for _ in range(MAX_REDIRECTS + 1):
             timeout = min(self.timeout_s, deadline - time.monotonic())
             if timeout <= 0:
@@ -219,6 +242,10 @@ class _HttpTransport:
     @staticmethod
     def _accept(url: str, resp: urllib3.BaseHTTPResponse, offset: int) -> _Response:
         status = resp.status
+        etag = resp.headers.get("ETag")
+        if status == 304:
+            resp.close()
+            return _Response(io.BytesIO(), 0, 0, etag, not_modified=True)
         if status in (200, 206):
             declared = resp.headers.get("Content-Length")
             length = (
@@ -232,7 +259,7 @@ class _HttpTransport:
                 except (IndexError, ValueError):
                     resp.close()  # unread body: never hand the connection back
                     raise TransportError(f"{url}: bad Content-Range {content_range!r}") from None
-            return _Response(resp, start, length)
+            return _Response(resp, start, length, etag)
         resp.close()  # unread body: never hand the connection back
         if status in (404, 410):
             raise NotFoundError(f"{url}: not found (HTTP {status})")
@@ -346,11 +373,26 @@ class Registry:
         VerificationError when it is longer than ``max_bytes``, TransportError when
         retries are spent, RegistryError for other refusals.
         """
+        try:
+            return self.fetch_if_changed(relpath, max_bytes, None).data
+        except NotFoundError:
+            if optional:
+                return None
+            raise
+
+    def fetch_if_changed(self, relpath: str, max_bytes: int, etag: str | None) -> Fetched:
+        """Fetch a small document unless it still has ``etag`` (HTTP If-None-Match).
+
+        Polling a registry every few minutes from many devices then costs a 304 and no
+        body while nothing changed. Raises as fetch_document (NotFoundError included).
+        """
         deadline = time.monotonic() + self.deadline_s
 
-        def once() -> bytes:
-            resp = self.transport.open(relpath, 0, deadline)
+        def once() -> Fetched:
+            resp = self.transport.open(relpath, 0, deadline, etag)
             try:
+                if resp.not_modified:
+                    return Fetched(None, resp.etag or etag)
                 if resp.length is not None and resp.length > max_bytes:
                     raise VerificationError(
                         f"{relpath}: {resp.length} bytes, over the limit of {max_bytes}"
@@ -366,16 +408,11 @@ class Registry:
                     raise TransportError(
                         f"{relpath}: truncated at {len(data)} of {resp.length} bytes"
                     )
-                return bytes(data)
+                return Fetched(bytes(data), resp.etag)
             finally:
                 resp.body.close()
 
-        try:
-            return self._retrying(relpath, deadline, once)
-        except NotFoundError:
-            if optional:
-                return None
-            raise
+        return self._retrying(relpath, deadline, once)
 
     def download(
         self, relpath: str, part: Path, size: int, progress: Progress | None = None

@@ -1,37 +1,51 @@
-"""The running agent: wires store, model, source, pipeline, telemetry and commands.
+"""The running agent: lifecycle, wiring, sd_notify and signals.
 
-Start order: outbox and telemetry first (so every later step can be reported), then the
-active model and the stream, then commands. Stop runs in reverse. The service holds no
-logic of its own beyond that wiring and the three commands (``ping``, ``rollback``,
-``check-updates``); each part reports through telemetry.
+``Service`` builds the parts from a validated config and starts them in order: outbox
+and telemetry first (so every later step can be reported), then the journal's
+recovery (``Updates.recover``: a release the agent crash-loops under is rolled back
+before it is loaded), the active release and the stream, the update worker, and
+commands. ``stop()`` runs in reverse. The service holds no update logic: that is
+``agent.updates``; it only lends the updater its ``load`` and ``swap``.
 
-Not here yet (the daemon issue): desired state from MQTT, registry polling, the
-validation gate and probation, sd_notify.
+``run()`` is the daemon's main loop (``edge-agent run``): READY=1 once the config,
+the model and the source are up; WATCHDOG=1 only while frames are being processed
+(or while there is honestly nothing to process: no release yet, a source
+reconnecting); STATUS= a one-line summary; SIGHUP reloads the config; SIGTERM stops.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
+import signal
 import threading
 import time
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from agent.commands import CommandError, Commands
-from agent.config import Config
-from agent.errors import EdgeAgentError
+from agent.commands import Commands
+from agent.config import Config, load_config, preflight
+from agent.desired import desired_topics
+from agent.errors import ConfigError, EdgeAgentError, ModelError
 from agent.oneshot import reloader
 from agent.outbox import Outbox
-from agent.pipeline import Pipeline
-from agent.registry import Registry
+from agent.pipeline import Pipeline, Stats
 from agent.runtime.model import LoadedModel, ModelFiles, load_model
 from agent.sources import make_source
-from agent.store import Pointer, Release, Store
+from agent.store import Release, Store
 from agent.sysinfo import SystemProbe
-from agent.telemetry import Telemetry
-from agent.updater import Updater
+from agent.telemetry import Telemetry, Topics
+from agent.updates import Updates
+
+if TYPE_CHECKING:
+    from agent.mqtt import Incoming
 
 log = logging.getLogger(__name__)
+
+SOURCE_WAIT_S = 10.0  # at start, how long READY waits for the first frame
+STALL_S = 20.0  # no frame processed for this long (source up): no WATCHDOG=1
 
 
 class Service:
@@ -44,12 +58,24 @@ class Service:
         self.started = time.monotonic()
         self.store = Store(config.store.dir, config.store.keep).open()
         self.outbox = Outbox(config.telemetry.outbox, int(config.telemetry.outbox_max_mb * 1e6))
+        topics = Topics(config.mqtt.topic_prefix, config.device.id)
         self.commands = Commands(
-            {"ping": self.ping, "rollback": self.rollback, "check-updates": self.check_updates},
+            {"ping": self.ping, "rollback": self._rollback, "check-updates": self._check},
             self._reply,
-            reply_topic=f"{config.mqtt.topic_prefix}/{config.device.id}/reply",
+            reply_topic=topics("reply"),
             max_bytes=config.mqtt.command_max_bytes,
         )
+        self.pipeline: Pipeline | None = None
+        self._pipeline_lock = threading.Lock()
+        handlers: dict[str, Callable[[Incoming], None]] = {
+            topics("cmd/+"): self.commands.submit,
+            **{
+                topic: self._on_desired
+                for topic in desired_topics(
+                    config.mqtt.topic_prefix, config.device.id, list(config.device.groups)
+                )
+            },
+        }
         self.telemetry = Telemetry(
             config.device.id,
             self.outbox,
@@ -58,38 +84,55 @@ class Service:
             interval_s=config.telemetry.interval_s,
             probe=SystemProbe(config.store.dir),
             stats=self._stats,
-            handlers={"cmd/+": self.commands.submit},
+            handlers=handlers,
             environ=environ,
         )
-        self.pipeline: Pipeline | None = None
-        self.last_error = ""
-        self._lock = threading.Lock()  # one model change at a time
+        link = self.telemetry.link
+        self.updates = Updates(
+            config,
+            self.store,
+            self,
+            self.telemetry,
+            self._validate,
+            connected=(lambda: link.connected.is_set()) if link is not None else None,
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start telemetry, then serve the active release (pulling one if there is none).
+        """Start telemetry, settle the journal, serve the active release, start updates.
 
-        A model that cannot be loaded is reported (event, state's last_error) and the
-        agent keeps running without inference, reachable by commands.
+        A release that cannot be loaded is reported (event, state's last_error) and the
+        agent keeps running without inference, reachable by commands and updates.
         """
         self.telemetry.start()
-        self.telemetry.event("agent_started")
-        with self._lock:
+        self.telemetry.event("agent_started", {"pid": os.getpid()})
+        self.updates.recover()
+        try:
             release = self.store.active()
-            if release is None and self.config.registry.url is not None:
-                release = self._pull(None)
-            if release is not None:
-                with contextlib.suppress(EdgeAgentError):  # reported; commands can fix it
-                    self._serve(release)
-            self._publish_state("idle")
+        except EdgeAgentError as exc:
+            log.error("%s", exc)
+            self.updates.last_error = str(exc)
+            release = None
+        if release is not None:
+            try:
+                self._swap_in(self.load(release), self.config.update.activate_timeout_s)
+            except EdgeAgentError as exc:
+                log.error("cannot serve %s v%d: %s", release.model, release.version, exc)
+                self.updates.last_error = f"v{release.version}: {exc}"
+                self.telemetry.event(
+                    "model_failed", {"version": release.version, "error": str(exc)}
+                )
+        self.updates.publish_state()
+        self.updates.start()
         self.commands.start()
 
     def stop(self) -> None:
         """Stop in reverse order; each step runs even when an earlier one failed."""
         try:
             self.commands.stop()
-            with self._lock:
+            self.updates.stop()
+            with self._pipeline_lock:
                 if self.pipeline is not None:
                     self.pipeline.stop()
         finally:
@@ -99,9 +142,35 @@ class Service:
             finally:
                 self.outbox.close()
 
-    # -- model changes (under _lock) ------------------------------------------------
+    def ready(self) -> bool:
+        """Config, model and source are up; or there is no release to serve yet."""
+        stats = self._pipeline_stats()
+        if stats is None:
+            return self.store.pointer() is None or bool(self.updates.last_error)
+        return stats.source_connected and stats.results > 0
 
-    def _load(self, release: Release) -> LoadedModel:
+    def status_line(self) -> str:
+        """One line for systemctl status (STATUS=)."""
+        stats = self._pipeline_stats()
+        update = self.updates.status_line()
+        if stats is None:
+            line = "no model serving" + (
+                f": {self.updates.last_error}" if self.updates.last_error else ""
+            )
+        else:
+            source = "" if stats.source_connected else ", source reconnecting"
+            line = (
+                f"{stats.model} v{stats.version} on {stats.backend}: {stats.fps:.1f} fps, "
+                f"p95 {stats.latency_ms_p95:.1f} ms{source}"
+            )
+        mqtt = self.telemetry.link
+        if mqtt is not None and not mqtt.connected.is_set():
+            line += f"; broker unreachable, {self.telemetry.depth()} queued"
+        return f"{line}; {update}" if update else line
+
+    # -- Serving, for the updater ---------------------------------------------------
+
+    def load(self, release: Release) -> LoadedModel:
         return load_model(
             ModelFiles.from_release(release),
             self.config.runtime,
@@ -109,88 +178,53 @@ class Service:
             self.config.results.min_score,
         )
 
-    def _serve(self, release: Release) -> None:
-        """Load ``release`` beside the running model and switch to it (or start).
+    def swap(self, model: LoadedModel, timeout: float) -> None:
+        self._swap_in(model, timeout)
 
-        Raises the load's ModelError (reported first), or CommandError when the pipeline
-        did not take the model; the running model keeps serving in both cases.
-        """
-        try:
-            model = self._load(release)
-        except EdgeAgentError as exc:
-            self.last_error = f"v{release.version}: {exc}"
-            log.error("cannot load %s v%d: %s", release.model, release.version, exc)
-            self.telemetry.event("model_failed", {"version": release.version, "error": str(exc)})
-            raise
-        if self.pipeline is None:
-            cfg, runtime = self.config, self.config.runtime
-            self.pipeline = Pipeline(
-                make_source(cfg.source),
-                model,
-                on_result=self.telemetry.result,
-                on_event=self.telemetry.event,
-                fps=cfg.source.fps,
-                reconnect_max_s=cfg.source.reconnect_max_s,
-                invoke_timeout_s=runtime.invoke_timeout_ms / 1000.0,
-                reload=reloader(runtime, cfg.results.top_k, cfg.results.min_score),
-            )
-            self.pipeline.start()
-        elif not self.pipeline.swap(model):
-            model.close()
-            raise CommandError("the pipeline did not take the new model in time")
+    def stats(self) -> Stats | None:
+        return self._pipeline_stats()
 
-    def _serve_or_restore(self, release: Release, before: Pointer | None) -> None:
-        """Serve ``release``; if that fails, make ``before`` active again and re-raise, so
-        the store never points at a release the pipeline is not serving."""
-        try:
-            self._serve(release)
-        except EdgeAgentError:
-            if before is not None and before.version != release.version:
-                previous = self.store.release(before.model, before.version)
-                if previous is not None:
-                    with self.store.lock():
-                        self.store.activate(previous)
-            self._publish_state("idle")
-            raise
+    def _swap_in(self, model: LoadedModel, timeout: float) -> None:
+        with self._pipeline_lock:
+            if self.pipeline is None:
+                cfg, runtime = self.config, self.config.runtime
+                self.pipeline = Pipeline(
+                    make_source(cfg.source),
+                    model,
+                    on_result=self.telemetry.result,
+                    on_event=self.telemetry.event,
+                    fps=cfg.source.fps,
+                    reconnect_max_s=cfg.source.reconnect_max_s,
+                    invoke_timeout_s=runtime.invoke_timeout_ms / 1000.0,
+                    reload=reloader(runtime, cfg.results.top_k, cfg.results.min_score),
+                )
+                self.pipeline.start()
+                return
+            pipeline = self.pipeline
+        if not pipeline.swap(model, timeout) and pipeline.withdraw(model):
+            raise ModelError(f"the pipeline did not take the new model within {timeout:g} s")
 
-    def _pull(self, version: int | None, allow_downgrade: bool = False) -> Release | None:
-        registry = Registry.from_config(self.config.registry)
-        try:
-            result = Updater(self.config, self.store, registry).pull(
-                version, allow_downgrade=allow_downgrade
-            )
-        except EdgeAgentError as exc:
-            self.last_error = str(exc)
-            log.error("update failed: %s", exc)
-            self.telemetry.event("update_failed", {"error": str(exc)})
-            return None
-        finally:
-            registry.close()
-        if result.changed:
-            self.telemetry.event("update_succeeded", {"version": result.release.version})
-        return result.release
+    def _pipeline_stats(self) -> Stats | None:
+        pipeline = self.pipeline
+        return pipeline.stats() if pipeline else None
 
-    def _publish_state(self, phase: str) -> None:
-        pointer = self.store.pointer()
-        stats = self.pipeline.stats() if self.pipeline else None
-        self.telemetry.state(
-            {
-                "model": pointer.model if pointer else self.config.model.name,
-                "version": pointer.version if pointer else None,
-                "sha256": pointer.manifest_sha256 if pointer else None,
-                "backend": stats.backend if stats else None,
-                "serving": stats.version if stats else None,
-                "previous": pointer.previous if pointer else None,
-                "phase": phase,
-                "last_error": self.last_error or None,
-            }
+    def _validate(self, release: Release, model: LoadedModel) -> Mapping[str, Any]:
+        from agent.validate import validate
+
+        cfg = self.config.update
+        report = validate(
+            release, model, budget_runs=cfg.budget_runs, deadline_s=cfg.validate_timeout_s
         )
+        return report.to_dict()
 
     def _stats(self) -> dict[str, Any] | None:
-        pipeline = self.pipeline
-        return pipeline.stats().to_dict() if pipeline else None
+        stats = self._pipeline_stats()
+        return stats.to_dict() if stats else None
 
-    # -- commands (the commands thread) ------------------------------------------------
+    # -- MQTT and commands --------------------------------------------------------------
+
+    def _on_desired(self, message: Incoming) -> None:
+        self.updates.on_desired(message)
 
     def _reply(self, topic: str, body: Any, correlation: bytes | None) -> None:
         self.telemetry.reply(topic, body, correlation)
@@ -202,36 +236,157 @@ class Service:
             "uptime_s": round(time.monotonic() - self.started, 1),
             "model": pointer.model if pointer else None,
             "version": pointer.version if pointer else None,
+            "phase": self.updates.phase(),
         }
 
-    def rollback(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Go back to the previous stored release (or ``{"version": N}``) and serve it."""
+    def _rollback(self, args: dict[str, Any]) -> dict[str, Any]:
+        from agent.commands import CommandError
+
         to = args.get("version")
         if to is not None and (not isinstance(to, int) or isinstance(to, bool) or to < 1):
             raise CommandError("version: must be a positive integer")
-        with self._lock:
-            before = self.store.pointer()
-            with self.store.lock():
-                release = self.store.rollback(to)
-            self._serve_or_restore(release, before)
-            self.telemetry.event(
-                "rolled_back",
-                {"from": before.version if before else None, "to": release.version},
-            )
-            self._publish_state("idle")
-        return {"version": release.version, "from": before.version if before else None}
+        return self.updates.rollback(to)
 
-    def check_updates(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Pull the configured channel's release now, and serve it when it changed."""
-        if self.config.registry.url is None:
-            raise CommandError("registry.url is not set: there is nothing to check")
-        with self._lock:
-            before = self.store.pointer()
-            release = self._pull(None)
-            if release is None:
-                raise CommandError(f"update failed: {self.last_error}")
-            changed = before is None or before.version != release.version
-            if changed or self.pipeline is None:
-                self._serve_or_restore(release, before)
-            self._publish_state("idle")
-        return {"version": release.version, "changed": changed}
+    def _check(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.updates.check_now()
+
+
+# -- the daemon's main loop ------------------------------------------------------------
+
+
+@dataclass
+class _Signals:
+    """What the handlers saw; they only append (no locks, no I/O in a handler)."""
+
+    received: list[int]
+
+    def take(self) -> list[int]:
+        taken, self.received[:] = list(self.received), []
+        return taken
+
+
+class _Notifier:
+    """sd_notify through the ``sdnotify`` library; silent when not run by systemd."""
+
+    def __init__(self) -> None:
+        import sdnotify
+
+        self._notifier = sdnotify.SystemdNotifier()
+        self._last_status = ""
+
+    def send(self, *lines: str) -> None:
+        self._notifier.notify("\n".join(lines))
+
+    def status(self, line: str) -> None:
+        if line != self._last_status:
+            self._last_status = line
+            self.send(f"STATUS={line}")
+
+
+def _watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec (from WATCHDOG_USEC), or None when it is off."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+class _Progress:
+    """Proves the pipeline moves: results advance, or there is nothing it could do."""
+
+    def __init__(self) -> None:
+        self.results = -1
+        self.moved_at = time.monotonic()
+
+    def alive(self, stats: Stats | None) -> bool:
+        now = time.monotonic()
+        if stats is None or not stats.source_connected:
+            self.moved_at = now  # no model yet, or a source reconnecting: the loop is alive
+            return True
+        if stats.results != self.results:
+            self.results, self.moved_at = stats.results, now
+        return now - self.moved_at < STALL_S
+
+
+def run(config: Config, path: Path) -> int:
+    """``edge-agent run``: serve until SIGTERM/SIGINT; SIGHUP reloads the config.
+
+    Returns the exit code: 0 after a signal, 1 when an update got stuck past its
+    deadline (systemd restarts the agent, and the journal ends that update).
+    """
+    problems = preflight(config)
+    if problems:
+        raise ConfigError([f"{path}: {p}" for p in problems])
+    signals = _Signals([])
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: signals.received.append(signum))
+    notify = _Notifier()
+    interval = _watchdog_interval()
+    service = Service(config)
+    code = 0
+    try:
+        notify.status("starting")
+        service.start()
+        _wait_ready(service, signals)
+        notify.send("READY=1", f"STATUS={service.status_line()}")
+        log.info("ready: %s", service.status_line())
+        progress = _Progress()
+        next_beat = 0.0
+        while True:
+            taken = signals.take()
+            if signal.SIGTERM in taken or signal.SIGINT in taken:
+                break
+            if signal.SIGHUP in taken:
+                service, config = _reload(service, config, path, notify)
+            stuck = service.updates.overdue()
+            if stuck:
+                log.error("%s: restarting the agent to recover", stuck)
+                service.updates.give_up(stuck)
+                code = 1
+                break
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + min(interval or 1.0, 1.0)
+                if interval is not None and progress.alive(service.stats()):
+                    notify.send("WATCHDOG=1")
+                notify.status(service.status_line())
+            time.sleep(0.2)
+    finally:
+        notify.send("STOPPING=1")
+        service.stop()
+    return code
+
+
+def _wait_ready(service: Service, signals: _Signals) -> None:
+    deadline = time.monotonic() + SOURCE_WAIT_S
+    while time.monotonic() < deadline and not signals.received and not service.ready():
+        time.sleep(0.05)
+
+
+def _reload(
+    service: Service, config: Config, path: Path, notify: _Notifier
+) -> tuple[Service, Config]:
+    """Re-read the config; an invalid one is reported and the running agent goes on."""
+    try:
+        fresh = load_config(path)
+        problems = preflight(fresh)
+        if problems:
+            raise ConfigError([f"{path}: {p}" for p in problems])
+    except (ConfigError, OSError) as exc:
+        log.error("SIGHUP: the new configuration is not used:\n%s", exc)
+        service.telemetry.event("config_rejected", {"error": str(exc)})
+        return service, config
+    if fresh == config:
+        log.info("SIGHUP: configuration unchanged")
+        return service, config
+    log.info("SIGHUP: reloading the configuration")
+    notify.send(
+        "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+    )
+    service.stop()
+    service = Service(fresh)
+    service.start()
+    service.telemetry.event("config_reloaded")
+    notify.send("READY=1")
+    return service, fresh

@@ -128,8 +128,9 @@ class Telemetry:
         handlers: Mapping[str, Callable[[Incoming], None]] | None = None,
         environ: dict[str, str] | None = None,
     ) -> None:
-        """Build (no I/O but reading the password); ``handlers`` maps topic filters under
-        the device (``cmd/+``, ``desired``) to functions called on paho's thread.
+        """Build (no I/O but reading the password); ``handlers`` maps whole topic filters
+        (``edge/<device>/cmd/+``, the desired-state topics) to functions called on
+        paho's thread; each is subscribed to on every connect.
 
         Raises ConfigError (from the Link) for unusable MQTT settings.
         """
@@ -143,7 +144,7 @@ class Telemetry:
         self.results_qos = results.qos
         self.counters = _Counters()
         self.max_inflight = mqtt.max_inflight
-        self._handlers = {self.topics(sub): fn for sub, fn in (handlers or {}).items()}
+        self._handlers = dict(handlers or {})
         self._queue: collections.deque[Record] = collections.deque()
         self._busy = False  # the writer holds records taken from the queue, not yet written
         self._acked_rows: list[int] = []  # acknowledged, not yet deleted from the outbox

@@ -25,6 +25,20 @@ MB = 1_000_000
 SIGNATURE_MAX_BYTES = 4096
 
 
+Phase = Callable[[str], None]
+"""Told ``downloading`` and ``verifying`` as a staging moves on (for state and events)."""
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A release in the store, checked whole, ready to be validated and activated."""
+
+    release: Release
+    active: bool  # it is the active release already (its files were checked, repaired)
+    fetched_bytes: int
+    note: str = ""
+
+
 @dataclass(frozen=True)
 class PullResult:
     release: Release
@@ -34,7 +48,7 @@ class PullResult:
 
 
 class Updater:
-    """Pulls releases of the configured model from the registry into the store."""
+    """Pulls releases of one model (default: the configured one) into the store."""
 
     def __init__(
         self,
@@ -42,10 +56,12 @@ class Updater:
         store: Store,
         registry: Registry,
         progress: Callable[[FileEntry], Progress | None] | None = None,
+        model: str | None = None,
     ) -> None:
-        if config.model.name is None:
+        model = model or config.model.name
+        if model is None:
             raise RefusedError("model.name is not set in the configuration: nothing to pull")
-        self.model = config.model.name
+        self.model = model
         self.config = config
         self.store = store
         self.registry = registry
@@ -67,7 +83,23 @@ class Updater:
 
     def channel_version(self) -> int:
         """The version the configured channel of ``index.json`` points at."""
-        index = self.fetch_index()
+        return self._resolve(self.fetch_index())
+
+    def poll_channel(self, etag: str | None) -> tuple[int | None, str | None]:
+        """The channel's version, or None when ``index.json`` still has ``etag``.
+
+        Returns the new ETag too. Raises as fetch_index.
+        """
+        where = f"{self.model}/index.json"
+        fetched = self.registry.fetch_if_changed(where, self.doc_max, etag)
+        if fetched.data is None:
+            return None, fetched.etag
+        index = parse_index(fetched.data, where)
+        if index.model != self.model:
+            raise VerificationError(f"{where}: model is {index.model!r}, expected {self.model!r}")
+        return self._resolve(index), fetched.etag
+
+    def _resolve(self, index: Index) -> int:
         try:
             return index.resolve(self.config.model.channel)
         except ValueError as exc:
@@ -81,51 +113,71 @@ class Updater:
         release is untouched then.
         """
         with self.store.lock():
-            active = self.store.active()
             if version is None:
                 version = self.channel_version()
-                held = self._channel_hold(version, active)
+                held = self.channel_hold(version)
                 if held is not None:
-                    return held
-            raw, signature, manifest = self._fetch_manifest(version)
-            crash_point("manifest_fetched")
-            same = self._check_rules(manifest, raw, active, allow_downgrade)
-            if same is not None:  # make sure the active files are whole; repair if not
-                repaired = self._fetch_files(manifest)
-                note = f"v{version} is already active" + (" (repaired)" if repaired else "")
-                return PullResult(same, False, repaired, note)
-            fetched = self._fetch_files(manifest)
-            release = self.store.add_release(raw, signature, manifest)
-            self.store.activate(release)
-            note = ""
-            try:
-                self.store.gc()
-            except (StoreError, VerificationError, OSError) as exc:
-                # The new release is active and whole; only old ones were not cleared.
-                note = f"clean-up of old releases failed: {exc}"
-            return PullResult(release, True, fetched, note)
+                    active = self.store.active()
+                    assert active is not None  # a hold needs an active release
+                    return PullResult(active, False, 0, held)
+            staged = self._stage(version, allow_downgrade, None)
+            if staged.active:
+                return PullResult(staged.release, False, staged.fetched_bytes, staged.note)
+            self.store.activate(staged.release)
+            return PullResult(staged.release, True, staged.fetched_bytes, self.clean_up())
 
-    def _channel_hold(self, version: int, active: Release | None) -> PullResult | None:
+    def stage(
+        self, version: int, *, allow_downgrade: bool = False, on_phase: Phase | None = None
+    ) -> Staged:
+        """Fetch and check ``version`` into the store without activating it.
+
+        Raises an UpdateError subclass; the active release is untouched either way.
+        """
+        with self.store.lock():
+            return self._stage(version, allow_downgrade, on_phase)
+
+    def clean_up(self) -> str:
+        """Drop releases beyond ``store.keep``; returns a note when that failed."""
+        try:
+            self.store.gc()
+        except (StoreError, VerificationError, OSError) as exc:
+            # The new release is active and whole; only old ones were not cleared.
+            return f"clean-up of old releases failed: {exc}"
+        return ""
+
+    def _stage(self, version: int, allow_downgrade: bool, on_phase: Phase | None) -> Staged:
+        active = self.store.active()
+        if on_phase is not None:
+            on_phase("downloading")
+        raw, signature, manifest = self._fetch_manifest(version)
+        crash_point("manifest_fetched")
+        same = self._check_rules(manifest, raw, active, allow_downgrade)
+        if same is not None:  # make sure the active files are whole; repair if not
+            repaired = self._fetch_files(manifest)
+            note = f"v{version} is already active" + (" (repaired)" if repaired else "")
+            return Staged(same, True, repaired, note)
+        fetched = self._fetch_files(manifest)
+        if on_phase is not None:
+            on_phase("verifying")
+        release = self.store.add_release(raw, signature, manifest)
+        self.store.verify(release)  # every file once more, as it lies on disk now
+        return Staged(release, False, fetched)
+
+    def channel_hold(self, version: int) -> str | None:
         """Why the channel's ``version`` is not to be installed now, if it is not."""
-        if active is None or active.model != self.model:
+        pointer = self.store.pointer()
+        if pointer is None or pointer.model != self.model:
             return None
         channel = self.config.model.channel
-        if version < active.version:
-            return PullResult(
-                active,
-                False,
-                0,
-                f"v{active.version} is active, newer than channel {channel!r} (v{version}); "
-                "a channel never moves a device backwards",
+        if version < pointer.version:
+            return (
+                f"v{pointer.version} is active, newer than channel {channel!r} (v{version}); "
+                "a channel never moves a device backwards"
             )
-        pointer = self.store.pointer()
-        if pointer is not None and version in pointer.rolled_back:
-            return PullResult(
-                active,
-                False,
-                0,
+        if version in pointer.rolled_back:
+            return (
                 f"channel {channel!r} names v{version}, which was rolled back on this device; "
-                f"pull it explicitly with --version {version} to try it again",
+                f"pull it explicitly with --version {version} to try it again"
             )
         return None
 

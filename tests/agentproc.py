@@ -64,6 +64,7 @@ class AgentProcess:
             "source": {"type": "synthetic", "width": 64, "height": 48, "fps": 20},
             "results": {"publish": "every", "min_score": 0.0, "top_k": 1},
             "telemetry": {"interval_s": 0.25, "outbox": str(self.outbox_path)},
+            "update": {"probation_s": 1, "budget_runs": 5},
         }
         for section, values in settings.items():
             base.setdefault(section, {}).update(values)

@@ -10,6 +10,7 @@ for and the body bytes actually sent, so tests can prove what was fetched again.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import socket
 import ssl
 import sys
@@ -89,6 +90,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not file.is_relative_to(state.root.resolve()) or not file.is_file():
             return self._bare(record, 404)
         data = file.read_bytes()
+        # A strong validator as nginx sends one; If-None-Match answers 304 (no body).
+        etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+        if not range_header and self.headers.get("If-None-Match") == etag:
+            return self._bare(record, 304, {"ETag": etag}, body=False)
         offset = start or 0
         if fault is not None and fault.kind == "ignore_range":
             offset = 0
@@ -112,6 +117,7 @@ class _Handler(BaseHTTPRequestHandler):
         if offset:
             self.send_header("Content-Range", f"bytes {offset}-{len(data) - 1}/{len(data)}")
         self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
         self.end_headers()
         try:
             if fault is not None and fault.kind in ("truncate", "truncate_no_length"):
@@ -157,17 +163,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         record.sent += len(chunk)
 
-    def _bare(self, record: Request, status: int, headers: dict[str, str] | None = None) -> None:
+    def _bare(
+        self,
+        record: Request,
+        status: int,
+        headers: dict[str, str] | None = None,
+        body: bool = True,
+    ) -> None:
         record.status = status
-        # A body as real servers send with errors and redirects (nginx: an HTML page).
-        body = f"<html><body><h1>{status}</h1></body></html>\n".encode()
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        if body:  # as real servers send with errors and redirects (nginx: an HTML page)
+            page = f"<html><body><h1>{status}</h1></body></html>\n".encode()
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+        else:
+            self.end_headers()
 
     def _hang_up(self) -> None:
         self.close_connection = True

@@ -40,7 +40,7 @@ def _telemetry(
     commands: Commands | None = None,
     **mqtt: Any,
 ) -> Telemetry:
-    handlers = {"cmd/+": commands.submit} if commands else None
+    handlers = {f"edge/{DEV}/cmd/+": commands.submit} if commands else None
     return Telemetry(
         DEV,
         Outbox(tmp_path / "outbox.sqlite", 10**7),

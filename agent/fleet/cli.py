@@ -1,7 +1,8 @@
 """``edge-fleet``: the operator's commands (keygen, publish, acl).
 
 Exit codes as DESIGN.md: 0 success, 1 the operation failed, 2 bad usage (including
-device ids, group or admin names that cannot be used in topics).
+device ids, group or admin names that cannot be used in topics, and publish options
+that do not go together).
 """
 
 from __future__ import annotations
@@ -54,6 +55,37 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="point this index.json channel at the version (repeatable)",
+    )
+    given = pub.add_mutually_exclusive_group()
+    given.add_argument(
+        "--selftest-inputs",
+        type=Path,
+        metavar="FILE.npz",
+        help="self-test inputs: input_0, input_1, … each [N, *input_shape] of the input's dtype",
+    )
+    given.add_argument(
+        "--selftest-random",
+        type=int,
+        metavar="N",
+        help="self-test on N seeded random inputs made for the cpu variant's input tensors",
+    )
+    pub.add_argument(
+        "--selftest-expect",
+        type=Path,
+        metavar="FILE.npz",
+        help="expected outputs output_0, … each [N, *output_shape] "
+        "(default: computed by running the cpu variant here)",
+    )
+    pub.add_argument(
+        "--atol",
+        type=float,
+        help="self-test tolerance on dequantised outputs (default: 0.02)",
+    )
+    pub.add_argument(
+        "--budget-p95-ms",
+        type=float,
+        metavar="MS",
+        help="refuse the release on a device whose p95 inference latency exceeds MS",
     )
     pub.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
@@ -117,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                 input_norm=tuple(args.input_norm) if args.input_norm else None,
                 sign_key=args.sign_key,
                 channels=tuple(args.channel),
+                selftest_inputs=args.selftest_inputs,
+                selftest_random=args.selftest_random,
+                selftest_expect=args.selftest_expect,
+                atol=args.atol,
+                budget_p95_ms=args.budget_p95_ms,
             )
             if args.json:
                 print(json.dumps(result.manifest, indent=2))
@@ -126,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{verb}: {args.model} v{args.version} at {result.folder}{channels}")
         elif args.command == "acl":
             _acl(args)
-    except ConfigError as exc:  # names that cannot be used: bad usage, nothing written
+    except ConfigError as exc:  # bad usage (unusable names, clashing options): nothing written
         print(f"edge-fleet: {exc}".replace("\n", "\nedge-fleet: "), file=sys.stderr)
         return 2
     except (EdgeAgentError, OSError) as exc:

@@ -5,6 +5,12 @@ hidden staging name and renamed into place whole, and only then is ``index.json`
 replaced (also by rename) to list it. A crash at any point leaves ``index.json``
 naming complete releases only; publishing the same release again finishes the job.
 A published version never changes: publishing other bytes under it is refused.
+
+A release may carry a self-test and a latency budget (agent/validate.py holds the
+file contract). Inputs are the operator's or seeded random ones; expected outputs
+are the operator's or computed here by running the cpu variant on the local TFLite
+runtime. Generated files are written byte-for-byte reproducibly, so publishing the
+same model with the same options again is recognised as unchanged.
 """
 
 from __future__ import annotations
@@ -12,17 +18,20 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.atomic import fsync_dir, fsync_file, write_atomic
-from agent.errors import EdgeAgentError
+from agent.errors import ConfigError, EdgeAgentError, ValidationError
 from agent.faults import crash_point
 from agent.manifest import (
     TASKS,
@@ -31,10 +40,19 @@ from agent.manifest import (
     parse_index,
     parse_manifest,
 )
+from agent.validate import MAX_ARRAY_BYTES, MAX_SAMPLES, npz_bytes, read_samples
 from agent.verify import load_private_key, sha256_file, sign
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from agent.runtime.backends import CpuBackend, TensorSpec
 
 TFLITE_IDENTIFIER = b"TFL3"
 RESERVED_NAMES = ("manifest.json", "manifest.json.sig", "index.json")
+SELFTEST_INPUTS = "selftest.npz"
+SELFTEST_EXPECT = "selftest-expect.npz"
+DEFAULT_ATOL = 0.02
 
 
 class PublishError(EdgeAgentError):
@@ -82,11 +100,23 @@ def publish(
     sign_key: Path | None = None,
     channels: tuple[str, ...] = (),
     input_norm: tuple[float, float] | None = None,
+    selftest_inputs: Path | None = None,
+    selftest_random: int | None = None,
+    selftest_expect: Path | None = None,
+    atol: float | None = None,
+    budget_p95_ms: float | None = None,
 ) -> PublishResult:
     """Publish ``files`` as ``model`` v``version`` into the registry folder ``registry``.
 
-    Raises PublishError naming what is wrong; the registry is unchanged then.
+    With ``selftest_inputs`` (an npz) or ``selftest_random`` (N seeded random
+    samples), the release carries a self-test with tolerance ``atol`` (default 0.02);
+    its expected outputs are ``selftest_expect`` or, without it, computed with the cpu
+    variant. ``budget_p95_ms`` sets the release's latency budget.
+
+    Raises ConfigError for options that do not go together, PublishError naming what
+    is wrong otherwise; the registry is unchanged then.
     """
+    _check_selftest_options(selftest_inputs, selftest_random, selftest_expect, atol, budget_p95_ms)
     if task not in TASKS:
         raise PublishError(f"--task: {task!r} is not one of {', '.join(TASKS)}")
     if version < 1:
@@ -104,33 +134,213 @@ def publish(
     for path in files:
         if path.suffix != ".tflite":
             raise PublishError(f"{path}: model files must end in .tflite")
+    for given in (selftest_inputs, selftest_expect):
+        if given is not None and not given.is_file():
+            raise PublishError(f"{given}: no such file")
     entries = [_model_entry(p) for p in files]
+    cpu = next((p for p, e in zip(files, entries, strict=True) if e["variant"] == "cpu"), None)
     if labels is not None:
         entries.append(_file_entry(labels, "labels", None))
-    manifest: dict[str, object] = {
-        "schema": 1,
-        "model": model,
-        "version": version,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "task": task,
-        "files": entries,
-    }
-    if input_norm is not None:  # (pixel - mean) / std is what the model expects
-        manifest["input"] = {"mean": input_norm[0], "std": input_norm[1]}
-    raw = dump_json(manifest)
-    try:
-        parse_manifest(raw, f"{model} v{version}")  # the device's own rules, applied here first
-    except EdgeAgentError as exc:
-        raise PublishError(str(exc)) from None
-    key = load_private_key(sign_key) if sign_key is not None else None
+    with tempfile.TemporaryDirectory(prefix="edge-fleet-selftest-") as scratch:
+        manifest: dict[str, object] = {
+            "schema": 1,
+            "model": model,
+            "version": version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "task": task,
+            "files": entries,
+        }
+        if selftest_inputs is not None or selftest_random is not None:
+            made = _selftest_files(
+                cpu, Path(scratch), selftest_inputs, selftest_random, selftest_expect
+            )
+            paths += made
+            entries += [_file_entry(path, "selftest", None) for path in made]
+            manifest["selftest"] = {
+                "inputs": SELFTEST_INPUTS,
+                "expect": SELFTEST_EXPECT,
+                "atol": DEFAULT_ATOL if atol is None else atol,
+            }
+        if budget_p95_ms is not None:
+            manifest["budget"] = {"latency_ms_p95": _plain_number(budget_p95_ms)}
+        if input_norm is not None:  # (pixel - mean) / std is what the model expects
+            manifest["input"] = {"mean": input_norm[0], "std": input_norm[1]}
+        raw = dump_json(manifest)
+        try:
+            parse_manifest(raw, f"{model} v{version}")  # the device's own rules, applied here
+        except EdgeAgentError as exc:
+            raise PublishError(str(exc)) from None
+        key = load_private_key(sign_key) if sign_key is not None else None
 
-    model_dir = registry / model
-    model_dir.mkdir(parents=True, exist_ok=True)
-    with _publish_lock(model_dir):
-        created, manifest = _install(model_dir, version, paths, raw, manifest, key)
-        _update_index(model_dir, model, version, channels)
+        model_dir = registry / model
+        model_dir.mkdir(parents=True, exist_ok=True)
+        with _publish_lock(model_dir):
+            created, manifest = _install(model_dir, version, paths, raw, manifest, key)
+            _update_index(model_dir, model, version, channels)
     folder = model_dir / str(version)
     return PublishResult(folder, manifest, created)
+
+
+def _plain_number(value: float) -> float | int:
+    """40.0 as 40, as an operator writes it; other values as they are."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+# ----- the self-test -----
+
+
+def _check_selftest_options(
+    inputs: Path | None,
+    random: int | None,
+    expect: Path | None,
+    atol: float | None,
+    budget_p95_ms: float | None,
+) -> None:
+    """Raise ConfigError (bad usage) when the self-test and budget options do not fit."""
+    problems = []
+    if inputs is not None and random is not None:
+        problems.append("--selftest-inputs and --selftest-random exclude each other")
+    if inputs is None and random is None:
+        if expect is not None:
+            problems.append(
+                "--selftest-expect needs the inputs it answers: "
+                "add --selftest-inputs (or --selftest-random)"
+            )
+        if atol is not None:
+            problems.append(
+                "--atol is the self-test's tolerance: add --selftest-inputs or --selftest-random"
+            )
+    if random is not None and not 1 <= random <= MAX_SAMPLES:
+        problems.append(f"--selftest-random: {random} is not a sample count of 1..{MAX_SAMPLES}")
+    if atol is not None and not (math.isfinite(atol) and atol >= 0):
+        problems.append(f"--atol: {atol} is not a tolerance of 0 or more")
+    if budget_p95_ms is not None and not (math.isfinite(budget_p95_ms) and budget_p95_ms > 0):
+        problems.append(f"--budget-p95-ms: {budget_p95_ms} is not a latency above 0 ms")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _selftest_files(
+    cpu: Path | None,
+    scratch: Path,
+    inputs: Path | None,
+    random: int | None,
+    expect: Path | None,
+) -> list[Path]:
+    """Write ``selftest.npz`` and ``selftest-expect.npz`` into ``scratch``; return both.
+
+    Files given are copied as they are, once checked against the cpu variant's
+    tensors (when there is one); what is not given is generated from that variant.
+    """
+    out_inputs, out_expect = scratch / SELFTEST_INPUTS, scratch / SELFTEST_EXPECT
+    if cpu is None:
+        if random is not None:
+            raise ConfigError(
+                [
+                    "--selftest-random needs a cpu variant to know the model's inputs: "
+                    "pass --selftest-inputs and --selftest-expect"
+                ]
+            )
+        if expect is None:
+            raise ConfigError(
+                [
+                    "the release has only an edgetpu variant, so the expected outputs cannot "
+                    "be computed here: pass --selftest-expect"
+                ]
+            )
+        assert inputs is not None  # _check_selftest_options: inputs or random
+        shutil.copyfile(inputs, out_inputs)
+        shutil.copyfile(expect, out_expect)
+        return [out_inputs, out_expect]
+    backend = _load_cpu(cpu)
+    try:
+        if random is not None:
+            samples = _random_inputs(backend.inputs, random)
+            out_inputs.write_bytes(npz_bytes(_named("input", samples)))
+        else:
+            assert inputs is not None
+            samples = read_samples(inputs, str(inputs), "input", backend.inputs)
+            shutil.copyfile(inputs, out_inputs)
+        count = len(samples[0])
+        if expect is not None:
+            expected = read_samples(expect, str(expect), "output", backend.outputs)
+            if len(expected[0]) != count:
+                raise PublishError(
+                    f"{expect}: holds {len(expected[0])} samples, the inputs {count}"
+                )
+            shutil.copyfile(expect, out_expect)
+        else:
+            _check_size(backend.outputs, count, "the expected outputs")
+            out_expect.write_bytes(npz_bytes(_named("output", _run(backend, samples))))
+    except ValidationError as exc:  # the operator's file does not fit the model
+        raise PublishError(str(exc)) from None
+    finally:
+        backend.close()
+    return [out_inputs, out_expect]
+
+
+def _load_cpu(path: Path) -> CpuBackend:
+    from agent.runtime.backends import CpuBackend
+
+    backend = CpuBackend(threads=1)  # one thread: the same outputs, bit for bit, every time
+    try:
+        backend.load(path)
+    except EdgeAgentError as exc:  # no runtime, or a model it cannot load
+        raise PublishError(f"the self-test needs the cpu variant running here: {exc}") from None
+    return backend
+
+
+def _named(kind: str, arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    return {f"{kind}_{i}": array for i, array in enumerate(arrays)}
+
+
+def _check_size(specs: Sequence[TensorSpec], samples: int, what: str) -> None:
+    import numpy as np
+
+    size = sum(samples * math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in specs)
+    if size > MAX_ARRAY_BYTES:
+        raise PublishError(
+            f"{samples} samples of {what} take {size} bytes, more than a device accepts "
+            f"({MAX_ARRAY_BYTES}): use fewer samples"
+        )
+
+
+def _random_inputs(specs: Sequence[TensorSpec], samples: int) -> list[np.ndarray]:
+    """``samples`` seeded random inputs per spec: the dtype's whole range for integers,
+    [0, 1) for floats. The same specs give the same arrays on every run."""
+    import numpy as np
+
+    _check_size(specs, samples, "random inputs")
+    rng = np.random.default_rng(0)
+    arrays = []
+    for i, spec in enumerate(specs):
+        dtype = np.dtype(spec.dtype)
+        shape = (samples, *spec.shape)
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            arrays.append(rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True))
+        elif dtype.kind == "f":
+            arrays.append(rng.random(shape).astype(dtype))
+        elif dtype.kind == "b":
+            arrays.append(rng.integers(0, 1, shape, endpoint=True).astype(dtype))
+        else:
+            raise PublishError(
+                f"input {i} is {dtype}: no random values for it; pass --selftest-inputs"
+            )
+    return arrays
+
+
+def _run(backend: CpuBackend, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """The outputs for every sample of ``inputs``, stacked: ``[N, *output_shape]`` each."""
+    import numpy as np
+
+    results = []
+    for i in range(len(inputs[0])):
+        try:
+            results.append(backend.infer([np.ascontiguousarray(a[i]) for a in inputs]))
+        except (RuntimeError, ValueError) as exc:
+            raise PublishError(f"the cpu variant failed on self-test sample {i}: {exc}") from None
+    return [np.stack([r[k] for r in results]) for k in range(len(backend.outputs))]
 
 
 @contextlib.contextmanager

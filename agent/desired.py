@@ -1,0 +1,141 @@
+"""Desired state: what the fleet wants this device to run.
+
+The fleet publishes retained ``{"model": NAME, "version": N, "issued_at": …}`` to
+``<prefix>/<device>/desired`` and to ``<prefix>/groups/<group>/desired``. The device's
+own wins over its groups'; among groups the most recently issued wins. An empty
+retained message clears a source. Parsing is strict about the three fields it acts on
+and ignores others, so the fleet side can add to the document without breaking devices.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import MODEL_NAME_PATTERN
+
+MAX_PAYLOAD = 4096
+
+
+@dataclass(frozen=True)
+class Desired:
+    """One desired release and where it came from (``device`` or ``group:NAME``)."""
+
+    model: str
+    version: int
+    issued_at: float  # seconds since the epoch, as the fleet's clock saw it
+    source: str
+
+    @property
+    def key(self) -> tuple[str, int, float]:
+        """Two desired states with the same key are the same instruction."""
+        return (self.model, self.version, self.issued_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "issued_at": self.issued_at,
+            "source": self.source,
+        }
+
+
+def _issued_at(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("issued_at: must be seconds since the epoch or an ISO 8601 time")
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError("issued_at: must be a finite, non-negative number")
+        return float(value)
+    if isinstance(value, str):
+        try:
+            when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"issued_at: {value!r} is not an ISO 8601 time") from None
+        if when.tzinfo is None:
+            raise ValueError(f"issued_at: {value!r} has no time zone (add Z for UTC)")
+        return when.timestamp()
+    raise ValueError("issued_at: must be seconds since the epoch or an ISO 8601 time")
+
+
+def parse_desired(payload: bytes, source: str) -> Desired | None:
+    """The desired state in ``payload``; None for an empty (cleared) one.
+
+    Raises ValueError naming the field that is wrong.
+    """
+    if not payload:
+        return None
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"{len(payload)} bytes, over the limit of {MAX_PAYLOAD}")
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    for name in ("model", "version", "issued_at"):
+        if name not in doc:
+            raise ValueError(f"{name}: missing")
+    model, version = doc["model"], doc["version"]
+    if not isinstance(model, str) or not re.fullmatch(MODEL_NAME_PATTERN, model):
+        raise ValueError(f"model: {model!r} is not a model name")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"version: {version!r} is not a positive integer")
+    return Desired(model, version, _issued_at(doc["issued_at"]), source)
+
+
+def desired_topics(prefix: str, device: str, groups: list[str]) -> dict[str, str]:
+    """Topic -> source (``device``, ``group:NAME``) of every desired state to follow."""
+    return {
+        f"{prefix}/{device}/desired": "device",
+        **{f"{prefix}/groups/{g}/desired": f"group:{g}" for g in groups},
+    }
+
+
+class DesiredState:
+    """The latest desired state from each source; safe to use from any thread."""
+
+    def __init__(self, prefix: str, device: str, groups: list[str]) -> None:
+        self._topics = desired_topics(prefix, device, groups)
+        self._lock = threading.Lock()
+        self._by_source: dict[str, Desired] = {}
+
+    @property
+    def topics(self) -> list[str]:
+        return list(self._topics)
+
+    def update(self, topic: str, payload: bytes) -> Desired | None:
+        """Take a message from ``topic``; returns what it says (None: cleared).
+
+        Raises ValueError for a payload that cannot be used; the source's earlier
+        desired state is dropped then too, so a broken instruction never lets an older
+        one come back into force.
+        """
+        source = self._topics.get(topic)
+        if source is None:
+            raise ValueError(f"{topic}: not a desired-state topic of this device")
+        try:
+            desired = parse_desired(payload, source)
+        except ValueError:
+            with self._lock:
+                self._by_source.pop(source, None)
+            raise
+        with self._lock:
+            if desired is None:
+                self._by_source.pop(source, None)
+            else:
+                self._by_source[source] = desired
+        return desired
+
+    def winner(self) -> Desired | None:
+        """The device's own desired state, else its groups' most recently issued one."""
+        with self._lock:
+            if "device" in self._by_source:
+                return self._by_source["device"]
+            groups = list(self._by_source.values())
+        return max(groups, key=lambda d: (d.issued_at, d.source), default=None)

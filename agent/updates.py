@@ -1,0 +1,834 @@
+"""Updates on a running device: which release to run, getting it there, keeping it only
+if it works.
+
+What to run comes from the desired state pushed over MQTT (``agent.desired``), else
+from the registry channel, polled with ETag/If-None-Match every
+``registry.poll_interval_s`` (jittered). One worker thread takes one update at a time
+through its phases:
+
+    downloading -> verifying -> validating -> activating -> probation
+
+and every update ends in a terminal outcome: ``succeeded``, ``failed`` or
+``rolled_back``, each with a reason. Phases and outcomes are published in the
+retained ``state`` and as events, and recorded in a journal (``updates.json`` in the
+store) that is rewritten atomically at every step. After a crash or power cut the
+journal tells the next start where the update stood: an interrupted download or
+validation ends as ``failed`` (and is retried), an interrupted probation goes on, and
+a release under which the agent keeps restarting (``update.crash_loop_restarts``
+unclean starts during probation) is rolled back before it is loaded again.
+
+A release that fails its self-test, its latency budget or its probation is marked bad
+on this device: the channel never offers it again, and a desired state issued before
+the marking is ignored. A desired state issued after it is the operator's deliberate
+retry, and is tried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from agent.atomic import write_atomic
+from agent.backoff import backoff_delay
+from agent.commands import CommandError
+from agent.config import Config
+from agent.desired import Desired, DesiredState
+from agent.errors import (
+    EdgeAgentError,
+    ModelError,
+    RefusedError,
+    StoreError,
+    TransportError,
+    UpdateError,
+    ValidationError,
+)
+from agent.faults import crash_point
+from agent.registry import Registry
+from agent.store import Pointer, Release, Store
+from agent.updater import Updater
+
+if TYPE_CHECKING:
+    from agent.mqtt import Incoming
+    from agent.pipeline import Stats
+    from agent.runtime.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "updates.json"
+PHASES = ("downloading", "verifying", "validating", "activating", "probation")
+OUTCOMES = ("succeeded", "failed", "rolled_back")
+RETRY_FIRST_S = 5.0
+DEADLINE_GRACE_S = 30.0  # past a phase's deadline by this much, the update is stuck
+PROBATION_TICK_S = 0.25
+CONNECT_WAIT_S = 5.0  # at start, how long retained desired state may take to arrive
+BAD_MAX = 64
+
+
+class Serving(Protocol):
+    """What the service does for the updater: load a release, switch the stream to it."""
+
+    def load(self, release: Release) -> LoadedModel:
+        """Load (and warm up) ``release`` beside the running model. Raises ModelError."""
+        ...
+
+    def swap(self, model: LoadedModel, timeout: float) -> None:
+        """Serve ``model`` from now on (starting the stream if there was none).
+
+        Raises ModelError when it is not taken within ``timeout``; the old one serves on.
+        """
+        ...
+
+    def stats(self) -> Stats | None: ...
+
+
+class Reporter(Protocol):
+    def event(self, name: str, detail: Mapping[str, Any] | None = None) -> None: ...
+
+    def state(self, state: Mapping[str, Any]) -> None: ...
+
+
+Validate = Callable[[Release, "LoadedModel"], Mapping[str, Any]]
+"""The validation gate: raises ValidationError, returns a report for the event."""
+
+
+@dataclass
+class Attempt:
+    """One update, as the journal keeps it."""
+
+    id: str
+    model: str
+    version: int
+    source: str  # device, group:NAME, channel:NAME, command
+    issued_at: float | None
+    previous: tuple[str, int] | None  # the release to go back to
+    phase: str = "downloading"
+    outcome: str | None = None
+    reason: str = ""
+    transient: bool = False  # a failure worth retrying (the network, an interruption)
+    started_at: float = field(default_factory=time.time)
+    phase_at: float = field(default_factory=time.time)
+    deadline_s: float | None = None  # of the current phase
+    probation_until: float | None = None  # wall clock
+    starts: int = 0  # unclean agent starts seen during probation
+    clean_stop: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.model,
+            "version": self.version,
+            "source": self.source,
+            "issued_at": self.issued_at,
+            "phase": self.phase,
+            "outcome": self.outcome,
+            "reason": self.reason or None,
+            "started_at": round(self.started_at, 3),
+            "deadline_s": self.deadline_s,
+        }
+
+
+class _Journal:
+    """``updates.json``: the last attempt, the desired state applied, the bad versions."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.attempt: Attempt | None = None
+        self.applied: dict[str, Any] | None = None  # Desired.to_dict() of the last one done
+        self.bad: list[dict[str, Any]] = []  # {"model", "version", "at", "reason"}
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            doc = json.loads(self.path.read_bytes())
+            attempt = doc.get("attempt")
+            if attempt is not None:
+                previous = attempt.get("previous")
+                attempt["previous"] = tuple(previous) if previous else None
+                self.attempt = Attempt(**attempt)
+            self.applied = doc.get("applied")
+            self.bad = list(doc.get("bad", []))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            # Never let a damaged journal stop the agent: it only loses history.
+            log.error("%s: damaged, starting a new one: %s", self.path, exc)
+
+    def save(self) -> None:
+        doc = {
+            "schema": 1,
+            "attempt": asdict(self.attempt) if self.attempt else None,
+            "applied": self.applied,
+            "bad": self.bad[-BAD_MAX:],
+        }
+        try:
+            write_atomic(self.path, (json.dumps(doc, indent=2) + "\n").encode())
+        except OSError as exc:  # a full disk must not stop an update or a rollback
+            log.error("cannot write %s: %s", self.path, exc)
+
+    def bad_mark(self, model: str, version: int) -> dict[str, Any] | None:
+        return next(
+            (b for b in reversed(self.bad) if b["model"] == model and b["version"] == version),
+            None,
+        )
+
+    def mark_bad(self, model: str, version: int, reason: str) -> None:
+        self.unmark(model, version)
+        self.bad.append({"model": model, "version": version, "at": time.time(), "reason": reason})
+
+    def unmark(self, model: str, version: int) -> None:
+        self.bad = [b for b in self.bad if (b["model"], b["version"]) != (model, version)]
+
+
+class _Failed(Exception):
+    """An update ends here: ``outcome`` and ``reason``; ``bad`` marks the version."""
+
+    def __init__(self, reason: str, *, transient: bool = False, bad: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+        self.bad = bad
+
+
+class Updates:
+    """Decides what to run and gets it there; one update at a time, in its own thread."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        serving: Serving,
+        reporter: Reporter,
+        validate: Validate,
+        *,
+        connected: Callable[[], bool] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.serving = serving
+        self.reporter = reporter
+        self.validate = validate
+        self.connected = connected
+        self.desired = DesiredState(
+            config.mqtt.topic_prefix, config.device.id, list(config.device.groups)
+        )
+        self.journal = _Journal(store.root / JOURNAL)
+        self.last_error = ""
+        self._lock = threading.Lock()  # held while the active model changes
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._etag: str | None = None
+        self._channel_version: int | None = None
+        self._next_poll = 0.0
+        self._retry_at: dict[tuple[str, int], tuple[float, int]] = {}  # -> (when, attempts)
+        self._ignored: set[tuple[str, int, float]] = set()  # desired states reported ignored
+        self._probation: Attempt | None = None
+        self._supersede = False  # a new target came during probation: end it early
+
+    # -- start and stop --------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Settle what the journal says was under way when the agent last stopped.
+
+        Called at start, before the active release is loaded: a release the agent keeps
+        crashing under is rolled back here, before it can crash the agent again.
+        """
+        attempt = self.journal.attempt
+        if attempt is None or attempt.outcome is not None:
+            return
+        pointer = self.store.pointer()
+        on_target = pointer is not None and (pointer.model, pointer.version) == (
+            attempt.model,
+            attempt.version,
+        )
+        if attempt.phase in ("activating", "probation") and on_target:
+            if not attempt.clean_stop:
+                attempt.starts += 1
+            attempt.clean_stop = False
+            attempt.phase = "probation"
+            self.journal.save()
+            limit = self.config.update.crash_loop_restarts
+            if attempt.starts >= limit:
+                log.error(
+                    "%s v%d: the agent restarted %d times in probation: rolling back",
+                    attempt.model,
+                    attempt.version,
+                    attempt.starts,
+                )
+                self._roll_back(
+                    attempt, f"crash loop: the agent restarted {attempt.starts} times in probation"
+                )
+            else:
+                self._probation = attempt
+            return
+        phase = attempt.phase
+        self._finish(
+            attempt,
+            "failed",
+            f"interrupted in phase {phase}: the agent stopped or crashed",
+            transient=True,
+        )
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="updates", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker. An update in probation goes on at the next start."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        attempt = self._probation
+        if attempt is not None and attempt.outcome is None:
+            attempt.clean_stop = True  # not a crash: the next start does not count it
+            self.journal.save()
+
+    # -- inputs (any thread) ------------------------------------------------------------
+
+    def on_desired(self, message: Incoming) -> None:
+        """A retained desired-state message (paho's thread): note it, wake the worker."""
+        try:
+            desired = self.desired.update(message.topic, message.payload)
+        except ValueError as exc:
+            log.error("%s: ignored: %s", message.topic, exc)
+            self.reporter.event("desired_invalid", {"topic": message.topic, "error": str(exc)})
+            return
+        log.info("desired state from %s: %s", message.topic, desired or "cleared")
+        attempt = self._probation
+        winner = self.desired.winner()
+        if attempt is not None and winner is not None:
+            self._supersede = (winner.model, winner.version) != (attempt.model, attempt.version)
+        self._wake.set()
+
+    def check_now(self) -> dict[str, Any]:
+        """The ``check-updates`` command: poll the channel now; the worker does the rest."""
+        if self.config.registry.url is None:
+            raise CommandError("registry.url is not set: there is nothing to check")
+        winner = self.desired.winner()
+        if winner is not None:
+            self._wake.set()
+            return {"desired": winner.to_dict(), "note": "desired state is pushed: no polling"}
+        registry = Registry.from_config(self.config.registry)
+        try:
+            version = Updater(self.config, self.store, registry).channel_version()
+        except EdgeAgentError as exc:
+            raise CommandError(f"cannot read the channel: {exc}") from exc
+        finally:
+            registry.close()
+        pointer = self.store.pointer()
+        changed = pointer is None or (
+            self._wanted_from_channel(version) and pointer.version != version
+        )
+        attempt = self._probation
+        if changed and attempt is not None and attempt.version != version:
+            self._supersede = True
+        self._etag = None  # the worker polls now, and fetches the index whole
+        self._next_poll = 0.0
+        self._retry_at.clear()
+        self._wake.set()
+        return {"version": version, "changed": changed}
+
+    def rollback(self, to: int | None) -> dict[str, Any]:
+        """The ``rollback`` command: back to the previous stored release (or ``to``).
+
+        Refused while an update is between downloading and activating; during
+        probation it ends the probation as ``rolled_back``.
+        """
+        if not self._lock.acquire(timeout=1.0):
+            attempt = self.journal.attempt
+            doing = f" (v{attempt.version}, {attempt.phase})" if attempt else ""
+            raise CommandError(f"busy: an update is in progress{doing}; try again when it ends")
+        try:
+            before = self.store.pointer()
+            with self.store.lock():
+                release = self.store.rollback(to)
+            try:
+                self._serve(release)
+            except EdgeAgentError:
+                self._restore(before)
+                raise
+            attempt = self._probation
+            if attempt is not None and before is not None and attempt.version == before.version:
+                self._probation = None
+                self._finish(attempt, "rolled_back", "rolled back by an operator's command")
+            self.reporter.event(
+                "rolled_back",
+                {
+                    "from": before.version if before else None,
+                    "to": release.version,
+                    "reason": "command",
+                },
+            )
+            self.publish_state()
+            return {"version": release.version, "from": before.version if before else None}
+        finally:
+            self._lock.release()
+
+    # -- what the service and sd_notify read -----------------------------------------
+
+    def phase(self) -> str:
+        """The current phase, the last outcome, or ``idle``."""
+        attempt = self.journal.attempt
+        if attempt is None:
+            return "idle"
+        return attempt.outcome or attempt.phase
+
+    def overdue(self) -> str | None:
+        """Why the update is stuck (a phase far past its deadline), or None."""
+        attempt = self.journal.attempt
+        if attempt is None or attempt.outcome is not None or attempt.deadline_s is None:
+            return None
+        if attempt.phase == "probation":
+            return None
+        late = time.time() - attempt.phase_at - attempt.deadline_s
+        if late > DEADLINE_GRACE_S:
+            return f"phase {attempt.phase} of v{attempt.version} exceeded its deadline"
+        return None
+
+    def give_up(self, reason: str) -> None:
+        """End a stuck update as failed (before the process exits to get unstuck)."""
+        attempt = self.journal.attempt
+        if attempt is not None and attempt.outcome is None:
+            bad = attempt.phase in ("validating", "activating")  # the model hangs the runtime
+            self._finish(attempt, "failed", reason, transient=not bad, bad=bad)
+
+    def status_line(self) -> str:
+        attempt = self.journal.attempt
+        if attempt is None or attempt.outcome is not None:
+            return ""
+        return f"updating to v{attempt.version}: {attempt.phase}"
+
+    def publish_state(self) -> None:
+        """The retained ``state``: active release, what serves, the update, the errors."""
+        try:
+            pointer: Pointer | None = self.store.pointer()
+        except StoreError as exc:
+            pointer, self.last_error = None, str(exc)
+        stats = self.serving.stats()
+        attempt = self.journal.attempt
+        self.reporter.state(
+            {
+                "model": pointer.model if pointer else self.config.model.name,
+                "version": pointer.version if pointer else None,
+                "sha256": pointer.manifest_sha256 if pointer else None,
+                "backend": stats.backend if stats else None,
+                "serving": stats.version if stats else None,
+                "previous": pointer.previous if pointer else None,
+                "phase": self.phase(),
+                "last_error": self.last_error or None,
+                "update": attempt.summary() if attempt else None,
+                "desired": self.journal.applied,
+                "bad": [f"{b['model']}@{b['version']}" for b in self.journal.bad],
+            }
+        )
+
+    # -- the worker ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._wait_for_desired_state()
+        while not self._stop.is_set():
+            try:
+                if self._probation is not None:
+                    self._watch_probation()
+                    continue
+                target = self._next_target()
+                if target is not None:
+                    self._apply(*target)
+                    continue
+            except Exception:  # a bug must not end updates for good: report, go on
+                log.exception("update worker failed")
+                self.reporter.event("update_error", {"error": "internal error; see the log"})
+                self._stop.wait(RETRY_FIRST_S)
+            self._wake.wait(self._sleep_s())
+            self._wake.clear()
+
+    def _wait_for_desired_state(self) -> None:
+        """Give the broker a moment to deliver retained desired state before polling."""
+        if self.connected is None:
+            return
+        deadline = time.monotonic() + CONNECT_WAIT_S
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if self.connected():
+                self._stop.wait(1.0)  # retained messages follow the SUBACK at once
+                return
+            self._stop.wait(0.1)
+
+    def _sleep_s(self) -> float:
+        waits = [when - time.monotonic() for when, _ in self._retry_at.values()]
+        if self.config.registry.url is not None and self.desired.winner() is None:
+            waits.append(self._next_poll - time.monotonic())
+        return min([60.0, *waits]) if waits else 60.0
+
+    def _next_target(self) -> tuple[str, int, str, float | None, bool] | None:
+        """(model, version, source, issued_at, allow_downgrade) to apply now, or None."""
+        desired = self.desired.winner()
+        if desired is not None:
+            return self._from_desired(desired)
+        if self.config.registry.url is None or self.config.model.name is None:
+            return None
+        now = time.monotonic()
+        if now >= self._next_poll:
+            jitter = self.config.update.poll_jitter
+            interval = self.config.registry.poll_interval_s
+            self._next_poll = now + interval * random.uniform(1 - jitter, 1 + jitter)
+            self._poll()
+        version = self._channel_version
+        if version is None or not self._wanted_from_channel(version):
+            return None
+        model = self.config.model.name
+        if not self._due(model, version):
+            return None
+        return (model, version, f"channel:{self.config.model.channel}", None, False)
+
+    def _poll(self) -> None:
+        registry = Registry.from_config(self.config.registry)
+        try:
+            version, self._etag = Updater(self.config, self.store, registry).poll_channel(
+                self._etag
+            )
+        except EdgeAgentError as exc:
+            log.warning("polling the registry failed: %s", exc)
+            self.last_error = f"poll: {exc}"
+            return
+        finally:
+            registry.close()
+        if version is not None:
+            log.debug("channel %s names v%d", self.config.model.channel, version)
+            self._channel_version = version
+
+    def _wanted_from_channel(self, version: int) -> bool:
+        model = self.config.model.name
+        assert model is not None
+        pointer = self.store.pointer()
+        if pointer is not None and pointer.model == model and pointer.version == version:
+            return False
+        if self.journal.bad_mark(model, version) is not None:
+            return False
+        registry = Registry.from_config(self.config.registry)
+        try:  # the channel rules (never backwards, not a rolled-back one) live there
+            return Updater(self.config, self.store, registry).channel_hold(version) is None
+        finally:
+            registry.close()
+
+    def _from_desired(self, desired: Desired) -> tuple[str, int, str, float, bool] | None:
+        applied = self.journal.applied
+        if applied is not None:
+            key = (applied["model"], applied["version"], applied["issued_at"])
+            if desired.key == key:
+                return None  # done (or refused) once: the same instruction is not redone
+            if desired.issued_at < applied["issued_at"]:
+                self._ignore(desired, "issued before the desired state already applied")
+                return None
+        mark = self.journal.bad_mark(desired.model, desired.version)
+        if mark is not None and mark["at"] >= desired.issued_at:
+            self._ignore(desired, f"v{desired.version} failed on this device: {mark['reason']}")
+            self._applied(desired)
+            return None
+        pointer = self.store.pointer()
+        if pointer is not None and (pointer.model, pointer.version) == (
+            desired.model,
+            desired.version,
+        ):
+            attempt = self.journal.attempt
+            if attempt is None or attempt.outcome is not None:
+                self._applied(desired)  # already running it: nothing to do
+                self.publish_state()
+                return None
+        if not self._due(desired.model, desired.version):
+            return None
+        return (desired.model, desired.version, desired.source, desired.issued_at, True)
+
+    def _ignore(self, desired: Desired, why: str) -> None:
+        if desired.key in self._ignored:
+            return
+        self._ignored.add(desired.key)
+        log.warning("desired %s v%d ignored: %s", desired.model, desired.version, why)
+        self.reporter.event("desired_ignored", {**desired.to_dict(), "reason": why})
+
+    def _applied(self, desired: Desired) -> None:
+        self.journal.applied = desired.to_dict()
+        self.journal.save()
+
+    def _due(self, model: str, version: int) -> bool:
+        retry = self._retry_at.get((model, version))
+        return retry is None or time.monotonic() >= retry[0]
+
+    # -- one update ---------------------------------------------------------------------
+
+    def _apply(
+        self,
+        model: str,
+        version: int,
+        source: str,
+        issued_at: float | None,
+        allow_downgrade: bool,
+    ) -> None:
+        pointer = self.store.pointer()
+        previous = (pointer.model, pointer.version) if pointer else None
+        attempt = Attempt(uuid.uuid4().hex[:12], model, version, source, issued_at, previous)
+        self.journal.attempt = attempt
+        log.info("update to %s v%d (from %s) started", model, version, source)
+        self.reporter.event(
+            "update_started",
+            {"model": model, "version": version, "source": source, "id": attempt.id},
+        )
+        try:
+            with self._lock:
+                release = self._stage(attempt, allow_downgrade)
+                if release is None:  # it was the active one already
+                    self._finish(attempt, "succeeded", "already active")
+                    return
+                candidate = self._validate(attempt, release)
+                self._activate(attempt, release, candidate)
+        except _Failed as failure:
+            self._finish(
+                attempt,
+                "failed",
+                failure.reason,
+                transient=failure.transient,
+                bad=failure.bad,
+            )
+            return
+        if self.config.update.probation_s > 0:
+            attempt.probation_until = time.time() + self.config.update.probation_s
+            self._phase(attempt, "probation", self.config.update.probation_s)
+            self._probation = attempt
+        else:
+            self._finish(attempt, "succeeded", "")
+
+    def _stage(self, attempt: Attempt, allow_downgrade: bool) -> Release | None:
+        registry = Registry.from_config(self.config.registry)
+        try:
+            updater = Updater(self.config, self.store, registry, model=attempt.model)
+            staged = updater.stage(
+                attempt.version,
+                allow_downgrade=allow_downgrade,
+                on_phase=lambda phase: self._phase(attempt, phase),
+            )
+        except TransportError as exc:
+            raise _Failed(f"download failed: {exc}", transient=True) from exc
+        except StoreError as exc:  # a full disk, a busy store: may clear up
+            raise _Failed(f"store: {exc}", transient=True) from exc
+        except RefusedError as exc:
+            raise _Failed(f"refused: {exc}") from exc
+        except UpdateError as exc:  # verification, the registry's refusals
+            raise _Failed(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            registry.close()
+        return None if staged.active else staged.release
+
+    def _validate(self, attempt: Attempt, release: Release) -> LoadedModel:
+        self._phase(attempt, "validating", self.config.update.validate_timeout_s)
+        crash_point("update_validating")
+        try:
+            candidate = self.serving.load(release)
+        except ModelError as exc:
+            raise _Failed(f"cannot load on this device: {exc}", bad=True) from exc
+        try:
+            report = self.validate(release, candidate)
+        except ValidationError as exc:
+            candidate.close()
+            raise _Failed(f"validation: {exc}", bad=True) from exc
+        except EdgeAgentError as exc:  # the TPU failing, a store file unreadable: the device's
+            candidate.close()
+            raise _Failed(f"validation could not run: {exc}", transient=True) from exc
+        except BaseException:
+            candidate.close()
+            raise
+        self.reporter.event(
+            "update_validated", {"version": release.version, "model": release.model, **report}
+        )
+        return candidate
+
+    def _activate(self, attempt: Attempt, release: Release, candidate: LoadedModel) -> None:
+        timeout = self.config.update.activate_timeout_s
+        self._phase(attempt, "activating", timeout)
+        before = self.store.pointer()
+        try:
+            with self.store.lock():
+                self.store.activate(release)
+            crash_point("update_activated")
+            self.serving.swap(candidate, timeout)
+        except (ModelError, StoreError) as exc:
+            candidate.close()
+            self._restore(before)
+            raise _Failed(f"activation: {exc}", transient=isinstance(exc, StoreError)) from exc
+        self.publish_state()
+
+    def _watch_probation(self) -> None:
+        """Watch the new release until its window ends; roll back when it misbehaves."""
+        attempt = self._probation
+        assert attempt is not None and attempt.probation_until is not None
+        cfg = self.config.update
+        first = self.serving.stats()
+        base_errors, base_results = (first.errors, first.results) if first else (0, 0)
+        while not self._stop.is_set():
+            with self._lock:
+                if self._probation is not attempt:  # ended by an operator's rollback
+                    return
+                stats = self.serving.stats()
+                if stats is None:
+                    self._probation = None
+                    self._roll_back(attempt, "probation: the model is not serving")
+                    return
+                errors = stats.errors - base_errors
+                results = stats.results - base_results
+                rate = errors / max(errors + results, 1)
+                if errors >= cfg.probation_min_errors and rate > cfg.probation_max_error_rate:
+                    self._probation = None
+                    self._roll_back(
+                        attempt,
+                        f"probation: {errors} of {errors + results} frames failed "
+                        f"({rate:.0%} > update.probation_max_error_rate "
+                        f"{cfg.probation_max_error_rate:.0%})",
+                    )
+                    return
+                if self._supersede:
+                    self._supersede = False
+                    self._probation = None
+                    self._finish(
+                        attempt,
+                        "succeeded",
+                        f"superseded by a newer target during probation ({results} results, "
+                        f"{errors} errors so far)",
+                    )
+                    return
+                if time.time() >= attempt.probation_until:
+                    self._probation = None
+                    self._finish(
+                        attempt,
+                        "succeeded",
+                        f"probation passed ({results} results, {errors} errors)",
+                    )
+                    return
+            self._stop.wait(PROBATION_TICK_S)
+
+    def _roll_back(self, attempt: Attempt, reason: str) -> None:
+        """Go back to the attempt's previous release, mark its version bad, end it."""
+        previous = attempt.previous
+        release = self.store.release(*previous) if previous else None
+        if release is None:
+            self._finish(
+                attempt,
+                "failed",
+                f"{reason}; and there is no earlier release to go back to",
+                bad=True,
+            )
+            return
+        try:
+            self.store.verify(release)
+            with self.store.lock():
+                self.store.activate(release, rolled_back_from=attempt.version)
+            if self.serving.stats() is not None:  # at start nothing serves yet: load later
+                self._serve(release)
+        except EdgeAgentError as exc:
+            self._finish(attempt, "failed", f"{reason}; and going back failed: {exc}", bad=True)
+            return
+        self.reporter.event(
+            "rolled_back",
+            {"from": attempt.version, "to": release.version, "reason": reason},
+        )
+        self._finish(attempt, "rolled_back", reason, bad=True)
+
+    def _serve(self, release: Release) -> None:
+        model = self.serving.load(release)
+        try:
+            self.serving.swap(model, self.config.update.activate_timeout_s)
+        except BaseException:
+            model.close()
+            raise
+
+    def _restore(self, before: Pointer | None) -> None:
+        """Make ``before`` active again after a failed switch, so the store never names a
+        release the stream is not serving."""
+        if before is None:
+            return
+        release = self.store.release(before.model, before.version)
+        if release is not None:
+            with contextlib.suppress(StoreError), self.store.lock():
+                self.store.activate(release)
+
+    # -- journal and reports ----------------------------------------------------------
+
+    def _phase(self, attempt: Attempt, phase: str, deadline_s: float | None = None) -> None:
+        if deadline_s is None and phase in ("downloading", "verifying"):
+            deadline_s = self.config.registry.deadline_s
+        attempt.phase, attempt.phase_at, attempt.deadline_s = phase, time.time(), deadline_s
+        self.journal.save()
+        log.info("update v%d: %s", attempt.version, phase)
+        self.reporter.event(
+            "update_phase",
+            {
+                "version": attempt.version,
+                "phase": phase,
+                "deadline_s": deadline_s,
+                "id": attempt.id,
+            },
+        )
+        self.publish_state()
+
+    def _finish(
+        self,
+        attempt: Attempt,
+        outcome: str,
+        reason: str,
+        *,
+        transient: bool = False,
+        bad: bool = False,
+    ) -> None:
+        attempt.outcome, attempt.reason, attempt.transient = outcome, reason, transient
+        attempt.deadline_s = None
+        key = (attempt.model, attempt.version)
+        if bad:
+            self.journal.mark_bad(attempt.model, attempt.version, reason)
+        elif outcome == "succeeded":
+            self.journal.unmark(attempt.model, attempt.version)
+        if transient:
+            _, tries = self._retry_at.get(key, (0.0, 0))
+            delay = backoff_delay(tries + 1, RETRY_FIRST_S, self.config.update.retry_max_s, 0.5)
+            self._retry_at[key] = (time.monotonic() + delay, tries + 1)
+        else:
+            self._retry_at.pop(key, None)
+            if attempt.issued_at is not None:  # a desired state: done once, whatever came
+                source = attempt.source
+                self.journal.applied = Desired(
+                    attempt.model, attempt.version, attempt.issued_at, source
+                ).to_dict()
+        self.journal.save()
+        self.last_error = "" if outcome == "succeeded" else f"v{attempt.version}: {reason}"
+        detail = {
+            "model": attempt.model,
+            "version": attempt.version,
+            "source": attempt.source,
+            "id": attempt.id,
+            "reason": reason or None,
+            "seconds": round(time.time() - attempt.started_at, 2),
+        }
+        if outcome == "succeeded":
+            log.info("update to v%d succeeded %s", attempt.version, reason)
+            self.reporter.event("update_succeeded", detail)
+            if reason != "already active":
+                self._clean_up()
+        else:
+            log.error("update to v%d %s: %s", attempt.version, outcome, reason)
+            if outcome == "failed":
+                self.reporter.event("update_failed", {**detail, "retry": transient})
+        self.publish_state()
+
+    def _clean_up(self) -> None:
+        """Drop releases beyond store.keep, only once the new one has passed probation."""
+        try:
+            with self.store.lock():
+                self.store.gc()
+        except (EdgeAgentError, OSError) as exc:
+            log.warning("clean-up of old releases failed: %s", exc)
