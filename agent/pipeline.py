@@ -393,6 +393,12 @@ class Pipeline:
             item.tensor, item.geometry = model.prepare(frame)
             item.key = model.input_key
         except Exception as exc:  # ValueError, cv2.error: this frame only
+            if model is self._pending:
+                # Hand it on unprepared all the same: the inference thread switches to the
+                # new model at this frame, prepares it again and counts the failure
+                # there, so a model that fits no frame is swapped in and seen failing
+                # (probation rolls it back) instead of stalling the swap.
+                return item
             self._capture_errors += 1
             log.warning("frame %d does not fit the model: %s", index, exc)
             return None

@@ -254,7 +254,9 @@ class Updates:
             if not attempt.clean_stop:
                 attempt.starts += 1
             attempt.clean_stop = False
-            attempt.phase = "probation"
+            attempt.phase, attempt.deadline_s = "probation", self.config.update.probation_s
+            if attempt.probation_until is None:  # it stopped while activating
+                attempt.probation_until = time.time() + self.config.update.probation_s
             self.journal.save()
             limit = self.config.update.crash_loop_restarts
             if attempt.starts >= limit:
@@ -662,7 +664,8 @@ class Updates:
         except (ModelError, StoreError) as exc:
             candidate.close()
             self._restore(before)
-            raise _Failed(f"activation: {exc}", transient=isinstance(exc, StoreError)) from exc
+            transient = isinstance(exc, StoreError)
+            raise _Failed(f"activation: {exc}", transient=transient, bad=not transient) from exc
         self.publish_state()
 
     def _watch_probation(self) -> None:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -72,9 +75,12 @@ class AgentProcess:
         self.config_path.write_text(yaml.safe_dump(base))
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> AgentProcess:
+    def start(self, extra_env: dict[str, str] | None = None) -> AgentProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+        env.pop("NOTIFY_SOCKET", None)
+        env.pop("WATCHDOG_USEC", None)
         env["EDGE_AGENT_LOG"] = "DEBUG"
+        env.update(extra_env or {})
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
@@ -107,6 +113,59 @@ class AgentProcess:
     def close(self) -> None:
         if self.alive():
             self.kill()
+
+    def rewrite(self, **sections: dict[str, Any]) -> None:
+        """Change config sections (for SIGHUP, or the next start)."""
+        for section, values in sections.items():
+            self.settings.setdefault(section, {}).update(values)
+        self.config_path.write_text(yaml.safe_dump(self.settings))
+
+    def journal(self) -> dict[str, Any]:
+        """The update journal the agent keeps in its store (``updates.json``)."""
+        path = Path(self.settings["store"]["dir"]) / "updates.json"
+        doc: dict[str, Any] = json.loads(path.read_text())
+        return doc
+
+
+class NotifySocket:
+    """A systemd-style NOTIFY_SOCKET: a datagram socket that records what arrives."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="notify-"))  # short: sun_path is 108 bytes
+        self.path = self.folder / "notify.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.sock.settimeout(0.2)
+        self.datagrams: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.datagrams.append((time.monotonic(), data.decode(errors="replace")))
+
+    def lines(self) -> list[str]:
+        return [line for _, text in list(self.datagrams) for line in text.split("\n")]
+
+    def first(self, line: str) -> float | None:
+        """When a datagram holding ``line`` first arrived (monotonic), or None."""
+        for at, text in list(self.datagrams):
+            if line in text.split("\n"):
+                return at
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class Tap:

@@ -121,9 +121,11 @@ def test_messages_in_the_outbox_of_a_killed_agent_arrive_after_restart(
     agent = _agent(tmp_path, broker, registry, agents).start()
     outbox = agent.outbox_path
     _wait(  # the first release is installed after a wait for retained desired state
-        lambda: outbox.exists()
-        and len(rows := _outbox_rows(outbox)) >= 40
-        and any(topic.endswith("/results") for topic, _ in rows),
+        lambda: (
+            outbox.exists()
+            and len(rows := _outbox_rows(outbox)) >= 40
+            and any(topic.endswith("/results") for topic, _ in rows)
+        ),
         30,
         "40 messages in the outbox, results among them",
         agent,
@@ -191,9 +193,11 @@ def test_outbox_cap_drops_the_oldest_and_reports_the_count(
     ).start()
     outbox = agent.outbox_path
     _wait(
-        lambda: outbox.exists()
-        and _outbox_counter(outbox, "dropped") >= 20
-        and _outbox_counter(outbox, "seq:results") >= 150,  # more than 30 KB of results
+        lambda: (
+            outbox.exists()
+            and _outbox_counter(outbox, "dropped") >= 20
+            and _outbox_counter(outbox, "seq:results") >= 150
+        ),  # more than 30 KB of results
         30,
         "20 messages dropped by the cap, 150 results recorded",
         agent,
