@@ -138,6 +138,17 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--rounds", type=_positive(int), default=3, help="alternating rounds (medians)"
     )
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="the whole agent locally: generated models, a local registry, a stream, a "
+        "verified hot swap",
+    )
+    demo.add_argument(
+        "--seconds", type=_positive(float), default=24.0, help="how long to run (default 24)"
+    )
+    demo.add_argument("--broker", help="also send everything to this broker (mqtt://host:port)")
+    demo.add_argument("--keep", type=Path, help="work in this folder and keep it afterwards")
     return parser
 
 
@@ -335,6 +346,20 @@ def cmd_model_tool(args: argparse.Namespace, path: Path, as_json: bool) -> int:
         model.close()
 
 
+def cmd_demo(args: argparse.Namespace, as_json: bool) -> int:
+    """The demo needs no config: it makes its own (see agent.demo)."""
+    import logging
+
+    from agent.demo import run_demo
+
+    logging.basicConfig(
+        level=os.environ.get("EDGE_AGENT_LOG", "WARNING").upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return run_demo(args.seconds, args.broker, sys.stdout, as_json, args.keep)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     as_json = bool(getattr(args, "json", False))
@@ -342,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("infer", "bench"):
             return cmd_model_tool(args, path, as_json)
+        if args.command == "demo":
+            return cmd_demo(args, as_json)
         config = load_config(path)
         if args.command == "run":
             return cmd_run(config, path)

@@ -51,7 +51,12 @@ STALL_S = 20.0  # no frame processed for this long (source up): no WATCHDOG=1
 class Service:
     """One agent process: build with a validated config, then start(), then stop()."""
 
-    def __init__(self, config: Config, environ: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        environ: dict[str, str] | None = None,
+        observe: Callable[[str, Mapping[str, Any]], None] | None = None,
+    ) -> None:
         """Build the parts; raises ConfigError for unusable MQTT settings, OutboxError for
         an outbox that cannot be opened."""
         self.config = config
@@ -86,6 +91,7 @@ class Service:
             stats=self._stats,
             handlers=handlers,
             environ=environ,
+            observe=observe,
         )
         link = self.telemetry.link
         self.updates = Updates(

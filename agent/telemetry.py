@@ -127,10 +127,12 @@ class Telemetry:
         stats: Callable[[], Mapping[str, Any] | None] | None = None,
         handlers: Mapping[str, Callable[[Incoming], None]] | None = None,
         environ: dict[str, str] | None = None,
+        observe: Callable[[str, Mapping[str, Any]], None] | None = None,
     ) -> None:
         """Build (no I/O but reading the password); ``handlers`` maps whole topic filters
         (``edge/<device>/cmd/+``, the desired-state topics) to functions called on
-        paho's thread; each is subscribed to on every connect.
+        paho's thread; each is subscribed to on every connect. ``observe`` sees every
+        record (stream, document) as it is made (``edge-agent demo`` prints them).
 
         Raises ConfigError (from the Link) for unusable MQTT settings.
         """
@@ -144,6 +146,7 @@ class Telemetry:
         self.results_qos = results.qos
         self.counters = _Counters()
         self.max_inflight = mqtt.max_inflight
+        self.observe = observe
         self._handlers = dict(handlers or {})
         self._queue: collections.deque[Record] = collections.deque()
         self._busy = False  # the writer holds records taken from the queue, not yet written
@@ -195,6 +198,8 @@ class Telemetry:
         ``keep=False`` ones are sent only if connected when their turn comes.
         """
         doc = {"ts": now_ts(), **body}
+        if self.observe is not None:
+            self.observe(stream, doc)
         if len(self._queue) >= _QUEUE_MAX:  # the outbox is failing: keep memory bounded
             self._queue.popleft()
             self.counters.overflow += 1
