@@ -28,6 +28,7 @@ from typing import Any, TextIO
 import yaml
 
 from agent.config import Config
+from agent.errors import ConfigError
 
 MODEL = "colours"
 LABELS = "red\ngreen\nblue\n"
@@ -112,6 +113,8 @@ class _Printer:
 def _workdir(keep: Path | None) -> Iterator[Path]:
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
+        if any(keep.iterdir()):  # a second run would publish other bytes as v1
+            raise ConfigError([f"--keep {keep}: not empty; name a new or empty folder"])
         yield keep
         return
     folder = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))

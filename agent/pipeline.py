@@ -411,7 +411,8 @@ class Pipeline:
             return
         while not self._stop.is_set() and generation == self._generation:
             item = self._slot.take(0.1)
-            if item is None:
+            if item is None:  # no frame (a source reconnecting): a swap still happens
+                self._switch_if_pending()
                 continue
             if item is _END:
                 self._finished.set()

@@ -72,6 +72,7 @@ class Service:
         )
         self.pipeline: Pipeline | None = None
         self._pipeline_lock = threading.Lock()
+        self._stopped = False
         handlers: dict[str, Callable[[Incoming], None]] = {
             topics("cmd/+"): self.commands.submit,
             **{
@@ -120,24 +121,36 @@ class Service:
             log.error("%s", exc)
             self.updates.last_error = str(exc)
             release = None
-        if release is not None:
+        for _ in range(3):  # the active release, else the ones before it
+            if release is None:
+                break
             try:
                 self._swap_in(self.load(release), self.config.update.activate_timeout_s)
+                break
             except EdgeAgentError as exc:
                 log.error("cannot serve %s v%d: %s", release.model, release.version, exc)
                 self.updates.last_error = f"v{release.version}: {exc}"
                 self.telemetry.event(
                     "model_failed", {"version": release.version, "error": str(exc)}
                 )
+                release = self.updates.fall_back(f"cannot be loaded at start: {exc}")
         self.updates.publish_state()
         self.updates.start()
         self.commands.start()
 
-    def stop(self) -> None:
-        """Stop in reverse order; each step runs even when an earlier one failed."""
+    def stop(self) -> bool:
+        """Stop in reverse order; each step runs even when an earlier one failed.
+
+        Returns False when the update worker did not stop (a transfer that would not
+        end): the process should exit then rather than start another service beside it.
+        """
+        if self._stopped:
+            return True
+        self._stopped = True
+        clean = True
         try:
             self.commands.stop()
-            self.updates.stop()
+            clean = self.updates.stop()
             with self._pipeline_lock:
                 if self.pipeline is not None:
                     self.pipeline.stop()
@@ -147,6 +160,7 @@ class Service:
                 self.telemetry.stop()
             finally:
                 self.outbox.close()
+        return clean
 
     def ready(self) -> bool:
         """Config, model and source are up; or there is no release to serve yet."""
@@ -267,7 +281,9 @@ class _Signals:
     received: list[int]
 
     def take(self) -> list[int]:
-        taken, self.received[:] = list(self.received), []
+        count = len(self.received)  # a signal arriving meanwhile stays for the next take
+        taken = self.received[:count]
+        del self.received[:count]
         return taken
 
 
@@ -344,7 +360,10 @@ def run(config: Config, path: Path) -> int:
             if signal.SIGTERM in taken or signal.SIGINT in taken:
                 break
             if signal.SIGHUP in taken:
-                service, config = _reload(service, config, path, notify)
+                service, config, going = _reload(service, config, path, notify)
+                if not going:
+                    code = 1
+                    break
             stuck = service.updates.overdue()
             if stuck:
                 log.error("%s: restarting the agent to recover", stuck)
@@ -372,8 +391,12 @@ def _wait_ready(service: Service, signals: _Signals) -> None:
 
 def _reload(
     service: Service, config: Config, path: Path, notify: _Notifier
-) -> tuple[Service, Config]:
-    """Re-read the config; an invalid one is reported and the running agent goes on."""
+) -> tuple[Service, Config, bool]:
+    """Re-read the config; an invalid one is reported and the running agent goes on.
+
+    Returns the service now running, its config, and False when the agent must exit
+    (the old service would not stop cleanly, or neither config would start).
+    """
     try:
         fresh = load_config(path)
         problems = preflight(fresh)
@@ -382,17 +405,31 @@ def _reload(
     except (ConfigError, OSError) as exc:
         log.error("SIGHUP: the new configuration is not used:\n%s", exc)
         service.telemetry.event("config_rejected", {"error": str(exc)})
-        return service, config
+        return service, config, True
     if fresh == config:
         log.info("SIGHUP: configuration unchanged")
-        return service, config
+        return service, config, True
     log.info("SIGHUP: reloading the configuration")
-    notify.send(
-        "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
-    )
-    service.stop()
-    service = Service(fresh)
-    service.start()
-    service.telemetry.event("config_reloaded")
-    notify.send("READY=1")
-    return service, fresh
+    monotonic_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    notify.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_us}")
+    if not service.stop():
+        log.error("SIGHUP: an update would not stop; exiting so that systemd restarts")
+        return service, config, False
+    for candidate in (fresh, config):  # the new config, else the one that was running
+        which = "new" if candidate is fresh else "old"
+        replacement: Service | None = None
+        try:
+            replacement = Service(candidate)
+            replacement.start()
+        except Exception:  # whatever it was: clean up, try the old config next
+            log.exception("SIGHUP: cannot start with the %s configuration", which)
+            if replacement is not None:
+                replacement.stop()
+            continue
+        replacement.telemetry.event(
+            "config_reloaded" if candidate is fresh else "config_rejected",
+            {} if candidate is fresh else {"error": "the new configuration failed to start"},
+        )
+        notify.send("READY=1")
+        return replacement, candidate, True
+    return service, config, False

@@ -43,6 +43,7 @@ from agent.commands import CommandError
 from agent.config import Config
 from agent.desired import Desired, DesiredState
 from agent.errors import (
+    AcceleratorError,
     EdgeAgentError,
     ModelError,
     RefusedError,
@@ -144,6 +145,8 @@ class _Journal:
         self.attempt: Attempt | None = None
         self.applied: dict[str, Any] | None = None  # Desired.to_dict() of the last one done
         self.bad: list[dict[str, Any]] = []  # {"model", "version", "at", "reason"}
+        self.crashes: dict[str, int] = {}  # "model@version" -> unclean starts mid-update
+        self.pinned = False  # a desired state is in force: the channel is not followed
         self._load()
 
     def _load(self) -> None:
@@ -156,6 +159,8 @@ class _Journal:
                 self.attempt = Attempt(**attempt)
             self.applied = doc.get("applied")
             self.bad = list(doc.get("bad", []))
+            self.crashes = dict(doc.get("crashes", {}))
+            self.pinned = bool(doc.get("pinned", False))
         except FileNotFoundError:
             pass
         except (OSError, ValueError, TypeError, AttributeError) as exc:
@@ -168,6 +173,8 @@ class _Journal:
             "attempt": asdict(self.attempt) if self.attempt else None,
             "applied": self.applied,
             "bad": self.bad[-BAD_MAX:],
+            "crashes": self.crashes,
+            "pinned": self.pinned,
         }
         try:
             write_atomic(self.path, (json.dumps(doc, indent=2) + "\n").encode())
@@ -233,6 +240,9 @@ class Updates:
         self._ignored: set[tuple[str, int, float]] = set()  # desired states reported ignored
         self._probation: Attempt | None = None
         self._supersede = False  # a new target came during probation: end it early
+        self._phase_started = time.monotonic()  # for deadlines: immune to clock steps
+        self._probation_end = 0.0  # monotonic
+        self._desired_seen = False  # a desired-state message arrived since start
 
     # -- start and stop --------------------------------------------------------------
 
@@ -254,9 +264,13 @@ class Updates:
             if not attempt.clean_stop:
                 attempt.starts += 1
             attempt.clean_stop = False
-            attempt.phase, attempt.deadline_s = "probation", self.config.update.probation_s
+            window = self.config.update.probation_s
+            attempt.phase, attempt.deadline_s = "probation", window
             if attempt.probation_until is None:  # it stopped while activating
-                attempt.probation_until = time.time() + self.config.update.probation_s
+                attempt.probation_until = time.time() + window
+            # The wall clock may have stepped since (no RTC, NTP at boot): clamp.
+            left = min(max(attempt.probation_until - time.time(), 0.0), window)
+            self._probation_end = time.monotonic() + left
             self.journal.save()
             limit = self.config.update.crash_loop_restarts
             if attempt.starts >= limit:
@@ -267,12 +281,28 @@ class Updates:
                     attempt.starts,
                 )
                 self._roll_back(
-                    attempt, f"crash loop: the agent restarted {attempt.starts} times in probation"
+                    attempt,
+                    f"crash loop: the agent restarted {attempt.starts} times in probation",
+                    serve=False,  # the service loads the active release next
                 )
             else:
                 self._probation = attempt
             return
         phase = attempt.phase
+        key = f"{attempt.model}@{attempt.version}"
+        crashes = self.journal.crashes.get(key, 0) + (not attempt.clean_stop)
+        self.journal.crashes[key] = crashes
+        limit = self.config.update.crash_loop_restarts
+        if phase in ("validating", "activating") and crashes >= limit:
+            # Loading or testing this release keeps killing the agent (a segfault in a
+            # delegate, the OOM killer): stop trying it.
+            self._finish(
+                attempt,
+                "failed",
+                f"the agent died {crashes} times in phase {phase} of this release",
+                bad=True,
+            )
+            return
         self._finish(
             attempt,
             "failed",
@@ -280,20 +310,62 @@ class Updates:
             transient=True,
         )
 
+    def fall_back(self, reason: str) -> Release | None:
+        """The active release cannot be loaded: make the newest earlier stored one active.
+
+        Marks the failing version bad. Returns the release now active, or None when
+        there is none to go back to (then nothing changed).
+        """
+        pointer = self.store.pointer()
+        if pointer is None:
+            return None
+        stored = self.store.versions(pointer.model)
+        earlier = [v for v in reversed(pointer.history) if v != pointer.version and v in stored]
+        if not earlier:
+            return None
+        release = self.store.release(pointer.model, earlier[0])
+        if release is None:
+            return None
+        try:
+            self.store.verify(release)
+            with self.store.lock():
+                self.store.activate(release, rolled_back_from=pointer.version)
+        except EdgeAgentError as exc:
+            log.error("cannot fall back to v%d: %s", release.version, exc)
+            return None
+        attempt = self.journal.attempt
+        if attempt is not None and attempt.outcome is None and attempt.version == pointer.version:
+            self._probation = None
+            self._finish(attempt, "rolled_back", reason, bad=True)
+        else:
+            self.journal.mark_bad(pointer.model, pointer.version, reason)
+            self.journal.save()
+        self.reporter.event(
+            "rolled_back", {"from": pointer.version, "to": release.version, "reason": reason}
+        )
+        return release
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="updates", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker. An update in probation goes on at the next start."""
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the worker; False when it is still busy (a download that will not end).
+
+        An update in probation goes on at the next start; one stopped mid-way ends
+        ``failed`` (retried at the next start).
+        """
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        attempt = self._probation
+            if self._thread.is_alive():
+                return False
+        attempt = self.journal.attempt
         if attempt is not None and attempt.outcome is None:
             attempt.clean_stop = True  # not a crash: the next start does not count it
             self.journal.save()
+        return True
 
     # -- inputs (any thread) ------------------------------------------------------------
 
@@ -306,6 +378,7 @@ class Updates:
             self.reporter.event("desired_invalid", {"topic": message.topic, "error": str(exc)})
             return
         log.info("desired state from %s: %s", message.topic, desired or "cleared")
+        self._desired_seen = True
         attempt = self._probation
         winner = self.desired.winner()
         if attempt is not None and winner is not None:
@@ -390,9 +463,9 @@ class Updates:
         attempt = self.journal.attempt
         if attempt is None or attempt.outcome is not None or attempt.deadline_s is None:
             return None
-        if attempt.phase == "probation":
-            return None
-        late = time.time() - attempt.phase_at - attempt.deadline_s
+        if attempt.phase not in ("validating", "activating"):
+            return None  # the registry's own deadlines bound downloads; probation is a window
+        late = time.monotonic() - self._phase_started - attempt.deadline_s
         if late > DEADLINE_GRACE_S:
             return f"phase {attempt.phase} of v{attempt.version} exceeded its deadline"
         return None
@@ -466,17 +539,36 @@ class Updates:
             self._stop.wait(0.1)
 
     def _sleep_s(self) -> float:
-        waits = [when - time.monotonic() for when, _ in self._retry_at.values()]
-        if self.config.registry.url is not None and self.desired.winner() is None:
-            waits.append(self._next_poll - time.monotonic())
-        return min([60.0, *waits]) if waits else 60.0
+        now = time.monotonic()
+        waits = [when - now for when, _ in list(self._retry_at.values()) if when > now]
+        if self._following_channel():
+            waits.append(self._next_poll - now)
+        return max(0.2, min([60.0, *waits]))
+
+    def _following_channel(self) -> bool:
+        """No desired state in force: follow the registry channel.
+
+        A device that was given a desired state stays on it across restarts until the
+        fleet clears it, even while the broker cannot be reached.
+        """
+        if self.config.registry.url is None or self.config.model.name is None:
+            return False
+        if self.desired.winner() is not None:
+            return False
+        return not (self.journal.pinned and not self._desired_seen)
 
     def _next_target(self) -> tuple[str, int, str, float | None, bool] | None:
         """(model, version, source, issued_at, allow_downgrade) to apply now, or None."""
         desired = self.desired.winner()
         if desired is not None:
+            if not self.journal.pinned:
+                self.journal.pinned = True
+                self.journal.save()
             return self._from_desired(desired)
-        if self.config.registry.url is None or self.config.model.name is None:
+        if self.journal.pinned and self._desired_seen:  # the fleet cleared it
+            self.journal.pinned = False
+            self.journal.save()
+        if not self._following_channel():
             return None
         now = time.monotonic()
         if now >= self._next_poll:
@@ -488,7 +580,7 @@ class Updates:
         if version is None or not self._wanted_from_channel(version):
             return None
         model = self.config.model.name
-        if not self._due(model, version):
+        if model is None or not self._due(model, version):
             return None
         return (model, version, f"channel:{self.config.model.channel}", None, False)
 
@@ -584,32 +676,43 @@ class Updates:
             "update_started",
             {"model": model, "version": version, "source": source, "id": attempt.id},
         )
-        try:
-            with self._lock:
+        with self._lock:
+            try:
                 release = self._stage(attempt, allow_downgrade)
                 if release is None:  # it was the active one already
                     self._finish(attempt, "succeeded", "already active")
                     return
                 candidate = self._validate(attempt, release)
                 self._activate(attempt, release, candidate)
-        except _Failed as failure:
-            self._finish(
-                attempt,
-                "failed",
-                failure.reason,
-                transient=failure.transient,
-                bad=failure.bad,
-            )
-            return
-        if self.config.update.probation_s > 0:
-            attempt.probation_until = time.time() + self.config.update.probation_s
-            self._phase(attempt, "probation", self.config.update.probation_s)
-            self._probation = attempt
-        else:
-            self._finish(attempt, "succeeded", "")
+            except _Failed as failure:
+                self._finish(
+                    attempt,
+                    "failed",
+                    failure.reason,
+                    transient=failure.transient,
+                    bad=failure.bad,
+                )
+                return
+            except Exception as exc:  # a bug, MemoryError: end it all the same, and say so
+                log.exception("update to v%d failed unexpectedly", version)
+                self._restore(pointer)
+                self._finish(attempt, "failed", f"internal error: {exc!r}", transient=True)
+                return
+            window = self.config.update.probation_s
+            if window > 0:
+                attempt.probation_until = time.time() + window
+                self._probation_end = time.monotonic() + window
+                self._supersede = False
+                self._probation = attempt  # under the lock: a rollback command sees it
+                self._phase(attempt, "probation", window)
+            else:
+                self._finish(attempt, "succeeded", "")
 
     def _stage(self, attempt: Attempt, allow_downgrade: bool) -> Release | None:
-        registry = Registry.from_config(self.config.registry)
+        try:
+            registry = Registry.from_config(self.config.registry)
+        except UpdateError as exc:  # no registry.url: a desired state cannot be fetched
+            raise _Failed(str(exc)) from exc
         try:
             updater = Updater(self.config, self.store, registry, model=attempt.model)
             staged = updater.stage(
@@ -634,13 +737,20 @@ class Updates:
         crash_point("update_validating")
         try:
             candidate = self.serving.load(release)
+        except AcceleratorError as exc:  # the TPU's fault, not the release's: try again
+            raise _Failed(f"cannot load on this device: {exc}", transient=True) from exc
         except ModelError as exc:
             raise _Failed(f"cannot load on this device: {exc}", bad=True) from exc
+        except MemoryError as exc:
+            raise _Failed("cannot load on this device: out of memory", bad=True) from exc
         try:
             report = self.validate(release, candidate)
         except ValidationError as exc:
             candidate.close()
             raise _Failed(f"validation: {exc}", bad=True) from exc
+        except MemoryError as exc:
+            candidate.close()
+            raise _Failed("validation: out of memory", bad=True) from exc
         except EdgeAgentError as exc:  # the TPU failing, a store file unreadable: the device's
             candidate.close()
             raise _Failed(f"validation could not run: {exc}", transient=True) from exc
@@ -664,14 +774,15 @@ class Updates:
         except (ModelError, StoreError) as exc:
             candidate.close()
             self._restore(before)
-            transient = isinstance(exc, StoreError)
-            raise _Failed(f"activation: {exc}", transient=transient, bad=not transient) from exc
+            # It passed the gate: a stream that would not take it (a source down) or a
+            # busy store is the device's state, not the release's fault. Try again.
+            raise _Failed(f"activation: {exc}", transient=True) from exc
         self.publish_state()
 
     def _watch_probation(self) -> None:
         """Watch the new release until its window ends; roll back when it misbehaves."""
         attempt = self._probation
-        assert attempt is not None and attempt.probation_until is not None
+        assert attempt is not None
         cfg = self.config.update
         first = self.serving.stats()
         base_errors, base_results = (first.errors, first.results) if first else (0, 0)
@@ -706,7 +817,7 @@ class Updates:
                         f"{errors} errors so far)",
                     )
                     return
-                if time.time() >= attempt.probation_until:
+                if time.monotonic() >= self._probation_end:
                     self._probation = None
                     self._finish(
                         attempt,
@@ -716,8 +827,11 @@ class Updates:
                     return
             self._stop.wait(PROBATION_TICK_S)
 
-    def _roll_back(self, attempt: Attempt, reason: str) -> None:
-        """Go back to the attempt's previous release, mark its version bad, end it."""
+    def _roll_back(self, attempt: Attempt, reason: str, serve: bool = True) -> None:
+        """Go back to the attempt's previous release, mark its version bad, end it.
+
+        ``serve`` False (at start) only switches the store: the service loads it next.
+        """
         previous = attempt.previous
         release = self.store.release(*previous) if previous else None
         if release is None:
@@ -728,13 +842,15 @@ class Updates:
                 bad=True,
             )
             return
+        before = self.store.pointer()
         try:
             self.store.verify(release)
             with self.store.lock():
                 self.store.activate(release, rolled_back_from=attempt.version)
-            if self.serving.stats() is not None:  # at start nothing serves yet: load later
+            if serve:
                 self._serve(release)
         except EdgeAgentError as exc:
+            self._restore(before)  # the store names what serves: still the new release
             self._finish(attempt, "failed", f"{reason}; and going back failed: {exc}", bad=True)
             return
         self.reporter.event(
@@ -766,7 +882,10 @@ class Updates:
     def _phase(self, attempt: Attempt, phase: str, deadline_s: float | None = None) -> None:
         if deadline_s is None and phase in ("downloading", "verifying"):
             deadline_s = self.config.registry.deadline_s
+        if self._stop.is_set() and phase != "probation":
+            raise _Failed(f"stopped before phase {phase}", transient=True)
         attempt.phase, attempt.phase_at, attempt.deadline_s = phase, time.time(), deadline_s
+        self._phase_started = time.monotonic()
         self.journal.save()
         log.info("update v%d: %s", attempt.version, phase)
         self.reporter.event(
@@ -796,10 +915,16 @@ class Updates:
             self.journal.mark_bad(attempt.model, attempt.version, reason)
         elif outcome == "succeeded":
             self.journal.unmark(attempt.model, attempt.version)
+        if outcome == "succeeded":
+            self.journal.crashes.pop(f"{attempt.model}@{attempt.version}", None)
         if transient:
             _, tries = self._retry_at.get(key, (0.0, 0))
             delay = backoff_delay(tries + 1, RETRY_FIRST_S, self.config.update.retry_max_s, 0.5)
             self._retry_at[key] = (time.monotonic() + delay, tries + 1)
+        elif outcome == "failed" and attempt.issued_at is None:
+            # A channel's release refused (not found yet on a CDN, a bad signature): look
+            # again only after retry_max_s, never in a loop.
+            self._retry_at[key] = (time.monotonic() + self.config.update.retry_max_s, 0)
         else:
             self._retry_at.pop(key, None)
             if attempt.issued_at is not None:  # a desired state: done once, whatever came

@@ -46,7 +46,8 @@ if TYPE_CHECKING:
     from agent.store import Release
 
 MAX_SAMPLES = 1000
-MAX_ARRAY_BYTES = 256 * 1024 * 1024  # decompressed, all arrays of one file together
+MAX_ARRAY_BYTES = 64 * 1024 * 1024  # decompressed, all arrays of one file together
+MAX_FILE_BYTES = MAX_ARRAY_BYTES + 1024 * 1024  # a self-test file on disk
 WARMUP_RUNS = 3  # untimed: the first invokes pay for caches and lazy allocation
 
 Kind = Literal["input", "output"]
@@ -119,6 +120,12 @@ def _read_selftest(
     """The self-test's inputs, sample by sample, and its expected outputs, all checked."""
     inputs_entry = release.manifest.file(selftest.inputs)
     expect_entry = release.manifest.file(selftest.expect)
+    for entry in (inputs_entry, expect_entry):
+        # zipfile reads a member directory whole: bound the file before opening it
+        if entry.size > MAX_FILE_BYTES:
+            raise ValidationError(
+                f"selftest: {entry.name} is {entry.size} bytes, over {MAX_FILE_BYTES}"
+            )
     inputs = read_samples(
         release.path(inputs_entry), f"selftest: {inputs_entry.name}", "input", backend.inputs
     )
@@ -242,6 +249,8 @@ def _check_sizes(archive: zipfile.ZipFile, what: str) -> None:
                 raise ValidationError(f"{what}: {info.filename}: .npy format {version} refused")
         if dtype.hasobject:
             raise ValidationError(f"{what}: {info.filename} holds Python objects (a pickle)")
+        if any(not isinstance(d, int) or d < 0 for d in shape):
+            raise ValidationError(f"{what}: {info.filename} has a bad shape {tuple(shape)}")
         total += math.prod(shape) * dtype.itemsize
         if total > MAX_ARRAY_BYTES:
             raise ValidationError(

@@ -472,3 +472,29 @@ def test_sighup_reloads_the_config_and_keeps_running_on_an_invalid_one(
         assert agent.terminate() == 0
     finally:
         tap.close()
+
+
+def test_a_refused_channel_release_is_not_retried_in_a_loop(
+    tmp_path: Path, models: Models, agents: list[AgentProcess]
+) -> None:
+    """A channel naming a release the registry cannot serve (a CDN not caught up):
+    one failure, then quiet until update.retry_max_s, however often it polls."""
+    root = tmp_path / "registry"
+    publish_models(root, models.root, (1, 2))
+    (root / MODEL / "2" / "manifest.json").unlink()
+    agent = _agent(
+        tmp_path,
+        None,
+        root,
+        agents,
+        registry={"poll_interval_s": 0.2, "retries": 0},
+        update={"retry_max_s": 600},
+    )
+    (tmp_path / DEV).mkdir(exist_ok=True)
+    agent.start()
+    _wait(lambda: "update to v2 failed" in agent.log(), 30, "v2 refused", agent)
+    time.sleep(3.0)  # fifteen polls
+    assert agent.log().count("update to colours v2") == 1, agent.log()[-3000:]
+    assert agent.terminate() == 0
+    journal = agent.journal()
+    assert journal["attempt"]["version"] == 2 and journal["attempt"]["outcome"] == "failed"
