@@ -127,6 +127,19 @@ class AgentProcess:
         return doc
 
 
+def wait_alive(
+    condition: Callable[[], bool], timeout: float, what: str, agent: AgentProcess
+) -> None:
+    """Wait for ``condition`` while the agent lives; fail with the agent's log otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        assert agent.alive(), f"the agent died:\n{agent.log()[-4000:]}"
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {timeout} s\n--- agent log ---\n{agent.log()[-4000:]}")
+
+
 class NotifySocket:
     """A systemd-style NOTIFY_SOCKET: a datagram socket that records what arrives."""
 

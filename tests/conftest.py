@@ -21,6 +21,7 @@ from agent.registry import Registry
 from agent.store import Store
 from agent.updater import Updater
 from agent.verify import generate_keypair, sha256_file
+from tests.agentproc import AgentProcess, publish_models
 from tests.broker import Mosquitto, SecureBroker, start_secure_broker
 from tests.registry_server import RegistryServer
 
@@ -287,3 +288,23 @@ def secure_broker(tmp_path: Path) -> Iterator[SecureBroker]:
         yield secure
     finally:
         secure.broker.stop()
+
+
+# -- agents as subprocesses ----------------------------------------------------------------
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProcess]]:
+    """Agents a test starts; any still running at the end are SIGKILLed."""
+    running: list[AgentProcess] = []
+    yield running
+    for agent in running:
+        agent.close()
+
+
+@pytest.fixture
+def registry(tmp_path: Path, models: Models) -> Path:
+    """A ``file://`` registry with the generated colour classifier v1 on channel stable."""
+    root = tmp_path / "registry"
+    publish_models(root, models.root, (1,))
+    return root

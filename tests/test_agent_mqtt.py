@@ -9,34 +9,17 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.agentproc import AgentProcess, Tap, publish_models, seq_gaps
+from tests.agentproc import AgentProcess, Tap, publish_models, seq_gaps, wait_alive
 from tests.broker import Mosquitto, SecureBroker, subscriber
 from tests.conftest import Models
 
 DEV = "dev-1"
-
-
-@pytest.fixture
-def registry(tmp_path: Path, models: Models) -> Path:
-    root = tmp_path / "registry"
-    publish_models(root, models.root, (1,))
-    return root
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    running: list[AgentProcess] = []
-    yield running
-    for agent in running:
-        agent.close()
 
 
 def _agent(
@@ -84,14 +67,7 @@ def _outbox_counter(path: Path, name: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _wait(condition: Any, timeout: float, what: str, agent: AgentProcess) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        assert agent.alive(), f"the agent died:\n{agent.log()[-3000:]}"
-        time.sleep(0.05)
-    raise AssertionError(f"{what} within {timeout} s\n--- agent log ---\n{agent.log()[-3000:]}")
+_wait = wait_alive
 
 
 def test_last_will_says_offline_when_the_agent_is_killed(

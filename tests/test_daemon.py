@@ -26,27 +26,12 @@ import yaml
 from agent import modelgen
 from agent.fleet.publish import publish
 from agent.validate import npz_bytes
-from tests.agentproc import MODEL, AgentProcess, NotifySocket, Tap, publish_models
+from tests.agentproc import MODEL, AgentProcess, NotifySocket, Tap, publish_models, wait_alive
 from tests.broker import Collector, Mosquitto, subscriber
 from tests.conftest import Models
 from tests.registry_server import RegistryServer
 
 DEV = "dev-9"
-
-
-@pytest.fixture
-def registry(tmp_path: Path, models: Models) -> Path:
-    root = tmp_path / "registry"
-    publish_models(root, models.root, (1,))
-    return root
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    running: list[AgentProcess] = []
-    yield running
-    for agent in running:
-        agent.close()
 
 
 @pytest.fixture
@@ -79,14 +64,7 @@ def _tap(broker: Mosquitto) -> Tap:
     return Tap("127.0.0.1", broker.port, [f"edge/{DEV}/#"])
 
 
-def _wait(condition: Any, timeout: float, what: str, agent: AgentProcess) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        assert agent.alive(), f"the agent died:\n{agent.log()[-4000:]}"
-        time.sleep(0.05)
-    raise AssertionError(f"{what} within {timeout} s\n--- agent log ---\n{agent.log()[-4000:]}")
+_wait = wait_alive
 
 
 def _desire(
