@@ -47,6 +47,25 @@ class PullResult:
     note: str = ""
 
 
+def channel_hold(store: Store, model: str, channel: str, version: int) -> str | None:
+    """Why ``channel``'s ``version`` of ``model`` is not to be installed now, if it is not:
+    a channel never moves a device backwards, nor back to a version rolled back here."""
+    pointer = store.pointer()
+    if pointer is None or pointer.model != model:
+        return None
+    if version < pointer.version:
+        return (
+            f"v{pointer.version} is active, newer than channel {channel!r} (v{version}); "
+            "a channel never moves a device backwards"
+        )
+    if version in pointer.rolled_back:
+        return (
+            f"channel {channel!r} names v{version}, which was rolled back on this device; "
+            f"pull it explicitly with --version {version} to try it again"
+        )
+    return None
+
+
 class Updater:
     """Pulls releases of one model (default: the configured one) into the store."""
 
@@ -165,21 +184,7 @@ class Updater:
 
     def channel_hold(self, version: int) -> str | None:
         """Why the channel's ``version`` is not to be installed now, if it is not."""
-        pointer = self.store.pointer()
-        if pointer is None or pointer.model != self.model:
-            return None
-        channel = self.config.model.channel
-        if version < pointer.version:
-            return (
-                f"v{pointer.version} is active, newer than channel {channel!r} (v{version}); "
-                "a channel never moves a device backwards"
-            )
-        if version in pointer.rolled_back:
-            return (
-                f"channel {channel!r} names v{version}, which was rolled back on this device; "
-                f"pull it explicitly with --version {version} to try it again"
-            )
-        return None
+        return channel_hold(self.store, self.model, self.config.model.channel, version)
 
     def _fetch_manifest(self, version: int) -> tuple[bytes, bytes | None, Manifest]:
         where = f"{self.model}/{version}/manifest.json"

@@ -55,7 +55,7 @@ from agent.errors import (
 from agent.faults import crash_point
 from agent.registry import Registry
 from agent.store import Pointer, Release, Store
-from agent.updater import Updater
+from agent.updater import Updater, channel_hold
 
 if TYPE_CHECKING:
     from agent.mqtt import Incoming
@@ -319,19 +319,11 @@ class Updates:
         pointer = self.store.pointer()
         if pointer is None:
             return None
-        stored = self.store.versions(pointer.model)
-        earlier = [v for v in reversed(pointer.history) if v != pointer.version and v in stored]
-        if not earlier:
-            return None
-        release = self.store.release(pointer.model, earlier[0])
-        if release is None:
-            return None
-        try:
-            self.store.verify(release)
+        try:  # the previously active stored release, files re-checked; marks this one
             with self.store.lock():
-                self.store.activate(release, rolled_back_from=pointer.version)
+                release = self.store.rollback()
         except EdgeAgentError as exc:
-            log.error("cannot fall back to v%d: %s", release.version, exc)
+            log.error("cannot fall back from v%d: %s", pointer.version, exc)
             return None
         attempt = self.journal.attempt
         if attempt is not None and attempt.outcome is None and attempt.version == pointer.version:
@@ -608,11 +600,7 @@ class Updates:
             return False
         if self.journal.bad_mark(model, version) is not None:
             return False
-        registry = Registry.from_config(self.config.registry)
-        try:  # the channel rules (never backwards, not a rolled-back one) live there
-            return Updater(self.config, self.store, registry).channel_hold(version) is None
-        finally:
-            registry.close()
+        return channel_hold(self.store, model, self.config.model.channel, version) is None
 
     def _from_desired(self, desired: Desired) -> tuple[str, int, str, float, bool] | None:
         applied = self.journal.applied
