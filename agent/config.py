@@ -408,6 +408,11 @@ class UpdateConfig(_Section):
     retry_max_s: float = Field(
         default=300, gt=0, description="Longest wait before retrying a failed download."
     )
+    desired_public_key: FilePath | None = Field(
+        default=None,
+        description="Ed25519 public key (PEM) of the fleet's deploy key; when set, desired "
+        "state that is unsigned, signed by another key or meant for another target is refused.",
+    )
 
 
 class Config(_Section):
@@ -596,15 +601,21 @@ def preflight(config: Config) -> list[str]:
         "mqtt.ca": config.mqtt.ca,
         "mqtt.cert": config.mqtt.cert,
         "mqtt.key": config.mqtt.key,
+        "update.desired_public_key": config.update.desired_public_key,
     }
     for key, path in files.items():
         if path is not None and not os.access(path, os.R_OK):
             problems.append(f"{key}: cannot read {path}")
-    if config.registry.public_key is not None and not problems:
-        try:
-            load_public_key(config.registry.public_key)
-        except EdgeAgentError as exc:
-            problems.append(str(exc))
+    keys = {
+        "registry.public_key": config.registry.public_key,
+        "update.desired_public_key": config.update.desired_public_key,
+    }
+    for key, path in keys.items():
+        if path is not None and not problems:
+            try:
+                load_public_key(path, key)
+            except EdgeAgentError as exc:
+                problems.append(str(exc))
     store_dir = config.store.dir
     existing = store_dir
     while not existing.exists() and existing != existing.parent:

@@ -5,21 +5,38 @@ The fleet publishes retained ``{"model": NAME, "version": N, "issued_at": …}``
 own wins over its groups'; among groups the most recently issued wins. An empty
 retained message clears a source. Parsing is strict about the three fields it acts on
 and ignores others, so the fleet side can add to the document without breaking devices.
+
+Signed desired state (``edge-fleet deploy --sign-key``) adds two fields: ``target``
+(``device:<id>`` or ``group:<name>``: the topic it was made for, so it cannot be
+replayed onto another device's or group's topic) and ``signature``, the base64 Ed25519
+signature of :func:`canonical` of the document. A device with
+``update.desired_public_key`` set refuses a document without a valid one; a document
+issued before the one the device last applied is refused as stale by the updater.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import json
 import math
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import MODEL_NAME_PATTERN
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
 MAX_PAYLOAD = 4096
+SIGNATURE = "signature"
 
 
 @dataclass(frozen=True)
@@ -63,9 +80,58 @@ def _issued_at(value: Any) -> float:
     raise ValueError("issued_at: must be seconds since the epoch or an ISO 8601 time")
 
 
-def parse_desired(payload: bytes, source: str) -> Desired | None:
+def canonical(doc: Mapping[str, Any]) -> bytes:
+    """The bytes a desired state's signature covers: every field but ``signature``, as
+    compact JSON with sorted keys (the same on the fleet side and on the device)."""
+    body = {k: v for k, v in doc.items() if k != SIGNATURE}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def sign_desired(doc: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    """``doc`` with its ``signature`` (it should carry ``target``)."""
+    signature = base64.b64encode(key.sign(canonical(doc))).decode()
+    return {**{k: v for k, v in doc.items() if k != SIGNATURE}, SIGNATURE: signature}
+
+
+def target_of(source: str, device: str) -> str:
+    """The ``target`` a signed desired state for ``source`` carries."""
+    return f"device:{device}" if source == "device" else source
+
+
+def _check_signature(doc: dict[str, Any], key: Ed25519PublicKey) -> None:
+    from cryptography.exceptions import InvalidSignature
+
+    signature = doc.get(SIGNATURE)
+    if signature is None:
+        raise ValueError("signature: missing, and update.desired_public_key requires one")
+    if not isinstance(signature, str):
+        raise ValueError("signature: not a base64 string")
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("signature: not a base64 string") from None
+    try:
+        key.verify(raw, canonical(doc))
+    except ValueError as exc:  # NaN or Infinity in the document
+        raise ValueError(f"cannot check the signature: {exc}") from None
+    except InvalidSignature:
+        raise ValueError(
+            "signature: bad (signed by another key than update.desired_public_key, "
+            "or changed after signing)"
+        ) from None
+
+
+def parse_desired(
+    payload: bytes,
+    source: str,
+    *,
+    target: str | None = None,
+    key: Ed25519PublicKey | None = None,
+) -> Desired | None:
     """The desired state in ``payload``; None for an empty (cleared) one.
 
+    ``target`` is what a ``target`` field must say (checked whenever the field is
+    there); with ``key``, a valid signature and the ``target`` field are required.
     Raises ValueError naming the field that is wrong.
     """
     if not payload:
@@ -78,6 +144,12 @@ def parse_desired(payload: bytes, source: str) -> Desired | None:
         raise ValueError(f"not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
+    if key is not None:
+        _check_signature(doc, key)
+        if "target" not in doc:
+            raise ValueError("target: missing, and a signed desired state must name it")
+    if "target" in doc and target is not None and doc["target"] != target:
+        raise ValueError(f"target: {doc['target']!r} is not this topic's ({target!r})")
     for name in ("model", "version", "issued_at"):
         if name not in doc:
             raise ValueError(f"{name}: missing")
@@ -100,8 +172,16 @@ def desired_topics(prefix: str, device: str, groups: list[str]) -> dict[str, str
 class DesiredState:
     """The latest desired state from each source; safe to use from any thread."""
 
-    def __init__(self, prefix: str, device: str, groups: list[str]) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        device: str,
+        groups: list[str],
+        key: Ed25519PublicKey | None = None,
+    ) -> None:
         self._topics = desired_topics(prefix, device, groups)
+        self._device = device
+        self._key = key
         self._lock = threading.Lock()
         self._by_source: dict[str, Desired] = {}
 
@@ -120,7 +200,9 @@ class DesiredState:
         if source is None:
             raise ValueError(f"{topic}: not a desired-state topic of this device")
         try:
-            desired = parse_desired(payload, source)
+            desired = parse_desired(
+                payload, source, target=target_of(source, self._device), key=self._key
+            )
         except ValueError:
             with self._lock:
                 self._by_source.pop(source, None)

@@ -93,6 +93,7 @@ class Service:
             handlers=handlers,
             environ=environ,
             observe=observe,
+            status={"groups": list(config.device.groups)},
         )
         link = self.telemetry.link
         self.updates = Updates(

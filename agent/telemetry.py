@@ -128,11 +128,15 @@ class Telemetry:
         handlers: Mapping[str, Callable[[Incoming], None]] | None = None,
         environ: dict[str, str] | None = None,
         observe: Callable[[str, Mapping[str, Any]], None] | None = None,
+        status: Mapping[str, Any] | None = None,
     ) -> None:
         """Build (no I/O but reading the password); ``handlers`` maps whole topic filters
         (``edge/<device>/cmd/+``, the desired-state topics) to functions called on
         paho's thread; each is subscribed to on every connect. ``observe`` sees every
         record (stream, document) as it is made (``edge-agent demo`` prints them).
+        ``status`` is added to every status message, the Last Will's too (the device's
+        groups, so the fleet side knows the members of a group even while they are
+        offline).
 
         Raises ConfigError (from the Link) for unusable MQTT settings.
         """
@@ -148,6 +152,7 @@ class Telemetry:
         self.max_inflight = mqtt.max_inflight
         self.observe = observe
         self._handlers = dict(handlers or {})
+        self._status = dict(status or {})
         self._queue: collections.deque[Record] = collections.deque()
         self._busy = False  # the writer holds records taken from the queue, not yet written
         self._acked_rows: list[int] = []  # acknowledged, not yet deleted from the outbox
@@ -166,7 +171,13 @@ class Telemetry:
         self._pause_until = 0.0  # after a deferred message: no sending before this
         self.link: Link | None = None
         if mqtt.url is not None:
-            offline = {"schema": 1, "state": "offline", "ts": now_ts(), "reason": "lost"}
+            offline = {
+                "schema": 1,
+                "state": "offline",
+                "ts": now_ts(),
+                "reason": "lost",
+                **self._status,
+            }
             self.link = Link(
                 mqtt,
                 device,
@@ -263,7 +274,7 @@ class Telemetry:
         if self.link is not None:
             final = None
             try:
-                body = {"ts": now_ts(), "state": "offline", "reason": "stopped"}
+                body = {"ts": now_ts(), "state": "offline", "reason": "stopped", **self._status}
                 offline = Record("status", self.topics("status"), body, retain=True, keep=False)
                 (message,), _ = self.outbox.write([offline])
                 final = (message.topic, message.payload)
@@ -304,7 +315,7 @@ class Telemetry:
 
     def _on_connect(self, session_present: bool) -> None:
         self._reconnected.set()
-        self.record("status", {"state": "online"}, retain=True, keep=False)
+        self.record("status", {"state": "online", **self._status}, retain=True, keep=False)
 
     def _on_ack(self, mid: int, code: int, reason: str) -> None:
         self._acks.append((mid, code, reason))
@@ -335,7 +346,9 @@ class Telemetry:
             now = time.monotonic()
             if now >= next_tick and not self._stop.is_set():
                 try:
-                    self.record("telemetry", self._telemetry())
+                    # retained: the fleet's `devices` shows the latest figures at once,
+                    # and the last known ones of a device that is offline
+                    self.record("telemetry", self._telemetry(), retain=True)
                 except Exception:  # a sensor must not stop the outbox
                     log.exception("telemetry sample failed")
                 next_tick = max(next_tick + self.interval_s, now)

@@ -56,6 +56,7 @@ from agent.faults import crash_point
 from agent.registry import Registry
 from agent.store import Pointer, Release, Store
 from agent.updater import Updater, channel_hold
+from agent.verify import load_public_key
 
 if TYPE_CHECKING:
     from agent.mqtt import Incoming
@@ -134,6 +135,7 @@ class Attempt:
             "reason": self.reason or None,
             "started_at": round(self.started_at, 3),
             "deadline_s": self.deadline_s,
+            "retry": self.transient if self.outcome == "failed" else None,
         }
 
 
@@ -224,8 +226,12 @@ class Updates:
         self.reporter = reporter
         self.validate = validate
         self.connected = connected
+        key_path = config.update.desired_public_key
         self.desired = DesiredState(
-            config.mqtt.topic_prefix, config.device.id, list(config.device.groups)
+            config.mqtt.topic_prefix,
+            config.device.id,
+            list(config.device.groups),
+            load_public_key(key_path, "update.desired_public_key") if key_path else None,
         )
         self.journal = _Journal(store.root / JOURNAL)
         self.last_error = ""
@@ -609,12 +615,13 @@ class Updates:
             if desired.key == key:
                 return None  # done (or refused) once: the same instruction is not redone
             if desired.issued_at < applied["issued_at"]:
-                self._ignore(desired, "issued before the desired state already applied")
+                self._ignore(desired, "stale: issued before the desired state already applied")
                 return None
         mark = self.journal.bad_mark(desired.model, desired.version)
         if mark is not None and mark["at"] >= desired.issued_at:
             self._ignore(desired, f"v{desired.version} failed on this device: {mark['reason']}")
             self._applied(desired)
+            self.publish_state()
             return None
         pointer = self.store.pointer()
         if pointer is not None and (pointer.model, pointer.version) == (

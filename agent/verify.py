@@ -49,14 +49,14 @@ def check_file(path: Path, size: int, sha256: str, what: str) -> None:
         raise VerificationError(f"{what}: sha256 {actual} does not match manifest {sha256}")
 
 
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    """Load a PEM Ed25519 public key. Raises VerificationError naming the file."""
+def load_public_key(path: Path, what: str = "registry.public_key") -> Ed25519PublicKey:
+    """Load a PEM Ed25519 public key. Raises VerificationError naming ``what`` and the file."""
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise VerificationError(f"registry.public_key: cannot load {path}: {exc}") from exc
+        raise VerificationError(f"{what}: cannot load {path}: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):
-        raise VerificationError(f"registry.public_key: {path} is not an Ed25519 public key")
+        raise VerificationError(f"{what}: {path} is not an Ed25519 public key")
     return key
 
 

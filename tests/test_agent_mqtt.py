@@ -82,7 +82,13 @@ def test_last_will_says_offline_when_the_agent_is_killed(
         will = tap.docs("/status")[-1]
     finally:
         tap.close()
-    assert will == {"schema": 1, "state": "offline", "ts": will["ts"], "reason": "lost"}
+    assert will == {
+        "schema": 1,
+        "state": "offline",
+        "ts": will["ts"],
+        "reason": "lost",
+        "groups": [],  # so the fleet side knows group members that are offline
+    }
     late = subscriber(broker.url, [f"edge/{DEV}/status"])  # and it is retained
     try:
         assert json.loads(late.wait_for_topic(f"edge/{DEV}/status").payload)["state"] == "offline"

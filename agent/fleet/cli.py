@@ -1,21 +1,40 @@
-"""``edge-fleet``: the operator's commands (keygen, publish, acl).
+"""``edge-fleet``: the operator's commands (keygen, publish, acl, deploy, rollout,
+devices, telemetry, status).
 
-Exit codes as DESIGN.md: 0 success, 1 the operation failed, 2 bad usage (including
-device ids, group or admin names that cannot be used in topics, and publish options
-that do not go together).
+Exit codes as DESIGN.md: 0 success, 1 the operation failed (the broker unreachable, a
+rollout halted, a device that did not take its desired state), 2 bad usage (including
+device ids, group or admin names that cannot be used in topics, and options that do
+not go together). The broker options default to ``EDGE_FLEET_BROKER``,
+``EDGE_FLEET_CA``, ``EDGE_FLEET_CERT``, ``EDGE_FLEET_KEY`` and ``EDGE_FLEET_USERNAME``
+(password: ``--password-file`` or ``EDGE_FLEET_PASSWORD``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from agent.atomic import write_atomic
 from agent.errors import ConfigError, EdgeAgentError
-from agent.fleet.acl import render_acl
+from agent.fleet.acl import check_device_id, check_prefix, render_acl
+from agent.fleet.broker import BrokerOptions, FleetBroker
+from agent.fleet.deploy import Watched, desired_payload, desired_topic, issue_time, watch
 from agent.fleet.publish import publish
+from agent.fleet.rollout import plan, rollout
+from agent.fleet.view import (
+    FOLLOWED,
+    REPORTS,
+    FleetView,
+    describe,
+    devices_table,
+    model_status,
+    status_text,
+)
 from agent.manifest import TASKS
 from agent.verify import generate_keypair
 
@@ -106,7 +125,99 @@ def _parser() -> argparse.ArgumentParser:
     )
     acl.add_argument("--prefix", default="edge", help="topic prefix (default: edge)")
     acl.add_argument("--out", type=Path, help="write this file atomically (default: stdout)")
+
+    deploy = sub.add_parser("deploy", help="set the desired release of a device or a group")
+    _broker_options(deploy)
+    deploy.add_argument("--model", help="model name")
+    deploy.add_argument("--version", type=int, help="release version (a lower one rolls back)")
+    where = deploy.add_mutually_exclusive_group(required=True)
+    where.add_argument("--device", help="one device id")
+    where.add_argument("--group", help="every device of a group without its own desired state")
+    deploy.add_argument("--sign-key", type=Path, help="Ed25519 private key (from keygen)")
+    deploy.add_argument(
+        "--clear", action="store_true", help="remove the desired state instead (no --model)"
+    )
+    deploy.add_argument(
+        "--wait",
+        type=float,
+        metavar="S",
+        help="wait up to S seconds for the devices' terminal states (exit 1 unless all succeed)",
+    )
+    deploy.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
+    roll = sub.add_parser("rollout", help="roll a release out to a group in steps")
+    _broker_options(roll)
+    roll.add_argument("--model", required=True, help="model name")
+    roll.add_argument("--version", required=True, type=int, help="release version")
+    roll.add_argument("--group", required=True, help="the group (devices name it in their status)")
+    roll.add_argument(
+        "--canary",
+        type=float,
+        default=10.0,
+        metavar="PCT",
+        help="share of the group updated first, at least one device (default 10; 0: none)",
+    )
+    roll.add_argument(
+        "--step", type=float, default=25.0, metavar="PCT", help="share per later step (default 25)"
+    )
+    roll.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        metavar="S",
+        help="seconds a step waits for its devices; silent ones count as failed (default 900)",
+    )
+    roll.add_argument("--sign-key", type=Path, help="Ed25519 private key (from keygen)")
+    roll.add_argument("--json", action="store_true", help="print the outcome as JSON at the end")
+
+    devices = sub.add_parser("devices", help="a table of every device and what it runs")
+    _broker_options(devices)
+    devices.add_argument("--group", help="only the devices of this group")
+    devices.add_argument("--json", action="store_true", help="print JSON")
+
+    follow = sub.add_parser("telemetry", help="follow telemetry, results and events live")
+    _broker_options(follow)
+    follow.add_argument("--device", help="only this device")
+    follow.add_argument(
+        "--stream",
+        action="append",
+        choices=FOLLOWED,
+        help="only these streams (repeatable; default: all three)",
+    )
+    follow.add_argument("--seconds", type=float, help="stop after S seconds (default: Ctrl-C)")
+    follow.add_argument("--count", type=int, help="stop after N messages")
+    follow.add_argument("--json", action="store_true", help="JSON lines")
+
+    status = sub.add_parser("status", help="which versions of a model run where")
+    _broker_options(status)
+    status.add_argument("--model", required=True, help="model name")
+    status.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def _broker_options(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "--broker",
+        default=env("EDGE_FLEET_BROKER"),
+        metavar="URL",
+        help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (default: $EDGE_FLEET_BROKER)",
+    )
+    parser.add_argument("--ca", type=Path, default=env("EDGE_FLEET_CA"), help="broker CA (PEM)")
+    parser.add_argument(
+        "--cert", type=Path, default=env("EDGE_FLEET_CERT"), help="operator certificate (mTLS)"
+    )
+    parser.add_argument("--key", type=Path, default=env("EDGE_FLEET_KEY"), help="its private key")
+    parser.add_argument("--username", default=env("EDGE_FLEET_USERNAME"), help="broker user")
+    parser.add_argument("--password-file", type=Path, help="file holding the password")
+    parser.add_argument("--prefix", default="edge", help="topic prefix (default: edge)")
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the broker's answers (default 10)",
+    )
 
 
 def _devices(specs: list[str]) -> dict[str, list[str]]:
@@ -130,6 +241,202 @@ def _acl(args: argparse.Namespace) -> None:
         return
     write_atomic(args.out, text.encode(), mode=0o644)  # mosquitto reads it after setuid
     print(f"wrote {args.out}: {len(devices)} device(s), admins: {', '.join(admins)}")
+
+
+def _broker(args: argparse.Namespace) -> FleetBroker:
+    """The connection the options describe (not connected); ConfigError names the option."""
+    if not args.broker:
+        raise ConfigError(["--broker: required (or set EDGE_FLEET_BROKER)"])
+    problem = check_prefix(args.prefix)
+    if problem:
+        raise ConfigError([f"--prefix: {problem}"])
+    return FleetBroker(
+        BrokerOptions(
+            url=args.broker,
+            ca=args.ca,
+            cert=args.cert,
+            key=args.key,
+            username=args.username,
+            password_file=args.password_file,
+            prefix=args.prefix,
+            timeout_s=args.connect_timeout,
+        )
+    )
+
+
+def _check_names(device: str | None = None, group: str | None = None) -> None:
+    problems = []
+    if device is not None and (problem := check_device_id(device)):
+        problems.append(f"--device: {problem}")
+    if group is not None and (problem := check_device_id(group)):
+        problems.append(f"--group: {problem.replace('device id', 'group name')}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    _check_names(args.device, args.group)
+    if args.clear and (args.model or args.version is not None or args.sign_key):
+        raise ConfigError(["--clear: takes no --model, --version or --sign-key"])
+    if not args.clear and (not args.model or args.version is None):
+        raise ConfigError(["--model and --version are required (or --clear)"])
+    if args.version is not None and args.version < 1:
+        raise ConfigError([f"--version: {args.version} is not a positive integer"])
+    target = f"device:{args.device}" if args.device else f"group:{args.group}"
+    view = FleetView(args.prefix)
+    topic = desired_topic(args.prefix, target)
+    quiet = _say if not args.json else (lambda line: None)
+    with _broker(args) as broker:
+        _load(broker, view, ("status", "state", "desired", "events"))
+        if args.clear:
+            broker.publish(topic, b"")
+            quiet(f"cleared the desired state on {topic}")
+            if args.json:
+                print(json.dumps({"topic": topic, "cleared": True}))
+            return 0
+        issued_at = issue_time()
+        broker.publish(
+            topic, desired_payload(args.model, args.version, target, issued_at, args.sign_key)
+        )
+        signed = ", signed" if args.sign_key else ""
+        quiet(
+            f"deployed {args.model} v{args.version} to {target.replace(':', ' ')} "
+            f"(retained on {topic}{signed})"
+        )
+        members = [args.device] if args.device else view.members(args.group)
+        shadowed = []
+        if args.group:
+            shadowed = [m for m in members if view.devices[m].desired is not None]
+            if shadowed:
+                print(
+                    f"edge-fleet: warning: {len(shadowed)} device(s) of group {args.group} have "
+                    f"their own desired state, which wins: {', '.join(shadowed)} (remove it "
+                    "with deploy --device ID --clear)",
+                    file=sys.stderr,
+                )
+            if not members:
+                print(
+                    f"edge-fleet: warning: no device reports group {args.group} yet",
+                    file=sys.stderr,
+                )
+        watched = [Watched(m, topic, issued_at) for m in members if m not in shadowed]
+        result: dict[str, Any] = {
+            "topic": topic,
+            "target": target,
+            "model": args.model,
+            "version": args.version,
+            "issued_at": issued_at,
+            "signed": bool(args.sign_key),
+            "shadowed": shadowed,
+        }
+        ok = True
+        if args.wait is not None:
+            quiet(f"waiting up to {args.wait:g} s for {len(watched)} device(s)")
+            watch(broker, view, watched, args.model, args.version, args.wait, quiet)
+            result["devices"] = [w.to_dict() for w in watched]
+            ok = all(w.verdict.status == "succeeded" for w in watched) and not shadowed
+            done = sum(w.verdict.status == "succeeded" for w in watched)
+            quiet(f"{done} of {len(watched) + len(shadowed)} device(s) run v{args.version}")
+        if args.json:
+            print(json.dumps(result, indent=2))
+        return 0 if ok else 1
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    _check_names(group=args.group)
+    if args.version < 1:
+        raise ConfigError([f"--version: {args.version} is not a positive integer"])
+    if args.timeout <= 0:
+        raise ConfigError([f"--timeout: {args.timeout:g} is not a positive number of seconds"])
+    plan([], args.group, args.canary, args.step)  # checks the percentages before connecting
+    view = FleetView(args.prefix)
+    say = _say if not args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    with _broker(args) as broker:
+        _load(broker, view, ("status", "state", "desired", "events"))
+        outcome = rollout(
+            broker,
+            view,
+            model=args.model,
+            version=args.version,
+            group=args.group,
+            canary_pct=args.canary,
+            step_pct=args.step,
+            timeout_s=args.timeout,
+            sign_key=args.sign_key,
+            say=say,
+        )
+    say(outcome.summary())
+    if args.json:
+        print(json.dumps(outcome.to_dict(), indent=2))
+    return 0 if outcome.succeeded else 1
+
+
+def _load(broker: FleetBroker, view: FleetView, streams: tuple[str, ...] = REPORTS) -> None:
+    """Connect and take the retained reports of the fleet into ``view``."""
+    broker.connect(view.subscriptions(streams))
+    for message in broker.messages():
+        view.take(message)
+
+
+def _snapshot(args: argparse.Namespace) -> FleetView:
+    view = FleetView(args.prefix)
+    with _broker(args) as broker:
+        _load(broker, view)
+    return view
+
+
+def _devices_cmd(args: argparse.Namespace) -> int:
+    if args.group:
+        _check_names(group=args.group)
+    view = _snapshot(args)
+    if args.group:
+        keep = set(view.members(args.group))
+        view.devices = {k: v for k, v in view.devices.items() if k in keep}
+    if args.json:
+        print(json.dumps([d.row() for d in view.reporting()], indent=2))
+    else:
+        print(devices_table(view))
+    return 0
+
+
+def _status_cmd(args: argparse.Namespace) -> int:
+    view = _snapshot(args)
+    status = model_status(view, args.model)
+    print(json.dumps(status, indent=2) if args.json else status_text(status))
+    return 0
+
+
+def _follow(args: argparse.Namespace) -> int:
+    if args.device:
+        _check_names(args.device)
+    view = FleetView(args.prefix)
+    streams = tuple(args.stream or FOLLOWED)
+    topics = view.subscriptions(streams, device=args.device or "+")
+    deadline = time.monotonic() + args.seconds if args.seconds is not None else None
+    seen = 0
+    with _broker(args) as broker:
+        broker.connect(topics)
+        while args.count is None or seen < args.count:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            for message in broker.messages(timeout=min(0.5, left) if left else 0.5):
+                report = view.take(message)
+                if report is None or message.retained or report.device is None:
+                    continue  # retained telemetry is the last known, not live news
+                if args.json:
+                    line = {"device": report.device, "stream": report.stream, "doc": report.doc}
+                    print(json.dumps(line), flush=True)
+                else:
+                    print(describe(report), flush=True)
+                seen += 1
+                if args.count is not None and seen >= args.count:
+                    break
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +470,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{verb}: {args.model} v{args.version} at {result.folder}{channels}")
         elif args.command == "acl":
             _acl(args)
+        elif args.command == "deploy":
+            return _deploy(args)
+        elif args.command == "rollout":
+            return _rollout(args)
+        elif args.command == "devices":
+            return _devices_cmd(args)
+        elif args.command == "status":
+            return _status_cmd(args)
+        elif args.command == "telemetry":
+            return _follow(args)
+    except KeyboardInterrupt:
+        return 130
     except ConfigError as exc:  # bad usage (unusable names, clashing options): nothing written
         print(f"edge-fleet: {exc}".replace("\n", "\nedge-fleet: "), file=sys.stderr)
         return 2

@@ -1,0 +1,176 @@
+"""Staged rollouts: a release to a group, a few devices at a time, halting at the first
+failure.
+
+The group's members are the devices whose status names the group (online or not).
+They are put in a fixed order (by SHA-256 of ``group/device``, so the same devices are
+the canaries of every rollout in a group, and adding a device does not reshuffle the
+others) and cut into steps: the canary (``--canary`` percent, at least one device),
+then ``--step`` percent at a time. Each step sets the desired state of its devices
+(``<prefix>/<device>/desired``) and waits until every one of them has a terminal
+state; a device that does not report one within ``--timeout`` counts as failed, so a
+rollout never stalls. Any failure halts the rollout: the devices not reached yet are
+left as they were, the ones that took the release keep it, and the ones that failed
+have their per-device desired state cleared, so they follow their groups' again (they
+run what they ran before: a device refuses or rolls back a release that fails).
+
+When every member runs the release, the group's desired state is set (so devices that
+join the group later get it too) and the per-device desired states the rollout made
+are cleared, so a later ``deploy --group`` reaches every member again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+from agent.fleet.broker import BrokerError, FleetBroker
+from agent.fleet.deploy import Watched, desired_payload, desired_topic, issue_time, watch
+from agent.fleet.view import FleetView
+
+
+def plan(members: Sequence[str], group: str, canary_pct: float, step_pct: float) -> list[list[str]]:
+    """The steps of a rollout over ``members``: canary first, then equal steps.
+
+    Raises ConfigError for percentages outside 0..100 (canary) or (0, 100] (step).
+    """
+    if not 0 <= canary_pct <= 100:
+        raise ConfigError([f"--canary: {canary_pct:g} is not a percentage from 0 to 100"])
+    if not 0 < step_pct <= 100:
+        raise ConfigError([f"--step: {step_pct:g} is not a percentage above 0, at most 100"])
+    order = sorted(set(members), key=lambda d: hashlib.sha256(f"{group}/{d}".encode()).hexdigest())
+    n = len(order)
+
+    def count(pct: float) -> int:
+        return max(1, math.ceil(n * pct / 100 - 1e-9))
+
+    steps: list[list[str]] = []
+    done = 0
+    if canary_pct > 0 and n:
+        done = count(canary_pct)
+        steps.append(order[:done])
+    size = count(step_pct)
+    while done < n:
+        steps.append(order[done : done + size])
+        done += size
+    return steps
+
+
+@dataclass
+class Outcome:
+    """How a rollout ended (``to_dict`` is what ``--json`` prints)."""
+
+    model: str
+    version: int
+    group: str
+    steps: list[list[Watched]] = field(default_factory=list)
+    untouched: list[str] = field(default_factory=list)
+    halted: str = ""  # why, when it halted
+
+    @property
+    def succeeded(self) -> bool:
+        return not self.halted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "group": self.group,
+            "outcome": "succeeded" if self.succeeded else "halted",
+            "halted": self.halted or None,
+            "steps": [[w.to_dict() for w in step] for step in self.steps],
+            "untouched": self.untouched,
+        }
+
+    def summary(self) -> str:
+        devices = [w for step in self.steps for w in step]
+        ok = [w.device for w in devices if w.verdict.status == "succeeded"]
+        failed = [w for w in devices if w.verdict.status == "failed"]
+        if self.succeeded:
+            return (
+                f"rollout of {self.model} v{self.version} to group {self.group}: succeeded, "
+                f"{len(ok)} device(s) run it"
+            )
+        lines = [
+            f"rollout of {self.model} v{self.version} to group {self.group}: "
+            f"HALTED ({self.halted})",
+            f"  succeeded: {', '.join(ok) or 'none'}",
+        ]
+        lines += [f"  failed: {w.device}: {w.verdict.detail}" for w in failed]
+        lines.append(f"  untouched: {', '.join(self.untouched) or 'none'}")
+        return "\n".join(lines)
+
+
+def _step_name(index: int, canary: bool) -> str:
+    if canary and index == 0:
+        return "canary"
+    return f"step {index if canary else index + 1}"
+
+
+def rollout(
+    broker: FleetBroker,
+    view: FleetView,
+    *,
+    model: str,
+    version: int,
+    group: str,
+    canary_pct: float,
+    step_pct: float,
+    timeout_s: float,
+    sign_key: Path | None,
+    say: Callable[[str], None],
+) -> Outcome:
+    """Run a rollout (see the module's docstring) on a connected ``broker`` whose
+    retained reports are in ``view``.
+
+    Raises BrokerError (no members, connection lost, a message refused), ConfigError
+    (bad percentages) and VerificationError (the signing key cannot be loaded).
+    """
+    members = view.members(group)
+    if not members:
+        raise BrokerError(
+            f"no device reports group {group!r} under {view.prefix}/ (devices name their "
+            "groups in their status; is device.groups set and the device connected once?)"
+        )
+    steps = plan(members, group, canary_pct, step_pct)
+    outcome = Outcome(model, version, group)
+    say(
+        f"rollout of {model} v{version} to group {group}: {len(members)} device(s) in "
+        f"{len(steps)} step(s): " + " | ".join(", ".join(s) for s in steps)
+    )
+    for index, devices in enumerate(steps):
+        name = _step_name(index, canary_pct > 0)
+        say(f"{name}: {', '.join(devices)}")
+        watched = []
+        for device in devices:
+            issued_at = issue_time()
+            topic = desired_topic(view.prefix, f"device:{device}")
+            payload = desired_payload(model, version, f"device:{device}", issued_at, sign_key)
+            broker.publish(topic, payload)
+            watched.append(Watched(device, topic, issued_at))
+        outcome.steps.append(watched)
+        watch(broker, view, watched, model, version, timeout_s, say)
+        failed = [w.device for w in watched if w.verdict.status != "succeeded"]
+        if failed:
+            outcome.halted = f"{name} failed on {', '.join(failed)}"
+            outcome.untouched = [d for later in steps[index + 1 :] for d in later]
+            # A device that did not take the release goes back to following its groups'
+            # desired state, so a later `deploy --group` reaches it; one that took it
+            # keeps it (it is not rolled back because another device failed).
+            for device in failed:
+                broker.publish(desired_topic(view.prefix, f"device:{device}"), b"")
+            say(f"cleared the per-device desired state of {', '.join(failed)}")
+            return outcome
+    issued_at = issue_time()
+    topic = desired_topic(view.prefix, f"group:{group}")
+    broker.publish(topic, desired_payload(model, version, f"group:{group}", issued_at, sign_key))
+    # The broker delivers in order: each device has the group's state before its own is
+    # cleared, so it never falls back on an older group state meanwhile.
+    for device in members:
+        broker.publish(desired_topic(view.prefix, f"device:{device}"), b"")
+    say(f"group {group} desired state set to v{version}; per-device desired states cleared")
+    return outcome

@@ -1,0 +1,367 @@
+"""The fleet as the broker shows it: one record per device, built from its retained
+``status``, ``state`` and ``telemetry`` and its own ``desired`` state, plus the groups'
+desired states. ``edge-fleet devices``, ``status``, ``telemetry`` and the rollouts all
+read the fleet through :class:`FleetView`.
+
+The view only believes what devices report. It never guesses: a device that has not
+reported a figure shows ``-``, and live figures (fps, p95, temperature) of a device
+that is offline are shown as unknown, not as its last values.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.fleet.broker import Message
+
+REPORTS = ("status", "state", "telemetry", "desired")
+FOLLOWED = ("telemetry", "results", "events")
+ACTIVE_PHASES = ("downloading", "verifying", "validating", "activating", "probation")
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+@dataclass
+class DeviceView:
+    """What one device last reported (each part None until it has)."""
+
+    id: str
+    status: dict[str, Any] | None = None
+    state: dict[str, Any] | None = None
+    telemetry: dict[str, Any] | None = None
+    desired: dict[str, Any] | None = None  # its own retained desired state
+    last_seen: float | None = None  # the latest ``ts`` of anything it sent
+
+    @property
+    def online(self) -> bool | None:
+        if self.status is None:
+            return None
+        return self.status.get("state") == "online"
+
+    @property
+    def groups(self) -> list[str]:
+        groups = (self.status or {}).get("groups")
+        return [g for g in groups if isinstance(g, str)] if isinstance(groups, list) else []
+
+    @property
+    def model(self) -> str | None:
+        model = (self.state or {}).get("model")
+        return model if isinstance(model, str) else None
+
+    @property
+    def version(self) -> int | None:
+        version = (self.state or {}).get("version")
+        return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+    @property
+    def phase(self) -> str | None:
+        phase = (self.state or {}).get("phase")
+        return phase if isinstance(phase, str) else None
+
+    def _inference(self) -> dict[str, Any]:
+        inference = (self.telemetry or {}).get("inference")
+        return inference if isinstance(inference, dict) else {}
+
+    def row(self) -> dict[str, Any]:
+        """The device as ``devices --json`` prints it."""
+        live = self.online is True
+        inference = self._inference() if live else {}
+        telemetry = self.telemetry or {}
+        outbox = telemetry.get("outbox")
+        update = (self.state or {}).get("update")
+        return {
+            "device": self.id,
+            "online": self.online,
+            "groups": self.groups,
+            "model": self.model,
+            "version": self.version,
+            "backend": inference.get("backend") or (self.state or {}).get("backend"),
+            "fps": _number(inference.get("fps")),
+            "p95_ms": _number(inference.get("latency_ms_p95")),
+            "temp_c": _number(telemetry.get("temp_c")) if live else None,
+            "outbox": _number(outbox.get("depth")) if isinstance(outbox, dict) else None,
+            "phase": self.phase,
+            "update": update if isinstance(update, dict) else None,
+            "last_error": (self.state or {}).get("last_error"),
+            "desired": self.desired,
+            "last_seen": self.last_seen,
+        }
+
+
+@dataclass
+class Report:
+    """A message the view took in: which device, which stream, the document."""
+
+    device: str | None  # None for a group's desired state
+    stream: str
+    doc: dict[str, Any] | None  # None: cleared (empty retained message)
+    retained: bool
+    group: str | None = None
+
+
+@dataclass
+class FleetView:
+    """Every device and group desired state seen under ``prefix``."""
+
+    prefix: str = "edge"
+    devices: dict[str, DeviceView] = field(default_factory=dict)
+    group_desired: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def subscriptions(self, streams: Iterable[str] = REPORTS, device: str = "+") -> list[str]:
+        topics = [f"{self.prefix}/{device}/{stream}" for stream in streams]
+        if "desired" in streams and device == "+":
+            topics.append(f"{self.prefix}/groups/+/desired")
+        return topics
+
+    def take(self, message: Message) -> Report | None:
+        """Take one message in; the report it made, or None when it is not the fleet's
+        (another topic, not a JSON object)."""
+        if not message.topic.startswith(self.prefix + "/"):
+            return None
+        levels = message.topic[len(self.prefix) + 1 :].split("/")
+        doc: dict[str, Any] | None = None
+        if message.payload:
+            try:
+                parsed = json.loads(message.payload)
+            except (UnicodeDecodeError, ValueError):
+                return None
+            if not isinstance(parsed, dict):
+                return None
+            doc = parsed
+        if len(levels) == 3 and levels[0] == "groups" and levels[2] == "desired":
+            if doc is None:
+                self.group_desired.pop(levels[1], None)
+            else:
+                self.group_desired[levels[1]] = doc
+            return Report(None, "desired", doc, message.retained, group=levels[1])
+        if len(levels) != 2 or levels[0] == "groups":
+            return None
+        device_id, stream = levels
+        device = self.devices.get(device_id)
+        if device is None:
+            if doc is None:
+                return Report(device_id, stream, None, message.retained)
+            device = self.devices[device_id] = DeviceView(device_id)
+        if stream in REPORTS:
+            setattr(device, stream, doc)
+        ts = _number((doc or {}).get("ts"))
+        if ts is not None and stream != "desired":
+            device.last_seen = max(device.last_seen or 0.0, ts)
+        return Report(device_id, stream, doc, message.retained)
+
+    def members(self, group: str) -> list[str]:
+        """The devices whose status names ``group``, sorted."""
+        return sorted(d.id for d in self.devices.values() if group in d.groups)
+
+    def reporting(self) -> list[DeviceView]:
+        """Devices that have sent a status or state (not just left a desired state)."""
+        return sorted(
+            (d for d in self.devices.values() if d.status or d.state),
+            key=lambda d: d.id,
+        )
+
+
+# -- rendering ---------------------------------------------------------------------------
+
+
+def age(ts: float | None, now: float | None = None) -> str:
+    if ts is None:
+        return "-"
+    seconds = max(0.0, (time.time() if now is None else now) - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _update_cell(row: dict[str, Any]) -> str:
+    phase, update = row["phase"], row["update"] or {}
+    if phase in (None, "idle"):
+        return "-"
+    version = update.get("version")
+    text = f"{phase} v{version}" if version is not None else phase
+    if phase in ("failed", "rolled_back") and update.get("reason"):
+        text += f": {update['reason']}"
+    return text if len(text) <= 48 else text[:47] + "…"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def devices_table(view: FleetView, now: float | None = None) -> str:
+    """``edge-fleet devices``: one row per device."""
+    headers = [
+        "DEVICE",
+        "ONLINE",
+        "MODEL@VERSION",
+        "BACKEND",
+        "FPS",
+        "P95_MS",
+        "TEMP_C",
+        "OUTBOX",
+        "LAST_SEEN",
+        "UPDATE",
+    ]
+    rows = []
+    for device in view.reporting():
+        row = device.row()
+        online = {True: "yes", False: "no", None: "?"}[row["online"]]
+        release = f"{row['model']}@{row['version']}" if row["model"] and row["version"] else "-"
+        rows.append(
+            [
+                row["device"],
+                online,
+                release,
+                _fmt(row["backend"]),
+                _fmt(row["fps"]),
+                _fmt(row["p95_ms"]),
+                _fmt(row["temp_c"]),
+                _fmt(int(row["outbox"]) if row["outbox"] is not None else None),
+                age(row["last_seen"], now),
+                _update_cell(row),
+            ]
+        )
+    if not rows:
+        return "no device has reported under this prefix"
+    return table(headers, rows)
+
+
+def _when(ts: Any) -> str:
+    value = _number(ts)
+    if value is None:
+        return str(ts)
+    moment = datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def model_status(view: FleetView, model: str) -> dict[str, Any]:
+    """``edge-fleet status --model``: which versions run where, what is desired."""
+    versions: dict[str, list[str]] = {}
+    updating: list[dict[str, Any]] = []
+    offline: list[str] = []
+    bad: dict[str, list[str]] = {}
+    for device in view.reporting():
+        if device.model != model:
+            continue
+        key = str(device.version) if device.version is not None else "none"
+        versions.setdefault(key, []).append(device.id)
+        if device.online is False:
+            offline.append(device.id)
+        update = (device.state or {}).get("update")
+        if device.phase in ACTIVE_PHASES and isinstance(update, dict):
+            updating.append(
+                {"device": device.id, "version": update.get("version"), "phase": device.phase}
+            )
+        marks = (device.state or {}).get("bad")
+        for mark in marks if isinstance(marks, list) else []:
+            name, _, version = str(mark).partition("@")
+            if name == model:
+                bad.setdefault(version, []).append(device.id)
+    desired_devices = {
+        d.id: d.desired
+        for d in view.devices.values()
+        if d.desired is not None and d.desired.get("model") == model
+    }
+    desired_groups = {g: doc for g, doc in view.group_desired.items() if doc.get("model") == model}
+    return {
+        "model": model,
+        "versions": dict(sorted(versions.items(), key=lambda kv: kv[0])),
+        "offline": offline,
+        "updating": updating,
+        "bad": bad,
+        "desired": {"groups": desired_groups, "devices": desired_devices},
+    }
+
+
+def status_text(status: dict[str, Any]) -> str:
+    lines = [f"model {status['model']}"]
+    offline = set(status["offline"])
+    if not status["versions"]:
+        lines.append("  no device reports running it")
+    for version, devices in status["versions"].items():
+        names = ", ".join(f"{d} (offline)" if d in offline else d for d in devices)
+        count = f"{len(devices)} device" + ("s" if len(devices) != 1 else "")
+        label = f"v{version}" if version != "none" else "nothing active"
+        lines.append(f"  {label:<8} {count:<10} {names}")
+    for item in status["updating"]:
+        lines.append(f"  updating: {item['device']} -> v{item['version']} ({item['phase']})")
+    for version, devices in sorted(status["bad"].items()):
+        lines.append(f"  refused v{version} (marked bad): {', '.join(devices)}")
+    desired = status["desired"]
+    for kind in ("groups", "devices"):
+        for name, doc in sorted(desired[kind].items()):
+            issued = _when(doc.get("issued_at"))
+            lines.append(
+                f"  desired: {kind[:-1]} {name} -> v{doc.get('version')} (issued {issued})"
+            )
+    return "\n".join(lines)
+
+
+def _clock(ts: Any) -> str:
+    value = _number(ts)
+    if value is None:
+        value = time.time()
+    return datetime.datetime.fromtimestamp(value).strftime("%H:%M:%S")
+
+
+def _part(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    value = doc.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def describe(report: Report) -> str:
+    """One line for ``edge-fleet telemetry``: time, device, stream, the gist."""
+    doc = report.doc or {}
+    stream = report.stream
+    if stream == "telemetry":
+        inference = _part(doc, "inference")
+        outbox = _part(doc, "outbox")
+        parts = [
+            f"fps={_fmt(_number(inference.get('fps')))}",
+            f"p95={_fmt(_number(inference.get('latency_ms_p95')))}ms",
+            f"cpu={_fmt(_number(doc.get('cpu_pct')), 0)}%",
+            f"temp={_fmt(_number(doc.get('temp_c')))}C",
+            f"rss={_fmt(_number(doc.get('rss_mb')), 0)}MB",
+            f"outbox={outbox.get('depth', '-')}",
+        ]
+        if inference.get("version") is not None:
+            parts.insert(0, f"v{inference.get('version')}/{inference.get('backend')}")
+        gist = " ".join(parts)
+    elif stream == "results":
+        found = doc.get("classes") or doc.get("detections")
+        if isinstance(found, list):
+            items = [f"{f.get('label')} {f.get('score')}" for f in found if isinstance(f, dict)]
+            gist = f"v{doc.get('version')} " + (", ".join(items) or "nothing")
+        else:
+            gist = f"v{doc.get('version')} values={doc.get('values')}"
+    elif stream == "events":
+        skip = {"schema", "ts", "seq", "id", "event"}
+        extra = " ".join(f"{k}={v}" for k, v in doc.items() if k not in skip and v is not None)
+        gist = f"{doc.get('event')} {extra}".rstrip()
+    else:
+        gist = json.dumps(doc, sort_keys=True)
+    if len(gist) > 300:
+        gist = gist[:299] + "…"
+    return f"{_clock(doc.get('ts'))} {report.device} {stream:<9} {gist}"
