@@ -416,3 +416,30 @@ def test_fleet_tools_work_over_mutual_tls_and_a_device_certificate_cannot_deploy
     assert run.code == 1 and "Not authorized" in run.err, run.err
     run = run_fleet("devices", "--broker", url, "--ca", ca)  # no client certificate
     assert run.code == 1 and "broker" in run.err, run.err
+
+
+def test_devices_lists_every_device_of_a_fleet_larger_than_the_brokers_queue(
+    broker: Mosquitto,
+) -> None:
+    # 1500 retained messages: at QoS 1 mosquitto (max_queued_messages 1000) would hand a
+    # new subscriber about 1020 of them and drop the rest without a word.
+    operator = subscriber(broker.url, [])
+    try:
+        for i in range(500):
+            device = f"pi-{i:03d}"
+            status = {"schema": 1, "ts": time.time(), "state": "online", "groups": ["yard"]}
+            state = {"schema": 1, "ts": time.time(), "model": MODEL, "version": 1 + i % 2}
+            telemetry = {"schema": 1, "ts": time.time(), "temp_c": 40.0 + i % 7}
+            for stream, doc in (("status", status), ("state", state), ("telemetry", telemetry)):
+                operator.client.publish(f"edge/{device}/{stream}", json.dumps(doc), 1, True)
+        assert operator.publish("edge/pi-done/status", "{}", retain=True) in (
+            "Success",
+            "No matching subscribers",
+        )  # acknowledged after every earlier one
+    finally:
+        operator.close()
+    rows = run_fleet("devices", "--broker", broker.url, "--group", "yard", "--json").json()
+    assert len(rows) == 500
+    assert all(r["temp_c"] == 40.0 + int(r["device"][3:]) % 7 for r in rows)
+    status = run_fleet("status", "--broker", broker.url, "--model", MODEL, "--json").json()
+    assert {v: len(d) for v, d in status["versions"].items()} == {"1": 250, "2": 250}
