@@ -380,7 +380,15 @@ class Updates:
         attempt = self._probation
         winner = self.desired.winner()
         if attempt is not None and winner is not None:
-            self._supersede = (winner.model, winner.version) != (attempt.model, attempt.version)
+            # Only an instruction the worker will act on ends probation early: not one
+            # older than the release on probation (a cleared device state that leaves
+            # an older group state in force is ignored as stale afterwards, and must
+            # not cut the probation short).
+            newer = attempt.issued_at is None or winner.issued_at > attempt.issued_at
+            self._supersede = newer and (winner.model, winner.version) != (
+                attempt.model,
+                attempt.version,
+            )
         self._wake.set()
 
     def check_now(self) -> dict[str, Any]:

@@ -219,7 +219,7 @@ def test_rollouts_halt_on_a_failing_canary_and_on_a_silent_device_then_converge(
     rows = lab.devices()
     assert {d: r["version"] for d, r in rows.items()} == dict.fromkeys(DEVICES, 1)
     assert rows[canary]["phase"] == "failed" and rows[canary]["update"]["version"] == 2
-    assert rows[canary]["desired"] is None  # it follows the group's (v1) again
+    assert rows[canary]["desired"] is None  # it refused v2: its own state is cleared
     for device in (first, second):
         assert rows[device]["desired"] is None
         assert (rows[device]["update"] or {}).get("version") == 1  # never started v2
@@ -250,7 +250,8 @@ def test_rollouts_halt_on_a_failing_canary_and_on_a_silent_device_then_converge(
     assert time.monotonic() - begun < 60
     rows = lab.devices()
     assert rows[first]["online"] is False and rows[first]["version"] == 1
-    assert rows[first]["desired"] is None and rows[second]["desired"]["version"] == 3
+    # Silent, it may still be updating: its own desired state names v1 again.
+    assert rows[first]["desired"]["version"] == 1 and rows[second]["desired"]["version"] == 3
     assert rows[canary]["version"] == 3 and rows[second]["version"] == 3
 
     # Back up, the same rollout again: all converge on v3.
@@ -341,6 +342,10 @@ def test_telemetry_follows_live_reports_and_devices_show_an_offline_device(lab: 
     assert all(" dev-t " in line for line in text.out.splitlines())
 
     assert agent.terminate() == 0
+    # Its last telemetry is retained on the broker, and is not followed as news.
+    assert lab.devices()["dev-t"]["outbox"] is not None
+    quiet = lab.fleet("telemetry", "--device", "dev-t", "--seconds", "1.5")
+    assert quiet.code == 0 and quiet.out == ""
     row = lab.devices()["dev-t"]
     assert row["online"] is False and row["version"] == 1
     assert row["fps"] is None and row["temp_c"] is None  # not live figures of a device that is off
@@ -364,6 +369,61 @@ def test_rollout_plan_is_deterministic_starts_with_a_canary_and_covers_every_dev
     assert plan(["x"], "g", 10, 25) == [["x"]]
 
 
+def test_a_device_still_updating_when_its_step_times_out_is_sent_back_to_its_release(
+    lab: Lab,
+) -> None:
+    lab.publish(1, channels=("stable",))
+    lab.publish(2)
+    agent = lab.agent("dev-slow").start()
+    wait_alive(lambda: lab.states().get("dev-slow", {}).get("version") == 1, 30, "v1", agent)
+    # The v2 model stalls for 6 s after its first kilobyte, then the device resumes it.
+    lab.server.fault(f"{MODEL}/2/v2.tflite", "stall", at=1000, max_seconds=6)
+    run = lab.rollout(2, "--timeout", "3")
+    assert run.code == 1
+    assert "dev-slow: failed (no terminal state within 3 s (last: downloading" in run.out, run.out
+    assert "dev-slow: desired state set back to colours v1" in run.out
+    # It finishes v2 (nothing can stop a download half-way) and goes back to v1.
+    updates = lambda: [  # noqa: E731
+        (d["version"], d["event"])
+        for d in lab.tap.docs("/events")
+        if d.get("event") in ("update_succeeded", "update_failed")
+    ]
+    wait_alive(
+        lambda: updates()[-2:] == [(2, "update_succeeded"), (1, "update_succeeded")],
+        60,
+        "v2 finished, then back on v1",
+        agent,
+    )
+    back = lambda: lab.states()["dev-slow"]  # noqa: E731
+    wait_alive(lambda: (back()["version"], back()["desired"]["version"]) == (1, 1), 5, "", agent)
+    assert lab.devices()["dev-slow"]["desired"]["version"] == 1
+
+
+def test_forget_removes_a_decommissioned_device_but_not_one_that_is_online(
+    broker: Mosquitto,
+) -> None:
+    operator = subscriber(broker.url, [])
+    try:
+        for device, state in (("old-1", "offline"), ("live-1", "online")):
+            doc = {"schema": 1, "ts": time.time(), "state": state, "groups": ["yard"]}
+            sent = operator.publish(f"edge/{device}/status", json.dumps(doc), retain=True)
+            assert sent in ("Success", "No matching subscribers")
+    finally:
+        operator.close()
+    assert sorted(
+        r["device"] for r in run_fleet("devices", "--broker", broker.url, "--json").json()
+    ) == [
+        "live-1",
+        "old-1",
+    ]
+    run = run_fleet("forget", "--broker", broker.url, "--device", "live-1")
+    assert run.code == 1 and "online" in run.err
+    run = run_fleet("forget", "--broker", broker.url, "--device", "old-1")
+    assert run.code == 0, run.err
+    rows = run_fleet("devices", "--broker", broker.url, "--json").json()
+    assert [r["device"] for r in rows] == ["live-1"]
+
+
 def test_fleet_commands_fail_clearly_without_a_broker_or_with_bad_options(
     tmp_path: Path,
 ) -> None:
@@ -383,6 +443,21 @@ def test_fleet_commands_fail_clearly_without_a_broker_or_with_bad_options(
         *("--canary", "150"),
     )
     assert run.code == 2 and "--canary" in run.err
+    base = ("--broker", "mqtt://127.0.0.1:1", "--model", "m", "--version", "1", "--group", "g")
+    for option, value in (("--timeout", "nan"), ("--timeout", "inf"), ("--connect-timeout", "-1")):
+        run = run_fleet("rollout", *base, option, value)
+        assert run.code == 2 and option in run.err, (option, value, run.err)
+    run = run_fleet("deploy", *base, "--wait", "nan")
+    assert run.code == 2 and "--wait" in run.err
+    run = run_fleet(
+        "deploy", "--broker", "mqtt://127.0.0.1:1", "--group", "g", "--clear", "--wait", "5"
+    )
+    assert run.code == 2 and "--clear" in run.err
+    run = run_fleet("deploy", *base[:2], "--model", "bad name", "--version", "1", "--group", "g")
+    assert run.code == 2 and "--model" in run.err
+    (tmp_path / "bad.key").write_text("not a key")
+    run = run_fleet("rollout", *base, "--sign-key", str(tmp_path / "bad.key"))
+    assert run.code == 2 and "--sign-key" in run.err
 
 
 def test_fleet_tools_work_over_mutual_tls_and_a_device_certificate_cannot_deploy(

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.atomic import write_atomic
-from agent.errors import ConfigError, EdgeAgentError
+from agent.config import MODEL_NAME_PATTERN
+from agent.desired import parse_desired
+from agent.errors import ConfigError, EdgeAgentError, VerificationError
 from agent.fleet.acl import check_device_id, check_prefix, render_acl
 from agent.fleet.broker import BrokerOptions, FleetBroker
 from agent.fleet.deploy import Watched, desired_payload, desired_topic, issue_time, watch
@@ -36,7 +40,10 @@ from agent.fleet.view import (
     status_text,
 )
 from agent.manifest import TASKS
-from agent.verify import generate_keypair
+from agent.verify import generate_keypair, load_private_key
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -188,6 +195,13 @@ def _parser() -> argparse.ArgumentParser:
     follow.add_argument("--count", type=int, help="stop after N messages")
     follow.add_argument("--json", action="store_true", help="JSON lines")
 
+    forget = sub.add_parser(
+        "forget", help="remove a decommissioned device's retained reports from the broker"
+    )
+    _broker_options(forget)
+    forget.add_argument("--device", required=True, help="the device id")
+    forget.add_argument("--force", action="store_true", help="even if it says it is online")
+
     status = sub.add_parser("status", help="which versions of a model run where")
     _broker_options(status)
     status.add_argument("--model", required=True, help="model name")
@@ -278,14 +292,51 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def _seconds(option: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError([f"{option}: {value:g} is not a positive number of seconds"])
+
+
+def _release(model: str | None, version: int | None) -> None:
+    if model is not None and not re.fullmatch(MODEL_NAME_PATTERN, model):
+        raise ConfigError([f"--model: {model!r} is not a model name"])
+    if version is not None and version < 1:
+        raise ConfigError([f"--version: {version} is not a positive integer"])
+
+
+def _signing_key(path: Path | None) -> Ed25519PublicKey | None:
+    """Check ``--sign-key`` before anything is sent; its public half, or None."""
+    if path is None:
+        return None
+    try:
+        return load_private_key(path).public_key()
+    except VerificationError as exc:
+        raise ConfigError([f"--sign-key: {exc}"]) from exc
+
+
+def _own_desired_wins(view: FleetView, device: str, key: Ed25519PublicKey | None) -> bool:
+    """Whether ``device`` has its own desired state that it accepts (so it wins over
+    its groups'); one it refuses (unsigned, another target) does not count."""
+    doc = view.devices[device].desired
+    if doc is None:
+        return False
+    try:
+        payload = json.dumps(doc).encode()
+        return parse_desired(payload, "device", target=f"device:{device}", key=key) is not None
+    except ValueError:
+        return False
+
+
 def _deploy(args: argparse.Namespace) -> int:
     _check_names(args.device, args.group)
-    if args.clear and (args.model or args.version is not None or args.sign_key):
-        raise ConfigError(["--clear: takes no --model, --version or --sign-key"])
+    _connect_timeout(args)
+    if args.clear and (args.model or args.version is not None or args.sign_key or args.wait):
+        raise ConfigError(["--clear: takes no --model, --version, --sign-key or --wait"])
     if not args.clear and (not args.model or args.version is None):
         raise ConfigError(["--model and --version are required (or --clear)"])
-    if args.version is not None and args.version < 1:
-        raise ConfigError([f"--version: {args.version} is not a positive integer"])
+    _release(args.model, args.version)
+    _seconds("--wait", args.wait)
+    public = _signing_key(args.sign_key)
     target = f"device:{args.device}" if args.device else f"group:{args.group}"
     view = FleetView(args.prefix)
     topic = desired_topic(args.prefix, target)
@@ -310,7 +361,7 @@ def _deploy(args: argparse.Namespace) -> int:
         members = [args.device] if args.device else view.members(args.group)
         shadowed = []
         if args.group:
-            shadowed = [m for m in members if view.devices[m].desired is not None]
+            shadowed = [m for m in members if _own_desired_wins(view, m, public)]
             if shadowed:
                 print(
                     f"edge-fleet: warning: {len(shadowed)} device(s) of group {args.group} have "
@@ -348,11 +399,11 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def _rollout(args: argparse.Namespace) -> int:
     _check_names(group=args.group)
-    if args.version < 1:
-        raise ConfigError([f"--version: {args.version} is not a positive integer"])
-    if args.timeout <= 0:
-        raise ConfigError([f"--timeout: {args.timeout:g} is not a positive number of seconds"])
+    _connect_timeout(args)
+    _release(args.model, args.version)
+    _seconds("--timeout", args.timeout)
     plan([], args.group, args.canary, args.step)  # checks the percentages before connecting
+    _signing_key(args.sign_key)
     view = FleetView(args.prefix)
     say = _say if not args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     with _broker(args) as broker:
@@ -375,6 +426,30 @@ def _rollout(args: argparse.Namespace) -> int:
     return 0 if outcome.succeeded else 1
 
 
+def _connect_timeout(args: argparse.Namespace) -> None:
+    _seconds("--connect-timeout", args.connect_timeout)
+
+
+def _forget(args: argparse.Namespace) -> int:
+    _check_names(args.device)
+    _connect_timeout(args)
+    view = FleetView(args.prefix)
+    with _broker(args) as broker:
+        _load(broker, view, ("status", "desired"))
+        device = view.devices.get(args.device)
+        if device is not None and device.online and not args.force:
+            print(
+                f"edge-fleet: {args.device} says it is online; stop it first (or --force: "
+                "it will report again when it reconnects)",
+                file=sys.stderr,
+            )
+            return 1
+        for stream in REPORTS:
+            broker.publish(f"{args.prefix}/{args.device}/{stream}", b"")
+    print(f"forgot {args.device}: its retained {', '.join(REPORTS)} are removed")
+    return 0
+
+
 def _load(broker: FleetBroker, view: FleetView, streams: tuple[str, ...] = REPORTS) -> None:
     """Connect and take the retained reports of the fleet into ``view``."""
     broker.connect(view.subscriptions(streams))
@@ -390,6 +465,7 @@ def _snapshot(args: argparse.Namespace) -> FleetView:
 
 
 def _devices_cmd(args: argparse.Namespace) -> int:
+    _connect_timeout(args)
     if args.group:
         _check_names(group=args.group)
     view = _snapshot(args)
@@ -404,6 +480,7 @@ def _devices_cmd(args: argparse.Namespace) -> int:
 
 
 def _status_cmd(args: argparse.Namespace) -> int:
+    _connect_timeout(args)
     view = _snapshot(args)
     status = model_status(view, args.model)
     print(json.dumps(status, indent=2) if args.json else status_text(status))
@@ -411,11 +488,15 @@ def _status_cmd(args: argparse.Namespace) -> int:
 
 
 def _follow(args: argparse.Namespace) -> int:
+    _connect_timeout(args)
     if args.device:
         _check_names(args.device)
     view = FleetView(args.prefix)
     streams = tuple(args.stream or FOLLOWED)
     topics = view.subscriptions(streams, device=args.device or "+")
+    _seconds("--seconds", args.seconds)
+    if args.count is not None and args.count < 1:
+        raise ConfigError([f"--count: {args.count} is not a positive number"])
     deadline = time.monotonic() + args.seconds if args.seconds is not None else None
     seen = 0
     with _broker(args) as broker:
@@ -480,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
             return _status_cmd(args)
         elif args.command == "telemetry":
             return _follow(args)
+        elif args.command == "forget":
+            return _forget(args)
     except KeyboardInterrupt:
         return 130
     except ConfigError as exc:  # bad usage (unusable names, clashing options): nothing written

@@ -110,6 +110,7 @@ class Watched:
     started: float = field(default_factory=time.monotonic)
     verdict: Verdict = field(default_factory=lambda: Verdict("pending", "sent"))
     seconds: float | None = None
+    timed_out: bool = False  # failed for saying nothing in time: it may still be updating
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -177,4 +178,5 @@ def watch(
     for w in watched:
         if w.verdict.status == "pending":
             last = w.verdict.detail
+            w.timed_out = True
             settle(w, Verdict("failed", f"no terminal state within {timeout_s:g} s (last: {last})"))

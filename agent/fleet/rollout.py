@@ -9,9 +9,12 @@ then ``--step`` percent at a time. Each step sets the desired state of its devic
 (``<prefix>/<device>/desired``) and waits until every one of them has a terminal
 state; a device that does not report one within ``--timeout`` counts as failed, so a
 rollout never stalls. Any failure halts the rollout: the devices not reached yet are
-left as they were, the ones that took the release keep it, and the ones that failed
-have their per-device desired state cleared, so they follow their groups' again (they
-run what they ran before: a device refuses or rolls back a release that fails).
+left as they were, and the ones that took the release keep it. A device that refused
+the release or rolled it back runs what it ran before: its per-device desired state
+is cleared. A device that said nothing in time may still be updating (a slow
+download, or it comes back online later): its per-device desired state is set back to
+the release it ran before the step, so it returns there instead of finishing the
+update unwatched.
 
 When every member runs the release, the group's desired state is set (so devices that
 join the group later get it too) and the per-device desired states the rollout made
@@ -101,6 +104,11 @@ class Outcome:
             f"  succeeded: {', '.join(ok) or 'none'}",
         ]
         lines += [f"  failed: {w.device}: {w.verdict.detail}" for w in failed]
+        lines += [
+            f"  unknown: {w.device}: {w.verdict.detail}"
+            for w in devices
+            if w.verdict.status == "pending"
+        ]
         lines.append(f"  untouched: {', '.join(self.untouched) or 'none'}")
         return "\n".join(lines)
 
@@ -136,6 +144,14 @@ def rollout(
             f"no device reports group {group!r} under {view.prefix}/ (devices name their "
             "groups in their status; is device.groups set and the device connected once?)"
         )
+    unknown = [d.id for d in view.reporting() if d.status is not None and "groups" not in d.status]
+    if unknown:
+        say(
+            f"warning: {len(unknown)} device(s) do not say which groups they are in (an older "
+            f"agent?): {', '.join(unknown[:10])}{' …' if len(unknown) > 10 else ''}; those "
+            f"in group {group} are not part of the steps and get v{version} only when the "
+            "group's desired state is set at the end"
+        )
     steps = plan(members, group, canary_pct, step_pct)
     outcome = Outcome(model, version, group)
     say(
@@ -145,25 +161,28 @@ def rollout(
     for index, devices in enumerate(steps):
         name = _step_name(index, canary_pct > 0)
         say(f"{name}: {', '.join(devices)}")
-        watched = []
-        for device in devices:
-            issued_at = issue_time()
-            topic = desired_topic(view.prefix, f"device:{device}")
-            payload = desired_payload(model, version, f"device:{device}", issued_at, sign_key)
-            broker.publish(topic, payload)
-            watched.append(Watched(device, topic, issued_at))
+        before = {d: view.devices[d] for d in devices}
+        ran = {d: (v.model, v.version) for d, v in before.items()}
+        watched: list[Watched] = []
         outcome.steps.append(watched)
-        watch(broker, view, watched, model, version, timeout_s, say)
-        failed = [w.device for w in watched if w.verdict.status != "succeeded"]
+        try:
+            for device in devices:
+                issued_at = issue_time()
+                topic = desired_topic(view.prefix, f"device:{device}")
+                payload = desired_payload(model, version, f"device:{device}", issued_at, sign_key)
+                broker.publish(topic, payload)
+                watched.append(Watched(device, topic, issued_at))
+            watch(broker, view, watched, model, version, timeout_s, say)
+        except BrokerError as exc:
+            outcome.halted = f"{name} interrupted: {exc}"
+            outcome.untouched = [d for d in devices if d not in {w.device for w in watched}]
+            outcome.untouched += [d for later in steps[index + 1 :] for d in later]
+            return outcome
+        failed = [w for w in watched if w.verdict.status != "succeeded"]
         if failed:
-            outcome.halted = f"{name} failed on {', '.join(failed)}"
+            outcome.halted = f"{name} failed on {', '.join(w.device for w in failed)}"
             outcome.untouched = [d for later in steps[index + 1 :] for d in later]
-            # A device that did not take the release goes back to following its groups'
-            # desired state, so a later `deploy --group` reaches it; one that took it
-            # keeps it (it is not rolled back because another device failed).
-            for device in failed:
-                broker.publish(desired_topic(view.prefix, f"device:{device}"), b"")
-            say(f"cleared the per-device desired state of {', '.join(failed)}")
+            _take_back(broker, view, failed, ran, sign_key, say)
             return outcome
     issued_at = issue_time()
     topic = desired_topic(view.prefix, f"group:{group}")
@@ -174,3 +193,27 @@ def rollout(
         broker.publish(desired_topic(view.prefix, f"device:{device}"), b"")
     say(f"group {group} desired state set to v{version}; per-device desired states cleared")
     return outcome
+
+
+def _take_back(
+    broker: FleetBroker,
+    view: FleetView,
+    failed: Sequence[Watched],
+    ran: dict[str, tuple[str | None, int | None]],
+    sign_key: Path | None,
+    say: Callable[[str], None],
+) -> None:
+    """After a halt: failed devices go back to what they ran (see the module docstring)."""
+    for w in failed:
+        topic = desired_topic(view.prefix, f"device:{w.device}")
+        model, version = ran.get(w.device, (None, None))
+        if w.timed_out and model is not None and version is not None:
+            target = f"device:{w.device}"
+            broker.publish(topic, desired_payload(model, version, target, issue_time(), sign_key))
+            say(
+                f"{w.device}: desired state set back to {model} v{version}, the release it "
+                f"ran before (deploy --device {w.device} --clear to follow its groups again)"
+            )
+        else:
+            broker.publish(topic, b"")
+            say(f"{w.device}: per-device desired state cleared (it runs what it ran before)")

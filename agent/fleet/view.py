@@ -20,6 +20,7 @@ from typing import Any
 from agent.fleet.broker import Message
 
 REPORTS = ("status", "state", "telemetry", "desired")
+LIVE_S = 300.0  # telemetry older than this is not shown as a device's current figures
 FOLLOWED = ("telemetry", "results", "events")
 ACTIVE_PHASES = ("downloading", "verifying", "validating", "activating", "probation")
 
@@ -69,11 +70,18 @@ class DeviceView:
         inference = (self.telemetry or {}).get("inference")
         return inference if isinstance(inference, dict) else {}
 
-    def row(self) -> dict[str, Any]:
-        """The device as ``devices --json`` prints it."""
-        live = self.online is True
-        inference = self._inference() if live else {}
+    def row(self, now: float | None = None) -> dict[str, Any]:
+        """The device as ``devices --json`` prints it.
+
+        fps, p95 and temperature are None unless the device is online and its latest
+        telemetry is recent (a device replaying its outbox after an outage sends
+        hours-old telemetry, retained, for a while).
+        """
         telemetry = self.telemetry or {}
+        ts = _number(telemetry.get("ts"))
+        recent = ts is not None and ts >= (time.time() if now is None else now) - LIVE_S
+        live = self.online is True and recent
+        inference = self._inference() if live else {}
         outbox = telemetry.get("outbox")
         update = (self.state or {}).get("update")
         return {
@@ -226,7 +234,7 @@ def devices_table(view: FleetView, now: float | None = None) -> str:
     ]
     rows = []
     for device in view.reporting():
-        row = device.row()
+        row = device.row(now)
         online = {True: "yes", False: "no", None: "?"}[row["online"]]
         release = f"{row['model']}@{row['version']}" if row["model"] and row["version"] else "-"
         rows.append(
