@@ -293,6 +293,45 @@ def test_group_desired_state_applies_and_the_devices_own_wins(
         tap.close()
 
 
+def test_clearing_the_devices_own_state_in_probation_does_not_cut_the_probation_short(
+    tmp_path: Path,
+    broker: Mosquitto,
+    operator: Collector,
+    registry: Path,
+    models: Models,
+    agents: list[AgentProcess],
+) -> None:
+    publish_models(registry, models.root, (2,))
+    tap = _tap(broker)
+    try:
+        _desire(operator, 1, 1000.0, topic="edge/groups/door/desired")
+        agent = _agent(
+            tmp_path,
+            broker,
+            registry,
+            agents,
+            device={"id": DEV, "groups": ["door"]},
+            update={"probation_s": 4},
+        )
+        agent.start()
+        _wait(lambda: _outcome(tap, 1) == "succeeded", 30, "v1 from the group", agent)
+        _desire(operator, 2, 2000.0)
+        _wait(lambda: _state(tap).get("phase") == "probation", 30, "v2 in probation", agent)
+        # The group's v1 is older than v2's instruction: it is stale, and the clear
+        # must not end v2's probation early either.
+        assert operator.publish(f"edge/{DEV}/desired", b"", retain=True) in (
+            "Success",
+            "No matching subscribers",
+        )
+        _wait(lambda: _outcome(tap, 2) == "succeeded", 30, "v2's probation ended", agent)
+        assert _state(tap)["update"]["reason"].startswith("probation passed"), _state(tap)
+        _wait(lambda: bool(_events(tap, "desired_ignored")), 10, "the group's v1 stale", agent)
+        assert _serving(tap, 2) and _state(tap)["version"] == 2
+        assert agent.terminate() == 0
+    finally:
+        tap.close()
+
+
 # -- polling ----------------------------------------------------------------------------
 
 
