@@ -264,6 +264,7 @@ def _broker(args: argparse.Namespace) -> FleetBroker:
     problem = check_prefix(args.prefix)
     if problem:
         raise ConfigError([f"--prefix: {problem}"])
+    _seconds("--connect-timeout", args.connect_timeout)
     return FleetBroker(
         BrokerOptions(
             url=args.broker,
@@ -329,7 +330,6 @@ def _own_desired_wins(view: FleetView, device: str, key: Ed25519PublicKey | None
 
 def _deploy(args: argparse.Namespace) -> int:
     _check_names(args.device, args.group)
-    _connect_timeout(args)
     if args.clear and (args.model or args.version is not None or args.sign_key or args.wait):
         raise ConfigError(["--clear: takes no --model, --version, --sign-key or --wait"])
     if not args.clear and (not args.model or args.version is None):
@@ -399,7 +399,6 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def _rollout(args: argparse.Namespace) -> int:
     _check_names(group=args.group)
-    _connect_timeout(args)
     _release(args.model, args.version)
     _seconds("--timeout", args.timeout)
     plan([], args.group, args.canary, args.step)  # checks the percentages before connecting
@@ -426,13 +425,8 @@ def _rollout(args: argparse.Namespace) -> int:
     return 0 if outcome.succeeded else 1
 
 
-def _connect_timeout(args: argparse.Namespace) -> None:
-    _seconds("--connect-timeout", args.connect_timeout)
-
-
 def _forget(args: argparse.Namespace) -> int:
     _check_names(args.device)
-    _connect_timeout(args)
     view = FleetView(args.prefix)
     with _broker(args) as broker:
         _load(broker, view, ("status", "desired"))
@@ -465,7 +459,6 @@ def _snapshot(args: argparse.Namespace) -> FleetView:
 
 
 def _devices_cmd(args: argparse.Namespace) -> int:
-    _connect_timeout(args)
     if args.group:
         _check_names(group=args.group)
     view = _snapshot(args)
@@ -480,7 +473,6 @@ def _devices_cmd(args: argparse.Namespace) -> int:
 
 
 def _status_cmd(args: argparse.Namespace) -> int:
-    _connect_timeout(args)
     view = _snapshot(args)
     status = model_status(view, args.model)
     print(json.dumps(status, indent=2) if args.json else status_text(status))
@@ -488,7 +480,6 @@ def _status_cmd(args: argparse.Namespace) -> int:
 
 
 def _follow(args: argparse.Namespace) -> int:
-    _connect_timeout(args)
     if args.device:
         _check_names(args.device)
     view = FleetView(args.prefix)
