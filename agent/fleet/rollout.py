@@ -161,8 +161,7 @@ def rollout(
     for index, devices in enumerate(steps):
         name = _step_name(index, canary_pct > 0)
         say(f"{name}: {', '.join(devices)}")
-        before = {d: view.devices[d] for d in devices}
-        ran = {d: (v.model, v.version) for d, v in before.items()}
+        ran = {d: (view.devices[d].model, view.devices[d].version) for d in devices}
         watched: list[Watched] = []
         outcome.steps.append(watched)
         try:
