@@ -357,7 +357,11 @@ def cmd_demo(args: argparse.Namespace, as_json: bool) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return run_demo(args.seconds, args.broker, sys.stdout, as_json, args.keep)
+    try:
+        return run_demo(args.seconds, args.broker, sys.stdout, as_json, args.keep)
+    except ConfigError as exc:  # a bad option (--keep on a used folder), not a config file
+        print(f"edge-agent: demo: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.agentproc import Tap
 from tests.broker import Mosquitto
@@ -40,3 +41,16 @@ def test_demo_swaps_to_the_second_release_without_stopping_and_reports_to_a_brok
         assert any(d.get("version") == 1 for d in tap.docs("/results"))
     finally:
         tap.close()
+
+
+def test_demo_refuses_a_used_keep_folder_as_bad_usage(tmp_path: Path) -> None:
+    (tmp_path / "left-over").write_text("from an earlier run")
+    run = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "demo", "--keep", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "--keep" in run.stderr and "not empty" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["left-over"]
