@@ -685,7 +685,13 @@ class Updates:
                 if release is None:  # it was the active one already
                     self._finish(attempt, "succeeded", "already active")
                     return
+                self._check_superseded(attempt)
                 candidate = self._validate(attempt, release)
+                try:
+                    self._check_superseded(attempt)
+                except _Failed:
+                    candidate.close()
+                    raise
                 self._activate(attempt, release, candidate)
             except _Failed as failure:
                 self._finish(
@@ -710,6 +716,17 @@ class Updates:
                 self._phase(attempt, "probation", window)
             else:
                 self._finish(attempt, "succeeded", "")
+
+    def _check_superseded(self, attempt: Attempt) -> None:
+        """Raise _Failed when a newer desired state for another release arrived while
+        this update was under way: it is not activated (a download cannot be cut short,
+        but a release nobody wants any more is neither activated nor put on probation)."""
+        winner = self.desired.winner()
+        if winner is None or (winner.model, winner.version) == (attempt.model, attempt.version):
+            return
+        if attempt.issued_at is not None and winner.issued_at <= attempt.issued_at:
+            return
+        raise _Failed(f"superseded before activation by a newer desired state (v{winner.version})")
 
     def _stage(self, attempt: Attempt, allow_downgrade: bool) -> Release | None:
         try:
