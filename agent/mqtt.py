@@ -78,6 +78,12 @@ def read_password(config: MqttConfig, environ: dict[str, str] | None = None) -> 
         key, path = "mqtt.password_credential", Path(folder) / config.password_credential
     else:
         return None
+    return read_first_line(path, key)
+
+
+def read_first_line(path: Path, key: str) -> str:
+    """The first line of a password file; ConfigError naming ``key`` when it is
+    unreadable or empty."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:

@@ -31,6 +31,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import ConfigError, EdgeAgentError
+from agent.mqtt import read_first_line
 
 QUIET_S = 1.0  # without the marker: the snapshot is complete after this long without news
 
@@ -123,13 +124,7 @@ class FleetBroker:
         path = self.options.password_file
         if path is None:
             return os.environ.get("EDGE_FLEET_PASSWORD")
-        try:
-            lines = path.read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError([f"--password-file: cannot read {path}: {exc}"]) from exc
-        if not lines or not lines[0]:
-            raise ConfigError([f"--password-file: {path} is empty"])
-        return lines[0]
+        return read_first_line(path, "--password-file")
 
     # -- connecting ---------------------------------------------------------------------
 
