@@ -161,11 +161,17 @@ def parse_desired(
     return Desired(model, version, _issued_at(doc["issued_at"]), source)
 
 
+def desired_topic(prefix: str, target: str) -> str:
+    """The topic of the desired state for ``device:ID`` or ``group:NAME``."""
+    kind, _, name = target.partition(":")
+    return f"{prefix}/{name}/desired" if kind == "device" else f"{prefix}/groups/{name}/desired"
+
+
 def desired_topics(prefix: str, device: str, groups: list[str]) -> dict[str, str]:
     """Topic -> source (``device``, ``group:NAME``) of every desired state to follow."""
     return {
-        f"{prefix}/{device}/desired": "device",
-        **{f"{prefix}/groups/{g}/desired": f"group:{g}" for g in groups},
+        desired_topic(prefix, f"device:{device}"): "device",
+        **{desired_topic(prefix, f"group:{g}"): f"group:{g}" for g in groups},
     }
 
 

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from agent.atomic import write_atomic
 from agent.config import MODEL_NAME_PATTERN
-from agent.desired import parse_desired
+from agent.desired import desired_topic, parse_desired
 from agent.errors import ConfigError, EdgeAgentError, VerificationError
 from agent.fleet.acl import check_device_id, check_prefix, render_acl
 from agent.fleet.broker import BrokerOptions, FleetBroker
-from agent.fleet.deploy import Watched, desired_payload, desired_topic, issue_time, watch
+from agent.fleet.deploy import Watched, desired_payload, issue_time, watch
 from agent.fleet.publish import publish
 from agent.fleet.rollout import plan, rollout
 from agent.fleet.view import (

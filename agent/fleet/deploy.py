@@ -36,12 +36,6 @@ def issue_time() -> float:
         return _last_issued
 
 
-def desired_topic(prefix: str, target: str) -> str:
-    """The topic of ``device:ID`` or ``group:NAME``."""
-    kind, _, name = target.partition(":")
-    return f"{prefix}/{name}/desired" if kind == "device" else f"{prefix}/groups/{name}/desired"
-
-
 def desired_payload(
     model: str, version: int, target: str, issued_at: float, sign_key: Path | None = None
 ) -> bytes:

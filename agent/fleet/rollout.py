@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.desired import desired_topic
 from agent.errors import ConfigError
 from agent.fleet.broker import BrokerError, FleetBroker
-from agent.fleet.deploy import Watched, desired_payload, desired_topic, issue_time, watch
+from agent.fleet.deploy import Watched, desired_payload, issue_time, watch
 from agent.fleet.view import FleetView
 
 
