@@ -498,7 +498,7 @@ def _follow(args: argparse.Namespace) -> int:
                 break
             for message in broker.messages(timeout=min(0.5, left) if left else 0.5):
                 report = view.take(message)
-                if report is None or message.retained or report.device is None:
+                if report is None or report.retained or report.device is None:
                     continue  # retained telemetry is the last known, not live news
                 if args.json:
                     line = {"device": report.device, "stream": report.stream, "doc": report.doc}
