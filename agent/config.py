@@ -4,7 +4,7 @@
 ``EDGE_AGENT_<SECTION>_<KEY>`` environment overrides and validates everything.
 Unknown keys are refused. Every error names the key path and where the value came
 from (``config.yaml:12`` or the environment variable). Validation does no I/O;
-``preflight`` checks the files a valid config refers to.
+``agent.preflight`` checks what a valid config refers to (files, folders, libraries).
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from agent.errors import ConfigError, EdgeAgentError
-from agent.verify import load_public_key
+from agent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.yaml")
 ENV_PREFIX = "EDGE_AGENT_"
@@ -49,7 +48,7 @@ def _path_text(value: object) -> object:
 FilePath = Annotated[Path, BeforeValidator(_path_text)]
 
 
-def _check_url(value: str, schemes: tuple[str, ...]) -> str:
+def check_url(value: str, schemes: tuple[str, ...]) -> str:
     """Raise ValueError unless ``value`` is a complete URL of one of ``schemes``."""
     parts = urllib.parse.urlsplit(value)  # ValueError for a broken IPv6 host
     if parts.scheme not in schemes:
@@ -126,7 +125,7 @@ class RegistryConfig(_Section):
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str | None) -> str | None:
-        return None if value is None else _check_url(value, ("http", "https", "file"))
+        return None if value is None else check_url(value, ("http", "https", "file"))
 
 
 class ModelConfig(_Section):
@@ -210,7 +209,7 @@ class _StreamSource(_Source):
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str) -> str:
-        return _check_url(value, cls.schemes)
+        return check_url(value, cls.schemes)
 
 
 class MjpegSource(_StreamSource):
@@ -358,7 +357,7 @@ class MqttConfig(_Section):
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str | None) -> str | None:
-        return None if value is None else _check_url(value, ("mqtt", "mqtts"))
+        return None if value is None else check_url(value, ("mqtt", "mqtts"))
 
 
 class TelemetryConfig(_Section):
@@ -543,6 +542,9 @@ def _describe(
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        elif item["type"] == "union_tag_not_found":
+            dotted = f"{dotted}.type"
+            message = f"missing; one of {', '.join(SOURCE_TYPES)}"
         elif item["type"] == "union_tag_invalid":
             dotted = f"{dotted}.type"
             ctx = item.get("ctx", {})
@@ -590,36 +592,3 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
     return parse_config(text, str(path), env)
-
-
-def preflight(config: Config) -> list[str]:
-    """Check the files a valid config refers to. Returns problems (empty when fine)."""
-    problems = []
-    files = {
-        "registry.public_key": config.registry.public_key,
-        "registry.ca": config.registry.ca,
-        "mqtt.ca": config.mqtt.ca,
-        "mqtt.cert": config.mqtt.cert,
-        "mqtt.key": config.mqtt.key,
-        "update.desired_public_key": config.update.desired_public_key,
-    }
-    for key, path in files.items():
-        if path is not None and not os.access(path, os.R_OK):
-            problems.append(f"{key}: cannot read {path}")
-    keys = {
-        "registry.public_key": config.registry.public_key,
-        "update.desired_public_key": config.update.desired_public_key,
-    }
-    for key, path in keys.items():
-        if path is not None and not problems:
-            try:
-                load_public_key(path, key)
-            except EdgeAgentError as exc:
-                problems.append(str(exc))
-    store_dir = config.store.dir
-    existing = store_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not os.access(existing, os.W_OK):
-        problems.append(f"store.dir: {store_dir} is not writable")
-    return problems

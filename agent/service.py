@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.commands import Commands
-from agent.config import Config, load_config, preflight
+from agent.config import Config, load_config
 from agent.desired import desired_topics
 from agent.errors import ConfigError, EdgeAgentError, ModelError
 from agent.oneshot import reloader
 from agent.outbox import Outbox
 from agent.pipeline import Pipeline, Stats
+from agent.preflight import check
 from agent.runtime.model import LoadedModel, ModelFiles, load_model
 from agent.sources import make_source
 from agent.store import Release, Store
@@ -338,9 +339,11 @@ def run(config: Config, path: Path) -> int:
     Returns the exit code: 0 after a signal, 1 when an update got stuck past its
     deadline (systemd restarts the agent, and the journal ends that update).
     """
-    problems = preflight(config)
-    if problems:
-        raise ConfigError([f"{path}: {p}" for p in problems])
+    findings = check(config)
+    if findings.errors:
+        raise ConfigError([f"{path}: {p}" for p in findings.errors])
+    for warning in findings.warnings:
+        log.warning("%s: %s", path, warning)
     signals = _Signals([])
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda signum, frame: signals.received.append(signum))
@@ -400,7 +403,7 @@ def _reload(
     """
     try:
         fresh = load_config(path)
-        problems = preflight(fresh)
+        problems = check(fresh).errors
         if problems:
             raise ConfigError([f"{path}: {p}" for p in problems])
     except (ConfigError, OSError) as exc:
