@@ -16,7 +16,8 @@ from agent.config import parse_config
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "configuration.md"
 MARKDOWN = sorted(
-    [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *ROOT.glob("*/README.md")],
+    [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    + [p for p in ROOT.glob("*/README.md") if not p.parent.name.startswith(".")]
 )
 # Markdown links and images: [text](target) and ![alt](target), not inside code.
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")

@@ -1,7 +1,7 @@
 """``edge-fleet``: the operator's commands (keygen, publish, acl, deploy, rollout,
 devices, telemetry, status).
 
-Exit codes as DESIGN.md: 0 success, 1 the operation failed (the broker unreachable, a
+Exit codes as docs/protocol.md: 0 success, 1 the operation failed (the broker unreachable, a
 rollout halted, a device that did not take its desired state), 2 bad usage (including
 device ids, group or admin names that cannot be used in topics, and options that do
 not go together). The broker options default to ``EDGE_FLEET_BROKER``,
