@@ -1,6 +1,6 @@
 """``edge-agent``: the device's command line.
 
-Exit codes (DESIGN.md): 0 success; 1 the operation failed (download refused, …);
+Exit codes (docs/protocol.md): 0 success; 1 the operation failed (download refused, …);
 2 bad command-line usage; 78 (EX_CONFIG) invalid configuration.
 """
 

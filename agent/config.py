@@ -1,7 +1,8 @@
 """Typed configuration, validated once at start.
 
-``load_config`` reads the YAML file of ../shared/DESIGN.md "Configuration", applies
-``EDGE_AGENT_<SECTION>_<KEY>`` environment overrides and validates everything.
+``load_config`` reads the YAML file, applies ``EDGE_AGENT_<SECTION>_<KEY>``
+environment overrides and validates everything (docs/configuration.md is generated
+from these models by ``agent.configdoc``: every field needs its description).
 Unknown keys are refused. Every error names the key path and where the value came
 from (``config.yaml:12`` or the environment variable). Validation does no I/O;
 ``agent.preflight`` checks what a valid config refers to (files, folders, libraries).
@@ -187,7 +188,9 @@ class _Source(_Section):
 
 
 class CameraSource(_Source):
-    type: Literal["camera"] = "camera"
+    type: Literal["camera"] = Field(
+        default="camera", description="A V4L2 camera (/dev/videoN) through OpenCV."
+    )
     device: str = Field(
         default="/dev/video0", min_length=1, description="V4L2 device path or index (0, 1, …)."
     )
@@ -196,7 +199,7 @@ class CameraSource(_Source):
 
 
 class VideoSource(_Source):
-    type: Literal["video"] = "video"
+    type: Literal["video"] = Field(default="video", description="A video file through OpenCV.")
     path: FilePath = Field(description="Video file.")
     loop: bool = Field(default=False, description="Start again at the end of the file.")
 
@@ -216,25 +219,33 @@ class MjpegSource(_StreamSource):
     """An HTTP multipart MJPEG stream."""
 
     schemes = ("http", "https")
-    type: Literal["mjpeg"] = "mjpeg"
+    type: Literal["mjpeg"] = Field(
+        default="mjpeg", description="An HTTP multipart MJPEG stream (Basic auth from the URL)."
+    )
 
 
 class RtspSource(_StreamSource):
     """An RTSP stream."""
 
     schemes = ("rtsp", "rtsps")
-    type: Literal["rtsp"] = "rtsp"
+    type: Literal["rtsp"] = Field(
+        default="rtsp", description="An RTSP stream through OpenCV's FFmpeg."
+    )
     transport: Literal["tcp", "udp"] = Field(default="tcp", description="RTP transport.")
 
 
 class ImagesSource(_Source):
-    type: Literal["images"] = "images"
+    type: Literal["images"] = Field(
+        default="images", description="A folder of still images, read in name order."
+    )
     path: FilePath = Field(description="Folder of images (.jpg, .jpeg, .png, .bmp), by name.")
     loop: bool = Field(default=False, description="Start again after the last image.")
 
 
 class Picamera2Source(_Source):
-    type: Literal["picamera2"] = "picamera2"
+    type: Literal["picamera2"] = Field(
+        default="picamera2", description="The Raspberry Pi camera through picamera2."
+    )
     width: int = Field(default=640, gt=0, description="Capture width.")
     height: int = Field(default=480, gt=0, description="Capture height.")
 
@@ -249,19 +260,26 @@ class _SensorSource(_Source):
 
 
 class SerialSource(_SensorSource):
-    type: Literal["serial"] = "serial"
+    type: Literal["serial"] = Field(
+        default="serial", description="A serial sensor: one sample of numbers per line."
+    )
     device: str = Field(default="/dev/ttyUSB0", min_length=1, description="Serial device.")
     baudrate: int = Field(default=115200, gt=0, description="Serial baud rate.")
 
 
 class UdpSource(_SensorSource):
-    type: Literal["udp"] = "udp"
+    type: Literal["udp"] = Field(
+        default="udp",
+        description='A UDP sensor: JSON numbers, lists or {"values": […]} per datagram.',
+    )
     port: int = Field(ge=1, le=65535, description="UDP port receiving JSON-lines datagrams.")
     bind: str = Field(default="0.0.0.0", min_length=1, description="Address to listen on.")
 
 
 class SyntheticSource(_Source):
-    type: Literal["synthetic"] = "synthetic"
+    type: Literal["synthetic"] = Field(
+        default="synthetic", description="A generated moving test pattern (no hardware)."
+    )
     width: int = Field(default=320, gt=0, le=8192, description="Frame width.")
     height: int = Field(default=240, gt=0, le=8192, description="Frame height.")
     frames: int = Field(default=0, ge=0, description="Frames to produce; 0 means endless.")
