@@ -415,6 +415,18 @@ class UpdateConfig(_Section):
     )
 
 
+SUN_PATH_MAX = 107  # bytes of a Unix socket path (sun_path is 108, NUL-terminated)
+
+
+class ControlConfig(_Section):
+    socket: Path | None = Field(
+        default=None,
+        description="Unix socket where the running agent answers local commands (edge-agent "
+        "status, models pull/rollback); created 0660. Default: control.sock beside store.dir "
+        "(/var/lib/edge-agent/control.sock).",
+    )
+
+
 class Config(_Section):
     device: DeviceConfig = Field(default_factory=DeviceConfig, description="This device.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registry.")
@@ -434,6 +446,17 @@ class Config(_Section):
     update: UpdateConfig = Field(
         default_factory=UpdateConfig, description="Update gate, probation and polling."
     )
+    control: ControlConfig = Field(
+        default_factory=ControlConfig, description="Local control socket of the running agent."
+    )
+
+    @property
+    def control_socket(self) -> Path:
+        """The control socket's path: control.socket, else control.sock beside store.dir.
+
+        The daemon and the CLI both derive it from the same config file.
+        """
+        return self.control.socket or self.store.dir.parent / "control.sock"
 
     @model_validator(mode="after")
     def _requirements(self) -> Config:
@@ -452,6 +475,20 @@ class Config(_Section):
             )
         if (mqtt.password_file or mqtt.password_credential) and not mqtt.username:
             raise PydanticCustomError("missing", "a password needs mqtt.username")
+        length = len(os.fsencode(self.control_socket))
+        if length > SUN_PATH_MAX:
+            where = "" if self.control.socket else " (the default, beside store.dir)"
+            raise PydanticCustomError(
+                "too_long",
+                "control.socket: {path}{where} is {length} bytes, more than a Unix socket "
+                "path may have ({limit}); set control.socket to a shorter path",
+                {
+                    "path": str(self.control_socket),
+                    "where": where,
+                    "length": length,
+                    "limit": SUN_PATH_MAX,
+                },
+            )
         return self
 
 
