@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from agent.config import DEFAULT_CONFIG_PATH, Config, RuntimeConfig, load_config, preflight
 from agent.errors import ConfigError, EdgeAgentError
@@ -22,6 +22,9 @@ from agent.oneshot import TASK_CHOICES
 from agent.registry import Progress, Registry
 from agent.store import Release, Store
 from agent.updater import Updater
+
+if TYPE_CHECKING:
+    from agent.local import Reach
 
 EX_CONFIG = 78
 
@@ -353,7 +356,7 @@ def cmd_models_pull(
 
 
 def _pull_through_agent(
-    found: Any, version: int | None, wait_s: float | None, as_json: bool
+    found: Reach, version: int | None, wait_s: float | None, as_json: bool
 ) -> int:
     from agent import local
 

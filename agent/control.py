@@ -122,9 +122,12 @@ class ControlServer:
             with conn:
                 conn.settimeout(IO_TIMEOUT_S)
                 try:
-                    reply = self.answer(_read_line(conn))
+                    try:
+                        reply = self.answer(_read_line(conn))
+                    except ControlError as exc:  # oversized: say so, drop the rest
+                        reply = {"command": None, "ok": False, "error": str(exc)}
                     conn.sendall(json.dumps(reply).encode() + b"\n")
-                except (OSError, ControlError) as exc:  # the asker went away, or was slow
+                except OSError as exc:  # the asker went away, or was slow
                     log.warning("control socket: %s", exc)
 
     def answer(self, raw: bytes) -> dict[str, Any]:
