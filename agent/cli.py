@@ -13,7 +13,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from agent import __version__
 from agent.clihelp import (
@@ -31,6 +31,9 @@ from agent.oneshot import TASK_CHOICES
 from agent.registry import Progress, Registry
 from agent.store import Release, Store
 from agent.updater import Updater
+
+if TYPE_CHECKING:
+    from agent.local import Reach
 
 EX_CONFIG = 78
 
@@ -149,8 +152,10 @@ def _parser() -> argparse.ArgumentParser:
     command(
         sub,
         "status",
-        "the active release and the store",
-        "Show the active release, the previous one and what the store holds.",
+        "what the running agent serves, and the store",
+        "Show what the running agent serves (asked through its control socket: version, "
+        "backend, fps, update phase, broker), and the active release, the previous one and "
+        "what the store holds. Without a running agent: the store alone.",
         "edge-agent status\nedge-agent status --json",
         EXIT_CODES,
         [config, as_json],
@@ -183,7 +188,10 @@ def _parser() -> argparse.ArgumentParser:
         "fetch, verify and activate a release",
         "Download a release (resuming a partial download), verify its sizes, hashes and "
         "signature, and activate it. Without --version: the version the model's channel "
-        "names. A lower version than the active one is refused (use models rollback).",
+        "names. A lower version than the active one is refused (use models rollback). "
+        "With the agent running, the request goes to it and runs as an update through the "
+        "same gate, probation and journal as a pushed one; with the agent stopped, the "
+        "release is gated when the agent next starts.",
         "edge-agent models pull\nedge-agent models pull --version 4",
         EXIT_CODES,
         [config, as_json],
@@ -191,11 +199,25 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument(
         "--version", type=positive(int), help="version to pull (default: the channel's)"
     )
+    waiting = pull.add_mutually_exclusive_group()
+    waiting.add_argument(
+        "--wait",
+        type=positive(float),
+        default=300.0,
+        metavar="S",
+        help="with the agent running: wait up to S s for the update's outcome (default 300)",
+    )
+    waiting.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="with the agent running: return once it has taken the request",
+    )
     rollback = command(
         msub,
         "rollback",
         "switch back to a stored release, no download",
-        "Activate a release that is already in the store: the previous one, or --to N.",
+        "Activate a release that is already in the store: the previous one, or --to N. "
+        "With the agent running, it switches what the agent serves.",
         "edge-agent models rollback\nedge-agent models rollback --to 2",
         EXIT_CODES,
         [config, as_json],
@@ -360,9 +382,28 @@ def cmd_check_config(config: Config, path: Path, as_json: bool) -> int:
 
 
 def cmd_status(config: Config, as_json: bool) -> int:
+    """The agent's view (when it runs and answers) and the store's; exit 0 either way."""
+    from agent import local
+
+    found = local.reach(config)
     store = Store(config.store.dir, config.store.keep)
-    pointer = store.pointer()
-    active = store.active()
+    daemon: dict[str, Any] = {
+        "running": found.status is not None,
+        "socket": str(found.path),
+        "problem": found.problem,
+        "status": found.status,
+    }
+    lines = [f"device:   {config.device.id}", *local.daemon_lines(found)]
+    try:
+        pointer = store.pointer()
+        active = store.active()
+    except OSError as exc:
+        if found.status is None:  # nothing else to show: the error is the answer
+            raise
+        # A member of the agent's group may ask the agent but not read its store.
+        lines.append(f"store:    {store.root}: cannot read: {exc.strerror or exc}")
+        _emit({"device": config.device.id, "daemon": daemon}, as_json, lines)
+        return 0
     data: dict[str, Any] = {
         "device": config.device.id,
         "model": config.model.name,
@@ -371,8 +412,9 @@ def cmd_status(config: Config, as_json: bool) -> int:
         "previous_version": pointer.previous if pointer else None,
         "activated_at": pointer.activated_at if pointer else None,
         "stored_versions": store.versions(pointer.model) if pointer else [],
+        "daemon": daemon,
     }
-    lines = [f"device:   {config.device.id}", f"store:    {store.root}"]
+    lines.append(f"store:    {store.root}")
     if active is None or pointer is None:
         lines.append("active:   none (no release pulled yet)")
     else:
@@ -422,14 +464,29 @@ def cmd_models_list(config: Config, remote: bool, as_json: bool) -> int:
     return 0
 
 
-def cmd_models_pull(config: Config, version: int | None, as_json: bool) -> int:
+def cmd_models_pull(
+    config: Config, version: int | None, wait_s: float | None, as_json: bool
+) -> int:
+    """Through the running agent (its gate and probation), else on the store: the
+    release is journaled so that the agent's next start gates it before serving it."""
+    from agent import local
+    from agent.updates import note_offline_pull
+
+    found = local.reach(config)
+    if found.status is not None:
+        return _pull_through_agent(found, version, wait_s, as_json)
+    local.require_reachable(found, "models pull")
     store = Store(config.store.dir, config.store.keep).open()
     registry = Registry.from_config(config.registry)
     try:
-        updater = Updater(config, store, registry, progress=_ProgressLine(sys.stderr))
-        started = time.monotonic()
-        result = updater.pull(version)
-        seconds = time.monotonic() - started
+        with local.agent_stopped(config):
+            before = store.pointer()
+            updater = Updater(config, store, registry, progress=_ProgressLine(sys.stderr))
+            started = time.monotonic()
+            result = updater.pull(
+                version, before_activate=lambda release: note_offline_pull(store, release, before)
+            )
+            seconds = time.monotonic() - started
     finally:
         registry.close()
     release = result.release
@@ -451,9 +508,45 @@ def cmd_models_pull(config: Config, version: int | None, as_json: bool) -> int:
     return 0
 
 
+def _pull_through_agent(
+    found: Reach, version: int | None, wait_s: float | None, as_json: bool
+) -> int:
+    from agent import local
+
+    def say(line: str) -> None:
+        if not as_json:
+            print(line, flush=True)
+
+    update = local.pull_through_agent(found, version, wait_s, say)
+    outcome = update.get("outcome")
+    target = update["version"]
+    if outcome is None:
+        line = f"v{target} queued: the agent is pulling it (see `edge-agent status`)"
+    elif outcome == "succeeded":
+        line = f"v{target} succeeded" + (f": {update['reason']}" if update.get("reason") else "")
+    else:
+        line = f"v{target} {outcome}: {update.get('reason')}"
+    _emit({"through_agent": True, "update": update}, as_json, [line])
+    return 0 if outcome in (None, "succeeded") else 1
+
+
 def cmd_models_rollback(config: Config, to: int | None, as_json: bool) -> int:
+    """Through the running agent (what serves changes), else on the store."""
+    from agent import local
+
+    found = local.reach(config)
+    if found.status is not None:
+        done = local.rollback_through_agent(found, to)
+        model = found.status.get("model")
+        _emit(
+            {"through_agent": True, "from_version": done["from"], "version": done["version"]},
+            as_json,
+            [f"rolled back {model} to v{done['version']} (was v{done['from']})"],
+        )
+        return 0
+    local.require_reachable(found, "models rollback")
     store = Store(config.store.dir, config.store.keep).open()
-    with store.lock():
+    with local.agent_stopped(config), store.lock():
         before = store.pointer()
         release = store.rollback(to)
     data = {
@@ -559,7 +652,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.models_command == "list":
         return cmd_models_list(config, args.remote, as_json)
     if args.models_command == "pull":
-        return cmd_models_pull(config, args.version, as_json)
+        wait_s = None if args.no_wait else args.wait
+        return cmd_models_pull(config, args.version, wait_s, as_json)
     return cmd_models_rollback(config, args.to, as_json)
 
 

@@ -432,6 +432,18 @@ class UpdateConfig(_Section):
     )
 
 
+SUN_PATH_MAX = 107  # bytes of a Unix socket path (sun_path is 108, NUL-terminated)
+
+
+class ControlConfig(_Section):
+    socket: Path | None = Field(
+        default=None,
+        description="Unix socket where the running agent answers local commands (edge-agent "
+        "status, models pull/rollback); created 0660. Default: control.sock beside store.dir "
+        "(/var/lib/edge-agent/control.sock).",
+    )
+
+
 class Config(_Section):
     device: DeviceConfig = Field(default_factory=DeviceConfig, description="This device.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registry.")
@@ -451,6 +463,17 @@ class Config(_Section):
     update: UpdateConfig = Field(
         default_factory=UpdateConfig, description="Update gate, probation and polling."
     )
+    control: ControlConfig = Field(
+        default_factory=ControlConfig, description="Local control socket of the running agent."
+    )
+
+    @property
+    def control_socket(self) -> Path:
+        """The control socket's path: control.socket, else control.sock beside store.dir.
+
+        The daemon and the CLI both derive it from the same config file.
+        """
+        return self.control.socket or self.store.dir.parent / "control.sock"
 
     @model_validator(mode="after")
     def _requirements(self) -> Config:
@@ -469,10 +492,30 @@ class Config(_Section):
             )
         if (mqtt.password_file or mqtt.password_credential) and not mqtt.username:
             raise PydanticCustomError("missing", "a password needs mqtt.username")
+        length = len(os.fsencode(self.control_socket))
+        if length > SUN_PATH_MAX:
+            where = "" if self.control.socket else " (the default, beside store.dir)"
+            raise PydanticCustomError(
+                "too_long",
+                "control.socket: {path}{where} is {length} bytes, more than a Unix socket "
+                "path may have ({limit}); set control.socket to a shorter path",
+                {
+                    "path": str(self.control_socket),
+                    "where": where,
+                    "length": length,
+                    "limit": SUN_PATH_MAX,
+                },
+            )
         return self
 
 
 SECTIONS = tuple(Config.model_fields)
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    """A key path for a message; a key with control characters is shown quoted, so a
+    config cannot write line breaks or escape sequences to the operator's terminal."""
+    return ".".join(part if part.isprintable() else repr(part) for part in path)
 
 
 @dataclass(frozen=True)
@@ -500,7 +543,7 @@ def _origins_from_yaml(
             for key_node, value_node in n.value:
                 key = str(key_node.value)
                 line = key_node.start_mark.line + 1
-                dotted = ".".join(path + (key,))
+                dotted = _dotted(path + (key,))
                 if key in seen:
                     problems.append(f"{file}:{line}: {dotted}: duplicate key")
                 seen.add(key)
@@ -551,7 +594,7 @@ def _describe(
         loc = tuple(str(part) for part in item["loc"])
         if len(loc) > 1 and loc[0] == "source" and loc[1] in SOURCE_TYPES:
             loc = loc[:1] + loc[2:]  # pydantic puts the union's tag in the path
-        dotted = ".".join(loc)
+        dotted = _dotted(loc)
         where = file
         for depth in range(len(loc), 0, -1):  # nearest enclosing key that has a line
             if loc[:depth] in origins:

@@ -124,12 +124,19 @@ class Updater:
         except ValueError as exc:
             raise VerificationError(f"{self.model}/index.json: {exc}") from exc
 
-    def pull(self, version: int | None = None, *, allow_downgrade: bool = False) -> PullResult:
+    def pull(
+        self,
+        version: int | None = None,
+        *,
+        allow_downgrade: bool = False,
+        before_activate: Callable[[Release], None] | None = None,
+    ) -> PullResult:
         """Install and activate ``version`` (default: the configured channel's).
 
         ``allow_downgrade`` is for an explicit rollback instruction; a channel never
-        moves the device backwards. Raises an UpdateError subclass; the active
-        release is untouched then.
+        moves the device backwards. ``before_activate`` is called with the release
+        just before the switch (the journal of an offline pull). Raises an UpdateError
+        subclass; the active release is untouched then.
         """
         with self.store.lock():
             if version is None:
@@ -142,6 +149,8 @@ class Updater:
             staged = self._stage(version, allow_downgrade, None)
             if staged.active:
                 return PullResult(staged.release, False, staged.fetched_bytes, staged.note)
+            if before_activate is not None:
+                before_activate(staged.release)
             self.store.activate(staged.release)
             return PullResult(staged.release, True, staged.fetched_bytes, self.clean_up())
 

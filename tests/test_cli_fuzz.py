@@ -122,8 +122,8 @@ def _assert_clean(tool: str, code: int, stderr: str) -> None:
     assert "internal error" not in stderr, stderr
     if code not in (0, 141):
         assert stderr.strip(), "a failure must say what was wrong"
-        for line in stderr.strip().splitlines():
-            assert len(line) < 400, line
+    for line in stderr.strip().splitlines():  # our lines, or argparse's usage block
+        assert line.startswith((f"{tool}", "usage:", " ")), line
 
 
 @pytest.mark.parametrize("args", AGENT_CORPUS, ids=lambda a: " ".join(a) or "(none)")
@@ -229,8 +229,13 @@ FLEET_OPTIONS = [
     "--admin",
 ]
 
+# Derandomized: CI explores the same cases every run (a red CI must be reproducible);
+# raise max_examples locally to search further.
 FUZZ = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 

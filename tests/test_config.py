@@ -219,3 +219,9 @@ def test_a_source_without_type_names_the_key_and_the_choices() -> None:
         "config.yaml:1: source.type: missing; one of camera, video, mjpeg, rtsp, images, "
         "picamera2, serial, udp, synthetic"
     )
+
+
+def test_a_key_with_control_characters_is_shown_quoted() -> None:
+    (problem,) = problems('device:\n  "a\\x85\\x1b[31m": 1\n')
+    assert problem == "config.yaml:2: device.'a\\x85\\x1b[31m': unknown key"
+    assert problem.isprintable()
