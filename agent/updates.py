@@ -677,7 +677,7 @@ class Updates:
         log.info("update to %s v%d (from %s) started", model, version, source)
         self.reporter.event(
             "update_started",
-            {"model": model, "version": version, "source": source, "id": attempt.id},
+            {"model": model, "version": version, "source": source, "update_id": attempt.id},
         )
         with self._lock:
             try:
@@ -777,9 +777,8 @@ class Updates:
         except BaseException:
             candidate.close()
             raise
-        self.reporter.event(
-            "update_validated", {"version": release.version, "model": release.model, **report}
-        )
+        detail = {"version": release.version, "model": release.model, "update_id": attempt.id}
+        self.reporter.event("update_validated", {**detail, **report})
         return candidate
 
     def _activate(self, attempt: Attempt, release: Release, candidate: LoadedModel) -> None:
@@ -875,7 +874,12 @@ class Updates:
             return
         self.reporter.event(
             "rolled_back",
-            {"from": attempt.version, "to": release.version, "reason": reason},
+            {
+                "from": attempt.version,
+                "to": release.version,
+                "reason": reason,
+                "update_id": attempt.id,
+            },
         )
         self._finish(attempt, "rolled_back", reason, bad=True)
 
@@ -914,7 +918,7 @@ class Updates:
                 "version": attempt.version,
                 "phase": phase,
                 "deadline_s": deadline_s,
-                "id": attempt.id,
+                "update_id": attempt.id,
             },
         )
         self.publish_state()
@@ -958,7 +962,7 @@ class Updates:
             "model": attempt.model,
             "version": attempt.version,
             "source": attempt.source,
-            "id": attempt.id,
+            "update_id": attempt.id,
             "reason": reason or None,
             "seconds": round(time.time() - attempt.started_at, 2),
         }

@@ -98,6 +98,13 @@ def _events(tap: Tap, name: str) -> list[dict[str, Any]]:
     return [d for d in tap.docs("/events") if d["event"] == name]
 
 
+def assert_ids_unique(tap: Tap) -> None:
+    """No two messages share an ``id`` (a redelivery of one message has the same seq)."""
+    with tap._lock:
+        sent = {(t, d["seq"]): d["id"] for t, d, _ in tap.messages if "seq" in d}
+    assert len(set(sent.values())) == len(sent) > 10
+
+
 def _publish_selftested(registry: Path, models: Models, version: int, **options: Any) -> None:
     publish(
         [models.root / f"v{version}.tflite"],
@@ -173,6 +180,13 @@ def test_pushed_desired_version_is_pulled_validated_activated_and_reported(
         (validated,) = [e for e in _events(tap, "update_validated") if e["version"] == 2]
         assert validated["selftest_samples"] == 3 and validated["max_abs_error"] <= 0.02
         assert 0 < validated["latency_ms_p95"] < 5000
+        # Every message has its own id; the update's id travels as update_id.
+        update_events = [
+            e for e in tap.docs("/events") if e["event"].startswith("update_") and e["version"] == 2
+        ]
+        assert len(update_events) >= 7  # started, 5 phases, validated, succeeded
+        assert {e["update_id"] for e in update_events} == {state["update"]["id"]}
+        assert_ids_unique(tap)
         assert agent.terminate() == 0
     finally:
         tap.close()
