@@ -597,7 +597,12 @@ class Updates:
                 self._etag
             )
         except EdgeAgentError as exc:
-            log.warning("polling the registry failed: %s", exc)
+            log.warning(
+                "polling the registry failed: %s; polling again in %.0f s "
+                "(registry.poll_interval_s)",
+                exc,
+                max(self._next_poll - time.monotonic(), 0.0),
+            )
             self.last_error = f"poll: {exc}"
             return
         finally:
@@ -941,10 +946,15 @@ class Updates:
             self.journal.unmark(attempt.model, attempt.version)
         if outcome == "succeeded":
             self.journal.crashes.pop(f"{attempt.model}@{attempt.version}", None)
+        plan = ""
         if transient:
             _, tries = self._retry_at.get(key, (0.0, 0))
             delay = backoff_delay(tries + 1, RETRY_FIRST_S, self.config.update.retry_max_s, 0.5)
             self._retry_at[key] = (time.monotonic() + delay, tries + 1)
+            plan = (
+                f"; retrying in {delay:.0f} s (backoff up to "
+                f"{self.config.update.retry_max_s:g} s, update.retry_max_s)"
+            )
         elif outcome == "failed" and attempt.issued_at is None:
             # A channel's release refused (not found yet on a CDN, a bad signature): look
             # again only after retry_max_s, never in a loop.
@@ -972,7 +982,7 @@ class Updates:
             if reason != "already active":
                 self._clean_up()
         else:
-            log.error("update to v%d %s: %s", attempt.version, outcome, reason)
+            log.error("update to v%d %s: %s%s", attempt.version, outcome, reason, plan)
             if outcome == "failed":
                 self.reporter.event("update_failed", {**detail, "retry": transient})
         self.publish_state()

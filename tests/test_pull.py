@@ -86,6 +86,22 @@ def test_cut_download_resumes_with_range_and_fetches_only_the_rest(
     assert sum(r.sent for r in requests) == 300_000  # not one byte fetched twice
 
 
+def test_pull_after_a_broken_off_one_counts_only_the_bytes_it_fetched(
+    on_v1: Device, server: RegistryServer
+) -> None:
+    server.fault(MODEL_FILE, "truncate", at=120_000, times=3)  # the first try and 2 retries
+    with pytest.raises(TransportError):
+        on_v1.updater().pull(2)
+    server.clear_log()
+    result = on_v1.updater().pull(2)
+    assert result.changed and result.fetched_bytes == 180_000
+    assert [(r.range_start, r.sent) for r in server.requests_for(MODEL_FILE)] == [
+        (120_000, 180_000)
+    ]
+    again = on_v1.updater().pull(2)  # already active: nothing crosses the network
+    assert not again.changed and again.fetched_bytes == 0
+
+
 def test_truncated_without_content_length_is_caught_by_manifest_size(
     on_v1: Device, server: RegistryServer
 ) -> None:
@@ -217,8 +233,11 @@ def test_redirect_within_the_registry_is_followed(
 def test_server_ignoring_range_restarts_cleanly(on_v1: Device, server: RegistryServer) -> None:
     server.fault(MODEL_FILE, "truncate", at=100_000)
     server.fault(MODEL_FILE, "ignore_range")
-    assert on_v1.updater().pull(2).changed
+    result = on_v1.updater().pull(2)
+    assert result.changed
     on_v1.assert_serving(2)
+    # The first 100 kB came twice: the summary counts what crossed the network.
+    assert result.fetched_bytes == 400_000 == sum(r.sent for r in server.requests_for(MODEL_FILE))
 
 
 def test_resume_answered_with_another_range_is_not_spliced_in(
@@ -380,9 +399,11 @@ def test_bad_kept_partial_is_discarded_and_fetched_from_zero(
     entry = manifest.file("model.tflite")
     store = on_v1.store
     store.part_path(entry).write_bytes(b"\xff" * 100_000)  # an earlier attempt's bad bytes
-    assert on_v1.updater().pull(2).changed
+    result = on_v1.updater().pull(2)
+    assert result.changed
     on_v1.assert_serving(2)
     assert [r.range_start for r in server.requests_for(MODEL_FILE)] == [100_000, None]
+    assert result.fetched_bytes == 500_000  # the 200 kB resumed onto bad bytes, then all
     assert on_v1.leftovers() == []
 
 
