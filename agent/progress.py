@@ -25,8 +25,8 @@ RATE_HALF_LIFE_S = 2.0  # the smoothed rate forgets half of its past in this lon
 
 
 def size_text(n: float, unit: float) -> str:
-    """``n`` bytes in ``unit`` (1e3, 1e6 or 1e9), one decimal."""
-    return f"{n / unit:.1f}"
+    """``n`` bytes in ``unit`` (1e3, 1e6 or 1e9) with one decimal; whole bytes (unit 1)."""
+    return f"{n:.0f}" if unit == 1.0 else f"{n / unit:.1f}"
 
 
 def _unit(n: float) -> tuple[float, str]:
@@ -41,7 +41,7 @@ def rate_text(rate: float | None) -> str:
     if rate is None or rate <= 0:
         return "-- B/s"
     unit, name = _unit(rate)
-    return f"{rate / unit:.1f} {name}/s"
+    return f"{size_text(rate, unit)} {name}/s"
 
 
 def eta_text(seconds: float | None) -> str:

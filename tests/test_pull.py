@@ -7,7 +7,9 @@ nothing half-downloaded is left to become active, and the error says what was wr
 from __future__ import annotations
 
 import json
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from agent.errors import (
     VerificationError,
 )
 from agent.fleet.publish import publish
-from agent.registry import DeadlineError
+from agent.registry import DeadlineError, Registry, UnreachableError
 from agent.verify import load_private_key, sign
 from tests.conftest import MODEL, Device, Fleet, serving_v1_with_v2_published, tflite_bytes
 from tests.registry_server import RegistryServer
@@ -185,6 +187,37 @@ def test_stalled_server_trips_the_read_timeout(on_v1: Device, server: RegistrySe
     ):
         on_v1.updater().pull(2)
     on_v1.assert_serving(1)
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port whose accept queue is full: connection attempts get no answer at all."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    waiting = []
+    for _ in range(4):  # more than the queue holds; the kernel then drops the SYNs
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(("127.0.0.1", port))
+        waiting.append(client)
+    yield port
+    for client in waiting:
+        client.close()
+    listener.close()
+
+
+def test_registry_giving_no_connection_fails_within_the_connect_timeout(silent_port: int) -> None:
+    registry = Registry(
+        f"http://127.0.0.1:{silent_port}/", timeout_s=30, connect_timeout_s=0.5, retries=5
+    )
+    started = time.monotonic()
+    with pytest.raises(UnreachableError, match=r"no answer within 0.5 s \(registry.connect_"):
+        registry.fetch_document(f"{MODEL}/index.json", 10_000)
+    # Down when the fetch began: reported at once, the five retries not spent on it.
+    assert time.monotonic() - started < 2.0
+    registry.close()
 
 
 def test_missing_file_404_is_not_retried(on_v1: Device, server: RegistryServer) -> None:
