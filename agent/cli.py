@@ -13,7 +13,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.clihelp import (
@@ -25,10 +25,10 @@ from agent.clihelp import (
     positive,
 )
 from agent.config import DEFAULT_CONFIG_PATH, Config, RuntimeConfig, load_config
-from agent.errors import ConfigError, EdgeAgentError
-from agent.manifest import FileEntry
+from agent.errors import ConfigError, EdgeAgentError, TransportError
 from agent.oneshot import TASK_CHOICES
-from agent.registry import Progress, Registry
+from agent.progress import ProgressLine, interrupted_text
+from agent.registry import Registry
 from agent.store import Release, Store
 from agent.updater import Updater
 
@@ -36,37 +36,6 @@ if TYPE_CHECKING:
     from agent.local import Reach
 
 EX_CONFIG = 78
-
-
-class _ProgressLine:
-    """One self-overwriting line on a terminal for long downloads; silent elsewhere.
-
-    Ten lines of our own rather than a progress-bar dependency on every device.
-    """
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.enabled = stream.isatty()
-
-    def __call__(self, entry: FileEntry) -> Progress | None:
-        if not self.enabled or entry.size < 1_000_000:
-            return None
-        start = last = time.monotonic()
-
-        def show(done: int, total: int) -> None:
-            nonlocal last
-            now = time.monotonic()
-            if now - last < 0.1 and done < total:
-                return
-            last = now
-            rate = done / max(now - start, 1e-6) / 1e6
-            end = "\n" if done >= total else ""
-            self.stream.write(
-                f"\r{entry.name}: {done / 1e6:7.1f} / {total / 1e6:.1f} MB  {rate:6.1f} MB/s{end}"
-            )
-            self.stream.flush()
-
-        return show
 
 
 EXIT_CODES = exit_codes(
@@ -478,16 +447,30 @@ def cmd_models_pull(
     local.require_reachable(found, "models pull")
     store = Store(config.store.dir, config.store.keep).open()
     registry = Registry.from_config(config.registry)
+    progress = ProgressLine(sys.stderr, sys.stderr.isatty() and not as_json)
     try:
         with local.agent_stopped(config):
             before = store.pointer()
-            updater = Updater(config, store, registry, progress=_ProgressLine(sys.stderr))
+            updater = Updater(config, store, registry, progress=progress)
             started = time.monotonic()
             result = updater.pull(
                 version, before_activate=lambda release: note_offline_pull(store, release, before)
             )
             seconds = time.monotonic() - started
+    except KeyboardInterrupt:  # Ctrl-C: say what was kept, not a traceback
+        progress.end()
+        entry = progress.current
+        kept = store.partial_bytes(entry) if entry else 0
+        print(f"edge-agent: {interrupted_text(entry, kept)}", file=sys.stderr)
+        return 130
+    except TransportError as exc:
+        progress.end()
+        raise TransportError(
+            f"{exc}; nothing was changed; a running agent tries again every "
+            f"{config.registry.poll_interval_s:g} s (registry.poll_interval_s)"
+        ) from exc
     finally:
+        progress.end()
         registry.close()
     release = result.release
     data = {

@@ -106,8 +106,12 @@ class RegistryConfig(_Section):
     max_manifest_kb: float = Field(
         default=1024, gt=0, description="Largest manifest.json or index.json accepted, in KB."
     )
-    timeout_s: float = Field(
-        default=30, gt=0, description="Connect and per-read timeout of registry requests."
+    timeout_s: float = Field(default=30, gt=0, description="Per-read timeout of registry requests.")
+    connect_timeout_s: float = Field(
+        default=5,
+        gt=0,
+        description="Longest wait for a connection to the registry (at most timeout_s). A "
+        "registry that cannot be reached when a fetch begins fails it at once.",
     )
     deadline_s: float = Field(
         default=1800,

@@ -701,7 +701,12 @@ class Updates:
                 self._etag
             )
         except EdgeAgentError as exc:
-            log.warning("polling the registry failed: %s", exc)
+            log.warning(
+                "polling the registry failed: %s; polling again in %.0f s "
+                "(registry.poll_interval_s)",
+                exc,
+                max(self._next_poll - time.monotonic(), 0.0),
+            )
             self.last_error = f"poll: {exc}"
             return
         finally:
@@ -781,7 +786,7 @@ class Updates:
         log.info("update to %s v%d (from %s) started", model, version, source)
         self.reporter.event(
             "update_started",
-            {"model": model, "version": version, "source": source, "id": attempt.id},
+            {"model": model, "version": version, "source": source, "update_id": attempt.id},
         )
         with self._lock:
             try:
@@ -881,9 +886,8 @@ class Updates:
         except BaseException:
             candidate.close()
             raise
-        self.reporter.event(
-            "update_validated", {"version": release.version, "model": release.model, **report}
-        )
+        detail = {"version": release.version, "model": release.model, "update_id": attempt.id}
+        self.reporter.event("update_validated", {**detail, **report})
         return candidate
 
     def _activate(self, attempt: Attempt, release: Release, candidate: LoadedModel) -> None:
@@ -979,7 +983,12 @@ class Updates:
             return
         self.reporter.event(
             "rolled_back",
-            {"from": attempt.version, "to": release.version, "reason": reason},
+            {
+                "from": attempt.version,
+                "to": release.version,
+                "reason": reason,
+                "update_id": attempt.id,
+            },
         )
         self._finish(attempt, "rolled_back", reason, bad=True)
 
@@ -1018,7 +1027,7 @@ class Updates:
                 "version": attempt.version,
                 "phase": phase,
                 "deadline_s": deadline_s,
-                "id": attempt.id,
+                "update_id": attempt.id,
             },
         )
         self.publish_state()
@@ -1041,10 +1050,15 @@ class Updates:
             self.journal.unmark(attempt.model, attempt.version)
         if outcome == "succeeded":
             self.journal.crashes.pop(f"{attempt.model}@{attempt.version}", None)
+        plan = ""
         if transient:
             _, tries = self._retry_at.get(key, (0.0, 0))
             delay = backoff_delay(tries + 1, RETRY_FIRST_S, self.config.update.retry_max_s, 0.5)
             self._retry_at[key] = (time.monotonic() + delay, tries + 1)
+            plan = (
+                f"; retrying in {delay:.0f} s (backoff up to "
+                f"{self.config.update.retry_max_s:g} s, update.retry_max_s)"
+            )
         elif outcome == "failed" and attempt.issued_at is None:
             # A channel's release refused (not found yet on a CDN, a bad signature): look
             # again only after retry_max_s, never in a loop.
@@ -1062,7 +1076,7 @@ class Updates:
             "model": attempt.model,
             "version": attempt.version,
             "source": attempt.source,
-            "id": attempt.id,
+            "update_id": attempt.id,
             "reason": reason or None,
             "seconds": round(time.time() - attempt.started_at, 2),
         }
@@ -1072,7 +1086,7 @@ class Updates:
             if reason != "already active":
                 self._clean_up()
         else:
-            log.error("update to v%d %s: %s", attempt.version, outcome, reason)
+            log.error("update to v%d %s: %s%s", attempt.version, outcome, reason, plan)
             if outcome == "failed":
                 self.reporter.event("update_failed", {**detail, "retry": transient})
         self.publish_state()
