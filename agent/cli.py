@@ -362,7 +362,10 @@ def cmd_status(config: Config, as_json: bool) -> int:
         "problem": found.problem,
         "status": found.status,
     }
-    lines = [f"device:   {config.device.id}", *local.daemon_lines(found)]
+    lines = [
+        f"device:   {config.device.id} (edge-agent {__version__})",
+        *local.daemon_lines(found),
+    ]
     try:
         pointer = store.pointer()
         active = store.active()
@@ -375,6 +378,7 @@ def cmd_status(config: Config, as_json: bool) -> int:
         return 0
     data: dict[str, Any] = {
         "device": config.device.id,
+        "agent_version": __version__,
         "model": config.model.name,
         "store": str(store.root),
         "active": _release_info(active, store) if active else None,

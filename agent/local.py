@@ -79,7 +79,11 @@ def daemon_lines(found: Reach) -> list[str]:
     status = found.status
     if status is None:
         return ["daemon:   not running"]
-    lines = [f"daemon:   running (pid {status['pid']}, up {status['uptime_s']:.0f} s)"]
+    version = status.get("agent_version", "?")
+    lines = [
+        f"daemon:   running (pid {status['pid']}, up {status['uptime_s']:.0f} s, "
+        f"edge-agent {version})"
+    ]
     stats = status.get("stats")
     if stats:
         lines.append(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent import __version__
 from agent.commands import Commands
 from agent.config import Config, load_config
 from agent.control import AgentLock, ControlServer
@@ -105,7 +106,7 @@ class Service:
             handlers=handlers,
             environ=environ,
             observe=observe,
-            status={"groups": list(config.device.groups)},
+            status={"groups": list(config.device.groups), "agent_version": __version__},
         )
         link = self.telemetry.link
         self.updates = Updates(

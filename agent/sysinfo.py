@@ -14,6 +14,8 @@ from typing import Any
 
 import psutil
 
+from agent import __version__
+
 
 def _millidegrees(path: Path) -> float | None:
     try:
@@ -71,6 +73,7 @@ class SystemProbe:
             rss = self._process.memory_info().rss
             agent_cpu = self._process.cpu_percent(None)
         return {
+            "agent_version": __version__,
             "cpu_pct": psutil.cpu_percent(None),
             "load": [round(v, 2) for v in os.getloadavg()],
             "mem_pct": memory.percent,

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent import __version__
 from agent.atomic import write_atomic
 from agent.backoff import backoff_delay
 from agent.commands import CommandError
@@ -601,6 +602,7 @@ class Updates:
         stats = self.serving.stats()
         attempt = self.journal.attempt
         return {
+            "agent_version": __version__,
             "model": pointer.model if pointer else self.config.model.name,
             "version": pointer.version if pointer else None,
             "sha256": pointer.manifest_sha256 if pointer else None,

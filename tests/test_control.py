@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent import __version__
 from agent.config import parse_config
 from agent.control import AgentLock
 from agent.errors import ConfigError
@@ -110,6 +111,7 @@ def test_status_shows_what_the_daemon_serves(
     assert daemon["running"] and daemon["socket"] == str(_socket(agent))
     served = daemon["status"]
     assert served["pid"] == agent.proc.pid and served["serving"] == 1
+    assert served["agent_version"] == data["agent_version"] == __version__
     assert served["stats"]["backend"] == "cpu" and served["stats"]["fps"] > 0
     assert served["broker"] == {
         "url": None,

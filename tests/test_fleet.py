@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent import __version__
 from agent.desired import sign_desired
 from agent.fleet.cli import main as fleet
 from agent.fleet.deploy import desired_payload
@@ -178,6 +179,7 @@ def test_rollouts_halt_on_a_failing_canary_and_on_a_silent_device_then_converge(
     )
     rows = lab.devices()
     assert all(r["groups"] == [GROUP] and r["version"] is None for r in rows.values()), rows
+    assert {r["agent_version"] for r in rows.values()} == {__version__}  # from the status
     canary, first, second = (d for step in plan(DEVICES, GROUP, 10, 50) for d in step)
 
     # v1 to the whole group: canary, then one step of two; then the group's state.

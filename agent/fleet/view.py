@@ -66,6 +66,16 @@ class DeviceView:
         phase = (self.state or {}).get("phase")
         return phase if isinstance(phase, str) else None
 
+    @property
+    def agent_version(self) -> str | None:
+        """The agent's version from its status (else state, telemetry); None unless it is
+        a short printable string (a device's text must not reach the terminal raw)."""
+        for doc in (self.status, self.state, self.telemetry):
+            version = (doc or {}).get("agent_version")
+            if isinstance(version, str) and 0 < len(version) <= 32 and version.isprintable():
+                return version
+        return None
+
     def _inference(self) -> dict[str, Any]:
         inference = (self.telemetry or {}).get("inference")
         return inference if isinstance(inference, dict) else {}
@@ -100,6 +110,7 @@ class DeviceView:
             "last_error": (self.state or {}).get("last_error"),
             "desired": self.desired,
             "last_seen": self.last_seen,
+            "agent_version": self.agent_version,
         }
 
 
@@ -230,6 +241,7 @@ def devices_table(view: FleetView, now: float | None = None) -> str:
         "TEMP_C",
         "OUTBOX",
         "LAST_SEEN",
+        "AGENT",
         "UPDATE",
     ]
     rows = []
@@ -248,6 +260,7 @@ def devices_table(view: FleetView, now: float | None = None) -> str:
                 _fmt(row["temp_c"]),
                 _fmt(int(row["outbox"]) if row["outbox"] is not None else None),
                 age(row["last_seen"], now),
+                _fmt(row["agent_version"]),
                 _update_cell(row),
             ]
         )
