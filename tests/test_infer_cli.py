@@ -158,4 +158,15 @@ def test_bench_refuses_a_model_that_takes_no_image_and_bad_numbers(models: Model
     assert result.returncode == 1 and "cannot take" in result.stderr
     assert "Traceback" not in result.stderr
     result = edge_agent("bench", "--model", str(models.path("regressor.tflite")), "--rounds", "0")
-    assert result.returncode == 2 and "must be greater than 0" in result.stderr
+    assert result.returncode == 2 and "must be a number greater than 0" in result.stderr
+
+
+def test_raw_outputs_print_as_a_line_not_a_python_dict(
+    models: Models, media: dict[str, Path]
+) -> None:
+    model = str(models.path("classifier.tflite"))
+    result = edge_agent("infer", "--task", "raw", "--model", model, str(media["image"]))
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert "{" not in line and "'" not in line, line
+    assert line.startswith(f"{media['image']}: ") and " [1x3]: " in line, line

@@ -101,7 +101,18 @@ class Output:
                 )
                 or "nothing"
             )
-        return str(self.values)
+        if self.task == "regression":
+            return " ".join(f"{v:g}" for v in self.values) or "nothing"
+        return "; ".join(_raw_summary(entry) for entry in self.values) or "nothing"
+
+
+def _raw_summary(entry: dict[str, Any]) -> str:
+    """``scores [1, 3]: 1 0 0`` or ``boxes [1, 896, 16]: min -3 max 7.5 mean 0.12``."""
+    shape = "x".join(str(n) for n in entry.get("shape", []))
+    head = f"{entry.get('name') or 'output'} [{shape}]"
+    if "values" in entry:
+        return f"{head}: " + " ".join(f"{v:g}" for v in entry["values"])
+    return f"{head}: min {entry['min']:g} max {entry['max']:g} mean {entry['mean']:g}"
 
 
 def read_labels(path: Path) -> dict[int, str]:
