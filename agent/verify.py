@@ -99,6 +99,8 @@ def generate_keypair(
 
     Refuses to overwrite existing keys unless ``force``. Returns (private, public) paths.
     """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir}: not a folder; --out names the folder for the keys")
     out_dir.mkdir(parents=True, exist_ok=True)
     private_path, public_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
     if not force:
