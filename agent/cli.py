@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from agent import logs
 from agent.config import DEFAULT_CONFIG_PATH, Config, RuntimeConfig, load_config, preflight
 from agent.errors import ConfigError, EdgeAgentError
 from agent.manifest import FileEntry
@@ -67,6 +68,20 @@ def _common() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print data as JSON"
+    )
+    common.add_argument(
+        "--log-level",
+        choices=tuple(logs.LEVELS),
+        type=str.lower,
+        default=argparse.SUPPRESS,
+        help=f"log level (default: ${logs.LEVEL_ENV}, else info for run, warning for others)",
+    )
+    common.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        type=str.lower,
+        default=argparse.SUPPRESS,
+        help=f"log lines as text or JSON (default: ${logs.FORMAT_ENV}, else text)",
     )
     return common
 
@@ -188,15 +203,8 @@ def _emit(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
 
 def cmd_run(config: Config, path: Path) -> int:
     """The daemon (agent.service.run): until SIGTERM or SIGINT; SIGHUP reloads."""
-    import logging
-
     from agent.service import run
 
-    logging.basicConfig(
-        level=os.environ.get("EDGE_AGENT_LOG", "INFO").upper(),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     return run(config, path)
 
 
@@ -348,15 +356,8 @@ def cmd_model_tool(args: argparse.Namespace, path: Path, as_json: bool) -> int:
 
 def cmd_demo(args: argparse.Namespace, as_json: bool) -> int:
     """The demo needs no config: it makes its own (see agent.demo)."""
-    import logging
-
     from agent.demo import run_demo
 
-    logging.basicConfig(
-        level=os.environ.get("EDGE_AGENT_LOG", "WARNING").upper(),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
         return run_demo(args.seconds, args.broker, sys.stdout, as_json, args.keep)
     except ConfigError as exc:  # a bad option (--keep on a used folder), not a config file
@@ -366,6 +367,16 @@ def cmd_demo(args: argparse.Namespace, as_json: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        logs.setup(
+            getattr(args, "log_level", None),
+            getattr(args, "log_format", None),
+            sys.stderr,
+            default="info" if args.command == "run" else "warning",
+        )
+    except logs.LogSettingError as exc:  # from the environment: the options are choices
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
     as_json = bool(getattr(args, "json", False))
     path = _config_path(args)
     try:
