@@ -275,9 +275,11 @@ class RateLimit(logging.Filter):
 
     Repeats are recognised by logger and message template (``record.msg``), not the
     text, so ``frame %d …`` is one message whatever the frame. A template that is only
-    placeholders (``"%s"``) is keyed on its text instead. The count of held-back
-    repeats goes out with the next one (``record.suppressed``). At most ``max_keys``
-    messages are remembered (the oldest forgotten first). Thread-safe.
+    placeholders (``"%s"``) is keyed on its text instead; a record with a
+    ``repeat_key`` attribute (``extra={"repeat_key": why}``) on template and that key.
+    The count of held-back repeats goes out with the next one (``record.suppressed``).
+    At most ``max_keys`` messages are remembered (the oldest forgotten first).
+    Thread-safe.
     """
 
     def __init__(
@@ -299,7 +301,10 @@ class RateLimit(logging.Filter):
 
     def _key(self, record: logging.LogRecord) -> tuple[str, int, str]:
         msg = record.msg
-        if isinstance(msg, Event):
+        explicit = getattr(record, "repeat_key", None)
+        if explicit is not None:
+            template = f"{msg}\0{explicit}"
+        elif isinstance(msg, Event):
             template = msg.name
         elif isinstance(msg, str) and not _ONLY_PLACEHOLDERS.fullmatch(msg):
             template = msg
