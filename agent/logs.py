@@ -46,6 +46,7 @@ LEVELS: dict[str, int] = {
 Format = Literal["text", "json"]
 FORMATS: tuple[Format, ...] = ("text", "json")
 LEVEL_ENV = "EDGE_AGENT_LOG_LEVEL"
+OLD_LEVEL_ENV = "EDGE_AGENT_LOG"  # deprecated alias of LEVEL_ENV (read when it is unset)
 FORMAT_ENV = "EDGE_AGENT_LOG_FORMAT"
 REPEAT_INTERVAL_S = 60.0
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -65,12 +66,14 @@ class LogSettingError(ValueError):
 
 
 def resolve_level(option: str | None, environ: Mapping[str, str], default: str) -> int:
-    """The logging level: the option, else ``$EDGE_AGENT_LOG_LEVEL``, else ``default``.
+    """The logging level: the option, else ``$EDGE_AGENT_LOG_LEVEL`` (else the
+    deprecated ``$EDGE_AGENT_LOG``), else ``default``.
 
     Raises LogSettingError naming the variable and the valid values when the
     environment holds something else (the option is checked by argparse).
     """
-    chosen = _choose(option, "--log-level", environ, LEVEL_ENV, tuple(LEVELS), "a log level")
+    variable = LEVEL_ENV if environ.get(LEVEL_ENV, "").strip() else OLD_LEVEL_ENV
+    chosen = _choose(option, "--log-level", environ, variable, tuple(LEVELS), "a log level")
     return LEVELS[chosen or default]
 
 
@@ -369,6 +372,10 @@ def setup(
     logging.captureWarnings(True)
     if number > logging.DEBUG:
         _quiet_opencv()
+    if level is None and env.get(OLD_LEVEL_ENV) and not env.get(LEVEL_ENV, "").strip():
+        logging.getLogger(__name__).warning(
+            "%s is deprecated: set %s instead", OLD_LEVEL_ENV, LEVEL_ENV
+        )
     return number
 
 

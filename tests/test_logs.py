@@ -38,6 +38,8 @@ NO_LEVEL = "not a log level; use one of debug, info, warning, error"
         (None, {"EDGE_AGENT_LOG_LEVEL": ""}, "info", logging.INFO),  # empty: not set
         ("error", {"EDGE_AGENT_LOG_LEVEL": "debug"}, "info", logging.ERROR),  # option wins
         ("warning", {"EDGE_AGENT_LOG_LEVEL": "verbose"}, "info", logging.WARNING),
+        (None, {"EDGE_AGENT_LOG": "DEBUG"}, "info", logging.DEBUG),  # the deprecated name
+        (None, {"EDGE_AGENT_LOG": "debug", "EDGE_AGENT_LOG_LEVEL": "error"}, "info", 40),
     ],
 )
 def test_level_comes_from_option_then_environment_then_default(
@@ -52,6 +54,7 @@ def test_level_comes_from_option_then_environment_then_default(
         (None, {"EDGE_AGENT_LOG_LEVEL": "verbose"}, f"EDGE_AGENT_LOG_LEVEL=verbose: {NO_LEVEL}"),
         (None, {"EDGE_AGENT_LOG_LEVEL": "5"}, f"EDGE_AGENT_LOG_LEVEL=5: {NO_LEVEL}"),
         (None, {"EDGE_AGENT_LOG_LEVEL": "a\nb"}, f"EDGE_AGENT_LOG_LEVEL=a\\nb: {NO_LEVEL}"),
+        (None, {"EDGE_AGENT_LOG": "verbose"}, f"EDGE_AGENT_LOG=verbose: {NO_LEVEL}"),
         ("loud", {}, f"--log-level=loud: {NO_LEVEL}"),
     ],
 )
@@ -406,6 +409,7 @@ def test_under_journald_lines_have_priorities_and_no_timestamp(
             {"EDGE_AGENT_LOG_LEVEL": "verbose"},
             f"edge-agent: EDGE_AGENT_LOG_LEVEL=verbose: {NO_LEVEL}",
         ),
+        ({"EDGE_AGENT_LOG": "verbose"}, f"edge-agent: EDGE_AGENT_LOG=verbose: {NO_LEVEL}"),
         (
             {"EDGE_AGENT_LOG_FORMAT": "xml"},
             "edge-agent: EDGE_AGENT_LOG_FORMAT=xml: not a log format; use one of text, json",
