@@ -429,3 +429,20 @@ def test_a_bad_log_option_is_a_usage_error() -> None:
     assert done.returncode == 2
     assert "--log-level: invalid choice: 'verbose'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("level", "shown"), [("warning", False), ("debug", True)])
+def test_opencv_warnings_stay_off_stderr_unless_debugging(level: str, shown: bool) -> None:
+    script = (
+        "import sys\n"
+        "from agent import logs\n"
+        f"logs.setup({level!r}, None, sys.stderr)\n"
+        "import cv2\n"  # imported after setup, as every source does
+        "assert cv2.imread('/nonexistent/frame.png') is None\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_LOG_LEVEL"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert ("[ WARN" in done.stderr) is shown, done.stderr
