@@ -140,7 +140,10 @@ def _escape(text: str, quote: bool = False) -> str:
             out.append(_NAMED_ESCAPES[ch])
         elif unicodedata.category(ch)[0] == "C":  # Cc, Cf, Cs, Co, Cn
             code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+            if code < 0x100:
+                out.append(f"\\x{code:02x}")
+            else:
+                out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
         else:
             out.append(ch)
     return "".join(out)

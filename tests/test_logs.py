@@ -120,6 +120,7 @@ def test_journald_is_recognised_only_when_journal_stream_names_our_stream(
         ("bell\x07", '"bell\\x07"'),
         ("esc\x1b[31mred", '"esc\\x1b[31mred"'),
         ("rtl\u202eevil", '"rtl\\u202eevil"'),
+        ("tag\U000e0041", '"tag\\U000e0041"'),
         ("ünïcode", "ünïcode"),
         (None, "null"),
         (True, "true"),
