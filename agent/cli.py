@@ -1,6 +1,6 @@
 """``edge-agent``: the device's command line.
 
-Exit codes (DESIGN.md): 0 success; 1 the operation failed (download refused, …);
+Exit codes (docs/protocol.md): 0 success; 1 the operation failed (download refused, …);
 2 bad command-line usage; 78 (EX_CONFIG) invalid configuration.
 """
 
@@ -10,114 +10,207 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any
 
-from agent import logs
-from agent.config import DEFAULT_CONFIG_PATH, Config, RuntimeConfig, load_config, preflight
-from agent.errors import ConfigError, EdgeAgentError
-from agent.manifest import FileEntry
+from agent import __version__, logs
+from agent.clihelp import (
+    command,
+    exit_codes,
+    finite,
+    internal_error,
+    output_closed,
+    positive,
+)
+from agent.config import DEFAULT_CONFIG_PATH, Config, RuntimeConfig, load_config
+from agent.errors import ConfigError, EdgeAgentError, TransportError
 from agent.oneshot import TASK_CHOICES
-from agent.registry import Progress, Registry
+from agent.progress import ProgressLine, interrupted_text
+from agent.registry import Registry
 from agent.store import Release, Store
 from agent.updater import Updater
+
+if TYPE_CHECKING:
+    from agent.local import Reach
 
 EX_CONFIG = 78
 
 
-class _ProgressLine:
-    """One self-overwriting line on a terminal for long downloads; silent elsewhere.
-
-    Ten lines of our own rather than a progress-bar dependency on every device.
-    """
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.enabled = stream.isatty()
-
-    def __call__(self, entry: FileEntry) -> Progress | None:
-        if not self.enabled or entry.size < 1_000_000:
-            return None
-        start = last = time.monotonic()
-
-        def show(done: int, total: int) -> None:
-            nonlocal last
-            now = time.monotonic()
-            if now - last < 0.1 and done < total:
-                return
-            last = now
-            rate = done / max(now - start, 1e-6) / 1e6
-            end = "\n" if done >= total else ""
-            self.stream.write(
-                f"\r{entry.name}: {done / 1e6:7.1f} / {total / 1e6:.1f} MB  {rate:6.1f} MB/s{end}"
-            )
-            self.stream.flush()
-
-        return show
+EXIT_CODES = exit_codes(
+    "the operation failed (download refused, registry or broker unreachable, …)",
+    "bad command-line usage",
+)
 
 
-def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+def _config_option() -> argparse.ArgumentParser:
+    option = argparse.ArgumentParser(add_help=False)
+    option.add_argument(
         "--config",
         type=Path,
         default=argparse.SUPPRESS,
+        metavar="PATH",
         help=f"config file (default: $EDGE_AGENT_CONFIG or {DEFAULT_CONFIG_PATH})",
     )
-    common.add_argument(
+    return option
+
+
+def _json_option() -> argparse.ArgumentParser:
+    option = argparse.ArgumentParser(add_help=False)
+    option.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print data as JSON"
     )
-    common.add_argument(
+    return option
+
+
+def _log_options() -> argparse.ArgumentParser:
+    option = argparse.ArgumentParser(add_help=False)
+    option.add_argument(
         "--log-level",
         choices=tuple(logs.LEVELS),
         type=str.lower,
         default=argparse.SUPPRESS,
         help=f"log level (default: ${logs.LEVEL_ENV}, else info for run, warning for others)",
     )
-    common.add_argument(
+    option.add_argument(
         "--log-format",
         choices=logs.FORMATS,
         type=str.lower,
         default=argparse.SUPPRESS,
         help=f"log lines as text or JSON (default: ${logs.FORMAT_ENV}, else text)",
     )
-    return common
+    return option
 
 
-def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
-        return value
+def _broker_url(text: str) -> str:
+    from agent.config import check_url
 
-    return parse
+    try:
+        return check_url(text, ("mqtt", "mqtts"))
+    except ValueError as exc:
+        hint = f" (e.g. mqtt://{text})" if "://" not in text else ""
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}{hint}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = _common()
+    config, as_json, log = _config_option(), _json_option(), _log_options()
     parser = argparse.ArgumentParser(
-        prog="edge-agent", parents=[common], description="Edge deployment agent for TFLite models."
+        prog="edge-agent",
+        parents=[config, as_json, log],
+        description=textwrap.fill(
+            "The device side of edge-agent: pulls verified TFLite models from a "
+            "registry, serves them on a camera or sensor stream (Edge TPU or CPU), swaps them "
+            "without stopping, and reports over MQTT.",
+            88,
+        ),
+        epilog="examples:\n"
+        "  edge-agent demo                      # everything local, nothing to set up\n"
+        "  edge-agent check-config --config /etc/edge-agent/config.yaml\n"
+        "  edge-agent status\n"
+        "  edge-agent COMMAND --help            # options of one command\n\n" + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="the agent: serve the model, report over MQTT")
-    sub.add_parser("check-config", parents=[common], help="validate the config (exit 0 or 78)")
-    sub.add_parser("status", parents=[common], help="the active release and the store")
-    models = sub.add_parser("models", parents=[common], help="list, pull or roll back releases")
-    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    listing = msub.add_parser("list", parents=[common], help="releases in the store")
-    listing.add_argument("--remote", action="store_true", help="also list the registry's index")
-    pull = msub.add_parser("pull", parents=[common], help="fetch, verify and activate a release")
-    pull.add_argument("--version", type=int, help="version to pull (default: the channel's)")
-    rollback = msub.add_parser(
-        "rollback", parents=[common], help="switch back to a stored release, no download"
+    command(
+        sub,
+        "run",
+        "the agent: serve the model, apply updates, report over MQTT",
+        "Run the agent until SIGTERM or SIGINT (systemd runs it as edge-agent.service). "
+        "SIGHUP re-reads the config; a config that is not valid is refused and the running "
+        "one kept.",
+        "edge-agent run --config /etc/edge-agent/config.yaml",
+        EXIT_CODES,
+        [config, log],
     )
-    rollback.add_argument("--to", type=int, help="version (default: the previous one)")
+    command(
+        sub,
+        "check-config",
+        "check the config and what it refers to (exit 0 or 78)",
+        "Validate the config file and check it against this machine. Errors (a config "
+        "that cannot work: no registry or model, an unwritable store, a missing library) "
+        "exit 78; warnings (what may come right by itself: a camera not plugged in yet, a "
+        "broker that is down) are printed and exit 0.",
+        "edge-agent check-config --config /etc/edge-agent/config.yaml\n"
+        "EDGE_AGENT_MQTT_URL=mqtt://10.0.0.5 edge-agent check-config --json",
+        EXIT_CODES,
+        [config, as_json, log],
+    )
+    command(
+        sub,
+        "status",
+        "what the running agent serves, and the store",
+        "Show what the running agent serves (asked through its control socket: version, "
+        "backend, fps, update phase, broker), and the active release, the previous one and "
+        "what the store holds. Without a running agent: the store alone.",
+        "edge-agent status\nedge-agent status --json",
+        EXIT_CODES,
+        [config, as_json, log],
+    )
+    models = command(
+        sub,
+        "models",
+        "list, pull or roll back releases",
+        "Manage the releases in the local model store.",
+        "edge-agent models list --remote\n"
+        "edge-agent models pull\n"
+        "edge-agent models rollback --to 3",
+        EXIT_CODES,
+        [config, as_json, log],
+    )
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = command(
+        msub,
+        "list",
+        "releases in the store",
+        "List the releases in the store (* marks the active one).",
+        "edge-agent models list\nedge-agent models list --remote --json",
+        EXIT_CODES,
+        [config, as_json, log],
+    )
+    listing.add_argument("--remote", action="store_true", help="also list the registry's index")
+    pull = command(
+        msub,
+        "pull",
+        "fetch, verify and activate a release",
+        "Download a release (resuming a partial download), verify its sizes, hashes and "
+        "signature, and activate it. Without --version: the version the model's channel "
+        "names. A lower version than the active one is refused (use models rollback). "
+        "With the agent running, the request goes to it and runs as an update through the "
+        "same gate, probation and journal as a pushed one; with the agent stopped, the "
+        "release is gated when the agent next starts.",
+        "edge-agent models pull\nedge-agent models pull --version 4",
+        EXIT_CODES,
+        [config, as_json, log],
+    )
+    pull.add_argument(
+        "--version", type=positive(int), help="version to pull (default: the channel's)"
+    )
+    waiting = pull.add_mutually_exclusive_group()
+    waiting.add_argument(
+        "--wait",
+        type=positive(float),
+        default=300.0,
+        metavar="S",
+        help="with the agent running: wait up to S s for the update's outcome (default 300)",
+    )
+    waiting.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="with the agent running: return once it has taken the request",
+    )
+    rollback = command(
+        msub,
+        "rollback",
+        "switch back to a stored release, no download",
+        "Activate a release that is already in the store: the previous one, or --to N. "
+        "With the agent running, it switches what the agent serves.",
+        "edge-agent models rollback\nedge-agent models rollback --to 2",
+        EXIT_CODES,
+        [config, as_json, log],
+    )
+    rollback.add_argument("--to", type=positive(int), help="version (default: the previous one)")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", type=Path, required=True, help="a .tflite file")
     model.add_argument("--labels", type=Path, help="labels file (N label, or one per line)")
@@ -133,38 +226,78 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "edgetpu", "cpu"),
         help="default: runtime.accelerator of the config",
     )
-    model.add_argument("--threads", type=_positive(int), help="default: runtime.threads")
-    model.add_argument("--top-k", type=_positive(int), default=5, help="classes/detections kept")
-    model.add_argument("--min-score", type=float, default=0.0, help="lowest score shown")
-    model.add_argument("--input-mean", type=float, help="input = (pixel - mean) / std")
-    model.add_argument("--input-std", type=_positive(float), help="input = (pixel - mean) / std")
-    infer = sub.add_parser(
+    model.add_argument("--threads", type=positive(int), help="default: runtime.threads")
+    model.add_argument("--top-k", type=positive(int), default=5, help="classes/detections kept")
+    model.add_argument("--min-score", type=finite, default=0.0, help="lowest score shown")
+    model.add_argument("--input-mean", type=finite, help="input = (pixel - mean) / std")
+    model.add_argument("--input-std", type=positive(float), help="input = (pixel - mean) / std")
+    infer = command(
+        sub,
         "infer",
-        parents=[common, model],
-        help="run a model on images or videos and print the results",
+        "run a model on images or videos and print the results",
+        "Run a .tflite model on images (one result each) or videos (every frame, through "
+        "the pipeline). The config, when there is one, gives the runtime settings.",
+        "edge-agent infer --model model.tflite --labels labels.txt photo.jpg\n"
+        "edge-agent infer --json --model model.tflite clip.mp4 | head -5",
+        EXIT_CODES,
+        [config, as_json, model, log],
     )
     infer.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image or video")
-    bench = sub.add_parser(
-        "bench", parents=[common, model], help="pipeline fps against the bare interpreter loop"
+    bench = command(
+        sub,
+        "bench",
+        "pipeline fps against the bare interpreter loop",
+        "Measure the agent's pipeline against a bare interpreter loop on the same model, "
+        "in alternating rounds, and print the ratio.",
+        "edge-agent bench --model model.tflite --seconds 5",
+        EXIT_CODES,
+        [config, as_json, model, log],
     )
     bench.add_argument(
-        "--seconds", type=_positive(float), default=2.0, help="length of each measurement"
+        "--seconds", type=positive(float), default=2.0, help="length of each measurement"
     )
     bench.add_argument(
-        "--rounds", type=_positive(int), default=3, help="alternating rounds (medians)"
+        "--rounds", type=positive(int), default=3, help="alternating rounds (medians)"
     )
-    demo = sub.add_parser(
+    demo = command(
+        sub,
         "demo",
-        parents=[common],
-        help="the whole agent locally: generated models, a local registry, a stream, a "
-        "verified hot swap",
+        "the whole agent locally: generated models, a local registry, a verified hot swap",
+        "Run the real agent on this machine with nothing to set up: two generated models, "
+        "a signed release in a local registry, a synthetic stream, and v2 published "
+        "half-way through to show the verified hot swap. It makes its own configuration.",
+        "edge-agent demo\n"
+        "edge-agent demo --broker mqtt://127.0.0.1:1883   # watch: mosquitto_sub -v -t 'edge/#'\n"
+        "edge-agent demo --json --keep ./demo-run",
+        EXIT_CODES,
+        [as_json, log],
     )
     demo.add_argument(
-        "--seconds", type=_positive(float), default=24.0, help="how long to run (default 24)"
+        "--seconds",
+        type=positive(float),
+        default=24.0,
+        help="how long to run (default 24; at least 10 to see the swap)",
     )
-    demo.add_argument("--broker", help="also send everything to this broker (mqtt://host:port)")
-    demo.add_argument("--keep", type=Path, help="work in this folder and keep it afterwards")
+    demo.add_argument(
+        "--broker",
+        type=_broker_url,
+        metavar="URL",
+        help="also send everything to this broker (mqtt://host:port)",
+    )
+    demo.add_argument(
+        "--keep", type=Path, metavar="DIR", help="work in this folder and keep it afterwards"
+    )
     return parser
+
+
+# Options given before the command that the command does not use: refused, not ignored.
+_NOT_FOR = {"demo": ("config",), "run": ("json",)}
+
+
+def _refuse_unused(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in _NOT_FOR.get(args.command, ()):
+        if hasattr(args, name):
+            parser.error(f"{args.command} does not take --{name}")
 
 
 def _config_path(args: argparse.Namespace) -> Path:
@@ -209,17 +342,49 @@ def cmd_run(config: Config, path: Path) -> int:
 
 
 def cmd_check_config(config: Config, path: Path, as_json: bool) -> int:
-    problems = preflight(config)
-    if problems:
-        raise ConfigError([f"{path}: {p}" for p in problems])
-    _emit({"ok": True, "config": str(path)}, as_json, [f"{path}: configuration is valid"])
+    """Errors (the config cannot work here) exit 78; warnings are printed, exit 0."""
+    from agent.preflight import check
+
+    found = check(config, probe_network=True)
+    errors = [f"{path}: {e}" for e in found.errors]
+    warnings = [f"{path}: {w}" for w in found.warnings]
+    if as_json:
+        doc = {"ok": not errors, "config": str(path), "errors": errors, "warnings": warnings}
+        print(json.dumps(doc, indent=2))
+        return EX_CONFIG if errors else 0
+    for line in errors:
+        print(f"edge-agent: invalid configuration: {line}", file=sys.stderr)
+    for line in warnings:
+        print(f"edge-agent: warning: {line}", file=sys.stderr)
+    if errors:
+        return EX_CONFIG
+    print(f"{path}: configuration is valid" + (" (with warnings)" if warnings else ""))
     return 0
 
 
 def cmd_status(config: Config, as_json: bool) -> int:
+    """The agent's view (when it runs and answers) and the store's; exit 0 either way."""
+    from agent import local
+
+    found = local.reach(config)
     store = Store(config.store.dir, config.store.keep)
-    pointer = store.pointer()
-    active = store.active()
+    daemon: dict[str, Any] = {
+        "running": found.status is not None,
+        "socket": str(found.path),
+        "problem": found.problem,
+        "status": found.status,
+    }
+    lines = [f"device:   {config.device.id}", *local.daemon_lines(found)]
+    try:
+        pointer = store.pointer()
+        active = store.active()
+    except OSError as exc:
+        if found.status is None:  # nothing else to show: the error is the answer
+            raise
+        # A member of the agent's group may ask the agent but not read its store.
+        lines.append(f"store:    {store.root}: cannot read: {exc.strerror or exc}")
+        _emit({"device": config.device.id, "daemon": daemon}, as_json, lines)
+        return 0
     data: dict[str, Any] = {
         "device": config.device.id,
         "model": config.model.name,
@@ -228,8 +393,9 @@ def cmd_status(config: Config, as_json: bool) -> int:
         "previous_version": pointer.previous if pointer else None,
         "activated_at": pointer.activated_at if pointer else None,
         "stored_versions": store.versions(pointer.model) if pointer else [],
+        "daemon": daemon,
     }
-    lines = [f"device:   {config.device.id}", f"store:    {store.root}"]
+    lines.append(f"store:    {store.root}")
     if active is None or pointer is None:
         lines.append("active:   none (no release pulled yet)")
     else:
@@ -279,15 +445,44 @@ def cmd_models_list(config: Config, remote: bool, as_json: bool) -> int:
     return 0
 
 
-def cmd_models_pull(config: Config, version: int | None, as_json: bool) -> int:
+def cmd_models_pull(
+    config: Config, version: int | None, wait_s: float | None, as_json: bool
+) -> int:
+    """Through the running agent (its gate and probation), else on the store: the
+    release is journaled so that the agent's next start gates it before serving it."""
+    from agent import local
+    from agent.updates import note_offline_pull
+
+    found = local.reach(config)
+    if found.status is not None:
+        return _pull_through_agent(found, version, wait_s, as_json)
+    local.require_reachable(found, "models pull")
     store = Store(config.store.dir, config.store.keep).open()
     registry = Registry.from_config(config.registry)
+    progress = ProgressLine(sys.stderr, sys.stderr.isatty() and not as_json)
     try:
-        updater = Updater(config, store, registry, progress=_ProgressLine(sys.stderr))
-        started = time.monotonic()
-        result = updater.pull(version)
-        seconds = time.monotonic() - started
+        with local.agent_stopped(config):
+            before = store.pointer()
+            updater = Updater(config, store, registry, progress=progress)
+            started = time.monotonic()
+            result = updater.pull(
+                version, before_activate=lambda release: note_offline_pull(store, release, before)
+            )
+            seconds = time.monotonic() - started
+    except KeyboardInterrupt:  # Ctrl-C: say what was kept, not a traceback
+        progress.end()
+        entry = progress.current
+        kept = store.partial_bytes(entry) if entry else 0
+        print(f"edge-agent: {interrupted_text(entry, kept)}", file=sys.stderr)
+        return 130
+    except TransportError as exc:
+        progress.end()
+        raise TransportError(
+            f"{exc}; nothing was changed; a running agent tries again every "
+            f"{config.registry.poll_interval_s:g} s (registry.poll_interval_s)"
+        ) from exc
     finally:
+        progress.end()
         registry.close()
     release = result.release
     data = {
@@ -308,9 +503,45 @@ def cmd_models_pull(config: Config, version: int | None, as_json: bool) -> int:
     return 0
 
 
+def _pull_through_agent(
+    found: Reach, version: int | None, wait_s: float | None, as_json: bool
+) -> int:
+    from agent import local
+
+    def say(line: str) -> None:
+        if not as_json:
+            print(line, flush=True)
+
+    update = local.pull_through_agent(found, version, wait_s, say)
+    outcome = update.get("outcome")
+    target = update["version"]
+    if outcome is None:
+        line = f"v{target} queued: the agent is pulling it (see `edge-agent status`)"
+    elif outcome == "succeeded":
+        line = f"v{target} succeeded" + (f": {update['reason']}" if update.get("reason") else "")
+    else:
+        line = f"v{target} {outcome}: {update.get('reason')}"
+    _emit({"through_agent": True, "update": update}, as_json, [line])
+    return 0 if outcome in (None, "succeeded") else 1
+
+
 def cmd_models_rollback(config: Config, to: int | None, as_json: bool) -> int:
+    """Through the running agent (what serves changes), else on the store."""
+    from agent import local
+
+    found = local.reach(config)
+    if found.status is not None:
+        done = local.rollback_through_agent(found, to)
+        model = found.status.get("model")
+        _emit(
+            {"through_agent": True, "from_version": done["from"], "version": done["version"]},
+            as_json,
+            [f"rolled back {model} to v{done['version']} (was v{done['from']})"],
+        )
+        return 0
+    local.require_reachable(found, "models rollback")
     store = Store(config.store.dir, config.store.keep).open()
-    with store.lock():
+    with local.agent_stopped(config), store.lock():
         before = store.pointer()
         release = store.rollback(to)
     data = {
@@ -366,7 +597,10 @@ def cmd_demo(args: argparse.Namespace, as_json: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """The entry point: every failure ends in one line per problem and an exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _refuse_unused(parser, args)
     try:
         logs.setup(
             getattr(args, "log_level", None),
@@ -377,39 +611,48 @@ def main(argv: list[str] | None = None) -> int:
     except logs.LogSettingError as exc:  # from the environment: the options are choices
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
-    as_json = bool(getattr(args, "json", False))
-    path = _config_path(args)
     try:
-        if args.command in ("infer", "bench"):
-            return cmd_model_tool(args, path, as_json)
-        if args.command == "demo":
-            return cmd_demo(args, as_json)
-        config = load_config(path)
-        if args.command == "run":
-            return cmd_run(config, path)
-        if args.command == "check-config":
-            return cmd_check_config(config, path, as_json)
-        if args.command == "status":
-            return cmd_status(config, as_json)
-        if args.models_command == "list":
-            return cmd_models_list(config, args.remote, as_json)
-        if args.models_command == "pull":
-            return cmd_models_pull(config, args.version, as_json)
-        return cmd_models_rollback(config, args.to, as_json)
+        return _dispatch(args)
     except ConfigError as exc:
-        print(f"edge-agent: invalid configuration:\n{exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"edge-agent: invalid configuration: {problem}", file=sys.stderr)
         return EX_CONFIG
     except EdgeAgentError as exc:
-        print(
-            f"edge-agent: {type(exc).__name__.removesuffix('Error').lower() or 'error'}: {exc}",
-            file=sys.stderr,
-        )
+        family = type(exc).__name__.removesuffix("Error").lower() or "error"
+        print(f"edge-agent: {family}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("edge-agent: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return output_closed()
     except OSError as exc:  # permissions, a read-only or missing disk: say so in one line
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except Exception as exc:  # a bug: one line, and the traceback when debugging
+        return internal_error("edge-agent", exc)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    as_json = bool(getattr(args, "json", False))
+    path = _config_path(args)
+    if args.command in ("infer", "bench"):
+        return cmd_model_tool(args, path, as_json)
+    if args.command == "demo":
+        return cmd_demo(args, as_json)
+    config = load_config(path)
+    if args.command == "run":
+        return cmd_run(config, path)
+    if args.command == "check-config":
+        return cmd_check_config(config, path, as_json)
+    if args.command == "status":
+        return cmd_status(config, as_json)
+    if args.models_command == "list":
+        return cmd_models_list(config, args.remote, as_json)
+    if args.models_command == "pull":
+        wait_s = None if args.no_wait else args.wait
+        return cmd_models_pull(config, args.version, wait_s, as_json)
+    return cmd_models_rollback(config, args.to, as_json)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Typed configuration, validated once at start.
 
-``load_config`` reads the YAML file of ../shared/DESIGN.md "Configuration", applies
-``EDGE_AGENT_<SECTION>_<KEY>`` environment overrides and validates everything.
+``load_config`` reads the YAML file, applies ``EDGE_AGENT_<SECTION>_<KEY>``
+environment overrides and validates everything (docs/configuration.md is generated
+from these models by ``agent.configdoc``: every field needs its description).
 Unknown keys are refused. Every error names the key path and where the value came
 from (``config.yaml:12`` or the environment variable). Validation does no I/O;
-``preflight`` checks the files a valid config refers to.
+``agent.preflight`` checks what a valid config refers to (files, folders, libraries).
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from agent.errors import ConfigError, EdgeAgentError
-from agent.verify import load_public_key
+from agent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.yaml")
 ENV_PREFIX = "EDGE_AGENT_"
@@ -49,7 +49,7 @@ def _path_text(value: object) -> object:
 FilePath = Annotated[Path, BeforeValidator(_path_text)]
 
 
-def _check_url(value: str, schemes: tuple[str, ...]) -> str:
+def check_url(value: str, schemes: tuple[str, ...]) -> str:
     """Raise ValueError unless ``value`` is a complete URL of one of ``schemes``."""
     parts = urllib.parse.urlsplit(value)  # ValueError for a broken IPv6 host
     if parts.scheme not in schemes:
@@ -106,8 +106,12 @@ class RegistryConfig(_Section):
     max_manifest_kb: float = Field(
         default=1024, gt=0, description="Largest manifest.json or index.json accepted, in KB."
     )
-    timeout_s: float = Field(
-        default=30, gt=0, description="Connect and per-read timeout of registry requests."
+    timeout_s: float = Field(default=30, gt=0, description="Per-read timeout of registry requests.")
+    connect_timeout_s: float = Field(
+        default=5,
+        gt=0,
+        description="Longest wait for a connection to the registry (at most timeout_s). A "
+        "registry that cannot be reached when a fetch begins fails it at once.",
     )
     deadline_s: float = Field(
         default=1800,
@@ -126,7 +130,7 @@ class RegistryConfig(_Section):
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str | None) -> str | None:
-        return None if value is None else _check_url(value, ("http", "https", "file"))
+        return None if value is None else check_url(value, ("http", "https", "file"))
 
 
 class ModelConfig(_Section):
@@ -188,7 +192,9 @@ class _Source(_Section):
 
 
 class CameraSource(_Source):
-    type: Literal["camera"] = "camera"
+    type: Literal["camera"] = Field(
+        default="camera", description="A V4L2 camera (/dev/videoN) through OpenCV."
+    )
     device: str = Field(
         default="/dev/video0", min_length=1, description="V4L2 device path or index (0, 1, …)."
     )
@@ -197,7 +203,7 @@ class CameraSource(_Source):
 
 
 class VideoSource(_Source):
-    type: Literal["video"] = "video"
+    type: Literal["video"] = Field(default="video", description="A video file through OpenCV.")
     path: FilePath = Field(description="Video file.")
     loop: bool = Field(default=False, description="Start again at the end of the file.")
 
@@ -210,32 +216,40 @@ class _StreamSource(_Source):
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str) -> str:
-        return _check_url(value, cls.schemes)
+        return check_url(value, cls.schemes)
 
 
 class MjpegSource(_StreamSource):
     """An HTTP multipart MJPEG stream."""
 
     schemes = ("http", "https")
-    type: Literal["mjpeg"] = "mjpeg"
+    type: Literal["mjpeg"] = Field(
+        default="mjpeg", description="An HTTP multipart MJPEG stream (Basic auth from the URL)."
+    )
 
 
 class RtspSource(_StreamSource):
     """An RTSP stream."""
 
     schemes = ("rtsp", "rtsps")
-    type: Literal["rtsp"] = "rtsp"
+    type: Literal["rtsp"] = Field(
+        default="rtsp", description="An RTSP stream through OpenCV's FFmpeg."
+    )
     transport: Literal["tcp", "udp"] = Field(default="tcp", description="RTP transport.")
 
 
 class ImagesSource(_Source):
-    type: Literal["images"] = "images"
+    type: Literal["images"] = Field(
+        default="images", description="A folder of still images, read in name order."
+    )
     path: FilePath = Field(description="Folder of images (.jpg, .jpeg, .png, .bmp), by name.")
     loop: bool = Field(default=False, description="Start again after the last image.")
 
 
 class Picamera2Source(_Source):
-    type: Literal["picamera2"] = "picamera2"
+    type: Literal["picamera2"] = Field(
+        default="picamera2", description="The Raspberry Pi camera through picamera2."
+    )
     width: int = Field(default=640, gt=0, description="Capture width.")
     height: int = Field(default=480, gt=0, description="Capture height.")
 
@@ -250,19 +264,26 @@ class _SensorSource(_Source):
 
 
 class SerialSource(_SensorSource):
-    type: Literal["serial"] = "serial"
+    type: Literal["serial"] = Field(
+        default="serial", description="A serial sensor: one sample of numbers per line."
+    )
     device: str = Field(default="/dev/ttyUSB0", min_length=1, description="Serial device.")
     baudrate: int = Field(default=115200, gt=0, description="Serial baud rate.")
 
 
 class UdpSource(_SensorSource):
-    type: Literal["udp"] = "udp"
+    type: Literal["udp"] = Field(
+        default="udp",
+        description='A UDP sensor: JSON numbers, lists or {"values": […]} per datagram.',
+    )
     port: int = Field(ge=1, le=65535, description="UDP port receiving JSON-lines datagrams.")
     bind: str = Field(default="0.0.0.0", min_length=1, description="Address to listen on.")
 
 
 class SyntheticSource(_Source):
-    type: Literal["synthetic"] = "synthetic"
+    type: Literal["synthetic"] = Field(
+        default="synthetic", description="A generated moving test pattern (no hardware)."
+    )
     width: int = Field(default=320, gt=0, le=8192, description="Frame width.")
     height: int = Field(default=240, gt=0, le=8192, description="Frame height.")
     frames: int = Field(default=0, ge=0, description="Frames to produce; 0 means endless.")
@@ -358,7 +379,7 @@ class MqttConfig(_Section):
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str | None) -> str | None:
-        return None if value is None else _check_url(value, ("mqtt", "mqtts"))
+        return None if value is None else check_url(value, ("mqtt", "mqtts"))
 
 
 class TelemetryConfig(_Section):
@@ -415,6 +436,18 @@ class UpdateConfig(_Section):
     )
 
 
+SUN_PATH_MAX = 107  # bytes of a Unix socket path (sun_path is 108, NUL-terminated)
+
+
+class ControlConfig(_Section):
+    socket: Path | None = Field(
+        default=None,
+        description="Unix socket where the running agent answers local commands (edge-agent "
+        "status, models pull/rollback); created 0660. Default: control.sock beside store.dir "
+        "(/var/lib/edge-agent/control.sock).",
+    )
+
+
 class Config(_Section):
     device: DeviceConfig = Field(default_factory=DeviceConfig, description="This device.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registry.")
@@ -434,6 +467,17 @@ class Config(_Section):
     update: UpdateConfig = Field(
         default_factory=UpdateConfig, description="Update gate, probation and polling."
     )
+    control: ControlConfig = Field(
+        default_factory=ControlConfig, description="Local control socket of the running agent."
+    )
+
+    @property
+    def control_socket(self) -> Path:
+        """The control socket's path: control.socket, else control.sock beside store.dir.
+
+        The daemon and the CLI both derive it from the same config file.
+        """
+        return self.control.socket or self.store.dir.parent / "control.sock"
 
     @model_validator(mode="after")
     def _requirements(self) -> Config:
@@ -452,10 +496,30 @@ class Config(_Section):
             )
         if (mqtt.password_file or mqtt.password_credential) and not mqtt.username:
             raise PydanticCustomError("missing", "a password needs mqtt.username")
+        length = len(os.fsencode(self.control_socket))
+        if length > SUN_PATH_MAX:
+            where = "" if self.control.socket else " (the default, beside store.dir)"
+            raise PydanticCustomError(
+                "too_long",
+                "control.socket: {path}{where} is {length} bytes, more than a Unix socket "
+                "path may have ({limit}); set control.socket to a shorter path",
+                {
+                    "path": str(self.control_socket),
+                    "where": where,
+                    "length": length,
+                    "limit": SUN_PATH_MAX,
+                },
+            )
         return self
 
 
 SECTIONS = tuple(Config.model_fields)
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    """A key path for a message; a key with control characters is shown quoted, so a
+    config cannot write line breaks or escape sequences to the operator's terminal."""
+    return ".".join(part if part.isprintable() else repr(part) for part in path)
 
 
 @dataclass(frozen=True)
@@ -483,7 +547,7 @@ def _origins_from_yaml(
             for key_node, value_node in n.value:
                 key = str(key_node.value)
                 line = key_node.start_mark.line + 1
-                dotted = ".".join(path + (key,))
+                dotted = _dotted(path + (key,))
                 if key in seen:
                     problems.append(f"{file}:{line}: {dotted}: duplicate key")
                 seen.add(key)
@@ -534,7 +598,7 @@ def _describe(
         loc = tuple(str(part) for part in item["loc"])
         if len(loc) > 1 and loc[0] == "source" and loc[1] in SOURCE_TYPES:
             loc = loc[:1] + loc[2:]  # pydantic puts the union's tag in the path
-        dotted = ".".join(loc)
+        dotted = _dotted(loc)
         where = file
         for depth in range(len(loc), 0, -1):  # nearest enclosing key that has a line
             if loc[:depth] in origins:
@@ -543,6 +607,9 @@ def _describe(
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        elif item["type"] == "union_tag_not_found":
+            dotted = f"{dotted}.type"
+            message = f"missing; one of {', '.join(SOURCE_TYPES)}"
         elif item["type"] == "union_tag_invalid":
             dotted = f"{dotted}.type"
             ctx = item.get("ctx", {})
@@ -590,36 +657,3 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
     return parse_config(text, str(path), env)
-
-
-def preflight(config: Config) -> list[str]:
-    """Check the files a valid config refers to. Returns problems (empty when fine)."""
-    problems = []
-    files = {
-        "registry.public_key": config.registry.public_key,
-        "registry.ca": config.registry.ca,
-        "mqtt.ca": config.mqtt.ca,
-        "mqtt.cert": config.mqtt.cert,
-        "mqtt.key": config.mqtt.key,
-        "update.desired_public_key": config.update.desired_public_key,
-    }
-    for key, path in files.items():
-        if path is not None and not os.access(path, os.R_OK):
-            problems.append(f"{key}: cannot read {path}")
-    keys = {
-        "registry.public_key": config.registry.public_key,
-        "update.desired_public_key": config.update.desired_public_key,
-    }
-    for key, path in keys.items():
-        if path is not None and not problems:
-            try:
-                load_public_key(path, key)
-            except EdgeAgentError as exc:
-                problems.append(str(exc))
-    store_dir = config.store.dir
-    existing = store_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not os.access(existing, os.W_OK):
-        problems.append(f"store.dir: {store_dir} is not writable")
-    return problems

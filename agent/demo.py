@@ -95,7 +95,7 @@ class _Printer:
             detail = {
                 k: round(v, 3) if isinstance(v, float) else v
                 for k, v in doc.items()
-                if k not in ("ts", "event", "id", "model", "seq", "schema")
+                if k not in ("ts", "event", "id", "update_id", "model", "seq", "schema")
             }
             text = ", ".join(f"{k}={v}" for k, v in detail.items() if v is not None)
             return f"{'event':<9} {doc['event']} {text}".rstrip()

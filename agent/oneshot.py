@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,8 +104,15 @@ def infer(
         source.open()  # here, so an unreadable file fails now instead of being retried
         source.close()
 
-        def emit(result: Result, name: str = str(path)) -> None:
-            show(f"{name}#{result.frame}", result, result.output, result.infer_ms)
+        closed = threading.Event()  # stdout's reader went away (| head): stop reading
+
+        def emit(result: Result, name: str = str(path), closed: threading.Event = closed) -> None:
+            if closed.is_set():
+                return
+            try:
+                show(f"{name}#{result.frame}", result, result.output, result.infer_ms)
+            except BrokenPipeError:
+                closed.set()
 
         pipeline = Pipeline(
             source,
@@ -116,9 +124,12 @@ def infer(
         )
         pipeline.start()
         try:
-            pipeline.wait()
+            while not pipeline.wait(0.1) and not closed.is_set():
+                pass
         finally:
             pipeline.stop()
+        if closed.is_set():
+            raise BrokenPipeError
         stats = pipeline.stats()
         model = pipeline.model  # the watchdog may have brought up another
         print(

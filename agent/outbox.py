@@ -97,8 +97,13 @@ _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 def envelope(record: Record, seq: int) -> bytes:
     """The JSON payload of ``record``: ``schema``, ``seq``, ``id`` (96 random bits, hex),
-    then its body, which carries ``ts``."""
-    doc = {"schema": SCHEMA, "seq": seq, "id": os.urandom(12).hex(), **record.body}
+    then its body, which carries ``ts``.
+
+    The envelope's fields always win: a body with its own ``id`` (or ``seq``) cannot
+    make two messages look alike to a consumer that drops duplicates by ``id``.
+    """
+    head = {"schema": SCHEMA, "seq": seq, "id": os.urandom(12).hex()}
+    doc = {**head, **record.body, **head}  # the head's order, the head's values
     return _encode(doc).encode()
 
 

@@ -46,6 +46,15 @@ class DeadlineError(TransportError):
     """The overall deadline (registry.deadline_s) passed; not retried."""
 
 
+class UnreachableError(TransportError):
+    """No connection to the registry: refused, unknown host, no answer, TLS refused.
+
+    Raised at once when a fetch's first request meets it (a registry that is down is
+    said so in seconds, and the caller's own schedule retries); retried like any
+    transport error once the fetch has begun (a server restarting mid-download).
+    """
+
+
 class _RangeRefused(TransportError):
     """HTTP 416: the partial file on disk does not fit the file on the server."""
 
@@ -180,8 +189,11 @@ class _WatchedTLSPool(urllib3.HTTPSConnectionPool):
 class _HttpTransport:
     """A registry behind any web server, object store or CDN."""
 
-    def __init__(self, base: str, ca: Path | None, timeout_s: float) -> None:
+    def __init__(
+        self, base: str, ca: Path | None, timeout_s: float, connect_timeout_s: float
+    ) -> None:
         self.timeout_s = timeout_s
+        self.connect_timeout_s = min(connect_timeout_s, timeout_s)
         self.base = base if base.endswith("/") else base + "/"
         self.origin = self._origin(self.base)
         self.pool = urllib3.PoolManager(
@@ -217,8 +229,13 @@ class _HttpTransport:
                     redirect=False,
                     preload_content=False,
                     decode_content=False,
-                    timeout=urllib3.Timeout(connect=timeout, read=timeout),
+                    timeout=urllib3.Timeout(
+                        connect=min(self.connect_timeout_s, timeout), read=timeout
+                    ),
                 )
+            except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.SSLError) as exc:
+                # NewConnectionError (refused, DNS) is a ConnectTimeoutError in urllib3 2
+                raise UnreachableError(f"{url}: {self._unreachable(url, exc)}") from exc
             except urllib3.exceptions.HTTPError as exc:
                 raise TransportError(f"{url}: {_reason(exc)}") from exc
             if resp.status in (301, 302, 303, 307, 308):
@@ -238,6 +255,22 @@ class _HttpTransport:
                 continue
             return self._accept(url, resp, offset)
         raise RegistryError(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+    def _unreachable(self, url: str, exc: urllib3.exceptions.HTTPError) -> str:
+        """Why no connection was made, for an operator: refused, DNS, timeout or TLS."""
+        host = urllib.parse.urlsplit(url).hostname
+        if isinstance(exc, urllib3.exceptions.NameResolutionError):
+            return f"cannot connect: host {host} not found (DNS)"
+        if isinstance(exc, urllib3.exceptions.NewConnectionError):
+            if isinstance(exc.__cause__, ConnectionRefusedError):
+                return "cannot connect: connection refused (is the registry running?)"
+            return _reason(exc)
+        if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+            return (
+                f"cannot connect: no answer within {self.connect_timeout_s:g} s "
+                "(registry.connect_timeout_s)"
+            )
+        return _reason(exc)
 
     @staticmethod
     def _accept(url: str, resp: urllib3.BaseHTTPResponse, offset: int) -> _Response:
@@ -286,7 +319,7 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, urllib3.exceptions.NewConnectionError):  # before its base class
         return f"cannot connect: {str(exc).rsplit(': ', 1)[-1]}"
     if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
-        return "connect timed out (registry.timeout_s)"
+        return "connect timed out (registry.connect_timeout_s)"
     if isinstance(exc, urllib3.exceptions.ProtocolError):
         if "IncompleteRead" in str(exc) or "InvalidChunkLength" in str(exc):
             return CLOSED_EARLY
@@ -303,6 +336,7 @@ class Registry:
         url: str,
         *,
         timeout_s: float = 30,
+        connect_timeout_s: float = 5,
         deadline_s: float = 1800,
         retries: int = 5,
         ca: Path | None = None,
@@ -315,13 +349,14 @@ class Registry:
         self.retries = retries
         self.backoff_s = backoff_s
         self.backoff_cap_s = backoff_cap_s
+        self.received_bytes = 0  # file body bytes download() took off the network
         self.transport: _Transport
         if url.startswith("file://"):
             self.transport = _FileTransport(
                 Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
             )
         else:
-            self.transport = _HttpTransport(url, ca, timeout_s)
+            self.transport = _HttpTransport(url, ca, timeout_s, connect_timeout_s)
 
     @classmethod
     def from_config(cls, config: RegistryConfig) -> Registry:
@@ -330,6 +365,7 @@ class Registry:
         return cls(
             config.url,
             timeout_s=config.timeout_s,
+            connect_timeout_s=config.connect_timeout_s,
             deadline_s=config.deadline_s,
             retries=config.retries,
             ca=config.ca,
@@ -348,6 +384,8 @@ class Registry:
                 except DeadlineError:
                     raise
                 except TransportError as exc:
+                    if attempt == 0 and isinstance(exc, UnreachableError):
+                        raise  # down from the start: said at once, not after the retries
                     attempt += 1
                     remaining = deadline - time.monotonic()
                     if watchdog.fired or remaining <= 0:
@@ -420,9 +458,11 @@ class Registry:
         """Fetch ``relpath`` into ``part`` until it holds exactly ``size`` bytes.
 
         Bytes already in ``part`` (an earlier, broken-off attempt) are kept and only the
-        rest is requested. Returns the hex SHA-256 of the whole file; the caller
-        compares it with the manifest. On TransportError the partial file is kept for
-        the next attempt; on VerificationError and StoreError it is deleted.
+        rest is requested. ``progress(done, size)`` is called as each transfer begins
+        (``done``: the bytes kept) and after each chunk written. Returns the hex SHA-256
+        of the whole file; the caller compares it with the manifest. On TransportError
+        the partial file is kept for the next attempt (and on KeyboardInterrupt); on
+        VerificationError and StoreError it is deleted.
         """
         deadline = time.monotonic() + self.deadline_s
         try:
@@ -493,6 +533,8 @@ class Registry:
         with f:
             f.seek(offset)
             f.truncate()
+            if progress is not None:  # the baseline: bytes kept from before, if any
+                progress(done, size)
             while chunk := self._read(resp.body, relpath, deadline, done, size):
                 if done + len(chunk) > size:
                     raise VerificationError(
@@ -504,6 +546,7 @@ class Registry:
                     raise StoreError(f"{part}: write failed: {exc.strerror}") from exc
                 digest.update(chunk)
                 done += len(chunk)
+                self.received_bytes += len(chunk)
                 if progress is not None:
                     progress(done, size)
                 if done - len(chunk) == offset:  # the first chunk of this transfer is written

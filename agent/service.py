@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.commands import Commands
-from agent.config import Config, load_config, preflight
+from agent.config import Config, load_config
+from agent.control import AgentLock, ControlServer
 from agent.desired import desired_topics
 from agent.errors import ConfigError, EdgeAgentError, ModelError
 from agent.oneshot import reloader
 from agent.outbox import Outbox
 from agent.pipeline import Pipeline, Stats
+from agent.preflight import check
 from agent.runtime.model import LoadedModel, ModelFiles, load_model
 from agent.sources import make_source
 from agent.store import Release, Store
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 SOURCE_WAIT_S = 10.0  # at start, how long READY waits for the first frame
 STALL_S = 20.0  # no frame processed for this long (source up): no WATCHDOG=1
+LOCK_WAIT_S = 30.0  # at start, how long a command-line pull may keep the store
 
 
 class Service:
@@ -69,6 +72,15 @@ class Service:
             self._reply,
             reply_topic=topics("reply"),
             max_bytes=config.mqtt.command_max_bytes,
+        )
+        self.lock = AgentLock(self.store.root)
+        self.control = ControlServer(
+            config.control_socket,
+            {
+                **self.commands.handlers,
+                "status": self.status,
+                "pull": self._pull,
+            },
         )
         self.pipeline: Pipeline | None = None
         self._pipeline_lock = threading.Lock()
@@ -113,6 +125,8 @@ class Service:
         A release that cannot be loaded is reported (event, state's last_error) and the
         agent keeps running without inference, reachable by commands and updates.
         """
+        # A command-line pull may be finishing on the store: give it a moment.
+        self.lock.acquire(wait_s=LOCK_WAIT_S)
         self.telemetry.start()
         self.telemetry.event("agent_started", {"pid": os.getpid()})
         self.updates.recover()
@@ -126,7 +140,13 @@ class Service:
             if release is None:
                 break
             try:
-                self._swap_in(self.load(release), self.config.update.activate_timeout_s)
+                model = self.load(release)
+                try:  # a release pulled while the agent was stopped passes the gate first
+                    self.updates.gate(release, model)
+                except BaseException:
+                    model.close()
+                    raise
+                self._swap_in(model, self.config.update.activate_timeout_s)
                 break
             except EdgeAgentError as exc:
                 log.error("cannot serve %s v%d: %s", release.model, release.version, exc)
@@ -138,6 +158,7 @@ class Service:
         self.updates.publish_state()
         self.updates.start()
         self.commands.start()
+        self.control.start()
 
     def stop(self) -> bool:
         """Stop in reverse order; each step runs even when an earlier one failed.
@@ -150,6 +171,7 @@ class Service:
         self._stopped = True
         clean = True
         try:
+            self.control.stop()
             self.commands.stop()
             clean = self.updates.stop()
             with self._pipeline_lock:
@@ -161,6 +183,7 @@ class Service:
                 self.telemetry.stop()
             finally:
                 self.outbox.close()
+                self.lock.release()
         return clean
 
     def ready(self) -> bool:
@@ -271,6 +294,34 @@ class Service:
     def _check(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.updates.check_now()
 
+    def _pull(self, args: dict[str, Any]) -> dict[str, Any]:
+        from agent.commands import CommandError
+
+        version = args.get("version")
+        if version is not None and (
+            not isinstance(version, int) or isinstance(version, bool) or version < 1
+        ):
+            raise CommandError("version: must be a positive integer")
+        return self.updates.request_pull(version)
+
+    def status(self, args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What this agent serves now: the retained state's fields, plus the stream's
+        figures, the broker link and the process (the control socket's ``status``)."""
+        stats = self._pipeline_stats()
+        link = self.telemetry.link
+        return {
+            **self.updates.state(),
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "stats": stats.to_dict() if stats else None,
+            "broker": {
+                "url": self.config.mqtt.url,
+                "connected": link is not None and link.connected.is_set(),
+                "queued": self.telemetry.depth(),
+            },
+            "status_line": self.status_line(),
+        }
+
 
 # -- the daemon's main loop ------------------------------------------------------------
 
@@ -338,9 +389,11 @@ def run(config: Config, path: Path) -> int:
     Returns the exit code: 0 after a signal, 1 when an update got stuck past its
     deadline (systemd restarts the agent, and the journal ends that update).
     """
-    problems = preflight(config)
-    if problems:
-        raise ConfigError([f"{path}: {p}" for p in problems])
+    findings = check(config)
+    if findings.errors:
+        raise ConfigError([f"{path}: {p}" for p in findings.errors])
+    for warning in findings.warnings:
+        log.warning("%s: %s", path, warning)
     signals = _Signals([])
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda signum, frame: signals.received.append(signum))
@@ -400,7 +453,7 @@ def _reload(
     """
     try:
         fresh = load_config(path)
-        problems = preflight(fresh)
+        problems = check(fresh).errors
         if problems:
             raise ConfigError([f"{path}: {p}" for p in problems])
     except (ConfigError, OSError) as exc:

@@ -12,7 +12,7 @@ from its oldest message; after a restart it replays everything that was never
 acknowledged. Messages paho still holds (sent before a drop, not acknowledged) are
 resent by paho itself and not again by us, so a broker outage makes few duplicates.
 
-Topics and payloads are DESIGN.md's: ``<prefix>/<device>/{status,state,telemetry,
+Topics and payloads are docs/protocol.md's: ``<prefix>/<device>/{status,state,telemetry,
 results,events,reply}``; every payload has ``schema``, ``ts``, ``seq`` (per device and
 topic, from 1) and ``id``.
 """

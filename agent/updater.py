@@ -35,7 +35,7 @@ class Staged:
 
     release: Release
     active: bool  # it is the active release already (its files were checked, repaired)
-    fetched_bytes: int
+    fetched_bytes: int  # file bytes received over the network in this staging
     note: str = ""
 
 
@@ -43,7 +43,9 @@ class Staged:
 class PullResult:
     release: Release
     changed: bool  # False: it was already active, nothing was switched
-    fetched_bytes: int  # bytes downloaded in this pull (resumed bytes not counted)
+    # File bytes received over the network in this pull: bytes kept from an earlier,
+    # broken-off run are not counted, bytes fetched twice (a restart from zero) are.
+    fetched_bytes: int
     note: str = ""
 
 
@@ -124,12 +126,19 @@ class Updater:
         except ValueError as exc:
             raise VerificationError(f"{self.model}/index.json: {exc}") from exc
 
-    def pull(self, version: int | None = None, *, allow_downgrade: bool = False) -> PullResult:
+    def pull(
+        self,
+        version: int | None = None,
+        *,
+        allow_downgrade: bool = False,
+        before_activate: Callable[[Release], None] | None = None,
+    ) -> PullResult:
         """Install and activate ``version`` (default: the configured channel's).
 
         ``allow_downgrade`` is for an explicit rollback instruction; a channel never
-        moves the device backwards. Raises an UpdateError subclass; the active
-        release is untouched then.
+        moves the device backwards. ``before_activate`` is called with the release
+        just before the switch (the journal of an offline pull). Raises an UpdateError
+        subclass; the active release is untouched then.
         """
         with self.store.lock():
             if version is None:
@@ -142,6 +151,8 @@ class Updater:
             staged = self._stage(version, allow_downgrade, None)
             if staged.active:
                 return PullResult(staged.release, False, staged.fetched_bytes, staged.note)
+            if before_activate is not None:
+                before_activate(staged.release)
             self.store.activate(staged.release)
             return PullResult(staged.release, True, staged.fetched_bytes, self.clean_up())
 
@@ -257,27 +268,25 @@ class Updater:
                 f"{need / MB:.1f} MB and store.reserve_mb keeps {reserve / MB:.1f} MB free, "
                 f"but only {free / MB:.1f} MB are free"
             )
-        fetched = 0
+        received = self.registry.received_bytes
         for entry in missing:
             resumed = self.store.partial_bytes(entry) > 0
             try:
-                fetched += self._fetch_file(manifest, entry)
+                self._fetch_file(manifest, entry)
             except VerificationError:
                 if not resumed:
                     raise
                 # The bytes kept from an earlier attempt may be the bad ones (a server
                 # that changed the file, a flipped bit at rest): they are deleted by now,
                 # so start over from zero, once.
-                fetched += self._fetch_file(manifest, entry)
-        return fetched
+                self._fetch_file(manifest, entry)
+        return self.registry.received_bytes - received
 
-    def _fetch_file(self, manifest: Manifest, entry: FileEntry) -> int:
-        """Download one file into the store's blobs. Returns the bytes fetched."""
+    def _fetch_file(self, manifest: Manifest, entry: FileEntry) -> None:
+        """Download one file into the store's blobs."""
         part = self.store.part_path(entry)
-        before = self.store.partial_bytes(entry)
         progress = self.progress(entry) if self.progress else None
         digest = self.registry.download(
             f"{manifest.model}/{manifest.version}/{entry.name}", part, entry.size, progress
         )
         self.store.install_blob(entry, part, digest)
-        return entry.size - before

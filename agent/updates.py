@@ -74,6 +74,7 @@ DEADLINE_GRACE_S = 30.0  # past a phase's deadline by this much, the update is s
 PROBATION_TICK_S = 0.25
 CONNECT_WAIT_S = 5.0  # at start, how long retained desired state may take to arrive
 BAD_MAX = 64
+LOCAL_OFFLINE = "local-offline"  # Attempt.source of a pull made while the agent was stopped
 
 
 class Serving(Protocol):
@@ -110,7 +111,7 @@ class Attempt:
     id: str
     model: str
     version: int
-    source: str  # device, group:NAME, channel:NAME, command
+    source: str  # device, group:NAME, channel:NAME, local, local-offline
     issued_at: float | None
     previous: tuple[str, int] | None  # the release to go back to
     phase: str = "downloading"
@@ -198,6 +199,27 @@ class _Journal:
         self.bad = [b for b in self.bad if (b["model"], b["version"]) != (model, version)]
 
 
+def note_offline_pull(store: Store, release: Release, previous: Pointer | None) -> None:
+    """Journal an activation by ``edge-agent models pull`` while no agent runs.
+
+    The next start finds it ``validating`` (source ``local-offline``): the agent runs
+    the gate before serving it, then probation, and goes back to ``previous`` when
+    either fails. Call it before activating, holding the agent lock.
+    """
+    journal = _Journal(store.root / JOURNAL)
+    journal.attempt = Attempt(
+        uuid.uuid4().hex[:12],
+        release.model,
+        release.version,
+        LOCAL_OFFLINE,
+        None,
+        (previous.model, previous.version) if previous else None,
+        phase="validating",
+        clean_stop=True,
+    )
+    journal.save()
+
+
 class _Failed(Exception):
     """An update ends here: ``outcome`` and ``reason``; ``bad`` marks the version."""
 
@@ -250,6 +272,8 @@ class Updates:
         self._phase_started = time.monotonic()  # for deadlines: immune to clock steps
         self._probation_end = 0.0  # monotonic
         self._desired_seen = False  # a desired-state message arrived since start
+        self._manual: tuple[str, int, str, float | None, bool] | None = None  # request_pull
+        self._gate: Attempt | None = None  # pulled while stopped: validated at start
 
     # -- start and stop --------------------------------------------------------------
 
@@ -267,6 +291,18 @@ class Updates:
             attempt.model,
             attempt.version,
         )
+        if attempt.source == LOCAL_OFFLINE and attempt.phase == "validating" and on_target:
+            key = f"{attempt.model}@{attempt.version}"
+            crashes = self.journal.crashes.get(key, 0) + (not attempt.clean_stop)
+            self.journal.crashes[key] = crashes
+            attempt.clean_stop = False
+            self.journal.save()
+            if crashes >= self.config.update.crash_loop_restarts:
+                reason = f"the agent died {crashes} times validating this release at start"
+                self._roll_back(attempt, reason, serve=False)
+            else:
+                self._gate = attempt  # the service runs the gate before serving it
+            return
         if attempt.phase in ("activating", "probation") and on_target:
             if not attempt.clean_stop:
                 attempt.starts += 1
@@ -459,6 +495,69 @@ class Updates:
         finally:
             self._lock.release()
 
+    def request_pull(self, version: int | None) -> dict[str, Any]:
+        """The local ``pull`` (``edge-agent models pull`` through the control socket).
+
+        Queues ``version`` (default: the channel's) for the worker, which takes it
+        through the same phases as any update (``source: local``); a downgrade is
+        refused there as by an offline pull. Refused while an update is under way, and
+        while a desired state from the fleet is in force (a local pull would fight it).
+        Returns the queued target; the outcome shows in ``state()``'s ``update``.
+        """
+        model = self.config.model.name
+        if model is None or self.config.registry.url is None:
+            raise CommandError("registry.url and model.name are not set: nothing to pull")
+        attempt = self.journal.attempt
+        if self._manual is not None or (attempt is not None and attempt.outcome is None):
+            doing = f" (v{attempt.version}, {attempt.phase})" if attempt else ""
+            raise CommandError(f"busy: an update is in progress{doing}; try again when it ends")
+        winner = self.desired.winner()
+        if winner is not None or (self.journal.pinned and not self._desired_seen):
+            what = f"{winner.model} v{winner.version} from {winner.source}" if winner else "pinned"
+            raise CommandError(
+                f"the fleet's desired state is in force ({what}): a local pull would fight "
+                "it; change it with `edge-fleet deploy --device "
+                f"{self.config.device.id} --model {model} --version N` (or --clear)"
+            )
+        if version is None:
+            registry = Registry.from_config(self.config.registry)
+            try:
+                version = Updater(self.config, self.store, registry).channel_version()
+            except EdgeAgentError as exc:
+                raise CommandError(f"cannot read the channel: {exc}") from exc
+            finally:
+                registry.close()
+        self._retry_at.pop((model, version), None)
+        self._manual = (model, version, "local", None, False)
+        self._wake.set()
+        return {"model": model, "version": version, "queued": True}
+
+    def gate(self, release: Release, model: LoadedModel) -> None:
+        """At start: run the validation gate on a release an offline pull activated.
+
+        Puts it on probation when it passes; raises ModelError when it fails (the
+        service then falls back to the release before it, which marks it bad).
+        """
+        attempt = self._gate
+        if attempt is None or (attempt.model, attempt.version) != (release.model, release.version):
+            return
+        self._gate = None
+        try:
+            report = self.validate(release, model)
+        except ValidationError as exc:
+            raise ModelError(f"validation: {exc}") from exc
+        self.reporter.event(
+            "update_validated", {"version": release.version, "model": release.model, **report}
+        )
+        window = self.config.update.probation_s
+        if window <= 0:
+            self._finish(attempt, "succeeded", "validated at start")
+            return
+        attempt.probation_until = time.time() + window
+        self._probation_end = time.monotonic() + window
+        self._probation = attempt
+        self._phase(attempt, "probation", window)
+
     # -- what the service and sd_notify read -----------------------------------------
 
     def phase(self) -> str:
@@ -495,27 +594,29 @@ class Updates:
 
     def publish_state(self) -> None:
         """The retained ``state``: active release, what serves, the update, the errors."""
+        self.reporter.state(self.state())
+
+    def state(self) -> dict[str, Any]:
+        """The document of the retained ``state`` (also the control socket's ``status``)."""
         try:
             pointer: Pointer | None = self.store.pointer()
         except StoreError as exc:
             pointer, self.last_error = None, str(exc)
         stats = self.serving.stats()
         attempt = self.journal.attempt
-        self.reporter.state(
-            {
-                "model": pointer.model if pointer else self.config.model.name,
-                "version": pointer.version if pointer else None,
-                "sha256": pointer.manifest_sha256 if pointer else None,
-                "backend": stats.backend if stats else None,
-                "serving": stats.version if stats else None,
-                "previous": pointer.previous if pointer else None,
-                "phase": self.phase(),
-                "last_error": self.last_error or None,
-                "update": attempt.summary() if attempt else None,
-                "desired": self.journal.applied,
-                "bad": [f"{b['model']}@{b['version']}" for b in self.journal.bad],
-            }
-        )
+        return {
+            "model": pointer.model if pointer else self.config.model.name,
+            "version": pointer.version if pointer else None,
+            "sha256": pointer.manifest_sha256 if pointer else None,
+            "backend": stats.backend if stats else None,
+            "serving": stats.version if stats else None,
+            "previous": pointer.previous if pointer else None,
+            "phase": self.phase(),
+            "last_error": self.last_error or None,
+            "update": attempt.summary() if attempt else None,
+            "desired": self.journal.applied,
+            "bad": [f"{b['model']}@{b['version']}" for b in self.journal.bad],
+        }
 
     # -- the worker ------------------------------------------------------------------
 
@@ -569,6 +670,9 @@ class Updates:
 
     def _next_target(self) -> tuple[str, int, str, float | None, bool] | None:
         """(model, version, source, issued_at, allow_downgrade) to apply now, or None."""
+        manual, self._manual = self._manual, None
+        if manual is not None:  # accepted by request_pull: an operator on the device
+            return manual
         desired = self.desired.winner()
         if desired is not None:
             if not self.journal.pinned:
@@ -601,7 +705,12 @@ class Updates:
                 self._etag
             )
         except EdgeAgentError as exc:
-            log.warning("polling the registry failed: %s", exc)
+            log.warning(
+                "polling the registry failed: %s; polling again in %.0f s "
+                "(registry.poll_interval_s)",
+                exc,
+                max(self._next_poll - time.monotonic(), 0.0),
+            )
             self.last_error = f"poll: {exc}"
             return
         finally:
@@ -681,7 +790,7 @@ class Updates:
         log.info("update to %s v%d (from %s) started", model, version, source)
         self.reporter.event(
             "update_started",
-            {"model": model, "version": version, "source": source, "id": attempt.id},
+            {"model": model, "version": version, "source": source, "update_id": attempt.id},
         )
         with self._lock:
             try:
@@ -781,9 +890,8 @@ class Updates:
         except BaseException:
             candidate.close()
             raise
-        self.reporter.event(
-            "update_validated", {"version": release.version, "model": release.model, **report}
-        )
+        detail = {"version": release.version, "model": release.model, "update_id": attempt.id}
+        self.reporter.event("update_validated", {**detail, **report})
         return candidate
 
     def _activate(self, attempt: Attempt, release: Release, candidate: LoadedModel) -> None:
@@ -879,7 +987,12 @@ class Updates:
             return
         self.reporter.event(
             "rolled_back",
-            {"from": attempt.version, "to": release.version, "reason": reason},
+            {
+                "from": attempt.version,
+                "to": release.version,
+                "reason": reason,
+                "update_id": attempt.id,
+            },
         )
         self._finish(attempt, "rolled_back", reason, bad=True)
 
@@ -918,7 +1031,7 @@ class Updates:
                 "version": attempt.version,
                 "phase": phase,
                 "deadline_s": deadline_s,
-                "id": attempt.id,
+                "update_id": attempt.id,
             },
         )
         self.publish_state()
@@ -941,10 +1054,15 @@ class Updates:
             self.journal.unmark(attempt.model, attempt.version)
         if outcome == "succeeded":
             self.journal.crashes.pop(f"{attempt.model}@{attempt.version}", None)
+        plan = ""
         if transient:
             _, tries = self._retry_at.get(key, (0.0, 0))
             delay = backoff_delay(tries + 1, RETRY_FIRST_S, self.config.update.retry_max_s, 0.5)
             self._retry_at[key] = (time.monotonic() + delay, tries + 1)
+            plan = (
+                f"; retrying in {delay:.0f} s (backoff up to "
+                f"{self.config.update.retry_max_s:g} s, update.retry_max_s)"
+            )
         elif outcome == "failed" and attempt.issued_at is None:
             # A channel's release refused (not found yet on a CDN, a bad signature): look
             # again only after retry_max_s, never in a loop.
@@ -962,7 +1080,7 @@ class Updates:
             "model": attempt.model,
             "version": attempt.version,
             "source": attempt.source,
-            "id": attempt.id,
+            "update_id": attempt.id,
             "reason": reason or None,
             "seconds": round(time.time() - attempt.started_at, 2),
         }
@@ -972,7 +1090,7 @@ class Updates:
             if reason != "already active":
                 self._clean_up()
         else:
-            log.error("update to v%d %s: %s", attempt.version, outcome, reason)
+            log.error("update to v%d %s: %s%s", attempt.version, outcome, reason, plan)
             if outcome == "failed":
                 self.reporter.event("update_failed", {**detail, "retry": transient})
         self.publish_state()

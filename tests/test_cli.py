@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 from tests.conftest import MODEL, Device, Fleet
 from tests.registry_server import RegistryServer
@@ -91,24 +95,52 @@ def test_bad_usage_exits_2(device: Device) -> None:
     assert device.cli("models", "pull", "--version", "two").returncode == 2
 
 
-def test_unreachable_registry_fails_with_exit_1(fleet: Fleet, device: Device) -> None:
-    device.set("registry", url="http://127.0.0.1:9/", retries=0)
-    result = device.cli("models", "pull")
+def test_registry_that_is_down_is_reported_at_once_with_the_retry_plan(
+    fleet: Fleet, device: Device
+) -> None:
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/"
+        device.set("registry", url=url, retries=5, retry_backoff_s=2)
+        started = time.monotonic()
+        result = device.cli("models", "pull")
+        elapsed = time.monotonic() - started
     assert result.returncode == 1
-    assert "edge-agent: transport:" in result.stderr and "cannot connect" in result.stderr
+    assert elapsed < 5  # not after five retries with backoff
+    assert result.stderr == (
+        f"edge-agent: transport: {url}{MODEL}/index.json: cannot connect: connection refused "
+        "(is the registry running?); nothing was changed; a running agent tries again every "
+        "300 s (registry.poll_interval_s)\n"
+    )
 
 
-def test_long_download_shows_progress_on_a_terminal(fleet: Fleet, device: Device) -> None:
-    fleet.release(1, size=3_000_000)
+def test_stalled_registry_is_reported_within_the_read_timeout(
+    fleet: Fleet, device: Device, server: RegistryServer
+) -> None:
+    fleet.release(1)
+    server.fault(f"{MODEL}/index.json", "stall", times=-1, max_seconds=20)
+    device.set("registry", timeout_s=1, retries=1, retry_backoff_s=0.1)
+    started = time.monotonic()
+    result = device.cli("models", "pull")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert 2 <= elapsed < 5  # two tries of 1 s each, then said
+    assert "no data within the read timeout (registry.timeout_s)" in result.stderr
+    assert "gave up on person-detector/index.json after 2 attempts" in result.stderr
+    assert "nothing was changed" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def _pull_on_a_terminal(device: Device, *args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """``models pull ARGS`` with stderr on a pseudo-terminal; returns what it showed there."""
     controller, terminal = pty.openpty()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "models", "pull", "--config", str(device.config_path)],
+        [sys.executable, "-m", "agent.cli", "models", "pull", *args],
         stdout=subprocess.PIPE,
         stderr=terminal,
         text=True,
         timeout=60,
-        env=env,
+        env={**env, "EDGE_AGENT_CONFIG": str(device.config_path)},
     )
     os.close(terminal)
     shown = b""
@@ -121,9 +153,69 @@ def test_long_download_shows_progress_on_a_terminal(fleet: Fleet, device: Device
             break
         shown += chunk
     os.close(controller)
+    return proc, shown.decode()
+
+
+def test_long_download_shows_progress_on_a_terminal(fleet: Fleet, device: Device) -> None:
+    fleet.release(1, size=3_000_000)
+    proc, shown = _pull_on_a_terminal(device)
     assert proc.returncode == 0
-    assert b"model.tflite:" in shown and b"3.0 / 3.0 MB" in shown and b"MB/s" in shown
-    assert f"activated {MODEL} v1" in proc.stdout
+    # bytes done / total, a rate, an ETA; the last frame ends the line
+    frames = re.findall(r"model\.tflite  [^\r]*", shown)
+    assert frames[0].startswith("model.tflite  0.0 / 3.0 MB  -- B/s  ETA --")
+    assert re.match(r"model\.tflite  3\.0 / 3\.0 MB  [\d.]+ [kMG]?B/s  ETA 0 s", frames[-1])
+    assert shown.endswith("\n")
+    assert f"activated {MODEL} v1 (3.0 MB fetched" in proc.stdout
+
+
+def test_json_mode_shows_no_progress_even_on_a_terminal(fleet: Fleet, device: Device) -> None:
+    fleet.release(1, size=3_000_000)
+    proc, shown = _pull_on_a_terminal(device, "--json")
+    assert proc.returncode == 0 and shown == ""
+    assert json.loads(proc.stdout)["active"]["version"] == 1
+
+
+def test_ctrl_c_keeps_the_partial_download_and_the_next_pull_resumes_it(
+    fleet: Fleet, device: Device, server: RegistryServer
+) -> None:
+    fleet.release(1, size=3_000_000)
+    server.fault(f"{MODEL}/1/model.tflite", "stall", at=1_200_000, max_seconds=20)
+    device.set("registry", timeout_s=15, deadline_s=30)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "models", "pull", "--config", str(device.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        parts = device.root / "store" / "tmp"
+        deadline = time.monotonic() + 20
+        while sum(p.stat().st_size for p in parts.glob("*.part")) < 1_200_000:
+            assert time.monotonic() < deadline and proc.poll() is None, "no bytes arrived"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert err == (
+        "edge-agent: interrupted: partial download of model.tflite kept for resume "
+        "(1.2 of 3.0 MB)\n"
+    )
+    device.assert_serving(None)
+    server.clear_log()
+    again = device.cli("models", "pull", "--json")
+    assert again.returncode == 0, again.stderr
+    (resumed,) = server.requests_for(f"{MODEL}/1/model.tflite")
+    assert (resumed.range_start, resumed.sent) == (1_200_000, 1_800_000)
+    labels = sum(r.sent for r in server.requests_for(f"{MODEL}/1/labels.txt"))
+    # The summary counts the bytes of this run only: the rest of the model, the labels.
+    assert json.loads(again.stdout)["fetched_bytes"] == 1_800_000 + labels
+    device.assert_serving(1)
 
 
 def test_a_rolled_back_version_is_not_brought_back_by_its_channel(

@@ -134,6 +134,12 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 
 def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    # check-config tries the broker and the registry: keep them on loopback (port 9:
+    # nothing listens, so they are warnings), and the outbox beside the config.
+    text = path.read_text()
+    text = text.replace("https://models.example.com/", "http://127.0.0.1:9/")
+    text = text.replace("mqtts://broker.example.com:8883", "mqtt://127.0.0.1:9")
+    path.write_text(text.replace("telemetry:\n", f"telemetry:\n  outbox: {path.parent}/o.db\n"))
     return subprocess.run(
         [sys.executable, "-m", "agent.cli", "check-config", "--config", str(path)],
         capture_output=True,
@@ -205,3 +211,17 @@ def test_check_config_refuses_a_public_key_that_is_not_one(tmp_path: Path) -> No
     result = _check_config(path)
     assert result.returncode == 78
     assert f"registry.public_key: cannot load {junk}" in result.stderr
+
+
+def test_a_source_without_type_names_the_key_and_the_choices() -> None:
+    (problem,) = problems("source:\n  device: /dev/video1\n")
+    assert problem == (
+        "config.yaml:1: source.type: missing; one of camera, video, mjpeg, rtsp, images, "
+        "picamera2, serial, udp, synthetic"
+    )
+
+
+def test_a_key_with_control_characters_is_shown_quoted() -> None:
+    (problem,) = problems('device:\n  "a\\x85\\x1b[31m": 1\n')
+    assert problem == "config.yaml:2: device.'a\\x85\\x1b[31m': unknown key"
+    assert problem.isprintable()

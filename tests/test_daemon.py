@@ -11,7 +11,9 @@ exit code, the datagrams on the notify socket.
 from __future__ import annotations
 
 import json
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -98,6 +100,13 @@ def _events(tap: Tap, name: str) -> list[dict[str, Any]]:
     return [d for d in tap.docs("/events") if d["event"] == name]
 
 
+def assert_ids_unique(tap: Tap) -> None:
+    """No two messages share an ``id`` (a redelivery of one message has the same seq)."""
+    with tap._lock:
+        sent = {(t, d["seq"]): d["id"] for t, d, _ in tap.messages if "seq" in d}
+    assert len(set(sent.values())) == len(sent) > 10
+
+
 def _publish_selftested(registry: Path, models: Models, version: int, **options: Any) -> None:
     publish(
         [models.root / f"v{version}.tflite"],
@@ -173,6 +182,13 @@ def test_pushed_desired_version_is_pulled_validated_activated_and_reported(
         (validated,) = [e for e in _events(tap, "update_validated") if e["version"] == 2]
         assert validated["selftest_samples"] == 3 and validated["max_abs_error"] <= 0.02
         assert 0 < validated["latency_ms_p95"] < 5000
+        # Every message has its own id; the update's id travels as update_id.
+        update_events = [
+            e for e in tap.docs("/events") if e["event"].startswith("update_") and e["version"] == 2
+        ]
+        assert len(update_events) >= 7  # started, 5 phases, validated, succeeded
+        assert {e["update_id"] for e in update_events} == {state["update"]["id"]}
+        assert_ids_unique(tap)
         assert agent.terminate() == 0
     finally:
         tap.close()
@@ -515,3 +531,35 @@ def test_a_refused_channel_release_is_not_retried_in_a_loop(
     assert agent.terminate() == 0
     journal = agent.journal()
     assert journal["attempt"]["version"] == 2 and journal["attempt"]["outcome"] == "failed"
+
+
+# -- a registry down or failing ----------------------------------------------------------
+
+
+def test_registry_that_is_down_is_logged_at_once_with_the_next_poll(
+    tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/"
+        # five retries with backoff from 5 s would take a minute: none are spent on it
+        settings = {"retries": 5, "retry_backoff_s": 5}
+        agent = _agent(tmp_path, None, url, agents, registry=settings).start()
+        _wait(lambda: "polling the registry failed" in agent.log(), 15, "the poll said", agent)
+    line = next(x for x in agent.log().splitlines() if "polling the registry failed" in x)
+    assert "cannot connect: connection refused" in line
+    assert re.search(r"; polling again in \d+ s \(registry.poll_interval_s\)$", line)
+
+
+def test_failed_download_is_logged_with_when_it_is_retried(
+    tmp_path: Path, registry: Path, agents: list[AgentProcess]
+) -> None:
+    with RegistryServer(registry) as server:
+        server.fault(f"{MODEL}/1/v1.tflite", "status", status=503, times=-1)
+        agent = _agent(
+            tmp_path, None, server.url, agents, registry={"retries": 0}, update={"retry_max_s": 60}
+        ).start()
+        _wait(lambda: "update to v1 failed" in agent.log(), 20, "the failure said", agent)
+    line = next(x for x in agent.log().splitlines() if "update to v1 failed" in x)
+    assert "HTTP 503" in line
+    assert re.search(r"; retrying in \d+ s \(backoff up to 60 s, update.retry_max_s\)$", line)

@@ -37,6 +37,16 @@ def test_each_stream_counts_from_one_and_keeps_counting_after_reopen(tmp_path: P
     assert outbox.stats().depth == 4
 
 
+def test_a_body_cannot_overwrite_the_envelope_id_or_seq(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite", 10**7)
+    body = {"ts": 1.0, "id": "same", "seq": 99, "schema": 7, "event": "x"}
+    messages, _ = outbox.write([Record("events", "edge/d/events", body) for _ in range(3)])
+    docs = [json.loads(m.payload) for m in messages]
+    assert [d["seq"] for d in docs] == [1, 2, 3] and {d["schema"] for d in docs} == {1}
+    assert len({d["id"] for d in docs}) == 3 and "same" not in {d["id"] for d in docs}
+    assert list(docs[0])[:3] == ["schema", "seq", "id"]
+
+
 def test_acknowledged_rows_leave_and_row_ids_never_repeat(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite"
     outbox = Outbox(path, 10**7)

@@ -7,7 +7,9 @@ nothing half-downloaded is left to become active, and the error says what was wr
 from __future__ import annotations
 
 import json
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from agent.errors import (
     VerificationError,
 )
 from agent.fleet.publish import publish
-from agent.registry import DeadlineError
+from agent.registry import DeadlineError, Registry, UnreachableError
 from agent.verify import load_private_key, sign
 from tests.conftest import MODEL, Device, Fleet, serving_v1_with_v2_published, tflite_bytes
 from tests.registry_server import RegistryServer
@@ -84,6 +86,22 @@ def test_cut_download_resumes_with_range_and_fetches_only_the_rest(
     requests = server.requests_for(MODEL_FILE)
     assert [(r.range_start, r.sent) for r in requests] == [(None, 120_000), (120_000, 180_000)]
     assert sum(r.sent for r in requests) == 300_000  # not one byte fetched twice
+
+
+def test_pull_after_a_broken_off_one_counts_only_the_bytes_it_fetched(
+    on_v1: Device, server: RegistryServer
+) -> None:
+    server.fault(MODEL_FILE, "truncate", at=120_000, times=3)  # the first try and 2 retries
+    with pytest.raises(TransportError):
+        on_v1.updater().pull(2)
+    server.clear_log()
+    result = on_v1.updater().pull(2)
+    assert result.changed and result.fetched_bytes == 180_000
+    assert [(r.range_start, r.sent) for r in server.requests_for(MODEL_FILE)] == [
+        (120_000, 180_000)
+    ]
+    again = on_v1.updater().pull(2)  # already active: nothing crosses the network
+    assert not again.changed and again.fetched_bytes == 0
 
 
 def test_truncated_without_content_length_is_caught_by_manifest_size(
@@ -171,6 +189,37 @@ def test_stalled_server_trips_the_read_timeout(on_v1: Device, server: RegistrySe
     on_v1.assert_serving(1)
 
 
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port whose accept queue is full: connection attempts get no answer at all."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    waiting = []
+    for _ in range(4):  # more than the queue holds; the kernel then drops the SYNs
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(("127.0.0.1", port))
+        waiting.append(client)
+    yield port
+    for client in waiting:
+        client.close()
+    listener.close()
+
+
+def test_registry_giving_no_connection_fails_within_the_connect_timeout(silent_port: int) -> None:
+    registry = Registry(
+        f"http://127.0.0.1:{silent_port}/", timeout_s=30, connect_timeout_s=0.5, retries=5
+    )
+    started = time.monotonic()
+    with pytest.raises(UnreachableError, match=r"no answer within 0.5 s \(registry.connect_"):
+        registry.fetch_document(f"{MODEL}/index.json", 10_000)
+    # Down when the fetch began: reported at once, the five retries not spent on it.
+    assert time.monotonic() - started < 2.0
+    registry.close()
+
+
 def test_missing_file_404_is_not_retried(on_v1: Device, server: RegistryServer) -> None:
     server.fault(MODEL_FILE, "status", status=404)
     with pytest.raises(RegistryError, match=r"model.tflite: not found \(HTTP 404\)"):
@@ -217,8 +266,11 @@ def test_redirect_within_the_registry_is_followed(
 def test_server_ignoring_range_restarts_cleanly(on_v1: Device, server: RegistryServer) -> None:
     server.fault(MODEL_FILE, "truncate", at=100_000)
     server.fault(MODEL_FILE, "ignore_range")
-    assert on_v1.updater().pull(2).changed
+    result = on_v1.updater().pull(2)
+    assert result.changed
     on_v1.assert_serving(2)
+    # The first 100 kB came twice: the summary counts what crossed the network.
+    assert result.fetched_bytes == 400_000 == sum(r.sent for r in server.requests_for(MODEL_FILE))
 
 
 def test_resume_answered_with_another_range_is_not_spliced_in(
@@ -380,9 +432,11 @@ def test_bad_kept_partial_is_discarded_and_fetched_from_zero(
     entry = manifest.file("model.tflite")
     store = on_v1.store
     store.part_path(entry).write_bytes(b"\xff" * 100_000)  # an earlier attempt's bad bytes
-    assert on_v1.updater().pull(2).changed
+    result = on_v1.updater().pull(2)
+    assert result.changed
     on_v1.assert_serving(2)
     assert [r.range_start for r in server.requests_for(MODEL_FILE)] == [100_000, None]
+    assert result.fetched_bytes == 500_000  # the 200 kB resumed onto bad bytes, then all
     assert on_v1.leftovers() == []
 
 

@@ -1,7 +1,7 @@
 """``edge-fleet``: the operator's commands (keygen, publish, acl, deploy, rollout,
 devices, telemetry, status).
 
-Exit codes as DESIGN.md: 0 success, 1 the operation failed (the broker unreachable, a
+Exit codes (docs/protocol.md): 0 success, 1 the operation failed (the broker unreachable, a
 rollout halted, a device that did not take its desired state), 2 bad usage (including
 device ids, group or admin names that cannot be used in topics, and options that do
 not go together). The broker options default to ``EDGE_FLEET_BROKER``,
@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent import __version__
 from agent.atomic import write_atomic
+from agent.clihelp import command, exit_codes, internal_error, output_closed
 from agent.config import MODEL_NAME_PATTERN
 from agent.desired import desired_topic, parse_desired
 from agent.errors import ConfigError, EdgeAgentError, VerificationError
@@ -45,17 +47,98 @@ from agent.verify import generate_keypair, load_private_key
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+# command -> (description, examples) for its --help
+PAGES = {
+    "keygen": (
+        "Make an Ed25519 key pair: NAME.key signs releases (publish) or desired states "
+        "(deploy, rollout) and stays with the operator (written 0600); NAME.pub goes to the "
+        "devices (registry.public_key or update.desired_public_key).",
+        "edge-fleet keygen --out keys\nedge-fleet keygen --out keys --name deploy",
+    ),
+    "publish": (
+        "Publish a release into a registry folder: copy the files, write manifest.json (sizes, "
+        "sha256, task, self-test, budget), sign it, and add the version to index.json. Devices "
+        "following a channel move only when --channel names it.",
+        "edge-fleet publish model.tflite --labels labels.txt --model person-detector \\\n"
+        "    --version 3 --task detection --registry /srv/registry \\\n"
+        "    --sign-key keys/registry.key --selftest-random 8 --channel stable",
+    ),
+    "acl": (
+        "Write mosquitto's ACL file: each device may publish under its own topics and read its "
+        "own and its groups' desired state; admins may do everything.",
+        "edge-fleet acl --device pi-door-01=door,canary --admin fleet --out /etc/mosquitto/acl",
+    ),
+    "deploy": (
+        "Set the desired release of one device or of a group (retained on the broker, signed "
+        "with --sign-key). A lower version than a device runs is a deliberate rollback.",
+        "edge-fleet deploy --model person-detector --version 3 --device pi-door-01 \\\n"
+        "    --sign-key keys/deploy.key --wait 300\n"
+        "edge-fleet deploy --group door --clear",
+    ),
+    "rollout": (
+        "Roll a release out to a group in steps: a canary share first, then --step shares, each "
+        "step waiting for its devices; the first failure halts the rollout and devices not yet "
+        "reached are left untouched.",
+        "edge-fleet rollout --model person-detector --version 3 --group door \\\n"
+        "    --canary 10 --step 25 --timeout 900 --sign-key keys/deploy.key",
+    ),
+    "devices": (
+        "A table of every device: online, model@version, backend, fps, p95 latency, "
+        "temperature, outbox depth, last seen and the update in progress.",
+        "edge-fleet devices\nedge-fleet devices --group door --json",
+    ),
+    "telemetry": (
+        "Follow telemetry, results and events live as they arrive (retained messages are "
+        "not replayed as news).",
+        "edge-fleet telemetry --device pi-door-01\n"
+        "edge-fleet telemetry --stream events --json --seconds 60",
+    ),
+    "forget": (
+        "Remove a decommissioned device's retained reports from the broker, so it is no "
+        "longer listed or picked as a canary. Refused while the device says it is online.",
+        "edge-fleet forget --device pi-old-07",
+    ),
+    "status": (
+        "Which versions of a model run where: versions by device, updates in progress, bad "
+        "marks, and the group and device desired states.",
+        "edge-fleet status --model person-detector",
+    ),
+}
+EXIT_CODES = exit_codes(
+    "the operation failed (broker unreachable, a rollout halted, a device refused)",
+    "bad usage (unusable names, options that do not go together)",
+)
+
+
+def _sub(sub: Any, name: str, summary: str) -> argparse.ArgumentParser:
+    description, examples = PAGES[name]
+    return command(sub, name, summary, description, examples, EXIT_CODES)
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-fleet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="edge-fleet",
+        description="The operator's side of edge-agent: sign and publish releases, deploy "
+        "and roll them out over MQTT, and read the fleet.",
+        epilog="examples:\n"
+        "  edge-fleet keygen --out keys\n"
+        "  edge-fleet publish model.tflite --model NAME --version 1 --registry DIR \\\n"
+        "      --sign-key keys/registry.key --channel stable\n"
+        "  edge-fleet devices --broker mqtts://broker:8883 --ca ca.pem --cert me.pem --key me.key\n"
+        "  edge-fleet COMMAND --help\n\n"
+        "broker options default to $EDGE_FLEET_BROKER, $EDGE_FLEET_CA, $EDGE_FLEET_CERT,\n"
+        "$EDGE_FLEET_KEY, $EDGE_FLEET_USERNAME and $EDGE_FLEET_PASSWORD.\n\n" + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"edge-fleet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing releases")
+    keygen = _sub(sub, "keygen", "make an Ed25519 key pair for signing releases")
     keygen.add_argument("--out", type=Path, required=True, help="folder for NAME.key and NAME.pub")
     keygen.add_argument("--name", default="registry", help="file name stem (default: registry)")
     keygen.add_argument("--force", action="store_true", help="replace existing keys")
 
-    pub = sub.add_parser("publish", help="publish a release into a registry folder")
+    pub = _sub(sub, "publish", "publish a release into a registry folder")
     pub.add_argument(
         "files",
         nargs="+",
@@ -115,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     pub.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
-    acl = sub.add_parser("acl", help="write the broker's ACL file (mosquitto acl_file)")
+    acl = _sub(sub, "acl", "write the broker's ACL file (mosquitto acl_file)")
     acl.add_argument(
         "--device",
         action="append",
@@ -133,7 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     acl.add_argument("--prefix", default="edge", help="topic prefix (default: edge)")
     acl.add_argument("--out", type=Path, help="write this file atomically (default: stdout)")
 
-    deploy = sub.add_parser("deploy", help="set the desired release of a device or a group")
+    deploy = _sub(sub, "deploy", "set the desired release of a device or a group")
     _broker_options(deploy)
     deploy.add_argument("--model", help="model name")
     deploy.add_argument("--version", type=int, help="release version (a lower one rolls back)")
@@ -152,7 +235,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     deploy.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
-    roll = sub.add_parser("rollout", help="roll a release out to a group in steps")
+    roll = _sub(sub, "rollout", "roll a release out to a group in steps")
     _broker_options(roll)
     roll.add_argument("--model", required=True, help="model name")
     roll.add_argument("--version", required=True, type=int, help="release version")
@@ -177,12 +260,12 @@ def _parser() -> argparse.ArgumentParser:
     roll.add_argument("--sign-key", type=Path, help="Ed25519 private key (from keygen)")
     roll.add_argument("--json", action="store_true", help="print the outcome as JSON at the end")
 
-    devices = sub.add_parser("devices", help="a table of every device and what it runs")
+    devices = _sub(sub, "devices", "a table of every device and what it runs")
     _broker_options(devices)
     devices.add_argument("--group", help="only the devices of this group")
     devices.add_argument("--json", action="store_true", help="print JSON")
 
-    follow = sub.add_parser("telemetry", help="follow telemetry, results and events live")
+    follow = _sub(sub, "telemetry", "follow telemetry, results and events live")
     _broker_options(follow)
     follow.add_argument("--device", help="only this device")
     follow.add_argument(
@@ -195,22 +278,25 @@ def _parser() -> argparse.ArgumentParser:
     follow.add_argument("--count", type=int, help="stop after N messages")
     follow.add_argument("--json", action="store_true", help="JSON lines")
 
-    forget = sub.add_parser(
-        "forget", help="remove a decommissioned device's retained reports from the broker"
+    forget = _sub(
+        sub, "forget", "remove a decommissioned device's retained reports from the broker"
     )
     _broker_options(forget)
     forget.add_argument("--device", required=True, help="the device id")
     forget.add_argument("--force", action="store_true", help="even if it says it is online")
 
-    status = sub.add_parser("status", help="which versions of a model run where")
+    status = _sub(sub, "status", "which versions of a model run where")
     _broker_options(status)
     status.add_argument("--model", required=True, help="model name")
     status.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
-def _broker_options(parser: argparse.ArgumentParser) -> None:
+def _broker_options(command_parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
+    parser = command_parser.add_argument_group(
+        "broker", "where the broker is and how to log in (defaults: $EDGE_FLEET_*)"
+    )
     parser.add_argument(
         "--broker",
         default=env("EDGE_FLEET_BROKER"),
@@ -555,13 +641,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "forget":
             return _forget(args)
     except KeyboardInterrupt:
+        print("edge-fleet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return output_closed()
     except ConfigError as exc:  # bad usage (unusable names, clashing options): nothing written
         print(f"edge-fleet: {exc}".replace("\n", "\nedge-fleet: "), file=sys.stderr)
         return 2
     except (EdgeAgentError, OSError) as exc:
         print(f"edge-fleet: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug: one line, and the traceback when debugging
+        return internal_error("edge-fleet", exc)
     return 0
 
 

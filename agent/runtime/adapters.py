@@ -117,14 +117,9 @@ def read_labels(path: Path) -> dict[int, str]:
 
 
 def _resize(frame: np.ndarray, width: int, height: int) -> np.ndarray:
-    try:
-        import cv2
-    except ImportError:
-        raise ModelError(
-            f"frames of {frame.shape[1]}x{frame.shape[0]} need resizing to {width}x{height}: "
-            "install opencv-python-headless (pip install 'edge-agent[video]')"
-        ) from None
-    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR)
+    from agent.runtime.resize import resizer
+
+    return resizer()(frame, width, height)
 
 
 def prepare(

@@ -1,0 +1,102 @@
+"""What both command lines share: help pages, number options, and how they end.
+
+Every command's ``--help`` has a description, examples and the exit codes. A run ends
+in an exit code and, on failure, one line per problem: a closed output pipe ends
+quietly (141, as Unix tools), and an exception nobody expected (a bug) is one line too,
+with the traceback only when ``EDGE_AGENT_LOG_LEVEL=debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what `yes | head` reports under pipefail
+
+
+def exit_codes(failed: str, usage: str) -> str:
+    """The exit-code table of a tool's help: ``failed`` and ``usage`` say what 1 and 2 mean."""
+    return (
+        "exit codes:\n"
+        "  0    success\n"
+        f"  1    {failed}\n"
+        f"  2    {usage}\n"
+        "  78   invalid configuration (systemd does not restart the agent on it)\n"
+        "  130  interrupted (Ctrl-C)\n"
+        "  141  the output pipe was closed (e.g. | head)"
+    )
+
+
+def command(
+    sub: Any,
+    name: str,
+    summary: str,
+    description: str,
+    examples: str,
+    codes: str,
+    parents: list[argparse.ArgumentParser] | None = None,
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help has a wrapped description, examples and exit codes."""
+    epilog = f"examples:\n{textwrap.indent(examples, '  ')}\n\n{codes}"
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        parents=parents or [],
+        help=summary,
+        description=textwrap.fill(description, 88),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type: a finite number greater than 0."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a number greater than 0: {text!r}")
+        return value
+
+    return parse
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite number (no nan, no inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number: {text!r}")
+    return value
+
+
+def output_closed() -> int:
+    """The reader of stdout went away (``| head``): end quietly, as Unix tools do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail
+    return EXIT_PIPE_CLOSED
+
+
+def internal_error(tool: str, exc: BaseException) -> int:
+    """Report an unexpected exception (a bug) in one line; the traceback when debugging."""
+    import traceback
+
+    first_line = (str(exc).splitlines() or [""])[0]
+    print(
+        f"{tool}: internal error: {type(exc).__name__}: {first_line} "
+        "(a bug; please report it with the traceback that EDGE_AGENT_LOG_LEVEL=debug prints)",
+        file=sys.stderr,
+    )
+    if os.environ.get("EDGE_AGENT_LOG_LEVEL", "").lower() == "debug":
+        traceback.print_exception(exc, file=sys.stderr)
+    return 1
