@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent import __version__
+from agent import __version__, logs
 from agent.clihelp import (
     command,
     exit_codes,
@@ -64,6 +64,25 @@ def _json_option() -> argparse.ArgumentParser:
     return option
 
 
+def _log_options() -> argparse.ArgumentParser:
+    option = argparse.ArgumentParser(add_help=False)
+    option.add_argument(
+        "--log-level",
+        choices=tuple(logs.LEVELS),
+        type=str.lower,
+        default=argparse.SUPPRESS,
+        help=f"log level (default: ${logs.LEVEL_ENV}, else info for run, warning for others)",
+    )
+    option.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        type=str.lower,
+        default=argparse.SUPPRESS,
+        help=f"log lines as text or JSON (default: ${logs.FORMAT_ENV}, else text)",
+    )
+    return option
+
+
 def _broker_url(text: str) -> str:
     from agent.config import check_url
 
@@ -75,10 +94,10 @@ def _broker_url(text: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    config, as_json = _config_option(), _json_option()
+    config, as_json, log = _config_option(), _json_option(), _log_options()
     parser = argparse.ArgumentParser(
         prog="edge-agent",
-        parents=[config, as_json],
+        parents=[config, as_json, log],
         description=textwrap.fill(
             "The device side of edge-agent: pulls verified TFLite models from a "
             "registry, serves them on a camera or sensor stream (Edge TPU or CPU), swaps them "
@@ -103,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
         "one kept.",
         "edge-agent run --config /etc/edge-agent/config.yaml",
         EXIT_CODES,
-        [config],
+        [config, log],
     )
     command(
         sub,
@@ -116,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
         "edge-agent check-config --config /etc/edge-agent/config.yaml\n"
         "EDGE_AGENT_MQTT_URL=mqtt://10.0.0.5 edge-agent check-config --json",
         EXIT_CODES,
-        [config, as_json],
+        [config, as_json, log],
     )
     command(
         sub,
@@ -127,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
         "what the store holds. Without a running agent: the store alone.",
         "edge-agent status\nedge-agent status --json",
         EXIT_CODES,
-        [config, as_json],
+        [config, as_json, log],
     )
     models = command(
         sub,
@@ -138,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
         "edge-agent models pull\n"
         "edge-agent models rollback --to 3",
         EXIT_CODES,
-        [config, as_json],
+        [config, as_json, log],
     )
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     listing = command(
@@ -148,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
         "List the releases in the store (* marks the active one).",
         "edge-agent models list\nedge-agent models list --remote --json",
         EXIT_CODES,
-        [config, as_json],
+        [config, as_json, log],
     )
     listing.add_argument("--remote", action="store_true", help="also list the registry's index")
     pull = command(
@@ -163,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
         "release is gated when the agent next starts.",
         "edge-agent models pull\nedge-agent models pull --version 4",
         EXIT_CODES,
-        [config, as_json],
+        [config, as_json, log],
     )
     pull.add_argument(
         "--version", type=positive(int), help="version to pull (default: the channel's)"
@@ -189,7 +208,7 @@ def _parser() -> argparse.ArgumentParser:
         "With the agent running, it switches what the agent serves.",
         "edge-agent models rollback\nedge-agent models rollback --to 2",
         EXIT_CODES,
-        [config, as_json],
+        [config, as_json, log],
     )
     rollback.add_argument("--to", type=positive(int), help="version (default: the previous one)")
     model = argparse.ArgumentParser(add_help=False)
@@ -221,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
         "edge-agent infer --model model.tflite --labels labels.txt photo.jpg\n"
         "edge-agent infer --json --model model.tflite clip.mp4 | head -5",
         EXIT_CODES,
-        [config, as_json, model],
+        [config, as_json, model, log],
     )
     infer.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image or video")
     bench = command(
@@ -232,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
         "in alternating rounds, and print the ratio.",
         "edge-agent bench --model model.tflite --seconds 5",
         EXIT_CODES,
-        [config, as_json, model],
+        [config, as_json, model, log],
     )
     bench.add_argument(
         "--seconds", type=positive(float), default=2.0, help="length of each measurement"
@@ -251,7 +270,7 @@ def _parser() -> argparse.ArgumentParser:
         "edge-agent demo --broker mqtt://127.0.0.1:1883   # watch: mosquitto_sub -v -t 'edge/#'\n"
         "edge-agent demo --json --keep ./demo-run",
         EXIT_CODES,
-        [as_json],
+        [as_json, log],
     )
     demo.add_argument(
         "--seconds",
@@ -317,15 +336,8 @@ def _emit(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
 
 def cmd_run(config: Config, path: Path) -> int:
     """The daemon (agent.service.run): until SIGTERM or SIGINT; SIGHUP reloads."""
-    import logging
-
     from agent.service import run
 
-    logging.basicConfig(
-        level=os.environ.get("EDGE_AGENT_LOG", "INFO").upper(),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     return run(config, path)
 
 
@@ -579,15 +591,8 @@ def cmd_model_tool(args: argparse.Namespace, path: Path, as_json: bool) -> int:
 
 def cmd_demo(args: argparse.Namespace, as_json: bool) -> int:
     """The demo needs no config: it makes its own (see agent.demo)."""
-    import logging
-
     from agent.demo import run_demo
 
-    logging.basicConfig(
-        level=os.environ.get("EDGE_AGENT_LOG", "WARNING").upper(),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
         return run_demo(args.seconds, args.broker, sys.stdout, as_json, args.keep)
     except ConfigError as exc:  # a bad option (--keep on a used folder), not a config file
@@ -600,6 +605,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _refuse_unused(parser, args)
+    try:
+        logs.setup(
+            getattr(args, "log_level", None),
+            getattr(args, "log_format", None),
+            sys.stderr,
+            default="info" if args.command == "run" else "warning",
+        )
+    except logs.LogSettingError as exc:  # from the environment: the options are choices
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
     try:
         return _dispatch(args)
     except ConfigError as exc:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import ssl
+import sys
 import threading
 import time
 import urllib.parse
@@ -32,6 +33,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.backoff import backoff_delay
 from agent.config import MqttConfig
 from agent.errors import ConfigError
+from agent.mqtt_reasons import explain
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,7 @@ class Link:
         self.connects = 0  # successful connections since start
         self.generation = 0  # bumped when the client is rebuilt: its queue is gone then
         self.last_error = ""
+        self._refused = False  # a CONNACK refusal was reported; its disconnect says no more
         self._attempt = 0
         self._up_since = 0.0
         self.window = config.max_inflight  # lowered to the broker's Receive Maximum
@@ -252,13 +255,14 @@ class Link:
     ) -> None:
         if reason.is_failure:
             self.connected.clear()
-            self.last_error = f"broker refused the connection: {reason}"
+            self._refused = True
+            self.last_error = explain(reason)
             downgrade = self.config.protocol == "auto" and self.protocol == "5"
             if reason.value == _UNSUPPORTED_PROTOCOL and downgrade:
                 log.warning("%s does not speak MQTT 5; using 3.1.1", self.host)
                 threading.Thread(target=self._downgrade, name="mqtt-downgrade").start()
                 return
-            log.error("%s:%d: %s", self.host, self.port, self.last_error)
+            self._report(logging.ERROR)
             return  # paho calls on_disconnect next, which sets the backoff
         with self._lock:
             if self._stopping:
@@ -294,10 +298,24 @@ class Link:
             self._connect(self._client)
 
     def _connect_failed(self, client: paho.Client, userdata: Any) -> None:
-        self.last_error = f"cannot reach {self.host}:{self.port}"
+        # paho calls this from its ``except OSError`` around the attempt: the exception
+        # (refused, DNS, TLS, timeout) is the one being handled.
+        self.last_error = explain(sys.exc_info()[1], tls=self.tls)
         self._backoff(client)
-        if self._attempt & (self._attempt - 1) == 0:  # attempts 1, 2, 4, 8…: a quiet journal
-            log.warning("%s (attempt %d; retrying)", self.last_error, self._attempt)
+        self._report(logging.WARNING)
+
+    def _report(self, level: int) -> None:
+        """Log why connecting failed. Repeats of one reason are rate-limited by the
+        handler (agent.logs.RateLimit: the first, then one a minute with a count);
+        another reason shows at once."""
+        log.log(
+            level,
+            "cannot connect to %s:%d: %s; retrying",
+            self.host,
+            self.port,
+            self.last_error,
+            extra={"repeat_key": self.last_error},
+        )
 
     def _disconnected(
         self,
@@ -314,6 +332,11 @@ class Link:
         if was and not self._stopping:
             log.warning("disconnected from %s:%d: %s", self.host, self.port, reason)
             self._on_disconnect()
+        elif not was and not self._stopping and not self._refused:
+            # closed before any CONNACK: no exception reaches us, only the likely causes
+            self.last_error = explain(None, tls=self.tls, client_cert=self.config.cert is not None)
+            self._report(logging.WARNING)
+        self._refused = False
         self._backoff(client)
 
     def _backoff(self, client: paho.Client) -> None:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from agent import logs
 from agent.backoff import backoff_delay
 from agent.errors import EdgeAgentError
 from agent.sources.base import EndOfStream, Source, SourceError
@@ -343,6 +344,8 @@ class Pipeline:
                 try:
                     frame = self.source.read(READ_TIMEOUT_S)
                 except EndOfStream:
+                    # a finite source (a file, a folder without loop) is done: said once
+                    self._event("source_ended", source=self.source.name, frames=self._frames)
                     self._slot.put(_END, True, self._stop)
                     return
                 except SourceError as exc:
@@ -565,7 +568,7 @@ class Pipeline:
         return False
 
     def _event(self, name: str, **detail: Any) -> None:
-        log.info("%s %s", name, detail)
+        logs.event(log, name, detail)
         try:
             self.on_event(name, detail)
         except Exception:

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent import __version__
+from agent import __version__, logs
 from agent.atomic import write_atomic
 from agent.backoff import backoff_delay
 from agent.commands import CommandError
@@ -412,7 +412,10 @@ class Updates:
             log.error("%s: ignored: %s", message.topic, exc)
             self.reporter.event("desired_invalid", {"topic": message.topic, "error": str(exc)})
             return
-        log.info("desired state from %s: %s", message.topic, desired or "cleared")
+        if desired is None:
+            log.info("desired state from %s: cleared", message.topic)
+        else:
+            logs.event(log, "desired_state", {"topic": message.topic, **desired.to_dict()})
         self._desired_seen = True
         attempt = self._probation
         winner = self.desired.winner()

@@ -79,7 +79,7 @@ class AgentProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
         env.pop("NOTIFY_SOCKET", None)
         env.pop("WATCHDOG_USEC", None)
-        env["EDGE_AGENT_LOG"] = "DEBUG"
+        env["EDGE_AGENT_LOG_LEVEL"] = "debug"
         env.update(extra_env or {})
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(

@@ -133,6 +133,27 @@ def test_agent_corpus_ends_in_one_clear_line(workdir: Path, args: list[str]) -> 
     assert result.returncode != 0
 
 
+ENV_CORPUS = [
+    ({"EDGE_AGENT_LOG": "verbose"}, ["demo", "--seconds", "1"]),
+    ({"EDGE_AGENT_LOG_LEVEL": "verbose"}, ["check-config", "--config", "garbage.yaml"]),
+    ({"EDGE_AGENT_LOG_FORMAT": "xml"}, ["status", "--config", "garbage.yaml"]),
+    ({"EDGE_AGENT_CONFIG": "."}, ["status"]),
+    ({"EDGE_AGENT_CONFIG": "binary.yaml"}, ["models", "list"]),
+    ({"EDGE_AGENT_STORE_KEEP": "[1, 2"}, ["check-config", "--config", "list.yaml"]),
+]
+
+
+@pytest.mark.parametrize(("env", "args"), ENV_CORPUS, ids=lambda v: str(v)[:40])
+def test_agent_environment_corpus_ends_in_one_clear_line(
+    workdir: Path, env: dict[str, str], args: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = _run("edge-agent", args, workdir)
+    _assert_clean("edge-agent", result.returncode, result.stderr)
+    assert result.returncode != 0
+
+
 @pytest.mark.parametrize("args", FLEET_CORPUS, ids=lambda a: " ".join(a)[:60])
 def test_fleet_corpus_ends_in_one_clear_line(workdir: Path, args: list[str]) -> None:
     result = _run("edge-fleet", args, workdir)

@@ -78,6 +78,13 @@ def test_file_source_as_fast_as_possible_gets_every_frame_in_order(models: Model
     assert stats.fps > 0 and stats.infer_ms_p50 > 0
 
 
+def test_a_finite_source_that_ends_raises_source_ended_once(models: Models) -> None:
+    got = Collector()
+    pipeline = Pipeline(MemorySource(FRAMES[:7]), classifier(models, 1), got.result, got.event)
+    run(pipeline)
+    assert got.events == [("source_ended", {"source": "memory", "frames": 7})]
+
+
 def test_hot_swap_under_a_running_stream_loses_no_frame_and_mixes_no_model(
     models: Models,
 ) -> None:
@@ -254,7 +261,7 @@ def test_stalled_accelerator_is_replaced_by_the_cpu_variant_and_the_stream_flows
     finally:
         plan["stalled"].set()  # let the abandoned call return: its result must be dropped
     time.sleep(0.1)
-    assert got.names() == ["accelerator_lost", "accelerator_fallback"]
+    assert got.names() == ["accelerator_lost", "accelerator_fallback", "source_ended"]
     assert "stalled" in got.events[0][1]["error"]
     backends = [r.backend for r in got.results]
     switch = backends.index("cpu")
@@ -272,7 +279,7 @@ def test_delegate_error_mid_stream_reinitialises_the_tpu(models: Models) -> None
     got = Collector()
     pipeline = Pipeline(MemorySource(FRAMES * 5), model, got.result, got.event, reload=reload)
     run(pipeline)
-    assert got.names() == ["accelerator_lost", "accelerator_recovered"]
+    assert got.names() == ["accelerator_lost", "accelerator_recovered", "source_ended"]
     assert "USB transfer error" in got.events[0][1]["error"]
     assert {r.backend for r in got.results} == {"edgetpu"}
     assert [r.frame for r in got.results] == [f for f in range(150) if f != 49]
@@ -297,7 +304,7 @@ def test_stalled_call_returning_late_does_not_blind_the_watchdog(models: Models)
     finally:
         second.set()
         pipeline.stop()
-    assert got.names() == ["accelerator_lost", "accelerator_recovered"] * 2
+    assert got.names() == [*["accelerator_lost", "accelerator_recovered"] * 2, "source_ended"]
     frames = [r.frame for r in got.results]
     assert len(frames) == 298 and 9 not in frames and frames == sorted(set(frames))
     assert pipeline.stats().errors == 2
@@ -322,7 +329,7 @@ def test_slow_cpu_model_is_not_taken_for_a_stalled_accelerator(models: Models) -
         MemorySource(FRAMES[:8]), model, got.result, got.event, invoke_timeout_s=0.01, reload=reload
     )
     run(pipeline)
-    assert len(got.results) == 8 and got.events == []
+    assert len(got.results) == 8 and got.names() == ["source_ended"]  # no accelerator event
 
 
 def test_accelerator_that_never_comes_back_and_no_cpu_variant_stops_cleanly(

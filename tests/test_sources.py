@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import importlib.util
+import logging
 import os
 import socket
 import subprocess
@@ -640,3 +641,21 @@ def test_source_modules_import_without_device_libraries() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_images_without_loop_say_once_that_the_folder_is_done(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for index, rgb in enumerate(COLOURS[:2]):
+        assert cv2.imwrite(str(tmp_path / f"{index}.png"), bgr(rgb))
+    source = make_source(config.ImagesSource(path=tmp_path, loop=False))
+    source.open()
+    assert source.read(timeout=1) is not None and source.read(timeout=1) is not None
+    for _ in range(3):  # asked again after the end: still the end, said once
+        with pytest.raises(EndOfStream):
+            source.read(timeout=1)
+    done = [r for r in caplog.records if "no more frames" in r.getMessage()]
+    assert [r.getMessage() for r in done] == [
+        f"images source: all 2 images of {tmp_path} done (loop: false); no more frames"
+    ]
+    assert done[0].levelno == logging.WARNING

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import AcceleratorError, ModelError
+from agent.runtime.native_stderr import captured
 
 if TYPE_CHECKING:
     import numpy as np
@@ -128,14 +129,19 @@ class CpuBackend:
 
     def load(self, model: Path) -> None:
         _, interpreter_class, _ = runtime_api()
-        delegates = self._delegates()
-        try:
-            interpreter = interpreter_class(
-                model_path=str(model), num_threads=self.threads, experimental_delegates=delegates
-            )
-            interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as exc:
-            raise self._load_failed(model, exc) from exc
+        # The runtime prints "INFO: Created TensorFlow Lite XNNPACK delegate" and the like
+        # to fd 2 here: logged at DEBUG instead (errors at WARNING).
+        with captured():
+            delegates = self._delegates()
+            try:
+                interpreter = interpreter_class(
+                    model_path=str(model),
+                    num_threads=self.threads,
+                    experimental_delegates=delegates,
+                )
+                interpreter.allocate_tensors()
+            except (ValueError, RuntimeError) as exc:
+                raise self._load_failed(model, exc) from exc
         self._interpreter = interpreter
         self.inputs = _specs(interpreter.get_input_details())
         self.outputs = _specs(interpreter.get_output_details())

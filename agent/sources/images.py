@@ -37,6 +37,7 @@ class ImagesSource:
         self.loop = config.loop
         self.files: list[Path] = []
         self._next = 0
+        self._ended = False
         self.bad_files = 0
 
     def open(self) -> None:
@@ -49,6 +50,7 @@ class ImagesSource:
             choices = " ".join(sorted(EXTENSIONS))
             raise SourceError(f"images {self.folder}: no image in the folder ({choices})")
         self._next = 0
+        self._ended = False
 
     def read(self, timeout: float) -> np.ndarray | None:
         import cv2
@@ -57,6 +59,13 @@ class ImagesSource:
             raise SourceError(f"images {self.folder}: not open")
         if self._next >= len(self.files):
             if not self.loop:
+                if not self._ended:  # read() may be called again after the end: say it once
+                    self._ended = True
+                    log.warning(
+                        "images source: all %d images of %s done (loop: false); no more frames",
+                        len(self.files),
+                        self.folder,
+                    )
                 raise EndOfStream
             self._next = 0
         path = self.files[self._next]
