@@ -89,7 +89,8 @@ class DeviceConfig(_Section):
 class RegistryConfig(_Section):
     url: str | None = Field(
         default=None,
-        description="Registry base URL: http(s)://… or file:///path. Absent: no updates.",
+        description="Registry base URL: http(s)://… or file:///path. Required by run and "
+        "check-config.",
     )
     public_key: FilePath | None = Field(
         default=None,
@@ -135,7 +136,9 @@ class RegistryConfig(_Section):
 
 class ModelConfig(_Section):
     name: str | None = Field(
-        default=None, pattern=MODEL_NAME_PATTERN, description="Model name in the registry."
+        default=None,
+        pattern=MODEL_NAME_PATTERN,
+        description="Model name in the registry. Required by run and check-config.",
     )
     channel: str = Field(
         default="stable", min_length=1, description="index.json channel to follow."

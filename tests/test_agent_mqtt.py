@@ -15,6 +15,7 @@ from typing import Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent import __version__
 from tests.agentproc import AgentProcess, Tap, publish_models, seq_gaps, wait_alive
 from tests.broker import Mosquitto, SecureBroker, subscriber
 from tests.conftest import Models
@@ -88,6 +89,7 @@ def test_last_will_says_offline_when_the_agent_is_killed(
         "ts": will["ts"],
         "reason": "lost",
         "groups": [],  # so the fleet side knows group members that are offline
+        "agent_version": __version__,
     }
     late = subscriber(broker.url, [f"edge/{DEV}/status"])  # and it is retained
     try:

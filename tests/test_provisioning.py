@@ -178,9 +178,19 @@ def test_tree_venv_scripts_use_the_device_path_not_the_build_tree(tree: Tree) ->
     assert re.search(r'(?m)^VIRTUAL_ENV="?/opt/edge-agent/venv"?$', activate), activate
 
 
-def test_rendered_config_passes_check_config(tree: Tree) -> None:
+def test_rendered_config_asks_for_the_registry_and_model_then_passes_check_config(
+    tree: Tree, tmp_path: Path
+) -> None:
     config = tree.root / CONFIG
-    result = run(sys.executable, "-m", "agent.cli", "check-config", "--config", config, cwd=REPO)
+    check = (sys.executable, "-m", "agent.cli", "check-config", "--config", config)
+    result = run(*check, cwd=REPO)
+    assert result.returncode == 78  # the two keys an operator must fill in, named
+    problems = [line for line in result.stderr.splitlines() if "invalid configuration" in line]
+    assert [p.split(": ")[-2] for p in problems] == ["registry.url", "model.name"], problems
+    filled = tmp_path / "filled.yaml"  # not in the tree: other tests compare its listing
+    text = config.read_text().replace("# url: https://models.example.com/", f"url: {REPO.as_uri()}")
+    filled.write_text(text.replace("# name: person-detector", "name: person-detector"))
+    result = run(*check[:-1], filled, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     assert parse_config(config.read_text()).device.id == DEVICE
     # every commented-out key is a real key too: uncommented, the file still validates
