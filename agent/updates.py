@@ -439,13 +439,7 @@ class Updates:
         if winner is not None:
             self._wake.set()
             return {"desired": winner.to_dict(), "note": "desired state is pushed: no polling"}
-        registry = Registry.from_config(self.config.registry)
-        try:
-            version = Updater(self.config, self.store, registry).channel_version()
-        except EdgeAgentError as exc:
-            raise CommandError(f"cannot read the channel: {exc}") from exc
-        finally:
-            registry.close()
+        version = self._read_channel()
         pointer = self.store.pointer()
         changed = pointer is None or (
             self._wanted_from_channel(version) and pointer.version != version
@@ -458,6 +452,16 @@ class Updates:
         self._retry_at.clear()
         self._wake.set()
         return {"version": version, "changed": changed}
+
+    def _read_channel(self) -> int:
+        """The version the model's channel names now; CommandError when unreadable."""
+        registry = Registry.from_config(self.config.registry)
+        try:
+            return Updater(self.config, self.store, registry).channel_version()
+        except EdgeAgentError as exc:
+            raise CommandError(f"cannot read the channel: {exc}") from exc
+        finally:
+            registry.close()
 
     def rollback(self, to: int | None) -> dict[str, Any]:
         """The ``rollback`` command: back to the previous stored release (or ``to``).
@@ -520,13 +524,7 @@ class Updates:
                 f"{self.config.device.id} --model {model} --version N` (or --clear)"
             )
         if version is None:
-            registry = Registry.from_config(self.config.registry)
-            try:
-                version = Updater(self.config, self.store, registry).channel_version()
-            except EdgeAgentError as exc:
-                raise CommandError(f"cannot read the channel: {exc}") from exc
-            finally:
-                registry.close()
+            version = self._read_channel()
         self._retry_at.pop((model, version), None)
         self._manual = (model, version, "local", None, False)
         self._wake.set()
