@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from agent.clihelp import (
     internal_error,
     output_closed,
     positive,
+    tool,
 )
 from agent.config import DEFAULT_CONFIG_PATH, Config, RuntimeConfig, load_config
 from agent.errors import ConfigError, EdgeAgentError, TransportError
@@ -41,6 +41,7 @@ EX_CONFIG = 78
 EXIT_CODES = exit_codes(
     "the operation failed (download refused, registry or broker unreachable, …)",
     "bad command-line usage",
+    config=True,
 )
 
 
@@ -95,23 +96,20 @@ def _broker_url(text: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     config, as_json, log = _config_option(), _json_option(), _log_options()
-    parser = argparse.ArgumentParser(
-        prog="edge-agent",
-        parents=[config, as_json, log],
-        description=textwrap.fill(
-            "The device side of edge-agent: pulls verified TFLite models from a "
-            "registry, serves them on a camera or sensor stream (Edge TPU or CPU), swaps them "
-            "without stopping, and reports over MQTT.",
-            88,
-        ),
-        epilog="examples:\n"
-        "  edge-agent demo                      # everything local, nothing to set up\n"
-        "  edge-agent check-config --config /etc/edge-agent/config.yaml\n"
-        "  edge-agent status\n"
-        "  edge-agent COMMAND --help            # options of one command\n\n" + EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = tool(
+        "edge-agent",
+        "The device side of edge-agent: pulls verified TFLite models from a registry, "
+        "serves them on a camera or sensor stream (Edge TPU or CPU), swaps them without "
+        "stopping, and reports over MQTT.",
+        "edge-agent demo                      # everything local, nothing to set up\n"
+        "edge-agent check-config --config /etc/edge-agent/config.yaml\n"
+        "edge-agent status\n"
+        "edge-agent COMMAND --help            # options of one command",
+        "",
+        EXIT_CODES,
+        __version__,
+        [config, as_json, log],
     )
-    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     command(
         sub,

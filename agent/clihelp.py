@@ -19,17 +19,41 @@ from typing import Any
 EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what `yes | head` reports under pipefail
 
 
-def exit_codes(failed: str, usage: str) -> str:
-    """The exit-code table of a tool's help: ``failed`` and ``usage`` say what 1 and 2 mean."""
+def exit_codes(failed: str, usage: str, config: bool) -> str:
+    """The exit-code table of a tool's help: ``failed`` and ``usage`` say what 1 and 2
+    mean; ``config`` for a tool that reads a config file (78)."""
+    invalid = "  78   invalid configuration (systemd does not restart the agent on it)\n"
     return (
         "exit codes:\n"
         "  0    success\n"
         f"  1    {failed}\n"
         f"  2    {usage}\n"
-        "  78   invalid configuration (systemd does not restart the agent on it)\n"
+        f"{invalid if config else ''}"
         "  130  interrupted (Ctrl-C)\n"
         "  141  the output pipe was closed (e.g. | head)"
     )
+
+
+def tool(
+    prog: str,
+    description: str,
+    examples: str,
+    notes: str,
+    codes: str,
+    version: str,
+    parents: list[argparse.ArgumentParser] | None = None,
+) -> argparse.ArgumentParser:
+    """A tool's top-level parser: description, examples, notes, exit codes, --version."""
+    notes = f"{notes}\n\n" if notes else ""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        parents=parents or [],
+        description=textwrap.fill(description, 88),
+        epilog=f"examples:\n{textwrap.indent(examples, '  ')}\n\n{notes}{codes}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{prog} {version}")
+    return parser
 
 
 def command(

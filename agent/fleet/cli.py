@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.atomic import write_atomic
-from agent.clihelp import command, exit_codes, internal_error, output_closed
+from agent.clihelp import command, exit_codes, internal_error, output_closed, tool
 from agent.config import MODEL_NAME_PATTERN
 from agent.desired import desired_topic, parse_desired
 from agent.errors import ConfigError, EdgeAgentError, VerificationError
@@ -107,6 +107,7 @@ PAGES = {
 EXIT_CODES = exit_codes(
     "the operation failed (broker unreachable, a rollout halted, a device refused)",
     "bad usage (unusable names, options that do not go together)",
+    config=False,
 )
 
 
@@ -116,21 +117,20 @@ def _sub(sub: Any, name: str, summary: str) -> argparse.ArgumentParser:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="edge-fleet",
-        description="The operator's side of edge-agent: sign and publish releases, deploy "
-        "and roll them out over MQTT, and read the fleet.",
-        epilog="examples:\n"
-        "  edge-fleet keygen --out keys\n"
-        "  edge-fleet publish model.tflite --model NAME --version 1 --registry DIR \\\n"
-        "      --sign-key keys/registry.key --channel stable\n"
-        "  edge-fleet devices --broker mqtts://broker:8883 --ca ca.pem --cert me.pem --key me.key\n"
-        "  edge-fleet COMMAND --help\n\n"
+    parser = tool(
+        "edge-fleet",
+        "The operator's side of edge-agent: sign and publish releases, deploy and roll them "
+        "out over MQTT, and read the fleet.",
+        "edge-fleet keygen --out keys\n"
+        "edge-fleet publish model.tflite --model NAME --version 1 --registry DIR \\\n"
+        "    --sign-key keys/registry.key --channel stable\n"
+        "edge-fleet devices --broker mqtts://broker:8883 --ca ca.pem --cert me.pem --key me.key\n"
+        "edge-fleet COMMAND --help",
         "broker options default to $EDGE_FLEET_BROKER, $EDGE_FLEET_CA, $EDGE_FLEET_CERT,\n"
-        "$EDGE_FLEET_KEY, $EDGE_FLEET_USERNAME and $EDGE_FLEET_PASSWORD.\n\n" + EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "$EDGE_FLEET_KEY, $EDGE_FLEET_USERNAME and $EDGE_FLEET_PASSWORD.",
+        EXIT_CODES,
+        __version__,
     )
-    parser.add_argument("--version", action="version", version=f"edge-fleet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     keygen = _sub(sub, "keygen", "make an Ed25519 key pair for signing releases")
