@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import ModelError
+from agent.preflight import missing_library
 from agent.runtime import InputNorm, LoadedModel, ModelFiles, load_model
 from agent.runtime.adapters import TASKS, detection_outputs
 
@@ -61,7 +62,7 @@ def _read_image(path: Path) -> np.ndarray:
     try:
         import cv2
     except ImportError:
-        raise ModelError("reading images needs OpenCV: pip install 'edge-agent[video]'") from None
+        raise ModelError(f"{path}: reading images needs {missing_library('images')}") from None
 
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
@@ -100,6 +101,8 @@ def infer(
                 raise ModelError(f"{path}: {exc}") from exc
             show(str(path), None, output)
             continue
+        if missing := missing_library("video"):
+            raise ModelError(f"{path}: reading videos needs {missing}")
         source = VideoSource(VideoConfig(path=path, fps=0))
         source.open()  # here, so an unreadable file fails now instead of being retried
         source.close()

@@ -69,11 +69,15 @@ def runtime_installed() -> bool:
 
 
 def missing_library(source_type: str) -> str | None:
-    """The one line to show when ``source_type``'s library is not installed, else None."""
+    """What to install when ``source_type``'s library is missing (``OpenCV: pip install
+    'edge-agent[video]'``), else None.
+
+    ``source_type`` is a ``source.type`` (``video`` also stands for reading video files,
+    ``images`` for reading image files)."""
     module = SOURCE_NEEDS.get(source_type)
     if module is None or installed(module):
         return None
-    return f"source.type {source_type} needs {INSTALL[module]}"
+    return INSTALL[module]
 
 
 def check(config: Config, *, probe_network: bool = False) -> Findings:
@@ -161,9 +165,9 @@ def _folders(config: Config, found: Findings) -> None:
 def _libraries(config: Config, found: Findings) -> None:
     if not runtime_installed():
         found.errors.append(f"runtime: {RUNTIME_INSTALL}")
-    problem = missing_library(config.source.type)
-    if problem:
-        found.errors.append(problem)
+    missing = missing_library(config.source.type)
+    if missing:
+        found.errors.append(f"source.type {config.source.type} needs {missing}")
 
 
 def _source_nodes(config: Config, found: Findings) -> None:

@@ -170,3 +170,25 @@ def test_raw_outputs_print_as_a_line_not_a_python_dict(
     line = result.stdout.strip()
     assert "{" not in line and "'" not in line, line
     assert line.startswith(f"{media['image']}: ") and " [1x3]: " in line, line
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_without_opencv_infer_names_the_extra_in_one_line(
+    models: Models, media: dict[str, Path], kind: str
+) -> None:
+    code = (
+        "import sys; sys.modules['cv2'] = None  # as if opencv were not installed\n"
+        "from agent.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    model = str(models.path("classifier.tflite"))
+    result = subprocess.run(
+        [sys.executable, "-c", code, "infer", "--model", model, str(media[kind])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"edge-agent: model: {media[kind]}: reading {kind}s needs OpenCV: "
+        "pip install 'edge-agent[video]'"
+    )

@@ -73,10 +73,9 @@ def runtime_api() -> tuple[str, Any, Any]:
 
         return "tflite-runtime", Interpreter, load_delegate
     except ImportError:
-        raise ModelError(
-            "no TFLite runtime is installed: pip install ai-edge-litert "
-            "(on 32-bit ARM: tflite-runtime with numpy<2)"
-        ) from None
+        from agent.preflight import RUNTIME_INSTALL
+
+        raise ModelError(RUNTIME_INSTALL) from None
 
 
 def is_edgetpu_model(path: Path) -> bool:
