@@ -22,6 +22,9 @@ project pip-installed, /etc/edge-agent/config.yaml from the template (never over
                           be importable (offline images, tests)
   --device-id ID          device.id of a new config (default: the hostname; with --root:
                           unset, so each device uses its own hostname at run time)
+  --registry URL          registry.url of a new config (https://…, http://… or file:///…)
+  --model NAME            model.name of a new config; without --registry and --model the
+                          new config is incomplete and the service is enabled, not started
   --no-start              do not enable or start the service
   --uninstall             remove the unit, the venv and the udev rules; keep config,
                           keys, state and the user
@@ -48,6 +51,9 @@ PYTHON=python3
 SYSTEM_SITE=0
 NO_DEPS=0
 DEVICE_ID=""
+REGISTRY_URL=""
+MODEL_NAME=""
+CONFIG_OK=1
 START=1
 UNINSTALL=0
 PURGE=0
@@ -62,6 +68,8 @@ while [ $# -gt 0 ]; do
     --extras) need_value "$@"; EXTRAS=$2; shift ;;
     --python) need_value "$@"; PYTHON=$2; shift ;;
     --device-id) need_value "$@"; DEVICE_ID=$2; shift ;;
+    --registry) need_value "$@"; REGISTRY_URL=$2; shift ;;
+    --model) need_value "$@"; MODEL_NAME=$2; shift ;;
     --system-site-packages) SYSTEM_SITE=1 ;;
     --no-deps) NO_DEPS=1 ;;
     --no-start) START=0 ;;
@@ -74,6 +82,13 @@ while [ $# -gt 0 ]; do
 done
 
 [ "$PURGE" -eq 0 ] || [ "$UNINSTALL" -eq 1 ] || die "--purge goes with --uninstall" 2
+# Plain values only: they are written into the YAML template as they are.
+if [ -n "$REGISTRY_URL" ] && ! [[ $REGISTRY_URL =~ ^(https?|file)://[^[:space:]\'\"#{}]+$ ]]; then
+  die "--registry '$REGISTRY_URL': not a URL (https://…, http://… or file:///…)" 2
+fi
+if [ -n "$MODEL_NAME" ] && ! [[ $MODEL_NAME =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$ ]]; then
+  die "--model '$MODEL_NAME': use letters, digits, '.', '_' and '-'" 2
+fi
 if [ "$IN_TREE" -eq 1 ]; then
   [ -n "$ROOT" ] || die "--root needs a directory" 2
   mkdir -p "$ROOT"
@@ -229,6 +244,15 @@ else
     sed -e 's/^  id: @DEVICE_ID@$/  # id: DEVICE-ID            # unset: the hostname at run time/' \
       -e 's/@DEVICE_ID@/DEVICE-ID/g' "$HERE/config.yaml.in" >"$WORK/config.yaml"
   fi
+  # sed replacement text: escape the delimiter, & and backslashes (the values are checked
+  # by check-config below, not here)
+  sed_text() { printf '%s' "$1" | sed -e 's/[|&\\]/\\&/g'; }
+  if [ -n "$REGISTRY_URL" ]; then
+    sed -i "s|^  # url: https://models.example.com/\$|  url: $(sed_text "$REGISTRY_URL")|" "$WORK/config.yaml"
+  fi
+  if [ -n "$MODEL_NAME" ]; then
+    sed -i "s|^  # name: person-detector\$|  name: $(sed_text "$MODEL_NAME")|" "$WORK/config.yaml"
+  fi
   install -m 0640 "$WORK/config.yaml" "$ROOT$ETC/config.yaml.new"
   mv -f "$ROOT$ETC/config.yaml.new" "$ROOT$ETC/config.yaml"
   say "config (device id: ${DEVICE_ID:-the hostname}): $ROOT$ETC/config.yaml"
@@ -239,8 +263,12 @@ if live; then
   systemd-tmpfiles --create "$TMPFILES"
   say "systemd-tmpfiles: $ETC and $ETC/tls readable by group edge-agent"
   # The state folder is the unit's StateDirectory=: systemd makes it, owned by the user.
-  "$VENV/bin/edge-agent" check-config --config "$ETC/config.yaml" ||
-    say "warning: $ETC/config.yaml is invalid (the service exits 78 until it is fixed)"
+  CONFIG_OK=1
+  "$VENV/bin/edge-agent" check-config --config "$ETC/config.yaml" || {
+    CONFIG_OK=0
+    say "warning: $ETC/config.yaml is not complete or not valid (see above): the service is"
+    say "enabled but not started; fix it, run edge-agent check-config, then systemctl start edge-agent"
+  }
 fi
 
 # --- the unit and the udev rules
@@ -269,7 +297,10 @@ else
 fi
 systemctl daemon-reload
 say "systemctl daemon-reload"
-if [ "$START" -eq 1 ]; then
+if [ "$START" -eq 1 ] && [ "$CONFIG_OK" -eq 0 ]; then
+  systemctl enable edge-agent.service
+  say "systemctl enable edge-agent.service: not started until the config is valid"
+elif [ "$START" -eq 1 ]; then
   systemctl enable edge-agent.service
   # restart, not start: a re-install must run the new code. Returns once READY=1 came.
   systemctl restart edge-agent.service ||

@@ -445,3 +445,27 @@ def sign(ca: TestCA, csr: x509.CertificateSigningRequest, cn: str, out: Path) ->
     )
     out.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return out
+
+
+def test_registry_and_model_options_fill_a_new_config(tmp_path: Path) -> None:
+    url = "https://models.example.com/a&b|c/"  # sed's special characters, kept literally
+    install(tmp_path, "--device-id", DEVICE, "--registry", url, "--model", "person-detector")
+    config = parse_config((tmp_path / CONFIG).read_text())
+    assert config.registry.url == url and config.model.name == "person-detector"
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--registry", "models.example.com"),
+        ("--registry", "https://x/\n  y: 1"),
+        ("--model", "a b"),
+        ("--model", "../m"),
+    ],
+)
+def test_unsafe_registry_or_model_values_are_refused(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    result = run(INSTALL, "--root", tmp_path, "--no-deps", option, value)
+    assert result.returncode == 2 and option in result.stderr
+    assert not (tmp_path / CONFIG).exists()
