@@ -1,6 +1,6 @@
 """Logging setup: the level, the line format, events as ``key=value`` and rate limiting.
 
-The contract (README "Logs"):
+The contract (docs/troubleshooting.md "Logs", docs/protocol.md "Command line"):
 
 - Level: ``--log-level`` (debug, info, warning, error), else ``$EDGE_AGENT_LOG_LEVEL``,
   else the command's default (``run``: info; other commands: warning).
