@@ -656,7 +656,13 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise ConfigError([f"{path}: config file not found"]) from exc
+        raise ConfigError(
+            [
+                f"{path}: config file not found; name one with --config PATH or "
+                "$EDGE_AGENT_CONFIG (provisioning/install.sh writes one; `edge-agent demo` "
+                "needs none)"
+            ]
+        ) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
     return parse_config(text, str(path), env)
