@@ -101,15 +101,20 @@ def _utc(ts: float) -> str:
     return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _number(seconds: float) -> str:
+    """Seconds to the millisecond (``1764500000.123``), short however large."""
+    return f"{round(seconds, 3):.15g}"
+
+
 def check_clock(desired: Desired, now: float, max_skew_s: float) -> None:
     """Raise ValueError when ``desired`` was issued more than ``max_skew_s`` seconds after
     ``now`` (the device's clock), naming both times."""
     ahead = desired.issued_at - now
     if ahead > max_skew_s:
         raise ValueError(
-            f"issued_at: {desired.issued_at:.3f} ({_utc(desired.issued_at)}) is {ahead:.0f} s "
-            f"ahead of this device's clock ({now:.3f}, {_utc(now)}), more than "
-            f"update.max_clock_skew_s ({max_skew_s:g} s); refused so that it cannot make "
+            f"issued_at: {_number(desired.issued_at)} ({_utc(desired.issued_at)}) is "
+            f"{ahead:.6g} s ahead of this device's clock ({_number(now)}, {_utc(now)}), more "
+            f"than update.max_clock_skew_s ({max_skew_s:g} s); refused so that it cannot make "
             "every later desired state look stale: check the clocks of the fleet tools "
             "and of this device (NTP), then deploy again"
         )
