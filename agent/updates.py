@@ -42,7 +42,7 @@ from agent.atomic import write_atomic
 from agent.backoff import backoff_delay
 from agent.commands import CommandError
 from agent.config import Config
-from agent.desired import Desired, DesiredState
+from agent.desired import Desired, DesiredState, download_progress
 from agent.errors import (
     AcceleratorError,
     EdgeAgentError,
@@ -255,6 +255,7 @@ class Updates:
             config.device.id,
             list(config.device.groups),
             load_public_key(key_path, "update.desired_public_key") if key_path else None,
+            max_skew_s=config.update.max_clock_skew_s,
         )
         self.journal = _Journal(store.root / JOURNAL)
         self.last_error = ""
@@ -846,7 +847,17 @@ class Updates:
         except UpdateError as exc:  # no registry.url: a desired state cannot be fetched
             raise _Failed(str(exc)) from exc
         try:
-            updater = Updater(self.config, self.store, registry, model=attempt.model)
+            progress = download_progress(  # so the fleet tells a long download from silence
+                update_id=attempt.id,
+                model=attempt.model,
+                version=attempt.version,
+                issued_at=attempt.issued_at,
+                every_s=self.config.telemetry.interval_s,
+                event=self.reporter.event,
+            )
+            updater = Updater(
+                self.config, self.store, registry, progress=progress, model=attempt.model
+            )
             staged = updater.stage(
                 attempt.version,
                 allow_downgrade=allow_downgrade,
