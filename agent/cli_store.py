@@ -149,7 +149,7 @@ def cmd_models_pull(
     """Through the running agent (its gate and probation), else on the store: the
     release is journaled so that the agent's next start gates it before serving it."""
     from agent import local
-    from agent.updates import note_offline_pull
+    from agent.update import note_offline_pull
 
     found = local.reach(config)
     if found.status is not None:
