@@ -243,24 +243,20 @@ class DesiredState:
     def update(self, topic: str, payload: bytes) -> Desired | None:
         """Take a message from ``topic``; returns what it says (None: cleared).
 
-        Raises ValueError for a payload that cannot be used, or one issued too far ahead
-        of the device's clock (with ``max_skew_s``); the source's earlier desired state
-        is dropped then too, so a broken instruction never lets an older one come back
-        into force.
+        Raises ValueError for a payload that cannot be used (unsigned, badly signed,
+        malformed, for another target) or one issued too far ahead of the device's clock
+        (with ``max_skew_s``); what was in force stays in force then: a refused message
+        changes nothing, so whoever can publish to the broker without the deploy key
+        cannot unpin a device or hand it to an older group state.
         """
         source = self._topics.get(topic)
         if source is None:
             raise ValueError(f"{topic}: not a desired-state topic of this device")
-        try:
-            desired = parse_desired(
-                payload, source, target=target_of(source, self._device), key=self._key
-            )
-            if desired is not None and self._max_skew_s is not None:
-                check_clock(desired, self._clock(), self._max_skew_s)
-        except ValueError:
-            with self._lock:
-                self._by_source.pop(source, None)
-            raise
+        desired = parse_desired(
+            payload, source, target=target_of(source, self._device), key=self._key
+        )
+        if desired is not None and self._max_skew_s is not None:
+            check_clock(desired, self._clock(), self._max_skew_s)
         with self._lock:
             if desired is None:
                 self._by_source.pop(source, None)
