@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import urllib3
+from urllib3.connectionpool import port_by_scheme
+from urllib3.util import parse_url
 
 from agent import __version__
 from agent.backoff import backoff_delay
@@ -205,8 +207,13 @@ class _HttpTransport:
 
     @staticmethod
     def _origin(url: str) -> tuple[str, str, int | None]:
-        parts = urllib.parse.urlsplit(url)
-        return parts.scheme, (parts.hostname or "").lower(), parts.port
+        """(scheme, host, port) as urllib3 reads ``url``: the parser that connects.
+
+        Raises urllib3's LocationParseError (a ValueError) when it cannot be parsed.
+        """
+        parts = parse_url(url)
+        scheme = (parts.scheme or "http").lower()
+        return scheme, (parts.host or "").lower(), parts.port or port_by_scheme.get(scheme)
 
     def open(
         self, relpath: str, offset: int, deadline: float, etag: str | None = None
@@ -241,20 +248,42 @@ class _HttpTransport:
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.headers.get("Location", "")
                 resp.close()  # unread body: never hand the connection back
-                try:
-                    target = urllib.parse.urljoin(url, location)
-                    origin = self._origin(target)
-                except ValueError:
-                    raise RegistryError(f"{url}: unusable redirect to {location!r}") from None
-                if origin != self.origin:
-                    raise RegistryError(
-                        f"{url}: redirected to another host ({target}); refused, "
-                        "only redirects within the registry's origin are followed"
-                    )
-                url = target
+                url = self._redirect(url, location)
                 continue
             return self._accept(url, resp, offset)
         raise RegistryError(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+    def _redirect(self, url: str, location: str) -> str:
+        """The URL to follow for ``Location: location``, judged as urllib3 will connect.
+
+        The origin is judged by urllib3's own ``parse_url``, and the URL it returns is
+        exactly the one judged, so no second parser can read another host out of it.
+        Raises RegistryError for a Location off the registry's origin, one with
+        user-info, a backslash, whitespace or control characters, or one that does not
+        parse.
+        """
+        if "\\" in location or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in location):
+            raise RegistryError(
+                f"{url}: redirect to {location!r} refused: a Location with a backslash, "
+                "whitespace or control characters is read differently by different "
+                "parsers; fix the server's redirect"
+            )
+        try:
+            target = parse_url(urllib.parse.urljoin(url, location))
+            origin = self._origin(target.url)
+        except ValueError:
+            raise RegistryError(f"{url}: unusable redirect to {location!r}") from None
+        if target.auth is not None:
+            raise RegistryError(
+                f"{url}: redirect to {location!r} refused: it carries user-info (name@host); "
+                "fix the server's redirect"
+            )
+        if origin != self.origin:
+            raise RegistryError(
+                f"{url}: redirected to another host ({target.url}); refused, "
+                "only redirects within the registry's origin are followed"
+            )
+        return target.url
 
     def _unreachable(self, url: str, exc: urllib3.exceptions.HTTPError) -> str:
         """Why no connection was made, for an operator: refused, DNS, timeout or TLS."""
