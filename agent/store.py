@@ -20,25 +20,65 @@ No name taken from a manifest is ever used as a path: blobs are named by hash.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.atomic import fsync_dir, fsync_file, write_atomic
+from agent.atomic import fsync_dir, is_ours, same_file, write_atomic
 from agent.errors import RefusedError, StoreError, VerificationError
 from agent.faults import crash_point
 from agent.manifest import FileEntry, Manifest, parse_manifest
 from agent.verify import check_file, sha256_bytes
 
+log = logging.getLogger(__name__)
+
 POINTER = "active.json"
 HISTORY_MAX = 32
+
+
+@dataclass(frozen=True)
+class Repair:
+    """What the store found damaged or planted, and what it did about it.
+
+    The daemon raises each as a ``state_repaired`` event (``file``, ``problem``,
+    ``action``); ``str()`` is the one line for a log.
+    """
+
+    file: str
+    problem: str
+    action: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.problem}; {self.action}"
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _kind(st: os.stat_result) -> str:
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    if not stat.S_ISREG(st.st_mode):
+        return "a special file"
+    if st.st_nlink != 1:
+        return "a file with a second name (hard link)"
+    return "another user's file"
 
 
 @dataclass(frozen=True)
@@ -92,6 +132,7 @@ class Store:
         self.blobs = root / "blobs"
         self.releases = root / "releases"
         self.tmp = root / "tmp"
+        self.repairs: list[Repair] = []  # found while holding the lock; see take_repairs
 
     def open(self) -> Store:
         """Create the layout if needed. Touches nothing another process may be writing."""
@@ -109,6 +150,28 @@ class Store:
                 shutil.rmtree(stale, ignore_errors=True)
         for stale in self.root.glob(f".{POINTER}.*.tmp"):  # a pointer never switched in
             stale.unlink(missing_ok=True)
+        # What is not a file of ours in tmp/ or blobs/ (a link, a folder, a FIFO, a
+        # hard link) was planted or damaged: it is removed, never followed or reused.
+        for folder in (self.tmp, self.blobs):
+            for path in folder.iterdir():
+                if folder is self.tmp and not path.name.endswith(".part"):
+                    continue
+                st = _lstat(path)
+                if st is not None and not is_ours(st):
+                    what = _kind(st)
+                    with contextlib.suppress(StoreError):
+                        self._remove(path)
+                        self._repaired(path, f"{what}, not a file of ours", "removed, not followed")
+
+    def _repaired(self, path: Path, problem: str, action: str) -> None:
+        repair = Repair(str(path), problem, action)
+        log.warning("store repaired: %s", repair)
+        self.repairs.append(repair)
+
+    def take_repairs(self) -> list[Repair]:
+        """The repairs made since the last call (for the daemon to raise as events)."""
+        taken, self.repairs = self.repairs, []
+        return taken
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -116,7 +179,7 @@ class Store:
 
         Raises StoreError at once if another process holds it.
         """
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock_file()
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -131,6 +194,25 @@ class Store:
             yield
         finally:
             os.close(fd)
+
+    def _open_lock_file(self) -> int:
+        """``.lock``, never through a link (the pid is written into it)."""
+        path = self.root / ".lock"
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # a link: remove the link itself, make a file
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                    continue
+                raise StoreError(f"{path}: cannot open the store's lock: {exc.strerror}") from exc
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                return fd
+            os.close(fd)
+            break
+        raise StoreError(f"{path}: not a plain file (a link or a second name); remove it")
 
     # ----- reading -----
 
@@ -191,15 +273,17 @@ class Store:
     # ----- writing (hold the lock) -----
 
     def has_blob(self, entry: FileEntry) -> bool:
-        path = self.blobs / entry.sha256
-        return path.is_file() and path.stat().st_size == entry.size
+        """The blob is here: a regular file of ours of the right size (a link never is)."""
+        st = _lstat(self.blobs / entry.sha256)
+        return st is not None and is_ours(st) and st.st_size == entry.size
 
     def part_path(self, entry: FileEntry) -> Path:
         return self.tmp / f"{entry.sha256}.part"
 
     def partial_bytes(self, entry: FileEntry) -> int:
-        part = self.part_path(entry)
-        return part.stat().st_size if part.exists() else 0
+        """Bytes a download may resume from: 0 unless the partial file is ours."""
+        st = _lstat(self.part_path(entry))
+        return st.st_size if st is not None and is_ours(st) else 0
 
     def free_bytes(self) -> int:
         stat = os.statvfs(self.root)
@@ -215,14 +299,30 @@ class Store:
             raise VerificationError(
                 f"{entry.name}: sha256 {digest} does not match the manifest's {entry.sha256}"
             )
+        blob = self.blobs / entry.sha256
         try:
-            fsync_file(part)
-            crash_point("blob_downloaded")
-            os.chmod(part, 0o444)
-            os.replace(part, self.blobs / entry.sha256)
+            # Through a descriptor opened without following a link: the mode and the
+            # fsync apply to our file, never to one a link at ``part`` points at.
+            fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                if not is_ours(os.fstat(fd)):
+                    raise StoreError(
+                        f"{entry.name}: {part} is not a regular file of ours; not installed"
+                    )
+                os.fsync(fd)
+                crash_point("blob_downloaded")
+                os.fchmod(fd, 0o444)
+                os.replace(part, blob)  # replaces a link at ``blob`` itself, not its target
+                if not same_file(fd, blob):  # swapped between the check and the rename
+                    blob.unlink(missing_ok=True)
+                    raise StoreError(f"{entry.name}: {part} changed while it was installed")
+            finally:
+                os.close(fd)
             fsync_dir(self.blobs)
         except OSError as exc:
-            raise StoreError(f"{entry.name}: cannot install into {self.blobs}: {exc}") from exc
+            raise StoreError(
+                f"{entry.name}: cannot install into {self.blobs}: {exc.strerror or exc}"
+            ) from exc
         crash_point("blob_installed")
 
     def add_release(
@@ -274,6 +374,12 @@ class Store:
 
     def verify_entry(self, entry: FileEntry) -> None:
         """Re-check one stored file against its entry. Raises VerificationError."""
+        path = self.blobs / entry.sha256
+        st = _lstat(path)
+        if st is not None and not is_ours(st):  # a link may point anywhere, and change
+            raise VerificationError(
+                f"{entry.name} in the store: {path} is not a regular file of ours"
+            )
         check_file(
             self.blobs / entry.sha256, entry.size, entry.sha256, f"{entry.name} in the store"
         )
@@ -284,8 +390,25 @@ class Store:
             self.verify_entry(entry)
 
     def discard_blob(self, entry: FileEntry) -> None:
-        """Remove a damaged blob so that it is fetched again."""
-        (self.blobs / entry.sha256).unlink(missing_ok=True)
+        """Remove a damaged blob (or whatever stands in its place) so that it is fetched
+        again. Raises StoreError when it cannot be removed."""
+        self._remove(self.blobs / entry.sha256)
+
+    def _remove(self, path: Path) -> None:
+        """Remove ``path`` without following it: a folder is first moved into ``tmp/``
+        in one rename (then deleted), anything else unlinked. Raises StoreError."""
+        try:
+            st = _lstat(path)
+            if st is None:
+                return
+            if stat.S_ISDIR(st.st_mode):
+                doomed = self.tmp / f"gone-{secrets.token_hex(4)}"
+                os.rename(path, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)  # never follows links inside
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot remove {path}: {exc.strerror or exc}; remove it") from exc
 
     def activate(self, release: Release, *, rolled_back_from: int | None = None) -> Pointer:
         """Switch the active pointer to ``release`` atomically. The release must be stored.
