@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +130,7 @@ class Service:
         self.lock.acquire(wait_s=LOCK_WAIT_S)
         self.telemetry.start()
         self.telemetry.event("agent_started", {"pid": os.getpid()})
+        self._repair_store()
         self.updates.recover()
         try:
             release = self.store.active()
@@ -160,6 +161,17 @@ class Service:
         self.updates.start()
         self.commands.start()
         self.control.start()
+
+    def _repair_store(self) -> None:
+        """Repair a damaged pointer or planted store files before anything reads them;
+        each repair is a ``state_repaired`` event naming the file and what was done."""
+        try:
+            repairs = self.store.repair()
+        except EdgeAgentError as exc:  # busy: the holder repairs on taking the lock
+            log.error("%s", exc)
+            repairs = self.store.take_repairs()
+        for repair in repairs:
+            self.telemetry.event("state_repaired", asdict(repair))
 
     def stop(self) -> bool:
         """Stop in reverse order; each step runs even when an earlier one failed.
