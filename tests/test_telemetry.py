@@ -43,7 +43,7 @@ def _telemetry(
     handlers = {f"edge/{DEV}/cmd/+": commands.submit} if commands else None
     return Telemetry(
         DEV,
-        Outbox(tmp_path / "outbox.sqlite", 10**7),
+        Outbox(tmp_path / "outbox.sqlite", 10**7).open(),
         MqttConfig(url=url, reconnect_max_s=1, **mqtt),
         results or ResultsConfig(publish="every"),
         interval_s=0.2,
