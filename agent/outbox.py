@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 SCHEMA = 1
 FORMAT = 2  # PRAGMA user_version of the file: 0 (before streams and priorities), 2
 _OVERHEAD = 48  # bytes a row costs beyond its topic and payload, roughly (SQLite record + index)
+KEEP_DAMAGED = 3  # damaged outbox files kept aside, the newest
 SEQ_BLOCK = 10_000  # the high-water mark runs this far ahead of the counters
 _MAX_COUNT = 2**62  # a counter at or above this is damage (seq + 1 must stay an SQLite int)
 
@@ -333,6 +334,15 @@ class Outbox:
             part = Path(f"{self.path}{suffix}")
             if part.exists():
                 os.replace(part, Path(f"{kept_as}{suffix}"))
+        # A failing card may damage it at every boot: keep the newest few, not the disk full.
+        older = sorted(
+            p
+            for p in self.path.parent.glob(f"{self.path.name}.damaged-*")
+            if not p.name.endswith(("-wal", "-shm"))
+        )
+        for old in older[:-KEEP_DAMAGED]:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{old}{suffix}").unlink(missing_ok=True)
         fsync_dir(self.path.parent)
         return kept_as
 

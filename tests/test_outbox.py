@@ -193,6 +193,22 @@ def test_a_truncated_or_garbled_outbox_continues_seq_from_the_high_water_mark(
     assert outbox.repair.to_event()["lost"] in ("unknown", 33)
 
 
+def test_only_the_newest_damaged_files_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    for stamp in (1000000001, 1000000002, 1000000003):
+        Path(f"{path}.damaged-{stamp}").write_bytes(b"old")
+    Path(f"{path}.damaged-1000000001-wal").write_bytes(b"old")
+    path.write_bytes(b"garbage" * 100)
+    outbox = Outbox(path, 10**6).open()
+    assert outbox.repair is not None
+    kept = sorted(p.name for p in tmp_path.glob("outbox.sqlite.damaged-*"))
+    assert kept == [
+        "outbox.sqlite.damaged-1000000002",
+        "outbox.sqlite.damaged-1000000003",
+        outbox.repair.kept_as.name,
+    ]
+
+
 def test_without_a_high_water_mark_seq_continues_from_the_clock_in_ms(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite"
     _filled(path)
