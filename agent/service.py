@@ -61,8 +61,8 @@ class Service:
         environ: dict[str, str] | None = None,
         observe: Callable[[str, Mapping[str, Any]], None] | None = None,
     ) -> None:
-        """Build the parts; raises ConfigError for unusable MQTT settings, OutboxError for
-        an outbox that cannot be opened."""
+        """Build the parts (the outbox and the locks are taken by start()); raises
+        ConfigError for unusable MQTT settings."""
         self.config = config
         self.started = time.monotonic()
         self.store = Store(config.store.dir, config.store.keep).open()
@@ -121,11 +121,14 @@ class Service:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start telemetry, settle the journal, serve the active release, start updates.
+        """Take the outbox and the store (OutboxError, StoreError: another agent uses
+        them), start telemetry, settle the journal, serve the active release, start updates.
 
         A release that cannot be loaded is reported (event, state's last_error) and the
         agent keeps running without inference, reachable by commands and updates.
         """
+        # One agent per outbox and store: a second one is refused here, at once.
+        self.outbox.open()
         # A command-line pull may be finishing on the store: give it a moment.
         self.lock.acquire(wait_s=LOCK_WAIT_S)
         self.telemetry.start()

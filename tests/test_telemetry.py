@@ -43,7 +43,7 @@ def _telemetry(
     handlers = {f"edge/{DEV}/cmd/+": commands.submit} if commands else None
     return Telemetry(
         DEV,
-        Outbox(tmp_path / "outbox.sqlite", 10**7),
+        Outbox(tmp_path / "outbox.sqlite", 10**7).open(),
         MqttConfig(url=url, reconnect_max_s=1, **mqtt),
         results or ResultsConfig(publish="every"),
         interval_s=0.2,
@@ -394,3 +394,82 @@ def test_backoff_survives_any_number_of_attempts() -> None:
     from agent.backoff import backoff_delay
 
     assert 0.5 * 60 <= backoff_delay(100_000, 0.5, 60, low=0.5) <= 60
+
+
+def _capped(tmp_path: Path, url: str, cap: int, drop_report_s: float) -> Telemetry:
+    return Telemetry(
+        DEV,
+        Outbox(tmp_path / "outbox.sqlite", cap).open(),
+        MqttConfig(url=url, reconnect_max_s=1),
+        ResultsConfig(publish="every"),
+        interval_s=3600,
+        drop_report_s=drop_report_s,
+    )
+
+
+def _stored(telemetry: Telemetry) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (m.topic.rsplit("/", 1)[1], json.loads(m.payload))
+        for m in telemetry.outbox.pending(0, 100_000)
+    ]
+
+
+def test_a_full_outbox_drops_results_first_keeps_events_and_state_and_says_so_once(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    broker.stop()
+    telemetry = _capped(tmp_path, broker.url, 40_000, drop_report_s=60)
+    telemetry.start()
+    try:
+        telemetry.state({"phase": "idle"})
+        for i in range(20):
+            telemetry.event("tick", {"i": i})
+        assert telemetry.flush(5)
+        for batch in range(6):  # six batches, each over the cap: six drops
+            for i in range(100):
+                telemetry.result(_result(batch * 100 + i, "red"))
+            assert telemetry.flush(5)
+        assert telemetry.flush(5)  # the outbox_dropped event, recorded by the last step
+        stored = _stored(telemetry)
+        ticks = [doc["i"] for stream, doc in stored if doc.get("event") == "tick"]
+        assert ticks == list(range(20)) and [s for s, _ in stored].count("state") == 1
+        reports = [doc for _, doc in stored if doc.get("event") == "outbox_dropped"]
+        assert len(reports) == 1  # rate-limited: one a minute, however many drops
+        assert set(reports[0]["dropped"]) == {"results"} and reports[0]["dropped"]["results"] > 0
+        total = telemetry.outbox.stats().dropped
+        assert total > reports[0]["dropped"]["results"]  # later drops wait for the next one
+        broker.start()
+        watcher = subscriber(broker.url, [f"edge/{DEV}/events"])
+        try:
+            watcher.wait_for(
+                lambda ms: any(json.loads(m.payload)["event"] == "outbox_dropped" for m in ms),
+                timeout=15,
+            )
+            sent = [d for d in _docs(watcher.messages()) if d["event"] == "outbox_dropped"]
+        finally:
+            watcher.close()
+        assert sent[0]["dropped"] == reports[0]["dropped"] and sent[0]["total"] > 0
+    finally:
+        telemetry.stop()
+
+
+def test_drops_between_reports_are_added_to_the_next_report(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"mqtt://127.0.0.1:{sock.getsockname()[1]}"
+    telemetry = _capped(tmp_path, url, 20_000, drop_report_s=0.5)
+    telemetry.start()
+    try:
+        for batch in range(4):
+            for i in range(100):
+                telemetry.result(_result(batch * 100 + i, "red"))
+            assert telemetry.flush(5)
+
+        def reported() -> int:
+            docs = [doc for _, doc in _stored(telemetry) if doc.get("event") == "outbox_dropped"]
+            return sum(sum(doc["dropped"].values()) for doc in docs)
+
+        # every drop is reported, in at most one event per half second
+        assert wait_until(lambda: reported() == telemetry.outbox.stats().dropped, 5)
+    finally:
+        telemetry.stop()
