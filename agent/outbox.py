@@ -47,6 +47,7 @@ from typing import Any, Literal
 from agent.atomic import fsync_dir, write_atomic
 from agent.errors import EdgeAgentError
 from agent.locks import HolderLock
+from agent.repairs import Repair
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class OutboxError(EdgeAgentError):
 
 
 @dataclass(frozen=True)
-class Repair:
+class Replaced:
     """What opening did about a damaged outbox file (the ``state_repaired`` event)."""
 
     file: Path
@@ -113,17 +114,13 @@ class Repair:
     seq_from: Literal["counters", "high-water mark", "clock"]  # where seq continues from
 
     def to_event(self) -> dict[str, Any]:
-        lost = "unknown" if self.lost is None else self.lost
         count = "an unknown number of" if self.lost is None else str(self.lost)
-        return {
-            "file": str(self.file),
-            "action": f"replaced: {self.problem}; the damaged file is kept as "
-            f"{self.kept_as.name}; {count} message(s) lost; seq continues from the "
-            f"{self.seq_from}",
-            "problem": self.problem,
-            "kept_as": str(self.kept_as),
-            "lost": lost,
-        }
+        action = (
+            f"replaced; the damaged file is kept as {self.kept_as.name}; {count} message(s) "
+            f"lost; seq continues from the {self.seq_from}"
+        )
+        lost: int | Literal["unknown"] = "unknown" if self.lost is None else self.lost
+        return Repair(str(self.file), self.problem, action, str(self.kept_as), lost).to_event()
 
 
 def drop_rank(stream: str) -> int:
@@ -188,7 +185,7 @@ class Outbox:
         """No I/O: :meth:`open` takes the file."""
         self.path = path
         self.max_bytes = max_bytes
-        self.repair: Repair | None = None  # set by open() when it replaced a damaged file
+        self.repair: Replaced | None = None  # set by open() when it replaced a damaged file
         self._lock = threading.Lock()
         self._file_lock = HolderLock(
             Path(f"{path}.lock"), f"the outbox {path}", "agent", OutboxError
@@ -237,7 +234,7 @@ class Outbox:
         except sqlite3.Error as exc:
             raise OutboxError(f"{self.path}: cannot open the outbox: {exc}") from exc
 
-    def _open_checked(self) -> tuple[sqlite3.Connection, Repair | None]:
+    def _open_checked(self) -> tuple[sqlite3.Connection, Replaced | None]:
         try:
             empty = self.path.stat().st_size == 0  # never a file the outbox wrote
         except FileNotFoundError:
@@ -279,7 +276,7 @@ class Outbox:
 
     def _replace(
         self, db: sqlite3.Connection, problem: str, intact: bool
-    ) -> tuple[sqlite3.Connection, Repair]:
+    ) -> tuple[sqlite3.Connection, Replaced]:
         """Move the damaged file aside; start a new one with what could be read of it."""
         found = _salvage(db, intact)
         db.close()
@@ -321,7 +318,7 @@ class Outbox:
             fresh.close()
             raise
         lost = None if found.total is None else max(0, found.total - len(rows))
-        return fresh, Repair(self.path, problem, kept_as, lost, seq_from)
+        return fresh, Replaced(self.path, problem, kept_as, lost, seq_from)
 
     def _move_aside(self) -> Path:
         stamp = int(time.time())

@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,7 +174,7 @@ class Service:
             log.error("%s", exc)
             repairs = self.store.take_repairs()
         for repair in repairs:
-            self.telemetry.event("state_repaired", asdict(repair))
+            self.telemetry.event("state_repaired", repair.to_event())
 
     def stop(self) -> bool:
         """Stop in reverse order; each step runs even when an earlier one failed.

@@ -46,6 +46,7 @@ from agent.config import MODEL_NAME_PATTERN
 from agent.errors import RefusedError, StoreError, VerificationError
 from agent.faults import crash_point
 from agent.manifest import FileEntry, Manifest, parse_manifest
+from agent.repairs import Repair
 from agent.verify import check_file, sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -54,22 +55,6 @@ POINTER = "active.json"
 HISTORY_MAX = 32
 POINTER_MAX_BYTES = 64 * 1024  # a pointer is a few hundred bytes; HISTORY_MAX bounds it
 DAMAGED_KEEP = 3  # active.json.damaged-* copies kept for forensics
-
-
-@dataclass(frozen=True)
-class Repair:
-    """What the store found damaged or planted, and what it did about it.
-
-    The daemon raises each as a ``state_repaired`` event (``file``, ``problem``,
-    ``action``); ``str()`` is the one line for a log.
-    """
-
-    file: str
-    problem: str
-    action: str
-
-    def __str__(self) -> str:
-        return f"{self.file}: {self.problem}; {self.action}"
 
 
 def _lstat(path: Path) -> os.stat_result | None:

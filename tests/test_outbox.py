@@ -150,7 +150,7 @@ def test_a_counter_of_the_wrong_type_replaces_the_outbox_and_seq_keeps_rising(
     seqs = _next_seqs(outbox)
     assert seqs["telemetry"] > last["telemetry"] and seqs["events"] > last["events"]
     event = repair.to_event()
-    assert event["file"] == str(path) and event["action"].startswith("replaced: ")
+    assert event["file"] == str(path) and event["action"].startswith("replaced; ")
 
 
 def test_message_rows_that_cannot_be_sent_are_left_behind_and_counted_lost(

@@ -115,7 +115,7 @@ def test_a_damaged_outbox_is_replaced_the_agent_stays_reachable_and_seq_keeps_ri
             agent,
         )
         (repaired,) = [d for d in tap.docs("/events") if d.get("event") == "state_repaired"]
-        assert repaired["file"] == str(path) and repaired["action"].startswith("replaced: ")
+        assert repaired["file"] == str(path) and repaired["action"].startswith("replaced; ")
         kept_as = Path(repaired["kept_as"])
         assert kept_as.parent == path.parent and kept_as.name.startswith("outbox.sqlite.damaged-")
         assert kept_as.exists()
