@@ -7,7 +7,6 @@ Exit codes (docs/protocol.md): 0 success; 1 the operation failed (download refus
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ from agent.oneshot import TASK_CHOICES
 from agent.progress import ProgressLine, interrupted_text
 from agent.registry import Registry
 from agent.store import Release, Store
+from agent.strictjson import dumps
 from agent.updater import Updater
 
 if TYPE_CHECKING:
@@ -327,7 +327,7 @@ def _release_info(release: Release, store: Store) -> dict[str, Any]:
 
 def _emit(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
     if as_json:
-        print(json.dumps(data, indent=2))
+        print(dumps(data, indent=2))
     else:
         print("\n".join(lines))
 
@@ -348,7 +348,7 @@ def cmd_check_config(config: Config, path: Path, as_json: bool) -> int:
     warnings = [f"{path}: {w}" for w in found.warnings]
     if as_json:
         doc = {"ok": not errors, "config": str(path), "errors": errors, "warnings": warnings}
-        print(json.dumps(doc, indent=2))
+        print(dumps(doc, indent=2))
         return EX_CONFIG if errors else 0
     for line in errors:
         print(f"edge-agent: invalid configuration: {line}", file=sys.stderr)
