@@ -138,8 +138,5 @@ def finite(value: Any) -> Any:
 
 
 def dumps(value: Any, **options: Any) -> str:
-    """``json.dumps(value, **options)`` as strict JSON: non-finite floats become null.
-
-    Raises ValueError only for what JSON cannot hold at all (a circular reference).
-    """
+    """``json.dumps(value, **options)`` as strict JSON: non-finite floats become null."""
     return json.dumps(finite(value), allow_nan=False, **options)

@@ -10,8 +10,9 @@ agent, or someone who holds that certificate. The fleet tools parse it with
   "1; rm"``, ``"state": {}``) is dropped, and named in a problem;
 - every string, keys included, is made printable: a control or other non-printable
   character (ESC, BEL, a C1 control, a bidi override, a newline) becomes its escape
-  (``\\x1b``), and a string is cut to :data:`MAX_TEXT` characters. Nothing a device
-  supplies then reaches a terminal as a control sequence, whatever prints it.
+  (``\\x1b``), and a string is cut to :data:`MAX_TEXT` characters (keys to
+  :data:`MAX_KEY`), which is a problem too. Nothing a device supplies then reaches a
+  terminal as a control sequence, whatever prints it.
 
 Pure functions over plain values; :class:`agent.fleet.view.FleetView` applies them and
 says what was wrong.
@@ -90,12 +91,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 def printable(text: str, limit: int = MAX_TEXT) -> str:
     """``text`` with every non-printable character escaped (``\\x1b``, ``\\n``,
     ``\\u202e``) and cut to ``limit`` characters (then ``…``)."""
-    cut = len(text) > limit
-    if cut:
-        text = text[:limit]
-    if not text.isprintable():
-        text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
-    return text + "…" if cut else text
+    if len(text) <= limit and text.isprintable():
+        return text
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit])
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _fits(value: Any, kind: str) -> bool:
@@ -124,14 +123,22 @@ def _describe(value: Any) -> str:
     return printable(repr(value), 40)
 
 
-def _text(value: Any) -> Any:
-    """``value`` with every string (keys too) printable and capped, at any depth."""
+def _string(value: str, limit: int, changed: list[str]) -> str:
+    text = printable(value, limit)
+    if text != value:
+        changed.append(text)
+    return text
+
+
+def _text(value: Any, changed: list[str]) -> Any:
+    """``value`` with every string (keys too) printable and capped, at any depth; each
+    string that had to change is appended to ``changed``."""
     if isinstance(value, str):
-        return printable(value)
+        return _string(value, MAX_TEXT, changed)
     if isinstance(value, dict):
-        return {printable(k, MAX_KEY): _text(v) for k, v in value.items()}
+        return {_string(k, MAX_KEY, changed): _text(v, changed) for k, v in value.items()}
     if isinstance(value, list):
-        return [_text(v) for v in value]
+        return [_text(v, changed) for v in value]
     return value
 
 
@@ -145,12 +152,12 @@ def _check(doc: dict[str, Any], schema: dict[str, Any], path: str, problems: lis
             if value is None:
                 continue
             if not isinstance(value, dict):
-                problems.append(f"{where}: {_describe(value)} is not an object")
+                problems.append(f"{where}: {_describe(value)} is not an object (dropped)")
                 del doc[name]
                 continue
             _check(value, kind, where, problems)
         elif not _fits(value, kind):
-            problems.append(f"{where}: {_describe(value)} is not {_KINDS[kind]}")
+            problems.append(f"{where}: {_describe(value)} is not {_KINDS[kind]} (dropped)")
             del doc[name]
 
 
@@ -166,8 +173,16 @@ _KINDS = {
 
 def clean(stream: str, doc: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """A copy of ``doc`` (a report on ``stream``) fit for the fleet tools, and one line
-    per field dropped for its type (``state.version: '1; rm' is not an integer``)."""
-    cleaned: dict[str, Any] = _text(doc)
+    per field dropped for its type (``state.version: '1; rm' is not an integer
+    (dropped)``), and one when strings had to be escaped or cut."""
+    changed: list[str] = []
+    cleaned: dict[str, Any] = _text(doc, changed)
     problems: list[str] = []
     _check(cleaned, SCHEMAS.get(stream, {}), "", problems)
-    return cleaned, [f"{stream}.{p}" for p in problems]
+    out = [f"{stream}.{p}" for p in problems]
+    if changed:
+        out.append(
+            f"{stream}: {len(changed)} string(s) with control characters or too long "
+            f"(escaped and cut: {printable(changed[0], 40)})"
+        )
+    return cleaned, out

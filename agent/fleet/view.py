@@ -177,7 +177,7 @@ class FleetView:
         cleaned, problems = clean(stream, doc)
         if problems:
             more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
-            self._warn(who, f"{'; '.join(problems[:2])}{more}; ignored")
+            self._warn(who, f"{'; '.join(problems[:2])}{more}")
         return True, cleaned
 
     def take(self, message: Message) -> Report | None:
@@ -253,7 +253,7 @@ def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return f"{value:.{digits}f}" if abs(value) < 1e9 else f"{value:.3g}"
     return str(value)
 
 
