@@ -108,6 +108,20 @@ def _nest(n: int) -> list[Any]:
     return value
 
 
+def test_callers_turn_a_refusal_into_their_own_error_family_naming_the_document() -> None:
+    deep = b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(VerificationError, match=r"^m/1/manifest.json: nested 5001 deep"):
+        parse_manifest(deep, "m/1/manifest.json")
+    with pytest.raises(VerificationError, match=r"^m/index.json: not valid JSON: NaN"):
+        parse_index(b'{"schema": 1, "model": "m", "versions": [NaN]}', "m/index.json")
+    # Two readings of one document (which "version" wins?) are refused, not resolved.
+    twice = b'{"model": "m", "version": 1, "version": 2, "issued_at": 1}'
+    with pytest.raises(ValueError, match=r"^desired state: .*key 'version' appears twice"):
+        parse_desired(twice, "device")
+    with pytest.raises(ValueError, match=r"^desired state: not valid JSON: number 1e400"):
+        parse_desired(b'{"model": "m", "version": 1, "issued_at": 1e400}', "device")
+
+
 # Token soup: brackets, literals JSON does not have, huge numbers, odd strings.
 _TOKENS = st.sampled_from(
     [
