@@ -10,6 +10,7 @@ one line. What we emit (outbox payloads, CLI ``--json``) never holds NaN or Infi
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent import logs
 from agent.commands import Commands
 from agent.control import ControlServer
 from agent.desired import parse_desired
@@ -298,3 +300,10 @@ def test_outbox_payloads_are_strict_json_with_a_models_nan_output_as_null(tmp_pa
 def test_dumps_writes_non_finite_floats_as_null_at_any_depth() -> None:
     value = {"a": math.nan, "b": [1.0, (math.inf, {"c": -math.inf})], "d": "NaN"}
     assert _strict(dumps(value)) == {"a": None, "b": [1.0, [None, {"c": None}]], "d": "NaN"}
+
+
+def test_json_log_lines_are_strict_json_with_non_finite_fields_as_null() -> None:
+    event = logs.Event("model_swapped", {"fps": math.nan, "p95": [math.inf]})
+    record = logging.LogRecord("agent.pipeline", logging.INFO, __file__, 1, event, None, None)
+    doc = _strict(logs.JsonFormatter().format(record))
+    assert doc["event"] == "model_swapped" and doc["fps"] is None and doc["p95"] == [None]
