@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import socket
@@ -36,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.commands import CommandError, Handler
-from agent.errors import EdgeAgentError, StoreError
+from agent.errors import DocumentError, EdgeAgentError, StoreError
 from agent.locks import HolderLock, Role
+from agent.strictjson import dumps, parse_object
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class ControlServer:
                         reply = self.answer(_read_line(conn))
                     except ControlError as exc:  # oversized: say so, drop the rest
                         reply = {"command": None, "ok": False, "error": str(exc)}
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                    conn.sendall(dumps(reply).encode() + b"\n")
                 except OSError as exc:  # the asker went away, or was slow
                     log.warning("control socket: %s", exc)
 
@@ -136,11 +136,9 @@ class ControlServer:
         name: Any = None
         try:
             try:
-                doc = json.loads(raw)
-            except (ValueError, RecursionError) as exc:
-                raise CommandError(f"request is not JSON: {exc}") from exc
-            if not isinstance(doc, dict):
-                raise CommandError("request must be a JSON object")
+                doc = parse_object(raw, what="request", max_bytes=MAX_BYTES)
+            except DocumentError as exc:
+                raise CommandError(str(exc)) from None
             name = doc.get("command")
             args = doc.get("args") or {}
             if not isinstance(name, str) or name not in self.handlers:
@@ -205,7 +203,7 @@ def ask(path: Path, command: str, args: Mapping[str, Any] | None = None) -> dict
     connection refused), PermissionError when the socket may not be used, CommandError
     when the agent refused the request (its message).
     """
-    request = json.dumps({"command": command, "args": dict(args or {})}).encode() + b"\n"
+    request = dumps({"command": command, "args": dict(args or {})}).encode() + b"\n"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(IO_TIMEOUT_S)
         try:
@@ -228,10 +226,10 @@ def ask(path: Path, command: str, args: Mapping[str, Any] | None = None) -> dict
         except OSError as exc:
             raise ControlError(f"the agent at {path} closed the connection: {exc}") from exc
     try:
-        reply = json.loads(line)
+        reply = parse_object(line, what="reply", max_bytes=MAX_BYTES)
         ok = reply["ok"]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ControlError(f"the agent at {path} answered something unreadable") from exc
+    except (DocumentError, KeyError) as exc:
+        raise ControlError(f"the agent at {path} answered something unreadable: {exc}") from None
     if not ok:
         raise CommandError(str(reply.get("error")))
     result: dict[str, Any] = reply.get("result") or {}

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.config import MODEL_NAME_PATTERN
+from agent.strictjson import parse_object
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -172,18 +173,12 @@ def parse_desired(
 
     ``target`` is what a ``target`` field must say (checked whenever the field is
     there); with ``key``, a valid signature and the ``target`` field are required.
-    Raises ValueError naming the field that is wrong.
+    Raises ValueError naming the field that is wrong (DocumentError, one, for bytes
+    that are not a JSON object by :func:`agent.strictjson.parse_object`'s rules).
     """
     if not payload:
         return None
-    if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"{len(payload)} bytes, over the limit of {MAX_PAYLOAD}")
-    try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ValueError("not a JSON object")
+    doc = parse_object(payload, what="desired state", max_bytes=MAX_PAYLOAD)
     if key is not None:
         _check_signature(doc, key)
         if "target" not in doc:

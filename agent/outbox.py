@@ -48,6 +48,7 @@ from agent.atomic import fsync_dir, write_atomic
 from agent.errors import EdgeAgentError
 from agent.locks import HolderLock
 from agent.repairs import Repair
+from agent.strictjson import finite
 
 log = logging.getLogger(__name__)
 
@@ -163,19 +164,20 @@ class OutboxStats:
         return {"depth": self.depth, "bytes": self.bytes, "dropped": self.dropped}
 
 
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+# Strict JSON: finite() turns NaN and infinities into null first (a model's NaN output).
+_encode = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
 
 
 def envelope(record: Record, seq: int) -> bytes:
     """The JSON payload of ``record``: ``schema``, ``seq``, ``id`` (96 random bits, hex),
-    then its body, which carries ``ts``.
+    then its body, which carries ``ts``. Strict JSON: a non-finite float becomes null.
 
     The envelope's fields always win: a body with its own ``id`` (or ``seq``) cannot
     make two messages look alike to a consumer that drops duplicates by ``id``.
     """
     head = {"schema": SCHEMA, "seq": seq, "id": os.urandom(12).hex()}
     doc = {**head, **record.body, **head}  # the head's order, the head's values
-    return _encode(doc).encode()
+    return _encode(finite(doc)).encode()
 
 
 class Outbox:

@@ -20,7 +20,6 @@ topic, from 1) and ``id``.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from agent.mqtt import Incoming, Link, Will
 from agent.outbox import Message, Outbox, OutboxError, Record
 from agent.pipeline import Result
 from agent.runtime.adapters import Output
+from agent.strictjson import dumps
 from agent.sysinfo import SystemProbe
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class Telemetry:
             self.link = Link(
                 mqtt,
                 device,
-                Will(self.topics("status"), json.dumps(offline).encode()),
+                Will(self.topics("status"), dumps(offline).encode()),
                 on_connect=self._on_connect,
                 on_disconnect=self._wake.set,
                 on_ack=self._on_ack,

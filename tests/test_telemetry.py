@@ -246,9 +246,10 @@ def test_commands_reply_on_the_response_topic_or_the_device_reply_topic(
     ("name", "payload", "error"),
     [
         ("reboot", b"{}", "unknown command 'reboot'; known: crash, ping, rollback"),
-        ("ping", b"{not json", "payload is not JSON"),
-        ("ping", b"[1, 2]", "payload must be a JSON object, not list"),
-        ("ping", b"\xff\xfe", "payload is not JSON"),
+        ("ping", b"{not json", "payload: not valid JSON: Expecting property name"),
+        ("ping", b"[1, 2]", "payload: not a JSON object but an array"),
+        ("ping", b"\xff\xfe", "payload: not UTF-8"),
+        ("ping", b'{"id": 1, "n": NaN}', "payload: not valid JSON: NaN is not a JSON number"),
         (
             "ping",
             b'{"x": "' + b"a" * 300 + b'"}',
@@ -387,7 +388,10 @@ def test_json_that_breaks_the_parser_still_gets_one_error_reply() -> None:
     for payload in (b"[" * 50_000, b'{"n": ' + b"9" * 5000 + b"}"):
         commands.submit(Incoming("edge/d/cmd/ping", payload, None, None))
     assert [r["ok"] for r in replies] == [False, False]
-    assert all(r["error"].startswith("payload is not JSON") for r in replies)
+    assert [r["error"].split(":")[:2] for r in replies] == [
+        ["payload", " nested 50000 deep, over the limit of 32"],
+        ["payload", " not valid JSON"],
+    ]
 
 
 def test_backoff_survives_any_number_of_attempts() -> None:
