@@ -141,6 +141,14 @@ class _Slot:
             return item
 
 
+def rate(times: list[float]) -> float:
+    """Results per second over ``times`` (monotonic, ascending): 0.0 for fewer than three,
+    or when they all fall in one clock tick (no span to divide by)."""
+    if len(times) <= 2 or times[-1] <= times[0]:
+        return 0.0
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
 class Pipeline:
     """Runs ``model`` on every frame of ``source``; results and events go to callbacks.
 
@@ -293,7 +301,7 @@ class Pipeline:
             done = list(self._done_at)
         now = time.monotonic()
         recent = [t for t in done if now - t <= 5.0]
-        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 2 else 0.0
+        fps = rate(recent)
         p50, p95, p99 = np.percentile(latency, [50, 95, 99])
         model = self._model
         return Stats(

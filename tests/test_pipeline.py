@@ -18,7 +18,7 @@ import pytest
 
 from agent.config import RuntimeConfig
 from agent.errors import AcceleratorError
-from agent.pipeline import Pipeline, Result
+from agent.pipeline import Pipeline, Result, rate
 from agent.runtime import BACKENDS, LoadedModel, ModelFiles, load_model
 from agent.runtime.backends import CpuBackend
 from agent.sources import MemorySource, SourceError, pattern_frames
@@ -470,3 +470,12 @@ def test_mjpeg_camera_that_goes_away_is_reported_and_rejoined(models: Models) ->
     assert got.names()[:2] == ["source_lost", "source_recovered"]
     assert "127.0.0.1" in got.events[0][1]["error"]
     assert pipeline.stats().errors == 0
+
+
+@pytest.mark.parametrize(
+    ("times", "fps"),
+    [([], 0.0), ([1.0, 2.0], 0.0), ([1.0, 1.5, 2.0], 2.0), ([5.0, 5.0, 5.0], 0.0)],
+)
+def test_rate_is_zero_when_there_is_no_span_to_divide_by(times: list[float], fps: float) -> None:
+    # three results in one clock tick used to raise ZeroDivisionError in stats()
+    assert rate(times) == fps
