@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from agent.registry import Registry
 from agent.store import POINTER, Store, parse_pointer
 from agent.updater import Updater
 from tests.agentproc import MODEL, AgentProcess, Tap, publish_models, wait_alive
-from tests.broker import Mosquitto
+from tests.broker import Mosquitto, subscriber
 from tests.conftest import Models
 
 SHA = "a" * 64
@@ -118,11 +119,16 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str, int | None]] = {
 }
 
 
-def _agent(tmp_path: Path, models: Models, broker: Mosquitto | None) -> AgentProcess:
+def _agent(
+    tmp_path: Path, models: Models, broker: Mosquitto | None, **sections: Any
+) -> AgentProcess:
     """A device that ran v1 then v2 (the channel's), so its pointer's history is [1, 2]."""
     registry = tmp_path / "registry"
     publish_models(registry, models.root, (1, 2))
-    settings: dict[str, Any] = {"registry": {"url": registry.as_uri(), "poll_interval_s": 3600}}
+    settings: dict[str, Any] = {
+        "registry": {"url": registry.as_uri(), "poll_interval_s": 3600},
+        **sections,
+    }
     if broker is not None:
         settings["mqtt"] = {"url": broker.url, "reconnect_max_s": 1, "keepalive_s": 5}
     agent = AgentProcess(tmp_path / DEV, DEV, settings)
@@ -209,3 +215,35 @@ def agent_status(agent: AgentProcess) -> subprocess.CompletedProcess[str]:
         env=env,
         timeout=60,
     )
+
+
+def test_a_pinned_device_whose_pointer_is_lost_applies_its_desired_state_again(
+    tmp_path: Path, models: Models, broker: Mosquitto, agents: list[AgentProcess]
+) -> None:
+    """Pinned to v1 by the fleet, then the pointer is lost: the retained instruction is
+    the one already applied, so it must be applied again (through the gate), not skipped
+    as done while the device serves nothing."""
+    agent = _agent(tmp_path, models, broker, update={"probation_s": 2})
+    agents.append(agent)
+    store_dir = Path(agent.settings["store"]["dir"])
+    desired = {"schema": 1, "model": MODEL, "version": 1, "issued_at": time.time()}
+    fleet = subscriber(broker.url, [])
+    tap = Tap("127.0.0.1", broker.port, [f"edge/{DEV}/#"])
+    try:
+        fleet.publish(f"edge/{DEV}/desired", json.dumps(desired).encode(), retain=True)
+        agent.start()
+        serving_v1 = lambda: [r["version"] for r in tap.docs("/results")][-3:] == [1, 1, 1]  # noqa: E731
+        succeeded = lambda: any(  # noqa: E731
+            d["event"] == "update_succeeded" and d["version"] == 1 for d in tap.docs("/events")
+        )
+        wait_alive(succeeded, 60, "the desired v1 applied (probation passed)", agent)
+        assert agent.terminate() == 0
+        _truncate(store_dir)
+        tap.messages.clear()
+        agent.start()
+        wait_alive(serving_v1, 60, "the desired v1 serving again after the repair", agent)
+        assert agent.terminate() == 0
+    finally:
+        tap.close()
+        fleet.close()
+    assert parse_pointer((store_dir / POINTER).read_bytes(), "active.json").version == 1

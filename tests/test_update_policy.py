@@ -122,7 +122,15 @@ D = T("m", 2, 100.0)
 DESIRED: list[tuple[str, dict[str, Any], str, bool]] = [
     # case, inputs, verdict, record
     ("new instruction", {}, "apply", False),
-    ("same instruction done", {"applied": ("m", 2, 100.0)}, "skip", False),
+    ("same instruction done", {"applied": ("m", 2, 100.0), "active": ("m", 2)}, "skip", False),
+    ("same instruction, nothing active now", {"applied": ("m", 2, 100.0)}, "apply", False),
+    ("same instruction refused here", {"applied": ("m", 2, 100.0), "bad_at": 120.0}, "skip", False),
+    (
+        "same instruction, waiting for a retry",
+        {"applied": ("m", 2, 100.0), "due": False},
+        "skip",
+        False,
+    ),
     ("older than the applied one", {"applied": ("m", 3, 150.0)}, "ignore", False),
     ("newer than the applied one", {"applied": ("m", 1, 50.0)}, "apply", False),
     ("marked bad after it was issued", {"bad_at": 120.0}, "ignore", True),

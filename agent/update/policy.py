@@ -176,14 +176,20 @@ def judge_desired(
     ``applied``: the key (model, version, issued_at) of the last desired state acted on;
     ``bad_at``: when this release was marked bad here (None: it is not); ``active``: the
     store's active release; ``updating``: an update has not ended; ``due``: no retry
-    wait is pending for this release. An applied state issued more than ``max_skew_s``
-    after ``now`` (accepted before future dates were refused) makes nothing stale: it
-    would otherwise lock out every later instruction until the clock caught up.
+    wait is pending for this release. An instruction already applied is not redone,
+    unless nothing is active any more (the pointer was lost and repaired to none) and
+    the release was not refused here: the device would stay dark otherwise, since the
+    fleet's retained instruction is the one it already applied. An applied state issued
+    more than ``max_skew_s`` after ``now`` (accepted before future dates were refused)
+    makes nothing stale: it would otherwise lock out every later instruction until the
+    clock caught up.
     """
     key = (desired.model, desired.version, desired.issued_at)
     if applied is not None:
-        if key == applied:
+        if key == applied and not (active is None and bad_at is None and due):
             return DesiredVerdict("skip")  # done (or refused) once: not redone
+        if key == applied:  # applied, but nothing is active now (a damaged pointer)
+            return DesiredVerdict("apply")
         if desired.issued_at < applied[2] <= now + max_skew_s:
             return DesiredVerdict(
                 "ignore", "stale: issued before the desired state already applied"
