@@ -57,7 +57,7 @@ from agent.faults import crash_point
 from agent.registry import Registry
 from agent.store import Pointer, Release, Store
 from agent.updater import Updater, channel_hold
-from agent.verify import load_public_key
+from agent.verify import KeyRing
 
 if TYPE_CHECKING:
     from agent.mqtt import Incoming
@@ -249,12 +249,11 @@ class Updates:
         self.reporter = reporter
         self.validate = validate
         self.connected = connected
-        key_path = config.update.desired_public_key
         self.desired = DesiredState(
             config.mqtt.topic_prefix,
             config.device.id,
             list(config.device.groups),
-            load_public_key(key_path, "update.desired_public_key") if key_path else None,
+            KeyRing.load(config.update.desired_keys, "update.desired_public_key(s)"),
         )
         self.journal = _Journal(store.root / JOURNAL)
         self.last_error = ""
