@@ -162,6 +162,8 @@ def parse_signatures(sig_file: bytes, what: str) -> list[Signature]:
     if len(sig_file) > SIGNATURE_FILE_MAX_BYTES:
         raise VerificationError(f"{what}: over {SIGNATURE_FILE_MAX_BYTES} bytes")
     text = sig_file.strip()
+    if not text:
+        raise VerificationError(f"{what}: empty")
     if not text.startswith(b"{"):
         try:
             return [Signature(None, _b64(text.decode("ascii"), what))]
