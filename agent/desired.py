@@ -124,8 +124,8 @@ def _check_signature(doc: dict[str, Any], keys: KeyRing) -> None:
         candidates = [keys.keys[keyid]]
     else:
         raise ValueError(
-            f"keyid: signed by key {keyid[:16]!r}, which {keys.what} does not list "
-            f"(trusted: {', '.join(keys.ids)}; a key removed there is revoked)"
+            f"signature: bad (signed by key {keyid[:16]!r}, which {keys.what} does not "
+            f"list; trusted: {', '.join(keys.ids)}; a key removed there is revoked)"
         )
     try:
         body = canonical(doc)
