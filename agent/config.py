@@ -20,6 +20,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -31,6 +32,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from agent.errors import ConfigError
+from agent.fleet.acl import NAME_PATTERN, check_group_name
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.yaml")
 ENV_PREFIX = "EDGE_AGENT_"
@@ -68,11 +70,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _group_name(value: str) -> str:
+    problem = check_group_name(value)
+    if problem is not None:
+        # Without this, the device's subscription to its group's topic is refused (or,
+        # with '+' or '#', is a wildcard) and it never connects, with nothing logged.
+        raise PydanticCustomError(
+            "group_name", "{problem} (it is a topic level)", {"problem": problem}
+        )
+    return value
+
+
 class DeviceConfig(_Section):
     id: str = Field(
         default_factory=socket.gethostname,
         min_length=1,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        pattern=NAME_PATTERN.pattern,
         description="Device id used in MQTT topics; defaults to the hostname.",
     )
 
@@ -83,7 +96,11 @@ class DeviceConfig(_Section):
             raise ValueError("'groups' is reserved for group topics; pick another device id")
         return value
 
-    groups: list[str] = Field(default_factory=list, description="Fleet groups this device is in.")
+    groups: list[Annotated[str, AfterValidator(_group_name)]] = Field(
+        default_factory=list,
+        description="Fleet groups this device is in; names like device ids (letters, digits, "
+        "'.', '_', '-').",
+    )
 
 
 class RegistryConfig(_Section):
@@ -102,12 +119,6 @@ class RegistryConfig(_Section):
         description="More trusted registry keys (PEM paths), trusted together with "
         "public_key: a signature by any of them is accepted. Rotate by listing old and new, "
         "re-signing, then dropping the old one; a key removed here is revoked.",
-    )
-    clock_skew_s: float = Field(
-        default=300,
-        ge=0,
-        description="How far this device's clock may run ahead when judging whether a "
-        "signed index.json has expired.",
     )
     ca: FilePath | None = Field(
         default=None, description="CA bundle for an https registry with a private CA."
@@ -449,6 +460,14 @@ class UpdateConfig(_Section):
     retry_max_s: float = Field(
         default=300, gt=0, description="Longest wait before retrying a failed download."
     )
+    max_clock_skew_s: float = Field(
+        default=300,
+        gt=0,
+        description="A desired state issued further than this ahead of the device's clock is "
+        "refused (event desired_invalid), so one future-dated instruction cannot make every "
+        "later one look stale. Also the allowance when judging whether a signed index.json "
+        "has expired.",
+    )
     desired_public_key: FilePath | None = Field(
         default=None,
         description="Ed25519 public key (PEM) of the fleet's deploy key; when set, desired "
@@ -549,10 +568,18 @@ class Config(_Section):
 SECTIONS = tuple(Config.model_fields)
 
 
-def _dotted(path: tuple[str, ...]) -> str:
-    """A key path for a message; a key with control characters is shown quoted, so a
-    config cannot write line breaks or escape sequences to the operator's terminal."""
-    return ".".join(part if part.isprintable() else repr(part) for part in path)
+def _dotted(path: tuple[str | int, ...]) -> str:
+    """A key path for a message (``device.groups[1]``: list positions as ``[N]``); a key
+    with control characters is shown quoted, so a config cannot write line breaks or
+    escape sequences to the operator's terminal."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            shown = part if part.isprintable() else repr(part)
+            text += f".{shown}" if text else shown
+    return text
 
 
 @dataclass(frozen=True)
@@ -628,10 +655,11 @@ def _describe(
 ) -> list[str]:
     problems = []
     for item in error.errors():
-        loc = tuple(str(part) for part in item["loc"])
-        if len(loc) > 1 and loc[0] == "source" and loc[1] in SOURCE_TYPES:
-            loc = loc[:1] + loc[2:]  # pydantic puts the union's tag in the path
-        dotted = _dotted(loc)
+        path = tuple(item["loc"])
+        if len(path) > 1 and path[0] == "source" and path[1] in SOURCE_TYPES:
+            path = path[:1] + path[2:]  # pydantic puts the union's tag in the path
+        loc = tuple(str(part) for part in path)
+        dotted = _dotted(path)
         where = file
         for depth in range(len(loc), 0, -1):  # nearest enclosing key that has a line
             if loc[:depth] in origins:
@@ -686,7 +714,13 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise ConfigError([f"{path}: config file not found"]) from exc
+        raise ConfigError(
+            [
+                f"{path}: config file not found; name one with --config PATH or "
+                "$EDGE_AGENT_CONFIG (provisioning/install.sh writes one; `edge-agent demo` "
+                "needs none)"
+            ]
+        ) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
     return parse_config(text, str(path), env)

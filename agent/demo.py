@@ -101,9 +101,13 @@ class _Printer:
             return f"{'event':<9} {doc['event']} {text}".rstrip()
         if stream == "state":
             update = doc.get("update") or {}
+
+            def release(version: Any) -> str:
+                return f"v{version}" if version is not None else "none"
+
             return (
-                f"{'state':<9} active v{doc.get('version')} serving v{doc.get('serving')}, "
-                f"phase {doc.get('phase')}"
+                f"{'state':<9} active {release(doc.get('version'))}, "
+                f"serving {release(doc.get('serving'))}, phase {doc.get('phase')}"
                 + (f" (update to v{update['version']})" if update else "")
             )
         return None

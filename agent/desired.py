@@ -14,6 +14,14 @@ of the document (``keyid`` included). A device with ``update.desired_public_key(
 set refuses a document without a valid signature by one of those keys (one without a
 ``keyid``, from older fleet tools, is checked against each); a document issued before
 the one the device last applied is refused as stale by the updater.
+
+A document issued further ahead of the device's clock than ``update.max_clock_skew_s``
+is refused too (:func:`check_clock`): applied, it would make every later instruction
+look stale, until the device's clock caught up with it.
+
+While a desired state downloads, :func:`download_progress` says how far it got (event
+``update_progress``, at most every ``telemetry.interval_s``, only when bytes arrived),
+so the fleet's rollouts can tell a long download from a silent device.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import json
 import math
 import re
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +43,8 @@ from agent.config import MODEL_NAME_PATTERN
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from agent.manifest import FileEntry
+    from agent.registry import Progress
     from agent.verify import KeyRing
 
 MAX_PAYLOAD = 4096
@@ -80,6 +91,34 @@ def _issued_at(value: Any) -> float:
             raise ValueError(f"issued_at: {value!r} has no time zone (add Z for UTC)")
         return when.timestamp()
     raise ValueError("issued_at: must be seconds since the epoch or an ISO 8601 time")
+
+
+def _utc(ts: float) -> str:
+    """``ts`` as an ISO 8601 UTC time, or as the number when no calendar holds it."""
+    try:
+        when = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        return f"{ts:g}"
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _number(seconds: float) -> str:
+    """Seconds to the millisecond (``1764500000.123``), short however large."""
+    return f"{round(seconds, 3):.15g}"
+
+
+def check_clock(desired: Desired, now: float, max_skew_s: float) -> None:
+    """Raise ValueError when ``desired`` was issued more than ``max_skew_s`` seconds after
+    ``now`` (the device's clock), naming both times."""
+    ahead = desired.issued_at - now
+    if ahead > max_skew_s:
+        raise ValueError(
+            f"issued_at: {_number(desired.issued_at)} ({_utc(desired.issued_at)}) is "
+            f"{ahead:.6g} s ahead of this device's clock ({_number(now)}, {_utc(now)}), more "
+            f"than update.max_clock_skew_s ({max_skew_s:g} s); refused so that it cannot make "
+            "every later desired state look stale: check the clocks of the fleet tools "
+            "and of this device (NTP), then deploy again"
+        )
 
 
 def canonical(doc: Mapping[str, Any]) -> bytes:
@@ -206,10 +245,15 @@ class DesiredState:
         device: str,
         groups: list[str],
         key: KeyRing | None = None,
+        *,
+        max_skew_s: float | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._topics = desired_topics(prefix, device, groups)
         self._device = device
         self._key = key
+        self._max_skew_s = max_skew_s
+        self._clock = clock
         self._lock = threading.Lock()
         self._by_source: dict[str, Desired] = {}
 
@@ -220,9 +264,10 @@ class DesiredState:
     def update(self, topic: str, payload: bytes) -> Desired | None:
         """Take a message from ``topic``; returns what it says (None: cleared).
 
-        Raises ValueError for a payload that cannot be used; the source's earlier
-        desired state is dropped then too, so a broken instruction never lets an older
-        one come back into force.
+        Raises ValueError for a payload that cannot be used, or one issued too far ahead
+        of the device's clock (with ``max_skew_s``); the source's earlier desired state
+        is dropped then too, so a broken instruction never lets an older one come back
+        into force.
         """
         source = self._topics.get(topic)
         if source is None:
@@ -231,6 +276,8 @@ class DesiredState:
             desired = parse_desired(
                 payload, source, target=target_of(source, self._device), key=self._key
             )
+            if desired is not None and self._max_skew_s is not None:
+                check_clock(desired, self._clock(), self._max_skew_s)
         except ValueError:
             with self._lock:
                 self._by_source.pop(source, None)
@@ -249,3 +296,66 @@ class DesiredState:
                 return self._by_source["device"]
             groups = list(self._by_source.values())
         return max(groups, key=lambda d: (d.issued_at, d.source), default=None)
+
+
+# -- progress reports while a desired state downloads ---------------------------------------
+
+
+class ProgressPace:
+    """When a progress report is due: ``every_s`` after the last one (or the start), and
+    only when the work moved since. Pure apart from the clock it is given."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._last_at = clock()
+        self._moved = False
+
+    def due(self, moved: bool) -> bool:
+        """Note one step (``moved``: it got further); True when it is time to report."""
+        self._moved = self._moved or moved
+        now = self._clock()
+        if not self._moved or now - self._last_at < self.every_s:
+            return False
+        self._last_at, self._moved = now, False
+        return True
+
+
+def download_progress(
+    *,
+    update_id: str,
+    model: str,
+    version: int,
+    issued_at: float | None,
+    every_s: float,
+    event: Callable[[str, Mapping[str, Any]], None],
+    clock: Callable[[], float] = time.monotonic,
+) -> Callable[[FileEntry], Progress]:
+    """The ``progress`` of an Updater: an ``update_progress`` event (update_id, model,
+    version, issued_at, phase, file, done, size) at most every ``every_s`` while bytes
+    arrive; nothing while a transfer stalls."""
+    pace = ProgressPace(every_s, clock)
+    last: dict[str, int] = {}
+
+    def for_file(entry: FileEntry) -> Progress:
+        def progress(done: int, size: int) -> None:
+            moved = done > last.get(entry.name, 0)
+            last[entry.name] = max(done, last.get(entry.name, 0))
+            if pace.due(moved):
+                event(
+                    "update_progress",
+                    {
+                        "update_id": update_id,
+                        "model": model,
+                        "version": version,
+                        "issued_at": issued_at,
+                        "phase": "downloading",
+                        "file": entry.name,
+                        "done": done,
+                        "size": size,
+                    },
+                )
+
+        return progress
+
+    return for_file

@@ -5,7 +5,7 @@ and telemetry first (so every later step can be reported), then the journal's
 recovery (``Updates.recover``: a release the agent crash-loops under is rolled back
 before it is loaded), the active release and the stream, the update worker, and
 commands. ``stop()`` runs in reverse. The service holds no update logic: that is
-``agent.updates``; it only lends the updater its ``load`` and ``swap``.
+``agent.update``; it only lends the updater its ``load`` and ``swap``.
 
 ``run()`` is the daemon's main loop (``edge-agent run``): READY=1 once the config,
 the model and the source are up; WATCHDOG=1 only while frames are being processed
@@ -40,7 +40,7 @@ from agent.sources import make_source
 from agent.store import Release, Store
 from agent.sysinfo import SystemProbe
 from agent.telemetry import Telemetry, Topics
-from agent.updates import Updates
+from agent.update import Updates
 
 if TYPE_CHECKING:
     from agent.mqtt import Incoming

@@ -5,7 +5,7 @@ could point a channel at any signed release, or freeze devices on an old one for
 TUF's timestamp idea, kept simple: the publisher signs the exact bytes
 (``index.json.sig``, the format of agent/verify.py), writes ``expires`` (RFC 3339 UTC)
 and raises ``version`` by one on every change. A device with trusted keys refuses an
-index that is unsigned, badly signed, expired (allowing ``registry.clock_skew_s``),
+index that is unsigned, badly signed, expired (allowing ``update.max_clock_skew_s``),
 older than the highest version it accepted, or of that same version with other bytes.
 
 :func:`check_index` is the rule, pure (bytes, keys, clock and the last accepted record

@@ -153,7 +153,7 @@ class Updater:
                 model=self.model,
                 keys=self.keys,
                 now=time.time(),
-                skew_s=self.config.registry.clock_skew_s,
+                skew_s=self.config.update.max_clock_skew_s,
                 seen=history.get(self.model),
                 where=where,
             )

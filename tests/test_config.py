@@ -199,7 +199,7 @@ def test_empty_or_nul_path_is_refused() -> None:
 
 def test_self_referring_yaml_alias_is_refused() -> None:
     (problem,) = problems("device:\n  groups: &g [*g]\n")
-    assert problem.startswith("config.yaml:2: device.groups.0: ")
+    assert problem.startswith("config.yaml:2: device.groups[0]: ")
 
 
 def test_check_config_refuses_a_public_key_that_is_not_one(tmp_path: Path) -> None:

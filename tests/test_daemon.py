@@ -563,3 +563,67 @@ def test_failed_download_is_logged_with_when_it_is_retried(
     line = next(x for x in agent.log().splitlines() if "update to v1 failed" in x)
     assert "HTTP 503" in line
     assert re.search(r"; retrying in \d+ s \(backoff up to 60 s, update.retry_max_s\)$", line)
+
+
+DAMAGED_JOURNALS = {
+    "truncated": b'{"schema": 1, "attempt": {"id": "0a1b2c", "model": "colours", "vers',
+    "garbled": bytes(range(256)),
+    "nul_bytes": b"\x00" * 512,
+    "attempt_a_number": b'{"attempt": 5}',
+    "a_list": b"[]",
+    # Parsed by the old loader, then crashed every start (exit 1) in the recovery:
+    "wrong_typed_fields": json.dumps(
+        {
+            "schema": 1,
+            "attempt": {
+                "id": "0a1b2c",
+                "model": MODEL,
+                "version": "2",
+                "source": "device",
+                "issued_at": None,
+                "previous": None,
+                "phase": "validating",
+            },
+            "crashes": {f"{MODEL}@2": "many"},
+            "bad": [1],
+        }
+    ).encode(),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_JOURNALS))
+def test_damaged_journal_is_set_aside_reported_and_the_agent_keeps_serving(
+    tmp_path: Path,
+    broker: Mosquitto,
+    registry: Path,
+    agents: list[AgentProcess],
+    damage: str,
+) -> None:
+    agent = _agent(tmp_path, broker, registry, agents)
+    store = Path(agent.settings["store"]["dir"])
+    store.mkdir(parents=True)
+    journal = store / "updates.json"
+    journal.write_bytes(DAMAGED_JOURNALS[damage])
+    tap = _tap(broker)
+    try:
+        agent.start()
+        online = lambda: any(d.get("state") == "online" for d in tap.docs("/status"))  # noqa: E731
+        _wait(online, 30, "the retained status online", agent)
+        _wait(lambda: _events(tap, "state_repaired"), 30, "a state_repaired event", agent)
+        (event,) = _events(tap, "state_repaired")
+        assert event["file"] == str(journal)
+        assert "updates.json.damaged-" in event["action"] and event["error"]
+        _wait(lambda: _serving(tap, 1), 30, "v1 serving (the channel's)", agent)
+        (aside,) = store.glob("updates.json.damaged-*")
+        assert aside.read_bytes() == DAMAGED_JOURNALS[damage]
+        assert agent.terminate() == 0
+        assert agent.journal()["schema"] == 1  # a good journal replaced it
+        # The next start finds nothing to repair, and serves.
+        agent.start()
+        started = lambda: len(_events(tap, "agent_started")) >= 2  # noqa: E731
+        _wait(started, 30, "the second start", agent)
+        _wait(lambda: _serving(tap, 1, count=6), 30, "v1 serving again", agent)
+        assert len(_events(tap, "state_repaired")) == 1
+        assert agent.terminate() == 0
+    finally:
+        tap.close()

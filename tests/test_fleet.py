@@ -248,7 +248,7 @@ def test_rollouts_halt_on_a_failing_canary_and_on_a_silent_device_then_converge(
     killer.join(5)
     assert stopped.is_set()
     assert run.code == 1, run.out + run.err
-    assert f"{first}: failed (no terminal state within 15 s" in run.out, run.out
+    assert f"{first}: failed (said nothing about it for 15 s" in run.out, run.out
     assert time.monotonic() - begun < 60
     rows = lab.devices()
     assert rows[first]["online"] is False and rows[first]["version"] == 1
@@ -324,6 +324,67 @@ def test_deploy_signed_reaches_the_device_and_unsigned_foreign_or_stale_is_refus
     assert agent.terminate() == 0
 
 
+def test_a_future_dated_signed_desired_state_is_refused_and_later_deploys_still_apply(
+    lab: Lab,
+) -> None:
+    lab.publish(1)
+    lab.publish(2)
+    agent = lab.agent("dev-f").start()
+    deploy = ("deploy", "--model", MODEL, "--device", "dev-f", "--sign-key", str(lab.key))
+    run = lab.fleet(*deploy, "--version", "1", "--wait", "30")
+    assert run.code == 0, run.out + run.err
+    wait_alive(lambda: lab.states().get("dev-f", {}).get("version") == 1, 10, "v1", agent)
+
+    # Genuinely signed by the deploy key, but issued a day ahead (a fleet host whose clock
+    # was wrong). Applied, every later instruction would be "stale" until that day.
+    ahead = time.time() + 86_400
+    future = desired_payload(MODEL, 2, "device:dev-f", time.time(), lab.key)
+    doc = json.loads(future) | {"issued_at": ahead}
+    future = json.dumps(sign_desired(doc, load_private_key(lab.key))).encode()
+    operator = subscriber(lab.broker.url, [])
+    try:
+        operator.publish("edge/dev-f/desired", future, retain=True)
+    finally:
+        operator.close()
+    invalid = lambda: [  # noqa: E731
+        d for d in lab.tap.docs("/events") if d.get("event") == "desired_invalid"
+    ]
+    wait_alive(invalid, 10, "the future-dated desired state refused", agent)
+    (event,) = invalid()
+    assert event["topic"] == "edge/dev-f/desired"
+    assert event["error"].startswith(f"issued_at: {round(ahead, 3):.15g} ("), event
+    assert "ahead of this device's clock" in event["error"]
+    assert "update.max_clock_skew_s (300 s)" in event["error"]
+    time.sleep(0.5)
+    assert lab.states()["dev-f"]["version"] == 1  # still serving what it ran
+
+    # The operator clears it and deploys normally: applied.
+    assert lab.fleet("deploy", "--device", "dev-f", "--clear").code == 0
+    run = lab.fleet(*deploy, "--version", "2", "--wait", "30", "--json")
+    assert run.code == 0, run.out + run.err
+    assert [d["status"] for d in run.json()["devices"]] == ["succeeded"]
+    wait_alive(lambda: lab.states().get("dev-f", {}).get("version") == 2, 10, "v2", agent)
+    assert agent.terminate() == 0
+
+
+def test_a_rollout_waits_out_a_probation_longer_than_its_timeout_while_the_device_reports(
+    lab: Lab,
+) -> None:
+    lab.publish(1)
+    agent = lab.agent("dev-p", update={"probation_s": 8}).start()
+    lab.wait(lambda: lab.devices().get("dev-p", {}).get("online"), 30, "dev-p online")
+    begun = time.monotonic()
+    run = lab.rollout(1, "--timeout", "4", "--json")
+    took = time.monotonic() - begun
+    assert run.code == 0, run.out + run.err
+    ((device,),) = run.json()["steps"]
+    assert device["status"] == "succeeded" and "probation passed" in device["detail"], device
+    assert device["seconds"] >= 8 and took >= 8  # twice the timeout: silence, not duration
+    assert "probation" in run.err  # the phases were followed
+    wait_alive(lambda: lab.states().get("dev-p", {}).get("version") == 1, 5, "v1", agent)
+    assert agent.terminate() == 0
+
+
 def test_telemetry_follows_live_reports_and_devices_show_an_offline_device(lab: Lab) -> None:
     lab.publish(1, channels=("stable",))
     agent = lab.agent("dev-t", update={"desired_public_key": None}).start()
@@ -382,7 +443,8 @@ def test_a_device_still_updating_when_its_step_times_out_is_sent_back_to_its_rel
     lab.server.fault(f"{MODEL}/2/v2.tflite", "stall", at=1000, max_seconds=6)
     run = lab.rollout(2, "--timeout", "3")
     assert run.code == 1
-    assert "dev-slow: failed (no terminal state within 3 s (last: downloading" in run.out, run.out
+    # A stalled download is silence (no download progress), although telemetry goes on.
+    assert "dev-slow: failed (said nothing about it for 3 s (last: downloading" in run.out, run.out
     assert "dev-slow: desired state set back to colours v1" in run.out
     # The download cannot be cut short, but v2 is not activated: the device stays on v1.
     updates = lambda: [  # noqa: E731

@@ -67,6 +67,16 @@ def check_device_id(device: str) -> str | None:
     return problem
 
 
+def check_group_name(group: str) -> str | None:
+    """The problem with ``group`` as a group name, or None when it is usable.
+
+    A group name is a topic level (``PREFIX/groups/<group>/desired``) and a line of the
+    ACL: the same rule as device ids, so a '#' or '+' cannot widen a subscription and
+    a '/' cannot reach another group's topics.
+    """
+    return _check_name("group name", group)
+
+
 def render_acl(
     devices: Mapping[str, Sequence[str]],
     *,
@@ -100,7 +110,7 @@ def render_acl(
         problems += [
             f"{p} (device {device!r})"
             for group in groups
-            if (p := _check_name("group name", group)) is not None
+            if (p := check_group_name(group)) is not None
         ]
     if not admins:
         problems.append("at least one admin is needed (the fleet tools connect as one)")

@@ -93,7 +93,9 @@ PAGES = {
     "rollout": (
         "Roll a release out to a group in steps: a canary share first, then --step shares, each "
         "step waiting for its devices; the first failure halts the rollout and devices not yet "
-        "reached are left untouched.",
+        "reached are left untouched. --timeout judges silence, not duration: a device fails "
+        "when it says nothing about the release for that long, not for a long probation or "
+        "download it keeps reporting on.",
         "edge-fleet rollout --model person-detector --version 3 --group door \\\n"
         "    --canary 10 --step 25 --timeout 900 --sign-key keys/deploy.key",
     ),
@@ -267,7 +269,9 @@ def _parser() -> argparse.ArgumentParser:
         "--wait",
         type=float,
         metavar="S",
-        help="wait up to S seconds for the devices' terminal states (exit 1 unless all succeed)",
+        help="wait for the devices' terminal states; a device that says nothing about this "
+        "desired state for S seconds counts as failed, one that keeps reporting progress is "
+        "waited for (exit 1 unless all succeed)",
     )
     deploy.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
@@ -291,7 +295,9 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=900.0,
         metavar="S",
-        help="seconds a step waits for its devices; silent ones count as failed (default 900)",
+        help="silence allowed per device: a device that says nothing about the release for S "
+        "seconds counts as failed; each report of progress (a phase, download progress, "
+        "telemetry while on probation) starts its S seconds again (default 900)",
     )
     roll.add_argument("--sign-key", type=Path, help="Ed25519 private key (from keygen)")
     roll.add_argument("--json", action="store_true", help="print the outcome as JSON at the end")
@@ -488,6 +494,10 @@ def _own_desired_wins(view: FleetView, device: str, key: KeyRing | None) -> bool
         return False
 
 
+# What deploy --wait and rollout follow: telemetry counts as progress during probation.
+WATCHED = ("status", "state", "desired", "events", "telemetry")
+
+
 def _deploy(args: argparse.Namespace) -> int:
     _check_names(args.device, args.group)
     if args.clear and (args.model or args.version is not None or args.sign_key or args.wait):
@@ -502,7 +512,7 @@ def _deploy(args: argparse.Namespace) -> int:
     topic = desired_topic(args.prefix, target)
     quiet = _say if not args.json else (lambda line: None)
     with _broker(args) as broker:
-        _load(broker, view, ("status", "state", "desired", "events"))
+        _load(broker, view, WATCHED)
         if args.clear:
             broker.publish(topic, b"")
             quiet(f"cleared the desired state on {topic}")
@@ -566,7 +576,7 @@ def _rollout(args: argparse.Namespace) -> int:
     view = FleetView(args.prefix)
     say = _say if not args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     with _broker(args) as broker:
-        _load(broker, view, ("status", "state", "desired", "events"))
+        _load(broker, view, WATCHED)
         outcome = rollout(
             broker,
             view,

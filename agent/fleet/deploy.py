@@ -1,12 +1,19 @@
 """Desired state from the fleet side: make it (signed or not), publish it retained, and
-watch the devices it names until each reaches a terminal state or the time is up.
+watch the devices it names until each reaches a terminal state or falls silent.
 
 A device's verdict comes only from what it reports about *this* desired state: the
 ``update`` in its retained state carries the ``issued_at`` it acts on, and ``desired``
 is the last desired state it applied (also for one it did not need to act on, because
 it runs that release already or refused it earlier). Events name refusals (a bad
-signature, a stale or already-refused release). Nothing else counts: a device that
-says nothing is pending until the deadline, then failed.
+signature, a stale or already-refused release). Nothing else counts.
+
+Waiting judges silence, not duration (:func:`news`, :func:`after_silence`): each
+device has its own deadline, ``timeout`` after the desired state was sent, moved to
+``timeout`` after each live report from that device about this desired state (a new
+state of the update, an update event, download progress, or telemetry while the
+update is on probation). A device that keeps reporting is never failed for taking
+long (its own deadlines bound every phase); one that says nothing about it for
+``timeout`` is failed.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +33,12 @@ from agent.verify import load_private_key
 
 _issued_lock = threading.Lock()
 _last_issued = 0.0
+
+
+# A document issued ahead of the fleet tool's own clock is refused before it is signed
+# (devices refuse one further ahead of theirs than update.max_clock_skew_s). Not zero:
+# issue_time() moves 1 ms per call, so a large step may run a little ahead.
+MAX_AHEAD_S = 60.0
 
 
 def issue_time() -> float:
@@ -40,7 +53,13 @@ def desired_payload(
     model: str, version: int, target: str, issued_at: float, sign_key: Path | None = None
 ) -> bytes:
     """The desired-state document; signed with ``sign_key`` when given (raises
-    VerificationError when the key cannot be loaded)."""
+    VerificationError when the key cannot be loaded, ValueError for an ``issued_at``
+    in the future: a future-dated instruction would make every later one look stale)."""
+    if not issued_at <= time.time() + MAX_AHEAD_S:  # also refuses NaN
+        raise ValueError(
+            f"issued_at {issued_at!r} is in the future (this machine's clock says "
+            f"{time.time():.3f}); a desired state is issued now"
+        )
     doc: dict[str, Any] = {
         "schema": 1,
         "model": model,
@@ -94,6 +113,48 @@ def judge(view: FleetView, device_id: str, model: str, version: int, issued_at: 
     return Verdict("pending", "waiting for the device")
 
 
+def news(
+    stream: str, doc: Mapping[str, Any] | None, state: Mapping[str, Any] | None, issued_at: float
+) -> bool:
+    """Whether a live report on ``stream`` (``doc``) is news from the device about the
+    desired state issued at ``issued_at``; ``state`` is the device's latest retained
+    state (after this report, when it is one).
+
+    News: a state whose ``update`` or applied ``desired`` is this one; an event naming
+    this ``issued_at`` (download progress, a refusal) or the update's id; telemetry
+    while this update is on probation (the device is serving it: the probation goes
+    on). Not news: anything about another desired state, an empty message, telemetry
+    in any other phase (a stalled download sends telemetry too).
+    """
+    if not isinstance(doc, Mapping):
+        return False
+    update = state.get("update") if isinstance(state, Mapping) else None
+    ours: Mapping[str, Any] = (
+        update if isinstance(update, Mapping) and _same(update.get("issued_at"), issued_at) else {}
+    )
+    if stream == "state":
+        applied = doc.get("desired")
+        return bool(ours) or (
+            isinstance(applied, Mapping) and _same(applied.get("issued_at"), issued_at)
+        )
+    if stream == "events":
+        update_id = doc.get("update_id")
+        return _same(doc.get("issued_at"), issued_at) or (
+            isinstance(update_id, str) and update_id == ours.get("id")
+        )
+    if stream == "telemetry":
+        return ours.get("phase") == "probation" and ours.get("outcome") is None
+    return False
+
+
+def after_silence(verdict: Verdict, heard_at: float, now: float, timeout_s: float) -> Verdict:
+    """``verdict``, or failed when it is pending and the device has said nothing about
+    the desired state since ``heard_at`` for ``timeout_s`` seconds."""
+    if verdict.status != "pending" or now - heard_at < timeout_s:
+        return verdict
+    return Verdict("failed", f"said nothing about it for {timeout_s:g} s (last: {verdict.detail})")
+
+
 @dataclass
 class Watched:
     """One device being waited for."""
@@ -102,6 +163,7 @@ class Watched:
     topic: str
     issued_at: float
     started: float = field(default_factory=time.monotonic)
+    heard: float = field(default_factory=time.monotonic)  # its last news about it
     verdict: Verdict = field(default_factory=lambda: Verdict("pending", "sent"))
     seconds: float | None = None
     timed_out: bool = False  # failed for saying nothing in time: it may still be updating
@@ -135,13 +197,14 @@ def watch(
     timeout_s: float,
     say: Callable[[str], None],
 ) -> None:
-    """Wait until every device in ``watched`` succeeded or failed, at most ``timeout_s``
-    (pending ones then fail); prints each change through ``say``.
+    """Wait until every device in ``watched`` succeeded or failed; a device that says
+    nothing about the desired state for ``timeout_s`` fails (see the module docstring).
+    Prints each change through ``say``. ``view`` must follow the devices' state, events
+    and telemetry.
 
     Raises BrokerError when the connection is lost.
     """
     by_device = {w.device: w for w in watched}
-    deadline = time.monotonic() + timeout_s
 
     def settle(w: Watched, verdict: Verdict) -> None:
         if verdict == w.verdict:
@@ -154,23 +217,30 @@ def watch(
             say(f"  {w.device}: {verdict.detail}")
 
     while True:
+        for w in watched:
+            if w.verdict.status == "pending":
+                settle(w, judge(view, w.device, model, version, w.issued_at))
+        now = time.monotonic()
+        for w in watched:
+            verdict = after_silence(w.verdict, w.heard, now, timeout_s)
+            if verdict is not w.verdict:
+                w.timed_out = True
+                settle(w, verdict)
         pending = [w for w in watched if w.verdict.status == "pending"]
-        for w in pending:
-            settle(w, judge(view, w.device, model, version, w.issued_at))
-        pending = [w for w in watched if w.verdict.status == "pending"]
-        left = deadline - time.monotonic()
-        if not pending or left <= 0:
+        if not pending:
             break
-        for message in broker.messages(timeout=min(0.5, left)):
+        left = min(w.heard for w in pending) + timeout_s - time.monotonic()
+        for message in broker.messages(timeout=min(0.5, max(left, 0.01))):
             report = view.take(message)
-            if report is None or report.stream != "events" or report.device not in by_device:
+            if report is None or report.device not in by_device:
                 continue
             w = by_device[report.device]
-            why = _refusal(report, w) if w.verdict.status == "pending" else None
+            if w.verdict.status != "pending":
+                continue
+            device = view.devices.get(report.device)
+            state = device.state if device is not None else None
+            if not report.retained and news(report.stream, report.doc, state, w.issued_at):
+                w.heard = time.monotonic()
+            why = _refusal(report, w) if report.stream == "events" else None
             if why is not None:
                 settle(w, Verdict("failed", why))
-    for w in watched:
-        if w.verdict.status == "pending":
-            last = w.verdict.detail
-            w.timed_out = True
-            settle(w, Verdict("failed", f"no terminal state within {timeout_s:g} s (last: {last})"))

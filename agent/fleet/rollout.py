@@ -7,14 +7,17 @@ the canaries of every rollout in a group, and adding a device does not reshuffle
 others) and cut into steps: the canary (``--canary`` percent, at least one device),
 then ``--step`` percent at a time. Each step sets the desired state of its devices
 (``<prefix>/<device>/desired``) and waits until every one of them has a terminal
-state; a device that does not report one within ``--timeout`` counts as failed, so a
-rollout never stalls. Any failure halts the rollout: the devices not reached yet are
-left as they were, and the ones that took the release keep it. A device that refused
-the release or rolled it back runs what it ran before: its per-device desired state
-is cleared. A device that said nothing in time may still be updating (a slow
-download, or it comes back online later): its per-device desired state is set back to
-the release it ran before the step, so it returns there instead of finishing the
-update unwatched.
+state. ``--timeout`` judges silence, not duration: a device that says nothing about
+the release for ``--timeout`` seconds counts as failed, so a rollout never stalls on a
+silent device, while one that keeps reporting progress (its phases, download progress,
+telemetry while on probation) is waited for, however long its probation or download
+(see :func:`agent.fleet.deploy.news`; the device's own deadlines bound every phase).
+Any failure halts the rollout: the devices not reached yet are left as they were,
+and the ones that took the release keep it. A device that refused the release or
+rolled it back runs what it ran before: its per-device desired state is cleared. A
+device that fell silent may still be updating (a stalled download, or it comes back
+online later): its per-device desired state is set back to the release it ran before
+the step, so it returns there instead of finishing the update unwatched.
 
 When every member runs the release, the group's desired state is set (so devices that
 join the group later get it too) and the per-device desired states the rollout made
