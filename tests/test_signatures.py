@@ -261,3 +261,20 @@ def test_desired_state_with_a_keyid_changed_after_signing_is_refused() -> None:
         parse_desired(
             json.dumps(doc).encode(), "device", target="device:d", key=deploy_ring(OLD, NEW)
         )
+
+
+@given(
+    st.binary(max_size=400)
+    | st.builds(
+        lambda d: json.dumps(d).encode(),
+        st.dictionaries(
+            st.sampled_from(["schema", "model", "versions", "channels", "version", "expires", "x"]),
+            st.none() | st.integers() | st.text(max_size=25) | st.lists(st.integers(), max_size=3),
+        ),
+    )
+)
+def test_any_signed_index_bytes_give_an_index_or_one_verification_error(raw: bytes) -> None:
+    try:
+        judge(raw)
+    except VerificationError as exc:
+        assert str(exc).startswith("m/index.json")
