@@ -7,7 +7,6 @@ Exit codes (docs/protocol.md): 0 success; 1 the operation failed (download refus
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from agent.clihelp import (
 from agent.config import DEFAULT_CONFIG_PATH, Config, RuntimeConfig, load_config
 from agent.errors import ConfigError, EdgeAgentError
 from agent.oneshot import TASK_CHOICES
+from agent.strictjson import dumps
 
 if TYPE_CHECKING:
     pass
@@ -320,7 +320,7 @@ def cmd_check_config(config: Config, path: Path, as_json: bool) -> int:
     warnings = [f"{path}: {w}" for w in found.warnings]
     if as_json:
         doc = {"ok": not errors, "config": str(path), "errors": errors, "warnings": warnings}
-        print(json.dumps(doc, indent=2))
+        print(dumps(doc, indent=2))
         return EX_CONFIG if errors else 0
     for line in errors:
         print(f"edge-agent: invalid configuration: {line}", file=sys.stderr)

@@ -9,7 +9,6 @@ next start gates. Output is lines on a terminal or one JSON document (``--json``
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from agent.errors import TransportError
 from agent.progress import ProgressLine, interrupted_text
 from agent.registry import Registry
 from agent.store import Release, Store
+from agent.strictjson import dumps
 from agent.updater import Updater
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def _release_info(release: Release, store: Store) -> dict[str, Any]:
 def emit(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
     """Print ``data`` as JSON, or ``lines`` for a person."""
     if as_json:
-        print(json.dumps(data, indent=2))
+        print(dumps(data, indent=2))
     else:
         print("\n".join(lines))
 

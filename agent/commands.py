@@ -7,7 +7,8 @@ topic with the request's correlation data when the request names one, else to
     {"command": "ping", "ok": true, "result": {...}, "request_id": "<the request's id>"}
     {"command": "reboot", "ok": false, "error": "unknown command 'reboot'; known: …"}
 
-Requests are parsed on paho's thread (cheap checks only: size, JSON, name) and run one
+Requests are parsed on paho's thread (cheap checks only: size, JSON by
+:func:`agent.strictjson.parse_object`'s rules, name) and run one
 at a time on a worker thread, so a slow command (a rollback loads a model) never stalls
 the network loop. A full queue, an unknown name, a malformed or oversized payload and a
 handler's failure each get an error reply; none of them stops the agent.
@@ -16,7 +17,6 @@ handler's failure each get an error reply; none of them stops the agent.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import threading
@@ -24,8 +24,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import EdgeAgentError
+from agent.errors import DocumentError, EdgeAgentError
 from agent.mqtt import Incoming
+from agent.strictjson import parse_object
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +128,9 @@ class Commands:
         if not payload.strip():
             return {}
         try:
-            doc = json.loads(payload)
-        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, too deep, huge ints
-            raise CommandError(f"payload is not JSON: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise CommandError(f"payload must be a JSON object, not {type(doc).__name__}")
-        return doc
+            return parse_object(payload, what="payload", max_bytes=self.max_bytes)
+        except DocumentError as exc:
+            raise CommandError(str(exc)) from None
 
     def _run(self) -> None:
         while True:

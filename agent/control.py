@@ -14,17 +14,16 @@ Commands: ``ping``, ``status``, ``rollback`` {version}, ``check-updates`` and ``
 ``MAX_BYTES``; reads and writes time out after ``IO_TIMEOUT_S``; a malformed request gets
 an error reply and never stops the agent.
 
-``AgentLock`` is held by the running agent on ``<store.dir>/agent.lock`` (its pid
+``AgentLock`` is held by the running agent on ``<store.dir>/agent.lock`` (``PID agent``
 inside), so the command line can tell "the agent runs but its socket does not answer"
-from "no agent" before it touches the store itself.
+from "no agent" before it touches the store itself, and a second agent on the same
+store is refused at once (agent.locks).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import json
 import logging
 import os
 import socket
@@ -36,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.commands import CommandError, Handler
-from agent.errors import EdgeAgentError, StoreError
+from agent.errors import DocumentError, EdgeAgentError, StoreError
+from agent.locks import HolderLock, Role
+from agent.strictjson import dumps, parse_object
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class ControlServer:
                         reply = self.answer(_read_line(conn))
                     except ControlError as exc:  # oversized: say so, drop the rest
                         reply = {"command": None, "ok": False, "error": str(exc)}
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                    conn.sendall(dumps(reply).encode() + b"\n")
                 except OSError as exc:  # the asker went away, or was slow
                     log.warning("control socket: %s", exc)
 
@@ -135,11 +136,9 @@ class ControlServer:
         name: Any = None
         try:
             try:
-                doc = json.loads(raw)
-            except (ValueError, RecursionError) as exc:
-                raise CommandError(f"request is not JSON: {exc}") from exc
-            if not isinstance(doc, dict):
-                raise CommandError("request must be a JSON object")
+                doc = parse_object(raw, what="request", max_bytes=MAX_BYTES)
+            except DocumentError as exc:
+                raise CommandError(str(exc)) from None
             name = doc.get("command")
             args = doc.get("args") or {}
             if not isinstance(name, str) or name not in self.handlers:
@@ -179,59 +178,19 @@ def _answers(path: Path) -> bool:
     return True
 
 
-class AgentLock:
-    """``<store.dir>/agent.lock``: held (flock) by the running agent, its pid inside."""
+class AgentLock(HolderLock):
+    """``<store.dir>/agent.lock``: held (flock) by the running agent, or by the command
+    line while it changes the store with no agent running; ``PID ROLE`` inside."""
 
-    def __init__(self, store_dir: Path) -> None:
-        self.path = store_dir / LOCK_FILE
-        self._fd: int | None = None
+    def __init__(self, store_dir: Path, role: Role = "agent") -> None:
+        super().__init__(store_dir / LOCK_FILE, f"the store {store_dir}", role, StoreError)
 
-    def acquire(self, wait_s: float = 0.0) -> None:
-        """Take the lock, waiting up to ``wait_s`` (a command-line pull may hold it).
-
-        Raises StoreError naming the holder's pid when it stays taken.
-        """
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = _pid_in(fd)
-                    os.close(fd)
-                    raise StoreError(
-                        f"store {self.path.parent} is in use by another process (pid {holder})"
-                    ) from None
-                time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-
-    def holder(self) -> int | None:
-        """The pid of the process holding the lock, or None when it is free (or absent)."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
+    def holder_pid(self) -> int | None:
+        """The pid of the process holding the lock (-1: not known yet), or None when free."""
+        holder = self.holder()
+        if holder is None:
             return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _pid_in(fd) or -1
-        finally:
-            os.close(fd)
-        return None
-
-
-def _pid_in(fd: int) -> int:
-    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    return int(text) if text.isdigit() else 0
+        return holder.pid or -1
 
 
 # -- the command line's side --------------------------------------------------------------
@@ -244,7 +203,7 @@ def ask(path: Path, command: str, args: Mapping[str, Any] | None = None) -> dict
     connection refused), PermissionError when the socket may not be used, CommandError
     when the agent refused the request (its message).
     """
-    request = json.dumps({"command": command, "args": dict(args or {})}).encode() + b"\n"
+    request = dumps({"command": command, "args": dict(args or {})}).encode() + b"\n"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(IO_TIMEOUT_S)
         try:
@@ -267,10 +226,10 @@ def ask(path: Path, command: str, args: Mapping[str, Any] | None = None) -> dict
         except OSError as exc:
             raise ControlError(f"the agent at {path} closed the connection: {exc}") from exc
     try:
-        reply = json.loads(line)
+        reply = parse_object(line, what="reply", max_bytes=MAX_BYTES)
         ok = reply["ok"]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ControlError(f"the agent at {path} answered something unreadable") from exc
+    except (DocumentError, KeyError) as exc:
+        raise ControlError(f"the agent at {path} answered something unreadable: {exc}") from None
     if not ok:
         raise CommandError(str(reply.get("error")))
     result: dict[str, Any] = reply.get("result") or {}

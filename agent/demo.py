@@ -15,7 +15,6 @@ to a broker as well with ``--broker``. Everything is removed at the end unless
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 import threading
@@ -29,6 +28,7 @@ import yaml
 
 from agent.config import Config
 from agent.errors import ConfigError
+from agent.strictjson import dumps
 
 MODEL = "colours"
 LABELS = "red\ngreen\nblue\n"
@@ -63,7 +63,7 @@ class _Printer:
             self.outcomes.append(f"{doc['event']} v{doc.get('version')}")
         if self.as_json:
             with self._lock:
-                self.out.write(json.dumps({"stream": stream, **doc}) + "\n")
+                self.out.write(dumps({"stream": stream, **doc}) + "\n")
                 self.out.flush()
             return
         line = self._describe(stream, doc)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.config import MODEL_NAME_PATTERN
+from agent.strictjson import parse_object
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -193,18 +194,12 @@ def parse_desired(
     ``target`` is what a ``target`` field must say (checked whenever the field is
     there); with ``key`` (the trusted deploy keys), a valid signature by one of them
     and the ``target`` field are required.
-    Raises ValueError naming the field that is wrong.
+    Raises ValueError naming the field that is wrong (DocumentError, one, for bytes
+    that are not a JSON object by :func:`agent.strictjson.parse_object`'s rules).
     """
     if not payload:
         return None
-    if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"{len(payload)} bytes, over the limit of {MAX_PAYLOAD}")
-    try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ValueError("not a JSON object")
+    doc = parse_object(payload, what="desired state", max_bytes=MAX_PAYLOAD)
     if key is not None:
         _check_signature(doc, key)
         if "target" not in doc:
@@ -264,24 +259,20 @@ class DesiredState:
     def update(self, topic: str, payload: bytes) -> Desired | None:
         """Take a message from ``topic``; returns what it says (None: cleared).
 
-        Raises ValueError for a payload that cannot be used, or one issued too far ahead
-        of the device's clock (with ``max_skew_s``); the source's earlier desired state
-        is dropped then too, so a broken instruction never lets an older one come back
-        into force.
+        Raises ValueError for a payload that cannot be used (unsigned, badly signed,
+        malformed, for another target) or one issued too far ahead of the device's clock
+        (with ``max_skew_s``); what was in force stays in force then: a refused message
+        changes nothing, so whoever can publish to the broker without the deploy key
+        cannot unpin a device or hand it to an older group state.
         """
         source = self._topics.get(topic)
         if source is None:
             raise ValueError(f"{topic}: not a desired-state topic of this device")
-        try:
-            desired = parse_desired(
-                payload, source, target=target_of(source, self._device), key=self._key
-            )
-            if desired is not None and self._max_skew_s is not None:
-                check_clock(desired, self._clock(), self._max_skew_s)
-        except ValueError:
-            with self._lock:
-                self._by_source.pop(source, None)
-            raise
+        desired = parse_desired(
+            payload, source, target=target_of(source, self._device), key=self._key
+        )
+        if desired is not None and self._max_skew_s is not None:
+            check_clock(desired, self._clock(), self._max_skew_s)
         with self._lock:
             if desired is None:
                 self._by_source.pop(source, None)

@@ -15,6 +15,10 @@ Callers branch on the family, not on the message:
 - ``ModelError``: a model cannot be loaded or run here (no runtime, compiled for a TPU
   that is absent, corrupt file); ``AcceleratorError`` when the Edge TPU is the cause.
 - ``SourceError`` (``agent.sources``): the stream is lost; the pipeline reconnects.
+- ``DocumentError`` (also a ValueError): a JSON document from outside (manifest, index,
+  desired state, command, a device's report) is not one we accept
+  (``agent.strictjson``); each caller turns it into its own family (a manifest's into
+  VerificationError, a command's into an error reply).
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ class ConfigError(EdgeAgentError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+class DocumentError(EdgeAgentError, ValueError):
+    """A JSON document from outside breaks the parsing rules; one line, ``WHAT: why``."""
 
 
 class UpdateError(EdgeAgentError):

@@ -59,7 +59,7 @@ def reach(config: Config) -> Reach:
     except (ControlError, CommandError) as exc:
         absent = isinstance(exc, ControlError) and exc.absent
         try:
-            pid = AgentLock(config.store.dir).holder()
+            pid = AgentLock(config.store.dir).holder_pid()
         except PermissionError:
             pid = None
         if pid is not None:
@@ -121,7 +121,7 @@ def require_reachable(found: Reach, action: str) -> None:
 def agent_stopped(config: Config) -> Iterator[None]:
     """Hold the agent lock while the command line changes the store (an agent starting
     meanwhile waits for it)."""
-    lock = AgentLock(Store(config.store.dir).open().root)
+    lock = AgentLock(Store(config.store.dir).open().root, role="cli")
     lock.acquire()
     try:
         yield

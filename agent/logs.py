@@ -37,6 +37,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
+from agent.strictjson import dumps
+
 LEVELS: dict[str, int] = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -251,7 +253,7 @@ class JsonFormatter(logging.Formatter):
             doc["suppressed"] = suppressed
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str, ensure_ascii=False)
+        return dumps(doc, default=str, ensure_ascii=False)  # strict: a NaN field is null
 
 
 # -- rate limiting ---------------------------------------------------------------------

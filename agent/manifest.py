@@ -1,7 +1,8 @@
 """The registry's documents: ``index.json`` and a release's ``manifest.json``.
 
-Both are parsed strictly: unknown fields, unsafe file names, duplicate names and
-inconsistent references are refused with an error naming the field
+Both are parsed strictly: the JSON by :func:`agent.strictjson.parse_object` (size,
+depth, no NaN, no duplicate keys), then the fields: unknown fields, unsafe file names,
+duplicate names and inconsistent references are refused with an error naming the field
 (``files[1].name``). Parsing never touches the network or the disk.
 """
 
@@ -22,9 +23,12 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from agent.config import MODEL_NAME_PATTERN
-from agent.errors import VerificationError
+from agent.errors import DocumentError, VerificationError
+from agent.strictjson import parse_object
 
 SCHEMA = 1
+# A backstop: fetching applies registry.max_manifest_kb before the bytes get here.
+MAX_BYTES = 16 * 2**20
 Task = Literal["classification", "detection", "regression", "raw"]
 TASKS: tuple[str, ...] = ("classification", "detection", "regression", "raw")
 Role = Literal["model", "labels", "selftest", "extra"]
@@ -200,11 +204,11 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _parse(raw: bytes, what: str, cls: type[_Doc]) -> Any:
+def _parse(raw: bytes, what: str, cls: type[_Doc], max_bytes: int) -> Any:
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VerificationError(f"{what}: not valid JSON: {exc}") from exc
+        data = parse_object(raw, what=what, max_bytes=max_bytes)
+    except DocumentError as exc:
+        raise VerificationError(str(exc)) from None
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
@@ -215,18 +219,21 @@ def _parse(raw: bytes, what: str, cls: type[_Doc]) -> Any:
         raise VerificationError(f"{where}: {message}{more}") from exc
 
 
-def parse_manifest(raw: bytes, what: str = "manifest.json") -> Manifest:
+def parse_manifest(raw: bytes, what: str = "manifest.json", max_bytes: int = MAX_BYTES) -> Manifest:
     """Parse manifest bytes. Raises VerificationError naming the field that is wrong."""
-    result: Manifest = _parse(raw, what, Manifest)
+    result: Manifest = _parse(raw, what, Manifest, max_bytes)
     return result
 
 
-def parse_index(raw: bytes, what: str = "index.json") -> Index:
+def parse_index(raw: bytes, what: str = "index.json", max_bytes: int = MAX_BYTES) -> Index:
     """Parse index bytes. Raises VerificationError naming the field that is wrong."""
-    result: Index = _parse(raw, what, Index)
+    result: Index = _parse(raw, what, Index, max_bytes)
     return result
 
 
 def dump_json(data: dict[str, Any]) -> bytes:
-    """The registry's canonical JSON bytes: two-space indent, trailing newline."""
-    return (json.dumps(data, indent=2) + "\n").encode()
+    """The registry's canonical JSON bytes: two-space indent, trailing newline.
+
+    Raises ValueError for a non-finite float (publishing checks its numbers first).
+    """
+    return (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from pathlib import Path
@@ -12,6 +11,7 @@ from agent.errors import ModelError
 from agent.preflight import missing_library
 from agent.runtime import InputNorm, LoadedModel, ModelFiles, load_model
 from agent.runtime.adapters import TASKS, detection_outputs
+from agent.strictjson import dumps
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,7 +85,7 @@ def infer(
     def show(name: str, result: Result | None, output: Any, ms: float | None = None) -> None:
         if as_json:
             data = result.to_dict() if result is not None else output.to_dict()
-            print(json.dumps({"input": name, **data}), flush=True)
+            print(dumps({"input": name, **data}), flush=True)
         else:
             timing = f"  ({ms:.1f} ms)" if ms is not None else ""
             print(f"{name}: {output.summary()}{timing}", flush=True)
@@ -176,7 +176,7 @@ def bench(model: LoadedModel, seconds: float, rounds: int, as_json: bool) -> int
         ),
     }
     if as_json:
-        print(json.dumps(data, indent=2))
+        print(dumps(data, indent=2))
         return 0
     print(f"{model.name} on the {model.backend_name}, input {list(model.input.shape)}")
     print(f"  bare interpreter loop  {comparison.baseline_fps:8.1f} fps")

@@ -21,11 +21,14 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import urllib3
+from urllib3.connectionpool import port_by_scheme
+from urllib3.util import parse_url
 
 from agent import __version__
+from agent.atomic import open_private
 from agent.backoff import backoff_delay
 from agent.config import RegistryConfig
 from agent.errors import RegistryError, StoreError, TransportError, VerificationError
@@ -205,8 +208,13 @@ class _HttpTransport:
 
     @staticmethod
     def _origin(url: str) -> tuple[str, str, int | None]:
-        parts = urllib.parse.urlsplit(url)
-        return parts.scheme, (parts.hostname or "").lower(), parts.port
+        """(scheme, host, port) as urllib3 reads ``url``: the parser that connects.
+
+        Raises urllib3's LocationParseError (a ValueError) when it cannot be parsed.
+        """
+        parts = parse_url(url)
+        scheme = (parts.scheme or "http").lower()
+        return scheme, (parts.host or "").lower(), parts.port or port_by_scheme.get(scheme)
 
     def open(
         self, relpath: str, offset: int, deadline: float, etag: str | None = None
@@ -241,20 +249,42 @@ class _HttpTransport:
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.headers.get("Location", "")
                 resp.close()  # unread body: never hand the connection back
-                try:
-                    target = urllib.parse.urljoin(url, location)
-                    origin = self._origin(target)
-                except ValueError:
-                    raise RegistryError(f"{url}: unusable redirect to {location!r}") from None
-                if origin != self.origin:
-                    raise RegistryError(
-                        f"{url}: redirected to another host ({target}); refused, "
-                        "only redirects within the registry's origin are followed"
-                    )
-                url = target
+                url = self._redirect(url, location)
                 continue
             return self._accept(url, resp, offset)
         raise RegistryError(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+    def _redirect(self, url: str, location: str) -> str:
+        """The URL to follow for ``Location: location``, judged as urllib3 will connect.
+
+        The origin is judged by urllib3's own ``parse_url``, and the URL it returns is
+        exactly the one judged, so no second parser can read another host out of it.
+        Raises RegistryError for a Location off the registry's origin, one with
+        user-info, a backslash, whitespace or control characters, or one that does not
+        parse.
+        """
+        if "\\" in location or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in location):
+            raise RegistryError(
+                f"{url}: redirect to {location!r} refused: a Location with a backslash, "
+                "whitespace or control characters is read differently by different "
+                "parsers; fix the server's redirect"
+            )
+        try:
+            target = parse_url(urllib.parse.urljoin(url, location))
+            origin = self._origin(target.url)
+        except ValueError:
+            raise RegistryError(f"{url}: unusable redirect to {location!r}") from None
+        if target.auth is not None:
+            raise RegistryError(
+                f"{url}: redirect to {location!r} refused: it carries user-info (name@host); "
+                "fix the server's redirect"
+            )
+        if origin != self.origin:
+            raise RegistryError(
+                f"{url}: redirected to another host ({target.url}); refused, "
+                "only redirects within the registry's origin are followed"
+            )
+        return target.url
 
     def _unreachable(self, url: str, exc: urllib3.exceptions.HTTPError) -> str:
         """Why no connection was made, for an operator: refused, DNS, timeout or TLS."""
@@ -458,8 +488,10 @@ class Registry:
         """Fetch ``relpath`` into ``part`` until it holds exactly ``size`` bytes.
 
         Bytes already in ``part`` (an earlier, broken-off attempt) are kept and only the
-        rest is requested. ``progress(done, size)`` is called as each transfer begins
-        (``done``: the bytes kept) and after each chunk written. Returns the hex SHA-256
+        rest is requested; only when ``part`` is a regular file of ours, though: a link
+        there is never followed, and a planted file is replaced (``atomic.open_private``).
+        ``progress(done, size)`` is called as each transfer begins (``done``: the bytes
+        kept) and after each chunk written. Returns the hex SHA-256
         of the whole file; the caller compares it with the manifest. On TransportError
         the partial file is kept for the next attempt (and on KeyboardInterrupt); on
         VerificationError and StoreError it is deleted.
@@ -472,31 +504,43 @@ class Registry:
                 lambda: self._download_once(relpath, part, size, deadline, progress),
             )
         except (VerificationError, StoreError, RegistryError):
-            part.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a folder planted there stays, named in exc
+                part.unlink(missing_ok=True)
             raise
 
     def _download_once(
         self, relpath: str, part: Path, size: int, deadline: float, progress: Progress | None
     ) -> str:
+        try:  # never through a link, never into a file someone else planted
+            f = os.fdopen(open_private(part), "r+b")
+        except OSError as exc:
+            raise StoreError(f"{part}: cannot write: {exc.strerror or exc}") from exc
+        with f:
+            return self._continue(relpath, f, part, size, deadline, progress)
+
+    def _continue(
+        self,
+        relpath: str,
+        f: BinaryIO,
+        part: Path,
+        size: int,
+        deadline: float,
+        progress: Progress | None,
+    ) -> str:
         digest = hashlib.sha256()
-        offset = part.stat().st_size if part.exists() else 0
+        offset = os.fstat(f.fileno()).st_size
         if offset > size:
-            part.unlink()
+            f.truncate(0)
             offset = 0
         if offset:
-            with open(part, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    digest.update(chunk)
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
         if offset == size:  # finished earlier (or an empty file): nothing to ask for
-            try:
-                part.touch()
-            except OSError as exc:
-                raise StoreError(f"{part}: cannot write: {exc.strerror}") from exc
             return digest.hexdigest()
         try:
             resp = self.transport.open(relpath, offset, deadline)
         except _RangeRefused:
-            part.unlink()  # the server's file is not the one we began: start over
+            f.truncate(0)  # the server's file is not the one we began: start over
             raise
         try:
             if resp.start == 0 and offset:  # the server ignored Range: take the whole body
@@ -510,7 +554,7 @@ class Registry:
                 raise VerificationError(
                     f"{relpath}: server sends {sends} bytes, manifest says {size}"
                 )
-            return self._receive(relpath, resp, part, offset, size, digest, deadline, progress)
+            return self._receive(relpath, resp, f, part, offset, size, digest, deadline, progress)
         finally:
             resp.body.close()
 
@@ -518,6 +562,7 @@ class Registry:
         self,
         relpath: str,
         resp: _Response,
+        f: BinaryIO,
         part: Path,
         offset: int,
         size: int,
@@ -527,35 +572,31 @@ class Registry:
     ) -> str:
         done = offset
         try:
-            f = open(part, "r+b" if offset else "wb")  # noqa: SIM115 - a `with` follows
-        except OSError as exc:
-            raise StoreError(f"{part}: cannot write: {exc.strerror}") from exc
-        with f:
             f.seek(offset)
             f.truncate()
-            if progress is not None:  # the baseline: bytes kept from before, if any
-                progress(done, size)
-            while chunk := self._read(resp.body, relpath, deadline, done, size):
-                if done + len(chunk) > size:
-                    raise VerificationError(
-                        f"{relpath}: body longer than the manifest's {size} bytes"
-                    )
-                try:
-                    f.write(chunk)
-                except OSError as exc:
-                    raise StoreError(f"{part}: write failed: {exc.strerror}") from exc
-                digest.update(chunk)
-                done += len(chunk)
-                self.received_bytes += len(chunk)
-                if progress is not None:
-                    progress(done, size)
-                if done - len(chunk) == offset:  # the first chunk of this transfer is written
-                    f.flush()
-                    crash_point("download_partial")
+        except OSError as exc:
+            raise StoreError(f"{part}: cannot write: {exc.strerror}") from exc
+        if progress is not None:  # the baseline: bytes kept from before, if any
+            progress(done, size)
+        while chunk := self._read(resp.body, relpath, deadline, done, size):
+            if done + len(chunk) > size:
+                raise VerificationError(f"{relpath}: body longer than the manifest's {size} bytes")
             try:
-                f.flush()
+                f.write(chunk)
             except OSError as exc:
                 raise StoreError(f"{part}: write failed: {exc.strerror}") from exc
+            digest.update(chunk)
+            done += len(chunk)
+            self.received_bytes += len(chunk)
+            if progress is not None:
+                progress(done, size)
+            if done - len(chunk) == offset:  # the first chunk of this transfer is written
+                f.flush()
+                crash_point("download_partial")
+        try:
+            f.flush()
+        except OSError as exc:
+            raise StoreError(f"{part}: write failed: {exc.strerror}") from exc
         if done < size:
             raise TransportError(f"{relpath}: truncated at {done} of {size} bytes ({CLOSED_EARLY})")
         return digest.hexdigest()

@@ -61,8 +61,8 @@ class Service:
         environ: dict[str, str] | None = None,
         observe: Callable[[str, Mapping[str, Any]], None] | None = None,
     ) -> None:
-        """Build the parts; raises ConfigError for unusable MQTT settings, OutboxError for
-        an outbox that cannot be opened."""
+        """Build the parts (the outbox and the locks are taken by start()); raises
+        ConfigError for unusable MQTT settings."""
         self.config = config
         self.started = time.monotonic()
         self.store = Store(config.store.dir, config.store.keep).open()
@@ -121,15 +121,19 @@ class Service:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start telemetry, settle the journal, serve the active release, start updates.
+        """Take the outbox and the store (OutboxError, StoreError: another agent uses
+        them), start telemetry, settle the journal, serve the active release, start updates.
 
         A release that cannot be loaded is reported (event, state's last_error) and the
         agent keeps running without inference, reachable by commands and updates.
         """
+        # One agent per outbox and store: a second one is refused here, at once.
+        self.outbox.open()
         # A command-line pull may be finishing on the store: give it a moment.
         self.lock.acquire(wait_s=LOCK_WAIT_S)
         self.telemetry.start()
         self.telemetry.event("agent_started", {"pid": os.getpid()})
+        self._repair_store()
         self.updates.recover()
         try:
             release = self.store.active()
@@ -160,6 +164,17 @@ class Service:
         self.updates.start()
         self.commands.start()
         self.control.start()
+
+    def _repair_store(self) -> None:
+        """Repair a damaged pointer or planted store files before anything reads them;
+        each repair is a ``state_repaired`` event naming the file and what was done."""
+        try:
+            repairs = self.store.repair()
+        except EdgeAgentError as exc:  # busy: the holder repairs on taking the lock
+            log.error("%s", exc)
+            repairs = self.store.take_repairs()
+        for repair in repairs:
+            self.telemetry.event("state_repaired", repair.to_event())
 
     def stop(self) -> bool:
         """Stop in reverse order; each step runs even when an earlier one failed.

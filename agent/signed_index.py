@@ -28,11 +28,13 @@ from pathlib import Path
 from agent.atomic import write_atomic
 from agent.errors import StoreError, VerificationError
 from agent.manifest import Index, parse_index
+from agent.strictjson import parse_object
 from agent.verify import KeyRing, sha256_bytes, verify_signatures
 
 log = logging.getLogger(__name__)
 
 HISTORY_FILE = "index-seen.json"
+HISTORY_MAX_BYTES = 1 << 20
 LOCK_WAIT_S = 10.0
 RENEW = "edge-fleet index --renew"
 
@@ -158,9 +160,9 @@ class IndexHistory:
             log.warning("%s: cannot read (%s); starting a new one", self.path, exc.strerror)
             return {}
         try:
-            models = json.loads(raw)["models"]
+            models = parse_object(raw, what=str(self.path), max_bytes=HISTORY_MAX_BYTES)["models"]
             return {m: Seen(_int(s["version"]), _str(s["sha256"])) for m, s in dict(models).items()}
-        except (ValueError, TypeError, KeyError, RecursionError, UnicodeDecodeError) as exc:
+        except (ValueError, TypeError, KeyError) as exc:  # DocumentError is a ValueError
             log.warning(
                 "%s: damaged (%s); starting a new one: the next signed index accepted "
                 "sets the floor again",

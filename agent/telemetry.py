@@ -20,7 +20,6 @@ topic, from 1) and ``id``.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from agent.mqtt import Incoming, Link, Will
 from agent.outbox import Message, Outbox, OutboxError, Record
 from agent.pipeline import Result
 from agent.runtime.adapters import Output
+from agent.strictjson import dumps
 from agent.sysinfo import SystemProbe
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ _TICK_S = 0.5  # the writer wakes at least this often
 _ACK_BATCH = 1000  # acknowledged rows deleted in one commit
 _ACK_WAIT_S = 0.5  # or after this long
 _QUEUE_MAX = 100_000  # records waiting for the writer; beyond, the oldest are dropped
+DROP_REPORT_S = 60.0  # at most one outbox_dropped event (and log line) this often
 # PUBACK reasons that will not change on a retry: not authorized, topic name invalid,
 # packet too large, payload format invalid. Other failures (quota, busy) are retried.
 _PERMANENT = {0x87, 0x90, 0x95, 0x99}
@@ -129,6 +130,7 @@ class Telemetry:
         environ: dict[str, str] | None = None,
         observe: Callable[[str, Mapping[str, Any]], None] | None = None,
         status: Mapping[str, Any] | None = None,
+        drop_report_s: float = DROP_REPORT_S,
     ) -> None:
         """Build (no I/O but reading the password); ``handlers`` maps whole topic filters
         (``edge/<device>/cmd/+``, the desired-state topics) to functions called on
@@ -136,7 +138,7 @@ class Telemetry:
         record (stream, document) as it is made (``edge-agent demo`` prints them).
         ``status`` is added to every status message, the Last Will's too (the device's
         groups, so the fleet side knows the members of a group even while they are
-        offline).
+        offline). ``drop_report_s``: at most one ``outbox_dropped`` event this often.
 
         Raises ConfigError (from the Link) for unusable MQTT settings.
         """
@@ -169,6 +171,9 @@ class Telemetry:
         self._thread: threading.Thread | None = None
         self._generation = 0  # the Link's client generation the inflight map belongs to
         self._pause_until = 0.0  # after a deferred message: no sending before this
+        self.drop_report_s = drop_report_s
+        self._dropped: collections.Counter[str] = collections.Counter()  # not yet reported
+        self._drop_report_at = 0.0  # monotonic: no outbox_dropped event before this
         self.link: Link | None = None
         if mqtt.url is not None:
             offline = {
@@ -181,7 +186,7 @@ class Telemetry:
             self.link = Link(
                 mqtt,
                 device,
-                Will(self.topics("status"), json.dumps(offline).encode()),
+                Will(self.topics("status"), dumps(offline).encode()),
                 on_connect=self._on_connect,
                 on_disconnect=self._wake.set,
                 on_ack=self._on_ack,
@@ -248,6 +253,10 @@ class Telemetry:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the writer and the broker link; the outbox must be open. A damaged
+        outbox file that opening replaced is reported first (``state_repaired``)."""
+        if self.outbox.repair is not None:
+            self.event("state_repaired", self.outbox.repair.to_event())
         self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
         self._thread.start()
         if self.link is not None:
@@ -266,7 +275,10 @@ class Telemetry:
         return True
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Record what is queued, say offline (retained) when connected, disconnect."""
+        """Record what is queued, say offline (retained) when connected, disconnect.
+        A no-op when never started (the agent refused to start)."""
+        if self._thread is None:
+            return
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -398,16 +410,33 @@ class Telemetry:
                 return
             self._acked_rows.clear()
             self._acked_set.clear()
-            if dropped:
-                log.warning("outbox full: dropped the %d oldest messages", dropped)
+            self._dropped.update(dropped)
             for message in messages:
                 if message.rowid == 0:
                     self._send_direct(message)
         with self._idle:
             self._busy = False
             self._idle.notify_all()
+        self._report_dropped()
         if link is not None and link.connected.is_set() and time.monotonic() >= self._pause_until:
             self._fill_window(link)
+
+    def _report_dropped(self) -> None:
+        """What the size cap dropped, by stream: one event (and log line) at most every
+        ``drop_report_s``; drops in between are added to the next one."""
+        now = time.monotonic()
+        if not self._dropped or now < self._drop_report_at:
+            return
+        counts = dict(sorted(self._dropped.items()))
+        self._dropped.clear()
+        self._drop_report_at = now + self.drop_report_s
+        total = self.outbox.stats().dropped
+        log.warning(
+            "outbox full (telemetry.outbox_max_mb): dropped %s; %d dropped in all",
+            ", ".join(f"{n} {stream}" for stream, n in counts.items()),
+            total,
+        )
+        self.event("outbox_dropped", {"dropped": counts, "total": total})
 
     def _settle(self) -> None:
         """Turn paho's acknowledgements into outbox rows to delete."""

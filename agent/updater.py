@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.config import Config
-from agent.errors import RefusedError, StoreError, VerificationError
+from agent.errors import RefusedError, RegistryError, StoreError, VerificationError
 from agent.faults import crash_point
 from agent.manifest import FileEntry, Index, Manifest, parse_index, parse_manifest
 from agent.registry import Progress, Registry
@@ -61,6 +61,23 @@ class PullResult:
     # broken-off run are not counted, bytes fetched twice (a restart from zero) are.
     fetched_bytes: int
     note: str = ""
+
+
+def channel_target(index: Index, channel: str) -> int:
+    """The version ``channel`` names in ``index``: the only version a channel deploys.
+
+    Publishing is not deploying: a version no channel names is never taken, not even
+    by a device on an index that has no channels at all. Raises RegistryError saying
+    how to fix it when ``channel`` is not in the index.
+    """
+    if channel in index.channels:
+        return index.channels[channel]
+    known = ", ".join(sorted(index.channels)) or "none"
+    raise RegistryError(
+        f"channel {channel} not in {index.model}/index.json (its channels: {known}); "
+        f"nothing is deployed: publish with --channel {channel} (or pull a version "
+        "explicitly)"
+    )
 
 
 def channel_hold(store: Store, model: str, channel: str, version: int) -> str | None:
@@ -114,7 +131,7 @@ class Updater:
         return self._accept_index(raw)
 
     def channel_version(self) -> int:
-        """The version the configured channel of ``index.json`` points at."""
+        """The version the configured channel of ``index.json`` names (``channel_target``)."""
         return self._resolve(self.fetch_index())
 
     def poll_channel(self, etag: str | None) -> tuple[int | None, str | None]:
@@ -161,10 +178,7 @@ class Updater:
         return index
 
     def _resolve(self, index: Index) -> int:
-        try:
-            return index.resolve(self.config.model.channel)
-        except ValueError as exc:
-            raise VerificationError(f"{self.model}/index.json: {exc}") from exc
+        return channel_target(index, self.config.model.channel)
 
     def pull(
         self,

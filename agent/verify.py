@@ -34,7 +34,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.atomic import write_atomic
-from agent.errors import VerificationError
+from agent.errors import DocumentError, VerificationError
+from agent.strictjson import parse_object
 
 CHUNK = 1 << 20
 KEYID_LENGTH = 16  # hex digits of sha256(raw public key)
@@ -170,10 +171,10 @@ def parse_signatures(sig_file: bytes, what: str) -> list[Signature]:
         except UnicodeDecodeError:
             raise VerificationError(f"{what}: not base64") from None
     try:
-        doc = json.loads(text)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise VerificationError(f"{what}: not valid JSON: {exc}") from None
-    if not isinstance(doc, dict) or set(doc) != {"signatures"}:
+        doc = parse_object(text, what=what, max_bytes=SIGNATURE_FILE_MAX_BYTES, max_depth=3)
+    except DocumentError as exc:
+        raise VerificationError(str(exc)) from None
+    if set(doc) != {"signatures"}:
         raise VerificationError(f'{what}: must be {{"signatures": [...]}} and nothing else')
     entries = doc["signatures"]
     if not isinstance(entries, list) or not entries:

@@ -70,7 +70,7 @@ def raw_paho(port: int, n: int) -> float:
 def _telemetry(folder: Path, url: str, results: ResultsConfig) -> Telemetry:
     return Telemetry(
         "bench-dev",
-        Outbox(folder / "outbox.sqlite", 500 * 10**6),
+        Outbox(folder / "outbox.sqlite", 500 * 10**6).open(),
         MqttConfig(url=url, reconnect_max_s=1),
         results,
         interval_s=3600,

@@ -165,12 +165,13 @@ def test_malformed_control_request_gets_error_and_daemon_lives(
     agent = _serving_v1(tmp_path, registry, agents)
     path = _socket(agent)
     for payload, error in [
-        (b"not json\n", "request is not JSON"),
-        (b"[1, 2]\n", "request must be a JSON object"),
+        (b"not json\n", "request: not valid JSON"),
+        (b"[1, 2]\n", "request: not a JSON object but an array"),
         (b'{"command": "reboot"}\n', "unknown command 'reboot'"),
         (b'{"command": "rollback", "args": {"version": "two"}}\n', "positive integer"),
         (b'{"command": "pull", "args": [1]}\n', "args must be a JSON object"),
-        (b"\xff\xfe\n", "request is not JSON"),
+        (b"\xff\xfe\n", "request: not UTF-8"),
+        (b'{"command": "ping", "command": "status"}\n', "key 'command' appears twice"),
     ]:
         reply = json.loads(_raw(path, payload))
         assert reply["ok"] is False and error in reply["error"], (payload, reply)

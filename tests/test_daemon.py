@@ -612,7 +612,8 @@ def test_damaged_journal_is_set_aside_reported_and_the_agent_keeps_serving(
         _wait(lambda: _events(tap, "state_repaired"), 30, "a state_repaired event", agent)
         (event,) = _events(tap, "state_repaired")
         assert event["file"] == str(journal)
-        assert "updates.json.damaged-" in event["action"] and event["error"]
+        assert "updates.json.damaged-" in event["action"] and event["problem"]
+        assert event["kept_as"].startswith(str(journal) + ".damaged-")
         _wait(lambda: _serving(tap, 1), 30, "v1 serving (the channel's)", agent)
         (aside,) = store.glob("updates.json.damaged-*")
         assert aside.read_bytes() == DAMAGED_JOURNALS[damage]

@@ -93,13 +93,14 @@ def _payload(issued_at: float, version: int = 2) -> bytes:
     return json.dumps(doc).encode()
 
 
-def test_a_future_dated_desired_state_is_refused_and_does_not_leave_an_older_one_in_force() -> None:
+def test_a_future_dated_desired_state_is_refused_and_changes_nothing() -> None:
     state = DesiredState("edge", "d1", ["lab"], max_skew_s=300, clock=lambda: NOW)
     topic, group = "edge/d1/desired", "edge/groups/lab/desired"
     assert state.update(topic, _payload(NOW - 10, 1)) is not None
     with pytest.raises(ValueError, match="ahead of this device's clock"):
         state.update(topic, _payload(NOW + 3600))
-    assert state.winner() is None  # the earlier one from that topic does not come back
+    # A refused message changes nothing: the earlier instruction stays in force.
+    assert state.winner() == Desired("colours", 1, NOW - 10, "device")
     # Later, a correct one is taken; group states are checked the same way.
     assert state.update(topic, _payload(NOW + 5)) == Desired("colours", 2, NOW + 5, "device")
     with pytest.raises(ValueError, match="ahead of this device's clock"):

@@ -253,6 +253,39 @@ def test_redirect_to_another_host_is_refused(on_v1: Device, server: RegistryServ
     on_v1.assert_serving(1)
 
 
+@pytest.fixture
+def other_host(tmp_path: Path) -> Iterator[RegistryServer]:
+    """A second server on another loopback address, serving the same paths."""
+    root = tmp_path / "other-host"
+    (root / MODEL / "2").mkdir(parents=True)
+    (root / MODEL_FILE).write_bytes(b"not the registry's file")
+    with RegistryServer(root, host="127.0.0.2") as srv:
+        yield srv
+
+
+@pytest.mark.parametrize(
+    ("location", "refusal"),
+    [
+        # urlsplit reads host 127.0.0.1 here; urllib3, which connects, reads 127.0.0.2
+        ("http://127.0.0.2:{other}\\@127.0.0.1:{port}/" + MODEL_FILE, "backslash"),
+        ("http://127.0.0.2:{other}@127.0.0.1:{port}/" + MODEL_FILE, "user-info"),
+        ("http://user@127.0.0.1:{port}/" + MODEL_FILE, "user-info"),
+        ("//127.0.0.2:{other}/" + MODEL_FILE, "another host"),
+        ("http://127.0.0.1:{port}\t@127.0.0.2:{other}/" + MODEL_FILE, "control characters"),
+    ],
+)
+def test_redirect_read_differently_by_two_parsers_is_refused_and_never_followed(
+    on_v1: Device, server: RegistryServer, other_host: RegistryServer, location: str, refusal: str
+) -> None:
+    hostile = location.format(port=server.port, other=other_host.port)
+    server.fault(MODEL_FILE, "redirect", location=hostile)
+    with pytest.raises(RegistryError, match=refusal) as caught:
+        on_v1.updater().pull(2)
+    assert "\n" not in str(caught.value)
+    assert other_host.log == []  # not one request reached the other host
+    on_v1.assert_serving(1)
+
+
 def test_redirect_within_the_registry_is_followed(
     on_v1: Device, server: RegistryServer, fleet: Fleet
 ) -> None:

@@ -83,8 +83,9 @@ VERDICTS: list[tuple[str, tuple[Ed25519PrivateKey, ...], bytes | None, str | Non
     ("no signatures", (OLD,), b'{"signatures": []}', "a list of at least one"),
     ("bad key id", (OLD,), b'{"signatures": [{"keyid": "XY", "sig": "AA=="}]}', "keyid: not 16"),
     ("extra field", (OLD,), b'{"signatures": [{"keyid": "0", "sig": "", "x": 1}]}', "must be"),
-    ("deep JSON", (OLD,), b'{"signatures":' + b"[" * 2000 + b"]" * 2000 + b"}", "not valid JSON"),
+    ("deep JSON", (OLD,), b'{"signatures":' + b"[" * 2000 + b"]" * 2000 + b"}", "limit of 3"),
     ("too long", (OLD,), b"{" + b" " * 5000 + b"}", "over 4096 bytes"),
+    ("a key twice", (OLD,), b'{"signatures": [], "signatures": []}', "twice"),
 ]
 
 

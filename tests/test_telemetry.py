@@ -43,7 +43,7 @@ def _telemetry(
     handlers = {f"edge/{DEV}/cmd/+": commands.submit} if commands else None
     return Telemetry(
         DEV,
-        Outbox(tmp_path / "outbox.sqlite", 10**7),
+        Outbox(tmp_path / "outbox.sqlite", 10**7).open(),
         MqttConfig(url=url, reconnect_max_s=1, **mqtt),
         results or ResultsConfig(publish="every"),
         interval_s=0.2,
@@ -246,9 +246,10 @@ def test_commands_reply_on_the_response_topic_or_the_device_reply_topic(
     ("name", "payload", "error"),
     [
         ("reboot", b"{}", "unknown command 'reboot'; known: crash, ping, rollback"),
-        ("ping", b"{not json", "payload is not JSON"),
-        ("ping", b"[1, 2]", "payload must be a JSON object, not list"),
-        ("ping", b"\xff\xfe", "payload is not JSON"),
+        ("ping", b"{not json", "payload: not valid JSON: Expecting property name"),
+        ("ping", b"[1, 2]", "payload: not a JSON object but an array"),
+        ("ping", b"\xff\xfe", "payload: not UTF-8"),
+        ("ping", b'{"id": 1, "n": NaN}', "payload: not valid JSON: NaN is not a JSON number"),
         (
             "ping",
             b'{"x": "' + b"a" * 300 + b'"}',
@@ -387,10 +388,92 @@ def test_json_that_breaks_the_parser_still_gets_one_error_reply() -> None:
     for payload in (b"[" * 50_000, b'{"n": ' + b"9" * 5000 + b"}"):
         commands.submit(Incoming("edge/d/cmd/ping", payload, None, None))
     assert [r["ok"] for r in replies] == [False, False]
-    assert all(r["error"].startswith("payload is not JSON") for r in replies)
+    assert [r["error"].split(":")[:2] for r in replies] == [
+        ["payload", " nested 50000 deep, over the limit of 32"],
+        ["payload", " not valid JSON"],
+    ]
 
 
 def test_backoff_survives_any_number_of_attempts() -> None:
     from agent.backoff import backoff_delay
 
     assert 0.5 * 60 <= backoff_delay(100_000, 0.5, 60, low=0.5) <= 60
+
+
+def _capped(tmp_path: Path, url: str, cap: int, drop_report_s: float) -> Telemetry:
+    return Telemetry(
+        DEV,
+        Outbox(tmp_path / "outbox.sqlite", cap).open(),
+        MqttConfig(url=url, reconnect_max_s=1),
+        ResultsConfig(publish="every"),
+        interval_s=3600,
+        drop_report_s=drop_report_s,
+    )
+
+
+def _stored(telemetry: Telemetry) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (m.topic.rsplit("/", 1)[1], json.loads(m.payload))
+        for m in telemetry.outbox.pending(0, 100_000)
+    ]
+
+
+def test_a_full_outbox_drops_results_first_keeps_events_and_state_and_says_so_once(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    broker.stop()
+    telemetry = _capped(tmp_path, broker.url, 40_000, drop_report_s=60)
+    telemetry.start()
+    try:
+        telemetry.state({"phase": "idle"})
+        for i in range(20):
+            telemetry.event("tick", {"i": i})
+        assert telemetry.flush(5)
+        for batch in range(6):  # six batches, each over the cap: six drops
+            for i in range(100):
+                telemetry.result(_result(batch * 100 + i, "red"))
+            assert telemetry.flush(5)
+        assert telemetry.flush(5)  # the outbox_dropped event, recorded by the last step
+        stored = _stored(telemetry)
+        ticks = [doc["i"] for stream, doc in stored if doc.get("event") == "tick"]
+        assert ticks == list(range(20)) and [s for s, _ in stored].count("state") == 1
+        reports = [doc for _, doc in stored if doc.get("event") == "outbox_dropped"]
+        assert len(reports) == 1  # rate-limited: one a minute, however many drops
+        assert set(reports[0]["dropped"]) == {"results"} and reports[0]["dropped"]["results"] > 0
+        total = telemetry.outbox.stats().dropped
+        assert total > reports[0]["dropped"]["results"]  # later drops wait for the next one
+        broker.start()
+        watcher = subscriber(broker.url, [f"edge/{DEV}/events"])
+        try:
+            watcher.wait_for(
+                lambda ms: any(json.loads(m.payload)["event"] == "outbox_dropped" for m in ms),
+                timeout=15,
+            )
+            sent = [d for d in _docs(watcher.messages()) if d["event"] == "outbox_dropped"]
+        finally:
+            watcher.close()
+        assert sent[0]["dropped"] == reports[0]["dropped"] and sent[0]["total"] > 0
+    finally:
+        telemetry.stop()
+
+
+def test_drops_between_reports_are_added_to_the_next_report(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"mqtt://127.0.0.1:{sock.getsockname()[1]}"
+    telemetry = _capped(tmp_path, url, 20_000, drop_report_s=0.5)
+    telemetry.start()
+    try:
+        for batch in range(4):
+            for i in range(100):
+                telemetry.result(_result(batch * 100 + i, "red"))
+            assert telemetry.flush(5)
+
+        def reported() -> int:
+            docs = [doc for _, doc in _stored(telemetry) if doc.get("event") == "outbox_dropped"]
+            return sum(sum(doc["dropped"].values()) for doc in docs)
+
+        # every drop is reported, in at most one event per half second
+        assert wait_until(lambda: reported() == telemetry.outbox.stats().dropped, 5)
+    finally:
+        telemetry.stop()

@@ -153,7 +153,7 @@ def test_damaged_journal_is_set_aside_reported_and_replaced_by_a_fresh_one(
     updates.recover()
     (event,) = reporter.named("state_repaired")
     assert event["file"] == str(path) and "updates.json.damaged-" in event["action"]
-    assert event["error"]
+    assert event["problem"] and event["kept_as"].startswith(str(path) + ".damaged-")
     (aside,) = store.root.glob(f"{JOURNAL}.damaged-*")
     assert aside.read_bytes() == damage
     assert parse(path.read_bytes()).attempt is None  # a fresh, valid journal

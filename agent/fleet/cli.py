@@ -12,7 +12,6 @@ not go together). The broker options default to ``EDGE_FLEET_BROKER``,
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -48,6 +47,7 @@ from agent.fleet.view import (
     status_text,
 )
 from agent.manifest import TASKS
+from agent.strictjson import dumps
 from agent.verify import KeyRing, generate_keypair, key_id, load_private_key
 
 # command -> (description, examples) for its --help
@@ -361,7 +361,7 @@ def _index(args: argparse.Namespace) -> None:
             "versions": info.versions,
             "signed_by": info.keyids,
         }
-        print(json.dumps(doc, indent=2))
+        print(dumps(doc, indent=2))
         return
     verb = "renewed" if args.renew else "index"
     channels = ", ".join(f"{k}=v{v}" for k, v in sorted(info.channels.items())) or "none"
@@ -488,7 +488,7 @@ def _own_desired_wins(view: FleetView, device: str, key: KeyRing | None) -> bool
     if doc is None:
         return False
     try:
-        payload = json.dumps(doc).encode()
+        payload = dumps(doc).encode()
         return parse_desired(payload, "device", target=f"device:{device}", key=key) is not None
     except ValueError:
         return False
@@ -517,7 +517,7 @@ def _deploy(args: argparse.Namespace) -> int:
             broker.publish(topic, b"")
             quiet(f"cleared the desired state on {topic}")
             if args.json:
-                print(json.dumps({"topic": topic, "cleared": True}))
+                print(dumps({"topic": topic, "cleared": True}))
             return 0
         issued_at = issue_time()
         broker.publish(
@@ -563,7 +563,7 @@ def _deploy(args: argparse.Namespace) -> int:
             done = sum(w.verdict.status == "succeeded" for w in watched)
             quiet(f"{done} of {len(watched) + len(shadowed)} device(s) run v{args.version}")
         if args.json:
-            print(json.dumps(result, indent=2))
+            print(dumps(result, indent=2))
         return 0 if ok else 1
 
 
@@ -591,7 +591,7 @@ def _rollout(args: argparse.Namespace) -> int:
         )
     say(outcome.summary())
     if args.json:
-        print(json.dumps(outcome.to_dict(), indent=2))
+        print(dumps(outcome.to_dict(), indent=2))
     return 0 if outcome.succeeded else 1
 
 
@@ -636,7 +636,7 @@ def _devices_cmd(args: argparse.Namespace) -> int:
         keep = set(view.members(args.group))
         view.devices = {k: v for k, v in view.devices.items() if k in keep}
     if args.json:
-        print(json.dumps([d.row() for d in view.reporting()], indent=2))
+        print(dumps([d.row() for d in view.reporting()], indent=2))
     else:
         print(devices_table(view))
     return 0
@@ -645,7 +645,7 @@ def _devices_cmd(args: argparse.Namespace) -> int:
 def _status_cmd(args: argparse.Namespace) -> int:
     view = _snapshot(args)
     status = model_status(view, args.model)
-    print(json.dumps(status, indent=2) if args.json else status_text(status))
+    print(dumps(status, indent=2) if args.json else status_text(status))
     return 0
 
 
@@ -672,7 +672,7 @@ def _follow(args: argparse.Namespace) -> int:
                     continue  # retained telemetry is the last known, not live news
                 if args.json:
                     line = {"device": report.device, "stream": report.stream, "doc": report.doc}
-                    print(json.dumps(line), flush=True)
+                    print(dumps(line), flush=True)
                 else:
                     print(describe(report), flush=True)
                 seen += 1
@@ -709,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
                 budget_p95_ms=args.budget_p95_ms,
             )
             if args.json:
-                print(json.dumps(result.manifest, indent=2))
+                print(dumps(result.manifest, indent=2))
             else:
                 verb = "published" if result.created else "already published (unchanged)"
                 channels = f", channels: {', '.join(args.channel)}" if args.channel else ""

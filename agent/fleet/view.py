@@ -6,23 +6,39 @@ read the fleet through :class:`FleetView`.
 The view only believes what devices report. It never guesses: a device that has not
 reported a figure shows ``-``, and live figures (fps, p95, temperature) of a device
 that is offline are shown as unknown, not as its last values.
+
+Nor does it trust them (:mod:`agent.fleet.reports`): a message that is not a JSON object
+by :func:`agent.strictjson.parse_object`'s rules is skipped, a field of the wrong type is
+dropped, every string is made printable, and a topic whose device id or group name is
+not a valid one is skipped; each device that sent such a thing is named once, in a
+warning (stderr), and the rest of the fleet is shown as usual.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.errors import DocumentError
+from agent.fleet.acl import NAME_PATTERN, check_device_id
 from agent.fleet.broker import Message
+from agent.fleet.reports import MAX_BYTES, MAX_DEPTH, clean, printable
+from agent.strictjson import dumps, parse_object
 
 REPORTS = ("status", "state", "telemetry", "desired")
 LIVE_S = 300.0  # telemetry older than this is not shown as a device's current figures
 FOLLOWED = ("telemetry", "results", "events")
 ACTIVE_PHASES = ("downloading", "verifying", "validating", "activating", "probation")
+MAX_CELL = 64  # characters of one table cell
+
+
+def warn_on_stderr(line: str) -> None:
+    """How ``edge-fleet`` says what it skipped: one line on stderr."""
+    print(f"edge-fleet: warning: {line}", file=sys.stderr, flush=True)
 
 
 def _number(value: Any) -> float | None:
@@ -132,6 +148,8 @@ class FleetView:
     prefix: str = "edge"
     devices: dict[str, DeviceView] = field(default_factory=dict)
     group_desired: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warn: Callable[[str], None] = warn_on_stderr  # once per device (or topic) at most
+    warned: set[str] = field(default_factory=set)
 
     def subscriptions(self, streams: Iterable[str] = REPORTS, device: str = "+") -> list[str]:
         topics = [f"{self.prefix}/{device}/{stream}" for stream in streams]
@@ -139,22 +157,46 @@ class FleetView:
             topics.append(f"{self.prefix}/groups/+/desired")
         return topics
 
+    def _warn(self, who: str, line: str) -> None:
+        if who not in self.warned:
+            self.warned.add(who)
+            self.warn(f"{who}: {line}")
+
+    def _read(self, message: Message, stream: str, who: str) -> tuple[bool, dict[str, Any] | None]:
+        """(usable, document) of ``message``: the document parsed and cleaned (None for
+        an empty message); not usable when it cannot be parsed (then said once)."""
+        if not message.payload:
+            return True, None
+        try:
+            doc = parse_object(
+                message.payload, what=stream, max_bytes=MAX_BYTES, max_depth=MAX_DEPTH
+            )
+        except DocumentError as exc:
+            self._warn(who, f"{exc}; the message is ignored")
+            return False, None
+        cleaned, problems = clean(stream, doc)
+        if problems:
+            more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+            self._warn(who, f"{'; '.join(problems[:2])}{more}")
+        return True, cleaned
+
     def take(self, message: Message) -> Report | None:
         """Take one message in; the report it made, or None when it is not the fleet's
-        (another topic, not a JSON object)."""
+        (another topic) or not usable (not a JSON object, an invalid device id or group
+        name: said once through ``warn``). A usable document is cleaned
+        (:func:`agent.fleet.reports.clean`), and problems with it are said once too."""
         if not message.topic.startswith(self.prefix + "/"):
             return None
         levels = message.topic[len(self.prefix) + 1 :].split("/")
-        doc: dict[str, Any] | None = None
-        if message.payload:
-            try:
-                parsed = json.loads(message.payload)
-            except (UnicodeDecodeError, ValueError):
-                return None
-            if not isinstance(parsed, dict):
-                return None
-            doc = parsed
         if len(levels) == 3 and levels[0] == "groups" and levels[2] == "desired":
+            group = levels[1]
+            if not NAME_PATTERN.fullmatch(group):
+                who = f"topic {printable(message.topic, 120)}"
+                self._warn(who, "not a valid group name; skipped")
+                return None
+            usable, doc = self._read(message, "desired", f"group {group}")
+            if not usable:
+                return None
             if doc is None:
                 self.group_desired.pop(levels[1], None)
             else:
@@ -163,6 +205,13 @@ class FleetView:
         if len(levels) != 2 or levels[0] == "groups":
             return None
         device_id, stream = levels
+        if check_device_id(device_id) is not None:
+            who = f"topic {printable(message.topic, 120)}"
+            self._warn(who, "not a valid device id; skipped")
+            return None
+        usable, doc = self._read(message, stream, f"device {device_id}")
+        if not usable:
+            return None
         device = self.devices.get(device_id)
         if device is None:
             if doc is None:
@@ -204,7 +253,7 @@ def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return f"{value:.{digits}f}" if abs(value) < 1e9 else f"{value:.3g}"
     return str(value)
 
 
@@ -220,6 +269,8 @@ def _update_cell(row: dict[str, Any]) -> str:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell; each cell printable and cut to MAX_CELL."""
+    rows = [[printable(cell, MAX_CELL) for cell in row] for row in rows]
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
@@ -272,8 +323,11 @@ def devices_table(view: FleetView, now: float | None = None) -> str:
 def _when(ts: Any) -> str:
     value = _number(ts)
     if value is None:
-        return str(ts)
-    moment = datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
+        return printable(str(ts), 40)
+    try:
+        moment = datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
+    except (ValueError, OverflowError, OSError):  # a time out of range
+        return printable(str(ts), 40)
     return moment.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
@@ -342,9 +396,11 @@ def status_text(status: dict[str, Any]) -> str:
 
 def _clock(ts: Any) -> str:
     value = _number(ts)
-    if value is None:
-        value = time.time()
-    return datetime.datetime.fromtimestamp(value).strftime("%H:%M:%S")
+    try:
+        moment = datetime.datetime.fromtimestamp(time.time() if value is None else value)
+    except (ValueError, OverflowError, OSError):  # a time out of range
+        moment = datetime.datetime.now()
+    return moment.strftime("%H:%M:%S")
 
 
 def _part(doc: dict[str, Any], name: str) -> dict[str, Any]:
@@ -382,7 +438,7 @@ def describe(report: Report) -> str:
         extra = " ".join(f"{k}={v}" for k, v in doc.items() if k not in skip and v is not None)
         gist = f"{doc.get('event')} {extra}".rstrip()
     else:
-        gist = json.dumps(doc, sort_keys=True)
+        gist = dumps(doc, sort_keys=True)
     if len(gist) > 300:
         gist = gist[:299] + "…"
     return f"{_clock(doc.get('ts'))} {report.device} {stream:<9} {gist}"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
 from agent.atomic import write_atomic
+from agent.repairs import Repair
 
 log = logging.getLogger(__name__)
 
@@ -314,18 +315,6 @@ def parse(data: bytes) -> JournalDoc:
 # -- the file (I/O) ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Repair:
-    """What loading did about a damaged journal (reported as ``state_repaired``)."""
-
-    file: str
-    action: str
-    error: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"file": self.file, "action": self.action, "error": self.error}
-
-
 class Journal:
     """``updates.json``: loaded once, saved atomically after every change."""
 
@@ -347,15 +336,16 @@ class Journal:
         except FileNotFoundError:
             return cls(path, JournalDoc())
         except (OSError, JournalDamaged) as exc:
-            error = str(exc) if isinstance(exc, JournalDamaged) else exc.strerror or str(exc)
+            problem = str(exc) if isinstance(exc, JournalDamaged) else exc.strerror or str(exc)
         aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
         try:
             path.rename(aside)
-            action = f"moved aside to {aside.name}; started a new journal"
+            action, kept_as = f"moved aside to {aside.name}; started a new journal", str(aside)
         except OSError as exc:
-            action = f"cannot move it aside ({exc.strerror}); started a new journal"
-        log.error("%s: damaged (%s): %s", path, error, action)
-        return cls(path, JournalDoc(), Repair(str(path), action, error))
+            action, kept_as = f"cannot move it aside ({exc.strerror}); started a new journal", None
+        log.error("%s: damaged (%s): %s", path, problem, action)
+        repair = Repair(str(path), problem, action, kept_as)
+        return cls(path, JournalDoc(), repair)
 
     def save(self) -> None:
         """Write the journal; a full disk is logged, never raised (an update or a

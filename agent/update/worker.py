@@ -206,7 +206,7 @@ class Updates:
         repair = self.journal.repair
         if repair is not None:
             self.journal.repair = None
-            self.reporter.event("state_repaired", repair.to_dict())
+            self.reporter.event("state_repaired", repair.to_event())
             self._save()  # the fresh journal replaces the one set aside
         attempt = self.doc.attempt
         if attempt is None or not attempt.open:

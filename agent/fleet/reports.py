@@ -1,0 +1,188 @@
+"""What a device reports, as the fleet tools take it: checked, never trusted.
+
+A retained status, state or telemetry (and the events and results a rollout or
+``telemetry`` follows) is whatever was published with a device's certificate: a broken
+agent, or someone who holds that certificate. The fleet tools parse it with
+:func:`agent.strictjson.parse_object` (at most :data:`MAX_BYTES`, nested at most
+:data:`MAX_DEPTH`) and then :func:`clean` it:
+
+- a field the tools use that has the wrong type (``"groups": "abc"``, ``"version":
+  "1; rm"``, ``"state": {}``) is dropped, and named in a problem;
+- every string, keys included, is made printable: a control or other non-printable
+  character (ESC, BEL, a C1 control, a bidi override, a newline) becomes its escape
+  (``\\x1b``), and a string is cut to :data:`MAX_TEXT` characters (keys to
+  :data:`MAX_KEY`), which is a problem too. Nothing a device supplies then reaches a
+  terminal as a control sequence, whatever prints it.
+
+Pure functions over plain values; :class:`agent.fleet.view.FleetView` applies them and
+says what was wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MAX_BYTES = 256 * 1024  # one report; the agent's are a few kilobytes
+MAX_DEPTH = 16
+MAX_TEXT = 1000  # characters of one string (an error message fits)
+MAX_KEY = 64
+
+# The fields the fleet tools read, per stream, and what they must be (None is always
+# allowed: a field not reported). "int" excludes booleans; "number" is int or float.
+_STATUS = {
+    "ts": "number",
+    "state": "str",
+    "reason": "str",
+    "groups": "list[str]",
+    "agent_version": "str",
+}
+_UPDATE = {
+    "model": "str",
+    "version": "int",
+    "phase": "str",
+    "outcome": "str",
+    "reason": "str",
+    "issued_at": "number",
+    "retry": "bool",
+}
+_DESIRED = {"model": "str", "version": "int", "issued_at": "number|str"}
+_STATE = {
+    "ts": "number",
+    "model": "str",
+    "version": "int",
+    "serving": "int",
+    "previous": "int",
+    "backend": "str",
+    "phase": "str",
+    "last_error": "str",
+    "agent_version": "str",
+    "update": _UPDATE,
+    "desired": _DESIRED,
+    "bad": "list[str]",
+}
+_INFERENCE = {
+    "fps": "number",
+    "latency_ms_p95": "number",
+    "backend": "str",
+    "model": "str",
+    "version": "int",
+}
+_TELEMETRY = {
+    "ts": "number",
+    "agent_version": "str",
+    "cpu_pct": "number",
+    "temp_c": "number",
+    "rss_mb": "number",
+    "inference": _INFERENCE,
+    "outbox": {"depth": "number"},
+}
+_EVENTS = {"ts": "number", "event": "str"}
+_RESULTS = {"ts": "number", "version": "int"}
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "status": _STATUS,
+    "state": _STATE,
+    "telemetry": _TELEMETRY,
+    "desired": _DESIRED,
+    "events": _EVENTS,
+    "results": _RESULTS,
+}
+
+
+def printable(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``, ``\\n``,
+    ``\\u202e``) and cut to ``limit`` characters (then ``…``)."""
+    if len(text) <= limit and text.isprintable():
+        return text
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit])
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if value is None:
+        return True
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "number|str":
+        return _fits(value, "number") or isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    raise AssertionError(kind)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return printable(repr(value), 40)
+
+
+def _string(value: str, limit: int, changed: list[str]) -> str:
+    text = printable(value, limit)
+    if text != value:
+        changed.append(text)
+    return text
+
+
+def _text(value: Any, changed: list[str]) -> Any:
+    """``value`` with every string (keys too) printable and capped, at any depth; each
+    string that had to change is appended to ``changed``."""
+    if isinstance(value, str):
+        return _string(value, MAX_TEXT, changed)
+    if isinstance(value, dict):
+        return {_string(k, MAX_KEY, changed): _text(v, changed) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_text(v, changed) for v in value]
+    return value
+
+
+def _check(doc: dict[str, Any], schema: dict[str, Any], path: str, problems: list[str]) -> None:
+    for name, kind in schema.items():
+        if name not in doc:
+            continue
+        value = doc[name]
+        where = f"{path}.{name}" if path else name
+        if isinstance(kind, dict):
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                problems.append(f"{where}: {_describe(value)} is not an object (dropped)")
+                del doc[name]
+                continue
+            _check(value, kind, where, problems)
+        elif not _fits(value, kind):
+            problems.append(f"{where}: {_describe(value)} is not {_KINDS[kind]} (dropped)")
+            del doc[name]
+
+
+_KINDS = {
+    "str": "a string",
+    "int": "an integer",
+    "number": "a number",
+    "number|str": "a number or a time",
+    "bool": "true or false",
+    "list[str]": "a list of strings",
+}
+
+
+def clean(stream: str, doc: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A copy of ``doc`` (a report on ``stream``) fit for the fleet tools, and one line
+    per field dropped for its type (``state.version: '1; rm' is not an integer
+    (dropped)``), and one when strings had to be escaped or cut."""
+    changed: list[str] = []
+    cleaned: dict[str, Any] = _text(doc, changed)
+    problems: list[str] = []
+    _check(cleaned, SCHEMAS.get(stream, {}), "", problems)
+    out = [f"{stream}.{p}" for p in problems]
+    if changed:
+        out.append(
+            f"{stream}: {len(changed)} string(s) with control characters or too long "
+            f"(escaped and cut: {printable(changed[0], 40)})"
+        )
+    return cleaned, out
