@@ -112,7 +112,13 @@ class RegistryConfig(_Section):
     public_key: FilePath | None = Field(
         default=None,
         description="Ed25519 public key (PEM). When set, unsigned or badly signed releases "
-        "are refused.",
+        "and index.json are refused.",
+    )
+    public_keys: list[FilePath] = Field(
+        default_factory=list,
+        description="More trusted registry keys (PEM paths), trusted together with "
+        "public_key: a signature by any of them is accepted. Rotate by listing old and new, "
+        "re-signing, then dropping the old one; a key removed here is revoked.",
     )
     ca: FilePath | None = Field(
         default=None, description="CA bundle for an https registry with a private CA."
@@ -149,6 +155,11 @@ class RegistryConfig(_Section):
     @classmethod
     def _scheme(cls, value: str | None) -> str | None:
         return None if value is None else check_url(value, ("http", "https", "file"))
+
+    @property
+    def trusted_keys(self) -> list[Path]:
+        """public_key and public_keys: every key whose signature is accepted."""
+        return [*([self.public_key] if self.public_key else []), *self.public_keys]
 
 
 class ModelConfig(_Section):
@@ -454,13 +465,27 @@ class UpdateConfig(_Section):
         gt=0,
         description="A desired state issued further than this ahead of the device's clock is "
         "refused (event desired_invalid), so one future-dated instruction cannot make every "
-        "later one look stale.",
+        "later one look stale. Also the allowance when judging whether a signed index.json "
+        "has expired.",
     )
     desired_public_key: FilePath | None = Field(
         default=None,
         description="Ed25519 public key (PEM) of the fleet's deploy key; when set, desired "
         "state that is unsigned, signed by another key or meant for another target is refused.",
     )
+    desired_public_keys: list[FilePath] = Field(
+        default_factory=list,
+        description="More trusted deploy keys (PEM paths), trusted together with "
+        "desired_public_key; a key removed here is revoked.",
+    )
+
+    @property
+    def desired_keys(self) -> list[Path]:
+        """desired_public_key and desired_public_keys: every deploy key accepted."""
+        return [
+            *([self.desired_public_key] if self.desired_public_key else []),
+            *self.desired_public_keys,
+        ]
 
 
 SUN_PATH_MAX = 107  # bytes of a Unix socket path (sun_path is 108, NUL-terminated)

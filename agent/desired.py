@@ -8,10 +8,12 @@ and ignores others, so the fleet side can add to the document without breaking d
 
 Signed desired state (``edge-fleet deploy --sign-key``) adds two fields: ``target``
 (``device:<id>`` or ``group:<name>``: the topic it was made for, so it cannot be
-replayed onto another device's or group's topic) and ``signature``, the base64 Ed25519
-signature of :func:`canonical` of the document. A device with
-``update.desired_public_key`` set refuses a document without a valid one; a document
-issued before the one the device last applied is refused as stale by the updater.
+replayed onto another device's or group's topic), ``keyid`` (the signing key's id,
+agent/verify.py) and ``signature``, the base64 Ed25519 signature of :func:`canonical`
+of the document (``keyid`` included). A device with ``update.desired_public_key(s)``
+set refuses a document without a valid signature by one of those keys (one without a
+``keyid``, from older fleet tools, is checked against each); a document issued before
+the one the device last applied is refused as stale by the updater.
 
 A document issued further ahead of the device's clock than ``update.max_clock_skew_s``
 is refused too (:func:`check_clock`): applied, it would make every later instruction
@@ -40,16 +42,15 @@ from agent.config import MODEL_NAME_PATTERN
 from agent.strictjson import parse_object
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-        Ed25519PrivateKey,
-        Ed25519PublicKey,
-    )
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from agent.manifest import FileEntry
     from agent.registry import Progress
+    from agent.verify import KeyRing
 
 MAX_PAYLOAD = 4096
 SIGNATURE = "signature"
+KEYID = "keyid"
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,12 @@ def canonical(doc: Mapping[str, Any]) -> bytes:
 
 
 def sign_desired(doc: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
-    """``doc`` with its ``signature`` (it should carry ``target``)."""
-    signature = base64.b64encode(key.sign(canonical(doc))).decode()
-    return {**{k: v for k, v in doc.items() if k != SIGNATURE}, SIGNATURE: signature}
+    """``doc`` with ``keyid`` and ``signature`` (it should carry ``target``)."""
+    from agent.verify import key_id
+
+    body = {**{k: v for k, v in doc.items() if k != SIGNATURE}, KEYID: key_id(key)}
+    signature = base64.b64encode(key.sign(canonical(body))).decode()
+    return {**body, SIGNATURE: signature}
 
 
 def target_of(source: str, device: str) -> str:
@@ -139,27 +143,43 @@ def target_of(source: str, device: str) -> str:
     return f"device:{device}" if source == "device" else source
 
 
-def _check_signature(doc: dict[str, Any], key: Ed25519PublicKey) -> None:
+def _check_signature(doc: dict[str, Any], keys: KeyRing) -> None:
     from cryptography.exceptions import InvalidSignature
 
     signature = doc.get(SIGNATURE)
     if signature is None:
-        raise ValueError("signature: missing, and update.desired_public_key requires one")
+        raise ValueError(f"signature: missing, and {keys.what} requires one")
     if not isinstance(signature, str):
         raise ValueError("signature: not a base64 string")
     try:
         raw = base64.b64decode(signature, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("signature: not a base64 string") from None
+    keyid = doc.get(KEYID)
+    if keyid is None:  # older fleet tools: any trusted key may have made it
+        candidates = list(keys.keys.values())
+    elif not isinstance(keyid, str):
+        raise ValueError("keyid: not a string")
+    elif keyid in keys.keys:
+        candidates = [keys.keys[keyid]]
+    else:
+        raise ValueError(
+            f"signature: bad (signed by key {keyid[:16]!r}, which {keys.what} does not "
+            f"list; trusted: {', '.join(keys.ids)}; a key removed there is revoked)"
+        )
     try:
-        key.verify(raw, canonical(doc))
+        body = canonical(doc)
     except ValueError as exc:  # NaN or Infinity in the document
         raise ValueError(f"cannot check the signature: {exc}") from None
-    except InvalidSignature:
-        raise ValueError(
-            "signature: bad (signed by another key than update.desired_public_key, "
-            "or changed after signing)"
-        ) from None
+    for key in candidates:
+        try:
+            key.verify(raw, body)
+            return
+        except InvalidSignature:
+            continue
+    raise ValueError(
+        f"signature: bad (signed by another key than {keys.what}, or changed after signing)"
+    )
 
 
 def parse_desired(
@@ -167,12 +187,13 @@ def parse_desired(
     source: str,
     *,
     target: str | None = None,
-    key: Ed25519PublicKey | None = None,
+    key: KeyRing | None = None,
 ) -> Desired | None:
     """The desired state in ``payload``; None for an empty (cleared) one.
 
     ``target`` is what a ``target`` field must say (checked whenever the field is
-    there); with ``key``, a valid signature and the ``target`` field are required.
+    there); with ``key`` (the trusted deploy keys), a valid signature by one of them
+    and the ``target`` field are required.
     Raises ValueError naming the field that is wrong (DocumentError, one, for bytes
     that are not a JSON object by :func:`agent.strictjson.parse_object`'s rules).
     """
@@ -218,7 +239,7 @@ class DesiredState:
         prefix: str,
         device: str,
         groups: list[str],
-        key: Ed25519PublicKey | None = None,
+        key: KeyRing | None = None,
         *,
         max_skew_s: float | None = None,
         clock: Callable[[], float] = time.time,

@@ -160,6 +160,16 @@ class Index(_Doc):
     model: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name.")
     versions: list[int] = Field(description="Published versions, complete releases only.")
     channels: dict[str, int] = Field(default_factory=dict, description="Channel -> version.")
+    # Written by edge-fleet publish and index --renew; required by a device that checks
+    # the index's signature (agent/signed_index.py), optional for an unsigned registry.
+    version: int | None = Field(
+        default=None, ge=1, strict=True, description="Raised by one on every change."
+    )
+    expires: str | None = Field(
+        default=None,
+        pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$",
+        description="RFC 3339 UTC time after which devices refuse this index.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Index:

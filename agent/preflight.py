@@ -104,7 +104,7 @@ def _requirements(config: Config, found: Findings) -> None:
 
 
 def _files(config: Config, found: Findings) -> None:
-    files = {
+    files: dict[str, Path | None] = {
         "registry.public_key": config.registry.public_key,
         "registry.ca": config.registry.ca,
         "mqtt.ca": config.mqtt.ca,
@@ -113,12 +113,20 @@ def _files(config: Config, found: Findings) -> None:
         "mqtt.password_file": config.mqtt.password_file,
         "update.desired_public_key": config.update.desired_public_key,
     }
+    public_keys = ["registry.public_key", "update.desired_public_key"]
+    for section, more in (
+        ("registry.public_keys", config.registry.public_keys),
+        ("update.desired_public_keys", config.update.desired_public_keys),
+    ):
+        for i, listed in enumerate(more):
+            files[f"{section}[{i}]"] = listed
+            public_keys.append(f"{section}[{i}]")
     unreadable = set()
     for key, path in files.items():
         if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
             unreadable.add(key)
             found.errors.append(f"{key}: cannot read {path}")
-    for key in ("registry.public_key", "update.desired_public_key"):
+    for key in public_keys:
         path = files[key]
         if path is not None and key not in unreadable:
             try:

@@ -8,21 +8,35 @@ Any failure before the switch leaves the active release exactly as it was.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import Config
 from agent.errors import RefusedError, RegistryError, StoreError, VerificationError
 from agent.faults import crash_point
 from agent.manifest import FileEntry, Index, Manifest, parse_index, parse_manifest
 from agent.registry import Progress, Registry
+from agent.signed_index import IndexHistory, check_index
 from agent.store import Release, Store
-from agent.verify import load_public_key, sha256_bytes, verify_signature
+from agent.verify import SIGNATURE_FILE_MAX_BYTES, KeyRing, sha256_bytes, verify_signatures
+
+log = logging.getLogger(__name__)
 
 MB = 1_000_000
-SIGNATURE_MAX_BYTES = 4096
+SIGNATURE_MAX_BYTES = SIGNATURE_FILE_MAX_BYTES
+_unverified_warned = threading.Event()  # the "index.json is not verified" warning, once
+
+
+def _warn_unverified_once() -> None:
+    if not _unverified_warned.is_set():
+        _unverified_warned.set()
+        log.warning(
+            "registry.public_key is not set: index.json and releases are not verified, so "
+            "whoever controls the registry or the network decides what this device runs"
+        )
 
 
 Phase = Callable[[str], None]
@@ -104,20 +118,17 @@ class Updater:
         self.store = store
         self.registry = registry
         self.progress = progress
-        self.public_key: Ed25519PublicKey | None = (
-            load_public_key(config.registry.public_key) if config.registry.public_key else None
-        )
+        # Raises VerificationError naming the key file that cannot be used.
+        self.keys = KeyRing.load(config.registry.trusted_keys, "registry.public_key(s)")
         self.doc_max = int(config.registry.max_manifest_kb * 1000)
 
     def fetch_index(self) -> Index:
-        """The registry's ``index.json`` of the configured model (size-capped, checked)."""
+        """The registry's ``index.json`` of the configured model (size-capped, checked:
+        with trusted keys, signed, fresh and not older than one accepted before)."""
         where = f"{self.model}/index.json"
         raw = self.registry.fetch_document(where, self.doc_max)
         assert raw is not None  # not optional: absence raises
-        index = parse_index(raw, where)
-        if index.model != self.model:
-            raise VerificationError(f"{where}: model is {index.model!r}, expected {self.model!r}")
-        return index
+        return self._accept_index(raw)
 
     def channel_version(self) -> int:
         """The version the configured channel of ``index.json`` names (``channel_target``)."""
@@ -132,10 +143,39 @@ class Updater:
         fetched = self.registry.fetch_if_changed(where, self.doc_max, etag)
         if fetched.data is None:
             return None, fetched.etag
-        index = parse_index(fetched.data, where)
-        if index.model != self.model:
-            raise VerificationError(f"{where}: model is {index.model!r}, expected {self.model!r}")
-        return self._resolve(index), fetched.etag
+        # A refused index raises: the caller keeps its old ETag, so it is fetched again.
+        return self._resolve(self._accept_index(fetched.data)), fetched.etag
+
+    def _accept_index(self, raw: bytes) -> Index:
+        """The index in ``raw`` if this device may act on it (agent/signed_index.py).
+
+        With trusted keys its signature is fetched now (only when the index changed)
+        and checked before parsing; the accepted version is remembered in the store.
+        Raises VerificationError, TransportError or StoreError.
+        """
+        where = f"{self.model}/index.json"
+        if self.keys is None:
+            _warn_unverified_once()
+            index = parse_index(raw, where)
+            if index.model != self.model:
+                raise VerificationError(
+                    f"{where}: model is {index.model!r}, expected {self.model!r}"
+                )
+            return index
+        signature = self.registry.fetch_document(f"{where}.sig", SIGNATURE_MAX_BYTES, optional=True)
+        with IndexHistory(self.store.root) as history:
+            index, seen = check_index(
+                raw,
+                signature,
+                model=self.model,
+                keys=self.keys,
+                now=time.time(),
+                skew_s=self.config.update.max_clock_skew_s,
+                seen=history.get(self.model),
+                where=where,
+            )
+            history.put(self.model, seen)
+        return index
 
     def _resolve(self, index: Index) -> int:
         return channel_target(index, self.config.model.channel)
@@ -216,12 +256,12 @@ class Updater:
         raw = self.registry.fetch_document(where, self.doc_max)
         assert raw is not None
         signature = None
-        if self.public_key is not None:
+        if self.keys is not None:
             signature = self.registry.fetch_document(
                 f"{where}.sig", SIGNATURE_MAX_BYTES, optional=True
             )
             # Checked before the manifest is even parsed: unsigned bytes get no say.
-            verify_signature(self.public_key, raw, signature, where)
+            verify_signatures(self.keys, raw, signature, where)
         manifest = parse_manifest(raw, where)
         if manifest.model != self.model:
             raise VerificationError(

@@ -6,6 +6,7 @@ nothing half-downloaded is left to become active, and the error says what was wr
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import time
@@ -317,7 +318,8 @@ def test_resume_answered_with_another_range_is_not_spliced_in(
 
 
 def test_unsigned_manifest_is_refused_when_a_key_is_configured(fleet: Fleet, on_v1: Device) -> None:
-    fleet.release(3, signed=False)
+    fleet.release(3)
+    fleet.path(3, "manifest.json.sig").unlink()
     with pytest.raises(VerificationError, match=r"3/manifest.json: unsigned"):
         on_v1.updater().pull(3)
     on_v1.assert_serving(1)
@@ -328,9 +330,30 @@ def test_manifest_signed_by_another_key_is_refused(fleet: Fleet, on_v1: Device) 
     fleet.path(2, "manifest.json.sig").write_bytes(
         sign(load_private_key(fleet.other_key), manifest.read_bytes())
     )
+    with pytest.raises(VerificationError, match=r"not signed by a trusted key: signed by key"):
+        on_v1.updater().pull(2)
+    on_v1.assert_serving(1)
+
+
+def test_manifest_signed_by_another_key_in_the_old_bare_format_is_refused(
+    fleet: Fleet, on_v1: Device
+) -> None:
+    manifest = fleet.path(2, "manifest.json")
+    bare = base64.b64encode(load_private_key(fleet.other_key).sign(manifest.read_bytes()))
+    fleet.path(2, "manifest.json.sig").write_bytes(bare + b"\n")
     with pytest.raises(VerificationError, match=r"bad signature"):
         on_v1.updater().pull(2)
     on_v1.assert_serving(1)
+
+
+def test_release_signed_in_the_old_bare_format_is_still_accepted(
+    fleet: Fleet, on_v1: Device
+) -> None:
+    manifest = fleet.path(2, "manifest.json")
+    bare = base64.b64encode(load_private_key(fleet.key).sign(manifest.read_bytes()))
+    fleet.path(2, "manifest.json.sig").write_bytes(bare + b"\n")
+    assert on_v1.updater().pull(2).changed
+    on_v1.assert_serving(2)
 
 
 def test_manifest_changed_after_signing_is_refused(fleet: Fleet, on_v1: Device) -> None:

@@ -1,4 +1,4 @@
-"""``edge-fleet``: the operator's commands (keygen, publish, acl, deploy, rollout,
+"""``edge-fleet``: the operator's commands (keygen, publish, index, acl, deploy, rollout,
 devices, telemetry, status).
 
 Exit codes (docs/protocol.md): 0 success, 1 the operation failed (the broker unreachable, a
@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent import __version__
 from agent.atomic import write_atomic
@@ -29,7 +29,13 @@ from agent.errors import ConfigError, EdgeAgentError, VerificationError
 from agent.fleet.acl import check_device_id, check_prefix, render_acl
 from agent.fleet.broker import BrokerOptions, FleetBroker
 from agent.fleet.deploy import Watched, desired_payload, issue_time, watch
-from agent.fleet.publish import publish
+from agent.fleet.publish import (
+    DEFAULT_INDEX_EXPIRY_DAYS,
+    index_info,
+    publish,
+    renew_index,
+    signing_key_ids,
+)
 from agent.fleet.rollout import plan, rollout
 from agent.fleet.view import (
     FOLLOWED,
@@ -42,26 +48,35 @@ from agent.fleet.view import (
 )
 from agent.manifest import TASKS
 from agent.strictjson import dumps
-from agent.verify import generate_keypair, load_private_key
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from agent.verify import KeyRing, generate_keypair, key_id, load_private_key
 
 # command -> (description, examples) for its --help
 PAGES = {
     "keygen": (
         "Make an Ed25519 key pair: NAME.key signs releases (publish) or desired states "
-        "(deploy, rollout) and stays with the operator (written 0600); NAME.pub goes to the "
-        "devices (registry.public_key or update.desired_public_key).",
+        "(deploy, rollout) and stays with the operator (written 0600, also over an existing "
+        "file); NAME.pub goes to the devices (registry.public_key(s) or "
+        "update.desired_public_key(s)). Prints the key id signatures name it by.",
         "edge-fleet keygen --out keys\nedge-fleet keygen --out keys --name deploy",
     ),
     "publish": (
         "Publish a release into a registry folder: copy the files, write manifest.json (sizes, "
-        "sha256, task, self-test, budget), sign it, and add the version to index.json. Devices "
-        "following a channel move only when --channel names it.",
+        "sha256, task, self-test, budget), sign it, and add the version to index.json (its "
+        "version raised, a new expiry, signed). Devices following a channel move only when "
+        "--channel names it. Publishing an existing release again with another --sign-key "
+        "adds that key's signature (key rotation); the manifest never changes.",
         "edge-fleet publish model.tflite --labels labels.txt --model person-detector \\\n"
         "    --version 3 --task detection --registry /srv/registry \\\n"
         "    --sign-key keys/registry.key --selftest-random 8 --channel stable",
+    ),
+    "index": (
+        "Show a model's index.json (version, expiry, channels, signing key ids), or with "
+        "--renew re-sign it with a new expiry and the next version, nothing else changed: "
+        "devices with registry.public_key refuse an expired index, so run this from cron "
+        "well within --index-expiry-days.",
+        "edge-fleet index --model person-detector --registry /srv/registry\n"
+        "edge-fleet index --model person-detector --registry /srv/registry \\\n"
+        "    --renew --sign-key keys/registry.key --index-expiry-days 30",
     ),
     "acl": (
         "Write mosquitto's ACL file: each device may publish under its own topics and read its "
@@ -151,7 +166,13 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--model", required=True, help="model name")
     pub.add_argument("--version", required=True, type=int, help="release version (1, 2, …)")
     pub.add_argument("--registry", required=True, type=Path, help="registry folder")
-    pub.add_argument("--sign-key", type=Path, help="Ed25519 private key (from keygen)")
+    pub.add_argument(
+        "--sign-key",
+        type=Path,
+        action="append",
+        help="Ed25519 private key (from keygen); repeat it to sign with old and new keys",
+    )
+    _expiry_option(pub)
     pub.add_argument("--labels", type=Path, help="labels file")
     pub.add_argument("--task", default="raw", choices=TASKS, help="what the outputs mean")
     pub.add_argument(
@@ -199,6 +220,21 @@ def _parser() -> argparse.ArgumentParser:
         help="refuse the release on a device whose p95 inference latency exceeds MS",
     )
     pub.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    index = _sub(sub, "index", "show or renew a model's signed index.json")
+    index.add_argument("--model", required=True, help="model name")
+    index.add_argument("--registry", required=True, type=Path, help="registry folder")
+    index.add_argument(
+        "--renew", action="store_true", help="re-sign with a new expiry and the next version"
+    )
+    index.add_argument(
+        "--sign-key",
+        type=Path,
+        action="append",
+        help="Ed25519 private key (repeatable); needed by --renew",
+    )
+    _expiry_option(index)
+    index.add_argument("--json", action="store_true", help="print JSON")
 
     acl = _sub(sub, "acl", "write the broker's ACL file (mosquitto acl_file)")
     acl.add_argument(
@@ -296,6 +332,44 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--model", required=True, help="model name")
     status.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def _expiry_option(command_parser: argparse.ArgumentParser) -> None:
+    command_parser.add_argument(
+        "--index-expiry-days",
+        type=float,
+        default=DEFAULT_INDEX_EXPIRY_DAYS,
+        metavar="DAYS",
+        help="index.json expires this many days from now (default: "
+        f"{DEFAULT_INDEX_EXPIRY_DAYS:g}); renew it before with `index --renew`",
+    )
+
+
+def _index(args: argparse.Namespace) -> None:
+    if args.renew:
+        info = renew_index(args.registry, args.model, args.sign_key or [], args.index_expiry_days)
+    else:
+        if args.sign_key:
+            raise ConfigError(["--sign-key: only with --renew"])
+        info = index_info(args.registry, args.model)
+    if args.json:
+        doc = {
+            "path": str(info.path),
+            "version": info.version,
+            "expires": info.expires,
+            "channels": info.channels,
+            "versions": info.versions,
+            "signed_by": info.keyids,
+        }
+        print(dumps(doc, indent=2))
+        return
+    verb = "renewed" if args.renew else "index"
+    channels = ", ".join(f"{k}=v{v}" for k, v in sorted(info.channels.items())) or "none"
+    signed = ", ".join(info.keyids) or "nobody (unsigned)"
+    print(
+        f"{verb}: {info.path}: version {info.version}, expires {info.expires}; "
+        f"channels {channels}; signed by {signed}"
+    )
 
 
 def _broker_options(command_parser: argparse.ArgumentParser) -> None:
@@ -397,17 +471,17 @@ def _release(model: str | None, version: int | None) -> None:
         raise ConfigError([f"--version: {version} is not a positive integer"])
 
 
-def _signing_key(path: Path | None) -> Ed25519PublicKey | None:
+def _signing_key(path: Path | None) -> KeyRing | None:
     """Check ``--sign-key`` before anything is sent; its public half, or None."""
     if path is None:
         return None
     try:
-        return load_private_key(path).public_key()
+        return KeyRing.of([load_private_key(path).public_key()], "--sign-key")
     except VerificationError as exc:
         raise ConfigError([f"--sign-key: {exc}"]) from exc
 
 
-def _own_desired_wins(view: FleetView, device: str, key: Ed25519PublicKey | None) -> bool:
+def _own_desired_wins(view: FleetView, device: str, key: KeyRing | None) -> bool:
     """Whether ``device`` has its own desired state that it accepts (so it wins over
     its groups'); one it refuses (unsigned, another target) does not count."""
     doc = view.devices[device].desired
@@ -612,7 +686,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "keygen":
             private, public = generate_keypair(args.out, args.name, args.force)
-            print(f"wrote {private} (keep it secret) and {public} (copy to devices)")
+            print(
+                f"wrote {private} (keep it secret) and {public} (copy to devices); "
+                f"key id {key_id(load_private_key(private))}"
+            )
         elif args.command == "publish":
             result = publish(
                 args.files,
@@ -624,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
                 input_norm=tuple(args.input_norm) if args.input_norm else None,
                 sign_key=args.sign_key,
                 channels=tuple(args.channel),
+                index_expiry_days=args.index_expiry_days,
                 selftest_inputs=args.selftest_inputs,
                 selftest_random=args.selftest_random,
                 selftest_expect=args.selftest_expect,
@@ -635,7 +713,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 verb = "published" if result.created else "already published (unchanged)"
                 channels = f", channels: {', '.join(args.channel)}" if args.channel else ""
-                print(f"{verb}: {args.model} v{args.version} at {result.folder}{channels}")
+                signed = ", ".join(signing_key_ids(args.sign_key)) or "unsigned"
+                print(
+                    f"{verb}: {args.model} v{args.version} at {result.folder}{channels} "
+                    f"(signed by {signed})"
+                )
+        elif args.command == "index":
+            _index(args)
         elif args.command == "acl":
             _acl(args)
         elif args.command == "deploy":

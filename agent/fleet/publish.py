@@ -6,6 +6,13 @@ replaced (also by rename) to list it. A crash at any point leaves ``index.json``
 naming complete releases only; publishing the same release again finishes the job.
 A published version never changes: publishing other bytes under it is refused.
 
+``index.json`` carries a ``version`` raised by one on every change and an ``expires``
+time (``index_expiry_days`` ahead), and with signing keys a detached signature
+``index.json.sig`` over its exact bytes (agent/signed_index.py is the device's side).
+:func:`renew_index` re-signs it with a new expiry and no other change (a cron job).
+Signing an already published release again with another key adds that key's
+signature and keeps the others: the manifest bytes never change.
+
 A release may carry a self-test and a latency budget (agent/validate.py holds the
 file contract). Inputs are the operator's or seeded random ones; expected outputs
 are the operator's or computed here by running the cpu variant on the local TFLite
@@ -35,13 +42,21 @@ from agent.errors import ConfigError, EdgeAgentError, ValidationError
 from agent.faults import crash_point
 from agent.manifest import (
     TASKS,
+    Index,
     check_file_name,
     dump_json,
     parse_index,
     parse_manifest,
 )
+from agent.signed_index import rfc3339
 from agent.validate import MAX_ARRAY_BYTES, MAX_SAMPLES, npz_bytes, read_samples
-from agent.verify import load_private_key, sha256_file, sign
+from agent.verify import (
+    add_signatures,
+    key_id,
+    load_private_key,
+    parse_signatures,
+    sha256_file,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,7 +64,8 @@ if TYPE_CHECKING:
     from agent.runtime.backends import CpuBackend, TensorSpec
 
 TFLITE_IDENTIFIER = b"TFL3"
-RESERVED_NAMES = ("manifest.json", "manifest.json.sig", "index.json")
+RESERVED_NAMES = ("manifest.json", "manifest.json.sig", "index.json", "index.json.sig")
+DEFAULT_INDEX_EXPIRY_DAYS = 30.0
 SELFTEST_INPUTS = "selftest.npz"
 SELFTEST_EXPECT = "selftest-expect.npz"
 DEFAULT_ATOL = 0.02
@@ -97,8 +113,9 @@ def publish(
     registry: Path,
     task: str = "raw",
     labels: Path | None = None,
-    sign_key: Path | None = None,
+    sign_key: Path | Sequence[Path] | None = None,
     channels: tuple[str, ...] = (),
+    index_expiry_days: float = DEFAULT_INDEX_EXPIRY_DAYS,
     input_norm: tuple[float, float] | None = None,
     selftest_inputs: Path | None = None,
     selftest_random: int | None = None,
@@ -111,7 +128,9 @@ def publish(
     With ``selftest_inputs`` (an npz) or ``selftest_random`` (N seeded random
     samples), the release carries a self-test with tolerance ``atol`` (default 0.02);
     its expected outputs are ``selftest_expect`` or, without it, computed with the cpu
-    variant. ``budget_p95_ms`` sets the release's latency budget.
+    variant. ``budget_p95_ms`` sets the release's latency budget. ``sign_key`` (one
+    private key or several, while keys are rotated) signs the manifest and the index;
+    the index expires ``index_expiry_days`` from now.
 
     Raises ConfigError for options that do not go together, PublishError naming what
     is wrong otherwise; the registry is unchanged then.
@@ -121,6 +140,7 @@ def publish(
         raise PublishError(f"--task: {task!r} is not one of {', '.join(TASKS)}")
     if version < 1:
         raise PublishError(f"--version: {version} is not a positive integer")
+    _check_expiry_days(index_expiry_days)
     paths = [*files, *([labels] if labels else [])]
     for path in paths:
         if not path.is_file():
@@ -170,13 +190,14 @@ def publish(
             parse_manifest(raw, f"{model} v{version}")  # the device's own rules, applied here
         except EdgeAgentError as exc:
             raise PublishError(str(exc)) from None
-        key = load_private_key(sign_key) if sign_key is not None else None
+        keys = load_keys(sign_key)
 
         model_dir = registry / model
         model_dir.mkdir(parents=True, exist_ok=True)
         with _publish_lock(model_dir):
-            created, manifest = _install(model_dir, version, paths, raw, manifest, key)
-            _update_index(model_dir, model, version, channels)
+            old_index = _read_index(model_dir, keys)
+            created, manifest = _install(model_dir, version, paths, raw, manifest, keys)
+            _update_index(model_dir, old_index, model, version, channels, keys, index_expiry_days)
     folder = model_dir / str(version)
     return PublishResult(folder, manifest, created)
 
@@ -360,7 +381,7 @@ def _install(
     paths: list[Path],
     raw: bytes,
     manifest: dict[str, object],
-    key: Ed25519PrivateKey | None,
+    keys: Sequence[Ed25519PrivateKey],
 ) -> tuple[bool, dict[str, object]]:
     """Put the release folder in place. Returns (created, the manifest as published)."""
     folder = model_dir / str(version)
@@ -378,9 +399,8 @@ def _install(
                 f"{manifest['model']} v{version} is already published with different "
                 "content; a version never changes: publish a new version"
             )
-        sig = folder / "manifest.json.sig"
-        if key is not None and not sig.exists():  # signing a release published unsigned
-            write_atomic(sig, sign(key, existing_raw))
+        if keys:  # sign it (again): add these keys' signatures, keep the others
+            _sign_file(folder / "manifest.json.sig", existing_raw, keys)
         return False, existing
     staging = model_dir / f".staging-{version}"
     shutil.rmtree(staging, ignore_errors=True)  # what a crashed publish left
@@ -390,8 +410,8 @@ def _install(
             shutil.copyfile(path, staging / path.name)
             fsync_file(staging / path.name)
         write_atomic(staging / "manifest.json", raw)
-        if key is not None:
-            write_atomic(staging / "manifest.json.sig", sign(key, raw))
+        if keys:
+            _sign_file(staging / "manifest.json.sig", raw, keys)
         fsync_dir(staging)
         crash_point("publish_staged")
         os.rename(staging, folder)
@@ -403,17 +423,174 @@ def _install(
     return True, manifest
 
 
-def _update_index(model_dir: Path, model: str, version: int, channels: tuple[str, ...]) -> None:
+def load_keys(sign_key: Path | Sequence[Path] | None) -> list[Ed25519PrivateKey]:
+    """The private keys named by ``--sign-key`` (none, one or several).
+
+    Raises VerificationError naming a file that is not an Ed25519 private key.
+    """
+    if sign_key is None:
+        return []
+    paths = [sign_key] if isinstance(sign_key, Path) else list(sign_key)
+    return [load_private_key(path) for path in paths]
+
+
+def _sign_file(path: Path, data: bytes, keys: Sequence[Ed25519PrivateKey]) -> None:
+    """Write ``path`` (a signature file of ``data``) with each of ``keys``' signature
+    added or replaced; written only when that changes it."""
+    try:
+        existing = path.read_bytes()
+    except FileNotFoundError:
+        existing = None
+    try:
+        new = add_signatures(existing, keys, data, path.name)
+    except EdgeAgentError as exc:
+        raise PublishError(f"{path}: {exc}") from None
+    if new != existing:
+        write_atomic(path, new)
+
+
+def _check_expiry_days(days: float) -> None:
+    if not (math.isfinite(days) and 0 < days <= 3650):
+        raise ConfigError([f"--index-expiry-days: {days:g} is not a number of days in (0, 3650]"])
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What an operator wants to know about a published index."""
+
+    path: Path
+    version: int | None
+    expires: str | None
+    channels: dict[str, int]
+    versions: list[int]
+    keyids: list[str]  # of index.json.sig; empty when unsigned
+
+
+def _read_index(model_dir: Path, keys: Sequence[Ed25519PrivateKey]) -> Index | None:
+    """The current index (None: none yet). Refuses to drop a signature it cannot renew:
+    an index signed before must stay signed, or devices with keys refuse it."""
     path = model_dir / "index.json"
-    if path.exists():
-        try:
-            index = parse_index(path.read_bytes(), str(path))
-        except EdgeAgentError as exc:
-            raise PublishError(f"{exc}; fix or remove it first") from None
-        versions, current = set(index.versions), dict(index.channels)
+    if not path.exists():
+        return None
+    try:
+        index = parse_index(path.read_bytes(), str(path))
+    except EdgeAgentError as exc:
+        raise PublishError(f"{exc}; fix or remove it first") from None
+    if not keys and (model_dir / "index.json.sig").exists():
+        raise PublishError(
+            f"{path} is signed (index.json.sig) and changing it unsigned would make devices "
+            "with registry.public_key refuse it: pass --sign-key"
+        )
+    return index
+
+
+def _write_index(
+    model_dir: Path,
+    old: Index | None,
+    versions: list[int],
+    channels: dict[str, int],
+    model: str,
+    keys: Sequence[Ed25519PrivateKey],
+    expiry_days: float,
+) -> Index:
+    """Write index.json with the next version and a new expiry, then its signature."""
+    data = {
+        "schema": 1,
+        "model": model,
+        "versions": versions,
+        "channels": channels,
+        "version": (old.version or 0) + 1 if old is not None else 1,
+        "expires": rfc3339(time.time() + expiry_days * 86400),
+    }
+    raw = dump_json(data)
+    index = parse_index(raw, "index.json")  # the device's own rules, applied here
+    path = model_dir / "index.json"
+    write_atomic(path, raw)
+    sig = model_dir / "index.json.sig"
+    if keys:
+        # A device reading between these two renames refuses the pair once (bad
+        # signature) and reads both again on its next poll.
+        write_atomic(sig, add_signatures(None, keys, raw, sig.name))
     else:
-        versions, current = set(), {}
+        sig.unlink(missing_ok=True)  # _read_index refused this for a signed index
+    return index
+
+
+def _update_index(
+    model_dir: Path,
+    old: Index | None,
+    model: str,
+    version: int,
+    channels: tuple[str, ...],
+    keys: Sequence[Ed25519PrivateKey],
+    expiry_days: float,
+) -> None:
+    versions = set(old.versions) if old is not None else set()
+    current = dict(old.channels) if old is not None else {}
     versions.add(version)
     current.update({channel: version for channel in channels})
-    data = {"schema": 1, "model": model, "versions": sorted(versions), "channels": current}
-    write_atomic(path, dump_json(data))
+    unchanged = (
+        old is not None
+        and sorted(versions) == old.versions
+        and current == old.channels
+        and old.version is not None
+    )
+    if unchanged and not keys:
+        return  # nothing to change and nothing to re-sign: leave it byte for byte
+    _write_index(model_dir, old, sorted(versions), current, model, keys, expiry_days)
+
+
+def renew_index(
+    registry: Path,
+    model: str,
+    sign_key: Path | Sequence[Path],
+    expiry_days: float = DEFAULT_INDEX_EXPIRY_DAYS,
+) -> IndexInfo:
+    """Re-sign ``model``'s index.json with a new expiry and the next version, nothing
+    else changed (for a cron job: run it well before the expiry).
+
+    Raises PublishError (no such index, or one that cannot be read), ConfigError for a
+    bad expiry, VerificationError for a key that cannot be loaded.
+    """
+    _check_expiry_days(expiry_days)
+    keys = load_keys(sign_key)
+    if not keys:
+        raise ConfigError(["--renew needs --sign-key: an index is renewed by signing it"])
+    model_dir = registry / model
+    if not (model_dir / "index.json").is_file():
+        raise PublishError(f"{model_dir / 'index.json'}: no such file; publish a release first")
+    with _publish_lock(model_dir):
+        old = _read_index(model_dir, keys)
+        assert old is not None
+        _write_index(
+            model_dir, old, list(old.versions), dict(old.channels), model, keys, expiry_days
+        )
+    return index_info(registry, model)
+
+
+def index_info(registry: Path, model: str) -> IndexInfo:
+    """What ``model``'s index.json says and who signed it. Raises PublishError."""
+    path = registry / model / "index.json"
+    try:
+        index = parse_index(path.read_bytes(), str(path))
+    except OSError as exc:
+        raise PublishError(f"{path}: cannot read: {exc.strerror}") from None
+    except EdgeAgentError as exc:
+        raise PublishError(str(exc)) from None
+    sig = path.with_name("index.json.sig")
+    keyids: list[str] = []
+    if sig.exists():
+        try:
+            keyids = [
+                s.keyid or "(no key id)" for s in parse_signatures(sig.read_bytes(), str(sig))
+            ]
+        except EdgeAgentError as exc:
+            raise PublishError(str(exc)) from None
+    return IndexInfo(
+        path, index.version, index.expires, dict(index.channels), list(index.versions), keyids
+    )
+
+
+def signing_key_ids(sign_key: Path | Sequence[Path] | None) -> list[str]:
+    """The key ids of the ``--sign-key`` files, for the operator's output."""
+    return [key_id(k) for k in load_keys(sign_key)]

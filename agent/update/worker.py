@@ -49,7 +49,7 @@ from agent.update.policy import Failed
 from agent.update.probation import Probation
 from agent.update.steps import DeviceSteps, Serving, Steps, Validate
 from agent.updater import channel_hold
-from agent.verify import load_public_key
+from agent.verify import KeyRing
 
 if TYPE_CHECKING:
     from agent.mqtt import Incoming
@@ -153,12 +153,11 @@ class Updates:
         self.validate = validate
         self.steps: Steps = steps or DeviceSteps(config, store, serving, validate)
         self.connected = connected
-        key_path = config.update.desired_public_key
         self.desired = DesiredState(
             config.mqtt.topic_prefix,
             config.device.id,
             list(config.device.groups),
-            load_public_key(key_path, "update.desired_public_key") if key_path else None,
+            KeyRing.load(config.update.desired_keys, "update.desired_public_key(s)"),
             max_skew_s=config.update.max_clock_skew_s,
         )
         self.journal = Journal.load(store.root / JOURNAL)
