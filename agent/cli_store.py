@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.config import Config
-from agent.errors import TransportError
+from agent.errors import StoreError, TransportError
 from agent.progress import ProgressLine, interrupted_text
 from agent.registry import Registry
 from agent.store import Release, Store
@@ -81,6 +81,13 @@ def cmd_status(config: Config, as_json: bool) -> int:
         # A member of the agent's group may ask the agent but not read its store.
         lines.append(f"store:    {store.root}: cannot read: {exc.strerror or exc}")
         emit({"device": config.device.id, "daemon": daemon}, as_json, lines)
+        return 0
+    except StoreError as exc:  # a damaged pointer: the agent repairs it when it starts
+        lines += [f"store:    {store.root}", f"active:   unknown: {exc}"]
+        if found.status is None:
+            lines.append("          (the agent sets it aside and repairs it when it starts)")
+        doc = {"device": config.device.id, "daemon": daemon, "store_error": str(exc)}
+        emit(doc, as_json, lines)
         return 0
     data: dict[str, Any] = {
         "device": config.device.id,

@@ -182,20 +182,6 @@ class Index(_Doc):
                 )
         return self
 
-    def resolve(self, channel: str) -> int:
-        """The version ``channel`` points at; the newest when the index has no channels.
-
-        Raises ValueError saying why when nothing fits.
-        """
-        if channel in self.channels:
-            return self.channels[channel]
-        if self.channels:
-            known = ", ".join(sorted(self.channels))
-            raise ValueError(f"channel {channel!r} is not in index.json (channels: {known})")
-        if not self.versions:
-            raise ValueError("index.json lists no versions")
-        return max(self.versions)
-
 
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""

@@ -247,3 +247,14 @@ def test_a_pinned_device_whose_pointer_is_lost_applies_its_desired_state_again(
         tap.close()
         fleet.close()
     assert parse_pointer((store_dir / POINTER).read_bytes(), "active.json").version == 1
+
+
+def test_status_without_an_agent_shows_a_damaged_pointer_and_exits_0(
+    tmp_path: Path, models: Models
+) -> None:
+    agent = _agent(tmp_path, models, None)
+    _truncate(Path(agent.settings["store"]["dir"]))
+    result = agent_status(agent)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert "damaged pointer" in doc["store_error"] and doc["daemon"]["running"] is False

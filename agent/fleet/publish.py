@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import math
 import os
 import shutil
@@ -38,9 +37,10 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.atomic import fsync_dir, fsync_file, write_atomic
-from agent.errors import ConfigError, EdgeAgentError, ValidationError
+from agent.errors import ConfigError, DocumentError, EdgeAgentError, ValidationError
 from agent.faults import crash_point
 from agent.manifest import (
+    MAX_BYTES,
     TASKS,
     Index,
     check_file_name,
@@ -49,6 +49,7 @@ from agent.manifest import (
     parse_manifest,
 )
 from agent.signed_index import rfc3339
+from agent.strictjson import parse_object
 from agent.validate import MAX_ARRAY_BYTES, MAX_SAMPLES, npz_bytes, read_samples
 from agent.verify import (
     add_signatures,
@@ -388,8 +389,10 @@ def _install(
     if folder.exists():
         try:
             existing_raw = (folder / "manifest.json").read_bytes()
-            existing = json.loads(existing_raw)
-        except (OSError, ValueError) as exc:
+            existing = parse_object(
+                existing_raw, what=f"{folder}/manifest.json", max_bytes=MAX_BYTES
+            )
+        except (OSError, DocumentError) as exc:
             raise PublishError(
                 f"{folder} exists but holds no readable manifest.json ({exc}); "
                 "remove it or publish a new version"
