@@ -712,7 +712,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(dumps(result.manifest, indent=2))
             else:
                 verb = "published" if result.created else "already published (unchanged)"
-                channels = f", channels: {', '.join(args.channel)}" if args.channel else ""
+                channels = (
+                    f", channels: {', '.join(args.channel)}"
+                    if args.channel
+                    else " (no channel moved: devices stay where they are; --channel NAME "
+                    "deploys it)"
+                )
                 signed = ", ".join(signing_key_ids(args.sign_key)) or "unsigned"
                 print(
                     f"{verb}: {args.model} v{args.version} at {result.folder}{channels} "
