@@ -712,17 +712,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(dumps(result.manifest, indent=2))
             else:
                 verb = "published" if result.created else "already published (unchanged)"
-                channels = (
-                    f", channels: {', '.join(args.channel)}"
+                ids = ", ".join(signing_key_ids(args.sign_key))
+                signed = f"signed by {ids}" if ids else "unsigned"
+                moved = (
+                    f"channels: {', '.join(args.channel)}"
                     if args.channel
-                    else " (no channel moved: devices stay where they are; --channel NAME "
-                    "deploys it)"
+                    else "no channel moved: devices stay where they are (--channel NAME deploys it)"
                 )
-                signed = ", ".join(signing_key_ids(args.sign_key)) or "unsigned"
-                print(
-                    f"{verb}: {args.model} v{args.version} at {result.folder}{channels} "
-                    f"(signed by {signed})"
-                )
+                print(f"{verb}: {args.model} v{args.version} at {result.folder}, {signed}; {moved}")
         elif args.command == "index":
             _index(args)
         elif args.command == "acl":
