@@ -96,6 +96,9 @@ class FakeSteps:
         self.rollbacks.append(to)
         raise CommandError("nothing to roll back to")
 
+    def restore(self, before: Pointer | None) -> None:
+        pass
+
     def clean_up(self) -> None:
         pass
 

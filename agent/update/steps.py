@@ -99,6 +99,11 @@ class Steps(Protocol):
         active and served. Returns what was active before. Raises EdgeAgentError."""
         ...
 
+    def restore(self, before: Pointer | None) -> None:
+        """Make ``before`` active again after a step failed unexpectedly, so the store
+        never names a release the stream is not serving. Never raises."""
+        ...
+
     def clean_up(self) -> None:
         """Drop releases beyond ``store.keep``. Raises EdgeAgentError, OSError."""
         ...
@@ -178,7 +183,7 @@ class DeviceSteps:
             self.serving.swap(model, timeout)
         except (ModelError, StoreError) as exc:
             model.close()
-            self._restore(before)
+            self.restore(before)
             failure = classify("activate", exc)
             assert failure is not None
             raise failure from exc
@@ -200,7 +205,7 @@ class DeviceSteps:
             if serve:
                 self.serve(release)
         except EdgeAgentError:
-            self._restore(before)  # the store names what serves: still the new release
+            self.restore(before)  # the store names what serves: still the new release
             raise
 
     def rollback_command(self, to: int | None) -> tuple[Pointer | None, Release]:
@@ -210,7 +215,7 @@ class DeviceSteps:
         try:
             self.serve(release)
         except EdgeAgentError:
-            self._restore(before)
+            self.restore(before)
             raise
         return before, release
 
@@ -218,9 +223,7 @@ class DeviceSteps:
         with self.store.lock():
             self.store.gc()
 
-    def _restore(self, before: Pointer | None) -> None:
-        """Make ``before`` active again after a failed switch, so the store never names a
-        release the stream is not serving."""
+    def restore(self, before: Pointer | None) -> None:
         if before is None:
             return
         release = self.store.release(before.model, before.version)

@@ -16,7 +16,6 @@ of each step is behind ``agent.update.steps.Steps``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import random
@@ -773,7 +772,7 @@ class Updates:
             return
         except Exception as exc:  # a bug, MemoryError: end it all the same, and say so
             log.exception("update to v%d failed unexpectedly", version)
-            self._restore(pointer)
+            self.steps.restore(pointer)
             self._finish(attempt, "failed", f"internal error: {exc!r}", transient=True)
             return
         window = self.config.update.probation_s
@@ -861,14 +860,6 @@ class Updates:
             },
         )
         self._finish(attempt, "rolled_back", reason, bad=True)
-
-    def _restore(self, before: Pointer | None) -> None:
-        if before is None:
-            return
-        release = self.store.release(before.model, before.version)
-        if release is not None:
-            with contextlib.suppress(StoreError), self.store.lock():
-                self.store.activate(release)
 
     # -- journal and reports ----------------------------------------------------------
 
