@@ -17,10 +17,10 @@ from agent import __version__
 from agent.config import Config
 from agent.errors import StoreError, TransportError
 from agent.progress import ProgressLine, interrupted_text
+from agent.pull import Updater
 from agent.registry import Registry
 from agent.store import Release, Store
 from agent.strictjson import dumps
-from agent.updater import Updater
 
 if TYPE_CHECKING:
     from agent.local import Reach

@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from agent.config import parse_config  # noqa: E402
 from agent.fleet.publish import publish  # noqa: E402
+from agent.pull import Updater  # noqa: E402
 from agent.registry import Registry  # noqa: E402
 from agent.store import Store  # noqa: E402
-from agent.updater import Updater  # noqa: E402
 from agent.verify import generate_keypair  # noqa: E402
 
 MODEL = "bench-model"

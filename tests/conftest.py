@@ -17,9 +17,9 @@ import yaml
 
 from agent.config import Config, load_config
 from agent.fleet.publish import publish
+from agent.pull import Updater
 from agent.registry import Registry
 from agent.store import Store
-from agent.updater import Updater
 from agent.verify import generate_keypair, sha256_file
 from tests.agentproc import AgentProcess, publish_models
 from tests.broker import Mosquitto, SecureBroker, start_secure_broker

@@ -14,7 +14,7 @@ import pytest
 from agent.errors import RegistryError
 from agent.fleet.publish import publish
 from agent.manifest import parse_index
-from agent.updater import channel_target
+from agent.pull import channel_target
 from tests.agentproc import MODEL, AgentProcess, publish_models, wait_alive
 from tests.conftest import Device, Fleet, Models
 from tests.registry_server import RegistryServer

@@ -24,9 +24,9 @@ import pytest
 
 from agent.config import load_config
 from agent.errors import StoreError
+from agent.pull import Updater
 from agent.registry import Registry
 from agent.store import POINTER, Store, parse_pointer
-from agent.updater import Updater
 from tests.agentproc import MODEL, AgentProcess, Tap, publish_models, wait_alive
 from tests.broker import Mosquitto, subscriber
 from tests.conftest import Models

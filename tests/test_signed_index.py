@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from agent import updater as updater_module
+from agent import pull as pull_module
 from agent.errors import VerificationError
 from agent.fleet.publish import PublishError, publish
 from agent.signed_index import HISTORY_FILE, rfc3339
@@ -178,10 +178,10 @@ def test_etag_polling_fetches_the_signature_only_when_the_index_changed(
 def test_without_a_key_the_index_is_read_as_before_with_one_warning(
     fleet: Fleet, device: Device, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(updater_module, "_unverified_warned", updater_module.threading.Event())
+    monkeypatch.setattr(pull_module, "_unverified_warned", pull_module.threading.Event())
     device.set("registry", public_key=None)
     fleet.release(1, signed=False)
-    with caplog.at_level(logging.WARNING, logger="agent.updater"):
+    with caplog.at_level(logging.WARNING, logger="agent.pull"):
         assert device.updater().channel_version() == 1
         assert device.updater().channel_version() == 1
     warnings = [r.getMessage() for r in caplog.records if "not verified" in r.getMessage()]

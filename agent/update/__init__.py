@@ -33,7 +33,7 @@ The package, as python-tuf splits rules from I/O:
   ``Steps`` protocol; ``DeviceSteps`` is the real one.
 - ``worker``: ``Updates``, the one thread that owns the state and runs the loop.
 
-(``agent.updater`` is one pull: fetch, verify, stage into the store.)
+(``agent.pull`` is one pull: fetch, verify, stage into the store.)
 """
 
 from __future__ import annotations

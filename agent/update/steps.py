@@ -1,7 +1,7 @@
 """The apply steps (stage, validate, activate, roll back) behind a seam.
 
 The worker (``agent.update.worker``) decides; ``Steps`` does. ``DeviceSteps`` is the
-production one: the registry (through ``agent.updater``), the store, the service's
+production one: the registry (through ``agent.pull``), the store, the service's
 serving and validation gate. Tests pass their own ``Steps`` to drive the worker
 without a registry, a broker or a model.
 """
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from agent.config import Config
 from agent.errors import EdgeAgentError, ModelError, StoreError, UpdateError
 from agent.faults import crash_point
+from agent.pull import Updater
 from agent.registry import Progress, Registry
 from agent.store import Pointer, Release, Store
 from agent.update.policy import Failed, classify
-from agent.updater import Updater
 
 if TYPE_CHECKING:
     from agent.manifest import FileEntry

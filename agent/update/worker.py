@@ -31,6 +31,7 @@ from agent.config import Config
 from agent.desired import Desired, DesiredState, download_progress
 from agent.errors import EdgeAgentError, ModelError, StoreError, ValidationError
 from agent.faults import crash_point
+from agent.pull import channel_hold
 from agent.store import Pointer, Release, Store
 from agent.update import policy
 from agent.update.journal import (
@@ -47,7 +48,6 @@ from agent.update.journal import (
 from agent.update.policy import Failed
 from agent.update.probation import Probation
 from agent.update.steps import DeviceSteps, Serving, Steps, Validate
-from agent.updater import channel_hold
 from agent.verify import KeyRing
 
 if TYPE_CHECKING:
