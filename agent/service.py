@@ -31,6 +31,7 @@ from agent.config import Config, load_config
 from agent.control import AgentLock, ControlServer
 from agent.desired import desired_topics
 from agent.errors import ConfigError, EdgeAgentError, ModelError
+from agent.notify import Notifier
 from agent.oneshot import reloader
 from agent.outbox import Outbox
 from agent.pipeline import Pipeline, Stats
@@ -355,24 +356,6 @@ class _Signals:
         return taken
 
 
-class _Notifier:
-    """sd_notify through the ``sdnotify`` library; silent when not run by systemd."""
-
-    def __init__(self) -> None:
-        import sdnotify
-
-        self._notifier = sdnotify.SystemdNotifier()
-        self._last_status = ""
-
-    def send(self, *lines: str) -> None:
-        self._notifier.notify("\n".join(lines))
-
-    def status(self, line: str) -> None:
-        if line != self._last_status:
-            self._last_status = line
-            self.send(f"STATUS={line}")
-
-
 def _watchdog_interval() -> float | None:
     """Half of systemd's WatchdogSec (from WATCHDOG_USEC), or None when it is off."""
     usec = os.environ.get("WATCHDOG_USEC", "")
@@ -413,7 +396,7 @@ def run(config: Config, path: Path) -> int:
     signals = _Signals([])
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda signum, frame: signals.received.append(signum))
-    notify = _Notifier()
+    notify = Notifier()
     interval = _watchdog_interval()
     service = Service(config)
     code = 0
@@ -460,7 +443,7 @@ def _wait_ready(service: Service, signals: _Signals) -> None:
 
 
 def _reload(
-    service: Service, config: Config, path: Path, notify: _Notifier
+    service: Service, config: Config, path: Path, notify: Notifier
 ) -> tuple[Service, Config, bool]:
     """Re-read the config; an invalid one is reported and the running agent goes on.
 
