@@ -33,7 +33,16 @@ class _Graph:
     """Collects tensors, buffers and operators of one subgraph, then packs a model."""
 
     def __init__(self) -> None:
-        from ai_edge_litert import schema_py_generated as schema
+        try:
+            from ai_edge_litert import schema_py_generated as schema
+        except ImportError:  # tflite-runtime alone ships no schema to build models with
+            from agent.errors import ModelError
+
+            raise ModelError(
+                "generating models needs the TFLite schema that ai-edge-litert ships: "
+                "pip install 'edge-agent[litert]' (tflite-runtime alone can run models, "
+                "not make them)"
+            ) from None
 
         self.schema: Any = schema
         self.buffers: list[Any] = [schema.BufferT()]  # buffer 0: the empty sentinel

@@ -7,6 +7,8 @@ that either reports no device (ValueError) or loads a delegate that takes no ops
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +260,22 @@ def test_tpu_that_loads_but_cannot_run_the_compiled_model_falls_back_to_cpu(
     assert "cannot load the model on the edgetpu" in model.note
     with pytest.raises(AcceleratorError, match=r"edgetpu-custom-op"):
         load_model(release_files(models), runtime, accelerator="edgetpu")
+
+
+def test_without_ai_edge_litert_generating_a_model_names_what_to_install() -> None:
+    """tflite-runtime alone runs models but ships no schema: demo and modelgen say so in
+    one line instead of a ModuleNotFoundError."""
+    code = (
+        "import sys; sys.modules['ai_edge_litert'] = None\n"
+        "from agent import modelgen\n"
+        "from agent.errors import ModelError\n"
+        "try:\n"
+        "    modelgen.colour_classifier()\n"
+        "except ModelError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'edge-agent[litert]'" in result.stdout
