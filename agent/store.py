@@ -16,7 +16,8 @@ Invariants, kept across a crash at any instant:
 Damage is repaired whenever the lock is taken: a pointer that cannot be read, or that
 names a release that is gone, is moved aside (``active.json.damaged-*``) and the release
 active before it is made active again, or none (``_check_pointer`` says why); anything
-in ``tmp/`` or ``blobs/`` that is not a regular file of ours is removed, never followed.
+in ``tmp/`` or ``blobs/`` that is not a regular file of ours is removed, never followed,
+and so is a link in place of ``blobs/``, ``releases/``, ``tmp/`` or ``releases/<model>/``.
 Each repair is recorded as a ``Repair`` for the daemon to report.
 
 So after any crash exactly the old or the new release is active, and its files match.
@@ -203,13 +204,31 @@ class Store:
         self.repairs: list[Repair] = []  # found while holding the lock; see take_repairs
 
     def open(self) -> Store:
-        """Create the layout if needed. Touches nothing another process may be writing."""
+        """Create the layout if needed. Touches nothing another process may be writing.
+
+        ``store.dir`` itself may be a link (to another disk); the folders inside it must
+        be the store's own: a link or a file in place of ``blobs/``, ``releases/`` or
+        ``tmp/`` is removed (its target untouched) and an empty folder made, since the
+        clean-up deletes what it finds there.
+        """
         try:
-            for folder in (self.root, self.blobs, self.releases, self.tmp):
-                folder.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            for folder in (self.blobs, self.releases, self.tmp):
+                self._clear_for_folder(folder, "the store's own folder")
+                folder.mkdir(exist_ok=True)
         except OSError as exc:
             raise StoreError(f"store.dir: cannot create {exc.filename}: {exc.strerror}") from exc
         return self
+
+    def _clear_for_folder(self, path: Path, role: str) -> None:
+        """Remove whatever stands at ``path`` that is not a real folder (a link goes,
+        never its target), recording the repair. Raises OSError."""
+        st = _lstat(path)
+        if st is None or stat.S_ISDIR(st.st_mode):
+            return
+        path.unlink()
+        kind = "a file" if is_ours(st) else _kind(st)
+        self._repaired(path, f"{kind}, not {role}", "removed, not followed")
 
     def _recover(self) -> None:
         """Clear what a crashed writer left half-done, remove what was planted in
@@ -220,6 +239,16 @@ class Store:
                 shutil.rmtree(stale, ignore_errors=True)
         for stale in self.root.glob(f".{POINTER}.*.tmp"):  # a pointer never switched in
             stale.unlink(missing_ok=True)
+        # A link in place of a folder of the store, or of a model's folder of releases
+        # (the clean-up renames and deletes what is inside), is removed, not followed.
+        try:
+            for folder in (self.blobs, self.releases, self.tmp):
+                self._clear_for_folder(folder, "the store's own folder")
+                folder.mkdir(exist_ok=True)
+            for path in self.releases.iterdir():
+                self._clear_for_folder(path, "a model's folder of releases")
+        except OSError as exc:
+            raise StoreError(f"{exc.filename}: cannot repair: {exc.strerror}") from exc
         # What is not a file of ours in tmp/ or blobs/ (a link, a folder, a FIFO, a
         # hard link) was planted or damaged: it is removed, never followed or reused.
         for folder in (self.tmp, self.blobs):
