@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.atomic import fsync_dir, is_ours, same_file, write_atomic
+from agent.atomic import fsync_dir, is_ours, read_bounded, same_file, write_atomic
 from agent.config import MODEL_NAME_PATTERN
 from agent.errors import RefusedError, StoreError, VerificationError
 from agent.faults import crash_point
@@ -173,23 +173,6 @@ def parse_pointer(raw: bytes, where: str) -> Pointer:
         history=versions("history"),
         rolled_back=versions("rolled_back"),
     )
-
-
-def read_bounded(path: Path, limit: int) -> bytes:
-    """The bytes of the regular file ``path``, at most ``limit`` (never through a link,
-    never from a FIFO or device). Raises FileNotFoundError when absent, OSError when
-    it is not a regular file, ValueError when longer than ``limit``."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise ValueError(f"longer than {limit} bytes")
-    return data
 
 
 class Store:
