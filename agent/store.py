@@ -46,6 +46,7 @@ from agent.atomic import fsync_dir, is_ours, read_bounded, same_file, write_atom
 from agent.config import MODEL_NAME_PATTERN
 from agent.errors import RefusedError, StoreError, VerificationError
 from agent.faults import crash_point
+from agent.manifest import MAX_BYTES as MANIFEST_MAX_BYTES
 from agent.manifest import FileEntry, Manifest, parse_manifest
 from agent.repairs import Repair
 from agent.verify import check_file, sha256_bytes
@@ -173,6 +174,15 @@ def parse_pointer(raw: bytes, where: str) -> Pointer:
         history=versions("history"),
         rolled_back=versions("rolled_back"),
     )
+
+
+def _read_manifest(path: Path) -> bytes:
+    """A stored manifest's bytes: bounded, never through a link or from a FIFO planted
+    there. Raises FileNotFoundError, OSError, or VerificationError when too long."""
+    try:
+        return read_bounded(path, MANIFEST_MAX_BYTES)
+    except ValueError as exc:
+        raise VerificationError(f"{path}: {exc}") from None
 
 
 class Store:
@@ -329,7 +339,7 @@ class Store:
         """The stored release ``model`` v``version``, or None if it is not in the store."""
         folder = self.releases / model / str(version)
         try:
-            raw = (folder / "manifest.json").read_bytes()
+            raw = _read_manifest(folder / "manifest.json")
         except FileNotFoundError:
             return None
         manifest = parse_manifest(raw, f"{folder}/manifest.json")
@@ -443,7 +453,7 @@ class Store:
 
     def manifest_bytes(self, model: str, version: int) -> bytes | None:
         try:
-            return (self.releases / model / str(version) / "manifest.json").read_bytes()
+            return _read_manifest(self.releases / model / str(version) / "manifest.json")
         except FileNotFoundError:
             return None
 

@@ -267,3 +267,13 @@ def test_a_symlinked_model_folder_in_releases_is_removed_not_followed(
     _folder_untouched(outside_folder)
     assert not (store.releases / "other-model").is_symlink()
     on_v1.assert_serving(2)
+
+
+def test_a_fifo_planted_as_a_stored_manifest_never_hangs_a_pull(on_v1: Device) -> None:
+    manifest = on_v1.store.releases / "person-detector" / "1" / "manifest.json"
+    manifest.unlink()
+    os.mkfifo(manifest)
+    result = on_v1.cli("models", "pull", "--version", "2", timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    on_v1.assert_serving(2)
