@@ -30,6 +30,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` (never through a link,
+    never from a FIFO or device). Raises FileNotFoundError when absent, OSError when
+    it is not a regular file, ValueError when longer than ``limit``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.EINVAL, "a symbolic link, not a regular file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"longer than {limit} bytes")
+    return data
+
+
 def fsync_file(path: Path) -> None:
     """Flush a file's bytes to disk (the data, before a rename makes it visible)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.atomic import fsync_dir, write_atomic
+from agent.atomic import fsync_dir, read_bounded, write_atomic
 from agent.errors import EdgeAgentError
 from agent.locks import HolderLock
 from agent.repairs import Repair
@@ -688,14 +688,14 @@ class _HighWater:
     def load(self) -> dict[str, int] | None:
         """The marks, or None when the file is absent or unreadable (never raises)."""
         try:
-            raw = self.path.read_bytes()
+            raw = read_bounded(self.path, 1_000_000)  # never a link, FIFO or device
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            log.warning("%s: cannot read: %s", self.path, exc)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: cannot read: %s; it is rewritten", self.path, exc)
             return None
         try:
-            doc = json.loads(raw) if len(raw) < 1_000_000 else None
+            doc = json.loads(raw)
         except (ValueError, RecursionError):
             doc = None
         marks = doc.get("seq") if isinstance(doc, dict) else None

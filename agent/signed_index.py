@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.atomic import write_atomic
+from agent.atomic import read_bounded, write_atomic
 from agent.errors import StoreError, VerificationError
 from agent.manifest import Index, parse_index
 from agent.strictjson import parse_object
@@ -153,11 +153,12 @@ class IndexHistory:
 
     def _load(self) -> dict[str, Seen]:
         try:
-            raw = self.path.read_bytes()
+            raw = read_bounded(self.path, HISTORY_MAX_BYTES)  # never a link, FIFO or device
         except FileNotFoundError:
             return {}
-        except OSError as exc:
-            log.warning("%s: cannot read (%s); starting a new one", self.path, exc.strerror)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            log.warning("%s: cannot read (%s); starting a new one", self.path, reason)
             return {}
         try:
             models = parse_object(raw, what=str(self.path), max_bytes=HISTORY_MAX_BYTES)["models"]

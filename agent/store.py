@@ -16,7 +16,8 @@ Invariants, kept across a crash at any instant:
 Damage is repaired whenever the lock is taken: a pointer that cannot be read, or that
 names a release that is gone, is moved aside (``active.json.damaged-*``) and the release
 active before it is made active again, or none (``_check_pointer`` says why); anything
-in ``tmp/`` or ``blobs/`` that is not a regular file of ours is removed, never followed.
+in ``tmp/`` or ``blobs/`` that is not a regular file of ours is removed, never followed,
+and so is a link in place of ``blobs/``, ``releases/``, ``tmp/`` or ``releases/<model>/``.
 Each repair is recorded as a ``Repair`` for the daemon to report.
 
 So after any crash exactly the old or the new release is active, and its files match.
@@ -41,10 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.atomic import fsync_dir, is_ours, same_file, write_atomic
+from agent.atomic import fsync_dir, is_ours, read_bounded, same_file, write_atomic
 from agent.config import MODEL_NAME_PATTERN
 from agent.errors import RefusedError, StoreError, VerificationError
 from agent.faults import crash_point
+from agent.manifest import MAX_BYTES as MANIFEST_MAX_BYTES
 from agent.manifest import FileEntry, Manifest, parse_manifest
 from agent.repairs import Repair
 from agent.verify import check_file, sha256_bytes
@@ -174,21 +176,13 @@ def parse_pointer(raw: bytes, where: str) -> Pointer:
     )
 
 
-def read_bounded(path: Path, limit: int) -> bytes:
-    """The bytes of the regular file ``path``, at most ``limit`` (never through a link,
-    never from a FIFO or device). Raises FileNotFoundError when absent, OSError when
-    it is not a regular file, ValueError when longer than ``limit``."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def _read_manifest(path: Path) -> bytes:
+    """A stored manifest's bytes: bounded, never through a link or from a FIFO planted
+    there. Raises FileNotFoundError, OSError, or VerificationError when too long."""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise ValueError(f"longer than {limit} bytes")
-    return data
+        return read_bounded(path, MANIFEST_MAX_BYTES)
+    except ValueError as exc:
+        raise VerificationError(f"{path}: {exc}") from None
 
 
 class Store:
@@ -203,13 +197,31 @@ class Store:
         self.repairs: list[Repair] = []  # found while holding the lock; see take_repairs
 
     def open(self) -> Store:
-        """Create the layout if needed. Touches nothing another process may be writing."""
+        """Create the layout if needed. Touches nothing another process may be writing.
+
+        ``store.dir`` itself may be a link (to another disk); the folders inside it must
+        be the store's own: a link or a file in place of ``blobs/``, ``releases/`` or
+        ``tmp/`` is removed (its target untouched) and an empty folder made, since the
+        clean-up deletes what it finds there.
+        """
         try:
-            for folder in (self.root, self.blobs, self.releases, self.tmp):
-                folder.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            for folder in (self.blobs, self.releases, self.tmp):
+                self._clear_for_folder(folder, "the store's own folder")
+                folder.mkdir(exist_ok=True)
         except OSError as exc:
             raise StoreError(f"store.dir: cannot create {exc.filename}: {exc.strerror}") from exc
         return self
+
+    def _clear_for_folder(self, path: Path, role: str) -> None:
+        """Remove whatever stands at ``path`` that is not a real folder (a link goes,
+        never its target), recording the repair. Raises OSError."""
+        st = _lstat(path)
+        if st is None or stat.S_ISDIR(st.st_mode):
+            return
+        path.unlink()
+        kind = "a file" if is_ours(st) else _kind(st)
+        self._repaired(path, f"{kind}, not {role}", "removed, not followed")
 
     def _recover(self) -> None:
         """Clear what a crashed writer left half-done, remove what was planted in
@@ -220,6 +232,16 @@ class Store:
                 shutil.rmtree(stale, ignore_errors=True)
         for stale in self.root.glob(f".{POINTER}.*.tmp"):  # a pointer never switched in
             stale.unlink(missing_ok=True)
+        # A link in place of a folder of the store, or of a model's folder of releases
+        # (the clean-up renames and deletes what is inside), is removed, not followed.
+        try:
+            for folder in (self.blobs, self.releases, self.tmp):
+                self._clear_for_folder(folder, "the store's own folder")
+                folder.mkdir(exist_ok=True)
+            for path in self.releases.iterdir():
+                self._clear_for_folder(path, "a model's folder of releases")
+        except OSError as exc:
+            raise StoreError(f"{exc.filename}: cannot repair: {exc.strerror}") from exc
         # What is not a file of ours in tmp/ or blobs/ (a link, a folder, a FIFO, a
         # hard link) was planted or damaged: it is removed, never followed or reused.
         for folder in (self.tmp, self.blobs):
@@ -317,7 +339,7 @@ class Store:
         """The stored release ``model`` v``version``, or None if it is not in the store."""
         folder = self.releases / model / str(version)
         try:
-            raw = (folder / "manifest.json").read_bytes()
+            raw = _read_manifest(folder / "manifest.json")
         except FileNotFoundError:
             return None
         manifest = parse_manifest(raw, f"{folder}/manifest.json")
@@ -431,7 +453,7 @@ class Store:
 
     def manifest_bytes(self, model: str, version: int) -> bytes | None:
         try:
-            return (self.releases / model / str(version) / "manifest.json").read_bytes()
+            return _read_manifest(self.releases / model / str(version) / "manifest.json")
         except FileNotFoundError:
             return None
 

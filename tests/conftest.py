@@ -137,8 +137,7 @@ class Device:
             capture_output=True,
             text=True,
             env=full_env,
-            timeout=60,
-            **kw,
+            **{"timeout": 60, **kw},
         )
 
     def status(self) -> dict[str, Any]:

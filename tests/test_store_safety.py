@@ -16,6 +16,7 @@ import pytest
 from agent.errors import StoreError
 from agent.manifest import FileEntry, parse_manifest
 from agent.registry import Registry
+from agent.store import Store
 from tests.conftest import Device, Fleet, serving_v1_with_v2_published
 from tests.registry_server import RegistryServer
 
@@ -197,3 +198,82 @@ def test_planted_files_are_reported_as_repairs(
         (str(store.part_path(entry)), "a symbolic link, not a file of ours")
     ]
     assert store.take_repairs() == []
+
+
+@pytest.fixture
+def outside_folder(tmp_path: Path) -> Path:
+    """A folder outside the store holding files the agent may delete but must not."""
+    folder = tmp_path / "outside-folder"
+    (folder / "7").mkdir(parents=True)
+    (folder / "7" / "manifest.json").write_bytes(b"{}")
+    for name in ("precious.conf", "x.part", "1" * 64):
+        (folder / name).write_bytes(b"precious\n")
+    return folder
+
+
+def _folder_untouched(folder: Path) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["7", "precious.conf", "x.part", "1" * 64]
+    )
+    assert (folder / "7" / "manifest.json").read_bytes() == b"{}"
+
+
+@pytest.mark.parametrize("name", ["blobs", "tmp", "releases"])
+def test_a_store_folder_replaced_by_a_symlink_is_never_followed_or_emptied(
+    on_v1: Device, outside_folder: Path, name: str
+) -> None:
+    store = on_v1.store
+    folder = store.root / name
+    folder.rename(store.root / f"{name}.real")  # (v1's files stay out of reach)
+    folder.symlink_to(outside_folder)
+    result = on_v1.cli("models", "pull", "--version", "2")
+    assert result.returncode == 0, result.stderr
+    _folder_untouched(outside_folder)
+    assert not folder.is_symlink() and folder.is_dir()
+    on_v1.assert_serving(2)
+
+
+@pytest.mark.parametrize("name", ["blobs", "tmp", "releases"])
+def test_a_dangling_symlink_in_place_of_a_store_folder_is_replaced_and_reported(
+    on_v1: Device, tmp_path: Path, name: str
+) -> None:
+    store = on_v1.store
+    folder = store.root / name
+    folder.rename(store.root / f"{name}.real")
+    folder.symlink_to(tmp_path / "nowhere")
+    result = on_v1.cli("models", "pull", "--version", "2")
+    assert result.returncode == 0, result.stderr
+    assert not folder.is_symlink() and folder.is_dir()
+    on_v1.assert_serving(2)
+    fresh = Store(store.root)
+    folder.rename(store.root / f"{name}.second")
+    folder.symlink_to(tmp_path / "nowhere")
+    fresh.open()
+    first = fresh.repair()[0]  # (releases/ gone also leaves the pointer naming nothing)
+    assert (first.file, first.problem) == (
+        str(folder),
+        "a symbolic link, not the store's own folder",
+    )
+
+
+def test_a_symlinked_model_folder_in_releases_is_removed_not_followed(
+    on_v1: Device, outside_folder: Path
+) -> None:
+    on_v1.set("store", keep=1)  # the clean-up would remove other-model v7
+    store = on_v1.store
+    (store.releases / "other-model").symlink_to(outside_folder)
+    result = on_v1.cli("models", "pull", "--version", "2")
+    assert result.returncode == 0, result.stderr
+    _folder_untouched(outside_folder)
+    assert not (store.releases / "other-model").is_symlink()
+    on_v1.assert_serving(2)
+
+
+def test_a_fifo_planted_as_a_stored_manifest_never_hangs_a_pull(on_v1: Device) -> None:
+    manifest = on_v1.store.releases / "person-detector" / "1" / "manifest.json"
+    manifest.unlink()
+    os.mkfifo(manifest)
+    result = on_v1.cli("models", "pull", "--version", "2", timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    on_v1.assert_serving(2)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
-from agent.atomic import write_atomic
+from agent.atomic import read_bounded, write_atomic
 from agent.repairs import Repair
 
 log = logging.getLogger(__name__)
@@ -332,11 +332,12 @@ class Journal:
         ``repair`` says what was done.
         """
         try:
-            return cls(path, parse(path.read_bytes()))
+            # bounded, never through a link, never blocking on a FIFO planted there
+            return cls(path, parse(read_bounded(path, MAX_BYTES)))
         except FileNotFoundError:
             return cls(path, JournalDoc())
-        except (OSError, JournalDamaged) as exc:
-            problem = str(exc) if isinstance(exc, JournalDamaged) else exc.strerror or str(exc)
+        except (OSError, ValueError) as exc:  # JournalDamaged is a ValueError
+            problem = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
         aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
         try:
             path.rename(aside)
