@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -693,6 +694,7 @@ class _HighWater:
             return None
         except (OSError, ValueError) as exc:
             log.warning("%s: cannot read: %s; it is rewritten", self.path, exc)
+            self._set_aside()
             return None
         try:
             doc = json.loads(raw)
@@ -705,6 +707,13 @@ class _HighWater:
             log.warning("%s: not a high-water mark file; it is rewritten", self.path)
             return None
         return dict(marks)
+
+    def _set_aside(self) -> None:
+        """A folder, link or device in the file's place would make every save fail (and
+        every start with it): move it aside, never follow it."""
+        with contextlib.suppress(OSError):
+            if not stat.S_ISREG(self.path.lstat().st_mode):
+                self.path.rename(self.path.with_name(f"{self.path.name}.damaged-{time.time_ns()}"))
 
     def save(self, marks: Mapping[str, int]) -> None:
         """Replace the file atomically and durably; raises OSError."""

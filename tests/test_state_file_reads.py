@@ -79,3 +79,17 @@ def test_a_fifo_planted_as_the_outbox_high_water_mark_is_rewritten_at_once(tmp_p
     finally:
         outbox.close()
     assert Path(f"{path}.seq").is_file() and not Path(f"{path}.seq").is_symlink()
+
+
+def test_a_folder_planted_as_the_outbox_high_water_mark_is_moved_aside(tmp_path: Path) -> None:
+    # os.replace onto a folder fails: every start would fail (a crash loop) if it stayed
+    path = tmp_path / "outbox.db"
+    Path(f"{path}.seq").mkdir()
+    outbox = Outbox(path, 1 << 20).open()
+    try:
+        outbox.write([Record("events", "edge/d/events", {"ts": 1.0})])
+        assert len(outbox.pending(0, 10)) == 1
+    finally:
+        outbox.close()
+    assert Path(f"{path}.seq").is_file()
+    assert len(list(tmp_path.glob("outbox.db.seq.damaged-*"))) == 1
