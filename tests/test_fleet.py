@@ -457,7 +457,8 @@ def test_a_device_still_updating_when_its_step_times_out_is_sent_back_to_its_rel
     swapped = [d for d in lab.tap.docs("/events") if d.get("event") == "model_swapped"]
     assert all(d.get("version") != 2 for d in swapped), swapped
     back = lambda: lab.states()["dev-slow"]  # noqa: E731
-    wait_alive(lambda: (back()["version"], back()["desired"]["version"]) == (1, 1), 5, "", agent)
+    sent_back = lambda: (back()["version"], (back()["desired"] or {}).get("version"))  # noqa: E731
+    wait_alive(lambda: sent_back() == (1, 1), 5, "v1 active and applied again", agent)
     assert lab.devices()["dev-slow"]["desired"]["version"] == 1
 
 
