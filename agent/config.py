@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, BinaryIO, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -36,6 +37,9 @@ from agent.fleet.acl import NAME_PATTERN, check_group_name
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.yaml")
 ENV_PREFIX = "EDGE_AGENT_"
+# A config is a few kilobytes; a bigger file is something else (a disk image, a log), and
+# reading it whole could take the memory of a small board.
+MAX_CONFIG_BYTES = 1024 * 1024
 
 # Model names become URL path segments and store folder names: keep them plain.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -630,6 +634,15 @@ def _env_value(raw: str) -> Any:
     return raw
 
 
+def _yaml_problem(exc: yaml.YAMLError | ValueError) -> str:
+    """One line for a YAML error: PyYAML's own text spans several lines (context, a
+    caret); a ValueError comes from a value that parses but cannot be built (a
+    5000-digit number, month 13)."""
+    if isinstance(exc, ValueError):
+        return str(exc).split(";")[0]
+    return str(getattr(exc, "problem", None) or exc).splitlines()[0]
+
+
 def _apply_env(
     data: dict[str, Any], env: Mapping[str, str], origins: dict[tuple[str, ...], _Origin]
 ) -> None:
@@ -645,8 +658,10 @@ def _apply_env(
             continue  # the YAML error for this section is reported by validation
         try:
             target[key] = _env_value(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"{var}: {section}.{key}: not valid YAML: {exc}"]) from exc
+        except (yaml.YAMLError, ValueError) as exc:
+            raise ConfigError(
+                [f"{var}: {section}.{key}: not valid YAML: {_yaml_problem(exc)}"]
+            ) from exc
         origins[(section, key)] = _Origin(var)
 
 
@@ -683,16 +698,19 @@ def parse_config(
     text: str, file: str = "config.yaml", env: Mapping[str, str] | None = None
 ) -> Config:
     """Parse and validate config text. Raises ConfigError naming key paths and lines."""
-    loader = yaml.SafeLoader(text)
+    try:  # the reader refuses control characters (NUL, ESC) already here
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{file}: not valid YAML: {_yaml_problem(exc)}"]) from exc
     try:  # one parse: the node tree gives the lines, the same tree gives the values
         node = loader.get_single_node()
         data: Any = {} if node is None else loader.construct_document(node)
     except RecursionError:
         raise ConfigError([f"{file}: YAML nested too deeply"]) from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}" if mark is not None else file
-        raise ConfigError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+        raise ConfigError([f"{where}: not valid YAML: {_yaml_problem(exc)}"]) from exc
     finally:
         loader.dispose()
     origins: dict[tuple[str, ...], _Origin] = {}
@@ -710,9 +728,14 @@ def parse_config(
 
 
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
-    """Read and validate the config file at ``path``. Raises ConfigError."""
+    """Read and validate the config file at ``path``. Raises ConfigError, also for what
+    is not a regular file (a FIFO nobody writes to would block for ever) and for a file
+    over ``MAX_CONFIG_BYTES``."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as file:
+            text = _read_regular(file, path).decode("utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(
             [
@@ -724,3 +747,17 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
     return parse_config(text, str(path), env)
+
+
+def _read_regular(file: BinaryIO, path: Path) -> bytes:
+    mode = os.fstat(file.fileno()).st_mode
+    if stat.S_ISDIR(mode):
+        raise ConfigError([f"{path}: is a folder; name the config file in it"])
+    if not stat.S_ISREG(mode):
+        raise ConfigError([f"{path}: not a regular file; name a YAML config file"])
+    data = file.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; not a config file"]
+        )
+    return data

@@ -156,7 +156,7 @@ class ControlServer:
         return {"command": name, "ok": True, "result": result}
 
 
-def _read_line(conn: socket.socket) -> bytes:
+def _read_line(conn: socket.socket, what: str = "request") -> bytes:
     data = b""
     while b"\n" not in data:
         chunk = conn.recv(4096)
@@ -164,7 +164,7 @@ def _read_line(conn: socket.socket) -> bytes:
             break
         data += chunk
         if len(data) > MAX_BYTES:
-            raise ControlError(f"request larger than {MAX_BYTES} bytes: dropped")
+            raise ControlError(f"{what} larger than {MAX_BYTES} bytes: dropped")
     return data.split(b"\n", 1)[0]
 
 
@@ -218,19 +218,21 @@ def ask(path: Path, command: str, args: Mapping[str, Any] | None = None) -> dict
             raise ControlError(f"cannot reach the agent at {path}: {exc}") from exc
         try:
             sock.sendall(request)
-            line = _read_line(sock)
+            line = _read_line(sock, f"the agent at {path} answered something unreadable: a reply")
         except TimeoutError as exc:
             raise ControlError(
                 f"the agent at {path} did not answer within {IO_TIMEOUT_S:g} s"
             ) from exc
         except OSError as exc:
             raise ControlError(f"the agent at {path} closed the connection: {exc}") from exc
+    unreadable = f"the agent at {path} answered something unreadable"
     try:
         reply = parse_object(line, what="reply", max_bytes=MAX_BYTES)
-        ok = reply["ok"]
-    except (DocumentError, KeyError) as exc:
-        raise ControlError(f"the agent at {path} answered something unreadable: {exc}") from None
-    if not ok:
-        raise CommandError(str(reply.get("error")))
-    result: dict[str, Any] = reply.get("result") or {}
+    except DocumentError as exc:
+        raise ControlError(f"{unreadable}: {exc}") from None
+    ok, error, result = reply.get("ok"), reply.get("error"), reply.get("result") or {}
+    if ok is False and isinstance(error, str):
+        raise CommandError(error)
+    if ok is not True or not isinstance(result, dict):
+        raise ControlError(f"{unreadable}: not an agent's reply ({{ok, result}} or {{ok, error}})")
     return result

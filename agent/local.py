@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field, ValidationError
+
 from agent.commands import CommandError
 from agent.config import Config
 from agent.control import AgentLock, ControlError, ask
@@ -29,6 +31,67 @@ from agent.errors import UpdateError
 from agent.store import Store
 
 POLL_S = 0.2
+
+
+# What the command line reads of the agent's replies. They are checked, then used as
+# they came (``--json`` shows them whole): something else listening on the socket, or
+# an agent of another version, is a one-line error, never a KeyError.
+class _Stats(BaseModel):
+    model: str
+    version: int
+    backend: str
+    fps: float
+    latency_ms_p95: float
+    source_connected: bool
+
+
+class _Update(BaseModel):
+    version: int
+    source: str
+    phase: str
+    outcome: str | None
+    reason: str | None = None
+
+
+class _Broker(BaseModel):
+    url: str | None
+    connected: bool
+    queued: int
+
+
+class _Status(BaseModel):
+    pid: int
+    uptime_s: float
+    stats: _Stats | None
+    update: _Update | None
+    broker: _Broker
+    last_error: str | None = None
+
+
+class _Queued(BaseModel):
+    version: int
+
+
+class _RolledBack(BaseModel):
+    version: int
+    from_: int | None = Field(alias="from")
+
+
+def _ask(
+    path: Path, command: str, reply: type[BaseModel], args: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``ask``, with the reply checked against ``reply``. Raises ControlError when it
+    does not fit (besides what ``ask`` raises)."""
+    result = ask(path, command, args)
+    try:
+        reply.model_validate(result)
+    except ValidationError as exc:
+        item = exc.errors()[0]
+        where = ".".join(str(part) for part in item["loc"])
+        raise ControlError(
+            f"the agent at {path} answered something unreadable: {command}: {where}: {item['msg']}"
+        ) from None
+    return result
 
 
 @dataclass(frozen=True)
@@ -48,7 +111,7 @@ def reach(config: Config) -> Reach:
     """Ask the agent for its status; never raises for an unreachable agent."""
     path = config.control_socket
     try:
-        return Reach(path, ask(path, "status"), None)
+        return Reach(path, _ask(path, "status", _Status), None)
     except PermissionError:
         return Reach(
             path,
@@ -143,7 +206,7 @@ def pull_through_agent(
     """
     assert found.status is not None
     before = (found.status.get("update") or {}).get("id")
-    queued = ask(found.path, "pull", {"version": version})
+    queued = _ask(found.path, "pull", _Queued, {"version": version})
     target = queued["version"]
     summary: dict[str, Any] = {"version": target, "outcome": None, "phase": "queued"}
     if wait_s is None:
@@ -151,7 +214,7 @@ def pull_through_agent(
     deadline = time.monotonic() + wait_s
     said = ""
     while time.monotonic() < deadline:
-        update = ask(found.path, "status").get("update") or {}
+        update = _ask(found.path, "status", _Status).get("update") or {}
         if update.get("id") != before and update.get("version") == target:
             summary = update
             if update["phase"] != said and update["outcome"] is None:
@@ -168,4 +231,4 @@ def pull_through_agent(
 
 def rollback_through_agent(found: Reach, to: int | None) -> dict[str, Any]:
     """The agent's own rollback (the MQTT ``rollback`` command's): what serves changes."""
-    return ask(found.path, "rollback", {"version": to})
+    return _ask(found.path, "rollback", _RolledBack, {"version": to})

@@ -233,3 +233,31 @@ def test_a_rolled_back_version_is_not_brought_back_by_its_channel(
     # A newer release on the channel is taken as usual; an explicit pull clears the mark.
     assert device.cli("models", "pull", "--version", "2").returncode == 0
     device.assert_serving(2)
+
+
+# Ctrl-C while the command line is still loading its modules (seconds on a Raspberry Pi):
+# the interrupt is raised from inside the import, as a real SIGINT at that moment would.
+INTERRUPTED_WHILE_LOADING = """
+import os, signal, sys
+from agent import entry
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "agent.config":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+sys.exit(getattr(entry, sys.argv[1])())
+"""
+
+
+def test_ctrl_c_while_the_commands_load_ends_quietly() -> None:
+    for script, name in (("edge_agent", "edge-agent"), ("edge_fleet", "edge-fleet")):
+        result = subprocess.run(
+            [sys.executable, "-c", INTERRUPTED_WHILE_LOADING, script, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (result.returncode, result.stderr) == (130, f"{name}: interrupted\n")

@@ -47,6 +47,13 @@ AGENT_CORPUS = [
     ["check-config", "--config", "list.yaml"],
     ["check-config", "--config", "."],
     ["check-config", "--config", "binary.yaml"],
+    ["check-config", "--config", "bigint.yaml"],
+    ["check-config", "--config", "baddate.yaml"],
+    ["check-config", "--config", "badfloat.yaml"],
+    ["check-config", "--config", "nul.yaml"],
+    ["check-config", "--config", "huge.yaml"],
+    ["check-config", "--config", "fifo.yaml"],
+    ["status", "--config", "fifo.yaml"],
     ["nosuchcommand"],
     [],
 ]
@@ -96,7 +103,15 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "image.png").write_bytes(b"\x89PNG not really")
     (tmp_path / "garbage.yaml").write_text("registry: [unclosed\n")
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "mapping.yaml").write_text("{}\n")
     (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01")
+    (tmp_path / "bigint.yaml").write_text("store: {keep: " + "9" * 5000 + "}\n")
+    (tmp_path / "baddate.yaml").write_text("model: {name: 2001-13-45}\n")
+    (tmp_path / "badfloat.yaml").write_text('model: {name: !!float "x"}\n')
+    (tmp_path / "nul.yaml").write_text("model: {name: a\x00b}\n")
+    with (tmp_path / "huge.yaml").open("wb") as huge:  # sparse: a disk image, not a config
+        huge.truncate(1 << 30)
+    os.mkfifo(tmp_path / "fifo.yaml")  # nobody writes: reading it would wait for ever
     for name in list(os.environ):
         if name.startswith(("EDGE_AGENT_", "EDGE_FLEET_")):
             monkeypatch.delenv(name)
@@ -140,6 +155,12 @@ ENV_CORPUS = [
     ({"EDGE_AGENT_CONFIG": "."}, ["status"]),
     ({"EDGE_AGENT_CONFIG": "binary.yaml"}, ["models", "list"]),
     ({"EDGE_AGENT_STORE_KEEP": "[1, 2"}, ["check-config", "--config", "list.yaml"]),
+    ({"EDGE_AGENT_DEVICE_GROUPS": "[a, b"}, ["check-config", "--config", "mapping.yaml"]),
+    ({"EDGE_AGENT_DEVICE_GROUPS": "[2001-13-45]"}, ["check-config", "--config", "mapping.yaml"]),
+    (
+        {"EDGE_AGENT_STORE_KEEP": "{a: " + "9" * 5000 + "}"},
+        ["check-config", "--config", "mapping.yaml"],
+    ),
 ]
 
 
@@ -152,6 +173,8 @@ def test_agent_environment_corpus_ends_in_one_clear_line(
     result = _run("edge-agent", args, workdir)
     _assert_clean("edge-agent", result.returncode, result.stderr)
     assert result.returncode != 0
+    if "EDGE_AGENT_CONFIG" not in env and args[0] == "check-config":  # one problem, one line
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 @pytest.mark.parametrize("args", FLEET_CORPUS, ids=lambda a: " ".join(a)[:60])

@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -296,3 +297,65 @@ def test_stopped_agent_answers_nothing_quickly(tmp_path: Path) -> None:
     )
     assert result.returncode == 0 and "daemon:   not running" in result.stdout
     assert time.monotonic() - started < 10
+
+
+def _fake_agent(path: Path, reply: bytes, stop: threading.Event) -> threading.Thread:
+    """Something else listening at the control socket: it answers every request with
+    ``reply`` (well-formed JSON, but not what an agent says)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(4)
+    server.settimeout(0.2)
+
+    def serve() -> None:
+        with server:
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.settimeout(5)
+                    conn.recv(65536)
+                    conn.sendall(reply + b"\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b'{"ok": true, "result": [1, 2]}',
+        b'{"ok": true, "result": {}}',
+        b'{"ok": true, "result": {"pid": "x", "uptime_s": "y", "broker": 3, "stats": {}}}',
+        b'{"ok": false, "error": {"a": [1]}}',
+    ],
+)
+@pytest.mark.parametrize("command", [["status"], ["models", "pull"], ["models", "rollback"]])
+def test_control_socket_answering_nonsense_is_one_line(
+    tmp_path: Path, reply: bytes, command: list[str]
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"store:\n  dir: {tmp_path / 'store'}\n")
+    stop = threading.Event()
+    thread = _fake_agent(tmp_path / "control.sock", reply, stop)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "agent.cli", *command, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        stop.set()
+        thread.join(5)
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+    if command == ["status"]:  # the store is still shown; the daemon line says what was wrong
+        assert result.returncode == 0, result.stderr
+        assert "daemon:   the agent at" in result.stdout and "unreadable" in result.stdout
+    else:  # never done on the store behind the back of something that answers
+        assert result.returncode == 1
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "{'a'" not in result.stderr  # no Python reprs
