@@ -95,10 +95,11 @@ class HolderLock:
         return self._fd is not None
 
     def holder(self) -> Holder | None:
-        """Who holds the lock, or None when it is free (or the file is absent)."""
+        """Who holds the lock, or None when it is free (or the file is absent, or its
+        folder cannot exist: a store under a file holds no agent either)."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -47,6 +47,8 @@ AGENT_CORPUS = [
     ["check-config", "--config", "list.yaml"],
     ["check-config", "--config", "."],
     ["check-config", "--config", "binary.yaml"],
+    ["models", "pull", "--config", "understore.yaml"],
+    ["models", "rollback", "--config", "understore.yaml"],
     ["check-config", "--config", "bigint.yaml"],
     ["check-config", "--config", "baddate.yaml"],
     ["check-config", "--config", "badfloat.yaml"],
@@ -105,6 +107,9 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "mapping.yaml").write_text("{}\n")
     (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01")
+    (tmp_path / "understore.yaml").write_text(  # a store that can never exist
+        f"registry: {{url: {tmp_path.as_uri()}}}\nmodel: {{name: m}}\nstore: {{dir: /dev/null/x}}\n"
+    )
     (tmp_path / "bigint.yaml").write_text("store: {keep: " + "9" * 5000 + "}\n")
     (tmp_path / "baddate.yaml").write_text("model: {name: 2001-13-45}\n")
     (tmp_path / "badfloat.yaml").write_text('model: {name: !!float "x"}\n')
