@@ -364,3 +364,10 @@ def test_generated_environment_overrides_never_crash(
             patch.setenv(name, value.replace("\x00", ""))
         code, stderr = _in_process(cli.main, ["check-config", "--config", str(path)])
     _assert_clean("edge-agent", code, stderr)
+
+
+@pytest.mark.parametrize("command", [["models", "pull"], ["models", "rollback"]])
+def test_a_store_that_cannot_exist_is_named_by_its_key(workdir: Path, command: list[str]) -> None:
+    result = _run("edge-agent", [*command, "--config", "understore.yaml"], workdir)
+    assert result.returncode == 1
+    assert "store.dir" in result.stderr and "Errno" not in result.stderr, result.stderr
