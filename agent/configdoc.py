@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from agent.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, Config
+from agent.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, MAX_CONFIG_BYTES, Config
 
 REGENERATE = "python -m agent.configdoc > docs/configuration.md"
 
@@ -254,7 +254,8 @@ def render() -> str:
         "",
         *_wrap(
             f"The agent reads one YAML file: `{DEFAULT_CONFIG_PATH}` unless `--config PATH` "
-            f"or `${ENV_PREFIX}CONFIG` names another. It is validated once, at start (and on "
+            f"or `${ENV_PREFIX}CONFIG` names another (a regular file of at most "
+            f"{MAX_CONFIG_BYTES // 1024} KiB). It is validated once, at start (and on "
             "SIGHUP): unknown keys are refused, and every error names the key path and the "
             "line it came from (`config.yaml:12: store.keep: Input should be greater than or "
             "equal to 1`). An invalid configuration exits 78. Every key has a default except "
