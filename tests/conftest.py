@@ -85,6 +85,16 @@ class Fleet:
         return self.registry / model / str(version) / name
 
 
+def edge_fleet(*args: str) -> subprocess.CompletedProcess[str]:
+    """``edge-fleet ARGS`` as a subprocess (the real entry point), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent.fleet.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.fixture
 def fleet(tmp_path: Path) -> Fleet:
     keys = tmp_path / "keys"

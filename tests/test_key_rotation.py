@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,17 +24,9 @@ from tests.agentproc import MODEL as AGENT_MODEL
 from tests.agentproc import AgentProcess, Tap, publish_models, wait_alive
 from tests.broker import Mosquitto
 from tests.conftest import MODEL, Device, Fleet, Models, tflite_bytes
+from tests.conftest import edge_fleet as fleet_cli
 from tests.registry_server import RegistryServer
 from tests.test_fleet import run_fleet
-
-
-def fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.fleet.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def republish(fleet: Fleet, version: int, *keys: Path) -> subprocess.CompletedProcess[str]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from agent.errors import VerificationError
 from agent.fleet.publish import PublishError, publish
 from agent.manifest import parse_index, parse_manifest
 from agent.verify import load_public_key, sha256_file, verify_signature
-from tests.conftest import MODEL, Fleet, tflite_bytes
+from tests.conftest import MODEL, Fleet, edge_fleet, tflite_bytes
 
 
 def test_publish_writes_the_registry_layout(fleet: Fleet) -> None:
@@ -96,30 +94,22 @@ def test_publish_refuses_a_bad_model_name(fleet: Fleet, tmp_path: Path) -> None:
 
 
 def test_fleet_cli_keygen_and_publish(tmp_path: Path) -> None:
-    def fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "agent.fleet.cli", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    assert fleet_cli("keygen", "--out", str(tmp_path / "k")).returncode == 0
+    assert edge_fleet("keygen", "--out", str(tmp_path / "k")).returncode == 0
     assert (tmp_path / "k" / "registry.key").stat().st_mode & 0o777 == 0o600
-    again = fleet_cli("keygen", "--out", str(tmp_path / "k"))
+    again = edge_fleet("keygen", "--out", str(tmp_path / "k"))
     assert again.returncode == 1 and "exists; use --force" in again.stderr
     model = tmp_path / "det_edgetpu.tflite"
     model.write_bytes(tflite_bytes(1000, 3))
     publish_args = ["publish", str(model), "--model", "det", "--version", "1"]
     publish_args += ["--registry", str(tmp_path / "reg")]
-    result = fleet_cli(
+    result = edge_fleet(
         *publish_args,
         *("--sign-key", str(tmp_path / "k" / "registry.key")),
         *("--task", "classification", "--json"),
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["files"][0]["variant"] == "edgetpu"
-    bad = fleet_cli(*publish_args, "--task", "nonsense")
+    bad = edge_fleet(*publish_args, "--task", "nonsense")
     assert bad.returncode == 2  # usage error
 
 

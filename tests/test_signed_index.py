@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from agent.fleet.publish import PublishError, publish
 from agent.signed_index import HISTORY_FILE, rfc3339
 from agent.verify import generate_keypair, key_id, load_private_key, sign
 from tests.conftest import MODEL, Device, Fleet, tflite_bytes
+from tests.conftest import edge_fleet as fleet_cli
 from tests.registry_server import RegistryServer
 
 INDEX = f"{MODEL}/index.json"
@@ -45,15 +44,6 @@ def write_index(fleet: Fleet, doc: dict[str, Any], key: Path | None) -> None:
     index_path(fleet).write_bytes(raw)
     if key is not None:
         index_path(fleet).with_name("index.json.sig").write_bytes(sign(load_private_key(key), raw))
-
-
-def fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.fleet.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_published_index_is_signed_versioned_and_accepted(fleet: Fleet, device: Device) -> None:
