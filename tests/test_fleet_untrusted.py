@@ -22,7 +22,7 @@ from tests.agentproc import MODEL, wait_alive
 from tests.broker import Mosquitto, subscriber
 from tests.test_fleet import Lab, lab, run_fleet  # noqa: F401  (lab: the fixture)
 
-NOW = time.time()
+NOW = -12345.5  # stands for "the moment the report is left", stamped by _leave
 ESC = "\x1b[2J\x1b]0;owned\x07"  # clear the screen, set the window title
 
 
@@ -78,13 +78,24 @@ HOSTILE: dict[str, dict[str, Any]] = {
 BAD = [d for d in HOSTILE if d.startswith("bad-") and d != "bad-time"]  # times: well-typed
 
 
+def _stamped(doc: Any, now: float) -> Any:
+    """``doc`` with every NOW replaced by ``now``: reports are fresh when left, not when
+    this module was imported (``devices`` hides telemetry older than five minutes)."""
+    if isinstance(doc, dict):
+        return {key: _stamped(value, now) for key, value in doc.items()}
+    if isinstance(doc, list):
+        return [_stamped(value, now) for value in doc]
+    return now if doc == NOW and isinstance(doc, float) else doc
+
+
 def _leave(broker: Mosquitto, reports: dict[str, dict[str, Any]]) -> None:
     """Publish every report retained, each acknowledged by the broker."""
     operator = subscriber(broker.url, [])
     try:
         for device, streams in reports.items():
             for stream, doc in streams.items():
-                payload = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+                fresh = _stamped(doc, time.time())
+                payload = doc if isinstance(doc, bytes) else json.dumps(fresh).encode()
                 sent = operator.publish(f"edge/{device}/{stream}", payload, retain=True)
                 assert sent in ("Success", "No matching subscribers"), (device, stream, sent)
     finally:
