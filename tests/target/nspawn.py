@@ -4,7 +4,8 @@ What works on a host whose PID 1 is not systemd (no D-Bus, no machined): no
 registration, unified cgroups (otherwise ``DeviceAllow=`` is silently not enforced), the
 console on a pipe, seccomp through BPF. ``--private-network``: the container has only its
 own loopback. Commands go in with ``nsenter`` into the namespaces of the container's
-PID 1, under ``env -i`` (nothing of the host's environment leaks in).
+PID 1, its network namespace included, under ``env -i`` (nothing of the host's
+environment leaks in).
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class Container:
     ) -> subprocess.CompletedProcess[str]:
         """``sh -c COMMAND`` inside the container (its namespaces, root, cwd /)."""
         self._alive()
-        argv = ["nsenter", "-t", str(self.leader), "-m", "-u", "-i", "-p", "-C", "-r", "-w"]
+        # -n too: with --private-network the container's loopback is not the host's
+        argv = ["nsenter", "-t", str(self.leader), "-m", "-u", "-i", "-n", "-p", "-C", "-r", "-w"]
         argv += ["env", "-i", *(f"{k}={v}" for k, v in {**CHROOT_ENV, **(env or {})}.items())]
         return run([*argv, "/bin/sh", "-c", command], timeout=timeout, check=check, input=input)
 
