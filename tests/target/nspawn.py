@@ -10,11 +10,15 @@ environment leaks in).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 from tests.target.common import CHROOT_ENV, Failed, run
 
@@ -99,6 +103,18 @@ class Container:
         argv += ["env", "-i", *(f"{k}={v}" for k, v in {**CHROOT_ENV, **(env or {})}.items())]
         return run([*argv, "/bin/sh", "-c", command], timeout=timeout, check=check, input=input)
 
+    def existing(self, paths: tuple[str, ...]) -> list[str]:
+        """Which of ``paths`` exist inside."""
+        listed = " ".join(paths)
+        done = self.sh(f"for p in {listed}; do [ ! -e $p ] || echo $p; done", timeout=30)
+        return done.stdout.split()
+
+    def console_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.console.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
     def poweroff(self, timeout: float) -> float:
         """``systemctl poweroff`` inside; return how long systemd-nspawn took to end."""
         assert self.nspawn is not None
@@ -156,3 +172,68 @@ def _command(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+class Unit:
+    """A systemd unit inside a booted container: its properties and its journal."""
+
+    def __init__(self, box: Container, name: str) -> None:
+        self.box = box
+        self.name = name
+
+    def show(self, properties: str) -> dict[str, str]:
+        """``systemctl show -p PROPERTIES`` (comma-separated) as a dict."""
+        done = self.box.sh(f"systemctl show -p {properties} {self.name}", timeout=30)
+        return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+
+    def wait(
+        self, properties: str, ok: Callable[[dict[str, str]], bool], timeout: float, what: str
+    ) -> dict[str, str]:
+        """Poll ``show(properties)`` until ``ok`` holds; Failed naming ``what`` after
+        ``timeout`` s, with what was last shown."""
+        deadline = time.monotonic() + timeout
+        shown: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            shown = self.show(properties)
+            if ok(shown):
+                return shown
+            time.sleep(1)
+        raise Failed(f"not {what} within {timeout:g} s: {shown}")
+
+    def cursor(self) -> str:
+        """Where the whole journal ends now: ``journal(after=…)`` shows what comes next."""
+        done = self.box.sh("journalctl -q -n 1 -o cat --show-cursor", timeout=30, check=False)
+        found = re.search(r"^-- cursor: (\S+)", done.stdout, re.MULTILINE)
+        if not found:
+            raise Failed(f"journalctl printed no cursor: {done.stdout[-200:]!r}")
+        return found.group(1)
+
+    def journal(self, after: str = "") -> str:
+        """The unit's messages (all, or those after the cursor ``after``)."""
+        since = f"--after-cursor='{after}'" if after else ""
+        return self.box.sh(f"journalctl -q -o cat -u {self.name} {since}", timeout=60).stdout
+
+    def wait_journal(self, after: str, text: str, timeout: float) -> str:
+        """Wait until the unit's journal after the cursor ``after`` has ``text``."""
+        deadline = time.monotonic() + timeout
+        log = ""
+        while time.monotonic() < deadline:
+            log = self.journal(after)
+            if text in log:
+                return log
+            time.sleep(0.5)
+        raise Failed(f"no {text!r} in the journal within {timeout:g} s:\n{log[-1500:]}")
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends a run like Ctrl-C (KeyboardInterrupt), so its clean-up runs."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -26,12 +26,10 @@ import contextlib
 import importlib
 import re
 import shutil
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `tests.target` importable
@@ -48,7 +46,7 @@ from tests.target.common import (
     say,
     wheelhouse,
 )
-from tests.target.nspawn import Container
+from tests.target.nspawn import Container, Unit, sigterm_interrupts
 
 SCRIPT = "systemd"
 # Every manylinux tag bookworm's glibc (2.36) runs: pip download takes the --platform
@@ -67,36 +65,27 @@ INSTALL = (
     "cd /root/edge-agent && PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels provisioning/install.sh"
     f" --registry http://127.0.0.1:{PORT}/ --model {MODEL} --device-id {DEVICE}"
 )
+DROPINS = ("sysusers", "tmpfiles")
 SHOW = "StatusText,ActiveState,SubState,NRestarts,ExecMainStatus,MainPID,Result"
 FORBIDDEN = re.compile(r"EPERM|SIGSYS|Operation not permitted|Traceback")
-CONFIG = """\
-device: {{id: {device}}}
-registry:
-  url: http://127.0.0.1:{port}/
-  public_key: {etc}/registry.pub
-model: {{name: {model}, channel: stable}}
+
+
+def config(top_k: int = 3, interval: float = 10) -> str:
+    """The device's config: the registry and broker inside, a synthetic stream."""
+    return f"""\
+device: {{id: {DEVICE}}}
+registry: {{url: "http://127.0.0.1:{PORT}/", public_key: {ETC}/registry.pub}}
+model: {{name: {MODEL}, channel: stable}}
 runtime: {{accelerator: cpu}}
 source: {{type: synthetic, width: 64, height: 48, fps: 10}}
 results: {{publish: every, min_score: 0.0, top_k: {top_k}}}
 mqtt: {{url: "mqtt://127.0.0.1:1883"}}
 telemetry: {{interval_s: {interval}}}
-update: {{probation_s: 5, desired_public_key: {etc}/deploy.pub}}
-{extra}"""
+update: {{probation_s: 5, desired_public_key: {ETC}/deploy.pub}}
+"""
 
 
-def config(top_k: int = 3, interval: float = 10, extra: str = "") -> str:
-    return CONFIG.format(
-        device=DEVICE,
-        port=PORT,
-        etc=ETC,
-        model=MODEL,
-        top_k=top_k,
-        interval=interval,
-        extra=extra,
-    )
-
-
-INVALID = config(extra="bogus_section: {unknown: 1}\n")  # unknown keys are refused: 78
+INVALID = config() + "bogus_section: {unknown: 1}\n"  # unknown keys are refused: exit 78
 
 
 def requirements() -> list[str]:
@@ -144,29 +133,28 @@ class Target:
         assert self.box is not None, "the container is not booted"
         return self.box
 
+    @property
+    def unit(self) -> Unit:
+        return Unit(self.c, UNIT)
+
     def show(self) -> dict[str, str]:
-        done = self.c.sh(f"systemctl show -p {SHOW} {UNIT}", timeout=30)
-        return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+        return self.unit.show(SHOW)
 
     def wait_serving(
         self, version: int, timeout: float, since: dict[str, str] | None = None
     ) -> dict[str, str]:
         """Wait until the unit is active (running), serving ``version`` with no update
         under way (a new main PID first, given ``since``)."""
-        deadline = time.monotonic() + timeout
-        shown: dict[str, str] = {}
-        while time.monotonic() < deadline:
-            shown = self.show()
-            moved = since is None or shown["MainPID"] != since["MainPID"]
-            if (
-                moved
+
+        def serving(shown: dict[str, str]) -> bool:
+            return (
+                (since is None or shown["MainPID"] != since["MainPID"])
                 and (shown["ActiveState"], shown["SubState"]) == ("active", "running")
-                and re.search(rf"\b{MODEL} v{version} ", shown["StatusText"])
+                and re.search(rf"\b{MODEL} v{version} ", shown["StatusText"]) is not None
                 and "updating" not in shown["StatusText"]
-            ):
-                return shown
-            time.sleep(1)
-        raise Failed(f"not serving v{version} within {timeout:g} s: {_brief(shown)}")
+            )
+
+        return self.unit.wait(SHOW, serving, timeout, f"serving v{version}")
 
     def write_config(self, text: str) -> None:
         self.c.sh(
@@ -175,26 +163,6 @@ class Target:
             timeout=30,
             input=text,
         )
-
-    def journal(self, since: str = "") -> str:
-        cursor = f"--after-cursor='{since}'" if since else ""
-        return self.c.sh(f"journalctl -q -o cat -u {UNIT} {cursor}", timeout=60).stdout
-
-    def wait_journal(self, since: str, text: str, timeout: float) -> str:
-        """Wait until the unit's journal after the cursor ``since`` has ``text``."""
-        deadline = time.monotonic() + timeout
-        log = ""
-        while time.monotonic() < deadline:
-            log = self.journal(since)
-            if text in log:
-                return log
-            time.sleep(0.5)
-        raise Failed(f"no {text!r} in the journal within {timeout:g} s:\n{log[-1500:]}")
-
-    def cursor(self) -> str:
-        done = self.c.sh("journalctl -q -n 0 --show-cursor", timeout=30, check=False)
-        found = re.search(r"-- cursor: (\S+)", done.stdout)
-        return found.group(1) if found else ""
 
     # --- the checks
     def install(self) -> str:
@@ -239,23 +207,23 @@ class Target:
 
     def reload_applies(self) -> str:
         before = self.show()
-        mark = self.cursor()
+        mark = self.unit.cursor()
         self.write_config(config(top_k=1, interval=2))
         self.c.sh(f"systemctl reload {UNIT}", timeout=120)
-        self.wait_journal(mark, "SIGHUP: reloading the configuration", timeout=30)
+        self.unit.wait_journal(mark, "SIGHUP: reloading the configuration", timeout=30)
         shown = self.wait_serving(1, timeout=60)
         if shown["MainPID"] != before["MainPID"]:
             raise Failed(f"reload restarted the agent: {_brief(shown)}")
-        status = self.c.sh(f"{_agent()} status", timeout=60).stdout
+        status = self.c.sh("/opt/edge-agent/venv/bin/edge-agent status", timeout=60).stdout
         return f"SIGHUP applied (telemetry 2 s, top_k 1); {_first(status)}"
 
     def reload_refuses(self) -> str:
         before = self.show()
-        mark = self.cursor()
+        mark = self.unit.cursor()
         self.write_config(INVALID)
         try:
             done = self.c.sh(f"systemctl reload {UNIT}", timeout=120, check=False)
-            self.wait_journal(mark, "the new configuration is not used", timeout=30)
+            self.unit.wait_journal(mark, "the new configuration is not used", timeout=30)
             shown = self.wait_serving(1, timeout=30)
         finally:
             self.write_config(config(top_k=1, interval=2))
@@ -283,7 +251,7 @@ class Target:
         self.write_config(INVALID)
         try:
             self.c.sh(f"systemctl restart {UNIT}", timeout=240, check=False)
-            failed = self._wait_failed(timeout=60)
+            failed = self.unit.wait(SHOW, _failed_78, 60, "failed with status 78")
             time.sleep(15)
             later = self.show()
         finally:
@@ -293,16 +261,6 @@ class Target:
         self.c.sh(f"systemctl restart {UNIT}", timeout=240)
         self.wait_serving(1, timeout=120)
         return f"failed, status 78, NRestarts {later['NRestarts']} over 15 s; fixed: serving again"
-
-    def _wait_failed(self, timeout: float) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        shown: dict[str, str] = {}
-        while time.monotonic() < deadline:
-            shown = self.show()
-            if shown["ActiveState"] == "failed" and shown["ExecMainStatus"] == "78":
-                return shown
-            time.sleep(1)
-        raise Failed(f"not failed with status 78 within {timeout:g} s: {_brief(shown)}")
 
     def pushed_update(self) -> str:
         self.c.sh(
@@ -317,7 +275,7 @@ class Target:
             timeout=180,
         )
         shown = self.wait_serving(2, timeout=60)
-        bad = [line for line in self.journal().splitlines() if FORBIDDEN.search(line)]
+        bad = [line for line in self.unit.journal().splitlines() if FORBIDDEN.search(line)]
         if bad:
             raise Failed(f"the journal has {len(bad)} refused-call/traceback lines: {bad[:3]}")
         return (
@@ -359,23 +317,18 @@ class Target:
             "/opt/edge-agent",
             "/etc/udev/rules.d/65-edge-agent.rules",
         )
+        if self.c.existing(gone):
+            raise Failed(f"--uninstall left: {self.c.existing(gone)}")
         kept = (f"{ETC}/config.yaml", "/var/lib/edge-agent")
-        self._absent(gone)
-        missing = self.c.sh(f"for p in {' '.join(kept)}; do [ -e $p ] || echo $p; done", timeout=30)
-        if missing.stdout.strip():
-            raise Failed(f"--uninstall removed what it keeps: {missing.stdout.split()}")
+        if self.c.existing(kept) != list(kept):
+            raise Failed(f"--uninstall removed what it keeps: {kept}")
         known = self.c.sh(f"systemctl list-unit-files {UNIT}", timeout=30, check=False).stdout
         if UNIT in known:
             raise Failed(f"systemd still knows {UNIT} after --uninstall")
         self.c.sh("cd /root/edge-agent && provisioning/install.sh --uninstall --purge", timeout=120)
-        self._absent(
-            (
-                ETC,
-                "/var/lib/edge-agent",
-                "/etc/sysusers.d/edge-agent.conf",
-                "/etc/tmpfiles.d/edge-agent.conf",
-            )
-        )
+        purged = (ETC, "/var/lib/edge-agent", *(f"/etc/{d}.d/edge-agent.conf" for d in DROPINS))
+        if self.c.existing(purged):
+            raise Failed(f"--uninstall --purge left: {self.c.existing(purged)}")
         owned = self.c.sh(
             "find / -xdev \\( -path /proc -o -path /sys -o -path /wheels \\) -prune"
             " -o -user edge-agent -print",
@@ -385,11 +338,6 @@ class Target:
         if owned:
             raise Failed(f"files of user edge-agent left: {owned[:5]}")
         return "no unit, venv, udev rules; with --purge no config, state, sysusers/tmpfiles"
-
-    def _absent(self, paths: tuple[str, ...]) -> None:
-        left = self.c.sh(f"for p in {' '.join(paths)}; do [ ! -e $p ] || echo $p; done", timeout=30)
-        if left.stdout.strip():
-            raise Failed(f"left behind: {left.stdout.split()}")
 
     def poweroff(self) -> str:
         took = self.c.poweroff(timeout=90)
@@ -412,11 +360,7 @@ class Target:
                     "systemctl --failed --no-pager; systemctl status --no-pager mosquitto",
                 ):
                     print(self.box.sh(command, timeout=30, check=False).stdout, file=sys.stderr)
-        if self.view is not None:
-            console = self.view.work / "console.log"
-            if console.exists():
-                tail = console.read_text(errors="replace").splitlines()[-40:]
-                print("--- console ---", *tail, sep="\n", file=sys.stderr)
+            print("--- console ---", self.box.console_tail(), sep="\n", file=sys.stderr)
 
     def close(self) -> None:
         if self.box is not None:
@@ -425,8 +369,8 @@ class Target:
             self.view.close()
 
 
-def _agent() -> str:
-    return "/opt/edge-agent/venv/bin/edge-agent"
+def _failed_78(shown: dict[str, str]) -> bool:
+    return shown["ActiveState"] == "failed" and shown["ExecMainStatus"] == "78"
 
 
 def _brief(shown: dict[str, str]) -> str:
@@ -436,20 +380,6 @@ def _brief(shown: dict[str, str]) -> str:
 
 def _first(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else "(no status)"
-
-
-@contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
-    """SIGTERM ends the run like Ctrl-C: the clean-up below runs either way."""
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main() -> int:
@@ -478,7 +408,7 @@ def main() -> int:
         ("poweroff", target.poweroff),
     ]
     try:
-        with _interruptible():
+        with sigterm_interrupts():
             for name, step in steps:
                 checks.check(name, step)
             if checks.failed is not None:
