@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import re
 import shutil
 import sys
@@ -210,12 +211,17 @@ class Target:
         mark = self.unit.cursor()
         self.write_config(config(top_k=1, interval=2))
         self.c.sh(f"systemctl reload {UNIT}", timeout=120)
-        self.unit.wait_journal(mark, "SIGHUP: reloading the configuration", timeout=30)
+        # systemctl reload returned after the agent's answer: status says so at once.
+        shown_json = self.c.sh("/opt/edge-agent/venv/bin/edge-agent status --json", timeout=60)
+        report = (json.loads(shown_json.stdout)["daemon"]["status"] or {}).get("reload") or {}
+        if report.get("outcome") != "reloaded":
+            raise Failed(f"systemctl reload returned before the agent reloaded: {report}")
+        self.unit.wait_journal(mark, "reload: applying the new configuration", timeout=30)
         shown = self.wait_serving(1, timeout=60)
         if shown["MainPID"] != before["MainPID"]:
             raise Failed(f"reload restarted the agent: {_brief(shown)}")
         status = self.c.sh("/opt/edge-agent/venv/bin/edge-agent status", timeout=60).stdout
-        return f"SIGHUP applied (telemetry 2 s, top_k 1); {_first(status)}"
+        return f"reload applied (telemetry 2 s, top_k 1); {_first(status)}"
 
     def reload_refuses(self) -> str:
         before = self.show()
