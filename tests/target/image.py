@@ -1,0 +1,380 @@
+"""The container image (container/Containerfile), built and run with podman, offline.
+
+Run from the checkout root, as root, on a Debian machine with podman and runc::
+
+    python3 tests/target/image.py
+
+No container registry is needed. The base is a local image imported from a cached
+debootstrap of bookworm amd64 with python3 and venv (what ``debian:bookworm-slim`` plus
+the Containerfile's apt step gives), and the build gets the project's wheel and a
+wheelhouse for x86_64 CPython 3.11 in its context (``--build-arg WHEELS=wheels``) and
+runs with ``--network none``. Then: ``--version``, ``demo`` (with its hot swap), and
+the agent itself with a read-only config and a state volume, pulling v1 and then v2
+from a registry served on the host's loopback (``--network host``); its health check;
+``podman stop`` ending in exit 0.
+
+Podman keeps its images under the cache (``containers/``), apart from the host's; the
+base image stays there, the rest is removed at the end, also on failure or Ctrl-C.
+This VM needs two podman settings that a Raspberry Pi does not: runc (crun 1.8
+refuses cgroup v1 with a v2 hierarchy that has a controller) and explicit, lower
+ulimits (podman raises RLIMIT_NOFILE/NPROC above the hard limit, and root here lacks
+CAP_SYS_RESOURCE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.target import common
+from tests.target.common import CACHE, REPO, Checks, Failed
+
+SCRIPT = "image"
+# bookworm has glibc 2.36: every manylinux tag up to it (cryptography needs 2.34).
+PLATFORMS = ("manylinux2014_x86_64", *(f"manylinux_2_{n}_x86_64" for n in range(17, 37)))
+PODMAN = (
+    "podman",
+    "--root",
+    str(CACHE / "containers" / "storage"),
+    "--runroot",
+    "/run/edge-agent-target-containers",
+    "--runtime",
+    "runc",
+)
+LIMITS = ("--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096")
+IMAGE = "localhost/edge-agent-target:smoke"
+CONTAINER = "edge-agent-target-smoke"
+VOLUME = "edge-agent-target-state"
+MODEL = "colours"
+CONFIG = """\
+device: {{id: image-smoke}}
+registry: {{url: "http://127.0.0.1:{port}/", poll_interval_s: 1}}
+model: {{name: {model}, channel: stable}}
+store: {{dir: /var/lib/edge-agent/models, keep: 2, reserve_mb: 0}}
+runtime: {{accelerator: cpu, threads: 1}}
+source: {{type: synthetic, width: 160, height: 120, fps: 10}}
+results: {{publish: every, min_score: 0.0}}
+telemetry: {{interval_s: 2, outbox: /var/lib/edge-agent/outbox.sqlite}}
+update: {{probation_s: 4, budget_runs: 20, poll_jitter: 0}}
+"""
+# Run as root inside the image (a tool run, not the agent): a generated model released
+# to the registry folder mounted at /registry.
+PUBLISH = """\
+python3 -c 'import sys; from agent import modelgen
+open("/tmp/m.tflite", "wb").write(modelgen.colour_classifier(offset={offset}))'
+printf 'red\\ngreen\\nblue\\n' > /tmp/labels.txt
+edge-fleet publish --model {model} --version {version} --registry /registry \\
+    --task classification --labels /tmp/labels.txt --channel stable \\
+    --selftest-random 4 --budget-p95-ms 1000 /tmp/m.tflite >/dev/null
+"""
+
+
+def podman(*args: str | Path, timeout: float, check: bool = True) -> str:
+    """``podman ARGS`` with this script's storage and runtime; its stdout."""
+    return common.run([*PODMAN, *args], timeout=timeout, check=check).stdout
+
+
+def run_image(*args: str | Path, timeout: float, check: bool = True) -> str:
+    """``podman run --rm`` of the image, no network, no proxy settings passed in."""
+    argv = ("run", "--rm", *LIMITS, "--network", "none", "--http-proxy=false")
+    return podman(*argv, *args, timeout=timeout, check=check)
+
+
+def version() -> str:
+    text = (REPO / "agent" / "__init__.py").read_text()
+    return text.split('__version__ = "', 1)[1].split('"', 1)[0]
+
+
+def base_image() -> str:
+    """The local base: the cached root filesystem imported once (tagged by its key)."""
+    root = common.rootfs("amd64", common.IMAGE_PACKAGES)
+    tag = f"localhost/edge-agent-target-base:{root.name.rsplit('-', 1)[1]}"
+    if _exists(tag):
+        return f"{tag} (cached)"
+    skip = ("--exclude=./var/cache/apt/archives/*.deb", "--exclude=./var/cache/apt/*.bin")
+    tar = subprocess.Popen(["tar", "-C", str(root), *skip, "-c", "."], stdout=subprocess.PIPE)
+    try:
+        subprocess.run(
+            [*PODMAN, "import", "--quiet", "-", tag],
+            stdin=tar.stdout,
+            capture_output=True,
+            check=True,
+            timeout=600,
+        )
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        raise Failed(f"podman import of {root}: {exc}") from exc
+    finally:
+        tar.kill()
+        tar.wait()
+    return f"{tag} (imported from {root.name})"
+
+
+def _exists(tag: str) -> bool:
+    done = common.run([*PODMAN, "image", "exists", tag], timeout=60, check=False)
+    return done.returncode == 0
+
+
+def build_context(into: Path) -> str:
+    """The checkout (as ``.dockerignore`` would take it) and ``wheels/``: the project's
+    wheel and every dependency's for x86_64 CPython 3.11 (cached downloads)."""
+    wheel = common.project_wheel(CACHE / "image-project")
+    house = common.wheelhouse(PLATFORMS, [f"{wheel}[device]"], [REPO / "pyproject.toml"])
+    skip = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", ".*_cache")
+    shutil.copytree(REPO, into, ignore=skip)
+    wheels = into / "wheels"
+    wheels.mkdir()
+    for found in [wheel, *house.glob("*.whl")]:
+        shutil.copy2(found, wheels / found.name)
+    return f"{len(list(wheels.iterdir()))} wheels"
+
+
+def build(context: Path, base: str) -> str:
+    """The image, built with no network: everything comes from the context."""
+    began = time.monotonic()
+    podman(
+        "build",
+        "--format",
+        "docker",  # keeps HEALTHCHECK (OCI images have none)
+        *LIMITS,
+        "--network",
+        "none",
+        "--http-proxy=false",
+        "--build-arg",
+        f"BASE={base.split()[0]}",
+        "--build-arg",
+        "WHEELS=wheels",
+        "--build-arg",
+        f"VERSION={version()}",
+        "-f",
+        context / "container" / "Containerfile",
+        "-t",
+        IMAGE,
+        context,
+        timeout=900,
+    )
+    size = podman("image", "inspect", IMAGE, "--format", "{{.Size}}", timeout=60).strip()
+    return f"{IMAGE}, {int(size) / 1e6:.0f} MB, {time.monotonic() - began:.0f} s"
+
+
+def inspect_image() -> str:
+    """What the Containerfile promises: user, entry point, volume, labels, health check."""
+    (doc,) = json.loads(podman("image", "inspect", IMAGE, timeout=60))
+    config = doc["Config"]
+    labels = config.get("Labels") or {}
+    health = doc.get("Healthcheck") or config.get("Healthcheck") or {}  # podman: top level
+    wanted = {
+        "User": config.get("User") == "edge-agent",
+        "Entrypoint": config.get("Entrypoint") == ["edge-agent"],
+        "Cmd": config.get("Cmd") == ["run", "--config", "/etc/edge-agent/config.yaml"],
+        "Volumes": "/var/lib/edge-agent" in (config.get("Volumes") or {}),
+        "Healthcheck": "edge-agent status" in " ".join(health.get("Test", [])),
+        "version label": labels.get("org.opencontainers.image.version") == version(),
+    }
+    wrong = [name for name, ok in wanted.items() if not ok]
+    if wrong:
+        raise Failed(f"image config: {', '.join(wrong)} not as expected: {config}")
+    return f"user edge-agent, volume /var/lib/edge-agent, {len(labels)} labels, health check"
+
+
+def check_version() -> str:
+    out = run_image(IMAGE, "--version", timeout=120).strip()
+    if version() not in out:
+        raise Failed(f"--version said {out!r}, not {version()}")
+    return out
+
+
+def check_demo() -> str:
+    out = run_image(IMAGE, "demo", timeout=300)
+    needed = ("published colours v1", "published colours v2", "hot swap to v2 succeeded")
+    missing = [line for line in needed if line not in out]
+    if missing:
+        raise Failed(f"demo output lacks {missing}: ...{out[-400:]!r}")
+    return next(
+        line.split("  ", 1)[-1].strip() for line in out.splitlines() if "results by" in line
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def registry_server(folder: Path) -> Iterator[int]:
+    """``folder`` served over HTTP on the host's loopback (the container shares it)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory"]
+    server = subprocess.Popen(
+        [*argv, str(folder), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def publish(registry: Path, version_: int) -> None:
+    """Release a generated model as ``version_`` (its outputs offset by it) to stable."""
+    script = PUBLISH.format(model=MODEL, version=version_, offset=float(version_))
+    run_image(
+        "--user",
+        "0",
+        "-v",
+        f"{registry}:/registry",
+        "--entrypoint",
+        "/bin/sh",
+        IMAGE,
+        "-c",
+        script,
+        timeout=120,
+    )
+
+
+def start_agent(config_dir: Path) -> str:
+    """The agent as the image runs it: config read-only, state in a named volume."""
+    podman("volume", "rm", "-f", VOLUME, timeout=60, check=False)
+    podman("rm", "-f", CONTAINER, timeout=60, check=False)
+    podman(
+        "run",
+        "-d",
+        "--name",
+        CONTAINER,
+        *LIMITS,
+        "--network",
+        "host",
+        "--http-proxy=false",
+        "-v",
+        f"{config_dir}:/etc/edge-agent:ro",
+        "-v",
+        f"{VOLUME}:/var/lib/edge-agent",
+        IMAGE,
+        timeout=120,
+    )
+    return f"container {CONTAINER}, volume {VOLUME}"
+
+
+def agent_status() -> dict[str, Any]:
+    out = podman("exec", CONTAINER, "edge-agent", "status", "--json", timeout=60)
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
+def wait_serving(version_: int, within: float) -> str:
+    """Until ``edge-agent status`` (in the container) says the agent serves ``version_``."""
+    deadline = time.monotonic() + within
+    seen: Any = None
+    while time.monotonic() < deadline:
+        state = podman("inspect", CONTAINER, "--format", "{{.State.Status}}", timeout=60)
+        if state.strip() != "running":
+            raise Failed(f"the container is {state.strip()}: {agent_logs()[-600:]!r}")
+        doc = agent_status()
+        status = (doc.get("daemon") or {}).get("status") or {}
+        seen = status.get("status_line")
+        if status.get("serving") == version_:
+            return f"status: {seen}"
+        time.sleep(1)
+    raise Failed(f"v{version_} not served within {within:g} s; last status: {seen!r}")
+
+
+def agent_logs() -> str:
+    done = common.run([*PODMAN, "logs", CONTAINER], timeout=60, check=False)
+    return done.stdout + done.stderr
+
+
+def check_health() -> str:
+    done = common.run([*PODMAN, "healthcheck", "run", CONTAINER], timeout=60, check=False)
+    if done.returncode != 0:
+        raise Failed(f"podman healthcheck run: exit {done.returncode}: {done.stdout.strip()}")
+    return done.stdout.strip() or "healthy"
+
+
+def check_stop() -> str:
+    """``podman stop`` (SIGTERM) ends the agent with exit 0, nothing alarming logged."""
+    began = time.monotonic()
+    podman("stop", "-t", "30", CONTAINER, timeout=60)
+    took = time.monotonic() - began
+    code = podman("inspect", CONTAINER, "--format", "{{.State.ExitCode}}", timeout=60).strip()
+    logs = agent_logs()
+    bad = [line for line in logs.splitlines() if "Traceback" in line or "ERROR" in line]
+    if code != "0" or bad or took >= 29:
+        raise Failed(f"exit {code} after {took:.0f} s; {bad[:3]}")
+    return f"exit 0 after {took:.1f} s; last log line: {logs.strip().splitlines()[-1]}"
+
+
+def agent_checks(checks: Checks, work: Path) -> None:
+    """The agent container against a registry on the host's loopback."""
+    registry, config_dir = work / "registry", work / "config"
+    registry.mkdir()
+    config_dir.mkdir()
+    checks.check("publish v1 (edge-fleet in the image)", lambda: publish(registry, 1))
+    with registry_server(registry) as port:
+        (config_dir / "config.yaml").write_text(CONFIG.format(port=port, model=MODEL))
+        config_dir.chmod(0o755)
+        checks.check("agent container starts", lambda: start_agent(config_dir))
+        checks.check("pulls and serves v1", lambda: wait_serving(1, 120))
+        checks.check("health check", check_health)
+        checks.check("publish v2", lambda: publish(registry, 2))
+        checks.check("hot swap to v2", lambda: wait_serving(2, 120))
+        checks.check("podman stop: clean exit", check_stop)
+
+
+def cleanup() -> None:
+    """Everything but the base image (cached): the container, the volume, the image."""
+    for argv in (
+        ("rm", "-f", CONTAINER),
+        ("volume", "rm", "-f", VOLUME),
+        ("rmi", "-f", IMAGE),
+        ("image", "prune", "-f"),  # the build stage; only this script's storage
+    ):
+        common.run([*PODMAN, *argv], timeout=120, check=False)
+
+
+def interrupted(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main() -> int:
+    common.need_root_and_tools(
+        {"podman": "podman", "runc": "runc", "debootstrap": "debootstrap", "tar": "tar"}
+    )
+    signal.signal(signal.SIGTERM, interrupted)
+    checks = Checks(SCRIPT)
+    base: list[str] = []
+    CACHE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="edge-target-image-", dir=CACHE))
+    try:
+        checks.check("base image (debootstrap, podman import)", lambda: _keep(base, base_image()))
+        checks.check("build context (wheels)", lambda: build_context(work / "context"))
+        checks.check("build (no network)", lambda: build(work / "context", base[0]))
+        checks.check("image config", inspect_image)
+        checks.check("--version", check_version)
+        checks.check("demo (hot swap)", check_demo)
+        agent_checks(checks, work)
+    finally:
+        cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+    return checks.finish()
+
+
+def _keep(into: list[str], value: str) -> str:
+    into.append(value)
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())
