@@ -5,13 +5,15 @@ Run from the checkout root, as root, on a Debian machine with podman and runc::
     python3 tests/target/image.py
 
 No container registry is needed. The base is a local image imported from a cached
-debootstrap of bookworm amd64 with python3 and venv (what ``debian:bookworm-slim`` plus
-the Containerfile's apt step gives), and the build gets the project's wheel and a
-wheelhouse for x86_64 CPython 3.11 in its context (``--build-arg WHEELS=wheels``) and
-runs with ``--network none``. Then: ``--version``, ``demo`` (with its hot swap), and
-the agent itself with a read-only config and a state volume, pulling v1 and then v2
-from a registry served on the host's loopback (``--network host``); its health check;
-``podman stop`` ending in exit 0.
+debootstrap of bookworm with python3 and venv (what ``debian:bookworm-slim`` plus the
+Containerfile's apt step gives), and the build gets the project's wheel and a wheelhouse
+for CPython 3.11 in its context (``--build-arg WHEELS=wheels/ARCH``) and runs with
+``--network none``. amd64: ``--version``, ``demo`` (with its hot swap), and the agent
+itself with a read-only config and a state volume, pulling v1 and then v2 (signed) from
+a registry served on the host's loopback (``--network host``); its health check;
+``podman stop`` ending in exit 0. arm64 (a Raspberry Pi's), under qemu-user emulation:
+the build, ``--version`` and ``demo``; qemu shows the host's /proc/cpuinfo, on which
+XNNPACK crashes, so an ARM one is mounted over it (a Pi does not need that).
 
 Podman keeps its images under the cache (``containers/``), apart from the host's; the
 base image stays there, the rest is removed at the end, also on failure or Ctrl-C.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import platform
 import shutil
 import signal
 import socket
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -42,8 +46,45 @@ from tests.target import common
 from tests.target.common import CACHE, REPO, Checks, Failed
 
 SCRIPT = "image"
-# bookworm has glibc 2.36: every manylinux tag up to it (cryptography needs 2.34).
-PLATFORMS = ("manylinux2014_x86_64", *(f"manylinux_2_{n}_x86_64" for n in range(17, 37)))
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One of the image's platforms: Debian's name, the kernel's, podman's."""
+
+    debian: str
+    machine: str
+
+    @property
+    def platform(self) -> str:
+        return f"linux/{self.debian}"
+
+    @property
+    def image(self) -> str:
+        return f"localhost/edge-agent-target:{self.debian}"
+
+    @property
+    def wheel_tags(self) -> tuple[str, ...]:
+        # bookworm has glibc 2.36: every manylinux tag up to it (cryptography needs 2.34).
+        older = (f"manylinux_2_{n}_{self.machine}" for n in range(17, 37))
+        return (f"manylinux2014_{self.machine}", *older)
+
+    def emulated(self) -> bool:
+        return platform.machine() != self.machine
+
+
+AMD64, ARM64 = Arch("amd64", "x86_64"), Arch("arm64", "aarch64")
+# One Cortex-A72 (a Raspberry Pi 4's core) for XNNPACK under qemu-user.
+ARM_CPUINFO = """\
+processor\t: 0
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm crc32 cpuid
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x0
+CPU part\t: 0xd08
+CPU revision\t: 3
+"""
 PODMAN = (
     "podman",
     "--root",
@@ -57,7 +98,6 @@ LIMITS = ("--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096")
 # What container/README.md recommends, as the unit's ProtectSystem and empty
 # CapabilityBoundingSet: the agent writes only its volume (and /tmp, a tmpfs).
 HARDENED = ("--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges")
-IMAGE = "localhost/edge-agent-target:smoke"
 CONTAINER = "edge-agent-target-smoke"
 VOLUME = "edge-agent-target-state"
 MODEL = "colours"
@@ -94,10 +134,16 @@ def podman(*args: str | Path, timeout: float, check: bool = True) -> str:
     return common.run([*PODMAN, *args], timeout=timeout, check=check).stdout
 
 
-def run_image(*args: str | Path, timeout: float, check: bool = True) -> str:
-    """``podman run --rm`` of the image, no network, no proxy settings passed in."""
-    argv = ("run", "--rm", *LIMITS, "--network", "none", "--http-proxy=false")
-    return podman(*argv, *args, timeout=timeout, check=check)
+def run_image(arch: Arch, *args: str | Path, timeout: float, options: tuple[str, ...] = ()) -> str:
+    """``podman run --rm OPTIONS IMAGE ARGS``: no network, no proxy settings passed in,
+    an ARM /proc/cpuinfo under emulation."""
+    argv = ["run", "--rm", "--platform", arch.platform, *LIMITS, "--network", "none"]
+    argv += ["--http-proxy=false", *options]
+    if arch.emulated():
+        cpuinfo = CACHE / "image-arm-cpuinfo"
+        cpuinfo.write_text(ARM_CPUINFO)
+        argv += ["-v", f"{cpuinfo}:/proc/cpuinfo:ro"]
+    return podman(*argv, arch.image, *args, timeout=timeout)
 
 
 def version() -> str:
@@ -105,17 +151,17 @@ def version() -> str:
     return text.split('__version__ = "', 1)[1].split('"', 1)[0]
 
 
-def base_image() -> str:
+def base_image(arch: Arch) -> str:
     """The local base: the cached root filesystem imported once (tagged by its key)."""
-    root = common.rootfs("amd64", common.IMAGE_PACKAGES)
-    tag = f"localhost/edge-agent-target-base:{root.name.rsplit('-', 1)[1]}"
+    root = common.rootfs(arch.debian, common.IMAGE_PACKAGES)
+    tag = f"localhost/edge-agent-target-base:{root.name.removeprefix('rootfs-')}"
     if _exists(tag):
-        return f"{tag} (cached)"
+        return tag
     skip = ("--exclude=./var/cache/apt/archives/*.deb", "--exclude=./var/cache/apt/*.bin")
     tar = subprocess.Popen(["tar", "-C", str(root), *skip, "-c", "."], stdout=subprocess.PIPE)
     try:
         subprocess.run(
-            [*PODMAN, "import", "--quiet", "-", tag],
+            [*PODMAN, "import", "--quiet", "--arch", arch.debian, "-", tag],
             stdin=tar.stdout,
             capture_output=True,
             check=True,
@@ -126,7 +172,7 @@ def base_image() -> str:
     finally:
         tar.kill()
         tar.wait()
-    return f"{tag} (imported from {root.name})"
+    return tag
 
 
 def _exists(tag: str) -> bool:
@@ -134,25 +180,35 @@ def _exists(tag: str) -> bool:
     return done.returncode == 0
 
 
-def build_context(into: Path) -> str:
-    """The checkout (as ``.dockerignore`` would take it) and ``wheels/``: the project's
-    wheel and every dependency's for x86_64 CPython 3.11 (cached downloads)."""
+def build_context(into: Path, arches: tuple[Arch, ...]) -> str:
+    """The checkout (``.dockerignore`` is applied by the build) and ``wheels/ARCH/``:
+    the project's wheel and every dependency's for CPython 3.11 (cached downloads)."""
     wheel = common.project_wheel(CACHE / "image-project")
-    house = common.wheelhouse(PLATFORMS, [f"{wheel}[device]"], [REPO / "pyproject.toml"])
     skip = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", ".*_cache")
     shutil.copytree(REPO, into, ignore=skip)
-    wheels = into / "wheels"
-    wheels.mkdir()
-    for found in [wheel, *house.glob("*.whl")]:
-        shutil.copy2(found, wheels / found.name)
-    return f"{len(list(wheels.iterdir()))} wheels"
+    counts = []
+    for arch in arches:
+        wanted = [f"{wheel}[device]"]
+        house = common.wheelhouse(arch.wheel_tags, wanted, [REPO / "pyproject.toml"])
+        wheels = into / "wheels" / arch.debian
+        wheels.mkdir(parents=True)
+        for found in [wheel, *house.glob("*.whl")]:
+            shutil.copy2(found, wheels / found.name)
+        counts.append(f"{arch.debian} {len(list(wheels.iterdir()))}")
+    return f"wheels: {', '.join(counts)}"
 
 
-def build(context: Path, base: str) -> str:
+def build(arch: Arch, context: Path) -> str:
     """The image, built with no network: everything comes from the context."""
+    binfmt = Path(f"/proc/sys/fs/binfmt_misc/qemu-{arch.machine}")
+    if arch.emulated() and not binfmt.exists():
+        raise Failed(f"no {binfmt}: apt-get install qemu-user-static binfmt-support")
+    base = base_image(arch)
     began = time.monotonic()
     podman(
         "build",
+        "--platform",
+        arch.platform,
         "--format",
         "docker",  # keeps HEALTHCHECK (OCI images have none)
         *LIMITS,
@@ -160,25 +216,26 @@ def build(context: Path, base: str) -> str:
         "none",
         "--http-proxy=false",
         "--build-arg",
-        f"BASE={base.split()[0]}",
+        f"BASE={base}",
         "--build-arg",
-        "WHEELS=wheels",
+        f"WHEELS=wheels/{arch.debian}",
         "--build-arg",
         f"VERSION={version()}",
         "-f",
         context / "container" / "Containerfile",
         "-t",
-        IMAGE,
+        arch.image,
         context,
-        timeout=900,
+        timeout=1200,
     )
-    size = podman("image", "inspect", IMAGE, "--format", "{{.Size}}", timeout=60).strip()
-    return f"{IMAGE}, {int(size) / 1e6:.0f} MB, {time.monotonic() - began:.0f} s"
+    size = podman("image", "inspect", arch.image, "--format", "{{.Size}}", timeout=60).strip()
+    took = time.monotonic() - began
+    return f"{arch.image} from {base}: {int(size) / 1e6:.0f} MB in {took:.0f} s"
 
 
 def inspect_image() -> str:
     """What the Containerfile promises: user, entry point, volume, labels, health check."""
-    (doc,) = json.loads(podman("image", "inspect", IMAGE, timeout=60))
+    (doc,) = json.loads(podman("image", "inspect", AMD64.image, timeout=60))
     config = doc["Config"]
     labels = config.get("Labels") or {}
     health = doc.get("Healthcheck") or config.get("Healthcheck") or {}  # podman: top level
@@ -196,15 +253,15 @@ def inspect_image() -> str:
     return f"user edge-agent, volume /var/lib/edge-agent, {len(labels)} labels, health check"
 
 
-def check_version() -> str:
-    out = run_image(IMAGE, "--version", timeout=120).strip()
+def check_version(arch: Arch) -> str:
+    out = run_image(arch, "--version", timeout=300).strip()
     if version() not in out:
         raise Failed(f"--version said {out!r}, not {version()}")
     return out
 
 
-def check_demo() -> str:
-    out = run_image(IMAGE, "demo", timeout=300)
+def check_demo(arch: Arch) -> str:
+    out = run_image(arch, "demo", timeout=600)
     needed = ("published colours v1", "published colours v2", "hot swap to v2 succeeded")
     missing = [line for line in needed if line not in out]
     if missing:
@@ -238,20 +295,9 @@ def registry_server(folder: Path) -> Iterator[int]:
 def publish(registry: Path, keys: Path, version_: int) -> None:
     """Release a generated model as ``version_`` (its outputs offset by it) to stable."""
     script = PUBLISH.format(model=MODEL, version=version_, offset=float(version_))
-    run_image(
-        "--user",
-        "0",
-        "-v",
-        f"{registry}:/registry",
-        "-v",
-        f"{keys}:/keys",
-        "--entrypoint",
-        "/bin/sh",
-        IMAGE,
-        "-c",
-        script,
-        timeout=120,
-    )
+    mounts = ("-v", f"{registry}:/registry", "-v", f"{keys}:/keys")
+    tool = ("--user", "0", "--entrypoint", "/bin/sh", *mounts)
+    run_image(AMD64, "-c", script, timeout=120, options=tool)
 
 
 def start_agent(config_dir: Path) -> str:
@@ -261,9 +307,8 @@ def start_agent(config_dir: Path) -> str:
     podman("rm", "-f", CONTAINER, timeout=60, check=False)
     mounts = ("-v", f"{config_dir}:/etc/edge-agent:ro", "-v", f"{VOLUME}:/var/lib/edge-agent")
     network = ("--network", "host", "--http-proxy=false")
-    podman(
-        "run", "-d", "--name", CONTAINER, *LIMITS, *HARDENED, *network, *mounts, IMAGE, timeout=120
-    )
+    named = ("--name", CONTAINER)
+    podman("run", "-d", *named, *LIMITS, *HARDENED, *network, *mounts, AMD64.image, timeout=120)
     return f"container {CONTAINER}, volume {VOLUME}"
 
 
@@ -321,17 +366,19 @@ def agent_checks(checks: Checks, work: Path) -> None:
     registry, keys, config_dir = work / "registry", work / "keys", work / "config"
     for folder in (registry, keys, config_dir):
         folder.mkdir()
-    checks.check("publish v1, signed (edge-fleet in the image)", lambda: publish(registry, keys, 1))
+    checks.check(
+        "amd64: publish v1, signed (edge-fleet in the image)", lambda: publish(registry, keys, 1)
+    )
     with registry_server(registry) as port:
         (config_dir / "config.yaml").write_text(CONFIG.format(port=port, model=MODEL))
         shutil.copy(keys / "registry.pub", config_dir / "registry.pub")
         config_dir.chmod(0o755)
-        checks.check("agent container starts", lambda: start_agent(config_dir))
-        checks.check("pulls and serves v1", lambda: wait_serving(1, 120))
-        checks.check("health check", check_health)
-        checks.check("publish v2", lambda: publish(registry, keys, 2))
-        checks.check("hot swap to v2", lambda: wait_serving(2, 120))
-        checks.check("podman stop: clean exit", check_stop)
+        checks.check("amd64: agent container starts", lambda: start_agent(config_dir))
+        checks.check("amd64: pulls and serves v1", lambda: wait_serving(1, 120))
+        checks.check("amd64: health check", check_health)
+        checks.check("amd64: publish v2", lambda: publish(registry, keys, 2))
+        checks.check("amd64: hot swap to v2", lambda: wait_serving(2, 120))
+        checks.check("amd64: podman stop: clean exit", check_stop)
 
 
 def cleanup() -> None:
@@ -339,7 +386,7 @@ def cleanup() -> None:
     for argv in (
         ("rm", "-f", CONTAINER),
         ("volume", "rm", "-f", VOLUME),
-        ("rmi", "-f", IMAGE),
+        ("rmi", "-f", AMD64.image, ARM64.image),
         ("image", "prune", "-f"),  # the build stage; only this script's storage
     ):
         common.run([*PODMAN, *argv], timeout=120, check=False)
@@ -355,26 +402,24 @@ def main() -> int:
     )
     signal.signal(signal.SIGTERM, interrupted)
     checks = Checks(SCRIPT)
-    base: list[str] = []
     CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="edge-target-image-", dir=CACHE))
     try:
-        checks.check("base image (debootstrap, podman import)", lambda: _keep(base, base_image()))
-        checks.check("build context (wheels)", lambda: build_context(work / "context"))
-        checks.check("build (no network)", lambda: build(work / "context", base[0]))
-        checks.check("image config", inspect_image)
-        checks.check("--version", check_version)
-        checks.check("demo (hot swap)", check_demo)
+        context = work / "context"
+        checks.check("build context", lambda: build_context(context, (AMD64, ARM64)))
+        checks.check("amd64: build (no network)", lambda: build(AMD64, context))
+        checks.check("amd64: image config", inspect_image)
+        checks.check("amd64: --version", lambda: check_version(AMD64))
+        checks.check("amd64: demo (hot swap)", lambda: check_demo(AMD64))
         agent_checks(checks, work)
+        emulated = " (emulated)" if ARM64.emulated() else ""
+        checks.check(f"arm64: build{emulated}, no network", lambda: build(ARM64, context))
+        checks.check(f"arm64: --version{emulated}", lambda: check_version(ARM64))
+        checks.check(f"arm64: demo{emulated}", lambda: check_demo(ARM64))
     finally:
         cleanup()
         shutil.rmtree(work, ignore_errors=True)
     return checks.finish()
-
-
-def _keep(into: list[str], value: str) -> str:
-    into.append(value)
-    return value
 
 
 if __name__ == "__main__":
