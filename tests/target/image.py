@@ -8,16 +8,17 @@ No container registry is needed. The base is a local image imported from a cache
 debootstrap of bookworm with python3 and venv (what ``debian:bookworm-slim`` plus the
 Containerfile's apt step gives), and the build gets the project's wheel and a wheelhouse
 for CPython 3.11 in its context (``--build-arg WHEELS=wheels/ARCH``) and runs with
-``--network none``. amd64: ``--version``, ``demo`` (with its hot swap), and the agent
-itself with a read-only config and a state volume, pulling v1 and then v2 (signed) from
-a registry served on the host's loopback (``--network host``); its health check;
-``podman stop`` ending in exit 0. arm64 (a Raspberry Pi's), under qemu-user emulation:
-the build, ``--version`` and ``demo``; qemu shows the host's /proc/cpuinfo, on which
-XNNPACK crashes, so an ARM one is mounted over it (a Pi does not need that).
+``--network none``. On the host's own architecture: ``--version``, ``demo`` (with its
+hot swap), and the agent itself with a read-only config and a state volume, pulling v1
+and then v2 (signed) from a registry served on the host's loopback (``--network host``);
+its health check; ``podman stop`` ending in exit 0. The other one (arm64, a Raspberry
+Pi's, on an x86_64 host) under qemu-user emulation: the build, ``--version`` and
+``demo``; qemu shows the host's /proc/cpuinfo, on which XNNPACK crashes, so an ARM one
+is mounted over it (a Pi does not need that).
 
 Podman keeps its images under the cache (``containers/``), apart from the host's; the
 base image stays there, the rest is removed at the end, also on failure or Ctrl-C.
-This VM needs two podman settings that a Raspberry Pi does not: runc (crun 1.8
+The test machine needed two podman settings that a Raspberry Pi does not: runc (crun 1.8
 refuses cgroup v1 with a v2 hierarchy that has a controller) and explicit, lower
 ulimits (podman raises RLIMIT_NOFILE/NPROC above the hard limit, and root here lacks
 CAP_SYS_RESOURCE).
@@ -74,6 +75,9 @@ class Arch:
 
 
 AMD64, ARM64 = Arch("amd64", "x86_64"), Arch("arm64", "aarch64")
+# The agent checks run on the host's own architecture; the other one builds and runs the
+# demo under emulation (on a Raspberry Pi: amd64 emulated, arm64 native).
+NATIVE, FOREIGN = (ARM64, AMD64) if platform.machine() == ARM64.machine else (AMD64, ARM64)
 # One Cortex-A72 (a Raspberry Pi 4's core) for XNNPACK under qemu-user.
 ARM_CPUINFO = """\
 processor\t: 0
@@ -139,7 +143,7 @@ def run_image(arch: Arch, *args: str | Path, timeout: float, options: tuple[str,
     an ARM /proc/cpuinfo under emulation."""
     argv = ["run", "--rm", "--platform", arch.platform, *LIMITS, "--network", "none"]
     argv += ["--http-proxy=false", *options]
-    if arch.emulated():
+    if arch.emulated() and arch is ARM64:
         cpuinfo = CACHE / "image-arm-cpuinfo"
         cpuinfo.write_text(ARM_CPUINFO)
         argv += ["-v", f"{cpuinfo}:/proc/cpuinfo:ro"]
@@ -205,29 +209,12 @@ def build(arch: Arch, context: Path) -> str:
         raise Failed(f"no {binfmt}: apt-get install qemu-user-static binfmt-support")
     base = base_image(arch)
     began = time.monotonic()
-    podman(
-        "build",
-        "--platform",
-        arch.platform,
-        "--format",
-        "docker",  # keeps HEALTHCHECK (OCI images have none)
-        *LIMITS,
-        "--network",
-        "none",
-        "--http-proxy=false",
-        "--build-arg",
-        f"BASE={base}",
-        "--build-arg",
-        f"WHEELS=wheels/{arch.debian}",
-        "--build-arg",
-        f"VERSION={version()}",
-        "-f",
-        context / "container" / "Containerfile",
-        "-t",
-        arch.image,
-        context,
-        timeout=1200,
-    )
+    values = {"BASE": base, "WHEELS": f"wheels/{arch.debian}", "VERSION": version()}
+    argv = ["build", "--platform", arch.platform, "--format", "docker"]  # docker: HEALTHCHECK
+    argv += [*LIMITS, "--network", "none", "--http-proxy=false"]
+    argv += [arg for k, v in values.items() for arg in ("--build-arg", f"{k}={v}")]
+    argv += ["-f", str(context / "container" / "Containerfile"), "-t", arch.image]
+    podman(*argv, context, timeout=1200)
     size = podman("image", "inspect", arch.image, "--format", "{{.Size}}", timeout=60).strip()
     took = time.monotonic() - began
     return f"{arch.image} from {base}: {int(size) / 1e6:.0f} MB in {took:.0f} s"
@@ -235,7 +222,7 @@ def build(arch: Arch, context: Path) -> str:
 
 def inspect_image() -> str:
     """What the Containerfile promises: user, entry point, volume, labels, health check."""
-    (doc,) = json.loads(podman("image", "inspect", AMD64.image, timeout=60))
+    (doc,) = json.loads(podman("image", "inspect", NATIVE.image, timeout=60))
     config = doc["Config"]
     labels = config.get("Labels") or {}
     health = doc.get("Healthcheck") or config.get("Healthcheck") or {}  # podman: top level
@@ -297,7 +284,7 @@ def publish(registry: Path, keys: Path, version_: int) -> None:
     script = PUBLISH.format(model=MODEL, version=version_, offset=float(version_))
     mounts = ("-v", f"{registry}:/registry", "-v", f"{keys}:/keys")
     tool = ("--user", "0", "--entrypoint", "/bin/sh", *mounts)
-    run_image(AMD64, "-c", script, timeout=120, options=tool)
+    run_image(NATIVE, "-c", script, timeout=120, options=tool)
 
 
 def start_agent(config_dir: Path) -> str:
@@ -308,7 +295,7 @@ def start_agent(config_dir: Path) -> str:
     mounts = ("-v", f"{config_dir}:/etc/edge-agent:ro", "-v", f"{VOLUME}:/var/lib/edge-agent")
     network = ("--network", "host", "--http-proxy=false")
     named = ("--name", CONTAINER)
-    podman("run", "-d", *named, *LIMITS, *HARDENED, *network, *mounts, AMD64.image, timeout=120)
+    podman("run", "-d", *named, *LIMITS, *HARDENED, *network, *mounts, NATIVE.image, timeout=120)
     return f"container {CONTAINER}, volume {VOLUME}"
 
 
@@ -363,22 +350,23 @@ def check_stop() -> str:
 
 def agent_checks(checks: Checks, work: Path) -> None:
     """The agent container against a registry on the host's loopback."""
+    on = f"{NATIVE.debian}: "
     registry, keys, config_dir = work / "registry", work / "keys", work / "config"
     for folder in (registry, keys, config_dir):
         folder.mkdir()
     checks.check(
-        "amd64: publish v1, signed (edge-fleet in the image)", lambda: publish(registry, keys, 1)
+        f"{on}publish v1, signed (edge-fleet in the image)", lambda: publish(registry, keys, 1)
     )
     with registry_server(registry) as port:
         (config_dir / "config.yaml").write_text(CONFIG.format(port=port, model=MODEL))
         shutil.copy(keys / "registry.pub", config_dir / "registry.pub")
         config_dir.chmod(0o755)
-        checks.check("amd64: agent container starts", lambda: start_agent(config_dir))
-        checks.check("amd64: pulls and serves v1", lambda: wait_serving(1, 120))
-        checks.check("amd64: health check", check_health)
-        checks.check("amd64: publish v2", lambda: publish(registry, keys, 2))
-        checks.check("amd64: hot swap to v2", lambda: wait_serving(2, 120))
-        checks.check("amd64: podman stop: clean exit", check_stop)
+        checks.check(f"{on}agent container starts", lambda: start_agent(config_dir))
+        checks.check(f"{on}pulls and serves v1", lambda: wait_serving(1, 120))
+        checks.check(f"{on}health check", check_health)
+        checks.check(f"{on}publish v2", lambda: publish(registry, keys, 2))
+        checks.check(f"{on}hot swap to v2", lambda: wait_serving(2, 120))
+        checks.check(f"{on}podman stop: clean exit", check_stop)
 
 
 def cleanup() -> None:
@@ -406,16 +394,17 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edge-target-image-", dir=CACHE))
     try:
         context = work / "context"
-        checks.check("build context", lambda: build_context(context, (AMD64, ARM64)))
-        checks.check("amd64: build (no network)", lambda: build(AMD64, context))
-        checks.check("amd64: image config", inspect_image)
-        checks.check("amd64: --version", lambda: check_version(AMD64))
-        checks.check("amd64: demo (hot swap)", lambda: check_demo(AMD64))
+        checks.check("build context", lambda: build_context(context, (NATIVE, FOREIGN)))
+        on = f"{NATIVE.debian}: "
+        checks.check(f"{on}build (no network)", lambda: build(NATIVE, context))
+        checks.check(f"{on}image config", inspect_image)
+        checks.check(f"{on}--version", lambda: check_version(NATIVE))
+        checks.check(f"{on}demo (hot swap)", lambda: check_demo(NATIVE))
         agent_checks(checks, work)
-        emulated = " (emulated)" if ARM64.emulated() else ""
-        checks.check(f"arm64: build{emulated}, no network", lambda: build(ARM64, context))
-        checks.check(f"arm64: --version{emulated}", lambda: check_version(ARM64))
-        checks.check(f"arm64: demo{emulated}", lambda: check_demo(ARM64))
+        on = f"{FOREIGN.debian} (emulated): "
+        checks.check(f"{on}build (no network)", lambda: build(FOREIGN, context))
+        checks.check(f"{on}--version", lambda: check_version(FOREIGN))
+        checks.check(f"{on}demo (hot swap)", lambda: check_demo(FOREIGN))
     finally:
         cleanup()
         shutil.rmtree(work, ignore_errors=True)
