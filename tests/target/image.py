@@ -13,8 +13,9 @@ hot swap), and the agent itself with a read-only config and a state volume, pull
 and then v2 (signed) from a registry served on the host's loopback (``--network host``);
 its health check; ``podman stop`` ending in exit 0. The other one (arm64, a Raspberry
 Pi's, on an x86_64 host) under qemu-user emulation: the build, ``--version`` and
-``demo``; qemu shows the host's /proc/cpuinfo, on which XNNPACK crashes, so an ARM one
-is mounted over it (a Pi does not need that).
+``demo``; qemu shows the host's /proc/cpuinfo, with which the emulated demo hangs (no
+output in 5 minutes; XNNPACK segfaults on it in a chroot), so an ARM one is mounted over
+it (a Pi does not need that).
 
 Podman keeps its images under the cache (``containers/``), apart from the host's; the
 base image stays there, the rest is removed at the end, also on failure or Ctrl-C.
