@@ -386,9 +386,9 @@ def interrupted(signum: int, _frame: FrameType | None) -> None:
 
 
 def main() -> int:
-    common.need_root_and_tools(
-        {"podman": "podman", "runc": "runc", "debootstrap": "debootstrap", "tar": "tar"}
-    )
+    qemu = f"qemu-{FOREIGN.machine}-static"
+    tools = {"podman": "podman", "runc": "runc", "debootstrap": "debootstrap", "tar": "tar"}
+    common.need_root_and_tools({**tools, qemu: "qemu-user-static"})
     signal.signal(signal.SIGTERM, interrupted)
     checks = Checks(SCRIPT)
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -406,6 +406,8 @@ def main() -> int:
         checks.check(f"{on}build (no network)", lambda: build(FOREIGN, context))
         checks.check(f"{on}--version", lambda: check_version(FOREIGN))
         checks.check(f"{on}demo (hot swap)", lambda: check_demo(FOREIGN))
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: clean up, then the summary
+        checks.failed = f"interrupted ({str(exc) or 'SIGINT'})"
     finally:
         cleanup()
         shutil.rmtree(work, ignore_errors=True)
