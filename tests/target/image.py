@@ -371,14 +371,16 @@ def agent_checks(checks: Checks, work: Path) -> None:
 
 
 def cleanup() -> None:
-    """Everything but the base image (cached): the container, the volume, the image."""
-    for argv in (
-        ("rm", "-f", CONTAINER),
-        ("volume", "rm", "-f", VOLUME),
-        ("rmi", "-f", AMD64.image, ARM64.image),
-        ("image", "prune", "-f"),  # the build stage; only this script's storage
-    ):
-        common.run([*PODMAN, *argv], timeout=120, check=False)
+    """Everything but the base images (cached): the containers, then what is left of an
+    interrupted build (working containers), the volume, the images; only in this
+    script's storage."""
+    podman("rm", "-f", CONTAINER, timeout=120, check=False)
+    leftover = podman("ps", "-a", "--external", "--format", "{{.ID}}", timeout=60, check=False)
+    if leftover.split():
+        podman("rm", "-f", "--storage", *leftover.split(), timeout=120, check=False)
+    podman("volume", "rm", "-f", VOLUME, timeout=60, check=False)
+    podman("rmi", "-f", AMD64.image, ARM64.image, timeout=120, check=False)
+    podman("image", "prune", "-f", timeout=120, check=False)  # the build stages
 
 
 def interrupted(signum: int, _frame: FrameType | None) -> None:
