@@ -94,8 +94,8 @@ PODMAN = (
     "podman",
     "--root",
     str(CACHE / "containers" / "storage"),
-    "--runroot",
-    "/run/edge-agent-target-containers",
+    "--runroot",  # podman's run-time state, one per storage (tmpfs)
+    "/run/edge-agent-target" + str(CACHE).replace("/", "-"),
     "--runtime",
     "runc",
 )
