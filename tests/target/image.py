@@ -300,12 +300,6 @@ def start_agent(config_dir: Path) -> str:
     return f"container {CONTAINER}, volume {VOLUME}"
 
 
-def agent_status() -> dict[str, Any]:
-    out = podman("exec", CONTAINER, "edge-agent", "status", "--json", timeout=60)
-    doc: dict[str, Any] = json.loads(out)
-    return doc
-
-
 def wait_serving(version_: int, within: float) -> str:
     """Until ``edge-agent status`` (in the container) says the agent serves ``version_``."""
     deadline = time.monotonic() + within
@@ -314,8 +308,8 @@ def wait_serving(version_: int, within: float) -> str:
         state = podman("inspect", CONTAINER, "--format", "{{.State.Status}}", timeout=60)
         if state.strip() != "running":
             raise Failed(f"the container is {state.strip()}: {agent_logs()[-600:]!r}")
-        doc = agent_status()
-        status = (doc.get("daemon") or {}).get("status") or {}
+        out = podman("exec", CONTAINER, "edge-agent", "status", "--json", timeout=60)
+        status = (json.loads(out).get("daemon") or {}).get("status") or {}
         seen = status.get("status_line")
         if status.get("serving") == version_:
             return f"status: {seen}"
