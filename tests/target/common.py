@@ -53,6 +53,13 @@ ARM64_PACKAGES = (
     "mosquitto",
     "openssl",
 )
+# The container image's local base: what debian:bookworm-slim plus the Containerfile's
+# apt step has (python3 with venv), so the build needs no network.
+IMAGE_PACKAGES = (
+    "python3",
+    "python3-venv",
+    "ca-certificates",
+)
 SYSTEMD_PACKAGES = (
     "systemd",
     "systemd-sysv",
