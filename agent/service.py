@@ -423,6 +423,8 @@ def run(config: Config, path: Path) -> int:
         while True:
             taken = signals.take()
             if signal.SIGTERM in taken or signal.SIGINT in taken:
+                name = "SIGTERM" if signal.SIGTERM in taken else "SIGINT"
+                log.info("%s: stopping (draining the pipeline and the outbox)", name)
                 break
             if signal.SIGHUP in taken:
                 reloads.request()
@@ -449,6 +451,7 @@ def run(config: Config, path: Path) -> int:
     finally:
         notify.send("STOPPING=1")
         service.stop()
+    log.info("stopped (exit %d)", code)
     return code
 
 

@@ -222,7 +222,7 @@ def test_reload_with_no_agent_running_says_so(
     assert "no agent answers at" in done.stderr and "systemctl status" in done.stderr
 
 
-def test_sighup_is_still_a_reload_and_shows_in_the_report(
+def test_sighup_is_still_a_reload_and_a_stop_is_logged(
     tmp_path: Path, registry: Path, agents: list[AgentProcess]
 ) -> None:
     agent = _agent(tmp_path, registry, agents).start()
@@ -231,3 +231,6 @@ def test_sighup_is_still_a_reload_and_shows_in_the_report(
     agent.proc.send_signal(signal.SIGHUP)
     wait_alive(lambda: _served(agent)["reload"]["done"] == 1, 30, "the SIGHUP reload", agent)
     assert _served(agent)["reload"]["outcome"] == "unchanged"
+    assert agent.terminate() == 0
+    log = agent.log()  # a clean stop is told apart from a kill (podman logs, the journal)
+    assert "SIGTERM: stopping" in log and log.rstrip().endswith("stopped (exit 0)")
