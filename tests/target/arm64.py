@@ -113,7 +113,8 @@ def setup_view(view: Overlay, wheel: Path, house: Path) -> None:
     view.bind(CACHE / "zoo", ZOO)
     checkout = view.root / WORK.lstrip("/") / "checkout"
     ignore = shutil.ignore_patterns("__pycache__", "target")
-    shutil.copytree(REPO / "tests", checkout / "tests", ignore=ignore)
+    for folder in ("tests", "provisioning", "systemd"):
+        shutil.copytree(REPO / folder, checkout / folder, ignore=ignore)
     shutil.copy2(REPO / "pyproject.toml", checkout / "pyproject.toml")
 
 
@@ -128,6 +129,22 @@ def install_offline(view: Overlay, wheel: Path) -> str:
     )
     litert = inside(view, f"{VENV}/bin/pip show ai-edge-litert | grep ^Version", timeout=120)
     return f"{wheel.name}[device], ai-edge-litert {litert.split()[-1]}"
+
+
+def check_install_sh(view: Overlay, wheel: Path) -> str:
+    """provisioning/install.sh offline (PIP_NO_INDEX, PIP_FIND_LINKS) into this image's
+    own tree (``--root /``: nothing live, no systemd needed); it reuses the venv."""
+    out = inside(
+        view,
+        f"cd {WORK}/checkout && PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels provisioning/install.sh"
+        f" --root / --source /wheels-project/{wheel.name} --device-id arm64-target"
+        " --registry http://127.0.0.1:9/ --model colours",
+        timeout=900,
+    )
+    if f"pip install /wheels-project/{wheel.name}[litert,video,serial]" not in out:
+        show_tail(out, 20)
+        raise Failed("install.sh did not say it pip-installed the wheel with the device extras")
+    return out.strip().splitlines()[-1]
 
 
 def check_version(view: Overlay) -> str:
@@ -398,6 +415,7 @@ def main() -> int:
         try:
             setup_view(view, wheel, house)
             checks.check("offline install", lambda: install_offline(view, wheel))
+            checks.check("install.sh offline", lambda: check_install_sh(view, wheel))
             checks.check("version", lambda: check_version(view))
             checks.check("demo", lambda: check_demo(view))
             checks.check("infer generated", lambda: check_infer_generated(view))
