@@ -147,6 +147,27 @@ def _parser() -> argparse.ArgumentParser:
         EXIT_CODES,
         [config, as_json, log],
     )
+    reload = command(
+        sub,
+        "reload",
+        "make the running agent re-read its config, and wait for the outcome",
+        "Check the config file, then ask the running agent (through its control socket) to "
+        "re-read it, and wait until it has: exit 0 when the new config runs (or nothing "
+        "changed), 78 when it is not valid (the agent goes on with the old one), 1 when it "
+        "failed to start (the agent went back to the old one) or no answer came. This is "
+        "the unit's ExecReload, so `systemctl reload edge-agent` fails on a rejected config.",
+        "edge-agent reload --config /etc/edge-agent/config.yaml\nsystemctl reload edge-agent",
+        EXIT_CODES,
+        [config, as_json, log],
+    )
+    reload.add_argument(
+        "--timeout",
+        type=positive(float),
+        default=150.0,
+        metavar="S",
+        help="wait at most S s for the agent's outcome (default 150; the unit's "
+        "TimeoutStartSec, which bounds ExecReload, is 180)",
+    )
     models = command(
         sub,
         "models",
@@ -416,6 +437,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_model_tool(args, path, as_json)
     if args.command == "demo":
         return cmd_demo(args, as_json)
+    if args.command == "reload":
+        from agent.cli_reload import cmd_reload
+
+        return cmd_reload(path, args.timeout, as_json)
     config = load_config(path)
     if args.command == "run":
         return cmd_run(config, path)

@@ -36,6 +36,7 @@ from agent.oneshot import reloader
 from agent.outbox import Outbox
 from agent.pipeline import Pipeline, Stats
 from agent.preflight import check
+from agent.reloading import Outcome, Reloads
 from agent.runtime.model import LoadedModel, ModelFiles, load_model
 from agent.sources import make_source
 from agent.store import Release, Store
@@ -61,10 +62,13 @@ class Service:
         config: Config,
         environ: dict[str, str] | None = None,
         observe: Callable[[str, Mapping[str, Any]], None] | None = None,
+        reloads: Reloads | None = None,
     ) -> None:
         """Build the parts (the outbox and the locks are taken by start()); raises
-        ConfigError for unusable MQTT settings."""
+        ConfigError for unusable MQTT settings. ``reloads``: the process's reload
+        requests (``run`` serves them; the control socket's ``reload`` asks)."""
         self.config = config
+        self.reloads = reloads or Reloads()
         self.started = time.monotonic()
         self.store = Store(config.store.dir, config.store.keep).open()
         self.outbox = Outbox(config.telemetry.outbox, int(config.telemetry.outbox_max_mb * 1e6))
@@ -82,6 +86,7 @@ class Service:
                 **self.commands.handlers,
                 "status": self.status,
                 "pull": self._pull,
+                "reload": self._reload_request,
             },
         )
         self.pipeline: Pipeline | None = None
@@ -321,6 +326,11 @@ class Service:
             raise CommandError("version: must be a positive integer")
         return self.updates.request_pull(version)
 
+    def _reload_request(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Ask ``run``'s loop for a reload; ``status``'s ``reload.done`` reaches the
+        ticket when it is done (edge-agent reload waits for that)."""
+        return {"ticket": self.reloads.request()}
+
     def status(self, args: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What this agent serves now: the retained state's fields, plus the stream's
         figures, the broker link and the process (the control socket's ``status``)."""
@@ -337,6 +347,7 @@ class Service:
                 "queued": self.telemetry.depth(),
             },
             "status_line": self.status_line(),
+            "reload": self.reloads.report(),
         }
 
 
@@ -398,7 +409,8 @@ def run(config: Config, path: Path) -> int:
         signal.signal(signum, lambda signum, frame: signals.received.append(signum))
     notify = Notifier()
     interval = _watchdog_interval()
-    service = Service(config)
+    reloads = Reloads()
+    service = Service(config, reloads=reloads)
     code = 0
     try:
         notify.status("starting")
@@ -413,8 +425,12 @@ def run(config: Config, path: Path) -> int:
             if signal.SIGTERM in taken or signal.SIGINT in taken:
                 break
             if signal.SIGHUP in taken:
-                service, config, going = _reload(service, config, path, notify)
-                if not going:
+                reloads.request()
+            ticket = reloads.due()
+            if ticket is not None:  # SIGHUP, or edge-agent reload on the control socket
+                service, config, outcome, error = _reload(service, config, path, notify)
+                reloads.finish(ticket, outcome, error)
+                if outcome == "exiting":
                     code = 1
                     break
             stuck = service.updates.overdue()
@@ -444,11 +460,12 @@ def _wait_ready(service: Service, signals: _Signals) -> None:
 
 def _reload(
     service: Service, config: Config, path: Path, notify: Notifier
-) -> tuple[Service, Config, bool]:
+) -> tuple[Service, Config, Outcome, str | None]:
     """Re-read the config; an invalid one is reported and the running agent goes on.
 
-    Returns the service now running, its config, and False when the agent must exit
-    (the old service would not stop cleanly, or neither config would start).
+    Returns the service now running, its config, the outcome and its error: "exiting"
+    when the agent must exit (the old service would not stop cleanly, or neither
+    config would start).
     """
     try:
         fresh = load_config(path)
@@ -456,33 +473,37 @@ def _reload(
         if problems:
             raise ConfigError([f"{path}: {p}" for p in problems])
     except (ConfigError, OSError) as exc:
-        log.error("SIGHUP: the new configuration is not used:\n%s", exc)
+        log.error("reload: the new configuration is not used:\n%s", exc)
         service.telemetry.event("config_rejected", {"error": str(exc)})
-        return service, config, True
+        return service, config, "rejected", str(exc)
     if fresh == config:
-        log.info("SIGHUP: configuration unchanged")
-        return service, config, True
-    log.info("SIGHUP: reloading the configuration")
+        log.info("reload: configuration unchanged")
+        return service, config, "unchanged", None
+    log.info("reload: applying the new configuration")
     monotonic_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     notify.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_us}")
     if not service.stop():
-        log.error("SIGHUP: an update would not stop; exiting so that systemd restarts")
-        return service, config, False
+        log.error("reload: an update would not stop; exiting so that systemd restarts")
+        return service, config, "exiting", "an update would not stop"
+    failure: str | None = None
     for candidate in (fresh, config):  # the new config, else the one that was running
         which = "new" if candidate is fresh else "old"
         replacement: Service | None = None
         try:
-            replacement = Service(candidate)
+            replacement = Service(candidate, reloads=service.reloads)
             replacement.start()
-        except Exception:  # whatever it was: clean up, try the old config next
-            log.exception("SIGHUP: cannot start with the %s configuration", which)
+        except Exception as exc:  # whatever it was: clean up, try the old config next
+            log.exception("reload: cannot start with the %s configuration", which)
+            failure = failure or f"the new configuration failed to start: {exc}"
             if replacement is not None:
                 replacement.stop()
             continue
         replacement.telemetry.event(
             "config_reloaded" if candidate is fresh else "config_rejected",
-            {} if candidate is fresh else {"error": "the new configuration failed to start"},
+            {} if candidate is fresh else {"error": failure},
         )
         notify.send("READY=1")
-        return replacement, candidate, True
-    return service, config, False
+        if candidate is fresh:
+            return replacement, candidate, "reloaded", None
+        return replacement, candidate, "failed", failure
+    return service, config, "exiting", failure

@@ -2,7 +2,7 @@
 
 install.sh runs with ``--root`` into a temporary image tree (fast mode: a venv that sees
 this interpreter's packages, ``pip install --no-deps``); nothing touches the running
-system. The tree is seeded with what any systemd image has (its units, /bin/sh), so
+system. The tree is seeded with what any systemd image has (its units), so
 ``systemd-analyze verify --root`` checks the installed unit, ExecStart included.
 """
 
@@ -106,15 +106,9 @@ def files(root: Path) -> set[str]:
 
 
 def seed_image_base(root: Path) -> None:
-    """What every systemd image has and the unit relies on: systemd's units, /bin/sh.
-
-    /bin/sh (ExecReload) is a stand-in: verify only checks that it is executable.
-    """
+    """What every systemd image has and the unit relies on: systemd's units."""
     (root / "usr/lib/systemd").mkdir(parents=True)
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    (root / "bin").mkdir()
-    (root / "bin/sh").write_text("#!/bin/true\n")
-    (root / "bin/sh").chmod(0o755)
 
 
 @dataclass
