@@ -237,13 +237,19 @@ def test_check_updates_and_rollback_commands_switch_the_served_model(
         assert reply["ok"] and reply["result"] == {"version": 2, "changed": True}, reply
         _wait(lambda: tap.docs("/results")[-1]["version"] == 2, 10, "v2 results", agent)
         assert tap.docs("/state")[-1]["version"] == 2
+
+        def events() -> list[str]:
+            return [d["event"] for d in tap.docs("/events")]
+
+        # A rollback during probation ends the update rolled back, not succeeded: wait for
+        # the probation's end (a slow board, or emulation, can take longer than the 1 s).
+        _wait(lambda: "update_succeeded" in events(), 30, "v2 through probation", agent)
         reply = _command(broker, "rollback", {})
         assert reply["ok"] and reply["result"] == {"version": 1, "from": 2}, reply
         _wait(lambda: tap.docs("/results")[-1]["version"] == 1, 10, "v1 results again", agent)
         state = tap.docs("/state")[-1]
         assert state["version"] == 1 and state["previous"] == 2 and state["backend"] == "cpu"
-        events = [d["event"] for d in tap.docs("/events")]
-        assert "update_succeeded" in events and "rolled_back" in events
+        _wait(lambda: "rolled_back" in events(), 10, "the rolled_back event", agent)
         reply = _command(broker, "rollback", {"version": "two"})
         assert not reply["ok"] and reply["error"] == "version: must be a positive integer"
     finally:

@@ -22,15 +22,19 @@ SHAPES = [  # (frame h, w, channels) -> (out h, w): down, up, odd, tiny, grey
 
 
 @pytest.mark.parametrize(("frame_shape", "out"), SHAPES)
-def test_numpy_resize_matches_opencv_within_one_grey_level(
+def test_numpy_resize_matches_opencv_within_one_grey_level_but_on_rare_pixels(
     frame_shape: tuple[int, int, int], out: tuple[int, int]
 ) -> None:
+    """OpenCV rounds fixed-point weights, and its x86_64 and aarch64 builds differ (their
+    SIMD paths do): on aarch64, 5 of 270000 values of 640x480 -> 300x300 are 2 levels off
+    exact bilinear. Ours is the same on both (float32, rounded once)."""
     cv2 = pytest.importorskip("cv2")
     frame = np.random.default_rng(7).integers(0, 256, frame_shape, dtype=np.uint8)
     ours = resize_bilinear(frame, out[1], out[0])
     theirs = cv2.resize(frame, (out[1], out[0]), interpolation=cv2.INTER_LINEAR)
     assert ours.shape == (out[0], out[1], frame_shape[2]) and ours.dtype == np.uint8
-    assert np.abs(ours.astype(int) - theirs.reshape(ours.shape)).max() <= 1
+    off = np.abs(ours.astype(int) - theirs.reshape(ours.shape))
+    assert off.max() <= 2 and (off > 1).mean() <= 1e-4
 
 
 def test_numpy_resize_of_float_frames_matches_opencv() -> None:

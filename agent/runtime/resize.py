@@ -3,8 +3,9 @@
 A device that only runs a synthetic, sensor or Pi-camera stream needs no OpenCV, and
 the default install (``edge-agent[litert]``) has none: frames are then resized by
 ``resize_bilinear``, the same half-pixel bilinear interpolation as OpenCV's
-``INTER_LINEAR`` (within one grey level on uint8 frames), a few times slower. OpenCV
-is tried once per process, not per frame.
+``INTER_LINEAR`` (within one grey level on uint8 frames, two on a few pixels with
+OpenCV's aarch64 build), a few times slower. OpenCV is tried once per process, not
+per frame.
 """
 
 from __future__ import annotations
