@@ -11,7 +11,8 @@ checkout, a wheelhouse for aarch64 CPython 3.11 (``pip download --only-binary=:a
 bookworm arm64 root filesystem (no network; servers on 127.0.0.1 only): the offline
 install into /opt/edge-agent/venv, then ``edge-agent --version``, ``demo``, ``infer`` on
 a generated and on a real model, ``run`` against a signed HTTP registry with a pull and
-a hot swap through the control socket, and a subset of the test suite.
+a hot swap through the control socket, the same with tflite-runtime in place of
+ai-edge-litert (arm64_tflite.py), and a subset of the test suite.
 
 qemu-user shows the x86 host's /proc/cpuinfo, on which XNNPACK segfaults: a Raspberry
 Pi 4's is bind-mounted over it. Every mount and the overlay are removed at the end,
@@ -21,28 +22,36 @@ also on failure or Ctrl-C.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
 import signal
-import socket
 import sys
-import time
 from pathlib import Path
 from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.target import common
-from tests.target.common import CACHE, REPO, Checks, Failed, Overlay
+from tests.target import arm64_tflite, common
+from tests.target.common import CACHE, PI4_CPUINFO, REPO, Checks, Failed, Overlay
+from tests.target.inside import (
+    VENV,
+    WORK,
+    ZOO,
+    background,
+    free_port,
+    inside,
+    inside_env,
+    kill_leftovers,
+    results,
+    show_tail,
+    stop,
+    wait_serving,
+)
 
 SCRIPT = "arm64"
 # bookworm has glibc 2.36: every manylinux tag up to it (cryptography needs 2.34).
 PLATFORMS = ("manylinux2014_aarch64", *(f"manylinux_2_{n}_aarch64" for n in range(17, 37)))
 TEST_REQUIREMENTS = ("pytest>=8", "hypothesis>=6.100")
-VENV = "/opt/edge-agent/venv"
-WORK = "/srv/target"  # inside: models, images, keys, registry, device files
-ZOO = "/var/cache/edge-agent"  # inside: EDGE_AGENT_CACHE, the host's zoo cache
 REAL_MODEL = "face_detection_short_range.tflite"
 # About 4 minutes emulated: the runtime on this CPU, image resizing, the release gate,
 # the strict JSON parser, signatures, sd_notify, infer on images and videos, a SIGKILL
@@ -60,42 +69,6 @@ TEST_SUBSET = (
     "tests/test_telemetry.py",
     "tests/test_agent_mqtt.py",
 )
-
-CPU = """processor\t: {n}
-BogoMIPS\t: 108.00
-Features\t: fp asimd evtstrm crc32 cpuid
-CPU implementer\t: 0x41
-CPU architecture: 8
-CPU variant\t: 0x0
-CPU part\t: 0xd08
-CPU revision\t: 3
-
-"""
-# What a Raspberry Pi 4 Model B (4 x Cortex-A72) shows in /proc/cpuinfo.
-PI4_CPUINFO = "".join(CPU.format(n=n) for n in range(4)) + (
-    "Hardware\t: BCM2835\n"
-    "Revision\t: c03114\n"
-    "Serial\t\t: 100000003c1f2a4e\n"
-    "Model\t\t: Raspberry Pi 4 Model B Rev 1.4\n"
-)
-
-
-INSIDE_ENV = {
-    "PATH": f"{VENV}/bin:{common.CHROOT_ENV['PATH']}",
-    "EDGE_AGENT_CACHE": ZOO,
-    "NO_PROXY": "127.0.0.1,localhost",
-    "no_proxy": "127.0.0.1,localhost",
-}
-
-
-def show_tail(text: str, lines: int) -> None:
-    """The end of some output, indented, on stderr (as common.run shows a failure)."""
-    print("\n".join(f"    | {line}" for line in text.splitlines()[-lines:]), file=sys.stderr)
-
-
-def inside(view: Overlay, command: str, timeout: float) -> str:
-    """``command`` in the root filesystem with the venv first on PATH; its stdout."""
-    return view.chroot(command, timeout=timeout, env=INSIDE_ENV).stdout
 
 
 def prepare_host() -> tuple[Path, Path]:
@@ -248,22 +221,6 @@ def check_infer_real(view: Overlay) -> str:
     return f"{REAL_MODEL}: {shapes}, no face (best logit {faces['max']:.1f})"
 
 
-def free_port() -> int:
-    """A free TCP port on the host's loopback (a chroot shares the host's network)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def background(view: Overlay, name: str, command: str) -> None:
-    """``command`` left running inside; its output in WORK/NAME.log, its pid in NAME.pid."""
-    inside(
-        view,
-        f"cd {WORK} && {{ {command} >{name}.log 2>&1 </dev/null & echo $! >{name}.pid; }}",
-        timeout=60,
-    )
-
-
 def publish(view: Overlay, version: int, channel: bool) -> None:
     """A signed release with a self-test and a latency budget, as the demo publishes."""
     inside(
@@ -298,32 +255,6 @@ def device_config(port: int) -> str:
     )
 
 
-def agent_status(view: Overlay) -> dict[str, object]:
-    """What the running agent answers on its control socket ({} while it cannot)."""
-    out = inside(view, f"edge-agent status --json --config {WORK}/device.yaml", timeout=120)
-    daemon = json.loads(out).get("daemon") or {}
-    status = daemon.get("status") if isinstance(daemon, dict) else None
-    return status if isinstance(status, dict) else {}
-
-
-def results(status: dict[str, object]) -> int:
-    stats = status.get("stats")
-    return int(stats.get("results", 0)) if isinstance(stats, dict) else 0
-
-
-def wait_serving(view: Overlay, version: int, more_than: int, timeout: float) -> dict[str, object]:
-    """Wait until the agent serves ``version`` with more than ``more_than`` results."""
-    deadline = time.monotonic() + timeout
-    status: dict[str, object] = {}
-    while time.monotonic() < deadline:
-        status = agent_status(view)
-        if status.get("serving") == version and results(status) > more_than:
-            return status
-        time.sleep(2)
-    show_tail((view.root / WORK.lstrip("/") / "agent.log").read_text(errors="replace"), 20)
-    raise Failed(f"not serving v{version} after {timeout:g} s; status: {status}")
-
-
 def check_run(view: Overlay) -> str:
     """edge-agent run: pulls v1 from an HTTP registry on loopback, verifies and serves it;
     ``models pull --version 2`` through the control socket swaps v2 in while it serves."""
@@ -348,21 +279,12 @@ def check_run(view: Overlay) -> str:
     return f"v1 served ({results(first)} results), pulled v2 swapped in, {results(later)} results"
 
 
-def stop(view: Overlay, name: str) -> None:
-    """SIGTERM a background process started by ``background``; wait (bounded) for its end."""
-    pid = (view.root / WORK.lstrip("/") / f"{name}.pid").read_text().strip()
-    inside(view, f"kill -TERM {pid}", timeout=30)
-    deadline = time.monotonic() + 60
-    while Path(f"/proc/{pid}").exists():
-        if time.monotonic() > deadline:
-            raise Failed(f"{name} (pid {pid}) still running 60 s after SIGTERM")
-        time.sleep(0.5)
-
-
 def check_tests(view: Overlay) -> str:
     """The chosen subset of the test suite, against the installed package."""
     pytest = f"python -m pytest -q -p no:cacheprovider {' '.join(TEST_SUBSET)} 2>&1"
-    done = view.chroot(f"cd {WORK}/checkout && {pytest}", timeout=900, check=False, env=INSIDE_ENV)
+    done = view.chroot(
+        f"cd {WORK}/checkout && {pytest}", timeout=900, check=False, env=inside_env()
+    )
     last = done.stdout.strip().splitlines()[-1:] or ["no output"]
     if done.returncode != 0:
         show_tail(done.stdout, 30)
@@ -370,35 +292,28 @@ def check_tests(view: Overlay) -> str:
     return last[0].strip("= ")
 
 
-def kill_leftovers(view: Overlay) -> None:
-    """End what still runs inside this root filesystem (the agent, the registry, a test
-    that outlived its timeout), found by their root directory."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if os.readlink(proc / "root") == str(view.root):
-                os.kill(int(proc.name), signal.SIGKILL)
-        except OSError:
-            continue
-
-
 def interrupted(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does
 
 
 def main() -> int:
-    tools = {"debootstrap": "debootstrap", "qemu-aarch64-static": "qemu-user-static"}
+    tools = {
+        "debootstrap": "debootstrap",
+        "qemu-aarch64-static": "qemu-user-static",
+        "update-binfmts": "binfmt-support",
+    }
     common.need_root_and_tools(tools)
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started ignoring it
     checks = Checks(SCRIPT)
     built: list[Path] = []
+    checks.check("binfmt", lambda: common.enable_binfmt("aarch64"))
     checks.check("wheelhouse", lambda: wheelhouse_step(built))
     checks.check("rootfs", lambda: rootfs_step(built))
+    checks.check("tflite-runtime wheelhouse", lambda: tflite_step(built))
     if checks.failed is not None:
         return checks.finish()
-    wheel, house, lower = built
+    wheel, house, lower = built[:3]
     with common.overlay(lower, SCRIPT) as view:
         try:
             checks.check("overlay", lambda: setup_view(view, wheel, house))
@@ -409,6 +324,13 @@ def main() -> int:
             checks.check("infer generated", lambda: check_infer_generated(view))
             checks.check("infer real", lambda: check_infer_real(view))
             checks.check("run, pull, hot swap", lambda: check_run(view))
+            tflite = arm64_tflite
+            checks.check(
+                "tflite-runtime: offline install", lambda: tflite.install(view, wheel, built[3])
+            )
+            checks.check("tflite-runtime: infer", lambda: tflite.check_infer(view))
+            checks.check("tflite-runtime: run", lambda: tflite.check_serves(view))
+            checks.check("tflite-runtime: demo refuses", lambda: tflite.check_demo_refuses(view))
             checks.check("tests", lambda: check_tests(view))
         finally:
             kill_leftovers(view)
@@ -419,6 +341,12 @@ def wheelhouse_step(built: list[Path]) -> str:
     wheel, house = prepare_host()
     built += [wheel, house]
     return f"{wheel.name}, {len(list(house.glob('*.whl')))} wheels in {house}"
+
+
+def tflite_step(built: list[Path]) -> str:
+    house = arm64_tflite.wheelhouse(built[0], PLATFORMS)
+    built.append(house)
+    return f"{len(list(house.glob('*.whl')))} wheels in {house}"
 
 
 def rootfs_step(built: list[Path]) -> str:

@@ -71,6 +71,24 @@ SYSTEMD_PACKAGES = (
     "mosquitto",
 )
 
+CPU = """processor\t: {n}
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm crc32 cpuid
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x0
+CPU part\t: 0xd08
+CPU revision\t: 3
+
+"""
+# What a Raspberry Pi 4 Model B (4 x Cortex-A72) shows in /proc/cpuinfo.
+PI4_CPUINFO = "".join(CPU.format(n=n) for n in range(4)) + (
+    "Hardware\t: BCM2835\n"
+    "Revision\t: c03114\n"
+    "Serial\t\t: 100000003c1f2a4e\n"
+    "Model\t\t: Raspberry Pi 4 Model B Rev 1.4\n"
+)
+
 
 class Failed(Exception):
     """A check failed: its message is the one line the summary shows."""
@@ -160,6 +178,25 @@ def need_root_and_tools(tools: dict[str, str]) -> None:
     missing = sorted({pkg for cmd, pkg in tools.items() if shutil.which(cmd) is None})
     if missing:
         sys.exit(f"{Path(sys.argv[0]).name}: missing tools: apt-get install {' '.join(missing)}")
+
+
+def enable_binfmt(machine: str) -> str:
+    """Make the kernel run ``machine`` (e.g. ``aarch64``) binaries through qemu-user:
+    binfmt_misc mounted and Debian's ``qemu-MACHINE`` entry enabled (done by
+    binfmt-support's postinst on a booted system; a container or CI host may lack it).
+    Returns how it was found; raises Failed when it cannot be enabled."""
+    entry = Path(f"/proc/sys/fs/binfmt_misc/qemu-{machine}")
+    if entry.exists() and entry.read_text().startswith("enabled"):
+        return f"{entry}: enabled"
+    if not Path("/proc/sys/fs/binfmt_misc/register").exists():
+        run(["mount", "-t", "binfmt_misc", "binfmt_misc", "/proc/sys/fs/binfmt_misc"], timeout=60)
+    run(["update-binfmts", "--enable", f"qemu-{machine}"], timeout=60, check=False)
+    if not (entry.exists() and entry.read_text().startswith("enabled")):
+        raise Failed(
+            f"{entry} is not enabled: apt-get install qemu-user-static binfmt-support, then "
+            f"update-binfmts --enable qemu-{machine}"
+        )
+    return f"{entry}: enabled now"
 
 
 def _key(*parts: object) -> str:

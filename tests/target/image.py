@@ -79,17 +79,6 @@ AMD64, ARM64 = Arch("amd64", "x86_64"), Arch("arm64", "aarch64")
 # The agent checks run on the host's own architecture; the other one builds and runs the
 # demo under emulation (on a Raspberry Pi: amd64 emulated, arm64 native).
 NATIVE, FOREIGN = (ARM64, AMD64) if platform.machine() == ARM64.machine else (AMD64, ARM64)
-# One Cortex-A72 (a Raspberry Pi 4's core) for XNNPACK under qemu-user.
-ARM_CPUINFO = """\
-processor\t: 0
-BogoMIPS\t: 108.00
-Features\t: fp asimd evtstrm crc32 cpuid
-CPU implementer\t: 0x41
-CPU architecture: 8
-CPU variant\t: 0x0
-CPU part\t: 0xd08
-CPU revision\t: 3
-"""
 PODMAN = (
     "podman",
     "--root",
@@ -146,7 +135,7 @@ def run_image(arch: Arch, *args: str | Path, timeout: float, options: tuple[str,
     argv += ["--http-proxy=false", *options]
     if arch.emulated() and arch is ARM64:
         cpuinfo = CACHE / "image-arm-cpuinfo"
-        cpuinfo.write_text(ARM_CPUINFO)
+        cpuinfo.write_text(common.PI4_CPUINFO)
         argv += ["-v", f"{cpuinfo}:/proc/cpuinfo:ro"]
     return podman(*argv, arch.image, *args, timeout=timeout)
 
@@ -205,9 +194,8 @@ def build_context(into: Path, arches: tuple[Arch, ...]) -> str:
 
 def build(arch: Arch, context: Path) -> str:
     """The image, built with no network: everything comes from the context."""
-    binfmt = Path(f"/proc/sys/fs/binfmt_misc/qemu-{arch.machine}")
-    if arch.emulated() and not binfmt.exists():
-        raise Failed(f"no {binfmt}: apt-get install qemu-user-static binfmt-support")
+    if arch.emulated():
+        common.enable_binfmt(arch.machine)
     base = base_image(arch)
     began = time.monotonic()
     values = {"BASE": base, "WHEELS": f"wheels/{arch.debian}", "VERSION": version()}
