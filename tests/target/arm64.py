@@ -49,8 +49,7 @@ from tests.target.inside import (
 )
 
 SCRIPT = "arm64"
-# bookworm has glibc 2.36: every manylinux tag up to it (cryptography needs 2.34).
-PLATFORMS = ("manylinux2014_aarch64", *(f"manylinux_2_{n}_aarch64" for n in range(17, 37)))
+PLATFORMS = common.bookworm_wheel_tags("aarch64")
 TEST_REQUIREMENTS = ("pytest>=8", "hypothesis>=6.100")
 REAL_MODEL = "face_detection_short_range.tflite"
 # About 4 minutes emulated: the runtime on this CPU, image resizing, the release gate,

@@ -367,6 +367,15 @@ def project_wheel(into: Path) -> Path:
     return wheel
 
 
+def bookworm_wheel_tags(machine: str) -> tuple[str, ...]:
+    """pip's ``--platform`` tags for bookworm on ``machine`` (``x86_64``, ``aarch64``):
+    every manylinux tag up to its glibc 2.36. pip download takes the tags as listed
+    (``manylinux_2_36`` alone would not match a ``manylinux_2_27`` wheel), and
+    cryptography's wheels need 2.34."""
+    older = (f"manylinux_2_{n}_{machine}" for n in range(17, 37))
+    return (f"manylinux2014_{machine}", *older)
+
+
 def wheelhouse(
     platforms: Sequence[str], requirements: Sequence[str], extra_files: Sequence[Path] = ()
 ) -> Path:

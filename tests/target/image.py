@@ -67,9 +67,7 @@ class Arch:
 
     @property
     def wheel_tags(self) -> tuple[str, ...]:
-        # bookworm has glibc 2.36: every manylinux tag up to it (cryptography needs 2.34).
-        older = (f"manylinux_2_{n}_{self.machine}" for n in range(17, 37))
-        return (f"manylinux2014_{self.machine}", *older)
+        return common.bookworm_wheel_tags(self.machine)
 
     def emulated(self) -> bool:
         return platform.machine() != self.machine

@@ -42,6 +42,7 @@ from tests.target.common import (
     Checks,
     Failed,
     Overlay,
+    bookworm_wheel_tags,
     need_root_and_tools,
     rootfs,
     say,
@@ -50,9 +51,7 @@ from tests.target.common import (
 from tests.target.nspawn import Container, Unit, sigterm_interrupts
 
 SCRIPT = "systemd"
-# Every manylinux tag bookworm's glibc (2.36) runs: pip download takes the --platform
-# tags as they are (manylinux_2_36 alone would not match a manylinux_2_27 wheel).
-PLATFORMS = ("manylinux2014_x86_64", *(f"manylinux_2_{minor}_x86_64" for minor in range(17, 37)))
+PLATFORMS = bookworm_wheel_tags("x86_64")
 EXTRAS = ("litert", "video", "serial")  # install.sh's default extras
 DEVICE = "target-01"
 MODEL = "colours"
