@@ -19,6 +19,8 @@ Callers branch on the family, not on the message:
   desired state, command, a device's report) is not one we accept
   (``agent.strictjson``); each caller turns it into its own family (a manifest's into
   VerificationError, a command's into an error reply).
+- ``DatabaseError``: the fleet server's database URL is not one we accept, or the
+  database cannot be reached or migrated (``agent.server.db``); one line, no traceback.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class ConfigError(EdgeAgentError):
 
 class DocumentError(EdgeAgentError, ValueError):
     """A JSON document from outside breaks the parsing rules; one line, ``WHAT: why``."""
+
+
+class DatabaseError(EdgeAgentError):
+    """The fleet server's database is unusable: a bad URL, unreachable, or not migratable."""
 
 
 class UpdateError(EdgeAgentError):

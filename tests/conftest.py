@@ -23,6 +23,7 @@ from agent.store import Store
 from agent.verify import generate_keypair, sha256_file
 from tests.agentproc import AgentProcess, publish_models
 from tests.broker import Mosquitto, SecureBroker, start_secure_broker
+from tests.postgres import Postgres, binaries
 from tests.registry_server import RegistryServer
 
 MODEL = "person-detector"
@@ -273,6 +274,23 @@ def fake_edgetpu(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"no C compiler to build the fake Edge TPU library: {exc}")
     return out
+
+
+# -- PostgreSQL ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A real PostgreSQL (Debian's package) on a free port, for the whole session.
+
+    Skipped only when its binaries are missing (CI installs them). Tests that need a
+    clean slate create their own database on it.
+    """
+    bin_dir = binaries()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    with Postgres(bin_dir) as server:
+        yield server
 
 
 # -- MQTT broker -----------------------------------------------------------------------

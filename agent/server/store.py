@@ -1,0 +1,208 @@
+"""The writes the ingester makes: messages (idempotent on their id), devices, telemetry,
+events, and pruning. Each function takes an open connection; the caller owns the
+transaction (commit after a message is fully stored, then acknowledge it).
+
+The rules (buckets, cut-offs, which fields are kept) are in ``retention.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from agent.server.retention import (
+    DeviceFields,
+    cutoffs,
+    minute_bucket,
+    state_fields,
+    status_fields,
+)
+from agent.server.schema import (
+    device_groups,
+    devices,
+    events,
+    messages,
+    telemetry_agg,
+    telemetry_raw,
+)
+
+Insert = postgresql.Insert | sqlite.Insert
+
+
+def _insert(conn: sa.Connection, table: sa.Table) -> Insert:
+    """An INSERT with ON CONFLICT for this connection's engine (both speak it)."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def record_message(
+    conn: sa.Connection,
+    device: str,
+    stream: str,
+    doc: Mapping[str, Any],
+    msg_id: str,
+    *,
+    received: float,
+) -> bool:
+    """Record that message ``msg_id`` arrived; False when it was already recorded.
+
+    The caller stores the message's content only on True: a redelivery, or the same
+    message taken by another server instance, is a no-op (concurrent inserts of one id
+    from two connections store one row; the loser waits for the winner's commit).
+    """
+    seq, ts = doc.get("seq"), doc.get("ts")
+    stmt = (
+        _insert(conn, messages)
+        .values(
+            id=msg_id,
+            device=device,
+            stream=stream,
+            seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+            ts=float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else None,
+            received=received,
+        )
+        .on_conflict_do_nothing(index_elements=[messages.c.id])
+        .returning(messages.c.id)  # a row back only when inserted (rowcount is unreliable)
+    )
+    return conn.execute(stmt).first() is not None
+
+
+def upsert_device(
+    conn: sa.Connection,
+    device: str,
+    now: float,
+    *,
+    status: Mapping[str, Any] | None = None,
+    state: Mapping[str, Any] | None = None,
+) -> None:
+    """Create or update ``device`` from its latest status and/or state document.
+
+    ``first_seen`` is set once; ``last_seen`` moves to ``now`` and never back. Columns
+    the documents do not give (or give with a wrong type) keep their stored value; a
+    status document with ``groups`` rewrites the device's group rows.
+    """
+    fields = _merge(
+        status_fields(status) if status is not None else DeviceFields(),
+        state_fields(state) if state is not None else DeviceFields(),
+    )
+    given: dict[str, Any] = {
+        "agent_version": fields.agent_version,
+        "model": fields.model,
+        "version": fields.version,
+        "online": fields.online,
+        "groups": fields.groups,
+        "status": dict(status) if status is not None else None,
+        "state": dict(state) if state is not None else None,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    stmt = _insert(conn, devices).values(
+        id=device,
+        first_seen=now,
+        last_seen=now,
+        **{"groups": [], "online": False, **given},
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[devices.c.id],
+        set_={
+            "last_seen": sa.case(
+                (devices.c.last_seen > stmt.excluded.last_seen, devices.c.last_seen),
+                else_=stmt.excluded.last_seen,
+            ),
+            **{k: stmt.excluded[k] for k in given},
+        },
+    )
+    conn.execute(stmt)
+    if fields.groups is not None:
+        conn.execute(sa.delete(device_groups).where(device_groups.c.device == device))
+        if fields.groups:
+            conn.execute(
+                sa.insert(device_groups),
+                [{"device": device, "group_name": g} for g in fields.groups],
+            )
+
+
+def _merge(a: DeviceFields, b: DeviceFields) -> DeviceFields:
+    return DeviceFields(
+        groups=a.groups if a.groups is not None else b.groups,
+        agent_version=b.agent_version or a.agent_version,
+        online=a.online if a.online is not None else b.online,
+        model=b.model or a.model,
+        version=b.version if b.version is not None else a.version,
+    )
+
+
+def insert_telemetry(
+    conn: sa.Connection, device: str, ts: float, samples: Mapping[str, float]
+) -> int:
+    """Store one telemetry document's samples raw and fold them into the minute's
+    aggregates; returns the number of samples stored."""
+    if not samples:
+        return 0
+    conn.execute(
+        sa.insert(telemetry_raw),
+        [{"device": device, "ts": ts, "metric": m, "value": v} for m, v in samples.items()],
+    )
+    bucket = minute_bucket(ts)
+    least, greatest = (
+        (sa.func.least, sa.func.greatest)
+        if conn.dialect.name == "postgresql"
+        else (sa.func.min, sa.func.max)  # SQLite's two-argument min/max are scalar
+    )
+    for metric, value in samples.items():
+        stmt = _insert(conn, telemetry_agg).values(
+            device=device, metric=metric, bucket=bucket, min=value, max=value, sum=value, count=1
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[telemetry_agg.c.device, telemetry_agg.c.metric, telemetry_agg.c.bucket],
+            set_={
+                "min": least(telemetry_agg.c.min, stmt.excluded.min),
+                "max": greatest(telemetry_agg.c.max, stmt.excluded.max),
+                "sum": telemetry_agg.c.sum + stmt.excluded.sum,
+                "count": telemetry_agg.c.count + stmt.excluded.count,
+            },
+        )
+        conn.execute(stmt)
+    return len(samples)
+
+
+def insert_event(conn: sa.Connection, device: str, ts: float, doc: Mapping[str, Any]) -> None:
+    """Store one event document; ``model``, ``version`` and ``update_id`` as columns when
+    they have the right type, everything else in ``fields``."""
+    fields = {k: v for k, v in doc.items() if k not in ("schema", "seq", "id", "ts", "event")}
+    model, version, update_id = doc.get("model"), doc.get("version"), doc.get("update_id")
+    conn.execute(
+        sa.insert(events).values(
+            device=device,
+            ts=ts,
+            event=str(doc.get("event")),
+            model=model if isinstance(model, str) else None,
+            version=version if isinstance(version, int) and not isinstance(version, bool) else None,
+            update_id=update_id if isinstance(update_id, str) else None,
+            fields=fields,
+        )
+    )
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """Rows removed by one ``prune``."""
+
+    raw: int
+    agg: int
+    messages: int
+
+
+def prune(conn: sa.Connection, now: float, raw_days: float, agg_days: float) -> Pruned:
+    """Remove what is past retention at ``now``: raw samples and message ids older than
+    ``raw_days``, aggregates whose minute began more than ``agg_days`` ago. Events,
+    deploys, rollouts and audit are history and are kept."""
+    cut = cutoffs(now, raw_days, agg_days)
+    raw = conn.execute(sa.delete(telemetry_raw).where(telemetry_raw.c.ts < cut.raw)).rowcount
+    agg = conn.execute(sa.delete(telemetry_agg).where(telemetry_agg.c.bucket < cut.agg)).rowcount
+    msgs = conn.execute(sa.delete(messages).where(messages.c.received < cut.raw)).rowcount
+    return Pruned(raw=raw, agg=agg, messages=msgs)
