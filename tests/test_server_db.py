@@ -39,7 +39,10 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of an empty database: a new SQLite file, or a new PostgreSQL database."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'fleet.db'}"
-    server: Postgres = request.getfixturevalue("postgres")
+    return _new_pg_database(request.getfixturevalue("postgres"))
+
+
+def _new_pg_database(server: Postgres) -> str:
     name = f"t{next(_names)}_{int(time.time() * 1000)}"
     admin = sa.create_engine(server.url.replace("postgresql://", "postgresql+psycopg://"))
     with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -80,6 +83,40 @@ def test_migrated_schema_equals_the_metadata(engine: sa.Engine) -> None:
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(context, metadata) == []
+
+
+def test_the_schema_comparison_sees_a_difference(engine: sa.Engine) -> None:
+    """The comparison above is live: a column the database lacks is reported."""
+    changed = sa.MetaData()
+    for table in metadata.tables.values():
+        table.to_metadata(changed)
+    changed.tables["leases"].append_column(sa.Column("note", sa.Text))
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), changed)
+    assert [d[0] for d in diff] == ["add_column"]
+
+
+def test_two_instances_starting_together_migrate_once(postgres: Postgres) -> None:
+    """Two servers opening one new PostgreSQL database at the same moment: the advisory
+    lock makes the second wait and find the schema current, instead of failing."""
+    url = _new_pg_database(postgres)
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def start() -> None:
+        barrier.wait(10)
+        try:
+            open_database(url).dispose()
+            outcomes.append("ok")
+        except DatabaseError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert outcomes == ["ok", "ok"]
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
