@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import re
 from functools import cache
-from typing import Any, Final, Literal, get_args
+from typing import Annotated, Any, Final, Literal, get_args
 
-from pydantic import ConfigDict, TypeAdapter, with_config
+from pydantic import ConfigDict, StringConstraints, TypeAdapter, with_config
 from typing_extensions import NotRequired, TypedDict
 
 SCHEMA: Final = 1  # the envelope's "schema"
@@ -98,6 +98,10 @@ _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a group or channel name (a topic level)
 SOURCE_PATTERN: Final = rf"^(device|local|local-offline|(group|channel):{_NAME})$"
 
 
+Source = Annotated[str, StringConstraints(pattern=SOURCE_PATTERN)]
+"""An update's ``source`` (a str to mypy; the validators check the pattern)."""
+
+
 def source_kind(source: str) -> SourceKind | None:
     """The kind of an update's ``source`` (``group:yard`` → ``group``), or None when
     ``source`` is not one the contract allows."""
@@ -136,7 +140,7 @@ class UpdateDoc(TypedDict):
     id: str
     model: str
     version: int
-    source: str  # SOURCE_PATTERN; see SourceKind
+    source: Source
     issued_at: float | None
     phase: UpdatePhase
     outcome: UpdateOutcome | None
@@ -153,7 +157,7 @@ class AppliedDesiredDoc(TypedDict):
     model: str
     version: int
     issued_at: float
-    source: str
+    source: Source
 
 
 @with_config(_STRICT)

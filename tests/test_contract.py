@@ -165,12 +165,29 @@ def test_the_fleet_keeps_the_contracts_values(stream: str, doc: dict[str, Any]) 
     assert reports.clean(stream, doc) == (doc, [])
 
 
+UPDATE = {
+    "id": "u1",
+    "model": "m",
+    "version": 2,
+    "source": "group:yard",
+    "issued_at": 1.0,
+    "phase": "probation",
+    "outcome": None,
+    "reason": None,
+    "started_at": 1.0,
+    "deadline_s": None,
+    "retry": None,
+}
+
+
 @pytest.mark.parametrize(
     ("stream", "change"),
     [
         ("state", {"version": "1"}),  # strict: no coercion
         ("state", {"phase": "done"}),
         ("state", {"unknown": 1}),  # extra keys refused
+        ("state", {"update": {**UPDATE, "source": "group:a/b"}}),
+        ("state", {"update": {**UPDATE, "outcome": "ok"}}),
         ("status", {"state": "away"}),
         ("events", {"event": "update_sucess"}),
         ("telemetry", {"mqtt": {"connected": "yes"}}),
@@ -218,6 +235,7 @@ def test_the_contract_models_refuse_what_the_contract_does_not_allow(
         },
     }
     contract.validator(stream).validate_python(good[stream])
+    contract.validator("state").validate_python({**good["state"], "update": UPDATE})
     with pytest.raises(pydantic.ValidationError):
         contract.validator(stream).validate_python({**good[stream], **change})
 
@@ -265,6 +283,18 @@ def test_what_a_real_agent_publishes_is_the_contract(
             lambda: any(d.get("reason") == "stopped" for d in tap.docs("/status")),
             10,
             "the offline status",
+        )
+        agent.start()  # again, then killed: the broker publishes the Last Will
+        online = len([d for d in tap.docs("/status") if d.get("state") == "online"])
+        wait_alive(
+            lambda: len([d for d in tap.docs("/status") if d.get("state") == "online"]) > online,
+            30,
+            "online again",
+            agent,
+        )
+        agent.kill()
+        tap.wait(
+            lambda: any(d.get("reason") == "lost" for d in tap.docs("/status")), 20, "the Will"
         )
     finally:
         tap.close()
