@@ -7,7 +7,9 @@ agent, or someone who holds that certificate. The fleet tools parse it with
 :data:`MAX_DEPTH`) and then :func:`clean` it:
 
 - a field the tools use that has the wrong type (``"groups": "abc"``, ``"version":
-  "1; rm"``, ``"state": {}``) is dropped, and named in a problem;
+  "1; rm"``, ``"state": {}``), or an enumerated one (event name, phase, outcome,
+  status state) with a value :mod:`agent.contract` does not list, is dropped, and
+  named in a problem;
 - every string, keys included, is made printable: a control or other non-printable
   character (ESC, BEL, a C1 control, a bidi override, a newline) becomes its escape
   (``\\x1b``), and a string is cut to :data:`MAX_TEXT` characters (keys to
