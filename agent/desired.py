@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.config import MODEL_NAME_PATTERN
+from agent.contract import EventName
 from agent.strictjson import parse_object
 
 if TYPE_CHECKING:
@@ -319,7 +320,7 @@ def download_progress(
     version: int,
     issued_at: float | None,
     every_s: float,
-    event: Callable[[str, Mapping[str, Any]], None],
+    event: Callable[[EventName, Mapping[str, Any]], None],
     clock: Callable[[], float] = time.monotonic,
 ) -> Callable[[FileEntry], Progress]:
     """The ``progress`` of an Updater: an ``update_progress`` event (update_id, model,

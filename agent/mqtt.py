@@ -32,6 +32,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.backoff import backoff_delay
 from agent.config import MqttConfig
+from agent.contract import MqttProtocol
 from agent.errors import ConfigError
 from agent.mqtt_reasons import explain
 
@@ -130,7 +131,7 @@ class Link:
         self._on_disconnect = on_disconnect
         self._on_ack = on_ack
         self._on_message = on_message
-        self.protocol = "3.1.1" if config.protocol == "3.1.1" else "5"
+        self.protocol: MqttProtocol = "3.1.1" if config.protocol == "3.1.1" else "5"
         self.connected = threading.Event()
         self.connects = 0  # successful connections since start
         self.generation = 0  # bumped when the client is rebuilt: its queue is gone then

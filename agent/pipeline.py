@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import logs
 from agent.backoff import backoff_delay
+from agent.contract import EventName, InferenceDoc
 from agent.errors import EdgeAgentError
 from agent.sources.base import EndOfStream, Source, SourceError
 
@@ -94,8 +95,23 @@ class Stats:
     version: int | None
     source_connected: bool
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in vars(self).items()}
+    def to_dict(self) -> InferenceDoc:
+        """Telemetry's ``inference``: the fields in order, floats to 2 decimals."""
+        return {
+            "frames": self.frames,
+            "results": self.results,
+            "dropped": self.dropped,
+            "errors": self.errors,
+            "fps": round(self.fps, 2),
+            "latency_ms_p50": round(self.latency_ms_p50, 2),
+            "latency_ms_p95": round(self.latency_ms_p95, 2),
+            "latency_ms_p99": round(self.latency_ms_p99, 2),
+            "infer_ms_p50": round(self.infer_ms_p50, 2),
+            "backend": self.backend,
+            "model": self.model,
+            "version": self.version,
+            "source_connected": self.source_connected,
+        }
 
 
 @dataclass
@@ -162,7 +178,7 @@ class Pipeline:
         source: Source,
         model: LoadedModel,
         on_result: Callable[[Result], None],
-        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        on_event: Callable[[EventName, dict[str, Any]], None] | None = None,
         fps: float = 0.0,
         reconnect_max_s: float = 30.0,
         invoke_timeout_s: float = 2.0,
@@ -575,7 +591,7 @@ class Pipeline:
             self._stop.wait(self._retry_delay(attempt))
         return False
 
-    def _event(self, name: str, **detail: Any) -> None:
+    def _event(self, name: EventName, **detail: Any) -> None:
         logs.event(log, name, detail)
         try:
             self.on_event(name, detail)

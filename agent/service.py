@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent.commands import Commands
 from agent.config import Config, load_config
+from agent.contract import InferenceDoc
 from agent.control import AgentLock, ControlServer
 from agent.desired import desired_topics
 from agent.errors import ConfigError, EdgeAgentError, ModelError
@@ -283,7 +284,7 @@ class Service:
         )
         return report.to_dict()
 
-    def _stats(self) -> dict[str, Any] | None:
+    def _stats(self) -> InferenceDoc | None:
         stats = self._pipeline_stats()
         return stats.to_dict() if stats else None
 

@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 
 from agent import __version__
+from agent.contract import MachineDoc
 
 
 def _millidegrees(path: Path) -> float | None:
@@ -67,7 +68,7 @@ class SystemProbe:
         except OSError:
             return None
 
-    def sample(self) -> dict[str, Any]:
+    def sample(self) -> MachineDoc:
         memory = psutil.virtual_memory()
         with self._process.oneshot():
             rss = self._process.memory_info().rss

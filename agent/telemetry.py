@@ -30,6 +30,18 @@ from typing import Any
 from paho.mqtt.client import topic_matches_sub
 
 from agent.config import MqttConfig, ResultsConfig
+from agent.contract import (
+    EventName,
+    Figures,
+    InferenceDoc,
+    MachineDoc,
+    OfflineReason,
+    StateDoc,
+    StatusDoc,
+    StatusExtra,
+    StatusState,
+    TelemetryDoc,
+)
 from agent.mqtt import Incoming, Link, Will
 from agent.outbox import Message, Outbox, OutboxError, Record
 from agent.pipeline import Result
@@ -125,11 +137,11 @@ class Telemetry:
         *,
         interval_s: float,
         probe: SystemProbe | None = None,
-        stats: Callable[[], Mapping[str, Any] | None] | None = None,
+        stats: Callable[[], InferenceDoc | None] | None = None,
         handlers: Mapping[str, Callable[[Incoming], None]] | None = None,
         environ: dict[str, str] | None = None,
         observe: Callable[[str, Mapping[str, Any]], None] | None = None,
-        status: Mapping[str, Any] | None = None,
+        status: StatusExtra | None = None,
         drop_report_s: float = DROP_REPORT_S,
     ) -> None:
         """Build (no I/O but reading the password); ``handlers`` maps whole topic filters
@@ -154,7 +166,7 @@ class Telemetry:
         self.max_inflight = mqtt.max_inflight
         self.observe = observe
         self._handlers = dict(handlers or {})
-        self._status = dict(status or {})
+        self._status: StatusExtra = status or {}
         self._queue: collections.deque[Record] = collections.deque()
         self._busy = False  # the writer holds records taken from the queue, not yet written
         self._acked_rows: list[int] = []  # acknowledged, not yet deleted from the outbox
@@ -176,13 +188,8 @@ class Telemetry:
         self._drop_report_at = 0.0  # monotonic: no outbox_dropped event before this
         self.link: Link | None = None
         if mqtt.url is not None:
-            offline = {
-                "schema": 1,
-                "state": "offline",
-                "ts": now_ts(),
-                "reason": "lost",
-                **self._status,
-            }
+            will = self._status_doc("offline", "lost")
+            offline = {"schema": 1, "state": will["state"], "ts": now_ts(), **will}
             self.link = Link(
                 mqtt,
                 device,
@@ -233,10 +240,10 @@ class Telemetry:
         if not self._wake.is_set():
             self._wake.set()
 
-    def event(self, name: str, detail: Mapping[str, Any] | None = None) -> None:
+    def event(self, name: EventName, detail: Mapping[str, Any] | None = None) -> None:
         self.record("events", {"event": name, **(detail or {})})
 
-    def state(self, state: Mapping[str, Any]) -> None:
+    def state(self, state: StateDoc) -> None:
         """Publish the retained ``state`` (the active model, update phase, last error)."""
         self.record("state", state, retain=True)
 
@@ -286,7 +293,7 @@ class Telemetry:
         if self.link is not None:
             final = None
             try:
-                body = {"ts": now_ts(), "state": "offline", "reason": "stopped", **self._status}
+                body = {"ts": now_ts(), **self._status_doc("offline", "stopped")}
                 offline = Record("status", self.topics("status"), body, retain=True, keep=False)
                 (message,), _ = self.outbox.write([offline])
                 final = (message.topic, message.payload)
@@ -300,17 +307,31 @@ class Telemetry:
                 except OutboxError as exc:
                     log.error("%s", exc)
 
+    def _status_doc(self, state: StatusState, reason: OfflineReason | None = None) -> StatusDoc:
+        """A status body: ``state``, ``reason`` (offline only), then the device's
+        ``groups`` and ``agent_version`` (``status`` given at build)."""
+        doc: StatusDoc = {"state": state}
+        if reason is not None:
+            doc["reason"] = reason
+        if "groups" in self._status:
+            doc["groups"] = self._status["groups"]
+        if "agent_version" in self._status:
+            doc["agent_version"] = self._status["agent_version"]
+        return doc
+
     def depth(self) -> int:
         """Messages recorded and not yet acknowledged."""
         return max(0, self.outbox.stats().depth - len(self._acked_set))
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Figures:
         """The outbox and connection figures that telemetry carries."""
         link = self.link
+        stats = self.outbox.stats()
         return {
             "outbox": {
-                **self.outbox.stats().to_dict(),
                 "depth": self.depth(),
+                "bytes": stats.bytes,
+                "dropped": stats.dropped,
                 "overflow": self.counters.overflow,
             },
             "mqtt": {
@@ -327,7 +348,7 @@ class Telemetry:
 
     def _on_connect(self, session_present: bool) -> None:
         self._reconnected.set()
-        self.record("status", {"state": "online", **self._status}, retain=True, keep=False)
+        self.record("status", self._status_doc("online"), retain=True, keep=False)
 
     def _on_ack(self, mid: int, code: int, reason: str) -> None:
         self._acks.append((mid, code, reason))
@@ -345,12 +366,16 @@ class Telemetry:
 
     # -- the writer thread ------------------------------------------------------------
 
-    def _telemetry(self) -> dict[str, Any]:
-        body: dict[str, Any] = dict(self.probe.sample()) if self.probe else {}
+    def _telemetry(self) -> TelemetryDoc:
+        machine: MachineDoc = self.probe.sample() if self.probe else {}
         inference = self.stats_source() if self.stats_source else None
-        body["inference"] = dict(inference) if inference is not None else None
-        body.update(self.snapshot())
-        return body
+        snapshot = self.snapshot()
+        return {
+            **machine,
+            "inference": inference,
+            "outbox": snapshot["outbox"],
+            "mqtt": snapshot["mqtt"],
+        }
 
     def _run(self) -> None:
         next_tick = time.monotonic()

@@ -7,7 +7,9 @@ agent, or someone who holds that certificate. The fleet tools parse it with
 :data:`MAX_DEPTH`) and then :func:`clean` it:
 
 - a field the tools use that has the wrong type (``"groups": "abc"``, ``"version":
-  "1; rm"``, ``"state": {}``) is dropped, and named in a problem;
+  "1; rm"``, ``"state": {}``), or an enumerated one (event name, phase, outcome,
+  status state) with a value :mod:`agent.contract` does not list, is dropped, and
+  named in a problem;
 - every string, keys included, is made printable: a control or other non-printable
   character (ESC, BEL, a C1 control, a bidi override, a newline) becomes its escape
   (``\\x1b``), and a string is cut to :data:`MAX_TEXT` characters (keys to
@@ -22,25 +24,37 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.contract import (
+    EVENT_NAMES,
+    OFFLINE_REASONS,
+    STATE_PHASES,
+    STATUS_STATES,
+    UPDATE_OUTCOMES,
+    UPDATE_PHASES,
+)
+
 MAX_BYTES = 256 * 1024  # one report; the agent's are a few kilobytes
 MAX_DEPTH = 16
 MAX_TEXT = 1000  # characters of one string (an error message fits)
 MAX_KEY = 64
 
 # The fields the fleet tools read, per stream, and what they must be (None is always
-# allowed: a field not reported). "int" excludes booleans; "number" is int or float.
-_STATUS = {
+# allowed: a field not reported). "int" excludes booleans; "number" is int or float; a
+# tuple is the contract's values of an enumerated field (agent/contract.py): anything
+# else there (a misspelling, a newer agent's value) is dropped like a wrong type.
+# Every field named here is one of the contract's documents (tests/test_contract.py).
+_STATUS: dict[str, Any] = {
     "ts": "number",
-    "state": "str",
-    "reason": "str",
+    "state": STATUS_STATES,
+    "reason": OFFLINE_REASONS,
     "groups": "list[str]",
     "agent_version": "str",
 }
 _UPDATE = {
     "model": "str",
     "version": "int",
-    "phase": "str",
-    "outcome": "str",
+    "phase": UPDATE_PHASES,
+    "outcome": UPDATE_OUTCOMES,
     "reason": "str",
     "issued_at": "number",
     "retry": "bool",
@@ -53,7 +67,7 @@ _STATE = {
     "serving": "int",
     "previous": "int",
     "backend": "str",
-    "phase": "str",
+    "phase": STATE_PHASES,
     "last_error": "str",
     "agent_version": "str",
     "update": _UPDATE,
@@ -76,7 +90,7 @@ _TELEMETRY = {
     "inference": _INFERENCE,
     "outbox": {"depth": "number"},
 }
-_EVENTS = {"ts": "number", "event": "str"}
+_EVENTS = {"ts": "number", "event": EVENT_NAMES}
 _RESULTS = {"ts": "number", "version": "int"}
 SCHEMAS: dict[str, dict[str, Any]] = {
     "status": _STATUS,
@@ -97,9 +111,11 @@ def printable(text: str, limit: int = MAX_TEXT) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _fits(value: Any, kind: str) -> bool:
+def _fits(value: Any, kind: str | tuple[str, ...]) -> bool:
     if value is None:
         return True
+    if isinstance(kind, tuple):
+        return isinstance(value, str) and value in kind
     if kind == "str":
         return isinstance(value, str)
     if kind == "int":
@@ -157,7 +173,7 @@ def _check(doc: dict[str, Any], schema: dict[str, Any], path: str, problems: lis
                 continue
             _check(value, kind, where, problems)
         elif not _fits(value, kind):
-            problems.append(f"{where}: {_describe(value)} is not {_KINDS[kind]} (dropped)")
+            problems.append(f"{where}: {_describe(value)} is not {_kind(kind)} (dropped)")
             del doc[name]
 
 
@@ -169,6 +185,12 @@ _KINDS = {
     "bool": "true or false",
     "list[str]": "a list of strings",
 }
+
+
+def _kind(kind: str | tuple[str, ...]) -> str:
+    if isinstance(kind, tuple):
+        return "one of " + ", ".join(kind[:6]) + (", …" if len(kind) > 6 else "")
+    return _KINDS[kind]
 
 
 def clean(stream: str, doc: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

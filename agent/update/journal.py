@@ -21,9 +21,10 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final
 
 from agent.atomic import read_bounded, write_atomic
+from agent.contract import UPDATE_OUTCOMES, UPDATE_PHASES, UpdateDoc, UpdateOutcome, UpdatePhase
 from agent.repairs import Repair
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,10 @@ SCHEMA: Final = 1
 BAD_MAX: Final = 64
 MAX_BYTES: Final = 1 << 20  # a journal is a few kB; anything far larger is not one
 
-Phase = Literal["downloading", "verifying", "validating", "activating", "probation"]
-Outcome = Literal["succeeded", "failed", "rolled_back"]
-PHASES: Final[tuple[Phase, ...]] = get_args(Phase)
-OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
+Phase = UpdatePhase  # the contract's names, under the journal's old ones
+Outcome = UpdateOutcome
+PHASES: Final[tuple[Phase, ...]] = UPDATE_PHASES
+OUTCOMES: Final[tuple[Outcome, ...]] = UPDATE_OUTCOMES
 LOCAL_OFFLINE: Final = "local-offline"  # Attempt.source of a pull made while no agent ran
 
 
@@ -81,7 +82,7 @@ class Attempt:
         """Not ended yet."""
         return self.outcome is None
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> UpdateDoc:
         """The retained state's ``update`` field."""
         return {
             "id": self.id,

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from agent import __version__, logs
 from agent.commands import CommandError
 from agent.config import Config
+from agent.contract import AppliedDesiredDoc, EventName, StateDoc, StatePhase
 from agent.desired import Desired, DesiredState, download_progress
 from agent.errors import EdgeAgentError, ModelError, StoreError, ValidationError
 from agent.faults import crash_point
@@ -64,9 +65,9 @@ REPLY_SLACK_S = 60.0  # beyond the step's own deadlines, how long a caller waits
 
 
 class Reporter(Protocol):
-    def event(self, name: str, detail: Mapping[str, Any] | None = None) -> None: ...
+    def event(self, name: EventName, detail: Mapping[str, Any] | None = None) -> None: ...
 
-    def state(self, state: Mapping[str, Any]) -> None: ...
+    def state(self, state: StateDoc) -> None: ...
 
 
 Target = tuple[str, int, str, "float | None", bool]
@@ -393,7 +394,7 @@ class Updates:
 
     # -- what the service and sd_notify read (any thread) ------------------------------
 
-    def phase(self) -> str:
+    def phase(self) -> StatePhase:
         """The current phase, the last outcome, or ``idle``."""
         attempt = self._view.attempt
         if attempt is None:
@@ -434,7 +435,7 @@ class Updates:
         """The retained ``state``: active release, what serves, the update, the errors."""
         self.reporter.state(self.state())
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> StateDoc:
         """The document of the retained ``state`` (also the control socket's ``status``)."""
         view = self._view
         last_error = view.last_error
@@ -975,7 +976,12 @@ def _phase_name(phase: str) -> Phase:
     return "downloading" if phase == "downloading" else "verifying"
 
 
-def _desired_dict(applied: Applied | None) -> dict[str, Any] | None:
+def _desired_dict(applied: Applied | None) -> AppliedDesiredDoc | None:
     if applied is None:
         return None
-    return Desired(applied.model, applied.version, applied.issued_at, applied.source).to_dict()
+    return {
+        "model": applied.model,
+        "version": applied.version,
+        "issued_at": applied.issued_at,
+        "source": applied.source,
+    }

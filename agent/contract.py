@@ -1,0 +1,331 @@
+"""The device–fleet contract: the values and documents both sides of MQTT speak.
+
+One module, imported by the agent (which builds these documents) and by the fleet
+tools (which read them); docs/protocol.md describes the same and
+tests/test_contract.py checks the two against each other.
+
+- **Literals** for the enumerated values: update phases and outcomes, what the
+  state's ``phase`` may say, update source kinds, event names, status states. mypy
+  then refuses a misspelt event name or phase where the agent makes one.
+- **TypedDicts** for the documents (``StatusDoc``, ``StateDoc`` with its
+  ``UpdateDoc``, ``TelemetryDoc``, ``EventDoc``, ``ResultDoc``): the bodies the
+  agent builds, before the outbox adds the envelope. TypedDicts, not pydantic
+  models, because the agent's documents *are* dicts on the wire: building them costs
+  nothing on the device's hot paths (telemetry, results), keeps the key order and so
+  the bytes as they were, and mypy checks every key and value where one is built.
+- ``*Message`` TypedDicts are the documents as they travel (envelope + body), and
+  :func:`validator` gives a pydantic ``TypeAdapter`` over one: strict (no coercion of
+  ``"1"`` to 1), unknown keys refused (events excepted: their detail varies by name).
+  Tests validate what a real agent published with them; a server can ingest with
+  them.
+
+The fleet tools' defence against hostile devices stays in
+:mod:`agent.fleet.reports` (escape every string, drop a wrongly typed field, keep the
+rest): it reads the enumerated fields through the Literals here.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from typing import Annotated, Any, Final, Literal, get_args
+
+from pydantic import ConfigDict, StringConstraints, TypeAdapter, with_config
+from typing_extensions import NotRequired, TypedDict
+
+SCHEMA: Final = 1  # the envelope's "schema"
+
+# -- enumerated values -------------------------------------------------------------
+
+UpdatePhase = Literal["downloading", "verifying", "validating", "activating", "probation"]
+UpdateOutcome = Literal["succeeded", "failed", "rolled_back"]
+StatePhase = Literal[
+    "idle",
+    "downloading",
+    "verifying",
+    "validating",
+    "activating",
+    "probation",
+    "succeeded",
+    "failed",
+    "rolled_back",
+]
+"""The state's ``phase``: ``idle`` before any update, the phase while one runs, then
+its outcome."""
+SourceKind = Literal["device", "group", "channel", "local", "local-offline"]
+"""An update's ``source`` is ``device``, ``group:NAME``, ``channel:NAME``, ``local`` or
+``local-offline``: this is the part before the colon."""
+MqttProtocol = Literal["5", "3.1.1"]  # telemetry's mqtt.protocol
+StatusState = Literal["online", "offline"]
+OfflineReason = Literal["lost", "stopped"]  # the Last Will's, a clean stop's
+EventName = Literal[
+    "agent_started",
+    "agent_stopped",
+    "config_reloaded",
+    "config_rejected",
+    "update_started",
+    "update_phase",
+    "update_progress",
+    "update_validated",
+    "update_succeeded",
+    "update_failed",
+    "rolled_back",
+    "update_error",
+    "state_repaired",
+    "desired_ignored",
+    "desired_invalid",
+    "model_swapped",
+    "model_failed",
+    "source_lost",
+    "source_recovered",
+    "source_ended",
+    "accelerator_lost",
+    "accelerator_recovered",
+    "accelerator_fallback",
+    "pipeline_error",
+    "outbox_dropped",
+]
+
+UPDATE_PHASES: Final[tuple[UpdatePhase, ...]] = get_args(UpdatePhase)
+UPDATE_OUTCOMES: Final[tuple[UpdateOutcome, ...]] = get_args(UpdateOutcome)
+STATE_PHASES: Final[tuple[StatePhase, ...]] = get_args(StatePhase)
+SOURCE_KINDS: Final[tuple[SourceKind, ...]] = get_args(SourceKind)
+STATUS_STATES: Final[tuple[StatusState, ...]] = get_args(StatusState)
+OFFLINE_REASONS: Final[tuple[OfflineReason, ...]] = get_args(OfflineReason)
+EVENT_NAMES: Final[tuple[EventName, ...]] = get_args(EventName)
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a group or channel name (a topic level)
+SOURCE_PATTERN: Final = rf"^(device|local|local-offline|(group|channel):{_NAME})$"
+
+
+Source = Annotated[str, StringConstraints(pattern=SOURCE_PATTERN)]
+"""An update's ``source`` (a str to mypy; the validators check the pattern)."""
+
+
+def source_kind(source: str) -> SourceKind | None:
+    """The kind of an update's ``source`` (``group:yard`` → ``group``), or None when
+    ``source`` is not one the contract allows."""
+    if not re.fullmatch(SOURCE_PATTERN, source):
+        return None
+    kind = source.split(":", 1)[0]
+    return next(k for k in SOURCE_KINDS if k == kind)
+
+
+# -- documents (bodies, as the agent builds them) -----------------------------------
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+@with_config(_STRICT)
+class StatusExtra(TypedDict, total=False):
+    """What every status of a device carries, the Last Will's too."""
+
+    groups: list[str]
+    agent_version: str
+
+
+@with_config(_STRICT)
+class StatusDoc(StatusExtra):
+    """``<device>/status`` (retained): online on every connect, offline as the Last Will
+    (``reason: lost``) or at a clean stop (``reason: stopped``)."""
+
+    state: StatusState
+    reason: NotRequired[OfflineReason]
+
+
+@with_config(_STRICT)
+class UpdateDoc(TypedDict):
+    """The state's ``update``: the latest update (its ``id`` is its events' ``update_id``)."""
+
+    id: str
+    model: str
+    version: int
+    source: Source
+    issued_at: float | None
+    phase: UpdatePhase
+    outcome: UpdateOutcome | None
+    reason: str | None
+    started_at: float
+    deadline_s: float | None
+    retry: bool | None
+
+
+@with_config(_STRICT)
+class AppliedDesiredDoc(TypedDict):
+    """The state's ``desired``: the last desired state applied."""
+
+    model: str
+    version: int
+    issued_at: float
+    source: Source
+
+
+@with_config(_STRICT)
+class StateDoc(TypedDict):
+    """``<device>/state`` (retained): the active release, what serves, the update."""
+
+    agent_version: str
+    model: str | None  # None: no model.name configured and nothing in the store
+    version: int | None
+    sha256: str | None
+    backend: str | None  # edgetpu or cpu
+    serving: int | None
+    previous: int | None
+    phase: StatePhase
+    last_error: str | None
+    update: UpdateDoc | None
+    desired: AppliedDesiredDoc | None
+    bad: list[str]
+
+
+@with_config(_STRICT)
+class InferenceDoc(TypedDict):
+    """Telemetry's ``inference``: the pipeline's figures (:class:`agent.pipeline.Stats`)."""
+
+    frames: int
+    results: int
+    dropped: int
+    errors: int
+    fps: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    latency_ms_p99: float
+    infer_ms_p50: float
+    backend: str  # edgetpu or cpu
+    model: str
+    version: int | None
+    source_connected: bool
+
+
+@with_config(_STRICT)
+class OutboxFigures(TypedDict):
+    depth: int
+    bytes: int
+    dropped: int
+    overflow: int
+
+
+@with_config(_STRICT)
+class MqttFigures(TypedDict):
+    connected: bool
+    protocol: MqttProtocol | None
+    connects: int
+    inflight: int
+    rejected: int
+    unsent_qos0: int
+
+
+@with_config(_STRICT)
+class Figures(TypedDict):
+    """The outbox and connection figures (telemetry's, and :meth:`Telemetry.snapshot`)."""
+
+    outbox: OutboxFigures
+    mqtt: MqttFigures
+
+
+@with_config(_STRICT)
+class MachineDoc(TypedDict, total=False):
+    """The machine and the agent's process (:class:`agent.sysinfo.SystemProbe`);
+    absent from telemetry without a probe."""
+
+    agent_version: str
+    cpu_pct: float
+    load: list[float]
+    mem_pct: float
+    mem_available_mb: float
+    rss_mb: float
+    agent_cpu_pct: float
+    disk_free_mb: float | None
+    temp_c: float | None
+    tpu_temp_c: float | None
+    uptime_s: float
+    boot_uptime_s: float
+
+
+@with_config(_STRICT)
+class TelemetryDoc(MachineDoc):
+    """``<device>/telemetry`` (retained): the machine (absent without a probe), the
+    inference, outbox and connection figures."""
+
+    inference: InferenceDoc | None
+    outbox: OutboxFigures
+    mqtt: MqttFigures
+
+
+@with_config(ConfigDict(extra="allow", strict=True))
+class EventDoc(TypedDict):
+    """``<device>/events``: ``event`` and a detail that depends on it (docs/protocol.md's
+    events table)."""
+
+    event: EventName
+
+
+@with_config(ConfigDict(extra="allow", strict=True))
+class ResultDoc(TypedDict):
+    """``<device>/results``: one inference result, plus ``classes``, ``detections`` or
+    ``values`` by task."""
+
+    frame: int
+    ts: float
+    model: str
+    version: int
+    backend: str  # edgetpu or cpu
+    latency_ms: float
+    infer_ms: float
+
+
+# -- documents as they travel: the envelope and a body --------------------------------
+
+
+class _Envelope(TypedDict):
+    schema: Literal[1]
+    seq: int
+    id: str
+    ts: float
+
+
+@with_config(_STRICT)
+class StatusMessage(StatusDoc):
+    """A status as published; the Last Will, made by the broker, has no ``seq``/``id``."""
+
+    schema: Literal[1]
+    ts: float
+    seq: NotRequired[int]
+    id: NotRequired[str]
+
+
+@with_config(_STRICT)
+class StateMessage(_Envelope, StateDoc):
+    pass
+
+
+@with_config(_STRICT)
+class TelemetryMessage(_Envelope, TelemetryDoc):
+    pass
+
+
+@with_config(ConfigDict(extra="allow", strict=True))
+class EventMessage(_Envelope, EventDoc):
+    pass
+
+
+@with_config(ConfigDict(extra="allow", strict=True))
+class ResultMessage(_Envelope, ResultDoc):
+    pass
+
+
+MESSAGES: Final[dict[str, type[Any]]] = {
+    "status": StatusMessage,
+    "state": StateMessage,
+    "telemetry": TelemetryMessage,
+    "events": EventMessage,
+    "results": ResultMessage,
+}
+"""The document each device topic (``<prefix>/<device>/<stream>``) carries."""
+
+
+@cache
+def validator(stream: str) -> TypeAdapter[Any]:
+    """A strict pydantic validator for the messages of ``stream`` (a key of
+    :data:`MESSAGES`); ``validate_python`` raises ``pydantic.ValidationError``."""
+    return TypeAdapter(MESSAGES[stream])
