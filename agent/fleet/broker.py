@@ -79,13 +79,41 @@ class Message:
     retained: bool  # delivered from the broker's store, not published while we listened
 
 
+def configure(client: paho.Client, options: BrokerOptions) -> None:
+    """Set TLS (``--ca``, ``--cert``, ``--key``) and the user name and password
+    (``--password-file``, else ``EDGE_FLEET_PASSWORD``) of ``options`` on ``client``.
+
+    Raises ConfigError for options that do not fit together or TLS files that do not load.
+    """
+    _, _, tls = options.endpoint()
+    if tls:
+        try:
+            client.tls_set(
+                ca_certs=str(options.ca) if options.ca else None,
+                certfile=str(options.cert) if options.cert else None,
+                keyfile=str(options.key) if options.key else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError([f"--ca/--cert/--key: cannot load TLS files: {exc}"]) from exc
+    if options.username:
+        path = options.password_file
+        password = (
+            os.environ.get("EDGE_FLEET_PASSWORD")
+            if path is None
+            else read_first_line(path, "--password-file")
+        )
+        client.username_pw_set(options.username, password)
+
+
 class FleetBroker:
     """One connection: :meth:`connect`, then :meth:`messages` and :meth:`publish`."""
 
     def __init__(self, options: BrokerOptions) -> None:
         """Check the options (ConfigError names the option); nothing connects yet."""
         self.options = options
-        self.host, self.port, tls = options.endpoint()
+        self.host, self.port, _ = options.endpoint()
         self.client_id = f"edge-fleet-{uuid.uuid4().hex[:10]}"
         self.sync_topic = f"{options.prefix}/fleet/sync/{self.client_id}"
         self._inbox: queue.Queue[Message] = queue.Queue()
@@ -101,30 +129,12 @@ class FleetBroker:
             protocol=MQTTProtocolVersion.MQTTv5,
             reconnect_on_failure=False,
         )
-        if tls:
-            try:
-                self.client.tls_set(
-                    ca_certs=str(options.ca) if options.ca else None,
-                    certfile=str(options.cert) if options.cert else None,
-                    keyfile=str(options.key) if options.key else None,
-                    cert_reqs=ssl.CERT_REQUIRED,
-                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
-                )
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError([f"--ca/--cert/--key: cannot load TLS files: {exc}"]) from exc
-        if options.username:
-            self.client.username_pw_set(options.username, self._password())
+        configure(self.client, options)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
-
-    def _password(self) -> str | None:
-        path = self.options.password_file
-        if path is None:
-            return os.environ.get("EDGE_FLEET_PASSWORD")
-        return read_first_line(path, "--password-file")
 
     # -- connecting ---------------------------------------------------------------------
 

@@ -1,0 +1,337 @@
+"""The ingester: device messages from the broker into the database, each stored once.
+
+:class:`Ingester` is one MQTT 5 client (paho 2.x) with a fixed client id, a persistent
+session (``clean_start=False`` and a session expiry) and QoS 1 subscriptions:
+
+- ``$share/<group>/<prefix>/+/telemetry``, ``…/+/events`` and ``…/+/reply/#``: a
+  shared subscription, so instances of one share group split these between them;
+- ``<prefix>/+/status`` and ``<prefix>/+/state``: plain, so every instance gets the
+  retained ones on its first subscription (a shared subscription delivers no retained
+  message) — retain handling 1, so a resumed session is not sent them again.
+
+paho's network thread only puts each message in a bounded queue; one worker thread
+reads it (:func:`agent.server.inbound.read`), stores it in ONE transaction
+(``record_message`` on its key, then the stream's write), commits, and only then
+acknowledges it (``manual_ack``). A message the broker delivered but we never
+acknowledged is delivered again after a reconnect, to this session: nothing
+acknowledged is lost, and a repeat finds its key and is counted as a duplicate.
+
+The database down: the worker keeps the message and retries with capped backoff; the
+queue fills up to ``max_pending``, which is also the Receive Maximum we announce, so
+the broker sends no more unacknowledged messages than the queue holds and keeps the
+rest for us. A malformed message is counted by reason, acknowledged and skipped.
+:meth:`Ingester.snapshot` gives the counters (for ``/healthz`` and ``/metrics``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+import sqlalchemy as sa
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+
+from agent.fleet.broker import BrokerOptions, configure
+from agent.server.inbound import REASONS, Inbound, Malformed, Reason, read, subscriptions
+from agent.server.retention import numeric_samples
+from agent.server.store import insert_event, insert_telemetry, record_message, upsert_device
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN_S = 0.2
+RETRY_MAX_S = 5.0
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How one ingester instance subscribes."""
+
+    client_id: str  # fixed per instance: its persistent session on the broker
+    group: str = "edge-fleet"  # the share group of the instances
+    session_expiry_s: int = 7 * 86_400  # the broker keeps our session this long offline
+    max_pending: int = 1000  # messages held unacknowledged (queue + Receive Maximum)
+
+
+@dataclass(frozen=True)
+class IngestStats:
+    """A snapshot of the counters (plain values, for /healthz and /metrics)."""
+
+    received: int
+    stored: int
+    duplicates: int
+    malformed: dict[str, int]  # by reason (agent.server.inbound.REASONS)
+    queue_depth: int
+    lag_s: float | None  # now - ts of the last message stored (the device's clock)
+    broker_connected: bool
+    database_ok: bool
+    database_error: str | None
+
+
+@dataclass
+class _Counters:
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    malformed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
+    lag_s: float | None = None
+    database_error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Pending:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    session: int  # which connection delivered it: acknowledged only on that one
+    received: float
+
+
+class Ingester:
+    """Build, :meth:`start`, :meth:`stop`; :meth:`snapshot` at any time."""
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        broker: BrokerOptions,
+        options: IngestOptions,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Check the options (ConfigError); nothing connects yet."""
+        self.engine = engine
+        self.broker = broker
+        self.options = options
+        self.clock = clock
+        self.host, self.port, _ = broker.endpoint()
+        self._queue: queue.Queue[_Pending] = queue.Queue(options.max_pending)
+        self._lock = threading.Lock()
+        self._counters = _Counters()
+        self._session = 0  # bumped on every CONNACK
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._worker: threading.Thread | None = None
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=options.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=True,
+        )
+        configure(self.client, broker)
+        self.client.reconnect_delay_set(1, 30)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker and connect (paho reconnects with backoff by itself).
+
+        Raises OSError when the broker cannot be reached at all on the first try.
+        """
+        self._stopping.clear()
+        self._worker = threading.Thread(target=self._work, name="ingest", daemon=True)
+        self._worker.start()
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.options.session_expiry_s
+        props.ReceiveMaximum = min(self.options.max_pending, 65_535)
+        self.client.connect_async(
+            self.host, self.port, keepalive=30, clean_start=False, properties=props
+        )
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """True once a session is up and subscribed; False after ``timeout``."""
+        return self._connected.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking messages, finish the one being stored, disconnect.
+
+        What is still queued is not acknowledged: the broker keeps it in our session
+        and delivers it again when this client id connects next.
+        """
+        self._stopping.set()
+        if self._worker is not None:
+            self._worker.join(timeout)
+        props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.options.session_expiry_s
+        self.client.disconnect(properties=props)
+        self.client.loop_stop()
+        self._connected.clear()
+
+    def snapshot(self) -> IngestStats:
+        with self._lock:
+            c = self._counters
+            return IngestStats(
+                received=c.received,
+                stored=c.stored,
+                duplicates=c.duplicates,
+                malformed=dict(c.malformed),
+                queue_depth=self._queue.qsize(),
+                lag_s=c.lag_s,
+                broker_connected=self._connected.is_set(),
+                database_ok=c.database_error is None,
+                database_error=c.database_error,
+            )
+
+    # -- paho callbacks (network thread): no I/O but the queue ----------------------------
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            log.warning("the broker refused the ingester's connection: %s", reason_code)
+            return
+        with self._lock:
+            self._session += 1
+        shared, plain = subscriptions(self.broker.prefix, self.options.group)
+        # Retain handling 1: retained messages only for a subscription that is new, so
+        # a resumed session is not sent every retained status and state again.
+        topics = [(t, SubscribeOptions(qos=1)) for t in shared]
+        topics += [(t, SubscribeOptions(qos=1, retainHandling=1)) for t in plain]
+        client.subscribe(topics)
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:
+            log.warning("the broker refused ingest subscriptions: %s", ", ".join(refused))
+        self._connected.set()
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._connected.clear()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self._counters.received += 1
+            session = self._session
+        pending = _Pending(msg.topic, bytes(msg.payload), msg.mid, msg.qos, session, self.clock())
+        try:
+            # Never blocks for long: the broker sends at most max_pending unacknowledged.
+            self._queue.put(pending, timeout=1.0)
+        except queue.Full:
+            # Not acknowledged: the broker delivers it again after a reconnect.
+            log.warning("ingest queue full; %s left unacknowledged", msg.topic)
+
+    # -- the worker: store, commit, then acknowledge --------------------------------------
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                pending = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self._take(pending)
+
+    def _take(self, pending: _Pending) -> None:
+        """Store ``pending`` (retrying while the database is down), then acknowledge it."""
+        inbound = read(self.broker.prefix, pending.topic, pending.payload)
+        if isinstance(inbound, Malformed):
+            self._count_malformed(inbound.reason)
+            self._ack(pending)
+            return
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                stored = self._store(inbound, pending.received)
+            except DBAPIError as exc:
+                if exc.connection_invalidated or _transient(exc):
+                    self._database_down(exc)
+                else:  # the database refuses this message itself: skip it, go on
+                    log.warning("database refused a message of %s: %s", inbound.device, exc)
+                    self._count_malformed("contract")
+                    self._ack(pending)
+                    return
+            except SQLAlchemyError as exc:
+                self._database_down(exc)
+            else:
+                break
+            if self._stopping.wait(delay):
+                return  # not acknowledged: delivered again to this session later
+            delay = min(delay * 2, RETRY_MAX_S)
+        with self._lock:
+            c = self._counters
+            c.database_error = None
+            if stored:
+                c.stored += 1
+            else:
+                c.duplicates += 1
+            if inbound.ts is not None:
+                c.lag_s = max(0.0, self.clock() - inbound.ts)
+        self._ack(pending)
+
+    def _store(self, msg: Inbound, received: float) -> bool:
+        """One transaction: the key, then the stream's write; False for a duplicate."""
+        ts = msg.ts if msg.ts is not None else received
+        with self.engine.begin() as conn:
+            if not record_message(
+                conn, msg.device, msg.stream, msg.doc, msg.key, received=received
+            ):
+                return False
+            if msg.stream == "status":
+                upsert_device(conn, msg.device, received, status=msg.doc)
+            elif msg.stream == "state":
+                upsert_device(conn, msg.device, received, state=msg.doc)
+            elif msg.stream == "telemetry":
+                insert_telemetry(conn, msg.device, ts, numeric_samples(msg.doc))
+            elif msg.stream == "events":
+                insert_event(conn, msg.device, ts, msg.doc)
+            else:  # a command reply, kept as an event named "reply"
+                insert_event(conn, msg.device, ts, {**msg.doc, "event": "reply"})
+        return True
+
+    def _ack(self, pending: _Pending) -> None:
+        with self._lock:
+            current = pending.session == self._session
+        # After a reconnect the broker sends the message again (same session): that
+        # copy is found by its key and acknowledged then.
+        if pending.qos > 0 and current:
+            self.client.ack(pending.mid, pending.qos)
+
+    def _count_malformed(self, reason: Reason) -> None:
+        with self._lock:
+            self._counters.malformed[reason] += 1
+
+    def _database_down(self, exc: SQLAlchemyError) -> None:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0:1]
+        with self._lock:
+            first = self._counters.database_error is None
+            self._counters.database_error = reason[0] if reason else type(exc).__name__
+        if first:
+            log.warning("database unavailable, holding messages: %s", reason)
+
+
+def _transient(exc: DBAPIError) -> bool:
+    """A failure of the database, not of the message: retried."""
+    return isinstance(exc, OperationalError | InterfaceError)
