@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.errors import ConfigError
 from agent.fleet.broker import BrokerOptions
 from agent.server.db import open_database
 from agent.server.inbound import Inbound, Malformed, read, subscriptions
@@ -316,6 +318,43 @@ def test_an_ingester_restarted_with_its_client_id_loses_nothing(
     time.sleep(0.3)  # a retained status sent again on the resumed subscription would show
     # Retain handling 1: the resumed plain subscription is not sent the retained again.
     assert (again.snapshot().stored, again.snapshot().duplicates) == (11, 0)
+
+
+def test_an_ingester_reconnects_after_the_broker_restarts(
+    broker: Mosquitto, tmp_path: Path, running: Running
+) -> None:
+    engine = open_database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    try:
+        ingester = running.start(engine)
+        broker.restart()  # without persistence: the session and subscriptions are gone
+        _until(
+            lambda: (s := ingester.snapshot()).connects == 2 and s.broker_connected,
+            ingester.snapshot,
+        )
+        with _device(broker, "cam-1") as cam:
+            cam.publish("edge/cam-1/events", dumps(event("agent_started")))
+            _until(lambda: ingester.snapshot().stored == 1, ingester.snapshot)
+        assert ingester.snapshot().broker_connected
+    finally:
+        running.stop_all()
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (IngestOptions(client_id="srv-1", group="a/b"), "group name 'a/b'"),
+        (IngestOptions(client_id="srv+1"), "device id 'srv+1'"),
+        (IngestOptions(client_id="srv-1", max_pending=0), "max_pending"),
+    ],
+)
+def test_bad_ingest_options_are_refused_before_connecting(
+    tmp_path: Path, options: IngestOptions, says: str
+) -> None:
+    engine = open_database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        Ingester(engine, BrokerOptions("mqtt://127.0.0.1:1"), options)
+    engine.dispose()
 
 
 def test_two_ingesters_in_one_share_group_store_each_message_once(

@@ -42,6 +42,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
+from agent.errors import ConfigError
+from agent.fleet.acl import check_device_id, check_group_name, check_prefix
 from agent.fleet.broker import BrokerOptions, configure
 from agent.server.inbound import REASONS, Inbound, Malformed, Reason, read, subscriptions
 from agent.server.retention import numeric_samples
@@ -73,7 +75,8 @@ class IngestStats:
     malformed: dict[str, int]  # by reason (agent.server.inbound.REASONS)
     queue_depth: int
     lag_s: float | None  # now - ts of the last message stored (the device's clock)
-    broker_connected: bool
+    broker_connected: bool  # connected and subscribed
+    connects: int  # successful connections so far (> 1 after reconnects)
     database_ok: bool
     database_error: str | None
 
@@ -109,7 +112,20 @@ class Ingester:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """Check the options (ConfigError); nothing connects yet."""
+        """Check the options (ConfigError names the problem); nothing connects yet."""
+        problems = [
+            p
+            for p in (
+                check_group_name(options.group),
+                check_device_id(options.client_id),  # the same rules: a plain name
+                check_prefix(broker.prefix),
+            )
+            if p is not None
+        ]
+        if not 1 <= options.max_pending <= 65_535:
+            problems.append("max_pending must be between 1 and 65535 (MQTT's Receive Maximum)")
+        if problems:
+            raise ConfigError(problems)
         self.engine = engine
         self.broker = broker
         self.options = options
@@ -138,16 +154,16 @@ class Ingester:
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker and connect (paho reconnects with backoff by itself).
-
-        Raises OSError when the broker cannot be reached at all on the first try.
-        """
+        """Start the worker and connect in the background: paho retries and reconnects
+        with backoff (1 s doubling to 30 s) for as long as the broker is away, and
+        subscribes again on every connection (a broker restarted without persistence
+        has forgotten the session)."""
         self._stopping.clear()
         self._worker = threading.Thread(target=self._work, name="ingest", daemon=True)
         self._worker.start()
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.options.session_expiry_s
-        props.ReceiveMaximum = min(self.options.max_pending, 65_535)
+        props.ReceiveMaximum = self.options.max_pending
         self.client.connect_async(
             self.host, self.port, keepalive=30, clean_start=False, properties=props
         )
@@ -183,6 +199,7 @@ class Ingester:
                 queue_depth=self._queue.qsize(),
                 lag_s=c.lag_s,
                 broker_connected=self._connected.is_set(),
+                connects=self._session,
                 database_ok=c.database_error is None,
                 database_error=c.database_error,
             )
@@ -258,6 +275,7 @@ class Ingester:
         """Store ``pending`` (retrying while the database is down), then acknowledge it."""
         inbound = read(self.broker.prefix, pending.topic, pending.payload)
         if isinstance(inbound, Malformed):
+            log.debug("skipped a message on %r: %s", pending.topic[:200], inbound.detail)
             self._count_malformed(inbound.reason)
             self._ack(pending)
             return
