@@ -10,15 +10,19 @@ is not installed; the fixture skips only then.
 
 from __future__ import annotations
 
+import itertools
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 
 from tests.broker import free_port
+
+_names = itertools.count()
 
 BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)  # newest first
 START_TIMEOUT_S = 30
@@ -84,6 +88,17 @@ class Postgres:
             "-w", "-t", str(START_TIMEOUT_S), "start",
         )  # fmt: skip
         self._started = True
+
+    def new_database(self) -> str:
+        """A new, empty database on this server; its URL (postgresql://…)."""
+        import sqlalchemy as sa  # the server extra: only tests that use a database
+
+        name = f"t{next(_names)}_{int(time.time() * 1000)}"
+        admin = sa.create_engine(self.url.replace("postgresql://", "postgresql+psycopg://"))
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        admin.dispose()
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
 
     def stop(self) -> None:
         """Stop the server (if started) and remove its folder; safe to call twice."""

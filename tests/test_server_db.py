@@ -3,7 +3,6 @@ idempotent messages, device upserts, telemetry aggregates, retention, and errors
 
 from __future__ import annotations
 
-import itertools
 import math
 import threading
 import time
@@ -30,25 +29,6 @@ from agent.server.schema import (
 )
 from agent.server.store import insert_telemetry, prune, record_message, upsert_device
 from tests.postgres import Postgres
-
-_names = itertools.count()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of an empty database: a new SQLite file, or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'fleet.db'}"
-    return _new_pg_database(request.getfixturevalue("postgres"))
-
-
-def _new_pg_database(server: Postgres) -> str:
-    name = f"t{next(_names)}_{int(time.time() * 1000)}"
-    admin = sa.create_engine(server.url.replace("postgresql://", "postgresql+psycopg://"))
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return server.url.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture
@@ -99,7 +79,7 @@ def test_the_schema_comparison_sees_a_difference(engine: sa.Engine) -> None:
 def test_two_instances_starting_together_migrate_once(postgres: Postgres) -> None:
     """Two servers opening one new PostgreSQL database at the same moment: the advisory
     lock makes the second wait and find the schema current, instead of failing."""
-    url = _new_pg_database(postgres)
+    url = postgres.new_database()
     barrier = threading.Barrier(2)
     outcomes: list[str] = []
 

@@ -30,7 +30,6 @@ from tests.postgres import Postgres
 
 WAIT_S = 15.0
 _ids = itertools.count()
-_names = itertools.count()
 
 
 # -- documents as a device sends them ---------------------------------------------------
@@ -151,22 +150,6 @@ def test_subscriptions_share_the_streams_and_not_status_and_state() -> None:
 
 
 # -- against a broker and a database ----------------------------------------------------
-
-
-def _new_pg_database(server: Postgres) -> str:
-    name = f"ing{next(_names)}_{int(time.time() * 1000)}"
-    admin = sa.create_engine(server.url.replace("postgresql://", "postgresql+psycopg://"))
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return server.url.rsplit("/", 1)[0] + f"/{name}"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'fleet.db'}"
-    return _new_pg_database(request.getfixturevalue("postgres"))
 
 
 @pytest.fixture
@@ -360,7 +343,7 @@ def test_bad_ingest_options_are_refused_before_connecting(
 def test_two_ingesters_in_one_share_group_store_each_message_once(
     broker: Mosquitto, postgres: Postgres, running: Running
 ) -> None:
-    url = _new_pg_database(postgres)
+    url = postgres.new_database()
     engines = [open_database(url), open_database(url)]
     try:
         a = running.start(engines[0], client_id="srv-a")
@@ -386,7 +369,7 @@ def test_two_ingesters_in_one_share_group_store_each_message_once(
 def test_database_away_holds_messages_unacknowledged_until_it_returns(
     broker: Mosquitto, postgres: Postgres, running: Running
 ) -> None:
-    url = _new_pg_database(postgres)
+    url = postgres.new_database()
     name = url.rsplit("/", 1)[1]
     engine = open_database(url)
     admin = sa.create_engine(postgres.url.replace("postgresql://", "postgresql+psycopg://"))
