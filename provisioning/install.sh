@@ -285,7 +285,7 @@ if ! live; then
     ln -sfn "$UNIT" "$ROOT$WANTS"
     say "enabled at boot: $ROOT$WANTS"
   fi
-  say "done: $ROOT (the user is created at first boot)"
+  say "done: ${ROOT:-/} (the user is created at first boot)"
   exit 0
 fi
 
