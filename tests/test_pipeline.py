@@ -437,7 +437,13 @@ def test_pulled_release_serves_a_configured_source_and_is_hot_swapped_to_the_nex
         got.wait_for(lambda: got.results[-1].version == 2 and len(got.results) >= 100)
     finally:
         pipeline.stop()
-    assert [r.frame for r in got.results] == list(range(len(got.results)))
+    frames = [r.frame for r in got.results]
+    # Seen once in CI (a frame missing at about the swap): say which path lost it.
+    lost = sorted(set(range(len(frames) + 1)) - set(frames))[:5]
+    versions_near = [
+        (r.frame, r.version) for r in got.results if lost and abs(r.frame - lost[0]) < 3
+    ]
+    assert frames == list(range(len(frames))), (lost, versions_near, pipeline.stats(), got.names())
     assert {r.version for r in got.results} == {1, 2}
     top = got.results[-1].output.classes[0]
     assert top[1] in ("red", "green", "blue") and top[2] == pytest.approx(2000, abs=1)
