@@ -139,10 +139,17 @@ class _Slot:
         self._item: Any = None
 
     def put(self, item: Any, wait: bool, stop: threading.Event) -> bool:
-        """Store ``item``; True when it replaced one that was never taken."""
+        """Store ``item``; True when it replaced one that was never taken.
+
+        With ``wait``, a stop ends the wait without storing: the frame already waiting
+        is kept (the inference thread may still take it), not replaced by a newer one,
+        so a stopped stream ends without a gap (and no drop is counted).
+        """
         with self._cond:
             while wait and self._item is not None and not stop.is_set():
                 self._cond.wait(0.1)
+            if wait and self._item is not None:  # stopping
+                return False
             replaced = self._item is not None
             self._item = item
             self._cond.notify_all()
