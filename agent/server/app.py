@@ -1,0 +1,45 @@
+"""The HTTP API of ``edge-fleet serve``: one FastAPI app over a :class:`Server`.
+
+Routes live in :mod:`agent.server.api` (``health``: /healthz and /metrics; ``read``:
+devices, telemetry, events, releases; ``rollouts``: deploy and rollouts; ``audit``),
+each an ``APIRouter``. Everything under /api/v1 and /metrics needs a token
+(:mod:`agent.server.auth`); /healthz answers anyone. The OpenAPI document is at
+/api/v1/openapi.json; there are no interactive docs pages (they load scripts from a CDN).
+
+A database that cannot be reached answers 503 with the reason, for every route.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from agent import __version__
+from agent.server.api import audit, health, read, rollouts
+from agent.server.context import Server
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(
+        title="edge-agent fleet server",
+        version=__version__,
+        openapi_url="/api/v1/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.server = server
+    for module in (health, read, rollouts, audit):
+        app.include_router(module.router)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_down(request: Request, exc: DBAPIError) -> JSONResponse:
+        reason = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc) else ""
+        return JSONResponse(
+            {"detail": f"database unavailable: {reason}"[:300]},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
+    return app
