@@ -52,18 +52,14 @@ def create_token(conn: sa.Connection, name: str, role: Role, now: float) -> str:
     Raises sqlalchemy's IntegrityError when the name is taken (revoked ones included).
     """
     token = new_token()
-    conn.execute(
-        tokens.insert().values(hash=token_hash(token), role=role, name=name, created=now)
-    )
+    conn.execute(tokens.insert().values(hash=token_hash(token), role=role, name=name, created=now))
     return token
 
 
 def revoke_token(conn: sa.Connection, name: str, now: float) -> bool:
     """Revoke the token named ``name``; False when there is no such live token."""
     result = conn.execute(
-        tokens.update()
-        .where(tokens.c.name == name, tokens.c.revoked.is_(None))
-        .values(revoked=now)
+        tokens.update().where(tokens.c.name == name, tokens.c.revoked.is_(None)).values(revoked=now)
     )
     return result.rowcount == 1
 
