@@ -99,7 +99,11 @@ DEEP = b'{"a":' * 40 + b"1" + b"}" * 40
         ("edge/cam-1/events", b'{"ts": NaN}', "not_json"),
         ("edge/cam-1/events", DEEP, "too_deep"),
         ("edge/cam-1/events", b'{"x":"' + b"a" * 300_000 + b'"}', "too_large"),
-        ("edge/cam-1/events", dumps(event("no_such_event")), "contract"),
+        ("edge/cam-1/events", dumps(event("no_such_event")), "events"),  # a newer agent's
+        ("edge/cam-1/events", dumps(event("No such event!")), "contract"),
+        ("edge/cam-1/events", dumps(event(7)), "contract"),
+        ("edge/cam-1/telemetry", dumps({**telemetry(), "npu_pct": 3.5}), "telemetry"),
+        ("edge/cam-1/state", dumps({**state_doc(), "update": {"x": 1}}), "contract"),
         ("edge/cam-1/events", dumps({**event(), "ts": "yesterday"}), "contract"),
         ("edge/cam-1/state", dumps({**state_doc(), "version": "3; rm -rf"}), "contract"),
         ("edge/cam-1/telemetry", dumps({**telemetry(), "\x1b[31m": 1}), "contract"),

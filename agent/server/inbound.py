@@ -11,9 +11,12 @@ document, the key it is stored under once) or a :class:`Malformed` with a reason
   :data:`~agent.fleet.reports.MAX_DEPTH`, a JSON object by
   :func:`agent.strictjson.parse_object`'s rules.
 - The document: valid for the stream's type in :mod:`agent.contract` (strict: no
-  coercion, unknown keys refused but for events); a reply needs ``command`` (a string)
-  and ``ok`` (true or false). What is stored is the document after
-  :func:`agent.fleet.reports.clean` (every string printable and capped).
+  coercion); a reply needs ``command`` (a string) and ``ok`` (true or false). Forward
+  compatible: a key the contract does not know, or an event name it does not know, is
+  what a newer agent sends, and is kept when it is a plain name (:data:`PLAIN_NAME`);
+  a known key with a wrong type, or an unknown key that is not a plain name, is
+  refused. What is stored is the document after :func:`agent.fleet.reports.clean`
+  (every string printable and capped).
 - The key (:func:`message_key`): the envelope's ``id``; a message without one (the Last
   Will, which the broker publishes for the agent, and command replies) is keyed by a
   hash of its device, stream and bytes, so a redelivery of the same bytes is still
@@ -23,6 +26,7 @@ document, the key it is stored under once) or a :class:`Malformed` with a reason
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
 
@@ -43,6 +47,8 @@ RETAINED_STREAMS: Final[tuple[Stream, ...]] = ("status", "state")
 Reason = Literal["topic", "too_large", "too_deep", "not_json", "contract", "key"]
 REASONS: Final[tuple[Reason, ...]] = get_args(Reason)
 MAX_KEY = 64  # the messages table's id column
+PLAIN_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+"""What a key or an event name from a newer agent may look like to be kept."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,19 @@ def _contract_problem(stream: Stream, doc: dict[str, Any]) -> str | None:
     try:
         validator(stream).validate_python(doc)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = printable(".".join(str(p) for p in first["loc"]) or stream, 80)
-        return f"{exc.error_count()} error(s), first {where}: {first['msg']}"
+        errors = [e for e in exc.errors() if not _newer(stream, e["type"], e["loc"], e["input"])]
+        if not errors:
+            return None
+        where = printable(".".join(str(p) for p in errors[0]["loc"]) or stream, 80)
+        return f"{len(errors)} error(s), first {where}: {errors[0]['msg']}"
     return None
+
+
+def _newer(stream: Stream, kind: str, loc: tuple[int | str, ...], value: Any) -> bool:
+    """Whether a validation error is only what a newer agent would send: a key the
+    contract does not know, or (events) an event name it does not know, plainly named."""
+    if kind == "extra_forbidden":
+        return isinstance(loc[-1], str) and PLAIN_NAME.fullmatch(loc[-1]) is not None
+    if stream == "events" and kind == "literal_error" and tuple(loc) == ("event",):
+        return isinstance(value, str) and PLAIN_NAME.fullmatch(value) is not None
+    return False
