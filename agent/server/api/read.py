@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from agent.fleet.acl import check_device_id, check_group_name
@@ -129,6 +129,13 @@ class EventPage(BaseModel):
 # -- helpers ------------------------------------------------------------------------------
 
 
+def _json(answer: BaseModel) -> Response:
+    """``answer`` as JSON, built once: FastAPI would validate a returned model again
+    (a tenth of the time of a 1,000-device list). The route's ``response_model`` still
+    describes it in the OpenAPI document."""
+    return Response(answer.model_dump_json(), media_type="application/json")
+
+
 def _server(request: Request) -> Server:
     server: Server = request.app.state.server
     return server
@@ -198,7 +205,7 @@ def list_devices(
     online: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_DEVICES)] = 1000,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
-) -> DeviceList:
+) -> Response:
     if group is not None and (problem := check_group_name(group)) is not None:
         raise HTTPException(422, problem)
     server = _server(request)
@@ -207,7 +214,7 @@ def list_devices(
             conn, DeviceFilter(group, model, version, online), limit, offset
         )
     now = server.clock()
-    return DeviceList.model_validate(
+    answer = DeviceList.model_validate(
         {
             "total": total,
             "limit": limit,
@@ -215,6 +222,7 @@ def list_devices(
             "devices": [_summary(row, now) for row in rows],
         }
     )
+    return _json(answer)
 
 
 @router.get("/devices/{device}", response_model=DeviceDetail, summary="One device")
@@ -243,7 +251,7 @@ def get_telemetry(
     since: Annotated[float | None, Query(description="Seconds since the epoch.")] = None,
     until: Annotated[float | None, Query(description="Default: now.")] = None,
     step: Annotated[int | None, Query(ge=1, le=366 * 86_400)] = None,
-) -> Series:
+) -> Response:
     server = _server(request)
     try:
         plan = queries.plan_series(
@@ -259,7 +267,7 @@ def get_telemetry(
         if queries.device_row(conn, _device_id(device)) is None:
             raise _unknown(device)
         points = queries.series(conn, device, metric, plan)
-    return Series(
+    answer = Series(
         device=device,
         metric=metric,
         source=plan.source,
@@ -268,6 +276,7 @@ def get_telemetry(
         step=plan.step,
         points=[Point(t=p.t, min=p.min, avg=p.avg, max=p.max, count=p.count) for p in points],
     )
+    return _json(answer)
 
 
 @router.get("/devices/{device}/metrics", response_model=MetricList, summary="Metric names")
