@@ -438,9 +438,12 @@ def test_the_openapi_document_lists_the_read_routes_with_their_schemas(sqlite_ur
 
 
 def publish_two(fleet: Fleet) -> None:
-    """person-detector v1 (stable) and v2 (beta), signed; a damaged model beside it."""
+    """person-detector v1 (stable) and v2 (beta), signed; beside it a model whose
+    index.json is damaged and one whose v1 manifest is."""
     fleet.release(1, channels=("stable",))
     fleet.release(2, channels=("beta",))
+    fleet.release(1, model="torn-model")
+    fleet.path(1, "manifest.json", model="torn-model").write_text('{"schema": 1}')
     damaged = fleet.registry / "broken-model"
     damaged.mkdir()
     (damaged / "index.json").write_text('{"schema": 1, "model": "broken-model", "versions": [1],')
@@ -453,6 +456,9 @@ def check_listing(body: dict[str, Any], fleet: Fleet, models: list[str]) -> None
     assert sorted(listed) == models
     broken = listed["broken-model"]
     assert broken["error"] and "index.json" in broken["error"] and broken["versions"] == []
+    (torn,) = listed["torn-model"]["versions"]
+    assert torn["version"] == 1 and torn["channels"] == ["stable"]
+    assert "torn-model/1/manifest.json" in torn["error"] and torn["files"] == []
     person = listed[MODEL]
     assert person["error"] is None
     assert person["channels"] == {"beta": 2, "stable": 1}
@@ -475,7 +481,7 @@ def test_releases_are_read_from_a_registry_folder(sqlite_url: str, fleet: Fleet)
     with serving(sqlite_url, registry=str(fleet.registry)) as api:
         reply = api.get("/api/v1/releases")
         assert reply.status == 200, reply.body
-        check_listing(reply.body, fleet, ["broken-model", MODEL])
+        check_listing(reply.body, fleet, ["broken-model", MODEL, "torn-model"])
 
 
 def test_releases_over_http_list_the_models_devices_run_and_are_cached(
@@ -486,9 +492,10 @@ def test_releases_over_http_list_the_models_devices_run_and_are_cached(
         with api.engine.begin() as conn:
             upsert_device(conn, "dev-a", NOW, state=state(MODEL, 1))
             upsert_device(conn, "dev-b", NOW, state=state("broken-model", 1))
+            upsert_device(conn, "dev-c", NOW, state=state("torn-model", 1))
         reply = api.get("/api/v1/releases")
         assert reply.status == 200, reply.body
-        check_listing(reply.body, fleet, ["broken-model", MODEL])
+        check_listing(reply.body, fleet, ["broken-model", MODEL, "torn-model"])
         fetched = len(registry.log)
         assert fetched >= 6  # two indexes, their signatures, two manifests, …
         again = api.get("/api/v1/releases")
