@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from agent.errors import DatabaseError
 from agent.server import retention
-from agent.server.db import MIGRATIONS, alembic_config, open_database
+from agent.server.db import MIGRATIONS, alembic_config, open_database, parse_url
 from agent.server.schema import (
     device_groups,
     devices,
@@ -38,6 +39,11 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
+def parse_engine(url: str) -> sa.Engine:
+    """A bare engine on ``url`` (no migrations run)."""
+    return sa.create_engine(parse_url(url))
+
+
 def _head() -> str | None:
     with sa.create_engine("sqlite://").connect() as conn:
         return ScriptDirectory.from_config(alembic_config(conn)).get_current_head()
@@ -54,9 +60,34 @@ def test_migrations_create_the_schema_and_a_second_start_changes_nothing(db_url:
         tables = set(sa.inspect(conn).get_table_names())
         kept = conn.execute(sa.select(devices.c.id)).scalars().all()
     second.dispose()
-    assert version == _head() == "0001"
+    assert version == _head() == "0002"
     assert tables == set(metadata.tables) | {"alembic_version"}
     assert kept == ["cam-1"]
+
+
+def test_migration_0002_keeps_devices_and_adds_their_latest_telemetry(db_url: str) -> None:
+    engine = parse_engine(db_url)
+    try:
+        with engine.begin() as conn:  # a database of the first release: 0001 only
+            command.upgrade(alembic_config(conn), "0001")
+            conn.execute(
+                sa.text(
+                    "INSERT INTO devices (id, groups, first_seen, last_seen, online) "
+                    "VALUES ('cam-1', '[]', 1, 2, false)"
+                )
+            )
+    finally:
+        engine.dispose()
+    upgraded = open_database(db_url)
+    try:
+        with upgraded.begin() as conn:
+            assert conn.execute(sa.select(devices.c.telemetry)).scalar_one() is None
+            insert_telemetry(conn, "cam-1", 50.0, {"cpu_pct": 1.0}, doc={"ts": 50.0, "n": 1})
+            insert_telemetry(conn, "cam-1", 40.0, {"cpu_pct": 2.0}, doc={"ts": 40.0, "n": 2})
+            row = conn.execute(sa.select(devices.c.telemetry, devices.c.telemetry_ts)).one()
+        assert row.telemetry == {"ts": 50.0, "n": 1} and row.telemetry_ts == 50.0  # newest kept
+    finally:
+        upgraded.dispose()
 
 
 def test_migrated_schema_equals_the_metadata(engine: sa.Engine) -> None:

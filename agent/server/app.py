@@ -11,7 +11,11 @@ A database that cannot be reached answers 503 with the reason, for every route.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -42,4 +46,22 @@ def create_app(server: Server) -> FastAPI:
             headers={"Retry-After": "5"},
         )
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
+
     return app
+
+
+def validation_detail(errors: Sequence[Any]) -> str:
+    """FastAPI's list of validation errors as one line: where, what is wrong."""
+    lines = []
+    for error in errors[:3]:
+        loc = [str(part) for part in error.get("loc", ())]
+        where = {"query": "query parameter", "path": "path parameter", "body": "body"}.get(
+            loc[0] if loc else "", "request"
+        )
+        name = ".".join(loc[1:])
+        lines.append(f"{where} {name}: {error.get('msg', 'invalid')}".replace("  ", " "))
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return "; ".join(lines)[:500] + more

@@ -322,7 +322,7 @@ class Ingester:
             elif msg.stream == "state":
                 upsert_device(conn, msg.device, received, state=msg.doc)
             elif msg.stream == "telemetry":
-                insert_telemetry(conn, msg.device, ts, numeric_samples(msg.doc))
+                insert_telemetry(conn, msg.device, ts, numeric_samples(msg.doc), doc=msg.doc)
             elif msg.stream == "events":
                 insert_event(conn, msg.device, ts, msg.doc)
             else:  # a command reply, kept as an event named "reply"

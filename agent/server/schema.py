@@ -41,6 +41,10 @@ devices = sa.Table(
     sa.Column("online", sa.Boolean, nullable=False),
     sa.Column("status", sa.JSON),  # the last status document
     sa.Column("state", sa.JSON),  # the last state document
+    # The newest telemetry document and its ``ts`` (migration 0002): the device list's
+    # live figures in the same row, with the strings (backend) telemetry_raw drops.
+    sa.Column("telemetry", sa.JSON),
+    sa.Column("telemetry_ts", Time),
     sa.Index(None, "model", "version"),
     sa.Index(None, "online"),
 )

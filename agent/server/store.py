@@ -137,10 +137,30 @@ def _merge(a: DeviceFields, b: DeviceFields) -> DeviceFields:
 
 
 def insert_telemetry(
-    conn: sa.Connection, device: str, ts: float, samples: Mapping[str, float]
+    conn: sa.Connection,
+    device: str,
+    ts: float,
+    samples: Mapping[str, float],
+    *,
+    doc: Mapping[str, Any] | None = None,
 ) -> int:
     """Store one telemetry document's samples raw and fold them into the minute's
-    aggregates; returns the number of samples stored."""
+    aggregates; returns the number of samples stored.
+
+    With ``doc`` (the whole document), it also becomes the device's latest telemetry
+    (``devices.telemetry``) unless the row holds a newer one: a replayed outbox sends
+    old telemetry after new. A device without a row yet (no status or state so far)
+    gets no row from its telemetry.
+    """
+    if doc is not None:
+        conn.execute(
+            sa.update(devices)
+            .where(
+                devices.c.id == device,
+                sa.or_(devices.c.telemetry_ts.is_(None), devices.c.telemetry_ts <= ts),
+            )
+            .values(telemetry=dict(doc), telemetry_ts=ts)
+        )
     if not samples:
         return 0
     conn.execute(
