@@ -4,7 +4,8 @@ Routes live in :mod:`agent.server.api` (``health``: /healthz and /metrics; ``rea
 devices, telemetry, events, releases; ``rollouts``: deploy and rollouts; ``audit``),
 each an ``APIRouter``. Everything under /api/v1 and /metrics needs a token
 (:mod:`agent.server.auth`); /healthz answers anyone. The OpenAPI document is at
-/api/v1/openapi.json; there are no interactive docs pages (they load scripts from a CDN).
+/api/v1/openapi.json, for a token too; there are no interactive docs pages (they load
+scripts from a CDN).
 
 A database that cannot be reached answers 503 with the reason, for every route.
 """
@@ -14,13 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from agent import __version__
 from agent.server.api import audit, health, read, rollouts
+from agent.server.auth import viewer
 from agent.server.context import Server
 
 
@@ -28,13 +30,17 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(
         title="edge-agent fleet server",
         version=__version__,
-        openapi_url="/api/v1/openapi.json",
+        openapi_url=None,  # served below, behind a token
         docs_url=None,
         redoc_url=None,
     )
     app.state.server = server
     for module in (health, read, rollouts, audit):
         app.include_router(module.router)
+
+    @app.get("/api/v1/openapi.json", include_in_schema=False, dependencies=[Depends(viewer)])
+    def _openapi() -> dict[str, Any]:
+        return app.openapi()
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
