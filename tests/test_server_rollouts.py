@@ -5,11 +5,26 @@ desired state as agents do, restarts and a second instance taking over."""
 from __future__ import annotations
 
 import itertools
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+import sqlalchemy as sa
+from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.fleet.broker import BrokerOptions, FleetBroker
+from agent.fleet.rollout import plan
+from agent.server import lease, rollstore
+from agent.server.context import ServeOptions, Server
+from agent.server.db import open_database
+from agent.server.driver import RolloutDriver
+from agent.server.ingest import Ingester, IngestOptions
 from agent.server.rollouts import (
     Member,
     Observed,
@@ -20,6 +35,8 @@ from agent.server.rollouts import (
     due,
     fingerprint,
 )
+from agent.server.schema import deploys, leases, rollouts
+from tests.broker import Mosquitto, subscriber, wait_until
 
 T0 = 1_800_000_000.0
 
@@ -212,3 +229,304 @@ def test_fingerprint_moves_only_with_news_about_this_desired_state(
     expected: list[Any],
 ) -> None:  # fmt: skip
     assert fingerprint(state, 5.0, events, telemetry_ts, T0) == expected
+
+
+# -- the driver, against a real mosquitto, the real ingester and both databases ----------
+
+WAIT_S = 20.0
+
+
+def _envelope() -> dict[str, Any]:
+    return {"schema": 1, "seq": next(_seq), "id": f"m-{uuid.uuid4().hex[:12]}", "ts": time.time()}
+
+
+_seq = itertools.count()
+
+
+class FakeDevice:
+    """A device on the broker that acts on its desired state as an agent does, reduced
+    to its reports: retained status (group door) and state; on a desired state for a
+    new release, the update's phases in its state, then the outcome ``behaviour`` says:
+    ``ok`` (runs it), ``rollback`` (rolled back), ``silent`` (never answers)."""
+
+    def __init__(self, url: str, device: str, behaviour: str = "ok", version: int = 1) -> None:
+        self.device, self.behaviour, self.version = device, behaviour, version
+        self.desired: list[dict[str, Any] | None] = []
+        self.applied: dict[str, Any] | None = None
+        self.update: dict[str, Any] | None = None
+        self.lock = threading.Lock()
+        host, port = url.removeprefix("mqtt://").split(":")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"fake-{device}")
+        self.client.on_message = self._on_message
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+        status = {"schema": 1, "ts": time.time(), "state": "online", "groups": ["door"]}
+        self._pub(f"edge/{device}/status", {**status, "agent_version": "0.1.0"})
+        self.publish_state()
+        self.client.subscribe(f"edge/{device}/desired", qos=1)
+
+    def _pub(self, topic: str, doc: dict[str, Any]) -> None:
+        self.client.publish(topic, json.dumps(doc).encode(), qos=1, retain=True)
+
+    def publish_state(self) -> None:
+        self._pub(f"edge/{self.device}/state", {
+            **_envelope(), "agent_version": "0.1.0", "model": "colours", "version": self.version,
+            "sha256": "ab" * 32, "backend": "cpu", "serving": self.version, "previous": None,
+            "phase": self.update["phase"] if self.update else "idle", "last_error": None,
+            "update": self.update, "desired": self.applied, "bad": [],
+        })  # fmt: skip
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        doc = json.loads(msg.payload) if msg.payload else None
+        with self.lock:
+            self.desired.append(doc)
+        if doc is None or self.behaviour == "silent":
+            return
+        if (doc["model"], doc["version"]) == ("colours", self.version):
+            self.applied = {**{k: doc[k] for k in ("model", "version", "issued_at")},
+                            "source": "device"}  # fmt: skip
+            self.publish_state()
+            return
+        threading.Thread(target=self._update, args=(doc,), daemon=True).start()
+
+    def _update(self, doc: dict[str, Any]) -> None:
+        self.applied = {**{k: doc[k] for k in ("model", "version", "issued_at")},
+                        "source": "device"}  # fmt: skip
+        base = {"id": f"u-{uuid.uuid4().hex[:8]}", "model": doc["model"], "version": doc["version"],
+                "source": "device", "issued_at": doc["issued_at"], "outcome": None, "reason": None,
+                "started_at": time.time(), "deadline_s": None, "retry": None}  # fmt: skip
+        for phase in ("downloading", "probation"):
+            self.update = {**base, "phase": phase}
+            self.publish_state()
+            time.sleep(0.1)
+        if self.behaviour == "ok":
+            self.version = doc["version"]
+            self.update = {**base, "phase": "probation", "outcome": "succeeded"}
+        else:
+            self.update = {**base, "phase": "probation", "outcome": "rolled_back",
+                           "reason": "fps below the floor"}  # fmt: skip
+        self.publish_state()
+
+    def got(self) -> list[dict[str, Any] | None]:
+        with self.lock:
+            return list(self.desired)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class Rig:
+    """A database, an ingester, a publisher, fake devices; servers and drivers on it."""
+
+    def __init__(self, broker: Mosquitto, db_url: str) -> None:
+        self.broker = broker
+        self.engine = open_database(db_url)
+        self.options = ServeOptions(
+            db_url, BrokerOptions(broker.url), IngestOptions(client_id="srv-a", group="srv")
+        )
+        self.ingester = Ingester(self.engine, self.options.broker, self.options.ingest)
+        self.ingester.start()
+        assert self.ingester.wait_connected(WAIT_S)
+        self.publisher = FleetBroker(BrokerOptions(broker.url))
+        self.publisher.connect()
+        self.devices: dict[str, FakeDevice] = {}
+        self.drivers: list[RolloutDriver] = []
+
+    def add(self, name: str, behaviour: str = "ok") -> FakeDevice:
+        self.devices[name] = FakeDevice(self.broker.url, name, behaviour)
+        return self.devices[name]
+
+    def server(self, instance: str = "srv-a") -> Server:
+        options = replace(self.options, ingest=IngestOptions(client_id=instance, group="srv"))
+        return Server(options, self.engine, self.publisher)
+
+    def driver(self, instance: str = "srv-a", lease_s: float = 15.0) -> RolloutDriver:
+        driver = RolloutDriver(self.server(instance), tick_s=0.1, lease_s=lease_s)
+        driver.start()
+        self.drivers.append(driver)
+        return driver
+
+    def wait_members(self, n: int) -> None:
+        def ready() -> bool:
+            with self.engine.connect() as conn:
+                return len(rollstore.members_of(conn, "door")) == n
+
+        assert wait_until(ready, WAIT_S), "the devices' status did not reach the database"
+
+    def create(self, timeout_s: float = 30.0, canary: float = 25.0, step: float = 50.0) -> str:
+        with self.engine.begin() as conn:
+            return rollstore.create(
+                conn, who="ops", group="door", model="colours", version=2, canary_pct=canary,
+                step_pct=step, timeout_s=timeout_s,
+                members=rollstore.members_of(conn, "door"), now=time.time(),
+            )  # fmt: skip
+
+    def status(self, rollout_id: str) -> str:
+        with self.engine.connect() as conn:
+            loaded = rollstore.load(conn, rollout_id)
+        assert loaded is not None
+        return loaded[0].status
+
+    def wait_status(self, rollout_id: str, *statuses: str) -> str:
+        ok = wait_until(lambda: self.status(rollout_id) in statuses, WAIT_S)
+        assert ok, f"rollout is {self.status(rollout_id)}, not {statuses}: {self.rows(rollout_id)}"
+        return self.status(rollout_id)
+
+    def rows(self, rollout_id: str) -> Any:
+        with self.engine.connect() as conn:
+            return rollstore.load(conn, rollout_id)
+
+    def close(self) -> None:
+        for driver in self.drivers:
+            driver.stop(5.0)
+        for device in self.devices.values():
+            device.close()
+        self.publisher.close()
+        self.ingester.stop()
+        self.engine.dispose()
+
+
+@pytest.fixture
+def rig(broker: Mosquitto, db_url: str) -> Iterator[Rig]:
+    made = Rig(broker, db_url)
+    yield made
+    made.close()
+
+
+def _retained(broker: Mosquitto, topic: str) -> bytes | None:
+    """The retained message on ``topic`` now (None: none, b"": none either)."""
+    with subscriber(broker.url, [topic]) as sub:
+        time.sleep(0.3)
+        got = sub.messages(topic)
+    return got[-1].payload if got else None
+
+
+def test_a_rollout_succeeds_sets_the_group_and_clears_each_device(rig: Rig) -> None:
+    for name in ("d1", "d2", "d3", "d4"):
+        rig.add(name)
+    rig.wait_members(4)
+    rollout_id = rig.create()
+    rig.driver()
+    assert rig.wait_status(rollout_id, "succeeded", "halted") == "succeeded", rig.rows(rollout_id)
+    r, steps, members = rig.rows(rollout_id)
+    assert [s.status for s in steps] == ["succeeded"] * len(steps) and len(steps) == 3
+    assert {m.outcome for m in members} == {"succeeded"}
+    assert all(d.version == 2 for d in rig.devices.values())
+    group = json.loads(_retained(rig.broker, "edge/groups/door/desired") or b"{}")
+    assert (group["model"], group["version"], group["issued_at"]) == (
+        "colours",
+        2,
+        r.final_issued_at,
+    )
+    assert all(d.got()[-1] is None for d in rig.devices.values())  # per-device cleared
+    with rig.engine.connect() as conn:
+        kept = conn.execute(sa.select(sa.func.count()).select_from(deploys)).scalar()
+        held = conn.execute(sa.select(sa.func.count()).select_from(leases)).scalar()
+    assert kept == 5 and held == 0  # four devices and the group; the lease given up
+
+
+def test_a_failure_halts_the_rollout_and_takes_the_device_back(rig: Rig) -> None:
+    names = ["d1", "d2", "d3", "d4"]
+    for name in names:
+        rig.add(name)
+    rig.wait_members(4)
+    canary = plan(names, "door", 25.0, 50.0)[0][0]
+    rig.devices[canary].behaviour = "rollback"
+    rollout_id = rig.create()
+    rig.driver()
+    assert rig.wait_status(rollout_id, "halted", "succeeded") == "halted"
+    r, steps, members = rig.rows(rollout_id)
+    assert r.reason == f"canary failed on {canary}"
+    assert [s.status for s in steps] == ["failed", "waiting", "waiting"]
+    by = {m.device: m for m in members}
+    assert by[canary].outcome == "failed" and "rolled back" in (by[canary].reason or "")
+    assert by[canary].take_back == "clear" and by[canary].take_back_sent is not None
+    assert rig.devices[canary].got()[-1] is None  # its per-device desired state cleared
+    others = [d for d in names if d != canary]
+    assert all(rig.devices[d].got() == [] for d in others)  # untouched
+    assert _retained(rig.broker, "edge/groups/door/desired") is None
+
+
+def test_a_silent_device_fails_after_the_timeout_and_is_set_back(rig: Rig) -> None:
+    names = ["d1", "d2"]
+    for name in names:
+        rig.add(name)
+    rig.wait_members(2)
+    canary = plan(names, "door", 50.0, 50.0)[0][0]
+    rig.devices[canary].behaviour = "silent"
+    rollout_id = rig.create(timeout_s=2.0, canary=50.0)
+    rig.driver()
+    assert rig.wait_status(rollout_id, "halted") == "halted"
+    _, _, members = rig.rows(rollout_id)
+    m = next(m for m in members if m.device == canary)
+    assert m.timed_out and m.take_back == "set_back" and m.reason.startswith("said nothing")
+    back = rig.devices[canary].got()[-1]
+    assert back is not None and (back["version"], back["issued_at"]) == (1, m.take_back_at)
+
+
+def test_a_restarted_driver_resumes_without_re_running_finished_steps(rig: Rig) -> None:
+    names = ["d1", "d2", "d3", "d4"]
+    for name in names:
+        rig.add(name)
+    rig.wait_members(4)
+    steps = plan(names, "door", 25.0, 50.0)
+    for name in steps[1]:  # the second step answers only after the restart
+        rig.devices[name].behaviour = "silent"
+    rollout_id = rig.create()
+    first = rig.driver()
+    assert wait_until(lambda: rig.rows(rollout_id)[0].step == 1 and all(
+        m.sent is not None for m in rig.rows(rollout_id)[2] if m.step == 1), WAIT_S)  # fmt: skip
+    first.stop(5.0)
+    canary_got = len(rig.devices[steps[0][0]].got())
+    for name in steps[1]:  # now it acts on what it was sent
+        device = rig.devices[name]
+        device.behaviour = "ok"
+        last = device.got()[-1]
+        assert last is not None
+        device._update(last)
+    rig.driver("srv-a")
+    assert rig.wait_status(rollout_id, "succeeded", "halted") == "succeeded", rig.rows(rollout_id)
+    # the canary got its desired state once, then the clear at the end: no re-run
+    assert len(rig.devices[steps[0][0]].got()) == canary_got + 1
+
+
+def test_another_instance_takes_over_when_the_holder_dies(rig: Rig) -> None:
+    names = ["d1", "d2", "d3", "d4"]
+    for name in names:
+        rig.add(name)
+    rig.wait_members(4)
+    steps = plan(names, "door", 25.0, 50.0)
+    for name in steps[1]:
+        rig.devices[name].behaviour = "silent"
+    rollout_id = rig.create()
+    holder = rig.driver("srv-a", lease_s=2.0)
+    assert wait_until(lambda: rig.rows(rollout_id)[0].step == 1, WAIT_S)
+    holder.stop(5.0, release=False)  # dies: the lease stays until it expires
+    rig.drivers.remove(holder)
+    other = rig.driver("srv-b", lease_s=2.0)
+    with rig.engine.connect() as conn:
+        assert lease.holder_of(conn, f"rollout:{rollout_id}") == "srv-a"
+    for name in steps[1]:
+        device = rig.devices[name]
+        device.behaviour = "ok"
+        last = device.got()[-1]
+        assert last is not None
+        device._update(last)
+    assert rig.wait_status(rollout_id, "succeeded", "halted") == "succeeded", rig.rows(rollout_id)
+    assert other.instance == "srv-b"
+    with rig.engine.connect() as conn:
+        assert lease.holder_of(conn, f"rollout:{rollout_id}") is None
+
+
+def test_a_second_rollout_of_a_group_is_refused(rig: Rig) -> None:
+    rig.add("d1")
+    rig.wait_members(1)
+    first = rig.create()
+    with pytest.raises(rollstore.GroupBusy) as busy:
+        rig.create()
+    assert busy.value.args[0] == first
+    with rig.engine.begin() as conn, pytest.raises(sa.exc.IntegrityError):
+        conn.execute(rollouts.insert().values(
+            id="x", created=0, updated=0, who="w", group_name="door", model="m", version=1,
+            options={}, status="paused", step=0))  # fmt: skip
