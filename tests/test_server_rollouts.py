@@ -21,6 +21,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.fleet.broker import BrokerOptions, FleetBroker
 from agent.fleet.rollout import plan
 from agent.server import lease, rollstore
+from agent.server.app import create_app
+from agent.server.auth import create_token
 from agent.server.context import ServeOptions, Server
 from agent.server.db import open_database
 from agent.server.driver import RolloutDriver
@@ -35,8 +37,9 @@ from agent.server.rollouts import (
     due,
     fingerprint,
 )
-from agent.server.schema import deploys, leases, rollouts
+from agent.server.schema import audit, deploys, leases, rollouts
 from tests.broker import Mosquitto, subscriber, wait_until
+from tests.serverhttp import call, running
 
 T0 = 1_800_000_000.0
 
@@ -530,3 +533,93 @@ def test_a_second_rollout_of_a_group_is_refused(rig: Rig) -> None:
         conn.execute(rollouts.insert().values(
             id="x", created=0, updated=0, who="w", group_name="door", model="m", version=1,
             options={}, status="paused", step=0))  # fmt: skip
+
+
+# -- the HTTP API ------------------------------------------------------------------------
+
+
+def _tokens(engine: sa.Engine) -> tuple[str, str]:
+    with engine.begin() as conn:
+        return (
+            create_token(conn, "ops", "operator", time.time()),
+            create_token(conn, "eyes", "viewer", time.time()),
+        )
+
+
+def test_deploy_over_http_publishes_the_desired_state_and_is_audited(rig: Rig) -> None:
+    device = rig.add("d1")
+    rig.wait_members(1)
+    ops, eyes = _tokens(rig.engine)
+    body = {"model": "colours", "version": 2, "device": "d1"}
+    with running(create_app(rig.server())) as url:
+        assert call("POST", f"{url}/api/v1/deploy", body=body).status == 401
+        assert call("POST", f"{url}/api/v1/deploy", token=eyes, body=body).status == 403
+        bad = call("POST", f"{url}/api/v1/deploy", token=ops, body={**body, "group": "door"})
+        assert (bad.status, bad.body["detail"]) == (422, "give one of device or group")
+        bad = call("POST", f"{url}/api/v1/deploy", token=ops, body={**body, "version": "2; x"})
+        assert bad.status == 422 and isinstance(bad.body["detail"], str)
+        bad = call("POST", f"{url}/api/v1/deploy", token=ops, body={**body, "device": "../x"})
+        assert bad.status == 422 and bad.body["detail"].startswith("device:")
+        got = call("POST", f"{url}/api/v1/deploy", token=ops, body=body)
+        assert got.status == 202, got.body
+        assert wait_until(lambda: device.version == 2, WAIT_S)
+        assert device.got()[0] is not None and device.got()[0]["issued_at"] == got.body["issued_at"]
+        cleared = call("POST", f"{url}/api/v1/deploy", token=ops,
+                       body={"device": "d1", "clear": True})  # fmt: skip
+        assert cleared.status == 202 and wait_until(lambda: device.got()[-1] is None, WAIT_S)
+    with rig.engine.connect() as conn:
+        rows = conn.execute(sa.select(audit.c.who, audit.c.action, audit.c.outcome)).all()
+        stored = conn.execute(sa.select(deploys.c.target, deploys.c.version)).all()
+    assert [tuple(r) for r in rows] == [("ops", "deploy", "ok"), ("ops", "deploy.clear", "ok")]
+    assert [tuple(r) for r in stored] == [("d1", 2)]
+
+
+def test_rollouts_over_http_create_refuse_a_second_pause_resume_and_abort(rig: Rig) -> None:
+    for name in ("d1", "d2"):
+        rig.add(name, "silent")
+    rig.wait_members(2)
+    ops, eyes = _tokens(rig.engine)
+    body = {"model": "colours", "version": 2, "group": "door", "canary_pct": 50, "step_pct": 50}
+    with running(create_app(rig.server())) as url:
+        api = f"{url}/api/v1/rollouts"
+        wrongs = [({"canary_pct": 101}, "canary_pct"), ({"step_pct": 0}, "step_pct"),
+                  ({"timeout_s": -1}, "timeout_s"), ({"group": "no/pe"}, "group")]  # fmt: skip
+        for wrong, says in wrongs:
+            bad = call("POST", api, token=ops, body={**body, **wrong})
+            assert bad.status == 422 and says in bad.body["detail"], bad.body
+        nobody = call("POST", api, token=ops, body={**body, "group": "yard"})
+        assert nobody.status == 409 and "no device reports group" in nobody.body["detail"]
+        assert call("POST", api, token=eyes, body=body).status == 403
+        made = call("POST", api, token=ops, body=body)
+        assert made.status == 201, made.body
+        rid = made.body["id"]
+        assert [len(s["devices"]) for s in made.body["steps"]] == [1, 1]
+        assert made.body["untouched"] == ["d1", "d2"]
+        again = call("POST", api, token=ops, body=body)
+        assert again.status == 409 and rid in again.body["detail"]
+        assert call("POST", f"{api}/{rid}/resume", token=ops).status == 409
+        paused = call("POST", f"{api}/{rid}/pause", token=ops)
+        assert paused.status == 200 and paused.body["status"] == "paused"
+        assert call("POST", f"{api}/{rid}/pause", token=ops).status == 409
+        assert call("POST", f"{api}/{rid}/resume", token=ops).body["status"] == "running"
+        rig.driver()
+        canary = made.body["steps"][0]["devices"][0]["device"]
+        assert wait_until(lambda: rig.devices[canary].got() != [], WAIT_S)
+        shown = call("GET", f"{api}/{rid}", token=eyes).body
+        assert shown["steps"][0]["status"] == "running"
+        assert shown["steps"][0]["devices"][0]["status"] == "pending"
+        assert call("POST", f"{api}/{rid}/abort", token=ops).status == 200
+        assert rig.wait_status(rid, "aborted") == "aborted"
+        back = rig.devices[canary].got()[-1]
+        assert back is not None and back["version"] == 1  # taken back to what it ran
+        listed = call("GET", f"{api}?group=door&status=aborted", token=eyes)
+        assert [r["id"] for r in listed.body["rollouts"]] == [rid]
+        assert call("GET", f"{api}/nope", token=eyes).status == 404
+        assert call("POST", f"{api}/{rid}/abort", token=ops).status == 409
+        assert call("GET", f"{api}?status=bogus", token=eyes).status == 422
+    with rig.engine.connect() as conn:
+        actions = conn.execute(
+            sa.select(audit.c.action, audit.c.outcome).order_by(audit.c.id)
+        ).all()  # fmt: skip
+    assert ("rollout.create", "ok") in actions and ("rollout.abort", "ok") in actions
+    assert ("rollout.create", "refused") in actions and ("rollout.pause", "refused") in actions

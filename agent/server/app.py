@@ -12,6 +12,7 @@ A database that cannot be reached answers 503 with the reason, for every route.
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -41,5 +42,15 @@ def create_app(server: Server) -> FastAPI:
             status_code=503,
             headers={"Retry-After": "5"},
         )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # One line, like every other error: where, and what was wrong.
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        detail = f"{where}: {first.get('msg', 'invalid')}{more}"
+        return JSONResponse({"detail": detail[:300]}, status_code=422)
 
     return app

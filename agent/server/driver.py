@@ -25,7 +25,6 @@ instance that lost it (paused past ``lease_s``) stops acting on that rollout.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -180,7 +179,7 @@ class RolloutDriver:
                         pub.model, pub.version, pub.target, pub.issued_at,
                         self.server.options.sign_key,
                     )  # fmt: skip
-                    desired = _json(payload)
+                    desired = rollstore.json_doc(payload)
                 else:
                     payload = b""
                 self.server.publisher.publish(pub.topic, payload, retain=True)
@@ -197,8 +196,3 @@ class RolloutDriver:
         with self.server.engine.begin() as conn:
             lease.release(conn, name, self.instance)
         self._held.discard(name)
-
-
-def _json(payload: bytes) -> dict[str, Any]:
-    doc = json.loads(payload)
-    return doc if isinstance(doc, dict) else {}

@@ -6,6 +6,7 @@ an open connection; the caller owns the transaction.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +45,12 @@ MAX_EVENTS = 500  # events read per device and look (a hostile device sends many
 
 class GroupBusy(Exception):
     """The group has an unfinished rollout (its id in ``args[0]``)."""
+
+
+def json_doc(payload: bytes) -> dict[str, Any]:
+    """A desired-state payload we made, as the document stored in ``deploys``."""
+    doc = json.loads(payload)
+    return doc if isinstance(doc, dict) else {}
 
 
 def members_of(conn: sa.Connection, group: str) -> list[str]:
