@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.fleet.broker import BrokerOptions, FleetBroker
+from agent.fleet.cli import main as fleet_main
 from agent.fleet.rollout import plan
 from agent.server import lease, rollstore
 from agent.server.app import create_app
@@ -623,3 +624,32 @@ def test_rollouts_over_http_create_refuse_a_second_pause_resume_and_abort(rig: R
         ).all()  # fmt: skip
     assert ("rollout.create", "ok") in actions and ("rollout.abort", "ok") in actions
     assert ("rollout.create", "refused") in actions and ("rollout.pause", "refused") in actions
+
+
+def test_edge_fleet_rollout_with_server_submits_follows_and_exits_by_the_outcome(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("d1", "d2", "d3"):
+        rig.add(name)
+    rig.wait_members(3)
+    ops, eyes = _tokens(rig.engine)
+    rig.driver()
+    args = ["rollout", "--model", "colours", "--version", "2", "--group", "door"]
+    with running(create_app(rig.server())) as url:
+        assert fleet_main([*args, "--server", url, "--token", "eft_nope"]) == 1
+        assert "the token is not valid (401)" in capsys.readouterr().err
+        assert fleet_main([*args, "--server", url, "--token", eyes]) == 1
+        assert "(403)" in capsys.readouterr().err
+        assert fleet_main([*args, "--canary", "200", "--server", url, "--token", ops]) == 2
+        err = capsys.readouterr().err
+        assert "canary_pct" in err and len(err.strip().splitlines()) == 1
+        assert fleet_main([*args, "--server", url, "--token", ops, "--json"]) == 0
+        out = capsys.readouterr()
+        final = json.loads(out.out)
+        assert final["status"] == "succeeded"
+        assert "canary:" in out.err and "succeeded, 3 device(s) run it" in out.err
+        assert fleet_main([*args, "--version", "1", "--group", "yard", "--server", url,
+                           "--token", ops]) == 1  # fmt: skip
+        assert "no device reports group 'yard'" in capsys.readouterr().err
+    assert fleet_main([*args, "--server", "http://127.0.0.1:9", "--token", ops]) == 1
+    assert "cannot reach the server" in capsys.readouterr().err
