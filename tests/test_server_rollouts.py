@@ -653,3 +653,19 @@ def test_edge_fleet_rollout_with_server_submits_follows_and_exits_by_the_outcome
         assert "no device reports group 'yard'" in capsys.readouterr().err
     assert fleet_main([*args, "--server", "http://127.0.0.1:9", "--token", ops]) == 1
     assert "cannot reach the server" in capsys.readouterr().err
+
+
+def test_the_driver_never_overwrites_a_pause_made_meanwhile(rig: Rig) -> None:
+    rig.add("d1")
+    rig.wait_members(1)
+    rollout_id = rig.create()
+    r, steps, members = rig.rows(rollout_id)
+    moved = advance(r, steps, members, {}, time.time(), _issuer())
+    assert moved.rollout.status == "running" and moved.steps[0].status == "running"
+    with rig.engine.begin() as conn:  # an operator pauses it between the read and the write
+        conn.execute(rollouts.update().where(rollouts.c.id == rollout_id).values(status="paused"))
+    with pytest.raises(rollstore.Changed), rig.engine.begin() as conn:
+        old = (r.status, members)
+        rollstore.save(conn, moved.rollout, moved.steps, moved.members, old, time.time())
+    r, steps, members = rig.rows(rollout_id)
+    assert (r.status, steps[0].status, members[0].issued_at) == ("paused", "waiting", None)

@@ -149,8 +149,12 @@ class RolloutDriver:
             moved = advance(r, steps, members, observed, now, issue_time)
             changed = moved.rollout != r or moved.steps != steps or moved.members != members
             if changed:
-                with self._writing(rollout_id) as conn:
-                    rollstore.save(conn, moved.rollout, moved.steps, moved.members, members, now)
+                try:
+                    with self._writing(rollout_id) as conn:
+                        old = (r.status, members)
+                        rollstore.save(conn, moved.rollout, moved.steps, moved.members, old, now)
+                except rollstore.Changed:
+                    continue  # paused, resumed or aborted meanwhile: look again
                 for line in moved.lines:
                     log.info("rollout %s: %s", rollout_id, line)
             r = moved.rollout

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -19,6 +19,7 @@ from agent.fleet.deploy import refusal
 from agent.fleet.rollout import plan
 from agent.server.rollouts import (
     ACTIVE,
+    STATUSES,
     Member,
     Observed,
     Publication,
@@ -180,20 +181,18 @@ def load(conn: sa.Connection, rollout_id: str) -> tuple[Rollout, list[Step], lis
 
 
 def _status(value: str) -> Status:
-    for status in ("running", "paused", "halting", "aborting", "finishing"):
-        if value == status:
-            return status
-    if value in ("succeeded", "halted"):
-        return "succeeded" if value == "succeeded" else "halted"
-    return "aborted"
+    """A stored status; one this version does not know is treated as ended."""
+    return next((known for known in STATUSES if known == value), "aborted")
 
 
 def _step_status(value: str) -> StepStatus:
-    if value in ("running", "succeeded", "failed"):
-        return (
-            "running" if value == "running" else "succeeded" if value == "succeeded" else "failed"
-        )
-    return "waiting"
+    steps: tuple[StepStatus, ...] = get_args(StepStatus)
+    return next((known for known in steps if known == value), "waiting")
+
+
+class Changed(Exception):
+    """The rollout's status changed under the driver (an operator paused, resumed or
+    aborted it): nothing was written; look again."""
 
 
 def save(
@@ -201,14 +200,16 @@ def save(
     rollout: Rollout,
     steps: Sequence[Step],
     members: Sequence[Member],
-    old_members: Sequence[Member],
+    old: tuple[Status, Sequence[Member]],
     now: float,
 ) -> None:
     """Write back what changed: the rollout row, its steps, the members that differ
-    from ``old_members``."""
-    conn.execute(
+    from the ones read (``old``: the status and members read). Raises Changed, before
+    anything else is written, when the stored status is no longer the one read."""
+    old_status, old_members = old
+    updated = conn.execute(
         rollouts.update()
-        .where(rollouts.c.id == rollout.id)
+        .where(rollouts.c.id == rollout.id, rollouts.c.status == old_status)
         .values(
             status=rollout.status,
             step=rollout.step,
@@ -216,7 +217,9 @@ def save(
             final_issued_at=rollout.final_issued_at,
             updated=now,
         )
-    )
+    ).rowcount
+    if updated != 1:
+        raise Changed(rollout.id)
     for s in steps:
         conn.execute(
             rollout_steps.update()
