@@ -569,9 +569,16 @@ def test_deploy_over_http_publishes_the_desired_state_and_is_audited(rig: Rig) -
                        body={"device": "d1", "clear": True})  # fmt: skip
         assert cleared.status == 202 and wait_until(lambda: device.got()[-1] is None, WAIT_S)
     with rig.engine.connect() as conn:
-        rows = conn.execute(sa.select(audit.c.who, audit.c.action, audit.c.outcome)).all()
+        rows = conn.execute(
+            sa.select(audit.c.who, audit.c.action, audit.c.outcome).order_by(audit.c.id)
+        ).all()
         stored = conn.execute(sa.select(deploys.c.target, deploys.c.version)).all()
-    assert [tuple(r) for r in rows] == [("ops", "deploy", "ok"), ("ops", "deploy.clear", "ok")]
+    assert [tuple(r) for r in rows] == [
+        ("ops", "deploy", "invalid"),  # device and group
+        ("ops", "deploy", "invalid"),  # ../x (a wrong type never reaches the route)
+        ("ops", "deploy", "ok"),
+        ("ops", "deploy.clear", "ok"),
+    ]
     assert [tuple(r) for r in stored] == [("d1", 2)]
 
 

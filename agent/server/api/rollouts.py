@@ -12,7 +12,9 @@
   still halts it); resume goes on; abort takes the current step's unfinished devices
   back, like a halt.
 
-Every POST writes an audit row (who, action, target, outcome).
+Every POST with a valid operator token writes an audit row (who, action, target,
+outcome: ok, refused, invalid, failed); a request the body model rejects (a wrong
+type) is a 422 before the route runs, and is not audited.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ def deploy(
     if body.group is not None:
         problems += _check_name("group", body.group)
     if problems:
+        _audit(server, caller, "deploy", None, "invalid", problems=problems)
         raise _unprocessable(problems)
     kind, name = ("device", body.device) if body.device is not None else ("group", body.group)
     assert name is not None
@@ -201,12 +204,14 @@ def create_rollout(
             p.replace("--canary", "canary_pct").replace("--step", "step_pct") for p in exc.problems
         ]
     if problems:
+        _audit(server, caller, "rollout.create", None, "invalid", problems=problems)
         raise _unprocessable(problems)
     key = server.options.sign_key
     if key is not None:
         try:  # a key that cannot sign would stall the rollout at its first step
             desired_payload(body.model, body.version, "group:x", issue_time(), key)
         except EdgeAgentError as exc:
+            _audit(server, caller, "rollout.create", None, "failed", error=str(exc)[:300])
             raise HTTPException(503, f"the server's deploy key cannot sign: {exc}"[:300]) from None
     target = f"group:{body.group}"
     detail = body.model_dump()
