@@ -37,6 +37,9 @@ from agent.fleet.publish import (
     signing_key_ids,
 )
 from agent.fleet.rollout import plan, rollout
+from agent.fleet.server_client import ServerClient
+from agent.fleet.server_client import follow as server_follow
+from agent.fleet.server_client import summary as server_summary
 from agent.fleet.view import (
     FOLLOWED,
     REPORTS,
@@ -301,6 +304,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     roll.add_argument("--sign-key", type=Path, help="Ed25519 private key (from keygen)")
     roll.add_argument("--json", action="store_true", help="print the outcome as JSON at the end")
+    roll.add_argument(
+        "--server",
+        metavar="URL",
+        help="submit the rollout to a fleet server (edge-fleet serve) and follow it; it "
+        "runs there, signed with the server's key: Ctrl-C stops following, not the rollout",
+    )
+    roll.add_argument(
+        "--token",
+        default=os.environ.get("EDGE_FLEET_TOKEN"),
+        help="the server's API token, an operator's (default: EDGE_FLEET_TOKEN)",
+    )
 
     devices = _sub(sub, "devices", "a table of every device and what it runs")
     _broker_options(devices)
@@ -568,6 +582,8 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _rollout(args: argparse.Namespace) -> int:
+    if args.server:
+        return _rollout_on_server(args)
     _check_names(group=args.group)
     _release(args.model, args.version)
     _seconds("--timeout", args.timeout)
@@ -593,6 +609,33 @@ def _rollout(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps(outcome.to_dict(), indent=2))
     return 0 if outcome.succeeded else 1
+
+
+def _rollout_on_server(args: argparse.Namespace) -> int:
+    """``rollout --server``: the server plans, signs, drives and persists it."""
+    if args.sign_key:
+        raise ConfigError(["--sign-key: with --server the server signs (serve --sign-key)"])
+    client = ServerClient(args.server, args.token)
+    body = {
+        "model": args.model,
+        "version": args.version,
+        "group": args.group,
+        "canary_pct": args.canary,
+        "step_pct": args.step,
+        "timeout_s": args.timeout,
+    }
+    say = _say if not args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    made = client.request("POST", "/api/v1/rollouts", body)
+    say(f"rollout {made.get('id')} submitted to {args.server}")
+    try:
+        final = server_follow(client, made, say)
+    except KeyboardInterrupt:
+        say(f"stopped following; rollout {made.get('id')} goes on in the server")
+        return 130
+    say(server_summary(final))
+    if args.json:
+        print(dumps(final, indent=2))
+    return 0 if final.get("status") == "succeeded" else 1
 
 
 def _forget(args: argparse.Namespace) -> int:

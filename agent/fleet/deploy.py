@@ -28,7 +28,7 @@ from typing import Any
 
 from agent.desired import sign_desired
 from agent.fleet.broker import FleetBroker
-from agent.fleet.view import FleetView, Report
+from agent.fleet.view import FleetView
 from agent.verify import load_private_key
 
 _issued_lock = threading.Lock()
@@ -85,10 +85,29 @@ class Verdict:
 def judge(view: FleetView, device_id: str, model: str, version: int, issued_at: float) -> Verdict:
     """Where ``device_id`` stands on the desired state issued at ``issued_at``."""
     device = view.devices.get(device_id)
-    state = (device.state if device else None) or {}
+    if device is None:
+        return verdict_of(None, None, (None, None), model, version, issued_at)
+    return verdict_of(
+        device.state, device.online, (device.model, device.version), model, version, issued_at
+    )
+
+
+def verdict_of(
+    state: Mapping[str, Any] | None,
+    online: bool | None,
+    running: tuple[str | None, int | None],
+    model: str,
+    version: int,
+    issued_at: float,
+) -> Verdict:
+    """Where a device stands on the desired state issued at ``issued_at``, from plain
+    values: its latest retained ``state`` document (None: none yet), whether its status
+    says online, and the release it runs (``running``: model and version from its
+    state). The rules of :func:`judge`, shared with the fleet server."""
+    state = state if isinstance(state, Mapping) else {}
     update = state.get("update")
     if (
-        isinstance(update, dict)
+        isinstance(update, Mapping)
         and _same(update.get("issued_at"), issued_at)
         and (update.get("model"), update.get("version")) == (model, version)
     ):
@@ -103,14 +122,27 @@ def judge(view: FleetView, device_id: str, model: str, version: int, issued_at: 
             return Verdict("failed", reason)
         return Verdict("pending", str(update.get("phase")))
     applied = state.get("desired")
-    if isinstance(applied, dict) and _same(applied.get("issued_at"), issued_at):
-        if device is not None and (device.model, device.version) == (model, version):
+    if isinstance(applied, Mapping) and _same(applied.get("issued_at"), issued_at):
+        if running == (model, version):
             return Verdict("succeeded", f"runs v{version}")
-        if f"{model}@{version}" in (state.get("bad") or []):
+        bad = state.get("bad")
+        if isinstance(bad, list) and f"{model}@{version}" in bad:
             return Verdict("failed", f"refused: v{version} failed on this device before")
-    if device is None or device.online is not True:
+    if online is not True:
         return Verdict("pending", "offline")
     return Verdict("pending", "waiting for the device")
+
+
+def refusal(doc: Mapping[str, Any] | None, topic: str, issued_at: float) -> str | None:
+    """Why the event ``doc`` says the device refused the desired state issued at
+    ``issued_at`` on ``topic``, or None (another event, another desired state)."""
+    doc = doc if isinstance(doc, Mapping) else {}
+    event = doc.get("event")
+    if event == "desired_invalid" and doc.get("topic") == topic:
+        return f"refused the desired state: {doc.get('error')}"
+    if event == "desired_ignored" and _same(doc.get("issued_at"), issued_at):
+        return f"ignored the desired state: {doc.get('reason')}"
+    return None
 
 
 def news(
@@ -177,17 +209,6 @@ class Watched:
         }
 
 
-def _refusal(report: Report, watched: Watched) -> str | None:
-    """Why the event in ``report`` says the device refused this desired state, or None."""
-    doc = report.doc or {}
-    event = doc.get("event")
-    if event == "desired_invalid" and doc.get("topic") == watched.topic:
-        return f"refused the desired state: {doc.get('error')}"
-    if event == "desired_ignored" and _same(doc.get("issued_at"), watched.issued_at):
-        return f"ignored the desired state: {doc.get('reason')}"
-    return None
-
-
 def watch(
     broker: FleetBroker,
     view: FleetView,
@@ -241,6 +262,6 @@ def watch(
             state = device.state if device is not None else None
             if not report.retained and news(report.stream, report.doc, state, w.issued_at):
                 w.heard = time.monotonic()
-            why = _refusal(report, w) if report.stream == "events" else None
+            why = refusal(report.doc, w.topic, w.issued_at) if report.stream == "events" else None
             if why is not None:
                 settle(w, Verdict("failed", why))

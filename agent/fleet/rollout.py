@@ -117,7 +117,7 @@ class Outcome:
         return "\n".join(lines)
 
 
-def _step_name(index: int, canary: bool) -> str:
+def step_name(index: int, canary: bool) -> str:
     if canary and index == 0:
         return "canary"
     return f"step {index if canary else index + 1}"
@@ -163,7 +163,7 @@ def rollout(
         f"{len(steps)} step(s): " + " | ".join(", ".join(s) for s in steps)
     )
     for index, devices in enumerate(steps):
-        name = _step_name(index, canary_pct > 0)
+        name = step_name(index, canary_pct > 0)
         say(f"{name}: {', '.join(devices)}")
         ran = {d: (view.devices[d].model, view.devices[d].version) for d in devices}
         watched: list[Watched] = []

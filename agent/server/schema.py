@@ -140,6 +140,10 @@ deploys = sa.Table(
     sa.Index(None, "created"),
 )
 
+# Rollout statuses that hold the group (agent.server.rollouts.ACTIVE); a literal here so
+# the partial index reads the same on both engines.
+ACTIVE_SQL = "status IN ('running', 'paused', 'halting', 'aborting', 'finishing')"
+
 rollouts = sa.Table(
     "rollouts",
     metadata,
@@ -154,8 +158,19 @@ rollouts = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),  # running, paused, aborted, …
     sa.Column("step", sa.Integer, nullable=False),  # the current step
     sa.Column("reason", sa.Text),
+    # The group's desired state at the end (set once, so a resumed finish re-sends it
+    # unchanged); migration 0003.
+    sa.Column("final_issued_at", Time),
     sa.Index(None, "group_name", "status"),
     sa.Index(None, "status"),
+    # At most one unfinished rollout per group, enforced by both engines (migration 0003).
+    sa.Index(
+        "uq_rollouts_active_group",
+        "group_name",
+        unique=True,
+        sqlite_where=sa.text(ACTIVE_SQL),
+        postgresql_where=sa.text(ACTIVE_SQL),
+    ),
 )
 
 rollout_steps = sa.Table(
@@ -191,6 +206,17 @@ rollout_devices = sa.Table(
     sa.Column("reason", sa.Text),
     sa.Column("last_heard", Time),  # timeouts judge a device's silence
     sa.Column("updated", Time, nullable=False),
+    # Migration 0003: what the driver needs to resume a step after a restart.
+    sa.Column("issued_at", Time),  # its desired state's, chosen before it is published
+    sa.Column("sent", Time),  # when the broker acknowledged it (None: not yet)
+    sa.Column("prior_model", sa.String(NAME)),  # what it ran when its step began
+    sa.Column("prior_version", sa.Integer),
+    sa.Column("seconds", Time),  # from sent to its verdict
+    sa.Column("timed_out", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("take_back", sa.String(16)),  # after a halt: clear | set_back
+    sa.Column("take_back_at", Time),  # issued_at of a set-back desired state
+    sa.Column("take_back_sent", Time),
+    sa.Column("seen", sa.JSON),  # the fingerprint of its reports at the last news
     sa.Index(None, "device"),
 )
 
