@@ -423,3 +423,52 @@ def test_open_database_failure_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(DatabaseError) as caught:
         open_database(f"sqlite:///{tmp_path / 'missing' / 'dir' / 'f.db'}")
     assert len(str(caught.value).splitlines()) == 1
+
+
+# -- the systemd unit ---------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+UNIT_EXPOSURE = 2.0
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_the_unit_passes_systemd_verify_and_the_exposure_threshold(tmp_path: Path) -> None:
+    from tests.test_provisioning import run, seed_image_base
+
+    root = tmp_path / "image"
+    seed_image_base(root)
+    units = root / "etc/systemd/system"
+    units.mkdir(parents=True)
+    shutil.copy(REPO / "systemd/edge-fleet.service", units)
+    binary = root / "opt/edge-fleet/venv/bin/edge-fleet"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    verify = run("systemd-analyze", "verify", f"--root={root}", "edge-fleet.service")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    binary.unlink()  # verify looks at ExecStart inside the tree
+    broken = run("systemd-analyze", "verify", f"--root={root}", "edge-fleet.service")
+    assert "/opt/edge-fleet/venv/bin/edge-fleet is not executable" in broken.stderr
+    security = run(
+        "systemd-analyze", "security", "--offline=yes", f"--root={root}",
+        f"--threshold={int(UNIT_EXPOSURE * 10)}", "--no-pager", "edge-fleet.service",
+    )  # fmt: skip
+    assert security.returncode == 0, security.stdout + security.stderr
+    text = (REPO / "systemd/edge-fleet.service").read_text()
+    needed = (
+        "EnvironmentFile=-/etc/edge-fleet/env",
+        "User=edge-fleet",
+        "StateDirectory=edge-fleet",
+        "EDGE_FLEET_DB=sqlite:////var/lib/edge-fleet/",
+    )
+    assert all(line in text for line in needed)
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers missing")
+def test_the_sysusers_file_creates_the_service_user(tmp_path: Path) -> None:
+    from tests.test_provisioning import run
+
+    text = (REPO / "systemd/edge-fleet.sysusers").read_text()
+    result = run("systemd-sysusers", f"--root={tmp_path}", "--dry-run", "-", input=text)
+    assert result.returncode == 0, result.stderr
+    assert "Creating user 'edge-fleet'" in result.stdout + result.stderr
