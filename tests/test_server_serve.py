@@ -472,3 +472,35 @@ def test_the_sysusers_file_creates_the_service_user(tmp_path: Path) -> None:
     result = run("systemd-sysusers", f"--root={tmp_path}", "--dry-run", "-", input=text)
     assert result.returncode == 0, result.stderr
     assert "Creating user 'edge-fleet'" in result.stdout + result.stderr
+
+
+BLOCK_EXTRA = (
+    "import sys\n"
+    "for name in ('sqlalchemy', 'alembic', 'fastapi', 'uvicorn', 'prometheus_client'):\n"
+    "    sys.modules[name] = None  # as if the server extra were not installed\n"
+    "from agent.fleet.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.parametrize(
+    "command", [["serve", "--broker", "mqtt://127.0.0.1:1"], ["token", "list"]]
+)
+def test_without_the_server_extra_help_works_and_the_commands_say_what_to_install(
+    command: list[str],
+) -> None:
+    def fleet(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", BLOCK_EXTRA, *args], capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+
+    helped = fleet("--help")
+    assert helped.returncode == 0 and "serve" in helped.stdout and "token" in helped.stdout
+    assert fleet("serve", "--help").returncode == 0
+    done = fleet(*command)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"edge-fleet: {command[0]} needs the server extra (sqlalchemy, alembic, fastapi, "
+        "uvicorn, prometheus_client missing): pip install 'edge-agent[server]'"
+    ]

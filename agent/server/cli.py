@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import importlib.util
+import importlib
 import ipaddress
 import math
 import os
@@ -175,7 +175,12 @@ def _db_option(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run ``serve`` or ``token``; ConfigError (exit 2) and other failures are left to
     edge-fleet's main, except a missing extra (one line, exit 1)."""
-    missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in NEEDED:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         print(
             f"edge-fleet: {args.command} needs the server extra ({', '.join(missing)} "
