@@ -298,6 +298,7 @@ def test_database_down_is_503_with_the_reason_then_back_to_200(
         (["--tls-cert", "CERT"], "--tls-cert and --tls-key go together"),
         (["--tls-cert", "/no/cert", "--tls-key", "CERT"], "--tls-cert: cannot read /no/cert"),
         (["--sign-key", "CERT"], "--sign-key: "),
+        (["--tls-cert", "CERT", "--tls-key", "CERT"], "--tls-cert/--tls-key: cannot load"),
         (["--registry", "/no/registry"], "--registry: /no/registry is not a folder"),
         (["--db", "mysql://x/y"], "--db: database URL mysql://x/y is not supported"),
         (["--client-id", "a/b"], "--client-id: "),
@@ -318,6 +319,33 @@ def test_bad_serve_options_exit_2_with_one_line_before_anything_starts(
     assert err.startswith(f"edge-fleet: {says}"), err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not db.exists()
+
+
+def test_serve_answers_https_with_its_certificate(tmp_path: Path, broker: Mosquitto) -> None:
+    import ssl
+    import urllib.request
+
+    from tests.certs import TestCA
+
+    ca = TestCA(tmp_path / "ca")
+    issued = ca.issue("fleet-server")
+    tls = ("--tls-cert", str(issued.cert), "--tls-key", str(issued.key))
+    with serving(tmp_path, broker, sqlite_db(tmp_path), *tls) as serve:
+        context = ssl.create_default_context(cafile=str(ca.cert_path))
+        url = f"https://127.0.0.1:{serve.port}/healthz"
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(url, context=context, timeout=5) as reply:
+                    return bool(reply.status == 200)
+            except OSError:
+                return False
+
+        assert wait_until(healthy, START_S), serve.log()[-2000:]
+        with pytest.raises(OSError):  # plain HTTP on the TLS port is not served
+            serve.health()
+        assert serve.stop() == 0
+    assert f"listening on https://127.0.0.1:{serve.port}" in serve.log()
 
 
 def test_serve_without_a_broker_says_which_option_or_variable(

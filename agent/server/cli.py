@@ -245,6 +245,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         problems.append(f"--registry: {problem}")
     if args.sign_key is not None and not problems:
         problems += _key_problem(args.sign_key)
+    if args.tls_cert is not None and args.tls_key is not None and not problems:
+        problems += _tls_problem(args.tls_cert, args.tls_key)
     try:
         parse_url(args.db)
     except Exception as exc:  # DatabaseError: a URL we do not take
@@ -333,6 +335,18 @@ def _key_problem(path: Path) -> list[str]:
         load_private_key(path)
     except (EdgeAgentError, OSError, ValueError) as exc:
         return [f"--sign-key: {exc}"]
+    return []
+
+
+def _tls_problem(cert: Path, key: Path) -> list[str]:
+    """Load the pair as uvicorn will, so a wrong file is refused before starting."""
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or str(exc)
+        return [f"--tls-cert/--tls-key: cannot load {cert} with {key}: {reason}"]
     return []
 
 
