@@ -377,6 +377,21 @@ def test_serve_exits_1_with_one_line_when_the_port_is_taken(
     assert "Traceback" not in done.stderr
 
 
+def test_serve_exits_1_with_one_line_when_the_database_cannot_be_reached(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    port = free_port()
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.fleet.cli", "serve", "--broker", broker.url,
+         "--db", f"postgresql://fleet:secret@127.0.0.1:{port}/fleet"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ERROR agent.server: database postgresql" in lines[0], lines
+    assert "fleet:***@" in lines[0] and "secret" not in lines[0]
+
+
 def test_token_commands_refuse_bad_names_and_duplicates(tmp_path: Path) -> None:
     db = sqlite_db(tmp_path)
     bad = token(db, "create", "--name", "../x", "--role", "viewer")

@@ -48,11 +48,16 @@ def run(options: ServeOptions) -> int:
     2: the ingester's options are unusable (one line).
     """
     logging.getLogger("alembic").setLevel(logging.WARNING)  # a line per migration step
+    early = _note_early_signals()
     try:
         engine = open_database(options.db_url)
     except DatabaseError as exc:
         log.error("%s", exc)
         return 1
+    if early:  # asked to stop while migrating: nothing else was started
+        engine.dispose()
+        log.info("%s: stopped before serving", _name(early[0]))
+        return 0
     try:
         ingester = Ingester(engine, options.broker, options.ingest)
     except ConfigError as exc:
@@ -150,6 +155,15 @@ def _uvicorn_config(server: Server, options: ServeOptions) -> uvicorn.Config:
         timeout_keep_alive=5,
         timeout_graceful_shutdown=GRACEFUL_S,
     )
+
+
+def _note_early_signals() -> list[int]:
+    """Until :func:`_catch_signals` takes over, SIGTERM and SIGINT are only noted."""
+    early: list[int] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda sig, frame: early.append(sig))
+    return early
 
 
 def _catch_signals(web: _Uvicorn) -> None:
