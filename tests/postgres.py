@@ -79,6 +79,10 @@ class Postgres:
             "initdb", "-D", str(self.data), "-A", "trust", "-U", SERVER_USER,
             "--no-sync", "-E", "UTF8", "--locale=C",
         )  # fmt: skip
+        self._pg_start()
+        self._started = True
+
+    def _pg_start(self) -> None:
         options = (
             f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c full_page_writes=off -c max_connections=50"
@@ -87,7 +91,17 @@ class Postgres:
             "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options,
             "-w", "-t", str(START_TIMEOUT_S), "start",
         )  # fmt: skip
-        self._started = True
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data (a database outage); :meth:`resume` ends it."""
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-m", "fast", "-w",
+            "-t", str(STOP_TIMEOUT_S), "stop",
+        )  # fmt: skip
+
+    def resume(self) -> None:
+        """Start the server again after :meth:`pause`, on the same port."""
+        self._pg_start()
 
     def new_database(self) -> str:
         """A new, empty database on this server; its URL (postgresql://…)."""

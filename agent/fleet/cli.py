@@ -1,5 +1,5 @@
 """``edge-fleet``: the operator's commands (keygen, publish, index, acl, deploy, rollout,
-devices, telemetry, status).
+devices, telemetry, status; serve and token from :mod:`agent.server.cli`).
 
 Exit codes (docs/protocol.md): 0 success, 1 the operation failed (the broker unreachable, a
 rollout halted, a device that did not take its desired state), 2 bad usage (including
@@ -50,6 +50,7 @@ from agent.fleet.view import (
     status_text,
 )
 from agent.manifest import TASKS
+from agent.server import cli as server_cli  # imports nothing of the server extra
 from agent.strictjson import dumps
 from agent.verify import KeyRing, generate_keypair, key_id, load_private_key
 
@@ -345,6 +346,7 @@ def _parser() -> argparse.ArgumentParser:
     _broker_options(status)
     status.add_argument("--model", required=True, help="model name")
     status.add_argument("--json", action="store_true", help="print JSON")
+    server_cli.add_commands(sub, _broker_options, EXIT_CODES)  # serve, token
     return parser
 
 
@@ -779,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
             return _follow(args)
         elif args.command == "forget":
             return _forget(args)
+        elif args.command in server_cli.COMMANDS:
+            return server_cli.main(args)
     except KeyboardInterrupt:
         print("edge-fleet: interrupted", file=sys.stderr)
         return 130

@@ -35,7 +35,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import sqlalchemy as sa
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -44,7 +44,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 
 from agent.errors import ConfigError
 from agent.fleet.acl import check_device_id, check_group_name, check_prefix
-from agent.fleet.broker import BrokerOptions, configure
+from agent.fleet.broker import BrokerError, BrokerOptions, configure
 from agent.server.inbound import REASONS, Inbound, Malformed, Reason, read, subscriptions
 from agent.server.retention import numeric_samples
 from agent.server.store import insert_event, insert_telemetry, record_message, upsert_device
@@ -138,6 +138,9 @@ class Ingester:
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
+        self._acks: dict[int, ReasonCode] = {}  # PUBACKs of publish() not yet taken
+        self._abandoned: set[int] = set()  # publishes given up on: their PUBACK is dropped
+        self._ack_ready = threading.Condition(self._lock)
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=options.client_id,
@@ -150,6 +153,7 @@ class Ingester:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -187,6 +191,35 @@ class Ingester:
         self.client.disconnect(properties=props)
         self.client.loop_stop()
         self._connected.clear()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
+        """Publish on this client's connection with QoS 1 and wait for the PUBACK
+        (at most ``broker.timeout_s``): the server's :class:`~agent.server.context.Publisher`.
+
+        Raises BrokerError when not connected (nothing is queued then), when the broker
+        refuses the message (its reason, e.g. not authorized) or does not acknowledge it
+        in time; a message that timed out may still reach the broker later.
+        """
+        where = f"{self.host}:{self.port}"
+        if not self._connected.is_set():
+            raise BrokerError(f"not connected to the broker at {where}; try again later")
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise BrokerError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
+        timeout = self.broker.timeout_s
+        deadline = time.monotonic() + timeout
+        with self._ack_ready:
+            while info.mid not in self._acks:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._connected.is_set():
+                    if len(self._abandoned) >= 1000:  # a broker that never answers
+                        self._abandoned.clear()
+                    self._abandoned.add(info.mid)
+                    raise BrokerError(f"no PUBACK from the broker at {where} within {timeout:g} s")
+                self._ack_ready.wait(min(left, 0.1))
+            code = self._acks.pop(info.mid)
+        if code.is_failure:
+            raise BrokerError(f"the broker refused the message to {topic}: {code}")
 
     def snapshot(self) -> IngestStats:
         with self._lock:
@@ -238,6 +271,21 @@ class Ingester:
         if refused:
             log.warning("the broker refused ingest subscriptions: %s", ", ".join(refused))
         self._connected.set()
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._ack_ready:
+            if mid in self._abandoned:
+                self._abandoned.discard(mid)
+                return
+            self._acks[mid] = reason_code
+            self._ack_ready.notify_all()
 
     def _on_disconnect(
         self,

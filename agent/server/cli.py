@@ -1,0 +1,450 @@
+"""``edge-fleet serve`` and ``edge-fleet token``: their options and commands.
+
+Registered by :mod:`agent.fleet.cli` (:func:`add_commands`, then :func:`main` for these
+commands). This module imports nothing of the ``server`` extra at import time, so
+``edge-fleet --help`` works without it; running a command without the extra is one
+line naming ``pip install 'edge-agent[server]'`` and exit 1.
+
+Every option is checked before anything starts (no database opened, no port bound):
+a bad value is one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import importlib
+import ipaddress
+import math
+import os
+import re
+import socket
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.clihelp import command
+from agent.errors import ConfigError
+from agent.fleet.acl import check_device_id, check_group_name, check_prefix
+
+if TYPE_CHECKING:
+    from agent.server.context import ServeOptions
+
+DEFAULT_DB = "sqlite:///edge-fleet.db"
+DEFAULT_LISTEN = "127.0.0.1:8080"
+EXTRA = "pip install 'edge-agent[server]'"
+NEEDED = ("sqlalchemy", "alembic", "fastapi", "uvicorn", "prometheus_client")
+MAX_DAYS = 36_500.0
+TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+COMMANDS = ("serve", "token")
+
+PAGES = {
+    "serve": (
+        "Run the fleet server: ingest every device's status, state, telemetry, events and "
+        "replies from the broker into the database (SQLite file or PostgreSQL), serve the "
+        "HTTP API under /api/v1 with /healthz and /metrics, and drive rollouts. Migrations "
+        "are applied on start. SIGTERM or Ctrl-C stops it cleanly (exit 0).",
+        "edge-fleet serve --broker mqtts://broker:8883 --ca ca.pem --cert fleet.pem \\\n"
+        "    --key fleet.key --db sqlite:////var/lib/edge-fleet/fleet.db \\\n"
+        "    --listen 0.0.0.0:8443 --tls-cert server.pem --tls-key server.key \\\n"
+        "    --registry /srv/registry --sign-key keys/deploy.key",
+    ),
+    "token": (
+        "Create, list and revoke the API tokens of the fleet server (roles: viewer reads, "
+        "operator also deploys, rolls out and reads the audit log). A token is shown once, "
+        "when created; the database keeps only its SHA-256. Each action is audited.",
+        "edge-fleet token create --name grafana --role viewer\n"
+        "edge-fleet token list --db postgresql://fleet@db/fleet\n"
+        "edge-fleet token revoke --name grafana",
+    ),
+}
+
+
+def add_commands(
+    sub: Any,
+    broker_options: Callable[[argparse.ArgumentParser], None],
+    codes: str,
+) -> None:
+    """Add ``serve`` and ``token`` to the subcommands ``sub`` of edge-fleet."""
+    env = os.environ.get
+    serve = command(
+        sub, "serve", "run the fleet server (ingestion, HTTP API, rollouts)", *PAGES["serve"], codes
+    )
+    broker_options(serve)
+    _db_option(serve)
+    web = serve.add_argument_group("HTTP", "where the API listens")
+    web.add_argument(
+        "--listen",
+        default=env("EDGE_FLEET_LISTEN", DEFAULT_LISTEN),
+        metavar="HOST:PORT",
+        help=f"address of the HTTP API (default: $EDGE_FLEET_LISTEN, else {DEFAULT_LISTEN}; "
+        "[::1]:8080 for IPv6)",
+    )
+    web.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
+    web.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    serve.add_argument(
+        "--registry",
+        default=env("EDGE_FLEET_REGISTRY"),
+        metavar="DIR|URL",
+        help="the release registry, a folder or http(s):// URL, for /api/v1/releases "
+        "(default: $EDGE_FLEET_REGISTRY)",
+    )
+    serve.add_argument(
+        "--sign-key",
+        type=Path,
+        default=env("EDGE_FLEET_SIGN_KEY"),
+        help="Ed25519 deploy key signing every desired state the server publishes "
+        "(default: $EDGE_FLEET_SIGN_KEY; without it deploys and rollouts are refused)",
+    )
+    serve.add_argument(
+        "--client-id",
+        default=f"edge-fleet-{_hostname()}",
+        help="this instance's MQTT client id and name; fixed, it keeps the broker session "
+        "(default: edge-fleet-HOSTNAME)",
+    )
+    serve.add_argument(
+        "--share-group",
+        default="edge-fleet",
+        help="MQTT shared-subscription group of the instances (default: edge-fleet)",
+    )
+    serve.add_argument(
+        "--raw-days",
+        type=float,
+        default=7.0,
+        metavar="DAYS",
+        help="keep raw telemetry samples this long (default 7)",
+    )
+    serve.add_argument(
+        "--agg-days",
+        type=float,
+        default=90.0,
+        metavar="DAYS",
+        help="keep 1-minute telemetry aggregates this long (default 90)",
+    )
+
+    token = command(sub, "token", "create, list or revoke API tokens", *PAGES["token"], codes)
+    actions = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    create = command(
+        actions,
+        "create",
+        "create a token and print it (once)",
+        "Create an API token with a name and a role and print it; it is never "
+        "shown again (the database keeps only its SHA-256).",
+        "edge-fleet token create --name ci-deploy --role operator",
+        codes,
+    )
+    create.add_argument("--name", required=True, help="a unique name (letters, digits, ._@-)")
+    create.add_argument("--role", required=True, choices=("viewer", "operator"))
+    create.add_argument("--json", action="store_true", help="print JSON")
+    listing = command(
+        actions,
+        "list",
+        "list the tokens (never their hashes)",
+        "List every token: name, role, created, revoked.",
+        "edge-fleet token list --json",
+        codes,
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    revoke = command(
+        actions,
+        "revoke",
+        "revoke a token",
+        "Revoke the live token of this name: it is refused from then on (401). "
+        "Exit 1 when there is no live token of that name.",
+        "edge-fleet token revoke --name ci-deploy",
+        codes,
+    )
+    revoke.add_argument("--name", required=True, help="the token's name")
+    for parser in (create, listing, revoke):
+        _db_option(parser)
+
+
+def _db_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        default=os.environ.get("EDGE_FLEET_DB", DEFAULT_DB),
+        metavar="URL",
+        help=f"sqlite:///PATH or postgresql://USER@HOST/DB (default: $EDGE_FLEET_DB, else "
+        f"{DEFAULT_DB}, a file in the current folder)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``serve`` or ``token``; ConfigError (exit 2) and other failures are left to
+    edge-fleet's main, except a missing extra (one line, exit 1)."""
+    missing = []
+    for name in NEEDED:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        print(
+            f"edge-fleet: {args.command} needs the server extra ({', '.join(missing)} "
+            f"missing): {EXTRA}",
+            file=sys.stderr,
+        )
+        return 1
+    from agent import logs
+
+    if args.command == "serve":
+        options = serve_options(args)  # every check before anything starts
+        logs.setup(None, None, sys.stderr, default="info")
+        from agent.server.serve import run
+
+        return run(options)
+    logs.setup(None, None, sys.stderr, default="warning")
+    return _token(args)
+
+
+# -- serve's options -----------------------------------------------------------------------
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    """The options of ``serve``, every one checked; ConfigError lists what is wrong."""
+    from agent.fleet.broker import BrokerOptions
+    from agent.server.context import ServeOptions
+    from agent.server.db import parse_url
+    from agent.server.ingest import IngestOptions
+
+    problems: list[str] = []
+    if not args.broker:
+        problems.append("--broker: required (or set EDGE_FLEET_BROKER)")
+    if problem := check_prefix(args.prefix):
+        problems.append(f"--prefix: {problem}")
+    if problem := check_device_id(args.client_id):
+        problems.append(f"--client-id: {problem.replace('device id', 'client id')}")
+    if problem := check_group_name(args.share_group):
+        problems.append(f"--share-group: {problem}")
+    for name, value in (("--raw-days", args.raw_days), ("--agg-days", args.agg_days)):
+        if not math.isfinite(value) or not 0 < value <= MAX_DAYS:
+            problems.append(
+                f"{name}: {value!r} must be a number of days above 0, up to {MAX_DAYS:g}"
+            )
+    if not math.isfinite(args.connect_timeout) or not 0 < args.connect_timeout <= 600:
+        problems.append(f"--connect-timeout: {args.connect_timeout!r} must be 0 to 600 seconds")
+    host, port, problem = parse_listen(args.listen)
+    if problem:
+        problems.append(f"--listen: {problem}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        problems.append("--tls-cert and --tls-key go together")
+    files = [
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+        ("--ca", args.ca),
+        ("--cert", args.cert),
+        ("--key", args.key),
+        ("--password-file", args.password_file),
+        ("--sign-key", args.sign_key),
+    ]
+    problems += [p for name, path in files if path is not None and (p := _unreadable(name, path))]
+    if args.registry and (problem := _registry_problem(args.registry)):
+        problems.append(f"--registry: {problem}")
+    if args.sign_key is not None and not problems:
+        problems += _key_problem(args.sign_key)
+    if args.tls_cert is not None and args.tls_key is not None and not problems:
+        problems += _tls_problem(args.tls_cert, args.tls_key)
+    try:
+        parse_url(args.db)
+    except Exception as exc:  # DatabaseError: a URL we do not take
+        problems.append(f"--db: {exc}")
+    broker = BrokerOptions(
+        url=args.broker or "",
+        ca=args.ca,
+        cert=args.cert,
+        key=args.key,
+        username=args.username,
+        password_file=args.password_file,
+        prefix=args.prefix,
+        timeout_s=args.connect_timeout if math.isfinite(args.connect_timeout) else 10.0,
+    )
+    if args.broker:
+        try:
+            broker.endpoint()
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return ServeOptions(
+        db_url=args.db,
+        broker=broker,
+        ingest=IngestOptions(client_id=args.client_id, group=args.share_group),
+        listen_host=host,
+        listen_port=port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        registry=args.registry or None,
+        sign_key=args.sign_key,
+        raw_days=args.raw_days,
+        agg_days=args.agg_days,
+    )
+
+
+def parse_listen(text: str) -> tuple[str, int, str | None]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` as (host, port, None), or ("", 0, the problem)."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            return "", 0, f"{text!r} is not [IPV6]:PORT"
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return "", 0, f"{host!r} is not an IPv6 address"
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host or ":" in host:
+            return "", 0, f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8080, [::1]:8080)"
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
+            return "", 0, f"{host!r} is not a host name or address"
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65_535:
+        return "", 0, f"{port_text!r} is not a port (1-65535)"
+    return host, int(port_text), None
+
+
+def _unreadable(name: str, path: Path) -> str | None:
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        return f"{name}: cannot read {path}: {exc.strerror or exc}"
+    return None
+
+
+def _registry_problem(value: str) -> str | None:
+    if "://" in value:
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("http", "https", "file") or (
+            parts.scheme != "file" and not parts.hostname
+        ):
+            return f"{value!r} is not a folder or an http(s):// URL"
+        return None
+    if not Path(value).is_dir():
+        return f"{value} is not a folder"
+    return None
+
+
+def _key_problem(path: Path) -> list[str]:
+    from agent.errors import EdgeAgentError
+    from agent.verify import load_private_key
+
+    try:
+        load_private_key(path)
+    except (EdgeAgentError, OSError, ValueError) as exc:
+        return [f"--sign-key: {exc}"]
+    return []
+
+
+def _tls_problem(cert: Path, key: Path) -> list[str]:
+    """Load the pair as uvicorn will, so a wrong file is refused before starting."""
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or str(exc)
+        return [f"--tls-cert/--tls-key: cannot load {cert} with {key}: {reason}"]
+    return []
+
+
+def _hostname() -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:40]
+    return name.strip("-._") or "host"
+
+
+# -- token -----------------------------------------------------------------------------------
+
+
+def _token(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import IntegrityError
+
+    from agent.server import auth
+    from agent.server.db import open_database
+    from agent.strictjson import dumps
+
+    name: str = getattr(args, "name", None) or ""
+    if args.token_command != "list" and not TOKEN_NAME.fullmatch(name):
+        raise ConfigError(
+            [
+                f"--name: {name[:80]!r} is not a token name (letters, digits, ._@-; "
+                "at most 64, starting with a letter or digit)"
+            ]
+        )
+    engine = open_database(args.db)  # DatabaseError: one line, exit 1 (edge-fleet's main)
+    who = f"cli:{_unix_user()}"
+    now = time.time()
+    try:
+        if args.token_command == "create":
+            try:
+                with engine.begin() as conn:
+                    token = auth.create_token(conn, name, args.role, now)
+                    auth.record(
+                        conn,
+                        now=now,
+                        who=who,
+                        action="token.create",
+                        target=name,
+                        outcome="ok",
+                        detail={"role": args.role},
+                    )
+            except IntegrityError:
+                raise ConfigError(
+                    [
+                        f"--name: a token named {name!r} exists (names are never "
+                        "reused, revoked ones included)"
+                    ]
+                ) from None
+            if args.json:
+                print(dumps({"name": name, "role": args.role, "token": token}))
+            else:
+                print(token)
+                print(f"token {name!r} ({args.role}): shown once; keep it secret", file=sys.stderr)
+            return 0
+        if args.token_command == "list":
+            with engine.connect() as conn:
+                rows = auth.list_tokens(conn)
+            if args.json:
+                print(dumps(rows, indent=2))
+            else:
+                print(_table(rows))
+            return 0
+        with engine.begin() as conn:
+            done = auth.revoke_token(conn, name, now)
+            auth.record(
+                conn,
+                now=now,
+                who=who,
+                action="token.revoke",
+                target=name,
+                outcome="ok" if done else "not_found",
+            )
+        if not done:
+            print(f"edge-fleet: no live token named {name!r}", file=sys.stderr)
+            return 1
+        print(f"revoked token {name!r}")
+        return 0
+    finally:
+        engine.dispose()
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    def when(ts: float | None) -> str:
+        return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
+
+    lines = [("NAME", "ROLE", "CREATED (UTC)", "REVOKED (UTC)")]
+    lines += [(r["name"], r["role"], when(r["created"]), when(r["revoked"])) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(3)]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[i]) if i < 3 else cell for i, cell in enumerate(line))
+        for line in lines
+    )
+
+
+def _unix_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
