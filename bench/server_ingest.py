@@ -267,14 +267,14 @@ def main() -> None:
           f"(~{args.devices / args.interval:.0f} msg/s offered)")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "sqlite"):
-            show(run_case("sqlite", f"sqlite:///{tmp}/fleet.db", args, Path(tmp)), args)
+            show(run_case("sqlite", f"sqlite:///{tmp}/fleet.db", args, Path(tmp)))
         if args.only in (None, "postgresql"):
             bin_dir = binaries()
             if bin_dir is None:
                 print("postgresql: skipped (not installed: apt-get install postgresql)")
             else:
                 with Postgres(bin_dir) as pg:
-                    show(run_case("postgresql", pg.new_database(), args, Path(tmp)), args)
+                    show(run_case("postgresql", pg.new_database(), args, Path(tmp)))
 
 
 if __name__ == "__main__":
