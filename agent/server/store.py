@@ -173,20 +173,24 @@ def insert_telemetry(
         if conn.dialect.name == "postgresql"
         else (sa.func.min, sa.func.max)  # SQLite's two-argument min/max are scalar
     )
-    for metric, value in samples.items():
-        stmt = _insert(conn, telemetry_agg).values(
-            device=device, metric=metric, bucket=bucket, min=value, max=value, sum=value, count=1
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[telemetry_agg.c.device, telemetry_agg.c.metric, telemetry_agg.c.bucket],
-            set_={
-                "min": least(telemetry_agg.c.min, stmt.excluded.min),
-                "max": greatest(telemetry_agg.c.max, stmt.excluded.max),
-                "sum": telemetry_agg.c.sum + stmt.excluded.sum,
-                "count": telemetry_agg.c.count + stmt.excluded.count,
-            },
-        )
-        conn.execute(stmt)
+    # One statement run for every metric (executemany), not one statement per metric:
+    # 27 upserts a document took ~7 ms on SQLite, one executemany ~0.4 ms
+    # (bench/server_ingest.py). A document's metrics are distinct keys.
+    stmt = _insert(conn, telemetry_agg)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[telemetry_agg.c.device, telemetry_agg.c.metric, telemetry_agg.c.bucket],
+        set_={
+            "min": least(telemetry_agg.c.min, stmt.excluded.min),
+            "max": greatest(telemetry_agg.c.max, stmt.excluded.max),
+            "sum": telemetry_agg.c.sum + stmt.excluded.sum,
+            "count": telemetry_agg.c.count + stmt.excluded.count,
+        },
+    )
+    rows = [
+        {"device": device, "metric": m, "bucket": bucket, "min": v, "max": v, "sum": v, "count": 1}
+        for m, v in samples.items()
+    ]
+    conn.execute(stmt, rows)
     return len(samples)
 
 
