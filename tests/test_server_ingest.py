@@ -407,3 +407,56 @@ def test_database_away_holds_messages_unacknowledged_until_it_returns(
         allow(True)
         engine.dispose()
         admin.dispose()
+
+
+def _refuse_events_of(engine: sa.Engine, device: str) -> None:
+    """A trigger that makes the database refuse one device's events (a stand-in for any
+    refusal of a message by the database itself, e.g. a value past a column's size)."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.device = '{device}' "
+                "BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END"
+            )
+        else:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
+                f"IF NEW.device = '{device}' THEN RAISE EXCEPTION 'refused by a trigger'; "
+                "END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON events FOR EACH ROW "
+                "EXECUTE FUNCTION refuse()"
+            )
+
+
+def test_a_batch_stores_every_message_but_the_one_the_database_refuses(
+    engine: sa.Engine, broker: Mosquitto
+) -> None:
+    from agent.server.ingest import _Pending
+
+    _refuse_events_of(engine, "bad-1")
+    ingester = Ingester(engine, BrokerOptions(broker.url), IngestOptions(client_id="srv-b"))
+    now = time.time()
+    batch = [
+        _Pending(topic, dumps(doc), mid, 0, 0, now)
+        for mid, (topic, doc) in enumerate(
+            [
+                ("edge/ok-1/telemetry", telemetry()),
+                ("edge/bad-1/events", event()),
+                ("edge/ok-2/events", event()),
+            ],
+            start=1,
+        )
+    ]
+    batch.append(_Pending("edge/ok-2/events", b"not json", 4, 0, 0, now))
+    ingester._take(batch)  # one batch, as the worker takes it
+    stats = ingester.snapshot()
+    assert (stats.stored, stats.duplicates) == (2, 0), stats
+    assert stats.malformed["contract"] == 1 and stats.malformed["not_json"] == 1, stats
+    assert _count(engine, events, events.c.device == "ok-2") == 1
+    assert _count(engine, events, events.c.device == "bad-1") == 0
+    assert _count(engine, telemetry_raw, telemetry_raw.c.device == "ok-1") > 0
+    ingester._take(batch[:3])  # again: duplicates, refused again
+    again = ingester.snapshot()
+    assert (again.stored, again.duplicates, again.malformed["contract"]) == (2, 2, 2), again

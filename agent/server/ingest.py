@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
+BATCH_MAX = 200  # messages stored in one transaction: one commit, not one per message
 
 
 @dataclass(frozen=True)
@@ -314,67 +315,103 @@ class Ingester:
     def _work(self) -> None:
         while not self._stopping.is_set():
             try:
-                pending = self._queue.get(timeout=0.2)
+                batch = [self._queue.get(timeout=0.2)]
             except queue.Empty:
                 continue
-            self._take(pending)
+            while len(batch) < BATCH_MAX:  # what else is waiting: one transaction for all
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._take(batch)
 
-    def _take(self, pending: _Pending) -> None:
-        """Store ``pending`` (retrying while the database is down), then acknowledge it."""
-        inbound = read(self.broker.prefix, pending.topic, pending.payload)
-        if isinstance(inbound, Malformed):
-            log.debug("skipped a message on %r: %s", pending.topic[:200], inbound.detail)
-            self._count_malformed(inbound.reason)
-            self._ack(pending)
-            return
+    def _take(self, batch: list[_Pending]) -> None:
+        """Store ``batch`` in one transaction (retrying while the database is down),
+        then acknowledge every message of it, in the order they arrived (MQTT §4.6)."""
+        read_ = [(p, read(self.broker.prefix, p.topic, p.payload)) for p in batch]
+        good: list[tuple[_Pending, Inbound]] = []
+        for pending, inbound in read_:
+            if isinstance(inbound, Malformed):
+                log.debug("skipped a message on %r: %s", pending.topic[:200], inbound.detail)
+                self._count_malformed(inbound.reason)
+            else:
+                good.append((pending, inbound))
         delay = RETRY_MIN_S
-        while True:
+        results: list[bool | None] = []
+        while good:
             try:
-                stored = self._store(inbound, pending.received)
-            except DBAPIError as exc:
-                if exc.connection_invalidated or _transient(exc):
-                    self._database_down(exc)
-                else:  # the database refuses this message itself: skip it, go on
-                    log.warning("database refused a message of %s: %s", inbound.device, exc)
-                    self._count_malformed("contract")
-                    self._ack(pending)
-                    return
+                try:
+                    results = self._store(good)
+                except DBAPIError as exc:
+                    if exc.connection_invalidated or _transient(exc):
+                        raise
+                    results = self._one_by_one(good)  # the database refuses one of them
+                break
             except SQLAlchemyError as exc:
                 self._database_down(exc)
-            else:
-                break
             if self._stopping.wait(delay):
                 return  # not acknowledged: delivered again to this session later
             delay = min(delay * 2, RETRY_MAX_S)
+        self._count_stored([m for _, m in good], results)
+        for pending in batch:
+            self._ack(pending)
+
+    def _one_by_one(self, batch: list[tuple[_Pending, Inbound]]) -> list[bool | None]:
+        """Each message in its own transaction, after their batch was refused: the one
+        the database refuses for itself (not a connection failure) is counted
+        ``contract`` and skipped (None). A connection failure is raised: the caller
+        retries the batch, whose stored messages are then duplicates."""
+        results: list[bool | None] = []
+        for item in batch:
+            try:
+                results.append(self._store([item])[0])
+            except DBAPIError as exc:
+                if exc.connection_invalidated or _transient(exc):
+                    raise
+                log.warning("database refused a message of %s: %s", item[1].device, exc)
+                self._count_malformed("contract")
+                results.append(None)
+        return results
+
+    def _count_stored(self, msgs: list[Inbound], results: list[bool | None]) -> None:
         with self._lock:
             c = self._counters
             c.database_error = None
-            if stored:
-                c.stored += 1
-            else:
-                c.duplicates += 1
-            if inbound.ts is not None:
-                c.lag_s = max(0.0, self.clock() - inbound.ts)
-        self._ack(pending)
+            for msg, stored in zip(msgs, results, strict=True):
+                if stored is True:
+                    c.stored += 1
+                    if msg.ts is not None:
+                        c.lag_s = max(0.0, self.clock() - msg.ts)
+                elif stored is False:
+                    c.duplicates += 1
 
-    def _store(self, msg: Inbound, received: float) -> bool:
-        """One transaction: the key, then the stream's write; False for a duplicate."""
-        ts = msg.ts if msg.ts is not None else received
+    def _store(self, batch: list[tuple[_Pending, Inbound]]) -> list[bool | None]:
+        """One transaction for ``batch``: per message its key, then the stream's write;
+        False for a duplicate. Written in device order (a stable sort: one device's
+        messages keep their order), so instances sharing a database lock device rows
+        in the same order and never deadlock."""
+        order = sorted(range(len(batch)), key=lambda i: batch[i][1].device)
+        results: list[bool | None] = [None] * len(batch)
         with self.engine.begin() as conn:
-            if not record_message(
-                conn, msg.device, msg.stream, msg.doc, msg.key, received=received
-            ):
-                return False
-            if msg.stream == "status":
-                upsert_device(conn, msg.device, received, status=msg.doc)
-            elif msg.stream == "state":
-                upsert_device(conn, msg.device, received, state=msg.doc)
-            elif msg.stream == "telemetry":
-                insert_telemetry(conn, msg.device, ts, numeric_samples(msg.doc), doc=msg.doc)
-            elif msg.stream == "events":
-                insert_event(conn, msg.device, ts, msg.doc)
-            else:  # a command reply, kept as an event named "reply"
-                insert_event(conn, msg.device, ts, {**msg.doc, "event": "reply"})
+            for i in order:
+                pending, msg = batch[i]
+                results[i] = self._write(conn, msg, pending.received)
+        return results
+
+    def _write(self, conn: sa.Connection, msg: Inbound, received: float) -> bool:
+        ts = msg.ts if msg.ts is not None else received
+        if not record_message(conn, msg.device, msg.stream, msg.doc, msg.key, received=received):
+            return False
+        if msg.stream == "status":
+            upsert_device(conn, msg.device, received, status=msg.doc)
+        elif msg.stream == "state":
+            upsert_device(conn, msg.device, received, state=msg.doc)
+        elif msg.stream == "telemetry":
+            insert_telemetry(conn, msg.device, ts, numeric_samples(msg.doc), doc=msg.doc)
+        elif msg.stream == "events":
+            insert_event(conn, msg.device, ts, msg.doc)
+        else:  # a command reply, kept as an event named "reply"
+            insert_event(conn, msg.device, ts, {**msg.doc, "event": "reply"})
         return True
 
     def _ack(self, pending: _Pending) -> None:
