@@ -11,7 +11,7 @@ session (``clean_start=False`` and a session expiry) and QoS 1 subscriptions:
 
 paho's network thread only puts each message in a bounded queue; one worker thread
 reads it (:func:`agent.server.inbound.read`), stores it in ONE transaction
-(``record_message`` on its key, then the stream's write), commits, and only then
+(``record_messages`` on the keys, then the streams' writes), commits, and only then
 acknowledges it (``manual_ack``). A message the broker delivered but we never
 acknowledged is delivered again after a reconnect, to this session: nothing
 acknowledged is lost, and a repeat finds its key and is counted as a duplicate.
@@ -45,9 +45,10 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from agent.errors import ConfigError
 from agent.fleet.acl import check_device_id, check_group_name, check_prefix
 from agent.fleet.broker import BrokerError, BrokerOptions, configure
+from agent.server.bulk import Key, Telemetry, record_messages, store_telemetry
 from agent.server.inbound import REASONS, Inbound, Malformed, Reason, read, subscriptions
 from agent.server.retention import numeric_samples
-from agent.server.store import insert_event, insert_telemetry, record_message, upsert_device
+from agent.server.store import insert_event, upsert_device
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class Ingester:
         self._lock = threading.Lock()
         self._counters = _Counters()
         self._session = 0  # bumped on every CONNACK
+        self._holding = 0  # messages of the batch being stored (taken off the queue)
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
@@ -230,7 +232,7 @@ class Ingester:
                 stored=c.stored,
                 duplicates=c.duplicates,
                 malformed=dict(c.malformed),
-                queue_depth=self._queue.qsize(),
+                queue_depth=self._queue.qsize() + self._holding,
                 lag_s=c.lag_s,
                 broker_connected=self._connected.is_set(),
                 connects=self._session,
@@ -328,6 +330,13 @@ class Ingester:
     def _take(self, batch: list[_Pending]) -> None:
         """Store ``batch`` in one transaction (retrying while the database is down),
         then acknowledge every message of it, in the order they arrived (MQTT §4.6)."""
+        self._holding = len(batch)
+        try:
+            self._take_batch(batch)
+        finally:
+            self._holding = 0
+
+    def _take_batch(self, batch: list[_Pending]) -> None:
         read_ = [(p, read(self.broker.prefix, p.topic, p.payload)) for p in batch]
         good: list[tuple[_Pending, Inbound]] = []
         for pending, inbound in read_:
@@ -386,33 +395,35 @@ class Ingester:
                     c.duplicates += 1
 
     def _store(self, batch: list[tuple[_Pending, Inbound]]) -> list[bool | None]:
-        """One transaction for ``batch``: per message its key, then the stream's write;
-        False for a duplicate. Written in device order (a stable sort: one device's
-        messages keep their order), so instances sharing a database lock device rows
-        in the same order and never deadlock."""
-        order = sorted(range(len(batch)), key=lambda i: batch[i][1].device)
-        results: list[bool | None] = [None] * len(batch)
+        """One transaction for ``batch``: the keys first (:func:`record_messages`; a
+        key already recorded, or twice in the batch, is a duplicate: False), then each
+        new message's write in device order (a stable sort: one device's messages keep
+        their order), then the telemetry of the batch together."""
+        keys = [Key(m.key, m.device, m.stream, _seq(m.doc), m.ts, p.received) for p, m in batch]
+        results: list[bool | None] = [False] * len(batch)
         with self.engine.begin() as conn:
-            for i in order:
+            new = record_messages(conn, keys)
+            telemetry: list[Telemetry] = []
+            for i in sorted(range(len(batch)), key=lambda i: batch[i][1].device):
                 pending, msg = batch[i]
-                results[i] = self._write(conn, msg, pending.received)
+                if msg.key not in new:
+                    continue
+                new.discard(msg.key)  # a second copy in this batch is a duplicate
+                results[i] = True
+                ts = msg.ts if msg.ts is not None else pending.received
+                if msg.stream == "status":
+                    upsert_device(conn, msg.device, pending.received, status=msg.doc)
+                elif msg.stream == "state":
+                    upsert_device(conn, msg.device, pending.received, state=msg.doc)
+                elif msg.stream == "telemetry":
+                    samples = numeric_samples(msg.doc)
+                    telemetry.append(Telemetry(msg.device, ts, samples, msg.doc))
+                elif msg.stream == "events":
+                    insert_event(conn, msg.device, ts, msg.doc)
+                else:  # a command reply, kept as an event named "reply"
+                    insert_event(conn, msg.device, ts, {**msg.doc, "event": "reply"})
+            store_telemetry(conn, telemetry)
         return results
-
-    def _write(self, conn: sa.Connection, msg: Inbound, received: float) -> bool:
-        ts = msg.ts if msg.ts is not None else received
-        if not record_message(conn, msg.device, msg.stream, msg.doc, msg.key, received=received):
-            return False
-        if msg.stream == "status":
-            upsert_device(conn, msg.device, received, status=msg.doc)
-        elif msg.stream == "state":
-            upsert_device(conn, msg.device, received, state=msg.doc)
-        elif msg.stream == "telemetry":
-            insert_telemetry(conn, msg.device, ts, numeric_samples(msg.doc), doc=msg.doc)
-        elif msg.stream == "events":
-            insert_event(conn, msg.device, ts, msg.doc)
-        else:  # a command reply, kept as an event named "reply"
-            insert_event(conn, msg.device, ts, {**msg.doc, "event": "reply"})
-        return True
 
     def _ack(self, pending: _Pending) -> None:
         with self._lock:
@@ -433,6 +444,11 @@ class Ingester:
             self._counters.database_error = reason[0] if reason else type(exc).__name__
         if first:
             log.warning("database unavailable, holding messages: %s", reason)
+
+
+def _seq(doc: dict[str, Any]) -> int | None:
+    seq = doc.get("seq")
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 
 
 def _transient(exc: DBAPIError) -> bool:

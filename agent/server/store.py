@@ -14,10 +14,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from agent.server.bulk import Telemetry, store_telemetry
 from agent.server.retention import (
     DeviceFields,
     cutoffs,
-    minute_bucket,
     state_fields,
     status_fields,
 )
@@ -152,45 +152,7 @@ def insert_telemetry(
     old telemetry after new. A device without a row yet (no status or state so far)
     gets no row from its telemetry.
     """
-    if doc is not None:
-        conn.execute(
-            sa.update(devices)
-            .where(
-                devices.c.id == device,
-                sa.or_(devices.c.telemetry_ts.is_(None), devices.c.telemetry_ts <= ts),
-            )
-            .values(telemetry=dict(doc), telemetry_ts=ts)
-        )
-    if not samples:
-        return 0
-    conn.execute(
-        sa.insert(telemetry_raw),
-        [{"device": device, "ts": ts, "metric": m, "value": v} for m, v in samples.items()],
-    )
-    bucket = minute_bucket(ts)
-    least, greatest = (
-        (sa.func.least, sa.func.greatest)
-        if conn.dialect.name == "postgresql"
-        else (sa.func.min, sa.func.max)  # SQLite's two-argument min/max are scalar
-    )
-    # One statement run for every metric (executemany), not one statement per metric:
-    # 27 upserts a document took ~7 ms on SQLite, one executemany ~0.4 ms
-    # (bench/server_ingest.py). A document's metrics are distinct keys.
-    stmt = _insert(conn, telemetry_agg)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[telemetry_agg.c.device, telemetry_agg.c.metric, telemetry_agg.c.bucket],
-        set_={
-            "min": least(telemetry_agg.c.min, stmt.excluded.min),
-            "max": greatest(telemetry_agg.c.max, stmt.excluded.max),
-            "sum": telemetry_agg.c.sum + stmt.excluded.sum,
-            "count": telemetry_agg.c.count + stmt.excluded.count,
-        },
-    )
-    rows = [
-        {"device": device, "metric": m, "bucket": bucket, "min": v, "max": v, "sum": v, "count": 1}
-        for m, v in samples.items()
-    ]
-    conn.execute(stmt, rows)
+    store_telemetry(conn, [Telemetry(device, ts, samples, doc)])
     return len(samples)
 
 
