@@ -46,7 +46,7 @@ from agent.errors import ConfigError
 from agent.fleet.acl import check_device_id, check_group_name, check_prefix
 from agent.fleet.broker import BrokerError, BrokerOptions, configure
 from agent.server.inbound import REASONS, Inbound, Malformed, Reason, read, subscriptions
-from agent.server.retention import numeric_samples
+from agent.server.retention import numeric_samples, stored_time
 from agent.server.store import insert_event, insert_telemetry, record_message, upsert_device
 
 log = logging.getLogger(__name__)
@@ -354,12 +354,12 @@ class Ingester:
             else:
                 c.duplicates += 1
             if inbound.ts is not None:
-                c.lag_s = max(0.0, self.clock() - inbound.ts)
+                c.lag_s = max(0.0, self.clock() - stored_time(inbound.ts, pending.received))
         self._ack(pending)
 
     def _store(self, msg: Inbound, received: float) -> bool:
         """One transaction: the key, then the stream's write; False for a duplicate."""
-        ts = msg.ts if msg.ts is not None else received
+        ts = stored_time(msg.ts, received)
         with self.engine.begin() as conn:
             if not record_message(
                 conn, msg.device, msg.stream, msg.doc, msg.key, received=received
