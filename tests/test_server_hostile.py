@@ -32,10 +32,11 @@ from agent.server.retention import (
     stored_time,
     usable_groups,
 )
-from agent.server.schema import device_groups, devices, telemetry_raw
+from agent.server.schema import device_groups, devices, events, telemetry_raw
 from tests.broker import Mosquitto, subscriber, wait_until
-from tests.serverhttp import running
-from tests.test_server_ingest import Running, dumps, status, telemetry
+from tests.serverhttp import call, running
+from tests.test_server_ingest import Running, _taken, dumps, event, state_doc, status, telemetry
+from tests.test_server_rollouts import Rig, _retained
 
 NOW = 1_800_000_000.0
 
@@ -253,3 +254,71 @@ def test_a_hostile_device_costs_bounded_rows_and_cannot_stamp_the_future(
     finally:
         runs.stop_all()
         engine.dispose()
+
+
+def test_overlong_fields_are_left_out_and_the_documents_kept(
+    broker: Mosquitto, db_url: str
+) -> None:
+    """Was: on PostgreSQL a state whose model (200 characters) or agent_version overflows
+    its column, or an event whose update_id does, was refused whole (the device's
+    phase and update never shown); on SQLite the junk went into the columns, the
+    device filter and the labels of /metrics."""
+    engine = open_database(db_url)
+    runs = Running(broker)
+    try:
+        ingester = runs.start(engine)
+        junk = {**state_doc(3), "model": "m" * 200, "agent_version": "v" * 100}
+        odd = {**state_doc(3), "id": "s-odd", "model": 'a"b\nc', "phase": "downloading"}
+        done = {**event("update_succeeded"), "model": "x" * 300, "update_id": "u" * 100}
+        with subscriber(broker.url, [], client_id="cam-1") as cam:
+            cam.publish("edge/cam-1/status", dumps(status()), retain=True)
+            cam.publish("edge/cam-1/state", dumps(junk), retain=True)
+            cam.publish("edge/cam-1/events", dumps(done))
+            cam.publish("edge/cam-2/status", dumps(status()), retain=True)
+            cam.publish("edge/cam-2/state", dumps(odd), retain=True)
+            assert wait_until(lambda: _taken(ingester.snapshot()) == 5, 30)
+        assert ingester.snapshot().stored == 5, ingester.snapshot()
+        with engine.connect() as conn:
+            rows = {r.id: r for r in conn.execute(sa.select(devices))}
+            stored = conn.execute(sa.select(events)).one()
+        assert rows["cam-1"].state["model"] == "m" * 200  # the document, as sent
+        assert (rows["cam-1"].model, rows["cam-1"].version) == (None, 3)
+        assert rows["cam-1"].agent_version == "0.1.0"  # from the status
+        assert rows["cam-2"].model is None and rows["cam-2"].state["phase"] == "downloading"
+        assert (stored.model, stored.update_id) == (None, None)
+        assert stored.fields["update_id"] == "u" * 100
+    finally:
+        runs.stop_all()
+        engine.dispose()
+
+
+def test_deploy_names_longer_than_the_columns_are_422_before_anything_is_published(
+    broker: Mosquitto, db_url: str
+) -> None:
+    """Was: a device or group name of 200 valid characters was published, then its
+    deploys row failed on PostgreSQL: a 500, a desired state out with no record."""
+    rig = Rig(broker, db_url)
+    try:
+        with rig.engine.begin() as conn:
+            token = create_token(conn, "ops", "operator", time.time())
+        long = "d" * 200
+        with running(create_app(rig.server())) as url:
+            for target in ({"device": long}, {"group": long}):
+                body = {"model": "colours", "version": 2, **target}
+                reply = call("POST", f"{url}/api/v1/deploy", token=token, body=body)
+                kind = next(iter(target))
+                assert (reply.status, reply.body["detail"]) == (
+                    422,
+                    f"{kind}: a {kind} name is at most 128 characters",
+                )
+            reply = call(
+                "POST",
+                f"{url}/api/v1/rollouts",
+                token=token,
+                body={"model": "colours", "version": 2, "group": long},
+            )
+            assert reply.status == 422
+        assert _retained(broker, f"edge/{long}/desired") is None
+        assert _retained(broker, f"edge/groups/{long}/desired") is None
+    finally:
+        rig.close()

@@ -4,10 +4,12 @@ the server keeps from a device's documents. No I/O; tested by tables."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.config import MODEL_NAME_PATTERN
 from agent.fleet.acl import check_group_name
 
 DAY_S = 86_400.0
@@ -16,6 +18,8 @@ MAX_SAMPLES = 200  # numeric fields kept from one telemetry document
 MAX_METRIC = 128  # characters of a metric name (telemetry_raw.metric)
 MAX_GROUPS = 64  # groups kept from one status document
 MAX_NAME = 128  # characters of a group name (device_groups.group_name)
+MAX_AGENT_VERSION = 64  # characters (devices.agent_version)
+MAX_UPDATE_ID = 64  # characters (events.update_id)
 MAX_AHEAD_S = DAY_S  # a device's ts further ahead of the server's clock is not believed
 
 
@@ -100,13 +104,14 @@ class DeviceFields:
 def status_fields(doc: Mapping[str, Any]) -> DeviceFields:
     """Groups, agent version and online from a status document (the Last Will too).
 
-    Fields of the wrong type are left out (None): a device's document is untrusted.
+    Fields of the wrong type, or longer than their column, are left out (None): a
+    device's document is untrusted.
     """
     groups = doc.get("groups")
     state = doc.get("state")
     return DeviceFields(
         groups=usable_groups(groups) if isinstance(groups, list) else None,
-        agent_version=_str(doc.get("agent_version")),
+        agent_version=_str(doc.get("agent_version"), MAX_AGENT_VERSION),
         online=state == "online" if state in ("online", "offline") else None,
     )
 
@@ -128,11 +133,21 @@ def state_fields(doc: Mapping[str, Any]) -> DeviceFields:
     """The active release (model, version) and agent version from a state document."""
     version = doc.get("version")
     return DeviceFields(
-        agent_version=_str(doc.get("agent_version")),
-        model=_str(doc.get("model")),
+        agent_version=_str(doc.get("agent_version"), MAX_AGENT_VERSION),
+        model=model_name(doc.get("model")),
         version=version if isinstance(version, int) and not isinstance(version, bool) else None,
     )
 
 
-def _str(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+def _str(value: object, limit: int) -> str | None:
+    """A string of at most ``limit`` characters (its column), else None (not kept)."""
+    return value if isinstance(value, str) and len(value) <= limit else None
+
+
+def model_name(value: object) -> str | None:
+    """A model name as the agent's config accepts it (:data:`MODEL_NAME_PATTERN`), else
+    None: what a device reports running becomes a column, a filter and a label of
+    ``/metrics``."""
+    if isinstance(value, str) and re.fullmatch(MODEL_NAME_PATTERN, value):
+        return value
+    return None
