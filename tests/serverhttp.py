@@ -32,10 +32,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app: Any) -> Iterator[str]:
-    """Serve ``app`` on a free local port; yields ``http://127.0.0.1:PORT``."""
+def running(app: Any, **options: Any) -> Iterator[str]:
+    """Serve ``app`` on a free local port; yields ``http://127.0.0.1:PORT``. ``options``
+    go to ``uvicorn.Config`` (e.g. ``http=`` a protocol class)."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", **options
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()

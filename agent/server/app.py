@@ -7,7 +7,9 @@ each an ``APIRouter``. Everything under /api/v1 and /metrics needs a token
 /api/v1/openapi.json, for a token too; there are no interactive docs pages (they load
 scripts from a CDN).
 
-A database that cannot be reached answers 503 with the reason, for every route.
+A database that cannot be reached answers 503 with the reason, for every route. A
+request body over 64 KiB is 413, one that takes over 10 s is 408
+(:mod:`agent.server.limits`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from agent import __version__
 from agent.server.api import audit, health, read, rollouts
 from agent.server.auth import viewer
 from agent.server.context import Server
+from agent.server.limits import BodyLimit
 
 
 def create_app(server: Server) -> FastAPI:
@@ -35,6 +38,7 @@ def create_app(server: Server) -> FastAPI:
         redoc_url=None,
     )
     app.state.server = server
+    app.add_middleware(BodyLimit)  # before FastAPI reads a body, and before any token check
     for module in (health, read, rollouts, audit):
         app.include_router(module.router)
 

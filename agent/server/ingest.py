@@ -47,7 +47,7 @@ from agent.fleet.acl import check_device_id, check_group_name, check_prefix
 from agent.fleet.broker import BrokerError, BrokerOptions, configure
 from agent.server.bulk import Key, Telemetry, record_messages, store_telemetry
 from agent.server.inbound import REASONS, Inbound, Malformed, Reason, read, subscriptions
-from agent.server.retention import numeric_samples
+from agent.server.retention import numeric_samples, stored_time
 from agent.server.store import insert_event, upsert_device
 
 log = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ class Ingester:
             if self._stopping.wait(delay):
                 return  # not acknowledged: delivered again to this session later
             delay = min(delay * 2, RETRY_MAX_S)
-        self._count_stored([m for _, m in good], results)
+        self._count_stored(good, results)
         for pending in batch:
             self._ack(pending)
 
@@ -382,15 +382,17 @@ class Ingester:
                 results.append(None)
         return results
 
-    def _count_stored(self, msgs: list[Inbound], results: list[bool | None]) -> None:
+    def _count_stored(
+        self, msgs: list[tuple[_Pending, Inbound]], results: list[bool | None]
+    ) -> None:
         with self._lock:
             c = self._counters
             c.database_error = None
-            for msg, stored in zip(msgs, results, strict=True):
+            for (pending, msg), stored in zip(msgs, results, strict=True):
                 if stored is True:
                     c.stored += 1
                     if msg.ts is not None:
-                        c.lag_s = max(0.0, self.clock() - msg.ts)
+                        c.lag_s = max(0.0, self.clock() - stored_time(msg.ts, pending.received))
                 elif stored is False:
                     c.duplicates += 1
 
@@ -410,7 +412,7 @@ class Ingester:
                     continue
                 new.discard(msg.key)  # a second copy in this batch is a duplicate
                 results[i] = True
-                ts = msg.ts if msg.ts is not None else pending.received
+                ts = stored_time(msg.ts, pending.received)
                 if msg.stream == "status":
                     upsert_device(conn, msg.device, pending.received, status=msg.doc)
                 elif msg.stream == "state":

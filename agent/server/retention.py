@@ -4,12 +4,34 @@ the server keeps from a device's documents. No I/O; tested by tables."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.config import MODEL_NAME_PATTERN
+from agent.fleet.acl import check_group_name
+
 DAY_S = 86_400.0
 BUCKET_S = 60.0
+MAX_SAMPLES = 200  # numeric fields kept from one telemetry document
+MAX_METRIC = 128  # characters of a metric name (telemetry_raw.metric)
+MAX_GROUPS = 64  # groups kept from one status document
+MAX_NAME = 128  # characters of a group name (device_groups.group_name)
+MAX_AGENT_VERSION = 64  # characters (devices.agent_version)
+MAX_UPDATE_ID = 64  # characters (events.update_id)
+MAX_AHEAD_S = DAY_S  # a device's ts further ahead of the server's clock is not believed
+
+
+def stored_time(ts: float | None, received: float) -> float:
+    """The time a device's message is stored under: its own ``ts`` (a replayed outbox
+    sends old ones, kept as they are), unless it has none or it is more than
+    :data:`MAX_AHEAD_S` ahead of ``received`` (the server's clock), then ``received``:
+    rows stamped years ahead would outlive every retention cut-off and pin a device's
+    "newest" telemetry."""
+    if ts is None or not math.isfinite(ts) or ts > received + MAX_AHEAD_S:
+        return received
+    return ts
 
 
 def minute_bucket(ts: float) -> float:
@@ -32,26 +54,37 @@ def cutoffs(now: float, raw_days: float, agg_days: float) -> Cutoffs:
     return Cutoffs(raw=now - raw_days * DAY_S, agg=now - agg_days * DAY_S)
 
 
-def numeric_samples(doc: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+def numeric_samples(doc: Mapping[str, Any]) -> dict[str, float]:
     """The telemetry document's finite numbers, nested keys joined by ``.``.
 
     ``{"cpu_pct": 3.5, "inference": {"fps": 9.8, "backend": "cpu"}, "temp_c": None}``
     gives ``{"cpu_pct": 3.5, "inference.fps": 9.8}``. Booleans, strings, nulls, lists,
     NaN and infinities are left out, and so is the envelope (``schema``, ``seq``,
-    ``id``, ``ts``).
+    ``id``, ``ts``). Every sample is a row and an upsert: at most :data:`MAX_SAMPLES`
+    are kept (in document order; an agent sends about 25), and a name longer than
+    :data:`MAX_METRIC` characters (the column) is left out, so a device cannot make one
+    message cost thousands of writes.
     """
     out: dict[str, float] = {}
+    for name, number in _numbers(doc, ""):
+        if len(out) >= MAX_SAMPLES:
+            break
+        if len(name) <= MAX_METRIC:
+            out[name] = number
+    return out
+
+
+def _numbers(doc: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, float]]:
     for key, value in doc.items():
         if not prefix and key in ENVELOPE:
             continue
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(numeric_samples(value, f"{name}."))
+            yield from _numbers(value, f"{name}.")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
             if math.isfinite(number):
-                out[name] = number
-    return out
+                yield name, number
 
 
 ENVELOPE = frozenset({"schema", "seq", "id", "ts"})
@@ -71,28 +104,50 @@ class DeviceFields:
 def status_fields(doc: Mapping[str, Any]) -> DeviceFields:
     """Groups, agent version and online from a status document (the Last Will too).
 
-    Fields of the wrong type are left out (None): a device's document is untrusted.
+    Fields of the wrong type, or longer than their column, are left out (None): a
+    device's document is untrusted.
     """
     groups = doc.get("groups")
     state = doc.get("state")
     return DeviceFields(
-        groups=sorted({g for g in groups if isinstance(g, str)})
-        if isinstance(groups, list)
-        else None,
-        agent_version=_str(doc.get("agent_version")),
+        groups=usable_groups(groups) if isinstance(groups, list) else None,
+        agent_version=_str(doc.get("agent_version"), MAX_AGENT_VERSION),
         online=state == "online" if state in ("online", "offline") else None,
     )
+
+
+def usable_groups(names: list[Any]) -> list[str]:
+    """The group names of a status document that the fleet accepts as group names
+    (:func:`agent.fleet.acl.check_group_name`: a topic level, no ``+ # /``; at most
+    :data:`MAX_NAME` characters, the column), sorted,
+    without repeats, at most :data:`MAX_GROUPS`: each is a row of ``device_groups``."""
+    valid = {
+        g
+        for g in names
+        if isinstance(g, str) and len(g) <= MAX_NAME and check_group_name(g) is None
+    }
+    return sorted(valid)[:MAX_GROUPS]
 
 
 def state_fields(doc: Mapping[str, Any]) -> DeviceFields:
     """The active release (model, version) and agent version from a state document."""
     version = doc.get("version")
     return DeviceFields(
-        agent_version=_str(doc.get("agent_version")),
-        model=_str(doc.get("model")),
+        agent_version=_str(doc.get("agent_version"), MAX_AGENT_VERSION),
+        model=model_name(doc.get("model")),
         version=version if isinstance(version, int) and not isinstance(version, bool) else None,
     )
 
 
-def _str(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+def _str(value: object, limit: int) -> str | None:
+    """A string of at most ``limit`` characters (its column), else None (not kept)."""
+    return value if isinstance(value, str) and len(value) <= limit else None
+
+
+def model_name(value: object) -> str | None:
+    """A model name as the agent's config accepts it (:data:`MODEL_NAME_PATTERN`), else
+    None: what a device reports running becomes a column, a filter and a label of
+    ``/metrics``."""
+    if isinstance(value, str) and re.fullmatch(MODEL_NAME_PATTERN, value):
+        return value
+    return None

@@ -33,6 +33,7 @@ from agent.server.context import ServeOptions, Server
 from agent.server.db import open_database
 from agent.server.driver import RolloutDriver
 from agent.server.ingest import Ingester
+from agent.server.limits import H11WithDeadline
 from agent.server.store import prune
 
 log = logging.getLogger("agent.server")
@@ -149,6 +150,7 @@ def _uvicorn_config(server: Server, options: ServeOptions) -> uvicorn.Config:
         log_config=None,  # our handler (agent.logs) on the root logger
         access_log=False,
         lifespan="off",
+        http=H11WithDeadline,  # a request head must arrive within 10 s (slowloris)
         server_header=False,
         proxy_headers=False,  # behind a proxy the client address is not trusted anyway
         limit_concurrency=256,

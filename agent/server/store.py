@@ -16,8 +16,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from agent.server.bulk import Telemetry, store_telemetry
 from agent.server.retention import (
+    MAX_UPDATE_ID,
     DeviceFields,
     cutoffs,
+    model_name,
     state_fields,
     status_fields,
 )
@@ -158,7 +160,8 @@ def insert_telemetry(
 
 def insert_event(conn: sa.Connection, device: str, ts: float, doc: Mapping[str, Any]) -> None:
     """Store one event document; ``model``, ``version`` and ``update_id`` as columns when
-    they have the right type, everything else in ``fields``."""
+    they have the right type and fit (a model name, an id of at most 64 characters),
+    everything else in ``fields``."""
     fields = {k: v for k, v in doc.items() if k not in ("schema", "seq", "id", "ts", "event")}
     model, version, update_id = doc.get("model"), doc.get("version"), doc.get("update_id")
     conn.execute(
@@ -166,9 +169,11 @@ def insert_event(conn: sa.Connection, device: str, ts: float, doc: Mapping[str, 
             device=device,
             ts=ts,
             event=str(doc.get("event")),
-            model=model if isinstance(model, str) else None,
+            model=model_name(model),
             version=version if isinstance(version, int) and not isinstance(version, bool) else None,
-            update_id=update_id if isinstance(update_id, str) else None,
+            update_id=update_id
+            if isinstance(update_id, str) and len(update_id) <= MAX_UPDATE_ID
+            else None,
             fields=fields,
         )
     )
