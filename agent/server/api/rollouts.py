@@ -39,7 +39,7 @@ from agent.server import rollstore
 from agent.server.auth import Caller, operator, record, viewer
 from agent.server.context import Server
 from agent.server.rollouts import STATUSES, Member
-from agent.server.schema import deploys, rollouts
+from agent.server.schema import DEVICE, deploys, rollouts
 
 router = APIRouter(prefix="/api/v1", tags=["rollouts"])
 
@@ -87,6 +87,8 @@ def _check_release(model: str | None, version: int | None) -> list[str]:
 
 def _check_name(what: str, name: str) -> list[str]:
     problem = check_device_id(name)
+    if problem is None and len(name) > DEVICE:  # the tables' column; PostgreSQL enforces it
+        problem = f"device id of {len(name)} characters, over {DEVICE}"
     if problem is None:
         return []
     return [f"{what}: {problem.replace('device id', f'{what} name')}"]
