@@ -34,7 +34,7 @@ from agent.server.db import open_database
 from agent.server.schema import deploys, rollouts
 from agent.verify import generate_keypair
 from tests.agentproc import MODEL, AgentProcess, publish_models
-from tests.broker import Mosquitto, subscriber, wait_until
+from tests.broker import Collector, Mosquitto, SecureBroker, subscriber, wait_until
 from tests.conftest import Models
 from tests.postgres import Postgres
 from tests.registry_server import RegistryServer
@@ -140,9 +140,10 @@ def _promtool(text: str) -> None:
 PROBE = "acceptance_probe"  # an event name this agent does not know: kept (forward compatible)
 
 
-def _hostile(broker: Mosquitto, device: str) -> None:
-    """Publish hostile messages on ``device``'s topics between two valid events (probe
-    ``first`` and ``last``); one more reuses ``first``'s id (probe ``forged``)."""
+def _hostile(client: Collector, device: str, *more: tuple[str, bytes]) -> list[str]:
+    """Publish hostile messages on ``device``'s topics, and ``more``, between two valid
+    events (probe ``first`` and ``last``); one more reuses ``first``'s id (probe
+    ``forged``). The broker's answers (PUBACK reasons), in order."""
     first, last = event(PROBE, probe="first"), event(PROBE, probe="last")
     forged = {**event(PROBE, probe="forged"), "id": first["id"]}
     bad: list[tuple[str, bytes]] = [
@@ -156,15 +157,30 @@ def _hostile(broker: Mosquitto, device: str) -> None:
         (f"edge/{device}/telemetry", dumps({**event(), "\x1b[31m": 1})),
         (f"edge/{device}/events", dumps({**event(), "id": "x" * 65})),
         (f"edge/{device}/events", dumps(forged)),
-        ("edge/" + "d" * 200 + "/events", dumps(event())),
+        *more,
         (f"edge/{device}/events", dumps(last)),
     ]
-    client = subscriber(broker.url, [], client_id=f"hostile-{device}")
     try:
-        for topic, payload in bad:
-            client.publish(topic, payload)
+        return [client.publish(topic, payload) for topic, payload in bad]
     finally:
         client.close()
+
+
+def _assert_counted(serve: Serve, token: str) -> dict[str, int]:
+    """Every hostile kind of :func:`_hostile` is counted in /healthz and /metrics (which
+    promtool accepts); the instance stays healthy. The malformed counts."""
+    health = _ok(serve.health())
+    malformed: dict[str, int] = health["ingest"]["malformed"]
+    assert malformed["not_json"] >= 2 and malformed["too_deep"] >= 1, health
+    assert malformed["too_large"] >= 1 and malformed["contract"] >= 3, health
+    assert malformed["key"] >= 1 and health["ingest"]["duplicates"] >= 1, health
+    assert health["status"] == "ok", health
+    scraped = _ok(serve.get("/metrics", token))
+    _promtool(scraped)
+    for result in ("not_json", "too_deep", "too_large", "contract", "key"):
+        line = f'edge_fleet_ingest_messages_total{{result="malformed_{result}"}}'
+        assert f"{line} 0.0" not in scraped and line in scraped, result
+    return malformed
 
 
 def _probes(serve: Serve, token: str, device: str) -> list[str]:
@@ -258,23 +274,15 @@ def test_serve_with_real_agents_roles_a_restart_mid_rollout_and_hostile_messages
         assert wait_until(lambda: _versions(second, eyes) == everyone, 20), _versions(second, eyes)
 
         # hostile messages on a device's topics: counted, skipped, ingestion goes on
-        _hostile(broker, DEVICES[0])
+        hostile = subscriber(broker.url, [], client_id=f"hostile-{DEVICES[0]}")
+        _hostile(hostile, DEVICES[0], ("edge/" + "d" * 200 + "/events", dumps(event())))
         assert wait_until(lambda: _probes(second, eyes, DEVICES[0]) == ["first", "last"], 20), (
             f"{_probes(second, eyes, DEVICES[0])}: {json.dumps(second.health().body)}"
         )
-        health = _ok(second.health())
-        malformed = health["ingest"]["malformed"]
-        assert malformed["not_json"] >= 2 and malformed["too_deep"] >= 1, health
-        assert malformed["too_large"] >= 1 and malformed["contract"] >= 3, health
-        assert malformed["key"] >= 1 and malformed["topic"] >= 1, health
-        assert health["ingest"]["duplicates"] >= 1, health
-        assert health["status"] == "ok", health
+        assert _assert_counted(second, eyes)["topic"] >= 1  # an id longer than the column
         scraped = _ok(second.get("/metrics", eyes))
-        _promtool(scraped)
         assert f'edge_fleet_devices{{model="{MODEL}",online="true",version="2"}} 4.0' in scraped
-        for result in ("not_json", "too_deep", "too_large", "contract", "key", "topic"):
-            line = f'edge_fleet_ingest_messages_total{{result="malformed_{result}"}}'
-            assert f"{line} 0.0" not in scraped and line in scraped, result
+        assert 'edge_fleet_update_outcomes_total{outcome="succeeded"} 0.0' not in scraped
         for path in (
             "/api/v1/devices",
             f"/api/v1/devices/{DEVICES[0]}",
@@ -284,15 +292,34 @@ def test_serve_with_real_agents_roles_a_restart_mid_rollout_and_hostile_messages
             f"/api/v1/rollouts/{rollout_id}",
         ):
             assert second.get(path, eyes).status == 200, path
+        hostile_requests = [  # answered 4xx, one line of detail; never a 500
+            ("GET", f"/api/v1/devices/{'x' * 5000}", None),
+            ("GET", "/api/v1/devices/%00%ff", None),
+            ("GET", f"/api/v1/devices/{DEVICES[0]}/telemetry?since=nan&step=0", None),
+            ("GET", f"/api/v1/devices/{DEVICES[0]}/telemetry?since=0&until=1e11&step=10", None),
+            ("GET", "/api/v1/events?since=-1e308&limit=99999999999999999999", None),
+            ("GET", "/api/v1/rollouts/" + "r" * 10_000, None),
+            ("POST", "/api/v1/rollouts", {"model": "../x", "version": -1, "group": "#"}),
+            ("POST", "/api/v1/rollouts", {**wanted, "canary_pct": float("inf")}),
+            ("POST", "/api/v1/deploy", {"device": "a" * 500, "model": MODEL, "version": 2}),
+            ("POST", f"/api/v1/rollouts/{rollout_id}/resume", None),
+        ]
+        for method, path, body in hostile_requests:
+            reply = call(method, f"{second.url}{path}", token=ops, body=body)
+            assert 400 <= reply.status < 500, (path, reply.status, reply.body)
+            assert isinstance(reply.body, dict) and "\n" not in str(reply.body["detail"]), reply
 
         # the operator's actions are in the audit log; the viewer's refusals did nothing
         entries = _ok(second.get("/api/v1/audit", ops))["entries"]
-        acts = [(e["who"], e["action"], e["outcome"]) for e in reversed(entries)]
-        assert acts[-3:] == [
-            ("ops", "rollout.create", "ok"),
-            ("ops", "rollout.create", "refused"),
-            ("ops", "deploy", "refused"),
+        acts = [(e["action"], e["target"], e["outcome"]) for e in reversed(entries)]
+        assert [a[0] for a in acts[:2]] == ["token.create"] * 2
+        assert acts[2:5] == [
+            ("rollout.create", f"group:{GROUP}", "ok"),
+            ("rollout.create", f"group:{GROUP}", "refused"),
+            ("deploy", f"group:{GROUP}", "refused"),
         ], acts
+        assert {a[2] for a in acts[5:]} <= {"invalid", "refused"}, acts  # the hostile POSTs
+        assert all(e["who"] == "ops" for e in entries if e["action"] != "token.create")
         assert not [e for e in entries if e["who"] == "grafana"]
 
         # edge-fleet rollout --server follows a second one: the group back to v1
@@ -373,3 +400,30 @@ def test_two_serve_instances_on_postgresql_one_killed_mid_rollout_the_other_fini
         for fake in fakes.values():
             fake.close()
         engine.dispose()
+
+
+def test_hostile_messages_with_a_devices_certificate_are_counted_and_ingestion_goes_on(
+    tmp_path: Path, secure_broker: SecureBroker
+) -> None:
+    """Behind the fleet's ACL: the hostile messages come with dev-a's certificate; what
+    dev-a publishes on dev-b's topics the broker refuses, and the server never sees."""
+    admin = secure_broker.client_cert("fleet")
+    tls = (
+        "--broker", secure_broker.broker.tls_url, "--ca", str(secure_broker.ca.cert_path),
+        "--cert", str(admin.cert), "--key", str(admin.key),
+    )  # fmt: skip
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    eyes = new_token(db, "grafana", "viewer")
+    with serving(tmp_path, secure_broker.broker, db, *tls) as serve:
+        serve.wait_health(200, START_S)
+        impostor = ("edge/dev-b/events", dumps(event(PROBE, probe="impostor")))
+        acks = _hostile(secure_broker.client("dev-a", client_id="dev-a"), "dev-a", impostor)
+        assert acks.count("Not authorized") == 1, acks  # dev-b's topic, and only that
+        assert wait_until(lambda: _probes(serve, eyes, "dev-a") == ["first", "last"], 20), (
+            f"{_probes(serve, eyes, 'dev-a')}: {json.dumps(serve.health().body)}"
+        )
+        _assert_counted(serve, eyes)
+        assert _probes(serve, eyes, "dev-b") == []
+        assert serve.get("/api/v1/devices/dev-b", eyes).status == 404
+        assert serve.stop() == 0
+        assert "Traceback" not in serve.log()
