@@ -93,6 +93,7 @@ DEEP = b'{"a":' * 40 + b"1" + b"}" * 40
         ("edge/groups/events", dumps(event()), "topic"),
         ("edge/cam-1/results", dumps(event()), "topic"),
         ("edge/cam-1/events/x", dumps(event()), "topic"),
+        ("edge/" + "d" * 129 + "/events", dumps(event()), "topic"),  # over the id column
         ("edge/cam-1/events", b"not json", "not_json"),
         ("edge/cam-1/events", b"\xff\xfe", "not_json"),
         ("edge/cam-1/events", b"[1, 2]", "not_json"),
@@ -122,6 +123,13 @@ def test_read_takes_a_device_message_or_says_why_not(
     else:
         assert got.stream == expected
         assert got.device == "cam-1"
+
+
+def test_a_newer_agents_event_name_is_kept_in_the_stored_document() -> None:
+    newer = read("edge", "edge/cam-1/events", dumps(event("no_such_event", detail="x")))
+    assert isinstance(newer, Inbound)
+    assert newer.doc["event"] == "no_such_event" and newer.doc["detail"] == "x"
+    assert read("edge", "edge/" + "d" * 128 + "/events", dumps(event())).stream == "events"  # type: ignore[union-attr]
 
 
 def test_a_message_without_an_id_is_keyed_by_its_bytes() -> None:

@@ -6,7 +6,8 @@ document, the key it is stored under once) or a :class:`Malformed` with a reason
 :data:`REASONS`; nothing it is given makes it raise.
 
 - The topic: ``<prefix>/<device>/<stream>`` with a device id as the fleet accepts it
-  (:func:`agent.fleet.acl.check_device_id`), or ``<prefix>/<device>/reply[/…]``.
+  (:func:`agent.fleet.acl.check_device_id`) and the tables hold (at most
+  :data:`agent.server.schema.DEVICE` characters), or ``<prefix>/<device>/reply[/…]``.
 - The bytes: at most :data:`agent.fleet.reports.MAX_BYTES`, nested at most
   :data:`~agent.fleet.reports.MAX_DEPTH`, a JSON object by
   :func:`agent.strictjson.parse_object`'s rules.
@@ -36,6 +37,7 @@ from agent.contract import validator
 from agent.errors import DocumentError
 from agent.fleet.acl import check_device_id
 from agent.fleet.reports import MAX_BYTES, MAX_DEPTH, clean, printable
+from agent.server.schema import DEVICE
 from agent.strictjson import nesting_depth, parse_object
 
 Stream = Literal["status", "state", "telemetry", "events", "reply"]
@@ -96,6 +98,8 @@ def parse_topic(prefix: str, topic: str) -> tuple[str, Stream] | Malformed:
     problem = check_device_id(device)
     if problem is not None:
         return Malformed("topic", problem)
+    if len(device) > DEVICE:  # PostgreSQL would refuse the row; SQLite would keep it
+        return Malformed("topic", f"device id of {len(device)} characters, over {DEVICE}")
     if stream == "reply":
         return device, "reply"
     if len(levels) == 2:
@@ -144,6 +148,10 @@ def read(prefix: str, topic: str, payload: bytes) -> Inbound | Malformed:
     if key is None:
         return Malformed("key", f"id is not a string of 1 to {MAX_KEY} characters")
     cleaned, _ = clean(stream, doc)
+    if stream == "events" and "event" not in cleaned:
+        # clean() keeps only the event names this agent knows; the contract check above
+        # let through a newer agent's only when it is a plain name: keep it
+        cleaned["event"] = doc["event"]
     ts = doc.get("ts")  # the contract made it a number
     return Inbound(device, stream, cleaned, key, float(ts) if isinstance(ts, int | float) else None)
 
