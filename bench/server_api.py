@@ -51,6 +51,7 @@ from agent.server.context import ServeOptions, Server  # noqa: E402
 from agent.server.db import open_database  # noqa: E402
 from agent.server.ingest import IngestOptions  # noqa: E402
 from agent.server.retention import numeric_samples  # noqa: E402
+from agent.server.serve import settle_heap  # noqa: E402
 from agent.server.store import insert_telemetry, upsert_device  # noqa: E402
 from tests.postgres import Postgres, binaries  # noqa: E402
 from tests.serverhttp import Reply, call, running  # noqa: E402
@@ -153,6 +154,7 @@ def bench(url: str, args: argparse.Namespace) -> None:
         return {"ok": True}
 
     app.add_api_route("/bench/baseline", baseline, methods=["GET"])
+    settle_heap()  # as edge-fleet serve does before it serves
     since = now - 7 * DAY_S
     routes = {
         "baseline": "/bench/baseline",

@@ -18,6 +18,7 @@ This module holds no business logic.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
@@ -90,6 +91,7 @@ def run(options: ServeOptions) -> int:
     try:
         driver.start()
         pruner.start()
+        settle_heap()
         try:
             web.run()
         except SystemExit:  # uvicorn's own exit on a failed start (it logged why)
@@ -105,6 +107,14 @@ def run(options: ServeOptions) -> int:
         return 1
     log.info("stopped")
     return 0
+
+
+def settle_heap() -> None:
+    """Move what start-up allocated (modules, the app, the engine) out of the garbage
+    collector's reach: a full collection then scans only what requests allocate. Without
+    it, a 1,000-device list paid 60–90 ms pauses at p95 (bench/server_api.py)."""
+    gc.collect()
+    gc.freeze()
 
 
 class _Uvicorn(uvicorn.Server):
