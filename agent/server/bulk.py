@@ -10,7 +10,9 @@ is a round trip; bench/server_ingest.py).
 
 The SQL is written by hand: SQLAlchemy compiles a multi-row VALUES anew on every call
 (its statement cache does not take them), which cost more than the round trips it
-saved. The same text runs on SQLite (≥ 3.24) and PostgreSQL. Rows are written in key
+saved. SQLite (≥ 3.24) takes multi-row VALUES; PostgreSQL takes arrays through
+``unnest``, a few parameters whatever the rows (psycopg parses a query of more than 50
+parameters anew on every call). Rows are written in key
 order, so instances sharing a database take row locks in the same order.
 """
 
@@ -90,6 +92,11 @@ def record_messages(conn: sa.Connection, keys: Sequence[Key]) -> set[str]:
     of one key from two connections store one row; the loser waits for the winner)."""
     new: set[str] = set()
     rows = sorted({k.id: k for k in keys}.values(), key=lambda k: k.id)
+    if conn.dialect.name == "postgresql":
+        arrays = {"i": [k.id for k in rows], "d": [k.device for k in rows],
+                  "s": [k.stream for k in rows], "q": [k.seq for k in rows],
+                  "t": [k.ts for k in rows], "r": [k.received for k in rows]}  # fmt: skip
+        return set(conn.execute(_PG_MESSAGES, arrays).scalars())
     for chunk in _chunks(rows):
         params: dict[str, Any] = {}
         for i, k in enumerate(chunk):
@@ -103,13 +110,16 @@ def store_telemetry(conn: sa.Connection, docs: Sequence[Telemetry]) -> None:
     """Store ``docs``: raw samples, minute aggregates, and each device's newest document
     on its row unless the row holds a newer one (a replayed outbox sends old telemetry
     after new). A device without a row yet gets no row from its telemetry."""
-    raw = [(d.device, d.ts, m, v) for d in docs for m, v in d.samples.items()]
+    raw = [(d.device, d.ts, m, float(v)) for d in docs for m, v in d.samples.items()]
+    aggs = sorted(fold(docs).items())
+    if conn.dialect.name == "postgresql":
+        _pg_telemetry(conn, raw, aggs)
+        raw, aggs = [], []
     for chunk in _chunks(raw):
         params: dict[str, Any] = {}
         for i, (device, ts, metric, value) in enumerate(chunk):
             params.update({f"d{i}": device, f"t{i}": ts, f"m{i}": metric, f"v{i}": value})
         conn.execute(_raw_insert(len(chunk)), params)
-    aggs = sorted(fold(docs).items())
     for chunk_ in _chunks(aggs):
         params = {}
         for i, ((device, metric, bucket), a) in enumerate(chunk_):
@@ -125,6 +135,55 @@ def store_telemetry(conn: sa.Connection, docs: Sequence[Telemetry]) -> None:
             )
             .values(telemetry=dict(doc.doc or {}), telemetry_ts=doc.ts)
         )
+
+
+def _pg_telemetry(
+    conn: sa.Connection,
+    raw: list[tuple[str, float, str, float]],
+    aggs: list[tuple[tuple[str, str, float], Agg]],
+) -> None:
+    """PostgreSQL: each as arrays through ``unnest``: four or seven parameters whatever
+    the rows (psycopg parses a query with more than 50 parameters anew every time)."""
+    if raw:
+        device, ts, metric, value = (list(c) for c in zip(*raw, strict=True))
+        conn.execute(_PG_RAW, {"d": device, "t": ts, "m": metric, "v": value})
+    if aggs:
+        conn.execute(
+            _PG_AGG,
+            {
+                "d": [k[0] for k, _ in aggs],
+                "m": [k[1] for k, _ in aggs],
+                "b": [k[2] for k, _ in aggs],
+                "lo": [a.min for _, a in aggs],
+                "hi": [a.max for _, a in aggs],
+                "s": [a.sum for _, a in aggs],
+                "n": [a.count for _, a in aggs],
+            },
+        )
+
+
+_PG_MESSAGES = sa.text(
+    "INSERT INTO messages (id, device, stream, seq, ts, received) "
+    "SELECT * FROM unnest(CAST(:i AS text[]), CAST(:d AS text[]), CAST(:s AS text[]), "
+    "CAST(:q AS bigint[]), CAST(:t AS float8[]), CAST(:r AS float8[])) "
+    "ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+_PG_RAW = sa.text(
+    "INSERT INTO telemetry_raw (device, ts, metric, value) "
+    "SELECT * FROM unnest(CAST(:d AS text[]), CAST(:t AS float8[]), CAST(:m AS text[]), "
+    "CAST(:v AS float8[]))"
+)
+_PG_AGG = sa.text(
+    'INSERT INTO telemetry_agg (device, metric, bucket, "min", "max", "sum", "count") '
+    "SELECT * FROM unnest(CAST(:d AS text[]), CAST(:m AS text[]), CAST(:b AS float8[]), "
+    "CAST(:lo AS float8[]), CAST(:hi AS float8[]), CAST(:s AS float8[]), "
+    "CAST(:n AS integer[])) "
+    "ON CONFLICT (device, metric, bucket) DO UPDATE SET "
+    '"min" = least(telemetry_agg."min", excluded."min"), '
+    '"max" = greatest(telemetry_agg."max", excluded."max"), '
+    '"sum" = telemetry_agg."sum" + excluded."sum", '
+    '"count" = telemetry_agg."count" + excluded."count"'
+)
 
 
 def _chunks(rows: Sequence[Any]) -> list[Sequence[Any]]:
