@@ -519,3 +519,46 @@ def test_releases_without_or_with_an_unreachable_registry_are_503(
     with serving(sqlite_url, registry=str(tmp_path / "nowhere")) as api:
         reply = api.get("/api/v1/releases")
     assert reply.status == 503 and "nowhere" in reply.body["detail"]
+
+
+def test_the_deploy_history_is_filtered_newest_first(db_url: str) -> None:
+    from agent.server.schema import deploys
+
+    rows = [
+        ("d1", 100.0, "ops", "device", "cam-1", "colours", 2, None),
+        ("d2", 200.0, "ops", "group", "door", "colours", 3, None),
+        ("r1:a", 300.0, "ops", "device", "cam-2", "colours", 3, "r1"),
+        ("d3", 400.0, "ops", "device", "cam-1", "faces", 1, None),
+    ]
+    with serving(db_url) as api:
+        with api.engine.begin() as conn:
+            for id_, created, who, kind, target, model, version, rollout in rows:
+                conn.execute(
+                    deploys.insert().values(
+                        id=id_, created=created, who=who, target_kind=kind, target=target,
+                        model=model, version=version, rollout_id=rollout,
+                        desired={"issued_at": created, "keyid": "k", "signature": "s"},
+                    )
+                )  # fmt: skip
+
+        def ids(**params: Any) -> list[str]:
+            reply = api.get("/api/v1/deploys", **params)
+            assert reply.status == 200, reply.body
+            return [d["id"] for d in reply.body["deploys"]]
+
+        assert ids() == ["d3", "r1:a", "d2", "d1"]
+        assert ids(device="cam-1") == ["d3", "d1"]
+        assert ids(group="door") == ["d2"]
+        assert ids(model="colours", limit=2) == ["r1:a", "d2"]
+        assert ids(rollout="r1") == ["r1:a"]
+        assert ids(since=200, until=300) == ["r1:a", "d2"]
+        first = api.get("/api/v1/deploys", device="cam-2").body["deploys"][0]
+        assert first == {
+            "id": "r1:a", "created": 300.0, "who": "ops", "target": "device:cam-2",
+            "model": "colours", "version": 3, "issued_at": 300.0, "signed": True,
+            "rollout_id": "r1",
+        }  # fmt: skip
+        for bad in ({"device": "a", "group": "b"}, {"since": 5, "until": 1}, {"limit": 0}):
+            reply = api.get("/api/v1/deploys", **bad)
+            assert reply.status == 422 and isinstance(reply.body["detail"], str), (bad, reply)
+        assert api.get("/api/v1/deploys", token=None).status == 401

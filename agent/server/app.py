@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from agent import __version__
-from agent.server.api import audit, health, read, rollouts
+from agent.server.api import audit, health, history, read, rollouts
 from agent.server.auth import viewer
 from agent.server.context import Server
 from agent.server.limits import BodyLimit
@@ -39,7 +39,7 @@ def create_app(server: Server) -> FastAPI:
     )
     app.state.server = server
     app.add_middleware(BodyLimit)  # before FastAPI reads a body, and before any token check
-    for module in (health, read, rollouts, audit):
+    for module in (health, read, rollouts, history, audit):
         app.include_router(module.router)
 
     @app.get("/api/v1/openapi.json", include_in_schema=False, dependencies=[Depends(viewer)])
