@@ -469,6 +469,26 @@ def test_a_silent_device_fails_after_the_timeout_and_is_set_back(rig: Rig) -> No
     assert back is not None and (back["version"], back["issued_at"]) == (1, m.take_back_at)
 
 
+def test_devices_news_wakes_the_driver_so_a_step_ends_when_its_devices_report(
+    rig: Rig,
+) -> None:
+    """With a tick of 30 s, the three steps (canary, two halves) finish within seconds:
+    each state the ingester stores nudges the driver, which judges the step then."""
+    for name in ("d1", "d2", "d3", "d4"):
+        rig.add(name)
+    rig.wait_members(4)
+    rollout_id = rig.create()
+    driver = RolloutDriver(rig.server(), tick_s=30.0)
+    rig.ingester.on_news = driver.nudge
+    started = time.monotonic()
+    driver.start()
+    rig.drivers.append(driver)
+    assert rig.wait_status(rollout_id, "succeeded", "halted") == "succeeded", rig.rows(rollout_id)
+    took = time.monotonic() - started
+    assert took < 10.0, took  # without the nudges: two more ticks, 60 s
+    assert all(d.version == 2 for d in rig.devices.values())
+
+
 def test_a_restarted_driver_resumes_without_re_running_finished_steps(rig: Rig) -> None:
     names = ["d1", "d2", "d3", "d4"]
     for name in names:

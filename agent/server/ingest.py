@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
 BATCH_MAX = 200  # messages stored in one transaction: one commit, not one per message
+NEWS = frozenset({"status", "state", "events"})  # what a rollout step is judged on
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,9 @@ class Ingester:
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.on_publish = self._on_publish
+        # Called (from the worker) after a commit that stored news from a device (a
+        # status, a state or an event): serve wires the rollout driver's nudge here.
+        self.on_news: Callable[[], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -364,6 +368,9 @@ class Ingester:
         self._count_stored(good, results)
         for pending in batch:
             self._ack(pending)
+        news = any(r is True and m.stream in NEWS for (_, m), r in zip(good, results, strict=True))
+        if news and self.on_news is not None:
+            self.on_news()
 
     def _one_by_one(self, batch: list[tuple[_Pending, Inbound]]) -> list[bool | None]:
         """Each message in its own transaction, after their batch was refused: the one

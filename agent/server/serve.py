@@ -69,6 +69,7 @@ def run(options: ServeOptions) -> int:
         return 2
     server = Server(options, engine, publisher=ingester, ingest_stats=ingester.snapshot)
     driver = RolloutDriver(server)
+    ingester.on_news = driver.nudge  # a step is judged when its devices report, not a tick later
     stop_pruning = threading.Event()
     pruner = threading.Thread(
         target=_prune_loop, args=(server, stop_pruning), name="prune", daemon=True
