@@ -72,6 +72,22 @@ class BrokerOptions:
         return parts.hostname, port, tls
 
 
+def options_from_args(args: Any, *, timeout_s: float | None = None) -> BrokerOptions:
+    """The broker options of a fleet command's parsed ``args`` (``--broker``, ``--ca``,
+    ``--cert``, ``--key``, ``--username``, ``--password-file``, ``--prefix``,
+    ``--connect-timeout``, or ``timeout_s`` instead of the last)."""
+    return BrokerOptions(
+        url=args.broker or "",
+        ca=args.ca,
+        cert=args.cert,
+        key=args.key,
+        username=args.username,
+        password_file=args.password_file,
+        prefix=args.prefix,
+        timeout_s=args.connect_timeout if timeout_s is None else timeout_s,
+    )
+
+
 @dataclass(frozen=True)
 class Message:
     topic: str

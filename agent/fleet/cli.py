@@ -27,7 +27,7 @@ from agent.config import MODEL_NAME_PATTERN
 from agent.desired import desired_topic, parse_desired
 from agent.errors import ConfigError, EdgeAgentError, VerificationError
 from agent.fleet.acl import check_device_id, check_prefix, render_acl
-from agent.fleet.broker import BrokerOptions, FleetBroker
+from agent.fleet.broker import FleetBroker, options_from_args
 from agent.fleet.deploy import Watched, desired_payload, issue_time, watch
 from agent.fleet.publish import (
     DEFAULT_INDEX_EXPIRY_DAYS,
@@ -447,18 +447,7 @@ def _broker(args: argparse.Namespace) -> FleetBroker:
     if problem:
         raise ConfigError([f"--prefix: {problem}"])
     _seconds("--connect-timeout", args.connect_timeout)
-    return FleetBroker(
-        BrokerOptions(
-            url=args.broker,
-            ca=args.ca,
-            cert=args.cert,
-            key=args.key,
-            username=args.username,
-            password_file=args.password_file,
-            prefix=args.prefix,
-            timeout_s=args.connect_timeout,
-        )
-    )
+    return FleetBroker(options_from_args(args))
 
 
 def _check_names(device: str | None = None, group: str | None = None) -> None:

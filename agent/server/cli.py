@@ -205,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
     """The options of ``serve``, every one checked; ConfigError lists what is wrong."""
-    from agent.fleet.broker import BrokerOptions
+    from agent.fleet.broker import options_from_args
     from agent.server.context import ServeOptions
     from agent.server.db import parse_url
     from agent.server.ingest import IngestOptions
@@ -251,16 +251,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         parse_url(args.db)
     except Exception as exc:  # DatabaseError: a URL we do not take
         problems.append(f"--db: {exc}")
-    broker = BrokerOptions(
-        url=args.broker or "",
-        ca=args.ca,
-        cert=args.cert,
-        key=args.key,
-        username=args.username,
-        password_file=args.password_file,
-        prefix=args.prefix,
-        timeout_s=args.connect_timeout if math.isfinite(args.connect_timeout) else 10.0,
-    )
+    timeout = args.connect_timeout if math.isfinite(args.connect_timeout) else 10.0
+    broker = options_from_args(args, timeout_s=timeout)
     if args.broker:
         try:
             broker.endpoint()
