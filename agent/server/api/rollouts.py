@@ -69,6 +69,11 @@ class RolloutRequest(BaseModel):
     canary_pct: float = Field(10.0, description="share updated first, at least one device")
     step_pct: float = Field(25.0, description="share per later step")
     timeout_s: float = Field(900.0, description="silence allowed per device, in seconds")
+    max_device_s: float | None = Field(
+        None,
+        description="longest a device may stay pending after its desired state is sent, "
+        "however much it reports (default: the larger of timeout_s and 3555 s)",
+    )
 
 
 def _server(request: Request) -> Server:
@@ -199,6 +204,12 @@ def create_rollout(
     problems = _check_release(body.model, body.version) + _check_name("group", body.group)
     if not (math.isfinite(body.timeout_s) and 0 < body.timeout_s <= MAX_TIMEOUT_S):
         problems.append(f"timeout_s: {body.timeout_s:g} is not a number of seconds in (0, 604800]")
+    elif body.max_device_s is not None and not (
+        math.isfinite(body.max_device_s) and body.timeout_s <= body.max_device_s <= MAX_TIMEOUT_S
+    ):
+        problems.append(
+            f"max_device_s: {body.max_device_s:g} is not a number of seconds in [timeout_s, 604800]"
+        )
     try:
         plan([], body.group, body.canary_pct, body.step_pct)
     except ConfigError as exc:
@@ -237,6 +248,7 @@ def create_rollout(
                 timeout_s=body.timeout_s,
                 members=members,
                 now=server.clock(),
+                max_device_s=body.max_device_s,
             )
     except (rollstore.GroupBusy, IntegrityError) as exc:
         busy = exc.args[0] if isinstance(exc, rollstore.GroupBusy) else "another"
