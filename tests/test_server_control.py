@@ -9,19 +9,27 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from agent.server import rollstore
+from agent.server.app import create_app
+from agent.server.context import Server
 from agent.server.rollouts import DEFAULT_MAX_DEVICE_S, Member, Observed, Step, advance, due
+from agent.server.schema import audit
 from tests.broker import Mosquitto, wait_until
+from tests.conftest import Fleet
+from tests.serverhttp import call, running
 from tests.test_server_rollouts import (
     T0,
     FakeDevice,
     Rig,
     _issuer,
     _rollout,
+    _tokens,
     _update,
 )
 
@@ -108,3 +116,89 @@ def test_a_device_reporting_progress_for_ever_fails_at_max_device_s(rig: Rig) ->
     assert d1.seconds is not None and 3.0 <= d1.seconds < 10.0
     device = rig.devices["d1"]
     assert wait_until(lambda: (device.got()[-1] or {}).get("version") == 1, 10.0)
+
+
+# -- an operator's requests racing a rollout -----------------------------------------------
+
+
+def _server_with(rig: Rig, registry: str | None = None) -> Server:
+    server = rig.server()
+    return replace(server, options=replace(server.options, registry=registry))
+
+
+def test_a_deploy_into_a_running_rollout_is_refused_for_its_group_and_its_members(
+    rig: Rig,
+) -> None:
+    for name in ("d1", "d2"):
+        rig.add(name, "silent")
+    rig.wait_members(2)
+    ops, _ = _tokens(rig.engine)
+    body = {"model": "colours", "version": 2, "group": "door", "canary_pct": 50, "step_pct": 50}
+    with running(create_app(rig.server())) as url:
+        api = f"{url}/api/v1"
+        bad = call("POST", f"{api}/rollouts", token=ops, body={**body, "timeout_s": 60,
+                                                               "max_device_s": 30})  # fmt: skip
+        assert bad.status == 422 and bad.body["detail"].startswith("max_device_s: 30")
+        made = call("POST", f"{api}/rollouts", token=ops, body=body)
+        assert made.status == 201, made.body
+        rid = made.body["id"]
+        for target in ({"device": "d1"}, {"device": "d2"}, {"group": "door"}):
+            for change in ({"model": "colours", "version": 3}, {"clear": True}):
+                got = call("POST", f"{api}/deploy", token=ops, body={**target, **change})
+                assert got.status == 409, (target, change, got.body)
+                assert rid in got.body["detail"] and "abort it first" in got.body["detail"]
+        other = call("POST", f"{api}/deploy", token=ops,
+                     body={"device": "d9", "model": "colours", "version": 3})  # fmt: skip
+        assert other.status == 202, other.body  # not a member: free
+        # two aborts at once: exactly one takes it, the other is told why
+        replies: list[int] = []
+
+        def abort() -> None:
+            replies.append(call("POST", f"{api}/rollouts/{rid}/abort", token=ops).status)
+
+        threads = [threading.Thread(target=abort) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10.0)
+        assert sorted(replies) == [200, 409]
+        assert call("POST", f"{api}/rollouts/{rid}/resume", token=ops).status == 409
+        rig.driver()
+        assert rig.wait_status(rid, "aborted") == "aborted"
+        # finished: the group and its devices are the operator's again
+        again = call("POST", f"{api}/deploy", token=ops, body={"device": "d1", "clear": True})
+        assert again.status == 202, again.body
+    with rig.engine.connect() as conn:
+        refused = conn.execute(
+            sa.select(sa.func.count()).where(audit.c.outcome == "refused",
+                                             audit.c.action.like("deploy%"))
+        ).scalar()  # fmt: skip
+    assert refused == 6
+
+
+def test_a_rollout_or_deploy_of_a_release_the_registry_lacks_is_refused(
+    rig: Rig, fleet: Fleet
+) -> None:
+    fleet.release(2, model="colours")
+    rig.add("d1")
+    rig.wait_members(1)
+    ops, _ = _tokens(rig.engine)
+    body = {"model": "colours", "version": 2, "group": "door"}
+    with running(create_app(_server_with(rig, str(fleet.registry)))) as url:
+        api = f"{url}/api/v1"
+        nine = call("POST", f"{api}/rollouts", token=ops, body={**body, "version": 9})
+        assert nine.status == 422
+        assert nine.body["detail"] == (
+            "colours v9 is not a release in the registry: "
+            "colours/index.json lists no v9 (it lists v2)"
+        )
+        ghost = call("POST", f"{api}/deploy", token=ops,
+                     body={"model": "ghost", "version": 1, "device": "d1"})  # fmt: skip
+        assert ghost.status == 422 and "ghost/index.json: not found" in ghost.body["detail"]
+        assert rig.devices["d1"].got() == []  # nothing was published
+        made = call("POST", f"{api}/rollouts", token=ops, body=body)
+        assert made.status == 201, made.body
+    with running(create_app(_server_with(rig, "http://127.0.0.1:1/"))) as url:
+        away = call("POST", f"{url}/api/v1/deploy", token=ops,
+                    body={"model": "colours", "version": 2, "device": "d9"})  # fmt: skip
+        assert away.status == 503 and "registry unavailable" in away.body["detail"]

@@ -73,6 +73,17 @@ def active_in(conn: sa.Connection, group: str) -> str | None:
     return row.id if row is not None else None
 
 
+def active_for_device(conn: sa.Connection, device: str) -> str | None:
+    """The id of an unfinished rollout that has ``device`` among its members, if any
+    (its per-device desired state is the rollout's to set and clear)."""
+    row = conn.execute(
+        sa.select(rollouts.c.id)
+        .join(rollout_devices, rollout_devices.c.rollout_id == rollouts.c.id)
+        .where(rollout_devices.c.device == device, rollouts.c.status.in_(ACTIVE))
+    ).first()
+    return row.id if row is not None else None
+
+
 def create(
     conn: sa.Connection,
     *,
