@@ -6,6 +6,8 @@ databases, real uvicorn, as in tests/test_server_rollouts.py."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,8 +20,10 @@ import sqlalchemy as sa
 from agent.server import rollstore
 from agent.server.app import create_app
 from agent.server.context import Server
+from agent.server.db import open_database
+from agent.server.metrics import MAX_RELEASES, fold_releases, read_figures, render
 from agent.server.rollouts import DEFAULT_MAX_DEVICE_S, Member, Observed, Step, advance, due
-from agent.server.schema import audit
+from agent.server.schema import audit, devices
 from tests.broker import Mosquitto, wait_until
 from tests.conftest import Fleet
 from tests.serverhttp import call, running
@@ -32,6 +36,8 @@ from tests.test_server_rollouts import (
     _tokens,
     _update,
 )
+
+PROMTOOL = shutil.which("promtool")
 
 # -- a device reporting progress for ever ------------------------------------------------
 
@@ -202,3 +208,56 @@ def test_a_rollout_or_deploy_of_a_release_the_registry_lacks_is_refused(
         away = call("POST", f"{url}/api/v1/deploy", token=ops,
                     body={"model": "colours", "version": 2, "device": "d9"})  # fmt: skip
         assert away.status == 503 and "registry unavailable" in away.body["detail"]
+
+
+# -- /metrics against a fleet inventing model names ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rows", "keep", "expected"),
+    [
+        ([("a", "1", True, 5), ("b", "1", True, 1)], 2,
+         [("a", "1", True, 5), ("b", "1", True, 1)]),
+        ([("a", "1", True, 5), ("b", "1", False, 1), ("c", "2", True, 2), ("b", "1", True, 1)], 1,
+         [("_other", "_other", False, 1), ("_other", "_other", True, 3), ("a", "1", True, 5)]),
+        ([("z", "1", True, 2), ("y", "1", True, 2)], 1,  # a tie: by name
+         [("_other", "_other", True, 2), ("y", "1", True, 2)]),
+    ],
+)  # fmt: skip
+def test_fold_releases_keeps_the_biggest_pairs_and_sums_the_rest(
+    rows: list[tuple[str, str, bool, int]], keep: int, expected: list[tuple[str, str, bool, int]]
+) -> None:
+    assert fold_releases(rows, keep) == expected
+
+
+def test_metrics_series_stay_bounded_when_devices_invent_thousands_of_models(
+    db_url: str,
+) -> None:
+    engine = open_database(db_url)
+    try:
+        rows = [
+            {"id": f"dev-{i}", "groups": [], "model": f"junk-{i}", "version": i % 7,
+             "first_seen": T0, "last_seen": T0, "online": i % 2 == 0}
+            for i in range(3000)
+        ] + [
+            {"id": f"real-{i}", "groups": [], "model": "colours", "version": 2,
+             "first_seen": T0, "last_seen": T0, "online": True}
+            for i in range(10)
+        ]  # fmt: skip
+        with engine.begin() as conn:
+            conn.execute(devices.insert(), rows)
+        with engine.connect() as conn:
+            text = render(read_figures(conn), None, "srv-a").decode()
+    finally:
+        engine.dispose()
+    series = [line for line in text.splitlines() if line.startswith("edge_fleet_devices{")]
+    assert len(series) <= 2 * (MAX_RELEASES + 1)
+    assert 'edge_fleet_devices{model="colours",online="true",version="2"} 10.0' in series
+    other = [s for s in series if 'model="_other"' in s]
+    assert sum(float(s.rsplit(" ", 1)[1]) for s in series) == 3010  # every device counted
+    assert len(other) == 2
+    if PROMTOOL is not None:
+        checked = subprocess.run(
+            [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
