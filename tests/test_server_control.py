@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from agent.server import rollstore
+from agent.server import lease, rollstore
 from agent.server.app import create_app
 from agent.server.context import Server
 from agent.server.db import open_database
+from agent.server.driver import RolloutDriver
 from agent.server.metrics import MAX_RELEASES, fold_releases, read_figures, render
 from agent.server.rollouts import DEFAULT_MAX_DEVICE_S, Member, Observed, Step, advance, due
-from agent.server.schema import audit, devices
+from agent.server.schema import audit, devices, leases
 from tests.broker import Mosquitto, wait_until
 from tests.conftest import Fleet
 from tests.serverhttp import call, running
@@ -261,3 +262,32 @@ def test_metrics_series_stay_bounded_when_devices_invent_thousands_of_models(
             [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
         )
         assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# -- the lease under clock skew ----------------------------------------------------------
+
+
+def test_an_instance_whose_clock_runs_30_s_ahead_does_not_take_a_held_lease(rig: Rig) -> None:
+    rig.add("d1", "silent")
+    rig.wait_members(1)
+    rid = rig.create(timeout_s=600.0)
+    holder = RolloutDriver(rig.server("srv-a"), tick_s=0.1, lease_s=15.0)
+    holder.tick()
+    ahead = rig.server("srv-b")
+    ahead.clock = lambda: time.time() + 30.0
+    skewed = RolloutDriver(ahead, tick_s=0.1, lease_s=15.0)
+    skewed.tick()
+    with rig.engine.connect() as conn:
+        assert lease.holder_of(conn, f"rollout:{rid}") == "srv-a"
+    holder.tick()  # and the holder still renews it
+    with rig.engine.connect() as conn:
+        assert lease.holder_of(conn, f"rollout:{rid}") == "srv-a"
+        expires = conn.execute(sa.select(leases.c.expires)).scalar_one()
+    assert abs(expires - (time.time() + 15.0)) < 5.0  # the database's clock, not srv-b's
+    with rig.engine.begin() as conn:  # a lease row deleted by hand: taken again next tick
+        conn.execute(leases.delete())
+    holder.tick()
+    with rig.engine.connect() as conn:
+        assert lease.holder_of(conn, f"rollout:{rid}") == "srv-a"
+    holder.stop(1.0)
+    skewed.stop(1.0)
