@@ -17,11 +17,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from agent.fleet.broker import BrokerOptions
+from agent.fleet.cli import main as fleet_main
 from agent.server import lease, rollstore
 from agent.server.app import create_app
-from agent.server.context import Server
+from agent.server.context import ServeOptions, Server
 from agent.server.db import open_database
 from agent.server.driver import RolloutDriver
+from agent.server.ingest import IngestOptions
 from agent.server.metrics import MAX_RELEASES, fold_releases, read_figures, render
 from agent.server.rollouts import DEFAULT_MAX_DEVICE_S, Member, Observed, Step, advance, due
 from agent.server.schema import audit, devices, leases
@@ -291,3 +294,41 @@ def test_an_instance_whose_clock_runs_30_s_ahead_does_not_take_a_held_lease(rig:
         assert lease.holder_of(conn, f"rollout:{rid}") == "srv-a"
     holder.stop(1.0)
     skewed.stop(1.0)
+
+
+# -- tokens --------------------------------------------------------------------------------
+
+
+def test_token_commands_on_both_databases_and_a_flood_of_bad_tokens_audits_nothing(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for odd in ("a b", "x\n", "é", "-rf", "a/b", "n" * 65, "'; DROP TABLE tokens; --"):
+        assert fleet_main(["token", "create", f"--name={odd}", "--role", "viewer",
+                           "--db", db_url]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "is not a token name" in err, err
+    made = ["token", "create", "--name", "ci@host.local-1", "--role", "operator", "--db", db_url]
+    assert fleet_main(made) == 0
+    ops = capsys.readouterr().out.strip()
+    assert fleet_main(made) == 2  # a name is never reused (PostgreSQL: no aborted transaction)
+    assert "exists" in capsys.readouterr().err
+    engine = open_database(db_url)
+    try:
+        with engine.connect() as conn:
+            audited = conn.execute(sa.select(sa.func.count()).select_from(audit)).scalar_one()
+        options = ServeOptions(db_url, BrokerOptions("mqtt://127.0.0.1:1"), IngestOptions("t"))
+        server = Server(options, engine, publisher=None)  # type: ignore[arg-type]
+        with running(create_app(server)) as url:
+            for i in range(200):
+                bad = call("GET", f"{url}/api/v1/devices", token=f"eft_guess{i}")
+                assert bad.status == 401
+            assert call("GET", f"{url}/api/v1/devices", token=ops).status == 200
+        with engine.connect() as conn:
+            assert conn.execute(
+                sa.select(sa.func.count()).select_from(audit)
+            ).scalar_one() == audited  # fmt: skip
+    finally:
+        engine.dispose()
+    # the last operator token may be revoked: the token command needs none
+    assert fleet_main(["token", "revoke", "--name", "ci@host.local-1", "--db", db_url]) == 0
+    capsys.readouterr()
