@@ -20,7 +20,9 @@ A device's silence is measured from ``sent``, so a slow restart does not count
 against it beyond the time it takes.
 
 Every write checks, in its transaction, that this instance still holds the lease; an
-instance that lost it (paused past ``lease_s``) stops acting on that rollout.
+instance that lost it (paused past ``lease_s``) stops acting on that rollout. Lease
+times are the database's clock (:func:`agent.server.lease.db_now`), so instances whose
+clocks disagree still agree on who holds a lease.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ class RolloutDriver:
                 return
             name = lease_name(rollout_id)
             with self.server.engine.begin() as conn:
-                mine = lease.take(conn, name, self.instance, self.server.clock(), self.lease_s)
+                mine = lease.take(conn, name, self.instance, lease.db_now(conn), self.lease_s)
             if not mine:
                 self._held.discard(name)
                 continue
@@ -148,7 +150,7 @@ class RolloutDriver:
     def _writing(self, rollout_id: str) -> Iterator[sa.Connection]:
         """A transaction that raises LeaseLost unless this instance holds the lease."""
         with self.server.engine.begin() as conn:
-            if not lease.holds(conn, lease_name(rollout_id), self.instance, self.server.clock()):
+            if not lease.holds(conn, lease_name(rollout_id), self.instance, lease.db_now(conn)):
                 raise LeaseLost(rollout_id)
             yield conn
 

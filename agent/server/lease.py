@@ -6,6 +6,11 @@ only matches when the lease is ours or has expired, else an INSERT that does not
 when a row exists. Whoever's statement changed the row holds it until ``expires``; the
 holder renews it every tick, and gives it up on stop or when the rollout ends. An
 instance that dies simply stops renewing: another takes the lease once it expires.
+
+Times are the database's clock (:func:`db_now`), not each instance's: with each
+instance's own clock, one running 30 s ahead saw every other's lease as expired and
+took it at its next tick (and one running behind waited that much longer after a
+holder died). One clock for every instance makes "expired" mean the same to all.
 """
 
 from __future__ import annotations
@@ -14,6 +19,16 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from agent.server.schema import leases
+
+
+def db_now(conn: sa.Connection) -> float:
+    """The database server's time, in seconds since the epoch (SQLite: the clock of the
+    machine holding the file, which every instance sharing it shares)."""
+    if conn.dialect.name == "postgresql":
+        query = sa.select(sa.extract("epoch", sa.func.clock_timestamp()))
+    else:
+        query = sa.select((sa.func.julianday("now") - 2440587.5) * 86400.0)
+    return float(conn.execute(query).scalar_one())
 
 
 def take(conn: sa.Connection, name: str, holder: str, now: float, lease_s: float) -> bool:

@@ -12,7 +12,8 @@ The metrics (docs/server.md "Metrics"):
 
 - ``edge_fleet_devices{model,version,online}`` (gauge): devices known, by the model and
   version of their state document ("" when not reported yet) and whether their status
-  says online;
+  says online; the :data:`MAX_RELEASES` pairs with the most devices, the rest summed
+  under ``model="_other", version="_other"`` (:func:`fold_releases`);
 - ``edge_fleet_update_outcomes_total{outcome}`` (counter): terminal update events
   stored, fleet-wide, since the database was created: ``succeeded``
   (``update_succeeded``), ``failed`` (``update_failed``), ``rolled_back``
@@ -63,6 +64,30 @@ class FleetFigures:
     outcomes: dict[str, int]
 
 
+MAX_RELEASES: Final = 50
+"""Model/version pairs with series of their own in ``edge_fleet_devices``; the rest
+are summed under :data:`OTHER`. Devices name their model themselves: a hostile fleet
+inventing names would otherwise make a series per name in every scrape."""
+OTHER: Final = "_other"  # not a model name (they start with a letter or a digit)
+
+
+def fold_releases(
+    rows: list[tuple[str, str, bool, int]], keep: int = MAX_RELEASES
+) -> list[tuple[str, str, bool, int]]:
+    """``rows`` (model, version, online, count) with the ``keep`` pairs holding the
+    most devices kept (ties: by name) and every other pair summed, per online, into
+    (``_other``, ``_other``); at most ``2 * (keep + 1)`` rows, sorted."""
+    totals: dict[tuple[str, str], int] = {}
+    for model, version, _online, count in rows:
+        totals[model, version] = totals.get((model, version), 0) + count
+    kept = set(sorted(totals, key=lambda pair: (-totals[pair], pair))[:keep])
+    out: dict[tuple[str, str, bool], int] = {}
+    for model, version, online, count in rows:
+        key = (model, version, online) if (model, version) in kept else (OTHER, OTHER, online)
+        out[key] = out.get(key, 0) + count
+    return [(m, v, o, c) for (m, v, o), c in sorted(out.items())]
+
+
 def read_figures(conn: sa.Connection) -> FleetFigures:
     """Count devices by model, version and online, and update outcomes by outcome."""
     rows = conn.execute(
@@ -82,7 +107,7 @@ def read_figures(conn: sa.Connection) -> FleetFigures:
     outcomes: dict[str, int] = dict.fromkeys(UPDATE_OUTCOMES, 0)
     for name, count in counted:
         outcomes[OUTCOME_EVENTS[name]] += int(count)
-    return FleetFigures(by_device, outcomes)
+    return FleetFigures(fold_releases(by_device), outcomes)
 
 
 class FleetCollector(Collector):

@@ -137,6 +137,30 @@ def read_releases(
     return Releases(registry, models, clock())
 
 
+def missing_release(registry: str, model: str, version: int) -> str | None:
+    """Why ``model`` v``version`` is not a release ``registry`` can serve (its model's
+    ``index.json`` is missing, damaged or does not list it, or its manifest is missing,
+    damaged or names another release), or None when it is one. Reads two documents and
+    their signature files; checks no signature (devices do). Raises RegistryUnavailable
+    when the registry cannot be reached."""
+    client = Registry(
+        registry_url(registry), timeout_s=TIMEOUT_S, connect_timeout_s=3.0,
+        deadline_s=DEADLINE_S, retries=1,
+    )  # fmt: skip
+    deadline = time.monotonic() + TOTAL_S
+    try:
+        info = _model(client, model, deadline, only=version)
+    finally:
+        client.close()
+    if info.error is not None:
+        return info.error
+    found = next((v for v in info.versions if v.version == version), None)
+    if found is None:
+        listed = ", ".join(f"v{v.version}" for v in info.versions[:10]) or "none"
+        return f"{model}/index.json lists no v{version} (it lists {listed})"
+    return found.error
+
+
 def _fetch(client: Registry, path: str, limit: int, deadline: float) -> bytes | None:
     """``path``'s bytes (None: not in the registry). Raises RegistryUnavailable when the
     registry cannot be reached or the listing's time is up; EdgeAgentError otherwise."""
@@ -155,7 +179,8 @@ def _signers(client: Registry, path: str, deadline: float) -> list[str]:
     return [s.keyid or "(no key id)" for s in parse_signatures(raw, path)]
 
 
-def _model(client: Registry, name: str, deadline: float) -> ModelInfo:
+def _model(client: Registry, name: str, deadline: float, only: int | None = None) -> ModelInfo:
+    """The model's listing; with ``only``, the manifest of that version alone is read."""
     path = f"{name}/index.json"
     try:
         raw = _fetch(client, path, MAX_DOC_BYTES, deadline)
@@ -173,7 +198,7 @@ def _model(client: Registry, name: str, deadline: float) -> ModelInfo:
     for channel, version in sorted(index.channels.items()):
         by_version.setdefault(version, []).append(channel)
     newest = sorted(index.versions, reverse=True)
-    read = set(newest[:MAX_VERSIONS]) | set(by_version)
+    read = set(newest[:MAX_VERSIONS]) | set(by_version) if only is None else {only}
     versions = [
         _version(client, name, v, by_version.get(v, []), deadline)
         if v in read

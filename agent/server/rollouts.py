@@ -16,6 +16,12 @@ keeps judging the devices of the current step (a failure still halts); ``halting
 ``finishing`` sends the group's desired state and the clears, then ``succeeded``.
 :data:`ACTIVE` statuses hold the group: a second rollout of it is refused.
 
+Beyond the CLI: a device still pending ``max_device_s`` after its desired state was
+sent fails (timed out: it is set back like a silent one), however much it reports
+meanwhile. Every report about the update is news and keeps the silence rule quiet, so
+without this a device stuck in a retry loop, or one that reports fake progress on
+purpose, would hold its step and the group for ever (:data:`DEFAULT_MAX_DEVICE_S`).
+
 A member's ``outcome`` is None until its step issues its desired state, then
 ``pending``, ``succeeded`` or ``failed`` (the verdict's status; ``reason`` its detail).
 """
@@ -26,8 +32,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, get_args
 
+from agent.config import RegistryConfig, UpdateConfig
 from agent.desired import desired_topic
-from agent.fleet.deploy import after_silence, news, verdict_of
+from agent.fleet.deploy import Verdict, after_silence, news, verdict_of
 from agent.fleet.rollout import step_name
 
 Status = Literal[
@@ -40,6 +47,29 @@ a driver takes the lease for."""
 TERMINAL: Final[tuple[Status, ...]] = ("succeeded", "halted", "aborted")
 StepStatus = Literal["waiting", "running", "succeeded", "failed"]
 Running = tuple[str | None, int | None]
+
+
+def agent_deadlines_s() -> float:
+    """The longest one update takes on an agent with default settings, from the
+    agent's own defaults: the download's overall deadline, one retry's wait, the
+    validation and activation deadlines and the probation."""
+    registry, update = RegistryConfig.model_fields, UpdateConfig.model_fields
+    parts = (
+        registry["deadline_s"].default,
+        update["retry_max_s"].default,
+        update["validate_timeout_s"].default,
+        update["activate_timeout_s"].default,
+        update["probation_s"].default,
+    )
+    return float(sum(parts))
+
+
+DEFAULT_MAX_DEVICE_S: Final[float] = 1.5 * agent_deadlines_s()
+"""How long a device may stay pending after its desired state was sent, however much
+progress it reports (``max_device_s``): half as much again as
+:func:`agent_deadlines_s` (2370 s), so 3555 s. Silence is judged by ``timeout_s``;
+this bounds a device that keeps reporting without ever finishing (a stuck or hostile
+one would otherwise hold its step, and the group, for ever)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +87,7 @@ class Rollout:
     canary: bool  # the first step is a canary (names it "canary")
     reason: str | None = None
     final_issued_at: float | None = None
+    max_device_s: float = DEFAULT_MAX_DEVICE_S  # pending this long after sent: failed
 
 
 @dataclass(frozen=True)
@@ -170,6 +201,10 @@ def _judge(r: Rollout, m: Member, seen: Observed, now: float) -> Member:
         late = after_silence(verdict, heard, now, r.timeout_s)
         timed_out = late is not verdict
         verdict = late
+    if verdict.status == "pending" and now - m.sent >= r.max_device_s:
+        # news keeps the silence rule quiet; this bounds the whole wait (module docstring)
+        why = f"not done {r.max_device_s:g} s after it was sent (last: {verdict.detail})"
+        verdict, timed_out = Verdict("failed", why), True
     done = verdict.status != "pending"
     return replace(
         m,

@@ -19,6 +19,7 @@ from agent.fleet.deploy import refusal
 from agent.fleet.rollout import plan
 from agent.server.rollouts import (
     ACTIVE,
+    DEFAULT_MAX_DEVICE_S,
     STATUSES,
     Member,
     Observed,
@@ -72,6 +73,17 @@ def active_in(conn: sa.Connection, group: str) -> str | None:
     return row.id if row is not None else None
 
 
+def active_for_device(conn: sa.Connection, device: str) -> str | None:
+    """The id of an unfinished rollout that has ``device`` among its members, if any
+    (its per-device desired state is the rollout's to set and clear)."""
+    row = conn.execute(
+        sa.select(rollouts.c.id)
+        .join(rollout_devices, rollout_devices.c.rollout_id == rollouts.c.id)
+        .where(rollout_devices.c.device == device, rollouts.c.status.in_(ACTIVE))
+    ).first()
+    return row.id if row is not None else None
+
+
 def create(
     conn: sa.Connection,
     *,
@@ -84,17 +96,27 @@ def create(
     timeout_s: float,
     members: Sequence[str],
     now: float,
+    max_device_s: float | None = None,
 ) -> str:
     """Store a new running rollout over ``members`` (planned by
     :func:`agent.fleet.rollout.plan`); returns its id. Raises GroupBusy when the group
     has an unfinished rollout (checked here; the partial unique index refuses a
-    concurrent one: sqlalchemy's IntegrityError), ConfigError for bad percentages."""
+    concurrent one: sqlalchemy's IntegrityError), ConfigError for bad percentages.
+    ``max_device_s`` defaults to the larger of ``timeout_s`` and
+    :data:`~agent.server.rollouts.DEFAULT_MAX_DEVICE_S`."""
     busy = active_in(conn, group)
     if busy is not None:
         raise GroupBusy(busy)
     steps = plan(members, group, canary_pct, step_pct)
     rollout_id = uuid.uuid4().hex[:16]
-    options = {"canary_pct": canary_pct, "step_pct": step_pct, "timeout_s": timeout_s}
+    if max_device_s is None:
+        max_device_s = max(timeout_s, DEFAULT_MAX_DEVICE_S)
+    options = {
+        "canary_pct": canary_pct,
+        "step_pct": step_pct,
+        "timeout_s": timeout_s,
+        "max_device_s": max_device_s,
+    }
     conn.execute(
         rollouts.insert().values(
             id=rollout_id,
@@ -176,6 +198,7 @@ def load(conn: sa.Connection, rollout_id: str) -> tuple[Rollout, list[Step], lis
         canary=float(options.get("canary_pct", 0.0)) > 0,
         reason=row.reason,
         final_issued_at=row.final_issued_at,
+        max_device_s=float(options.get("max_device_s", DEFAULT_MAX_DEVICE_S)),
     )
     return rollout, steps, members
 

@@ -38,6 +38,7 @@ from agent.fleet.rollout import plan, step_name
 from agent.server import rollstore
 from agent.server.auth import Caller, operator, record, viewer
 from agent.server.context import Server
+from agent.server.releases import RegistryUnavailable, missing_release
 from agent.server.rollouts import STATUSES, Member
 from agent.server.schema import DEVICE, deploys, rollouts
 
@@ -69,6 +70,11 @@ class RolloutRequest(BaseModel):
     canary_pct: float = Field(10.0, description="share updated first, at least one device")
     step_pct: float = Field(25.0, description="share per later step")
     timeout_s: float = Field(900.0, description="silence allowed per device, in seconds")
+    max_device_s: float | None = Field(
+        None,
+        description="longest a device may stay pending after its desired state is sent, "
+        "however much it reports (default: the larger of timeout_s and 3555 s)",
+    )
 
 
 def _server(request: Request) -> Server:
@@ -92,6 +98,21 @@ def _check_name(what: str, name: str) -> list[str]:
     if problem is None:
         return []
     return [f"{what}: {problem.replace('device id', f'{what} name')}"]
+
+
+def _not_released(server: Server, model: str, version: int) -> tuple[int, str] | None:
+    """With ``--registry``: why ``model`` v``version`` cannot be deployed (422: not a
+    release there; 503: the registry cannot be read), else None. Without a registry
+    nothing is checked (the devices' registry may be one the server cannot see)."""
+    if not server.options.registry:
+        return None
+    try:
+        why = missing_release(server.options.registry, model, version)
+    except RegistryUnavailable as exc:
+        return 503, f"cannot check {model} v{version}: registry unavailable: {exc}"[:300]
+    if why is None:
+        return None
+    return 422, f"{model} v{version} is not a release in the registry: {why}"[:300]
 
 
 def _unprocessable(problems: list[str]) -> HTTPException:
@@ -141,12 +162,19 @@ def deploy(
     assert name is not None
     target = f"{kind}:{name}"
     action = "deploy.clear" if body.clear else "deploy"
-    if kind == "group":
-        with server.engine.connect() as conn:
+    if body.model is not None and body.version is not None:
+        refused = _not_released(server, body.model, body.version)
+        if refused is not None:
+            _audit(server, caller, action, target, "invalid", problems=[refused[1]])
+            raise HTTPException(*refused)
+    with server.engine.connect() as conn:
+        if kind == "group":
             busy = rollstore.active_in(conn, name)
-        if busy is not None:
-            _audit(server, caller, action, target, "refused", rollout=busy)
-            raise HTTPException(409, f"group {name} has rollout {busy} in progress; abort it first")
+        else:  # a member's own desired state is the rollout's: a deploy would void its verdict
+            busy = rollstore.active_for_device(conn, name)
+    if busy is not None:
+        _audit(server, caller, action, target, "refused", rollout=busy)
+        raise HTTPException(409, f"{kind} {name} is in rollout {busy}, in progress; abort it first")
     topic = desired_topic(server.prefix, target)
     issued_at = issue_time()
     try:
@@ -199,6 +227,12 @@ def create_rollout(
     problems = _check_release(body.model, body.version) + _check_name("group", body.group)
     if not (math.isfinite(body.timeout_s) and 0 < body.timeout_s <= MAX_TIMEOUT_S):
         problems.append(f"timeout_s: {body.timeout_s:g} is not a number of seconds in (0, 604800]")
+    elif body.max_device_s is not None and not (
+        math.isfinite(body.max_device_s) and body.timeout_s <= body.max_device_s <= MAX_TIMEOUT_S
+    ):
+        problems.append(
+            f"max_device_s: {body.max_device_s:g} is not a number of seconds in [timeout_s, 604800]"
+        )
     try:
         plan([], body.group, body.canary_pct, body.step_pct)
     except ConfigError as exc:
@@ -208,6 +242,10 @@ def create_rollout(
     if problems:
         _audit(server, caller, "rollout.create", None, "invalid", problems=problems)
         raise _unprocessable(problems)
+    refused = _not_released(server, body.model, body.version)
+    if refused is not None:
+        _audit(server, caller, "rollout.create", None, "invalid", problems=[refused[1]])
+        raise HTTPException(*refused)
     key = server.options.sign_key
     if key is not None:
         try:  # a key that cannot sign would stall the rollout at its first step
@@ -237,6 +275,7 @@ def create_rollout(
                 timeout_s=body.timeout_s,
                 members=members,
                 now=server.clock(),
+                max_device_s=body.max_device_s,
             )
     except (rollstore.GroupBusy, IntegrityError) as exc:
         busy = exc.args[0] if isinstance(exc, rollstore.GroupBusy) else "another"
