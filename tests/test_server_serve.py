@@ -409,6 +409,21 @@ def test_token_commands_refuse_bad_names_and_duplicates(tmp_path: Path) -> None:
     assert len(unreachable.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("action", [["list"], ["revoke", "--name", "a"]])
+def test_token_list_or_revoke_in_a_missing_sqlite_file_says_so_and_creates_nothing(
+    tmp_path: Path, action: list[str]
+) -> None:
+    typo = tmp_path / "flet.db"
+    done = token(f"sqlite:///{typo}", *action)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        f"edge-fleet: database sqlite:///{typo}: no such file ({typo}): no token was made "
+        "there; check --db or EDGE_FLEET_DB (the systemd unit's is "
+        "sqlite:////var/lib/edge-fleet/fleet.db)\n"
+    )
+    assert not typo.exists() and done.stdout == ""
+
+
 # -- the parts ------------------------------------------------------------------------------
 
 
