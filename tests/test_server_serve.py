@@ -344,6 +344,17 @@ def test_serve_answers_https_with_its_certificate(tmp_path: Path, broker: Mosqui
         assert wait_until(healthy, START_S), serve.log()[-2000:]
         with pytest.raises(OSError):  # plain HTTP on the TLS port is not served
             serve.health()
+        rollout = [sys.executable, "-m", "agent.fleet.cli", "rollout", "--model", "colours",
+                   "--version", "1", "--group", "door", "--server",
+                   f"https://127.0.0.1:{serve.port}", "--token", "eft_nope"]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+        untrusted = subprocess.run(rollout, capture_output=True, text=True, timeout=60, env=env)
+        assert untrusted.returncode == 1 and len(untrusted.stderr.splitlines()) == 1
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr, untrusted.stderr
+        assert "(a certificate from a private CA: set SSL_CERT_FILE=ca.pem)" in untrusted.stderr
+        env["SSL_CERT_FILE"] = str(ca.cert_path)  # trusted: the request reaches the API
+        trusted = subprocess.run(rollout, capture_output=True, text=True, timeout=60, env=env)
+        assert trusted.returncode == 1 and "the token is not valid (401)" in trusted.stderr
         assert serve.stop() == 0
     assert f"listening on https://127.0.0.1:{serve.port}" in serve.log()
 
