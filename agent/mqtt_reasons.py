@@ -89,7 +89,7 @@ def _exception(exc: BaseException, tls: bool) -> str:
             "signed the broker's certificate"
         )
     if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or str(exc)
+        reason = getattr(exc, "reason", None) or str(exc)  # set by OpenSSL, not by SSLError()
         if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason:
             return "TLS: the port does not speak TLS (use mqtt:// or the broker's TLS port)"
         if "CERTIFICATE_REQUIRED" in reason:
@@ -109,3 +109,25 @@ def _exception(exc: BaseException, tls: bool) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+# explain() names the agent's settings; the fleet commands take options instead.
+_FLEET_TERMS = (
+    ("mqtt.username and mqtt.password_file", "--username and --password-file"),
+    ("mqtt.username", "--username"),
+    ("mqtt.cert and mqtt.key", "--cert and --key"),
+    ("mqtt.cert", "--cert"),
+    ("mqtt.ca", "--ca"),
+    ("mqtt.url", "--broker"),
+    ("(set mqtt.protocol)", "(the fleet tools need MQTT 5)"),
+    ("(device.id)", "(--client-id)"),
+    ("the device's clock", "this machine's clock"),
+)
+
+
+def in_fleet_terms(phrase: str) -> str:
+    """``phrase`` from :func:`explain` with the agent's setting names replaced by the
+    fleet commands' options (``mqtt.ca`` → ``--ca``, ``mqtt.url`` → ``--broker``, …)."""
+    for agent_term, fleet_term in _FLEET_TERMS:
+        phrase = phrase.replace(agent_term, fleet_term)
+    return phrase

@@ -73,9 +73,11 @@ def call(
     body: Any = None,
     headers: dict[str, str] | None = None,
     timeout: float = 10.0,
+    data: bytes | None = None,
 ) -> Reply:
-    """One request; any status (4xx, 5xx too) comes back as a :class:`Reply`."""
-    data = None if body is None else json.dumps(body).encode()
+    """One request; any status (4xx, 5xx too) comes back as a :class:`Reply`. ``body``
+    is sent as JSON; ``data``, given instead, as it is."""
+    data = data if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         request.add_header("Content-Type", "application/json")

@@ -191,11 +191,18 @@ def test_the_default_step_aims_at_a_few_hundred_points(range_s: float, step: int
     assert range_s / step <= 300 <= MAX_POINTS
 
 
-def test_a_validation_error_is_one_line() -> None:
-    errors = [{"loc": ("query", "limit"), "msg": "Input should be less than or equal to 10"}]
-    assert validation_detail(errors) == (
-        "query parameter limit: Input should be less than or equal to 10"
-    )
+@pytest.mark.parametrize(
+    ("error", "detail"),
+    [
+        ({"loc": ("query", "limit"), "msg": "Input should be less than or equal to 10"},
+         "query parameter limit: Input should be less than or equal to 10"),
+        ({"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error",
+          "ctx": {"error": "Expecting value"}},
+         "body: not valid JSON (Expecting value at character 0)"),
+    ],
+)  # fmt: skip
+def test_a_validation_error_is_one_line(error: dict[str, Any], detail: str) -> None:
+    assert validation_detail([error]) == detail
 
 
 # -- devices -------------------------------------------------------------------------------

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
+import socket
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.errors import ConfigError
 from agent.fleet.broker import BrokerOptions
+from agent.mqtt_reasons import explain, in_fleet_terms
 from agent.server.db import open_database
 from agent.server.inbound import Inbound, Malformed, read, subscriptions
 from agent.server.ingest import Ingester, IngestOptions, IngestStats
@@ -333,6 +337,43 @@ def test_an_ingester_reconnects_after_the_broker_restarts(
     finally:
         running.stop_all()
         engine.dispose()
+
+
+def test_the_ingester_logs_why_it_cannot_connect_and_when_it_connects_and_loses_the_broker(
+    broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.server.ingest")
+    where = f"the broker at 127.0.0.1:{broker.port}"
+    engine = open_database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    broker.stop()
+    ingester = Ingester(engine, BrokerOptions(broker.url), IngestOptions(client_id="srv-log"))
+    ingester.start()
+    try:
+        _until(lambda: f"cannot connect to {where}: connection refused" in caplog.text, caplog)
+        broker.start()
+        assert ingester.wait_connected(WAIT_S), caplog.text
+        assert f"connected to {where} (session new)" in caplog.text
+        broker.stop()
+        _until(lambda: f"lost {where} (connection dropped); reconnecting" in caplog.text, caplog)
+    finally:
+        ingester.stop()
+        engine.dispose()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("cause", "says"),
+    [
+        (ConnectionRefusedError(), "connection refused: nothing listens there"),
+        (socket.gaierror(-2, "Name or service not known"), "check --broker"),
+        (ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"), "TLS: the port"),
+        (None, "(then use mqtts:// and --ca)"),
+        (135, "(check --username, the password or the client certificate"),
+    ],
+)
+def test_broker_failures_are_told_in_the_fleet_options_words(cause: Any, says: str) -> None:
+    said = in_fleet_terms(explain(cause))
+    assert says in said and "mqtt." not in said, said
 
 
 @pytest.mark.parametrize(

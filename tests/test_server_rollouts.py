@@ -581,6 +581,11 @@ def test_deploy_over_http_publishes_the_desired_state_and_is_audited(rig: Rig) -
         assert bad.status == 422 and isinstance(bad.body["detail"], str)
         bad = call("POST", f"{url}/api/v1/deploy", token=ops, body={**body, "device": "../x"})
         assert bad.status == 422 and bad.body["detail"].startswith("device:")
+        bad = call("POST", f"{url}/api/v1/deploy", token=ops, data=b"model=colours")
+        assert (bad.status, bad.body["detail"]) == (
+            422,
+            "body: not valid JSON (Expecting value at character 0)",
+        )
         got = call("POST", f"{url}/api/v1/deploy", token=ops, body=body)
         assert got.status == 202, got.body
         assert wait_until(lambda: device.version == 2, WAIT_S)

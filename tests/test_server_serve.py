@@ -344,6 +344,17 @@ def test_serve_answers_https_with_its_certificate(tmp_path: Path, broker: Mosqui
         assert wait_until(healthy, START_S), serve.log()[-2000:]
         with pytest.raises(OSError):  # plain HTTP on the TLS port is not served
             serve.health()
+        rollout = [sys.executable, "-m", "agent.fleet.cli", "rollout", "--model", "colours",
+                   "--version", "1", "--group", "door", "--server",
+                   f"https://127.0.0.1:{serve.port}", "--token", "eft_nope"]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+        untrusted = subprocess.run(rollout, capture_output=True, text=True, timeout=60, env=env)
+        assert untrusted.returncode == 1 and len(untrusted.stderr.splitlines()) == 1
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr, untrusted.stderr
+        assert "(a certificate from a private CA: set SSL_CERT_FILE=ca.pem)" in untrusted.stderr
+        env["SSL_CERT_FILE"] = str(ca.cert_path)  # trusted: the request reaches the API
+        trusted = subprocess.run(rollout, capture_output=True, text=True, timeout=60, env=env)
+        assert trusted.returncode == 1 and "the token is not valid (401)" in trusted.stderr
         assert serve.stop() == 0
     assert f"listening on https://127.0.0.1:{serve.port}" in serve.log()
 
@@ -373,8 +384,12 @@ def test_serve_exits_1_with_one_line_when_the_port_is_taken(
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     assert done.returncode == 1, done.stderr
-    assert f"not serving: cannot listen on 127.0.0.1:{port}" in done.stderr
-    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()  # one line, and nothing started before it
+    assert len(lines) == 1, lines
+    assert (
+        f"ERROR agent.server: cannot listen on 127.0.0.1:{port}: Address already in use"
+        in (lines[0])
+    )
 
 
 def test_serve_exits_1_with_one_line_when_the_database_cannot_be_reached(
@@ -383,7 +398,8 @@ def test_serve_exits_1_with_one_line_when_the_database_cannot_be_reached(
     port = free_port()
     done = subprocess.run(
         [sys.executable, "-m", "agent.fleet.cli", "serve", "--broker", broker.url,
-         "--db", f"postgresql://fleet:secret@127.0.0.1:{port}/fleet"],
+         "--db", f"postgresql://fleet:secret@127.0.0.1:{port}/fleet",
+         "--listen", f"127.0.0.1:{free_port()}"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
@@ -402,6 +418,21 @@ def test_token_commands_refuse_bad_names_and_duplicates(tmp_path: Path) -> None:
     unreachable = token("postgresql://x@127.0.0.1:1/db", "list")
     assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr
     assert len(unreachable.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("action", [["list"], ["revoke", "--name", "a"]])
+def test_token_list_or_revoke_in_a_missing_sqlite_file_says_so_and_creates_nothing(
+    tmp_path: Path, action: list[str]
+) -> None:
+    typo = tmp_path / "flet.db"
+    done = token(f"sqlite:///{typo}", *action)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        f"edge-fleet: database sqlite:///{typo}: no such file ({typo}): no token was made "
+        "there; check --db or EDGE_FLEET_DB (the systemd unit's is "
+        "sqlite:////var/lib/edge-fleet/fleet.db)\n"
+    )
+    assert not typo.exists() and done.stdout == ""
 
 
 # -- the parts ------------------------------------------------------------------------------

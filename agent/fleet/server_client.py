@@ -11,6 +11,7 @@ in the server (``POST /api/v1/rollouts/{id}/abort`` stops it).
 from __future__ import annotations
 
 import json
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -62,7 +63,12 @@ class ServerClient:
             raise ServerError(f"{what.get(exc.code, f'HTTP {exc.code}')}: {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise ServerError(f"cannot reach the server at {self.base}: {reason}") from None
+            hint = (
+                " (a certificate from a private CA: set SSL_CERT_FILE=ca.pem)"
+                if isinstance(reason, ssl.SSLCertVerificationError)
+                else ""
+            )
+            raise ServerError(f"cannot reach the server at {self.base}: {reason}{hint}") from None
         if len(raw) > MAX_BYTES:
             raise ServerError(f"the server's answer is over {MAX_BYTES} bytes")
         try:

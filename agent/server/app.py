@@ -68,6 +68,11 @@ def validation_detail(errors: Sequence[Any]) -> str:
     lines = []
     for error in errors[:3]:
         loc = [str(part) for part in error.get("loc", ())]
+        if error.get("type") == "json_invalid":  # loc: ("body", the character's position)
+            why = (error.get("ctx") or {}).get("error", "JSON decode error")
+            at = f" at character {loc[1]}" if len(loc) > 1 else ""
+            lines.append(f"body: not valid JSON ({why}{at})")
+            continue
         where = {"query": "query parameter", "path": "path parameter", "body": "body"}.get(
             loc[0] if loc else "", "request"
         )

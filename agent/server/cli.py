@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.clihelp import command
-from agent.errors import ConfigError
+from agent.errors import ConfigError, DatabaseError
 from agent.fleet.acl import check_device_id, check_group_name, check_prefix
 
 if TYPE_CHECKING:
@@ -365,6 +365,13 @@ def _token(args: argparse.Namespace) -> int:
                 "at most 64, starting with a letter or digit)"
             ]
         )
+    missing = _missing_sqlite_file(args.db)
+    if missing is not None and args.token_command != "create":
+        raise DatabaseError(
+            f"database {args.db}: no such file ({missing}): no token was made there; "
+            "check --db or EDGE_FLEET_DB (the systemd unit's is "
+            "sqlite:////var/lib/edge-fleet/fleet.db)"
+        )
     engine = open_database(args.db)  # DatabaseError: one line, exit 1 (edge-fleet's main)
     who = f"cli:{_unix_user()}"
     now = time.time()
@@ -420,6 +427,17 @@ def _token(args: argparse.Namespace) -> int:
         return 0
     finally:
         engine.dispose()
+
+
+def _missing_sqlite_file(url: str) -> Path | None:
+    """The file a ``sqlite:///PATH`` URL names when it does not exist, else None (other
+    URLs, or one that does not parse: :func:`open_database` says what is wrong). Listing
+    or revoking in a file that is not there would create an empty database and answer
+    as if there were no tokens: a mistyped ``--db`` or another working directory."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = Path(url.removeprefix("sqlite:///").partition("?")[0])
+    return path if str(path) not in ("", ".") and not path.exists() else None
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from agent.errors import ConfigError
 from agent.fleet.acl import check_device_id, check_group_name, check_prefix
 from agent.fleet.broker import BrokerError, BrokerOptions, configure
+from agent.mqtt_reasons import explain, in_fleet_terms
 from agent.server.bulk import Key, Telemetry, record_messages, store_telemetry
 from agent.server.inbound import REASONS, Inbound, Malformed, Reason, read, subscriptions
 from agent.server.retention import numeric_samples, stored_time
@@ -133,11 +135,12 @@ class Ingester:
         self.broker = broker
         self.options = options
         self.clock = clock
-        self.host, self.port, _ = broker.endpoint()
+        self.host, self.port, self.tls = broker.endpoint()
         self._queue: queue.Queue[_Pending] = queue.Queue(options.max_pending)
         self._lock = threading.Lock()
         self._counters = _Counters()
         self._session = 0  # bumped on every CONNACK
+        self._refused = False  # the last CONNACK refused us (already logged)
         self._holding = 0  # messages of the batch being stored (taken off the queue)
         self._connected = threading.Event()
         self._stopping = threading.Event()
@@ -154,6 +157,7 @@ class Ingester:
         configure(self.client, broker)
         self.client.reconnect_delay_set(1, 30)
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
@@ -255,10 +259,17 @@ class Ingester:
         properties: Properties | None,
     ) -> None:
         if reason_code.is_failure:
-            log.warning("the broker refused the ingester's connection: %s", reason_code)
+            self._refused = True
+            self._cannot_connect(explain(reason_code))
             return
         with self._lock:
             self._session += 1
+        log.info(
+            "connected to the broker at %s:%d (session %s)",
+            self.host,
+            self.port,
+            "resumed" if flags.session_present else "new",
+        )
         shared, plain = subscriptions(self.broker.prefix, self.options.group)
         # Retain handling 1: retained messages only for a subscription that is new, so
         # a resumed session is not sent every retained status and state again.
@@ -302,7 +313,33 @@ class Ingester:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        was = self._connected.is_set()
         self._connected.clear()
+        if self._stopping.is_set():
+            pass
+        elif was:  # paho says "Unspecified error" (128) for a dropped socket too
+            why = "connection dropped" if reason_code.value == 128 else str(reason_code)
+            log.warning("lost the broker at %s:%d (%s); reconnecting", self.host, self.port, why)
+        elif not self._refused:  # closed before any CONNACK: only the likely causes
+            self._cannot_connect(explain(None, tls=self.tls, client_cert=bool(self.broker.cert)))
+        self._refused = False
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # paho calls this inside its ``except OSError`` around the attempt: the exception
+        # being handled (refused, DNS, TLS, timeout) says why.
+        self._cannot_connect(explain(sys.exc_info()[1], tls=self.tls))
+
+    def _cannot_connect(self, why: str) -> None:
+        """One warning per reason; repeats are rate-limited by the log handler
+        (agent.logs.RateLimit: the first, then one a minute with a count)."""
+        why = in_fleet_terms(why)
+        log.warning(
+            "cannot connect to the broker at %s:%d: %s; retrying",
+            self.host,
+            self.port,
+            why,
+            extra={"repeat_key": why},
+        )
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         with self._lock:

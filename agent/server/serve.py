@@ -2,6 +2,8 @@
 
 Build → start → run → stop, in this order, and stopped in reverse:
 
+0. a trial bind of the listen address (:func:`cannot_listen`: a port in use is one
+   line and exit 1 before anything is opened);
 1. the database (:func:`agent.server.db.open_database`: migrations applied);
 2. the ingester (:class:`agent.server.ingest.Ingester`), which connects in the
    background and also publishes for the API (:meth:`Ingester.publish`);
@@ -18,6 +20,7 @@ This module holds no business logic.
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import signal
@@ -46,10 +49,14 @@ GRACEFUL_S = 10  # requests in flight at SIGTERM get this long
 def run(options: ServeOptions) -> int:
     """Serve until SIGTERM or SIGINT; the exit code (0 after a signal).
 
-    1: the database cannot be opened or the address cannot be listened on (one line);
+    1: the address cannot be listened on or the database cannot be opened (one line);
     2: the ingester's options are unusable (one line).
     """
     logging.getLogger("alembic").setLevel(logging.WARNING)  # a line per migration step
+    taken = cannot_listen(options.listen_host, options.listen_port)
+    if taken is not None:  # before anything opens: no broker session, no migration
+        log.error("cannot listen on %s: %s", _address(options), taken)
+        return 1
     early = _note_early_signals()
     try:
         engine = open_database(options.db_url)
@@ -108,6 +115,26 @@ def run(options: ServeOptions) -> int:
         return 1
     log.info("stopped")
     return 0
+
+
+def cannot_listen(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (in use, not this machine's address, a
+    name that does not resolve), or None: a bind tried and released at once, as uvicorn
+    will bind (``SO_REUSEADDR``). A port taken between this and uvicorn's bind is still
+    caught there (exit 1)."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"{host!r} does not resolve ({exc.strerror})"
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                hint = " (another server there? pick another --listen)"
+                return f"{exc.strerror or exc}{hint if exc.errno == errno.EADDRINUSE else ''}"
+    return None
 
 
 def settle_heap() -> None:
