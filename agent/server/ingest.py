@@ -47,10 +47,9 @@ from agent.errors import ConfigError
 from agent.fleet.acl import check_device_id, check_group_name, check_prefix
 from agent.fleet.broker import BrokerError, BrokerOptions, configure
 from agent.mqtt_reasons import explain, in_fleet_terms
-from agent.server.bulk import Key, Telemetry, record_messages, store_telemetry
 from agent.server.inbound import REASONS, Inbound, Malformed, Reason, read, subscriptions
-from agent.server.retention import numeric_samples, stored_time
-from agent.server.store import insert_event, upsert_device
+from agent.server.retention import stored_time
+from agent.server.store import store_batch
 
 log = logging.getLogger(__name__)
 
@@ -441,35 +440,10 @@ class Ingester:
                     c.duplicates += 1
 
     def _store(self, batch: list[tuple[_Pending, Inbound]]) -> list[bool | None]:
-        """One transaction for ``batch``: the keys first (:func:`record_messages`; a
-        key already recorded, or twice in the batch, is a duplicate: False), then each
-        new message's write in device order (a stable sort: one device's messages keep
-        their order), then the telemetry of the batch together."""
-        keys = [Key(m.key, m.device, m.stream, _seq(m.doc), m.ts, p.received) for p, m in batch]
-        results: list[bool | None] = [False] * len(batch)
+        """One transaction for ``batch`` (:func:`agent.server.store.store_batch`)."""
         with self.engine.begin() as conn:
-            new = record_messages(conn, keys)
-            telemetry: list[Telemetry] = []
-            for i in sorted(range(len(batch)), key=lambda i: batch[i][1].device):
-                pending, msg = batch[i]
-                if msg.key not in new:
-                    continue
-                new.discard(msg.key)  # a second copy in this batch is a duplicate
-                results[i] = True
-                ts = stored_time(msg.ts, pending.received)
-                if msg.stream == "status":
-                    upsert_device(conn, msg.device, pending.received, status=msg.doc)
-                elif msg.stream == "state":
-                    upsert_device(conn, msg.device, pending.received, state=msg.doc)
-                elif msg.stream == "telemetry":
-                    samples = numeric_samples(msg.doc)
-                    telemetry.append(Telemetry(msg.device, ts, samples, msg.doc))
-                elif msg.stream == "events":
-                    insert_event(conn, msg.device, ts, msg.doc)
-                else:  # a command reply, kept as an event named "reply"
-                    insert_event(conn, msg.device, ts, {**msg.doc, "event": "reply"})
-            store_telemetry(conn, telemetry)
-        return results
+            stored = store_batch(conn, [(m, p.received) for p, m in batch])
+        return list(stored)
 
     def _ack(self, pending: _Pending) -> None:
         with self._lock:
@@ -490,11 +464,6 @@ class Ingester:
             self._counters.database_error = reason[0] if reason else type(exc).__name__
         if first:
             log.warning("database unavailable, holding messages: %s", reason)
-
-
-def _seq(doc: dict[str, Any]) -> int | None:
-    seq = doc.get("seq")
-    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 
 
 def _transient(exc: DBAPIError) -> bool:

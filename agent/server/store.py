@@ -7,21 +7,24 @@ The rules (buckets, cut-offs, which fields are kept) are in ``retention.py``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from agent.server.bulk import Telemetry, store_telemetry
+from agent.server.bulk import Key, Telemetry, record_messages, store_telemetry
+from agent.server.inbound import Inbound
 from agent.server.retention import (
     MAX_UPDATE_ID,
     DeviceFields,
     cutoffs,
     model_name,
+    numeric_samples,
     state_fields,
     status_fields,
+    stored_time,
 )
 from agent.server.schema import (
     device_groups,
@@ -197,3 +200,44 @@ def prune(conn: sa.Connection, now: float, raw_days: float, agg_days: float) -> 
     agg = conn.execute(sa.delete(telemetry_agg).where(telemetry_agg.c.bucket < cut.agg)).rowcount
     msgs = conn.execute(sa.delete(messages).where(messages.c.received < cut.raw)).rowcount
     return Pruned(raw=raw, agg=agg, messages=msgs)
+
+
+def store_batch(conn: sa.Connection, batch: Sequence[tuple[Inbound, float]]) -> list[bool]:
+    """Store the messages of ``batch`` (each with the time it was received) in ``conn``'s
+    transaction; per message True when stored, False for a duplicate.
+
+    The keys first (:func:`~agent.server.bulk.record_messages`: a key recorded before,
+    or twice in the batch, is a duplicate), then each new message's write in device
+    order (a stable sort: one device's messages keep their order; instances sharing a
+    database lock device rows in the same order), then the batch's telemetry together
+    (:func:`~agent.server.bulk.store_telemetry`). A reply is kept as an event named
+    ``reply``.
+    """
+    keys = [Key(m.key, m.device, m.stream, _seq(m.doc), m.ts, received) for m, received in batch]
+    new = record_messages(conn, keys)
+    results = [False] * len(batch)
+    telemetry: list[Telemetry] = []
+    for i in sorted(range(len(batch)), key=lambda i: batch[i][0].device):
+        msg, received = batch[i]
+        if msg.key not in new:
+            continue
+        new.discard(msg.key)  # a second copy in this batch is a duplicate
+        results[i] = True
+        ts = stored_time(msg.ts, received)
+        if msg.stream == "status":
+            upsert_device(conn, msg.device, received, status=msg.doc)
+        elif msg.stream == "state":
+            upsert_device(conn, msg.device, received, state=msg.doc)
+        elif msg.stream == "telemetry":
+            telemetry.append(Telemetry(msg.device, ts, numeric_samples(msg.doc), msg.doc))
+        elif msg.stream == "events":
+            insert_event(conn, msg.device, ts, msg.doc)
+        else:
+            insert_event(conn, msg.device, ts, {**msg.doc, "event": "reply"})
+    store_telemetry(conn, telemetry)
+    return results
+
+
+def _seq(doc: Mapping[str, Any]) -> int | None:
+    seq = doc.get("seq")
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
