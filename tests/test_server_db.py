@@ -19,6 +19,7 @@ from alembic.script import ScriptDirectory
 
 from agent.errors import DatabaseError
 from agent.server import retention
+from agent.server.bulk import Key, record_messages
 from agent.server.db import MIGRATIONS, alembic_config, open_database, parse_url
 from agent.server.schema import (
     device_groups,
@@ -28,7 +29,7 @@ from agent.server.schema import (
     telemetry_agg,
     telemetry_raw,
 )
-from agent.server.store import insert_telemetry, prune, record_message, upsert_device
+from agent.server.store import insert_telemetry, prune, upsert_device
 from tests.postgres import Postgres
 
 
@@ -143,10 +144,16 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
 DOC = {"schema": 1, "seq": 7, "id": "a1b2c3", "ts": 1764500000.0, "cpu_pct": 3.0}
 
 
+def record_message(conn: sa.Connection, stream: str, msg_id: str, received: float) -> bool:
+    """Record one message of cam-1 (as DOC) under ``msg_id``; True when it is new."""
+    key = Key(msg_id, "cam-1", stream, DOC["seq"], DOC["ts"], received)  # type: ignore[arg-type]
+    return record_messages(conn, [key]) == {msg_id}
+
+
 def test_a_message_id_is_recorded_once(engine: sa.Engine) -> None:
     with engine.begin() as conn:
-        first = record_message(conn, "cam-1", "telemetry", DOC, "a1b2c3", received=1.0)
-        again = record_message(conn, "cam-1", "telemetry", DOC, "a1b2c3", received=2.0)
+        first = record_message(conn, "telemetry", "a1b2c3", 1.0)
+        again = record_message(conn, "telemetry", "a1b2c3", 2.0)
     with engine.connect() as conn:
         rows = conn.execute(sa.select(messages)).all()
     assert (first, again) == (True, False)
@@ -162,12 +169,12 @@ def test_one_message_id_from_two_connections_is_recorded_once(engine: sa.Engine)
     def second() -> None:
         inserted.wait(10)
         with engine.begin() as conn:
-            results.append(record_message(conn, "cam-1", "events", DOC, "dup", received=2.0))
+            results.append(record_message(conn, "events", "dup", 2.0))
 
     thread = threading.Thread(target=second)
     thread.start()
     with engine.begin() as conn:
-        results.append(record_message(conn, "cam-1", "events", DOC, "dup", received=1.0))
+        results.append(record_message(conn, "events", "dup", 1.0))
         inserted.set()
         time.sleep(0.3)  # the second insert is now waiting on this transaction
     thread.join(15)
@@ -225,7 +232,7 @@ def test_prune_removes_exactly_what_is_past_retention(engine: sa.Engine) -> None
         for ts in (agg_cut - 60, agg_cut):
             insert_telemetry(conn, "cam-1", ts, {"fps": 1.0})
         for i, received in enumerate((raw_cut - 0.5, raw_cut)):
-            record_message(conn, "cam-1", "telemetry", DOC, f"m{i}", received=received)
+            record_message(conn, "telemetry", f"m{i}", received)
     with engine.begin() as conn:
         pruned = prune(conn, now, raw_days=7, agg_days=90)
     with engine.connect() as conn:

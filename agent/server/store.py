@@ -45,38 +45,6 @@ def _insert(conn: sa.Connection, table: sa.Table) -> Insert:
     return sqlite.insert(table)
 
 
-def record_message(
-    conn: sa.Connection,
-    device: str,
-    stream: str,
-    doc: Mapping[str, Any],
-    msg_id: str,
-    *,
-    received: float,
-) -> bool:
-    """Record that message ``msg_id`` arrived; False when it was already recorded.
-
-    The caller stores the message's content only on True: a redelivery, or the same
-    message taken by another server instance, is a no-op (concurrent inserts of one id
-    from two connections store one row; the loser waits for the winner's commit).
-    """
-    seq, ts = doc.get("seq"), doc.get("ts")
-    stmt = (
-        _insert(conn, messages)
-        .values(
-            id=msg_id,
-            device=device,
-            stream=stream,
-            seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
-            ts=float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else None,
-            received=received,
-        )
-        .on_conflict_do_nothing(index_elements=[messages.c.id])
-        .returning(messages.c.id)  # a row back only when inserted (rowcount is unreliable)
-    )
-    return conn.execute(stmt).first() is not None
-
-
 def upsert_device(
     conn: sa.Connection,
     device: str,
