@@ -253,3 +253,23 @@ leases = sa.Table(
     sa.Column("holder", sa.String(NAME), nullable=False),
     sa.Column("expires", Time, nullable=False),
 )
+
+# The dashboard's sessions (migration 0004): a browser logs in with an API token and gets
+# a random session secret in a cookie; only its SHA-256 is stored, as for tokens. Every
+# request joins the token again, so a revoked token ends its sessions at once.
+ui_sessions = sa.Table(
+    "ui_sessions",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # SHA-256 (hex) of the cookie's secret
+    sa.Column(
+        "token_id",
+        BigId,
+        sa.ForeignKey("tokens.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("csrf", sa.String(64), nullable=False),  # every POST form carries it
+    sa.Column("created", Time, nullable=False),
+    sa.Column("expires", Time, nullable=False),
+    sa.Index(None, "token_id"),
+    sa.Index(None, "expires"),  # pruning
+)
