@@ -27,6 +27,7 @@ from agent.server.api import audit, health, history, read, rollouts
 from agent.server.auth import viewer
 from agent.server.context import Server
 from agent.server.limits import BodyLimit
+from agent.server.web import pages
 
 
 def create_app(server: Server) -> FastAPI:
@@ -41,6 +42,7 @@ def create_app(server: Server) -> FastAPI:
     app.add_middleware(BodyLimit)  # before FastAPI reads a body, and before any token check
     for module in (health, read, rollouts, history, audit):
         app.include_router(module.router)
+    pages.install(app)  # the dashboard under /ui (agent/server/web)
 
     @app.get("/api/v1/openapi.json", include_in_schema=False, dependencies=[Depends(viewer)])
     def _openapi() -> dict[str, Any]:

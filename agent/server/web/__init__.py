@@ -1,0 +1,1 @@
+"""The fleet dashboard (issue 17): server-rendered pages under /ui (see docs/dashboard.md)."""

@@ -1,0 +1,40 @@
+"""How the dashboard writes times and figures: pure functions, used as Jinja filters."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+
+def when(ts: Any) -> str:
+    """Seconds since the epoch as ``YYYY-MM-DD HH:MM:SSZ`` (UTC); ``—`` for no time."""
+    if not _finite(ts) or not 0 <= ts < 2**33:
+        return "—"
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
+
+
+def ago(ts: Any, now: float) -> str:
+    """How long before ``now`` ``ts`` was: ``12 s ago``, ``5 min ago``, ``3 h ago``,
+    ``2 d ago``; ``in the future`` past a minute of clock skew; ``—`` for no time."""
+    if not _finite(ts):
+        return "—"
+    seconds = now - ts
+    if seconds < -60:
+        return "in the future"
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86_400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} ago"
+    return f"{int(seconds)} s ago"
+
+
+def figure(value: Any, digits: int = 1) -> str:
+    """A number with ``digits`` decimals; ``—`` for none (offline, stale, not reported)."""
+    if not _finite(value):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
