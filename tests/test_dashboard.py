@@ -454,3 +454,18 @@ def test_when_and_figure() -> None:
     assert formats.when(float("inf")) == "—"
     assert formats.figure(9.46) == "9.5" and formats.figure(None) == "—"
     assert formats.figure(4, 0) == "4"
+
+
+def test_every_template_and_static_file_is_package_data() -> None:
+    """The wheel ships the pages' files: each matches a glob of pyproject's package-data
+    (the server may run with no internet: no CDN to fall back on)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = config["tool"]["setuptools"]["package-data"]["agent.server.web"]
+    web = root / "agent" / "server" / "web"
+    files = [p for folder in ("templates", "static") for p in (web / folder).iterdir()]
+    assert files
+    for path in files:
+        assert any(path.relative_to(web).match(g) for g in globs), path
