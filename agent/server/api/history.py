@@ -10,6 +10,7 @@ name: of the deploy, or of the rollout), ``target`` (``device:ID`` or ``group:NA
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import sqlalchemy as sa
@@ -45,23 +46,48 @@ def read_deploys(
         raise HTTPException(422, "device and group: give one of them (a deploy has one target)")
     if since is not None and until is not None and since > until:
         raise HTTPException(422, f"since ({since:g}) is after until ({until:g})")
-    query = sa.select(deploys).order_by(deploys.c.created.desc(), deploys.c.id).limit(limit)
-    if device is not None:
-        query = query.where(deploys.c.target_kind == "device", deploys.c.target == device)
-    if group is not None:
-        query = query.where(deploys.c.target_kind == "group", deploys.c.target == group)
-    if model is not None:
-        query = query.where(deploys.c.model == model)
-    if rollout is not None:
-        query = query.where(deploys.c.rollout_id == rollout)
-    if since is not None:
-        query = query.where(deploys.c.created >= since)
-    if until is not None:
-        query = query.where(deploys.c.created <= until)
+    where = DeployFilter(
+        device, (group,) if group is not None else (), model, rollout, since, until
+    )
     server: Server = request.app.state.server
     with server.engine.connect() as conn:
-        rows = conn.execute(query).all()
-    return {"deploys": [_row(row) for row in rows], "limit": limit}
+        rows = deploy_rows(conn, where, limit)
+    return {"deploys": rows, "limit": limit}
+
+
+@dataclass(frozen=True)
+class DeployFilter:
+    """Which deploys: to ``device`` or to one of ``groups`` (either), of ``model``, of
+    ``rollout``, created from ``since`` to ``until`` (inclusive); None: any."""
+
+    device: str | None = None
+    groups: tuple[str, ...] = ()
+    model: str | None = None
+    rollout: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+
+def deploy_rows(conn: sa.Connection, where: DeployFilter, limit: int) -> list[dict[str, Any]]:
+    """At most ``limit`` deploys matching ``where``, newest first, as the API lists them."""
+    c = deploys.c
+    query = sa.select(deploys).order_by(c.created.desc(), c.id).limit(limit)
+    targets: list[sa.ColumnElement[bool]] = []
+    if where.device is not None:
+        targets.append(sa.and_(c.target_kind == "device", c.target == where.device))
+    if where.groups:
+        targets.append(sa.and_(c.target_kind == "group", c.target.in_(where.groups)))
+    if targets:
+        query = query.where(sa.or_(*targets))
+    if where.model is not None:
+        query = query.where(c.model == where.model)
+    if where.rollout is not None:
+        query = query.where(c.rollout_id == where.rollout)
+    if where.since is not None:
+        query = query.where(c.created >= where.since)
+    if where.until is not None:
+        query = query.where(c.created <= where.until)
+    return [_row(row) for row in conn.execute(query)]
 
 
 def _row(row: Any) -> dict[str, Any]:

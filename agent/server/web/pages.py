@@ -33,7 +33,7 @@ from agent.server import queries
 from agent.server.api.rollouts import DeployRequest, deploy
 from agent.server.auth import record
 from agent.server.context import Server
-from agent.server.web import formats, overview, sessions
+from agent.server.web import alerts, charts, formats, overview, sessions
 from agent.server.web.sessions import COOKIE, CSRF_FIELD, FormError, Session
 
 log = logging.getLogger(__name__)
@@ -233,35 +233,52 @@ def overview_page(
     with server.engine.connect() as conn:
         figures = overview.overview(conn)
         where, rows = overview.device_page(conn, figures.total, page, server.clock())
+        flagged = alerts.fleet_alerts(conn, server.clock())
     return _page(
         request,
         "overview.html",
-        {"session": session, "o": figures, "where": where, "rows": rows},
+        {"session": session, "o": figures, "where": where, "rows": rows, "alerts": flagged},
     )
 
 
-def _device_context(request: Request, session: Session, device: str) -> dict[str, Any] | None:
+def _device_context(
+    request: Request, session: Session, device: str, span: charts.Span = charts.DEFAULT_SPAN
+) -> dict[str, Any] | None:
     server = _server(request)
+    now = server.clock()
     with server.engine.connect() as conn:
         row = queries.device_row(conn, device)
         if row is None:
             return None
         events = queries.event_rows(conn, queries.EventFilter(device=device), EVENTS_SHOWN)
+        d = overview.table_row(row, now)
+        drawn = charts.charts(conn, device, span, now, server.options.raw_days)
+        deploys, updates = charts.history(conn, device, d["groups"])
     return {
         "session": session,
-        "d": overview.table_row(row, server.clock()),
+        "d": d,
         "events": events,
         "error": None,
         "done": None,
+        "span": span,
+        "spans": list(charts.SPANS),
+        "charts": drawn,
+        "deploys": deploys,
+        "updates": updates,
     }
 
 
 @router.get("/devices/{device}")
-def device_page(request: Request, device: str, done: str | None = None) -> Response:
+def device_page(
+    request: Request,
+    device: str,
+    done: str | None = None,
+    span: str | None = None,  # 1h, 24h or 7d; anything else: the default
+) -> Response:
     session = _signed_in(request)
     if (problem := check_device_id(device)) is not None:
         return _error(request, session, 404, f"{problem}; not a device id")
-    context = _device_context(request, session, device)
+    context = _device_context(request, session, device, charts.span(span))
     if context is None:
         return _error(request, session, 404, f"No device {device!r} has reported to this server.")
     context["done"] = DONE.get(done or "")
