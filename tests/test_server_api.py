@@ -478,6 +478,7 @@ def check_listing(body: dict[str, Any], fleet: Fleet, models: list[str]) -> None
     manifest = (fleet.registry / MODEL / "1" / "manifest.json").read_text()
     assert v1["created"] in manifest and v1["task"] == "detection"
     assert v1["signed_by"] == [keyid]
+    assert (v1["selftest"], v1["budget"]) == (False, False)  # publish_two adds neither
     model_file = next(f for f in v1["files"] if f["role"] == "model")
     assert model_file["size"] == 200_000 and model_file["sha256"] in manifest
     assert v1["size"] == sum(f["size"] for f in v1["files"])

@@ -72,6 +72,8 @@ class VersionInfo:
     size: int | None = None  # all files, bytes
     files: list[FileInfo] = field(default_factory=list)
     signed_by: list[str] = field(default_factory=list)  # key ids of manifest.json.sig
+    selftest: bool = False  # the manifest has an on-device self-test
+    budget: bool = False  # the manifest has an on-device latency budget
     error: str | None = None
 
 
@@ -247,6 +249,8 @@ def _described(manifest: Manifest, channels: list[str], signed_by: list[str]) ->
         size=manifest.total_size,
         files=[FileInfo(f.name, f.role, f.variant, f.size, f.sha256) for f in manifest.files],
         signed_by=signed_by,
+        selftest=manifest.selftest is not None,
+        budget=manifest.budget is not None,
     )
 
 

@@ -1,0 +1,125 @@
+"""The releases page, ``GET /ui/releases`` (issue 17): the registry's models and
+versions as ``GET /api/v1/releases`` reads them (the same :class:`ReleaseCache`), each
+version with its task, files and sizes, signers, self-test and budget, and the devices
+that run it (from the ``devices`` table: a count and the first few ids).
+
+Without ``--registry``, or with a registry that cannot be read, the page says why
+(503) and still lists the versions the devices run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Request, Response
+
+from agent.server import queries
+from agent.server.api.read import _cache as release_cache
+from agent.server.releases import RegistryUnavailable, Releases
+from agent.server.schema import devices
+from agent.server.web import pages
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+SHOWN_DEVICES = 10  # device ids listed per version (the count says how many in all)
+MAX_RUNNING = 2000  # (model, version) pairs read from the devices table
+
+
+@dataclass
+class Running:
+    """The devices that run one release: how many, and the first ids (sorted)."""
+
+    count: int = 0
+    devices: list[str] = field(default_factory=list)
+
+
+Key = tuple[str, int]
+
+
+def running(conn: sa.Connection) -> dict[Key, Running]:
+    """Per (model, version) the devices running it: two grouped queries whatever the
+    fleet's size (a window function keeps the first :data:`SHOWN_DEVICES` ids)."""
+    d = devices.c
+    out: dict[Key, Running] = {}
+    counts = conn.execute(
+        sa.select(d.model, d.version, sa.func.count())
+        .where(d.model.is_not(None), d.version.is_not(None))
+        .group_by(d.model, d.version)
+        .order_by(d.model, d.version)
+        .limit(MAX_RUNNING)
+    )
+    for model, version, n in counts:
+        out[(model, version)] = Running(int(n))
+    rank = sa.func.row_number().over(partition_by=(d.model, d.version), order_by=d.id).label("rank")
+    ranked = (
+        sa.select(d.model, d.version, d.id, rank)
+        .where(d.model.is_not(None), d.version.is_not(None))
+        .subquery()
+    )
+    first = conn.execute(
+        sa.select(ranked.c.model, ranked.c.version, ranked.c.id)
+        .where(ranked.c.rank <= SHOWN_DEVICES)
+        .order_by(ranked.c.model, ranked.c.version, ranked.c.id)
+    )
+    for model, version, device in first:
+        if (model, version) in out:
+            out[(model, version)].devices.append(device)
+    return out
+
+
+def unlisted(releases: Releases | None, run: dict[Key, Running]) -> list[tuple[Key, Running]]:
+    """The releases devices run that the registry listing does not show (all of them
+    without a listing), sorted by model then version."""
+    listed: set[Key] = set()
+    if releases is not None:
+        listed = {(m.model, v.version) for m in releases.models for v in m.versions}
+    return sorted((k, r) for k, r in run.items() if k not in listed)
+
+
+def size(n: Any) -> str:
+    """Bytes as the page writes them: ``812 B``, ``195.3 KiB``, ``4.2 MiB``; ``—``."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        return "—"
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024.0
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024.0
+    return f"{value:.1f} GiB"
+
+
+pages.templates.env.filters["size"] = size
+
+
+@router.get("/releases")
+def releases_page(request: Request) -> Response:
+    session = pages._signed_in(request)
+    server = pages._server(request)
+    with server.engine.connect() as conn:
+        run = running(conn)
+    releases: Releases | None = None
+    problem: str | None = None
+    registry = server.options.registry
+    if not registry:
+        problem = "No registry configured: start edge-fleet serve with --registry DIR|URL."
+    else:
+
+        def known() -> list[str]:
+            with server.engine.connect() as conn:
+                return queries.known_models(conn, 200)
+
+        try:
+            releases = release_cache(request).get(registry, known)
+        except RegistryUnavailable as exc:
+            problem = f"The registry cannot be read: {exc}"[:300]
+    context = {
+        "session": session,
+        "releases": releases,
+        "problem": problem,
+        "running": run,
+        "unlisted": unlisted(releases, run),
+    }
+    return pages._page(request, "releases.html", context, 503 if problem else 200)
