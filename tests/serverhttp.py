@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +52,38 @@ def running(app: Any, **options: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(START_S)
+
+
+@contextmanager
+def app_over(
+    db_url: str,
+    *,
+    now: float,
+    prepare: Callable[[Any], None] = lambda engine: None,
+    publisher: Any = None,
+    registry: str | None = None,
+) -> Iterator[tuple[str, Any, Any]]:
+    """The fleet server's app over the database at ``db_url`` (migrated, then filled by
+    ``prepare(engine)``), on a real uvicorn, with the clock stopped at ``now`` and no
+    broker (``publisher``: what deploys publish through, if the test needs one).
+    Yields (base URL, engine, server); the engine is disposed of at the end."""
+    from agent.fleet.broker import BrokerOptions
+    from agent.server.app import create_app
+    from agent.server.context import ServeOptions, Server
+    from agent.server.db import open_database
+    from agent.server.ingest import IngestOptions
+
+    engine = open_database(db_url)
+    try:
+        prepare(engine)
+        options = ServeOptions(
+            db_url, BrokerOptions("mqtt://127.0.0.1:1"), IngestOptions("t"), registry=registry
+        )
+        server = Server(options, engine, publisher=publisher, clock=lambda: now)
+        with running(create_app(server)) as url:
+            yield url, engine, server
+    finally:
+        engine.dispose()
 
 
 @dataclass

@@ -20,17 +20,14 @@ import pytest
 import sqlalchemy as sa
 
 from agent.fleet.broker import BrokerOptions, FleetBroker
-from agent.server.app import create_app
 from agent.server.auth import create_token, revoke_token
-from agent.server.context import ServeOptions, Server
 from agent.server.db import open_database
-from agent.server.ingest import IngestOptions
 from agent.server.schema import audit, deploys, ui_sessions
 from agent.server.store import insert_event, upsert_device
 from agent.server.web import formats, overview, sessions
 from agent.server.web.overview import Bar, paginate, updating, version_bars
 from tests.browser import Browser, browser
-from tests.serverhttp import running
+from tests.serverhttp import app_over
 from tests.test_server_api import NOW, fill_fleet
 
 _names = itertools.count()
@@ -61,20 +58,18 @@ class Dash:
 
 @contextmanager
 def dashboard(db_url: str, publisher: Any = None) -> Iterator[Dash]:
-    engine = open_database(db_url)
-    try:
+    tokens: list[str] = []
+
+    def prepare(engine: sa.Engine) -> None:
         fill_fleet(engine)
         with engine.begin() as conn:
             insert_event(conn, "dev-a", NOW - 10, {"event": "model_loaded", "model": "colours",
                                                    "version": 3, "backend": "cpu"})  # fmt: skip
-            viewer = create_token(conn, "alice", "viewer", NOW)
-            operator = create_token(conn, "olga", "operator", NOW)
-        options = ServeOptions(db_url, BrokerOptions("mqtt://127.0.0.1:1"), IngestOptions("t"))
-        server = Server(options, engine, publisher=publisher, clock=lambda: NOW)
-        with running(create_app(server)) as url:
-            yield Dash(url, engine, viewer, operator)
-    finally:
-        engine.dispose()
+            tokens.append(create_token(conn, "alice", "viewer", NOW))
+            tokens.append(create_token(conn, "olga", "operator", NOW))
+
+    with app_over(db_url, now=NOW, prepare=prepare, publisher=publisher) as (url, engine, _):
+        yield Dash(url, engine, *tokens)
 
 
 @pytest.fixture

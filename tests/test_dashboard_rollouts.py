@@ -15,13 +15,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from agent.fleet.broker import BrokerOptions
 from agent.fleet.publish import publish
 from agent.server.app import create_app
 from agent.server.auth import create_token
-from agent.server.context import ServeOptions, Server
 from agent.server.db import open_database
-from agent.server.ingest import IngestOptions
 from agent.server.releases import ModelInfo, Releases, VersionInfo
 from agent.server.schema import audit, rollouts
 from agent.server.store import upsert_device
@@ -30,7 +27,7 @@ from agent.server.web.releases_page import Running
 from tests.broker import Mosquitto
 from tests.browser import Browser, browser
 from tests.conftest import MODEL, Fleet, tflite_bytes
-from tests.serverhttp import running
+from tests.serverhttp import app_over, running
 from tests.test_dashboard import Client, log_in
 from tests.test_server_api import NOW, fill_fleet, state
 from tests.test_server_rollouts import Rig
@@ -62,20 +59,16 @@ class Site:
 def site(db_url: str, registry: str | None = None) -> Iterator[Site]:
     """The app on the fleet of tests/test_server_api.py (dev-a and dev-c in group door)
     with a viewer's and an operator's token; no broker (nothing here publishes)."""
-    engine = open_database(db_url)
-    try:
+    tokens: list[str] = []
+
+    def prepare(engine: sa.Engine) -> None:
         fill_fleet(engine)
         with engine.begin() as conn:
-            viewer = create_token(conn, "alice", "viewer", NOW)
-            operator = create_token(conn, "olga", "operator", NOW)
-        options = ServeOptions(
-            db_url, BrokerOptions("mqtt://127.0.0.1:1"), IngestOptions("t"), registry=registry
-        )
-        server = Server(options, engine, publisher=None, clock=lambda: NOW)  # type: ignore[arg-type]
-        with running(create_app(server)) as url:
-            yield Site(url, engine, viewer, operator)
-    finally:
-        engine.dispose()
+            tokens.append(create_token(conn, "alice", "viewer", NOW))
+            tokens.append(create_token(conn, "olga", "operator", NOW))
+
+    with app_over(db_url, now=NOW, prepare=prepare, registry=registry) as (url, engine, _):
+        yield Site(url, engine, *tokens)
 
 
 @pytest.fixture

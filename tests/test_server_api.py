@@ -17,18 +17,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from agent.fleet.broker import BrokerOptions
-from agent.server.app import create_app, validation_detail
+from agent.server.app import validation_detail
 from agent.server.auth import create_token
-from agent.server.context import ServeOptions, Server
-from agent.server.db import open_database
-from agent.server.ingest import IngestOptions
+from agent.server.context import Server
 from agent.server.queries import MAX_POINTS, QueryError, SeriesPlan, default_step, plan_series
 from agent.server.retention import numeric_samples
 from agent.server.store import insert_event, insert_telemetry, prune, upsert_device
 from tests.conftest import MODEL, Fleet
 from tests.registry_server import RegistryServer
-from tests.serverhttp import Reply, call, running
+from tests.serverhttp import Reply, app_over, call
 
 NOW = 1_800_000_000.0  # the server's clock in these tests (a minute boundary)
 DAY = 86_400.0
@@ -50,18 +47,14 @@ class Api:
 
 @contextmanager
 def serving(db_url: str, registry: str | None = None) -> Iterator[Api]:
-    engine = open_database(db_url)
-    try:
+    tokens: list[str] = []
+
+    def prepare(engine: sa.Engine) -> None:
         with engine.begin() as conn:
-            token = create_token(conn, f"reader-{next(_tokens)}", "viewer", NOW)
-        options = ServeOptions(
-            db_url, BrokerOptions("mqtt://127.0.0.1:1"), IngestOptions("t"), registry=registry
-        )
-        server = Server(options, engine, publisher=None, clock=lambda: NOW)  # type: ignore[arg-type]
-        with running(create_app(server)) as url:
-            yield Api(url, token, engine, server)
-    finally:
-        engine.dispose()
+            tokens.append(create_token(conn, f"reader-{next(_tokens)}", "viewer", NOW))
+
+    with app_over(db_url, now=NOW, prepare=prepare, registry=registry) as (url, engine, server):
+        yield Api(url, tokens[0], engine, server)
 
 
 @pytest.fixture
