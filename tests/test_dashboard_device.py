@@ -17,7 +17,7 @@ from agent.server.retention import numeric_samples
 from agent.server.schema import deploys
 from agent.server.store import insert_event, insert_telemetry, upsert_device
 from agent.server.web import alerts, charts
-from agent.server.web.alerts import Alert, Recent, device_alerts, summarise
+from agent.server.web.alerts import Alert, Recent, Thresholds, device_alerts, summarise
 from tests.browser import Browser
 from tests.test_dashboard import Client, Dash, chrome, dashboard, log_in, sqlite_url
 from tests.test_server_api import NOW, state, status, telemetry
@@ -136,6 +136,28 @@ def test_accelerator_fallen_back_to_cpu(
     assert kinds(device_alerts(row(backend=backend), recent, NOW)) == expected
 
 
+@pytest.mark.parametrize(
+    ("limits", "device", "recent", "expected"),
+    [  # the same figures judged by an operator's thresholds (serve --alert-*)
+        (Thresholds(offline_s=120), row(False, NOW - 300), Recent(), ["offline"]),
+        (Thresholds(offline_s=3600), row(False, NOW - 3000), Recent(), []),
+        (Thresholds(temp_high_c=70), row(temp=72.0), Recent(), ["temperature"]),
+        (Thresholds(temp_high_c=90), row(temp=85.0), Recent(), []),
+        (Thresholds(error_share=0.01), row(), Recent(frames=1000, errors=20), ["errors"]),
+        (Thresholds(error_share=0.5), row(), Recent(frames=1000, errors=400), []),
+        (Thresholds(outbox_growth=10), row(), Recent(outbox_before=0, outbox_after=10), ["outbox"]),
+        (Thresholds(outbox_growth=1000), row(), Recent(outbox_before=0, outbox_after=900), []),
+    ],
+)
+def test_thresholds_are_the_operators(
+    limits: Thresholds, device: dict[str, Any], recent: Recent, expected: list[str]
+) -> None:
+    found = device_alerts(device, recent, NOW, limits)
+    assert kinds(found) == expected
+    if expected == ["temperature"]:
+        assert found[0].detail == "72.0 °C (alert at 70)"
+
+
 def test_the_summary_counts_every_alert_and_lists_the_first() -> None:
     found = [Alert(f"d{i}", "offline", "x") for i in range(alerts.MAX_SHOWN + 5)]
     found.append(Alert("z", "errors", "y"))
@@ -221,7 +243,7 @@ def test_the_fleets_alerts_from_its_rows_and_aggregates(db_url: str) -> None:
     hot = recent["cam-hot"]
     assert hot.frames == 1400 and hot.errors == 140 and hot.fallback_ts == NOW - 300
     assert hot.outbox_before is not None and hot.outbox_after is not None
-    assert hot.outbox_after - hot.outbox_before >= alerts.OUTBOX_GROWTH
+    assert hot.outbox_after - hot.outbox_before >= alerts.Thresholds().outbox_growth
     assert [(a.device, a.kind) for a in found.shown] == [
         ("cam-gone", "offline"),
         ("cam-hot", "outbox"),

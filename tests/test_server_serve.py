@@ -303,6 +303,9 @@ def test_database_down_is_503_with_the_reason_then_back_to_200(
         (["--db", "mysql://x/y"], "--db: database URL mysql://x/y is not supported"),
         (["--client-id", "a/b"], "--client-id: "),
         (["--share-group", "a+b"], "--share-group: "),
+        (["--alert-temp-c", "500"], "--alert-temp-c: 500.0 must be 20 to 150 °C"),
+        (["--alert-offline-min", "nan"], "--alert-offline-min: nan must be 1 to 10080 minutes"),
+        (["--alert-error-pct", "0"], "--alert-error-pct: 0.0 must be 0.1 to 100 %"),
         (["--broker", "http://x"], "--broker: 'http://x' is not an mqtt:// or mqtts:// URL"),
     ],
 )
@@ -319,6 +322,22 @@ def test_bad_serve_options_exit_2_with_one_line_before_anything_starts(
     assert err.startswith(f"edge-fleet: {says}"), err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not db.exists()
+
+
+def test_alert_options_become_the_dashboards_thresholds(tmp_path: Path) -> None:
+    from agent.server.cli import serve_options
+    from agent.server.web.alerts import Thresholds
+
+    base = ["serve", "--broker", "mqtt://127.0.0.1:1", "--db", f"sqlite:///{tmp_path}/f.db"]
+    default = serve_options(fleet_cli._parser().parse_args(base))
+    assert default.alerts == Thresholds()
+    args = fleet_cli._parser().parse_args(
+        [*base, "--alert-offline-min", "30", "--alert-temp-c", "70", "--alert-error-pct", "2"]
+        + ["--alert-outbox-growth", "500"]
+    )
+    assert serve_options(args).alerts == Thresholds(
+        offline_s=1800, outbox_growth=500, temp_high_c=70, error_share=0.02
+    )
 
 
 def test_serve_answers_https_with_its_certificate(tmp_path: Path, broker: Mosquitto) -> None:

@@ -40,6 +40,19 @@ NEEDED = ("sqlalchemy", "alembic", "fastapi", "uvicorn", "prometheus_client")
 MAX_DAYS = 36_500.0
 TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 COMMANDS = ("serve", "token")
+# (option, default, help): the dashboard's alert thresholds, checked by ALERT_RANGES
+ALERT_OPTIONS = (
+    ("--alert-offline-min", 10.0, "offline longer than this many minutes (default 10)"),
+    ("--alert-temp-c", 80.0, "temperature at or above this, °C (default 80)"),
+    ("--alert-error-pct", 5.0, "more than this %% of frames failed in 15 min (default 5)"),
+    ("--alert-outbox-growth", 100.0, "outbox grew by this many messages in 15 min (default 100)"),
+)
+ALERT_RANGES = {  # dest: (lowest, highest, unit)
+    "alert_offline_min": (1.0, 10_080.0, "minutes"),
+    "alert_temp_c": (20.0, 150.0, "°C"),
+    "alert_error_pct": (0.1, 100.0, "%"),
+    "alert_outbox_growth": (1.0, 1_000_000.0, "messages"),
+}
 
 PAGES = {
     "serve": (
@@ -124,6 +137,9 @@ def add_commands(
         metavar="DAYS",
         help="keep 1-minute telemetry aggregates this long (default 90)",
     )
+    limits = serve.add_argument_group("alerts", "when the dashboard flags a device")
+    for flag, default, what in ALERT_OPTIONS:
+        limits.add_argument(flag, type=float, default=default, metavar="N", help=what)
 
     token = command(sub, "token", "create, list or revoke API tokens", *PAGES["token"], codes)
     actions = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
@@ -209,6 +225,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
     from agent.server.context import ServeOptions
     from agent.server.db import parse_url
     from agent.server.ingest import IngestOptions
+    from agent.server.web.alerts import Thresholds
 
     problems: list[str] = []
     if not args.broker:
@@ -224,6 +241,11 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
             problems.append(
                 f"{name}: {value!r} must be a number of days above 0, up to {MAX_DAYS:g}"
             )
+    for dest, (low, high, unit) in ALERT_RANGES.items():
+        value = getattr(args, dest)
+        if not math.isfinite(value) or not low <= value <= high:
+            flag = "--" + dest.replace("_", "-")
+            problems.append(f"{flag}: {value!r} must be {low:g} to {high:g} {unit}")
     if not math.isfinite(args.connect_timeout) or not 0 < args.connect_timeout <= 600:
         problems.append(f"--connect-timeout: {args.connect_timeout!r} must be 0 to 600 seconds")
     host, port, problem = parse_listen(args.listen)
@@ -272,6 +294,12 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         sign_key=args.sign_key,
         raw_days=args.raw_days,
         agg_days=args.agg_days,
+        alerts=Thresholds(
+            offline_s=args.alert_offline_min * 60,
+            outbox_growth=args.alert_outbox_growth,
+            temp_high_c=args.alert_temp_c,
+            error_share=args.alert_error_pct / 100,
+        ),
     )
 
 

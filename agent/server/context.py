@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from agent.fleet.broker import BrokerOptions
 from agent.server.ingest import IngestOptions, IngestStats
+from agent.server.web.alerts import Thresholds
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ServeOptions:
     raw_days: float = 7.0
     agg_days: float = 90.0
     prune_every_s: float = 3600.0
+    alerts: Thresholds = field(default_factory=Thresholds)  # the dashboard's alerts
 
     @property
     def instance(self) -> str:

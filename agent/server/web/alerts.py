@@ -1,17 +1,18 @@
 """The overview's alerts: pure rules over a device's row and its recent aggregates.
 
-A device is flagged when it has been offline longer than :data:`OFFLINE_S`, its outbox
-grew by :data:`OUTBOX_GROWTH` messages or more within the last :data:`WINDOW_S`, its
-temperature (the machine's or the Edge TPU's) is :data:`TEMP_HIGH_C` or more, more than
-:data:`ERROR_SHARE` of its frames failed within the window, or it fell back to the CPU
-(an ``accelerator_fallback`` event within :data:`FALLBACK_S`, no ``accelerator_recovered``
-after it, and its backend now ``cpu``). Devices do not report throttling or
-under-voltage (``agent/contract.py`` has no such field), so there is no rule for them.
+A device is flagged when it has been offline longer than ``Thresholds.offline_s``, its
+outbox grew by ``Thresholds.outbox_growth`` messages or more within the last
+:data:`WINDOW_S`, its temperature (the machine's or the Edge TPU's) is
+``Thresholds.temp_high_c`` or more, more than ``Thresholds.error_share`` of its frames
+failed within the window, or it fell back to the CPU (an ``accelerator_fallback`` event
+within :data:`FALLBACK_S`, no ``accelerator_recovered`` after it, and its backend now
+``cpu``). Devices do not report throttling or under-voltage (``agent/contract.py`` has
+no such field), so there is no rule for them.
 
-The thresholds are constants for now (``serve`` options later). The figures come from
-three queries whatever the fleet's size: the devices (at most :data:`MAX_SCAN`), the
-telemetry minute aggregates of the window grouped by device and metric, and the
-accelerator events grouped by device.
+The thresholds are ``edge-fleet serve`` options (``--alert-*``, :class:`Thresholds`).
+The figures come from three queries whatever the fleet's size: the devices (at most
+:data:`MAX_SCAN`), the telemetry minute aggregates of the window grouped by device and
+metric, and the accelerator events grouped by device.
 """
 
 from __future__ import annotations
@@ -25,11 +26,7 @@ import sqlalchemy as sa
 from agent.server import queries
 from agent.server.schema import devices, events, telemetry_agg
 
-OFFLINE_S = 600.0  # offline longer than this
 WINDOW_S = 900.0  # the recent aggregates the trends are read from
-OUTBOX_GROWTH = 100.0  # messages more in the window's later half than in its first
-TEMP_HIGH_C = 80.0
-ERROR_SHARE = 0.05  # of the frames in the window
 MIN_FRAMES = 100.0  # fewer frames in the window: too few to judge a share
 FALLBACK_S = 86_400.0  # how far back an accelerator_fallback event counts
 MAX_SCAN = 10_000  # devices judged per overview
@@ -45,6 +42,16 @@ TITLES: dict[Kind, str] = {
     "errors": "error rate up",
     "fallback": "fell back to CPU",
 }
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a device is flagged (``edge-fleet serve --alert-*``)."""
+
+    offline_s: float = 600.0  # offline longer than this
+    outbox_growth: float = 100.0  # messages more in the window's later half than its first
+    temp_high_c: float = 80.0  # the machine's or the Edge TPU's temperature
+    error_share: float = 0.05  # of the frames in the window
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,9 @@ class Alert:
         return TITLES[self.kind]
 
 
-def device_alerts(row: Mapping[str, Any], recent: Recent, now: float) -> list[Alert]:
+def device_alerts(
+    row: Mapping[str, Any], recent: Recent, now: float, limits: Thresholds = Thresholds()
+) -> list[Alert]:
     """The alerts of one device: ``row`` as :func:`queries.device_rows` gives it."""
     device = str(row["id"])
     found: list[Alert] = []
@@ -80,20 +89,20 @@ def device_alerts(row: Mapping[str, Any], recent: Recent, now: float) -> list[Al
 
     if not row["online"]:
         away = now - float(row["last_seen"])
-        if away > OFFLINE_S:
+        if away > limits.offline_s:
             alert("offline", f"offline for {_duration(away)}")
         return found  # the other figures are stale
     live = queries.live_figures(row, now)
     before, after = recent.outbox_before, recent.outbox_after
-    if before is not None and after is not None and after - before >= OUTBOX_GROWTH:
+    if before is not None and after is not None and after - before >= limits.outbox_growth:
         alert("outbox", f"outbox {before:.0f} → {after:.0f} messages in {WINDOW_S / 60:.0f} min")
     hottest = _hottest(live.get("temp_c"), _tpu_temp(row, now, live))
-    if hottest is not None and hottest >= TEMP_HIGH_C:
-        alert("temperature", f"{hottest:.1f} °C (alert at {TEMP_HIGH_C:.0f})")
+    if hottest is not None and hottest >= limits.temp_high_c:
+        alert("temperature", f"{hottest:.1f} °C (alert at {limits.temp_high_c:g})")
     frames, errors = recent.frames, recent.errors
     if frames is not None and errors is not None and frames >= MIN_FRAMES:
         share = errors / frames
-        if share > ERROR_SHARE:
+        if share > limits.error_share:
             minutes = f"{WINDOW_S / 60:.0f} min"
             alert("errors", f"{share:.0%} of {frames:.0f} frames failed in the last {minutes}")
     fell = recent.fallback_ts
@@ -201,7 +210,7 @@ def recent_figures(conn: sa.Connection, now: float) -> dict[str, Recent]:
     return {device: Recent(**one) for device, one in figures.items()}
 
 
-def fleet_alerts(conn: sa.Connection, now: float) -> Alerts:
+def fleet_alerts(conn: sa.Connection, now: float, limits: Thresholds = Thresholds()) -> Alerts:
     """The alerts of the fleet's first :data:`MAX_SCAN` devices, by id."""
     recent = recent_figures(conn, now)
     d = devices.c
@@ -212,7 +221,7 @@ def fleet_alerts(conn: sa.Connection, now: float) -> Alerts:
     return summarise(
         alert
         for row in rows
-        for alert in device_alerts(dict(row._mapping), recent.get(row.id, nothing), now)
+        for alert in device_alerts(dict(row._mapping), recent.get(row.id, nothing), now, limits)
     )
 
 

@@ -237,7 +237,7 @@ def overview_page(
     with server.engine.connect() as conn:
         figures = overview.overview(conn)
         where, rows = overview.device_page(conn, figures.total, page, server.clock())
-        flagged = alerts.fleet_alerts(conn, server.clock())
+        flagged = alerts.fleet_alerts(conn, server.clock(), server.options.alerts)
     return _page(
         request,
         "overview.html",
