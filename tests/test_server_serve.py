@@ -28,6 +28,7 @@ from agent.server.ingest import Ingester, IngestOptions
 from tests.broker import Mosquitto, free_port, subscriber, wait_until
 from tests.postgres import Postgres, binaries
 from tests.serverhttp import Reply, call
+from tests.test_dashboard import Client
 from tests.test_server_ingest import dumps, state_doc, status
 
 START_S = 20.0
@@ -261,6 +262,8 @@ def test_database_down_is_503_with_the_reason_then_back_to_200(
         with serving(tmp_path, broker, db) as serve:
             serve.wait_health(200, START_S)
             assert serve.get("/metrics", operator).status == 200  # remembered from now on
+            web = Client(serve.url)
+            assert web.login(operator)[0] == 303
             pg.pause()
             try:
                 down = serve.wait_health(503)
@@ -274,6 +277,9 @@ def test_database_down_is_503_with_the_reason_then_back_to_200(
                 assert scraped.status == 200
                 assert "edge_fleet_database_up 0.0" in scraped.body
                 assert "edge_fleet_devices" not in scraped.body
+                status, headers, page = web.request("GET", "/ui/")  # a person: a page
+                assert status == 503 and headers["content-type"].startswith("text/html")
+                assert "database unavailable: " in page and "Traceback" not in page
             finally:
                 pg.resume()
             serve.wait_health(200)

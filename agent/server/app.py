@@ -7,7 +7,8 @@ each an ``APIRouter``. Everything under /api/v1 and /metrics needs a token
 /api/v1/openapi.json, for a token too; there are no interactive docs pages (they load
 scripts from a CDN).
 
-A database that cannot be reached answers 503 with the reason, for every route. A
+A database that cannot be reached answers 503 with the reason, for every route (an
+HTML page under /ui). A
 request body over 64 KiB is 413, one that takes over 10 s is 408
 (:mod:`agent.server.limits`).
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -50,10 +51,13 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
-    async def _database_down(request: Request, exc: DBAPIError) -> JSONResponse:
+    async def _database_down(request: Request, exc: DBAPIError) -> Response:
         reason = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc) else ""
+        detail = f"database unavailable: {reason}"[:300]
+        if request.url.path.startswith("/ui/"):  # a person at a browser: a page
+            return pages.unavailable(request, detail)
         return JSONResponse(
-            {"detail": f"database unavailable: {reason}"[:300]},
+            {"detail": detail},
             status_code=503,
             headers={"Retry-After": "5"},
         )

@@ -113,6 +113,13 @@ def _error(request: Request, session: Session | None, status: int, detail: str) 
     return _page(request, "error.html", {"session": session, "detail": detail}, status)
 
 
+def unavailable(request: Request, detail: str) -> HTMLResponse:
+    """The page for a database that cannot be reached (503; the session cannot be read)."""
+    response = _error(request, None, 503, detail)
+    response.headers["Retry-After"] = "5"
+    return response
+
+
 async def _form(request: Request) -> dict[str, str]:
     return sessions.parse_form(await request.body(), request.headers.get("content-type"))
 
