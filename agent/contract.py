@@ -223,6 +223,20 @@ class Figures(TypedDict):
     mqtt: MqttFigures
 
 
+ThrottleFlag = Literal["under_voltage", "freq_capped", "throttled", "soft_temp_limit"]
+
+
+@with_config(_STRICT)
+class ThrottledDoc(TypedDict):
+    """The Raspberry Pi firmware's ``get_throttled`` flags: set now, and seen since boot.
+
+    The names are :data:`ThrottleFlag`'s; typed as strings so that a flag a newer agent
+    adds does not make a reader refuse the whole telemetry."""
+
+    now: list[str]
+    since_boot: list[str]
+
+
 @with_config(_STRICT)
 class MachineDoc(TypedDict, total=False):
     """The machine and the agent's process (:class:`agent.sysinfo.SystemProbe`);
@@ -238,6 +252,7 @@ class MachineDoc(TypedDict, total=False):
     disk_free_mb: float | None
     temp_c: float | None
     tpu_temp_c: float | None
+    throttled: ThrottledDoc  # absent where the board has no get_throttled
     uptime_s: float
     boot_uptime_s: float
 

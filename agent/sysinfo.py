@@ -1,8 +1,10 @@
 """What the device itself looks like: CPU, load, memory, disk, temperatures, uptime.
 
 Read with psutil, and from sysfs where psutil has nothing: the SoC's thermal zones
-(``/sys/class/thermal``) and the Coral PCIe/M.2 driver's ``/sys/class/apex/*/temp``
-(millidegrees). A missing sensor is ``None``, never an error.
+(``/sys/class/thermal``), the Coral PCIe/M.2 driver's ``/sys/class/apex/*/temp``
+(millidegrees) and the Raspberry Pi firmware's throttling flags (``get_throttled``, the
+file behind ``vcgencmd get_throttled``). A missing sensor is ``None``, never an error;
+a board without ``get_throttled`` sends no ``throttled`` at all.
 """
 
 from __future__ import annotations
@@ -15,7 +17,23 @@ from typing import Any
 import psutil
 
 from agent import __version__
-from agent.contract import MachineDoc
+from agent.contract import MachineDoc, ThrottledDoc, ThrottleFlag
+
+THROTTLED_FILE = "devices/platform/soc/soc:firmware/get_throttled"  # under /sys
+# get_throttled's bits: the flag set now, and the same flag 16 bits up since boot
+THROTTLE_BITS: tuple[tuple[int, ThrottleFlag], ...] = (
+    (0, "under_voltage"),
+    (1, "freq_capped"),
+    (2, "throttled"),
+    (3, "soft_temp_limit"),
+)
+
+
+def throttle_flags(value: int) -> ThrottledDoc:
+    """``get_throttled``'s number as the flags set now and those seen since boot."""
+    now: list[str] = [flag for bit, flag in THROTTLE_BITS if value >> bit & 1]
+    since: list[str] = [flag for bit, flag in THROTTLE_BITS if value >> (bit + 16) & 1]
+    return {"now": now, "since_boot": since}
 
 
 def _millidegrees(path: Path) -> float | None:
@@ -59,6 +77,14 @@ class SystemProbe:
         ]
         return max(values) if values else None
 
+    def throttled(self) -> ThrottledDoc | None:
+        """The firmware's throttling flags, or None on a board without them."""
+        try:
+            text = (self.sysfs / THROTTLED_FILE).read_text(errors="replace").strip()
+            return throttle_flags(int(text, 16))  # "50005" or "0x50005"
+        except (OSError, ValueError):
+            return None
+
     def _disk_free_mb(self) -> float | None:
         path = self.disk_path
         while not path.exists() and path != path.parent:
@@ -73,7 +99,7 @@ class SystemProbe:
         with self._process.oneshot():
             rss = self._process.memory_info().rss
             agent_cpu = self._process.cpu_percent(None)
-        return {
+        doc: MachineDoc = {
             "agent_version": __version__,
             "cpu_pct": psutil.cpu_percent(None),
             "load": [round(v, 2) for v in os.getloadavg()],
@@ -87,3 +113,6 @@ class SystemProbe:
             "uptime_s": round(time.monotonic() - self.started, 1),
             "boot_uptime_s": round(time.time() - psutil.boot_time()),
         }
+        if (throttled := self.throttled()) is not None:
+            doc["throttled"] = throttled
+        return doc

@@ -136,6 +136,35 @@ def test_accelerator_fallen_back_to_cpu(
     assert kinds(device_alerts(row(backend=backend), recent, NOW)) == expected
 
 
+def throttled(now: list[str], since: list[str], fresh: bool = True) -> dict[str, Any]:
+    device = row(fresh=fresh)
+    device["telemetry"]["throttled"] = {"now": now, "since_boot": since}
+    return device
+
+
+@pytest.mark.parametrize(
+    ("device", "detail"),
+    [
+        (throttled([], []), None),  # a Pi with nothing to say
+        (row(), None),  # a board without get_throttled
+        (
+            throttled(["under_voltage", "throttled"], ["under_voltage", "throttled"]),
+            "under-voltage, throttled now (check the power supply)",
+        ),
+        (throttled(["soft_temp_limit"], ["soft_temp_limit"]), "soft temperature limit now"),
+        (throttled([], ["under_voltage"]), "under-voltage since boot (check the power supply)"),
+        (throttled([], ["throttled"]), None),  # throttled once, over: not an alert
+        (throttled(["under_voltage"], [], fresh=False), None),  # an hour old: not live
+        (throttled(["a_newer_flag"], []), "a_newer_flag now"),  # a newer agent's name
+    ],
+)
+def test_under_voltage_and_throttling_from_the_firmware_flags(
+    device: dict[str, Any], detail: str | None
+) -> None:
+    found = [a for a in device_alerts(device, Recent(), NOW) if a.kind == "power"]
+    assert [a.detail for a in found] == ([detail] if detail else [])
+
+
 @pytest.mark.parametrize(
     ("limits", "device", "recent", "expected"),
     [  # the same figures judged by an operator's thresholds (serve --alert-*)

@@ -108,6 +108,12 @@ DEEP = b'{"a":' * 40 + b"1" + b"}" * 40
         ("edge/cam-1/events", dumps(event("No such event!")), "contract"),
         ("edge/cam-1/events", dumps(event(7)), "contract"),
         ("edge/cam-1/telemetry", dumps({**telemetry(), "npu_pct": 3.5}), "telemetry"),
+        (
+            "edge/cam-1/telemetry",  # a Pi's firmware flags, one a newer agent's
+            dumps({**telemetry(), "throttled": {"now": ["brownout"], "since_boot": []}}),
+            "telemetry",
+        ),
+        ("edge/cam-1/telemetry", dumps({**telemetry(), "throttled": {"now": 5}}), "contract"),
         ("edge/cam-1/state", dumps({**state_doc(), "update": {"x": 1}}), "contract"),
         ("edge/cam-1/events", dumps({**event(), "ts": "yesterday"}), "contract"),
         ("edge/cam-1/state", dumps({**state_doc(), "version": "3; rm -rf"}), "contract"),

@@ -6,8 +6,9 @@ outbox grew by ``Thresholds.outbox_growth`` messages or more within the last
 ``Thresholds.temp_high_c`` or more, more than ``Thresholds.error_share`` of its frames
 failed within the window, or it fell back to the CPU (an ``accelerator_fallback`` event
 within :data:`FALLBACK_S`, no ``accelerator_recovered`` after it, and its backend now
-``cpu``). Devices do not report throttling or under-voltage (``agent/contract.py`` has
-no such field), so there is no rule for them.
+``cpu``), or its Raspberry Pi firmware reports under-voltage or throttling now, or
+under-voltage since boot (``throttled`` in its live telemetry; boards without
+``get_throttled`` send none).
 
 The thresholds are ``edge-fleet serve`` options (``--alert-*``, :class:`Thresholds`).
 The figures come from three queries whatever the fleet's size: the devices (at most
@@ -23,6 +24,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
+from agent.fleet.view import LIVE_S
 from agent.server import queries
 from agent.server.schema import devices, events, telemetry_agg
 
@@ -33,14 +35,21 @@ MAX_SCAN = 10_000  # devices judged per overview
 MAX_SHOWN = 50  # alerts listed (all are counted)
 METRICS = ("outbox.depth", "inference.frames", "inference.errors")
 
-Kind = Literal["offline", "outbox", "temperature", "errors", "fallback"]
-KINDS: tuple[Kind, ...] = ("offline", "outbox", "temperature", "errors", "fallback")
+Kind = Literal["offline", "outbox", "temperature", "errors", "fallback", "power"]
+KINDS: tuple[Kind, ...] = ("offline", "outbox", "temperature", "errors", "fallback", "power")
 TITLES: dict[Kind, str] = {
     "offline": "offline",
     "outbox": "outbox growing",
     "temperature": "temperature high",
     "errors": "error rate up",
     "fallback": "fell back to CPU",
+    "power": "under-voltage / throttled",
+}
+FLAG_WORDS = {  # the firmware's flags (agent.sysinfo.THROTTLE_BITS) as the page says them
+    "under_voltage": "under-voltage",
+    "freq_capped": "frequency capped",
+    "throttled": "throttled",
+    "soft_temp_limit": "soft temperature limit",
 }
 
 
@@ -96,7 +105,8 @@ def device_alerts(
     before, after = recent.outbox_before, recent.outbox_after
     if before is not None and after is not None and after - before >= limits.outbox_growth:
         alert("outbox", f"outbox {before:.0f} → {after:.0f} messages in {WINDOW_S / 60:.0f} min")
-    hottest = _hottest(live.get("temp_c"), _tpu_temp(row, now, live))
+    fresh = _fresh_telemetry(row, now)
+    hottest = _hottest(live.get("temp_c"), fresh.get("tpu_temp_c"))
     if hottest is not None and hottest >= limits.temp_high_c:
         alert("temperature", f"{hottest:.1f} °C (alert at {limits.temp_high_c:g})")
     frames, errors = recent.frames, recent.errors
@@ -113,7 +123,24 @@ def device_alerts(
         and live.get("backend") == "cpu"
     ):
         alert("fallback", "the Edge TPU failed: inference runs on the CPU")
+    if detail := _power(fresh.get("throttled")):
+        alert("power", detail)
     return found
+
+
+def _power(flags: Any) -> str | None:
+    """What the firmware's flags say, when they call for an operator: anything set now,
+    or an under-voltage since boot (a weak supply corrupts SD cards)."""
+    if not isinstance(flags, dict):
+        return None
+    now = [f for f in flags.get("now") or () if isinstance(f, str)]
+    since = [f for f in flags.get("since_boot") or () if isinstance(f, str)]
+    if now:
+        said = ", ".join(FLAG_WORDS.get(f, f) for f in now[:4])
+        return f"{said} now" + (" (check the power supply)" if "under_voltage" in now else "")
+    if "under_voltage" in since:
+        return "under-voltage since boot (check the power supply)"
+    return None
 
 
 def _hottest(*values: Any) -> float | None:
@@ -121,12 +148,15 @@ def _hottest(*values: Any) -> float | None:
     return max(found) if found else None
 
 
-def _tpu_temp(row: Mapping[str, Any], now: float, live: Mapping[str, Any]) -> Any:
-    """The Edge TPU's temperature when the machine's reading is live (same document)."""
+def _fresh_telemetry(row: Mapping[str, Any], now: float) -> Mapping[str, Any]:
+    """The device's telemetry when it is live (as the live figures judge it), else {}."""
     telemetry = row["telemetry"]
-    if live.get("temp_c") is None or not isinstance(telemetry, dict):
-        return None
-    return telemetry.get("tpu_temp_c")
+    if not row["online"] or not isinstance(telemetry, dict):
+        return {}
+    ts = telemetry.get("ts")
+    if not isinstance(ts, int | float) or isinstance(ts, bool) or ts < now - LIVE_S:
+        return {}
+    return telemetry
 
 
 def _duration(seconds: float) -> str:
