@@ -22,7 +22,7 @@ from agent.server.db import open_database
 from agent.server.releases import ModelInfo, Releases, VersionInfo
 from agent.server.schema import audit, rollouts
 from agent.server.store import upsert_device
-from agent.server.web import releases_page, rollouts_page
+from agent.server.web import formats, releases_page, rollouts_page
 from agent.server.web.releases_page import Running
 from tests.broker import Mosquitto
 from tests.browser import Browser, browser
@@ -395,7 +395,7 @@ def test_tally() -> None:
      (3 * 2**30, "3.0 GiB"), (None, "—"), (-1, "—"), (True, "—")],
 )  # fmt: skip
 def test_size(n: Any, text: str) -> None:
-    assert releases_page.size(n) == text
+    assert formats.size(n) == text
 
 
 def test_unlisted_are_the_running_releases_the_registry_does_not_show() -> None:

@@ -319,7 +319,7 @@ def list_events(
 _caches_lock = threading.Lock()
 
 
-def _cache(request: Request) -> ReleaseCache:
+def release_cache(request: Request) -> ReleaseCache:
     state = request.app.state
     with _caches_lock:
         cache: ReleaseCache | None = getattr(state, "releases", None)
@@ -342,6 +342,6 @@ def list_releases(request: Request, _caller: Viewer) -> Releases:
             return queries.known_models(conn, 200)
 
     try:
-        return _cache(request).get(registry, known)
+        return release_cache(request).get(registry, known)
     except RegistryUnavailable as exc:
         raise HTTPException(503, f"registry unavailable: {exc}") from None

@@ -308,10 +308,10 @@ def list_rollouts(
         query = query.where(rollouts.c.status == status)
     with _server(request).engine.connect() as conn:
         rows = conn.execute(query).all()
-    return {"rollouts": [_summary(row) for row in rows]}
+    return {"rollouts": [rollout_summary(row) for row in rows]}
 
 
-def _summary(row: Any) -> dict[str, Any]:
+def rollout_summary(row: Any) -> dict[str, Any]:
     return {
         "id": row.id,
         "group": row.group_name,
@@ -350,7 +350,7 @@ def show(server: Server, rollout_id: str) -> dict[str, Any]:
         raise HTTPException(404, f"no rollout {rollout_id[:64]!r}")
     r, steps, members = loaded
     return {
-        **_summary(row),
+        **rollout_summary(row),
         "steps": [
             {
                 "step": s.step,
@@ -377,7 +377,7 @@ def get_rollout(
     return show(_server(request), rollout_id[:64])
 
 
-_MOVES: dict[str, tuple[tuple[str, ...], str]] = {
+MOVES: dict[str, tuple[tuple[str, ...], str]] = {
     "pause": (("running",), "paused"),
     "resume": (("paused",), "running"),
     "abort": (("running", "paused"), "aborting"),
@@ -389,7 +389,7 @@ def _move(
 ) -> dict[str, Any]:
     server = _server(request)
     rollout_id = rollout_id[:64]
-    allowed, to = _MOVES[action]
+    allowed, to = MOVES[action]
     values: dict[str, Any] = {"status": to, "updated": server.clock()}
     if action == "abort":
         values["reason"] = f"aborted by {caller.name}"

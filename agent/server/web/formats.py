@@ -36,5 +36,19 @@ def figure(value: Any, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
+def size(n: Any) -> str:
+    """Bytes as the page writes them: ``812 B``, ``195.3 KiB``, ``4.2 MiB``; ``—``."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        return "—"
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024.0
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024.0
+    return f"{value:.1f} GiB"
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

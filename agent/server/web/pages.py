@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 router = APIRouter(prefix="/ui", include_in_schema=False)
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescapes .html
-templates.env.filters.update(when=formats.when, ago=formats.ago, figure=formats.figure)
+templates.env.filters.update(
+    when=formats.when, ago=formats.ago, figure=formats.figure, size=formats.size
+)
 EVENTS_SHOWN = 50
 SECURITY_HEADERS = {
     # Only our own files; no inline script or style, no framing, forms post only here.

@@ -10,13 +10,12 @@ Without ``--registry``, or with a registry that cannot be read, the page says wh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
 
 from agent.server import queries
-from agent.server.api.read import _cache as release_cache
+from agent.server.api.read import release_cache
 from agent.server.releases import RegistryUnavailable, Releases
 from agent.server.schema import devices
 from agent.server.web import pages
@@ -75,23 +74,6 @@ def unlisted(releases: Releases | None, run: dict[Key, Running]) -> list[tuple[K
     if releases is not None:
         listed = {(m.model, v.version) for m in releases.models for v in m.versions}
     return sorted((k, r) for k, r in run.items() if k not in listed)
-
-
-def size(n: Any) -> str:
-    """Bytes as the page writes them: ``812 B``, ``195.3 KiB``, ``4.2 MiB``; ``—``."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        return "—"
-    if n < 1024:
-        return f"{n} B"
-    value = n / 1024.0
-    for unit in ("KiB", "MiB"):
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-        value /= 1024.0
-    return f"{value:.1f} GiB"
-
-
-pages.templates.env.filters["size"] = size
 
 
 @router.get("/releases")

@@ -87,7 +87,7 @@ def rollout_request(form: dict[str, str]) -> api.RolloutRequest:
 
 def allowed(status: str) -> list[Action]:
     """The buttons a rollout in ``status`` offers (as the API's moves allow)."""
-    return [a for a in ACTIONS if status in api._MOVES[a][0]]
+    return [a for a in ACTIONS if status in api.MOVES[a][0]]
 
 
 def tally(rollout: dict[str, Any]) -> dict[str, int]:
@@ -128,7 +128,7 @@ def _list_context(
         group_names = list(groups)
     return {
         "session": session,
-        "rows": [api._summary(row) for row in rows],
+        "rows": [api.rollout_summary(row) for row in rows],
         "where": at,
         "status": status,
         "statuses": STATUSES,
