@@ -269,6 +269,10 @@ def test_refusals_publish_nothing_and_a_silent_device_times_out_within_the_bound
                 "POST", site.url + "/api/v1/devices/ghost/commands/ping", token=site.viewer
             )
             assert viewer.status == 403
+            nobody = call("POST", site.url + "/api/v1/devices/ghost/commands/ping")
+            assert nobody.status == 401
+            doc = call("GET", site.url + "/api/v1/openapi.json", token=site.viewer).body
+            assert "/api/v1/devices/{device}/commands/{name}" in doc["paths"]
             unknown = site.post("ghost", "reboot")
             assert unknown.status == 422 and "known: ping, rollback, check-updates" in unknown.text
             assert site.post("ghost", "ping", {"version": 1}).status == 422

@@ -260,7 +260,24 @@ def run_command(
     return out
 
 
-@router.post("/devices/{device}/commands/{name}")
+_BODY = {  # the OpenAPI document's view of the optional body the route reads itself
+    "requestBody": {
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"version": {"type": "integer", "minimum": 1}},
+                    "additionalProperties": False,
+                    "description": "nothing or {}; rollback: {version} (default: previous)",
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("/devices/{device}/commands/{name}", openapi_extra=_BODY)
 async def send_command(
     device: str,
     name: str,
