@@ -1,8 +1,9 @@
 """The HTTP API of ``edge-fleet serve``: one FastAPI app over a :class:`Server`.
 
 Routes live in :mod:`agent.server.api` (``health``: /healthz and /metrics; ``read``:
-devices, telemetry, events, releases; ``rollouts``: deploy and rollouts; ``audit``),
-each an ``APIRouter``. Everything under /api/v1 and /metrics needs a token
+devices, telemetry, events, releases; ``rollouts``: deploy and rollouts; ``commands``:
+a command to one device and its reply; ``audit``), each an ``APIRouter``. Everything
+under /api/v1 and /metrics needs a token
 (:mod:`agent.server.auth`); /healthz answers anyone. The OpenAPI document is at
 /api/v1/openapi.json, for a token too; there are no interactive docs pages (they load
 scripts from a CDN).
