@@ -1,8 +1,9 @@
 """The HTTP API of ``edge-fleet serve``: one FastAPI app over a :class:`Server`.
 
 Routes live in :mod:`agent.server.api` (``health``: /healthz and /metrics; ``read``:
-devices, telemetry, events, releases; ``rollouts``: deploy and rollouts; ``audit``),
-each an ``APIRouter``. Everything under /api/v1 and /metrics needs a token
+devices, telemetry, events, releases; ``rollouts``: deploy and rollouts; ``commands``:
+a command to one device and its reply; ``audit``), each an ``APIRouter``. Everything
+under /api/v1 and /metrics needs a token
 (:mod:`agent.server.auth`); /healthz answers anyone. The OpenAPI document is at
 /api/v1/openapi.json, for a token too; there are no interactive docs pages (they load
 scripts from a CDN).
@@ -24,7 +25,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from agent import __version__
-from agent.server.api import audit, health, history, read, rollouts
+from agent.server.api import audit, commands, health, history, read, rollouts
 from agent.server.auth import viewer
 from agent.server.context import Server
 from agent.server.limits import BodyLimit
@@ -41,7 +42,7 @@ def create_app(server: Server) -> FastAPI:
     )
     app.state.server = server
     app.add_middleware(BodyLimit)  # before FastAPI reads a body, and before any token check
-    for module in (health, read, rollouts, history, audit):
+    for module in (health, read, rollouts, commands, history, audit):
         app.include_router(module.router)
     pages.install(app)  # the dashboard under /ui (agent/server/web)
 

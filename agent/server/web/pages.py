@@ -7,7 +7,7 @@ CSS and a little JavaScript, every asset served from the package (``/ui/static``
   paginated device table).
 - ``GET /ui/devices/{id}``: one device (identity, groups, model, version, backend, the
   last events); ``POST /ui/devices/{id}/deploy`` (operators): the same code as
-  ``POST /api/v1/deploy``.
+  ``POST /api/v1/deploy``; the command buttons are :mod:`.commands_page`'s.
 
 A page without a live session redirects to the login page (303). Every POST checks the
 session's CSRF field and the ``Origin`` header (403 otherwise); a viewer's POST to an
@@ -61,9 +61,10 @@ class LoginNeeded(Exception):
 
 def install(app: FastAPI) -> None:
     """Add the pages, their static files and the login redirect to ``app``."""
-    from agent.server.web import releases_page, rollouts_page  # they use this module
+    from agent.server.web import commands_page, releases_page, rollouts_page  # they use us
 
     app.include_router(router)
+    app.include_router(commands_page.router)
     app.include_router(releases_page.router)
     app.include_router(rollouts_page.router)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
