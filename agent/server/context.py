@@ -7,6 +7,7 @@ HTTP app (``app.state.server``) and to the rollout driver. Tests build one direc
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ class Publisher(Protocol):
     def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None: ...
 
 
+COMMANDS_WAITING = 8  # device commands waiting for their reply at once (api/commands.py)
+
+
 @dataclass
 class Server:
     """The shared parts of one running server instance."""
@@ -61,6 +65,9 @@ class Server:
     publisher: Publisher
     ingest_stats: Callable[[], IngestStats | None] = lambda: None  # None: not ingesting
     clock: Callable[[], float] = field(default=time.time)
+    command_slots: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(COMMANDS_WAITING)
+    )
 
     @property
     def prefix(self) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from agent.errors import EdgeAgentError
 from agent.fleet.acl import check_device_id
 from agent.server.api.rollouts import MAX_VERSION
 from agent.server.auth import Caller, operator, record
-from agent.server.context import Server
+from agent.server.context import COMMANDS_WAITING, Server
 from agent.server.schema import devices, events
 
 router = APIRouter(prefix="/api/v1", tags=["commands"])
@@ -53,7 +52,7 @@ ARGS: dict[Command, frozenset[str]] = {
 DEFAULT_WAIT_S = 10
 MAX_WAIT_S = 30
 POLL_S = 0.2
-MAX_WAITING = 8  # commands waiting for their reply at once, per server
+MAX_WAITING = COMMANDS_WAITING  # commands waiting for their reply at once, per server
 MAX_BODY = 1024
 MAX_ROWS = 100  # new reply rows read per poll
 
@@ -152,19 +151,6 @@ def answer(
 # -- I/O ----------------------------------------------------------------------------------
 
 
-_slots_lock = threading.Lock()
-
-
-def _slots(server: Server) -> threading.BoundedSemaphore:
-    """This server's waiting places (made once per :class:`Server`)."""
-    with _slots_lock:
-        slots: threading.BoundedSemaphore | None = getattr(server, "_command_slots", None)
-        if slots is None:
-            slots = threading.BoundedSemaphore(MAX_WAITING)
-            setattr(server, "_command_slots", slots)  # noqa: B010 (not a Server field)
-        return slots
-
-
 def audit_command(
     server: Server,
     caller: Caller,
@@ -225,7 +211,7 @@ def run_command(
     if not online.online:
         audit_command(server, caller, device, "refused", **detail, reason="offline")
         raise HTTPException(409, f"{device} is offline: commands are not queued for it")
-    slots = _slots(server)
+    slots = server.command_slots
     if not slots.acquire(blocking=False):
         audit_command(server, caller, device, "refused", **detail, reason="busy")
         raise HTTPException(
