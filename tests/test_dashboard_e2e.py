@@ -8,8 +8,8 @@ in group ``lobby``, one in ``hall``) and watches them appear; opens a device pag
 charts and events); starts a rollout of v2 to ``lobby`` from the form on /ui/rollouts and
 follows its page until it has succeeded; sees ``lobby`` on v2 and ``hall`` still on v1 on
 the overview. A viewer then sees every page with no form but logout, and a viewer's
-POSTs are refused (403) and change nothing; an agent stopped with SIGTERM goes offline
-on the viewer's overview.
+POSTs are refused (403) and change nothing; an agent stopped with SIGTERM and one killed
+with SIGKILL (the broker's will) go offline on the viewer's overview.
 
 Every wait is ``tests.browser.wait_for`` (bounded; it reloads the page between looks until
 the pages update themselves). Screenshots: screenshots/e2e-*.png.
@@ -39,7 +39,8 @@ HALL = "hall-1"  # another group: the rollout leaves it on v1
 START_S = 30.0
 APPEAR_S = 60.0
 ROLLOUT_S = 60.0
-OFFLINE_S = 20.0
+RELOAD = True  # wait_for reloads between looks; False once the pages update themselves
+OFFLINE_S = 20.0  # the will: 1.5 × keepalive_s 5
 
 
 @pytest.fixture
@@ -148,6 +149,7 @@ def test_operator_watches_real_agents_appear_update_from_the_page_and_go_offline
             lambda web: _text(web, "count-online") == "4" and _rows(web, (*LOBBY, HALL), "v1"),
             APPEAR_S,
             what="four agents online on v1",
+            reload=RELOAD,
         )
         groups = _text(chrome.web, "by-group")
         assert "lobby 3 0" in groups and "hall 1 0" in groups, groups
@@ -166,6 +168,7 @@ def test_operator_watches_real_agents_appear_update_from_the_page_and_go_offline
             ),
             20,
             what="the fps, p95, CPU and memory charts",
+            reload=RELOAD,
         )
         assert "agent_started" in _text(chrome.web, "events")
         assert chrome.web.find_elements("id", "deploy-form")  # an operator may act
@@ -186,6 +189,7 @@ def test_operator_watches_real_agents_appear_update_from_the_page_and_go_offline
             lambda web: _text(web, "rollout-status") in ("succeeded", "halted", "aborted"),
             ROLLOUT_S,
             what=f"rollout {rollout_id} finished",
+            reload=RELOAD,
         )
         assert _text(chrome.web, "rollout-status") == "succeeded", _text(chrome.web, "summary")
         assert _text(chrome.web, "count-succeeded") == "3"
@@ -203,6 +207,7 @@ def test_operator_watches_real_agents_appear_update_from_the_page_and_go_offline
             ),
             20,
             what="lobby on v2 and hall on v1",
+            reload=RELOAD,
         )
         assert _text(chrome.web, "count-updating") == "0"
 
@@ -215,6 +220,7 @@ def test_operator_watches_real_agents_appear_update_from_the_page_and_go_offline
             ),
             40,
             what="two points or more in the fps and CPU charts",
+            reload=RELOAD,
         )
         assert f"{MODEL} v2" in _text(chrome.web, "identity")
         assert _text(chrome.web, "update").startswith(f"{MODEL} v2: succeeded")  # not its phase
@@ -252,16 +258,22 @@ def test_operator_watches_real_agents_appear_update_from_the_page_and_go_offline
         listed = serve.get("/api/v1/rollouts", viewer).body["rollouts"]
         assert [r["id"] for r in listed] == [rollout_id], listed
 
-        # an agent stops (SIGTERM: it says offline): the viewer's overview shows it
+        # one agent stops (SIGTERM: it says offline), another dies (SIGKILL: the broker
+        # publishes its will after 1.5 keepalives): the viewer's overview shows both
         assert agents[2].terminate() == 0
+        agents[3].kill()
         chrome.open("/ui/")
+        gone = (LOBBY[2], HALL)
         wait_for(
             chrome,
-            lambda web: _text(web, "count-offline") == "1" and "offline" in _row(web, LOBBY[2]),
+            lambda web: _text(web, "count-offline") == "2" and _rows(web, gone, "offline"),
             OFFLINE_S,
-            what=f"{LOBBY[2]} offline",
+            what=f"{' and '.join(gone)} offline",
+            reload=RELOAD,
         )
-        assert _text(chrome.web, "count-online") == "3"
-        assert all("online" in _row(chrome.web, d) for d in (*LOBBY[:2], HALL))
+        assert _text(chrome.web, "count-online") == "2"
+        assert _rows(chrome.web, LOBBY[:2], "online")
+        groups = _text(chrome.web, "by-group")
+        assert "lobby 2 1" in groups and "hall 0 1" in groups, groups
         chrome.shot("e2e-offline")
         assert "Traceback" not in serve.log()
