@@ -3,16 +3,19 @@
 
 ``browser()`` starts one headless Chromium with a temp profile and bounded timeouts and
 yields a :class:`Browser`; ``Browser.shot(name)`` saves a screenshot into
-``screenshots/`` at the repository's root (ignored by git). Tests skip only when
-chromium or chromedriver is not installed (``.ci/run`` installs both).
+``screenshots/`` at the repository's root (ignored by git). ``wait_for`` waits (bounded)
+for something to show on the page, reloading it between looks until the pages update
+themselves. Tests skip only when chromium or chromedriver is not installed (``.ci/run``
+installs both).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,15 @@ class Browser:
             f"no element #{element_id} at {self.web.current_url} after {WAIT_S:g} s",
         )
 
+    def viewport(self, width: int, height: int) -> None:
+        """Resize the window so that the page itself (and so a screenshot) is ``width`` ×
+        ``height`` CSS pixels: the window's frame comes on top, headless too."""
+        inner = self.web.execute_script("return [window.innerWidth, window.innerHeight]")
+        outer = self.web.get_window_size()
+        self.web.set_window_size(
+            width + outer["width"] - inner[0], height + outer["height"] - inner[1]
+        )
+
     def shot(self, name: str) -> Path:
         SCREENSHOTS.mkdir(exist_ok=True)
         path = SCREENSHOTS / f"{name}.png"
@@ -70,7 +82,47 @@ class Browser:
         return path
 
 
-@contextmanager
+def wait_for(
+    driver: Browser,
+    predicate: Callable[[Any], object],
+    timeout: float,
+    reload: bool = True,
+    what: str = "",
+    every: float | None = None,
+) -> Any:
+    """``predicate(driver.web)`` once it is truthy, looking every ``every`` seconds (1 s when
+    reloading, else 0.2 s) until ``timeout``; with ``reload`` the page is reloaded between
+    looks (for pages that do not update themselves). A predicate that raises Selenium's
+    errors (an element not there yet, or gone with a reload) counts as not yet.
+
+    Raises AssertionError naming ``what``, the page and the start of its text."""
+    from selenium.common.exceptions import WebDriverException
+
+    pause = every if every is not None else (1.0 if reload else 0.2)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate(driver.web)
+        except WebDriverException:
+            value = None
+        if value:
+            return value
+        if time.monotonic() + pause > deadline:
+            try:
+                text = driver.web.find_element("tag name", "body").text
+            except WebDriverException as exc:
+                text = f"(the page cannot be read: {exc.msg})"
+            raise AssertionError(
+                f"{what or 'the condition'} not seen within {timeout:g} s at "
+                f"{driver.web.current_url}:\n{text[:3000]}"
+            )
+        time.sleep(pause)
+        if reload:
+            with contextlib.suppress(WebDriverException):  # a slow load: the next look tells
+                driver.web.refresh()
+
+
+@contextlib.contextmanager
 def browser(width: int = 1280, height: int = 900) -> Iterator[Browser]:
     """A headless Chromium (set ``base`` to the server under test)."""
     paths = chromium_paths()

@@ -374,6 +374,10 @@ def test_version_bars_most_devices_first_with_their_share() -> None:
         ({"phase": "downloading"}, True),
         ({"phase": "probation"}, True),
         ({"phase": "idle"}, False),
+        ({"phase": "succeeded"}, False),  # a finished update's outcome
+        ({"phase": "failed"}, False),
+        ({"phase": "rolled_back"}, False),
+        ({"phase": "dancing"}, False),
         ({"phase": None}, False),
         ({}, False),
         ("not a document", False),

@@ -3,7 +3,8 @@
 Counts come from the database grouped (one query each: online/offline, by group, by
 model, by version), so the overview costs the same few queries for 10 or 10,000
 devices; the device table is one page of :data:`PER_PAGE` rows. Updates in progress are
-the devices whose state document names a phase other than ``idle`` (read from the
+the devices whose state document names a phase of an update under way (``downloading``
+to ``probation``; not ``idle`` nor an outcome such as ``succeeded``) (read from the
 ``state`` column, at most :data:`MAX_SCAN` rows) and the unfinished rollouts.
 
 The pure parts (pagination, the bars per version, which phase is an update under way)
@@ -19,6 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from agent.contract import UPDATE_PHASES
 from agent.server import queries
 from agent.server.rollouts import ACTIVE
 from agent.server.schema import device_groups, devices, rollouts
@@ -29,7 +31,7 @@ MAX_GROUPS = 200  # rows of the by-group and by-model tables
 MAX_BARS = 50  # versions shown as bars
 MAX_SCAN = 10_000  # devices' state documents read for updates in progress
 MAX_UPDATING = 20  # updating devices listed (all are counted)
-IDLE_PHASES = frozenset({"idle", ""})
+UNDER_WAY = frozenset(UPDATE_PHASES)  # idle and the outcomes (succeeded, …) are not
 
 
 # -- pure rules ---------------------------------------------------------------------------
@@ -86,11 +88,12 @@ def version_bars(counts: Iterable[tuple[str | None, int | None, int]], total: in
 
 
 def updating(state: Any) -> bool:
-    """Whether a state document says an update is under way (a phase other than idle)."""
+    """Whether a state document says an update is under way: its phase is one of an
+    update's (downloading … probation), not idle nor the outcome of a finished one."""
     if not isinstance(state, dict):
         return False
     phase = state.get("phase")
-    return isinstance(phase, str) and phase not in IDLE_PHASES
+    return isinstance(phase, str) and phase in UNDER_WAY
 
 
 # -- what the page shows ------------------------------------------------------------------
