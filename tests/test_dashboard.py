@@ -468,3 +468,21 @@ def test_every_template_and_static_file_is_package_data() -> None:
     assert files
     for path in files:
         assert any(path.relative_to(web).match(g) for g in globs), path
+
+
+@pytest.mark.parametrize(
+    ("telemetry_ts", "online", "expected"),
+    [
+        (1_000.0, True, 1_000.0),  # telemetry after the last state message: heard then
+        (500.0, True, 900.0),  # older telemetry: the row's time
+        (5_000.0, True, 2_000.0),  # a device clock ahead: never later than now
+        (1_000.0, False, 900.0),  # offline: the row's time (the will's, the server's)
+        (None, True, 900.0),
+        (True, True, 900.0),
+        (float("nan"), True, 900.0),
+    ],
+)
+def test_heard_is_the_later_of_the_row_and_live_telemetry(
+    telemetry_ts: Any, online: bool, expected: float
+) -> None:
+    assert overview.heard(900.0, telemetry_ts, online, 2_000.0) == expected

@@ -218,5 +218,17 @@ def table_row(row: Any, now: float) -> dict[str, Any]:
         "groups": [g for g in groups if isinstance(g, str)],
         "online": bool(row["online"]),
         "agent_version": row["agent_version"],
-        "last_seen": row["last_seen"],
+        "last_seen": heard(row["last_seen"], row["telemetry_ts"], bool(row["online"]), now),
     }
+
+
+def heard(last_seen: float, telemetry_ts: Any, online: bool, now: float) -> float:
+    """When the device was last heard from: its row's ``last_seen`` (status and state
+    messages, the server's clock) or, online, its newest telemetry (the device's clock,
+    never later than ``now``) when that is later — telemetry comes every few seconds,
+    a state message only when something changes."""
+    if not online or not isinstance(telemetry_ts, int | float) or isinstance(telemetry_ts, bool):
+        return last_seen
+    if not math.isfinite(telemetry_ts):
+        return last_seen
+    return max(last_seen, min(float(telemetry_ts), now))
