@@ -39,6 +39,7 @@ from agent.server.driver import RolloutDriver
 from agent.server.ingest import Ingester
 from agent.server.limits import H11WithDeadline
 from agent.server.store import prune
+from agent.server.web import live
 
 log = logging.getLogger("agent.server")
 
@@ -167,6 +168,7 @@ class _Uvicorn(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
             log.info("%s: stopping (HTTP server, rollout driver, ingester)", _name(sig))
+            live.close_streams(self.config.app)  # open live pages would hold the stop
         super().handle_exit(sig, frame)
 
 

@@ -59,9 +59,10 @@ class LoginNeeded(Exception):
 
 def install(app: FastAPI) -> None:
     """Add the pages, their static files and the login redirect to ``app``."""
-    from agent.server.web import releases_page, rollouts_page  # they use this module
+    from agent.server.web import live, releases_page, rollouts_page  # they use this module
 
     app.include_router(router)
+    live.install(app)  # GET /ui/live: the pages' server-sent events
     app.include_router(releases_page.router)
     app.include_router(rollouts_page.router)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
