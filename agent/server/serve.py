@@ -12,7 +12,9 @@ Build → start → run → stop, in this order, and stopped in reverse:
    ``prune_every_s``; a failure is logged, never fatal);
 5. uvicorn in the main thread, serving :func:`agent.server.app.create_app`.
 
-SIGTERM or SIGINT: uvicorn stops taking requests and finishes those in flight, then the
+SIGTERM or SIGINT: uvicorn stops taking requests and finishes those in flight (the
+dashboard's live streams are ended at once: :func:`agent.server.web.live.close_streams`;
+else each would hold the stop for the whole graceful timeout), then the
 driver stops (leases released), the ingester stops (what is committed is acknowledged,
 the rest stays in the broker's session) and the engine is disposed of; exit 0.
 This module holds no business logic.

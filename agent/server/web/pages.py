@@ -8,6 +8,8 @@ CSS and a little JavaScript, every asset served from the package (``/ui/static``
 - ``GET /ui/devices/{id}``: one device (identity, groups, model, version, backend, the
   last events); ``POST /ui/devices/{id}/deploy`` (operators): the same code as
   ``POST /api/v1/deploy``.
+- ``GET /ui/live``: the server-sent events that keep a page live
+  (:mod:`agent.server.web.live`, installed here).
 
 A page without a live session redirects to the login page (303). Every POST checks the
 session's CSRF field and the ``Origin`` header (403 otherwise); a viewer's POST to an
