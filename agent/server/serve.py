@@ -12,7 +12,9 @@ Build → start → run → stop, in this order, and stopped in reverse:
    ``prune_every_s``; a failure is logged, never fatal);
 5. uvicorn in the main thread, serving :func:`agent.server.app.create_app`.
 
-SIGTERM or SIGINT: uvicorn stops taking requests and finishes those in flight, then the
+SIGTERM or SIGINT: uvicorn stops taking requests and finishes those in flight (the
+dashboard's live streams are ended at once: :func:`agent.server.web.live.close_streams`;
+else each would hold the stop for the whole graceful timeout), then the
 driver stops (leases released), the ingester stops (what is committed is acknowledged,
 the rest stays in the broker's session) and the engine is disposed of; exit 0.
 This module holds no business logic.
@@ -39,6 +41,7 @@ from agent.server.driver import RolloutDriver
 from agent.server.ingest import Ingester
 from agent.server.limits import H11WithDeadline
 from agent.server.store import prune
+from agent.server.web import live
 
 log = logging.getLogger("agent.server")
 
@@ -167,6 +170,7 @@ class _Uvicorn(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
             log.info("%s: stopping (HTTP server, rollout driver, ingester)", _name(sig))
+            live.close_streams(self.config.app)  # open live pages would hold the stop
         super().handle_exit(sig, frame)
 
 

@@ -8,6 +8,8 @@ CSS and a little JavaScript, every asset served from the package (``/ui/static``
 - ``GET /ui/devices/{id}``: one device (identity, groups, model, version, backend, the
   last events); ``POST /ui/devices/{id}/deploy`` (operators): the same code as
   ``POST /api/v1/deploy``; the command buttons are :mod:`.commands_page`'s.
+- ``GET /ui/live``: the server-sent events that keep a page live
+  (:mod:`agent.server.web.live`, installed here).
 
 A page without a live session redirects to the login page (303). Every POST checks the
 session's CSRF field and the ``Origin`` header (403 otherwise); a viewer's POST to an
@@ -61,10 +63,11 @@ class LoginNeeded(Exception):
 
 def install(app: FastAPI) -> None:
     """Add the pages, their static files and the login redirect to ``app``."""
-    from agent.server.web import commands_page, releases_page, rollouts_page  # they use us
+    from agent.server.web import commands_page, live, releases_page, rollouts_page
 
     app.include_router(router)
     app.include_router(commands_page.router)
+    live.install(app)  # GET /ui/live: the pages' server-sent events
     app.include_router(releases_page.router)
     app.include_router(rollouts_page.router)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")

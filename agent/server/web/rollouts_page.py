@@ -12,7 +12,8 @@ device with its pause / resume / abort buttons.
 
 Every POST checks the session, its CSRF field and the ``Origin`` (403); a viewer's POST
 is 403; what the API refuses comes back as the page with its one line (409, 422, 503).
-Pages are plain: a "reload" link refreshes them (live updates are a later step).
+The rollout and the history follow the server by themselves (:mod:`agent.server.web.live`);
+a "reload" link stays for browsers without JavaScript.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ MAX_ID = 64
 Action = Literal["pause", "resume", "abort"]
 ACTIONS: tuple[Action, ...] = ("pause", "resume", "abort")
 DONE = {
-    "created": "Rollout created: the server issues its steps; reload to follow it.",
+    "created": "Rollout created: the server issues its steps; this page follows them.",
     "pause": "Paused: no new step is issued; the current step's devices are still judged.",
     "resume": "Resumed.",
     "abort": "Aborting: the current step's unfinished devices are taken back.",
