@@ -359,6 +359,31 @@ def test_the_overview_follows_devices_appearing_and_going_offline(
         chrome.shot("live-overview")
 
 
+def test_a_device_page_drawn_as_a_forms_answer_stays_live(chrome: Browser, sqlite_url: str) -> None:
+    """A refused deploy draws the device page at the form's POST address: the page
+    still follows the device (it fetches its data-live-url, not that address)."""
+    with live_app(sqlite_url, LiveOptions(tick_s=0.5)) as site:
+        chrome.base = site.url
+        chrome.open("/ui/login")
+        chrome.web.delete_all_cookies()
+        log_in(chrome, site.operator)
+        chrome.open("/ui/devices/dev-a")
+        chrome.web.find_element("id", "version").send_keys("0")  # the form's pattern takes it
+        chrome.web.find_element("id", "model").clear()
+        chrome.web.find_element("id", "model").send_keys("no such model!")
+        chrome.web.execute_script("window.confirm = () => true")
+        chrome.web.find_element("id", "deploy").click()
+        deadline = time.monotonic() + 10
+        while not chrome.web.current_url.endswith("/ui/devices/dev-a/deploy"):
+            assert time.monotonic() < deadline, chrome.web.current_url
+            time.sleep(0.1)
+        assert _text(chrome, "action-error")  # the refusal, in one line
+        chrome.web.execute_script("window.__marker = 1")
+        _until(chrome, "the live badge", lambda: _text(chrome, "live-state") == "live")
+        site.store("dev-a", state=state("colours", 7))
+        _until(chrome, "v7", lambda: "colours v7" in _text(chrome, "identity"))
+
+
 def test_a_rollout_page_follows_the_rollout_to_its_end_without_reloading(
     chrome: Browser, broker: Mosquitto, tmp_path: Path
 ) -> None:

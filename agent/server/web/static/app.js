@@ -2,7 +2,9 @@
 // without it; it asks before an action and keeps a page live: a page whose <main> has
 // data-live="VIEW" listens to /ui/live?view=VIEW (server-sent events) and, on
 // "changed", fetches itself again and swaps the elements marked data-live-part (by id)
-// in place — never one holding the focused element (a form being filled in).
+// in place — never one holding the focused element (a form being filled in). It fetches
+// main's data-live-url when the page has one: a page drawn as the answer to a form
+// (a command's reply, a refused deploy) sits at the form's POST address.
 "use strict";
 document.addEventListener("submit", (event) => {
   const form = event.target;
@@ -44,7 +46,8 @@ document.addEventListener("submit", (event) => {
     last = Date.now();
     let response;
     try {
-      response = await fetch(window.location.href, { credentials: "same-origin" });
+      const url = main.dataset.liveUrl || window.location.href;
+      response = await fetch(url, { credentials: "same-origin" });
     } catch (error) {
       show("off", "reconnecting…");
       return;
@@ -52,6 +55,9 @@ document.addEventListener("submit", (event) => {
     if (response.redirected && new URL(response.url).pathname === "/ui/login") {
       window.location.assign(response.url); // signed out meanwhile
       return;
+    }
+    if (!response.ok) {
+      return; // e.g. the database away (503): keep what is shown; the next change retries
     }
     const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
     for (const part of document.querySelectorAll("[data-live-part]")) {
