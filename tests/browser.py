@@ -92,20 +92,28 @@ def wait_for(
 ) -> Any:
     """``predicate(driver.web)`` once it is truthy, looking every ``every`` seconds (1 s when
     reloading, else 0.2 s) until ``timeout``; with ``reload`` the page is reloaded between
-    looks (for pages that do not update themselves). A predicate that raises Selenium's
-    errors (an element not there yet, or gone with a reload) counts as not yet.
+    looks (for pages that do not update themselves). Without ``reload`` a marker set on
+    ``window`` first must still be there at the end: the page changed in place, it was
+    not loaded again. A predicate that raises Selenium's errors (an element not there
+    yet, or gone with a reload) counts as not yet.
 
     Raises AssertionError naming ``what``, the page and the start of its text."""
     from selenium.common.exceptions import WebDriverException
 
     pause = every if every is not None else (1.0 if reload else 0.2)
     deadline = time.monotonic() + timeout
+    if not reload:
+        driver.web.execute_script("window.__inPlace = true")
     while True:
         try:
             value = predicate(driver.web)
         except WebDriverException:
             value = None
         if value:
+            if not reload:
+                assert driver.web.execute_script("return window.__inPlace === true"), (
+                    f"{what or 'the condition'}: the page was loaded again, not updated in place"
+                )
             return value
         if time.monotonic() + pause > deadline:
             try:

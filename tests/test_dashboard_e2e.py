@@ -39,7 +39,7 @@ HALL = "hall-1"  # another group: the rollout leaves it on v1
 START_S = 30.0
 APPEAR_S = 60.0
 ROLLOUT_S = 60.0
-RELOAD = True  # wait_for reloads between looks; False once the pages update themselves
+RELOAD = False  # the pages update themselves (/ui/live): wait without reloading
 OFFLINE_S = 20.0  # the will: 1.5 × keepalive_s 5
 
 
@@ -168,7 +168,7 @@ def test_operator_watches_real_agents_appear_update_from_the_page_and_go_offline
             ),
             20,
             what="the fps, p95, CPU and memory charts",
-            reload=RELOAD,
+            reload=True,  # the device view moves with telemetry only every 30 s
         )
         assert "agent_started" in _text(chrome.web, "events")
         assert chrome.web.find_elements("id", "deploy-form")  # an operator may act
@@ -220,7 +220,7 @@ def test_operator_watches_real_agents_appear_update_from_the_page_and_go_offline
             ),
             40,
             what="two points or more in the fps and CPU charts",
-            reload=RELOAD,
+            reload=True,  # as above
         )
         assert f"{MODEL} v2" in _text(chrome.web, "identity")
         assert _text(chrome.web, "update").startswith(f"{MODEL} v2: succeeded")  # not its phase
