@@ -91,6 +91,7 @@ telemetry_agg = sa.Table(
     sa.Column("sum", sa.Double, nullable=False),
     sa.Column("count", sa.Integer, nullable=False),
     sa.Index(None, "bucket"),  # pruning
+    sa.Index(None, "metric", "bucket"),  # the dashboard's alerts: a window of a few metrics
 )
 
 events = sa.Table(
