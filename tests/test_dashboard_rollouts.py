@@ -16,11 +16,12 @@ import pytest
 import sqlalchemy as sa
 
 from agent.fleet.publish import publish
+from agent.server import rollstore
 from agent.server.app import create_app
 from agent.server.auth import create_token
 from agent.server.db import open_database
 from agent.server.releases import ModelInfo, Releases, VersionInfo
-from agent.server.schema import audit, rollouts
+from agent.server.schema import audit, rollout_devices, rollouts
 from agent.server.store import upsert_device
 from agent.server.web import formats, releases_page, rollouts_page
 from agent.server.web.releases_page import Running
@@ -29,7 +30,7 @@ from tests.browser import Browser, browser
 from tests.conftest import MODEL, Fleet, tflite_bytes
 from tests.serverhttp import app_over, running
 from tests.test_dashboard import Client, log_in
-from tests.test_server_api import NOW, fill_fleet, state
+from tests.test_server_api import NOW, fill_fleet, state, status
 from tests.test_server_rollouts import Rig
 
 WAIT_S = 30.0
@@ -427,3 +428,60 @@ def test_running_counts_every_device_and_names_the_first_ten(db_url: str) -> Non
         assert three.count == 12 and three.devices == big[13:23]
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("statuses", "everything", "listed", "hidden"),
+    [
+        (["succeeded", "failed", "pending"], False, ["succeeded", "failed", "pending"], 0),
+        (  # too many: what needs eyes first, each kind in its order
+            ["succeeded", "untouched", "failed", "pending", "succeeded"],
+            False,
+            ["failed", "pending", "untouched"],
+            2,
+        ),
+        (["succeeded"] * 5, True, ["succeeded"] * 5, 0),  # ?all=1
+    ],
+)
+def test_members_shown(
+    statuses: list[str], everything: bool, listed: list[str], hidden: int
+) -> None:
+    devices = [{"device": f"d{i}", "status": s} for i, s in enumerate(statuses)]
+    shown, left = rollouts_page.members_shown(devices, everything, limit=3)
+    assert [d["status"] for d in shown] == listed and left == hidden
+
+
+def test_a_rollout_over_many_devices_lists_a_hundred_per_step_problems_first(
+    sqlite_url: str,
+) -> None:
+    with site(sqlite_url) as s:
+        with s.engine.begin() as conn:
+            for n in range(250):
+                upsert_device(conn, f"big-{n:03}", NOW - 5, status=status("online", "big"))
+            members = rollstore.members_of(conn, "big")
+            made = rollstore.create(conn, who="t", group="big", model="colours", version=2,
+                                    canary_pct=10, step_pct=100, timeout_s=60,
+                                    members=members, now=NOW)  # fmt: skip
+            conn.execute(
+                sa.update(rollout_devices)
+                .where(rollout_devices.c.rollout_id == made)
+                .values(outcome="succeeded")
+            )
+            conn.execute(
+                sa.update(rollout_devices)
+                .where(rollout_devices.c.device == "big-249")
+                .values(outcome="failed")
+            )
+        client = Client(s.url)
+        client.login(s.viewer)
+        code, _, page = client.request("GET", f"/ui/rollouts/{made}")
+        assert code == 200
+        rows = re.findall(r'<tr id="member-(big-\d+)"', page)
+        canary = 25  # 10 % of 250
+        assert len(rows) == canary + 100
+        assert "big-249" in rows[canary : canary + 1]  # the failed one heads the rest
+        assert f"and {250 - canary - 100} more devices" in page
+        assert len(page) < 120_000
+        code, _, everything = client.request("GET", f"/ui/rollouts/{made}?all=1")
+        assert code == 200 and len(re.findall(r'<tr id="member-', everything)) == 250
+        assert f'data-live-url="/ui/rollouts/{made}?all=1"' in everything

@@ -102,6 +102,22 @@ def tally(rollout: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
+MEMBERS_SHOWN = 100  # devices listed per step unless ?all=1 (a group of 1,000: 287 kB)
+_RANK = {"failed": 0, "pending": 1, "untouched": 2, "succeeded": 3}  # what needs eyes first
+
+
+def members_shown(
+    devices: list[dict[str, Any]], everything: bool, limit: int = MEMBERS_SHOWN
+) -> tuple[list[dict[str, Any]], int]:
+    """A step's devices as its table lists them, and how many are left out: all of them
+    in order when they fit (or ``everything``), else the first ``limit`` by what needs
+    an operator's eyes first (failed, pending, not yet, succeeded; each in order)."""
+    if everything or len(devices) <= limit:
+        return devices, 0
+    ranked = sorted(devices, key=lambda d: _RANK.get(str(d.get("status")), 1))
+    return ranked[:limit], len(devices) - limit
+
+
 # -- pages --------------------------------------------------------------------------------
 
 
@@ -175,11 +191,19 @@ async def create_form(request: Request) -> Response:
     return RedirectResponse(f"/ui/rollouts/{made['id']}?done=created", status_code=303)
 
 
-def _rollout_context(request: Request, session: Session, rollout_id: str) -> dict[str, Any]:
+def _rollout_context(
+    request: Request, session: Session, rollout_id: str, everything: bool = False
+) -> dict[str, Any]:
     shown = api.show(pages._server(request), rollout_id[:MAX_ID])  # HTTPException 404
+    steps = []
+    for step in shown["steps"]:
+        listed, hidden = members_shown(step["devices"], everything)
+        steps.append({**step, "listed": listed, "hidden": hidden})
     return {
         "session": session,
         "r": shown,
+        "steps": steps,
+        "everything": everything,
         "tally": tally(shown),
         "actions": allowed(shown["status"]),
         "done": None,
@@ -188,10 +212,15 @@ def _rollout_context(request: Request, session: Session, rollout_id: str) -> dic
 
 
 @router.get("/rollouts/{rollout_id}")
-def rollout_page(request: Request, rollout_id: str, done: str | None = None) -> Response:
+def rollout_page(
+    request: Request,
+    rollout_id: str,
+    done: str | None = None,
+    everything: Annotated[str | None, Query(alias="all")] = None,
+) -> Response:
     session = pages._signed_in(request)
     try:
-        context = _rollout_context(request, session, rollout_id)
+        context = _rollout_context(request, session, rollout_id, everything=everything == "1")
     except HTTPException as exc:
         return pages._error(request, session, exc.status_code, str(exc.detail))
     context["done"] = DONE.get(done or "")
