@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -111,6 +111,28 @@ def record(
             detail=dict(detail) if detail is not None else None,
         )
     )
+
+
+def record_action(
+    engine: sa.Engine,
+    clock: Callable[[], float],
+    caller: Caller,
+    action: str,
+    target: str | None,
+    outcome: str,
+    **detail: Any,
+) -> None:
+    """:func:`record` in a transaction of its own: an API caller's action and outcome."""
+    with engine.begin() as conn:
+        record(
+            conn,
+            now=clock(),
+            who=caller.name,
+            action=action,
+            target=target,
+            outcome=outcome,
+            detail=detail or None,
+        )
 
 
 def _unauthorized() -> HTTPException:

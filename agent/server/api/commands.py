@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from agent.errors import EdgeAgentError
 from agent.fleet.acl import check_device_id
 from agent.server.api.rollouts import MAX_VERSION
-from agent.server.auth import Caller, operator, record
+from agent.server.auth import Caller, operator, record_action
 from agent.server.context import COMMANDS_WAITING, Server
 from agent.server.schema import devices, events
 
@@ -151,23 +151,9 @@ def answer(
 # -- I/O ----------------------------------------------------------------------------------
 
 
-def audit_command(
-    server: Server,
-    caller: Caller,
-    device: str,
-    outcome: str,
-    **detail: Any,
-) -> None:
-    with server.engine.begin() as conn:
-        record(
-            conn,
-            now=server.clock(),
-            who=caller.name,
-            action="device.command",
-            target=f"device:{device}"[:200],
-            outcome=outcome,
-            detail=detail,
-        )
+def audit_command(server: Server, caller: Caller, device: str, outcome: str, **detail: Any) -> None:
+    target = f"device:{device}"[:200]
+    record_action(server.engine, server.clock, caller, "device.command", target, outcome, **detail)
 
 
 def _wait_reply(

@@ -36,7 +36,7 @@ from agent.fleet.acl import check_device_id
 from agent.fleet.deploy import desired_payload, issue_time
 from agent.fleet.rollout import plan, step_name
 from agent.server import rollstore
-from agent.server.auth import Caller, operator, record, viewer
+from agent.server.auth import Caller, operator, record_action, viewer
 from agent.server.context import Server
 from agent.server.releases import RegistryUnavailable, missing_release
 from agent.server.rollouts import STATUSES, Member
@@ -122,16 +122,7 @@ def _unprocessable(problems: list[str]) -> HTTPException:
 def _audit(
     server: Server, caller: Caller, action: str, target: str | None, outcome: str, **detail: Any
 ) -> None:
-    with server.engine.begin() as conn:
-        record(
-            conn,
-            now=server.clock(),
-            who=caller.name,
-            action=action,
-            target=target,
-            outcome=outcome,
-            detail=detail or None,
-        )
+    record_action(server.engine, server.clock, caller, action, target, outcome, **detail)
 
 
 @router.post("/deploy", status_code=202)

@@ -71,13 +71,11 @@ def summary(out: Mapping[str, Any]) -> str:
 @router.post("/devices/{device}/commands/{name}")
 async def command_form(request: Request, device: str, name: str) -> Response:
     """A command button: the API's run_command, the outcome on the device page."""
-    try:
-        session, form = await pages._checked_post(request)
-    except HTTPException as exc:
-        return pages._error(request, None, exc.status_code, str(exc.detail))
-    if session.caller.role != "operator":
-        return pages._error(request, session, 403, "Only an operator's token can send commands.")
-    server = pages._server(request)
+    checked = await pages.operator_post(request, "send commands")
+    if isinstance(checked, Response):
+        return checked
+    session, form = checked
+    server = pages.server_of(request)
     status, line, failed = 200, "", False
     try:
         command = form_command(name, form)
@@ -94,8 +92,8 @@ async def command_form(request: Request, device: str, name: str) -> Response:
         )  # fmt: skip
     except HTTPException as exc:
         status, line, failed = exc.status_code, str(exc.detail), True
-    context = await run_in_threadpool(pages._device_context, request, session, device)
+    context = await run_in_threadpool(pages.device_context, request, session, device)
     if context is None:
-        return pages._error(request, session, status if status != 200 else 404, line)
+        return pages.error_page(request, session, status if status != 200 else 404, line)
     context["error" if failed else "done"] = line
-    return pages._page(request, "device.html", context, status)
+    return pages.render(request, "device.html", context, status)

@@ -307,9 +307,9 @@ def _refuse(status: int, detail: str) -> Response:
 @router.get("/live")
 async def live(request: Request, view: Annotated[str, Query(max_length=80)]) -> Response:
     """The stream for one page (session cookie required: 401 without one)."""
-    from agent.server.web.pages import _server, _session
+    from agent.server.web.pages import server_of, session_of
 
-    session = await run_in_threadpool(_session, request)
+    session = await run_in_threadpool(session_of, request)
     if session is None:
         return _refuse(401, "no live session: sign in at /ui/login")
     try:
@@ -321,7 +321,7 @@ async def live(request: Request, view: Annotated[str, Query(max_length=80)]) -> 
     if refused is not None:
         return _refuse(*refused)
     since = request.headers.get("last-event-id", "")[:MAX_EVENT_ID] or None
-    events_ = _events(_server(request), streams, request.cookies.get(COOKIE), shown, since)
+    events_ = _events(server_of(request), streams, request.cookies.get(COOKIE), shown, since)
     return _Stream(streams, session.id, events_)
 
 

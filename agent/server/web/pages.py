@@ -83,28 +83,28 @@ def install(app: FastAPI) -> None:
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _server(request: Request) -> Server:
+def server_of(request: Request) -> Server:
     server: Server = request.app.state.server
     return server
 
 
-def _session(request: Request) -> Session | None:
-    server = _server(request)
+def session_of(request: Request) -> Session | None:
+    server = server_of(request)
     with server.engine.connect() as conn:
         return sessions.find_session(conn, request.cookies.get(COOKIE), server.clock())
 
 
-def _signed_in(request: Request) -> Session:
-    session = _session(request)
+def signed_in(request: Request) -> Session:
+    session = session_of(request)
     if session is None:
         raise LoginNeeded()
     return session
 
 
-def _page(
+def render(
     request: Request, name: str, context: dict[str, Any], status_code: int = 200
 ) -> HTMLResponse:
-    server = _server(request)
+    server = server_of(request)
     response = templates.TemplateResponse(
         request,
         name,
@@ -115,13 +115,13 @@ def _page(
     return response
 
 
-def _error(request: Request, session: Session | None, status: int, detail: str) -> HTMLResponse:
-    return _page(request, "error.html", {"session": session, "detail": detail}, status)
+def error_page(request: Request, session: Session | None, status: int, detail: str) -> HTMLResponse:
+    return render(request, "error.html", {"session": session, "detail": detail}, status)
 
 
 def unavailable(request: Request, detail: str) -> HTMLResponse:
     """The page for a database that cannot be reached (503; the session cannot be read)."""
-    response = _error(request, None, 503, detail)
+    response = error_page(request, None, 503, detail)
     response.headers["Retry-After"] = "5"
     return response
 
@@ -134,10 +134,10 @@ def _foreign(request: Request) -> bool:
     return not sessions.same_origin(request.headers.get("origin"), request.headers.get("host"))
 
 
-async def _checked_post(request: Request) -> tuple[Session, dict[str, str]]:
+async def checked_post(request: Request) -> tuple[Session, dict[str, str]]:
     """The session and form of a POST whose CSRF field and origin are right; raises
     LoginNeeded without a session, HTTPException 403/400 otherwise."""
-    session = await run_in_threadpool(_signed_in, request)
+    session = await run_in_threadpool(signed_in, request)
     if _foreign(request):
         raise HTTPException(403, "this form was sent from another site")
     try:
@@ -146,6 +146,18 @@ async def _checked_post(request: Request) -> tuple[Session, dict[str, str]]:
         raise HTTPException(400, str(exc)) from None
     if not sessions.csrf_ok(session.csrf, form.get(CSRF_FIELD)):
         raise HTTPException(403, "the form's CSRF token is missing or wrong: reload the page")
+    return session, form
+
+
+async def operator_post(request: Request, doing: str) -> tuple[Session, dict[str, str]] | Response:
+    """:func:`checked_post` for an operator's action: the session and form, or the error
+    page to send (403 for a viewer: "Only an operator's token can ``doing``.")."""
+    try:
+        session, form = await checked_post(request)
+    except HTTPException as exc:
+        return error_page(request, None, exc.status_code, str(exc.detail))
+    if session.caller.role != "operator":
+        return error_page(request, session, 403, f"Only an operator's token can {doing}.")
     return session, form
 
 
@@ -159,15 +171,15 @@ def _audit(server: Server, who: str, action: str, outcome: str) -> None:
 
 @router.get("/login")
 def login_page(request: Request) -> Response:
-    if _session(request) is not None:
+    if session_of(request) is not None:
         return RedirectResponse("/ui/", status_code=303)
-    return _page(request, "login.html", {"session": None, "error": None})
+    return render(request, "login.html", {"session": None, "error": None})
 
 
 @router.post("/login")
 async def login(request: Request) -> Response:
     def refuse(status: int, error: str) -> Response:
-        return _page(request, "login.html", {"session": None, "error": error}, status)
+        return render(request, "login.html", {"session": None, "error": error}, status)
 
     if _foreign(request):
         return refuse(403, "This form was sent from another site.")
@@ -176,7 +188,7 @@ async def login(request: Request) -> Response:
     except FormError as exc:
         return refuse(400, f"The form could not be read: {exc}.")
     token = form.get("token", "").strip()
-    server = _server(request)
+    server = server_of(request)
 
     def start() -> tuple[str, Session] | None:
         with server.engine.begin() as conn:
@@ -215,10 +227,10 @@ async def login(request: Request) -> Response:
 @router.post("/logout")
 async def logout(request: Request) -> Response:
     try:
-        session, _ = await _checked_post(request)
+        session, _ = await checked_post(request)
     except HTTPException as exc:
-        return _error(request, None, exc.status_code, str(exc.detail))
-    server = _server(request)
+        return error_page(request, None, exc.status_code, str(exc.detail))
+    server = server_of(request)
 
     def end() -> None:
         with server.engine.begin() as conn:
@@ -245,23 +257,23 @@ async def logout(request: Request) -> Response:
 def overview_page(
     request: Request, page: Annotated[int, Query(ge=1, le=overview.MAX_PAGE)] = 1
 ) -> Response:
-    session = _signed_in(request)
-    server = _server(request)
+    session = signed_in(request)
+    server = server_of(request)
     with server.engine.connect() as conn:
         figures = overview.overview(conn)
         where, rows = overview.device_page(conn, figures.total, page, server.clock())
         flagged = alerts.fleet_alerts(conn, server.clock(), server.options.alerts)
-    return _page(
+    return render(
         request,
         "overview.html",
         {"session": session, "o": figures, "where": where, "rows": rows, "alerts": flagged},
     )
 
 
-def _device_context(
+def device_context(
     request: Request, session: Session, device: str, span: charts.Span = charts.DEFAULT_SPAN
 ) -> dict[str, Any] | None:
-    server = _server(request)
+    server = server_of(request)
     now = server.clock()
     with server.engine.connect() as conn:
         row = queries.device_row(conn, device)
@@ -292,27 +304,27 @@ def device_page(
     done: str | None = None,
     span: str | None = None,  # 1h, 24h or 7d; anything else: the default
 ) -> Response:
-    session = _signed_in(request)
+    session = signed_in(request)
     if (problem := check_device_id(device)) is not None:
-        return _error(request, session, 404, f"{problem}; not a device id")
-    context = _device_context(request, session, device, charts.span(span))
+        return error_page(request, session, 404, f"{problem}; not a device id")
+    context = device_context(request, session, device, charts.span(span))
     if context is None:
-        return _error(request, session, 404, f"No device {device!r} has reported to this server.")
+        return error_page(
+            request, session, 404, f"No device {device!r} has reported to this server."
+        )
     context["done"] = DONE.get(done or "")
-    return _page(request, "device.html", context)
+    return render(request, "device.html", context)
 
 
 @router.post("/devices/{device}/deploy")
 async def deploy_form(request: Request, device: str) -> Response:
     """Deploy a version to this device: the form's fields go through the API's deploy."""
-    try:
-        session, form = await _checked_post(request)
-    except HTTPException as exc:
-        return _error(request, None, exc.status_code, str(exc.detail))
-    if session.caller.role != "operator":
-        return _error(request, session, 403, "Only an operator's token can deploy.")
+    checked = await operator_post(request, "deploy")
+    if isinstance(checked, Response):
+        return checked
+    session, form = checked
     if check_device_id(device) is not None:
-        return _error(request, session, 404, "not a device id")
+        return error_page(request, session, 404, "not a device id")
     model = form.get("model", "").strip()
     version = form.get("version", "").strip()
     try:
@@ -321,9 +333,9 @@ async def deploy_form(request: Request, device: str) -> Response:
         body = DeployRequest(model=model, version=int(version), device=device)
         await run_in_threadpool(deploy, body, request, session.caller)
     except HTTPException as exc:
-        context = await run_in_threadpool(_device_context, request, session, device)
+        context = await run_in_threadpool(device_context, request, session, device)
         if context is None:
-            return _error(request, session, exc.status_code, str(exc.detail))
+            return error_page(request, session, exc.status_code, str(exc.detail))
         context["error"] = str(exc.detail)
-        return _page(request, "device.html", context, exc.status_code)
+        return render(request, "device.html", context, exc.status_code)
     return RedirectResponse(f"/ui/devices/{device}?done=deploy", status_code=303)

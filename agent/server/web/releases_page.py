@@ -78,8 +78,8 @@ def unlisted(releases: Releases | None, run: dict[Key, Running]) -> list[tuple[K
 
 @router.get("/releases")
 def releases_page(request: Request) -> Response:
-    session = pages._signed_in(request)
-    server = pages._server(request)
+    session = pages.signed_in(request)
+    server = pages.server_of(request)
     with server.engine.connect() as conn:
         run = running(conn)
     releases: Releases | None = None
@@ -104,4 +104,4 @@ def releases_page(request: Request) -> Response:
         "running": run,
         "unlisted": unlisted(releases, run),
     }
-    return pages._page(request, "releases.html", context, 503 if problem else 200)
+    return pages.render(request, "releases.html", context, 503 if problem else 200)

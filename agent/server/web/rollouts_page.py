@@ -124,7 +124,7 @@ def members_shown(
 def _list_context(
     request: Request, session: Session, page: int, status: str | None
 ) -> dict[str, Any]:
-    server = pages._server(request)
+    server = pages.server_of(request)
     where = [rollouts.c.status == status] if status else []
     with server.engine.connect() as conn:
         total = conn.execute(sa.select(sa.func.count()).select_from(rollouts).where(*where))
@@ -161,22 +161,20 @@ def rollouts_page(
     page: Annotated[int, Query(ge=1, le=overview.MAX_PAGE)] = 1,
     status: Annotated[str | None, Query(max_length=16)] = None,
 ) -> Response:
-    session = pages._signed_in(request)
+    session = pages.signed_in(request)
     if status is not None and status not in STATUSES:
-        return pages._error(request, session, 422, f"status: one of {', '.join(STATUSES)}")
+        return pages.error_page(request, session, 422, f"status: one of {', '.join(STATUSES)}")
     context = _list_context(request, session, page, status or None)
-    return pages._page(request, "rollouts.html", context)
+    return pages.render(request, "rollouts.html", context)
 
 
 @router.post("/rollouts")
 async def create_form(request: Request) -> Response:
     """Create a rollout: the form's fields go through the API's create_rollout."""
-    try:
-        session, form = await pages._checked_post(request)
-    except HTTPException as exc:
-        return pages._error(request, None, exc.status_code, str(exc.detail))
-    if session.caller.role != "operator":
-        return pages._error(request, session, 403, "Only an operator's token can start a rollout.")
+    checked = await pages.operator_post(request, "start a rollout")
+    if isinstance(checked, Response):
+        return checked
+    session, form = checked
     try:
         try:
             body = rollout_request(form)
@@ -187,14 +185,14 @@ async def create_form(request: Request) -> Response:
         context = await run_in_threadpool(_list_context, request, session, 1, None)
         context["error"] = str(exc.detail)
         context["form"] = {**DEFAULTS, **{k: v[:200] for k, v in form.items() if k != "csrf"}}
-        return pages._page(request, "rollouts.html", context, exc.status_code)
+        return pages.render(request, "rollouts.html", context, exc.status_code)
     return RedirectResponse(f"/ui/rollouts/{made['id']}?done=created", status_code=303)
 
 
 def _rollout_context(
     request: Request, session: Session, rollout_id: str, everything: bool = False
 ) -> dict[str, Any]:
-    shown = api.show(pages._server(request), rollout_id[:MAX_ID])  # HTTPException 404
+    shown = api.show(pages.server_of(request), rollout_id[:MAX_ID])  # HTTPException 404
     steps = []
     for step in shown["steps"]:
         listed, hidden = members_shown(step["devices"], everything)
@@ -218,27 +216,27 @@ def rollout_page(
     done: str | None = None,
     everything: Annotated[str | None, Query(alias="all")] = None,
 ) -> Response:
-    session = pages._signed_in(request)
+    session = pages.signed_in(request)
     try:
         context = _rollout_context(request, session, rollout_id, everything=everything == "1")
     except HTTPException as exc:
-        return pages._error(request, session, exc.status_code, str(exc.detail))
+        return pages.error_page(request, session, exc.status_code, str(exc.detail))
     context["done"] = DONE.get(done or "")
-    return pages._page(request, "rollout.html", context)
+    return pages.render(request, "rollout.html", context)
 
 
 @router.post("/rollouts/{rollout_id}/{action}")
 async def move_form(request: Request, rollout_id: str, action: str) -> Response:
     """Pause, resume or abort: the API's own moves (409 when the status does not allow)."""
     try:
-        session, _form = await pages._checked_post(request)
+        session, _form = await pages.checked_post(request)
     except HTTPException as exc:
-        return pages._error(request, None, exc.status_code, str(exc.detail))
+        return pages.error_page(request, None, exc.status_code, str(exc.detail))
     move = next((a for a in ACTIONS if a == action), None)
     if move is None:
-        return pages._error(request, session, 404, f"No action {action[:20]!r} on a rollout.")
+        return pages.error_page(request, session, 404, f"No action {action[:20]!r} on a rollout.")
     if session.caller.role != "operator":
-        return pages._error(request, session, 403, f"Only an operator's token can {move} it.")
+        return pages.error_page(request, session, 403, f"Only an operator's token can {move} it.")
     rollout_id = rollout_id[:MAX_ID]
     try:
         await run_in_threadpool(MOVES[move], rollout_id, request, session.caller)
@@ -246,7 +244,7 @@ async def move_form(request: Request, rollout_id: str, action: str) -> Response:
         try:
             context = await run_in_threadpool(_rollout_context, request, session, rollout_id)
         except HTTPException:
-            return pages._error(request, session, exc.status_code, str(exc.detail))
+            return pages.error_page(request, session, exc.status_code, str(exc.detail))
         context["error"] = str(exc.detail)
-        return pages._page(request, "rollout.html", context, exc.status_code)
+        return pages.render(request, "rollout.html", context, exc.status_code)
     return RedirectResponse(f"/ui/rollouts/{rollout_id}?done={move}", status_code=303)
