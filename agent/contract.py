@@ -84,6 +84,7 @@ EventName = Literal[
     "accelerator_fallback",
     "pipeline_error",
     "outbox_dropped",
+    "diagnostics_requested",
 ]
 
 UPDATE_PHASES: Final[tuple[UpdatePhase, ...]] = get_args(UpdatePhase)
@@ -253,6 +254,9 @@ class MachineDoc(TypedDict, total=False):
     temp_c: float | None
     tpu_temp_c: float | None
     throttled: ThrottledDoc  # absent where the board has no get_throttled
+    cpu_freq_mhz: float  # absent without cpufreq (and psutil's)
+    wifi_rssi_dbm: int  # absent without a wireless interface
+    ip_addresses: list[str]  # absent without one up
     uptime_s: float
     boot_uptime_s: float
 

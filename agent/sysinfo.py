@@ -1,18 +1,24 @@
-"""What the device itself looks like: CPU, load, memory, disk, temperatures, uptime.
+"""What the device itself looks like: CPU, load, memory, disk, temperatures, uptime,
+clock, Wi-Fi and addresses.
 
-Read with psutil, and from sysfs where psutil has nothing: the SoC's thermal zones
-(``/sys/class/thermal``), the Coral PCIe/M.2 driver's ``/sys/class/apex/*/temp``
-(millidegrees) and the Raspberry Pi firmware's throttling flags (``get_throttled``, the
-file behind ``vcgencmd get_throttled``). A missing sensor is ``None``, never an error;
-a board without ``get_throttled`` sends no ``throttled`` at all.
+Read with psutil, and from sysfs/procfs where psutil has nothing: the SoC's thermal
+zones (``/sys/class/thermal``), the Coral PCIe/M.2 driver's ``/sys/class/apex/*/temp``
+(millidegrees), the Raspberry Pi firmware's throttling flags (``get_throttled``, the
+file behind ``vcgencmd get_throttled``), the CPU clock (cpufreq's ``scaling_cur_freq``)
+and the Wi-Fi signal (``/proc/net/wireless``). A missing temperature is ``None``, never
+an error; what a board does not have at all (``throttled``, ``cpu_freq_mhz``,
+``wifi_rssi_dbm``, ``ip_addresses``) is absent from the sample, not zero or null.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -20,6 +26,9 @@ from agent import __version__
 from agent.contract import MachineDoc, ThrottledDoc, ThrottleFlag
 
 THROTTLED_FILE = "devices/platform/soc/soc:firmware/get_throttled"  # under /sys
+CPU_FREQ_FILE = "devices/system/cpu/cpu0/cpufreq/scaling_cur_freq"  # kHz, under /sys
+WIRELESS_FILE = "net/wireless"  # under /proc
+MAX_ADDRESSES = 8  # ip_addresses: a board with docker bridges has many; telemetry stays small
 # get_throttled's bits: the flag set now, and the same flag 16 bits up since boot
 THROTTLE_BITS: tuple[tuple[int, ThrottleFlag], ...] = (
     (0, "under_voltage"),
@@ -36,6 +45,70 @@ def throttle_flags(value: int) -> ThrottledDoc:
     return {"now": now, "since_boot": since}
 
 
+def wifi_rssi(text: str) -> int | None:
+    """The signal level in dBm of the first interface in ``/proc/net/wireless``'s
+    ``text``, or None (no wireless interface, not associated, a level that is no dBm).
+
+    After two header lines each row reads ``wlan0: 0000   70.  -40.  -256 …``: the
+    interface, status, link quality, then the level (dBm where the driver reports dBm).
+    """
+    for line in text.splitlines()[2:]:
+        name, sep, rest = line.partition(":")
+        fields = rest.split()
+        if not sep or not name.strip() or len(fields) < 3:
+            continue
+        try:
+            level = float(fields[2].rstrip("."))
+        except ValueError:
+            return None
+        # 0 and -256 are what drivers show when not associated; positive levels are
+        # relative units, not dBm
+        return round(level) if -150 < level < 0 else None
+    return None
+
+
+class Address(NamedTuple):
+    """One of psutil's ``net_if_addrs()`` entries, the fields read here."""
+
+    family: int
+    address: str
+
+
+def ip_addresses(
+    addresses: Mapping[str, Sequence[Address]], up: Sequence[str], limit: int = MAX_ADDRESSES
+) -> list[str]:
+    """The IPv4 then IPv6 addresses of the interfaces in ``up``, by interface name,
+    at most ``limit``: without loopback and IPv6 link-local ones (every interface
+    has one; they would crowd out the rest)."""
+    found: dict[int, list[str]] = {socket.AF_INET: [], socket.AF_INET6: []}
+    for name in sorted(set(up) & set(addresses)):
+        for entry in addresses[name]:
+            if entry.family not in found:
+                continue
+            text = entry.address.split("%", 1)[0]  # fe80::1%eth0: the scope is no address
+            try:
+                ip = ipaddress.ip_address(text)
+            except ValueError:
+                continue
+            if ip.is_loopback or (ip.version == 6 and ip.is_link_local):
+                continue
+            if text not in found[entry.family]:
+                found[entry.family].append(text)
+    return (found[socket.AF_INET] + found[socket.AF_INET6])[:limit]
+
+
+def _psutil_net() -> tuple[Mapping[str, Sequence[Address]], list[str]]:
+    addresses = {
+        name: [Address(int(a.family), a.address) for a in entries]
+        for name, entries in psutil.net_if_addrs().items()
+    }
+    up = [name for name, stats in psutil.net_if_stats().items() if stats.isup]
+    return addresses, up
+
+
+Net = Callable[[], tuple[Mapping[str, Sequence[Address]], list[str]]]
+
+
 def _millidegrees(path: Path) -> float | None:
     try:
         return round(int(path.read_text().strip()) / 1000.0, 1)
@@ -46,9 +119,19 @@ def _millidegrees(path: Path) -> float | None:
 class SystemProbe:
     """Samples the machine and this process; cheap enough to call every few seconds."""
 
-    def __init__(self, disk_path: Path, sysfs: Path = Path("/sys")) -> None:
+    def __init__(
+        self,
+        disk_path: Path,
+        sysfs: Path = Path("/sys"),
+        procfs: Path = Path("/proc"),
+        net: Net = _psutil_net,
+    ) -> None:
+        """``sysfs``, ``procfs`` and ``net`` (interfaces' addresses and those up) are
+        the machine's own unless a test gives fakes."""
         self.disk_path = disk_path
         self.sysfs = sysfs
+        self.procfs = procfs
+        self.net = net
         self.started = time.monotonic()
         self._process = psutil.Process()
         psutil.cpu_percent(None)  # the first call only primes the counters
@@ -85,6 +168,38 @@ class SystemProbe:
         except (OSError, ValueError):
             return None
 
+    def cpu_freq_mhz(self) -> float | None:
+        """cpu0's current clock in MHz: cpufreq's file, else psutil (the real /sys
+        only: it reads /proc/cpuinfo on x86); None without either."""
+        try:
+            khz = int((self.sysfs / CPU_FREQ_FILE).read_text().strip())
+            return round(khz / 1000.0, 1) if khz > 0 else None
+        except (OSError, ValueError):
+            pass
+        if self.sysfs != Path("/sys"):
+            return None
+        try:
+            freq = psutil.cpu_freq()
+        except (OSError, RuntimeError, NotImplementedError):
+            return None
+        return round(float(freq.current), 1) if freq is not None and freq.current > 0 else None
+
+    def wifi_rssi_dbm(self) -> int | None:
+        """The first wireless interface's signal in dBm, or None without Wi-Fi."""
+        try:
+            text = (self.procfs / WIRELESS_FILE).read_text(errors="replace")[:65536]
+        except OSError:
+            return None
+        return wifi_rssi(text)
+
+    def ip_addresses(self) -> list[str]:
+        """Non-loopback addresses of the interfaces that are up (:func:`ip_addresses`)."""
+        try:
+            addresses, up = self.net()
+        except OSError:
+            return []
+        return ip_addresses(addresses, up)
+
     def _disk_free_mb(self) -> float | None:
         path = self.disk_path
         while not path.exists() and path != path.parent:
@@ -115,4 +230,10 @@ class SystemProbe:
         }
         if (throttled := self.throttled()) is not None:
             doc["throttled"] = throttled
+        if (freq := self.cpu_freq_mhz()) is not None:
+            doc["cpu_freq_mhz"] = freq
+        if (rssi := self.wifi_rssi_dbm()) is not None:
+            doc["wifi_rssi_dbm"] = rssi
+        if addresses := self.ip_addresses():
+            doc["ip_addresses"] = addresses
         return doc

@@ -114,6 +114,20 @@ DEEP = b'{"a":' * 40 + b"1" + b"}" * 40
             "telemetry",
         ),
         ("edge/cam-1/telemetry", dumps({**telemetry(), "throttled": {"now": 5}}), "contract"),
+        (
+            "edge/cam-1/telemetry",  # a Pi's clock, Wi-Fi and addresses
+            dumps(
+                {
+                    **telemetry(),
+                    "cpu_freq_mhz": 1500.0,
+                    "wifi_rssi_dbm": -52,
+                    "ip_addresses": ["10.0.0.7", "fd00::2"],
+                }
+            ),
+            "telemetry",
+        ),
+        ("edge/cam-1/telemetry", dumps({**telemetry(), "wifi_rssi_dbm": "-52"}), "contract"),
+        ("edge/cam-1/telemetry", dumps({**telemetry(), "ip_addresses": "10.0.0.7"}), "contract"),
         ("edge/cam-1/state", dumps({**state_doc(), "update": {"x": 1}}), "contract"),
         ("edge/cam-1/events", dumps({**event(), "ts": "yesterday"}), "contract"),
         ("edge/cam-1/state", dumps({**state_doc(), "version": "3; rm -rf"}), "contract"),
