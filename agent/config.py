@@ -504,6 +504,25 @@ class ControlConfig(_Section):
     )
 
 
+SNAPSHOT_MAX_KB = 160  # base64 (4/3) of 160 KiB and the reply stay under 256 KiB packets
+
+
+class PrivacyConfig(_Section):
+    snapshots: bool = Field(
+        default=False,
+        description="Allow the snapshot command: one JPEG of the current frame, sent to "
+        "whoever may command this device. Off: the command is refused.",
+    )
+    snapshot_max_kb: int = Field(
+        default=96,
+        ge=8,
+        le=SNAPSHOT_MAX_KB,
+        description="Largest snapshot JPEG, in KiB: lower quality, then a smaller image, "
+        "until it fits, else the command is refused. At most 160, so that the reply "
+        "(base64) stays within the shipped broker's max_packet_size (256 KiB).",
+    )
+
+
 class Config(_Section):
     device: DeviceConfig = Field(default_factory=DeviceConfig, description="This device.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registry.")
@@ -525,6 +544,9 @@ class Config(_Section):
     )
     control: ControlConfig = Field(
         default_factory=ControlConfig, description="Local control socket of the running agent."
+    )
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig, description="What the agent may send of what it sees."
     )
 
     @property

@@ -15,6 +15,8 @@ The contract (docs/troubleshooting.md "Logs", docs/protocol.md "Command line"):
   the network), floats rounded.
 - A warning or error repeated from the same line of code is let through once, then
   at most once a minute with ``(N similar messages suppressed)`` (:class:`RateLimit`).
+- The last lines are also kept in memory (:data:`agent.logring.RING`) for the
+  ``logs`` command.
 - Native libraries: OpenCV's own ``[ WARN:…]`` lines are turned off unless debugging
   (``OPENCV_LOG_LEVEL``); the TFLite runtime's are captured by
   :mod:`agent.runtime.native_stderr`.
@@ -37,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
+from agent.logring import RING
 from agent.strictjson import dumps
 
 LEVELS: dict[str, int] = {
@@ -373,6 +376,7 @@ def setup(
             _duplicates.remove(old.stream)
             old.stream.close()
     root.addHandler(handler)
+    _install_ring(root)
     root.setLevel(number)
     logging.captureWarnings(True)
     if number > logging.DEBUG:
@@ -382,6 +386,15 @@ def setup(
             "%s is deprecated: set %s instead", OLD_LEVEL_ENV, LEVEL_ENV
         )
     return number
+
+
+def _install_ring(root: logging.Logger) -> None:
+    """The in-memory ring of recent lines for the ``logs`` command (agent.logring):
+    text lines with the time, repeats limited like the stream's."""
+    if RING not in root.handlers:
+        RING.setFormatter(TextFormatter())
+        RING.addFilter(RateLimit())
+        root.addHandler(RING)
 
 
 def _own_stream(stream: IO[str]) -> IO[str]:

@@ -224,6 +224,7 @@ class Pipeline:
         self._infer_errors = 0
         self._results = 0
         self._connected = False
+        self._last_frame: np.ndarray | None = None  # for a snapshot: a reference, no copy
         self._lock = threading.Lock()
         self._latency: deque[float] = deque(maxlen=STATS_WINDOW)
         self._infer_time: deque[float] = deque(maxlen=STATS_WINDOW)
@@ -343,6 +344,12 @@ class Pipeline:
             source_connected=self._connected,
         )
 
+    def last_frame(self) -> np.ndarray | None:
+        """The frame the source gave last (a copy; None before the first), for a
+        snapshot. Sources hand each frame over and never write to it again."""
+        frame = self._last_frame
+        return None if frame is None else frame.copy()
+
     # -- capture -----------------------------------------------------------------
 
     def _capture_loop(self) -> None:
@@ -386,6 +393,7 @@ class Pipeline:
                     continue
                 if frame is None:
                     continue
+                self._last_frame = frame
                 item = self._prepare(frame)
                 if item is not None and self._slot.put(item, wait, self._stop):
                     self._dropped += 1

@@ -31,6 +31,7 @@ from agent.config import Config, load_config
 from agent.contract import InferenceDoc
 from agent.control import AgentLock, ControlServer
 from agent.desired import desired_topics
+from agent.diagnostics import Diagnostics
 from agent.errors import ConfigError, EdgeAgentError, ModelError
 from agent.notify import Notifier
 from agent.oneshot import reloader
@@ -46,6 +47,8 @@ from agent.telemetry import Telemetry, Topics
 from agent.update import Updates
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from agent.mqtt import Incoming
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,15 @@ class Service:
             observe=observe,
             status={"groups": list(config.device.groups), "agent_version": __version__},
         )
+        diagnostics = Diagnostics(
+            config,
+            self.store,
+            self.telemetry.snapshot,
+            self._stats,
+            self._last_frame,
+            self.telemetry.event,
+        )
+        self.commands.handlers.update(diagnostics.handlers())  # MQTT only: not the socket
         link = self.telemetry.link
         self.updates = Updates(
             config,
@@ -283,6 +295,10 @@ class Service:
             release, model, budget_runs=cfg.budget_runs, deadline_s=cfg.validate_timeout_s
         )
         return report.to_dict()
+
+    def _last_frame(self) -> np.ndarray | None:
+        pipeline = self.pipeline
+        return pipeline.last_frame() if pipeline else None
 
     def _stats(self) -> InferenceDoc | None:
         stats = self._pipeline_stats()
