@@ -5,8 +5,9 @@ store, the telemetry figures, the pipeline's last frame, an event sink), so test
 drive them without a broker. Every use, refused ones too, is a
 ``diagnostics_requested`` event naming the command. Replies stay bounded: ``logs``
 at most :data:`LOGS_MAX_BYTES` of lines (cut from the oldest), ``diagnostics`` at most
-:data:`MAX_RELEASES` releases, ``snapshot`` at most ``privacy.snapshot_max_kb`` of JPEG
-(base64 in the reply). docs/protocol.md "Commands" is the contract.
+:data:`MAX_RELEASES` releases and :data:`CONFIG_MAX_BYTES` of config, ``snapshot``
+at most ``privacy.snapshot_max_kb`` of JPEG (base64 in the reply). docs/protocol.md
+"Commands" is the contract.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from agent.errors import EdgeAgentError
 from agent.logring import RING, LogRing
 from agent.redact import redact_config
 from agent.snapshot import encode_jpeg
+from agent.strictjson import dumps
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,6 +41,7 @@ LOGS_DEFAULT = 100
 LOGS_MAX = 500
 LOGS_MAX_BYTES = 64 * 1024  # the lines' JSON; the reply is a little more
 MAX_RELEASES = 20
+CONFIG_MAX_BYTES = 128 * 1024  # a config of thousands of groups is not sent whole
 MAX_FILES = 10  # per release listed
 DPKG_STATUS = Path("/var/lib/dpkg/status")
 EDGETPU_PACKAGES = ("libedgetpu1-std", "libedgetpu1-max")
@@ -142,9 +145,13 @@ class Diagnostics:
         """Versions, the config (secrets redacted), the store, the stream and the link."""
         self._requested("diagnostics")
         figures = self.figures()
+        config = redact_config(self.config.model_dump(mode="json"))
+        size = len(dumps(config).encode())
+        if size > CONFIG_MAX_BYTES:  # a reply over the broker's packet limit costs the link
+            config = {"error": f"{size} bytes, over {CONFIG_MAX_BYTES}: not sent"}
         return {
             "versions": versions(),
-            "config": redact_config(self.config.model_dump(mode="json")),
+            "config": config,
             "store": self._store(),
             "inference": self.stats(),
             "outbox": figures["outbox"],

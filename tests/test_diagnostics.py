@@ -19,7 +19,7 @@ import pytest
 
 from agent import __version__
 from agent.commands import CommandError
-from agent.config import parse_config
+from agent.config import SNAPSHOT_MAX_KB, parse_config
 from agent.contract import Figures
 from agent.diagnostics import LOGS_MAX, Diagnostics, lines_argument, package_version
 from agent.logring import LogRing
@@ -406,3 +406,32 @@ def test_the_fleet_gets_logs_diagnostics_and_a_snapshot_under_the_shipped_acl(
         assert requested(closed)[0]["command"] == "snapshot" and requested(closed)[0]["error"]
         for agent in (open_, closed):
             assert agent.terminate() == 0
+
+
+def test_a_config_too_large_to_send_is_named_not_sent(tmp_path: Path) -> None:
+    groups = ", ".join(f"group-{i:05d}-{'x' * 40}" for i in range(3000))
+    diagnostics, _ = handlers(tmp_path, f"device: {{groups: [{groups}]}}")
+    config = diagnostics.diagnostics({})["config"]
+    assert config["error"].endswith(f"over {128 * 1024}: not sent")
+
+
+def test_the_largest_snapshot_reply_fits_the_shipped_brokers_packets() -> None:
+    conf = Path(__file__).resolve().parent.parent / "provisioning/mosquitto/edge-agent.conf"
+    limit = next(
+        int(line.split()[1])
+        for line in conf.read_text().splitlines()
+        if line.startswith("max_packet_size ")
+    )
+    jpeg = base64.b64encode(bytes(SNAPSHOT_MAX_KB * 1024)).decode()
+    reply = {
+        "schema": 1, "seq": 2**40, "id": "f" * 24, "ts": 1764500000.123,
+        "command": "snapshot", "ok": True, "request_id": "r" * 16000,  # mqtt.command_max_bytes: 16384
+        "result": {
+            "format": "jpeg", "width": 8192, "height": 8192, "frame_width": 8192,
+            "frame_height": 8192, "quality": 85, "bytes": SNAPSHOT_MAX_KB * 1024,
+            "jpeg_base64": jpeg,
+        },
+    }  # fmt: skip
+    topic = "edge/" + "d" * 64 + "/reply/" + "r" * 128  # a long id, a response topic
+    packet = len(json.dumps(reply)) + len(topic) + 64  # fixed header, properties
+    assert packet < limit
