@@ -425,7 +425,7 @@ def test_the_largest_snapshot_reply_fits_the_shipped_brokers_packets() -> None:
     jpeg = base64.b64encode(bytes(SNAPSHOT_MAX_KB * 1024)).decode()
     reply = {
         "schema": 1, "seq": 2**40, "id": "f" * 24, "ts": 1764500000.123,
-        "command": "snapshot", "ok": True, "request_id": "r" * 16000,  # mqtt.command_max_bytes: 16384
+        "command": "snapshot", "ok": True, "request_id": "r" * 16000,  # ~ command_max_bytes
         "result": {
             "format": "jpeg", "width": 8192, "height": 8192, "frame_width": 8192,
             "frame_height": 8192, "quality": 85, "bytes": SNAPSHOT_MAX_KB * 1024,
