@@ -458,3 +458,15 @@ def test_a_real_prometheus_scrapes_the_agent(
         server.wait(20)
         log.close()
     assert agent.terminate() == 0
+
+
+def test_without_prometheus_client_check_config_warns_and_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agent.preflight import check
+
+    config = parse_config("metrics: {listen: '127.0.0.1:9101'}")
+    assert not [w for w in check(config).warnings if w.startswith("metrics.listen")]
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed
+    (warning,) = [w for w in check(config).warnings if w.startswith("metrics.listen")]
+    assert "pip install 'edge-agent[metrics]'" in warning
