@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -363,6 +364,23 @@ def test_a_running_agent_serves_metrics_that_move_and_pass_promtool(
     assert agent.terminate() == 0
     _free(port)  # the agent let go of the port
     assert "Traceback" not in agent.log()
+
+
+def test_a_reload_serves_metrics_on_the_same_port_again(
+    tmp_path: Path, registry: Path, agents: list[AgentProcess]
+) -> None:
+    """SIGHUP with a changed config: the old endpoint lets go before the new one binds."""
+    port = free_port()
+    agent = _agent(tmp_path, registry, port, agents).start()
+    wait_alive(lambda: _serving(port), 60, "v1 pulled and serving", agent)
+    agent.rewrite(telemetry={"interval_s": 0.5})
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_alive(lambda: "reload: applying" in agent.log(), 20, "reload", agent)
+    wait_alive(lambda: agent.log().count("metrics: serving") == 2, 20, "served again", agent)
+    wait_alive(lambda: _serving(port), 20, "frames counted after the reload", agent)
+    assert "cannot listen" not in agent.log()
+    assert agent.terminate() == 0
 
 
 def _serving(port: int) -> bool:
