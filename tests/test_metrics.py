@@ -488,3 +488,16 @@ def test_without_prometheus_client_check_config_warns_and_names_the_extra(
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed
     (warning,) = [w for w in check(config).warnings if w.startswith("metrics.listen")]
     assert "pip install 'edge-agent[metrics]'" in warning
+
+
+def test_docs_list_every_metric_and_no_other() -> None:
+    """docs/metrics.md's table is the contract: the same names as the code makes."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `(edge_agent_[a-z_]+)`", text, re.MULTILINE))
+    full = _snapshot(machine={**MACHINE, "tpu_temp_c": 50.0})
+    suffix = {"counter": "_total", "info": "_info"}
+    made = {f.name + suffix.get(f.type, "") for f in families(full)} | {
+        "edge_agent_inference_latency_seconds",
+        "edge_agent_inference_invoke_seconds",
+    }
+    assert documented == made, (documented - made, made - documented)
