@@ -10,6 +10,7 @@ from (``config.yaml:12`` or the environment variable). Validation does no I/O;
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import stat
@@ -523,6 +524,33 @@ class PrivacyConfig(_Section):
     )
 
 
+def _listen(value: str) -> str:
+    """``HOST:PORT`` with an IP address (``[::1]:9101`` for IPv6); no name lookup here."""
+    host, sep, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    try:
+        if ":" in host and not bracketed:  # "::1:9101" could be read two ways
+            raise ValueError
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not HOST:PORT with an IP address; e.g. 127.0.0.1:9101, [::1]:9101"
+        ) from None
+    if not (sep and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{value!r}: the port must be a number in 1-65535; e.g. 127.0.0.1:9101")
+    return value
+
+
+class MetricsConfig(_Section):
+    listen: Annotated[str, AfterValidator(_listen)] | None = Field(
+        default=None,
+        description="HOST:PORT where Prometheus scrapes /metrics (127.0.0.1:9101; [::1]:9101); "
+        "absent: no metrics endpoint. Needs prometheus_client (pip install "
+        "'edge-agent[metrics]'). A port in use is logged and retried; inference goes on.",
+    )
+
+
 class Config(_Section):
     device: DeviceConfig = Field(default_factory=DeviceConfig, description="This device.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registry.")
@@ -547,6 +575,9 @@ class Config(_Section):
     )
     privacy: PrivacyConfig = Field(
         default_factory=PrivacyConfig, description="What the agent may send of what it sees."
+    )
+    metrics: MetricsConfig = Field(
+        default_factory=MetricsConfig, description="Prometheus endpoint (off by default)."
     )
 
     @property

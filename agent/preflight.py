@@ -176,6 +176,11 @@ def _libraries(config: Config, found: Findings) -> None:
     missing = missing_library(config.source.type)
     if missing:
         found.errors.append(f"source.type {config.source.type} needs {missing}")
+    if config.metrics.listen is not None and not installed("prometheus_client"):
+        found.warnings.append(  # metrics are not worth refusing to serve for
+            "metrics.listen: prometheus_client is not installed: pip install "
+            "'edge-agent[metrics]'; the agent serves without metrics"
+        )
 
 
 def _source_nodes(config: Config, found: Findings) -> None:

@@ -49,6 +49,7 @@ from agent.update import Updates
 if TYPE_CHECKING:
     import numpy as np
 
+    from agent.metrics import Metrics, Snapshot
     from agent.mqtt import Incoming
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,10 @@ class Service:
             self._validate,
             connected=(lambda: link.connected.is_set()) if link is not None else None,
         )
+        self.metrics = self._build_metrics()
+        self._on_result = (
+            self.metrics.observing(self.telemetry.result) if self.metrics else self.telemetry.result
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -151,6 +156,8 @@ class Service:
         # A command-line pull may be finishing on the store: give it a moment.
         self.lock.acquire(wait_s=LOCK_WAIT_S)
         self.telemetry.start()
+        if self.metrics is not None:
+            self.metrics.start()
         self.telemetry.event("agent_started", {"pid": os.getpid()})
         self._repair_store()
         self.updates.recover()
@@ -212,6 +219,8 @@ class Service:
             with self._pipeline_lock:
                 if self.pipeline is not None:
                     self.pipeline.stop()
+            if self.metrics is not None:
+                self.metrics.stop()
         finally:
             try:
                 self.telemetry.event("agent_stopped")
@@ -270,7 +279,7 @@ class Service:
                 self.pipeline = Pipeline(
                     make_source(cfg.source),
                     model,
-                    on_result=self.telemetry.result,
+                    on_result=self._on_result,
                     on_event=self.telemetry.event,
                     fps=cfg.source.fps,
                     reconnect_max_s=cfg.source.reconnect_max_s,
@@ -286,6 +295,36 @@ class Service:
     def _pipeline_stats(self) -> Stats | None:
         pipeline = self.pipeline
         return pipeline.stats() if pipeline else None
+
+    def _build_metrics(self) -> Metrics | None:
+        """The Prometheus endpoint when ``metrics.listen`` is set; without
+        prometheus_client, one line and the agent serves on without it."""
+        listen = self.config.metrics.listen
+        if listen is None:
+            return None
+        try:
+            from agent.metrics import Metrics
+        except ImportError as exc:
+            log.error(
+                "metrics.listen: %s; serving on without metrics "
+                "(pip install 'edge-agent[metrics]')",
+                exc,
+            )
+            return None
+        return Metrics(listen, self._metrics_snapshot)
+
+    def _metrics_snapshot(self) -> Snapshot:
+        """What a scrape reads: the figures telemetry sends (the endpoint's thread)."""
+        from agent.metrics import Snapshot
+
+        return Snapshot(
+            agent_version=__version__,
+            inference=self._pipeline_stats(),
+            phase=self.updates.phase(),
+            outcomes=dict(self.updates.outcomes),
+            figures=self.telemetry.snapshot(),
+            machine=self.telemetry.machine,
+        )
 
     def _validate(self, release: Release, model: LoadedModel) -> Mapping[str, Any]:
         from agent.validate import validate

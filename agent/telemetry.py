@@ -187,6 +187,7 @@ class Telemetry:
         self._dropped: collections.Counter[str] = collections.Counter()  # not yet reported
         self._drop_report_at = 0.0  # monotonic: no outbox_dropped event before this
         self.link: Link | None = None
+        self.machine: MachineDoc = {}  # the latest probe sample (empty before the first)
         if mqtt.url is not None:
             will = self._status_doc("offline", "lost")
             offline = {"schema": 1, "state": will["state"], "ts": now_ts(), **will}
@@ -368,6 +369,7 @@ class Telemetry:
 
     def _telemetry(self) -> TelemetryDoc:
         machine: MachineDoc = self.probe.sample() if self.probe else {}
+        self.machine = machine  # the latest sample, for the metrics endpoint
         inference = self.stats_source() if self.stats_source else None
         snapshot = self.snapshot()
         return {

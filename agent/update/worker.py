@@ -16,6 +16,7 @@ of each step is behind ``agent.update.steps.Steps``.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import random
@@ -28,7 +29,13 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from agent import __version__, logs
 from agent.commands import CommandError
 from agent.config import Config
-from agent.contract import AppliedDesiredDoc, EventName, StateDoc, StatePhase
+from agent.contract import (
+    UPDATE_OUTCOMES,
+    AppliedDesiredDoc,
+    EventName,
+    StateDoc,
+    StatePhase,
+)
 from agent.desired import Desired, DesiredState, download_progress
 from agent.errors import EdgeAgentError, ModelError, StoreError, ValidationError
 from agent.faults import crash_point
@@ -179,6 +186,11 @@ class Updates:
         self._manual: Target | None = None  # accepted by a local pull
         self._gate: Attempt | None = None  # pulled while stopped: validated at start
         self._view = View()
+        # terminal outcomes since start (Prometheus' edge_agent_update_outcomes_total);
+        # every key is there from the start, so readers on other threads can copy it
+        self.outcomes: collections.Counter[str] = collections.Counter(
+            dict.fromkeys(UPDATE_OUTCOMES, 0)
+        )
         self._refresh()
 
     @property
@@ -910,6 +922,7 @@ class Updates:
         bad: bool = False,
     ) -> None:
         attempt.outcome, attempt.reason, attempt.transient = outcome, reason, transient
+        self.outcomes[outcome] += 1
         attempt.deadline_s = None
         key = (attempt.model, attempt.version)
         if bad:
