@@ -178,6 +178,12 @@ def _machine(machine: MachineDoc) -> Iterable[Metric]:
         value = machine.get(key)
         if isinstance(value, (int, float)):
             yield _gauge(name, doc, value)
+    freq = machine.get("cpu_freq_mhz")
+    if isinstance(freq, (int, float)):
+        yield _gauge("edge_agent_cpu_frequency_hertz", "Current CPU frequency.", freq * 1e6)
+    rssi = machine.get("wifi_rssi_dbm")
+    if isinstance(rssi, (int, float)):
+        yield _gauge("edge_agent_wifi_signal_dbm", "Wi-Fi signal level (RSSI).", rssi)
     throttled = machine.get("throttled")
     if throttled is not None:
         flags = GaugeMetricFamily(

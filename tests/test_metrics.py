@@ -203,10 +203,23 @@ def _exposition(snapshot: Snapshot) -> str:
         (
             _snapshot(machine={"temp_c": None, "tpu_temp_c": 61.0}),
             {("edge_agent_tpu_temperature_celsius", ()): 61.0},
-            {"edge_agent_cpu_temperature_celsius", "edge_agent_throttled"},
+            {
+                "edge_agent_cpu_temperature_celsius",
+                "edge_agent_throttled",
+                "edge_agent_cpu_frequency_hertz",
+                "edge_agent_wifi_signal_dbm",
+            },
+        ),
+        (
+            _snapshot(machine={"cpu_freq_mhz": 1500, "wifi_rssi_dbm": -61}),
+            {
+                ("edge_agent_cpu_frequency_hertz", ()): 1.5e9,
+                ("edge_agent_wifi_signal_dbm", ()): -61.0,
+            },
+            {"edge_agent_tpu_temperature_celsius"},
         ),
     ],
-    ids=["serving", "nothing-yet", "tpu-only"],
+    ids=["serving", "nothing-yet", "tpu-only", "pi-health"],
 )
 def test_snapshot_families_name_units_and_leave_missing_figures_out(
     snapshot: Snapshot,
@@ -494,7 +507,9 @@ def test_docs_list_every_metric_and_no_other() -> None:
     """docs/metrics.md's table is the contract: the same names as the code makes."""
     text = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
     documented = set(re.findall(r"^\| `(edge_agent_[a-z_]+)`", text, re.MULTILINE))
-    full = _snapshot(machine={**MACHINE, "tpu_temp_c": 50.0})
+    full = _snapshot(
+        machine={**MACHINE, "tpu_temp_c": 50.0, "cpu_freq_mhz": 1500, "wifi_rssi_dbm": -60}
+    )
     suffix = {"counter": "_total", "info": "_info"}
     made = {f.name + suffix.get(f.type, "") for f in families(full)} | {
         "edge_agent_inference_latency_seconds",
