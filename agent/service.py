@@ -32,6 +32,8 @@ from agent.contract import InferenceDoc
 from agent.control import AgentLock, ControlServer
 from agent.desired import desired_topics
 from agent.errors import ConfigError, EdgeAgentError, ModelError
+from agent.homeassistant import discovery_configs
+from agent.homeassistant_publish import DiscoveryPublisher
 from agent.notify import Notifier
 from agent.oneshot import reloader
 from agent.outbox import Outbox
@@ -93,7 +95,22 @@ class Service:
         self.pipeline: Pipeline | None = None
         self._pipeline_lock = threading.Lock()
         self._stopped = False
+        ha = config.homeassistant
+        self.discovery = DiscoveryPublisher(
+            config.device.id,
+            discovery_configs(
+                config.device.id,
+                topics.base,
+                ha,
+                agent_version=__version__,
+                telemetry_interval_s=config.telemetry.interval_s,
+            ),
+            ha.prefix,
+            config.store.dir,
+            lambda topic, payload: self.telemetry.publish_retained(topic, payload),
+        )
         handlers: dict[str, Callable[[Incoming], None]] = {
+            **self.discovery.handlers(),
             topics("cmd/+"): self.commands.submit,
             **{
                 topic: self._on_desired
@@ -114,6 +131,7 @@ class Service:
             environ=environ,
             observe=observe,
             status={"groups": list(config.device.groups), "agent_version": __version__},
+            on_connect=self.discovery.on_connect,
         )
         link = self.telemetry.link
         self.updates = Updates(
@@ -138,6 +156,7 @@ class Service:
         self.outbox.open()
         # A command-line pull may be finishing on the store: give it a moment.
         self.lock.acquire(wait_s=LOCK_WAIT_S)
+        self.discovery.start()  # before the first connect: it clears what is stale
         self.telemetry.start()
         self.telemetry.event("agent_started", {"pid": os.getpid()})
         self._repair_store()
