@@ -192,7 +192,8 @@ UPDATE_TEMPLATE = (
     "{% set s = value_json %}"
     "{% set installed = s.version|string if s.version is not none else None %}"
     "{% if s.desired %}{% set latest = s.desired.version|string %}"
-    "{% elif s.update %}{% set latest = s.update.version|string %}"
+    # s['update'], not s.update: Jinja's dot finds the dict's update() method first
+    "{% elif s['update'] %}{% set latest = s['update'].version|string %}"
     "{% else %}{% set latest = installed %}{% endif %}"
     "{{ {'installed_version': installed, 'latest_version': latest,"
     " 'title': s.model, 'in_progress': s.phase in " + json.dumps(list(UPDATE_PHASES)) + "}"

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "ha-discovery.json"
 STATE_MAX_BYTES = 256 * 1024
-BIRTH_MIN_S = 5.0  # Home Assistant's birth message republishes at most this often
+BIRTH_MIN_S = 2.0  # Home Assistant's birth message republishes at most this often
 
 Publish = Callable[[str, bytes], bool]  # (topic, payload) retained QoS 1 -> handed over
 
