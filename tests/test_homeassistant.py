@@ -5,6 +5,8 @@ ACL publishing, republishing and clearing them."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -261,6 +263,51 @@ def test_availability_follows_the_status_topic(payload: bytes, expected: str) ->
     for discovery in configs():
         (availability,) = discovery.config["availability"]
         assert render(availability["value_template"], payload) == expected
+
+
+HA_PYTHON = os.environ.get("EDGE_AGENT_HA_PYTHON")
+
+
+@pytest.mark.skipif(
+    not HA_PYTHON,
+    reason="EDGE_AGENT_HA_PYTHON: a Python with homeassistant (docs/homeassistant.md)",
+)
+def test_home_assistants_own_code_accepts_the_payloads_and_renders_the_values(
+    tmp_path: Path,
+) -> None:
+    found = configs()
+    request = {
+        "configs": [{"component": d.component, "payload": d.payload().decode()} for d in found],
+        "documents": {
+            "telemetry": TELEMETRY,
+            "state": {**STATE, "phase": "downloading", "update": {"version": 3}},
+            "results": json.loads(_result(detections=["person"])),
+            "status": {"state": "offline", "reason": "lost"},
+        },
+    }
+    script = Path(__file__).with_name("ha_schema_check.py")
+    done = subprocess.run(
+        [str(HA_PYTHON), str(script), str(tmp_path)],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    results = dict(zip([d.object_id for d in found], json.loads(done.stdout), strict=True))
+    assert not [r for r in results.values() if "error" in r], results
+    # keys newer than the Home Assistant tested may be dropped, never ours otherwise
+    assert {k for r in results.values() for k in r["dropped"]} <= {"default_entity_id", "options"}
+    assert {r["available"] for r in results.values()} == {"offline"}
+    assert results["fps"]["value"] == "19.7" and results["tpu_temperature"]["value"] == "None"
+    assert results["person_detected"]["value"] == "ON"
+    assert results["traffic_light_detected"]["value"] == "OFF"
+    assert json.loads(results["model"]["value"]) == {
+        "installed_version": "2",
+        "latest_version": "3",
+        "in_progress": True,
+        "title": "colours",
+    }
 
 
 # -- which retained configs to clear ------------------------------------------------------------
