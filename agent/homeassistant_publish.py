@@ -126,7 +126,7 @@ class DiscoveryPublisher:
             topics = doc["topics"]
             if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
                 raise ValueError("topics is not a list of strings")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             log.warning("%s: not valid (%s); published configs are not cleared", self.path, exc)
             return []
         return [t for t in topics if self._ours.fullmatch(t)]

@@ -304,6 +304,15 @@ def test_edge_fleet_acl_prints_the_acl(capsys: pytest.CaptureFixture[str]) -> No
     assert out == expected
 
 
+def test_edge_fleet_acl_takes_the_home_assistant_prefix(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["acl", "--device", "dev-a", "--ha-prefix", "ha/site1"]) == 0
+    out = capsys.readouterr().out
+    assert out == render_acl({"dev-a": []}, ha_prefix="ha/site1")
+    assert "pattern write ha/site1/+/%u/+/config\n" in out and "homeassistant/" not in out
+    assert cli.main(["acl", "--device", "dev-a", "--ha-prefix", "ha/#"]) == 2
+    assert "home assistant topic prefix 'ha/#' is not valid" in capsys.readouterr().err
+
+
 def test_edge_fleet_acl_writes_the_file_atomically(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

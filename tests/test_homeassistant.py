@@ -385,10 +385,12 @@ def test_publisher_clears_what_a_damaged_or_foreign_state_file_cannot_name(
     # only this device's discovery topics are ever cleared, whatever the file says
     assert sent == [("homeassistant/sensor/pi-door-01/fps/config", b"")]
     assert json.loads((tmp_path / STATE_FILE).read_text())["topics"] == []
-    (tmp_path / STATE_FILE).write_text("{not json")
-    publisher = _publisher(tmp_path, HomeAssistantConfig(), sent)
-    publisher.start()
-    assert "not valid" in caplog.text and not publisher.active
+    for damaged in ("{not json", "[" * 100_000, '["a"]', '{"topics": "a"}'):
+        (tmp_path / STATE_FILE).write_text(damaged)
+        publisher = _publisher(tmp_path, HomeAssistantConfig(), sent)
+        publisher.start()  # one log line, never an exception
+        assert "not valid" in caplog.text and not publisher.active
+        caplog.clear()
 
 
 def test_birth_message_republishes_only_for_online_and_not_in_a_flood(tmp_path: Path) -> None:
