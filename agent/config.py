@@ -493,6 +493,64 @@ class UpdateConfig(_Section):
         ]
 
 
+# A label of the model (labels.txt) that gets a "detected" binary sensor in Home Assistant:
+# plain characters, so it is safe inside the value_template's quotes and as an object id.
+HA_LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$"
+
+
+def ha_slug(label: str) -> str:
+    """A label as a Home Assistant object id part: lower case, runs of anything but
+    letters and digits as one ``_`` (``Traffic light`` -> ``traffic_light``)."""
+    out, gap = [], False
+    for ch in label.lower():
+        if ch.isascii() and ch.isalnum():
+            out.append(ch)
+            gap = False
+        elif not gap:
+            out.append("_")
+            gap = True
+    return "".join(out).strip("_")
+
+
+class HomeAssistantConfig(_Section):
+    discovery: bool = Field(
+        default=False,
+        description="Publish Home Assistant MQTT discovery configs (retained) for this device; "
+        "false clears the ones published before.",
+    )
+    prefix: str = Field(
+        default="homeassistant",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$",
+        description="Home Assistant's discovery prefix (its MQTT integration's setting).",
+    )
+    labels: list[Annotated[str, Field(pattern=HA_LABEL_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Model labels that each get a binary sensor '<label> detected' (from "
+        "results; needs results.publish other than off).",
+    )
+    off_delay_s: int = Field(
+        default=10,
+        ge=1,
+        le=86400,
+        description="Seconds after the last result with a label before its binary sensor "
+        "turns off by itself.",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        seen: dict[str, str] = {}
+        for label in value:
+            slug = ha_slug(label)
+            if slug in seen:
+                raise ValueError(
+                    f"{seen[slug]!r} and {label!r} give the same entity id ({slug}); keep one"
+                )
+            seen[slug] = label
+        return value
+
+
 SUN_PATH_MAX = 107  # bytes of a Unix socket path (sun_path is 108, NUL-terminated)
 
 
@@ -578,6 +636,9 @@ class Config(_Section):
     )
     metrics: MetricsConfig = Field(
         default_factory=MetricsConfig, description="Prometheus endpoint (off by default)."
+    )
+    homeassistant: HomeAssistantConfig = Field(
+        default_factory=HomeAssistantConfig, description="Home Assistant MQTT discovery."
     )
 
     @property

@@ -33,6 +33,8 @@ from agent.control import AgentLock, ControlServer
 from agent.desired import desired_topics
 from agent.diagnostics import Diagnostics
 from agent.errors import ConfigError, EdgeAgentError, ModelError
+from agent.homeassistant import discovery_configs
+from agent.homeassistant_publish import DiscoveryPublisher
 from agent.notify import Notifier
 from agent.oneshot import reloader
 from agent.outbox import Outbox
@@ -97,7 +99,22 @@ class Service:
         self.pipeline: Pipeline | None = None
         self._pipeline_lock = threading.Lock()
         self._stopped = False
+        ha = config.homeassistant
+        self.discovery = DiscoveryPublisher(
+            config.device.id,
+            discovery_configs(
+                config.device.id,
+                topics.base,
+                ha,
+                agent_version=__version__,
+                telemetry_interval_s=config.telemetry.interval_s,
+            ),
+            ha.prefix,
+            config.store.dir,
+            lambda topic, payload: self.telemetry.publish_retained(topic, payload),
+        )
         handlers: dict[str, Callable[[Incoming], None]] = {
+            **self.discovery.handlers(),
             topics("cmd/+"): self.commands.submit,
             **{
                 topic: self._on_desired
@@ -118,6 +135,7 @@ class Service:
             environ=environ,
             observe=observe,
             status={"groups": list(config.device.groups), "agent_version": __version__},
+            on_connect=self.discovery.on_connect,
         )
         diagnostics = Diagnostics(
             config,
@@ -155,6 +173,7 @@ class Service:
         self.outbox.open()
         # A command-line pull may be finishing on the store: give it a moment.
         self.lock.acquire(wait_s=LOCK_WAIT_S)
+        self.discovery.start()  # before the first connect: it clears what is stale
         self.telemetry.start()
         if self.metrics is not None:
             self.metrics.start()

@@ -143,6 +143,7 @@ class Telemetry:
         observe: Callable[[str, Mapping[str, Any]], None] | None = None,
         status: StatusExtra | None = None,
         drop_report_s: float = DROP_REPORT_S,
+        on_connect: Callable[[], None] | None = None,
     ) -> None:
         """Build (no I/O but reading the password); ``handlers`` maps whole topic filters
         (``edge/<device>/cmd/+``, the desired-state topics) to functions called on
@@ -151,6 +152,8 @@ class Telemetry:
         ``status`` is added to every status message, the Last Will's too (the device's
         groups, so the fleet side knows the members of a group even while they are
         offline). ``drop_report_s``: at most one ``outbox_dropped`` event this often.
+        ``on_connect`` is called on paho's thread after every connect (Home Assistant
+        discovery publishes its retained configs then, through :meth:`publish_retained`).
 
         Raises ConfigError (from the Link) for unusable MQTT settings.
         """
@@ -166,6 +169,7 @@ class Telemetry:
         self.max_inflight = mqtt.max_inflight
         self.observe = observe
         self._handlers = dict(handlers or {})
+        self._connect_hook = on_connect
         self._status: StatusExtra = status or {}
         self._queue: collections.deque[Record] = collections.deque()
         self._busy = False  # the writer holds records taken from the queue, not yet written
@@ -350,6 +354,18 @@ class Telemetry:
     def _on_connect(self, session_present: bool) -> None:
         self._reconnected.set()
         self.record("status", self._status_doc("online"), retain=True, keep=False)
+        if self._connect_hook is not None:
+            try:
+                self._connect_hook()
+            except Exception:  # a hook bug must not kill paho's thread
+                log.exception("on-connect hook failed")
+
+    def publish_retained(self, topic: str, payload: bytes) -> bool:
+        """Hand one retained QoS 1 message straight to the broker link, outside the outbox
+        (no envelope, not kept): whether paho took it. For documents that are the same on
+        every connect and are sent again then (Home Assistant discovery configs)."""
+        link = self.link
+        return link is not None and link.publish(topic, payload, 1, True, {}) is not None
 
     def _on_ack(self, mid: int, code: int, reason: str) -> None:
         self._acks.append((mid, code, reason))

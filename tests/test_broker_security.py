@@ -141,6 +141,29 @@ def test_device_cannot_write_desired_states_or_commands(secure_broker: SecureBro
     assert topics_of(late) == {"edge/dev-a/status"}
 
 
+def test_device_writes_only_its_own_home_assistant_discovery_configs(
+    secure_broker: SecureBroker,
+) -> None:
+    own = "homeassistant/sensor/dev-a/fps/config"
+    with (
+        secure_broker.client("fleet", ["homeassistant/#"]) as ha,
+        secure_broker.client("dev-a", ["homeassistant/status"]) as dev_a,
+    ):
+        for topic in (
+            "homeassistant/sensor/dev-b/fps/config",  # another device's
+            "homeassistant/sensor/dev-a/fps/state",  # not a config
+            "homeassistant/sensor/dev-a/config",  # another shape
+            "homeassistant/status",  # Home Assistant's own birth message
+        ):
+            assert dev_a.publish(topic, b"{}", retain=True) == DENIED, topic
+        assert dev_a.publish(own, b'{"name":"fps"}', retain=True) == "Success"
+        ha.wait_for_topic(own)
+        # Home Assistant's birth message reaches the device
+        assert ha.publish("homeassistant/status", b"online") == "Success"
+        assert dev_a.wait_for_topic("homeassistant/status").payload == b"online"
+    assert topics_of(ha) == {own, "homeassistant/status"}
+
+
 def test_certificate_named_groups_gets_no_rights(secure_broker: SecureBroker) -> None:
     with secure_broker.client("groups") as impostor:
         # as a "device" it would own edge/groups/reply/#, i.e. group "reply"'s desired
@@ -223,13 +246,17 @@ def test_render_acl_grants_devices_only_their_own_topics() -> None:
         "pattern write acme/edge/%u/reply/#",
         "pattern read acme/edge/%u/desired",
         "pattern read acme/edge/%u/cmd/#",
+        "pattern write homeassistant/+/%u/+/config",
+        "pattern read homeassistant/status",
         "user groups",
         "topic deny acme/edge/#",
+        "topic deny homeassistant/#",
         "user dev-a",
         "topic read acme/edge/groups/door/desired",
         "topic read acme/edge/groups/lobby/desired",
         "user fleet",
         "topic readwrite acme/edge/#",
+        "topic readwrite homeassistant/#",
     ]
 
 
@@ -252,6 +279,7 @@ def test_render_acl_grants_devices_only_their_own_topics() -> None:
         ({"dev-a": []}, {"prefix": "/edge"}, "'/edge'"),
         ({"dev-a": []}, {"prefix": "$SYS"}, "'$SYS'"),
         ({"dev-a": "door"}, {}, "must be a list"),
+        ({"dev-a": []}, {"ha_prefix": "home/+"}, "home assistant topic prefix 'home/+'"),
     ],
 )
 def test_render_acl_refuses_names_unusable_in_topics(
@@ -274,6 +302,15 @@ def test_edge_fleet_acl_prints_the_acl(capsys: pytest.CaptureFixture[str]) -> No
     out = capsys.readouterr().out
     expected = render_acl({"dev-a": ["door", "lobby"], "dev-b": ["yard"]}, admins=["fleet", "ops"])
     assert out == expected
+
+
+def test_edge_fleet_acl_takes_the_home_assistant_prefix(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["acl", "--device", "dev-a", "--ha-prefix", "ha/site1"]) == 0
+    out = capsys.readouterr().out
+    assert out == render_acl({"dev-a": []}, ha_prefix="ha/site1")
+    assert "pattern write ha/site1/+/%u/+/config\n" in out and "homeassistant/" not in out
+    assert cli.main(["acl", "--device", "dev-a", "--ha-prefix", "ha/#"]) == 2
+    assert "home assistant topic prefix 'ha/#' is not valid" in capsys.readouterr().err
 
 
 def test_edge_fleet_acl_writes_the_file_atomically(

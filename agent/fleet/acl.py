@@ -8,7 +8,10 @@ admin names only for operators): a certificate's CN *is* its identity on the bro
 
 A device may write only its own reports (status, state, telemetry, results, events,
 replies) and read only its own desired state and commands plus its groups' desired
-states; it can never write a desired state or a command, its own included.
+states; it can never write a desired state or a command, its own included. With Home
+Assistant discovery (``homeassistant.discovery``), a device also writes only its own
+discovery configs (``<ha_prefix>/<component>/<id>/<object_id>/config``) and reads Home
+Assistant's birth message (``<ha_prefix>/status``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ RESERVED_DEVICE_IDS = frozenset({"groups"})
 
 DEVICE_WRITES = ("status", "state", "telemetry", "results", "events", "reply", "reply/#")
 DEVICE_READS = ("desired", "cmd/#")
+HA_PREFIX = "homeassistant"  # Home Assistant's default discovery prefix
 
 
 def _check_name(kind: str, name: str) -> str | None:
@@ -82,6 +86,7 @@ def render_acl(
     *,
     prefix: str = "edge",
     admins: Sequence[str] = ("fleet",),
+    ha_prefix: str = HA_PREFIX,
 ) -> str:
     """The text of a mosquitto acl_file for ``devices`` (id -> its groups) and ``admins``.
 
@@ -91,7 +96,9 @@ def render_acl(
       ``/telemetry``, ``/results``, ``/events``, ``/reply`` and ``/reply/#``, and read
       only ``PREFIX/<id>/desired``, ``PREFIX/<id>/cmd/#`` and
       ``PREFIX/groups/<group>/desired`` for the groups given here;
-    - an admin may read and write everything under ``PREFIX/``;
+    - a device may write only its own Home Assistant discovery configs,
+      ``HA_PREFIX/<component>/<id>/<object_id>/config``, and read ``HA_PREFIX/status``;
+    - an admin may read and write everything under ``PREFIX/`` and ``HA_PREFIX/``;
     - the reserved name ``groups`` gets nothing, even with a certificate.
 
     The output is deterministic (sorted), so it diffs well under configuration
@@ -101,6 +108,8 @@ def render_acl(
     problems: list[str] = []
     if (problem := check_prefix(prefix)) is not None:
         problems.append(problem)
+    if (problem := check_prefix(ha_prefix)) is not None:
+        problems.append(f"home assistant {problem}")
     for device, groups in devices.items():
         if (problem := check_device_id(device)) is not None:
             problems.append(problem)
@@ -138,8 +147,16 @@ def render_acl(
     lines += [f"pattern read {prefix}/%u/{suffix}" for suffix in DEVICE_READS]
     lines += [
         "",
+        "# Home Assistant MQTT discovery (homeassistant.discovery): each device its own",
+        "# discovery configs (write), and Home Assistant's birth message (read).",
+        f"pattern write {ha_prefix}/+/%u/+/config",
+        f"pattern read {ha_prefix}/status",
+        "",
         "# Not a device: 'groups' is a topic level, a certificate with that CN gets nothing.",
-        *(f"user {name}\ntopic deny {prefix}/#" for name in sorted(RESERVED_DEVICE_IDS)),
+        *(
+            f"user {name}\ntopic deny {prefix}/#\ntopic deny {ha_prefix}/#"
+            for name in sorted(RESERVED_DEVICE_IDS)
+        ),
     ]
     grouped = {device: sorted(set(groups)) for device, groups in devices.items() if groups}
     if grouped:
@@ -149,8 +166,9 @@ def render_acl(
         lines += [f"topic read {prefix}/groups/{group}/desired" for group in grouped[device]]
     lines += [
         "",
-        "# Operators (edge-fleet deploy, devices, telemetry): everything under the prefix.",
+        "# Operators (edge-fleet deploy, devices, telemetry): everything under the prefix,",
+        "# and under Home Assistant's discovery prefix.",
     ]
     for admin in sorted(set(admins)):
-        lines += [f"user {admin}", f"topic readwrite {prefix}/#"]
+        lines += [f"user {admin}", f"topic readwrite {prefix}/#", f"topic readwrite {ha_prefix}/#"]
     return "\n".join(lines) + "\n"

@@ -256,6 +256,11 @@ def _parser() -> argparse.ArgumentParser:
         help="an operator certificate CN with full access (repeatable; default: fleet)",
     )
     acl.add_argument("--prefix", default="edge", help="topic prefix (default: edge)")
+    acl.add_argument(
+        "--ha-prefix",
+        default="homeassistant",
+        help="Home Assistant discovery prefix (homeassistant.prefix; default: homeassistant)",
+    )
     acl.add_argument("--out", type=Path, help="write this file atomically (default: stdout)")
 
     deploy = _sub(sub, "deploy", "set the desired release of a device or a group")
@@ -431,7 +436,7 @@ def _acl(args: argparse.Namespace) -> None:
     """Render the ACL to stdout or, atomically, to ``--out``; raises ConfigError, OSError."""
     devices = _devices(args.device)
     admins = args.admin or ["fleet"]
-    text = render_acl(devices, prefix=args.prefix, admins=admins)
+    text = render_acl(devices, prefix=args.prefix, admins=admins, ha_prefix=args.ha_prefix)
     if args.out is None:
         sys.stdout.write(text)
         return

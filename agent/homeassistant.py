@@ -1,0 +1,332 @@
+"""Home Assistant MQTT discovery: the configs that make one HA device of this agent.
+
+Pure: no I/O. :func:`discovery_configs` turns the agent's identity and the
+``homeassistant`` config section into the retained discovery messages Home Assistant
+reads under ``<prefix>/<component>/<device>/<object_id>/config`` (its MQTT discovery
+schema: a ``device`` block, ``unique_id``, ``availability``, ``state_topic`` and
+``value_template``). The entities read the agent's own retained topics, so nothing new
+is published for them:
+
+- sensors from ``<topic_prefix>/<device>/telemetry`` (fps, p95 latency, temperature,
+  TPU temperature, CPU, memory) and ``…/state`` (model version, update phase);
+- a binary sensor per configured label from ``…/results`` (``ON`` when a class or a
+  detection has that label; ``off_delay`` turns it off);
+- an ``update`` entity from ``…/state``: installed = the active version, latest = the
+  newest the agent was told of (its desired state's version, else its latest update's).
+
+Every entity is available only while ``…/status`` says ``online``: the Last Will marks
+the whole device unavailable. :func:`stale_topics` says which configs published before
+must be cleared (an empty retained message) because the config no longer wants them.
+docs/homeassistant.md describes the same; tests/test_homeassistant.py renders every
+template with jinja2 against real documents.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from typing_extensions import NotRequired, TypedDict
+
+from agent.config import HomeAssistantConfig, ha_slug
+from agent.contract import STATE_PHASES, UPDATE_PHASES
+
+Component = Literal["sensor", "binary_sensor", "update"]
+MANUFACTURER = "edge-agent"
+STATUS_ONLINE = "online"
+STATUS_OFFLINE = "offline"
+BIRTH_ONLINE = b"online"  # Home Assistant's birth message on <prefix>/status
+
+
+class DeviceBlock(TypedDict):
+    identifiers: list[str]
+    name: str
+    manufacturer: str
+    model: str
+    sw_version: str
+
+
+class Origin(TypedDict):
+    name: str
+    sw_version: str
+
+
+class Availability(TypedDict):
+    topic: str
+    value_template: str
+    payload_available: str
+    payload_not_available: str
+
+
+class EntityConfig(TypedDict):
+    """One discovery payload (the keys Home Assistant documents, in full, unabbreviated)."""
+
+    name: str
+    unique_id: str
+    default_entity_id: str
+    device: DeviceBlock
+    origin: Origin
+    availability: list[Availability]
+    state_topic: str
+    value_template: str
+    qos: int
+    unit_of_measurement: NotRequired[str]
+    device_class: NotRequired[str]
+    state_class: NotRequired[str]
+    entity_category: NotRequired[str]
+    expire_after: NotRequired[int]
+    options: NotRequired[list[str]]
+    icon: NotRequired[str]
+    suggested_display_precision: NotRequired[int]
+    json_attributes_topic: NotRequired[str]
+    json_attributes_template: NotRequired[str]
+    off_delay: NotRequired[int]
+    payload_on: NotRequired[str]
+    payload_off: NotRequired[str]
+    title: NotRequired[str]
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """One retained discovery message: where it goes and what it says."""
+
+    component: Component
+    object_id: str
+    topic: str
+    config: EntityConfig
+
+    def payload(self) -> bytes:
+        return json.dumps(self.config, separators=(",", ":"), sort_keys=False).encode()
+
+
+@dataclass(frozen=True)
+class Sensor:
+    """A sensor read from one of the agent's retained topics (a row of ``SENSORS``)."""
+
+    object_id: str
+    name: str
+    stream: Literal["telemetry", "state"]
+    template: str
+    unit: str | None = None
+    device_class: str | None = None
+    state_class: str | None = "measurement"
+    diagnostic: bool = False
+    icon: str | None = None
+    precision: int | None = None
+
+
+def _number(path: str) -> str:
+    """A template giving ``value_json.<path>``, or ``None`` (HA: unknown) when a part is
+    missing or null (``inference`` is null while nothing serves)."""
+    parts = path.split(".")
+    guards = [f"value_json.{'.'.join(parts[: i + 1])} is not none" for i in range(len(parts))]
+    defined = f"value_json.{parts[0]} is defined"
+    return f"{{{{ value_json.{path} if ({defined} and {' and '.join(guards)}) else None }}}}"
+
+
+SENSORS: tuple[Sensor, ...] = (
+    Sensor(
+        "fps",
+        "Inference rate",
+        "telemetry",
+        _number("inference.fps"),
+        "fps",
+        icon="mdi:speedometer",
+        precision=1,
+    ),
+    Sensor(
+        "latency_p95",
+        "Latency p95",
+        "telemetry",
+        _number("inference.latency_ms_p95"),
+        "ms",
+        "duration",
+        precision=1,
+    ),
+    Sensor(
+        "temperature",
+        "Temperature",
+        "telemetry",
+        _number("temp_c"),
+        "°C",
+        "temperature",
+        precision=1,
+    ),
+    Sensor(
+        "tpu_temperature",
+        "TPU temperature",
+        "telemetry",
+        _number("tpu_temp_c"),
+        "°C",
+        "temperature",
+        precision=1,
+    ),
+    Sensor("cpu", "CPU", "telemetry", _number("cpu_pct"), "%", icon="mdi:cpu-64-bit", precision=0),
+    Sensor(
+        "memory", "Memory", "telemetry", _number("mem_pct"), "%", icon="mdi:memory", precision=0
+    ),
+    Sensor(
+        "model_version",
+        "Model version",
+        "state",
+        _number("version"),
+        state_class=None,
+        diagnostic=True,
+        icon="mdi:brain",
+    ),
+    Sensor(
+        "update_phase",
+        "Update phase",
+        "state",
+        "{{ value_json.phase if value_json.phase is defined else None }}",
+        device_class="enum",
+        state_class=None,
+        diagnostic=True,
+    ),
+)
+
+# The update entity's state: JSON with the keys Home Assistant's MQTT update reads.
+UPDATE_TEMPLATE = (
+    "{% set s = value_json %}"
+    "{% set installed = s.version|string if s.version is not none else None %}"
+    "{% if s.desired %}{% set latest = s.desired.version|string %}"
+    # s['update'], not s.update: Jinja's dot finds the dict's update() method first
+    "{% elif s['update'] %}{% set latest = s['update'].version|string %}"
+    "{% else %}{% set latest = installed %}{% endif %}"
+    "{{ {'installed_version': installed, 'latest_version': latest,"
+    " 'title': s.model, 'in_progress': s.phase in " + json.dumps(list(UPDATE_PHASES)) + "}"
+    " | tojson }}"
+)
+
+MODEL_ATTRIBUTES_TEMPLATE = (
+    "{{ {'model': value_json.model, 'serving': value_json.serving,"
+    " 'backend': value_json.backend, 'previous': value_json.previous} | tojson }}"
+)
+
+
+def label_template(label: str) -> str:
+    """``ON`` when a result's classes or detections include ``label``, else ``OFF``.
+
+    ``label`` matches ``HA_LABEL_PATTERN`` (no quotes or backslashes), so its JSON form is
+    a valid Jinja string literal.
+    """
+    quoted = json.dumps(label)
+    return (
+        "{% set found = (value_json.classes | default([]) | map(attribute='label') | list)"
+        " + (value_json.detections | default([]) | map(attribute='label') | list) %}"
+        f"{{{{ 'ON' if {quoted} in found else 'OFF' }}}}"
+    )
+
+
+def _entity_slug(device: str) -> str:
+    return ha_slug(device) or "edge_agent"
+
+
+def discovery_configs(
+    device: str,
+    base: str,
+    config: HomeAssistantConfig,
+    *,
+    agent_version: str,
+    telemetry_interval_s: float,
+) -> list[Discovery]:
+    """The discovery messages ``config`` wants for ``device`` whose topics are under
+    ``base`` (``<topic_prefix>/<device>``); none when discovery is off.
+
+    Guarantees: every ``unique_id`` is distinct and starts with ``edge_<device>_``; every
+    topic a payload names is under ``base``; discovery topics are
+    ``<prefix>/<component>/<device>/<object_id>/config``.
+    """
+    if not config.discovery:
+        return []
+    slug = _entity_slug(device)
+    block: DeviceBlock = {
+        "identifiers": [f"edge-agent_{device}"],
+        "name": device,
+        "manufacturer": MANUFACTURER,
+        "model": "edge-agent",
+        "sw_version": agent_version,
+    }
+    origin: Origin = {"name": "edge-agent", "sw_version": agent_version}
+    availability: list[Availability] = [
+        {
+            "topic": f"{base}/status",
+            "value_template": "{{ value_json.state }}",
+            "payload_available": STATUS_ONLINE,
+            "payload_not_available": STATUS_OFFLINE,
+        }
+    ]
+    # Telemetry is retained: three missed intervals mean the writer is stuck, not offline.
+    expire = max(60, int(telemetry_interval_s * 3 + 0.999))
+
+    def common(component: Component, object_id: str, name: str) -> EntityConfig:
+        return {
+            "name": name,
+            "unique_id": f"edge_{device}_{object_id}",
+            "default_entity_id": f"{component}.{slug}_{object_id}",
+            "device": block,
+            "origin": origin,
+            "availability": availability,
+            "state_topic": "",
+            "value_template": "",
+            "qos": 1,
+        }
+
+    out: list[Discovery] = []
+
+    def add(component: Component, object_id: str, entity: EntityConfig) -> None:
+        topic = f"{config.prefix}/{component}/{device}/{object_id}/config"
+        out.append(Discovery(component, object_id, topic, entity))
+
+    for sensor in SENSORS:
+        entity = common("sensor", sensor.object_id, sensor.name)
+        entity["state_topic"] = f"{base}/{sensor.stream}"
+        entity["value_template"] = sensor.template
+        if sensor.unit is not None:
+            entity["unit_of_measurement"] = sensor.unit
+        if sensor.device_class is not None:
+            entity["device_class"] = sensor.device_class
+        if sensor.device_class == "enum":
+            entity["options"] = list(STATE_PHASES)
+        if sensor.state_class is not None:
+            entity["state_class"] = sensor.state_class
+        if sensor.stream == "telemetry":
+            entity["expire_after"] = expire
+        if sensor.diagnostic:
+            entity["entity_category"] = "diagnostic"
+        if sensor.icon is not None:
+            entity["icon"] = sensor.icon
+        if sensor.precision is not None:
+            entity["suggested_display_precision"] = sensor.precision
+        if sensor.object_id == "model_version":
+            entity["json_attributes_topic"] = f"{base}/state"
+            entity["json_attributes_template"] = MODEL_ATTRIBUTES_TEMPLATE
+        add("sensor", sensor.object_id, entity)
+
+    for label in config.labels:
+        object_id = f"{ha_slug(label)}_detected"
+        entity = common("binary_sensor", object_id, f"{label} detected")
+        entity["state_topic"] = f"{base}/results"
+        entity["value_template"] = label_template(label)
+        entity["payload_on"] = "ON"
+        entity["payload_off"] = "OFF"
+        entity["off_delay"] = config.off_delay_s
+        entity["device_class"] = "occupancy" if ha_slug(label) == "person" else "motion"
+        add("binary_sensor", object_id, entity)
+
+    entity = common("update", "model", "Model")
+    entity["state_topic"] = f"{base}/state"
+    entity["value_template"] = UPDATE_TEMPLATE
+    entity["title"] = "Model"
+    entity["entity_category"] = "diagnostic"
+    add("update", "model", entity)
+    return out
+
+
+def stale_topics(previous: Iterable[str], wanted: Sequence[Discovery]) -> list[str]:
+    """Discovery topics published before that ``wanted`` no longer has (sorted): each is
+    cleared with an empty retained message."""
+    keep = {d.topic for d in wanted}
+    return sorted(set(previous) - keep)
