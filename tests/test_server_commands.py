@@ -1,13 +1,15 @@
 """``POST /api/v1/devices/{device}/commands/{name}``: a real agent (``edge-agent run``) on
-a real mosquitto answers ping, check-updates and rollback through the real ingester
-and the app on a real uvicorn; refusals (offline 409 with nothing published, viewer
-403, unknown name 422, unknown device 404, a device that never answers 504 within the
-bound, too many waiting 429, broker away 503) and the audit rows; tables for the pure
-rules."""
+a real mosquitto answers ping, check-updates, rollback, logs and diagnostics through the
+real ingester and the app on a real uvicorn; a device's 64 KiB logs reply and a
+diagnostics reply with a large config are stored and found whole; refusals (offline 409
+with nothing published, viewer 403, unknown name or snapshot 422, logs lines out of
+range 422, unknown device 404, a device that never answers 504 within the bound, too
+many waiting 429, broker away 503) and the audit rows; tables for the pure rules."""
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -19,13 +21,18 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from agent import __version__
+from agent.diagnostics import LOGS_MAX_BYTES
 from agent.fleet.broker import BrokerOptions, FleetBroker
+from agent.fleet.reports import MAX_BYTES
+from agent.logring import LINE_MAX_CHARS, LogRing
 from agent.server.api import commands
 from agent.server.api.commands import CommandProblem, CommandRequest
 from agent.server.app import create_app
 from agent.server.auth import create_token
 from agent.server.context import ServeOptions, Server
 from agent.server.db import open_database
+from agent.server.inbound import Inbound, Malformed, read
 from agent.server.ingest import Ingester, IngestOptions
 from agent.server.schema import audit, devices, events
 from agent.server.store import upsert_device
@@ -48,7 +55,21 @@ WAIT_S = 30.0
         ("check-updates", b"{}", CommandRequest("check-updates")),
         ("rollback", b"", CommandRequest("rollback")),
         ("rollback", b'{"version": 3}', CommandRequest("rollback", {"version": 3})),
-        ("reboot", b"", "unknown command 'reboot'; known: ping, rollback, check-updates"),
+        ("logs", b"", CommandRequest("logs")),
+        ("logs", b'{"lines": 1}', CommandRequest("logs", {"lines": 1})),
+        ("logs", b'{"lines": 500}', CommandRequest("logs", {"lines": 500})),
+        ("diagnostics", b"{}", CommandRequest("diagnostics")),
+        ("reboot", b"", "unknown command 'reboot'; known: ping, rollback, check-updates, logs, "
+         "diagnostics"),
+        ("snapshot", b"", "unknown command 'snapshot'"),  # deliberately not sent: docs
+        ("logs", b'{"lines": 0}', "lines: must be an integer from 1 to 500"),
+        ("logs", b'{"lines": 501}', "lines: must be an integer from 1 to 500"),
+        ("logs", b'{"lines": "5"}', "lines: must be an integer from 1 to 500"),
+        ("logs", b'{"lines": true}', "lines: must be an integer from 1 to 500"),
+        ("logs", b'{"lines": 5.0}', "lines: must be an integer from 1 to 500"),
+        ("logs", b'{"version": 1}', "logs takes lines; not version"),
+        ("diagnostics", b'{"lines": 5}', "diagnostics takes no arguments; not lines"),
+        ("rollback", b'{"lines": 5}', "rollback takes version; not lines"),
         ("ping", b'{"version": 3}', "ping takes no arguments; not version"),
         ("rollback", b'{"version": 0}', "version: '0' is not a positive integer"),
         ("rollback", b'{"version": true}', "version: 'True' is not a positive integer"),
@@ -59,7 +80,7 @@ WAIT_S = 30.0
         ("ping", b"{", "body: not JSON"),
         ("ping", b"[" * 5000, "bytes, over 1024"),
     ],
-)
+)  # fmt: skip
 def test_parse_command(name: str, body: bytes, expected: CommandRequest | str) -> None:
     if isinstance(expected, str):
         with pytest.raises(CommandProblem, match=None) as caught:
@@ -98,6 +119,83 @@ def test_find_reply(rows: list[dict[str, Any]], found: int | None) -> None:
 def test_answer(reply: dict[str, Any], expected: dict[str, Any]) -> None:
     out = commands.answer("dev-a", CommandRequest("ping"), "r1", reply)
     assert out == {"device": "dev-a", "command": "ping", "request_id": "r1", **expected}
+
+
+@pytest.mark.parametrize(
+    ("name", "result", "kept"),
+    [
+        ("ping", {"pong": True, "version": 2}, {"pong": True, "version": 2}),
+        ("logs", {"lines": ["a", "b"], "count": 2, "truncated": False},
+         {"count": 2, "truncated": False}),
+        ("logs", {}, {"count": None, "truncated": None}),
+        ("diagnostics", {"versions": {"agent": "1.2.0"}, "config": {"mqtt": {}}},
+         {"agent": "1.2.0"}),
+        ("diagnostics", {"versions": "odd"}, {"agent": None}),
+        ("diagnostics", {"versions": {"agent": 7}}, {"agent": None}),
+    ],
+)  # fmt: skip
+def test_the_audit_keeps_logs_and_diagnostics_results_short(
+    name: commands.Command, result: dict[str, Any], kept: dict[str, Any]
+) -> None:
+    assert commands.audit_result(name, result) == kept
+
+
+def full_ring(count: int, chars: int) -> LogRing:
+    """A log ring holding ``count`` lines of ``chars`` characters (the agent's ring cuts
+    each at LINE_MAX_CHARS), the last one with an escape sequence."""
+    ring = LogRing()
+    for n in range(count):
+        text = f"line {n} " + "x" * chars + ("\x1b[2J" if n == count - 1 else "")
+        ring.emit(logging.makeLogRecord({"msg": text, "levelname": "INFO"}))
+    return ring
+
+
+def logs_reply(request_id: str, ring: LogRing) -> dict[str, Any]:
+    """The reply the agent's ``logs`` sends for 500 lines of ``ring``."""
+    lines, cut = ring.tail(500, LOGS_MAX_BYTES)
+    result = {"lines": lines, "count": len(lines), "truncated": cut}
+    return {"command": "logs", "ok": True, "request_id": request_id, "result": result}
+
+
+def diagnostics_reply(request_id: str) -> dict[str, Any]:
+    """A diagnostics reply whose config is near the agent's 128 KiB bound."""
+    config = {"groups": {f"g{n}": {"note": f"{n} " + "y" * 900} for n in range(130)}}
+    result = {
+        "versions": {"agent": "9.9.9", "python": "3.11.2", "libedgetpu": None},
+        "config": config,
+        "store": {"model": "colours", "active": 1, "releases": [{"version": 1}]},
+        "outbox": {"depth": 0},
+        "mqtt": {"connected": True},
+    }
+    return {"command": "diagnostics", "ok": True, "request_id": request_id, "result": result}
+
+
+def test_a_64_kib_logs_reply_and_a_large_diagnostics_reply_are_read_whole() -> None:
+    ring = full_ring(500, 5000)
+    logs = json.dumps(logs_reply("r1", ring)).encode()
+    assert LOGS_MAX_BYTES - 5000 < len(logs) < LOGS_MAX_BYTES + 1024
+    got = read("edge", "edge/cam-1/reply", logs)
+    assert isinstance(got, Inbound) and got.stream == "reply"
+    lines = got.doc["result"]["lines"]
+    assert len(lines) == 15 and got.doc["result"]["truncated"] is True
+    assert all(len(line) == LINE_MAX_CHARS + len(" …(cut)") for line in lines)
+    assert lines == logs_reply("r1", ring)["result"]["lines"]  # not cut to 1,000 characters
+
+    diagnostics = json.dumps(diagnostics_reply("r2")).encode()
+    assert 100 * 1024 < len(diagnostics) < MAX_BYTES
+    got = read("edge", "edge/cam-1/reply", diagnostics)
+    assert isinstance(got, Inbound)
+    assert got.doc["result"] == diagnostics_reply("r2")["result"]
+
+    hostile = read(
+        "edge", "edge/cam-1/reply", b'{"command":"logs","ok":true,"x":"' + b"z" * MAX_BYTES + b'"}'
+    )
+    assert isinstance(hostile, Malformed) and hostile.reason == "too_large"
+    escaped = read(
+        "edge", "edge/cam-1/reply", json.dumps({**logs_reply("r3", full_ring(2, 10))}).encode()
+    )
+    assert isinstance(escaped, Inbound)
+    assert escaped.doc["result"]["lines"][-1].endswith("\\x1b[2J")  # printable, not ESC
 
 
 def test_payload_carries_the_request_id_and_the_arguments() -> None:
@@ -243,6 +341,83 @@ def test_a_real_agent_answers_ping_check_updates_and_rollback(
         assert site.audit()[0][3]["request_id"] == pong.body["request_id"]
 
 
+def test_a_real_agent_answers_logs_and_diagnostics(
+    tmp_path: Path,
+    broker: Mosquitto,
+    registry: Path,
+    agents: list[AgentProcess],
+    sqlite_url: str,
+) -> None:
+    with fleet(broker, sqlite_url) as site:
+        agent = start_agent(tmp_path, broker, registry, agents, "dev-a")
+        wait_version(site, agent, 1)
+        logs = site.post("dev-a", "logs", {"lines": 500})
+        assert logs.status == 200, logs.body
+        result = logs.body["result"]
+        assert result["count"] == len(result["lines"]) > 0 and result["truncated"] is False
+        assert any("ready: " in line for line in result["lines"]), result["lines"]
+        few = site.post("dev-a", "logs", {"lines": 2})
+        assert few.status == 200 and few.body["result"]["count"] == 2
+
+        diagnostics = site.post("dev-a", "diagnostics")
+        assert diagnostics.status == 200, diagnostics.body
+        result = diagnostics.body["result"]
+        assert result["versions"]["agent"] == __version__
+        assert result["versions"]["python"].count(".") == 2
+        store = result["store"]
+        assert store["model"] == "colours" and store["active"] == 1
+        assert [(r["version"], r["active"]) for r in store["releases"]] == [(1, True)]
+        assert result["config"]["device"]["id"] == "dev-a"
+        assert result["mqtt"]["connected"] is True and "depth" in result["outbox"]
+
+        audited = [(a[2], a[3]["name"], a[3]["args"], a[3]["result"]) for a in site.audit()]
+        assert audited == [
+            ("ok", "logs", {"lines": 500}, {"count": len(logs.body["result"]["lines"]),
+                                            "truncated": False}),
+            ("ok", "logs", {"lines": 2}, {"count": 2, "truncated": False}),
+            ("ok", "diagnostics", {}, {"agent": __version__}),
+        ]  # fmt: skip
+
+
+class Responder(Tap):
+    """A fake device ``ghost``: answers ``logs`` with the 64 KiB a full ring gives and
+    ``diagnostics`` with a config near the agent's bound, as the agent would."""
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        super()._on_message(client, userdata, msg)
+        request_id = json.loads(msg.payload)["id"]
+        if msg.topic.endswith("/cmd/logs"):
+            reply = logs_reply(request_id, full_ring(500, 5000))
+        else:
+            reply = diagnostics_reply(request_id)
+        client.publish("edge/ghost/reply", json.dumps(reply), qos=1)
+
+
+def test_a_64_kib_logs_reply_and_a_large_diagnostics_reply_are_stored_and_found(
+    broker: Mosquitto, sqlite_url: str
+) -> None:
+    device = Responder("127.0.0.1", broker.port, ["edge/ghost/cmd/#"])
+    try:
+        with fleet(broker, sqlite_url) as site:
+            seed(site.engine, "ghost", online=True)
+            logs = site.post("ghost", "logs", {"lines": 500})
+            assert logs.status == 200, logs.text[:300]
+            expected = logs_reply("", full_ring(500, 5000))["result"]
+            assert logs.body["result"] == expected and len(logs.text) > LOGS_MAX_BYTES - 5000
+            diagnostics = site.post("ghost", "diagnostics")
+            assert diagnostics.status == 200, diagnostics.text[:300]
+            assert diagnostics.body["result"] == diagnostics_reply("")["result"]
+            with site.engine.connect() as conn:
+                stored = (
+                    conn.execute(sa.select(events.c.fields).where(events.c.event == "reply"))
+                    .scalars()
+                    .all()
+                )
+            assert [f["command"] for f in stored] == ["logs", "diagnostics"]
+    finally:
+        device.close()
+
+
 def _succeeded(site: Fleet) -> bool:
     with site.engine.connect() as conn:
         names = conn.execute(
@@ -279,8 +454,15 @@ def test_refusals_publish_nothing_and_a_silent_device_times_out_within_the_bound
             assert site.post("nobody", "ping").status == 404
             assert site.post("ghost", "ping", wait=0).status == 422
             assert site.post("ghost", "ping", wait=31).status == 422
+            for name, body in (("logs", {"lines": 0}), ("logs", {"lines": 501}),
+                               ("logs", {"lines": "all"}), ("diagnostics", {"lines": 5}),
+                               ("snapshot", {})):  # fmt: skip
+                refused = site.post("ghost", name, body)
+                assert refused.status == 422, (name, body, refused.body)
+                if body.get("lines") in (0, 501, "all"):
+                    assert refused.body["detail"] == "lines: must be an integer from 1 to 500"
             time.sleep(0.3)
-            assert tap.docs("/cmd/ping") == []  # nothing published for any of them
+            assert tap.messages == []  # nothing published for any of them
 
             started = time.monotonic()
             silent = site.post("ghost", "rollback", {"version": 2}, wait=1)
@@ -298,6 +480,7 @@ def test_refusals_publish_nothing_and_a_silent_device_times_out_within_the_bound
                 ("device:ghost", "invalid"),
                 ("device:ghost", "invalid"),
                 ("device:nobody", "invalid"),
+                *[("device:ghost", "invalid")] * 5,
                 ("device:ghost", "timeout"),
             ]
             assert rows[0][3]["reason"] == "offline"

@@ -146,15 +146,16 @@ def _string(value: str, limit: int, changed: list[str]) -> str:
     return text
 
 
-def _text(value: Any, changed: list[str]) -> Any:
-    """``value`` with every string (keys too) printable and capped, at any depth; each
-    string that had to change is appended to ``changed``."""
+def _text(value: Any, changed: list[str], limit: int = MAX_TEXT) -> Any:
+    """``value`` with every string (keys too) printable and capped (at ``limit``
+    characters; keys at MAX_KEY), at any depth; each string that had to change is
+    appended to ``changed``."""
     if isinstance(value, str):
-        return _string(value, MAX_TEXT, changed)
+        return _string(value, limit, changed)
     if isinstance(value, dict):
-        return {_string(k, MAX_KEY, changed): _text(v, changed) for k, v in value.items()}
+        return {_string(k, MAX_KEY, changed): _text(v, changed, limit) for k, v in value.items()}
     if isinstance(value, list):
-        return [_text(v, changed) for v in value]
+        return [_text(v, changed, limit) for v in value]
     return value
 
 
@@ -193,12 +194,15 @@ def _kind(kind: str | tuple[str, ...]) -> str:
     return _KINDS[kind]
 
 
-def clean(stream: str, doc: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def clean(
+    stream: str, doc: dict[str, Any], text_limit: int = MAX_TEXT
+) -> tuple[dict[str, Any], list[str]]:
     """A copy of ``doc`` (a report on ``stream``) fit for the fleet tools, and one line
     per field dropped for its type (``state.version: '1; rm' is not an integer
-    (dropped)``), and one when strings had to be escaped or cut."""
+    (dropped)``), and one when strings had to be escaped or cut (values at
+    ``text_limit`` characters)."""
     changed: list[str] = []
-    cleaned: dict[str, Any] = _text(doc, changed)
+    cleaned: dict[str, Any] = _text(doc, changed, text_limit)
     problems: list[str] = []
     _check(cleaned, SCHEMAS.get(stream, {}), "", problems)
     out = [f"{stream}.{p}" for p in problems]

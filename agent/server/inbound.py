@@ -17,7 +17,11 @@ document, the key it is stored under once) or a :class:`Malformed` with a reason
   what a newer agent sends, and is kept when it is a plain name (:data:`PLAIN_NAME`);
   a known key with a wrong type, or an unknown key that is not a plain name, is
   refused. What is stored is the document after :func:`agent.fleet.reports.clean`
-  (every string printable and capped).
+  (every string printable and capped: at :data:`agent.fleet.reports.MAX_TEXT`
+  characters, a reply's at :data:`REPLY_MAX_TEXT` so that a ``logs`` reply's lines,
+  each up to :data:`agent.logring.LINE_MAX_CHARS`, arrive whole; the message as a
+  whole stays within ``MAX_BYTES``, which a 64 KiB ``logs`` reply and a
+  ``diagnostics`` reply with its 128 KiB config fit).
 - The key (:func:`message_key`): the envelope's ``id``; a message without one (the Last
   Will, which the broker publishes for the agent, and command replies) is keyed by a
   hash of its device, stream and bytes, so a redelivery of the same bytes is still
@@ -36,7 +40,8 @@ from pydantic import ValidationError
 from agent.contract import validator
 from agent.errors import DocumentError
 from agent.fleet.acl import check_device_id
-from agent.fleet.reports import MAX_BYTES, MAX_DEPTH, clean, printable
+from agent.fleet.reports import MAX_BYTES, MAX_DEPTH, MAX_TEXT, clean, printable
+from agent.logring import LINE_MAX_CHARS
 from agent.server.schema import DEVICE
 from agent.strictjson import nesting_depth, parse_object
 
@@ -49,6 +54,7 @@ RETAINED_STREAMS: Final[tuple[Stream, ...]] = ("status", "state")
 Reason = Literal["topic", "too_large", "too_deep", "not_json", "contract", "key"]
 REASONS: Final[tuple[Reason, ...]] = get_args(Reason)
 MAX_KEY = 64  # the messages table's id column
+REPLY_MAX_TEXT: Final = LINE_MAX_CHARS + 16  # a log line and the ring's " …(cut)" mark
 PLAIN_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 """What a key or an event name from a newer agent may look like to be kept."""
 
@@ -147,7 +153,7 @@ def read(prefix: str, topic: str, payload: bytes) -> Inbound | Malformed:
     key = message_key(device, stream, doc, payload)
     if key is None:
         return Malformed("key", f"id is not a string of 1 to {MAX_KEY} characters")
-    cleaned, _ = clean(stream, doc)
+    cleaned, _ = clean(stream, doc, REPLY_MAX_TEXT if stream == "reply" else MAX_TEXT)
     if stream == "events" and "event" not in cleaned:
         # clean() keeps only the event names this agent knows; the contract check above
         # let through a newer agent's only when it is a plain name: keep it

@@ -1,8 +1,10 @@
 """Route: a command to one device, and its reply.
 
 ``POST /api/v1/devices/{device}/commands/{name}`` (operator), ``name`` one of ``ping``,
-``rollback``, ``check-updates`` (docs/protocol.md "Commands"); the body is optional
-JSON: nothing or ``{}``, or for ``rollback`` ``{"version": N}``. The server publishes
+``rollback``, ``check-updates``, ``logs``, ``diagnostics`` (docs/protocol.md
+"Commands"); the body is optional JSON: nothing or ``{}``, or for ``rollback``
+``{"version": N}``, for ``logs`` ``{"lines": N}`` (1–500). Not ``snapshot``: its camera
+image would stay in the events table, where every reply is kept, as history. The server publishes
 ``{"id": <a random request id>, ...args}`` on ``<prefix>/<device>/cmd/<name>`` (QoS 1,
 not retained: a command is for now, not for whenever the device comes back), then
 waits for the device's reply, which any instance's ingester stores as a ``reply`` event
@@ -17,7 +19,9 @@ with the request id, polling the events table (``?wait=`` 1..30 s, default 10).
 
 Every call with an operator's token is audited as ``device.command`` (target
 ``device:<id>``, detail: name, args, request id; outcome ``ok``, ``refused`` — by the
-device or by the server —, ``invalid``, ``timeout``, ``failed``).
+device or by the server —, ``invalid``, ``timeout``, ``failed``); the detail keeps a
+``logs`` or ``diagnostics`` result only in short (:func:`audit_result`): the reply
+itself is in the device's events.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
 
+from agent.commands import CommandError
+from agent.diagnostics import LOGS_MAX, lines_argument
 from agent.errors import EdgeAgentError
 from agent.fleet.acl import check_device_id
 from agent.server.api.rollouts import MAX_VERSION
@@ -42,12 +48,14 @@ from agent.server.schema import devices, events
 
 router = APIRouter(prefix="/api/v1", tags=["commands"])
 
-Command = Literal["ping", "rollback", "check-updates"]
+Command = Literal["ping", "rollback", "check-updates", "logs", "diagnostics"]
 COMMANDS: tuple[Command, ...] = get_args(Command)
 ARGS: dict[Command, frozenset[str]] = {
     "ping": frozenset(),
     "rollback": frozenset({"version"}),
     "check-updates": frozenset(),
+    "logs": frozenset({"lines"}),
+    "diagnostics": frozenset(),
 }
 DEFAULT_WAIT_S = 10
 MAX_WAIT_S = 30
@@ -91,6 +99,11 @@ def check_args(name: Command, args: Mapping[str, Any]) -> dict[str, Any]:
         not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MAX_VERSION
     ):
         raise CommandProblem(f"version: {str(version)[:20]!r} is not a positive integer")
+    if "lines" in args:
+        try:
+            lines_argument(args)  # the agent's own rule: it would refuse the same
+        except CommandError as exc:
+            raise CommandProblem(str(exc)) from None
     return dict(args)
 
 
@@ -105,7 +118,9 @@ def parse_command(name: str, body: bytes) -> CommandRequest:
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
-        raise CommandProblem('body: not JSON; send {} or {"version": N} (rollback)') from None
+        raise CommandProblem(
+            'body: not JSON; send {}, {"version": N} (rollback) or {"lines": N} (logs)'
+        ) from None
     if not isinstance(doc, dict):
         raise CommandProblem("body: a JSON object is needed")
     return CommandRequest(command, check_args(command, doc))
@@ -146,6 +161,19 @@ def answer(
         error = reply.get("error")
         out["error"] = error if isinstance(error, str) else "refused (no reason given)"
     return out
+
+
+def audit_result(name: Command, result: Mapping[str, Any]) -> dict[str, Any]:
+    """What the audit keeps of a device's result: all of it, but for ``logs`` (its
+    ``count`` and ``truncated``) and ``diagnostics`` (the agent's version): who asked
+    for them is the audit's business, the lines and the config are the events'."""
+    if name == "logs":
+        return {key: result.get(key) for key in ("count", "truncated")}
+    if name == "diagnostics":
+        versions = result.get("versions")
+        agent = versions.get("agent") if isinstance(versions, Mapping) else None
+        return {"agent": agent if isinstance(agent, str) else None}
+    return dict(result)
 
 
 # -- I/O ----------------------------------------------------------------------------------
@@ -227,7 +255,8 @@ def run_command(
     out = answer(device, command, request_id, reply)
     audit_command(
         server, caller, device, "ok" if out["ok"] else "refused", **detail,
-        **({"result": out["result"]} if out["ok"] else {"error": out["error"][:300]}),
+        **({"result": audit_result(command.name, out["result"])} if out["ok"]
+           else {"error": out["error"][:300]}),
     )  # fmt: skip
     return out
 
@@ -239,9 +268,13 @@ _BODY = {  # the OpenAPI document's view of the optional body the route reads it
             "application/json": {
                 "schema": {
                     "type": "object",
-                    "properties": {"version": {"type": "integer", "minimum": 1}},
+                    "properties": {
+                        "version": {"type": "integer", "minimum": 1},
+                        "lines": {"type": "integer", "minimum": 1, "maximum": LOGS_MAX},
+                    },
                     "additionalProperties": False,
-                    "description": "nothing or {}; rollback: {version} (default: previous)",
+                    "description": "nothing or {}; rollback: {version} (default: previous); "
+                    "logs: {lines} (default 100)",
                 }
             }
         },

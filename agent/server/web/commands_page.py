@@ -1,12 +1,15 @@
-"""The device page's command buttons (issue 17): ping, check updates, roll back.
+"""The device page's command buttons (issue 17): ping, check updates, roll back, logs,
+diagnostics.
 
 ``POST /ui/devices/{id}/commands/{name}`` (operator): ``name`` one of
 :data:`agent.server.api.commands.COMMANDS`; form fields ``csrf`` and, for ``rollback``,
-an optional ``version``. It runs the API's own
+an optional ``version``, for ``logs`` an optional ``lines``. It runs the API's own
 :func:`agent.server.api.commands.run_command` (same checks, same bounded wait, same
 audit entry) and answers with the device page and the outcome in one line: the
-device's reply (200), or what went wrong with the API's status (409 offline, 422, 429,
-503 broker away, 504 no reply in time). Nothing is redirected: a reply is for now.
+device's reply (200; a ``logs`` or ``diagnostics`` reply also shown whole, by
+:mod:`agent.server.web.replies`), or what went wrong with the API's status (409
+offline, 422, 429, 503 broker away, 504 no reply in time). Nothing is redirected: a
+reply is for now.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from agent.diagnostics import LOGS_MAX
 from agent.server.api import commands as api
-from agent.server.web import formats, pages
+from agent.server.web import formats, pages, replies
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 WAIT_S = float(api.DEFAULT_WAIT_S)
@@ -28,9 +32,18 @@ WAIT_S = float(api.DEFAULT_WAIT_S)
 
 
 def form_command(name: str, form: Mapping[str, str]) -> api.CommandRequest:
-    """The command a button's form stands for; an empty version field is no version.
-    Raises CommandProblem with one line."""
+    """The command a button's form stands for; an empty version (rollback) or lines
+    (logs) field is none. Raises CommandProblem with one line."""
     command = api.command_name(name)
+    if command == "logs":
+        lines = form.get("lines", "").strip()
+        if not lines:
+            return api.CommandRequest(command)
+        if not lines.isdigit() or len(lines) > 10:
+            raise api.CommandProblem(
+                f"lines: {lines[:20]!r} is not an integer from 1 to {LOGS_MAX}"
+            )
+        return api.CommandRequest(command, api.check_args(command, {"lines": int(lines)}))
     version = form.get("version", "").strip() if command == "rollback" else ""
     if not version:
         return api.CommandRequest(command)
@@ -59,6 +72,15 @@ def summary(out: Mapping[str, Any]) -> str:
         return f"ping: pong — up {up} s, {serving}, {result.get('phase') or 'no phase'}"
     if name == "rollback":
         return f"rollback: now {_release(result, 'version')} (from {_release(result, 'from')})"
+    if name == "logs":
+        count = result.get("count")
+        shown = count if isinstance(count, int) and not isinstance(count, bool) else "?"
+        cut = " (older ones left out: 64 KiB at most)" if result.get("truncated") is True else ""
+        return f"logs: the last {shown} lines{cut}"
+    if name == "diagnostics":
+        versions = result.get("versions")
+        agent = versions.get("agent") if isinstance(versions, Mapping) else None
+        return f"diagnostics: agent {agent if isinstance(agent, str) else '?'}"
     if "note" in result:
         return f"check-updates: {result['note']}"
     then = "an update starts" if result.get("changed") else "nothing to do"
@@ -77,6 +99,7 @@ async def command_form(request: Request, device: str, name: str) -> Response:
     session, form = checked
     server = pages.server_of(request)
     status, line, failed = 200, "", False
+    shown: dict[str, Any] = {}
     try:
         command = form_command(name, form)
         out = await run_in_threadpool(
@@ -84,6 +107,7 @@ async def command_form(request: Request, device: str, name: str) -> Response:
         )
         line = summary(out)
         failed = not out["ok"]
+        shown = dict(replies.shown(out))
     except api.CommandProblem as exc:
         status, line, failed = 422, str(exc), True
         await run_in_threadpool(
@@ -96,4 +120,5 @@ async def command_form(request: Request, device: str, name: str) -> Response:
     if context is None:
         return pages.error_page(request, session, status if status != 200 else 404, line)
     context["error" if failed else "done"] = line
+    context.update(shown)
     return pages.render(request, "device.html", context, status)
