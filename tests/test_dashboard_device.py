@@ -16,7 +16,7 @@ from agent.server.queries import Point
 from agent.server.retention import numeric_samples
 from agent.server.schema import deploys
 from agent.server.store import insert_event, insert_telemetry, upsert_device
-from agent.server.web import alerts, charts
+from agent.server.web import alerts, charts, formats, overview
 from agent.server.web.alerts import Alert, Recent, Thresholds, device_alerts, summarise
 from tests.browser import Browser
 from tests.test_dashboard import Client, Dash, chrome, dashboard, log_in, sqlite_url
@@ -240,7 +240,8 @@ def test_the_span_is_one_of_three(asked: str | None, span: str) -> None:
 
 
 def seed(engine: sa.Engine) -> None:
-    """cam-hot: online, 85 °C, its outbox growing, 10 % errors, fell back to the CPU;
+    """cam-hot: online, 85 °C, its outbox growing, 10 % errors, fell back to the CPU,
+    under-voltage (and its CPU clock, Wi-Fi and address);
     cam-ok: online and quiet; cam-gone: offline for an hour."""
     with engine.begin() as conn:
         for device in ("cam-hot", "cam-ok"):
@@ -250,6 +251,8 @@ def seed(engine: sa.Engine) -> None:
         for i in range(15):  # one a minute over the window
             ts = NOW - 840 + 60 * i
             hot = telemetry(ts, 9.0, temp=85.0)
+            hot.update(cpu_freq_mhz=600, wifi_rssi_dbm=-71, ip_addresses=["192.0.2.7"])
+            hot["throttled"] = {"now": ["under_voltage"], "since_boot": ["under_voltage"]}
             hot["outbox"]["depth"] = 20 * i
             hot["inference"].update(frames=100 * i, errors=10 * i, backend="cpu")
             ok = telemetry(ts, 9.0)
@@ -279,6 +282,7 @@ def test_the_fleets_alerts_from_its_rows_and_aggregates(db_url: str) -> None:
         ("cam-hot", "temperature"),
         ("cam-hot", "errors"),
         ("cam-hot", "fallback"),
+        ("cam-hot", "power"),  # its firmware's under-voltage, from the stored telemetry
     ]
 
 
@@ -361,3 +365,52 @@ def test_the_device_page_has_no_inline_style_and_the_history(seeded: Dash) -> No
     assert 'id="deploys"' in page and "No desired state was published" in page
     for bad in ("x" * 5000, "%00", "1y"):  # any other span: the default
         assert client.request("GET", f"/ui/devices/cam-hot?span={bad}")[0] == 200
+    # the Pi's own health, as cam-hot reports it; cam-ok's board reports none of it
+    assert "<dt>CPU clock</dt><dd>600 MHz</dd>" in page
+    assert "<dt>Wi-Fi</dt><dd>-71 dBm</dd>" in page and "192.0.2.7" in page
+    assert '<dt>Power</dt><dd class="error">under-voltage now; since boot: under-voltage' in page
+    quiet = client.request("GET", "/ui/devices/cam-ok")[2]
+    assert "<dt>Power</dt>" not in quiet and "<dt>Wi-Fi</dt>" not in quiet
+
+
+@pytest.mark.parametrize(
+    ("telemetry_doc", "rows"),
+    [
+        ({}, []),  # not a Pi, or nothing live
+        (
+            {"cpu_freq_mhz": 1500.0, "wifi_rssi_dbm": -60, "ip_addresses": ["10.0.0.2", "fe80::1"]},
+            [("CPU clock", "1500 MHz", False), ("Wi-Fi", "-60 dBm", False),
+             ("Addresses", "10.0.0.2, fe80::1", False)],
+        ),
+        ({"throttled": {"now": [], "since_boot": []}}, [("Power", "fine now", False)]),
+        (
+            {"throttled": {"now": ["throttled"], "since_boot": ["throttled", "new_flag"]}},
+            [("Power", "throttled now; since boot: throttled, new_flag", True)],
+        ),
+        ({"cpu_freq_mhz": True, "wifi_rssi_dbm": "x", "ip_addresses": "1.2.3.4"}, []),
+    ],
+)  # fmt: skip
+def test_health_rows(telemetry_doc: dict[str, Any], rows: list[tuple[str, str, bool]]) -> None:
+    assert overview.health(telemetry_doc) == rows
+
+
+@pytest.mark.parametrize(
+    ("fields", "text"),
+    [
+        ({"event": "agent_started", "version": 3}, '{"event": "agent_started", "version": 3}'),
+        (
+            {"lines": ["x"] * 10_000, "cfg": {"a": 1}, "e": {}},
+            '{"lines": "[…]", "cfg": "{…}", "e": {}}',
+        ),
+        ({"detail": "é" * 500}, '{"detail": "' + "é" * 79 + '…"}'),
+        (None, "—"),
+    ],
+)  # fmt: skip
+def test_an_events_preview_is_short_whatever_its_size(fields: Any, text: str) -> None:
+    assert formats.preview(fields) == text
+
+
+def test_an_events_preview_is_cut_at_its_limit() -> None:
+    long = {f"k{i}": "v" * 70 for i in range(30)}
+    text = formats.preview(long)
+    assert len(text) == 160 and text.endswith("…")

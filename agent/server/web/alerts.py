@@ -105,7 +105,7 @@ def device_alerts(
     before, after = recent.outbox_before, recent.outbox_after
     if before is not None and after is not None and after - before >= limits.outbox_growth:
         alert("outbox", f"outbox {before:.0f} → {after:.0f} messages in {WINDOW_S / 60:.0f} min")
-    fresh = _fresh_telemetry(row, now)
+    fresh = fresh_telemetry(row, now)
     hottest = _hottest(live.get("temp_c"), fresh.get("tpu_temp_c"))
     if hottest is not None and hottest >= limits.temp_high_c:
         alert("temperature", f"{hottest:.1f} °C (alert at {limits.temp_high_c:g})")
@@ -148,7 +148,7 @@ def _hottest(*values: Any) -> float | None:
     return max(found) if found else None
 
 
-def _fresh_telemetry(row: Mapping[str, Any], now: float) -> Mapping[str, Any]:
+def fresh_telemetry(row: Mapping[str, Any], now: float) -> Mapping[str, Any]:
     """The device's telemetry when it is live (as the live figures judge it), else {}."""
     telemetry = row["telemetry"]
     if not row["online"] or not isinstance(telemetry, dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any
@@ -48,6 +49,28 @@ def size(n: Any) -> str:
             return f"{value:.1f} {unit}"
         value /= 1024.0
     return f"{value:.1f} GiB"
+
+
+def preview(fields: Any, limit: int = 160) -> str:
+    """An event's detail as one short line of JSON: at most 20 keys, long strings cut,
+    nested objects and lists as ``{…}`` / ``[…]``, the whole cut at ``limit``. Its cost
+    does not grow with the event (a device's reply may be 64 KiB)."""
+    if not isinstance(fields, dict):
+        return "—"
+    shown: dict[str, Any] = {}
+    for n, (key, value) in enumerate(fields.items()):
+        if n == 20:
+            shown["…"] = f"{len(fields) - 20} more"
+            break
+        if isinstance(value, str):
+            value = value if len(value) <= 80 else value[:79] + "…"
+        elif isinstance(value, dict):
+            value = "{…}" if value else {}
+        elif isinstance(value, list):
+            value = "[…]" if value else []
+        shown[str(key)[:40]] = value
+    text = json.dumps(shown, ensure_ascii=False, separators=(", ", ": "))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _finite(value: Any) -> bool:

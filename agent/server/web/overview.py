@@ -14,7 +14,7 @@ are tested by tables.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from agent.contract import UPDATE_PHASES
 from agent.server import queries
 from agent.server.rollouts import ACTIVE
 from agent.server.schema import device_groups, devices, rollouts
+from agent.server.web import alerts
 
 PER_PAGE = 50
 MAX_PAGE = 100_000
@@ -220,6 +221,32 @@ def table_row(row: Any, now: float) -> dict[str, Any]:
         "agent_version": row["agent_version"],
         "last_seen": heard(row["last_seen"], row["telemetry_ts"], bool(row["online"]), now),
     }
+
+
+def health(telemetry: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
+    """The Pi's own health from a device's live telemetry, as (label, text, bad) rows:
+    CPU clock, Wi-Fi signal, addresses, the firmware's throttling flags (bad: a flag set
+    now) — only those the device reports (a board without them sends none)."""
+    rows: list[tuple[str, str, bool]] = []
+    freq = telemetry.get("cpu_freq_mhz")
+    if isinstance(freq, int | float) and not isinstance(freq, bool):
+        rows.append(("CPU clock", f"{freq:.0f} MHz", False))
+    rssi = telemetry.get("wifi_rssi_dbm")
+    if isinstance(rssi, int | float) and not isinstance(rssi, bool):
+        rows.append(("Wi-Fi", f"{rssi:.0f} dBm", False))
+    addresses = telemetry.get("ip_addresses")
+    if isinstance(addresses, list) and addresses:
+        rows.append(("Addresses", ", ".join(str(a)[:45] for a in addresses[:8]), False))
+    flags = telemetry.get("throttled")
+    if isinstance(flags, dict):
+        words = alerts.FLAG_WORDS
+        now = [words.get(str(f), str(f)[:40]) for f in flags.get("now") or () if f]
+        since = [words.get(str(f), str(f)[:40]) for f in flags.get("since_boot") or () if f]
+        text = ", ".join(now) + " now" if now else "fine now"
+        if since:
+            text += f"; since boot: {', '.join(since)}"
+        rows.append(("Power", text, bool(now)))
+    return rows
 
 
 def heard(last_seen: float, telemetry_ts: Any, online: bool, now: float) -> float:

@@ -43,7 +43,11 @@ HERE = Path(__file__).parent
 router = APIRouter(prefix="/ui", include_in_schema=False)
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescapes .html
 templates.env.filters.update(
-    when=formats.when, ago=formats.ago, figure=formats.figure, size=formats.size
+    when=formats.when,
+    ago=formats.ago,
+    figure=formats.figure,
+    size=formats.size,
+    preview=formats.preview,
 )
 EVENTS_SHOWN = 50
 SECURITY_HEADERS = {
@@ -281,6 +285,7 @@ def device_context(
             return None
         events = queries.event_rows(conn, queries.EventFilter(device=device), EVENTS_SHOWN)
         d = overview.table_row(row, now)
+        d["health"] = overview.health(alerts.fresh_telemetry(dict(row), now))
         drawn = charts.charts(conn, device, span, now, server.options.raw_days)
         deploys, updates = charts.history(conn, device, d["groups"])
     return {
