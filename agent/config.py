@@ -666,6 +666,14 @@ class Config(_Section):
             )
         if (mqtt.password_file or mqtt.password_credential) and not mqtt.username:
             raise PydanticCustomError("missing", "a password needs mqtt.username")
+        if self.homeassistant.discovery and "." in self.device.id:
+            raise PydanticCustomError(
+                "ha_topic",
+                "homeassistant.discovery: device.id '{id}' has a '.', which Home Assistant "
+                "refuses in a discovery topic; give the device an id of letters, digits, _ "
+                "and - (the broker's ACL matches topics on the id itself)",
+                {"id": self.device.id},
+            )
         length = len(os.fsencode(self.control_socket))
         if length > SUN_PATH_MAX:
             where = "" if self.control.socket else " (the default, beside store.dir)"

@@ -30,10 +30,10 @@ from typing import Literal
 
 from typing_extensions import NotRequired, TypedDict
 
-from agent.config import HomeAssistantConfig, ha_slug
+from agent.config import HomeAssistantConfig, ResultsConfig, ha_slug
 from agent.contract import STATE_PHASES, UPDATE_PHASES
 
-Component = Literal["sensor", "binary_sensor", "update"]
+Component = Literal["sensor", "binary_sensor", "update"]  # the ACL grants these (fleet/acl.py)
 MANUFACTURER = "edge-agent"
 STATUS_ONLINE = "online"
 STATUS_OFFLINE = "offline"
@@ -191,9 +191,13 @@ SENSORS: tuple[Sensor, ...] = (
 UPDATE_TEMPLATE = (
     "{% set s = value_json %}"
     "{% set installed = s.version|string if s.version is not none else None %}"
-    "{% if s.desired %}{% set latest = s.desired.version|string %}"
+    # a desired state that is not refused, else an update under way or done; a failed or
+    # rolled-back one is not "an update available"
+    "{% if s.desired and (s.desired.model ~ '@' ~ s.desired.version) not in (s.bad or []) %}"
+    "{% set latest = s.desired.version|string %}"
     # s['update'], not s.update: Jinja's dot finds the dict's update() method first
-    "{% elif s['update'] %}{% set latest = s['update'].version|string %}"
+    "{% elif s['update'] and s['update'].outcome not in ('failed', 'rolled_back') %}"
+    "{% set latest = s['update'].version|string %}"
     "{% else %}{% set latest = installed %}{% endif %}"
     "{{ {'installed_version': installed, 'latest_version': latest,"
     " 'title': s.model, 'in_progress': s.phase in " + json.dumps(list(UPDATE_PHASES)) + "}"
@@ -231,6 +235,7 @@ def discovery_configs(
     *,
     agent_version: str,
     telemetry_interval_s: float,
+    results: ResultsConfig | None = None,
 ) -> list[Discovery]:
     """The discovery messages ``config`` wants for ``device`` whose topics are under
     ``base`` (``<topic_prefix>/<device>``); none when discovery is off.
@@ -312,7 +317,8 @@ def discovery_configs(
         entity["value_template"] = label_template(label)
         entity["payload_on"] = "ON"
         entity["payload_off"] = "OFF"
-        entity["off_delay"] = config.off_delay_s
+        if (delay := label_off_delay(config.off_delay_s, results or ResultsConfig())) is not None:
+            entity["off_delay"] = delay
         entity["device_class"] = "occupancy" if ha_slug(label) == "person" else "motion"
         add("binary_sensor", object_id, entity)
 
@@ -323,6 +329,18 @@ def discovery_configs(
     entity["entity_category"] = "diagnostic"
     add("update", "model", entity)
     return out
+
+
+def label_off_delay(off_delay_s: int, results: ResultsConfig) -> int | None:
+    """The binary sensors' ``off_delay`` for how results are published: none with
+    ``on_change`` (nothing is sent while the labels stay the same, and the change to
+    "without it" sends OFF: a delay would turn a person still there OFF); with
+    ``interval`` longer than two intervals (else it flaps between results)."""
+    if results.publish == "on_change":
+        return None
+    if results.publish == "interval":
+        return max(off_delay_s, int(2 * results.interval_s) + 1)
+    return off_delay_s
 
 
 def stale_topics(previous: Iterable[str], wanted: Sequence[Discovery]) -> list[str]:

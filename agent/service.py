@@ -108,6 +108,7 @@ class Service:
                 ha,
                 agent_version=__version__,
                 telemetry_interval_s=config.telemetry.interval_s,
+                results=config.results,
             ),
             ha.prefix,
             config.store.dir,

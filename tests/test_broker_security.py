@@ -154,14 +154,20 @@ def test_device_writes_only_its_own_home_assistant_discovery_configs(
             "homeassistant/sensor/dev-a/fps/state",  # not a config
             "homeassistant/sensor/dev-a/config",  # another shape
             "homeassistant/status",  # Home Assistant's own birth message
+            "homeassistant/switch/dev-a/x/config",  # a kind the agent never makes: a
+            "homeassistant/button/dev-a/x/config",  # command topic HA would publish to
         ):
             assert dev_a.publish(topic, b"{}", retain=True) == DENIED, topic
         assert dev_a.publish(own, b'{"name":"fps"}', retain=True) == "Success"
+        kinds = [f"homeassistant/{kind}/dev-a/x/config" for kind in ("binary_sensor", "update")]
+        for topic in kinds:  # the other kinds it makes
+            assert dev_a.publish(topic, b"{}") == "Success"
+            ha.wait_for_topic(topic)
         ha.wait_for_topic(own)
         # Home Assistant's birth message reaches the device
         assert ha.publish("homeassistant/status", b"online") == "Success"
         assert dev_a.wait_for_topic("homeassistant/status").payload == b"online"
-    assert topics_of(ha) == {own, "homeassistant/status"}
+    assert topics_of(ha) == {own, "homeassistant/status", *kinds}
 
 
 def test_certificate_named_groups_gets_no_rights(secure_broker: SecureBroker) -> None:
@@ -246,7 +252,9 @@ def test_render_acl_grants_devices_only_their_own_topics() -> None:
         "pattern write acme/edge/%u/reply/#",
         "pattern read acme/edge/%u/desired",
         "pattern read acme/edge/%u/cmd/#",
-        "pattern write homeassistant/+/%u/+/config",
+        "pattern write homeassistant/sensor/%u/+/config",
+        "pattern write homeassistant/binary_sensor/%u/+/config",
+        "pattern write homeassistant/update/%u/+/config",
         "pattern read homeassistant/status",
         "user groups",
         "topic deny acme/edge/#",
@@ -308,7 +316,7 @@ def test_edge_fleet_acl_takes_the_home_assistant_prefix(capsys: pytest.CaptureFi
     assert cli.main(["acl", "--device", "dev-a", "--ha-prefix", "ha/site1"]) == 0
     out = capsys.readouterr().out
     assert out == render_acl({"dev-a": []}, ha_prefix="ha/site1")
-    assert "pattern write ha/site1/+/%u/+/config\n" in out and "homeassistant/" not in out
+    assert "pattern write ha/site1/sensor/%u/+/config\n" in out and "homeassistant/" not in out
     assert cli.main(["acl", "--device", "dev-a", "--ha-prefix", "ha/#"]) == 2
     assert "home assistant topic prefix 'ha/#' is not valid" in capsys.readouterr().err
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -14,9 +15,9 @@ from typing import Any
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from agent.config import HomeAssistantConfig, ha_slug, load_config
+from agent.config import HomeAssistantConfig, ResultsConfig, ha_slug, load_config, parse_config
 from agent.errors import ConfigError
-from agent.homeassistant import Discovery, discovery_configs, stale_topics
+from agent.homeassistant import Discovery, discovery_configs, label_off_delay, stale_topics
 from agent.homeassistant_publish import STATE_FILE, DiscoveryPublisher
 from agent.mqtt import Incoming
 from tests.agentproc import AgentProcess, wait_alive
@@ -68,9 +69,18 @@ def render(template: str, payload: bytes) -> str:
     return _env.from_string(template).render(value=text, value_json=json.loads(text)).strip()
 
 
-def configs(config: HomeAssistantConfig = ON, device: str = "pi-door-01") -> list[Discovery]:
+def configs(
+    config: HomeAssistantConfig = ON,
+    device: str = "pi-door-01",
+    results: ResultsConfig | None = None,
+) -> list[Discovery]:
     return discovery_configs(
-        device, f"edge/{device}", config, agent_version="0.1.0", telemetry_interval_s=10
+        device,
+        f"edge/{device}",
+        config,
+        agent_version="0.1.0",
+        telemetry_interval_s=10,
+        results=results,
     )
 
 
@@ -152,10 +162,48 @@ def test_unique_ids_are_unique_across_devices_and_entities() -> None:
 
 
 def test_the_discovery_prefix_and_off_delay_come_from_the_config() -> None:
-    found = by_id(configs(HomeAssistantConfig(discovery=True, prefix="ha/site1", labels=["cat"])))
+    cats = HomeAssistantConfig(discovery=True, prefix="ha/site1", labels=["cat"])
+    found = by_id(configs(cats, results=ResultsConfig(publish="every")))
     assert found["cat_detected"].topic == "ha/site1/binary_sensor/pi-door-01/cat_detected/config"
     assert found["cat_detected"].config["off_delay"] == 10
-    assert by_id(configs())["person_detected"].config["off_delay"] == 7
+    every = ResultsConfig(publish="every")
+    assert by_id(configs(results=every))["person_detected"].config["off_delay"] == 7
+
+
+@pytest.mark.parametrize(
+    ("results", "expected"),
+    [
+        (ResultsConfig(publish="on_change"), None),  # the change sends OFF; a delay would lie
+        (ResultsConfig(publish="every"), 7),
+        (ResultsConfig(publish="interval", interval_s=2), 7),
+        (ResultsConfig(publish="interval", interval_s=30), 61),  # longer than two intervals
+    ],
+)
+def test_off_delay_follows_how_results_are_published(
+    results: ResultsConfig, expected: int | None
+) -> None:
+    assert label_off_delay(7, results) == expected
+    config = by_id(configs(results=results))["person_detected"].config
+    assert config.get("off_delay") == expected
+
+
+@pytest.mark.parametrize("device", ["pi-door-01", "cam_2", "A-b_c-9"])
+def test_discovery_topics_match_home_assistants_pattern(device: str) -> None:
+    # homeassistant/components/mqtt/discovery.py: TOPIC_MATCHER's node id and object id
+    pattern = re.compile(
+        r"(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?(?P<object_id>[a-zA-Z0-9_-]+)/config"
+    )
+    for discovery in configs(device=device):
+        rest = discovery.topic.removeprefix("homeassistant/")
+        assert pattern.fullmatch(rest), discovery.topic
+
+
+def test_a_device_id_with_a_dot_is_refused_with_discovery_on(tmp_path: Path) -> None:
+    base = f"device: {{id: cam.lobby}}\nstore: {{dir: {tmp_path}}}\n"
+    with pytest.raises(ConfigError) as refused:
+        parse_config(base + "homeassistant: {discovery: true}\n")
+    assert "homeassistant.discovery: device.id 'cam.lobby' has a '.'" in str(refused.value)
+    assert parse_config(base).device.id == "cam.lobby"  # without discovery the id is fine
 
 
 # -- the templates, rendered against the agent's documents -----------------------------------
@@ -240,6 +288,21 @@ def test_label_templates_turn_on_for_their_label_only(
         (
             {"model": None, "version": None, "update": None, "phase": "idle"},
             {"installed_version": None, "latest_version": None, "in_progress": False},
+        ),
+        (  # v3 rolled back: not "an update available" for ever
+            {"update": {"version": 3, "phase": "probation", "outcome": "rolled_back"}},
+            {"installed_version": "2", "latest_version": "2", "in_progress": False},
+        ),
+        (
+            {"update": {"version": 3, "phase": "activating", "outcome": "failed"}},
+            {"installed_version": "2", "latest_version": "2", "in_progress": False},
+        ),
+        (  # a desired release this device marked bad
+            {
+                "desired": {"model": "colours", "version": 3, "issued_at": 1.0, "source": "device"},
+                "bad": ["colours@3"],
+            },
+            {"installed_version": "2", "latest_version": "2", "in_progress": False},
         ),
     ],
 )

@@ -81,6 +81,9 @@ def check_group_name(group: str) -> str | None:
     return _check_name("group name", group)
 
 
+HA_COMPONENTS = ("sensor", "binary_sensor", "update")  # agent/homeassistant.py's kinds
+
+
 def render_acl(
     devices: Mapping[str, Sequence[str]],
     *,
@@ -148,8 +151,10 @@ def render_acl(
     lines += [
         "",
         "# Home Assistant MQTT discovery (homeassistant.discovery): each device its own",
-        "# discovery configs (write), and Home Assistant's birth message (read).",
-        f"pattern write {ha_prefix}/+/%u/+/config",
+        "# discovery configs of the three kinds it makes (write: never a switch or a",
+        "# button whose command topic Home Assistant would publish to), and Home",
+        "# Assistant's birth message (read).",
+        *(f"pattern write {ha_prefix}/{kind}/%u/+/config" for kind in HA_COMPONENTS),
         f"pattern read {ha_prefix}/status",
         "",
         "# Not a device: 'groups' is a topic level, a certificate with that CN gets nothing.",
