@@ -34,6 +34,7 @@ class LogRing(logging.Handler):
             text = self.format(record)
         except Exception:  # a message that cannot be formatted: not worth a traceback
             text = f"{record.levelname} {record.name}: (unformattable message)"
+        text = redact_text(text)  # before the cut: a cut may split a secret from its name
         if len(text) > LINE_MAX_CHARS:
             text = text[:LINE_MAX_CHARS] + " …(cut)"
         with self._guard:
@@ -44,7 +45,7 @@ class LogRing(logging.Handler):
             self._lines.clear()
 
     def tail(self, lines: int, max_bytes: int) -> tuple[list[str], bool]:
-        """The newest ``lines`` lines, oldest first, redacted, whose JSON strings
+        """The newest ``lines`` lines, oldest first (redacted when taken), whose JSON strings
         together take at most ``max_bytes``; and whether older ones were left out
         for the byte budget (not for ``lines``)."""
         with self._guard:
@@ -52,7 +53,7 @@ class LogRing(logging.Handler):
         kept: list[str] = []
         used = 0
         for line in reversed(recent):  # newest first: the budget cuts from the oldest
-            text = redact_text(line)
+            text = line
             size = len(json.dumps(text, ensure_ascii=False).encode()) + 1  # and a comma
             if used + size > max_bytes:
                 kept.reverse()

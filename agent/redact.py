@@ -40,13 +40,20 @@ TEXT_RULES: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
     # scheme://user:password@host -> scheme://user:<redacted>@host
     # (to the last @ before the path: a password may hold an @)
     (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/:@]*):[^\s/]*@"), rf"\1:{REDACTED}@"),
+    # scheme://TOKEN@host: a long user name with no password is a token (GitHub's
+    # https://ghp_…@github.com); a short one (admin, git, fleet) is a name
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/:@]{17,}@"), rf"\1{REDACTED}@"),
     # HTTP credentials: Authorization: Bearer abc, Basic dXNlcjpwYXNz
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), rf"\1 {REDACTED}"),
     # "token": "x", password='x y': the quotes stay, so a JSON line stays JSON
-    (re.compile(rf"(?i)({_KEY}\s*[:=]\s*)([\"'])(?:(?!\2).)*\2"), rf"\1\2{REDACTED}\2"),
-    # password=x, api_key: x, ?access_key=x&, Authorization: Bearer x; up to a separator
+    # (an escaped quote inside the value does not end it)
+    (re.compile(rf"(?i)({_KEY}\s*[:=]\s*)([\"'])(?:\\.|(?!\2).)*\2"), rf"\1\2{REDACTED}\2"),
+    # password=x, api_key: x, ?access_key=x&, Authorization: Bearer|Basic|Token|Digest x;
+    # up to a separator
     (
-        re.compile(rf"(?i)({_KEY}\s*[:=]\s*)(?:(?:bearer|basic)\s+)?[^\s\"',;&)}}\]]+"),
+        re.compile(
+            rf"(?i)({_KEY}\s*[:=]\s*)(?:(?:bearer|basic|token|digest)\s+)?[^\s\"',;&)}}\]]+"
+        ),
         rf"\1{REDACTED}",
     ),
 )

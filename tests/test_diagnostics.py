@@ -60,6 +60,12 @@ KEY_PATH = "public key /etc/edge-agent/registry.pub loaded"
         (PLAIN, PLAIN),
         (KEY_PATH, KEY_PATH),
         (f"password={R}", f"password={R}"),  # twice is once
+        ("Authorization: Token abc123", f"Authorization: {R}"),
+        ("Authorization: Digest username=x", f"Authorization: {R}"),
+        ("https://ghp_abcdefghijklmnopqrstuvwxyz0123@github.com/x", f"https://{R}@github.com/x"),
+        ("mqtts://fleet@broker:8883", "mqtts://fleet@broker:8883"),  # a name, not a token
+        ('{"password": "a\\"b c", "x": 1}', f'{{"password": "{R}", "x": 1}}'),
+        ("token expired for pi-1", "token expired for pi-1"),
     ],
 )  # fmt: skip
 def test_redact_text_removes_secrets_and_keeps_the_rest(text: str, expected: str) -> None:
@@ -139,6 +145,15 @@ def test_the_ring_keeps_the_newest_lines_redacted_within_the_byte_budget() -> No
 def test_the_ring_cuts_a_huge_message() -> None:
     lines, _ = ring_with(["x" * 100_000]).tail(1, 64 * 1024)
     assert len(lines[0]) < 5000 and lines[0].endswith("…(cut)")
+
+
+def test_a_secret_split_by_the_cut_is_redacted_before_it() -> None:
+    # the cut falls inside a long password, before its "@host": redacted first, the
+    # password does not leak (a line's prefix is ~52 characters: time, level, logger)
+    password = "hunter2" * 8
+    pad = "x" * (4096 - 52 - len("rtsp://cam:") - 28)
+    (kept,), _ = ring_with([f"{pad} rtsp://cam:{password}@10.0.0.9/stream"]).tail(1, 65536)
+    assert "hunter2" not in kept, kept[-80:]  # (redacted, the line fits: no cut)
 
 
 @pytest.mark.parametrize(
