@@ -12,7 +12,9 @@ The exposition is made by ``prometheus_client`` from a registry of this agent's 
 - the library's process and platform collectors (``process_*``, ``python_info``).
 
 The endpoint is the library's WSGI app on a small threaded server bound to exactly
-``metrics.listen``: each connection times out after ``REQUEST_TIMEOUT_S``, at most
+``metrics.listen``: each read times out after ``REQUEST_TIMEOUT_S`` and a connection
+is cut after ``REQUEST_DEADLINE_S`` whatever it sends (a byte every few seconds does not
+keep a place), at most
 ``MAX_CLIENTS`` are served at once (more are closed), and no name is looked up. A port
 that cannot be bound is one log line: the agent serves on without metrics and tries
 again every ``RETRY_S``. Only imported when ``metrics.listen`` is set.
@@ -20,6 +22,7 @@ again every ``RETRY_S``. Only imported when ``metrics.listen`` is set.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -56,6 +59,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 RETRY_S = 30.0  # a port in use: try to bind again this often
 REQUEST_TIMEOUT_S = 10.0  # a client that sends nothing is dropped after this long
 MAX_CLIENTS = 4  # connections served at once; more are closed at once
+REQUEST_DEADLINE_S = 30.0  # a connection's whole life: a scrape takes milliseconds
 
 
 @dataclass(frozen=True)
@@ -255,13 +259,23 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        deadline = threading.Timer(REQUEST_DEADLINE_S, _cut, (request,))
+        deadline.daemon = True
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.cancel()
             self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("metrics: a request from %s failed", client_address, exc_info=True)
+
+
+def _cut(sock: socket.socket) -> None:
+    """End a connection past its deadline (its thread's read returns, the place frees)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class Metrics:

@@ -327,6 +327,26 @@ def test_an_idle_client_does_not_hold_up_a_scrape_and_extra_ones_are_closed() ->
         metrics.stop()
 
 
+def test_a_client_dripping_bytes_is_cut_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_metrics, "REQUEST_DEADLINE_S", 1.0)
+    port = free_port()
+    metrics = Metrics(f"127.0.0.1:{port}", _read)
+    metrics.start()
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(agent_metrics.MAX_CLIENTS)]
+    try:
+        for sock in slow:
+            sock.sendall(b"G")  # a byte, then another well within the read timeout
+        time.sleep(0.5)
+        for sock in slow:
+            sock.sendall(b"E")
+        time.sleep(1.5)  # past the deadline: every place is free again
+        assert "edge_agent_info" in _scrape(port)
+    finally:
+        for sock in slow:
+            sock.close()
+        metrics.stop()
+
+
 # -- a real agent, scraped ---------------------------------------------------------------------
 
 
