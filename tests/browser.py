@@ -82,6 +82,26 @@ class Browser:
         return path
 
 
+def text_of(web: Any, by: str, value: str, default: str | None = None) -> str:
+    """The text of the element found by ``(by, value)`` in the WebDriver ``web``, read
+    again when a live page swapped it between the find and the read (a stale element);
+    ``default`` when there is none (else Selenium's NoSuchElementException)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    for attempt in range(5):
+        try:
+            return str(web.find_element(by, value).text)
+        except NoSuchElementException:
+            if default is not None:
+                return default
+            raise
+        except StaleElementReferenceException:
+            if attempt == 4:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
 def wait_for(
     driver: Browser,
     predicate: Callable[[Any], object],

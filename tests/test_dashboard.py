@@ -26,7 +26,7 @@ from agent.server.schema import audit, deploys, ui_sessions
 from agent.server.store import insert_event, upsert_device
 from agent.server.web import formats, overview, sessions
 from agent.server.web.overview import Bar, paginate, updating, version_bars
-from tests.browser import Browser, browser
+from tests.browser import Browser, browser, text_of
 from tests.serverhttp import app_over
 from tests.test_server_api import NOW, fill_fleet
 
@@ -153,17 +153,17 @@ def log_in(web: Browser, token: str, lands: str = "/ui/") -> None:
 
 def test_a_viewer_sees_the_fleet_and_no_action_buttons(web: Browser, dash: Dash) -> None:
     log_in(web, dash.viewer)
-    table = web.web.find_element("id", "devices").text
+    table = text_of(web.web, "id", "devices")
     assert all(device in table for device in ("dev-a", "dev-b", "dev-c"))
-    assert web.web.find_element("id", "count-online").text == "2"
-    assert web.web.find_element("id", "count-offline").text == "1"
-    assert web.web.find_element("id", "count-updating").text == "1"  # dev-c downloading
-    assert "alice · viewer" in web.web.find_element("id", "who").text
+    assert text_of(web.web, "id", "count-online") == "2"
+    assert text_of(web.web, "id", "count-offline") == "1"
+    assert text_of(web.web, "id", "count-updating") == "1"  # dev-c downloading
+    assert "alice · viewer" in text_of(web.web, "id", "who")
     web.shot("overview-viewer")
     web.web.find_element("link text", "dev-a").click()
     web.wait_path("/ui/devices/dev-a")
-    assert web.web.find_element("id", "device-id").text == "dev-a"
-    assert "model_loaded" in web.web.find_element("id", "events").text
+    assert text_of(web.web, "id", "device-id") == "dev-a"
+    assert "model_loaded" in text_of(web.web, "id", "events")
     assert web.web.find_elements("id", "update") == []  # dev-a has no update under way
     assert web.web.find_elements("id", "actions") == []
     assert web.web.find_elements("id", "deploy") == []

@@ -23,7 +23,7 @@ from agent.server.api.commands import CommandProblem, CommandRequest
 from agent.server.web import commands_page, replies
 from tests.agentproc import AgentProcess, Tap
 from tests.broker import Mosquitto
-from tests.browser import Browser, browser
+from tests.browser import Browser, browser, text_of
 from tests.test_dashboard import Client, log_in
 from tests.test_server_commands import fleet, seed, start_agent, wait_version
 
@@ -205,7 +205,7 @@ def test_an_operator_pings_a_real_agent_and_a_viewer_has_no_buttons(
         lines.send_keys("500")
         chrome.web.find_element("id", "cmd-logs").click()
         shown = chrome.wait_id("log-lines")  # only on the new page: not the ping's
-        assert chrome.web.find_element("id", "done").text.startswith("logs: the last ")
+        assert text_of(chrome.web, "id", "done").startswith("logs: the last ")
         assert shown.tag_name == "pre"
         assert "ready: " in shown.text, shown.text[-2000:]
         assert chrome.web.current_url == f"{site.url}/ui/devices/dev-a/commands/logs"
@@ -213,12 +213,12 @@ def test_an_operator_pings_a_real_agent_and_a_viewer_has_no_buttons(
 
         chrome.web.find_element("id", "cmd-diagnostics").click()
         versions = chrome.wait_id("diag-versions").text  # only on the new page
-        done = chrome.web.find_element("id", "done").text
+        done = text_of(chrome.web, "id", "done")
         assert done == f"diagnostics: agent {__version__}"
         assert "agent" in versions and __version__ in versions
-        assert "colours" in chrome.web.find_element("id", "diag-store").text
-        assert "active" in chrome.web.find_element("id", "diag-releases").text
-        config = json.loads(chrome.web.find_element("id", "diag-config").text)
+        assert "colours" in text_of(chrome.web, "id", "diag-store")
+        assert "active" in text_of(chrome.web, "id", "diag-releases")
+        config = json.loads(text_of(chrome.web, "id", "diag-config"))
         assert config["device"]["id"] == "dev-a"
         assert chrome.web.find_elements("id", "log-lines") == []  # one reply at a time
         chrome.shot("device-commands-diagnostics")
@@ -232,7 +232,7 @@ def test_an_operator_pings_a_real_agent_and_a_viewer_has_no_buttons(
         chrome.web.delete_all_cookies()
         log_in(chrome, site.viewer)
         chrome.open("/ui/devices/dev-a")
-        assert chrome.web.find_element("id", "device-id").text == "dev-a"
+        assert text_of(chrome.web, "id", "device-id") == "dev-a"
         assert chrome.web.find_elements("id", "commands") == []
         assert chrome.web.find_elements("css selector", "form[action*='/commands/']") == []
         chrome.shot("device-commands-viewer")

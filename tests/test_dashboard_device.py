@@ -18,7 +18,7 @@ from agent.server.schema import deploys
 from agent.server.store import insert_event, insert_telemetry, upsert_device
 from agent.server.web import alerts, charts, formats, overview
 from agent.server.web.alerts import Alert, Recent, Thresholds, device_alerts, summarise
-from tests.browser import Browser
+from tests.browser import Browser, text_of
 from tests.test_dashboard import Client, Dash, chrome, dashboard, log_in, sqlite_url
 from tests.test_server_api import NOW, state, status, telemetry
 
@@ -346,7 +346,7 @@ def test_the_device_page_draws_its_charts_in_the_browser(chrome: Browser, seeded
     assert len(lines) == 5  # memory: no samples, a line of text instead
     box = chrome.web.find_element("css selector", "#chart-temp-c svg").rect
     assert box["width"] > 100 and box["height"] == 128  # 8rem: panels.css is applied
-    assert "No samples" in chrome.web.find_element("id", "chart-mem-pct").text
+    assert "No samples" in text_of(chrome.web, "id", "chart-mem-pct")
     chrome.shot("device-charts")
     chrome.web.find_element("link text", "7d").click()
     chrome.wait_path("/ui/devices/cam-hot?span=7d")

@@ -27,7 +27,7 @@ from agent.fleet.publish import publish
 from agent.verify import generate_keypair
 from tests.agentproc import MODEL, AgentProcess, publish_models
 from tests.broker import Mosquitto
-from tests.browser import Browser, browser, wait_for
+from tests.browser import Browser, browser, text_of, wait_for
 from tests.conftest import Models
 from tests.registry_server import RegistryServer
 from tests.test_dashboard import Client, log_in
@@ -76,15 +76,12 @@ def _agent(
 
 
 def _text(web: Any, element_id: str) -> str:
-    text: str = web.find_element("id", element_id).text
-    return text
+    return text_of(web, "id", element_id)  # a live page swaps its parts: read again
 
 
 def _row(web: Any, device: str) -> str:
     """The overview's table row of ``device`` (its text)."""
-    row = web.find_element("xpath", f"//table[@id='devices']//tr[td/a[text()='{device}']]")
-    text: str = row.text
-    return text
+    return text_of(web, "xpath", f"//table[@id='devices']//tr[td/a[text()='{device}']]")
 
 
 def _rows(web: Any, devices: tuple[str, ...], *words: str) -> bool:

@@ -29,7 +29,7 @@ from agent.server.web import live
 from agent.server.web.live import LiveOptions, View
 from agent.server.web.sessions import COOKIE
 from tests.broker import Mosquitto
-from tests.browser import Browser, browser
+from tests.browser import Browser, browser, text_of
 from tests.serverhttp import running
 from tests.test_dashboard import Client, log_in
 from tests.test_server_api import NOW, fill_fleet, state, status
@@ -327,8 +327,7 @@ def chrome() -> Iterator[Browser]:
 
 
 def _text(web: Browser, element_id: str) -> str:
-    found = web.web.find_elements("id", element_id)
-    return str(found[0].text) if found else ""
+    return text_of(web.web, "id", element_id, default="")  # a live page swaps its parts
 
 
 def _until(web: Browser, what: str, ok: Any, within: float = 15.0) -> None:

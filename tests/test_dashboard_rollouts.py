@@ -26,7 +26,7 @@ from agent.server.store import upsert_device
 from agent.server.web import formats, releases_page, rollouts_page
 from agent.server.web.releases_page import Running
 from tests.broker import Mosquitto
-from tests.browser import Browser, browser
+from tests.browser import Browser, browser, text_of
 from tests.conftest import MODEL, Fleet, tflite_bytes
 from tests.serverhttp import app_over, running
 from tests.test_dashboard import Client, log_in
@@ -114,24 +114,22 @@ def test_an_operator_starts_a_rollout_from_the_page_and_sees_it_finish(
             chrome.web.find_element("id", "start-rollout").click()
             chrome.web.switch_to.alert.accept()  # app.js asks before an action
             chrome.wait_id("done")
-            rollout_id = chrome.web.find_element("id", "rollout-id").text
+            rollout_id = text_of(chrome.web, "id", "rollout-id")
             assert chrome.web.current_url == f"{url}/ui/rollouts/{rollout_id}?done=created"
             assert len(chrome.web.find_elements("css selector", "section.step")) == 2
             deadline = time.monotonic() + WAIT_S
-            while chrome.web.find_element("id", "rollout-status").text != "succeeded":
-                assert time.monotonic() < deadline, chrome.web.find_element("id", "summary").text
-                time.sleep(0.5)
-                chrome.web.find_element("id", "reload").click()
-                chrome.wait_path(f"/ui/rollouts/{rollout_id}")
-            assert chrome.web.find_element("id", "count-succeeded").text == "3"
+            while text_of(chrome.web, "id", "rollout-status") != "succeeded":  # live: no reload
+                assert time.monotonic() < deadline, text_of(chrome.web, "id", "summary")
+                time.sleep(0.3)
+            assert text_of(chrome.web, "id", "count-succeeded") == "3"
             for device in ("d1", "d2", "d3"):
-                assert "succeeded" in chrome.web.find_element("id", f"member-{device}").text
+                assert "succeeded" in text_of(chrome.web, "id", f"member-{device}")
             assert chrome.web.find_elements("id", "actions") == []  # nothing left to do
             chrome.shot("rollout-succeeded")
             assert all(d.version == 2 for d in rig.devices.values())
             chrome.web.find_element("link text", "all rollouts").click()
             chrome.wait_path("/ui/rollouts")
-            assert rollout_id in chrome.web.find_element("id", "rollouts").text
+            assert rollout_id in text_of(chrome.web, "id", "rollouts")
         with rig.engine.connect() as conn:
             rows = conn.execute(sa.select(audit.c.who, audit.c.action, audit.c.outcome)).all()
         assert ("olga", "rollout.create", "ok") in [tuple(r) for r in rows]
@@ -158,11 +156,7 @@ def test_a_viewer_sees_rollouts_and_releases_but_no_forms(chrome: Browser, sqlit
         chrome.web.find_element("css selector", "#rollouts a").click()
         chrome.wait_id("rollout-status")
         assert chrome.web.find_elements("id", "actions") == []
-        assert (
-            "dev-a"
-            in chrome.web.find_element("id", "step-0").text
-            + chrome.web.find_element("id", "step-1").text
-        )
+        assert "dev-a" in text_of(chrome.web, "id", "step-0") + text_of(chrome.web, "id", "step-1")
         chrome.shot("rollout-viewer")
         chrome.web.set_window_size(390, 844)
         try:
@@ -175,7 +169,7 @@ def test_a_viewer_sees_rollouts_and_releases_but_no_forms(chrome: Browser, sqlit
         chrome.open("/ui/releases")
         assert "--registry" in chrome.wait_id("registry-problem").text
         chrome.shot("releases-no-registry")
-        assert "colours v3" in chrome.web.find_element("id", "unlisted").text
+        assert "colours v3" in text_of(chrome.web, "id", "unlisted")
         assert len(chrome.web.find_elements("tag name", "form")) == 1
 
 
@@ -324,7 +318,7 @@ def test_the_releases_page_shows_files_sizes_signatures_and_who_runs_each(
         assert ran.startswith("12:") and "cam-00" in ran and "cam-09" in ran
         assert "cam-10" not in ran and "and 2 more" in ran
         assert v2.find_element("class name", "running").text == "none"
-        assert "colours v3" in chrome.web.find_element("id", "unlisted").text  # not a release
+        assert "colours v3" in text_of(chrome.web, "id", "unlisted")  # not a release
         chrome.shot("releases")
 
 
