@@ -34,7 +34,9 @@ def test_the_dashboard_bench_prints_sane_figures_for_every_page() -> None:
     assert set(pages) == PAGES
     for name, p in pages.items():
         assert p["runs"] == 1, name
-        assert p["html_bytes"] > 1000 and p["html_bytes"] == p["http_bytes"], name
+        # the same page fetched twice: "5 s ago" may read "12 s ago" the second time
+        assert p["html_bytes"] > 1000, name
+        assert abs(p["html_bytes"] - p["http_bytes"]) <= 64, (name, p)
         assert p["asset_bytes"] > 1000 and p["total_bytes"] > p["html_bytes"], name
         for figure in ("server_ms", "server_bare_ms", "render_ms", "render_bare_ms", "dom_ms"):
             p50, p95 = p[figure]
