@@ -50,6 +50,9 @@ def running(app: Any, **options: Any) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+        from agent.server.web.live import close_streams
+
+        close_streams(app)  # a browser's open live page would hold the stop until its timeout
         server.should_exit = True
         thread.join(START_S)
 
