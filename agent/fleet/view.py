@@ -45,6 +45,16 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def live_telemetry(online: bool | None, telemetry: Any, now: float) -> dict[str, Any]:
+    """A device's telemetry document when its figures are live: the device online and
+    the document at most :data:`LIVE_S` old (a device replaying its outbox after an
+    outage sends hours-old telemetry, retained, for a while); else ``{}``."""
+    if online is not True or not isinstance(telemetry, dict):
+        return {}
+    ts = _number(telemetry.get("ts"))
+    return telemetry if ts is not None and ts >= now - LIVE_S else {}
+
+
 @dataclass
 class DeviceView:
     """What one device last reported (each part None until it has)."""
@@ -104,9 +114,7 @@ class DeviceView:
         hours-old telemetry, retained, for a while).
         """
         telemetry = self.telemetry or {}
-        ts = _number(telemetry.get("ts"))
-        recent = ts is not None and ts >= (time.time() if now is None else now) - LIVE_S
-        live = self.online is True and recent
+        live = bool(live_telemetry(self.online, telemetry, time.time() if now is None else now))
         inference = self._inference() if live else {}
         outbox = telemetry.get("outbox")
         update = (self.state or {}).get("update")

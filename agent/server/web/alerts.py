@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from agent.fleet.view import LIVE_S
+from agent.fleet.view import live_telemetry
 from agent.server import queries
 from agent.server.schema import devices, events, telemetry_agg
 
@@ -150,13 +150,7 @@ def _hottest(*values: Any) -> float | None:
 
 def fresh_telemetry(row: Mapping[str, Any], now: float) -> Mapping[str, Any]:
     """The device's telemetry when it is live (as the live figures judge it), else {}."""
-    telemetry = row["telemetry"]
-    if not row["online"] or not isinstance(telemetry, dict):
-        return {}
-    ts = telemetry.get("ts")
-    if not isinstance(ts, int | float) or isinstance(ts, bool) or ts < now - LIVE_S:
-        return {}
-    return telemetry
+    return live_telemetry(bool(row["online"]), row["telemetry"], now)
 
 
 def _duration(seconds: float) -> str:
