@@ -697,6 +697,17 @@ class SecureBroker:
             self._issued[cn] = self.ca.issue(cn)
         return self._issued[cn]
 
+    def agent_mqtt(self, cn: str) -> dict[str, str]:
+        """An agent's ``mqtt`` config keys for the TLS listener as ``cn`` (a device id):
+        ``url``, ``ca``, and ``cn``'s certificate and key."""
+        issued = self.client_cert(cn)
+        return {
+            "url": self.broker.tls_url,
+            "ca": str(self.ca.cert_path),
+            "cert": str(issued.cert),
+            "key": str(issued.key),
+        }
+
     def tls(self, cn: str | None) -> ClientTLS:
         """Client TLS trusting the CA, presenting ``cn``'s certificate (none when None)."""
         return tls_for(self.ca.cert_path, None if cn is None else self.client_cert(cn))

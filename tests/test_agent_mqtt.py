@@ -261,18 +261,11 @@ def test_check_updates_and_rollback_commands_switch_the_served_model(
 def test_agent_over_mutual_tls_reports_and_answers_under_its_own_topics(
     tmp_path: Path, secure_broker: SecureBroker, registry: Path, agents: list[AgentProcess]
 ) -> None:
-    issued = secure_broker.client_cert("dev-a")
     admin = secure_broker.client("fleet", ["edge/#"])
     try:
         settings: dict[str, Any] = {
             "registry": {"url": registry.as_uri()},
-            "mqtt": {
-                "url": secure_broker.broker.tls_url,
-                "ca": str(secure_broker.ca.cert_path),
-                "cert": str(issued.cert),
-                "key": str(issued.key),
-                "reconnect_max_s": 1,
-            },
+            "mqtt": {**secure_broker.agent_mqtt("dev-a"), "reconnect_max_s": 1},
         }
         agent = AgentProcess(tmp_path / "dev-a", "dev-a", settings).start()
         agents.append(agent)

@@ -320,16 +320,9 @@ def test_every_diagnostics_command_is_an_event(tmp_path: Path) -> None:
 def agent_on(
     secure_broker: SecureBroker, root: Path, device: str, registry: Path, privacy: dict[str, Any]
 ) -> AgentProcess:
-    issued = secure_broker.client_cert(device)
     settings: dict[str, Any] = {
         "registry": {"url": registry.as_uri()},
-        "mqtt": {
-            "url": secure_broker.broker.tls_url,
-            "ca": str(secure_broker.ca.cert_path),
-            "cert": str(issued.cert),
-            "key": str(issued.key),
-            "reconnect_max_s": 1,
-        },
+        "mqtt": {**secure_broker.agent_mqtt(device), "reconnect_max_s": 1},
         "privacy": privacy,
     }
     return AgentProcess(root / device, device, settings).start()

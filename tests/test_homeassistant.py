@@ -489,13 +489,8 @@ def _agent(
 def test_agent_under_the_shipped_acl_publishes_keeps_and_clears_its_discovery_configs(
     tmp_path: Path, secure_broker: SecureBroker, registry: Path, agents: list[AgentProcess]
 ) -> None:
-    issued = secure_broker.client_cert("dev-a")
-    tls = {
-        "ca": str(secure_broker.ca.cert_path),
-        "cert": str(issued.cert),
-        "key": str(issued.key),
-    }
-    url = secure_broker.broker.tls_url
+    tls = secure_broker.agent_mqtt("dev-a")
+    url = tls.pop("url")
     ha = {"discovery": True, "labels": ["red", "green", "blue"], "off_delay_s": 5}
     agent = _agent(tmp_path, url, registry, ha, tls).start()
     agents.append(agent)
