@@ -225,6 +225,7 @@ class Figures(TypedDict):
 
 
 ThrottleFlag = Literal["under_voltage", "freq_capped", "throttled", "soft_temp_limit"]
+THROTTLE_FLAGS: Final[tuple[ThrottleFlag, ...]] = get_args(ThrottleFlag)
 
 
 @with_config(_STRICT)

@@ -48,7 +48,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from agent.contract import STATE_PHASES, UPDATE_OUTCOMES, Figures, MachineDoc, StatePhase
+from agent.contract import (
+    STATE_PHASES,
+    THROTTLE_FLAGS,
+    UPDATE_OUTCOMES,
+    Figures,
+    MachineDoc,
+    StatePhase,
+)
 from agent.pipeline import Result, Stats
 
 log = logging.getLogger(__name__)
@@ -195,7 +202,7 @@ def _machine(machine: MachineDoc) -> Iterable[Metric]:
             "Firmware flags set now (get_throttled): 1 set, 0 clear.",
             labels=["flag"],
         )
-        for flag in ("under_voltage", "freq_capped", "throttled", "soft_temp_limit"):
+        for flag in THROTTLE_FLAGS:
             flags.add_metric([flag], float(flag in throttled["now"]))
         yield flags
 
