@@ -19,6 +19,10 @@ overwritten frame is counted as dropped. A file played as fast as possible
 ``swap`` puts in a new model that was loaded and warmed up beside the running one;
 the inference thread switches between two frames, so no frame is lost and none
 sees a half-loaded model. Every result names the model version that produced it.
+The loader paces itself with ``between_frames`` (allocating a model's tensors holds
+the GIL, a warm-up run takes the cores: each waits for a gap between frames), and
+the replaced model is closed by the thread that called ``swap``, not the inference
+thread.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ log = logging.getLogger(__name__)
 READ_TIMEOUT_S = 0.25  # longest a source read blocks, so stop() is prompt
 STATS_WINDOW = 2048  # results kept for percentiles and fps
 RECONNECT_FIRST_S = 0.5  # first wait before reopening a source or reloading a model
+PACE_WAIT_S = 0.25  # longest a loader waits for a gap between frames (none at fps 0)
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,9 @@ class _Slot:
             self._cond.notify_all()
             return replaced
 
+    def empty(self) -> bool:
+        return self._item is None
+
     def take(self, timeout: float) -> Any:
         with self._cond:
             if self._item is None:
@@ -197,6 +205,13 @@ class Pipeline:
         self._model = model
         self._pending: LoadedModel | None = None
         self._swapped = threading.Condition()
+        self._retired: list[LoadedModel] = []  # switched out, closed by swap()'s caller
+        # Gaps between frames, for loaders (between_frames): the inference thread counts
+        # the moments it goes idle, only while a loader waits for one.
+        self._idle = threading.Condition()
+        self._idle_serial = 0
+        self._idle_given = 0
+        self._pacing = 0
         self.on_result = on_result
         self.on_event = on_event or (lambda name, detail: None)
         self.fps = fps
@@ -259,6 +274,7 @@ class Pipeline:
             self._swapped.notify_all()
         if pending is not None:
             pending.close()
+        self._close_retired()
         idle = not any(t.is_alive() and t not in self._abandoned for t in self._threads)
         if idle and self.close_model:
             self._model.close()
@@ -283,7 +299,8 @@ class Pipeline:
 
         Returns True once the inference thread serves it, False when it did not take
         it within ``timeout`` (it still will, at the next frame). The replaced model is
-        closed by the pipeline.
+        closed by the pipeline: here, in the caller's thread (freeing an interpreter
+        holds the GIL for a few ms, which the inference thread must not pay).
         """
         with self._swapped:
             if self._pending is not None:
@@ -297,12 +314,47 @@ class Pipeline:
                 old.close()
                 return True
             self._pending = model
-            return (
+            taken = (
                 self._swapped.wait_for(
                     lambda: self._pending is not model or self._stop.is_set(), timeout
                 )
                 and self._model is model
             )
+        self._close_retired()
+        return taken
+
+    def _close_retired(self) -> None:
+        with self._swapped:
+            retired, self._retired = self._retired, []
+        for old in retired:
+            old.close()
+
+    def between_frames(self, timeout: float = PACE_WAIT_S) -> None:
+        """Return at a moment the inference thread has finished a frame and the next is
+        not there yet (each moment is given to one caller), or after ``timeout``.
+
+        A model loaded beside the running one passes this as its loader's pace, so that
+        its GIL-holding and CPU-heavy steps fall in the gaps between frames.
+        """
+        if not self._threads or self._finished.is_set():  # no stream to make room for
+            return
+        with self._idle:
+            self._pacing += 1
+            try:
+                self._idle.wait_for(
+                    lambda: self._idle_serial > self._idle_given or self._stop.is_set(),
+                    timeout,
+                )
+                self._idle_given = self._idle_serial
+            finally:
+                self._pacing -= 1
+
+    def _going_idle(self) -> None:
+        """The inference thread is about to wait for a frame: a gap, if none is there."""
+        with self._idle:
+            if self._slot.empty():
+                self._idle_serial += 1
+                self._idle.notify_all()
 
     def withdraw(self, model: LoadedModel) -> bool:
         """Take back ``model`` handed to swap() and not yet serving (then closed).
@@ -311,10 +363,14 @@ class Pipeline:
         """
         with self._swapped:
             if self._pending is not model:
-                return self._model is not model
-            self._pending = None
-        model.close()
-        return True
+                taken = self._model is model
+            else:
+                self._pending = None
+                taken = False
+        if not taken:
+            model.close()
+        self._close_retired()
+        return not taken
 
     def stats(self) -> Stats:
         import numpy as np
@@ -452,6 +508,8 @@ class Pipeline:
         if recover_reason is not None and not self._recover(recover_reason, generation):
             return
         while not self._stop.is_set() and generation == self._generation:
+            if self._pacing:  # a loader waits for a gap between frames
+                self._going_idle()
             item = self._slot.take(0.1)
             if item is None:  # no frame (a source reconnecting): a swap still happens
                 self._switch_if_pending()
@@ -514,8 +572,8 @@ class Pipeline:
             if new is None:
                 return
             old, self._model = self._model, new
+            self._retired.append(old)  # closed by swap()'s caller (or stop)
             self._swapped.notify_all()
-        old.close()
         self._event(
             "model_swapped",
             model=new.name,

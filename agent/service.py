@@ -279,11 +279,13 @@ class Service:
     # -- Serving, for the updater ---------------------------------------------------
 
     def load(self, release: Release) -> LoadedModel:
+        pipeline = self.pipeline  # beside a running stream: load in its gaps between frames
         return load_model(
             ModelFiles.from_release(release),
             self.config.runtime,
             self.config.results.top_k,
             self.config.results.min_score,
+            pace=pipeline.between_frames if pipeline is not None else None,
         )
 
     def swap(self, model: LoadedModel, timeout: float) -> None:

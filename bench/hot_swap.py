@@ -5,15 +5,24 @@ dropped and counted) runs through the pipeline while a new release of the model 
 loaded and warmed up beside the running one and swapped in, --swaps times. Goals: 0
 frames lost, and no gap between two results longer than 2 frame intervals.
 
-    python bench/hot_swap.py [--fps 30] [--swaps 5]
+Two loaders, alternated swap by swap in the same run: ``paced``, the daemon's way
+(``AgentService.load``: ``load_model(..., pace=pipeline.between_frames)``, allocating
+and each warm-up run in a gap between frames), and ``unpaced``, the loader before it
+(everything at once, beside the stream). ``--busy N`` runs N busy-looping processes
+beside, as another program on the device would (the same for both loaders).
+
+    python bench/hot_swap.py [--fps 30] [--swaps 6] [--threads 2] [--busy 0] [--trace]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,12 +32,53 @@ from agent import zoo  # noqa: E402
 from agent.config import RuntimeConfig  # noqa: E402
 from agent.pipeline import Pipeline, Result  # noqa: E402
 from agent.runtime import ModelFiles, load_model  # noqa: E402
+from agent.runtime import backends as runtime_backends  # noqa: E402
 from agent.sources import MemorySource, pattern_frames  # noqa: E402
 
 MODELS = ("face_detection_short_range.tflite", "pose_landmark_full.tflite")
+LOADERS = ("unpaced", "paced")
+SETTLE_S = 0.7  # after each swap, before the next
 
 
-def measure(name: str, fps: float, swaps: int, runtime: RuntimeConfig) -> None:
+@dataclass
+class Swap:
+    loader: str
+    started: float
+    returned: float = 0.0
+    load_ms: float = 0.0
+
+
+@dataclass
+class Trace:
+    """Per-thread marks (capture, invoke start/end, allocate, results), for --trace."""
+
+    on: bool
+    marks: list[tuple[float, str, str]] = field(default_factory=list)
+
+    def mark(self, what: str) -> None:
+        if self.on:
+            self.marks.append((time.monotonic(), threading.current_thread().name, what))
+
+
+def traced(trace: Trace) -> None:
+    """Wrap the runtime's Interpreter so that allocation and invokes leave marks."""
+    name, interpreter_class, load_delegate = runtime_backends.runtime_api()
+
+    class Interpreter(interpreter_class):  # type: ignore[misc,valid-type]
+        def allocate_tensors(self) -> None:
+            trace.mark("allocate_tensors start")
+            super().allocate_tensors()
+            trace.mark("allocate_tensors end")
+
+        def invoke(self) -> None:
+            trace.mark("invoke start")
+            super().invoke()
+            trace.mark("invoke end")
+
+    runtime_backends.runtime_api = lambda: (name, Interpreter, load_delegate)  # type: ignore[assignment]
+
+
+def measure(name: str, fps: float, swaps: int, runtime: RuntimeConfig, trace: Trace) -> None:
     path = zoo.fetch(name)
 
     def release(version: int) -> ModelFiles:
@@ -38,44 +88,89 @@ def measure(name: str, fps: float, swaps: int, runtime: RuntimeConfig) -> None:
 
     def collect(result: Result) -> None:
         done.append((time.monotonic(), result.frame, result.version))
+        trace.mark(f"result frame {result.frame} v{result.version}")
 
     source = MemorySource(pattern_frames(640, 480), loop=True)  # paced to fps: like a camera
+    read = source.read
+
+    def read_marked(timeout: float) -> object:
+        frame = read(timeout)
+        trace.mark("capture")
+        return frame
+
+    source.read = read_marked  # type: ignore[method-assign,assignment]
     pipeline = Pipeline(source, load_model(release(1), runtime), collect, fps=fps)
     pipeline.start()
-    load_ms = []
+    done_swaps: list[Swap] = []
     try:
         time.sleep(1.0)
         for version in range(2, swaps + 2):
-            started = time.monotonic()
-            new = load_model(release(version), runtime)  # beside the running model
-            load_ms.append((time.monotonic() - started) * 1000)
+            swap = Swap(LOADERS[version % 2], time.monotonic())
+            trace.mark(f"load v{version} ({swap.loader}) start")
+            pace = pipeline.between_frames if swap.loader == "paced" else None
+            new = load_model(release(version), runtime, pace=pace)  # beside the running model
+            swap.load_ms = (time.monotonic() - swap.started) * 1000
+            trace.mark(f"load v{version} end: swap")
             assert pipeline.swap(new)
-            time.sleep(0.7)
+            swap.returned = time.monotonic()
+            trace.mark("swap returned")
+            done_swaps.append(swap)
+            time.sleep(SETTLE_S)
     finally:
         pipeline.stop()
     stats = pipeline.stats()
-    frames = [frame for _, frame, _ in done]
-    # frames read before the last result that got none (the one in flight at stop is not lost)
-    lost = len(set(range(frames[0], frames[-1] + 1)) - set(frames))
     interval = 1.0 / fps
-    gaps = [b[0] - a[0] for a, b in itertools.pairwise(done)]
-    versions = sorted({v for _, _, v in done if v is not None})
     print(
-        f"{name[:-7]:28} {len(frames):5} results, versions {versions[0]}..{versions[-1]}: "
-        f"frames lost {lost} (dropped {stats.dropped}, errors {stats.errors}); longest gap "
-        f"{max(gaps) * 1000:.1f} ms = {max(gaps) / interval:.2f} frame intervals "
-        f"(goal: 0 and <= 2); load + warm-up beside {min(load_ms):.0f}-{max(load_ms):.0f} ms"
+        f"{name[:-7]} ({len(done)} results, {stats.dropped} dropped, {stats.errors} errors; "
+        f"runtime.threads {runtime.threads}, warmup_runs {runtime.warmup_runs}):"
     )
+    for loader in LOADERS:
+        lost, gaps, loads = 0, [], []
+        for swap in done_swaps:
+            if swap.loader != loader:
+                continue
+            # results from the last before the load started to the first well after the swap
+            window = [d for d in done if swap.started - 2 * interval <= d[0] <= swap.returned + 0.3]
+            frames = [frame for _, frame, _ in window]
+            lost += len(set(range(frames[0], frames[-1] + 1)) - set(frames))
+            gaps.append(max(b[0] - a[0] for a, b in itertools.pairwise(window)))
+            loads.append(swap.load_ms)
+        print(
+            f"  {loader:8} {len(loads)} swaps: frames lost {lost}; longest gap "
+            f"{max(gaps) * 1000:.1f} ms = {max(gaps) / interval:.2f} frame intervals "
+            f"(goal: 0 and <= 2); load + warm-up beside {min(loads):.0f}-{max(loads):.0f} ms"
+        )
+    if trace.on:
+        for swap in done_swaps[:4]:
+            print(f"  -- timeline of a {swap.loader} swap (ms from the load's start)")
+            for at, thread, what in trace.marks:
+                if swap.started - 0.04 <= at <= swap.returned + 0.05:
+                    print(f"  {(at - swap.started) * 1000:8.1f}  {thread[:16]:16}  {what}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fps", type=float, default=30)
-    parser.add_argument("--swaps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--swaps", type=int, default=6, help="alternating the two loaders")
+    parser.add_argument(
+        "--threads", type=int, default=RuntimeConfig().threads, help="runtime.threads"
+    )
+    parser.add_argument("--busy", type=int, default=0, help="busy processes beside")
+    parser.add_argument("--trace", action="store_true", help="print swap timelines")
+    parser.add_argument("--models", nargs="*", default=MODELS)
     args = parser.parse_args()
-    for name in MODELS:
-        measure(name, args.fps, args.swaps, RuntimeConfig(threads=args.threads))
+    trace = Trace(args.trace)
+    if args.trace:
+        traced(trace)
+    print(f"switch interval {sys.getswitchinterval() * 1000:g} ms, {args.busy} busy beside")
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        for name in args.models:
+            measure(name, args.fps, args.swaps, RuntimeConfig(threads=args.threads), trace)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
 
 
 if __name__ == "__main__":

@@ -82,6 +82,17 @@ class ModelFiles:
 
 BackendFactory = Callable[["RuntimeConfig"], Backend]
 
+Pace = Callable[[], None]
+"""Called by the loader before each step that competes with a running pipeline
+(allocating the tensors holds the GIL; a warm-up run takes the cores): returns at a
+moment the pipeline is between frames (``Pipeline.between_frames``), or after a
+bounded wait."""
+
+
+def _now() -> None:
+    """The pace of a loader beside no pipeline: go at once."""
+
+
 BACKENDS: dict[str, BackendFactory] = {
     "cpu": lambda runtime: CpuBackend(runtime.threads),
     "edgetpu": lambda runtime: EdgeTpuBackend(
@@ -152,12 +163,14 @@ class LoadedModel:
         tensor, geometry = self.prepare(frame)
         return self.interpret(self.infer(tensor), geometry)
 
-    def warmup(self, runs: int) -> None:
-        """Run on a blank input ``runs`` times, so a broken delegate shows before serving."""
+    def warmup(self, runs: int, pace: Pace = _now) -> None:
+        """Run on a blank input ``runs`` times, so a broken delegate shows before serving;
+        each run after ``pace`` returns."""
         import numpy as np
 
         blank = np.zeros(self.input.shape, dtype=self.input.dtype)
         for _ in range(runs):
+            pace()
             self.backend.infer([blank])
 
     def close(self) -> None:
@@ -171,13 +184,18 @@ def load_model(
     min_score: float = 0.0,
     accelerator: str | None = None,
     backends: Mapping[str, BackendFactory] = BACKENDS,
+    pace: Pace | None = None,
 ) -> LoadedModel:
     """Load ``files`` on the backend ``accelerator`` (default: ``runtime.accelerator``).
 
-    Warms the model up with ``runtime.warmup_runs`` inferences. Raises AcceleratorError
-    when the Edge TPU is required and absent, ModelError for every other refusal.
+    Warms the model up with ``runtime.warmup_runs`` inferences. Beside a running
+    pipeline, pass its ``between_frames`` as ``pace``: the loading and each warm-up run
+    then wait for a gap between frames instead of starving the stream. Raises
+    AcceleratorError when the Edge TPU is required and absent, ModelError for every
+    other refusal.
     """
     wanted = accelerator or runtime.accelerator
+    pace = pace or _now
     labels = read_labels(files.labels) if files.labels is not None else {}
     note = ""
     if wanted == "cpu" and files.cpu is None:
@@ -200,6 +218,7 @@ def load_model(
                 labels,
                 top_k,
                 min_score,
+                pace=pace,
             )
         except AcceleratorError as exc:
             if wanted == "edgetpu":
@@ -215,7 +234,15 @@ def load_model(
             note = f"Edge TPU unavailable, serving the cpu variant: {exc}"
     assert files.cpu is not None  # every branch without a cpu variant has returned or raised
     return _load(
-        files, files.cpu, backends["cpu"](runtime), runtime, labels, top_k, min_score, note
+        files,
+        files.cpu,
+        backends["cpu"](runtime),
+        runtime,
+        labels,
+        top_k,
+        min_score,
+        note,
+        pace,
     )
 
 
@@ -228,12 +255,14 @@ def _load(
     top_k: int,
     min_score: float,
     note: str = "",
+    pace: Pace = _now,
 ) -> LoadedModel:
+    pace()  # allocating the tensors holds the GIL (~25 ms for a 6 MB model here)
     backend.load(path)
     try:
         adapter = Adapter.build(files.task, backend.outputs, labels, top_k, min_score)
         model = LoadedModel(files, backend, adapter, note)
-        model.warmup(runtime.warmup_runs)
+        model.warmup(runtime.warmup_runs, pace)
     except RuntimeError as exc:  # the delegate failed on its first inferences
         backend.close()
         error = AcceleratorError if backend.name == "edgetpu" else ModelError
