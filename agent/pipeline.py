@@ -329,23 +329,25 @@ class Pipeline:
         for old in retired:
             old.close()
 
-    def between_frames(self, timeout: float = PACE_WAIT_S) -> None:
+    def between_frames(self, timeout: float = PACE_WAIT_S) -> bool:
         """Return at a moment the inference thread has finished a frame and the next is
-        not there yet (each moment is given to one caller), or after ``timeout``.
+        not there yet (True; each moment is given to one caller), or after ``timeout``
+        (False; also at once when the pipeline is not running).
 
         A model loaded beside the running one passes this as its loader's pace, so that
         its GIL-holding and CPU-heavy steps fall in the gaps between frames.
         """
-        if not self._threads or self._finished.is_set():  # no stream to make room for
-            return
+        if not self._threads or self._finished.is_set() or self._stop.is_set():
+            return False  # no stream to make room for
         with self._idle:
             self._pacing += 1
             try:
-                self._idle.wait_for(
+                gap = self._idle.wait_for(
                     lambda: self._idle_serial > self._idle_given or self._stop.is_set(),
                     timeout,
                 )
                 self._idle_given = self._idle_serial
+                return gap and not self._stop.is_set()
             finally:
                 self._pacing -= 1
 

@@ -82,7 +82,7 @@ class ModelFiles:
 
 BackendFactory = Callable[["RuntimeConfig"], Backend]
 
-Pace = Callable[[], None]
+Pace = Callable[[], object]
 """Called by the loader before each step that competes with a running pipeline
 (allocating the tensors holds the GIL; a warm-up run takes the cores): returns at a
 moment the pipeline is between frames (``Pipeline.between_frames``), or after a
