@@ -6,7 +6,7 @@ loaded and warmed up beside the running one and swapped in, --swaps times. Goals
 frames lost, and no gap between two results longer than 2 frame intervals.
 
 Two loaders, alternated swap by swap in the same run: ``paced``, the daemon's way
-(``AgentService.load``: ``load_model(..., pace=pipeline.between_frames)``, allocating
+(``Service.load``: ``load_model(..., pace=pipeline.between_frames)``, allocating
 and each warm-up run in a gap between frames), and ``unpaced``, the loader before it
 (everything at once, beside the stream). ``--busy N`` runs N busy-looping processes
 beside, as another program on the device would (the same for both loaders).
