@@ -351,9 +351,13 @@ class Service:
     def _validate(self, release: Release, model: LoadedModel) -> Mapping[str, Any]:
         from agent.validate import validate
 
-        cfg = self.config.update
-        report = validate(
-            release, model, budget_runs=cfg.budget_runs, deadline_s=cfg.validate_timeout_s
+        cfg, pipeline = self.config.update, self.pipeline
+        report = validate(  # beside a running stream: each invoke in a gap between frames
+            release,
+            model,
+            budget_runs=cfg.budget_runs,
+            deadline_s=cfg.validate_timeout_s,
+            pace=pipeline.between_frames if pipeline is not None else None,
         )
         return report.to_dict()
 

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from agent.manifest import SelfTest
     from agent.runtime.backends import Backend, TensorSpec
-    from agent.runtime.model import LoadedModel
+    from agent.runtime.model import LoadedModel, Pace
     from agent.store import Release
 
 MAX_SAMPLES = 1000
@@ -72,7 +72,12 @@ class ValidationReport:
 
 
 def validate(
-    release: Release, model: LoadedModel, *, budget_runs: int = 50, deadline_s: float = 60.0
+    release: Release,
+    model: LoadedModel,
+    *,
+    budget_runs: int = 50,
+    deadline_s: float = 60.0,
+    pace: Pace | None = None,
 ) -> ValidationReport:
     """Run ``release``'s self-test and latency budget on ``model`` (the release, loaded).
 
@@ -82,18 +87,25 @@ def validate(
     ``deadline_s`` passing first. Raises AcceleratorError when the Edge TPU fails an
     inference (the device's fault, not the release's) and StoreError when a file
     cannot be read from the store.
+
+    Beside a running pipeline, ``pace`` is its ``between_frames``: each invoke waits for
+    a gap between frames, so the gate neither starves the stream nor times itself
+    against the serving model.
     """
     if budget_runs < 1:
         raise ValueError("budget_runs must be at least 1")
     manifest = release.manifest
     backend = model.backend
     deadline = time.monotonic() + deadline_s
+    from agent.runtime.model import patient
+
+    step = patient(pace) if pace is not None else None
     feeds: list[list[np.ndarray]] = []
     max_abs_error: float | None = None
     if manifest.selftest is not None:
         feeds, expect = _read_selftest(release, manifest.selftest, backend)
         max_abs_error = _selftest(
-            backend, feeds, expect, manifest.selftest.atol, deadline, deadline_s
+            backend, feeds, expect, manifest.selftest.atol, deadline, deadline_s, step
         )
     p95: float | None = None
     runs = 0
@@ -101,7 +113,7 @@ def validate(
         import numpy as np
 
         blank = [[np.zeros(spec.shape, dtype=spec.dtype) for spec in backend.inputs]]
-        p95 = _p95_ms(backend, feeds or blank, budget_runs, deadline, deadline_s)
+        p95 = _p95_ms(backend, feeds or blank, budget_runs, deadline, deadline_s, step)
         runs = budget_runs
         if p95 > manifest.budget.latency_ms_p95:
             raise ValidationError(
@@ -290,6 +302,7 @@ def _selftest(
     atol: float,
     deadline: float,
     deadline_s: float,
+    pace: Pace | None = None,
 ) -> float:
     """Run every sample and compare; returns the largest deviation. Raises ValidationError."""
     import numpy as np
@@ -302,7 +315,7 @@ def _selftest(
                 f"selftest: the {deadline_s:g} s deadline passed after {sample} of "
                 f"{len(feeds)} samples"
             )
-        outputs = _infer(backend, feed, f"selftest: sample {sample}")
+        outputs = _infer(backend, feed, f"selftest: sample {sample}", pace)
         for k, (spec, actual) in enumerate(zip(backend.outputs, outputs, strict=True)):
             got = _dequantised(actual, spec)
             if not np.all(np.isfinite(got)):
@@ -328,7 +341,11 @@ def _dequantised(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return (values - spec.zero_point) * spec.scale if spec.quantised else values
 
 
-def _infer(backend: Backend, feed: list[np.ndarray], what: str) -> list[np.ndarray]:
+def _infer(
+    backend: Backend, feed: list[np.ndarray], what: str, pace: Pace | None = None
+) -> list[np.ndarray]:
+    if pace is not None:
+        pace()
     try:
         return backend.infer(feed)
     except (RuntimeError, ValueError) as exc:
@@ -358,12 +375,14 @@ def _p95_ms(
     runs: int,
     deadline: float,
     deadline_s: float,
+    pace: Pace | None = None,
 ) -> float:
-    """p95 in ms of ``runs`` timed invokes, cycling through ``feeds``, after a warm-up."""
+    """p95 in ms of ``runs`` timed invokes, cycling through ``feeds``, after a warm-up;
+    each after ``pace`` returns, which is not timed."""
     import numpy as np
 
     for i in range(WARMUP_RUNS):
-        _infer(backend, feeds[i % len(feeds)], "budget: warm-up")
+        _infer(backend, feeds[i % len(feeds)], "budget: warm-up", pace)
     times = []
     for i in range(runs):
         if time.monotonic() > deadline:
@@ -371,6 +390,8 @@ def _p95_ms(
                 f"budget: the {deadline_s:g} s deadline passed after {i} of {runs} runs"
             )
         feed = feeds[i % len(feeds)]
+        if pace is not None:
+            pace()
         start = time.perf_counter()
         _infer(backend, feed, f"budget: run {i}")
         times.append((time.perf_counter() - start) * 1000)

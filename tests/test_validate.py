@@ -10,6 +10,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,15 @@ from agent.fleet.publish import PublishError, publish
 from agent.manifest import dump_json, parse_manifest
 from agent.runtime import ModelFiles, load_model
 from agent.runtime.backends import CpuBackend
-from agent.validate import MAX_ARRAY_BYTES, ValidationReport, npz_bytes, read_samples, validate
+from agent.runtime.model import patient
+from agent.validate import (
+    MAX_ARRAY_BYTES,
+    WARMUP_RUNS,
+    ValidationReport,
+    npz_bytes,
+    read_samples,
+    validate,
+)
 from agent.verify import load_private_key, sha256_bytes, sha256_file, sign
 from tests.conftest import MODEL, Device, Fleet, Models
 
@@ -201,6 +210,47 @@ def test_budget_measures_p95_and_refuses_a_release_over_it(
         r"\(20 runs\)$",
     ):
         _gate(cpu_device, 2, budget_runs=20)
+
+
+def test_beside_a_stream_every_gate_invoke_waits_for_a_gap_and_the_wait_is_not_timed(
+    fleet: Fleet, cpu_device: Device, models: Models
+) -> None:
+    _publish(fleet, models.path("classifier.tflite"), 1, selftest_random=3, budget_p95_ms=10_000)
+    gaps: list[float] = []
+
+    def pace() -> bool:  # a stream whose gaps come 50 ms apart
+        time.sleep(0.05)
+        gaps.append(time.monotonic())
+        return True
+
+    report = _gate(cpu_device, 1, budget_runs=6, pace=pace)
+    assert report.selftest_samples == 3 and report.runs == 6
+    assert len(gaps) == 3 + WARMUP_RUNS + 6  # one gap per invoke: samples, warm-up, timed
+    assert report.latency_ms_p95 is not None and report.latency_ms_p95 < 40  # waits untimed
+
+
+@pytest.mark.parametrize(
+    ("answers", "calls"),
+    [
+        ([True] * 6, 6),  # gaps every time: always paced
+        ([False, False], 2),  # no gaps (a file as fast as possible): gives up after two
+        ([False, True, False, True, False, True], 6),  # misses apart: keeps pacing
+        ([True, False, False], 3),
+    ],
+)
+def test_a_patient_pace_gives_up_after_two_misses_in_a_row(answers: list[bool], calls: int) -> None:
+    asked = iter(answers)
+    count = 0
+
+    def pace() -> bool:
+        nonlocal count
+        count += 1
+        return next(asked)
+
+    step = patient(pace)
+    for _ in range(6):
+        step()
+    assert count == calls
 
 
 # ----- failing releases -----

@@ -93,6 +93,23 @@ def _now() -> None:
     """The pace of a loader beside no pipeline: go at once."""
 
 
+def patient(pace: Pace, misses: int = 2) -> Pace:
+    """``pace``, until it has found no gap ``misses`` times in a row (a stream without
+    gaps between frames, a file played as fast as possible): then go at once, so a long
+    run of steps (a latency budget's 50 invokes) does not wait out every timeout."""
+    missed = 0
+
+    def paced() -> object:
+        nonlocal missed
+        if missed >= misses:
+            return False
+        gap = pace()
+        missed = 0 if gap else missed + 1
+        return gap
+
+    return paced
+
+
 BACKENDS: dict[str, BackendFactory] = {
     "cpu": lambda runtime: CpuBackend(runtime.threads),
     "edgetpu": lambda runtime: EdgeTpuBackend(
@@ -195,7 +212,7 @@ def load_model(
     other refusal.
     """
     wanted = accelerator or runtime.accelerator
-    pace = pace or _now
+    pace = patient(pace) if pace is not None else _now
     labels = read_labels(files.labels) if files.labels is not None else {}
     note = ""
     if wanted == "cpu" and files.cpu is None:
