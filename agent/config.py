@@ -455,6 +455,8 @@ def config_from_dict(
             sections[name] = msgspec.convert(value, kind, strict=False, dec_hook=decode_hook)
         except msgspec.ValidationError as exc:
             problems.append(line(*_located(name, kind, exc)))
+        except UnicodeError:  # msgspec cannot take text with a lone surrogate ("\ud800")
+            problems.append(line((name,), "text that is not valid Unicode"))
     if problems:
         raise ConfigError(problems)
     try:
