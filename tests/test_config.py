@@ -219,3 +219,60 @@ def test_a_key_with_control_characters_is_shown_quoted() -> None:
     (problem,) = problems('device:\n  "a\\x85\\x1b[31m": 1\n')
     assert problem == "config.yaml:2: device.'a\\x85\\x1b[31m': unknown key"
     assert problem.isprintable()
+
+
+def test_environment_booleans_take_the_usual_words_only_for_boolean_keys() -> None:
+    env = {"EDGE_AGENT_HOMEASSISTANT_DISCOVERY": "yes", "EDGE_AGENT_DEVICE_ID": "y"}
+    config = parse_config("", env=env)
+    assert config.homeassistant.discovery is True
+    assert config.device.id == "y"  # a string key keeps the text
+    (problem,) = problems("", env={"EDGE_AGENT_PRIVACY_SNAPSHOTS": "maybe"})
+    assert problem == "EDGE_AGENT_PRIVACY_SNAPSHOTS: privacy.snapshots: Expected `bool`, got `str`"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # a pattern matches the whole value: "$" alone would let a final newline through
+        ('device: {id: "pi-01\\n"}', "config.yaml:1: device.id: Expected `str` matching regex"),
+        ('model: {name: "m\\n"}', "config.yaml:1: model.name: Expected `str` matching regex"),
+        ("device: {id: groups}", "config.yaml:1: device.id: 'groups' is reserved"),
+        ("device: {groups: [ok, a/b]}", "config.yaml:1: device.groups[1]: group name 'a/b'"),
+        ("source: {type: mjpeg, url: 'ftp://x'}", "config.yaml:1: source.url: must start with"),
+        ("source: {type: tv}", "config.yaml:1: source.type: unknown type 'tv'; one of camera"),
+        ("source: {type: udp, width: 3}", "config.yaml:1: source.width: unknown key"),
+        ("metrics: {listen: 'localhost:9'}", "config.yaml:1: metrics.listen: 'localhost:9' is not"),
+        ('device: {id: "\\ud800"}', "config.yaml:1: device.id: Expected `str` matching regex"),
+        ('results: {publish: "\\ud800"}', "config.yaml:1: results: text that is not valid Unicode"),
+        ("store: {dir: [a]}", "config.yaml:1: store.dir: Expected a path, got `list`"),
+        ("store: 3", "config.yaml:1: store: Expected `object`, got `int`"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_key(text: str, expected: str) -> None:
+    (problem,) = problems(text)
+    assert problem.startswith(expected), problem
+
+
+def test_one_problem_per_section_is_reported_at_once() -> None:
+    found = problems("store: {keep: 0}\nmqtt: {keepalive_s: 1}\nbogus: 1\n")
+    assert found == [
+        "config.yaml:3: bogus: unknown key",
+        "config.yaml:1: store.keep: Expected `int` >= 1",
+        "config.yaml:2: mqtt.keepalive_s: Expected `int` >= 5",
+    ]
+
+
+def test_the_device_side_does_not_import_pydantic() -> None:
+    # pydantic's compiled schemas cost a small board ~100 ms and ~20 MB (issue 19):
+    # the config, manifests, control replies and contract are msgspec or plain types.
+    modules = "agent.service, agent.cli, agent.local, agent.manifest, agent.pull, agent.contract"
+    code = f"import sys, {modules}; print(sorted(m for m in sys.modules if 'pydantic' in m))"
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert run.stdout == "[]\n"
