@@ -355,12 +355,16 @@ def cmd_check_config(config: Config, path: Path, as_json: bool) -> int:
 
 def cmd_model_tool(args: argparse.Namespace, path: Path, as_json: bool) -> int:
     """infer and bench: the config is optional (its runtime section, when there is one)."""
+    import msgspec
+
     from agent import oneshot
 
     explicit = getattr(args, "config", None) is not None or "EDGE_AGENT_CONFIG" in os.environ
     runtime = load_config(path).runtime if explicit or path.exists() else RuntimeConfig()
     overrides = {"accelerator": args.accelerator, "threads": args.threads}
-    runtime = runtime.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    runtime = msgspec.structs.replace(
+        runtime, **{k: v for k, v in overrides.items() if v is not None}
+    )
     model = oneshot.open_model(
         args.model,
         args.task,

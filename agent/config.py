@@ -2,39 +2,116 @@
 
 ``load_config`` reads the YAML file, applies ``EDGE_AGENT_<SECTION>_<KEY>``
 environment overrides and validates everything (docs/configuration.md is generated
-from these models by ``agent.configdoc``: every field needs its description).
+from these structs by ``agent.configdoc``: every field needs its description).
 Unknown keys are refused. Every error names the key path and where the value came
 from (``config.yaml:12`` or the environment variable). Validation does no I/O;
 ``agent.preflight`` checks what a valid config refers to (files, folders, libraries).
+
+The sections are msgspec structs (:mod:`agent.config_sections`, the sources in
+:mod:`agent.config_sources`; all re-exported here): importing and validating them
+takes a few milliseconds and little memory on a small board. Each section is validated
+on its own, so one problem per section is reported at once.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
+import re
 import stat
-import urllib.parse
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, ClassVar, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
+import msgspec
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+from msgspec import Meta
 
+from agent.config_sections import (
+    HA_LABEL_PATTERN,
+    MODEL_NAME_PATTERN,
+    SNAPSHOT_MAX_KB,
+    SUN_PATH_MAX,
+    ControlConfig,
+    DeviceConfig,
+    FilePath,
+    HomeAssistantConfig,
+    MetricsConfig,
+    ModelConfig,
+    MqttConfig,
+    PrivacyConfig,
+    RegistryConfig,
+    ResultsConfig,
+    RuntimeConfig,
+    Section,
+    StoreConfig,
+    TelemetryConfig,
+    UpdateConfig,
+    check_url,
+    ha_slug,
+)
+from agent.config_sources import (
+    SOURCE_TYPES,
+    SOURCES,
+    CameraSource,
+    ImagesSource,
+    MjpegSource,
+    Picamera2Source,
+    RtspSource,
+    SerialSource,
+    SourceConfig,
+    SyntheticSource,
+    UdpSource,
+    VideoSource,
+)
 from agent.errors import ConfigError
-from agent.fleet.acl import NAME_PATTERN, check_group_name
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ENV_PREFIX",
+    "HA_LABEL_PATTERN",
+    "MAX_CONFIG_BYTES",
+    "MODEL_NAME_PATTERN",
+    "SECTIONS",
+    "SNAPSHOT_MAX_KB",
+    "SOURCES",
+    "SOURCE_TYPES",
+    "SUN_PATH_MAX",
+    "CameraSource",
+    "Config",
+    "ControlConfig",
+    "DeviceConfig",
+    "FilePath",
+    "HomeAssistantConfig",
+    "ImagesSource",
+    "MetricsConfig",
+    "MjpegSource",
+    "ModelConfig",
+    "MqttConfig",
+    "Picamera2Source",
+    "PrivacyConfig",
+    "RegistryConfig",
+    "ResultsConfig",
+    "RtspSource",
+    "RuntimeConfig",
+    "SerialSource",
+    "SourceConfig",
+    "StoreConfig",
+    "SyntheticSource",
+    "TelemetryConfig",
+    "UdpSource",
+    "UpdateConfig",
+    "VideoSource",
+    "as_dict",
+    "check_url",
+    "config_from_dict",
+    "decode_hook",
+    "fields_of",
+    "ha_slug",
+    "load_config",
+    "parse_config",
+]
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.yaml")
 ENV_PREFIX = "EDGE_AGENT_"
@@ -42,604 +119,50 @@ ENV_PREFIX = "EDGE_AGENT_"
 # reading it whole could take the memory of a small board.
 MAX_CONFIG_BYTES = 1024 * 1024
 
-# Model names become URL path segments and store folder names: keep them plain.
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
-
-def _path_text(value: object) -> object:
-    if isinstance(value, str) and (value == "" or "\x00" in value):
-        raise ValueError("must be a path (not empty, no NUL byte)")
-    return value
-
-
-# Every path in the config: "" would silently mean the current folder.
-FilePath = Annotated[Path, BeforeValidator(_path_text)]
-
-
-def check_url(value: str, schemes: tuple[str, ...]) -> str:
-    """Raise ValueError unless ``value`` is a complete URL of one of ``schemes``."""
-    parts = urllib.parse.urlsplit(value)  # ValueError for a broken IPv6 host
-    if parts.scheme not in schemes:
-        choices = [f"{scheme}://" for scheme in schemes]
-        raise ValueError(f"must start with {', '.join(choices[:-1])} or {choices[-1]}")
-    _ = parts.port  # ValueError for a port that is not a number in 0-65535
-    if parts.scheme == "file":
-        if not parts.path or parts.netloc not in ("", "localhost"):
-            raise ValueError("a file:// URL needs an absolute path: file:///srv/registry")
-    elif not parts.hostname:
-        raise ValueError("has no host name")
-    return value
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _group_name(value: str) -> str:
-    problem = check_group_name(value)
-    if problem is not None:
-        # Without this, the device's subscription to its group's topic is refused (or,
-        # with '+' or '#', is a wildcard) and it never connects, with nothing logged.
-        raise PydanticCustomError(
-            "group_name", "{problem} (it is a topic level)", {"problem": problem}
-        )
-    return value
-
-
-class DeviceConfig(_Section):
-    id: str = Field(
-        default_factory=socket.gethostname,
-        min_length=1,
-        pattern=NAME_PATTERN.pattern,
-        description="Device id used in MQTT topics; defaults to the hostname.",
-    )
-
-    @field_validator("id")
-    @classmethod
-    def _not_groups(cls, value: str) -> str:
-        if value == "groups":  # edge/groups/… is where group desired states live
-            raise ValueError("'groups' is reserved for group topics; pick another device id")
-        return value
-
-    groups: list[Annotated[str, AfterValidator(_group_name)]] = Field(
-        default_factory=list,
-        description="Fleet groups this device is in; names like device ids (letters, digits, "
-        "'.', '_', '-').",
-    )
-
-
-class RegistryConfig(_Section):
-    url: str | None = Field(
-        default=None,
-        description="Registry base URL: http(s)://… or file:///path. Required by run and "
-        "check-config.",
-    )
-    public_key: FilePath | None = Field(
-        default=None,
-        description="Ed25519 public key (PEM). When set, unsigned or badly signed releases "
-        "and index.json are refused.",
-    )
-    public_keys: list[FilePath] = Field(
-        default_factory=list,
-        description="More trusted registry keys (PEM paths), trusted together with "
-        "public_key: a signature by any of them is accepted. Rotate by listing old and new, "
-        "re-signing, then dropping the old one; a key removed here is revoked.",
-    )
-    ca: FilePath | None = Field(
-        default=None, description="CA bundle for an https registry with a private CA."
-    )
-    poll_interval_s: float = Field(default=300, gt=0, description="Seconds between polls.")
-    max_download_mb: float = Field(
-        default=500, gt=0, description="Largest file a release may list, in MB."
-    )
-    max_manifest_kb: float = Field(
-        default=1024, gt=0, description="Largest manifest.json or index.json accepted, in KB."
-    )
-    timeout_s: float = Field(default=30, gt=0, description="Per-read timeout of registry requests.")
-    connect_timeout_s: float = Field(
-        default=5,
-        gt=0,
-        description="Longest wait for a connection to the registry (at most timeout_s). A "
-        "registry that cannot be reached when a fetch begins fails it at once.",
-    )
-    deadline_s: float = Field(
-        default=1800,
-        gt=0,
-        description="Overall deadline for fetching one file, retries included.",
-    )
-    retries: int = Field(
-        default=5, ge=0, description="Retries of a broken transfer (resumed with Range)."
-    )
-    retry_backoff_s: float = Field(
-        default=1.0,
-        gt=0,
-        description="First retry waits up to this long; doubles per retry, capped at 60 s.",
-    )
-
-    @field_validator("url")
-    @classmethod
-    def _scheme(cls, value: str | None) -> str | None:
-        return None if value is None else check_url(value, ("http", "https", "file"))
-
-    @property
-    def trusted_keys(self) -> list[Path]:
-        """public_key and public_keys: every key whose signature is accepted."""
-        return [*([self.public_key] if self.public_key else []), *self.public_keys]
-
-
-class ModelConfig(_Section):
-    name: str | None = Field(
-        default=None,
-        pattern=MODEL_NAME_PATTERN,
-        description="Model name in the registry. Required by run and check-config.",
-    )
-    channel: str = Field(
-        default="stable", min_length=1, description="index.json channel to follow."
-    )
-
-
-class StoreConfig(_Section):
-    dir: FilePath = Field(
-        default=Path("/var/lib/edge-agent/models"), description="Where releases are kept."
-    )
-    keep: int = Field(default=3, ge=1, description="Releases kept on disk for rollback.")
-    reserve_mb: float = Field(
-        default=64, ge=0, description="Free space that must remain after a download, in MB."
-    )
-
-
-class RuntimeConfig(_Section):
-    accelerator: Literal["auto", "edgetpu", "cpu"] = Field(
-        default="auto", description="auto uses the Edge TPU when present, else the CPU variant."
-    )
-    edgetpu_device: str = Field(
-        default="",
-        pattern=r"^(|usb|pci)(:\d+)?$",
-        description='Edge TPU to use: "", usb, usb:N, pci:N.',
-    )
-    edgetpu_library: str = Field(
-        default="libedgetpu.so.1",
-        min_length=1,
-        description="The Edge TPU delegate library (a name the loader finds, or a path).",
-    )
-    threads: int = Field(default=2, ge=1, le=64, description="CPU interpreter threads.")
-    invoke_timeout_ms: float = Field(
-        default=2000,
-        gt=0,
-        description="An inference running longer than this is a stalled accelerator: the "
-        "delegate is re-initialised, else the CPU variant takes over.",
-    )
-    warmup_runs: int = Field(
-        default=2, ge=0, le=100, description="Inferences run on a new model before it serves."
-    )
-
-
-class _Source(_Section):
-    fps: float = Field(
-        default=15,
-        ge=0,
-        description="Frames per second. Files and synthetic frames are paced to it (0: as "
-        "fast as inference takes them); cameras are asked for it; network streams and "
-        "sensors keep their own pace.",
-    )
-    reconnect_max_s: float = Field(
-        default=30, gt=0, description="Longest wait between reconnection attempts."
-    )
-
-
-class CameraSource(_Source):
-    type: Literal["camera"] = Field(
-        default="camera", description="A V4L2 camera (/dev/videoN) through OpenCV."
-    )
-    device: str = Field(
-        default="/dev/video0", min_length=1, description="V4L2 device path or index (0, 1, …)."
-    )
-    width: int | None = Field(default=None, gt=0, description="Requested capture width.")
-    height: int | None = Field(default=None, gt=0, description="Requested capture height.")
-
-
-class VideoSource(_Source):
-    type: Literal["video"] = Field(default="video", description="A video file through OpenCV.")
-    path: FilePath = Field(description="Video file.")
-    loop: bool = Field(default=False, description="Start again at the end of the file.")
-
-
-class _StreamSource(_Source):
-    schemes: ClassVar[tuple[str, ...]] = ()
-    url: str = Field(description="Stream URL.")
-    timeout_s: float = Field(default=10, gt=0, description="Connect and read timeout.")
-
-    @field_validator("url")
-    @classmethod
-    def _scheme(cls, value: str) -> str:
-        return check_url(value, cls.schemes)
-
-
-class MjpegSource(_StreamSource):
-    """An HTTP multipart MJPEG stream."""
-
-    schemes = ("http", "https")
-    type: Literal["mjpeg"] = Field(
-        default="mjpeg", description="An HTTP multipart MJPEG stream (Basic auth from the URL)."
-    )
-
-
-class RtspSource(_StreamSource):
-    """An RTSP stream."""
-
-    schemes = ("rtsp", "rtsps")
-    type: Literal["rtsp"] = Field(
-        default="rtsp", description="An RTSP stream through OpenCV's FFmpeg."
-    )
-    transport: Literal["tcp", "udp"] = Field(default="tcp", description="RTP transport.")
-
-
-class ImagesSource(_Source):
-    type: Literal["images"] = Field(
-        default="images", description="A folder of still images, read in name order."
-    )
-    path: FilePath = Field(description="Folder of images (.jpg, .jpeg, .png, .bmp), by name.")
-    loop: bool = Field(default=False, description="Start again after the last image.")
-
-
-class Picamera2Source(_Source):
-    type: Literal["picamera2"] = Field(
-        default="picamera2", description="The Raspberry Pi camera through picamera2."
-    )
-    width: int = Field(default=640, gt=0, description="Capture width.")
-    height: int = Field(default=480, gt=0, description="Capture height.")
-
-
-class _SensorSource(_Source):
-    window: int = Field(default=32, ge=1, le=1_000_000, description="Samples per inference.")
-    hop: int | None = Field(
-        default=None, ge=1, description="Samples between windows; default: the window size."
-    )
-    channels: int = Field(default=1, ge=1, le=4096, description="Values per sample.")
-    fps: float = Field(default=0, ge=0, description="Unused for sensors: samples pace them.")
-
-
-class SerialSource(_SensorSource):
-    type: Literal["serial"] = Field(
-        default="serial", description="A serial sensor: one sample of numbers per line."
-    )
-    device: str = Field(default="/dev/ttyUSB0", min_length=1, description="Serial device.")
-    baudrate: int = Field(default=115200, gt=0, description="Serial baud rate.")
-
-
-class UdpSource(_SensorSource):
-    type: Literal["udp"] = Field(
-        default="udp",
-        description='A UDP sensor: JSON numbers, lists or {"values": […]} per datagram.',
-    )
-    port: int = Field(ge=1, le=65535, description="UDP port receiving JSON-lines datagrams.")
-    bind: str = Field(default="0.0.0.0", min_length=1, description="Address to listen on.")
-
-
-class SyntheticSource(_Source):
-    type: Literal["synthetic"] = Field(
-        default="synthetic", description="A generated moving test pattern (no hardware)."
-    )
-    width: int = Field(default=320, gt=0, le=8192, description="Frame width.")
-    height: int = Field(default=240, gt=0, le=8192, description="Frame height.")
-    frames: int = Field(default=0, ge=0, description="Frames to produce; 0 means endless.")
-
-
-SourceConfig = Annotated[
-    CameraSource
-    | VideoSource
-    | MjpegSource
-    | RtspSource
-    | ImagesSource
-    | Picamera2Source
-    | SerialSource
-    | UdpSource
-    | SyntheticSource,
-    Field(discriminator="type"),
-]
-SOURCE_TYPES = tuple(
-    cls.model_fields["type"].default
-    for cls in (
-        CameraSource,
-        VideoSource,
-        MjpegSource,
-        RtspSource,
-        ImagesSource,
-        Picamera2Source,
-        SerialSource,
-        UdpSource,
-        SyntheticSource,
-    )
-)
-
-
-class ResultsConfig(_Section):
-    publish: Literal["every", "on_change", "interval", "off"] = Field(
-        default="on_change", description="When inference results are published."
-    )
-    min_score: float = Field(default=0.5, ge=0, le=1, description="Lowest score reported.")
-    top_k: int = Field(default=5, ge=1, le=1000, description="Most classes or detections kept.")
-    interval_s: float = Field(
-        default=1, gt=0, description="Seconds between results when publish is interval."
-    )
-    qos: Literal[0, 1] = Field(
-        default=1,
-        description="1: results go through the outbox and are never lost; 0: sent only "
-        "while connected, not kept.",
-    )
-
-
-class MqttConfig(_Section):
-    url: str | None = Field(
-        default=None,
-        description="mqtt:// or mqtts:// broker URL; absent: telemetry stays in the outbox.",
-    )
-    ca: FilePath | None = Field(default=None, description="CA certificate of the broker.")
-    cert: FilePath | None = Field(default=None, description="Device certificate (mTLS).")
-    key: FilePath | None = Field(default=None, description="Device private key (mTLS).")
-    topic_prefix: str = Field(
-        default="edge", pattern=r"^[^#+/][^#+]*$", description="Topic prefix."
-    )
-    username: str | None = Field(
-        default=None, min_length=1, description="User name, when the broker wants a password."
-    )
-    password_file: FilePath | None = Field(
-        default=None, description="File holding the password (first line)."
-    )
-    password_credential: str | None = Field(
-        default=None,
-        pattern=r"^[A-Za-z0-9._-]+$",
-        description="systemd credential holding the password (LoadCredential= in the unit; "
-        "read from $CREDENTIALS_DIRECTORY).",
-    )
-    protocol: Literal["auto", "5", "3.1.1"] = Field(
-        default="auto", description="MQTT version; auto tries 5, then 3.1.1."
-    )
-    keepalive_s: int = Field(default=60, ge=5, le=65535, description="Keep-alive interval.")
-    session_expiry_s: int = Field(
-        default=86400,
-        ge=0,
-        description="How long the broker keeps this device's session (subscriptions, "
-        "queued commands) while it is offline. MQTT 5 only; 3.1.1 keeps it until cleared.",
-    )
-    reconnect_max_s: float = Field(
-        default=60, gt=0, description="Longest wait between reconnect attempts."
-    )
-    max_inflight: int = Field(
-        default=128, ge=1, le=65535, description="QoS 1 messages sent but not yet acknowledged."
-    )
-    command_max_bytes: int = Field(
-        default=16384, ge=64, description="Largest command payload; larger ones get an error."
-    )
-
-    @field_validator("url")
-    @classmethod
-    def _scheme(cls, value: str | None) -> str | None:
-        return None if value is None else check_url(value, ("mqtt", "mqtts"))
-
-
-class TelemetryConfig(_Section):
-    interval_s: float = Field(default=10, gt=0, description="Seconds between telemetry.")
-    outbox: FilePath = Field(
-        default=Path("/var/lib/edge-agent/outbox.sqlite"), description="SQLite outbox file."
-    )
-    outbox_max_mb: float = Field(default=64, gt=0, description="Outbox size cap, in MB.")
-
-
-class UpdateConfig(_Section):
-    probation_s: float = Field(
-        default=120,
-        ge=0,
-        description="Seconds a new release is watched after activation; 0 turns probation off.",
-    )
-    probation_max_error_rate: float = Field(
-        default=0.2,
-        ge=0,
-        le=1,
-        description="Share of frames failing during probation that rolls the release back.",
-    )
-    probation_min_errors: int = Field(
-        default=5, ge=1, description="Failed frames needed before the error rate counts."
+class Config(Section, frozen=True):
+    device: Annotated[DeviceConfig, Meta(description="This device.")] = msgspec.field(
+        default_factory=DeviceConfig
     )
-    crash_loop_restarts: int = Field(
-        default=3,
-        ge=1,
-        description="Agent restarts during probation that roll the release back.",
+    registry: Annotated[RegistryConfig, Meta(description="Model registry.")] = msgspec.field(
+        default_factory=RegistryConfig
     )
-    validate_timeout_s: float = Field(
-        default=120, gt=0, description="Deadline of loading, self-test and budget together."
-    )
-    activate_timeout_s: float = Field(
-        default=30, gt=0, description="Deadline for the pipeline to take the new model."
-    )
-    budget_runs: int = Field(
-        default=50, ge=5, le=100_000, description="Timed inferences for the latency budget."
-    )
-    poll_jitter: float = Field(
-        default=0.2,
-        ge=0,
-        lt=1,
-        description="Each poll waits poll_interval_s times a random 1 +- this, so a fleet "
-        "does not poll in step.",
-    )
-    retry_max_s: float = Field(
-        default=300, gt=0, description="Longest wait before retrying a failed download."
-    )
-    max_clock_skew_s: float = Field(
-        default=300,
-        gt=0,
-        description="A desired state issued further than this ahead of the device's clock is "
-        "refused (event desired_invalid), so one future-dated instruction cannot make every "
-        "later one look stale. Also the allowance when judging whether a signed index.json "
-        "has expired.",
-    )
-    desired_public_key: FilePath | None = Field(
-        default=None,
-        description="Ed25519 public key (PEM) of the fleet's deploy key; when set, desired "
-        "state that is unsigned, signed by another key or meant for another target is refused.",
-    )
-    desired_public_keys: list[FilePath] = Field(
-        default_factory=list,
-        description="More trusted deploy keys (PEM paths), trusted together with "
-        "desired_public_key; a key removed here is revoked.",
-    )
-
-    @property
-    def desired_keys(self) -> list[Path]:
-        """desired_public_key and desired_public_keys: every deploy key accepted."""
-        return [
-            *([self.desired_public_key] if self.desired_public_key else []),
-            *self.desired_public_keys,
-        ]
-
-
-# A label of the model (labels.txt) that gets a "detected" binary sensor in Home Assistant:
-# plain characters, so it is safe inside the value_template's quotes and as an object id.
-HA_LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$"
-
-
-def ha_slug(label: str) -> str:
-    """A label as a Home Assistant object id part: lower case, runs of anything but
-    letters and digits as one ``_`` (``Traffic light`` -> ``traffic_light``)."""
-    out, gap = [], False
-    for ch in label.lower():
-        if ch.isascii() and ch.isalnum():
-            out.append(ch)
-            gap = False
-        elif not gap:
-            out.append("_")
-            gap = True
-    return "".join(out).strip("_")
-
-
-class HomeAssistantConfig(_Section):
-    discovery: bool = Field(
-        default=False,
-        description="Publish Home Assistant MQTT discovery configs (retained) for this device; "
-        "false clears the ones published before.",
-    )
-    prefix: str = Field(
-        default="homeassistant",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$",
-        description="Home Assistant's discovery prefix (its MQTT integration's setting).",
-    )
-    labels: list[Annotated[str, Field(pattern=HA_LABEL_PATTERN)]] = Field(
-        default_factory=list,
-        max_length=64,
-        description="Model labels that each get a binary sensor '<label> detected' (from "
-        "results; needs results.publish other than off).",
-    )
-    off_delay_s: int = Field(
-        default=10,
-        ge=1,
-        le=86400,
-        description="Seconds after the last result with a label before its binary sensor "
-        "turns off by itself.",
-    )
-
-    @field_validator("labels")
-    @classmethod
-    def _distinct(cls, value: list[str]) -> list[str]:
-        seen: dict[str, str] = {}
-        for label in value:
-            slug = ha_slug(label)
-            if slug in seen:
-                raise ValueError(
-                    f"{seen[slug]!r} and {label!r} give the same entity id ({slug}); keep one"
-                )
-            seen[slug] = label
-        return value
-
-
-SUN_PATH_MAX = 107  # bytes of a Unix socket path (sun_path is 108, NUL-terminated)
-
-
-class ControlConfig(_Section):
-    socket: Path | None = Field(
-        default=None,
-        description="Unix socket where the running agent answers local commands (edge-agent "
-        "status, models pull/rollback); created 0660. Default: control.sock beside store.dir "
-        "(/var/lib/edge-agent/control.sock).",
-    )
-
-
-SNAPSHOT_MAX_KB = 160  # base64 (4/3) of 160 KiB and the reply stay under 256 KiB packets
-
-
-class PrivacyConfig(_Section):
-    snapshots: bool = Field(
-        default=False,
-        description="Allow the snapshot command: one JPEG of the current frame, sent to "
-        "whoever may command this device. Off: the command is refused.",
-    )
-    snapshot_max_kb: int = Field(
-        default=96,
-        ge=8,
-        le=SNAPSHOT_MAX_KB,
-        description="Largest snapshot JPEG, in KiB: lower quality, then a smaller image, "
-        "until it fits, else the command is refused. At most 160, so that the reply "
-        "(base64) stays within the shipped broker's max_packet_size (256 KiB).",
-    )
-
-
-def _listen(value: str) -> str:
-    """``HOST:PORT`` with an IP address (``[::1]:9101`` for IPv6); no name lookup here."""
-    host, sep, port = value.rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]")
-    host = host[1:-1] if bracketed else host
-    try:
-        if ":" in host and not bracketed:  # "::1:9101" could be read two ways
-            raise ValueError
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(
-            f"{value!r} is not HOST:PORT with an IP address; e.g. 127.0.0.1:9101, [::1]:9101"
-        ) from None
-    if not (sep and port.isdigit() and 1 <= int(port) <= 65535):
-        raise ValueError(f"{value!r}: the port must be a number in 1-65535; e.g. 127.0.0.1:9101")
-    return value
-
-
-class MetricsConfig(_Section):
-    listen: Annotated[str, AfterValidator(_listen)] | None = Field(
-        default=None,
-        description="HOST:PORT where Prometheus scrapes /metrics (127.0.0.1:9101; [::1]:9101); "
-        "absent: no metrics endpoint. Needs prometheus_client (pip install "
-        "'edge-agent[metrics]'). A port in use is logged and retried; inference goes on.",
-    )
-
-
-class Config(_Section):
-    device: DeviceConfig = Field(default_factory=DeviceConfig, description="This device.")
-    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registry.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="Model to follow.")
-    store: StoreConfig = Field(default_factory=StoreConfig, description="Local model store.")
-    runtime: RuntimeConfig = Field(
-        default_factory=RuntimeConfig, description="Interpreter settings."
+    model: Annotated[ModelConfig, Meta(description="Model to follow.")] = msgspec.field(
+        default_factory=ModelConfig
     )
-    source: SourceConfig = Field(
-        default_factory=CameraSource, description="Input stream; its keys depend on source.type."
+    store: Annotated[StoreConfig, Meta(description="Local model store.")] = msgspec.field(
+        default_factory=StoreConfig
     )
-    results: ResultsConfig = Field(default_factory=ResultsConfig, description="Result publishing.")
-    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker.")
-    telemetry: TelemetryConfig = Field(
-        default_factory=TelemetryConfig, description="Telemetry and outbox."
+    runtime: Annotated[RuntimeConfig, Meta(description="Interpreter settings.")] = msgspec.field(
+        default_factory=RuntimeConfig
     )
-    update: UpdateConfig = Field(
-        default_factory=UpdateConfig, description="Update gate, probation and polling."
+    source: Annotated[
+        SourceConfig, Meta(description="Input stream; its keys depend on source.type.")
+    ] = msgspec.field(default_factory=CameraSource)
+    results: Annotated[ResultsConfig, Meta(description="Result publishing.")] = msgspec.field(
+        default_factory=ResultsConfig
     )
-    control: ControlConfig = Field(
-        default_factory=ControlConfig, description="Local control socket of the running agent."
+    mqtt: Annotated[MqttConfig, Meta(description="MQTT broker.")] = msgspec.field(
+        default_factory=MqttConfig
     )
-    privacy: PrivacyConfig = Field(
-        default_factory=PrivacyConfig, description="What the agent may send of what it sees."
+    telemetry: Annotated[TelemetryConfig, Meta(description="Telemetry and outbox.")] = (
+        msgspec.field(default_factory=TelemetryConfig)
     )
-    metrics: MetricsConfig = Field(
-        default_factory=MetricsConfig, description="Prometheus endpoint (off by default)."
+    update: Annotated[UpdateConfig, Meta(description="Update gate, probation and polling.")] = (
+        msgspec.field(default_factory=UpdateConfig)
     )
-    homeassistant: HomeAssistantConfig = Field(
-        default_factory=HomeAssistantConfig, description="Home Assistant MQTT discovery."
+    control: Annotated[
+        ControlConfig, Meta(description="Local control socket of the running agent.")
+    ] = msgspec.field(default_factory=ControlConfig)
+    privacy: Annotated[
+        PrivacyConfig, Meta(description="What the agent may send of what it sees.")
+    ] = msgspec.field(default_factory=PrivacyConfig)
+    metrics: Annotated[MetricsConfig, Meta(description="Prometheus endpoint (off by default).")] = (
+        msgspec.field(default_factory=MetricsConfig)
     )
+    homeassistant: Annotated[
+        HomeAssistantConfig, Meta(description="Home Assistant MQTT discovery.")
+    ] = msgspec.field(default_factory=HomeAssistantConfig)
 
     @property
     def control_socket(self) -> Path:
@@ -649,49 +172,102 @@ class Config(_Section):
         """
         return self.control.socket or self.store.dir.parent / "control.sock"
 
-    @model_validator(mode="after")
-    def _requirements(self) -> Config:
+    def __post_init__(self) -> None:
+        """The rules between keys (listed in docs/configuration.md by agent.configdoc)."""
         if self.registry.url is not None and self.model.name is None:
-            raise PydanticCustomError("missing", "model.name is required when registry.url is set")
+            raise ValueError("model.name is required when registry.url is set")
         mqtt = self.mqtt
         if (mqtt.cert is None) != (mqtt.key is None):
-            raise PydanticCustomError("missing", "mqtt.cert and mqtt.key go together")
+            raise ValueError("mqtt.cert and mqtt.key go together")
         if mqtt.url and mqtt.url.startswith("mqtt://") and (mqtt.ca or mqtt.cert):
-            raise PydanticCustomError(
-                "scheme", "mqtt.ca, mqtt.cert and mqtt.key need an mqtts:// mqtt.url"
-            )
+            raise ValueError("mqtt.ca, mqtt.cert and mqtt.key need an mqtts:// mqtt.url")
         if mqtt.password_file and mqtt.password_credential:
-            raise PydanticCustomError(
-                "conflict", "set mqtt.password_file or mqtt.password_credential, not both"
-            )
+            raise ValueError("set mqtt.password_file or mqtt.password_credential, not both")
         if (mqtt.password_file or mqtt.password_credential) and not mqtt.username:
-            raise PydanticCustomError("missing", "a password needs mqtt.username")
+            raise ValueError("a password needs mqtt.username")
         if self.homeassistant.discovery and "." in self.device.id:
-            raise PydanticCustomError(
-                "ha_topic",
-                "homeassistant.discovery: device.id '{id}' has a '.', which Home Assistant "
-                "refuses in a discovery topic; give the device an id of letters, digits, _ "
-                "and - (the broker's ACL matches topics on the id itself)",
-                {"id": self.device.id},
+            raise ValueError(
+                f"homeassistant.discovery: device.id {self.device.id!r} has a '.', which Home "
+                "Assistant refuses in a discovery topic; give the device an id of letters, "
+                "digits, _ and - (the broker's ACL matches topics on the id itself)"
             )
         length = len(os.fsencode(self.control_socket))
         if length > SUN_PATH_MAX:
             where = "" if self.control.socket else " (the default, beside store.dir)"
-            raise PydanticCustomError(
-                "too_long",
-                "control.socket: {path}{where} is {length} bytes, more than a Unix socket "
-                "path may have ({limit}); set control.socket to a shorter path",
-                {
-                    "path": str(self.control_socket),
-                    "where": where,
-                    "length": length,
-                    "limit": SUN_PATH_MAX,
-                },
+            raise ValueError(
+                f"control.socket: {self.control_socket}{where} is {length} bytes, more than a "
+                f"Unix socket path may have ({SUN_PATH_MAX}); set control.socket to a shorter "
+                "path"
             )
-        return self
 
 
-SECTIONS = tuple(Config.model_fields)
+SECTIONS = Config.__struct_fields__
+
+
+def as_dict(config: msgspec.Struct) -> dict[str, Any]:
+    """A config (or one section) as plain JSON-ready data: paths as text."""
+    data: dict[str, Any] = msgspec.to_builtins(config, enc_hook=str)
+    return data
+
+
+def fields_of(kind: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:
+    """The fields of a config struct by key, in declaration order."""
+    return {field.name: field for field in msgspec.structs.fields(kind)}
+
+
+def _section_kinds(section: str) -> list[type[msgspec.Struct]]:
+    if section == "source":
+        return list(SOURCES.values())
+    return [typing.get_args(fields_of(Config)[section].type)[0]]
+
+
+def _bare(annotation: Any) -> Any:
+    """``annotation`` without Annotated and without ``| None``."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if (
+        typing.get_origin(annotation) is not Literal
+        and len(args) == 1
+        and type(None) in (typing.get_args(annotation))
+    ):
+        return _bare(args[0])
+    return annotation
+
+
+def _is_bool(section: str, key: str) -> bool:
+    if section not in SECTIONS:
+        return False
+    for kind in _section_kinds(section):
+        field = fields_of(kind).get(key)
+        if field is not None and _bare(field.type) is bool:
+            return True
+    return False
+
+
+# The words a boolean may be written as in the environment (YAML 1.1's and more).
+_BOOL_WORDS = {
+    **dict.fromkeys(("true", "yes", "on", "y", "t", "1"), True),
+    **dict.fromkeys(("false", "no", "off", "n", "f", "0"), False),
+}
+
+
+def _env_bool(raw: str) -> Any:
+    return _BOOL_WORDS.get(raw.strip().lower(), raw)
+
+
+def decode_hook(kind: type, value: Any) -> Any:
+    """msgspec's ``dec_hook`` for the config: builds paths (refusing ``""``, which would
+    silently mean the current folder, and NUL)."""
+    if kind is Path:
+        if isinstance(value, Path):
+            return value
+        if not isinstance(value, str):
+            raise TypeError(f"Expected a path, got `{type(value).__name__}`")
+        if value == "" or "\x00" in value:
+            raise ValueError("must be a path (not empty, no NUL byte)")
+        return Path(value)
+    raise NotImplementedError(f"no conversion to {kind!r}")
 
 
 def _dotted(path: tuple[str | int, ...]) -> str:
@@ -749,8 +325,8 @@ def _origins_from_yaml(
 
 
 def _env_value(raw: str) -> Any:
-    # Scalars stay strings and pydantic converts them ("300" -> 300, "true" -> True),
-    # so "0123" stays a device id; lists and maps are written in YAML flow style.
+    # Scalars stay strings and validation converts them by the key's type ("300" -> 300,
+    # "true" -> True), so "0123" stays a device id; lists and maps are YAML flow style.
     if raw.lstrip().startswith(("[", "{")):
         return yaml.safe_load(raw)
     return raw
@@ -779,7 +355,7 @@ def _apply_env(
         if not isinstance(target, dict):
             continue  # the YAML error for this section is reported by validation
         try:
-            target[key] = _env_value(raw)
+            target[key] = _env_value(raw) if not _is_bool(section, key) else _env_bool(raw)
         except (yaml.YAMLError, ValueError) as exc:
             raise ConfigError(
                 [f"{var}: {section}.{key}: not valid YAML: {_yaml_problem(exc)}"]
@@ -787,33 +363,106 @@ def _apply_env(
         origins[(section, key)] = _Origin(var)
 
 
-def _describe(
-    error: ValidationError, origins: dict[tuple[str, ...], _Origin], file: str
-) -> list[str]:
-    problems = []
-    for item in error.errors():
-        path = tuple(item["loc"])
-        if len(path) > 1 and path[0] == "source" and path[1] in SOURCE_TYPES:
-            path = path[:1] + path[2:]  # pydantic puts the union's tag in the path
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+_KEY_FIRST = re.compile(r"^(?P<key>[a-z_]+)(?:\[(?P<index>\d+)\])?: (?P<msg>.*)$", re.DOTALL)
+
+
+def _located(
+    section: str, kind: type[msgspec.Struct], error: msgspec.ValidationError
+) -> tuple[tuple[str | int, ...], str]:
+    """The key path and message of msgspec's error within ``section``: ``Expected `int`
+    >= 1 - at `$.keep``` gives ``(store, keep)``; a rule's ``"id: ..."`` (raised in a
+    ``__post_init__``, which msgspec places at the struct) is moved to its key."""
+    match = _AT.match(str(error))
+    assert match is not None  # the pattern matches any text
+    message, steps = match["msg"], match["path"] or ""
+    path: list[str | int] = [section]
+    for key, index in _STEP.findall(steps):
+        path.append(int(index) if index else key)
+    keyed = _KEY_FIRST.match(message) if len(path) == 1 else None
+    if keyed and keyed["key"] in fields_of(kind):
+        path.append(keyed["key"])
+        if keyed["index"] is not None:
+            path.append(int(keyed["index"]))
+        message = keyed["msg"]
+    if message.startswith("Invalid enum value") and len(path) == 2:
+        field = fields_of(kind).get(str(path[1]))
+        choices = typing.get_args(_bare(field.type)) if field is not None else ()
+        if choices:
+            message += f"; one of {', '.join(str(c) for c in choices)}"
+    return tuple(path), message
+
+
+def _source_kind(value: Any) -> type[SourceConfig] | str:
+    """The struct for a ``source`` section, or the problem with its ``type``."""
+    if not isinstance(value, dict):
+        return CameraSource  # validation reports the value that is not a mapping
+    if "type" not in value:
+        return f"missing; one of {', '.join(SOURCE_TYPES)}"
+    tag = value["type"]
+    kind = SOURCES.get(tag) if isinstance(tag, str) else None
+    if kind is None:
+        return f"unknown type {tag!r}; one of {', '.join(SOURCE_TYPES)}"
+    return kind
+
+
+def config_from_dict(
+    data: Mapping[str, Any],
+    file: str = "config",
+    origins: Mapping[tuple[str, ...], _Origin] | None = None,
+) -> Config:
+    """Validate plain data (as YAML gives it) into a :class:`Config`. Raises ConfigError
+    with one line per problem (at most one per section): ``<where>: <key path>: <what>``,
+    ``<where>`` the value's line in ``origins``, else ``file``."""
+    lines = origins or {}
+
+    def line(path: tuple[str | int, ...], message: str) -> str:
         loc = tuple(str(part) for part in path)
-        dotted = _dotted(path)
         where = file
         for depth in range(len(loc), 0, -1):  # nearest enclosing key that has a line
-            if loc[:depth] in origins:
-                where = origins[loc[:depth]].text
+            if loc[:depth] in lines:
+                where = lines[loc[:depth]].text
                 break
-        message = item["msg"]
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif item["type"] == "union_tag_not_found":
-            dotted = f"{dotted}.type"
-            message = f"missing; one of {', '.join(SOURCE_TYPES)}"
-        elif item["type"] == "union_tag_invalid":
-            dotted = f"{dotted}.type"
-            ctx = item.get("ctx", {})
-            message = f"unknown type {ctx.get('tag')!r}; one of {ctx.get('expected_tags')}"
-        problems.append(f"{where}: {dotted}: {message}" if dotted else f"{where}: {message}")
-    return problems
+        return f"{where}: {_dotted(path)}: {message}" if path else f"{where}: {message}"
+
+    problems = [
+        line((key if isinstance(key, str) else repr(key),), "unknown key")
+        for key in data
+        if key not in SECTIONS
+    ]
+    sections: dict[str, Any] = {}
+    for name in SECTIONS:
+        if name not in data:
+            continue
+        value = data[name]
+        kind: Any = _section_kinds(name)[0]
+        if name == "source":
+            kind = _source_kind(value)
+            if isinstance(kind, str):
+                problems.append(line((name, "type"), kind))
+                continue
+        if isinstance(value, dict):
+            known = fields_of(kind)
+            unknown = [k for k in value if k not in known]
+            if unknown:
+                problems += [
+                    line((name, k if isinstance(k, str) else repr(k)), "unknown key")
+                    for k in unknown
+                ]
+                continue
+        try:
+            sections[name] = msgspec.convert(value, kind, strict=False, dec_hook=decode_hook)
+        except msgspec.ValidationError as exc:
+            problems.append(line(*_located(name, kind, exc)))
+        except UnicodeError:  # msgspec cannot take text with a lone surrogate ("\ud800")
+            problems.append(line((name,), "text that is not valid Unicode"))
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return Config(**sections)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError([f"{file}: {exc}"]) from None
 
 
 def parse_config(
@@ -843,10 +492,7 @@ def parse_config(
         if problems:
             raise ConfigError(problems)
     _apply_env(data, os.environ if env is None else env, origins)
-    try:
-        return Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, origins, file)) from exc
+    return config_from_dict(data, file, origins)
 
 
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:

@@ -1,7 +1,7 @@
 """The configuration reference (docs/configuration.md), generated from the config models.
 
 ``render()`` walks :class:`agent.config.Config`: one table per section (key path, type,
-default, description, all taken from the pydantic fields), one per source type, then
+default, description, all taken from the msgspec struct fields), one per source type, then
 how environment overrides work. It is pure (no I/O, no clock, no host name), so the
 same models always give the same text, and ``tests/test_docs.py`` fails when the
 committed file differs. Regenerate with::
@@ -18,13 +18,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import msgspec
 import yaml
-from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
-from pydantic import BaseModel
-from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
+from msgspec import Meta
+from msgspec.structs import FieldInfo
 
-from agent.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, MAX_CONFIG_BYTES, Config
+from agent.config import (
+    DEFAULT_CONFIG_PATH,
+    ENV_PREFIX,
+    MAX_CONFIG_BYTES,
+    SOURCES,
+    Config,
+    fields_of,
+)
 
 REGENERATE = "python -m agent.configdoc > docs/configuration.md"
 
@@ -88,21 +94,40 @@ def _literal(value: object) -> str:
     return str(value)
 
 
-def _bounds(metadata: list[Any]) -> str:
+def _metas(annotation: Any) -> list[Meta]:
+    """The constraints and description of a field: the Meta of its Annotated type, and
+    of the one member of ``X | None`` (not those of a list's items)."""
+    metas: list[Meta] = []
+    if typing.get_origin(annotation) is Annotated:
+        annotation, *extras = typing.get_args(annotation)
+        metas += [m for m in extras if isinstance(m, Meta)]
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if typing.get_origin(arg) is Annotated:
+                metas += [m for m in typing.get_args(arg)[1:] if isinstance(m, Meta)]
+    return metas
+
+
+def description(field: FieldInfo) -> str:
+    """The field's description (its Meta's), or ``""``."""
+    return next((m.description for m in _metas(field.type) if m.description), "")
+
+
+def _bounds(metas: list[Meta]) -> str:
     parts = []
-    for item in metadata:
-        if isinstance(item, Gt):
-            parts.append(f"> {item.gt}")
-        elif isinstance(item, Ge):
-            parts.append(f"≥ {item.ge}")
-        elif isinstance(item, Lt):
-            parts.append(f"< {item.lt}")
-        elif isinstance(item, Le):
-            parts.append(f"≤ {item.le}")
-        elif isinstance(item, MinLen) and item.min_length > 0:
-            parts.append("not empty" if item.min_length == 1 else f"length ≥ {item.min_length}")
-        elif isinstance(item, MaxLen):
-            parts.append(f"length ≤ {item.max_length}")
+    for meta in metas:
+        if meta.gt is not None:
+            parts.append(f"> {meta.gt}")
+        if meta.ge is not None:
+            parts.append(f"≥ {meta.ge}")
+        if meta.lt is not None:
+            parts.append(f"< {meta.lt}")
+        if meta.le is not None:
+            parts.append(f"≤ {meta.le}")
+        if meta.min_length:
+            parts.append("not empty" if meta.min_length == 1 else f"length ≥ {meta.min_length}")
+        if meta.max_length is not None:
+            parts.append(f"length ≤ {meta.max_length}")
     return ", ".join(parts)
 
 
@@ -127,19 +152,19 @@ def _type_name(annotation: Any) -> str:
 
 def field_type(field: FieldInfo) -> str:
     """The type column: the value's type, then its bounds (``integer, ≥ 1``)."""
-    bounds = _bounds(field.metadata)
-    name = _type_name(field.annotation)
+    bounds = _bounds(_metas(field.type))
+    name = _type_name(field.type)
     return f"{name}, {bounds}" if bounds else name
 
 
 def field_default(field: FieldInfo) -> str:
     """The default column: the value, ``unset``, ``required`` or ``computed``."""
-    if field.default_factory is not None:
+    if field.default_factory is not msgspec.NODEFAULT:
         factory: Any = field.default_factory
         if factory in (list, dict):
             return "`[]`" if factory is list else "`{}`"
         return "computed (see description)"
-    if field.default is PydanticUndefined:
+    if field.default is msgspec.NODEFAULT:
         return "**required**"
     if field.default is None:
         return "unset"
@@ -151,18 +176,18 @@ def _wrap(text: str) -> list[str]:
     return textwrap.wrap(text, 88, break_long_words=False, break_on_hyphens=False)
 
 
-def _rows(prefix: str, model: type[BaseModel]) -> Iterator[str]:
-    fields = model.model_fields
+def _rows(prefix: str, model: type[msgspec.Struct]) -> Iterator[str]:
+    fields = fields_of(model)
     names = sorted(fields, key=lambda n: n != "type")  # a source's type first
     for name in names:
         field = fields[name]
         yield (
             f"| `{prefix}.{name}` | {_cell(field_type(field))} | {_cell(field_default(field))} "
-            f"| {_cell(field.description or '')} |"
+            f"| {_cell(description(field))} |"
         )
 
 
-def _table(prefix: str, model: type[BaseModel]) -> list[str]:
+def _table(prefix: str, model: type[msgspec.Struct]) -> list[str]:
     return [
         "| key | type | default | description |",
         "|---|---|---|---|",
@@ -170,31 +195,44 @@ def _table(prefix: str, model: type[BaseModel]) -> list[str]:
     ]
 
 
-def source_types() -> list[type[BaseModel]]:
-    """The source models of the ``source`` section's union, in the config's order."""
-    annotation = Config.model_fields["source"].annotation
-    return [a for a in typing.get_args(annotation) if isinstance(a, type)]
+def source_types() -> list[type[msgspec.Struct]]:
+    """The structs of the ``source`` section's kinds, in the config's order."""
+    return list(SOURCES.values())
 
 
-def all_models() -> list[type[BaseModel]]:
-    """Config, every section model and every source model: what the reference covers."""
-    models: list[type[BaseModel]] = [Config]
-    for field in Config.model_fields.values():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            models.append(annotation)
+def _section_struct(field: FieldInfo) -> type[msgspec.Struct] | None:
+    """The struct of a section field (``None`` for ``source``, a union of kinds)."""
+    annotation = typing.get_args(field.type)[0]  # Annotated[Struct, Meta(...)]
+    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+        return annotation
+    return None
+
+
+def all_models() -> list[type[msgspec.Struct]]:
+    """Config, every section struct and every source struct: what the reference covers."""
+    models: list[type[msgspec.Struct]] = [Config]
+    for field in fields_of(Config).values():
+        struct = _section_struct(field)
+        if struct is not None:
+            models.append(struct)
     return models + source_types()
+
+
+def _tag(kind: type[msgspec.Struct]) -> tuple[str, str]:
+    """A source kind's ``type`` value and its description."""
+    field = fields_of(kind)["type"]
+    return str(field.default), description(field)
 
 
 def _source_section(name: str, field: FieldInfo) -> list[str]:
     default_factory: Any = field.default_factory
-    default_type = default_factory.model_fields["type"].default if default_factory else None
+    default_type = _tag(default_factory)[0]
     kinds = source_types()
     lines = [
         f"## `{name}`",
         "",
         *_wrap(
-            f"{field.description} `{name}.type` picks the kind of source (default "
+            f"{description(field)} `{name}.type` picks the kind of source (default "
             f"`{default_type}`); each kind has its own keys, and a key of another kind is "
             "refused."
         ),
@@ -203,17 +241,16 @@ def _source_section(name: str, field: FieldInfo) -> list[str]:
         "|---|---|",
     ]
     for kind in kinds:
-        tag = kind.model_fields["type"].default
-        what = kind.model_fields["type"].description or ""
+        tag, what = _tag(kind)
         lines.append(f"| [`{tag}`](#source-type-{tag}) | {_cell(what)} |")
     for kind in kinds:
-        tag = kind.model_fields["type"].default
+        tag = _tag(kind)[0]
         lines += ["", f"### source type {tag}", "", *_table(name, kind)]
     return lines
 
 
 def _environment() -> list[str]:
-    sections = ", ".join(f"`{s.upper()}`" for s in Config.model_fields)
+    sections = ", ".join(f"`{s.upper()}`" for s in fields_of(Config))
     bullets = [
         f"The first word after `{ENV_PREFIX}` is the section ({sections}); the rest, "
         "lower-cased, is the key: `EDGE_AGENT_REGISTRY_POLL_INTERVAL_S=60` sets "
@@ -223,7 +260,7 @@ def _environment() -> list[str]:
         "`EDGE_AGENT_DEVICE_GROUPS='[door, canary]'`.",
         "The override is validated with the file: a bad value or an unknown key is "
         "reported with the variable's name in place of the file's line "
-        "(`EDGE_AGENT_STORE_KEEP: store.keep: Input should be greater than or equal to 1`).",
+        "(``EDGE_AGENT_STORE_KEEP: store.keep: Expected `int` >= 1``).",
         f"Variables whose first word is not a section (such as `{ENV_PREFIX}CONFIG`, "
         "the config file's path) are not configuration keys and are left alone here.",
     ]
@@ -257,8 +294,8 @@ def render() -> str:
             f"or `${ENV_PREFIX}CONFIG` names another (a regular file of at most "
             f"{MAX_CONFIG_BYTES // 1024} KiB). It is validated once, at start (and on "
             "SIGHUP): unknown keys are refused, and every error names the key path and the "
-            "line it came from (`config.yaml:12: store.keep: Input should be greater than or "
-            "equal to 1`). An invalid configuration exits 78. Every key has a default except "
+            "line it came from (``config.yaml:12: store.keep: Expected `int` >= 1``). An "
+            "invalid configuration exits 78. Every key has a default except "
             "the few marked required; `edge-agent check-config --config PATH` validates a "
             "file and checks the files it names."
         ),
@@ -274,20 +311,18 @@ def render() -> str:
         "| section | what |",
         "|---|---|",
     ]
-    fields = Config.model_fields
-    lines += [
-        f"| [`{name}`](#{name}) | {_cell(f.description or '')} |" for name, f in fields.items()
-    ]
+    fields = fields_of(Config)
+    lines += [f"| [`{name}`](#{name}) | {_cell(description(f))} |" for name, f in fields.items()]
     for name, field in fields.items():
         lines.append("")
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        struct = _section_struct(field)
+        if struct is not None:
             lines += [
                 f"## `{name}`",
                 "",
-                *_wrap(field.description or ""),
+                *_wrap(description(field)),
                 "",
-                *_table(name, annotation),
+                *_table(name, struct),
             ]
         else:
             lines += _source_section(name, field)

@@ -17,7 +17,9 @@ tests/test_contract.py checks the two against each other.
   :func:`validator` gives a pydantic ``TypeAdapter`` over one: strict (no coercion of
   ``"1"`` to 1), unknown keys refused (events excepted: their detail varies by name).
   Tests validate what a real agent published with them; a server can ingest with
-  them.
+  them. Importing this module does not import pydantic (the device's pipeline and
+  telemetry use only the Literals and TypedDicts): the pydantic settings are plain
+  attributes here, read when :func:`validator` imports pydantic.
 
 The fleet tools' defence against hostile devices stays in
 :mod:`agent.fleet.reports` (escape every string, drop a wrongly typed field, keep the
@@ -27,11 +29,15 @@ rest): it reads the enumerated fields through the Literals here.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
-from typing import Annotated, Any, Final, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar, get_args
 
-from pydantic import ConfigDict, StringConstraints, TypeAdapter, with_config
 from typing_extensions import NotRequired, TypedDict
+
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
 
 SCHEMA: Final = 1  # the envelope's "schema"
 
@@ -99,7 +105,20 @@ _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a group or channel name (a topic level)
 SOURCE_PATTERN: Final = rf"^(device|local|local-offline|(group|channel):{_NAME})$"
 
 
-Source = Annotated[str, StringConstraints(pattern=SOURCE_PATTERN)]
+@dataclass(frozen=True)
+class _Pattern:
+    """A pattern pydantic checks (through ``__get_pydantic_core_schema__``, called only
+    when a validator is built), so that this module needs no pydantic to import."""
+
+    pattern: str
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Callable[[Any], Any]) -> Any:
+        schema = handler(source)  # the str schema
+        schema["pattern"] = self.pattern
+        return schema
+
+
+Source = Annotated[str, _Pattern(SOURCE_PATTERN)]
 """An update's ``source`` (a str to mypy; the validators check the pattern)."""
 
 
@@ -114,10 +133,25 @@ def source_kind(source: str) -> SourceKind | None:
 
 # -- documents (bodies, as the agent builds them) -----------------------------------
 
-_STRICT = ConfigDict(extra="forbid", strict=True)
+_T = TypeVar("_T")
 
 
-@with_config(_STRICT)
+def _pydantic_config(**config: Any) -> Callable[[type[_T]], type[_T]]:
+    """pydantic's ``with_config`` without importing pydantic: it sets the attribute that
+    pydantic reads from a TypedDict (``__pydantic_config__``, a ConfigDict's keys)."""
+
+    def inner(cls: type[_T]) -> type[_T]:
+        setattr(cls, "__pydantic_config__", dict(config))  # noqa: B010 (a TypedDict class)
+        return cls
+
+    return inner
+
+
+_STRICT = _pydantic_config(extra="forbid", strict=True)
+_OPEN = _pydantic_config(extra="allow", strict=True)  # the events' detail varies by name
+
+
+@_STRICT
 class StatusExtra(TypedDict, total=False):
     """What every status of a device carries, the Last Will's too."""
 
@@ -125,7 +159,7 @@ class StatusExtra(TypedDict, total=False):
     agent_version: str
 
 
-@with_config(_STRICT)
+@_STRICT
 class StatusDoc(StatusExtra):
     """``<device>/status`` (retained): online on every connect, offline as the Last Will
     (``reason: lost``) or at a clean stop (``reason: stopped``)."""
@@ -134,7 +168,7 @@ class StatusDoc(StatusExtra):
     reason: NotRequired[OfflineReason]
 
 
-@with_config(_STRICT)
+@_STRICT
 class UpdateDoc(TypedDict):
     """The state's ``update``: the latest update (its ``id`` is its events' ``update_id``)."""
 
@@ -151,7 +185,7 @@ class UpdateDoc(TypedDict):
     retry: bool | None
 
 
-@with_config(_STRICT)
+@_STRICT
 class AppliedDesiredDoc(TypedDict):
     """The state's ``desired``: the last desired state applied."""
 
@@ -161,7 +195,7 @@ class AppliedDesiredDoc(TypedDict):
     source: Source
 
 
-@with_config(_STRICT)
+@_STRICT
 class StateDoc(TypedDict):
     """``<device>/state`` (retained): the active release, what serves, the update."""
 
@@ -179,7 +213,7 @@ class StateDoc(TypedDict):
     bad: list[str]
 
 
-@with_config(_STRICT)
+@_STRICT
 class InferenceDoc(TypedDict):
     """Telemetry's ``inference``: the pipeline's figures (:class:`agent.pipeline.Stats`)."""
 
@@ -198,7 +232,7 @@ class InferenceDoc(TypedDict):
     source_connected: bool
 
 
-@with_config(_STRICT)
+@_STRICT
 class OutboxFigures(TypedDict):
     depth: int
     bytes: int
@@ -206,7 +240,7 @@ class OutboxFigures(TypedDict):
     overflow: int
 
 
-@with_config(_STRICT)
+@_STRICT
 class MqttFigures(TypedDict):
     connected: bool
     protocol: MqttProtocol | None
@@ -216,7 +250,7 @@ class MqttFigures(TypedDict):
     unsent_qos0: int
 
 
-@with_config(_STRICT)
+@_STRICT
 class Figures(TypedDict):
     """The outbox and connection figures (telemetry's, and :meth:`Telemetry.snapshot`)."""
 
@@ -228,7 +262,7 @@ ThrottleFlag = Literal["under_voltage", "freq_capped", "throttled", "soft_temp_l
 THROTTLE_FLAGS: Final[tuple[ThrottleFlag, ...]] = get_args(ThrottleFlag)
 
 
-@with_config(_STRICT)
+@_STRICT
 class ThrottledDoc(TypedDict):
     """The Raspberry Pi firmware's ``get_throttled`` flags: set now, and seen since boot.
 
@@ -239,7 +273,7 @@ class ThrottledDoc(TypedDict):
     since_boot: list[str]
 
 
-@with_config(_STRICT)
+@_STRICT
 class MachineDoc(TypedDict, total=False):
     """The machine and the agent's process (:class:`agent.sysinfo.SystemProbe`);
     absent from telemetry without a probe."""
@@ -262,7 +296,7 @@ class MachineDoc(TypedDict, total=False):
     boot_uptime_s: float
 
 
-@with_config(_STRICT)
+@_STRICT
 class TelemetryDoc(MachineDoc):
     """``<device>/telemetry`` (retained): the machine (absent without a probe), the
     inference, outbox and connection figures."""
@@ -272,7 +306,7 @@ class TelemetryDoc(MachineDoc):
     mqtt: MqttFigures
 
 
-@with_config(ConfigDict(extra="allow", strict=True))
+@_OPEN
 class EventDoc(TypedDict):
     """``<device>/events``: ``event`` and a detail that depends on it (docs/protocol.md's
     events table)."""
@@ -280,7 +314,7 @@ class EventDoc(TypedDict):
     event: EventName
 
 
-@with_config(ConfigDict(extra="allow", strict=True))
+@_OPEN
 class ResultDoc(TypedDict):
     """``<device>/results``: one inference result, plus ``classes``, ``detections`` or
     ``values`` by task."""
@@ -304,7 +338,7 @@ class _Envelope(TypedDict):
     ts: float
 
 
-@with_config(_STRICT)
+@_STRICT
 class StatusMessage(StatusDoc):
     """A status as published; the Last Will, made by the broker, has no ``seq``/``id``."""
 
@@ -314,22 +348,22 @@ class StatusMessage(StatusDoc):
     id: NotRequired[str]
 
 
-@with_config(_STRICT)
+@_STRICT
 class StateMessage(_Envelope, StateDoc):
     pass
 
 
-@with_config(_STRICT)
+@_STRICT
 class TelemetryMessage(_Envelope, TelemetryDoc):
     pass
 
 
-@with_config(ConfigDict(extra="allow", strict=True))
+@_OPEN
 class EventMessage(_Envelope, EventDoc):
     pass
 
 
-@with_config(ConfigDict(extra="allow", strict=True))
+@_OPEN
 class ResultMessage(_Envelope, ResultDoc):
     pass
 
@@ -347,5 +381,8 @@ MESSAGES: Final[dict[str, type[Any]]] = {
 @cache
 def validator(stream: str) -> TypeAdapter[Any]:
     """A strict pydantic validator for the messages of ``stream`` (a key of
-    :data:`MESSAGES`); ``validate_python`` raises ``pydantic.ValidationError``."""
+    :data:`MESSAGES`); ``validate_python`` raises ``pydantic.ValidationError``.
+    Imports pydantic (the server's and the tests' dependency, not the device's)."""
+    from pydantic import TypeAdapter
+
     return TypeAdapter(MESSAGES[stream])

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from agent.config import Config
+from agent.config import config_from_dict
 from agent.errors import ConfigError
 from agent.strictjson import dumps
 
@@ -191,7 +191,7 @@ def run_demo(
         printer.say(f"published {MODEL} v1 (float32, signed, self-test, budget) to {root}/registry")
         settings = _settings(root, broker, public)
         (root / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
-        config = Config.model_validate(settings)
+        config = config_from_dict(settings, "demo settings")
         where = (
             f"; MQTT to {broker} under edge/demo-device/#"
             if broker

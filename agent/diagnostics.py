@@ -143,9 +143,11 @@ class Diagnostics:
 
     def diagnostics(self, args: dict[str, Any]) -> dict[str, Any]:
         """Versions, the config (secrets redacted), the store, the stream and the link."""
+        from agent.config import as_dict
+
         self._requested("diagnostics")
         figures = self.figures()
-        config = redact_config(self.config.model_dump(mode="json"))
+        config = redact_config(as_dict(self.config))
         size = len(dumps(config).encode())
         if size > CONFIG_MAX_BYTES:  # a reply over the broker's packet limit costs the link
             config = {"error": f"{size} bytes, over {CONFIG_MAX_BYTES}: not sent"}

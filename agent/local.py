@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+import msgspec
 
 from agent.commands import CommandError
 from agent.config import Config
@@ -35,8 +35,13 @@ POLL_S = 0.2
 
 # What the command line reads of the agent's replies. They are checked, then used as
 # they came (``--json`` shows them whole): something else listening on the socket, or
-# an agent of another version, is a one-line error, never a KeyError.
-class _Stats(BaseModel):
+# an agent of another version, is a one-line error, never a KeyError. Keys these do not
+# name are allowed (a newer agent may say more).
+class _Reply(msgspec.Struct, frozen=True):
+    pass
+
+
+class _Stats(_Reply, frozen=True):
     model: str
     version: int
     backend: str
@@ -45,7 +50,7 @@ class _Stats(BaseModel):
     source_connected: bool
 
 
-class _Update(BaseModel):
+class _Update(_Reply, frozen=True):
     version: int
     source: str
     phase: str
@@ -53,13 +58,13 @@ class _Update(BaseModel):
     reason: str | None = None
 
 
-class _Broker(BaseModel):
+class _Broker(_Reply, frozen=True):
     url: str | None
     connected: bool
     queued: int
 
 
-class _Status(BaseModel):
+class _Status(_Reply, frozen=True):
     pid: int
     uptime_s: float
     stats: _Stats | None
@@ -68,28 +73,30 @@ class _Status(BaseModel):
     last_error: str | None = None
 
 
-class _Queued(BaseModel):
+class _Queued(_Reply, frozen=True):
     version: int
 
 
-class _RolledBack(BaseModel):
+class _RolledBack(_Reply, frozen=True):
     version: int
-    from_: int | None = Field(alias="from")
+    from_: int | None = msgspec.field(name="from")
 
 
 def _ask(
-    path: Path, command: str, reply: type[BaseModel], args: dict[str, Any] | None = None
+    path: Path, command: str, reply: type[_Reply], args: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """``ask``, with the reply checked against ``reply``. Raises ControlError when it
     does not fit (besides what ``ask`` raises)."""
     result = ask(path, command, args)
     try:
-        reply.model_validate(result)
-    except ValidationError as exc:
-        item = exc.errors()[0]
-        where = ".".join(str(part) for part in item["loc"])
+        msgspec.convert(result, reply, strict=False)
+    except msgspec.ValidationError as exc:
+        # msgspec says "<what> - at `$.stats.fps`" (no "at" for the reply itself)
+        what, _, where = str(exc).partition(" - at `$")
+        where = where.rstrip("`").lstrip(".")
         raise ControlError(
-            f"the agent at {path} answered something unreadable: {command}: {where}: {item['msg']}"
+            f"the agent at {path} answered something unreadable: {command}: "
+            + (f"{where}: {what}" if where else what)
         ) from None
     return result
 

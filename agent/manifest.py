@@ -9,20 +9,13 @@ duplicate names and inconsistent references are refused with an error naming the
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+import msgspec
+from msgspec import Meta
 
-from agent.config import MODEL_NAME_PATTERN
+from agent.config_sections import MODEL_NAME_PATTERN, whole
 from agent.errors import DocumentError, VerificationError
 from agent.strictjson import parse_object
 
@@ -57,87 +50,81 @@ def check_file_name(name: str) -> str:
     return name
 
 
-class _Doc(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+class _Doc(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A registry document's part: unknown fields refused, immutable. A rule on one
+    field raises ``ValueError("<field>: <problem>")`` in ``__post_init__``."""
 
 
-class FileEntry(_Doc):
-    name: str = Field(description="Plain file name in the release folder.")
-    role: Role = Field(description="What the file is for.")
-    variant: Variant | None = Field(default=None, description="Model variant (role model).")
-    size: int = Field(ge=0, description="Exact length in bytes.")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Lower-case hex SHA-256.")
+class FileEntry(_Doc, frozen=True, kw_only=True):
+    name: Annotated[str, Meta(description="Plain file name in the release folder.")]
+    role: Annotated[Role, Meta(description="What the file is for.")]
+    variant: Annotated[Variant | None, Meta(description="Model variant (role model).")] = None
+    size: Annotated[int, Meta(ge=0, description="Exact length in bytes.")]
+    sha256: Annotated[
+        str, Meta(pattern=whole(r"^[0-9a-f]{64}$"), description="Lower-case hex SHA-256.")
+    ]
 
-    @field_validator("name")
-    @classmethod
-    def _plain(cls, value: str) -> str:
+    def __post_init__(self) -> None:
         try:
-            return check_file_name(value)
+            check_file_name(self.name)
         except ValueError as exc:
-            raise PydanticCustomError("file_name", str(exc)) from None
-
-    @model_validator(mode="after")
-    def _variant(self) -> FileEntry:
+            raise ValueError(f"name: {exc}") from None
         if self.role == "model" and self.variant is None:
-            raise PydanticCustomError("variant", "a model file needs a variant (edgetpu or cpu)")
+            raise ValueError("a model file needs a variant (edgetpu or cpu)")
         if self.role != "model" and self.variant is not None:
-            raise PydanticCustomError("variant", "only model files have a variant")
-        return self
+            raise ValueError("only model files have a variant")
 
 
-class SelfTest(_Doc):
-    inputs: str = Field(description="File (listed in files) with the self-test inputs.")
-    expect: str = Field(description="File (listed in files) with the expected outputs.")
-    atol: float = Field(default=0.02, ge=0, description="Absolute tolerance.")
+class SelfTest(_Doc, frozen=True, kw_only=True):
+    inputs: Annotated[str, Meta(description="File (listed in files) with the self-test inputs.")]
+    expect: Annotated[str, Meta(description="File (listed in files) with the expected outputs.")]
+    atol: Annotated[float, Meta(ge=0, description="Absolute tolerance.")] = 0.02
 
 
-class Budget(_Doc):
-    latency_ms_p95: float = Field(gt=0, description="Largest p95 latency accepted on device.")
+class Budget(_Doc, frozen=True, kw_only=True):
+    latency_ms_p95: Annotated[
+        float, Meta(gt=0, description="Largest p95 latency accepted on device.")
+    ]
 
 
-class InputSpec(_Doc):
-    mean: float = Field(default=0.0, description="Subtracted from each pixel.")
-    std: float = Field(default=255.0, gt=0, description="Then divided into it.")
+class InputSpec(_Doc, frozen=True, kw_only=True):
+    mean: Annotated[float, Meta(description="Subtracted from each pixel.")] = 0.0
+    std: Annotated[float, Meta(gt=0, description="Then divided into it.")] = 255.0
 
 
-class Manifest(_Doc):
-    schema_: Literal[1] = Field(alias="schema", description="Manifest schema version.")
-    model: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name.")
-    version: int = Field(ge=1, description="Release version, newest highest.")
-    created: str = Field(description="ISO 8601 time of publishing.")
-    task: Task = Field(description="What the model's outputs mean.")
-    files: list[FileEntry] = Field(min_length=1, description="Every file of the release.")
-    selftest: SelfTest | None = Field(default=None, description="On-device self-test.")
-    budget: Budget | None = Field(default=None, description="On-device latency budget.")
-    input: InputSpec | None = Field(
-        default=None,
-        description="Pixel normalisation, (pixel - mean) / std; default [0, 1] for float "
-        "inputs and raw pixels for quantised ones.",
+class Manifest(_Doc, frozen=True, kw_only=True):
+    schema_: Annotated[Literal[1], Meta(description="Manifest schema version.")] = msgspec.field(
+        name="schema"
     )
+    model: Annotated[str, Meta(pattern=whole(MODEL_NAME_PATTERN), description="Model name.")]
+    version: Annotated[int, Meta(ge=1, description="Release version, newest highest.")]
+    created: Annotated[str, Meta(description="ISO 8601 time of publishing.")]
+    task: Annotated[Task, Meta(description="What the model's outputs mean.")]
+    files: Annotated[list[FileEntry], Meta(min_length=1, description="Every file of the release.")]
+    selftest: Annotated[SelfTest | None, Meta(description="On-device self-test.")] = None
+    budget: Annotated[Budget | None, Meta(description="On-device latency budget.")] = None
+    input: Annotated[
+        InputSpec | None,
+        Meta(
+            description="Pixel normalisation, (pixel - mean) / std; default [0, 1] for float "
+            "inputs and raw pixels for quantised ones."
+        ),
+    ] = None
 
-    @field_validator("files")
-    @classmethod
-    def _files(cls, files: list[FileEntry]) -> list[FileEntry]:
-        names = [f.name for f in files]
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.files]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise PydanticCustomError("files", f"duplicate file names: {', '.join(duplicates)}")
-        variants = [f.variant for f in files if f.role == "model"]
+            raise ValueError(f"files: duplicate file names: {', '.join(duplicates)}")
+        variants = [f.variant for f in self.files if f.role == "model"]
         if not variants:
-            raise PydanticCustomError("files", "no file has role 'model'")
+            raise ValueError("files: no file has role 'model'")
         if len(set(variants)) != len(variants):
-            raise PydanticCustomError("files", "two model files have the same variant")
-        return files
-
-    @field_validator("selftest")
-    @classmethod
-    def _selftest_files(cls, selftest: SelfTest | None, info: ValidationInfo) -> SelfTest | None:
-        names = {f.name for f in info.data.get("files", [])}
-        if selftest is not None and names:
-            for ref in (selftest.inputs, selftest.expect):
+            raise ValueError("files: two model files have the same variant")
+        if self.selftest is not None:
+            for ref in (self.selftest.inputs, self.selftest.expect):
                 if ref not in names:
-                    raise PydanticCustomError("selftest", f"selftest file {ref!r} is not in files")
-        return selftest
+                    raise ValueError(f"selftest: selftest file {ref!r} is not in files")
 
     def model_file(self, variant: str) -> FileEntry | None:
         """The model file of ``variant`` (``edgetpu`` or ``cpu``), if the release has one."""
@@ -155,39 +142,53 @@ class Manifest(_Doc):
         return sum(f.size for f in self.files)
 
 
-class Index(_Doc):
-    schema_: Literal[1] = Field(alias="schema", description="Index schema version.")
-    model: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name.")
-    versions: list[int] = Field(description="Published versions, complete releases only.")
-    channels: dict[str, int] = Field(default_factory=dict, description="Channel -> version.")
+class Index(_Doc, frozen=True, kw_only=True):
+    schema_: Annotated[Literal[1], Meta(description="Index schema version.")] = msgspec.field(
+        name="schema"
+    )
+    model: Annotated[str, Meta(pattern=whole(MODEL_NAME_PATTERN), description="Model name.")]
+    versions: Annotated[list[int], Meta(description="Published versions, complete releases only.")]
+    channels: Annotated[dict[str, int], Meta(description="Channel -> version.")] = msgspec.field(
+        default_factory=dict
+    )
     # Written by edge-fleet publish and index --renew; required by a device that checks
     # the index's signature (agent/signed_index.py), optional for an unsigned registry.
-    version: int | None = Field(
-        default=None, ge=1, strict=True, description="Raised by one on every change."
-    )
-    expires: str | None = Field(
-        default=None,
-        pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$",
-        description="RFC 3339 UTC time after which devices refuse this index.",
-    )
+    version: Annotated[
+        Annotated[int, Meta(ge=1)] | None, Meta(description="Raised by one on every change.")
+    ] = None
+    expires: Annotated[
+        Annotated[str, Meta(pattern=whole(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"))] | None,
+        Meta(description="RFC 3339 UTC time after which devices refuse this index."),
+    ] = None
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Index:
+    def __post_init__(self) -> None:
         if any(v < 1 for v in self.versions):
-            raise PydanticCustomError("versions", "versions must be positive integers")
+            raise ValueError("versions must be positive integers")
         for channel, version in self.channels.items():
             if version not in self.versions:
-                raise PydanticCustomError(
-                    "channels", f"channel {channel!r} names version {version}, not in versions"
-                )
-        return self
+                raise ValueError(f"channel {channel!r} names version {version}, not in versions")
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+# msgspec's "<problem> - at `$.files[0].sha256`"; "Object contains unknown field `x`"
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.DOTALL)
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<key>.*)`$", re.DOTALL)
+_FIELD_FIRST = re.compile(r"^(?P<key>[a-z_]+): (?P<msg>.*)$", re.DOTALL)
+
+
+def _problem(error: msgspec.ValidationError) -> tuple[str, str]:
+    """The field path (``files[1].name``) and the problem of msgspec's error."""
+    match = _AT.match(str(error))
+    assert match is not None  # the pattern matches any text
+    message, path = match["msg"], match["path"] or ""
+    unknown = _UNKNOWN.match(message)
+    keyed = _FIELD_FIRST.match(message)
+    if unknown:
+        key, message = unknown["key"], "unknown field"
+    elif keyed and path:  # a rule of one field, raised where msgspec places the part
+        key, message = keyed["key"], keyed["msg"]
+    else:
+        return path, message
+    return (f"{path}.{key}" if path else key), message
 
 
 def _parse(raw: bytes, what: str, cls: type[_Doc], max_bytes: int) -> Any:
@@ -196,13 +197,14 @@ def _parse(raw: bytes, what: str, cls: type[_Doc], max_bytes: int) -> Any:
     except DocumentError as exc:
         raise VerificationError(str(exc)) from None
     try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-        where = f"{what}: {_loc(first['loc'])}" if first["loc"] else what
-        raise VerificationError(f"{where}: {message}{more}") from exc
+        return msgspec.convert(data, cls)
+    except msgspec.ValidationError as exc:
+        where, message = _problem(exc)
+        raise VerificationError(
+            f"{what}: {where}: {message}" if where else f"{what}: {message}"
+        ) from exc
+    except UnicodeError:  # msgspec cannot take text with a lone surrogate ("\ud800")
+        raise VerificationError(f"{what}: text that is not valid Unicode") from None
 
 
 def parse_manifest(raw: bytes, what: str = "manifest.json", max_bytes: int = MAX_BYTES) -> Manifest:

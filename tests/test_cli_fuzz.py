@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import cli
-from agent.config import SECTIONS, Config
+from agent.config import SECTIONS, Config, fields_of
 from agent.fleet import cli as fleet_cli
 
 DOCUMENTED = {0, 1, 2, 78, 130, 141}
@@ -301,7 +301,7 @@ def test_generated_fleet_arguments_never_crash(workdir: Path, argv: list[str]) -
 
 
 def _keys(model: type[Config]) -> list[str]:
-    return list(model.model_fields)
+    return list(fields_of(model))
 
 
 SCALARS = st.one_of(

@@ -19,7 +19,7 @@ import pytest
 
 from agent import __version__
 from agent.commands import CommandError
-from agent.config import SNAPSHOT_MAX_KB, parse_config
+from agent.config import SNAPSHOT_MAX_KB, as_dict, parse_config
 from agent.contract import Figures
 from agent.diagnostics import LOGS_MAX, Diagnostics, lines_argument, package_version
 from agent.logring import LogRing
@@ -101,7 +101,7 @@ def test_the_loaded_config_loses_its_secrets_and_keeps_its_shape() -> None:
         "source: {type: mjpeg, url: 'http://cam:hunter2@10.0.0.5/video.mjpg'}\n",
         env={},
     )
-    doc = redact_config(config.model_dump(mode="json"))
+    doc = redact_config(as_dict(config))
     assert doc["mqtt"]["url"] == f"mqtts://dev:{R}@127.0.0.1:8883"
     assert doc["source"]["url"] == f"http://cam:{R}@10.0.0.5/video.mjpg"
     assert doc["mqtt"]["password_file"] == "/etc/edge-agent/mqtt.pw"

@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from agent import configdoc
-from agent.config import parse_config
+from agent.config import fields_of, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "configuration.md"
@@ -45,25 +46,23 @@ def test_the_regenerate_command_prints_the_reference() -> None:
 
 
 @pytest.mark.parametrize("model", configdoc.all_models(), ids=lambda m: m.__name__)
-def test_every_config_field_has_a_description(model: type) -> None:
+def test_every_config_field_has_a_description(model: type[msgspec.Struct]) -> None:
     missing = [
-        name
-        for name, field in model.model_fields.items()  # type: ignore[attr-defined]
-        if not (field.description or "").strip()
+        name for name, field in fields_of(model).items() if not configdoc.description(field).strip()
     ]
-    assert not missing, f"{model.__name__}: add description= to {', '.join(missing)}"
+    assert not missing, f"{model.__name__}: add Meta(description=...) to {', '.join(missing)}"
 
 
 def test_the_reference_covers_every_key_and_source_type() -> None:
     text = REFERENCE.read_text(encoding="utf-8")
-    for section, field in configdoc.Config.model_fields.items():
+    for section, field in fields_of(configdoc.Config).items():
         assert f"## `{section}`" in text
-        model = field.annotation
-        if isinstance(model, type) and hasattr(model, "model_fields"):
-            for key in model.model_fields:
+        kinds = configdoc.source_types() if section == "source" else [field.type.__origin__]
+        for kind in kinds:
+            for key in fields_of(kind):
                 assert f"| `{section}.{key}` |" in text
     for kind in configdoc.source_types():
-        tag = kind.model_fields["type"].default
+        tag = fields_of(kind)["type"].default
         assert f"### source type {tag}" in text
 
 

@@ -401,12 +401,12 @@ def test_stale_topics_are_those_published_before_and_no_longer_wanted(
 @pytest.mark.parametrize(
     ("section", "error"),
     [
-        ("{discovery: yes please}", "homeassistant.discovery: Input should be a valid boolean"),
-        ("{prefix: 'ha/#'}", "homeassistant.prefix: String should match pattern"),
-        ("{labels: ['a\"b']}", "homeassistant.labels[0]: String should match pattern"),
+        ("{discovery: yes please}", "homeassistant.discovery: Expected `bool`, got `str`"),
+        ("{prefix: 'ha/#'}", "homeassistant.prefix: Expected `str` matching regex"),
+        ("{labels: ['a\"b']}", "homeassistant.labels[0]: Expected `str` matching regex"),
         ("{labels: [person, Person]}", "'person' and 'Person' give the same entity id"),
-        ("{off_delay_s: 0}", "homeassistant.off_delay_s: Input should be greater than or equal"),
-        ("{labels: person}", "homeassistant.labels: Input should be a valid list"),
+        ("{off_delay_s: 0}", "homeassistant.off_delay_s: Expected `int` >= 1"),
+        ("{labels: person}", "homeassistant.labels: Expected `array`, got `str`"),
         ("{discover: true}", "homeassistant.discover: unknown key"),
     ],
 )

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.config import Config
+from agent.config import Config, config_from_dict
 from agent.preflight import check
 from tests.broker import Mosquitto
 
@@ -30,7 +30,7 @@ def _config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
         "source": {"type": "synthetic"},
     }
     data.update(sections)
-    return Config.model_validate(data)
+    return config_from_dict(data)
 
 
 def _free_port() -> int:
@@ -45,7 +45,7 @@ def test_a_workable_config_has_no_findings(tmp_path: Path) -> None:
 
 
 def test_an_empty_config_is_not_valid() -> None:
-    errors = check(Config.model_validate({})).errors
+    errors = check(config_from_dict({})).errors
     assert any(e.startswith("registry.url: not set") for e in errors)
     assert any(e.startswith("model.name: not set") for e in errors)
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from agent.commands import CommandError
-from agent.config import Config
+from agent.config import Config, config_from_dict
 from agent.store import Pointer, Release, Store
 from agent.update import Updates
 from agent.update.journal import JOURNAL, parse
@@ -104,7 +104,7 @@ class FakeSteps:
 
 
 def _config(tmp_path: Path) -> Config:
-    return Config.model_validate(
+    return config_from_dict(
         {
             "device": {"id": "dev-w"},
             "model": {"name": "colours"},

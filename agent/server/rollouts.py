@@ -53,13 +53,13 @@ def agent_deadlines_s() -> float:
     """The longest one update takes on an agent with default settings, from the
     agent's own defaults: the download's overall deadline, one retry's wait, the
     validation and activation deadlines and the probation."""
-    registry, update = RegistryConfig.model_fields, UpdateConfig.model_fields
+    registry, update = RegistryConfig(), UpdateConfig()
     parts = (
-        registry["deadline_s"].default,
-        update["retry_max_s"].default,
-        update["validate_timeout_s"].default,
-        update["activate_timeout_s"].default,
-        update["probation_s"].default,
+        registry.deadline_s,
+        update.retry_max_s,
+        update.validate_timeout_s,
+        update.activate_timeout_s,
+        update.probation_s,
     )
     return float(sum(parts))
 

@@ -1,0 +1,505 @@
+"""The config's sections (all but ``source``): typed, frozen msgspec structs.
+
+Each field is ``Annotated[type, Meta(constraints, description=...)]``: the constraints
+are checked by :func:`agent.config.parse_config` (``msgspec.convert``), the description
+goes into docs/configuration.md (``agent.configdoc``). Rules a constraint cannot say are
+in ``__post_init__`` and raise ``ValueError("<key>: <problem>")``, which the loader turns
+into ``<file>:<line>: <section>.<key>: <problem>``. Validation does no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import urllib.parse
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from agent.fleet.acl import NAME_PATTERN, check_group_name
+
+# Model names become URL path segments and store folder names: keep them plain.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# A label of the model (labels.txt) that gets a "detected" binary sensor in Home Assistant:
+# plain characters, so it is safe inside the value_template's quotes and as an object id.
+HA_LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$"
+SUN_PATH_MAX = 107  # bytes of a Unix socket path (sun_path is 108, NUL-terminated)
+SNAPSHOT_MAX_KB = 160  # base64 (4/3) of 160 KiB and the reply stay under 256 KiB packets
+
+
+def whole(pattern: str) -> str:
+    """``pattern`` matching the whole text: msgspec uses Python's ``re.search``, where a
+    final ``$`` also matches before a trailing newline ("pi-01\\n" as a device id)."""
+    return pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern
+
+
+# Every path in the config; "" (the current folder) and NUL are refused where paths are
+# converted (agent.config.decode_hook).
+FilePath = Path
+
+
+def check_url(value: str, schemes: tuple[str, ...]) -> str:
+    """Raise ValueError unless ``value`` is a complete URL of one of ``schemes``."""
+    parts = urllib.parse.urlsplit(value)  # ValueError for a broken IPv6 host
+    if parts.scheme not in schemes:
+        choices = [f"{scheme}://" for scheme in schemes]
+        raise ValueError(f"must start with {', '.join(choices[:-1])} or {choices[-1]}")
+    _ = parts.port  # ValueError for a port that is not a number in 0-65535
+    if parts.scheme == "file":
+        if not parts.path or parts.netloc not in ("", "localhost"):
+            raise ValueError("a file:// URL needs an absolute path: file:///srv/registry")
+    elif not parts.hostname:
+        raise ValueError("has no host name")
+    return value
+
+
+def field_url(key: str, value: str | None, schemes: tuple[str, ...]) -> None:
+    """``check_url`` for the key ``key``: the ValueError names it (see the module doc)."""
+    if value is not None:
+        try:
+            check_url(value, schemes)
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+
+
+class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A config section: unknown keys refused, immutable once validated."""
+
+
+class DeviceConfig(Section, frozen=True):
+    id: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            pattern=whole(NAME_PATTERN.pattern),
+            description="Device id used in MQTT topics; defaults to the hostname.",
+        ),
+    ] = msgspec.field(default_factory=socket.gethostname)
+    groups: Annotated[
+        list[str],
+        Meta(
+            description="Fleet groups this device is in; names like device ids (letters, "
+            "digits, '.', '_', '-')."
+        ),
+    ] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.id == "groups":  # edge/groups/… is where group desired states live
+            raise ValueError("id: 'groups' is reserved for group topics; pick another device id")
+        for index, group in enumerate(self.groups):
+            problem = check_group_name(group)
+            if problem is not None:
+                # Without this, the device's subscription to its group's topic is refused
+                # (or, with '+' or '#', is a wildcard) and it never connects, silently.
+                raise ValueError(f"groups[{index}]: {problem} (it is a topic level)")
+
+
+class RegistryConfig(Section, frozen=True):
+    url: Annotated[
+        str | None,
+        Meta(
+            description="Registry base URL: http(s)://… or file:///path. Required by run and "
+            "check-config."
+        ),
+    ] = None
+    public_key: Annotated[
+        FilePath | None,
+        Meta(
+            description="Ed25519 public key (PEM). When set, unsigned or badly signed releases "
+            "and index.json are refused."
+        ),
+    ] = None
+    public_keys: Annotated[
+        list[FilePath],
+        Meta(
+            description="More trusted registry keys (PEM paths), trusted together with "
+            "public_key: a signature by any of them is accepted. Rotate by listing old and "
+            "new, re-signing, then dropping the old one; a key removed here is revoked."
+        ),
+    ] = msgspec.field(default_factory=list)
+    ca: Annotated[
+        FilePath | None,
+        Meta(description="CA bundle for an https registry with a private CA."),
+    ] = None
+    poll_interval_s: Annotated[float, Meta(gt=0, description="Seconds between polls.")] = 300
+    max_download_mb: Annotated[
+        float, Meta(gt=0, description="Largest file a release may list, in MB.")
+    ] = 500
+    max_manifest_kb: Annotated[
+        float, Meta(gt=0, description="Largest manifest.json or index.json accepted, in KB.")
+    ] = 1024
+    timeout_s: Annotated[
+        float, Meta(gt=0, description="Per-read timeout of registry requests.")
+    ] = 30
+    connect_timeout_s: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="Longest wait for a connection to the registry (at most timeout_s). A "
+            "registry that cannot be reached when a fetch begins fails it at once.",
+        ),
+    ] = 5
+    deadline_s: Annotated[
+        float,
+        Meta(gt=0, description="Overall deadline for fetching one file, retries included."),
+    ] = 1800
+    retries: Annotated[
+        int, Meta(ge=0, description="Retries of a broken transfer (resumed with Range).")
+    ] = 5
+    retry_backoff_s: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="First retry waits up to this long; doubles per retry, capped at 60 s.",
+        ),
+    ] = 1.0
+
+    def __post_init__(self) -> None:
+        field_url("url", self.url, ("http", "https", "file"))
+
+    @property
+    def trusted_keys(self) -> list[Path]:
+        """public_key and public_keys: every key whose signature is accepted."""
+        return [*([self.public_key] if self.public_key else []), *self.public_keys]
+
+
+class ModelConfig(Section, frozen=True):
+    name: Annotated[
+        Annotated[str, Meta(pattern=whole(MODEL_NAME_PATTERN))] | None,
+        Meta(description="Model name in the registry. Required by run and check-config."),
+    ] = None
+    channel: Annotated[str, Meta(min_length=1, description="index.json channel to follow.")] = (
+        "stable"
+    )
+
+
+class StoreConfig(Section, frozen=True):
+    dir: Annotated[FilePath, Meta(description="Where releases are kept.")] = Path(
+        "/var/lib/edge-agent/models"
+    )
+    keep: Annotated[int, Meta(ge=1, description="Releases kept on disk for rollback.")] = 3
+    reserve_mb: Annotated[
+        float, Meta(ge=0, description="Free space that must remain after a download, in MB.")
+    ] = 64
+
+
+class RuntimeConfig(Section, frozen=True):
+    accelerator: Annotated[
+        Literal["auto", "edgetpu", "cpu"],
+        Meta(description="auto uses the Edge TPU when present, else the CPU variant."),
+    ] = "auto"
+    edgetpu_device: Annotated[
+        str,
+        Meta(
+            pattern=whole(r"^(|usb|pci)(:\d+)?$"),
+            description='Edge TPU to use: "", usb, usb:N, pci:N.',
+        ),
+    ] = ""
+    edgetpu_library: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            description="The Edge TPU delegate library (a name the loader finds, or a path).",
+        ),
+    ] = "libedgetpu.so.1"
+    threads: Annotated[int, Meta(ge=1, le=64, description="CPU interpreter threads.")] = 2
+    invoke_timeout_ms: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="An inference running longer than this is a stalled accelerator: the "
+            "delegate is re-initialised, else the CPU variant takes over.",
+        ),
+    ] = 2000
+    warmup_runs: Annotated[
+        int,
+        Meta(ge=0, le=100, description="Inferences run on a new model before it serves."),
+    ] = 2
+
+
+class ResultsConfig(Section, frozen=True):
+    publish: Annotated[
+        Literal["every", "on_change", "interval", "off"],
+        Meta(description="When inference results are published."),
+    ] = "on_change"
+    min_score: Annotated[float, Meta(ge=0, le=1, description="Lowest score reported.")] = 0.5
+    top_k: Annotated[int, Meta(ge=1, le=1000, description="Most classes or detections kept.")] = 5
+    interval_s: Annotated[
+        float, Meta(gt=0, description="Seconds between results when publish is interval.")
+    ] = 1
+    qos: Annotated[
+        Literal[0, 1],
+        Meta(
+            description="1: results go through the outbox and are never lost; 0: sent only "
+            "while connected, not kept."
+        ),
+    ] = 1
+
+
+class MqttConfig(Section, frozen=True):
+    url: Annotated[
+        str | None,
+        Meta(description="mqtt:// or mqtts:// broker URL; absent: telemetry stays in the outbox."),
+    ] = None
+    ca: Annotated[FilePath | None, Meta(description="CA certificate of the broker.")] = None
+    cert: Annotated[FilePath | None, Meta(description="Device certificate (mTLS).")] = None
+    key: Annotated[FilePath | None, Meta(description="Device private key (mTLS).")] = None
+    topic_prefix: Annotated[
+        str, Meta(pattern=whole(r"^[^#+/][^#+]*$"), description="Topic prefix.")
+    ] = "edge"
+    username: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        Meta(description="User name, when the broker wants a password."),
+    ] = None
+    password_file: Annotated[
+        FilePath | None, Meta(description="File holding the password (first line).")
+    ] = None
+    password_credential: Annotated[
+        Annotated[str, Meta(pattern=whole(r"^[A-Za-z0-9._-]+$"))] | None,
+        Meta(
+            description="systemd credential holding the password (LoadCredential= in the "
+            "unit; read from $CREDENTIALS_DIRECTORY)."
+        ),
+    ] = None
+    protocol: Annotated[
+        Literal["auto", "5", "3.1.1"],
+        Meta(description="MQTT version; auto tries 5, then 3.1.1."),
+    ] = "auto"
+    keepalive_s: Annotated[int, Meta(ge=5, le=65535, description="Keep-alive interval.")] = 60
+    session_expiry_s: Annotated[
+        int,
+        Meta(
+            ge=0,
+            description="How long the broker keeps this device's session (subscriptions, "
+            "queued commands) while it is offline. MQTT 5 only; 3.1.1 keeps it until cleared.",
+        ),
+    ] = 86400
+    reconnect_max_s: Annotated[
+        float, Meta(gt=0, description="Longest wait between reconnect attempts.")
+    ] = 60
+    max_inflight: Annotated[
+        int,
+        Meta(ge=1, le=65535, description="QoS 1 messages sent but not yet acknowledged."),
+    ] = 128
+    command_max_bytes: Annotated[
+        int, Meta(ge=64, description="Largest command payload; larger ones get an error.")
+    ] = 16384
+
+    def __post_init__(self) -> None:
+        field_url("url", self.url, ("mqtt", "mqtts"))
+
+
+class TelemetryConfig(Section, frozen=True):
+    interval_s: Annotated[float, Meta(gt=0, description="Seconds between telemetry.")] = 10
+    outbox: Annotated[FilePath, Meta(description="SQLite outbox file.")] = Path(
+        "/var/lib/edge-agent/outbox.sqlite"
+    )
+    outbox_max_mb: Annotated[float, Meta(gt=0, description="Outbox size cap, in MB.")] = 64
+
+
+class UpdateConfig(Section, frozen=True):
+    probation_s: Annotated[
+        float,
+        Meta(
+            ge=0,
+            description="Seconds a new release is watched after activation; 0 turns probation off.",
+        ),
+    ] = 120
+    probation_max_error_rate: Annotated[
+        float,
+        Meta(
+            ge=0,
+            le=1,
+            description="Share of frames failing during probation that rolls the release back.",
+        ),
+    ] = 0.2
+    probation_min_errors: Annotated[
+        int, Meta(ge=1, description="Failed frames needed before the error rate counts.")
+    ] = 5
+    crash_loop_restarts: Annotated[
+        int,
+        Meta(ge=1, description="Agent restarts during probation that roll the release back."),
+    ] = 3
+    validate_timeout_s: Annotated[
+        float, Meta(gt=0, description="Deadline of loading, self-test and budget together.")
+    ] = 120
+    activate_timeout_s: Annotated[
+        float, Meta(gt=0, description="Deadline for the pipeline to take the new model.")
+    ] = 30
+    budget_runs: Annotated[
+        int, Meta(ge=5, le=100_000, description="Timed inferences for the latency budget.")
+    ] = 50
+    poll_jitter: Annotated[
+        float,
+        Meta(
+            ge=0,
+            lt=1,
+            description="Each poll waits poll_interval_s times a random 1 +- this, so a fleet "
+            "does not poll in step.",
+        ),
+    ] = 0.2
+    retry_max_s: Annotated[
+        float, Meta(gt=0, description="Longest wait before retrying a failed download.")
+    ] = 300
+    max_clock_skew_s: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="A desired state issued further than this ahead of the device's clock "
+            "is refused (event desired_invalid), so one future-dated instruction cannot make "
+            "every later one look stale. Also the allowance when judging whether a signed "
+            "index.json has expired.",
+        ),
+    ] = 300
+    desired_public_key: Annotated[
+        FilePath | None,
+        Meta(
+            description="Ed25519 public key (PEM) of the fleet's deploy key; when set, desired "
+            "state that is unsigned, signed by another key or meant for another target is "
+            "refused."
+        ),
+    ] = None
+    desired_public_keys: Annotated[
+        list[FilePath],
+        Meta(
+            description="More trusted deploy keys (PEM paths), trusted together with "
+            "desired_public_key; a key removed here is revoked."
+        ),
+    ] = msgspec.field(default_factory=list)
+
+    @property
+    def desired_keys(self) -> list[Path]:
+        """desired_public_key and desired_public_keys: every deploy key accepted."""
+        return [
+            *([self.desired_public_key] if self.desired_public_key else []),
+            *self.desired_public_keys,
+        ]
+
+
+def ha_slug(label: str) -> str:
+    """A label as a Home Assistant object id part: lower case, runs of anything but
+    letters and digits as one ``_`` (``Traffic light`` -> ``traffic_light``)."""
+    out, gap = [], False
+    for ch in label.lower():
+        if ch.isascii() and ch.isalnum():
+            out.append(ch)
+            gap = False
+        elif not gap:
+            out.append("_")
+            gap = True
+    return "".join(out).strip("_")
+
+
+class HomeAssistantConfig(Section, frozen=True):
+    discovery: Annotated[
+        bool,
+        Meta(
+            description="Publish Home Assistant MQTT discovery configs (retained) for this "
+            "device; false clears the ones published before."
+        ),
+    ] = False
+    prefix: Annotated[
+        str,
+        Meta(
+            pattern=whole(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"),
+            description="Home Assistant's discovery prefix (its MQTT integration's setting).",
+        ),
+    ] = "homeassistant"
+    labels: Annotated[
+        list[Annotated[str, Meta(pattern=whole(HA_LABEL_PATTERN))]],
+        Meta(
+            max_length=64,
+            description="Model labels that each get a binary sensor '<label> detected' (from "
+            "results; needs results.publish other than off).",
+        ),
+    ] = msgspec.field(default_factory=list)
+    off_delay_s: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=86400,
+            description="Seconds after the last result with a label before its binary sensor "
+            "turns off by itself.",
+        ),
+    ] = 10
+
+    def __post_init__(self) -> None:
+        seen: dict[str, str] = {}
+        for label in self.labels:
+            slug = ha_slug(label)
+            if slug in seen:
+                raise ValueError(
+                    f"labels: {seen[slug]!r} and {label!r} give the same entity id ({slug}); "
+                    "keep one"
+                )
+            seen[slug] = label
+
+
+class ControlConfig(Section, frozen=True):
+    socket: Annotated[
+        Path | None,
+        Meta(
+            description="Unix socket where the running agent answers local commands "
+            "(edge-agent status, models pull/rollback); created 0660. Default: control.sock "
+            "beside store.dir (/var/lib/edge-agent/control.sock)."
+        ),
+    ] = None
+
+
+class PrivacyConfig(Section, frozen=True):
+    snapshots: Annotated[
+        bool,
+        Meta(
+            description="Allow the snapshot command: one JPEG of the current frame, sent to "
+            "whoever may command this device. Off: the command is refused."
+        ),
+    ] = False
+    snapshot_max_kb: Annotated[
+        int,
+        Meta(
+            ge=8,
+            le=SNAPSHOT_MAX_KB,
+            description="Largest snapshot JPEG, in KiB: lower quality, then a smaller image, "
+            "until it fits, else the command is refused. At most 160, so that the reply "
+            "(base64) stays within the shipped broker's max_packet_size (256 KiB).",
+        ),
+    ] = 96
+
+
+def check_listen(value: str) -> str:
+    """``HOST:PORT`` with an IP address (``[::1]:9101`` for IPv6); no name lookup here.
+    Raises ValueError naming the problem and an example."""
+    host, sep, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    try:
+        if ":" in host and not bracketed:  # "::1:9101" could be read two ways
+            raise ValueError
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not HOST:PORT with an IP address; e.g. 127.0.0.1:9101, [::1]:9101"
+        ) from None
+    if not (sep and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{value!r}: the port must be a number in 1-65535; e.g. 127.0.0.1:9101")
+    return value
+
+
+class MetricsConfig(Section, frozen=True):
+    listen: Annotated[
+        str | None,
+        Meta(
+            description="HOST:PORT where Prometheus scrapes /metrics (127.0.0.1:9101; "
+            "[::1]:9101); absent: no metrics endpoint. Needs prometheus_client (pip install "
+            "'edge-agent[metrics]'). A port in use is logged and retried; inference goes on."
+        ),
+    ] = None
+
+    def __post_init__(self) -> None:
+        if self.listen is not None:
+            try:
+                check_listen(self.listen)
+            except ValueError as exc:
+                raise ValueError(f"listen: {exc}") from None
