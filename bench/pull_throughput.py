@@ -4,8 +4,10 @@ Both fetch the same file from the same registry server (a separate process) in t
 same run, alternating, so machine noise hits both alike. The agent's figure covers
 the whole pull: manifest, signature, download with hashing, length and hash checks,
 fsync, rename and the atomic activation. curl only writes the file (no fsync), so
-the ratio is strict against us. Then a transfer is cut at half way once, and the
-bytes the registry sent beyond the file's size are the bytes fetched again.
+the ratio is strict against us. The same pull as an `edge-agent models pull` process
+(start-up and imports included, as curl's are) is printed beside it. Then a transfer
+is cut at half way once, and the bytes the registry sent beyond the file's size are
+the bytes fetched again.
 
     python bench/pull_throughput.py [--mb 100 [1000 ...]] [--runs 5] [--dir FOLDER]
 """
@@ -51,14 +53,17 @@ class Server:
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
+def config_text(url: str, work: Path, pub: Path) -> str:
+    return (
+        f"registry: {{url: '{url}', public_key: '{pub}', max_download_mb: 2000}}\n"
+        f"model: {{name: {MODEL}}}\nstore: {{dir: '{work / 'store'}', reserve_mb: 0}}\n"
+    )
+
+
 def agent_pull(url: str, work: Path, pub: Path) -> tuple[float, int]:
     store_dir = work / "store"
     shutil.rmtree(store_dir, ignore_errors=True)
-    config = parse_config(
-        f"registry: {{url: '{url}', public_key: '{pub}', max_download_mb: 2000}}\n"
-        f"model: {{name: {MODEL}}}\nstore: {{dir: '{store_dir}', reserve_mb: 0}}\n",
-        env={},
-    )
+    config = parse_config(config_text(url, work, pub), env={})
     store = Store(store_dir).open()
     registry = Registry.from_config(config.registry)
     started = time.perf_counter()
@@ -66,6 +71,24 @@ def agent_pull(url: str, work: Path, pub: Path) -> tuple[float, int]:
     elapsed = time.perf_counter() - started
     registry.close()
     return elapsed, result.release.manifest.total_size
+
+
+def cli_pull(url: str, work: Path, pub: Path) -> float:
+    """``edge-agent models pull`` as a process, like curl: start-up and imports count."""
+    shutil.rmtree(work / "store", ignore_errors=True)
+    config = work / "agent.yaml"
+    config.write_text(config_text(url, work, pub))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    env["PYTHONPATH"] = str(ROOT)
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "agent.cli", "models", "pull", "--config", str(config), "--json"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - started
 
 
 def curl_fetch(url: str, out: Path) -> float:
@@ -98,16 +121,17 @@ def bench_size(work: Path, mb: int, runs: int) -> float:
     model.unlink()  # the registry holds its own copy
 
     server = Server(work / "registry")
-    curl_times, agent_times, wire_times = [], [], []
+    curl_times, agent_times, wire_times, cli_times = [], [], [], []
     size = 0
     for _ in range(runs):
         wire_times.append(curl_fetch(server.url, Path(os.devnull)))
         curl_times.append(curl_fetch(server.url, work / "curl.out"))
         elapsed, size = agent_pull(server.url, work, pub)
         agent_times.append(elapsed)
+        cli_times.append(cli_pull(server.url, work, pub))
     server.stop()
     curl_s, agent_s = statistics.median(curl_times), statistics.median(agent_times)
-    wire_s = statistics.median(wire_times)
+    wire_s, cli_s = statistics.median(wire_times), statistics.median(cli_times)
     goal = 0.8 if mb < 1000 else 0.9
     print(f"release: {size / 1e6:.0f} MB, {runs} runs each, medians")
     print(
@@ -116,6 +140,10 @@ def bench_size(work: Path, mb: int, runs: int) -> float:
     )
     print(f"curl (download only):            {curl_s:6.3f} s  {size / curl_s / 1e6:7.1f} MB/s")
     print(f"edge-agent pull (+verify, fsync): {agent_s:6.3f} s  {size / agent_s / 1e6:7.1f} MB/s")
+    print(
+        f"`edge-agent models pull` process:  {cli_s:6.3f} s  {size / cli_s / 1e6:7.1f} MB/s  "
+        f"(ratio to curl {curl_s / cli_s:.2f}: + start-up and imports)"
+    )
     each = ", ".join(f"{c / a:.2f}" for c, a in zip(curl_times, agent_times, strict=True))
     print(
         f"throughput ratio agent / curl:    {curl_s / agent_s:.2f}  (goal >= {goal}; "
