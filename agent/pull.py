@@ -243,8 +243,10 @@ class Updater:
         fetched = self._fetch_files(manifest)
         if on_phase is not None:
             on_phase("verifying")
+        # No second read of the files: each was checked whole just now, either as it
+        # was received (length and hash of the bytes written, before its rename into
+        # blobs/) or, when the store had it already, re-read in _fetch_files.
         release = self.store.add_release(raw, signature, manifest)
-        self.store.verify(release)  # every file once more, as it lies on disk now
         return Staged(release, False, fetched)
 
     def channel_hold(self, version: int) -> str | None:

@@ -4,10 +4,12 @@ Both fetch the same file from the same registry server (a separate process) in t
 same run, alternating, so machine noise hits both alike. The agent's figure covers
 the whole pull: manifest, signature, download with hashing, length and hash checks,
 fsync, rename and the atomic activation. curl only writes the file (no fsync), so
-the ratio is strict against us. Then a transfer is cut at half way once, and the
-bytes the registry sent beyond the file's size are the bytes fetched again.
+the ratio is strict against us. The same pull as an `edge-agent models pull` process
+(start-up and imports included, as curl's are) is printed beside it. Then a transfer
+is cut at half way once, and the bytes the registry sent beyond the file's size are
+the bytes fetched again.
 
-    python bench/pull_throughput.py [--mb 100] [--runs 5]
+    python bench/pull_throughput.py [--mb 100 [1000 ...]] [--runs 5] [--dir FOLDER]
 """
 
 from __future__ import annotations
@@ -51,14 +53,17 @@ class Server:
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
+def config_text(url: str, work: Path, pub: Path) -> str:
+    return (
+        f"registry: {{url: '{url}', public_key: '{pub}', max_download_mb: 2000}}\n"
+        f"model: {{name: {MODEL}}}\nstore: {{dir: '{work / 'store'}', reserve_mb: 0}}\n"
+    )
+
+
 def agent_pull(url: str, work: Path, pub: Path) -> tuple[float, int]:
     store_dir = work / "store"
     shutil.rmtree(store_dir, ignore_errors=True)
-    config = parse_config(
-        f"registry: {{url: '{url}', public_key: '{pub}', max_download_mb: 2000}}\n"
-        f"model: {{name: {MODEL}}}\nstore: {{dir: '{store_dir}', reserve_mb: 0}}\n",
-        env={},
-    )
+    config = parse_config(config_text(url, work, pub), env={})
     store = Store(store_dir).open()
     registry = Registry.from_config(config.registry)
     started = time.perf_counter()
@@ -66,6 +71,24 @@ def agent_pull(url: str, work: Path, pub: Path) -> tuple[float, int]:
     elapsed = time.perf_counter() - started
     registry.close()
     return elapsed, result.release.manifest.total_size
+
+
+def cli_pull(url: str, work: Path, pub: Path) -> float:
+    """``edge-agent models pull`` as a process, like curl: start-up and imports count."""
+    shutil.rmtree(work / "store", ignore_errors=True)
+    config = work / "agent.yaml"
+    config.write_text(config_text(url, work, pub))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    env["PYTHONPATH"] = str(ROOT)
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "agent.cli", "models", "pull", "--config", str(config), "--json"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - started
 
 
 def curl_fetch(url: str, out: Path) -> float:
@@ -79,62 +102,86 @@ def curl_fetch(url: str, out: Path) -> float:
     return elapsed
 
 
+def bench_size(work: Path, mb: int, runs: int) -> float:
+    """Publish a release of ``mb`` MB in ``work`` and print its figures; returns the ratio."""
+    key, pub = generate_keypair(work / "keys")
+    model = work / "model.tflite"
+    data = bytearray(os.urandom(mb * 1_000_000))
+    data[4:8] = b"TFL3"
+    model.write_bytes(data)
+    del data
+    publish(
+        [model],
+        model=MODEL,
+        version=1,
+        registry=work / "registry",
+        sign_key=key,
+        channels=("stable",),
+    )
+    model.unlink()  # the registry holds its own copy
+
+    server = Server(work / "registry")
+    curl_times, agent_times, wire_times, cli_times = [], [], [], []
+    size = 0
+    for _ in range(runs):
+        wire_times.append(curl_fetch(server.url, Path(os.devnull)))
+        curl_times.append(curl_fetch(server.url, work / "curl.out"))
+        elapsed, size = agent_pull(server.url, work, pub)
+        agent_times.append(elapsed)
+        cli_times.append(cli_pull(server.url, work, pub))
+    server.stop()
+    curl_s, agent_s = statistics.median(curl_times), statistics.median(agent_times)
+    wire_s, cli_s = statistics.median(wire_times), statistics.median(cli_times)
+    goal = 0.8 if mb < 1000 else 0.9
+    print(f"release: {size / 1e6:.0f} MB, {runs} runs each, medians")
+    print(
+        f"curl to /dev/null (server + loopback ceiling): {wire_s:6.3f} s  "
+        f"{size / wire_s / 1e6:7.1f} MB/s"
+    )
+    print(f"curl (download only):            {curl_s:6.3f} s  {size / curl_s / 1e6:7.1f} MB/s")
+    print(f"edge-agent pull (+verify, fsync): {agent_s:6.3f} s  {size / agent_s / 1e6:7.1f} MB/s")
+    print(
+        f"`edge-agent models pull` process:  {cli_s:6.3f} s  {size / cli_s / 1e6:7.1f} MB/s  "
+        f"(ratio to curl {curl_s / cli_s:.2f}: + start-up and imports)"
+    )
+    each = ", ".join(f"{c / a:.2f}" for c, a in zip(curl_times, agent_times, strict=True))
+    print(
+        f"throughput ratio agent / curl:    {curl_s / agent_s:.2f}  (goal >= {goal}; "
+        f"each run: {each})"
+    )
+
+    half = size // 2
+    cut = Server(work / "registry", f"{MODEL}/1/model.tflite:truncate:{half}")
+    agent_pull(cut.url, work, pub)
+    log = [r for r in cut.stop() if str(r["path"]).endswith("model.tflite")]
+    sent = sum(int(str(r["sent"])) for r in log)
+    ranges = [r["range_start"] for r in log]
+    print(
+        f"cut at {half / 1e6:.0f} MB: {len(log)} requests (Range starts {ranges}), "
+        f"{sent - size} bytes fetched again"
+    )
+    return curl_s / agent_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=100)
+    parser.add_argument("--mb", type=int, nargs="+", default=[100], help="release sizes")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--dir", type=Path, default=None, help="work folder (default: TMPDIR)")
     args = parser.parse_args()
     if shutil.which("curl") is None:
         sys.exit("curl is needed for the baseline: apt-get install curl")
-    with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
-        work = Path(tmp)
-        key, pub = generate_keypair(work / "keys")
-        model = work / "model.tflite"
-        data = bytearray(os.urandom(args.mb * 1_000_000))
-        data[4:8] = b"TFL3"
-        model.write_bytes(data)
-        del data
-        publish(
-            [model],
-            model=MODEL,
-            version=1,
-            registry=work / "registry",
-            sign_key=key,
-            channels=("stable",),
-        )
-
-        server = Server(work / "registry")
-        curl_times, agent_times, wire_times = [], [], []
-        size = 0
-        for _ in range(args.runs):
-            wire_times.append(curl_fetch(server.url, Path(os.devnull)))
-            curl_times.append(curl_fetch(server.url, work / "curl.out"))
-            elapsed, size = agent_pull(server.url, work, pub)
-            agent_times.append(elapsed)
-        server.stop()
-        curl_s, agent_s = statistics.median(curl_times), statistics.median(agent_times)
-        wire_s = statistics.median(wire_times)
-        print(f"release: {size / 1e6:.0f} MB, {args.runs} runs each, medians")
-        print(
-            f"curl to /dev/null (server + loopback ceiling): {wire_s:6.3f} s  "
-            f"{size / wire_s / 1e6:7.1f} MB/s"
-        )
-        print(f"curl (download only):            {curl_s:6.3f} s  {size / curl_s / 1e6:7.1f} MB/s")
-        print(
-            f"edge-agent pull (+verify, fsync): {agent_s:6.3f} s  {size / agent_s / 1e6:7.1f} MB/s"
-        )
-        print(f"throughput ratio agent / curl:    {curl_s / agent_s:.2f}  (goal >= 0.8)")
-
-        half = size // 2
-        cut = Server(work / "registry", f"{MODEL}/1/model.tflite:truncate:{half}")
-        agent_pull(cut.url, work, pub)
-        log = [r for r in cut.stop() if str(r["path"]).endswith("model.tflite")]
-        sent = sum(int(str(r["sent"])) for r in log)
-        ranges = [r["range_start"] for r in log]
-        print(
-            f"cut at {half / 1e6:.0f} MB: {len(log)} requests (Range starts {ranges}), "
-            f"{sent - size} bytes fetched again"
-        )
+    for mb in args.mb:
+        with tempfile.TemporaryDirectory(prefix="edge-bench-", dir=args.dir) as tmp:
+            # the registry's copy, curl's copy and the store's copy (+ a partial file)
+            need = 4 * mb * 1_000_000
+            free = shutil.disk_usage(tmp).free
+            if free < need:
+                sys.exit(
+                    f"{tmp}: {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed for "
+                    f"--mb {mb}; pass --dir on a disk with room"
+                )
+            bench_size(Path(tmp), mb, args.runs)
 
 
 if __name__ == "__main__":
