@@ -34,7 +34,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from agent.errors import ConfigError
-from agent.fleet.acl import NAME_PATTERN, check_group_name
+from agent.names import NAME_PATTERN, check_group_name
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.yaml")
 ENV_PREFIX = "EDGE_AGENT_"

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from agent import cli_parser
+from agent import cli_parser, modelgen
 from agent.fleet import cli_parser as fleet_parser
+from tests.agentproc import MODEL, publish_models
 
 # Flip to True when the device's documents no longer use pydantic (issue 19, part
 # "typed": agent/config.py, manifest.py, local.py, contract.py on msgspec): from then on
@@ -166,6 +169,74 @@ def test_status_and_check_config_load_no_heavy_module(tmp_path: Path, command: l
     assert code == 0, stderr
     assert "agent.config" in modules  # the command did run
     assert _forbidden_in(modules, DEVICE_COMMAND_FORBIDDEN) == []
+
+
+# The daemon on a synthetic stream with an unsigned registry: no OpenCV (frames are
+# resized by numpy), no cryptography (no signature to check), no fleet or server code,
+# no Prometheus (metrics.listen unset).
+DAEMON_FORBIDDEN = (
+    "cv2",
+    "cryptography",
+    "prometheus_client",
+    "sqlalchemy",
+    "fastapi",
+    "uvicorn",
+    "jinja2",
+    "agent.fleet",
+    "agent.server",
+    "agent.metrics",
+) + (("pydantic",) if PYDANTIC_FREE else ())
+
+DAEMON = """
+import json, sys
+from agent import entry
+out = sys.argv.pop(1)
+code = entry.edge_agent()
+with open(out, "w") as f:
+    json.dump(sorted(sys.modules), f)
+sys.exit(code)
+"""
+
+
+def test_the_daemon_on_a_synthetic_stream_loads_only_what_it_uses(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "v1.tflite").write_bytes(modelgen.colour_classifier())
+    (models / "colours.txt").write_text("red\ngreen\nblue\n")
+    publish_models(tmp_path / "registry", models, (1,))
+    settings = {
+        "device": {"id": "light"},
+        "model": {"name": MODEL},
+        "registry": {"url": (tmp_path / "registry").as_uri()},
+        "store": {"dir": str(tmp_path / "store"), "reserve_mb": 0},
+        "mqtt": {"url": "mqtt://127.0.0.1:9"},  # nothing listens: the outbox keeps it all
+        "source": {"type": "synthetic", "width": 320, "height": 240, "fps": 10},
+        "telemetry": {"outbox": str(tmp_path / "outbox.sqlite")},
+        "update": {"probation_s": 0},
+        "runtime": {"accelerator": "cpu", "threads": 1, "warmup_runs": 1},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    out, log = tmp_path / "modules.json", tmp_path / "agent.log"
+    with log.open("wb") as sink:
+        agent = subprocess.Popen(
+            [sys.executable, "-c", DAEMON, str(out), "run", "--config", str(config)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while "update to v1 succeeded" not in log.read_text(errors="replace"):
+                assert agent.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            time.sleep(1.0)  # frames resized and run, telemetry made
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(30) == 0, log.read_text()[-3000:]
+    modules = set(json.loads(out.read_text()))
+    assert {"agent.pipeline", "agent.runtime.resize", "agent.sources.synthetic"} <= modules
+    assert _forbidden_in(modules, DAEMON_FORBIDDEN) == []
 
 
 def test_the_light_parsers_repeat_the_owners_names() -> None:
