@@ -74,7 +74,7 @@ BARE = textwrap.dedent(
 # Runs the agent with tracemalloc and writes Python's allocations by package after ``delay``.
 TRACED = textwrap.dedent(
     """
-    import json, sys, threading, time, tracemalloc
+    import json, os, sys, threading, time, tracemalloc
     out, delay = sys.argv.pop(1), float(sys.argv.pop(1))
     def dump():
         time.sleep(delay)
@@ -91,8 +91,16 @@ TRACED = textwrap.dedent(
             else:
                 key = "stdlib " + path.rsplit("/", 1)[-1].removesuffix(".py")
             by[key] = by.get(key, 0) + stat.size
+        # Allocations made while unmarshalling modules' code are the frozen importlib's:
+        # the size of each package's loaded .pyc files says whose code they are.
+        pyc = {}
+        for name, module in list(sys.modules.items()):
+            cached = getattr(module, "__cached__", None)
+            if cached and os.path.exists(cached):
+                key = name.split(".")[0]
+                pyc[key] = pyc.get(key, 0) + os.path.getsize(cached)
         with open(out, "w") as f:
-            json.dump(by, f)
+            json.dump({"traced": by, "pyc": pyc}, f)
     threading.Thread(target=dump, daemon=True).start()
     from agent import entry
     sys.exit(entry.edge_agent())
@@ -204,8 +212,8 @@ class _nothing:
         return None
 
 
-def agent_rss(agent: AgentProcess, port: int | None, settle_s: float) -> tuple[float, int]:
-    """The agent's RSS after ``settle_s`` s of serving, and the frames it had run."""
+def agent_rss(agent: AgentProcess, port: int | None, settle_s: float) -> float:
+    """The agent's RSS after ``settle_s`` s of serving."""
     with Sensor(port) if port else _nothing():
         agent.start({"EDGE_AGENT_LOG_LEVEL": "info"})
         assert agent.proc is not None
@@ -213,7 +221,7 @@ def agent_rss(agent: AgentProcess, port: int | None, settle_s: float) -> tuple[f
         assert agent.alive(), agent.log()[-3000:]
         rss = rss_mb(agent.proc.pid)
         agent.terminate()
-    return rss, 0
+    return rss
 
 
 def bare_rss(model: Path, kind: str, video: Path, settle_s: float) -> float:
@@ -279,13 +287,16 @@ def breakdown(agent: AgentProcess, port: int | None, settle_s: float) -> None:
             time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-        by = json.loads(out.read_text())
-    total = sum(by.values())
-    top = sorted(by.items(), key=lambda kv: -kv[1])[:14]
-    print(
-        f"  python allocations (tracemalloc) {total / 1e6:.1f} MB: "
-        + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in top)
-    )
+        doc = json.loads(out.read_text())
+    for what, by in (
+        ("python allocations (tracemalloc)", doc["traced"]),
+        (".pyc loaded", doc["pyc"]),
+    ):
+        top = sorted(by.items(), key=lambda kv: -kv[1])[:14]
+        print(
+            f"  {what} {sum(by.values()) / 1e6:.1f} MB: "
+            + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in top)
+        )
 
 
 def memory_section(args: argparse.Namespace) -> None:
@@ -304,7 +315,7 @@ def memory_section(args: argparse.Namespace) -> None:
             agent, port = device(root / kind, kind, model, model_task, broker.url, video)
             agent_v, bare_v = [], []
             for _ in range(args.rounds):
-                agent_v.append(agent_rss(agent, port, args.settle_s)[0])
+                agent_v.append(agent_rss(agent, port, args.settle_s))
                 bare_v.append(bare_rss(model, kind, video, args.settle_s))
             a, b = statistics.median(agent_v), statistics.median(bare_v)
             show(f"RSS {kind}", agent_v, bare_v, "MB", f"<= bare + {GOAL_MB:g} MB")
