@@ -172,6 +172,9 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=4.0, help="serving before RSS")
     parser.add_argument("--breakdown", action="store_true", help="where the agent's RSS is")
     args = parser.parse_args()
+    # An installed package has its bytecode compiled (pip does); compiling the agent's
+    # modules from source at each start would add the compiler's garbage to the heap.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.rounds} rounds")
     sections = args.sections.split(",")
     if "ready" in sections:
