@@ -73,7 +73,7 @@ HELP_FORBIDDEN = HEAVY + DOCUMENTS + ("agent.config", "agent.logs") + FLEET_SIDE
 DEVICE_COMMAND_FORBIDDEN = HEAVY + FLEET_SIDE + (("pydantic",) if PYDANTIC_FREE else ())
 FLEET_HELP_FORBIDDEN = HEAVY + DOCUMENTS + DEVICE_SIDE + ("agent.fleet.cli_commands",)
 
-# Runs the entry point and prints the loaded modules as JSON on fd 3's stand-in: a file.
+# Runs the entry point, then writes the names of the loaded modules as JSON to a file.
 WRAPPER = """
 import json, sys
 from agent import entry
