@@ -49,12 +49,7 @@ HEAVY = (
     "ai_edge_litert",
     "tflite_runtime",
 )
-FLEET_SIDE = (
-    "agent.fleet.cli_commands",
-    "agent.fleet.publish",
-    "agent.fleet.broker",
-    "agent.server.cli",
-)
+FLEET_SIDE = ("agent.fleet", "agent.server")  # the operator's code, none of it on the device
 DEVICE_SIDE = (
     "agent.config",
     "agent.store",
