@@ -16,13 +16,10 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent.config import Config
 from agent.errors import StoreError, TransportError
-from agent.progress import ProgressLine, interrupted_text
-from agent.pull import Updater
-from agent.registry import Registry
 from agent.store import Release, Store
 from agent.strictjson import dumps
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the registry, the puller and urllib3: imported by the commands using them
     from agent.local import Reach
 
 
@@ -137,6 +134,9 @@ def cmd_models_list(config: Config, remote: bool, as_json: bool) -> int:
     if not rows:
         lines.append("  (no releases in the store)")
     if remote:
+        from agent.pull import Updater
+        from agent.registry import Registry
+
         registry = Registry.from_config(config.registry)
         try:
             index = Updater(config, store, registry).fetch_index()
@@ -156,6 +156,9 @@ def cmd_models_pull(
     """Through the running agent (its gate and probation), else on the store: the
     release is journaled so that the agent's next start gates it before serving it."""
     from agent import local
+    from agent.progress import ProgressLine, interrupted_text
+    from agent.pull import Updater
+    from agent.registry import Registry
     from agent.update import note_offline_pull
 
     found = local.reach(config)

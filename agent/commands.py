@@ -22,11 +22,13 @@ import queue
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import DocumentError, EdgeAgentError
-from agent.mqtt import Incoming
 from agent.strictjson import parse_object
+
+if TYPE_CHECKING:  # paho only where MQTT runs (the control socket's clients use this too)
+    from agent.mqtt import Incoming
 
 log = logging.getLogger(__name__)
 

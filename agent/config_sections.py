@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from agent.fleet.acl import NAME_PATTERN, check_group_name
+from agent.names import NAME_PATTERN, check_group_name
 
 # Model names become URL path segments and store folder names: keep them plain.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

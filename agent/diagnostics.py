@@ -13,7 +13,6 @@ at most ``privacy.snapshot_max_kb`` of JPEG (base64 in the reply). docs/protocol
 from __future__ import annotations
 
 import base64
-import importlib.metadata
 import logging
 import platform
 from collections.abc import Callable, Iterable, Mapping
@@ -75,6 +74,8 @@ def package_version(lines: Iterable[str], names: tuple[str, ...]) -> str | None:
 
 
 def _distribution(name: str) -> str | None:
+    import importlib.metadata  # email, zipfile, csv…: only when a diagnostics report is made
+
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:

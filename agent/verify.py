@@ -28,14 +28,17 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from agent.atomic import write_atomic
 from agent.errors import DocumentError, VerificationError
 from agent.strictjson import parse_object
+
+if TYPE_CHECKING:  # cryptography (~7 MB) is imported by the functions that use keys
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 CHUNK = 1 << 20
 KEYID_LENGTH = 16  # hex digits of sha256(raw public key)
@@ -75,6 +78,9 @@ def check_file(path: Path, size: int, sha256: str, what: str) -> None:
 
 def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     """The key id of ``key`` (or of a private key's public half): 16 hex digits."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:KEYID_LENGTH]
@@ -111,6 +117,9 @@ class KeyRing:
 
 def load_public_key(path: Path, what: str = "registry.public_key") -> Ed25519PublicKey:
     """Load a PEM Ed25519 public key. Raises VerificationError naming ``what`` and the file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except (OSError, ValueError) as exc:
@@ -122,6 +131,9 @@ def load_public_key(path: Path, what: str = "registry.public_key") -> Ed25519Pub
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Load a PEM (PKCS#8, unencrypted) Ed25519 private key. Raises VerificationError."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
@@ -238,6 +250,8 @@ def add_signatures(
 
 
 def _verifies(key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
     try:
         key.verify(signature, data)
     except InvalidSignature:
@@ -302,6 +316,9 @@ def generate_keypair(
         for path in (private_path, public_path):
             if path.exists() or path.is_symlink():
                 raise FileExistsError(f"{path} exists; use --force to replace it")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM,

@@ -12,7 +12,19 @@ TFLite runtime, loads the same model and runs it (no agent around it).
 - idle CPU: the agent's CPU share over ``--idle-s`` seconds with the stream at 1 fps and
   telemetry every 10 s (goal < 2 %); bare: a process running the model at 1 fps.
 
-    python bench/daemon.py [--rounds 3] [--idle-s 20]
+Memory by source (issue 19; goal: the agent <= the bare process + 40 MB): the agent
+serving a synthetic stream, a video file (a generated MJPG .avi: OpenCV in both the agent
+and the bare process, which reads and resizes the frames with it) and a UDP sensor (a
+window regressor fed 100 samples/s), each against a bare process running the same model
+at the same pace; alternating, ``--rounds`` each, medians and the difference in MB.
+``--model`` picks the image model (``colours``, the generated classifier, or a zoo file
+such as ``pose_landmark_full.tflite``). ``--breakdown`` also runs each agent once more
+and prints where its memory is: /proc/PID/smaps_rollup, the largest mappings of
+/proc/PID/smaps by file, and Python's own allocations by package (tracemalloc, in a run
+of its own since tracing costs memory).
+
+    python bench/daemon.py [--rounds 3] [--idle-s 20] [--sections ready,memory]
+                           [--model colours] [--breakdown]
 """
 
 from __future__ import annotations
@@ -84,12 +96,7 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 1e6
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--idle-s", type=float, default=20.0)
-    args = parser.parse_args()
-
+def ready_section(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp) / "mosquitto") as broker:
         root = Path(tmp)
         models = root / "models"
@@ -141,18 +148,41 @@ def main() -> None:
             proc.kill()
             proc.wait()
 
-    def show(name: str, agent_v: list[float], bare_v: list[float], unit: str, goal: str) -> None:
-        a, b = statistics.median(agent_v), statistics.median(bare_v)
-        ratio = a / b if b else float("inf")
-        print(
-            f"{name:<16} agent {a:7.2f} {unit:<3} bare {b:7.2f} {unit:<3} ratio {ratio:5.2f}  "
-            f"(goal {goal}; runs: {', '.join(f'{v:.2f}' for v in agent_v)})"
-        )
-
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.rounds} rounds")
     show("start -> READY", ready_s, bare_s, "s", "<= 2 s")
     show("RSS serving", rss, bare_rss, "MB", "<= 80 MB")
     show("CPU idle (1 fps)", idle, bare_idle, "%", "< 2 %")
+
+
+def show(name: str, agent_v: list[float], bare_v: list[float], unit: str, goal: str) -> None:
+    a, b = statistics.median(agent_v), statistics.median(bare_v)
+    ratio = a / b if b else float("inf")
+    print(
+        f"{name:<16} agent {a:7.2f} {unit:<3} bare {b:7.2f} {unit:<3} ratio {ratio:5.2f}  "
+        f"(goal {goal}; runs: {', '.join(f'{v:.2f}' for v in agent_v)})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--idle-s", type=float, default=20.0)
+    parser.add_argument("--sections", default="ready,memory", help="ready, memory or both")
+    parser.add_argument("--sources", default="synthetic,video,sensor")
+    parser.add_argument("--model", default="colours", help="colours or a zoo .tflite name")
+    parser.add_argument("--settle-s", type=float, default=4.0, help="serving before RSS")
+    parser.add_argument("--breakdown", action="store_true", help="where the agent's RSS is")
+    args = parser.parse_args()
+    # An installed package has its bytecode compiled (pip does); compiling the agent's
+    # modules from source at each start would add the compiler's garbage to the heap.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.rounds} rounds")
+    sections = args.sections.split(",")
+    if "ready" in sections:
+        ready_section(args)
+    if "memory" in sections:
+        from bench.daemon_memory import memory_section
+
+        memory_section(args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import MODEL, Device, Fleet
 from tests.registry_server import RegistryServer
 
@@ -242,27 +244,41 @@ def test_a_rolled_back_version_is_not_brought_back_by_its_channel(
 
 # Ctrl-C while the command line is still loading its modules (seconds on a Raspberry Pi):
 # the interrupt is raised from inside the import, as a real SIGINT at that moment would.
+# Both moments: while the options' module loads (before any parsing), and while the
+# command's own modules load (after the options were parsed, agent.cli_parser being light).
 INTERRUPTED_WHILE_LOADING = """
 import os, signal, sys
 from agent import entry
 
+tool, module = sys.argv.pop(1), sys.argv.pop(1)
+
 class CtrlC:
     def find_spec(self, name, path=None, target=None):
-        if name == "agent.config":
+        if name == module:
             os.kill(os.getpid(), signal.SIGINT)
         return None
 
 sys.meta_path.insert(0, CtrlC())
-sys.exit(getattr(entry, sys.argv[1])())
+sys.exit(getattr(entry, tool)())
 """
 
 
-def test_ctrl_c_while_the_commands_load_ends_quietly() -> None:
-    for script, name in (("edge_agent", "edge-agent"), ("edge_fleet", "edge-fleet")):
-        result = subprocess.run(
-            [sys.executable, "-c", INTERRUPTED_WHILE_LOADING, script, "--version"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert (result.returncode, result.stderr) == (130, f"{name}: interrupted\n")
+@pytest.mark.parametrize(
+    ("script", "name", "module", "args"),
+    [
+        ("edge_agent", "edge-agent", "agent.cli_parser", ["--version"]),
+        ("edge_agent", "edge-agent", "agent.config", ["status", "--config", "/nonexistent"]),
+        ("edge_fleet", "edge-fleet", "agent.fleet.cli_parser", ["--version"]),
+        ("edge_fleet", "edge-fleet", "agent.config", ["acl", "--device", "d1"]),
+    ],
+)
+def test_ctrl_c_while_the_commands_load_ends_quietly(
+    script: str, name: str, module: str, args: list[str]
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_WHILE_LOADING, script, module, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stderr) == (130, f"{name}: interrupted\n")

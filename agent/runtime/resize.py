@@ -1,16 +1,16 @@
-"""Resizing frames to a model's input: OpenCV when it is installed, numpy otherwise.
+"""Resizing frames to a model's input: OpenCV when a source has loaded it, numpy otherwise.
 
-A device that only runs a synthetic, sensor or Pi-camera stream needs no OpenCV, and
-the default install (``edge-agent[litert]``) has none: frames are then resized by
+A device that only runs a synthetic, sensor or Pi-camera stream needs no OpenCV (and
+the default install, ``edge-agent[litert]``, has none): frames are then resized by
 ``resize_bilinear``, the same half-pixel bilinear interpolation as OpenCV's
 ``INTER_LINEAR`` (within one grey level on uint8 frames, two on a few pixels with
-OpenCV's aarch64 build), a few times slower. OpenCV is tried once per process, not
-per frame.
+OpenCV's aarch64 build), slower (bench/daemon.py's notes in docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -55,14 +55,19 @@ def resize_bilinear(frame: np.ndarray, width: int, height: int) -> np.ndarray:
     return resized
 
 
-@functools.cache
 def resizer() -> Resize:
-    """OpenCV's resize when ``cv2`` imports, else ``resize_bilinear``; decided once."""
-    try:
-        import cv2
-    except ImportError:
-        return resize_bilinear
+    """OpenCV's resize when a source has imported ``cv2`` already (camera, video, RTSP,
+    MJPEG, images), else ``resize_bilinear``.
 
+    OpenCV is never imported for a resize alone: it costs ~17 MB of RSS over numpy,
+    more than the whole budget of a synthetic, sensor or Pi-camera device (issue 19).
+    Looked up on each call (a dict lookup), so a reload onto a video source gets it."""
+    cv2 = sys.modules.get("cv2")
+    return resize_bilinear if cv2 is None else _with_opencv(cv2)
+
+
+@functools.cache
+def _with_opencv(cv2: Any) -> Resize:
     def with_opencv(frame: np.ndarray, width: int, height: int) -> np.ndarray:
         resized: Any = cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR)
         return np.asarray(resized).reshape((height, width) + frame.shape[2:])

@@ -17,22 +17,30 @@ PATTERN_FRAMES = 30  # one second of pattern at 30 fps, then it repeats
 
 def pattern_frames(width: int, height: int, count: int = PATTERN_FRAMES) -> list[np.ndarray]:
     """``count`` RGB frames: a gradient with a bright square that moves across it."""
+    base = _gradient(width, height)
+    return [_with_square(base, index, count) for index in range(count)]
+
+
+def _gradient(width: int, height: int) -> np.ndarray:
     import numpy as np
 
     ys, xs = np.mgrid[0:height, 0:width]
-    base = np.stack(
+    base: np.ndarray = np.stack(
         [xs * 255 // max(width - 1, 1), ys * 255 // max(height - 1, 1), np.full_like(xs, 64)],
         axis=-1,
     ).astype(np.uint8)
+    return base
+
+
+def _with_square(base: np.ndarray, index: int, count: int) -> np.ndarray:
+    """Frame ``index`` of ``count``: ``base`` with the square at its place (a new array)."""
+    height, width = base.shape[:2]
     side = max(min(width, height) // 4, 1)
-    frames = []
-    for index in range(count):
-        frame = base.copy()
-        left = (index * (width - side)) // max(count - 1, 1)
-        top = (height - side) // 2
-        frame[top : top + side, left : left + side] = 255
-        frames.append(frame)
-    return frames
+    frame: np.ndarray = base.copy()
+    left = (index * (width - side)) // max(count - 1, 1)
+    top = (height - side) // 2
+    frame[top : top + side, left : left + side] = 255
+    return frame
 
 
 class MemorySource:
@@ -64,22 +72,29 @@ class MemorySource:
         pass
 
 
-class SyntheticSource(MemorySource):
-    """``source.type: synthetic``: the test pattern, ``frames`` long (0: endless)."""
+class SyntheticSource:
+    """``source.type: synthetic``: the test pattern, ``frames`` long (0: endless).
+
+    Each frame is made when read (a copy of the gradient and the square drawn): holding
+    the pattern's 30 frames would take 28 MB at 640x480 (bench/daemon.py, issue 19)."""
 
     name = "synthetic"
+    live = False
 
     def __init__(self, config: SyntheticConfig):
-        super().__init__(pattern_frames(config.width, config.height), loop=True)
+        self._base = _gradient(config.width, config.height)
         self.limit = config.frames
         self._served = 0
 
     def open(self) -> None:
-        super().open()
         self._served = 0
 
     def read(self, timeout: float) -> np.ndarray:
         if self.limit and self._served >= self.limit:
             raise EndOfStream
+        frame = _with_square(self._base, self._served % PATTERN_FRAMES, PATTERN_FRAMES)
         self._served += 1
-        return super().read(timeout)
+        return frame
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,249 @@
+"""The command lines start light: ``--help``, ``--version``, every subcommand's ``--help``,
+``edge-agent status`` and ``edge-agent check-config`` import none of the heavy modules
+(OpenCV, numpy, cryptography, urllib3, paho, psutil, the server extra, the TFLite
+runtime), and neither tool imports the other side's code.
+
+Each invocation runs the real entry point (agent.entry, what the console scripts call)
+in a fresh interpreter, and lists ``sys.modules`` as the process ends. The speed these
+imports cost is measured by bench/startup.py, not here.
+
+The light parser modules repeat a few names of the modules that own them (the default
+config path, log levels, tasks, followed streams, index expiry): checked equal here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent import cli_parser, modelgen
+from agent.fleet import cli_parser as fleet_parser
+from tests.agentproc import MODEL, publish_models
+
+HEAVY = (
+    "cv2",
+    "numpy",
+    "cryptography",
+    "urllib3",
+    "paho",
+    "psutil",
+    "sqlalchemy",
+    "alembic",
+    "fastapi",
+    "uvicorn",
+    "jinja2",
+    "prometheus_client",
+    "ai_edge_litert",
+    "tflite_runtime",
+)
+FLEET_SIDE = ("agent.fleet", "agent.server")  # the operator's code, none of it on the device
+DEVICE_SIDE = (
+    "agent.config",
+    "agent.store",
+    "agent.service",
+    "agent.pipeline",
+    "agent.runtime",
+    "agent.sources",
+    "agent.telemetry",
+    "agent.mqtt",
+    "agent.update",
+)
+DOCUMENTS = ("pydantic", "msgspec", "yaml")  # the config models and their file format
+
+# What may not be loaded, per kind of invocation.
+HELP_FORBIDDEN = HEAVY + DOCUMENTS + ("agent.config", "agent.logs") + FLEET_SIDE
+# The device's documents (config, manifest, control replies) are msgspec structs: pydantic
+# (~100 ms, ~20 MB) is the server's alone.
+DEVICE_COMMAND_FORBIDDEN = (*HEAVY, *FLEET_SIDE, "pydantic")
+FLEET_HELP_FORBIDDEN = HEAVY + DOCUMENTS + DEVICE_SIDE + ("agent.fleet.cli_commands",)
+
+# Runs the entry point, then writes the names of the loaded modules as JSON to a file.
+WRAPPER = """
+import json, sys
+from agent import entry
+tool, out = sys.argv.pop(1), sys.argv.pop(1)
+try:
+    code = getattr(entry, tool)()
+except SystemExit as exc:
+    code = exc.code
+with open(out, "w") as f:
+    json.dump(sorted(sys.modules), f)
+sys.exit(code)
+"""
+
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = [path]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _commands(sub, (*path, name))
+    return found
+
+
+def _loaded(tmp_path: Path, tool: str, *argv: str) -> tuple[int, set[str], str]:
+    out = tmp_path / "modules.json"
+    result = subprocess.run(
+        [sys.executable, "-c", WRAPPER, tool, str(out), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    return result.returncode, set(json.loads(out.read_text())), result.stderr
+
+
+def _forbidden_in(modules: set[str], forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == f or m.startswith(f + ".") for f in forbidden))
+
+
+HELP_PAGES = [("edge_agent", [*c, "--help"]) for c in _commands(cli_parser.build())] + [
+    ("edge_agent", ["--version"])
+]
+FLEET_PAGES = [("edge_fleet", [*c, "--help"]) for c in _commands(fleet_parser.build())] + [
+    ("edge_fleet", ["--version"])
+]
+
+
+@pytest.mark.parametrize(("tool", "argv"), HELP_PAGES, ids=lambda v: " ".join(v) or "-")
+def test_edge_agent_help_loads_no_heavy_module(tmp_path: Path, tool: str, argv: list[str]) -> None:
+    code, modules, stderr = _loaded(tmp_path, tool, *argv)
+    assert code == 0, stderr
+    assert _forbidden_in(modules, HELP_FORBIDDEN) == []
+
+
+@pytest.mark.parametrize(("tool", "argv"), FLEET_PAGES, ids=lambda v: " ".join(v) or "-")
+def test_edge_fleet_help_loads_no_heavy_module(tmp_path: Path, tool: str, argv: list[str]) -> None:
+    code, modules, stderr = _loaded(tmp_path, tool, *argv)
+    assert code == 0, stderr
+    assert _forbidden_in(modules, FLEET_HELP_FORBIDDEN) == []
+
+
+def test_a_usage_error_loads_no_heavy_module(tmp_path: Path) -> None:
+    code, modules, stderr = _loaded(tmp_path, "edge_agent", "models", "pull", "--wait", "-1")
+    assert code == 2 and "must be a number greater than 0" in stderr
+    assert _forbidden_in(modules, HELP_FORBIDDEN) == []
+    code, modules, stderr = _loaded(tmp_path, "edge_fleet", "nosuch")
+    assert code == 2 and "invalid choice" in stderr
+    assert _forbidden_in(modules, FLEET_HELP_FORBIDDEN) == []
+
+
+def _device_config(tmp_path: Path) -> Path:
+    """A workable config (as test_preflight's): a folder registry, no signing key."""
+    registry = tmp_path / "registry"
+    (registry / "m").mkdir(parents=True)
+    (registry / "m" / "index.json").write_text('{"schema": 1, "model": "m", "versions": []}')
+    path = tmp_path / "config.yaml"
+    settings = {
+        "registry": {"url": registry.as_uri()},
+        "model": {"name": "m"},
+        "store": {"dir": str(tmp_path / "store")},
+        "telemetry": {"outbox": str(tmp_path / "outbox.sqlite")},
+        "source": {"type": "synthetic"},
+        "mqtt": {"url": "mqtt://127.0.0.1:9"},  # nothing listens: a warning, no client
+    }
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["check-config"]])
+def test_status_and_check_config_load_no_heavy_module(tmp_path: Path, command: list[str]) -> None:
+    config = _device_config(tmp_path)
+    code, modules, stderr = _loaded(tmp_path, "edge_agent", *command, "--config", str(config))
+    assert code == 0, stderr
+    assert "agent.config" in modules  # the command did run
+    assert _forbidden_in(modules, DEVICE_COMMAND_FORBIDDEN) == []
+
+
+# The daemon on a synthetic stream with an unsigned registry: no OpenCV (frames are
+# resized by numpy), no cryptography (no signature to check), no fleet or server code,
+# no Prometheus (metrics.listen unset).
+DAEMON_FORBIDDEN = (
+    "cv2",
+    "cryptography",
+    "prometheus_client",
+    "sqlalchemy",
+    "fastapi",
+    "uvicorn",
+    "jinja2",
+    "agent.fleet",
+    "agent.server",
+    "agent.metrics",
+    "pydantic",
+)
+
+DAEMON = """
+import json, sys
+from agent import entry
+out = sys.argv.pop(1)
+code = entry.edge_agent()
+with open(out, "w") as f:
+    json.dump(sorted(sys.modules), f)
+sys.exit(code)
+"""
+
+
+def test_the_daemon_on_a_synthetic_stream_loads_only_what_it_uses(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "v1.tflite").write_bytes(modelgen.colour_classifier())
+    (models / "colours.txt").write_text("red\ngreen\nblue\n")
+    publish_models(tmp_path / "registry", models, (1,))
+    settings = {
+        "device": {"id": "light"},
+        "model": {"name": MODEL},
+        "registry": {"url": (tmp_path / "registry").as_uri()},
+        "store": {"dir": str(tmp_path / "store"), "reserve_mb": 0},
+        "mqtt": {"url": "mqtt://127.0.0.1:9"},  # nothing listens: the outbox keeps it all
+        "source": {"type": "synthetic", "width": 320, "height": 240, "fps": 10},
+        "telemetry": {"outbox": str(tmp_path / "outbox.sqlite")},
+        "update": {"probation_s": 0},
+        "runtime": {"accelerator": "cpu", "threads": 1, "warmup_runs": 1},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    out, log = tmp_path / "modules.json", tmp_path / "agent.log"
+    with log.open("wb") as sink:
+        agent = subprocess.Popen(
+            [sys.executable, "-c", DAEMON, str(out), "run", "--config", str(config)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while "update to v1 succeeded" not in log.read_text(errors="replace"):
+                assert agent.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            time.sleep(1.0)  # frames resized and run, telemetry made
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(30) == 0, log.read_text()[-3000:]
+    modules = set(json.loads(out.read_text()))
+    assert {"agent.pipeline", "agent.runtime.resize", "agent.sources.synthetic"} <= modules
+    assert _forbidden_in(modules, DAEMON_FORBIDDEN) == []
+
+
+def test_the_light_parsers_repeat_the_owners_names() -> None:
+    from agent import config, logs, manifest, oneshot
+    from agent.fleet import publish, view
+
+    assert cli_parser.DEFAULT_CONFIG_PATH == config.DEFAULT_CONFIG_PATH
+    assert tuple(logs.LEVELS) == cli_parser.LOG_LEVELS
+    assert cli_parser.LOG_FORMATS == logs.FORMATS
+    assert (cli_parser.LOG_LEVEL_ENV, cli_parser.LOG_FORMAT_ENV) == (
+        logs.LEVEL_ENV,
+        logs.FORMAT_ENV,
+    )
+    assert cli_parser.TASK_CHOICES == oneshot.TASK_CHOICES
+    assert fleet_parser.TASKS == manifest.TASKS
+    assert fleet_parser.FOLLOWED == view.FOLLOWED
+    assert fleet_parser.DEFAULT_INDEX_EXPIRY_DAYS == publish.DEFAULT_INDEX_EXPIRY_DAYS
