@@ -11,348 +11,49 @@ Redirects are followed only within the registry's own origin.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import socket
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import BinaryIO, TypeVar
 
-import urllib3
-from urllib3.connectionpool import port_by_scheme
-from urllib3.util import parse_url
-
-from agent import __version__
 from agent.atomic import open_private
 from agent.backoff import backoff_delay
 from agent.config import RegistryConfig
 from agent.errors import RegistryError, StoreError, TransportError, VerificationError
 from agent.faults import crash_point
 from agent.hashing import BackgroundSha256
+from agent.transport import (
+    CLOSED_EARLY,
+    Body,
+    DeadlineError,
+    Fetched,
+    FileTransport,
+    NotFoundError,
+    RangeRefused,
+    Response,
+    Transport,
+    UnreachableError,
+    Watchdog,
+)
+
+__all__ = [  # the errors callers catch are defined with the transports
+    "DeadlineError",
+    "Fetched",
+    "NotFoundError",
+    "Progress",
+    "Registry",
+    "UnreachableError",
+]
 
 CHUNK = 1 << 20
-MAX_REDIRECTS = 5
 # Written bytes are handed to the disk every this many (writeback started, not waited
 # for): the fsync before a blob is installed then has little left to wait for, and a
 # broken-off download keeps more of its bytes through a power cut.
 WRITEBACK_BYTES = 16 << 20
-CLOSED_EARLY = "connection closed early"  # how _reason names a cut; _read calls it truncation
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
-
-
-class NotFoundError(RegistryError):
-    """The registry has no such file (HTTP 404/410, or no file under file://)."""
-
-
-class DeadlineError(TransportError):
-    """The overall deadline (registry.deadline_s) passed; not retried."""
-
-
-class UnreachableError(TransportError):
-    """No connection to the registry: refused, unknown host, no answer, TLS refused.
-
-    Raised at once when a fetch's first request meets it (a registry that is down is
-    said so in seconds, and the caller's own schedule retries); retried like any
-    transport error once the fetch has begun (a server restarting mid-download).
-    """
-
-
-class _RangeRefused(TransportError):
-    """HTTP 416: the partial file on disk does not fit the file on the server."""
-
-
-class _Body(Protocol):
-    def read1(self, amt: int = ..., /) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass
-class _Response:
-    body: _Body
-    start: int  # offset of the body's first byte in the file
-    length: int | None  # bytes the body declares, when it does
-    etag: str | None = None  # the validator to send as If-None-Match next time
-    not_modified: bool = False  # the file still has the ETag asked about; no body
-
-
-@dataclass(frozen=True)
-class Fetched:
-    """A conditional fetch: ``data`` None means unchanged since ``etag``."""
-
-    data: bytes | None
-    etag: str | None
-
-
-class _Transport(Protocol):
-    def open(
-        self, relpath: str, offset: int, deadline: float, etag: str | None = None
-    ) -> _Response: ...
-
-    def close(self) -> None: ...
-
-
-class _FileTransport:
-    """A registry folder on this machine (file:///srv/registry)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def open(
-        self, relpath: str, offset: int, deadline: float, etag: str | None = None
-    ) -> _Response:
-        path = self.root / relpath
-        try:
-            f = open(path, "rb")  # noqa: SIM115 - the caller closes the response body
-        except FileNotFoundError as exc:
-            raise NotFoundError(f"{path}: not found in the registry") from exc
-        except OSError as exc:
-            raise TransportError(f"{path}: cannot read: {exc.strerror}") from exc
-        stat = os.fstat(f.fileno())
-        tag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'  # as a web server makes one
-        if etag is not None and etag == tag and not offset:
-            f.close()
-            return _Response(io.BytesIO(), 0, 0, tag, not_modified=True)
-        start = min(offset, stat.st_size)
-        f.seek(start)
-        return _Response(f, start, stat.st_size - start, tag)
-
-    def close(self) -> None:
-        pass
-
-
-class _Watchdog:
-    """Shuts the current request's socket down when the overall deadline passes.
-
-    Per-read timeouts cannot bound a server that sends a header or body byte now and
-    then; this does, wherever the read is blocked (status line, headers, body).
-    """
-
-    _current = threading.local()  # the watchdog of this thread's transfer, if any
-
-    def __init__(self, seconds: float) -> None:
-        self.fired = False
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> _Watchdog:
-        _Watchdog._current.watchdog = self
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-        _Watchdog._current.watchdog = None
-
-    @classmethod
-    def watch(cls, sock: socket.socket | None) -> None:
-        """Put ``sock`` under this thread's watchdog (called as each request goes out)."""
-        watchdog: _Watchdog | None = getattr(cls._current, "watchdog", None)
-        if watchdog is not None and sock is not None:
-            with watchdog._lock:
-                watchdog._sock = sock
-                if watchdog.fired:
-                    _shut(sock)
-
-    def _fire(self) -> None:
-        with self._lock:
-            self.fired = True
-            if self._sock is not None:
-                _shut(self._sock)
-
-
-def _shut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-
-
-def _quick_ack(sock: socket.socket | None) -> None:
-    """Acknowledge the answer's first segments at once (Linux ``TCP_QUICKACK``).
-
-    A server that writes its headers and its body in two sends without TCP_NODELAY
-    (Python's http.server, some proxies) holds a small body back until the headers are
-    acknowledged; with a delayed ACK that costs 40 ms a request. A hint: ignored where
-    the option does not exist or is refused.
-    """
-    if sock is not None and hasattr(socket, "TCP_QUICKACK"):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-
-
-class _WatchedConnection(urllib3.connection.HTTPConnection):
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        super().request(*args, **kwargs)
-        _Watchdog.watch(self.sock)
-        _quick_ack(self.sock)
-
-
-class _WatchedTLSConnection(urllib3.connection.HTTPSConnection):
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        super().request(*args, **kwargs)
-        _Watchdog.watch(self.sock)
-        _quick_ack(self.sock)
-
-
-class _WatchedPool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _WatchedConnection
-
-
-class _WatchedTLSPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = _WatchedTLSConnection
-
-
-class _HttpTransport:
-    """A registry behind any web server, object store or CDN."""
-
-    def __init__(
-        self, base: str, ca: Path | None, timeout_s: float, connect_timeout_s: float
-    ) -> None:
-        self.timeout_s = timeout_s
-        self.connect_timeout_s = min(connect_timeout_s, timeout_s)
-        self.base = base if base.endswith("/") else base + "/"
-        self.origin = self._origin(self.base)
-        self.pool = urllib3.PoolManager(
-            num_pools=2,
-            ca_certs=str(ca) if ca is not None else None,
-            retries=False,  # retries are ours: they resume, and they respect the deadline
-        )
-        self.pool.pool_classes_by_scheme = {"http": _WatchedPool, "https": _WatchedTLSPool}
-
-    @staticmethod
-    def _origin(url: str) -> tuple[str, str, int | None]:
-        """(scheme, host, port) as urllib3 reads ``url``: the parser that connects.
-
-        Raises urllib3's LocationParseError (a ValueError) when it cannot be parsed.
-        """
-        parts = parse_url(url)
-        scheme = (parts.scheme or "http").lower()
-        return scheme, (parts.host or "").lower(), parts.port or port_by_scheme.get(scheme)
-
-    def open(
-        self, relpath: str, offset: int, deadline: float, etag: str | None = None
-    ) -> _Response:
-        url = self.base + urllib.parse.quote(relpath)
-        headers = {"User-Agent": f"edge-agent/{__version__}", "Accept-Encoding": "identity"}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
-        elif etag is not None:
-            headers["If-None-Match"] = etag
-        for _ in range(MAX_REDIRECTS + 1):
-            timeout = min(self.timeout_s, deadline - time.monotonic())
-            if timeout <= 0:
-                raise DeadlineError(f"{url}: overall deadline exceeded (registry.deadline_s)")
-            try:
-                resp = self.pool.request(
-                    "GET",
-                    url,
-                    headers=headers,
-                    redirect=False,
-                    preload_content=False,
-                    decode_content=False,
-                    timeout=urllib3.Timeout(
-                        connect=min(self.connect_timeout_s, timeout), read=timeout
-                    ),
-                )
-            except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.SSLError) as exc:
-                # NewConnectionError (refused, DNS) is a ConnectTimeoutError in urllib3 2
-                raise UnreachableError(f"{url}: {self._unreachable(url, exc)}") from exc
-            except urllib3.exceptions.HTTPError as exc:
-                raise TransportError(f"{url}: {_reason(exc)}") from exc
-            if resp.status in (301, 302, 303, 307, 308):
-                location = resp.headers.get("Location", "")
-                resp.close()  # unread body: never hand the connection back
-                url = self._redirect(url, location)
-                continue
-            return self._accept(url, resp, offset)
-        raise RegistryError(f"{url}: more than {MAX_REDIRECTS} redirects")
-
-    def _redirect(self, url: str, location: str) -> str:
-        """The URL to follow for ``Location: location``, judged as urllib3 will connect.
-
-        The origin is judged by urllib3's own ``parse_url``, and the URL it returns is
-        exactly the one judged, so no second parser can read another host out of it.
-        Raises RegistryError for a Location off the registry's origin, one with
-        user-info, a backslash, whitespace or control characters, or one that does not
-        parse.
-        """
-        if "\\" in location or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in location):
-            raise RegistryError(
-                f"{url}: redirect to {location!r} refused: a Location with a backslash, "
-                "whitespace or control characters is read differently by different "
-                "parsers; fix the server's redirect"
-            )
-        try:
-            target = parse_url(urllib.parse.urljoin(url, location))
-            origin = self._origin(target.url)
-        except ValueError:
-            raise RegistryError(f"{url}: unusable redirect to {location!r}") from None
-        if target.auth is not None:
-            raise RegistryError(
-                f"{url}: redirect to {location!r} refused: it carries user-info (name@host); "
-                "fix the server's redirect"
-            )
-        if origin != self.origin:
-            raise RegistryError(
-                f"{url}: redirected to another host ({target.url}); refused, "
-                "only redirects within the registry's origin are followed"
-            )
-        return target.url
-
-    def _unreachable(self, url: str, exc: urllib3.exceptions.HTTPError) -> str:
-        """Why no connection was made, for an operator: refused, DNS, timeout or TLS."""
-        host = urllib.parse.urlsplit(url).hostname
-        if isinstance(exc, urllib3.exceptions.NameResolutionError):
-            return f"cannot connect: host {host} not found (DNS)"
-        if isinstance(exc, urllib3.exceptions.NewConnectionError):
-            if isinstance(exc.__cause__, ConnectionRefusedError):
-                return "cannot connect: connection refused (is the registry running?)"
-            return _reason(exc)
-        if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
-            return (
-                f"cannot connect: no answer within {self.connect_timeout_s:g} s "
-                "(registry.connect_timeout_s)"
-            )
-        return _reason(exc)
-
-    @staticmethod
-    def _accept(url: str, resp: urllib3.BaseHTTPResponse, offset: int) -> _Response:
-        status = resp.status
-        etag = resp.headers.get("ETag")
-        if status == 304:
-            resp.close()
-            return _Response(io.BytesIO(), 0, 0, etag, not_modified=True)
-        if status in (200, 206):
-            declared = resp.headers.get("Content-Length")
-            length = (
-                int(declared) if declared and declared.isascii() and declared.isdigit() else None
-            )
-            start = 0
-            if status == 206:
-                content_range = resp.headers.get("Content-Range", "")
-                try:
-                    start = int(content_range.split()[1].split("-")[0])
-                except (IndexError, ValueError):
-                    resp.close()  # unread body: never hand the connection back
-                    raise TransportError(f"{url}: bad Content-Range {content_range!r}") from None
-            return _Response(resp, start, length, etag)
-        resp.close()  # unread body: never hand the connection back
-        if status in (404, 410):
-            raise NotFoundError(f"{url}: not found (HTTP {status})")
-        if status == 416 and offset:
-            raise _RangeRefused(f"{url}: HTTP 416 for a resume at byte {offset}")
-        if status >= 500 or status in (408, 429):
-            raise TransportError(f"{url}: HTTP {status}")
-        raise RegistryError(f"{url}: HTTP {status}")
-
-    def close(self) -> None:
-        self.pool.clear()
 
 
 def _start_writeback(f: BinaryIO, offset: int, length: int) -> None:
@@ -370,24 +71,6 @@ def _start_writeback(f: BinaryIO, offset: int, length: int) -> None:
 
 def _attempts(n: int) -> str:
     return f"{n} attempt{'s' if n != 1 else ''}"
-
-
-def _reason(exc: BaseException) -> str:
-    """What a urllib3 error means, in one short phrase for an operator."""
-    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
-        return "no data within the read timeout (registry.timeout_s)"
-    if isinstance(exc, urllib3.exceptions.SSLError):
-        return f"TLS failed: {exc.args[0] if exc.args else exc} (is registry.ca right?)"
-    if isinstance(exc, urllib3.exceptions.NewConnectionError):  # before its base class
-        return f"cannot connect: {str(exc).rsplit(': ', 1)[-1]}"
-    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
-        return "connect timed out (registry.connect_timeout_s)"
-    if isinstance(exc, urllib3.exceptions.ProtocolError):
-        if "IncompleteRead" in str(exc) or "InvalidChunkLength" in str(exc):
-            return CLOSED_EARLY
-        return f"connection broken: {exc.args[0] if exc.args else exc}"
-    reason = getattr(exc, "reason", None)
-    return str(reason or exc)
 
 
 class Registry:
@@ -412,13 +95,15 @@ class Registry:
         self.backoff_s = backoff_s
         self.backoff_cap_s = backoff_cap_s
         self.received_bytes = 0  # file body bytes download() took off the network
-        self.transport: _Transport
+        self.transport: Transport
         if url.startswith("file://"):
-            self.transport = _FileTransport(
+            self.transport = FileTransport(
                 Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
             )
-        else:
-            self.transport = _HttpTransport(url, ca, timeout_s, connect_timeout_s)
+        else:  # urllib3 is imported only for a registry served over HTTP
+            from agent.transport_http import HttpTransport
+
+            self.transport = HttpTransport(url, ca, timeout_s, connect_timeout_s)
 
     @classmethod
     def from_config(cls, config: RegistryConfig) -> Registry:
@@ -439,7 +124,7 @@ class Registry:
 
     def _retrying(self, what: str, deadline: float, attempt_once: Callable[[], T]) -> T:
         attempt = 0
-        with _Watchdog(deadline - time.monotonic()) as watchdog:
+        with Watchdog(deadline - time.monotonic()) as watchdog:
             while True:
                 try:
                     return attempt_once()
@@ -572,7 +257,7 @@ class Registry:
                 return digest.hexdigest()
             try:
                 resp = self.transport.open(relpath, offset, deadline)
-            except _RangeRefused:
+            except RangeRefused:
                 f.truncate(0)  # the server's file is not the one we began: start over
                 raise
             try:
@@ -600,7 +285,7 @@ class Registry:
     def _receive(
         self,
         relpath: str,
-        resp: _Response,
+        resp: Response,
         f: BinaryIO,
         part: Path,
         offset: int,
@@ -652,7 +337,7 @@ class Registry:
         return digest.hexdigest()
 
     def _read(
-        self, body: _Body, relpath: str, deadline: float, done: int = 0, size: int | None = None
+        self, body: Body, relpath: str, deadline: float, done: int = 0, size: int | None = None
     ) -> bytes:
         if time.monotonic() > deadline:
             got = f" ({done} of {size} bytes)" if size is not None else ""
@@ -661,8 +346,8 @@ class Registry:
             )
         try:
             return body.read1(CHUNK)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            reason = _reason(exc) if isinstance(exc, urllib3.exceptions.HTTPError) else str(exc)
+        except OSError as exc:  # BodyBroken names an HTTP failure in a short phrase
+            reason = str(exc)
             at = f" at {done} of {size} bytes" if size is not None else ""
             verb = "truncated" if reason == CLOSED_EARLY else "transfer broke off"
             raise TransportError(f"{relpath}: {verb}{at} ({reason})") from exc
