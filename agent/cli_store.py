@@ -159,7 +159,7 @@ def cmd_models_pull(
     from agent.progress import ProgressLine, interrupted_text
     from agent.pull import Updater
     from agent.registry import Registry
-    from agent.update import note_offline_pull
+    from agent.update.journal import note_offline_pull
 
     found = local.reach(config)
     if found.status is not None:

@@ -46,7 +46,7 @@ from agent.sources import make_source
 from agent.store import Release, Store
 from agent.sysinfo import SystemProbe
 from agent.telemetry import Telemetry, Topics
-from agent.update import Updates
+from agent.update.worker import Updates
 
 if TYPE_CHECKING:
     import numpy as np

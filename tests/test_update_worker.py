@@ -20,9 +20,9 @@ import pytest
 from agent.commands import CommandError
 from agent.config import Config, config_from_dict
 from agent.store import Pointer, Release, Store
-from agent.update import Updates
 from agent.update.journal import JOURNAL, parse
 from agent.update.policy import Failed
+from agent.update.worker import Updates
 
 
 class Recorder:

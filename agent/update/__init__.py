@@ -33,48 +33,7 @@ The package, as python-tuf splits rules from I/O:
   ``Steps`` protocol; ``DeviceSteps`` is the real one.
 - ``worker``: ``Updates``, the one thread that owns the state and runs the loop.
 
-(``agent.pull`` is one pull: fetch, verify, stage into the store.)
+(``agent.pull`` is one pull: fetch, verify, stage into the store.) The package itself
+imports nothing: ``edge-agent models pull`` needs only the journal
+(``journal.note_offline_pull``), not the worker and its MQTT.
 """
-
-from __future__ import annotations
-
-from pathlib import Path
-
-from agent.store import Pointer, Release, Store
-from agent.update.journal import JOURNAL, LOCAL_OFFLINE, Attempt, Journal
-from agent.update.steps import DeviceSteps, Serving, Steps, Validate
-from agent.update.worker import Reporter, Updates
-
-__all__ = [
-    "JOURNAL",
-    "LOCAL_OFFLINE",
-    "Attempt",
-    "DeviceSteps",
-    "Reporter",
-    "Serving",
-    "Steps",
-    "Updates",
-    "Validate",
-    "note_offline_pull",
-]
-
-
-def note_offline_pull(store: Store, release: Release, previous: Pointer | None) -> None:
-    """Journal an activation by ``edge-agent models pull`` while no agent runs.
-
-    The next start finds it ``validating`` (source ``local-offline``): the agent runs
-    the gate before serving it, then probation, and goes back to ``previous`` when
-    either fails. Call it before activating, holding the agent lock. A damaged journal
-    is set aside first (logged).
-    """
-    journal = Journal.load(Path(store.root) / JOURNAL)
-    attempt = Attempt.new(
-        release.model,
-        release.version,
-        LOCAL_OFFLINE,
-        None,
-        (previous.model, previous.version) if previous else None,
-    )
-    attempt.phase, attempt.clean_stop = "validating", True
-    journal.doc.attempt = attempt
-    journal.save()

@@ -21,11 +21,14 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from agent.atomic import read_bounded, write_atomic
 from agent.contract import UPDATE_OUTCOMES, UPDATE_PHASES, UpdateDoc, UpdateOutcome, UpdatePhase
 from agent.repairs import Repair
+
+if TYPE_CHECKING:
+    from agent.store import Pointer, Release, Store
 
 log = logging.getLogger(__name__)
 
@@ -356,3 +359,24 @@ class Journal:
             write_atomic(self.path, self.doc.to_bytes())
         except (OSError, ValueError) as exc:
             log.error("cannot write %s: %s", self.path, exc)
+
+
+def note_offline_pull(store: Store, release: Release, previous: Pointer | None) -> None:
+    """Journal an activation by ``edge-agent models pull`` while no agent runs.
+
+    The next start finds it ``validating`` (source ``local-offline``): the agent runs
+    the gate before serving it, then probation, and goes back to ``previous`` when
+    either fails. Call it before activating, holding the agent lock. A damaged journal
+    is set aside first (logged).
+    """
+    journal = Journal.load(Path(store.root) / JOURNAL)
+    attempt = Attempt.new(
+        release.model,
+        release.version,
+        LOCAL_OFFLINE,
+        None,
+        (previous.model, previous.version) if previous else None,
+    )
+    attempt.phase, attempt.clean_stop = "validating", True
+    journal.doc.attempt = attempt
+    journal.save()
