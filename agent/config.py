@@ -71,6 +71,15 @@ def check_url(value: str, schemes: tuple[str, ...]) -> str:
     return value
 
 
+def _auto_or(high: int) -> Any:
+    def check(value: object) -> object:
+        if value == "auto" or (type(value) is int and 1 <= value <= high):
+            return value
+        raise PydanticCustomError("auto_or_count", f"must be auto or a whole number 1..{high}")
+
+    return check
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -202,7 +211,17 @@ class RuntimeConfig(_Section):
         min_length=1,
         description="The Edge TPU delegate library (a name the loader finds, or a path).",
     )
-    threads: int = Field(default=2, ge=1, le=64, description="CPU interpreter threads.")
+    threads: Annotated[int | Literal["auto"], BeforeValidator(_auto_or(64))] = Field(
+        default=2,
+        description="CPU threads of each interpreter (1..64), or auto: chosen with "
+        "runtime.interpreters by a short calibration at model load.",
+    )
+    interpreters: Annotated[int | Literal["auto"], BeforeValidator(_auto_or(16))] = Field(
+        default=1,
+        description="Interpreters serving frames side by side (1..16), each of one thread "
+        "when more than one, results kept in frame order; auto: chosen by a short "
+        "calibration at model load. The Edge TPU keeps one.",
+    )
     invoke_timeout_ms: float = Field(
         default=2000,
         gt=0,

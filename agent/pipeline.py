@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 from agent import logs
 from agent.backoff import backoff_delay
-from agent.contract import EventName, InferenceDoc
+from agent.contract import EventName, InferenceDoc, RuntimeDoc
 from agent.errors import EdgeAgentError
 from agent.sources.base import EndOfStream, Source, SourceError
+from agent.workers import Pool
 
 if TYPE_CHECKING:
     import numpy as np
@@ -94,6 +95,7 @@ class Stats:
     model: str
     version: int | None
     source_connected: bool
+    runtime: RuntimeDoc | None = None  # interpreters and threads: in the state, not here
 
     def to_dict(self) -> InferenceDoc:
         """Telemetry's ``inference``: the fields in order, floats to 2 decimals."""
@@ -155,13 +157,24 @@ class _Slot:
             self._cond.notify_all()
             return replaced
 
-    def take(self, timeout: float) -> Any:
+    def take(self, timeout: float, ready: Callable[[], bool] | None = None) -> Any:
+        """The item, or None after ``timeout`` or as soon as ``ready()`` holds."""
         with self._cond:
-            if self._item is None:
+            if self._item is None and not (ready and ready()):
                 self._cond.wait(timeout)
             item, self._item = self._item, None
             self._cond.notify_all()
             return item
+
+    def until(self, ready: Callable[[], bool], timeout: float) -> None:
+        """Wait (without taking) until ``ready()`` holds, at most ``timeout``."""
+        with self._cond:
+            self._cond.wait_for(ready, timeout)
+
+    def wake(self) -> None:
+        """Another thread changed what ``ready`` looks at."""
+        with self._cond:
+            self._cond.notify_all()
 
 
 def rate(times: list[float]) -> float:
@@ -216,6 +229,7 @@ class Pipeline:
         self._invoke: tuple[int, float] | None = None
         self._stalls = 0
         self._infer_thread: threading.Thread | None = None
+        self._pool: Pool | None = None  # with runtime.interpreters > 1: agent/workers.py
         # counters: each is written by one thread at a time (capture, or the serving
         # inference thread; the watchdog counts stalls)
         self._frames = 0
@@ -342,6 +356,7 @@ class Pipeline:
             model=model.name,
             version=model.version,
             source_connected=self._connected,
+            runtime=model.choice.to_dict(),
         )
 
     def last_frame(self) -> np.ndarray | None:
@@ -452,6 +467,10 @@ class Pipeline:
         if recover_reason is not None and not self._recover(recover_reason, generation):
             return
         while not self._stop.is_set() and generation == self._generation:
+            if (self._pending or self._model).workers > 1:
+                if self._pool_loop():
+                    return
+                continue
             item = self._slot.take(0.1)
             if item is None:  # no frame (a source reconnecting): a swap still happens
                 self._switch_if_pending()
@@ -488,6 +507,46 @@ class Pipeline:
                 log.warning("frame %d: %s: %s", item.index, type(exc).__name__, exc)
                 continue
             self._emit(item, model, output, started, finished)
+
+    def _pool_loop(self) -> bool:
+        """Serve a model of several interpreters (CPU only: never watched) until the
+        stream ends (True), or a swap brings a model of one (False)."""
+        if self._pool is None:
+            self._pool = Pool(self._spawn, self._stop, self._slot.wake)
+        pool = self._pool
+        while not self._stop.is_set():
+            for job in pool.take_done():  # in frame order
+                if job.error is not None:
+                    self._infer_errors += 1
+                    log.warning("frame %d: %s", job.item.index, job.error)
+                else:
+                    assert job.output is not None
+                    self._emit(job.item, job.model, job.output, job.started, job.finished)
+            if self._pending is not None or self._model.workers == 1:
+                if not pool.idle:  # the whole set is replaced between two frames
+                    self._slot.until(pool.ready, 0.1)
+                    continue
+                self._switch_if_pending()
+                if self._model.workers == 1:
+                    return False
+            worker = pool.free(self._model.workers)
+            if worker is None:
+                self._slot.until(pool.ready, 0.1)
+                continue
+            item = self._slot.take(0.1, pool.ready)
+            if item is _END:
+                while not pool.idle and not self._stop.is_set():
+                    self._slot.until(pool.ready, 0.1)
+                    for job in pool.take_done():
+                        if job.output is not None:
+                            self._emit(job.item, job.model, job.output, job.started, job.finished)
+                        else:
+                            self._infer_errors += 1
+                self._finished.set()
+                return True
+            if item is not None:
+                pool.submit(item, self._model, worker)
+        return True
 
     def _begin(self, generation: int, model: LoadedModel) -> float:
         started = time.monotonic()
