@@ -73,6 +73,8 @@ def check_url(value: str, schemes: tuple[str, ...]) -> str:
 
 def _auto_or(high: int) -> Any:
     def check(value: object) -> object:
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            value = int(value)  # from an environment variable
         if value == "auto" or (type(value) is int and 1 <= value <= high):
             return value
         raise PydanticCustomError("auto_or_count", f"must be auto or a whole number 1..{high}")
