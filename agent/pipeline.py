@@ -16,6 +16,10 @@ Between capture and inference is one slot holding the latest frame. A live sourc
 overwritten frame is counted as dropped. A file played as fast as possible
 (``fps: 0``) waits for the slot instead, and no frame is dropped.
 
+With several interpreters (``runtime.interpreters``), the inference thread hands
+frames to one worker thread per interpreter and gives out the results in frame order
+(agent/workers.py); a swap waits for the frames in flight, then replaces the whole set.
+
 ``swap`` puts in a new model that was loaded and warmed up beside the running one;
 the inference thread switches between two frames, so no frame is lost and none
 sees a half-loaded model. Every result names the model version that produced it.
@@ -515,13 +519,7 @@ class Pipeline:
             self._pool = Pool(self._spawn, self._stop, self._slot.wake)
         pool = self._pool
         while not self._stop.is_set():
-            for job in pool.take_done():  # in frame order
-                if job.error is not None:
-                    self._infer_errors += 1
-                    log.warning("frame %d: %s", job.item.index, job.error)
-                else:
-                    assert job.output is not None
-                    self._emit(job.item, job.model, job.output, job.started, job.finished)
+            self._hand_out(pool)
             if self._pending is not None or self._model.workers == 1:
                 if not pool.idle:  # the whole set is replaced between two frames
                     self._slot.until(pool.ready, 0.1)
@@ -537,16 +535,20 @@ class Pipeline:
             if item is _END:
                 while not pool.idle and not self._stop.is_set():
                     self._slot.until(pool.ready, 0.1)
-                    for job in pool.take_done():
-                        if job.output is not None:
-                            self._emit(job.item, job.model, job.output, job.started, job.finished)
-                        else:
-                            self._infer_errors += 1
+                    self._hand_out(pool)
                 self._finished.set()
                 return True
             if item is not None:
                 pool.submit(item, self._model, worker)
         return True
+
+    def _hand_out(self, pool: Pool) -> None:
+        for job in pool.take_done():  # in frame order
+            if job.output is None:
+                self._infer_errors += 1
+                log.warning("frame %d: %s", job.item.index, job.error)
+            else:
+                self._emit(job.item, job.model, job.output, job.started, job.finished)
 
     def _begin(self, generation: int, model: LoadedModel) -> float:
         started = time.monotonic()

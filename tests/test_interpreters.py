@@ -20,12 +20,13 @@ import pytest
 from agent.config import RuntimeConfig, parse_config
 from agent.errors import ConfigError
 from agent.pipeline import Pipeline, Result
-from agent.runtime import LoadedModel, ModelFiles, load_model
+from agent.runtime import BACKENDS, LoadedModel, ModelFiles, load_model
 from agent.runtime import calibrate as calibration
 from agent.runtime.backends import CpuBackend
 from agent.runtime.calibrate import Candidate, Measurement, candidates, choose
 from agent.sources import MemorySource, pattern_frames
 from tests.conftest import Models
+from tests.test_pipeline import FlakyTpu
 
 FRAMES = pattern_frames(64, 48)
 
@@ -301,3 +302,50 @@ def test_edgetpu_keeps_one_interpreter_and_says_so(
     cpu = load_model(both, RuntimeConfig(warmup_runs=1, interpreters=3), accelerator="cpu")
     assert cpu.backend_name == "cpu" and cpu.workers == 3
     cpu.close()
+
+
+def test_stalled_tpu_is_watched_alone_then_the_cpu_variant_serves_on_several_in_order(
+    models: Models,
+) -> None:
+    """interpreters: 3 with an Edge TPU: one interpreter on the TPU, its invokes watched;
+    after a stall the cpu variant takes over on three interpreters, results in order."""
+    plan: dict[str, Any] = {"stall_at": 31, "stalled": threading.Event(), "refuse_reload": True}
+    files = ModelFiles(
+        name="colours",
+        version=7,
+        task="raw",
+        cpu=models.path("v1.tflite"),
+        edgetpu=models.path("v2.tflite"),
+    )
+    runtime = RuntimeConfig(warmup_runs=1, interpreters=3, threads=1)
+    backends = {"edgetpu": lambda runtime: FlakyTpu(plan), "cpu": BACKENDS["cpu"]}
+
+    def reload(files: ModelFiles, accelerator: str) -> LoadedModel:
+        return load_model(files, runtime, accelerator=accelerator, backends=backends)
+
+    model = reload(files, "auto")
+    assert model.backend_name == "edgetpu" and model.workers == 1
+    assert "one interpreter per Edge TPU" in model.choice.note
+    got: list[Result] = []
+    events: list[str] = []
+    pipeline = Pipeline(
+        MemorySource(FRAMES * 10),
+        model,
+        got.append,
+        lambda name, detail: events.append(name),
+        invoke_timeout_s=0.3,
+        reload=reload,
+    )
+    pipeline.start()
+    try:
+        assert pipeline.wait(30)
+    finally:
+        pipeline.stop()
+        plan["stalled"].set()
+    assert events == ["accelerator_lost", "accelerator_fallback", "source_ended"]
+    assert pipeline.model.backend_name == "cpu" and pipeline.model.workers == 3
+    frames = [r.frame for r in got]
+    assert frames == [f for f in range(300) if f != 29]  # the stalled frame is lost
+    backends_seen = [r.backend for r in got]
+    switch = backends_seen.index("cpu")
+    assert backends_seen == ["edgetpu"] * switch + ["cpu"] * (len(got) - switch)

@@ -116,7 +116,7 @@ _chosen_lock = threading.Lock()
 
 
 def remembered(key: tuple[object, ...]) -> Candidate | None:
-    """An earlier calibration's choice for ``key`` (model name, backend, file size).
+    """An earlier calibration's choice for ``key`` (model name, backend).
 
     A hot swap to the next version of a model reuses it: calibrating beside the running
     pipeline would measure the contention, and take the cores the stream needs.
