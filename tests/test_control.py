@@ -123,6 +123,7 @@ def test_status_shows_what_the_daemon_serves(
     text = _cli(agent, "status").stdout
     assert f"daemon:   running (pid {agent.proc.pid}" in text
     assert f"serving:  {MODEL} v1 on cpu:" in text and "fps" in text
+    assert "; 1 interpreter x 2 threads (config)" in text  # runtime.interpreters, .threads
     assert "broker:   none configured" in text
     assert agent.terminate() == 0
     assert not _socket(agent).exists()
