@@ -156,9 +156,11 @@ def test_candidates(interpreters: Any, threads: Any, ncores: int, expected: Any)
         ({C(1, 1): 60, C(2, 1): 62, C(1, 2): 61}, C(1, 1)),  # within 5 %: the cheapest
         ({C(1, 1): 100, C(2, 1): 90, C(1, 2): 180}, C(1, 2)),  # threads scale better
         ({C(1, 1): 100, C(2, 1): 104, C(1, 2): 105}, C(1, 1)),
-        ({C(1, 1): 100, C(2, 1): 110, C(1, 2): 106}, C(1, 2)),  # 1x2 within 5 % of 2x1
-        ({C(1, 1): 100, C(2, 1): 112, C(1, 2): 106}, C(2, 1)),  # >5 % over the others
-        ({C(1, 2): 80, C(2, 1): 80}, C(1, 2)),  # a tie: fewer interpreters (memory)
+        ({C(1, 1): 100, C(2, 1): 106, C(1, 2): 110}, C(2, 1)),  # within 5 %, on 2 cores:
+        # interpreters before threads (the pipeline's own work overlaps their invokes)
+        ({C(1, 1): 100, C(2, 1): 100, C(1, 2): 112}, C(1, 2)),  # >5 % over the others
+        ({C(1, 2): 80, C(2, 1): 80}, C(2, 1)),
+        ({C(1, 1): 100, C(2, 1): 103, C(1, 2): 180, C(1, 4): 185, C(4, 1): 186}, C(1, 2)),
         ({C(3, 1): 10}, C(3, 1)),
         ({C(1, 1): 0.0, C(2, 1): 0.0}, C(1, 1)),
     ],
