@@ -234,6 +234,9 @@ class Pipeline:
         self._stalls = 0
         self._infer_thread: threading.Thread | None = None
         self._pool: Pool | None = None  # with runtime.interpreters > 1: agent/workers.py
+        # A file played as fast as possible queues a next frame at each interpreter; a
+        # live source never does (it would serve an older frame, later).
+        self._depth = 1 if source.live else 2
         # counters: each is written by one thread at a time (capture, or the serving
         # inference thread; the watchdog counts stalls)
         self._frames = 0
@@ -527,7 +530,7 @@ class Pipeline:
                 self._switch_if_pending()
                 if self._model.workers == 1:
                     return False
-            worker = pool.free(self._model.workers)
+            worker = pool.free(self._model.workers, self._depth)
             if worker is None:
                 self._slot.until(pool.ready, 0.1)
                 continue

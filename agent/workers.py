@@ -64,13 +64,19 @@ class Pool:
         self._queues: list[queue.Queue[Job]] = []
         self._inflight: deque[Job] = deque()
 
-    def free(self, workers: int) -> int | None:
-        """A worker below ``workers`` with no running job, or None (also when enough
-        finished jobs wait behind a slow head)."""
-        if len(self._inflight) >= BACKLOG * workers:
+    def free(self, workers: int, depth: int = 1) -> int | None:
+        """The worker below ``workers`` with the fewest unfinished jobs, when that is
+        under ``depth``; None otherwise, or when enough finished jobs wait behind a
+        slow head. With ``depth`` 2 a next frame waits at each worker, which starts it
+        as soon as its invoke ends instead of waiting for the dispatcher."""
+        if len(self._inflight) >= (BACKLOG + depth) * workers:
             return None
-        busy = {job.worker for job in self._inflight if not job.done.is_set()}
-        return next((i for i in range(workers) if i not in busy), None)
+        load = [0] * workers
+        for job in self._inflight:
+            if job.worker < workers and not job.done.is_set():
+                load[job.worker] += 1
+        least = min(range(workers), key=load.__getitem__)
+        return least if load[least] < depth else None
 
     def submit(self, item: Any, model: LoadedModel, worker: int) -> None:
         while len(self._queues) <= worker:  # threads are started on first need

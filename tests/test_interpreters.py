@@ -121,6 +121,33 @@ def test_swap_with_several_interpreters_replaces_the_whole_set_between_two_frame
     assert [d["version"] for n, d in events if n == "model_swapped"] == [2, 4]
 
 
+def test_a_live_source_with_several_interpreters_drops_old_frames_results_in_order(
+    models: Models,
+) -> None:
+    """A "camera" faster than the model: frames are dropped (counted), never queued at
+    the interpreters, and what is served still comes out in frame order."""
+    got: list[Result] = []
+
+    def slow(result: Result) -> None:
+        got.append(result)
+        time.sleep(0.002)  # a consumer slower than the camera
+
+    source = MemorySource(FRAMES, loop=True, live=True)
+    pipeline = Pipeline(source, several(models, 1, 2), slow)
+    pipeline.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(got) < 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        pipeline.stop()
+    frames = [r.frame for r in got]
+    assert frames == sorted(set(frames))  # strictly increasing
+    stats = pipeline.stats()
+    assert stats.dropped > 0 and stats.frames >= stats.results + stats.dropped
+
+
 # -- the calibration's rules -----------------------------------------------------------
 
 C = Candidate
