@@ -7,7 +7,7 @@
     interpret, one after another) on a real video file (MJPG .avi written with
     OpenCV). Goal: >= 1.3 on 2 cores.
 
-(c) with ``--interpreters N|auto`` (runtime.interpreters; auto also sets runtime.threads:
+(d) with ``--interpreters N|auto`` (runtime.interpreters; auto also sets runtime.threads:
     auto, chosen by the calibration at load): pipeline fps on the model loaded so / the
     best bare single-interpreter loop over threads 1 and 2, each round (goal >= 1.0), and
     the same pipeline / the naive sequential loop of (b) (one interpreter of --threads),
@@ -86,7 +86,7 @@ def against_best_single(
     seconds: float,
     rounds: int,
 ) -> tuple[Comparison, Comparison]:
-    """(c): ``model`` (several interpreters, or calibrated) against the best bare single
+    """(d): ``model`` (several interpreters, or calibrated) against the best bare single
     interpreter of ``singles``; then against the naive loop on ``naive``."""
 
     def bare_best() -> float:
@@ -126,9 +126,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--interpreters", default=None, help="N or auto: adds figure (c)")
+    parser.add_argument("--interpreters", default=None, help="N or auto: adds figure (d)")
     parser.add_argument("--only", default="", help="the models whose name contains this")
-    parser.add_argument("--skip-ab", action="store_true", help="figure (c) alone")
+    parser.add_argument("--skip-ab", action="store_true", help="figure (d) alone")
     args = parser.parse_args()
     runtime = RuntimeConfig(threads=args.threads)
     pool = None
@@ -162,7 +162,7 @@ def main() -> None:
                 several = load_model(files, pool)
                 chosen = several.choice
                 print(
-                    f"(c) {name[:-7]}: {chosen.interpreters} interpreter(s) x "
+                    f"(d) {name[:-7]}: {chosen.interpreters} interpreter(s) x "
                     f"{chosen.threads} thread(s) ({chosen.chosen_by})"
                 )
                 singles = [load_model(files, RuntimeConfig(threads=n)) for n in (1, 2)]
@@ -170,8 +170,8 @@ def main() -> None:
                 bare, against_naive = against_best_single(
                     several, singles, naive, frames, video, args.seconds, args.rounds
                 )
-                show(f"(c) {name[:-7]} ({size}), memory", bare, 1.0)
-                show(f"(c) {name[:-7]} ({size}), 720p video", against_naive, 1.3)
+                show(f"(d) {name[:-7]} ({size}), memory", bare, 1.0)
+                show(f"(d) {name[:-7]} ({size}), 720p video", against_naive, 1.3)
                 for loaded in (several, naive, *singles):
                     loaded.close()
 
