@@ -18,7 +18,8 @@ overwritten frame is counted as dropped. A file played as fast as possible
 
 With several interpreters (``runtime.interpreters``), the inference thread hands
 frames to one worker thread per interpreter and gives out the results in frame order
-(agent/workers.py); a swap waits for the frames in flight, then replaces the whole set.
+(agent/workers.py); a swap takes effect at the next frame handed out, while the frames
+in flight finish on the old set.
 
 ``swap`` puts in a new model that was loaded and warmed up beside the running one;
 the inference thread switches between two frames, so no frame is lost and none
@@ -517,33 +518,50 @@ class Pipeline:
 
     def _pool_loop(self) -> bool:
         """Serve a model of several interpreters (CPU only: never watched) until the
-        stream ends (True), or a swap brings a model of one (False)."""
+        stream ends (True), or a swap brings a model of one (False).
+
+        A swap to another model of several takes effect at the next frame handed out:
+        the frames in flight finish on the old one (each job names its model; results
+        still come out in frame order, so versions never go back), which is closed once
+        its last job is done. A swap to a model of one waits for the frames in flight.
+        """
         if self._pool is None:
             self._pool = Pool(self._spawn, self._stop, self._slot.wake)
         pool = self._pool
-        while not self._stop.is_set():
-            self._hand_out(pool)
-            if self._pending is not None or self._model.workers == 1:
-                if not pool.idle:  # the whole set is replaced between two frames
+        retired: list[LoadedModel] = []
+        try:
+            while not self._stop.is_set():
+                self._hand_out(pool)
+                for old in [m for m in retired if not pool.uses(m)]:
+                    retired.remove(old)
+                    old.close()
+                pending = self._pending
+                if pending is not None and pending.workers > 1:
+                    self._switch_if_pending(retired.append)
+                elif pending is not None or self._model.workers == 1:
+                    if not pool.idle:
+                        self._slot.until(pool.ready, 0.1)
+                        continue
+                    self._switch_if_pending()
+                    if self._model.workers == 1:
+                        return False
+                worker = pool.free(self._model.workers, self._depth)
+                if worker is None:
                     self._slot.until(pool.ready, 0.1)
                     continue
-                self._switch_if_pending()
-                if self._model.workers == 1:
-                    return False
-            worker = pool.free(self._model.workers, self._depth)
-            if worker is None:
-                self._slot.until(pool.ready, 0.1)
-                continue
-            item = self._slot.take(0.1, pool.ready)
-            if item is _END:
-                while not pool.idle and not self._stop.is_set():
-                    self._slot.until(pool.ready, 0.1)
-                    self._hand_out(pool)
-                self._finished.set()
-                return True
-            if item is not None:
-                pool.submit(item, self._model, worker)
-        return True
+                item = self._slot.take(0.1, pool.ready)
+                if item is _END:
+                    while not pool.idle and not self._stop.is_set():
+                        self._slot.until(pool.ready, 0.1)
+                        self._hand_out(pool)
+                    self._finished.set()
+                    return True
+                if item is not None:
+                    pool.submit(item, self._model, worker)
+            return True
+        finally:
+            for old in retired:  # stopping: a job still running holds its interpreter
+                old.close()
 
     def _hand_out(self, pool: Pool) -> None:
         for job in pool.take_done():  # in frame order
@@ -570,7 +588,9 @@ class Pipeline:
             self._invoke = None
             return True
 
-    def _switch_if_pending(self) -> None:
+    def _switch_if_pending(self, retire: Callable[[LoadedModel], None] | None = None) -> None:
+        """Serve the pending model from now on; the old one is closed, or handed to
+        ``retire`` (several interpreters: frames in flight still run on it)."""
         if self._pending is None:
             return
         with self._swapped:
@@ -579,7 +599,10 @@ class Pipeline:
                 return
             old, self._model = self._model, new
             self._swapped.notify_all()
-        old.close()
+        if retire is None:
+            old.close()
+        else:
+            retire(old)
         self._event(
             "model_swapped",
             model=new.name,

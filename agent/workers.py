@@ -88,6 +88,10 @@ class Pool:
         self._inflight.append(job)
         self._queues[worker].put(job)
 
+    def uses(self, model: LoadedModel) -> bool:
+        """A job of ``model`` is in flight (its interpreters may be running)."""
+        return any(job.model is model for job in self._inflight)
+
     @property
     def idle(self) -> bool:
         """Nothing in flight: every result handed out."""
