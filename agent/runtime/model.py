@@ -291,6 +291,8 @@ def _interpreters(
             if interpreters != 1
             else ""
         )
+        if ignored:
+            log.info("%s: %s", files.label, ignored)
         wanted = 1 if threads == "auto" else threads  # the TPU does the work
         return Choice(1, wanted, "config", ignored), [make(wanted)]
     plan = calibration.candidates(interpreters, threads, calibration.cores())
