@@ -178,7 +178,7 @@ def calibrate(
                 break
             backends = _backends(candidate, make, ones, wide)
             tensor = sample(backends[0].inputs[0])
-            share = max(left, 0.0) / (len(plan) - index)
+            share = max(deadline - clock(), 0.0) / (len(plan) - index)  # loading counts
             measured.append(Measurement(candidate, _rate(backends, tensor, share, clock)))
         winner = choose(measured)
         kept = _backends(winner, make, ones, wide)
