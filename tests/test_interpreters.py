@@ -380,3 +380,44 @@ def test_stalled_tpu_is_watched_alone_then_the_cpu_variant_serves_on_several_in_
     backends_seen = [r.backend for r in got]
     switch = backends_seen.index("cpu")
     assert backends_seen == ["edgetpu"] * switch + ["cpu"] * (len(got) - switch)
+
+
+class FailingCpu(CpuBackend):
+    """The real CPU interpreter, failing one invoke on cue (counted across instances)."""
+
+    def __init__(self, plan: dict[str, Any]) -> None:
+        super().__init__(threads=1)
+        self.plan = plan
+
+    def infer(self, tensors: list[Any]) -> list[Any]:
+        with self.plan["lock"]:
+            self.plan["calls"] += 1
+            fail = self.plan["calls"] == self.plan["fail_at"]
+        if fail:
+            raise RuntimeError("Failed to invoke")
+        return super().infer(tensors)
+
+
+def test_a_failed_invoke_on_one_interpreter_costs_that_frame_only(models: Models) -> None:
+    plan: dict[str, Any] = {"calls": 0, "fail_at": 0, "lock": threading.Lock()}
+    files = ModelFiles(name="colours", version=1, task="raw", cpu=models.path("v1.tflite"))
+    model = load_model(
+        files,
+        RuntimeConfig(warmup_runs=1, interpreters=2),
+        backends={"cpu": lambda runtime: FailingCpu(plan)},
+    )
+    assert model.workers == 2
+    plan["fail_at"] = plan["calls"] + 50  # a frame in mid-stream, on either interpreter
+    got: list[Result] = []
+    pipeline = Pipeline(MemorySource(FRAMES * 10), model, got.append)
+    pipeline.start()
+    try:
+        assert pipeline.wait(20)
+    finally:
+        pipeline.stop()
+    frames = [r.frame for r in got]
+    assert len(frames) == 299 and frames == sorted(frames)  # in order, one missing
+    missing = set(range(300)) - set(frames)
+    # the 50th invoke: frame 49, or a neighbour when two interpreters started out of turn
+    assert len(missing) == 1 and 47 <= missing.pop() <= 51
+    assert pipeline.stats().errors == 1
