@@ -386,12 +386,34 @@ def _located(
         if keyed["index"] is not None:
             path.append(int(keyed["index"]))
         message = keyed["msg"]
-    if message.startswith("Invalid enum value") and len(path) == 2:
-        field = fields_of(kind).get(str(path[1]))
-        choices = typing.get_args(_bare(field.type)) if field is not None else ()
+    field = fields_of(kind).get(str(path[1])) if len(path) == 2 else None
+    count = _count_or_words(field.type) if field is not None else None
+    if count is not None:  # runtime.threads: 2 or auto; msgspec's union wording is opaque
+        words, low, high = count
+        message = f"must be {' or '.join(words)} or a whole number {low}..{high}"
+    elif message.startswith("Invalid enum value") and field is not None:
+        choices = typing.get_args(_bare(field.type))
         if choices:
             message += f"; one of {', '.join(str(c) for c in choices)}"
     return tuple(path), message
+
+
+def _count_or_words(annotation: Any) -> tuple[list[str], int, int] | None:
+    """(words, low, high) for a field that is a bounded whole number or one of some
+    words (``Annotated[int, Meta(ge=1, le=16)] | Literal["auto"]``), else None."""
+    members = typing.get_args(_bare(annotation))
+    words: list[str] = []
+    bounds: tuple[int, int] | None = None
+    for member in members:
+        if typing.get_origin(member) is Literal:
+            words += [str(word) for word in typing.get_args(member)]
+        elif typing.get_origin(member) is Annotated and typing.get_args(member)[0] is int:
+            meta = next(m for m in typing.get_args(member)[1:] if isinstance(m, Meta))
+            if isinstance(meta.ge, int) and isinstance(meta.le, int):
+                bounds = (meta.ge, meta.le)
+    if not words or bounds is None:
+        return None
+    return words, *bounds
 
 
 def _source_kind(value: Any) -> type[SourceConfig] | str:

@@ -204,7 +204,21 @@ class RuntimeConfig(Section, frozen=True):
             description="The Edge TPU delegate library (a name the loader finds, or a path).",
         ),
     ] = "libedgetpu.so.1"
-    threads: Annotated[int, Meta(ge=1, le=64, description="CPU interpreter threads.")] = 2
+    threads: Annotated[
+        Annotated[int, Meta(ge=1, le=64)] | Literal["auto"],
+        Meta(
+            description="CPU threads of each interpreter (1..64), or auto: chosen with "
+            "runtime.interpreters by a short calibration at model load."
+        ),
+    ] = 2
+    interpreters: Annotated[
+        Annotated[int, Meta(ge=1, le=16)] | Literal["auto"],
+        Meta(
+            description="Interpreters serving frames side by side (1..16), each of one "
+            "thread when more than one, results kept in frame order; auto: chosen by a "
+            "short calibration at model load. The Edge TPU keeps one."
+        ),
+    ] = 1
     invoke_timeout_ms: Annotated[
         float,
         Meta(

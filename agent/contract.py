@@ -196,6 +196,17 @@ class AppliedDesiredDoc(TypedDict):
 
 
 @_STRICT
+class RuntimeDoc(TypedDict):
+    """The state's ``runtime``: how the serving model runs (``runtime.interpreters`` and
+    ``runtime.threads``, as configured or as the calibration chose them)."""
+
+    interpreters: int
+    threads: int
+    chosen_by: Literal["config", "calibration"]
+    note: str | None  # e.g. interpreters ignored on the Edge TPU
+
+
+@_STRICT
 class StateDoc(TypedDict):
     """``<device>/state`` (retained): the active release, what serves, the update."""
 
@@ -211,6 +222,7 @@ class StateDoc(TypedDict):
     update: UpdateDoc | None
     desired: AppliedDesiredDoc | None
     bad: list[str]
+    runtime: NotRequired[RuntimeDoc | None]  # None while nothing serves; older agents omit it
 
 
 @_STRICT

@@ -64,6 +64,13 @@ class _Broker(_Reply, frozen=True):
     queued: int
 
 
+class _Runtime(_Reply, frozen=True):
+    interpreters: int
+    threads: int
+    chosen_by: str
+    note: str | None = None
+
+
 class _Status(_Reply, frozen=True):
     pid: int
     uptime_s: float
@@ -71,6 +78,7 @@ class _Status(_Reply, frozen=True):
     update: _Update | None
     broker: _Broker
     last_error: str | None = None
+    runtime: _Runtime | None = None  # older agents do not say
 
 
 class _Queued(_Reply, frozen=True):
@@ -160,6 +168,7 @@ def daemon_lines(found: Reach) -> list[str]:
             f"serving:  {stats['model']} v{stats['version']} on {stats['backend']}: "
             f"{stats['fps']:.1f} fps, p95 {stats['latency_ms_p95']:.1f} ms"
             + ("" if stats["source_connected"] else ", source reconnecting")
+            + _runtime_text(status.get("runtime"))
         )
     else:
         error = status.get("last_error")
@@ -176,6 +185,18 @@ def daemon_lines(found: Reach) -> list[str]:
         link = "connected" if broker["connected"] else "unreachable"
         lines.append(f"broker:   {link} ({broker['queued']} queued)")
     return lines
+
+
+def _runtime_text(runtime: dict[str, Any] | None) -> str:
+    """``; 2 interpreters x 1 thread (calibration)``: how the model runs."""
+    if not runtime:
+        return ""
+    n, threads = runtime["interpreters"], runtime["threads"]
+    text = (
+        f"; {n} interpreter{'s' if n > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
+        f" ({runtime['chosen_by']})"
+    )
+    return text + (f": {runtime['note']}" if runtime.get("note") else "")
 
 
 def require_reachable(found: Reach, action: str) -> None:

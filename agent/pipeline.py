@@ -16,6 +16,11 @@ Between capture and inference is one slot holding the latest frame. A live sourc
 overwritten frame is counted as dropped. A file played as fast as possible
 (``fps: 0``) waits for the slot instead, and no frame is dropped.
 
+With several interpreters (``runtime.interpreters``), the inference thread hands
+frames to one worker thread per interpreter and gives out the results in frame order
+(agent/workers.py); a swap takes effect at the next frame handed out, while the frames
+in flight finish on the old set.
+
 ``swap`` puts in a new model that was loaded and warmed up beside the running one;
 the inference thread switches between two frames, so no frame is lost and none
 sees a half-loaded model. Every result names the model version that produced it.
@@ -38,9 +43,10 @@ from typing import TYPE_CHECKING, Any
 
 from agent import logs
 from agent.backoff import backoff_delay
-from agent.contract import EventName, InferenceDoc
+from agent.contract import EventName, InferenceDoc, RuntimeDoc
 from agent.errors import EdgeAgentError
 from agent.sources.base import EndOfStream, Source, SourceError
+from agent.workers import Pool
 
 if TYPE_CHECKING:
     import numpy as np
@@ -99,6 +105,7 @@ class Stats:
     model: str
     version: int | None
     source_connected: bool
+    runtime: RuntimeDoc | None = None  # interpreters and threads: in the state, not here
 
     def to_dict(self) -> InferenceDoc:
         """Telemetry's ``inference``: the fields in order, floats to 2 decimals."""
@@ -163,13 +170,24 @@ class _Slot:
     def empty(self) -> bool:
         return self._item is None
 
-    def take(self, timeout: float) -> Any:
+    def take(self, timeout: float, ready: Callable[[], bool] | None = None) -> Any:
+        """The item, or None after ``timeout`` or as soon as ``ready()`` holds."""
         with self._cond:
-            if self._item is None:
+            if self._item is None and not (ready and ready()):
                 self._cond.wait(timeout)
             item, self._item = self._item, None
             self._cond.notify_all()
             return item
+
+    def until(self, ready: Callable[[], bool], timeout: float) -> None:
+        """Wait (without taking) until ``ready()`` holds, at most ``timeout``."""
+        with self._cond:
+            self._cond.wait_for(ready, timeout)
+
+    def wake(self) -> None:
+        """Another thread changed what ``ready`` looks at."""
+        with self._cond:
+            self._cond.notify_all()
 
 
 def rate(times: list[float]) -> float:
@@ -206,6 +224,9 @@ class Pipeline:
         self._pending: LoadedModel | None = None
         self._swapped = threading.Condition()
         self._retired: list[LoadedModel] = []  # switched out, closed by swap()'s caller
+        # Switched out while frames still run on its interpreters (runtime.interpreters
+        # > 1): retired once the last of them is done.
+        self._draining: list[LoadedModel] = []
         # Gaps between frames, for loaders (between_frames): the inference thread counts
         # the moments it goes idle, only while a loader waits for one.
         self._idle = threading.Condition()
@@ -231,6 +252,10 @@ class Pipeline:
         self._invoke: tuple[int, float] | None = None
         self._stalls = 0
         self._infer_thread: threading.Thread | None = None
+        self._pool: Pool | None = None  # with runtime.interpreters > 1: agent/workers.py
+        # A file played as fast as possible queues a next frame at each interpreter; a
+        # live source never does (it would serve an older frame, later).
+        self._depth = 1 if source.live else 2
         # counters: each is written by one thread at a time (capture, or the serving
         # inference thread; the watchdog counts stalls)
         self._frames = 0
@@ -320,6 +345,8 @@ class Pipeline:
                 )
                 and self._model is model
             )
+            if taken:  # several interpreters: the frames in flight on the old set end first
+                self._swapped.wait_for(lambda: not self._draining or self._stop.is_set(), timeout)
         self._close_retired()
         return taken
 
@@ -400,6 +427,7 @@ class Pipeline:
             model=model.name,
             version=model.version,
             source_connected=self._connected,
+            runtime=model.choice.to_dict(),
         )
 
     def last_frame(self) -> np.ndarray | None:
@@ -512,6 +540,10 @@ class Pipeline:
         while not self._stop.is_set() and generation == self._generation:
             if self._pacing:  # a loader waits for a gap between frames
                 self._going_idle()
+            if (self._pending or self._model).workers > 1:
+                if self._pool_loop():
+                    return
+                continue
             item = self._slot.take(0.1)
             if item is None:  # no frame (a source reconnecting): a swap still happens
                 self._switch_if_pending()
@@ -549,6 +581,70 @@ class Pipeline:
                 continue
             self._emit(item, model, output, started, finished)
 
+    def _pool_loop(self) -> bool:
+        """Serve a model of several interpreters (CPU only: never watched) until the
+        stream ends (True), or a swap brings a model of one (False).
+
+        A swap to another model of several takes effect at the next frame handed out:
+        the frames in flight finish on the old one (each job names its model; results
+        still come out in frame order, so versions never go back), which is closed once
+        its last job is done. A swap to a model of one waits for the frames in flight.
+        """
+        if self._pool is None:
+            self._pool = Pool(self._spawn, self._stop, self._slot.wake)
+        pool = self._pool
+        try:
+            while not self._stop.is_set():
+                self._hand_out(pool)
+                self._retire_drained(pool)
+                pending = self._pending
+                if pending is not None and pending.workers > 1:
+                    self._switch_if_pending(drain=True)
+                elif pending is not None or self._model.workers == 1:
+                    if not pool.idle:
+                        self._slot.until(pool.ready, 0.1)
+                        continue
+                    self._switch_if_pending()
+                    if self._model.workers == 1:
+                        return False
+                worker = pool.free(self._model.workers, self._depth)
+                if worker is None:
+                    self._slot.until(pool.ready, 0.1)
+                    continue
+                if self._pacing and pool.idle:  # a loader waits for a gap between frames
+                    self._going_idle()
+                item = self._slot.take(0.1, pool.ready)
+                if item is _END:
+                    while not pool.idle and not self._stop.is_set():
+                        self._slot.until(pool.ready, 0.1)
+                        self._hand_out(pool)
+                    self._finished.set()
+                    return True
+                if item is not None:
+                    pool.submit(item, self._model, worker)
+            return True
+        finally:  # stopping: what still drains is closed by stop(), after the workers
+            with self._swapped:
+                self._retired += self._draining
+                self._draining.clear()
+
+    def _retire_drained(self, pool: Pool) -> None:
+        """Hand the switched-out models no frame runs on any more to swap()'s caller."""
+        with self._swapped:
+            done = [old for old in self._draining if not pool.uses(old)]
+            if done:
+                self._draining = [old for old in self._draining if pool.uses(old)]
+                self._retired += done
+                self._swapped.notify_all()
+
+    def _hand_out(self, pool: Pool) -> None:
+        for job in pool.take_done():  # in frame order
+            if job.output is None:
+                self._infer_errors += 1
+                log.warning("frame %d: %s", job.item.index, job.error)
+            else:
+                self._emit(job.item, job.model, job.output, job.started, job.finished)
+
     def _begin(self, generation: int, model: LoadedModel) -> float:
         started = time.monotonic()
         # Only an accelerator is watched: a slow CPU model is slow, not stalled, and
@@ -566,7 +662,10 @@ class Pipeline:
             self._invoke = None
             return True
 
-    def _switch_if_pending(self) -> None:
+    def _switch_if_pending(self, drain: bool = False) -> None:
+        """Serve the pending model from now on. The old one is closed by swap()'s caller;
+        with ``drain`` (several interpreters: frames in flight still run on it) once the
+        pool is done with it."""
         if self._pending is None:
             return
         with self._swapped:
@@ -574,7 +673,7 @@ class Pipeline:
             if new is None:
                 return
             old, self._model = self._model, new
-            self._retired.append(old)  # closed by swap()'s caller (or stop)
+            (self._draining if drain else self._retired).append(old)
             self._swapped.notify_all()
         self._event(
             "model_swapped",

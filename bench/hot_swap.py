@@ -11,7 +11,8 @@ and each warm-up run in a gap between frames), and ``unpaced``, the loader befor
 (everything at once, beside the stream). ``--busy N`` runs N busy-looping processes
 beside, as another program on the device would (the same for both loaders).
 
-    python bench/hot_swap.py [--fps 30] [--swaps 6] [--threads 2] [--busy 0] [--trace]
+    python bench/hot_swap.py [--fps 30] [--swaps 6] [--threads 2] [--interpreters 1]
+                             [--busy 0] [--trace]
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def measure(name: str, fps: float, swaps: int, runtime: RuntimeConfig, trace: Tr
     interval = 1.0 / fps
     print(
         f"{name[:-7]} ({len(done)} results, {stats.dropped} dropped, {stats.errors} errors; "
-        f"runtime.threads {runtime.threads}, warmup_runs {runtime.warmup_runs}):"
+        f"runtime.interpreters {runtime.interpreters} x threads {runtime.threads}, "
+        f"warmup_runs {runtime.warmup_runs}):"
     )
     for loader in LOADERS:
         lost, gaps, loads = 0, [], []
@@ -155,6 +157,9 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=RuntimeConfig().threads, help="runtime.threads"
     )
+    parser.add_argument(
+        "--interpreters", type=int, default=1, help="runtime.interpreters (each of one thread)"
+    )
     parser.add_argument("--busy", type=int, default=0, help="busy processes beside")
     parser.add_argument("--trace", action="store_true", help="print swap timelines")
     parser.add_argument("--models", nargs="*", default=MODELS)
@@ -166,7 +171,9 @@ def main() -> None:
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:
         for name in args.models:
-            measure(name, args.fps, args.swaps, RuntimeConfig(threads=args.threads), trace)
+            threads = 1 if args.interpreters > 1 else args.threads
+            runtime = RuntimeConfig(threads=threads, interpreters=args.interpreters)
+            measure(name, args.fps, args.swaps, runtime, trace)
     finally:
         for process in busy:
             process.kill()

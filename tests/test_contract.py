@@ -186,6 +186,7 @@ UPDATE = {
         ("state", {"version": "1"}),  # strict: no coercion
         ("state", {"phase": "done"}),
         ("state", {"unknown": 1}),  # extra keys refused
+        ("state", {"runtime": {"interpreters": 2, "threads": 1, "chosen_by": "guess"}}),
         ("state", {"update": {**UPDATE, "source": "group:a/b"}}),
         ("state", {"update": {**UPDATE, "outcome": "ok"}}),
         ("status", {"state": "away"}),
@@ -236,6 +237,8 @@ def test_the_contract_models_refuse_what_the_contract_does_not_allow(
     }
     contract.validator(stream).validate_python(good[stream])
     contract.validator("state").validate_python({**good["state"], "update": UPDATE})
+    runtime = {"interpreters": 2, "threads": 1, "chosen_by": "calibration", "note": None}
+    contract.validator("state").validate_python({**good["state"], "runtime": runtime})
     with pytest.raises(pydantic.ValidationError):
         contract.validator(stream).validate_python({**good[stream], **change})
 
@@ -313,3 +316,7 @@ def test_what_a_real_agent_publishes_is_the_contract(
     assert "agent_stopped" in events
     states = tap.docs("/state")
     assert {"downloading", "probation", "succeeded"} <= {s["phase"] for s in states}
+    # how the serving model runs: as configured (one interpreter by default)
+    serving = [s["runtime"] for s in states if s.get("runtime")]
+    assert serving and serving[-1]["interpreters"] == 1
+    assert serving[-1]["chosen_by"] == "config" and serving[-1]["note"] is None

@@ -123,6 +123,7 @@ def test_status_shows_what_the_daemon_serves(
     text = _cli(agent, "status").stdout
     assert f"daemon:   running (pid {agent.proc.pid}" in text
     assert f"serving:  {MODEL} v1 on cpu:" in text and "fps" in text
+    assert "; 1 interpreter x 2 threads (config)" in text  # runtime.interpreters, .threads
     assert "broker:   none configured" in text
     assert agent.terminate() == 0
     assert not _socket(agent).exists()
@@ -221,6 +222,36 @@ def test_pull_and_rollback_through_the_daemon_change_what_is_served(
     assert back.returncode == 0, back.stderr
     assert back.stdout.strip() == f"rolled back {MODEL} to v1 (was v2)"
     assert _served(agent) == 1  # what serves changed, not only the pointer
+
+
+def test_auto_interpreters_calibrate_once_and_the_next_version_keeps_the_choice(
+    tmp_path: Path, registry: Path, models: Models, agents: list[AgentProcess]
+) -> None:
+    """runtime.interpreters/threads: auto on a real agent: the calibration at the first
+    load is in the state and in one log line; a hot swap to v2 reuses it."""
+    agent = _agent(tmp_path, registry, agents)
+    agent.rewrite(runtime={"interpreters": "auto", "threads": "auto"})
+    agent.start()
+    wait_alive(lambda: _served(agent) == 1, 60, "v1 served", agent)
+    wait_alive(
+        lambda: _status(agent)["daemon"]["status"]["phase"] == "succeeded",
+        30,
+        "v1's probation passed",
+        agent,
+    )
+    runtime = _status(agent)["daemon"]["status"]["runtime"]
+    assert runtime["chosen_by"] == "calibration" and runtime["note"] is None
+    assert runtime["interpreters"] >= 1 and runtime["threads"] >= 1
+    assert agent.log().count("chosen by calibration") == 1
+    publish_models(registry, models.root, (2,))
+    pulled = _cli(agent, "models", "pull")
+    assert pulled.returncode == 0, pulled.stderr
+    assert _served(agent) == 2
+    assert _status(agent)["daemon"]["status"]["runtime"] == runtime
+    assert agent.log().count("chosen by calibration") == 1  # not again beside the stream
+    text = _cli(agent, "status").stdout
+    assert f"x {runtime['threads']} thread" in text and "(calibration)" in text
+    assert agent.terminate() == 0
 
 
 def test_pull_through_the_daemon_runs_the_gate(

@@ -12,20 +12,28 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
+
+import msgspec
 
 from agent.errors import AcceleratorError, ModelError
+from agent.runtime import calibrate as calibration
 from agent.runtime.adapters import Adapter, Geometry, InputNorm, Output, prepare, read_labels
 from agent.runtime.backends import Backend, CpuBackend, EdgeTpuBackend, is_edgetpu_model
+from agent.runtime.calibrate import Choice
 
 if TYPE_CHECKING:
     import numpy as np
 
     from agent.config import RuntimeConfig
     from agent.store import Release
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,21 +119,38 @@ def patient(pace: Pace, misses: int = 2) -> Pace:
 
 
 BACKENDS: dict[str, BackendFactory] = {
-    "cpu": lambda runtime: CpuBackend(runtime.threads),
+    "cpu": lambda runtime: CpuBackend(_threads(runtime)),
     "edgetpu": lambda runtime: EdgeTpuBackend(
-        runtime.threads, runtime.edgetpu_library, runtime.edgetpu_device
+        _threads(runtime), runtime.edgetpu_library, runtime.edgetpu_device
     ),
 }
 
 
-class LoadedModel:
-    """A model loaded on a backend, with the adapter for its task. Used by one thread."""
+def _threads(runtime: RuntimeConfig) -> int:
+    return 1 if runtime.threads == "auto" else runtime.threads
 
-    def __init__(self, files: ModelFiles, backend: Backend, adapter: Adapter, note: str = ""):
+
+class LoadedModel:
+    """A model loaded on one or more interpreters of one backend, with the adapter for
+    its task. Each interpreter (``infer(..., worker=i)``) is used by one thread at a time;
+    ``interpret`` keeps no state and may run in several."""
+
+    def __init__(
+        self,
+        files: ModelFiles,
+        backend: Backend,
+        adapter: Adapter,
+        note: str = "",
+        more: Sequence[Backend] = (),
+        choice: Choice | None = None,
+    ):
         self.files = files
-        self.backend = backend
+        self.backend = backend  # the first interpreter
+        self.backends = [backend, *more]  # all of them: the same model, side by side
         self.adapter = adapter
         self.note = note  # why this backend was chosen when it was not the first choice
+        threads = getattr(backend, "threads", 1)
+        self.choice = choice or Choice(len(self.backends), threads, "config")
         if not backend.inputs:
             raise ModelError(f"{files.label}: the model has no input")
         self.input = backend.inputs[0]
@@ -168,9 +193,15 @@ class LoadedModel:
         """Input tensor for ``frame``. Raises ValueError when the frame cannot fit."""
         return prepare(frame, self.input, self.files.norm, self.keep_aspect)
 
-    def infer(self, tensor: np.ndarray) -> list[np.ndarray]:
-        """Run the model. Raises RuntimeError (a failing delegate, a closed model)."""
-        return self.backend.infer([tensor])
+    @property
+    def workers(self) -> int:
+        """Interpreters that may run at once (one thread each)."""
+        return len(self.backends)
+
+    def infer(self, tensor: np.ndarray, worker: int = 0) -> list[np.ndarray]:
+        """Run the model on interpreter ``worker``. Raises RuntimeError (a failing
+        delegate, a closed model)."""
+        return self.backends[worker].infer([tensor])
 
     def interpret(self, outputs: list[np.ndarray], geometry: Geometry) -> Output:
         return self.adapter.interpret(outputs, geometry)
@@ -187,11 +218,13 @@ class LoadedModel:
 
         blank = np.zeros(self.input.shape, dtype=self.input.dtype)
         for _ in range(runs):
-            pace()
-            self.backend.infer([blank])
+            for backend in self.backends:
+                pace()
+                backend.infer([blank])
 
     def close(self) -> None:
-        self.backend.close()
+        for backend in self.backends:
+            backend.close()
 
 
 def load_model(
@@ -230,7 +263,8 @@ def load_model(
             return _load(
                 files,
                 files.edgetpu,
-                backends["edgetpu"](runtime),
+                "edgetpu",
+                backends,
                 runtime,
                 labels,
                 top_k,
@@ -250,23 +284,14 @@ def load_model(
                 ) from exc
             note = f"Edge TPU unavailable, serving the cpu variant: {exc}"
     assert files.cpu is not None  # every branch without a cpu variant has returned or raised
-    return _load(
-        files,
-        files.cpu,
-        backends["cpu"](runtime),
-        runtime,
-        labels,
-        top_k,
-        min_score,
-        note,
-        pace,
-    )
+    return _load(files, files.cpu, "cpu", backends, runtime, labels, top_k, min_score, note, pace)
 
 
 def _load(
     files: ModelFiles,
     path: Path,
-    backend: Backend,
+    kind: str,
+    backends: Mapping[str, BackendFactory],
     runtime: RuntimeConfig,
     labels: dict[int, str],
     top_k: int,
@@ -274,17 +299,77 @@ def _load(
     note: str = "",
     pace: Pace = _now,
 ) -> LoadedModel:
-    pace()  # allocating the tensors holds the GIL (~25 ms for a 6 MB model here)
-    backend.load(path)
+    def make(threads: int) -> Backend:
+        backend = backends[kind](msgspec.structs.replace(runtime, threads=threads))
+        pace()  # allocating the tensors holds the GIL (~25 ms for a 6 MB model here)
+        backend.load(path)
+        return backend
+
+    loaded: list[Backend] = []
     try:
-        adapter = Adapter.build(files.task, backend.outputs, labels, top_k, min_score)
-        model = LoadedModel(files, backend, adapter, note)
+        choice, loaded = _interpreters(files, path, kind, runtime, make)
+        adapter = Adapter.build(files.task, loaded[0].outputs, labels, top_k, min_score)
+        model = LoadedModel(files, loaded[0], adapter, note, loaded[1:], choice)
         model.warmup(runtime.warmup_runs, pace)
     except RuntimeError as exc:  # the delegate failed on its first inferences
-        backend.close()
-        error = AcceleratorError if backend.name == "edgetpu" else ModelError
-        raise error(f"{files.label}: the {backend.name} failed its warm-up: {exc}") from exc
+        for backend in loaded:
+            backend.close()
+        error = AcceleratorError if kind == "edgetpu" else ModelError
+        raise error(f"{files.label}: the {kind} failed its warm-up: {exc}") from exc
     except BaseException:
-        backend.close()
+        for backend in loaded:
+            backend.close()
         raise
     return model
+
+
+def _interpreters(
+    files: ModelFiles,
+    path: Path,
+    kind: str,
+    runtime: RuntimeConfig,
+    make: Callable[[int], Backend],
+) -> tuple[Choice, list[Backend]]:
+    """The interpreters to serve from: as configured, or the calibration's choice."""
+    interpreters, threads = runtime.interpreters, runtime.threads
+    if kind == "edgetpu":  # one interpreter per TPU: a second would queue on the device
+        ignored = (
+            f"runtime.interpreters: {interpreters} ignored: one interpreter per Edge TPU"
+            if interpreters != 1
+            else ""
+        )
+        if ignored:
+            log.info("%s: %s", files.label, ignored)
+        wanted = 1 if threads == "auto" else threads  # the TPU does the work
+        return Choice(1, wanted, "config", ignored), [make(wanted)]
+    plan = calibration.candidates(interpreters, threads, calibration.cores())
+    key = (files.name, kind)  # the next version of a model reuses the choice
+    earlier = calibration.remembered(key) if len(plan) > 1 else None
+    if len(plan) == 1 or earlier is not None:
+        chosen = earlier or plan[0]
+        loaded: list[Backend] = []
+        try:
+            for _ in range(chosen.interpreters):
+                loaded.append(make(chosen.threads))
+        except BaseException:
+            for backend in loaded:
+                backend.close()
+            raise
+        how: Literal["config", "calibration"] = "config" if earlier is None else "calibration"
+        return Choice(chosen.interpreters, chosen.threads, how), loaded
+    started = time.monotonic()
+    winner, loaded, measured = calibration.calibrate(plan, make)
+    calibration.remember(key, winner)
+    figures = ", ".join(
+        f"{m.candidate.interpreters}x{m.candidate.threads} {m.per_s:.0f}/s" for m in measured
+    )
+    log.info(
+        "%s: serving on %d interpreter(s) of %d thread(s), chosen by calibration in %.2f s "
+        "(interpreters x threads: %s)",
+        files.label,
+        winner.interpreters,
+        winner.threads,
+        time.monotonic() - started,
+        figures,
+    )
+    return Choice(winner.interpreters, winner.threads, "calibration"), loaded

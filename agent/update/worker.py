@@ -470,6 +470,7 @@ class Updates:
             "update": attempt.summary() if attempt else None,
             "desired": _desired_dict(view.applied),
             "bad": [f"{b.model}@{b.version}" for b in view.bad],
+            "runtime": stats.runtime if stats else None,
         }
 
     # -- the worker ------------------------------------------------------------------
