@@ -149,3 +149,39 @@ def test_the_replaced_model_is_closed_by_the_swapper_not_the_inference_thread(
     assert "pipeline-infer" not in old.closed_by
     assert events == ["model_swapped"]
     assert new.closed_by == [threading.current_thread().name]  # by stop()
+
+
+def test_with_several_interpreters_the_old_set_drains_then_the_swapper_closes_it(
+    zoo_file: Any,
+) -> None:
+    path = zoo_file(MODEL)
+    made: dict[int, list[Watched]] = {1: [], 2: []}
+    runtime = RuntimeConfig(threads=1, interpreters=2, warmup_runs=1)
+
+    def release(version: int) -> LoadedModel:
+        def make(runtime: RuntimeConfig) -> Watched:
+            made[version].append(Watched(1))
+            return made[version][-1]
+
+        files = ModelFiles(name=path.stem, version=version, task="raw", cpu=path)
+        return load_model(files, runtime, backends={"cpu": make})
+
+    results: list[Result] = []
+    # a file played as fast as possible: frames are always in flight on both interpreters
+    pipeline = Pipeline(MemorySource(FRAMES, loop=True), release(1), results.append, fps=0)
+    pipeline.start()
+    try:
+        wait_for(lambda: len(results) >= 20)
+        assert pipeline.swap(release(2))
+        swapper = threading.current_thread().name
+        # swap() returned once the frames in flight on the old set were done, and closed it
+        assert [old.closed_by for old in made[1]] == [[swapper], [swapper]]
+        wait_for(lambda: results[-1].version == 2)
+    finally:
+        pipeline.stop()
+    assert len(made[1]) == len(made[2]) == 2
+    versions = [result.version for result in results]
+    assert versions == sorted(versions)  # in frame order, versions never go back
+    frames = [result.frame for result in results]
+    assert frames == list(range(frames[0], frames[0] + len(frames)))  # none lost
+    assert all(old.invokes > 0 for old in made[1])  # both interpreters served
