@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from agent.errors import AcceleratorError, ModelError
 from agent.runtime.adapters import Adapter, Geometry, InputNorm, Output, prepare, read_labels
 from agent.runtime.backends import Backend, CpuBackend, EdgeTpuBackend, is_edgetpu_model
+from agent.runtime.yolo import DEFAULT_IOU
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,6 +40,7 @@ class ModelFiles:
     edgetpu: Path | None = None
     labels: Path | None = None
     norm: InputNorm = field(default_factory=InputNorm)
+    detection_format: str | None = None  # ssd, yolov5, yolov8; None: by the outputs' shapes
 
     @classmethod
     def from_release(cls, release: Release) -> ModelFiles:
@@ -55,6 +57,7 @@ class ModelFiles:
             edgetpu=release.model_path("edgetpu"),
             labels=None if labels is None else release.path(labels),
             norm=norm,
+            detection_format=manifest.detection_format,
         )
 
     @classmethod
@@ -70,9 +73,14 @@ class ModelFiles:
             compiled = is_edgetpu_model(path)
         except OSError as exc:
             raise ModelError(f"{path}: cannot read the model: {exc.strerror or exc}") from exc
-        slot = {"edgetpu": path} if compiled else {"cpu": path}
         return cls(
-            name=path.stem, version=None, task=task, labels=labels, norm=norm or InputNorm(), **slot
+            name=path.stem,
+            version=None,
+            task=task,
+            cpu=None if compiled else path,
+            edgetpu=path if compiled else None,
+            labels=labels,
+            norm=norm or InputNorm(),
         )
 
     @property
@@ -147,7 +155,14 @@ class LoadedModel:
         """Read the outputs as ``task`` from now on. Raises ModelError when they do not fit."""
         adapter = self.adapter
         self.adapter = Adapter.build(
-            task, self.backend.outputs, adapter.labels, adapter.top_k, adapter.min_score
+            task,
+            self.backend.outputs,
+            adapter.labels,
+            adapter.top_k,
+            adapter.min_score,
+            input_shape=self.input.shape,
+            detection_format=self.files.detection_format,
+            iou_threshold=adapter.iou_threshold,
         )
         self.files = dataclasses.replace(self.files, task=task)
         self._keys()
@@ -202,8 +217,12 @@ def load_model(
     accelerator: str | None = None,
     backends: Mapping[str, BackendFactory] = BACKENDS,
     pace: Pace | None = None,
+    iou_threshold: float = DEFAULT_IOU,
 ) -> LoadedModel:
     """Load ``files`` on the backend ``accelerator`` (default: ``runtime.accelerator``).
+
+    ``top_k``, ``min_score`` and (for a YOLO head's NMS) ``iou_threshold`` shape the
+    results.
 
     Warms the model up with ``runtime.warmup_runs`` inferences. Beside a running
     pipeline, pass its ``between_frames`` as ``pace``: the loading and each warm-up run
@@ -236,6 +255,7 @@ def load_model(
                 top_k,
                 min_score,
                 pace=pace,
+                iou_threshold=iou_threshold,
             )
         except AcceleratorError as exc:
             if wanted == "edgetpu":
@@ -260,6 +280,7 @@ def load_model(
         min_score,
         note,
         pace,
+        iou_threshold,
     )
 
 
@@ -273,11 +294,21 @@ def _load(
     min_score: float,
     note: str = "",
     pace: Pace = _now,
+    iou_threshold: float = DEFAULT_IOU,
 ) -> LoadedModel:
     pace()  # allocating the tensors holds the GIL (~25 ms for a 6 MB model here)
     backend.load(path)
     try:
-        adapter = Adapter.build(files.task, backend.outputs, labels, top_k, min_score)
+        adapter = Adapter.build(
+            files.task,
+            backend.outputs,
+            labels,
+            top_k,
+            min_score,
+            input_shape=backend.inputs[0].shape if backend.inputs else (),
+            detection_format=files.detection_format,
+            iou_threshold=iou_threshold,
+        )
         model = LoadedModel(files, backend, adapter, note)
         model.warmup(runtime.warmup_runs, pace)
     except RuntimeError as exc:  # the delegate failed on its first inferences

@@ -1,0 +1,208 @@
+"""YOLO detection heads: Ultralytics YOLOv5 / v8 / v11 TFLite exports, decoded on the device.
+
+What an export gives is one raw tensor, not boxes:
+
+- ``yolov8`` (v8 and v11): ``[1, 4+nc, A]`` (or transposed ``[1, A, 4+nc]``), rows
+  ``cx, cy, w, h`` then one probability per class, no objectness;
+- ``yolov5``: ``[1, A, 5+nc]``, ``cx, cy, w, h, objectness`` then the class
+  probabilities; a class's score is objectness × its probability.
+
+Ultralytics' TFLite (and Edge TPU) exports give the boxes normalised to the input's
+size, to spare int8 models the quantisation error; other exports give input pixels.
+Which one is read from the values: normalised boxes stay within about 0..1.
+
+``A`` is ``(H/8·W/8 + H/16·W/16 + H/32·W/32)`` anchors for v8 (2100 at 320×320, 8400
+at 640×640) and three times that for v5, so the input's size tells the format and
+the orientation apart; for other strides, the longer axis is the anchors' and
+channels first means v8, anchors first v5 (the exports' own orders).
+
+Everything here is pure numpy over arrays: the adapter feeds it dequantised outputs.
+Work per frame is bounded: anchors under ``min_score`` are dropped with one
+comparison, at most ``MAX_CANDIDATES`` best ones go into the class-aware NMS, and the
+NMS stops after ``limit`` picks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from agent.errors import ModelError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from agent.runtime.backends import TensorSpec
+
+YoloFormat = Literal["yolov5", "yolov8"]
+DETECTION_FORMATS = ("ssd", "yolov5", "yolov8")
+MAX_CANDIDATES = 300  # the best anchors kept for NMS (Ultralytics' max_det)
+DEFAULT_IOU = 0.45  # Ultralytics' default iou for NMS
+PIXEL_BOXES_ABOVE = 2.0  # box values above this are input pixels, not 0..1 of the input
+
+
+@dataclass(frozen=True)
+class YoloLayout:
+    """How one YOLO output tensor is laid out."""
+
+    format: YoloFormat
+    classes: int
+    channels_first: bool  # [1, C, A] (Ultralytics v8) rather than [1, A, C]
+
+    @property
+    def first_class(self) -> int:
+        return 5 if self.format == "yolov5" else 4
+
+
+def anchor_counts(input_shape: tuple[int, ...]) -> dict[YoloFormat, int]:
+    """Anchors a YOLO head of strides 8, 16, 32 has for an image input ``[1, H, W, C]``;
+    empty when the input is not such an image or its sides are not multiples of 32."""
+    if len(input_shape) != 4:
+        return {}
+    height, width = input_shape[1], input_shape[2]
+    if height <= 0 or width <= 0 or height % 32 or width % 32:
+        return {}
+    cells = sum((height // s) * (width // s) for s in (8, 16, 32))
+    return {"yolov8": cells, "yolov5": 3 * cells}
+
+
+def yolo_layout(
+    outputs: list[TensorSpec], input_shape: tuple[int, ...], declared: str | None = None
+) -> YoloLayout:
+    """The layout of a YOLO model's one output, by its shape (and ``declared``, the
+    manifest's ``detection_format``, when given). Raises ModelError naming the shape."""
+    shapes = [list(o.shape) for o in outputs]
+    if len(outputs) != 1 or len(outputs[0].shape) != 3 or outputs[0].shape[0] != 1:
+        raise ModelError(
+            f"a YOLO detection model has one output [1, 4+classes, anchors] (v8/v11) or "
+            f"[1, anchors, 5+classes] (v5); this one has {shapes}"
+        )
+    _, a, b = outputs[0].shape
+    counts = anchor_counts(input_shape)
+    formats: tuple[YoloFormat, ...] = ("yolov8", "yolov5")
+    if declared in formats:
+        formats = (declared,)
+    # the anchor count the input implies decides format and orientation
+    for fmt in formats:
+        anchors = counts.get(fmt)
+        first = 5 if fmt == "yolov5" else 4
+        if anchors is not None and b == anchors and a > first:
+            return YoloLayout(fmt, a - first, channels_first=True)
+        if anchors is not None and a == anchors and b > first:
+            return YoloLayout(fmt, b - first, channels_first=False)
+    # other strides: the longer axis is the anchors'; the exports' own orders
+    channels_first = a < b
+    channels = min(a, b)
+    fmt = formats[0] if len(formats) == 1 else ("yolov8" if channels_first else "yolov5")
+    first = 5 if fmt == "yolov5" else 4
+    if channels <= first:
+        raise ModelError(
+            f"output {shapes[0]} is too narrow for a {fmt} head: it needs {first} box "
+            f"values and at least one class per anchor"
+        )
+    return YoloLayout(fmt, channels - first, channels_first)
+
+
+def is_yolo_head(outputs: list[TensorSpec], input_shape: tuple[int, ...]) -> bool:
+    """Whether ``outputs`` are one YOLO head with exactly the anchors of a stride 8/16/32
+    head for this input: strict enough to guess a model's task from."""
+    counts = anchor_counts(input_shape).values()
+    if len(outputs) != 1 or len(outputs[0].shape) != 3 or outputs[0].shape[0] != 1:
+        return False
+    _, a, b = outputs[0].shape
+    return any((a == n and b > 4) or (b == n and a > 4) for n in counts)
+
+
+@dataclass(frozen=True)
+class Boxes:
+    """Detections in input pixels: ``xyxy`` [n, 4], ``scores`` [n], ``classes`` [n]."""
+
+    xyxy: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+
+
+def candidates(
+    raw: np.ndarray,
+    layout: YoloLayout,
+    input_size: tuple[int, int],
+    min_score: float,
+    max_candidates: int = MAX_CANDIDATES,
+) -> Boxes:
+    """The anchors of ``raw`` (the real-valued output, batch 1) scoring at least
+    ``min_score`` in their best class, the best ``max_candidates`` of them, as xyxy
+    boxes in input pixels (``input_size`` is width, height). Raises ValueError when
+    ``raw`` does not have the layout's size."""
+    import numpy as np
+
+    width, height = input_size
+    first = layout.first_class
+    channels = first + layout.classes
+    table = raw.reshape(channels, -1) if layout.channels_first else raw.reshape(-1, channels).T
+    # table: [channels, anchors], a view of the output whichever its orientation
+    if layout.format == "yolov5":
+        objectness = table[4]
+        kept = np.flatnonzero(objectness >= min_score)  # obj × p ≥ min_score needs obj ≥ it
+        probs = table[first:, kept]
+        best = probs.argmax(axis=0)
+        scores = objectness[kept] * probs[best, np.arange(kept.size)]
+    else:
+        probs = table[first:]
+        scores = probs.max(axis=0)
+        kept = np.flatnonzero(scores >= min_score)
+        scores = scores[kept]
+        best = probs[:, kept].argmax(axis=0)
+    passing = scores >= min_score
+    kept, scores, best = kept[passing], scores[passing], best[passing]
+    if kept.size > max_candidates:
+        top = np.argpartition(-scores, max_candidates - 1)[:max_candidates]
+        kept, scores, best = kept[top], scores[top], best[top]
+    box_rows = table[:4]
+    cx, cy, w, h = (box_rows[i, kept].astype(np.float32) for i in range(4))
+    if kept.size and float(np.abs(box_rows).max()) <= PIXEL_BOXES_ABOVE:
+        cx, w = cx * width, w * width  # normalised to the input (TFLite exports)
+        cy, h = cy * height, h * height
+    xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    return Boxes(xyxy, scores.astype(np.float32), best.astype(np.int64))
+
+
+def nms(boxes: Boxes, iou_threshold: float, limit: int) -> np.ndarray:
+    """Indices of the boxes kept by greedy class-aware non-maximum suppression, best
+    score first, at most ``limit``: a box is dropped when it overlaps a better box of
+    the same class by more than ``iou_threshold`` (intersection over union)."""
+    import numpy as np
+
+    xyxy = boxes.xyxy.astype(np.float64)
+    if xyxy.shape[0] == 0 or limit <= 0:
+        return np.zeros(0, dtype=np.int64)
+    # shifting each class to its own region keeps boxes of different classes apart
+    span = float(np.abs(xyxy).max()) * 2 + 1
+    shifted = xyxy + (boxes.classes.astype(np.float64) * span)[:, None]
+    x0, y0, x1, y1 = shifted.T
+    areas = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    order = np.argsort(-boxes.scores, kind="stable")
+    keep: list[int] = []
+    while order.size and len(keep) < limit:  # one pass per kept box, at most limit
+        best, rest = int(order[0]), order[1:]
+        keep.append(best)
+        width = np.clip(np.minimum(x1[best], x1[rest]) - np.maximum(x0[best], x0[rest]), 0, None)
+        height = np.clip(np.minimum(y1[best], y1[rest]) - np.maximum(y0[best], y0[rest]), 0, None)
+        inter = width * height
+        union = areas[best] + areas[rest] - inter
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def detect(
+    raw: np.ndarray,
+    layout: YoloLayout,
+    input_size: tuple[int, int],
+    min_score: float,
+    iou_threshold: float,
+    limit: int,
+) -> Boxes:
+    """Candidates of ``raw`` through NMS: at most ``limit`` boxes in input pixels, best first."""
+    found = candidates(raw, layout, input_size, min_score)
+    keep = nms(found, iou_threshold, limit)
+    return Boxes(found.xyxy[keep], found.scores[keep], found.classes[keep])
