@@ -164,6 +164,33 @@ def test_yolov5_score_is_objectness_times_class_probability() -> None:
     assert found.classes.tolist() == [1] and found.scores.tolist() == pytest.approx([0.72])
 
 
+@pytest.mark.parametrize("version", ["yolov8", "yolov5"])
+def test_quantised_outputs_are_searched_as_they_are_and_only_candidates_dequantised(
+    version: str,
+) -> None:
+    """int8 with scale 1/255, zero point -128 (0..1): q -1 is 0.498, q 0 is 0.502, so at
+    min_score 0.5 the anchor at q 0 passes and the one at q -1 does not."""
+    quant = (1 / 255, -128)
+    layout = YoloLayout(version, 2, version == "yolov8")  # type: ignore[arg-type]
+    first = layout.first_class
+    real = np.zeros((3, first + 2), np.float32)  # [A, C]: 3 anchors
+    real[:, :4] = (0.5, 0.5, 0.25, 0.25)
+    real[:, 4:] = 1.0  # v5: class probabilities 1, objectness 1
+    real[:, first + 1] = (0.502, 0.498, 1.0)  # class 1 decides (v5: objectness × 1.0)
+    real[:, first] = (0.1, 0.1, 0.2)
+    if version == "yolov5":
+        real[:, 4] = real[:, first + 1]
+        real[:, first + 1] = 1.0
+    q = np.clip(np.round(real * 255 - 128), -128, 127).astype(np.int8)
+    raw = q.T[np.newaxis] if version == "yolov8" else q[np.newaxis]
+    found = candidates(raw, layout, (320, 320), 0.5, quant=quant)
+    assert sorted(found.scores.tolist()) == pytest.approx([128 / 255, 1.0], abs=1e-6)
+    assert found.classes.tolist() == [1, 1]
+    assert found.xyxy[0].tolist() == pytest.approx([120, 120, 200, 200], abs=1.0)
+    assert candidates(raw, layout, (320, 320), 1.01, quant=quant).scores.size == 0
+    assert candidates(raw, layout, (320, 320), 0.0, quant=quant).scores.size == 3
+
+
 def test_candidates_are_capped_before_nms() -> None:
     rng = np.random.default_rng(1)
     raw = np.zeros((1, 5, 8400), np.float32)

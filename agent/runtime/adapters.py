@@ -300,9 +300,10 @@ class Adapter:
 
         from agent.runtime.yolo import detect
 
-        raw = dequantise(tensor, self.outputs[0])
+        spec = self.outputs[0]
+        quant = (spec.scale, spec.zero_point) if spec.quantised else None
         size = (geometry.input_width, geometry.input_height)
-        found = detect(raw, layout, size, self.min_score, self.iou_threshold, self.top_k)
+        found = detect(tensor, layout, size, self.min_score, self.iou_threshold, self.top_k, quant)
         # the frame filled input pixels [0, frame * scale): no offset to take away
         scale = np.array([geometry.scale_x, geometry.scale_y] * 2, dtype=np.float64)
         limit = np.array([geometry.frame_width, geometry.frame_height] * 2, dtype=np.float64)

@@ -24,8 +24,10 @@ NMS stops after ``limit`` picks.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.errors import ModelError
 
@@ -128,11 +130,14 @@ def candidates(
     input_size: tuple[int, int],
     min_score: float,
     max_candidates: int = MAX_CANDIDATES,
+    quant: tuple[float, int] | None = None,
 ) -> Boxes:
-    """The anchors of ``raw`` (the real-valued output, batch 1) scoring at least
-    ``min_score`` in their best class, the best ``max_candidates`` of them, as xyxy
-    boxes in input pixels (``input_size`` is width, height). Raises ValueError when
-    ``raw`` does not have the layout's size."""
+    """The anchors of ``raw`` (the output, batch 1) scoring at least ``min_score`` in
+    their best class, the best ``max_candidates`` of them, as xyxy boxes in input pixels
+    (``input_size`` is width, height). ``quant`` (scale, zero point) says ``raw`` holds
+    quantised values: the search runs on them (dequantising keeps the order) and only
+    the candidates are dequantised. Raises ValueError when ``raw`` does not have the
+    layout's size."""
     import numpy as np
 
     width, height = input_size
@@ -140,30 +145,58 @@ def candidates(
     channels = first + layout.classes
     table = raw.reshape(channels, -1) if layout.channels_first else raw.reshape(-1, channels).T
     # table: [channels, anchors], a view of the output whichever its orientation
+    anchors = table.shape[1]
+    real = _real(quant)
+    at_least = _threshold(min_score, quant, table.dtype)
+    probs = table[first:]
+    # scores first (a max reduces along either axis without copying), the class of the
+    # at most max_candidates kept after (argmax along a strided axis would copy it all)
     if layout.format == "yolov5":
         objectness = table[4]
-        kept = np.flatnonzero(objectness >= min_score)  # obj × p ≥ min_score needs obj ≥ it
-        probs = table[first:, kept]
-        best = probs.argmax(axis=0)
-        scores = objectness[kept] * probs[best, np.arange(kept.size)]
+        kept = np.flatnonzero(objectness >= at_least)  # obj × p ≥ min_score needs obj ≥ it
+        # one pass over the whole block beats a copy of most of it
+        whole = kept.size > anchors // 4
+        best_p = probs.max(axis=0)[kept] if whole else probs[:, kept].max(axis=0)
+        scores = real(objectness[kept]) * real(best_p)
+        kept, scores = kept[scores >= min_score], scores[scores >= min_score]
     else:
-        probs = table[first:]
-        scores = probs.max(axis=0)
-        kept = np.flatnonzero(scores >= min_score)
-        scores = scores[kept]
-        best = probs[:, kept].argmax(axis=0)
-    passing = scores >= min_score
-    kept, scores, best = kept[passing], scores[passing], best[passing]
+        top = probs.max(axis=0)
+        kept = np.flatnonzero(top >= at_least)
+        scores = real(top[kept])
     if kept.size > max_candidates:
-        top = np.argpartition(-scores, max_candidates - 1)[:max_candidates]
-        kept, scores, best = kept[top], scores[top], best[top]
+        top_k = np.argpartition(-scores, max_candidates - 1)[:max_candidates]
+        kept, scores = kept[top_k], scores[top_k]
+    best = probs[:, kept].argmax(axis=0)
     box_rows = table[:4]
-    cx, cy, w, h = (box_rows[i, kept].astype(np.float32) for i in range(4))
-    if kept.size and float(np.abs(box_rows).max()) <= PIXEL_BOXES_ABOVE:
+    cx, cy, w, h = (real(box_rows[i, kept]) for i in range(4))
+    if kept.size and float(real(np.abs(box_rows).max())) <= PIXEL_BOXES_ABOVE:
         cx, w = cx * width, w * width  # normalised to the input (TFLite exports)
         cy, h = cy * height, h * height
     xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
     return Boxes(xyxy, scores.astype(np.float32), best.astype(np.int64))
+
+
+def _real(quant: tuple[float, int] | None) -> Callable[[Any], np.ndarray]:
+    """Real values (float32) of output values, quantised with ``quant`` or not."""
+    import numpy as np
+
+    if quant is None:
+        return lambda values: np.asarray(values, dtype=np.float32)
+    scale, zero_point = quant
+    return lambda values: (np.asarray(values, dtype=np.float32) - zero_point) * np.float32(scale)
+
+
+def _threshold(min_score: float, quant: tuple[float, int] | None, dtype: Any) -> Any:
+    """The value an output must reach to score ``min_score``: the quantised one when
+    ``quant`` is given (clipped to the type's range, plus one above it: nothing passes)."""
+    import numpy as np
+
+    if quant is None:
+        return min_score
+    scale, zero_point = quant
+    info = np.iinfo(dtype)
+    needed = math.ceil(round(min_score / scale + zero_point, 6))
+    return min(max(needed, int(info.min)), int(info.max) + 1)
 
 
 def nms(boxes: Boxes, iou_threshold: float, limit: int) -> np.ndarray:
@@ -201,8 +234,9 @@ def detect(
     min_score: float,
     iou_threshold: float,
     limit: int,
+    quant: tuple[float, int] | None = None,
 ) -> Boxes:
     """Candidates of ``raw`` through NMS: at most ``limit`` boxes in input pixels, best first."""
-    found = candidates(raw, layout, input_size, min_score)
+    found = candidates(raw, layout, input_size, min_score, quant=quant)
     keep = nms(found, iou_threshold, limit)
     return Boxes(found.xyxy[keep], found.scores[keep], found.classes[keep])
