@@ -59,9 +59,11 @@ def image(size: int = 320, width: int | None = None) -> tuple[int, ...]:
         ((1, 6300, 85), image(320), None, YoloLayout("yolov5", 80, False)),
         ((1, 6, 2100), image(320), None, YoloLayout("yolov8", 2, True)),
         ((1, 15120, 7), image(384, 640), None, YoloLayout("yolov5", 2, False)),  # 384x640
-        # other strides (300 is no multiple of 32): the exports' orders
-        ((1, 84, 1000), image(300), None, YoloLayout("yolov8", 80, True)),
-        ((1, 1000, 85), image(300), None, YoloLayout("yolov5", 80, False)),
+        ((1, 102000, 85), image(1280), None, YoloLayout("yolov5", 80, False)),  # P6
+        ((1, 84, 34000), image(1280), None, YoloLayout("yolov8", 80, True)),  # P6
+        # anchors that match no head for the input: the declared format, longer axis
+        ((1, 84, 1000), image(300), "yolov8", YoloLayout("yolov8", 80, True)),
+        ((1, 1000, 85), image(300), "yolov5", YoloLayout("yolov5", 80, False)),
         ((1, 1000, 85), image(300), "yolov8", YoloLayout("yolov8", 81, False)),
         ((1, 6300, 85), image(320), "yolov8", YoloLayout("yolov8", 81, False)),
     ],
@@ -75,17 +77,29 @@ def test_yolo_layout_is_told_by_the_shape_and_the_input(
     assert yolo_layout([out(*shape)], input_shape, declared) == expected
 
 
-def test_anchor_counts_follow_strides_8_16_32() -> None:
-    assert anchor_counts(image(640)) == {"yolov8": 8400, "yolov5": 25200}
-    assert anchor_counts(image(320)) == {"yolov8": 2100, "yolov5": 6300}
-    assert anchor_counts(image(300)) == {} and anchor_counts((1, 4, 2)) == {}
+def test_anchor_counts_follow_strides_8_16_32_and_64() -> None:
+    assert anchor_counts(image(640)) == {"yolov8": (8400, 8500), "yolov5": (25200, 25500)}
+    assert anchor_counts(image(320)) == {"yolov8": (2100, 2125), "yolov5": (6300, 6375)}
+    assert anchor_counts(image(352)) == {"yolov8": (2541,), "yolov5": (7623,)}  # 32, not 64
+    assert anchor_counts(image(300)) == {"yolov8": (), "yolov5": ()}
+    assert anchor_counts((1, 4, 2)) == {}
 
 
 def test_what_is_no_yolo_head_is_refused_naming_the_shapes() -> None:
     with pytest.raises(ModelError, match=r"one output .*this one has \[\[1, 84\], \[1, 2\]\]"):
         yolo_layout([out(1, 84), out(1, 2)], image(320))
     with pytest.raises(ModelError, match=r"too narrow for a yolov5 head"):
-        yolo_layout([out(1, 1000, 5)], image(300))
+        yolo_layout([out(1, 1000, 5)], image(300), "yolov5")
+    # BlazeFace's raw boxes are no YOLO head: refused, saying how to declare one
+    with pytest.raises(ModelError) as info:
+        yolo_layout([out(1, 896, 16)], image(128))
+    assert str(info.value) == (
+        "output [1, 896, 16] has no axis of the anchors a YOLO head has for the input "
+        "[1, 128, 128, 3] (yolov8 336/340, yolov5 1008/1020); if it is one, publish it "
+        "with --detection-format yolov5 or yolov8"
+    )
+    with pytest.raises(ModelError, match=r"\(its sides are not multiples of 32\)"):
+        yolo_layout([out(1, 84, 1000)], image(300))
 
 
 def test_detection_head_tells_ssd_from_yolo_by_outputs_or_declared_format() -> None:

@@ -12,11 +12,12 @@ size, to spare int8 models the quantisation error; other exports give input pixe
 Which one is read from the values: normalised boxes stay within about 0..1.
 
 ``A`` is ``(H/8·W/8 + H/16·W/16 + H/32·W/32)`` anchors for v8 (2100 at 320×320, 8400
-at 640×640) and three times that for v5, so the input's size tells the format and
-the orientation apart; for other strides, the longer axis is the anchors' and
-channels first means v8, anchors first v5 (the exports' own orders).
+at 640×640; P6 heads add stride 64) and three times that for v5, so the input's size
+tells the format and the orientation apart. An output whose axes match no such count
+is read as YOLO only when the release declares its format (then the longer axis is
+the anchors').
 
-Everything here is pure numpy over arrays: the adapter feeds it dequantised outputs.
+Everything here is pure numpy over arrays (the outputs as they come, quantised or not).
 Work per frame is bounded: anchors under ``min_score`` are dropped with one
 comparison, at most ``MAX_CANDIDATES`` best ones go into the class-aware NMS, and the
 NMS stops after ``limit`` picks.
@@ -56,63 +57,90 @@ class YoloLayout:
         return 5 if self.format == "yolov5" else 4
 
 
-def anchor_counts(input_shape: tuple[int, ...]) -> dict[YoloFormat, int]:
-    """Anchors a YOLO head of strides 8, 16, 32 has for an image input ``[1, H, W, C]``;
-    empty when the input is not such an image or its sides are not multiples of 32."""
-    if len(input_shape) != 4:
+STRIDES = ((8, 16, 32), (8, 16, 32, 64))  # P5 heads (v5s, v8n, …) and P6 heads (v5s6, …)
+
+
+def anchor_counts(input_shape: tuple[int, ...]) -> dict[YoloFormat, tuple[int, ...]]:
+    """Anchors a YOLO head (P5, then P6) has for an image input ``[1, H, W, C]``: one
+    per grid cell and stride for v8, three for v5. Empty when the input is no image."""
+    if len(input_shape) != 4 or input_shape[1] <= 0 or input_shape[2] <= 0:
         return {}
     height, width = input_shape[1], input_shape[2]
-    if height <= 0 or width <= 0 or height % 32 or width % 32:
-        return {}
-    cells = sum((height // s) * (width // s) for s in (8, 16, 32))
-    return {"yolov8": cells, "yolov5": 3 * cells}
+    cells = tuple(
+        sum((height // s) * (width // s) for s in strides)
+        for strides in STRIDES
+        if height % strides[-1] == 0 and width % strides[-1] == 0
+    )
+    return {"yolov8": cells, "yolov5": tuple(3 * n for n in cells)}
+
+
+def _first(fmt: YoloFormat) -> int:
+    return 5 if fmt == "yolov5" else 4
+
+
+def _matching(
+    shape: tuple[int, ...], input_shape: tuple[int, ...], formats: tuple[YoloFormat, ...]
+) -> YoloLayout | None:
+    """The layout whose anchor count for this input is one of the output's axes."""
+    _, a, b = shape
+    counts = anchor_counts(input_shape)
+    for fmt in formats:
+        first = _first(fmt)
+        for anchors in counts.get(fmt, ()):
+            if b == anchors and a > first:
+                return YoloLayout(fmt, a - first, channels_first=True)
+            if a == anchors and b > first:
+                return YoloLayout(fmt, b - first, channels_first=False)
+    return None
+
+
+def _one_head(outputs: list[TensorSpec]) -> bool:
+    return len(outputs) == 1 and len(outputs[0].shape) == 3 and outputs[0].shape[0] == 1
 
 
 def yolo_layout(
     outputs: list[TensorSpec], input_shape: tuple[int, ...], declared: str | None = None
 ) -> YoloLayout:
-    """The layout of a YOLO model's one output, by its shape (and ``declared``, the
-    manifest's ``detection_format``, when given). Raises ModelError naming the shape."""
+    """The layout of a YOLO model's one output: by its anchors, which the input's size
+    implies, or, when they are not, by ``declared`` (the manifest's
+    ``detection_format``) with the longer axis the anchors'. Raises ModelError naming
+    the shapes and the fix."""
     shapes = [list(o.shape) for o in outputs]
-    if len(outputs) != 1 or len(outputs[0].shape) != 3 or outputs[0].shape[0] != 1:
+    if not _one_head(outputs):
         raise ModelError(
             f"a YOLO detection model has one output [1, 4+classes, anchors] (v8/v11) or "
             f"[1, anchors, 5+classes] (v5); this one has {shapes}"
         )
-    _, a, b = outputs[0].shape
-    counts = anchor_counts(input_shape)
-    formats: tuple[YoloFormat, ...] = ("yolov8", "yolov5")
-    if declared in formats:
-        formats = (declared,)
-    # the anchor count the input implies decides format and orientation
-    for fmt in formats:
-        anchors = counts.get(fmt)
-        first = 5 if fmt == "yolov5" else 4
-        if anchors is not None and b == anchors and a > first:
-            return YoloLayout(fmt, a - first, channels_first=True)
-        if anchors is not None and a == anchors and b > first:
-            return YoloLayout(fmt, b - first, channels_first=False)
-    # other strides: the longer axis is the anchors'; the exports' own orders
-    channels_first = a < b
-    channels = min(a, b)
-    fmt = formats[0] if len(formats) == 1 else ("yolov8" if channels_first else "yolov5")
-    first = 5 if fmt == "yolov5" else 4
+    shape = outputs[0].shape
+    all_formats: tuple[YoloFormat, ...] = ("yolov8", "yolov5")
+    formats = tuple(f for f in all_formats if f == declared) or all_formats
+    found = _matching(shape, input_shape, formats)
+    if found is not None:
+        return found
+    if declared not in all_formats:
+        counts = anchor_counts(input_shape)
+        expected = ", ".join(f"{fmt} {'/'.join(map(str, n))}" for fmt, n in counts.items() if n)
+        raise ModelError(
+            f"output {list(shape)} has no axis of the anchors a YOLO head has for the input "
+            f"{list(input_shape)} ({expected or 'its sides are not multiples of 32'}); if it "
+            f"is one, publish it with --detection-format yolov5 or yolov8"
+        )
+    fmt: YoloFormat = formats[0]
+    _, a, b = shape
+    channels, first = min(a, b), _first(fmt)
     if channels <= first:
         raise ModelError(
-            f"output {shapes[0]} is too narrow for a {fmt} head: it needs {first} box "
+            f"output {list(shape)} is too narrow for a {fmt} head: it needs {first} box "
             f"values and at least one class per anchor"
         )
-    return YoloLayout(fmt, channels - first, channels_first)
+    return YoloLayout(fmt, channels - first, channels_first=a < b)
 
 
 def is_yolo_head(outputs: list[TensorSpec], input_shape: tuple[int, ...]) -> bool:
-    """Whether ``outputs`` are one YOLO head with exactly the anchors of a stride 8/16/32
-    head for this input: strict enough to guess a model's task from."""
-    counts = anchor_counts(input_shape).values()
-    if len(outputs) != 1 or len(outputs[0].shape) != 3 or outputs[0].shape[0] != 1:
+    """Whether ``outputs`` are one YOLO head with the anchors of the input's size."""
+    if not _one_head(outputs):
         return False
-    _, a, b = outputs[0].shape
-    return any((a == n and b > 4) or (b == n and a > 4) for n in counts)
+    return _matching(outputs[0].shape, input_shape, ("yolov8", "yolov5")) is not None
 
 
 @dataclass(frozen=True)
