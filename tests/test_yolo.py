@@ -367,3 +367,64 @@ def test_manifest_detection_format_is_validated_naming_the_field() -> None:
     assert "detection_format" in str(info.value) and "'yolo'" in str(info.value)
     with pytest.raises(VerificationError, match=r"detection_format: only for task detection"):
         manifest.parse_manifest(_manifest(task="raw", detection_format="ssd"))
+
+
+# -- the daemon -------------------------------------------------------------------------
+
+
+def test_daemon_serves_a_published_yolo_release_and_publishes_its_boxes(
+    tmp_path: Path, broker: Any, agents: list[Any]
+) -> None:
+    """A YOLOv8 release (float cpu variant, int8 edgetpu variant, COCO-style labels,
+    ``--detection-format yolov8``) published to a registry, pulled and verified by a
+    real ``edge-agent run``, which serves it on 640x480 images and publishes, over a
+    real mosquitto, the boxes the model is known to give, in frame pixels."""
+    import cv2
+    import yaml
+
+    from agent.fleet.publish import publish
+    from tests.agentproc import MODEL, AgentProcess, Tap, wait_alive
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "yolov8n.tflite").write_bytes(yolo_detector("yolov8"))
+    (src / "yolov8n_edgetpu.tflite").write_bytes(yolo_detector("yolov8", int8=True))
+    (src / "coco.txt").write_text("\n".join(COCO) + "\n")
+    registry = tmp_path / "registry"
+    publish(
+        [src / "yolov8n.tflite", src / "yolov8n_edgetpu.tflite"],
+        model=MODEL,
+        version=1,
+        registry=registry,
+        task="detection",
+        detection_format="yolov8",
+        labels=src / "coco.txt",
+        channels=("stable",),
+    )
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "red.png"), np.full((480, 640, 3), (0, 0, 255), np.uint8))
+    agent = AgentProcess(
+        tmp_path / "dev-yolo",
+        "dev-yolo",
+        {
+            "registry": {"url": registry.as_uri()},
+            "mqtt": {"url": broker.url, "reconnect_max_s": 1, "keepalive_s": 5},
+            "results": {"publish": "every", "min_score": 0.5, "top_k": 5},
+        },
+    )
+    agents.append(agent)
+    agent.settings["source"] = {"type": "images", "path": str(images), "loop": True, "fps": 10}
+    agent.config_path.write_text(yaml.safe_dump(agent.settings))
+    tap = Tap("127.0.0.1", broker.port, ["edge/dev-yolo/results"])
+    try:
+        agent.start()
+        wait_alive(lambda: len(tap.docs("/results")) >= 3, 60, "3 results", agent)
+        results = tap.docs("/results")
+    finally:
+        tap.close()
+    for doc in results[:3]:
+        assert doc["model"] == MODEL and doc["version"] == 1 and doc["backend"] == "cpu"
+        assert [(d["label"], d["id"]) for d in doc["detections"]] == [("person", 0), ("car", 2)]
+        assert doc["detections"][0]["score"] == pytest.approx(0.75, abs=0.01)
+        assert doc["detections"][0]["box"] == pytest.approx([64, 64, 256, 256], abs=0.5)
