@@ -240,6 +240,15 @@ class ResultsConfig(Section, frozen=True):
     ] = "on_change"
     min_score: Annotated[float, Meta(ge=0, le=1, description="Lowest score reported.")] = 0.5
     top_k: Annotated[int, Meta(ge=1, le=1000, description="Most classes or detections kept.")] = 5
+    iou_threshold: Annotated[
+        float,
+        Meta(
+            gt=0,
+            le=1,
+            description="YOLO detection: a box overlapping a better one of the same class by "
+            "more than this (intersection over union) is dropped (NMS).",
+        ),
+    ] = 0.45
     interval_s: Annotated[
         float, Meta(gt=0, description="Seconds between results when publish is interval.")
     ] = 1

@@ -26,6 +26,8 @@ Task = Literal["classification", "detection", "regression", "raw"]
 TASKS: tuple[str, ...] = ("classification", "detection", "regression", "raw")
 Role = Literal["model", "labels", "selftest", "extra"]
 Variant = Literal["edgetpu", "cpu"]
+DetectionFormat = Literal["ssd", "yolov5", "yolov8"]
+DETECTION_FORMATS: tuple[str, ...] = ("ssd", "yolov5", "yolov8")
 
 
 def check_file_name(name: str) -> str:
@@ -110,8 +112,18 @@ class Manifest(_Doc, frozen=True, kw_only=True):
             "inputs and raw pixels for quantised ones."
         ),
     ] = None
+    detection_format: Annotated[
+        DetectionFormat | None,
+        Meta(
+            description="A detection model's outputs: ssd (4 post-processed outputs), yolov5 "
+            "([1, anchors, 5+classes]) or yolov8 (v8/v11: [1, 4+classes, anchors]); default: "
+            "told by the outputs' shapes."
+        ),
+    ] = None
 
     def __post_init__(self) -> None:
+        if self.detection_format is not None and self.task != "detection":
+            raise ValueError(f"detection_format: only for task detection, not {self.task}")
         names = [f.name for f in self.files]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -12,6 +12,8 @@ known function of the input, so tests and the demo can check what comes out:
 - ``edgetpu_stub``: a model whose only operator is ``edgetpu-custom-op``, like
   the output of the Edge TPU compiler, for the paths where no TPU is present.
 
+YOLO heads (Ultralytics' raw output layouts) are made by ``agent.modelgen_yolo``.
+
 ``offset`` is added to every output value, so a model's version can be read back
 from its results (the hot-swap tests use this).
 """
@@ -71,7 +73,10 @@ class _Graph:
         tensor.buffer = 0
         if data is not None:
             buffer = s.BufferT()
-            buffer.data = list(data.astype(dtype).tobytes())
+            import numpy as np
+
+            # an array is packed in one copy; a list would be packed byte by byte
+            buffer.data = np.frombuffer(data.astype(dtype).tobytes(), np.uint8)
             self.buffers.append(buffer)
             tensor.buffer = len(self.buffers) - 1
         if quant is not None:
@@ -81,7 +86,9 @@ class _Graph:
         self.tensors.append(tensor)
         return len(self.tensors) - 1
 
-    def const(self, name: str, value: Sequence[Any] | float, dtype: str = "float32") -> int:
+    def const(
+        self, name: str, value: Sequence[Any] | float | np.ndarray, dtype: str = "float32"
+    ) -> int:
         import numpy as np
 
         array = np.asarray(value, dtype=dtype)

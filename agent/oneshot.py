@@ -11,6 +11,7 @@ from agent.errors import ModelError
 from agent.preflight import missing_library
 from agent.runtime import InputNorm, LoadedModel, ModelFiles, load_model
 from agent.runtime.adapters import TASKS, detection_outputs
+from agent.runtime.yolo import DEFAULT_IOU, is_yolo_head
 from agent.strictjson import dumps
 
 if TYPE_CHECKING:
@@ -32,8 +33,9 @@ def open_model(
     mean: float | None,
     std: float | None,
 ) -> LoadedModel:
-    """Load one model file. ``task`` "auto": detection for the 4 SSD outputs,
-    classification when labels are given, else raw."""
+    """Load one model file. ``task`` "auto": detection for the 4 SSD outputs or a YOLO
+    head (one output with the anchors of the input's size), classification when labels
+    are given, else raw."""
     norm = InputNorm()
     if mean is not None or std is not None:
         norm = InputNorm(0.0 if mean is None else mean, 255.0 if std is None else std, True)
@@ -41,7 +43,8 @@ def open_model(
     model = load_model(files, runtime, top_k, min_score)
     if task == "auto":
         try:
-            detection_outputs(model.backend.outputs)
+            if not is_yolo_head(model.backend.outputs, model.input.shape):
+                detection_outputs(model.backend.outputs)
             model.retask("detection")
         except ModelError:
             if labels is not None:
@@ -49,11 +52,15 @@ def open_model(
     return model
 
 
-def reloader(runtime: RuntimeConfig, top_k: int, min_score: float) -> Reload:
+def reloader(
+    runtime: RuntimeConfig, top_k: int, min_score: float, iou_threshold: float = DEFAULT_IOU
+) -> Reload:
     """How the pipeline's watchdog brings a model back on a fresh delegate or the CPU."""
 
     def reload(files: ModelFiles, accelerator: str) -> LoadedModel:
-        return load_model(files, runtime, top_k, min_score, accelerator=accelerator)
+        return load_model(
+            files, runtime, top_k, min_score, accelerator=accelerator, iou_threshold=iou_threshold
+        )
 
     return reload
 

@@ -286,6 +286,7 @@ class Service:
             self.config.results.top_k,
             self.config.results.min_score,
             pace=pipeline.between_frames if pipeline is not None else None,
+            iou_threshold=self.config.results.iou_threshold,
         )
 
     def swap(self, model: LoadedModel, timeout: float) -> None:
@@ -306,7 +307,12 @@ class Service:
                     fps=cfg.source.fps,
                     reconnect_max_s=cfg.source.reconnect_max_s,
                     invoke_timeout_s=runtime.invoke_timeout_ms / 1000.0,
-                    reload=reloader(runtime, cfg.results.top_k, cfg.results.min_score),
+                    reload=reloader(
+                        runtime,
+                        cfg.results.top_k,
+                        cfg.results.min_score,
+                        cfg.results.iou_threshold,
+                    ),
                 )
                 self.pipeline.start()
                 return

@@ -192,3 +192,37 @@ def test_without_opencv_infer_names_the_extra_in_one_line(
         f"edge-agent: model: {media[kind]}: reading {kind}s needs OpenCV: "
         "pip install 'edge-agent[video]'"
     )
+
+
+def test_infer_reads_a_yolo_head_through_the_pipeline_on_non_square_frames(
+    tmp_path: Path,
+) -> None:
+    """``--task auto`` knows a YOLOv8 head by its anchors (2100 at 320x320); a 640x480
+    video's frames go through the pipeline, letterboxed, and its boxes come back in
+    frame pixels with the release's labels, the weaker overlapping box suppressed."""
+    import cv2
+
+    from agent.modelgen_yolo import yolo_detector
+
+    model = tmp_path / "yolov8n_float32.tflite"
+    model.write_bytes(yolo_detector("yolov8", 320))
+    labels = tmp_path / "coco.txt"
+    labels.write_text("person\nbicycle\ncar\n")
+    video = tmp_path / "red.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (640, 480))
+    for _ in range(3):
+        writer.write(np.full((480, 640, 3), (0, 0, 255), np.uint8))  # BGR: red
+    writer.release()
+    result = edge_agent(
+        "infer", "--json", "--model", str(model), "--labels", str(labels),
+        "--min-score", "0.5", str(video),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        # red mean 0.75 after the letterbox pads 480 rows up to 640; box .1-.4 of the
+        # 320 input is 32-128 there, 64-256 in the frame
+        assert [d["label"] for d in row["detections"]] == ["person", "car"]
+        assert row["detections"][0]["score"] == pytest.approx(0.75, abs=0.01)
+        assert row["detections"][0]["box"] == pytest.approx([64, 64, 256, 256], abs=0.5)

@@ -182,3 +182,68 @@ def test_republishing_an_unsigned_release_with_a_key_signs_it(fleet: Fleet) -> N
     fleet.release(1, signed=True)
     raw = fleet.path(1, "manifest.json").read_bytes()
     verify_signature(load_public_key(fleet.pub), raw, sig.read_bytes(), "manifest.json")
+
+
+def test_publish_detection_format_reaches_the_device_that_loads_the_release(
+    tmp_path: Path,
+) -> None:
+    """``--detection-format`` lands in the manifest; a device reads the model's one output
+    as that head. A v8 [1, 84, 2100] head declared yolov5 is read as v5 (79 classes)."""
+    import shutil
+
+    import numpy as np
+
+    from agent.config import RuntimeConfig
+    from agent.modelgen_yolo import yolo_detector
+    from agent.runtime import ModelFiles, load_model
+    from agent.store import Release
+
+    model = tmp_path / "yolo.tflite"
+    model.write_bytes(yolo_detector("yolov8"))
+    labels = tmp_path / "coco.txt"
+    labels.write_text("person\nbicycle\ncar\n")
+    registry = tmp_path / "reg"
+    args = ["publish", str(model), "--model", "yolo", "--registry", str(registry)]
+    for version, fmt in ((1, "yolov8"), (2, "yolov5")):
+        result = edge_fleet(
+            *args,
+            *("--version", str(version), "--labels", str(labels)),
+            *("--task", "detection", "--detection-format", fmt, "--json"),
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["detection_format"] == fmt
+    layouts = []
+    for version in (1, 2):
+        folder = registry / "yolo" / str(version)
+        parsed = parse_manifest((folder / "manifest.json").read_bytes())
+        blobs = tmp_path / f"blobs{version}"
+        blobs.mkdir()
+        for entry in parsed.files:
+            shutil.copy(folder / entry.name, blobs / entry.sha256)
+        files = ModelFiles.from_release(Release(parsed, "", blobs))
+        loaded = load_model(files, RuntimeConfig(warmup_runs=0), min_score=0.5)
+        layouts.append((loaded.adapter.yolo.format, loaded.adapter.yolo.classes))  # type: ignore[union-attr]
+        if version == 1:
+            red = np.zeros((480, 640, 3), np.uint8)
+            red[..., 0] = 255
+            assert [d.label for d in loaded.run(red).detections] == ["person", "car"]
+    assert layouts == [("yolov8", 80), ("yolov5", 79)]
+
+
+def test_publish_detection_format_needs_the_detection_task_and_a_known_format(
+    tmp_path: Path,
+) -> None:
+    model = tmp_path / "m.tflite"
+    model.write_bytes(tflite_bytes(1000, 1))
+    args = ["publish", str(model), "--model", "m", "--version", "1"]
+    args += ["--registry", str(tmp_path / "reg"), "--detection-format", "yolov8"]
+    raw = edge_fleet(*args, "--task", "raw")
+    assert raw.returncode == 1 and "Traceback" not in raw.stderr
+    assert (
+        raw.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--detection-format: only for --task detection (this release is --task raw)")
+    )
+    unknown = edge_fleet(*args[:-1], "yolo9000", "--task", "detection")
+    assert unknown.returncode == 2 and "--detection-format: invalid choice" in unknown.stderr
+    assert not (tmp_path / "reg").exists()

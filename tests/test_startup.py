@@ -245,5 +245,6 @@ def test_the_light_parsers_repeat_the_owners_names() -> None:
     )
     assert cli_parser.TASK_CHOICES == oneshot.TASK_CHOICES
     assert fleet_parser.TASKS == manifest.TASKS
+    assert fleet_parser.DETECTION_FORMATS == manifest.DETECTION_FORMATS
     assert fleet_parser.FOLLOWED == view.FOLLOWED
     assert fleet_parser.DEFAULT_INDEX_EXPIRY_DAYS == publish.DEFAULT_INDEX_EXPIRY_DAYS

@@ -386,6 +386,7 @@ def run(args: argparse.Namespace) -> int:
             version=args.version,
             registry=args.registry,
             task=args.task,
+            detection_format=args.detection_format,
             labels=args.labels,
             input_norm=tuple(args.input_norm) if args.input_norm else None,
             sign_key=args.sign_key,

@@ -2,8 +2,9 @@
 
 Light on purpose (tests/test_startup.py): ``edge-fleet --help`` and a usage error load
 neither cryptography, the MQTT client, numpy nor the server extra. The few names shared
-with the commands' modules (the model tasks, the followed streams, the index expiry) are
-repeated here; tests/test_startup.py checks they agree with the modules that own them.
+with the commands' modules (the model tasks and detection formats, the followed streams,
+the index expiry) are repeated here; tests/test_startup.py checks they agree with the
+modules that own them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from agent.server import cli_parser as server_cli
 
 DEFAULT_INDEX_EXPIRY_DAYS = 30.0  # agent.fleet.publish's
 TASKS = ("classification", "detection", "regression", "raw")  # agent.manifest's
+DETECTION_FORMATS = ("ssd", "yolov5", "yolov8")  # agent.manifest's
 FOLLOWED = ("telemetry", "results", "events")  # agent.fleet.view's
 
 # command -> (description, examples) for its --help
@@ -146,6 +148,12 @@ def build() -> argparse.ArgumentParser:
     _expiry_option(pub)
     pub.add_argument("--labels", type=Path, help="labels file")
     pub.add_argument("--task", default="raw", choices=TASKS, help="what the outputs mean")
+    pub.add_argument(
+        "--detection-format",
+        choices=DETECTION_FORMATS,
+        help="how --task detection outputs are read: ssd (4 post-processed outputs), yolov5 "
+        "or yolov8 (v8/v11 too; Ultralytics' raw head); default: by the outputs' shapes",
+    )
     pub.add_argument(
         "--input-norm",
         nargs=2,

@@ -102,7 +102,7 @@ def _model_entry(path: Path) -> dict[str, object]:
 
 
 def _same_release(a: dict[str, object], b: dict[str, object]) -> bool:
-    keys = ("model", "version", "task", "files", "selftest", "budget")
+    keys = ("model", "version", "task", "files", "selftest", "budget", "detection_format")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -113,6 +113,7 @@ def publish(
     version: int,
     registry: Path,
     task: str = "raw",
+    detection_format: str | None = None,
     labels: Path | None = None,
     sign_key: Path | Sequence[Path] | None = None,
     channels: tuple[str, ...] = (),
@@ -131,6 +132,8 @@ def publish(
     its expected outputs are ``selftest_expect`` or, without it, computed with the cpu
     variant. ``budget_p95_ms`` sets the release's latency budget. ``sign_key`` (one
     private key or several, while keys are rotated) signs the manifest and the index;
+    ``detection_format`` (ssd, yolov5, yolov8; task detection only) tells devices how
+    to read a detection model's outputs instead of their shapes;
     the index expires ``index_expiry_days`` from now.
 
     Raises ConfigError for options that do not go together, PublishError naming what
@@ -139,6 +142,10 @@ def publish(
     _check_selftest_options(selftest_inputs, selftest_random, selftest_expect, atol, budget_p95_ms)
     if task not in TASKS:
         raise PublishError(f"--task: {task!r} is not one of {', '.join(TASKS)}")
+    if detection_format is not None and task != "detection":
+        raise PublishError(
+            f"--detection-format: only for --task detection (this release is --task {task})"
+        )
     if version < 1:
         raise PublishError(f"--version: {version} is not a positive integer")
     _check_expiry_days(index_expiry_days)
@@ -184,6 +191,8 @@ def publish(
             }
         if budget_p95_ms is not None:
             manifest["budget"] = {"latency_ms_p95": _plain_number(budget_p95_ms)}
+        if detection_format is not None:
+            manifest["detection_format"] = detection_format
         if input_norm is not None:  # (pixel - mean) / std is what the model expects
             manifest["input"] = {"mean": input_norm[0], "std": input_norm[1]}
         raw = dump_json(manifest)

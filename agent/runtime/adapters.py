@@ -3,8 +3,9 @@
 What pycoral's adapters give, without pycoral: the input size, resizing (stretched,
 or aspect kept with padding for detection, with the scale to map boxes back),
 quantised inputs and outputs (scale, zero point), classification top-k with labels,
-SSD detection in its post-processed 4-output form (boxes, classes, scores, count)
-with boxes in frame pixels, and regression/raw outputs.
+detection with boxes in frame pixels, either SSD in its post-processed 4-output form
+(boxes, classes, scores, count) or a YOLO head decoded here (agent/runtime/yolo.py),
+and regression/raw outputs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import ModelError
+from agent.runtime.yolo import DEFAULT_IOU, DETECTION_FORMATS, YoloLayout, yolo_layout
 
 if TYPE_CHECKING:
     import numpy as np
@@ -212,6 +214,8 @@ class Adapter:
     top_k: int = 5
     min_score: float = 0.0
     detection_order: tuple[int, int, int, int] = (0, 1, 2, 3)  # boxes, classes, scores, count
+    yolo: YoloLayout | None = None  # a YOLO head, decoded here, instead of SSD's outputs
+    iou_threshold: float = DEFAULT_IOU  # YOLO's NMS
 
     @classmethod
     def build(
@@ -221,16 +225,26 @@ class Adapter:
         labels: dict[int, str],
         top_k: int = 5,
         min_score: float = 0.0,
+        *,
+        input_shape: tuple[int, ...] = (),
+        detection_format: str | None = None,
+        iou_threshold: float = DEFAULT_IOU,
     ) -> Adapter:
-        """Check that ``outputs`` fit ``task``. Raises ModelError naming the mismatch."""
+        """Check that ``outputs`` fit ``task``. Raises ModelError naming the mismatch.
+
+        A detection model is SSD (4 post-processed outputs) or YOLO (one raw output),
+        by ``detection_format`` (the manifest's) or else by the outputs' shapes;
+        ``input_shape`` (the model's image input) tells YOLO's layouts apart.
+        """
         if task not in TASKS:
             raise ModelError(f"task {task!r} is not one of {', '.join(TASKS)}")
         order = (0, 1, 2, 3)
+        yolo = None
         if task == "detection":
-            order = detection_outputs(outputs)
+            order, yolo = detection_head(outputs, input_shape, detection_format)
         elif task == "classification" and not outputs:
             raise ModelError("a classification model needs an output")
-        return cls(task, outputs, labels, top_k, min_score, order)
+        return cls(task, outputs, labels, top_k, min_score, order, yolo, iou_threshold)
 
     def label(self, class_id: int) -> str:
         return self.labels.get(class_id, str(class_id))
@@ -256,6 +270,8 @@ class Adapter:
         return Output(self.task, values=[_raw(tensor, spec) for tensor, spec in pairs])
 
     def _detections(self, tensors: list[np.ndarray], geometry: Geometry) -> list[Detection]:
+        if self.yolo is not None:
+            return self._yolo_detections(tensors[0], self.yolo, geometry)
         b, c, s, n = (dequantise(tensors[i], self.outputs[i]) for i in self.detection_order)
         boxes, classes, scores = b.reshape(-1, 4), c.reshape(-1), s.reshape(-1)
         count = min(int(n.reshape(-1)[0]), len(scores))
@@ -277,6 +293,26 @@ class Adapter:
         found.sort(key=lambda d: -d.score)
         return found[: self.top_k]
 
+    def _yolo_detections(
+        self, tensor: np.ndarray, layout: YoloLayout, geometry: Geometry
+    ) -> list[Detection]:
+        import numpy as np
+
+        from agent.runtime.yolo import detect
+
+        spec = self.outputs[0]
+        quant = (spec.scale, spec.zero_point) if spec.quantised else None
+        size = (geometry.input_width, geometry.input_height)
+        found = detect(tensor, layout, size, self.min_score, self.iou_threshold, self.top_k, quant)
+        # the frame filled input pixels [0, frame * scale): no offset to take away
+        scale = np.array([geometry.scale_x, geometry.scale_y] * 2, dtype=np.float64)
+        limit = np.array([geometry.frame_width, geometry.frame_height] * 2, dtype=np.float64)
+        boxes = np.clip(found.xyxy / scale, 0.0, limit)
+        return [
+            Detection(int(cid), self.label(int(cid)), float(score), tuple(box.tolist()))
+            for box, score, cid in zip(boxes, found.scores, found.classes, strict=True)
+        ]
+
 
 def _clip(value: float, limit: int) -> float:
     return min(max(value, 0.0), float(limit))
@@ -294,6 +330,34 @@ def _raw(tensor: np.ndarray, spec: TensorSpec) -> dict[str, Any]:
             mean=round(float(values.mean()), 6),
         )
     return entry
+
+
+def detection_head(
+    outputs: list[TensorSpec], input_shape: tuple[int, ...], declared: str | None = None
+) -> tuple[tuple[int, int, int, int], YoloLayout | None]:
+    """SSD's output order, or a YOLO head's layout, of a detection model.
+
+    ``declared`` (the manifest's ``detection_format``) decides when given; else one
+    output is a YOLO head and four are SSD's. Raises ModelError naming the shapes.
+    """
+    if declared is not None and declared not in DETECTION_FORMATS:
+        raise ModelError(
+            f"detection_format {declared!r} is not one of {', '.join(DETECTION_FORMATS)}"
+        )
+    if declared == "ssd" or (declared is None and len(outputs) != 1):
+        if declared is None and len(outputs) != 4:
+            shapes = [list(o.shape) for o in outputs]
+            raise ModelError(
+                f"a detection model has the 4 post-processed SSD outputs (boxes, classes, "
+                f"scores, count) or one YOLO output ([1, 4+classes, anchors] or [1, anchors, "
+                f"5+classes]); this one has {len(outputs)}: {shapes}"
+            )
+        return detection_outputs(outputs), None
+    if len(input_shape) != 4:
+        raise ModelError(
+            f"a YOLO detection model takes an image [1, H, W, C]; this input is {list(input_shape)}"
+        )
+    return (0, 1, 2, 3), yolo_layout(outputs, input_shape, declared)
 
 
 def detection_outputs(outputs: list[TensorSpec]) -> tuple[int, int, int, int]:

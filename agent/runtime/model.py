@@ -26,6 +26,7 @@ from agent.runtime import calibrate as calibration
 from agent.runtime.adapters import Adapter, Geometry, InputNorm, Output, prepare, read_labels
 from agent.runtime.backends import Backend, CpuBackend, EdgeTpuBackend, is_edgetpu_model
 from agent.runtime.calibrate import Choice
+from agent.runtime.yolo import DEFAULT_IOU
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,6 +48,7 @@ class ModelFiles:
     edgetpu: Path | None = None
     labels: Path | None = None
     norm: InputNorm = field(default_factory=InputNorm)
+    detection_format: str | None = None  # ssd, yolov5, yolov8; None: by the outputs' shapes
 
     @classmethod
     def from_release(cls, release: Release) -> ModelFiles:
@@ -63,6 +65,7 @@ class ModelFiles:
             edgetpu=release.model_path("edgetpu"),
             labels=None if labels is None else release.path(labels),
             norm=norm,
+            detection_format=manifest.detection_format,
         )
 
     @classmethod
@@ -78,9 +81,14 @@ class ModelFiles:
             compiled = is_edgetpu_model(path)
         except OSError as exc:
             raise ModelError(f"{path}: cannot read the model: {exc.strerror or exc}") from exc
-        slot = {"edgetpu": path} if compiled else {"cpu": path}
         return cls(
-            name=path.stem, version=None, task=task, labels=labels, norm=norm or InputNorm(), **slot
+            name=path.stem,
+            version=None,
+            task=task,
+            cpu=None if compiled else path,
+            edgetpu=path if compiled else None,
+            labels=labels,
+            norm=norm or InputNorm(),
         )
 
     @property
@@ -172,7 +180,14 @@ class LoadedModel:
         """Read the outputs as ``task`` from now on. Raises ModelError when they do not fit."""
         adapter = self.adapter
         self.adapter = Adapter.build(
-            task, self.backend.outputs, adapter.labels, adapter.top_k, adapter.min_score
+            task,
+            self.backend.outputs,
+            adapter.labels,
+            adapter.top_k,
+            adapter.min_score,
+            input_shape=self.input.shape,
+            detection_format=self.files.detection_format,
+            iou_threshold=adapter.iou_threshold,
         )
         self.files = dataclasses.replace(self.files, task=task)
         self._keys()
@@ -235,8 +250,12 @@ def load_model(
     accelerator: str | None = None,
     backends: Mapping[str, BackendFactory] = BACKENDS,
     pace: Pace | None = None,
+    iou_threshold: float = DEFAULT_IOU,
 ) -> LoadedModel:
     """Load ``files`` on the backend ``accelerator`` (default: ``runtime.accelerator``).
+
+    ``top_k``, ``min_score`` and (for a YOLO head's NMS) ``iou_threshold`` shape the
+    results.
 
     Warms the model up with ``runtime.warmup_runs`` inferences. Beside a running
     pipeline, pass its ``between_frames`` as ``pace``: the loading and each warm-up run
@@ -270,6 +289,7 @@ def load_model(
                 top_k,
                 min_score,
                 pace=pace,
+                iou_threshold=iou_threshold,
             )
         except AcceleratorError as exc:
             if wanted == "edgetpu":
@@ -284,7 +304,19 @@ def load_model(
                 ) from exc
             note = f"Edge TPU unavailable, serving the cpu variant: {exc}"
     assert files.cpu is not None  # every branch without a cpu variant has returned or raised
-    return _load(files, files.cpu, "cpu", backends, runtime, labels, top_k, min_score, note, pace)
+    return _load(
+        files,
+        files.cpu,
+        "cpu",
+        backends,
+        runtime,
+        labels,
+        top_k,
+        min_score,
+        note,
+        pace,
+        iou_threshold,
+    )
 
 
 def _load(
@@ -298,6 +330,7 @@ def _load(
     min_score: float,
     note: str = "",
     pace: Pace = _now,
+    iou_threshold: float = DEFAULT_IOU,
 ) -> LoadedModel:
     def make(threads: int) -> Backend:
         backend = backends[kind](msgspec.structs.replace(runtime, threads=threads))
@@ -308,8 +341,18 @@ def _load(
     loaded: list[Backend] = []
     try:
         choice, loaded = _interpreters(files, path, kind, runtime, make)
-        adapter = Adapter.build(files.task, loaded[0].outputs, labels, top_k, min_score)
-        model = LoadedModel(files, loaded[0], adapter, note, loaded[1:], choice)
+        first = loaded[0]
+        adapter = Adapter.build(
+            files.task,
+            first.outputs,
+            labels,
+            top_k,
+            min_score,
+            input_shape=first.inputs[0].shape if first.inputs else (),
+            detection_format=files.detection_format,
+            iou_threshold=iou_threshold,
+        )
+        model = LoadedModel(files, first, adapter, note, loaded[1:], choice)
         model.warmup(runtime.warmup_runs, pace)
     except RuntimeError as exc:  # the delegate failed on its first inferences
         for backend in loaded:
