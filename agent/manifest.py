@@ -187,8 +187,17 @@ _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<key>.*)`$", re.DOTAL
 _FIELD_FIRST = re.compile(r"^(?P<key>[a-z_]+): (?P<msg>.*)$", re.DOTALL)
 
 
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_.\[\]-]{0,200}")
+
+
+def _shown(path: str) -> str:
+    """``path`` as one printable line: a hostile document's own key (``"a\\nb"``) quoted."""
+    return path if _PLAIN_PATH.fullmatch(path) else repr(path[:200])
+
+
 def _problem(error: msgspec.ValidationError) -> tuple[str, str]:
-    """The field path (``files[1].name``) and the problem of msgspec's error."""
+    """The field path (``files[1].name``) and the problem of msgspec's error; a path
+    holding a key of the document's own is quoted."""
     match = _AT.match(str(error))
     assert match is not None  # the pattern matches any text
     message, path = match["msg"], match["path"] or ""
@@ -199,8 +208,8 @@ def _problem(error: msgspec.ValidationError) -> tuple[str, str]:
     elif keyed and path:  # a rule of one field, raised where msgspec places the part
         key, message = keyed["key"], keyed["msg"]
     else:
-        return path, message
-    return (f"{path}.{key}" if path else key), message
+        return _shown(path), message
+    return _shown(f"{path}.{key}" if path else key), message
 
 
 def _parse(raw: bytes, what: str, cls: type[_Doc], max_bytes: int) -> Any:

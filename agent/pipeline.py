@@ -38,20 +38,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent import logs
 from agent.backoff import backoff_delay
-from agent.contract import EventName, InferenceDoc, RuntimeDoc
+from agent.contract import EventName
 from agent.errors import EdgeAgentError
+from agent.frames import END, Item, Result, Slot, Stats, rate
 from agent.sources.base import EndOfStream, Source, SourceError
 from agent.workers import Pool
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from agent.runtime.adapters import Geometry, Output
+    from agent.runtime.adapters import Output
     from agent.runtime.model import LoadedModel, ModelFiles
 
 log = logging.getLogger(__name__)
@@ -61,141 +61,10 @@ STATS_WINDOW = 2048  # results kept for percentiles and fps
 RECONNECT_FIRST_S = 0.5  # first wait before reopening a source or reloading a model
 PACE_WAIT_S = 0.25  # longest a loader waits for a gap between frames (none at fps 0)
 
-
-@dataclass(frozen=True)
-class Result:
-    """What the model made of one frame."""
-
-    frame: int  # the pipeline's frame number, from 0
-    ts: float  # wall clock time of capture
-    model: str
-    version: int | None
-    backend: str
-    latency_ms: float  # capture to result
-    infer_ms: float  # the interpreter alone
-    output: Output
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "frame": self.frame,
-            "ts": round(self.ts, 3),
-            "model": self.model,
-            "version": self.version,
-            "backend": self.backend,
-            "latency_ms": round(self.latency_ms, 2),
-            "infer_ms": round(self.infer_ms, 2),
-            **self.output.to_dict(),
-        }
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Counters since start, and rates and percentiles over the recent results."""
-
-    frames: int  # read from the source
-    results: int
-    dropped: int  # overwritten before inference (live sources only)
-    errors: int
-    fps: float
-    latency_ms_p50: float
-    latency_ms_p95: float
-    latency_ms_p99: float
-    infer_ms_p50: float
-    backend: str
-    model: str
-    version: int | None
-    source_connected: bool
-    runtime: RuntimeDoc | None = None  # interpreters and threads: in the state, not here
-
-    def to_dict(self) -> InferenceDoc:
-        """Telemetry's ``inference``: the fields in order, floats to 2 decimals."""
-        return {
-            "frames": self.frames,
-            "results": self.results,
-            "dropped": self.dropped,
-            "errors": self.errors,
-            "fps": round(self.fps, 2),
-            "latency_ms_p50": round(self.latency_ms_p50, 2),
-            "latency_ms_p95": round(self.latency_ms_p95, 2),
-            "latency_ms_p99": round(self.latency_ms_p99, 2),
-            "infer_ms_p50": round(self.infer_ms_p50, 2),
-            "backend": self.backend,
-            "model": self.model,
-            "version": self.version,
-            "source_connected": self.source_connected,
-        }
-
-
-@dataclass
-class _Item:
-    index: int
-    ts: float
-    mono: float
-    frame: np.ndarray
-    tensor: np.ndarray | None
-    geometry: Geometry | None
-    key: object  # the model input key the tensor was prepared for
-
-
-_END = object()
+__all__ = ["Pipeline", "Reload", "Result", "Stats", "rate"]
 
 Reload = Callable[["ModelFiles", str], "LoadedModel"]
 """Load these files on ``edgetpu`` or ``cpu`` (for the watchdog). Raises ModelError."""
-
-
-class _Slot:
-    """One item between the threads: latest wins (counting drops), or wait for room."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._item: Any = None
-
-    def put(self, item: Any, wait: bool, stop: threading.Event) -> bool:
-        """Store ``item``; True when it replaced one that was never taken.
-
-        With ``wait``, a stop ends the wait without storing: the frame already waiting
-        is kept (the inference thread may still take it), not replaced by a newer one,
-        so a stopped stream ends without a gap (and no drop is counted).
-        """
-        with self._cond:
-            while wait and self._item is not None and not stop.is_set():
-                self._cond.wait(0.1)
-            if wait and self._item is not None:  # stopping
-                return False
-            replaced = self._item is not None
-            self._item = item
-            self._cond.notify_all()
-            return replaced
-
-    def empty(self) -> bool:
-        return self._item is None
-
-    def take(self, timeout: float, ready: Callable[[], bool] | None = None) -> Any:
-        """The item, or None after ``timeout`` or as soon as ``ready()`` holds."""
-        with self._cond:
-            if self._item is None and not (ready and ready()):
-                self._cond.wait(timeout)
-            item, self._item = self._item, None
-            self._cond.notify_all()
-            return item
-
-    def until(self, ready: Callable[[], bool], timeout: float) -> None:
-        """Wait (without taking) until ``ready()`` holds, at most ``timeout``."""
-        with self._cond:
-            self._cond.wait_for(ready, timeout)
-
-    def wake(self) -> None:
-        """Another thread changed what ``ready`` looks at."""
-        with self._cond:
-            self._cond.notify_all()
-
-
-def rate(times: list[float]) -> float:
-    """Results per second over ``times`` (monotonic, ascending): 0.0 for fewer than three,
-    or when they all fall in one clock tick (no span to divide by)."""
-    if len(times) <= 2 or times[-1] <= times[0]:
-        return 0.0
-    return (len(times) - 1) / (times[-1] - times[0])
 
 
 class Pipeline:
@@ -239,7 +108,7 @@ class Pipeline:
         self.reconnect_max_s = reconnect_max_s
         self.invoke_timeout_s = invoke_timeout_s
         self.reload = reload
-        self._slot = _Slot()
+        self._slot = Slot()
         self._stop = threading.Event()
         self._finished = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -470,7 +339,7 @@ class Pipeline:
                 except EndOfStream:
                     # a finite source (a file, a folder without loop) is done: said once
                     self._event("source_ended", source=self.source.name, frames=self._frames)
-                    self._slot.put(_END, True, self._stop)
+                    self._slot.put(END, True, self._stop)
                     return
                 except SourceError as exc:
                     self._connected = False
@@ -487,7 +356,7 @@ class Pipeline:
             log.exception("capture thread failed")
             self._capture_errors += 1
             self._event("pipeline_error", stage="capture")
-            self._slot.put(_END, False, self._stop)
+            self._slot.put(END, False, self._stop)
         finally:
             self.source.close()
             self._connected = False
@@ -512,10 +381,10 @@ class Pipeline:
     def _retry_delay(self, attempt: int) -> float:
         return backoff_delay(attempt, RECONNECT_FIRST_S, self.reconnect_max_s, low=0.5)
 
-    def _prepare(self, frame: np.ndarray) -> _Item | None:
+    def _prepare(self, frame: np.ndarray) -> Item | None:
         index = self._frames
         self._frames += 1
-        item = _Item(index, time.time(), time.monotonic(), frame, None, None, None)
+        item = Item(index, time.time(), time.monotonic(), frame, None, None, None)
         model = self._pending or self._model  # frames from now on go to the newest model
         try:
             item.tensor, item.geometry = model.prepare(frame)
@@ -548,7 +417,7 @@ class Pipeline:
             if item is None:  # no frame (a source reconnecting): a swap still happens
                 self._switch_if_pending()
                 continue
-            if item is _END:
+            if item is END:
                 self._finished.set()
                 return
             self._switch_if_pending()
@@ -614,7 +483,7 @@ class Pipeline:
                 if self._pacing and pool.idle:  # a loader waits for a gap between frames
                     self._going_idle()
                 item = self._slot.take(0.1, pool.ready)
-                if item is _END:
+                if item is END:
                     while not pool.idle and not self._stop.is_set():
                         self._slot.until(pool.ready, 0.1)
                         self._hand_out(pool)
@@ -684,7 +553,7 @@ class Pipeline:
         )
 
     def _emit(
-        self, item: _Item, model: LoadedModel, output: Output, started: float, finished: float
+        self, item: Item, model: LoadedModel, output: Output, started: float, finished: float
     ) -> None:
         now = time.monotonic()
         result = Result(

@@ -34,7 +34,7 @@ BACKLOG = 2  # finished jobs held behind a slow head, per worker
 class Job:
     """One frame on one interpreter; filled in by the worker, read after ``done``."""
 
-    item: Any  # the pipeline's _Item: index, frame, tensor, geometry, key
+    item: Any  # agent.frames.Item: index, frame, tensor, geometry, key
     model: LoadedModel
     worker: int
     started: float = 0.0
