@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 getattr(args, "log_format", None),
                 sys.stderr,
                 default="info" if args.command == "run" else "warning",
+                ring=args.command in ("run", "demo"),  # an agent serves its `logs` command
             )
         except logs.LogSettingError as exc:  # from the environment: the options are choices
             print(f"edge-agent: {exc}", file=sys.stderr)

@@ -39,7 +39,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
-from agent.logring import RING
 from agent.strictjson import dumps
 
 LEVELS: dict[str, int] = {
@@ -351,13 +350,16 @@ def setup(
     *,
     default: str = "info",
     environ: Mapping[str, str] | None = None,
+    ring: bool = True,
 ) -> int:
     """Send the process's logs to ``stream``; returns the level in force.
 
     ``level`` and ``fmt`` are the command-line options (None when not given); see the
     module docstring for the environment and defaults. Replaces an earlier setup's
-    handler (calling it twice is safe). Unless the level is debug, OpenCV's own
-    logging is limited to errors (``OPENCV_LOG_LEVEL``, set only if unset).
+    handler (calling it twice is safe). ``ring``: also keep the last lines in memory
+    (:data:`agent.logring.RING`, read by a running agent's ``logs`` command). Unless
+    the level is debug, OpenCV's own logging is limited to errors (``OPENCV_LOG_LEVEL``,
+    set only if unset).
     Raises LogSettingError for a value that is not a choice.
     """
     env = os.environ if environ is None else environ
@@ -376,7 +378,8 @@ def setup(
             _duplicates.remove(old.stream)
             old.stream.close()
     root.addHandler(handler)
-    _install_ring(root)
+    if ring:
+        _install_ring(root)
     root.setLevel(number)
     logging.captureWarnings(True)
     if number > logging.DEBUG:
@@ -391,6 +394,8 @@ def setup(
 def _install_ring(root: logging.Logger) -> None:
     """The in-memory ring of recent lines for the ``logs`` command (agent.logring):
     text lines with the time, repeats limited like the stream's."""
+    from agent.logring import RING  # and agent.redact: only where the lines are kept
+
     if RING not in root.handlers:
         RING.setFormatter(TextFormatter())
         RING.addFilter(RateLimit())

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from agent.config import Config
 from agent.errors import EdgeAgentError
-from agent.verify import load_public_key
 
 # A module the agent imports only when a part needs it -> what to install for it.
 INSTALL = {
@@ -129,6 +128,8 @@ def _files(config: Config, found: Findings) -> None:
     for key in public_keys:
         path = files[key]
         if path is not None and key not in unreadable:
+            from agent.verify import load_public_key  # hashlib, json: only with a key
+
             try:
                 load_public_key(path, key)
             except EdgeAgentError as exc:

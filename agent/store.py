@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import stat
 import time
@@ -395,7 +394,7 @@ class Store:
             if release is not None:
                 return
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        kept = path.with_name(f"{POINTER}.damaged-{stamp}-{secrets.token_hex(2)}")
+        kept = path.with_name(f"{POINTER}.damaged-{stamp}-{os.urandom(2).hex()}")
         try:
             os.replace(path, kept)  # a link or a folder is moved as it is, not followed
             fsync_dir(self.root)
@@ -530,7 +529,7 @@ class Store:
         for entry in manifest.files:
             if not self.has_blob(entry):
                 raise StoreError(f"{entry.name}: not in the store; cannot add the release")
-        staging = self.tmp / f"release-{manifest.model}-{manifest.version}-{secrets.token_hex(4)}"
+        staging = self.tmp / f"release-{manifest.model}-{manifest.version}-{os.urandom(4).hex()}"
         try:
             staging.mkdir()
             files = {"manifest.json": raw_manifest}
@@ -589,7 +588,7 @@ class Store:
             if st is None:
                 return
             if stat.S_ISDIR(st.st_mode):
-                doomed = self.tmp / f"gone-{secrets.token_hex(4)}"
+                doomed = self.tmp / f"gone-{os.urandom(4).hex()}"
                 os.rename(path, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)  # never follows links inside
             else:
@@ -690,7 +689,7 @@ class Store:
         for model, version in all_releases:
             if (model, version) in kept:
                 continue
-            doomed = self.tmp / f"gone-{model}-{version}-{secrets.token_hex(4)}"
+            doomed = self.tmp / f"gone-{model}-{version}-{os.urandom(4).hex()}"
             os.rename(self.releases / model / str(version), doomed)  # vanish in one step
             shutil.rmtree(doomed, ignore_errors=True)
             removed.append(f"{model} v{version}")
