@@ -63,6 +63,10 @@ HELP_FORBIDDEN = HEAVY + DOCUMENTS + ("agent.config", "agent.logs") + FLEET_SIDE
 # The device's documents (config, manifest, control replies) are msgspec structs: pydantic
 # (~100 ms, ~20 MB) is the server's alone.
 DEVICE_COMMAND_FORBIDDEN = (*HEAVY, *FLEET_SIDE, "pydantic")
+# Kept in memory only by an agent (the `logs` command); `secrets` drew hashlib and random
+# in for file names; check-config reads a key (agent.verify, hashlib) only when one is set.
+ONE_SHOT_FORBIDDEN = (*DEVICE_COMMAND_FORBIDDEN, "agent.logring", "agent.redact", "secrets")
+CHECK_CONFIG_FORBIDDEN = (*ONE_SHOT_FORBIDDEN, "agent.verify", "hashlib", "agent.store")
 FLEET_HELP_FORBIDDEN = HEAVY + DOCUMENTS + DEVICE_SIDE + ("agent.fleet.cli_commands",)
 
 # Runs the entry point, then writes the names of the loaded modules as JSON to a file.
@@ -160,7 +164,30 @@ def test_status_and_check_config_load_no_heavy_module(tmp_path: Path, command: l
     code, modules, stderr = _loaded(tmp_path, "edge_agent", *command, "--config", str(config))
     assert code == 0, stderr
     assert "agent.config" in modules  # the command did run
-    assert _forbidden_in(modules, DEVICE_COMMAND_FORBIDDEN) == []
+    forbidden = CHECK_CONFIG_FORBIDDEN if command == ["check-config"] else ONE_SHOT_FORBIDDEN
+    assert _forbidden_in(modules, forbidden) == []
+
+
+def test_check_config_reads_a_signing_key_when_one_is_set(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = tmp_path / "registry.pub"
+    key.write_bytes(
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    config = _device_config(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings["registry"]["public_key"] = str(key)
+    config.write_text(yaml.safe_dump(settings))
+    code, modules, stderr = _loaded(tmp_path, "edge_agent", "check-config", "--config", str(config))
+    assert code == 0, stderr
+    assert "agent.verify" in modules  # the key was read (and found good)
+    key.write_text("not a key\n")
+    code, modules, stderr = _loaded(tmp_path, "edge_agent", "check-config", "--config", str(config))
+    assert code == 78 and "registry.public_key" in stderr, stderr
 
 
 # The daemon on a synthetic stream with an unsigned registry: no OpenCV (frames are
