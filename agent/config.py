@@ -20,9 +20,8 @@ import re
 import stat
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, Literal
+from typing import Annotated, Any, BinaryIO, Literal, NamedTuple
 
 import msgspec
 import yaml
@@ -290,8 +289,7 @@ def _dotted(path: tuple[str | int, ...]) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class _Origin:
+class _Origin(NamedTuple):
     """Where a value came from, for error messages."""
 
     text: str

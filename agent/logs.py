@@ -36,8 +36,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, NamedTuple
 
 from agent.strictjson import dumps
 
@@ -186,8 +185,7 @@ def kv(name: str, detail: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):  # not a dataclass: `dataclasses` is not loaded by check-config
     """A log message that is an event: text formatters show :func:`kv`, JSON its fields."""
 
     name: str
@@ -261,8 +259,7 @@ class JsonFormatter(logging.Formatter):
 # -- rate limiting ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Window:
+class Window(NamedTuple):
     """One message's window: when it was last let through, how many were held since."""
 
     shown_at: float

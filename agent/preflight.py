@@ -17,7 +17,6 @@ import importlib.util
 import os
 import socket
 import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import Config
@@ -47,12 +46,12 @@ SOURCE_NEEDS = {
 PROBE_TIMEOUT_S = 2.0
 
 
-@dataclass
 class Findings:
     """What a check found: errors (cannot work) and warnings (may come right)."""
 
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
 
 
 def installed(module: str) -> bool:

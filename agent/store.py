@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -48,7 +49,6 @@ from agent.faults import crash_point
 from agent.manifest import MAX_BYTES as MANIFEST_MAX_BYTES
 from agent.manifest import FileEntry, Manifest, parse_manifest
 from agent.repairs import Repair
-from agent.verify import check_file, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ def _lstat(path: Path) -> os.stat_result | None:
         return os.lstat(path)
     except FileNotFoundError:
         return None
+
+
+def _sha256(data: bytes) -> str:
+    """A manifest's digest (agent.verify.sha256_bytes, without loading that module)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def _kind(st: os.stat_result) -> str:
@@ -342,7 +347,7 @@ class Store:
         except FileNotFoundError:
             return None
         manifest = parse_manifest(raw, f"{folder}/manifest.json")
-        return Release(manifest, sha256_bytes(raw), self.blobs)
+        return Release(manifest, _sha256(raw), self.blobs)
 
     def active(self) -> Release | None:
         """The active release, or None. Raises StoreError if the pointer is damaged or
@@ -525,7 +530,7 @@ class Store:
                     f"{manifest.model} v{manifest.version}: the store holds this version with "
                     "different bytes; a published version never changes, publish a new one"
                 )
-            return Release(manifest, sha256_bytes(raw_manifest), self.blobs)
+            return Release(manifest, _sha256(raw_manifest), self.blobs)
         for entry in manifest.files:
             if not self.has_blob(entry):
                 raise StoreError(f"{entry.name}: not in the store; cannot add the release")
@@ -556,7 +561,7 @@ class Store:
                 f"{manifest.model} v{manifest.version}: the release folder is incomplete"
             )
         crash_point("release_added")
-        return Release(manifest, sha256_bytes(raw_manifest), self.blobs)
+        return Release(manifest, _sha256(raw_manifest), self.blobs)
 
     def verify_entry(self, entry: FileEntry) -> None:
         """Re-check one stored file against its entry. Raises VerificationError."""
@@ -566,6 +571,8 @@ class Store:
             raise VerificationError(
                 f"{entry.name} in the store: {path} is not a regular file of ours"
             )
+        from agent.verify import check_file  # base64, hmac: for the files, not for status
+
         check_file(
             self.blobs / entry.sha256, entry.size, entry.sha256, f"{entry.name} in the store"
         )

@@ -63,10 +63,17 @@ HELP_FORBIDDEN = HEAVY + DOCUMENTS + ("agent.config", "agent.logs") + FLEET_SIDE
 # The device's documents (config, manifest, control replies) are msgspec structs: pydantic
 # (~100 ms, ~20 MB) is the server's alone.
 DEVICE_COMMAND_FORBIDDEN = (*HEAVY, *FLEET_SIDE, "pydantic")
-# Kept in memory only by an agent (the `logs` command); `secrets` drew hashlib and random
-# in for file names; check-config reads a key (agent.verify, hashlib) only when one is set.
-ONE_SHOT_FORBIDDEN = (*DEVICE_COMMAND_FORBIDDEN, "agent.logring", "agent.redact", "secrets")
-CHECK_CONFIG_FORBIDDEN = (*ONE_SHOT_FORBIDDEN, "agent.verify", "hashlib", "agent.store")
+# The log ring is kept by an agent only (its `logs` command); `secrets` drew random and hmac
+# in for file names; agent.verify (base64, hmac) checks files, which status does not.
+ONE_SHOT_FORBIDDEN = (
+    *DEVICE_COMMAND_FORBIDDEN,
+    "agent.logring",
+    "agent.redact",
+    "secrets",
+    "agent.verify",
+)
+# check-config reads a key only when one is set; its path holds no dataclass (~1 ms).
+CHECK_CONFIG_FORBIDDEN = (*ONE_SHOT_FORBIDDEN, "hashlib", "agent.store", "dataclasses")
 FLEET_HELP_FORBIDDEN = HEAVY + DOCUMENTS + DEVICE_SIDE + ("agent.fleet.cli_commands",)
 
 # Runs the entry point, then writes the names of the loaded modules as JSON to a file.
