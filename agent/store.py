@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -63,6 +62,13 @@ def _lstat(path: Path) -> os.stat_result | None:
         return os.lstat(path)
     except FileNotFoundError:
         return None
+
+
+def _rmtree(path: Path) -> None:
+    """``shutil.rmtree``, ignoring errors; shutil (zlib, bz2, lzma) only when removing."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _sha256(data: bytes) -> str:
@@ -233,7 +239,7 @@ class Store:
         the lock."""
         for pattern in ("release-*", "gone-*"):  # a staged release never renamed in; a GC
             for stale in self.tmp.glob(pattern):
-                shutil.rmtree(stale, ignore_errors=True)
+                _rmtree(stale)
         for stale in self.root.glob(f".{POINTER}.*.tmp"):  # a pointer never switched in
             stale.unlink(missing_ok=True)
         # A link in place of a folder of the store, or of a model's folder of releases
@@ -554,7 +560,7 @@ class Store:
             os.rename(staging, model_dir / str(manifest.version))
             fsync_dir(model_dir)
         except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
+            _rmtree(staging)
             raise StoreError(f"cannot add {manifest.model} v{manifest.version}: {exc}") from exc
         if self.manifest_bytes(manifest.model, manifest.version) != raw_manifest:
             raise StoreError(
@@ -597,7 +603,7 @@ class Store:
             if stat.S_ISDIR(st.st_mode):
                 doomed = self.tmp / f"gone-{os.urandom(4).hex()}"
                 os.rename(path, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)  # never follows links inside
+                _rmtree(doomed)  # never follows links inside
             else:
                 path.unlink(missing_ok=True)
         except OSError as exc:
@@ -698,7 +704,7 @@ class Store:
                 continue
             doomed = self.tmp / f"gone-{model}-{version}-{os.urandom(4).hex()}"
             os.rename(self.releases / model / str(version), doomed)  # vanish in one step
-            shutil.rmtree(doomed, ignore_errors=True)
+            _rmtree(doomed)
             removed.append(f"{model} v{version}")
         for blob in self.blobs.iterdir():
             if blob.name not in needed:

@@ -71,6 +71,8 @@ ONE_SHOT_FORBIDDEN = (
     "agent.redact",
     "secrets",
     "agent.verify",
+    "shutil",  # and zlib, bz2, lzma: argparse sizes its help with it; the store removes
+    "tempfile",  # the store writes
 )
 # check-config reads a key only when one is set; its path holds no dataclass (~1 ms).
 CHECK_CONFIG_FORBIDDEN = (*ONE_SHOT_FORBIDDEN, "hashlib", "agent.store", "dataclasses")
