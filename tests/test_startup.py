@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -283,3 +284,24 @@ def test_the_light_parsers_repeat_the_owners_names() -> None:
     assert fleet_parser.TASKS == manifest.TASKS
     assert fleet_parser.FOLLOWED == view.FOLLOWED
     assert fleet_parser.DEFAULT_INDEX_EXPIRY_DAYS == publish.DEFAULT_INDEX_EXPIRY_DAYS
+
+
+def test_what_a_command_writes_is_all_there_when_the_process_ends(tmp_path: Path) -> None:
+    """The console script leaves the objects of a finished command to the exit
+    (agent.entry: gc.freeze): its output, and a log line written through the handler's
+    own stream, still arrive whole."""
+    config = _device_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    env["EDGE_AGENT_LOG"] = "debug"  # deprecated: a warning through the log handler
+    script = "import sys; from agent import entry; sys.exit(entry.edge_agent())"
+    done = subprocess.run(
+        [sys.executable, "-c", script, "check-config", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ok"] is True
+    assert "EDGE_AGENT_LOG is deprecated" in done.stderr
