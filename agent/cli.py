@@ -112,17 +112,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     refuse_unused(parser, args)
     try:  # from here every import is inside: a Ctrl-C while loading is one line too
-        from agent import logs
+        from agent import logsettings
 
+        level, fmt = getattr(args, "log_level", None), getattr(args, "log_format", None)
+        default = "info" if args.command == "run" else "warning"
         try:
-            logs.setup(
-                getattr(args, "log_level", None),
-                getattr(args, "log_format", None),
-                sys.stderr,
-                default="info" if args.command == "run" else "warning",
-                ring=args.command in ("run", "demo"),  # an agent serves its `logs` command
-            )
-        except logs.LogSettingError as exc:  # from the environment: the options are choices
+            if args.command == "check-config" and not logsettings.old_variable_used(
+                level, os.environ
+            ):  # it prints what it finds and logs nothing: the settings are only checked
+                logsettings.resolve_level(level, os.environ, default)
+                logsettings.resolve_format(fmt, os.environ)
+            else:
+                from agent import logs
+
+                logs.setup(
+                    level,
+                    fmt,
+                    sys.stderr,
+                    default=default,
+                    ring=args.command in ("run", "demo"),  # an agent serves its `logs` command
+                )
+        except logsettings.LogSettingError as exc:  # from the environment (options are choices)
             print(f"edge-agent: {exc}", file=sys.stderr)
             return 2
         return _dispatch(args)

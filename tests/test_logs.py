@@ -85,6 +85,16 @@ def test_a_format_that_is_no_choice_names_the_variable() -> None:
         logs.resolve_format(None, {"EDGE_AGENT_LOG_FORMAT": "xml"})
 
 
+def test_the_light_settings_module_has_loggings_numbers() -> None:
+    """agent.logsettings (loaded without logging, for check-config) repeats the levels."""
+    assert logs.LEVELS == {
+        "debug": logging.DEBUG,
+        "info": logging.INFO,
+        "warning": logging.WARNING,
+        "error": logging.ERROR,
+    }
+
+
 # -- journald ------------------------------------------------------------------------------
 
 

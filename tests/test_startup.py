@@ -75,8 +75,16 @@ ONE_SHOT_FORBIDDEN = (
     "shutil",  # and zlib, bz2, lzma: argparse sizes its help with it; the store removes
     "tempfile",  # the store writes
 )
-# check-config reads a key only when one is set; its path holds no dataclass (~1 ms).
-CHECK_CONFIG_FORBIDDEN = (*ONE_SHOT_FORBIDDEN, "hashlib", "agent.store", "dataclasses")
+# check-config reads a key only when one is set; its path holds no dataclass (~1 ms); it
+# prints its findings and logs nothing, so logging is not set up (its settings are checked).
+CHECK_CONFIG_FORBIDDEN = (
+    *ONE_SHOT_FORBIDDEN,
+    "hashlib",
+    "agent.store",
+    "dataclasses",
+    "logging",
+    "agent.logs",
+)
 FLEET_HELP_FORBIDDEN = HEAVY + DOCUMENTS + DEVICE_SIDE + ("agent.fleet.cli_commands",)
 
 # Runs the entry point, then writes the names of the loaded modules as JSON to a file.
@@ -304,4 +312,31 @@ def test_what_a_command_writes_is_all_there_when_the_process_ends(tmp_path: Path
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["ok"] is True
-    assert "EDGE_AGENT_LOG is deprecated" in done.stderr
+    assert "WARNING agent.logs: EDGE_AGENT_LOG is deprecated" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        ("EDGE_AGENT_LOG_LEVEL", "loud", "edge-agent: EDGE_AGENT_LOG_LEVEL=loud: not a log level"),
+        ("EDGE_AGENT_LOG_FORMAT", "xml", "edge-agent: EDGE_AGENT_LOG_FORMAT=xml: not a log format"),
+    ],
+)
+def test_check_config_still_refuses_bad_log_settings(
+    tmp_path: Path, variable: str, value: str, line: str
+) -> None:
+    """check-config does not set logging up, but its settings are checked as every
+    command's: a bad value in the environment is a usage error (2), one line."""
+    config = _device_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    env[variable] = value
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 2 and done.stderr.startswith(line), done.stderr
+    assert done.stdout == ""
