@@ -42,12 +42,13 @@ def cmd_run(config: Config, path: Path) -> int:
 def cmd_check_config(config: Config, path: Path, as_json: bool) -> int:
     """Errors (the config cannot work here) exit 78; warnings are printed, exit 0."""
     from agent.preflight import check
-    from agent.strictjson import dumps
 
     found = check(config, probe_network=True)
     errors = [f"{path}: {e}" for e in found.errors]
     warnings = [f"{path}: {w}" for w in found.warnings]
     if as_json:
+        from agent.strictjson import dumps  # and json: not for the lines
+
         doc = {"ok": not errors, "config": str(path), "errors": errors, "warnings": warnings}
         print(dumps(doc, indent=2))
         return EX_CONFIG if errors else 0
