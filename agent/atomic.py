@@ -15,7 +15,6 @@ import contextlib
 import errno
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from agent.faults import crash_point
@@ -122,6 +121,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, crash_tag: str = ""
     Raises OSError (for example ENOSPC); no temp file is left behind then.
     ``crash_tag`` names the crash points ``<tag>_written`` and ``<tag>_replaced``.
     """
+    import tempfile  # and shutil, random: not for a command line that only reads
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

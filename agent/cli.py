@@ -42,12 +42,13 @@ def cmd_run(config: Config, path: Path) -> int:
 def cmd_check_config(config: Config, path: Path, as_json: bool) -> int:
     """Errors (the config cannot work here) exit 78; warnings are printed, exit 0."""
     from agent.preflight import check
-    from agent.strictjson import dumps
 
     found = check(config, probe_network=True)
     errors = [f"{path}: {e}" for e in found.errors]
     warnings = [f"{path}: {w}" for w in found.warnings]
     if as_json:
+        from agent.strictjson import dumps  # and json: not for the lines
+
         doc = {"ok": not errors, "config": str(path), "errors": errors, "warnings": warnings}
         print(dumps(doc, indent=2))
         return EX_CONFIG if errors else 0
@@ -112,16 +113,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     refuse_unused(parser, args)
     try:  # from here every import is inside: a Ctrl-C while loading is one line too
-        from agent import logs
+        from agent import logsettings
 
+        level, fmt = getattr(args, "log_level", None), getattr(args, "log_format", None)
+        default = "info" if args.command == "run" else "warning"
         try:
-            logs.setup(
-                getattr(args, "log_level", None),
-                getattr(args, "log_format", None),
-                sys.stderr,
-                default="info" if args.command == "run" else "warning",
-            )
-        except logs.LogSettingError as exc:  # from the environment: the options are choices
+            if args.command == "check-config" and not logsettings.old_variable_used(
+                level, os.environ
+            ):  # it prints what it finds and logs nothing: the settings are only checked
+                logsettings.resolve_level(level, os.environ, default)
+                logsettings.resolve_format(fmt, os.environ)
+            else:
+                from agent import logs
+
+                logs.setup(
+                    level,
+                    fmt,
+                    sys.stderr,
+                    default=default,
+                    ring=args.command in ("run", "demo"),  # an agent serves its `logs` command
+                )
+        except logsettings.LogSettingError as exc:  # from the environment (options are choices)
             print(f"edge-agent: {exc}", file=sys.stderr)
             return 2
         return _dispatch(args)

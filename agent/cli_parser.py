@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from agent import __version__
-from agent.clihelp import command, exit_codes, finite, positive, tool
+from agent.clihelp import command, exit_codes, finite, options, positive, tool
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.yaml")  # agent.config's
 LOG_LEVELS = ("debug", "info", "warning", "error")  # agent.logs.LEVELS
@@ -33,7 +33,7 @@ EXIT_CODES = exit_codes(
 
 
 def _config_option() -> argparse.ArgumentParser:
-    option = argparse.ArgumentParser(add_help=False)
+    option = options()
     option.add_argument(
         "--config",
         type=Path,
@@ -45,7 +45,7 @@ def _config_option() -> argparse.ArgumentParser:
 
 
 def _json_option() -> argparse.ArgumentParser:
-    option = argparse.ArgumentParser(add_help=False)
+    option = options()
     option.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print data as JSON"
     )
@@ -53,7 +53,7 @@ def _json_option() -> argparse.ArgumentParser:
 
 
 def _log_options() -> argparse.ArgumentParser:
-    option = argparse.ArgumentParser(add_help=False)
+    option = options()
     option.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
@@ -217,7 +217,7 @@ def build() -> argparse.ArgumentParser:
         [config, as_json, log],
     )
     rollback.add_argument("--to", type=positive(int), help="version (default: the previous one)")
-    model = argparse.ArgumentParser(add_help=False)
+    model = options()
     model.add_argument("--model", type=Path, required=True, help="a .tflite file")
     model.add_argument("--labels", type=Path, help="labels file (N label, or one per line)")
     model.add_argument(

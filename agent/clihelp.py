@@ -19,6 +19,43 @@ from typing import Any
 EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what `yes | head` reports under pipefail
 
 
+def _columns() -> int:
+    """The terminal's width as ``shutil.get_terminal_size().columns`` gives it ($COLUMNS,
+    else stdout's terminal, else 80), without importing shutil (and zlib, bz2, lzma)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+    return columns or 80
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter for texts written with their own line breaks, sized as argparse
+    sizes it. Each parser makes one to check every option it is given, so on a command
+    line that only runs a command this spares the import argparse's own sizing makes."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        width = _columns() - 2 if width is None else width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def options() -> argparse.ArgumentParser:
+    """A parser of shared options, given to commands as a parent."""
+    return argparse.ArgumentParser(add_help=False, formatter_class=Formatter)
+
+
 def exit_codes(failed: str, usage: str, config: bool) -> str:
     """The exit-code table of a tool's help: ``failed`` and ``usage`` say what 1 and 2
     mean; ``config`` for a tool that reads a config file (78)."""
@@ -50,7 +87,7 @@ def tool(
         parents=parents or [],
         description=textwrap.fill(description, 88),
         epilog=f"examples:\n{textwrap.indent(examples, '  ')}\n\n{notes}{codes}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=Formatter,
     )
     parser.add_argument("--version", action="version", version=f"{prog} {version}")
     return parser
@@ -73,7 +110,7 @@ def command(
         help=summary,
         description=textwrap.fill(description, 88),
         epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=Formatter,
     )
     return parser
 

@@ -20,9 +20,8 @@ import re
 import stat
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, Literal
+from typing import Annotated, Any, BinaryIO, Literal, NamedTuple
 
 import msgspec
 import yaml
@@ -215,10 +214,16 @@ def fields_of(kind: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo
     return {field.name: field for field in msgspec.structs.fields(kind)}
 
 
+_SECTION_KINDS: dict[str, type[msgspec.Struct]] = {}
+
+
 def _section_kinds(section: str) -> list[type[msgspec.Struct]]:
     if section == "source":
         return list(SOURCES.values())
-    return [typing.get_args(fields_of(Config)[section].type)[0]]
+    if not _SECTION_KINDS:  # on first use: resolving the annotations takes a few ms
+        for name, field in fields_of(Config).items():
+            _SECTION_KINDS[name] = typing.get_args(field.type)[0]
+    return [_SECTION_KINDS[section]]
 
 
 def _bare(annotation: Any) -> Any:
@@ -284,8 +289,7 @@ def _dotted(path: tuple[str | int, ...]) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class _Origin:
+class _Origin(NamedTuple):
     """Where a value came from, for error messages."""
 
     text: str
@@ -465,7 +469,7 @@ def config_from_dict(
                 problems.append(line((name, "type"), kind))
                 continue
         if isinstance(value, dict):
-            known = fields_of(kind)
+            known = kind.__struct_fields__  # the keys (no field is renamed)
             unknown = [k for k in value if k not in known]
             if unknown:
                 problems += [

@@ -149,9 +149,21 @@ SourceConfig = (
     | UdpSource
     | SyntheticSource
 )
+
+
+def _type_of(kind: type[msgspec.Struct]) -> str:
+    """The default of ``kind``'s ``type`` field. Read from the struct's own tables (the
+    defaults belong to the last fields, as ``msgspec.structs.fields`` pairs them), which
+    resolves no annotations: that would take milliseconds of every command's start."""
+    names, defaults = kind.__struct_fields__, kind.__struct_defaults__
+    tag = defaults[names.index("type") - (len(names) - len(defaults))]
+    assert isinstance(tag, str)
+    return tag
+
+
 # Each kind of source by its ``type``, in the order the reference lists them.
 SOURCES: dict[str, type[SourceConfig]] = {
-    next(f.default for f in msgspec.structs.fields(kind) if f.name == "type"): kind
+    _type_of(kind): kind
     for kind in (
         CameraSource,
         VideoSource,

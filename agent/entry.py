@@ -8,6 +8,7 @@ guarantee.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 
@@ -18,7 +19,19 @@ def edge_agent() -> int:
     except KeyboardInterrupt:
         print("edge-agent: interrupted", file=sys.stderr)
         return 130
-    return main()
+    try:
+        return main()
+    finally:
+        _ending()
+
+
+def _ending() -> None:
+    """The process ends with the command: the interpreter's last garbage collections
+    would walk every object the imports made (~7 ms of `status` or `check-config`, a
+    sixth of what they take beyond the interpreter's start). Frozen objects are left to
+    the exit; atexit handlers (logging's flush) and the standard streams' flush still
+    run, and nothing of the command is still open by now."""
+    gc.freeze()
 
 
 def edge_fleet() -> int:

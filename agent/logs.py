@@ -34,25 +34,19 @@ import re
 import sys
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import IO, Any, Literal
+from typing import IO, Any, NamedTuple
 
-from agent.logring import RING
+from agent.logsettings import FORMAT_ENV as FORMAT_ENV
+from agent.logsettings import FORMATS as FORMATS
+from agent.logsettings import LEVEL_ENV as LEVEL_ENV
+from agent.logsettings import LEVELS as LEVELS
+from agent.logsettings import OLD_LEVEL_ENV, old_variable_used, resolve_format, resolve_level
+from agent.logsettings import Format as Format
+from agent.logsettings import LogSettingError as LogSettingError
+from agent.logsettings import escape as _escape
 from agent.strictjson import dumps
 
-LEVELS: dict[str, int] = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
-Format = Literal["text", "json"]
-FORMATS: tuple[Format, ...] = ("text", "json")
-LEVEL_ENV = "EDGE_AGENT_LOG_LEVEL"
-OLD_LEVEL_ENV = "EDGE_AGENT_LOG"  # deprecated alias of LEVEL_ENV (read when it is unset)
-FORMAT_ENV = "EDGE_AGENT_LOG_FORMAT"
 REPEAT_INTERVAL_S = 60.0
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -64,52 +58,6 @@ _SYSLOG_PRIORITY = {
     logging.ERROR: 3,
     logging.CRITICAL: 2,
 }
-
-
-class LogSettingError(ValueError):
-    """A log level or format that is not one of the choices (exit 2: a usage error)."""
-
-
-def resolve_level(option: str | None, environ: Mapping[str, str], default: str) -> int:
-    """The logging level: the option, else ``$EDGE_AGENT_LOG_LEVEL`` (else the
-    deprecated ``$EDGE_AGENT_LOG``), else ``default``.
-
-    Raises LogSettingError naming the variable and the valid values when the
-    environment holds something else (the option is checked by argparse).
-    """
-    variable = LEVEL_ENV if environ.get(LEVEL_ENV, "").strip() else OLD_LEVEL_ENV
-    chosen = _choose(option, "--log-level", environ, variable, tuple(LEVELS), "a log level")
-    return LEVELS[chosen or default]
-
-
-def resolve_format(option: str | None, environ: Mapping[str, str]) -> Format:
-    """``text`` or ``json``: the option, else ``$EDGE_AGENT_LOG_FORMAT``, else text.
-
-    Raises LogSettingError like :func:`resolve_level`.
-    """
-    chosen = _choose(option, "--log-format", environ, FORMAT_ENV, FORMATS, "a log format")
-    return "json" if chosen == "json" else "text"
-
-
-def _choose(
-    option: str | None,
-    flag: str,
-    environ: Mapping[str, str],
-    variable: str,
-    choices: tuple[str, ...],
-    what: str,
-) -> str | None:
-    """The option's value, else the variable's (None: neither), checked against
-    ``choices`` (any case)."""
-    if option is not None:
-        where, value = flag, option
-    elif environ.get(variable, "").strip():
-        where, value = variable, environ[variable]
-    else:
-        return None
-    if value.strip().lower() in choices:
-        return value.strip().lower()
-    raise LogSettingError(f"{where}={_escape(value)}: not {what}; use one of {', '.join(choices)}")
 
 
 def under_journald(stream: IO[str], environ: Mapping[str, str]) -> bool:
@@ -133,25 +81,6 @@ def under_journald(stream: IO[str], environ: Mapping[str, str]) -> bool:
 
 _BARE = re.compile(r"[^\s\"'=\\]+")
 _KEY_JUNK = re.compile(r"[^A-Za-z0-9_.\-]")
-_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
-
-
-def _escape(text: str, quote: bool = False) -> str:
-    """``text`` with control and invisible characters written as escapes; with
-    ``quote``, backslashes and double quotes too."""
-    out = []
-    for ch in text:
-        if ch in _NAMED_ESCAPES and (quote or ch not in '"\\'):
-            out.append(_NAMED_ESCAPES[ch])
-        elif unicodedata.category(ch)[0] == "C":  # Cc, Cf, Cs, Co, Cn
-            code = ord(ch)
-            if code < 0x100:
-                out.append(f"\\x{code:02x}")
-            else:
-                out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def format_value(value: Any) -> str:
@@ -187,8 +116,7 @@ def kv(name: str, detail: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):  # not a dataclass: `dataclasses` is not loaded by check-config
     """A log message that is an event: text formatters show :func:`kv`, JSON its fields."""
 
     name: str
@@ -262,8 +190,7 @@ class JsonFormatter(logging.Formatter):
 # -- rate limiting ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Window:
+class Window(NamedTuple):
     """One message's window: when it was last let through, how many were held since."""
 
     shown_at: float
@@ -351,13 +278,16 @@ def setup(
     *,
     default: str = "info",
     environ: Mapping[str, str] | None = None,
+    ring: bool = True,
 ) -> int:
     """Send the process's logs to ``stream``; returns the level in force.
 
     ``level`` and ``fmt`` are the command-line options (None when not given); see the
     module docstring for the environment and defaults. Replaces an earlier setup's
-    handler (calling it twice is safe). Unless the level is debug, OpenCV's own
-    logging is limited to errors (``OPENCV_LOG_LEVEL``, set only if unset).
+    handler (calling it twice is safe). ``ring``: also keep the last lines in memory
+    (:data:`agent.logring.RING`, read by a running agent's ``logs`` command). Unless
+    the level is debug, OpenCV's own logging is limited to errors (``OPENCV_LOG_LEVEL``,
+    set only if unset).
     Raises LogSettingError for a value that is not a choice.
     """
     env = os.environ if environ is None else environ
@@ -376,12 +306,13 @@ def setup(
             _duplicates.remove(old.stream)
             old.stream.close()
     root.addHandler(handler)
-    _install_ring(root)
+    if ring:
+        _install_ring(root)
     root.setLevel(number)
     logging.captureWarnings(True)
     if number > logging.DEBUG:
         _quiet_opencv()
-    if level is None and env.get(OLD_LEVEL_ENV) and not env.get(LEVEL_ENV, "").strip():
+    if old_variable_used(level, env):
         logging.getLogger(__name__).warning(
             "%s is deprecated: set %s instead", OLD_LEVEL_ENV, LEVEL_ENV
         )
@@ -391,6 +322,8 @@ def setup(
 def _install_ring(root: logging.Logger) -> None:
     """The in-memory ring of recent lines for the ``logs`` command (agent.logring):
     text lines with the time, repeats limited like the stream's."""
+    from agent.logring import RING  # and agent.redact: only where the lines are kept
+
     if RING not in root.handlers:
         RING.setFormatter(TextFormatter())
         RING.addFilter(RateLimit())

@@ -17,12 +17,10 @@ import importlib.util
 import os
 import socket
 import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import Config
 from agent.errors import EdgeAgentError
-from agent.verify import load_public_key
 
 # A module the agent imports only when a part needs it -> what to install for it.
 INSTALL = {
@@ -48,12 +46,12 @@ SOURCE_NEEDS = {
 PROBE_TIMEOUT_S = 2.0
 
 
-@dataclass
 class Findings:
     """What a check found: errors (cannot work) and warnings (may come right)."""
 
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
 
 
 def installed(module: str) -> bool:
@@ -129,6 +127,8 @@ def _files(config: Config, found: Findings) -> None:
     for key in public_keys:
         path = files[key]
         if path is not None and key not in unreadable:
+            from agent.verify import load_public_key  # hashlib, json: only with a key
+
             try:
                 load_public_key(path, key)
             except EdgeAgentError as exc:

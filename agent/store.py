@@ -29,12 +29,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import re
-import secrets
-import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -49,7 +48,6 @@ from agent.faults import crash_point
 from agent.manifest import MAX_BYTES as MANIFEST_MAX_BYTES
 from agent.manifest import FileEntry, Manifest, parse_manifest
 from agent.repairs import Repair
-from agent.verify import check_file, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +62,18 @@ def _lstat(path: Path) -> os.stat_result | None:
         return os.lstat(path)
     except FileNotFoundError:
         return None
+
+
+def _rmtree(path: Path) -> None:
+    """``shutil.rmtree``, ignoring errors; shutil (zlib, bz2, lzma) only when removing."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _sha256(data: bytes) -> str:
+    """A manifest's digest (agent.verify.sha256_bytes, without loading that module)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def _kind(st: os.stat_result) -> str:
@@ -229,7 +239,7 @@ class Store:
         the lock."""
         for pattern in ("release-*", "gone-*"):  # a staged release never renamed in; a GC
             for stale in self.tmp.glob(pattern):
-                shutil.rmtree(stale, ignore_errors=True)
+                _rmtree(stale)
         for stale in self.root.glob(f".{POINTER}.*.tmp"):  # a pointer never switched in
             stale.unlink(missing_ok=True)
         # A link in place of a folder of the store, or of a model's folder of releases
@@ -343,7 +353,7 @@ class Store:
         except FileNotFoundError:
             return None
         manifest = parse_manifest(raw, f"{folder}/manifest.json")
-        return Release(manifest, sha256_bytes(raw), self.blobs)
+        return Release(manifest, _sha256(raw), self.blobs)
 
     def active(self) -> Release | None:
         """The active release, or None. Raises StoreError if the pointer is damaged or
@@ -395,7 +405,7 @@ class Store:
             if release is not None:
                 return
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        kept = path.with_name(f"{POINTER}.damaged-{stamp}-{secrets.token_hex(2)}")
+        kept = path.with_name(f"{POINTER}.damaged-{stamp}-{os.urandom(2).hex()}")
         try:
             os.replace(path, kept)  # a link or a folder is moved as it is, not followed
             fsync_dir(self.root)
@@ -526,11 +536,11 @@ class Store:
                     f"{manifest.model} v{manifest.version}: the store holds this version with "
                     "different bytes; a published version never changes, publish a new one"
                 )
-            return Release(manifest, sha256_bytes(raw_manifest), self.blobs)
+            return Release(manifest, _sha256(raw_manifest), self.blobs)
         for entry in manifest.files:
             if not self.has_blob(entry):
                 raise StoreError(f"{entry.name}: not in the store; cannot add the release")
-        staging = self.tmp / f"release-{manifest.model}-{manifest.version}-{secrets.token_hex(4)}"
+        staging = self.tmp / f"release-{manifest.model}-{manifest.version}-{os.urandom(4).hex()}"
         try:
             staging.mkdir()
             files = {"manifest.json": raw_manifest}
@@ -550,14 +560,14 @@ class Store:
             os.rename(staging, model_dir / str(manifest.version))
             fsync_dir(model_dir)
         except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
+            _rmtree(staging)
             raise StoreError(f"cannot add {manifest.model} v{manifest.version}: {exc}") from exc
         if self.manifest_bytes(manifest.model, manifest.version) != raw_manifest:
             raise StoreError(
                 f"{manifest.model} v{manifest.version}: the release folder is incomplete"
             )
         crash_point("release_added")
-        return Release(manifest, sha256_bytes(raw_manifest), self.blobs)
+        return Release(manifest, _sha256(raw_manifest), self.blobs)
 
     def verify_entry(self, entry: FileEntry) -> None:
         """Re-check one stored file against its entry. Raises VerificationError."""
@@ -567,6 +577,8 @@ class Store:
             raise VerificationError(
                 f"{entry.name} in the store: {path} is not a regular file of ours"
             )
+        from agent.verify import check_file  # base64, hmac: for the files, not for status
+
         check_file(
             self.blobs / entry.sha256, entry.size, entry.sha256, f"{entry.name} in the store"
         )
@@ -589,9 +601,9 @@ class Store:
             if st is None:
                 return
             if stat.S_ISDIR(st.st_mode):
-                doomed = self.tmp / f"gone-{secrets.token_hex(4)}"
+                doomed = self.tmp / f"gone-{os.urandom(4).hex()}"
                 os.rename(path, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)  # never follows links inside
+                _rmtree(doomed)  # never follows links inside
             else:
                 path.unlink(missing_ok=True)
         except OSError as exc:
@@ -690,9 +702,9 @@ class Store:
         for model, version in all_releases:
             if (model, version) in kept:
                 continue
-            doomed = self.tmp / f"gone-{model}-{version}-{secrets.token_hex(4)}"
+            doomed = self.tmp / f"gone-{model}-{version}-{os.urandom(4).hex()}"
             os.rename(self.releases / model / str(version), doomed)  # vanish in one step
-            shutil.rmtree(doomed, ignore_errors=True)
+            _rmtree(doomed)
             removed.append(f"{model} v{version}")
         for blob in self.blobs.iterdir():
             if blob.name not in needed:

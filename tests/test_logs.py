@@ -85,6 +85,16 @@ def test_a_format_that_is_no_choice_names_the_variable() -> None:
         logs.resolve_format(None, {"EDGE_AGENT_LOG_FORMAT": "xml"})
 
 
+def test_the_light_settings_module_has_loggings_numbers() -> None:
+    """agent.logsettings (loaded without logging, for check-config) repeats the levels."""
+    assert logs.LEVELS == {
+        "debug": logging.DEBUG,
+        "info": logging.INFO,
+        "warning": logging.WARNING,
+        "error": logging.ERROR,
+    }
+
+
 # -- journald ------------------------------------------------------------------------------
 
 
@@ -447,3 +457,26 @@ def test_opencv_warnings_stay_off_stderr_unless_debugging(level: str, shown: boo
     )
     assert done.returncode == 0, done.stderr
     assert ("[ WARN" in done.stderr) is shown, done.stderr
+
+
+def test_the_recent_lines_are_kept_by_an_agent_only() -> None:
+    """The in-memory ring (the `logs` command) is set up for `run` and `demo`; a command
+    line that answers and ends keeps none, and loads neither the ring nor the redactor."""
+    script = (
+        "import logging, sys\n"
+        "from agent import logs\n"
+        "logs.setup('info', None, sys.stderr, ring=False)\n"
+        "logging.getLogger('t').warning('one')\n"
+        "assert 'agent.logring' not in sys.modules and 'agent.redact' not in sys.modules\n"
+        "logs.setup('info', None, sys.stderr)\n"
+        "from agent.logring import RING\n"
+        "logging.getLogger('t').warning('two')\n"
+        "assert RING in logging.getLogger().handlers\n"
+        "print(RING.tail(10, 10_000)[0])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "WARNING t: two" in done.stdout and "one" not in done.stdout
+    assert "WARNING t: one" in done.stderr

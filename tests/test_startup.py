@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -63,6 +64,27 @@ HELP_FORBIDDEN = HEAVY + DOCUMENTS + ("agent.config", "agent.logs") + FLEET_SIDE
 # The device's documents (config, manifest, control replies) are msgspec structs: pydantic
 # (~100 ms, ~20 MB) is the server's alone.
 DEVICE_COMMAND_FORBIDDEN = (*HEAVY, *FLEET_SIDE, "pydantic")
+# The log ring is kept by an agent only (its `logs` command); `secrets` drew random and hmac
+# in for file names; agent.verify (base64, hmac) checks files, which status does not.
+ONE_SHOT_FORBIDDEN = (
+    *DEVICE_COMMAND_FORBIDDEN,
+    "agent.logring",
+    "agent.redact",
+    "secrets",
+    "agent.verify",
+    "shutil",  # and zlib, bz2, lzma: argparse sizes its help with it; the store removes
+    "tempfile",  # the store writes
+)
+# check-config reads a key only when one is set; its path holds no dataclass (~1 ms); it
+# prints its findings and logs nothing, so logging is not set up (its settings are checked).
+CHECK_CONFIG_FORBIDDEN = (
+    *ONE_SHOT_FORBIDDEN,
+    "hashlib",
+    "agent.store",
+    "dataclasses",
+    "logging",
+    "agent.logs",
+)
 FLEET_HELP_FORBIDDEN = HEAVY + DOCUMENTS + DEVICE_SIDE + ("agent.fleet.cli_commands",)
 
 # Runs the entry point, then writes the names of the loaded modules as JSON to a file.
@@ -160,7 +182,30 @@ def test_status_and_check_config_load_no_heavy_module(tmp_path: Path, command: l
     code, modules, stderr = _loaded(tmp_path, "edge_agent", *command, "--config", str(config))
     assert code == 0, stderr
     assert "agent.config" in modules  # the command did run
-    assert _forbidden_in(modules, DEVICE_COMMAND_FORBIDDEN) == []
+    forbidden = CHECK_CONFIG_FORBIDDEN if command == ["check-config"] else ONE_SHOT_FORBIDDEN
+    assert _forbidden_in(modules, forbidden) == []
+
+
+def test_check_config_reads_a_signing_key_when_one_is_set(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = tmp_path / "registry.pub"
+    key.write_bytes(
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    config = _device_config(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings["registry"]["public_key"] = str(key)
+    config.write_text(yaml.safe_dump(settings))
+    code, modules, stderr = _loaded(tmp_path, "edge_agent", "check-config", "--config", str(config))
+    assert code == 0, stderr
+    assert "agent.verify" in modules  # the key was read (and found good)
+    key.write_text("not a key\n")
+    code, modules, stderr = _loaded(tmp_path, "edge_agent", "check-config", "--config", str(config))
+    assert code == 78 and "registry.public_key" in stderr, stderr
 
 
 # The daemon on a synthetic stream with an unsigned registry: no OpenCV (frames are
@@ -248,3 +293,51 @@ def test_the_light_parsers_repeat_the_owners_names() -> None:
     assert fleet_parser.DETECTION_FORMATS == manifest.DETECTION_FORMATS
     assert fleet_parser.FOLLOWED == view.FOLLOWED
     assert fleet_parser.DEFAULT_INDEX_EXPIRY_DAYS == publish.DEFAULT_INDEX_EXPIRY_DAYS
+
+
+def test_what_a_command_writes_is_all_there_when_the_process_ends(tmp_path: Path) -> None:
+    """The console script leaves the objects of a finished command to the exit
+    (agent.entry: gc.freeze): its output, and a log line written through the handler's
+    own stream, still arrive whole."""
+    config = _device_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    env["EDGE_AGENT_LOG"] = "debug"  # deprecated: a warning through the log handler
+    script = "import sys; from agent import entry; sys.exit(entry.edge_agent())"
+    done = subprocess.run(
+        [sys.executable, "-c", script, "check-config", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ok"] is True
+    assert "WARNING agent.logs: EDGE_AGENT_LOG is deprecated" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        ("EDGE_AGENT_LOG_LEVEL", "loud", "edge-agent: EDGE_AGENT_LOG_LEVEL=loud: not a log level"),
+        ("EDGE_AGENT_LOG_FORMAT", "xml", "edge-agent: EDGE_AGENT_LOG_FORMAT=xml: not a log format"),
+    ],
+)
+def test_check_config_still_refuses_bad_log_settings(
+    tmp_path: Path, variable: str, value: str, line: str
+) -> None:
+    """check-config does not set logging up, but its settings are checked as every
+    command's: a bad value in the environment is a usage error (2), one line."""
+    config = _device_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    env[variable] = value
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 2 and done.stderr.startswith(line), done.stderr
+    assert done.stdout == ""
