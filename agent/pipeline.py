@@ -60,6 +60,7 @@ READ_TIMEOUT_S = 0.25  # longest a source read blocks, so stop() is prompt
 STATS_WINDOW = 2048  # results kept for percentiles and fps
 RECONNECT_FIRST_S = 0.5  # first wait before reopening a source or reloading a model
 PACE_WAIT_S = 0.25  # longest a loader waits for a gap between frames (none at fps 0)
+SLOW_INTERVAL_S = 0.05  # frames further apart than this (under 20 fps): a slow stream
 
 __all__ = ["Pipeline", "Reload", "Result", "Stats", "rate"]
 
@@ -102,6 +103,8 @@ class Pipeline:
         self._idle_serial = 0
         self._idle_given = 0
         self._pacing = 0
+        self._busy = False  # the inference thread has a frame in hand (or the pool has)
+        self._put_at: deque[float] = deque(maxlen=8)  # when the last frames were handed over
         self.on_result = on_result
         self.on_event = on_event or (lambda name, detail: None)
         self.fps = fps
@@ -235,6 +238,8 @@ class Pipeline:
         """
         if not self._threads or self._finished.is_set() or self._stop.is_set():
             return False  # no stream to make room for
+        if self._slow_stream() and not self._busy and self._slot.empty():
+            return True  # frames far apart and none in hand: a step seldom meets one
         with self._idle:
             self._pacing += 1
             try:
@@ -246,6 +251,13 @@ class Pipeline:
                 return gap and not self._stop.is_set()
             finally:
                 self._pacing -= 1
+
+    def _slow_stream(self) -> bool:
+        """Frames come less often than every ``SLOW_INTERVAL_S``: the model is mostly idle
+        (pacing each step to a gap of its own would make a latency budget's 50 invokes
+        take 50 frame intervals)."""
+        times = list(self._put_at)
+        return len(times) >= 3 and (times[-1] - times[0]) / (len(times) - 1) >= SLOW_INTERVAL_S
 
     def _going_idle(self) -> None:
         """The inference thread is about to wait for a frame: a gap, if none is there."""
@@ -350,6 +362,8 @@ class Pipeline:
                     continue
                 self._last_frame = frame
                 item = self._prepare(frame)
+                if item is not None:
+                    self._put_at.append(time.monotonic())
                 if item is not None and self._slot.put(item, wait, self._stop):
                     self._dropped += 1
         except Exception:  # a bug must not silently stop the stream: count and report it
@@ -413,7 +427,9 @@ class Pipeline:
                 if self._pool_loop():
                     return
                 continue
+            self._busy = False
             item = self._slot.take(0.1)
+            self._busy = item is not None and item is not END
             if item is None:  # no frame (a source reconnecting): a swap still happens
                 self._switch_if_pending()
                 continue
@@ -480,9 +496,11 @@ class Pipeline:
                 if worker is None:
                     self._slot.until(pool.ready, 0.1)
                     continue
+                self._busy = not pool.idle
                 if self._pacing and pool.idle:  # a loader waits for a gap between frames
                     self._going_idle()
                 item = self._slot.take(0.1, pool.ready)
+                self._busy = not pool.idle or item is not None
                 if item is END:
                     while not pool.idle and not self._stop.is_set():
                         self._slot.until(pool.ready, 0.1)

@@ -185,3 +185,23 @@ def test_with_several_interpreters_the_old_set_drains_then_the_swapper_closes_it
     frames = [result.frame for result in results]
     assert frames == list(range(frames[0], frames[0] + len(frames)))  # none lost
     assert all(old.invokes > 0 for old in made[1])  # both interpreters served
+
+
+def test_beside_a_slow_stream_the_loader_does_not_wait_a_frame_per_step(zoo_file: Any) -> None:
+    path = zoo_file(MODEL)
+    results: list[Result] = []
+    # 5 fps: frames 200 ms apart, the model idle nearly all of the time
+    pipeline = Pipeline(
+        MemorySource(FRAMES, loop=True), load(path, 1, Watched(1)), results.append, fps=5
+    )
+    pipeline.start()
+    try:
+        wait_for(lambda: len(results) >= 4)
+        before = len(results)
+        gaps = [pipeline.between_frames(5.0) for _ in range(20)]  # a latency budget's steps
+        during = len(results) - before
+    finally:
+        pipeline.stop()
+    assert all(gaps)
+    # one gap per step would have taken 20 frames (4 s); at most the frame in hand passed
+    assert during <= 1
