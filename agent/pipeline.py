@@ -211,6 +211,7 @@ class Pipeline:
                 old.close()
                 return True
             self._pending = model
+            deadline = time.monotonic() + timeout
             taken = (
                 self._swapped.wait_for(
                     lambda: self._pending is not model or self._stop.is_set(), timeout
@@ -218,7 +219,10 @@ class Pipeline:
                 and self._model is model
             )
             if taken:  # several interpreters: the frames in flight on the old set end first
-                self._swapped.wait_for(lambda: not self._draining or self._stop.is_set(), timeout)
+                self._swapped.wait_for(
+                    lambda: not self._draining or self._stop.is_set(),
+                    max(0.0, deadline - time.monotonic()),
+                )
         self._close_retired()
         return taken
 
@@ -272,15 +276,14 @@ class Pipeline:
         Returns False when it is serving already: the swap happened after all.
         """
         with self._swapped:
-            if self._pending is not model:
-                taken = self._model is model
-            else:
+            withdrawn = self._pending is model
+            if withdrawn:
                 self._pending = None
-                taken = False
-        if not taken:
-            model.close()
+            serving = self._model is model
+        if withdrawn:  # only what was taken back here: a switched-out model is closed by
+            model.close()  # swap()'s caller once no frame runs on it
         self._close_retired()
-        return not taken
+        return not serving
 
     def stats(self) -> Stats:
         import numpy as np
@@ -505,6 +508,7 @@ class Pipeline:
                     while not pool.idle and not self._stop.is_set():
                         self._slot.until(pool.ready, 0.1)
                         self._hand_out(pool)
+                        self._retire_drained(pool)
                     self._finished.set()
                     return True
                 if item is not None:
@@ -514,6 +518,7 @@ class Pipeline:
             with self._swapped:
                 self._retired += self._draining
                 self._draining.clear()
+                self._swapped.notify_all()  # a swap() waiting for the drain: it is over
 
     def _retire_drained(self, pool: Pool) -> None:
         """Hand the switched-out models no frame runs on any more to swap()'s caller."""

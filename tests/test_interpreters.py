@@ -231,6 +231,34 @@ def test_auto_calibrates_on_the_real_model_records_the_choice_and_reuses_it(
     again.close()
 
 
+def test_a_remembered_choice_serves_only_the_settings_it_was_made_for(
+    zoo_file: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if calibration.cores() < 2:
+        pytest.skip("one core: nothing to choose between")
+    files = ModelFiles.from_file(zoo_file("face_detection_short_range.tflite"))
+    both = RuntimeConfig(warmup_runs=1, interpreters="auto", threads="auto")
+    with monkeypatch.context() as patched:  # this calibration picks one interpreter of 2
+        patched.setattr(calibration, "choose", lambda measured: Candidate(1, 2))
+        first = load_model(files, both)
+    assert (first.choice.interpreters, first.choice.threads) == (1, 2)
+    first.close()  # remembered for these settings
+    # a reload with threads fixed at 1: the candidates are 1x1, 2x1; never a 1x2
+    one_thread = RuntimeConfig(warmup_runs=1, interpreters="auto", threads=1)
+    model = load_model(files, one_thread)
+    try:
+        assert model.choice.threads == 1
+        assert Candidate(model.choice.interpreters, 1) in candidates("auto", 1, calibration.cores())
+    finally:
+        model.close()
+    fixed = load_model(files, RuntimeConfig(warmup_runs=1, interpreters=1, threads=2))
+    try:  # fixed settings are served as they are, never from a calibration
+        assert (fixed.choice.interpreters, fixed.choice.threads) == (1, 2)
+        assert fixed.choice.chosen_by == "config"
+    finally:
+        fixed.close()
+
+
 def test_calibration_is_bounded_the_first_candidate_always_measured(models: Models) -> None:
     """Out of time after the first candidate (a clock that jumps): the rest are not
     tried, the first wins, and every interpreter it did not keep is closed."""

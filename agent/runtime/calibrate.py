@@ -120,7 +120,7 @@ _chosen_lock = threading.Lock()
 
 
 def remembered(key: tuple[object, ...]) -> Candidate | None:
-    """An earlier calibration's choice for ``key`` (model name, backend).
+    """An earlier calibration's choice for ``key`` (model name, backend, the candidates).
 
     A hot swap to the next version of a model reuses it: calibrating beside the running
     pipeline would measure the contention, and take the cores the stream needs.

@@ -386,7 +386,9 @@ def _interpreters(
         wanted = 1 if threads == "auto" else threads  # the TPU does the work
         return Choice(1, wanted, "config", ignored), [make(wanted)]
     plan = calibration.candidates(interpreters, threads, calibration.cores())
-    key = (files.name, kind)  # the next version of a model reuses the choice
+    # The next version of a model reuses the choice, under the same settings only (a
+    # reload with runtime.threads: 1 must not keep an earlier calibration's 1x2).
+    key = (files.name, kind, *plan)
     earlier = calibration.remembered(key) if len(plan) > 1 else None
     if len(plan) == 1 or earlier is not None:
         chosen = earlier or plan[0]
