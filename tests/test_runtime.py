@@ -18,7 +18,7 @@ import pytest
 from agent.config import RuntimeConfig
 from agent.errors import AcceleratorError, ModelError
 from agent.runtime import InputNorm, ModelFiles, load_model
-from agent.runtime.adapters import Geometry, detection_outputs, read_labels
+from agent.runtime.adapters import Adapter, Geometry, detection_outputs, read_labels
 from agent.runtime.backends import CpuBackend, TensorSpec, is_edgetpu_model
 from tests.conftest import Models
 
@@ -115,6 +115,24 @@ def test_detection_outputs_are_found_by_shape_and_name() -> None:
     assert detection_outputs(named) == (1, 3, 0, 2)
     with pytest.raises(ModelError, match=r"4 post-processed SSD outputs"):
         detection_outputs(tflite[:2])
+
+
+def test_an_ssd_box_class_or_score_that_is_not_finite_is_left_out() -> None:
+    specs = [
+        _spec(0, "TFLite_Detection_PostProcess", (1, 4, 4)),
+        _spec(1, "TFLite_Detection_PostProcess:1", (1, 4)),
+        _spec(2, "TFLite_Detection_PostProcess:2", (1, 4)),
+        _spec(3, "TFLite_Detection_PostProcess:3", (1,)),
+    ]
+    adapter = Adapter.build("detection", specs, {}, top_k=10, min_score=0.5)
+    boxes = np.array([[[0.1, 0.1, 0.5, 0.5]] * 4], np.float32)
+    boxes[0, 1, 2] = np.inf  # a broken model's box
+    classes = np.array([[0, 1, np.nan, 3]], np.float32)  # ... class
+    scores = np.array([[0.9, 0.9, 0.9, np.nan]], np.float32)  # ... and score
+    geometry = Geometry(100, 100, 1.0, 1.0, 100, 100)
+    output = adapter.interpret([boxes, classes, scores, np.array([4.0], np.float32)], geometry)
+    assert [d.class_id for d in output.detections] == [0]
+    assert output.detections[0].box == pytest.approx((10.0, 10.0, 50.0, 50.0))
 
 
 def test_real_compiled_ssd_model_outputs_are_recognised(zoo_file: Any) -> None:

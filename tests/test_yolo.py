@@ -8,6 +8,8 @@ through ``load_model`` on non-square frames, float, int8 and the Edge TPU path.
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +169,25 @@ def test_boxes_in_pixels_or_normalised_come_out_in_input_pixels() -> None:
     for raw in (pixels, normalised):
         found = candidates(raw, V8, (320, 320), 0.5)
         assert found.xyxy[0].tolist() == pytest.approx([128, 64, 192, 96])
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        (math.nan, 50, 20, 20),  # a NaN centre
+        (50, 50, math.inf, 20),  # an infinite width: inf - inf
+        (50, 50, 20, -math.inf),
+    ],
+)
+def test_a_box_that_is_not_finite_is_left_out_not_published(
+    broken: tuple[float, float, float, float],
+) -> None:
+    raw = v8_raw([(*broken, 0, 0.9), (100, 100, 20, 20, 1, 0.8)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy RuntimeWarning on stderr either
+        found = candidates(raw, V8, (320, 320), 0.5)
+    assert found.classes.tolist() == [1]
+    assert np.isfinite(found.xyxy).all()
 
 
 def test_yolov5_score_is_objectness_times_class_probability() -> None:

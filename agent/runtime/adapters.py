@@ -10,6 +10,7 @@ and regression/raw outputs.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,9 +279,11 @@ class Adapter:
         height, width = geometry.input_height, geometry.input_width
         found = []
         for i in range(count):
-            if scores[i] < self.min_score:
+            if not scores[i] >= self.min_score:  # NaN too
                 continue
             ymin, xmin, ymax, xmax = (float(v) for v in boxes[i])
+            if not all(math.isfinite(v) for v in (ymin, xmin, ymax, xmax, classes[i])):
+                continue  # a broken model's inf or NaN: no box to report
             # normalised to the input; the frame filled input pixels [0, frame * scale)
             box = (
                 _clip(xmin * width / geometry.scale_x, geometry.frame_width),

@@ -200,8 +200,10 @@ def candidates(
     if kept.size and float(real(np.abs(box_rows).max())) <= PIXEL_BOXES_ABOVE:
         cx, w = cx * width, w * width  # normalised to the input (TFLite exports)
         cy, h = cy * height, h * height
-    xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
-    return Boxes(xyxy, scores.astype(np.float32), best.astype(np.int64))
+    with np.errstate(invalid="ignore", over="ignore"):  # a broken model's inf and NaN
+        xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    finite = np.isfinite(xyxy).all(axis=1) & np.isfinite(scores)  # no box NMS cannot judge
+    return Boxes(xyxy[finite], scores[finite].astype(np.float32), best[finite].astype(np.int64))
 
 
 def _real(quant: tuple[float, int] | None) -> Callable[[Any], np.ndarray]:
