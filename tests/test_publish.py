@@ -89,7 +89,7 @@ def test_publish_refuses_two_models_of_one_variant(fleet: Fleet, tmp_path: Path)
 def test_publish_refuses_a_bad_model_name(fleet: Fleet, tmp_path: Path) -> None:
     path = tmp_path / "m.tflite"
     path.write_bytes(tflite_bytes(100, 1))
-    with pytest.raises(PublishError, match=r"model: Expected `str` matching regex"):
+    with pytest.raises(PublishError, match=r"model: must be letters, digits, .*starting with"):
         publish([path], model="../evil", version=1, registry=fleet.registry)
 
 
@@ -135,7 +135,7 @@ def _manifest_error(**change: object) -> str:
 
 def test_manifest_rules_name_the_field() -> None:
     entry = MANIFEST["files"][0]  # type: ignore[index]
-    assert "files[0].sha256: Expected `str` matching regex" in _manifest_error(
+    assert "files[0].sha256: must be 64 lower-case hex digits" in _manifest_error(
         files=[{**entry, "sha256": "XYZ"}]
     )
     assert "files[0]: a model file needs a variant" in _manifest_error(
