@@ -9,8 +9,10 @@ from (``config.yaml:12`` or the environment variable). Validation does no I/O;
 
 The sections are msgspec structs (:mod:`agent.config_sections`, the sources in
 :mod:`agent.config_sources`; all re-exported here): importing and validating them
-takes a few milliseconds and little memory on a small board. Each section is validated
-on its own, so one problem per section is reported at once.
+takes a few milliseconds and little memory on a small board. Values are first read by
+the key's type as the config was read before (:mod:`agent.config_values`: " 3\\n" and
+"yes" from the environment); every wrong key is reported, and of the rules between keys
+the first one broken; msgspec's errors are read by :mod:`agent.structs`.
 """
 
 from __future__ import annotations
