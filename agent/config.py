@@ -9,19 +9,20 @@ from (``config.yaml:12`` or the environment variable). Validation does no I/O;
 
 The sections are msgspec structs (:mod:`agent.config_sections`, the sources in
 :mod:`agent.config_sources`; all re-exported here): importing and validating them
-takes a few milliseconds and little memory on a small board. Each section is validated
-on its own, so one problem per section is reported at once.
+takes a few milliseconds and little memory on a small board. Values are first read by
+the key's type as the config was read before (:mod:`agent.config_values`: " 3\\n" and
+"yes" from the environment); every wrong key is reported, and of the rules between keys
+the first one broken; msgspec's errors are read by :mod:`agent.structs`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import stat
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, Literal, NamedTuple
+from typing import Annotated, Any, BinaryIO, NamedTuple
 
 import msgspec
 import yaml
@@ -64,7 +65,9 @@ from agent.config_sources import (
     UdpSource,
     VideoSource,
 )
+from agent.config_values import Refused, coerce, expects, opaque
 from agent.errors import ConfigError
+from agent.structs import dotted, locate
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -226,41 +229,6 @@ def _section_kinds(section: str) -> list[type[msgspec.Struct]]:
     return [_SECTION_KINDS[section]]
 
 
-def _bare(annotation: Any) -> Any:
-    """``annotation`` without Annotated and without ``| None``."""
-    while typing.get_origin(annotation) is Annotated:
-        annotation = typing.get_args(annotation)[0]
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if (
-        typing.get_origin(annotation) is not Literal
-        and len(args) == 1
-        and type(None) in (typing.get_args(annotation))
-    ):
-        return _bare(args[0])
-    return annotation
-
-
-def _is_bool(section: str, key: str) -> bool:
-    if section not in SECTIONS:
-        return False
-    for kind in _section_kinds(section):
-        field = fields_of(kind).get(key)
-        if field is not None and _bare(field.type) is bool:
-            return True
-    return False
-
-
-# The words a boolean may be written as in the environment (YAML 1.1's and more).
-_BOOL_WORDS = {
-    **dict.fromkeys(("true", "yes", "on", "y", "t", "1"), True),
-    **dict.fromkeys(("false", "no", "off", "n", "f", "0"), False),
-}
-
-
-def _env_bool(raw: str) -> Any:
-    return _BOOL_WORDS.get(raw.strip().lower(), raw)
-
-
 def decode_hook(kind: type, value: Any) -> Any:
     """msgspec's ``dec_hook`` for the config: builds paths (refusing ``""``, which would
     silently mean the current folder, and NUL)."""
@@ -276,17 +244,8 @@ def decode_hook(kind: type, value: Any) -> Any:
 
 
 def _dotted(path: tuple[str | int, ...]) -> str:
-    """A key path for a message (``device.groups[1]``: list positions as ``[N]``); a key
-    with control characters is shown quoted, so a config cannot write line breaks or
-    escape sequences to the operator's terminal."""
-    text = ""
-    for part in path:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            shown = part if part.isprintable() else repr(part)
-            text += f".{shown}" if text else shown
-    return text
+    """A key path for a message (``device.groups[1]``), a key that is not plain quoted."""
+    return dotted(path)
 
 
 class _Origin(NamedTuple):
@@ -329,8 +288,9 @@ def _origins_from_yaml(
 
 
 def _env_value(raw: str) -> Any:
-    # Scalars stay strings and validation converts them by the key's type ("300" -> 300,
-    # "true" -> True), so "0123" stays a device id; lists and maps are YAML flow style.
+    # Scalars stay strings and validation reads them by the key's type (" 300\n" -> 300,
+    # "yes" -> True: agent.config_values), so "0123" stays a device id; lists and maps
+    # are YAML flow style.
     if raw.lstrip().startswith(("[", "{")):
         return yaml.safe_load(raw)
     return raw
@@ -359,7 +319,7 @@ def _apply_env(
         if not isinstance(target, dict):
             continue  # the YAML error for this section is reported by validation
         try:
-            target[key] = _env_value(raw) if not _is_bool(section, key) else _env_bool(raw)
+            target[key] = _env_value(raw)
         except (yaml.YAMLError, ValueError) as exc:
             raise ConfigError(
                 [f"{var}: {section}.{key}: not valid YAML: {_yaml_problem(exc)}"]
@@ -367,57 +327,86 @@ def _apply_env(
         origins[(section, key)] = _Origin(var)
 
 
-_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
-_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
-_KEY_FIRST = re.compile(r"^(?P<key>[a-z_]+)(?:\[(?P<index>\d+)\])?: (?P<msg>.*)$", re.DOTALL)
+Located = tuple[tuple[str | int, ...], str]
 
 
-def _located(
-    section: str, kind: type[msgspec.Struct], error: msgspec.ValidationError
-) -> tuple[tuple[str | int, ...], str]:
-    """The key path and message of msgspec's error within ``section``: ``Expected `int`
-    >= 1 - at `$.keep``` gives ``(store, keep)``; a rule's ``"id: ..."`` (raised in a
-    ``__post_init__``, which msgspec places at the struct) is moved to its key."""
-    match = _AT.match(str(error))
-    assert match is not None  # the pattern matches any text
-    message, steps = match["msg"], match["path"] or ""
-    path: list[str | int] = [section]
-    for key, index in _STEP.findall(steps):
-        path.append(int(index) if index else key)
-    keyed = _KEY_FIRST.match(message) if len(path) == 1 else None
-    if keyed and keyed["key"] in fields_of(kind):
-        path.append(keyed["key"])
-        if keyed["index"] is not None:
-            path.append(int(keyed["index"]))
-        message = keyed["msg"]
-    field = fields_of(kind).get(str(path[1])) if len(path) == 2 else None
-    count = _count_or_words(field.type) if field is not None else None
-    if count is not None:  # runtime.threads: 2 or auto; msgspec's union wording is opaque
-        words, low, high = count
-        message = f"must be {' or '.join(words)} or a whole number {low}..{high}"
-    elif message.startswith("Invalid enum value") and field is not None:
-        choices = typing.get_args(_bare(field.type))
-        if choices:
-            message += f"; one of {', '.join(str(c) for c in choices)}"
-    return tuple(path), message
+def _field_problem(section: str, field: msgspec.structs.FieldInfo, error: Exception) -> Located:
+    """msgspec's error for one key, worded for the key's type."""
+    path, message = locate(error)
+    if not path and opaque(field.type):
+        message = f"must be {expects(field.type)}"  # runtime.threads: auto or 1..64
+    elif not path and message.startswith("Invalid enum value"):
+        message += f"; {expects(field.type)}"
+    return (section, field.name, *path), message
 
 
-def _count_or_words(annotation: Any) -> tuple[list[str], int, int] | None:
-    """(words, low, high) for a field that is a bounded whole number or one of some
-    words (``Annotated[int, Meta(ge=1, le=16)] | Literal["auto"]``), else None."""
-    members = typing.get_args(_bare(annotation))
-    words: list[str] = []
-    bounds: tuple[int, int] | None = None
-    for member in members:
-        if typing.get_origin(member) is Literal:
-            words += [str(word) for word in typing.get_args(member)]
-        elif typing.get_origin(member) is Annotated and typing.get_args(member)[0] is int:
-            meta = next(m for m in typing.get_args(member)[1:] if isinstance(m, Meta))
-            if isinstance(meta.ge, int) and isinstance(meta.le, int):
-                bounds = (meta.ge, meta.le)
-    if not words or bounds is None:
-        return None
-    return words, *bounds
+def _section(name: str, kind: type[msgspec.Struct], value: Any) -> msgspec.Struct | list[Located]:
+    """The section ``value`` validated as ``kind``, or its problems: every key that is
+    wrong (a value refused by its type or its bounds), else the first rule broken.
+    msgspec stops at the first problem, so on a failure each key is checked alone."""
+    fields = fields_of(kind)
+    problems: list[Located] = []
+    error: Exception = ValueError("no error")
+    if isinstance(value, dict):
+        value = dict(value)
+        for key, item in value.items():
+            read = coerce(fields[key].type, item)
+            if isinstance(read, Refused):
+                problems.append(((name, key), read.message))
+            value[key] = read
+    if not problems:
+        try:
+            return msgspec.convert(value, kind, dec_hook=decode_hook)
+        except msgspec.ValidationError as exc:
+            error = exc
+        except UnicodeError:  # already refused by _not_unicode; here in case
+            return [((name,), "text that is not valid Unicode")]
+        if not isinstance(value, dict):
+            return [((name, *locate(error)[0]), locate(error)[1])]
+    refused = {path[1] for path, _ in problems}
+    for key, item in value.items():
+        if key in refused:
+            continue
+        try:
+            msgspec.convert(item, fields[key].type, dec_hook=decode_hook)
+        except msgspec.ValidationError as exc:
+            problems.append(_field_problem(name, fields[key], exc))
+    if problems:
+        return sorted(problems, key=lambda p: list(value).index(p[0][1]))
+    path, message = locate(error, frozenset(fields))  # a rule, or a required key missing
+    return [((name, *path), message)]
+
+
+def _not_unicode(data: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """The key paths of text (a key or a value) that does not encode as UTF-8: a lone
+    surrogate ("\ud800", from a YAML escape) passes msgspec and fails later, where the
+    text is written (a path, a topic, a log line)."""
+    found: list[tuple[str | int, ...]] = []
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, path)]
+    seen: set[int] = set()
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and not _encodes(item):
+                found.append(where)
+        elif isinstance(item, (dict, list)) and id(item) not in seen:
+            seen.add(id(item))  # an alias met again (or one that refers to itself)
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, value in pairs:
+                shown = key if isinstance(key, (str, int)) else repr(key)
+                if isinstance(key, str) and not key.isascii() and not _encodes(key):
+                    found.append(where)  # the mapping that has the key
+                    continue
+                stack.append((value, (*where, shown)))
+    return sorted(found, key=str)
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _source_kind(value: Any) -> type[SourceConfig] | str:
@@ -427,7 +416,7 @@ def _source_kind(value: Any) -> type[SourceConfig] | str:
     if "type" not in value:
         return f"missing; one of {', '.join(SOURCE_TYPES)}"
     tag = value["type"]
-    kind = SOURCES.get(tag) if isinstance(tag, str) else None
+    kind = SOURCES.get(tag.strip()) if isinstance(tag, str) else None
     if kind is None:
         return f"unknown type {tag!r}; one of {', '.join(SOURCE_TYPES)}"
     return kind
@@ -439,7 +428,8 @@ def config_from_dict(
     origins: Mapping[tuple[str, ...], _Origin] | None = None,
 ) -> Config:
     """Validate plain data (as YAML gives it) into a :class:`Config`. Raises ConfigError
-    with one line per problem (at most one per section): ``<where>: <key path>: <what>``,
+    with one line per problem (every wrong key; of the rules between keys of a section,
+    the first one broken): ``<where>: <key path>: <what>``,
     ``<where>`` the value's line in ``origins``, else ``file``."""
     lines = origins or {}
 
@@ -452,6 +442,9 @@ def config_from_dict(
                 break
         return f"{where}: {_dotted(path)}: {message}" if path else f"{where}: {message}"
 
+    bad_text = _not_unicode(data)
+    if bad_text:
+        raise ConfigError([line(path, "text that is not valid Unicode") for path in bad_text])
     problems = [
         line((key if isinstance(key, str) else repr(key),), "unknown key")
         for key in data
@@ -477,12 +470,11 @@ def config_from_dict(
                     for k in unknown
                 ]
                 continue
-        try:
-            sections[name] = msgspec.convert(value, kind, strict=False, dec_hook=decode_hook)
-        except msgspec.ValidationError as exc:
-            problems.append(line(*_located(name, kind, exc)))
-        except UnicodeError:  # msgspec cannot take text with a lone surrogate ("\ud800")
-            problems.append(line((name,), "text that is not valid Unicode"))
+        section = _section(name, kind, value)
+        if isinstance(section, list):
+            problems += [line(*problem) for problem in section]
+        else:
+            sections[name] = section
     if problems:
         raise ConfigError(problems)
     try:

@@ -19,6 +19,9 @@ import msgspec
 from msgspec import Meta
 
 from agent.names import NAME_PATTERN, check_group_name
+from agent.structs import rule_pattern, whole
+
+__all__ = ["whole"]  # re-exported: agent.manifest's patterns
 
 # Model names become URL path segments and store folder names: keep them plain.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -29,10 +32,13 @@ SUN_PATH_MAX = 107  # bytes of a Unix socket path (sun_path is 108, NUL-terminat
 SNAPSHOT_MAX_KB = 160  # base64 (4/3) of 160 KiB and the reply stay under 256 KiB packets
 
 
-def whole(pattern: str) -> str:
-    """``pattern`` matching the whole text: msgspec uses Python's ``re.search``, where a
-    final ``$`` also matches before a trailing newline ("pi-01\\n" as a device id)."""
-    return pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern
+# The rules of the patterns in words, for the error (agent.structs.pattern).
+NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+MODEL_NAME_RULE = f"{NAME_RULE}, at most 128 characters"
+HA_LABEL_RULE = (
+    "letters, digits, spaces, '.', '_' and '-', starting with a letter or digit, at most 64 "
+    "characters"
+)
 
 
 # Every path in the config; "" (the current folder) and NUL are refused where paths are
@@ -73,7 +79,7 @@ class DeviceConfig(Section, frozen=True):
         str,
         Meta(
             min_length=1,
-            pattern=whole(NAME_PATTERN.pattern),
+            pattern=rule_pattern(NAME_PATTERN.pattern, NAME_RULE),
             description="Device id used in MQTT topics; defaults to the hostname.",
         ),
     ] = msgspec.field(default_factory=socket.gethostname)
@@ -167,7 +173,7 @@ class RegistryConfig(Section, frozen=True):
 
 class ModelConfig(Section, frozen=True):
     name: Annotated[
-        Annotated[str, Meta(pattern=whole(MODEL_NAME_PATTERN))] | None,
+        Annotated[str, Meta(pattern=rule_pattern(MODEL_NAME_PATTERN, MODEL_NAME_RULE))] | None,
         Meta(description="Model name in the registry. Required by run and check-config."),
     ] = None
     channel: Annotated[str, Meta(min_length=1, description="index.json channel to follow.")] = (
@@ -193,7 +199,7 @@ class RuntimeConfig(Section, frozen=True):
     edgetpu_device: Annotated[
         str,
         Meta(
-            pattern=whole(r"^(|usb|pci)(:\d+)?$"),
+            pattern=rule_pattern(r"^(|usb|pci)(:\d+)?$", '"", usb, usb:N or pci:N'),
             description='Edge TPU to use: "", usb, usb:N, pci:N.',
         ),
     ] = ""
@@ -261,6 +267,9 @@ class ResultsConfig(Section, frozen=True):
     ] = 1
 
 
+_CREDENTIAL = rule_pattern(r"^[A-Za-z0-9._-]+$", "letters, digits, '.', '_' and '-'")
+
+
 class MqttConfig(Section, frozen=True):
     url: Annotated[
         str | None,
@@ -270,7 +279,11 @@ class MqttConfig(Section, frozen=True):
     cert: Annotated[FilePath | None, Meta(description="Device certificate (mTLS).")] = None
     key: Annotated[FilePath | None, Meta(description="Device private key (mTLS).")] = None
     topic_prefix: Annotated[
-        str, Meta(pattern=whole(r"^[^#+/][^#+]*$"), description="Topic prefix.")
+        str,
+        Meta(
+            pattern=rule_pattern(r"^[^#+/][^#+]*$", "text without '#' or '+', not first '/'"),
+            description="Topic prefix.",
+        ),
     ] = "edge"
     username: Annotated[
         Annotated[str, Meta(min_length=1)] | None,
@@ -280,7 +293,7 @@ class MqttConfig(Section, frozen=True):
         FilePath | None, Meta(description="File holding the password (first line).")
     ] = None
     password_credential: Annotated[
-        Annotated[str, Meta(pattern=whole(r"^[A-Za-z0-9._-]+$"))] | None,
+        Annotated[str, Meta(pattern=_CREDENTIAL)] | None,
         Meta(
             description="systemd credential holding the password (LoadCredential= in the "
             "unit; read from $CREDENTIALS_DIRECTORY)."
@@ -426,12 +439,15 @@ class HomeAssistantConfig(Section, frozen=True):
     prefix: Annotated[
         str,
         Meta(
-            pattern=whole(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"),
+            pattern=rule_pattern(
+                r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$",
+                f"topic levels joined by '/', each of {NAME_RULE}",
+            ),
             description="Home Assistant's discovery prefix (its MQTT integration's setting).",
         ),
     ] = "homeassistant"
     labels: Annotated[
-        list[Annotated[str, Meta(pattern=whole(HA_LABEL_PATTERN))]],
+        list[Annotated[str, Meta(pattern=rule_pattern(HA_LABEL_PATTERN, HA_LABEL_RULE))]],
         Meta(
             max_length=64,
             description="Model labels that each get a binary sensor '<label> detected' (from "

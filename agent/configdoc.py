@@ -255,12 +255,16 @@ def _environment() -> list[str]:
         f"The first word after `{ENV_PREFIX}` is the section ({sections}); the rest, "
         "lower-cased, is the key: `EDGE_AGENT_REGISTRY_POLL_INTERVAL_S=60` sets "
         "`registry.poll_interval_s`.",
-        "Values are text converted by the key's type (`60` to a number, `true` to a "
-        "boolean); a value that starts with `[` or `{` is read as YAML flow style: "
+        "Values are text read by the key's type, with surrounding spaces and line "
+        "breaks dropped: a whole number as Python's `int()` reads it (`05`, `+3`, "
+        "`1_000`, `3.0`), a number as `float()` does (`.5`, `1e3`), a boolean as one of "
+        "`true/false`, `yes/no`, `on/off`, `y/n`, `t/f`, `1/0` in any case (quoted "
+        "numbers and booleans in the file are read the same way); a value that starts "
+        "with `[` or `{` is read as YAML flow style: "
         "`EDGE_AGENT_DEVICE_GROUPS='[door, canary]'`.",
         "The override is validated with the file: a bad value or an unknown key is "
         "reported with the variable's name in place of the file's line "
-        "(``EDGE_AGENT_STORE_KEEP: store.keep: Expected `int` >= 1``).",
+        "(``EDGE_AGENT_STORE_KEEP: store.keep: 'many' is not a whole number``).",
         f"Variables whose first word is not a section (such as `{ENV_PREFIX}CONFIG`, "
         "the config file's path) are not configuration keys and are left alone here.",
     ]
@@ -294,7 +298,11 @@ def render() -> str:
             f"or `${ENV_PREFIX}CONFIG` names another (a regular file of at most "
             f"{MAX_CONFIG_BYTES // 1024} KiB). It is validated once, at start (and on "
             "SIGHUP): unknown keys are refused, and every error names the key path and the "
-            "line it came from (``config.yaml:12: store.keep: Expected `int` >= 1``). An "
+            "line it came from (``config.yaml:12: store.keep: Expected `int` >= 1``). "
+            "Every wrong key is listed; of the rules between keys (such as "
+            "`mqtt.cert` and `mqtt.key` going together) the first one broken is reported: "
+            "fix it and validate again. Text that is not valid Unicode (a lone "
+            "surrogate escape such as `\\ud800`) is refused. An "
             "invalid configuration exits 78. Every key has a default except "
             "the few marked required; `edge-agent check-config --config PATH` validates a "
             "file and checks the files it names."

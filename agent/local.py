@@ -29,6 +29,7 @@ from agent.config import Config
 from agent.control import AgentLock, ControlError, ask
 from agent.errors import UpdateError
 from agent.store import Store
+from agent.structs import dotted, locate
 
 POLL_S = 0.2
 
@@ -96,15 +97,13 @@ def _ask(
     """``ask``, with the reply checked against ``reply``. Raises ControlError when it
     does not fit (besides what ``ask`` raises)."""
     result = ask(path, command, args)
-    try:
-        msgspec.convert(result, reply, strict=False)
+    try:  # strict: "2" for a number is another program's answer, not ours
+        msgspec.convert(result, reply)
     except msgspec.ValidationError as exc:
-        # msgspec says "<what> - at `$.stats.fps`" (no "at" for the reply itself)
-        what, _, where = str(exc).partition(" - at `$")
-        where = where.rstrip("`").lstrip(".")
+        where, what = locate(exc)
         raise ControlError(
             f"the agent at {path} answered something unreadable: {command}: "
-            + (f"{where}: {what}" if where else what)
+            + (f"{dotted(where)}: {what}" if where else what)
         ) from None
     return result
 

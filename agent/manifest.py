@@ -9,15 +9,15 @@ duplicate names and inconsistent references are refused with an error naming the
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
-from agent.config_sections import MODEL_NAME_PATTERN, whole
+from agent.config_sections import MODEL_NAME_PATTERN, MODEL_NAME_RULE
 from agent.errors import DocumentError, VerificationError
 from agent.strictjson import parse_object
+from agent.structs import dotted, locate, rule_pattern
 
 SCHEMA = 1
 # A backstop: fetching applies registry.max_manifest_kb before the bytes get here.
@@ -28,6 +28,7 @@ Role = Literal["model", "labels", "selftest", "extra"]
 Variant = Literal["edgetpu", "cpu"]
 DetectionFormat = Literal["ssd", "yolov5", "yolov8"]
 DETECTION_FORMATS: tuple[str, ...] = ("ssd", "yolov5", "yolov8")
+_MODEL_NAME = rule_pattern(MODEL_NAME_PATTERN, MODEL_NAME_RULE)
 
 
 def check_file_name(name: str) -> str:
@@ -63,7 +64,11 @@ class FileEntry(_Doc, frozen=True, kw_only=True):
     variant: Annotated[Variant | None, Meta(description="Model variant (role model).")] = None
     size: Annotated[int, Meta(ge=0, description="Exact length in bytes.")]
     sha256: Annotated[
-        str, Meta(pattern=whole(r"^[0-9a-f]{64}$"), description="Lower-case hex SHA-256.")
+        str,
+        Meta(
+            pattern=rule_pattern(r"^[0-9a-f]{64}$", "64 lower-case hex digits"),
+            description="Lower-case hex SHA-256.",
+        ),
     ]
 
     def __post_init__(self) -> None:
@@ -98,7 +103,7 @@ class Manifest(_Doc, frozen=True, kw_only=True):
     schema_: Annotated[Literal[1], Meta(description="Manifest schema version.")] = msgspec.field(
         name="schema"
     )
-    model: Annotated[str, Meta(pattern=whole(MODEL_NAME_PATTERN), description="Model name.")]
+    model: Annotated[str, Meta(pattern=_MODEL_NAME, description="Model name.")]
     version: Annotated[int, Meta(ge=1, description="Release version, newest highest.")]
     created: Annotated[str, Meta(description="ISO 8601 time of publishing.")]
     task: Annotated[Task, Meta(description="What the model's outputs mean.")]
@@ -158,7 +163,7 @@ class Index(_Doc, frozen=True, kw_only=True):
     schema_: Annotated[Literal[1], Meta(description="Index schema version.")] = msgspec.field(
         name="schema"
     )
-    model: Annotated[str, Meta(pattern=whole(MODEL_NAME_PATTERN), description="Model name.")]
+    model: Annotated[str, Meta(pattern=_MODEL_NAME, description="Model name.")]
     versions: Annotated[list[int], Meta(description="Published versions, complete releases only.")]
     channels: Annotated[dict[str, int], Meta(description="Channel -> version.")] = msgspec.field(
         default_factory=dict
@@ -169,7 +174,15 @@ class Index(_Doc, frozen=True, kw_only=True):
         Annotated[int, Meta(ge=1)] | None, Meta(description="Raised by one on every change.")
     ] = None
     expires: Annotated[
-        Annotated[str, Meta(pattern=whole(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"))] | None,
+        Annotated[
+            str,
+            Meta(
+                pattern=rule_pattern(
+                    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", "a UTC time like 2030-01-31T12:00:00Z"
+                )
+            ),
+        ]
+        | None,
         Meta(description="RFC 3339 UTC time after which devices refuse this index."),
     ] = None
 
@@ -181,35 +194,45 @@ class Index(_Doc, frozen=True, kw_only=True):
                 raise ValueError(f"channel {channel!r} names version {version}, not in versions")
 
 
-# msgspec's "<problem> - at `$.files[0].sha256`"; "Object contains unknown field `x`"
-_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.DOTALL)
-_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<key>.*)`$", re.DOTALL)
-_FIELD_FIRST = re.compile(r"^(?P<key>[a-z_]+): (?P<msg>.*)$", re.DOTALL)
+_WHOLE_MAX = 2**53  # a float above this is not exactly one whole number
 
 
-_PLAIN_PATH = re.compile(r"[A-Za-z0-9_.\[\]-]{0,200}")
+def _normalised(data: Any) -> tuple[Any, tuple[str | int, ...] | None]:
+    """``data`` with every whole float as an int (``"size": 10.0`` from a JSON writer
+    that writes numbers as floats; a float field takes the int as it was), and the
+    path of the first text that does not encode as UTF-8 (a lone surrogate, ``"\\ud800"``
+    in the JSON), else None. Strings stay strings: ``"size": "10"`` is refused."""
+    if isinstance(data, float):
+        return (int(data) if data.is_integer() and abs(data) <= _WHOLE_MAX else data), None
+    if isinstance(data, str):
+        return data, None if data.isascii() or _encodes(data) else ()
+    if isinstance(data, list):
+        items = []
+        for index, item in enumerate(data):
+            value, bad = _normalised(item)
+            if bad is not None:
+                return data, (index, *bad)
+            items.append(value)
+        return items, None
+    if isinstance(data, dict):
+        fields = {}
+        for key, item in data.items():
+            if not _encodes(key):
+                return data, ()
+            value, bad = _normalised(item)
+            if bad is not None:
+                return data, (key, *bad)
+            fields[key] = value
+        return fields, None
+    return data, None
 
 
-def _shown(path: str) -> str:
-    """``path`` as one printable line: a hostile document's own key (``"a\\nb"``) quoted."""
-    return path if _PLAIN_PATH.fullmatch(path) else repr(path[:200])
-
-
-def _problem(error: msgspec.ValidationError) -> tuple[str, str]:
-    """The field path (``files[1].name``) and the problem of msgspec's error; a path
-    holding a key of the document's own is quoted."""
-    match = _AT.match(str(error))
-    assert match is not None  # the pattern matches any text
-    message, path = match["msg"], match["path"] or ""
-    unknown = _UNKNOWN.match(message)
-    keyed = _FIELD_FIRST.match(message)
-    if unknown:
-        key, message = unknown["key"], "unknown field"
-    elif keyed and path:  # a rule of one field, raised where msgspec places the part
-        key, message = keyed["key"], keyed["msg"]
-    else:
-        return _shown(path), message
-    return _shown(f"{path}.{key}" if path else key), message
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse(raw: bytes, what: str, cls: type[_Doc], max_bytes: int) -> Any:
@@ -217,15 +240,18 @@ def _parse(raw: bytes, what: str, cls: type[_Doc], max_bytes: int) -> Any:
         data = parse_object(raw, what=what, max_bytes=max_bytes)
     except DocumentError as exc:
         raise VerificationError(str(exc)) from None
+    data, bad = _normalised(data)  # depth is bounded by parse_object
+    if bad is not None:
+        where = f"{dotted(bad)}: " if bad else ""
+        raise VerificationError(f"{what}: {where}text that is not valid Unicode")
     try:
         return msgspec.convert(data, cls)
     except msgspec.ValidationError as exc:
-        where, message = _problem(exc)
+        path, message = locate(exc)
+        where = dotted(path)
         raise VerificationError(
             f"{what}: {where}: {message}" if where else f"{what}: {message}"
         ) from exc
-    except UnicodeError:  # msgspec cannot take text with a lone surrogate ("\ud800")
-        raise VerificationError(f"{what}: text that is not valid Unicode") from None
 
 
 def parse_manifest(raw: bytes, what: str = "manifest.json", max_bytes: int = MAX_BYTES) -> Manifest:

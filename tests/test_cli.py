@@ -90,7 +90,7 @@ def test_invalid_config_exits_78_for_every_command(device: Device) -> None:
     for args in (("status",), ("models", "pull"), ("models", "list")):
         result = device.cli(*args)
         assert result.returncode == 78
-        assert "store.keep: Expected `int`, got `str`" in result.stderr
+        assert "store.keep: 'many' is not a whole number" in result.stderr
 
 
 def test_bad_usage_exits_2(device: Device) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_config, parse_config
+from agent.config_sections import NAME_RULE
 from agent.errors import ConfigError
 
 GOOD = """\
@@ -69,7 +70,7 @@ def test_unknown_section_is_refused() -> None:
 def test_wrong_type_names_key_path_and_line() -> None:
     text = GOOD.replace("  keep: 3", "  keep: lots")
     (problem,) = problems(text)
-    assert problem.startswith("config.yaml:12: store.keep: Expected `int`, got `str`")
+    assert problem == "config.yaml:12: store.keep: 'lots' is not a whole number"
 
 
 def test_out_of_range_and_bad_choice_are_both_reported() -> None:
@@ -119,7 +120,7 @@ def test_environment_overrides_a_key() -> None:
 
 def test_bad_environment_value_names_the_variable() -> None:
     (problem,) = problems(GOOD, env={"EDGE_AGENT_STORE_KEEP": "zero"})
-    assert problem.startswith("EDGE_AGENT_STORE_KEEP: store.keep: Expected `int`, got `str`")
+    assert problem == "EDGE_AGENT_STORE_KEEP: store.keep: 'zero' is not a whole number"
     (problem,) = problems(GOOD, env={"EDGE_AGENT_STORE_KEPE": "2"})
     assert problem == "EDGE_AGENT_STORE_KEPE: store.kepe: unknown key"
 
@@ -227,23 +228,26 @@ def test_environment_booleans_take_the_usual_words_only_for_boolean_keys() -> No
     assert config.homeassistant.discovery is True
     assert config.device.id == "y"  # a string key keeps the text
     (problem,) = problems("", env={"EDGE_AGENT_PRIVACY_SNAPSHOTS": "maybe"})
-    assert problem == "EDGE_AGENT_PRIVACY_SNAPSHOTS: privacy.snapshots: Expected `bool`, got `str`"
+    assert problem == (
+        "EDGE_AGENT_PRIVACY_SNAPSHOTS: privacy.snapshots: 'maybe' is not true or false (or "
+        "yes/no, on/off, 1/0)"
+    )
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
         # a pattern matches the whole value: "$" alone would let a final newline through
-        ('device: {id: "pi-01\\n"}', "config.yaml:1: device.id: Expected `str` matching regex"),
-        ('model: {name: "m\\n"}', "config.yaml:1: model.name: Expected `str` matching regex"),
+        ('device: {id: "pi-01\\n"}', f"config.yaml:1: device.id: must be {NAME_RULE}"),
+        ('model: {name: "m\\n"}', f"config.yaml:1: model.name: must be {NAME_RULE}, at most 128"),
         ("device: {id: groups}", "config.yaml:1: device.id: 'groups' is reserved"),
         ("device: {groups: [ok, a/b]}", "config.yaml:1: device.groups[1]: group name 'a/b'"),
         ("source: {type: mjpeg, url: 'ftp://x'}", "config.yaml:1: source.url: must start with"),
         ("source: {type: tv}", "config.yaml:1: source.type: unknown type 'tv'; one of camera"),
         ("source: {type: udp, width: 3}", "config.yaml:1: source.width: unknown key"),
         ("metrics: {listen: 'localhost:9'}", "config.yaml:1: metrics.listen: 'localhost:9' is not"),
-        ('device: {id: "\\ud800"}', "config.yaml:1: device.id: Expected `str` matching regex"),
-        ('results: {publish: "\\ud800"}', "config.yaml:1: results: text that is not valid Unicode"),
+        ('device: {id: "\\ud800"}', "config.yaml:1: device.id: text that is not valid Unicode"),
+        ('results: {publish: "\\ud800"}', "config.yaml:1: results.publish: text that is not valid"),
         ("store: {dir: [a]}", "config.yaml:1: store.dir: Expected a path, got `list`"),
         ("store: 3", "config.yaml:1: store: Expected `object`, got `int`"),
     ],
@@ -276,3 +280,117 @@ def test_the_device_side_does_not_import_pydantic() -> None:
         check=True,
     )
     assert run.stdout == "[]\n"
+
+
+# What pydantic's lax mode took before issue 19 (an EnvironmentFile written then must still
+# start the agent): text stripped, then read by the key's type as int()/float() read it.
+@pytest.mark.parametrize(
+    ("var", "raw", "section", "key", "value"),
+    [
+        ("RUNTIME_THREADS", " 4", "runtime", "threads", 4),
+        ("RUNTIME_THREADS", "auto\n", "runtime", "threads", "auto"),
+        ("REGISTRY_TIMEOUT_S", "30 ", "registry", "timeout_s", 30.0),
+        ("STORE_KEEP", "3\n", "store", "keep", 3),
+        ("STORE_KEEP", "+3", "store", "keep", 3),
+        ("STORE_KEEP", "05", "store", "keep", 5),
+        ("STORE_KEEP", "3.0", "store", "keep", 3),
+        ("STORE_KEEP", "1_000", "store", "keep", 1000),
+        ("RESULTS_MIN_SCORE", ".5", "results", "min_score", 0.5),
+        ("RESULTS_MIN_SCORE", "1.", "results", "min_score", 1.0),
+        ("RESULTS_MIN_SCORE", "+0.5\r\n", "results", "min_score", 0.5),
+        ("REGISTRY_POLL_INTERVAL_S", "1e3", "registry", "poll_interval_s", 1000.0),
+        ("RESULTS_QOS", " 0", "results", "qos", 0),
+        ("PRIVACY_SNAPSHOTS", " Yes\n", "privacy", "snapshots", True),
+        ("PRIVACY_SNAPSHOTS", "off", "privacy", "snapshots", False),
+        ("RUNTIME_ACCELERATOR", "cpu\n", "runtime", "accelerator", "cpu"),
+        ("DEVICE_ID", "0123", "device", "id", "0123"),
+    ],
+)
+def test_environment_values_are_read_as_before(
+    var: str, raw: str, section: str, key: str, value: object
+) -> None:
+    config = parse_config("", env={f"EDGE_AGENT_{var}": raw})
+    got = getattr(getattr(config, section), key)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("var", "raw", "expected"),
+    [
+        ("STORE_KEEP", "3.5", "store.keep: '3.5' is not a whole number"),
+        ("STORE_KEEP", "0x10", "store.keep: '0x10' is not a whole number"),
+        ("STORE_KEEP", "\u0663", "store.keep: '\u0663' is not a whole number"),
+        ("STORE_KEEP", "1e3", "store.keep: '1e3' is not a whole number"),
+        ("STORE_KEEP", "", "store.keep: '' is not a whole number"),
+        ("REGISTRY_TIMEOUT_S", "ten", "registry.timeout_s: 'ten' is not a number"),
+        ("RUNTIME_THREADS", "many", "runtime.threads: 'many' is not auto or a whole number 1..64"),
+        ("RUNTIME_THREADS", "0", "runtime.threads: must be auto or a whole number 1..64"),
+        ("RESULTS_QOS", "2", "results.qos: Invalid enum value 2; one of 0, 1"),
+        ("PRIVACY_SNAPSHOTS", "2", "privacy.snapshots: '2' is not true or false (or yes/no, "),
+        ("RUNTIME_ACCELERATOR", "tpu", "runtime.accelerator: Invalid enum value 'tpu'; one of"),
+    ],
+)
+def test_an_unreadable_environment_value_names_the_variable_the_key_and_what_it_takes(
+    var: str, raw: str, expected: str
+) -> None:
+    (problem,) = problems("", env={f"EDGE_AGENT_{var}": raw})
+    assert problem.startswith(f"EDGE_AGENT_{var}: {expected}"), problem
+    assert "Expected `int`, got `str`" not in problem and problem.isprintable()
+
+
+# pydantic (lax) took a quoted number or boolean in the file, and a YAML true for a number
+# and a whole float for a whole number: still taken.
+@pytest.mark.parametrize(
+    ("text", "section", "key", "value"),
+    [
+        ('store: {keep: "3"}', "store", "keep", 3),
+        ('store: {keep: " 3"}', "store", "keep", 3),
+        ('store: {reserve_mb: ".5"}', "store", "reserve_mb", 0.5),
+        ('privacy: {snapshots: "yes"}', "privacy", "snapshots", True),
+        ('privacy: {snapshots: "off"}', "privacy", "snapshots", False),
+        ("privacy: {snapshots: 1}", "privacy", "snapshots", True),
+        ("runtime: {threads: 2.0}", "runtime", "threads", 2),
+        ("results: {qos: 1.0}", "results", "qos", 1),
+        ("results: {qos: true}", "results", "qos", 1),
+        ("store: {keep: true}", "store", "keep", 1),
+        ('source: {type: camera, width: "640"}', "source", "width", 640),
+    ],
+)
+def test_quoted_numbers_and_booleans_in_the_file_are_taken_as_before(
+    text: str, section: str, key: str, value: object
+) -> None:
+    got = getattr(getattr(parse_config(text, env={}), section), key)
+    assert got == value and type(got) is type(value)
+
+
+def test_every_wrong_key_of_a_section_is_reported() -> None:
+    found = problems("store: {keep: 0, reserve_mb: -1, dir: 5}\nmqtt: {keepalive_s: x}\n")
+    assert found == [
+        "config.yaml:1: store.keep: Expected `int` >= 1",
+        "config.yaml:1: store.reserve_mb: Expected `float` >= 0.0",
+        "config.yaml:1: store.dir: Expected a path, got `int`",
+        "config.yaml:2: mqtt.keepalive_s: 'x' is not a whole number",
+    ]
+
+
+def test_a_missing_required_key_is_named_by_its_path() -> None:
+    assert problems("source: {type: video}") == ["config.yaml:1: source.path: required"]
+    assert problems("source:\n  type: mjpeg\n  fps: 2\n") == ["config.yaml:1: source.url: required"]
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ('store: {dir: "/tmp/s\\ud800"}', {}, "config.yaml:1: store.dir"),
+        ('mqtt: {url: "mqtt://h\\ud800"}', {}, "config.yaml:1: mqtt.url"),
+        ('device: {groups: [a, "\\udc80"]}', {}, "config.yaml:1: device.groups[1]"),
+        ('device:\n  "\\ud800": 1\n', {}, "config.yaml:1: device"),
+        ("", {"EDGE_AGENT_STORE_DIR": "/tmp/\udcff"}, "EDGE_AGENT_STORE_DIR: store.dir"),
+    ],
+)
+def test_text_that_is_not_unicode_is_refused_at_load(
+    text: str, env: dict[str, str], expected: str
+) -> None:
+    # a lone surrogate passed validation and failed later, as an "internal error"
+    (problem,) = problems(text, env)
+    assert problem == f"{expected}: text that is not valid Unicode"

@@ -390,3 +390,48 @@ def test_control_socket_answering_nonsense_is_one_line(
         assert result.returncode == 1
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "{'a'" not in result.stderr  # no Python reprs
+
+
+_STATUS = {
+    "pid": 1,
+    "uptime_s": 2,
+    "stats": None,
+    "update": None,
+    "broker": {"url": None, "connected": False, "queued": 0},
+    "runtime": {"interpreters": 2, "threads": 1, "chosen_by": "config"},
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "shown"),
+    [
+        ({}, "daemon:   running"),
+        ({"said_by_a_newer_agent": {"x": 1}}, "daemon:   running"),  # unknown keys allowed
+        (
+            {"runtime": {**_STATUS["runtime"], "interpreters": "2"}},  # type: ignore[dict-item]
+            "runtime.interpreters: Expected `int`, got `str`",
+        ),
+        ({"uptime_s": "2"}, "status: uptime_s: Expected `float`, got `str`"),
+        ({"broker": {"connected": False, "queued": 0}}, "status: broker.url: required"),
+    ],
+)
+def test_a_status_reply_is_checked_strictly(
+    tmp_path: Path, change: dict[str, Any], shown: str
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"store:\n  dir: {tmp_path / 'store'}\n")
+    reply = json.dumps({"ok": True, "result": {**_STATUS, **change}}).encode()
+    stop = threading.Event()
+    thread = _fake_agent(tmp_path / "control.sock", reply, stop)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "status", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        stop.set()
+        thread.join(5)
+    assert result.returncode == 0, result.stderr  # "2" crashed status with a TypeError
+    assert shown in result.stdout, result.stdout

@@ -401,9 +401,9 @@ def test_stale_topics_are_those_published_before_and_no_longer_wanted(
 @pytest.mark.parametrize(
     ("section", "error"),
     [
-        ("{discovery: yes please}", "homeassistant.discovery: Expected `bool`, got `str`"),
-        ("{prefix: 'ha/#'}", "homeassistant.prefix: Expected `str` matching regex"),
-        ("{labels: ['a\"b']}", "homeassistant.labels[0]: Expected `str` matching regex"),
+        ("{discovery: yes please}", "homeassistant.discovery: 'yes please' is not true or"),
+        ("{prefix: 'ha/#'}", "homeassistant.prefix: must be topic levels joined by '/'"),
+        ("{labels: ['a\"b']}", "homeassistant.labels[0]: must be letters, digits, spaces"),
         ("{labels: [person, Person]}", "'person' and 'Person' give the same entity id"),
         ("{off_delay_s: 0}", "homeassistant.off_delay_s: Expected `int` >= 1"),
         ("{labels: person}", "homeassistant.labels: Expected `array`, got `str`"),

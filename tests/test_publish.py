@@ -89,7 +89,7 @@ def test_publish_refuses_two_models_of_one_variant(fleet: Fleet, tmp_path: Path)
 def test_publish_refuses_a_bad_model_name(fleet: Fleet, tmp_path: Path) -> None:
     path = tmp_path / "m.tflite"
     path.write_bytes(tflite_bytes(100, 1))
-    with pytest.raises(PublishError, match=r"model: Expected `str` matching regex"):
+    with pytest.raises(PublishError, match=r"model: must be letters, digits, .*starting with"):
         publish([path], model="../evil", version=1, registry=fleet.registry)
 
 
@@ -135,7 +135,7 @@ def _manifest_error(**change: object) -> str:
 
 def test_manifest_rules_name_the_field() -> None:
     entry = MANIFEST["files"][0]  # type: ignore[index]
-    assert "files[0].sha256: Expected `str` matching regex" in _manifest_error(
+    assert "files[0].sha256: must be 64 lower-case hex digits" in _manifest_error(
         files=[{**entry, "sha256": "XYZ"}]
     )
     assert "files[0]: a model file needs a variant" in _manifest_error(
@@ -247,3 +247,78 @@ def test_publish_detection_format_needs_the_detection_task_and_a_known_format(
     unknown = edge_fleet(*args[:-1], "yolo9000", "--task", "detection")
     assert unknown.returncode == 2 and "--detection-format: invalid choice" in unknown.stderr
     assert not (tmp_path / "reg").exists()
+
+
+# Registries are written by edge-fleet publish (ints), but another JSON writer may write
+# every number as a float: a whole float is taken for a whole-number field; text is not.
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"version": 1.0},
+        {"schema": 1.0},
+        {"budget": {"latency_ms_p95": 5}},
+        {"files": [{**MANIFEST["files"][0], "size": 10.0}]},  # type: ignore[index]
+    ],
+)
+def test_a_manifest_with_whole_floats_for_whole_numbers_is_taken(change: dict[str, object]) -> None:
+    data = {**MANIFEST, **change}
+    manifest = parse_manifest(json.dumps(data).encode())
+    assert type(manifest.version) is int and all(type(f.size) is int for f in manifest.files)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"version": "1"}, "manifest.json: version: Expected `int`, got `str`"),
+        ({"version": 1.5}, "manifest.json: version: Expected `int`, got `float`"),
+        ({"schema": "1"}, "manifest.json: schema: Expected `int`, got `str`"),
+        ({"budget": {"latency_ms_p95": "5"}}, "manifest.json: budget.latency_ms_p95: Expected"),
+        ({"created": None, "task": "raw"}, "manifest.json: created: Expected `str`, got `null`"),
+        ({"files": []}, "manifest.json: files: Expected `array` of length"),
+    ],
+)
+def test_a_manifest_number_written_as_text_is_refused(
+    change: dict[str, object], expected: str
+) -> None:
+    assert _manifest_error(**change).startswith(expected)
+
+
+def test_a_manifest_missing_a_field_names_it() -> None:
+    data = {k: v for k, v in MANIFEST.items() if k != "version"}
+    with pytest.raises(VerificationError, match=r"^manifest.json: version: required$"):
+        parse_manifest(json.dumps(data).encode())
+
+
+def test_an_index_takes_whole_float_versions_and_refuses_text() -> None:
+    index = parse_index(
+        b'{"schema": 1, "model": "m", "versions": [1, 2.0], "channels": {"s": 2.0}}'
+    )
+    assert index.versions == [1, 2] and index.channels == {"s": 2}
+    with pytest.raises(VerificationError, match=r"^index.json: versions\[1\]: Expected `int`"):
+        parse_index(b'{"schema": 1, "model": "m", "versions": [1, "2"]}')
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            b'{"schema": 1, "model": "m", "versions": [1], "channels": {"\\ud800": 1}}',
+            "index.json: channels: text that is not valid Unicode",
+        ),
+        (
+            b'{"schema": 1, "model": "\\udc80", "versions": [1]}',
+            "index.json: model: text that is not valid Unicode",
+        ),
+    ],
+)
+def test_an_index_with_text_that_is_not_unicode_is_refused(raw: bytes, expected: str) -> None:
+    with pytest.raises(VerificationError) as info:
+        parse_index(raw)
+    assert str(info.value) == expected
+
+
+def test_a_manifest_file_name_that_is_not_unicode_is_refused() -> None:
+    entry = {**MANIFEST["files"][0], "name": "m\ud800.tflite"}  # type: ignore[dict-item]
+    assert _manifest_error(files=[entry]) == (
+        "manifest.json: files[0].name: text that is not valid Unicode"
+    )
