@@ -6,8 +6,9 @@ Environment values are always text, and YAML gives text for a quoted value
 (``keep: "3"``). For a number or boolean key the text is stripped (spaces, a newline),
 then read as Python reads it: ``int()`` for a whole number ("+3", "05", "1_000", "3.0"),
 ``float()`` for a number (".5", "1.", "1e3"), ASCII digits only; a boolean is one of
-``true/false, yes/no, on/off, y/n, t/f, 1/0`` in any case. A YAML ``true`` for a number
-key is 1 and a whole float (``2.0``) for a whole-number key is 2, as before. What cannot be read
+``true/false, yes/no, on/off, y/n, t/f, 1/0`` in any case. A whole float (``2.0``) for a
+whole-number key is 2, as before; a YAML ``true`` for a number is refused (pydantic took it
+for 1: a mistake that should show). What cannot be read
 is a :class:`Refused` saying what the key expects ("a whole number 1..64").
 Pure functions over plain values.
 """
@@ -136,8 +137,9 @@ def coerce(annotation: Any, value: Any) -> Any:
             return Refused(f"{_shown(value)} is not {_what(kind)}")
         return number
     if isinstance(value, bool):
+        # pydantic took true for 1; a boolean where a number belongs is a mistake to show
         numeric = kind.scalar in (int, float) or any(type(w) is int for w in kind.words)
-        return int(value) if numeric else value
+        return Refused(f"{str(value).lower()} is not {_what(kind)}") if numeric else value
     if isinstance(value, float) and value.is_integer() and kind.scalar is not float:
         if kind.scalar is int or any(type(w) is int for w in kind.words):
             return int(value)

@@ -338,8 +338,8 @@ def test_an_unreadable_environment_value_names_the_variable_the_key_and_what_it_
     assert "Expected `int`, got `str`" not in problem and problem.isprintable()
 
 
-# pydantic (lax) took a quoted number or boolean in the file, and a YAML true for a number
-# and a whole float for a whole number: still taken.
+# pydantic (lax) took a quoted number or boolean in the file and a whole float for a whole
+# number: still taken. It took a YAML true for 1 too: that is refused now (a mistake).
 @pytest.mark.parametrize(
     ("text", "section", "key", "value"),
     [
@@ -351,8 +351,6 @@ def test_an_unreadable_environment_value_names_the_variable_the_key_and_what_it_
         ("privacy: {snapshots: 1}", "privacy", "snapshots", True),
         ("runtime: {threads: 2.0}", "runtime", "threads", 2),
         ("results: {qos: 1.0}", "results", "qos", 1),
-        ("results: {qos: true}", "results", "qos", 1),
-        ("store: {keep: true}", "store", "keep", 1),
         ('source: {type: camera, width: "640"}', "source", "width", 640),
     ],
 )
@@ -361,6 +359,21 @@ def test_quoted_numbers_and_booleans_in_the_file_are_taken_as_before(
 ) -> None:
     got = getattr(getattr(parse_config(text, env={}), section), key)
     assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("results: {qos: true}", "config.yaml:1: results.qos: true is not "),
+        ("store: {keep: false}", "config.yaml:1: store.keep: false is not a whole number"),
+        ("runtime: {threads: true}", "config.yaml:1: runtime.threads: true is not auto or "),
+    ],
+)
+def test_a_boolean_where_a_number_belongs_is_refused(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text + "\n")
+    [line] = info.value.problems
+    assert line.startswith(problem), line
 
 
 def test_every_wrong_key_of_a_section_is_reported() -> None:
