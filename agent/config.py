@@ -67,7 +67,7 @@ from agent.config_sources import (
 )
 from agent.config_values import Refused, coerce, expects, opaque
 from agent.errors import ConfigError
-from agent.structs import dotted, locate
+from agent.structs import dotted, encodes, locate
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -387,26 +387,18 @@ def _not_unicode(data: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str 
     while stack:
         item, where = stack.pop()
         if isinstance(item, str):
-            if not item.isascii() and not _encodes(item):
+            if not item.isascii() and not encodes(item):
                 found.append(where)
         elif isinstance(item, (dict, list)) and id(item) not in seen:
             seen.add(id(item))  # an alias met again (or one that refers to itself)
             pairs = item.items() if isinstance(item, dict) else enumerate(item)
             for key, value in pairs:
                 shown = key if isinstance(key, (str, int)) else repr(key)
-                if isinstance(key, str) and not key.isascii() and not _encodes(key):
+                if isinstance(key, str) and not key.isascii() and not encodes(key):
                     found.append(where)  # the mapping that has the key
                     continue
                 stack.append((value, (*where, shown)))
     return sorted(found, key=str)
-
-
-def _encodes(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _source_kind(value: Any) -> type[SourceConfig] | str:

@@ -17,7 +17,7 @@ from msgspec import Meta
 from agent.config_sections import MODEL_NAME_PATTERN, MODEL_NAME_RULE
 from agent.errors import DocumentError, VerificationError
 from agent.strictjson import parse_object
-from agent.structs import dotted, locate, rule_pattern
+from agent.structs import dotted, encodes, locate, rule_pattern
 
 SCHEMA = 1
 # A backstop: fetching applies registry.max_manifest_kb before the bytes get here.
@@ -205,7 +205,7 @@ def _normalised(data: Any) -> tuple[Any, tuple[str | int, ...] | None]:
     if isinstance(data, float):
         return (int(data) if data.is_integer() and abs(data) <= _WHOLE_MAX else data), None
     if isinstance(data, str):
-        return data, None if data.isascii() or _encodes(data) else ()
+        return data, None if data.isascii() or encodes(data) else ()
     if isinstance(data, list):
         items = []
         for index, item in enumerate(data):
@@ -217,7 +217,7 @@ def _normalised(data: Any) -> tuple[Any, tuple[str | int, ...] | None]:
     if isinstance(data, dict):
         fields = {}
         for key, item in data.items():
-            if not _encodes(key):
+            if not encodes(key):
                 return data, ()
             value, bad = _normalised(item)
             if bad is not None:
@@ -225,14 +225,6 @@ def _normalised(data: Any) -> tuple[Any, tuple[str | int, ...] | None]:
             fields[key] = value
         return fields, None
     return data, None
-
-
-def _encodes(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _parse(raw: bytes, what: str, cls: type[_Doc], max_bytes: int) -> Any:

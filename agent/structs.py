@@ -36,6 +36,16 @@ _REGEX = re.compile(r"^Expected `str` matching regex (?P<regex>'.*'|\".*\")$", r
 _RULES: dict[str, str] = {}  # repr(pattern) as msgspec shows it -> the rule in words
 
 
+def encodes(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogate such as ``"\\ud800"``, which
+    JSON and YAML escapes can make and msgspec takes, but nothing can write out)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def whole(regex: str) -> str:
     """``regex`` matching the whole text: msgspec uses Python's ``re.search``, where a
     final ``$`` also matches before a trailing newline ("pi-01\\n" as a device id)."""
