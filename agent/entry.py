@@ -1,6 +1,6 @@
 """The console scripts: ``edge-agent`` and ``edge-fleet``.
 
-Importing a command line takes a while on a small board (pydantic, cryptography, numpy:
+Importing a command line takes a while on a small board (YAML, msgspec, paho, numpy:
 seconds on a Raspberry Pi), and a Ctrl-C meanwhile would end in a traceback, before
 ``main`` and its one-line errors are there. These two functions import it inside that
 guarantee.
