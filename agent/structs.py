@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["dotted", "locate", "rule_pattern", "whole"]
+__all__ = ["dotted", "encodes", "locate", "rule_pattern", "whole"]
 
 Path = tuple[str | int, ...]
 
