@@ -1,4 +1,7 @@
-"""SHA-256 of a download computed beside the loop that receives and writes it.
+"""SHA-256: of bytes, of a file, a file checked against its manifest entry, and of a
+download computed beside the loop that receives and writes it.
+
+Light to import (hashlib, hmac): the store uses it on every command line that reads it.
 
 hashlib releases the GIL while it hashes more than 2 047 bytes, so a helper thread
 hashes one chunk while the download loop receives and writes the next: on two cores
@@ -9,11 +12,42 @@ are hashed in the order given, and at most ``depth`` wait at a time (memory boun
 from __future__ import annotations
 
 import hashlib
+import hmac
 import queue
 import threading
+from pathlib import Path
 from types import TracebackType
 
+from agent.errors import VerificationError
+
+CHUNK = 1 << 20  # bytes read at a time from a file
 HASH_DEPTH = 2  # chunks handed over but not yet hashed, at most
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_file(path: Path, size: int, sha256: str, what: str) -> None:
+    """Raise VerificationError unless ``path`` has exactly ``size`` bytes and hash ``sha256``."""
+    try:
+        actual_size = path.stat().st_size
+    except FileNotFoundError as exc:
+        raise VerificationError(f"{what}: missing ({path})") from exc
+    if actual_size != size:
+        raise VerificationError(f"{what}: {actual_size} bytes, manifest says {size}")
+    actual = sha256_file(path)
+    if not hmac.compare_digest(actual, sha256):
+        raise VerificationError(f"{what}: sha256 {actual} does not match manifest {sha256}")
 
 
 class BackgroundSha256:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from agent.atomic import fsync_dir, is_ours, read_bounded, same_file, write_atom
 from agent.config import MODEL_NAME_PATTERN
 from agent.errors import RefusedError, StoreError, VerificationError
 from agent.faults import crash_point
+from agent.hashing import check_file, sha256_bytes
 from agent.manifest import MAX_BYTES as MANIFEST_MAX_BYTES
 from agent.manifest import FileEntry, Manifest, parse_manifest
 from agent.repairs import Repair
@@ -69,11 +69,6 @@ def _rmtree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _sha256(data: bytes) -> str:
-    """A manifest's digest (agent.verify.sha256_bytes, without loading that module)."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def _kind(st: os.stat_result) -> str:
@@ -353,7 +348,7 @@ class Store:
         except FileNotFoundError:
             return None
         manifest = parse_manifest(raw, f"{folder}/manifest.json")
-        return Release(manifest, _sha256(raw), self.blobs)
+        return Release(manifest, sha256_bytes(raw), self.blobs)
 
     def active(self) -> Release | None:
         """The active release, or None. Raises StoreError if the pointer is damaged or
@@ -536,7 +531,7 @@ class Store:
                     f"{manifest.model} v{manifest.version}: the store holds this version with "
                     "different bytes; a published version never changes, publish a new one"
                 )
-            return Release(manifest, _sha256(raw_manifest), self.blobs)
+            return Release(manifest, sha256_bytes(raw_manifest), self.blobs)
         for entry in manifest.files:
             if not self.has_blob(entry):
                 raise StoreError(f"{entry.name}: not in the store; cannot add the release")
@@ -567,7 +562,7 @@ class Store:
                 f"{manifest.model} v{manifest.version}: the release folder is incomplete"
             )
         crash_point("release_added")
-        return Release(manifest, _sha256(raw_manifest), self.blobs)
+        return Release(manifest, sha256_bytes(raw_manifest), self.blobs)
 
     def verify_entry(self, entry: FileEntry) -> None:
         """Re-check one stored file against its entry. Raises VerificationError."""
@@ -577,8 +572,6 @@ class Store:
             raise VerificationError(
                 f"{entry.name} in the store: {path} is not a regular file of ours"
             )
-        from agent.verify import check_file  # base64, hmac: for the files, not for status
-
         check_file(
             self.blobs / entry.sha256, entry.size, entry.sha256, f"{entry.name} in the store"
         )

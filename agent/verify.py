@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +31,9 @@ from typing import TYPE_CHECKING
 
 from agent.atomic import write_atomic
 from agent.errors import DocumentError, VerificationError
+from agent.hashing import check_file as check_file  # the file checks live with the hashing
+from agent.hashing import sha256_bytes as sha256_bytes
+from agent.hashing import sha256_file as sha256_file
 from agent.strictjson import parse_object
 
 if TYPE_CHECKING:  # cryptography (~7 MB) is imported by the functions that use keys
@@ -40,37 +42,10 @@ if TYPE_CHECKING:  # cryptography (~7 MB) is imported by the functions that use 
         Ed25519PublicKey,
     )
 
-CHUNK = 1 << 20
 KEYID_LENGTH = 16  # hex digits of sha256(raw public key)
 MAX_SIGNATURES = 16  # in one signature file; more is not a rotation, it is an attack
 SIGNATURE_FILE_MAX_BYTES = 4096
 _KEYID = re.compile(r"^[0-9a-f]{16}$")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def check_file(path: Path, size: int, sha256: str, what: str) -> None:
-    """Raise VerificationError unless ``path`` has exactly ``size`` bytes and hash ``sha256``."""
-    try:
-        actual_size = path.stat().st_size
-    except FileNotFoundError as exc:
-        raise VerificationError(f"{what}: missing ({path})") from exc
-    if actual_size != size:
-        raise VerificationError(f"{what}: {actual_size} bytes, manifest says {size}")
-    actual = sha256_file(path)
-    if not hmac.compare_digest(actual, sha256):
-        raise VerificationError(f"{what}: sha256 {actual} does not match manifest {sha256}")
 
 
 # ----- keys -----

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent import registry as registry_module
-from agent import verify as verify_module
+from agent import store as store_module
 from agent.hashing import BackgroundSha256
 from agent.registry import Registry
 from tests.conftest import MODEL, Device, Fleet, serving_v1_with_v2_published
@@ -71,13 +71,13 @@ def test_a_downloaded_file_is_not_read_a_second_time(
 ) -> None:
     before = {p.name for p in on_v1.store.blobs.iterdir()}
     rechecked: list[Path] = []
-    check_file = verify_module.check_file  # the store imports it when it checks
+    check_file = store_module.check_file
 
     def spy(path: Path, size: int, sha256: str, what: str) -> None:
         rechecked.append(path)
         check_file(path, size, sha256, what)
 
-    monkeypatch.setattr(verify_module, "check_file", spy)
+    monkeypatch.setattr(store_module, "check_file", spy)
     result = on_v1.updater().pull(2)
     assert result.changed
     downloaded = {p.name for p in on_v1.store.blobs.iterdir()} - before

@@ -65,7 +65,8 @@ HELP_FORBIDDEN = HEAVY + DOCUMENTS + ("agent.config", "agent.logs") + FLEET_SIDE
 # (~100 ms, ~20 MB) is the server's alone.
 DEVICE_COMMAND_FORBIDDEN = (*HEAVY, *FLEET_SIDE, "pydantic")
 # The log ring is kept by an agent only (its `logs` command); `secrets` drew random and hmac
-# in for file names; agent.verify (base64, hmac) checks files, which status does not.
+# in for file names; agent.verify (base64, JSON, keys) is for signatures, which status
+# does not check (files are checked with agent.hashing).
 ONE_SHOT_FORBIDDEN = (
     *DEVICE_COMMAND_FORBIDDEN,
     "agent.logring",
