@@ -104,7 +104,7 @@ class Pipeline:
         self._idle_given = 0
         self._pacing = 0
         self._busy = False  # the inference thread has a frame in hand (or the pool has)
-        self._put_at: deque[float] = deque(maxlen=8)  # when the last frames were handed over
+        self._put_at: deque[float] = deque(maxlen=8)  # capture times of the last frames
         self.on_result = on_result
         self.on_event = on_event or (lambda name, detail: None)
         self.fps = fps
@@ -366,9 +366,9 @@ class Pipeline:
                 self._last_frame = frame
                 item = self._prepare(frame)
                 if item is not None:
-                    self._put_at.append(time.monotonic())
-                if item is not None and self._slot.put(item, wait, self._stop):
-                    self._dropped += 1
+                    self._put_at.append(item.mono)
+                    if self._slot.put(item, wait, self._stop):
+                        self._dropped += 1
         except Exception:  # a bug must not silently stop the stream: count and report it
             log.exception("capture thread failed")
             self._capture_errors += 1

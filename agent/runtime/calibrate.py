@@ -89,8 +89,9 @@ def candidates(interpreters: Setting, threads: Setting, ncores: int) -> list[Can
         if threads != "auto":
             return [Candidate(1, threads)]
         return [Candidate(1, t) for t in _likely(ncores)]
-    singles = [Candidate(1, t) for t in _likely(ncores)] if threads == "auto" else []
-    if threads != "auto":
+    if threads == "auto":
+        singles = [Candidate(1, t) for t in _likely(ncores)]
+    else:
         singles = [Candidate(1, threads)]
     pools = [Candidate(n, 1) for n in _likely(ncores) if n > 1]
     # one thread, then the whole machine either way, then the rest
