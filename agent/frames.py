@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
@@ -95,6 +95,26 @@ class Item:
 
 
 END = object()  # the stream ended: after the last item
+
+
+class Stage(Protocol):
+    """A step after the pipeline's model, before the result is published (a cascade).
+
+    ``run`` is called on the pipeline's inference thread, one frame at a time in frame
+    order, with the frame's item and the primary model's result; it returns the result to
+    publish (the same one, or a new one). It must not raise: an exception is counted as an
+    inference error and the primary result is published as it was.
+    """
+
+    def run(self, item: Item, result: Result) -> Result: ...
+
+
+class Observer(Protocol):
+    """Sees every published result after it was handed on (a shadow run, output
+    statistics): on the inference thread, in frame order, after ``on_result``. Its time
+    delays the next frame, never this one's result. It must not raise (counted, logged)."""
+
+    def observe(self, item: Item, result: Result) -> None: ...
 
 
 class Slot:

@@ -44,7 +44,7 @@ from agent import logs
 from agent.backoff import backoff_delay
 from agent.contract import EventName
 from agent.errors import EdgeAgentError
-from agent.frames import END, Item, Result, Slot, Stats, rate
+from agent.frames import END, Item, Observer, Result, Slot, Stage, Stats, rate
 from agent.sources.base import EndOfStream, Source, SourceError
 from agent.workers import Pool
 
@@ -62,7 +62,7 @@ RECONNECT_FIRST_S = 0.5  # first wait before reopening a source or reloading a m
 PACE_WAIT_S = 0.25  # longest a loader waits for a gap between frames (none at fps 0)
 SLOW_INTERVAL_S = 0.05  # frames further apart than this (under 20 fps): a slow stream
 
-__all__ = ["Pipeline", "Reload", "Result", "Stats", "rate"]
+__all__ = ["Observer", "Pipeline", "Reload", "Result", "Stage", "Stats", "rate"]
 
 Reload = Callable[["ModelFiles", str], "LoadedModel"]
 """Load these files on ``edgetpu`` or ``cpu`` (for the watchdog). Raises ModelError."""
@@ -106,6 +106,10 @@ class Pipeline:
         self._busy = False  # the inference thread has a frame in hand (or the pool has)
         self._put_at: deque[float] = deque(maxlen=8)  # capture times of the last frames
         self.on_result = on_result
+        # After the model, on the inference thread: stages change the result before it is
+        # handed on (a cascade), observers see it after (a shadow run). Replaced whole.
+        self._stages: tuple[Stage, ...] = ()
+        self._observers: tuple[Observer, ...] = ()
         self.on_event = on_event or (lambda name, detail: None)
         self.fps = fps
         self.reconnect_max_s = reconnect_max_s
@@ -231,6 +235,14 @@ class Pipeline:
             retired, self._retired = self._retired, []
         for old in retired:
             old.close()
+
+    def set_stages(self, stages: tuple[Stage, ...]) -> None:
+        """Run these after the model on every later frame, in order (any thread)."""
+        self._stages = tuple(stages)
+
+    def set_observers(self, observers: tuple[Observer, ...]) -> None:
+        """Hand every later result to these after ``on_result`` (any thread)."""
+        self._observers = tuple(observers)
 
     def between_frames(self, timeout: float = PACE_WAIT_S) -> bool:
         """Return at a moment the inference thread has finished a frame and the next is
@@ -594,11 +606,23 @@ class Pipeline:
             self._infer_time.append(result.infer_ms)
             self._done_at.append(now)
         self._results += 1
+        for stage in self._stages:
+            try:
+                result = stage.run(item, result)
+            except Exception:
+                self._infer_errors += 1
+                log.exception("stage %s failed on frame %d", type(stage).__name__, item.index)
         try:
             self.on_result(result)
         except Exception:
             self._infer_errors += 1
             log.exception("result callback failed on frame %d", item.index)
+        for observer in self._observers:
+            try:
+                observer.observe(item, result)
+            except Exception:
+                self._infer_errors += 1
+                log.exception("observer %s failed on frame %d", type(observer).__name__, item.index)
 
     # -- accelerator watchdog --------------------------------------------------------
 

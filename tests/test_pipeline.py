@@ -485,3 +485,46 @@ def test_mjpeg_camera_that_goes_away_is_reported_and_rejoined(models: Models) ->
 def test_rate_is_zero_when_there_is_no_span_to_divide_by(times: list[float], fps: float) -> None:
     # three results in one clock tick used to raise ZeroDivisionError in stats()
     assert rate(times) == fps
+
+
+def test_stages_change_the_result_before_it_is_published_and_observers_see_it_after(
+    models: Models,
+) -> None:
+    """A stage (a cascade) runs before ``on_result`` and may replace the result; an
+    observer (a shadow run) sees the published result after; a failing one of either is
+    counted as an error while the frame's result is still published."""
+    import dataclasses
+
+    order: list[str] = []
+    published: list[Result] = []
+    observed: list[Result] = []
+
+    class Tag:
+        def run(self, item: Any, result: Result) -> Result:
+            order.append(f"stage {item.index}")
+            return dataclasses.replace(result, model=f"{result.model}+tag")
+
+    class Broken:
+        def run(self, item: Any, result: Result) -> Result:
+            raise RuntimeError("boom")
+
+        def observe(self, item: Any, result: Result) -> None:
+            raise RuntimeError("boom")
+
+    class Watch:
+        def observe(self, item: Any, result: Result) -> None:
+            order.append(f"observe {item.index}")
+            observed.append(result)
+
+    def publish(result: Result) -> None:
+        order.append(f"publish {result.frame}")
+        published.append(result)
+
+    pipeline = Pipeline(MemorySource(FRAMES[:3]), classifier(models, 1), publish)
+    pipeline.set_stages((Broken(), Tag()))
+    pipeline.set_observers((Watch(), Broken()))
+    run(pipeline)
+    assert order == [f"{step} {n}" for n in range(3) for step in ("stage", "publish", "observe")]
+    assert [r.model for r in published] == ["colours+tag"] * 3
+    assert observed == published
+    assert pipeline.stats().errors == 6  # each frame: the broken stage and observer
