@@ -218,10 +218,21 @@ def parse_desired(
     return Desired(model, version, _issued_at(doc["issued_at"]), source)
 
 
-def desired_topic(prefix: str, target: str) -> str:
-    """The topic of the desired state for ``device:ID`` or ``group:NAME``."""
+def _target_base(prefix: str, target: str) -> str:
     kind, _, name = target.partition(":")
-    return f"{prefix}/{name}/desired" if kind == "device" else f"{prefix}/groups/{name}/desired"
+    return f"{prefix}/{name}" if kind == "device" else f"{prefix}/groups/{name}"
+
+
+def desired_topic(prefix: str, target: str, model: str | None = None) -> str:
+    """The topic of the desired state for ``device:ID`` or ``group:NAME``: of one model
+    (``…/desired/MODEL``), or without ``model`` the one topic older fleets use."""
+    base = f"{_target_base(prefix, target)}/desired"
+    return base if model is None else f"{base}/{model}"
+
+
+def shadow_topic(prefix: str, target: str, model: str) -> str:
+    """The topic of a shadow run of ``model`` for ``device:ID`` or ``group:NAME``."""
+    return f"{_target_base(prefix, target)}/shadow/{model}"
 
 
 def desired_topics(prefix: str, device: str, groups: list[str]) -> dict[str, str]:
