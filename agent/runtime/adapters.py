@@ -60,6 +60,20 @@ class Detection:
     label: str
     score: float
     box: tuple[float, float, float, float]  # xmin, ymin, xmax, ymax in frame pixels
+    cascade: Nested | None = None  # a second model's output on this box's crop
+
+
+@dataclass(frozen=True)
+class Nested:
+    """What a cascade's second model made of one detection's crop (agent/cascade.py):
+    its output's boxes, if it detects, are in the frame's pixels."""
+
+    model: str
+    version: int | None
+    output: Output
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "version": self.version, **self.output.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -79,17 +93,7 @@ class Output:
                 ]
             }
         if self.task == "detection":
-            return {
-                "detections": [
-                    {
-                        "id": d.class_id,
-                        "label": d.label,
-                        "score": round(d.score, 4),
-                        "box": [round(v, 1) for v in d.box],
-                    }
-                    for d in self.detections
-                ]
-            }
+            return {"detections": [_detection(d) for d in self.detections]}
         return {"values": self.values}
 
     def summary(self) -> str:
@@ -100,6 +104,7 @@ class Output:
             return (
                 ", ".join(
                     f"{d.label} {d.score:.2f} at {[round(v) for v in d.box]}"
+                    + (f" ({d.cascade.output.summary()})" if d.cascade is not None else "")
                     for d in self.detections
                 )
                 or "nothing"
@@ -107,6 +112,18 @@ class Output:
         if self.task == "regression":
             return " ".join(f"{v:g}" for v in self.values) or "nothing"
         return "; ".join(_raw_summary(entry) for entry in self.values) or "nothing"
+
+
+def _detection(d: Detection) -> dict[str, Any]:
+    entry = {
+        "id": d.class_id,
+        "label": d.label,
+        "score": round(d.score, 4),
+        "box": [round(v, 1) for v in d.box],
+    }
+    if d.cascade is not None:
+        entry["cascade"] = d.cascade.to_dict()
+    return entry
 
 
 def _raw_summary(entry: dict[str, Any]) -> str:
