@@ -88,7 +88,7 @@ class Cascade:
     """The second model of a pipeline, run on crops of the first one's detections.
 
     ``model`` may be None (not downloaded yet): results pass through until ``swap``
-    brings one.
+    brings one. ``rules`` may be replaced whole from any thread (read once per frame).
     """
 
     def __init__(
@@ -119,10 +119,11 @@ class Cascade:
         """``result`` with the second model's output nested under the detections it
         cropped, as a new result (latency up to now); the same one when nothing ran."""
         detections = result.output.detections
-        if result.output.task != "detection" or not detections:
+        if result.output.task != "detection" or not detections or item.frame.ndim != 3:
             return result
         height, width = item.frame.shape[:2]
-        plan = plan_crops(width, height, detections, self.rules)
+        rules = self.rules
+        plan = plan_crops(width, height, detections, rules)
         self._skipped += plan.over_limit
         self._small += plan.too_small
         if not plan.crops:

@@ -601,17 +601,17 @@ class Pipeline:
             infer_ms=(finished - started) * 1000,
             output=output,
         )
-        with self._lock:
-            self._latency.append(result.latency_ms)
-            self._infer_time.append(result.infer_ms)
-            self._done_at.append(now)
-        self._results += 1
         for stage in self._stages:
             try:
                 result = stage.run(item, result)
             except Exception:
                 self._infer_errors += 1
                 log.exception("stage %s failed on frame %d", type(stage).__name__, item.index)
+        with self._lock:  # after the stages: a cascade's time is part of the latency
+            self._latency.append(result.latency_ms)
+            self._infer_time.append(result.infer_ms)
+            self._done_at.append(now)
+        self._results += 1
         try:
             self.on_result(result)
         except Exception:
