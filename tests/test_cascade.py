@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from agent.cascade import Cascade, CascadeRules
+from agent.cascade_rules import crop_box
 from agent.config import RuntimeConfig
 from agent.frames import Item, Result
+from agent.modelgen_yolo import yolo_detector
 from agent.pipeline import Pipeline
 from agent.runtime import LoadedModel, ModelFiles, load_model
 from agent.runtime.adapters import Output
-from agent.sources import MemorySource
+from agent.sources import MemorySource, pattern_frames
 from tests.conftest import Models
 
 RUNTIME = RuntimeConfig(warmup_runs=1, threads=1)
@@ -366,3 +369,32 @@ def test_the_pipeline_latency_figures_are_those_of_the_published_results(
         pipeline.stop()
     assert {r.latency_ms for r in got} == {5000.0}
     assert pipeline.stats().latency_ms_p50 == 5000.0  # a cascade's time is in the latency
+
+
+def test_a_yolo_primary_crops_its_decoded_boxes(models: Models, tmp_path: Path) -> None:
+    """A YOLOv8 head (agent/modelgen_yolo: known boxes scored by the frame's channel
+    means) as the first model: each allowed box's crop, padded, gets the classifier's
+    answer on exactly those frame pixels."""
+    (tmp_path / "yolo.tflite").write_bytes(yolo_detector("yolov8", 320))
+    files = ModelFiles("yolo", 1, "detection", cpu=tmp_path / "yolo.tflite")
+    yolo = load_model(files, RUNTIME, min_score=0.2)
+    frame = pattern_frames(480, 480)[0]  # red and green means ~0.5, blue 0.25
+    item = Item(0, time.time(), time.monotonic(), frame, None, None, None)
+    output = yolo.run(frame)
+    assert sorted(d.label for d in output.detections) == ["0", "1", "2", "79"]
+    result = Result(0, item.ts, "yolo", 1, "cpu", 1.0, 1.0, output)
+    classifier = load(models, "classifier.tflite", "classification")
+    rules = CascadeRules(labels=frozenset({"0", "79"}), padding=0.1)
+    cascade = Cascade(classifier, rules)
+    out = cascade.run(item, result)
+    for found in out.output.detections:
+        if found.label not in rules.labels:  # type: ignore[operator]
+            assert found.cascade is None
+            continue
+        bounds = crop_box(found.box, 480, 480, 0.1)
+        assert found.cascade is not None and bounds is not None
+        x0, y0, x1, y1 = bounds
+        assert found.cascade.output == classifier.run(frame[y0:y1, x0:x1])
+    assert cascade.stats().crops == 2
+    cascade.close()
+    yolo.close()
