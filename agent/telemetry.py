@@ -79,11 +79,17 @@ class Topics:
 
 
 def _signature(output: Output) -> tuple[Any, ...]:
-    """What must differ for on_change to publish: labels found, or values to 2 decimals."""
+    """What must differ for on_change to publish: labels found (with, for a detection,
+    those its cascade found on its crop), or values to 2 decimals."""
     if output.task == "classification":
         return tuple(sorted(label for _, label, _ in output.classes))
     if output.task == "detection":
-        return tuple(sorted(d.label for d in output.detections))
+        return tuple(
+            sorted(
+                (d.label, repr(_signature(d.cascade.output)) if d.cascade else "")
+                for d in output.detections
+            )
+        )
     return tuple(round(v, 2) if isinstance(v, float) else repr(v) for v in output.values)
 
 

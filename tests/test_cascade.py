@@ -10,6 +10,7 @@ say how strong it is.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -398,3 +399,28 @@ def test_a_yolo_primary_crops_its_decoded_boxes(models: Models, tmp_path: Path) 
     assert cascade.stats().crops == 2
     cascade.close()
     yolo.close()
+
+
+def test_on_change_publishes_when_only_a_crop_s_answer_changes(
+    models: Models, detector: LoadedModel
+) -> None:
+    from agent.config import ResultsConfig
+    from agent.telemetry import ResultGate
+
+    gate = ResultGate(ResultsConfig(publish="on_change"))
+    classifier = load(models, "classifier.tflite", "classification")
+    classifier.adapter = dataclasses.replace(classifier.adapter, top_k=1)  # the crop's colour
+    cascade = Cascade(classifier, CascadeRules(labels=frozenset({"red"})))
+    red_box = painted()
+    purple_box = painted()
+    purple_box[:32, :24, 2] = 255  # most of the red box now blue: the crop reads blue
+    purple_box[:32, :24, 0] = 0
+    admitted = []
+    for frame in (red_box, red_box, purple_box, purple_box):
+        item, result = first(detector, frame)
+        out = cascade.run(item, result)
+        assert {d.label for d in out.output.detections} == {"red", "green", "blue"}
+        admitted.append(gate.admit(out))
+    # the primary finds the same three labels each time; only the crop's answer changes
+    assert admitted == [True, False, True, False]
+    cascade.close()
