@@ -44,7 +44,6 @@ class CascadeDoc(TypedDict):
     model: str | None
     version: int | None
     crops: int
-    skipped: int
     infer_ms_p50: float
     errors: int
 
@@ -67,7 +66,6 @@ class CascadeStats:
             "model": self.model,
             "version": self.version,
             "crops": self.crops,
-            "skipped": self.skipped,
             "infer_ms_p50": round(self.infer_ms_p50, 2),
             "errors": self.errors,
         }

@@ -104,7 +104,6 @@ def test_each_detection_carries_the_colour_of_its_crop(
         "model": "classifier",
         "version": 7,
         "crops": 3,
-        "skipped": 0,
         "infer_ms_p50": round(stats.infer_ms_p50, 2),
         "errors": 0,
     }
