@@ -28,6 +28,16 @@ import msgspec
 import yaml
 from msgspec import Meta
 
+from agent.config_pipelines import (
+    EXCLUSIVE,
+    MAX_PIPELINES,
+    PIPELINE_KEYS,
+    CascadeConfig,
+    PipelineConfig,
+    cascade_problems,
+    pipeline_list,
+    pipeline_problems,
+)
 from agent.config_sections import (
     HA_LABEL_PATTERN,
     MODEL_NAME_PATTERN,
@@ -81,6 +91,7 @@ __all__ = [
     "SOURCE_TYPES",
     "SUN_PATH_MAX",
     "CameraSource",
+    "CascadeConfig",
     "Config",
     "ControlConfig",
     "DeviceConfig",
@@ -92,6 +103,7 @@ __all__ = [
     "ModelConfig",
     "MqttConfig",
     "Picamera2Source",
+    "PipelineConfig",
     "PrivacyConfig",
     "RegistryConfig",
     "ResultsConfig",
@@ -113,6 +125,7 @@ __all__ = [
     "ha_slug",
     "load_config",
     "parse_config",
+    "pipeline_list",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.yaml")
@@ -165,6 +178,17 @@ class Config(Section, frozen=True):
     homeassistant: Annotated[
         HomeAssistantConfig, Meta(description="Home Assistant MQTT discovery.")
     ] = msgspec.field(default_factory=HomeAssistantConfig)
+    cascade: Annotated[
+        CascadeConfig | None,
+        Meta(description="A second model on crops of the single model's detections."),
+    ] = None
+    pipelines: Annotated[
+        tuple[PipelineConfig, ...],
+        Meta(
+            description="Several pipelines (1..8), each with its own model, source, results "
+            "and cascade; instead of the top-level model, source, results and cascade."
+        ),
+    ] = ()
 
     @property
     def control_socket(self) -> Path:
@@ -174,9 +198,13 @@ class Config(Section, frozen=True):
         """
         return self.control.socket or self.store.dir.parent / "control.sock"
 
+    def pipeline_list(self) -> tuple[PipelineConfig, ...]:
+        """The pipelines: ``pipelines``, else one named ``main`` of the single model."""
+        return pipeline_list(self)
+
     def __post_init__(self) -> None:
         """The rules between keys (listed in docs/configuration.md by agent.configdoc)."""
-        if self.registry.url is not None and self.model.name is None:
+        if self.registry.url is not None and self.model.name is None and not self.pipelines:
             raise ValueError("model.name is required when registry.url is set")
         mqtt = self.mqtt
         if (mqtt.cert is None) != (mqtt.key is None):
@@ -313,7 +341,7 @@ def _apply_env(
             continue
         rest = var[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
-        if section not in SECTIONS or not key:
+        if section not in SECTIONS or section == "pipelines" or not key:
             continue  # other EDGE_AGENT_* variables are not config
         target = data.setdefault(section, {})
         if not isinstance(target, dict):
@@ -414,6 +442,104 @@ def _source_kind(value: Any) -> type[SourceConfig] | str:
     return kind
 
 
+def _keyed(
+    where: tuple[str | int, ...], found: msgspec.Struct | list[Located]
+) -> msgspec.Struct | list[Located]:
+    """``found`` with the key paths of its problems put under ``where``."""
+    if isinstance(found, list):
+        return [((*where, *path[1:]), message) for path, message in found]
+    return found
+
+
+def _entry(
+    where: tuple[str | int, ...], name: str, kind: type[msgspec.Struct], value: Any
+) -> msgspec.Struct | list[Located]:
+    """One struct of a pipeline (or the top-level cascade), validated as a section."""
+    if isinstance(value, dict):
+        unknown = [k for k in value if k not in kind.__struct_fields__]
+        if unknown:
+            return [
+                ((*where, k if isinstance(k, str) else repr(k)), "unknown key") for k in unknown
+            ]
+    return _keyed(where, _section(name, kind, value))
+
+
+def _cascade(value: Any) -> CascadeConfig | list[Located] | None:
+    if value is None:
+        return None
+    found = _entry(("cascade",), "cascade", CascadeConfig, value)
+    return found if isinstance(found, (list, CascadeConfig)) else [(("cascade",), "invalid")]
+
+
+def _pipeline(index: int, value: Any) -> PipelineConfig | list[Located]:
+    where: tuple[str | int, ...] = ("pipelines", index)
+    if not isinstance(value, dict):
+        return [(where, "must be a mapping with name, model, source, results, cascade")]
+    problems: list[Located] = [
+        ((*where, k if isinstance(k, str) else repr(k)), "unknown key")
+        for k in value
+        if k not in PIPELINE_KEYS
+    ]
+    parts: dict[str, Any] = {}
+    if "name" not in value:
+        problems.append(((*where, "name"), "required"))
+    else:
+        try:
+            parts["name"] = msgspec.convert(value["name"], fields_of(PipelineConfig)["name"].type)
+        except msgspec.ValidationError as exc:
+            problems.append(((*where, "name"), locate(exc)[1]))
+    kinds: dict[str, Any] = {"model": ModelConfig, "results": ResultsConfig}
+    for key in ("model", "source", "results", "cascade"):
+        if key not in value or (key == "cascade" and value[key] is None):
+            continue
+        kind = kinds.get(key, CascadeConfig)
+        if key == "source":
+            kind = _source_kind(value[key])
+            if isinstance(kind, str):
+                problems.append(((*where, "source", "type"), kind))
+                continue
+        found = _entry((*where, key), key, kind, value[key])
+        if isinstance(found, list):
+            problems += found
+        else:
+            parts[key] = found
+    return problems or PipelineConfig(**parts)
+
+
+def _pipelines(value: Any) -> tuple[PipelineConfig, ...] | list[Located]:
+    """The ``pipelines`` list, entry by entry, or the problems of every entry."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_PIPELINES:
+        return [(("pipelines",), f"must be a list of 1 to {MAX_PIPELINES} pipelines")]
+    found = [_pipeline(index, item) for index, item in enumerate(value)]
+    problems = [problem for item in found if isinstance(item, list) for problem in item]
+    if problems:
+        return problems
+    pipelines = tuple(item for item in found if isinstance(item, PipelineConfig))
+    return pipeline_problems(pipelines)[:1] or pipelines
+
+
+def _between_pipelines(data: Mapping[str, Any], sections: Mapping[str, Any]) -> list[Located]:
+    """``pipelines`` excludes the single-model keys; a top-level cascade's model is not
+    the model itself."""
+    if "pipelines" in sections:
+        both = [key for key in EXCLUSIVE if key in data]
+        if both:
+            return [
+                (
+                    ("pipelines",),
+                    f"set either pipelines or model/source/results/cascade, not both "
+                    f"({', '.join(both)} set too): move them into a pipeline",
+                )
+            ]
+        return []
+    cascade = sections.get("cascade")
+    if cascade is None:
+        return []
+    model = sections.get("model", ModelConfig())
+    legacy = PipelineConfig(name="main", model=model, cascade=cascade)
+    return [((path[2:]), message) for path, message in cascade_problems(legacy, ("", 0))]
+
+
 def config_from_dict(
     data: Mapping[str, Any],
     file: str = "config",
@@ -447,6 +573,13 @@ def config_from_dict(
         if name not in data:
             continue
         value = data[name]
+        if name in ("pipelines", "cascade"):
+            parsed = _pipelines(value) if name == "pipelines" else _cascade(value)
+            if isinstance(parsed, list):
+                problems += [line(*problem) for problem in parsed]
+            else:
+                sections[name] = parsed
+            continue
         kind: Any = _section_kinds(name)[0]
         if name == "source":
             kind = _source_kind(value)
@@ -467,6 +600,8 @@ def config_from_dict(
             problems += [line(*problem) for problem in section]
         else:
             sections[name] = section
+    if not problems:
+        problems += [line(*problem) for problem in _between_pipelines(data, sections)]
     if problems:
         raise ConfigError(problems)
     try:

@@ -1,0 +1,266 @@
+"""One unit per served model, one slot per pipeline: what ``Service`` wires per model.
+
+A :class:`ModelUnit` has the model's store, its lock, its update worker (``Updates``,
+with this unit as its ``Serving``: load, swap, stats) and its serving targets: the
+pipelines whose primary model it is (:class:`PipelineSlot`). A model served by two
+pipelines has one unit: the gate validates one loaded copy, ``swap`` gives it to the
+first target and loads a copy for each further one. A cascade model has its unit
+(store, worker, desired state, state) and, until the cascade slot is wired, no target.
+
+A :class:`Target` is small on purpose: ``swap(model, timeout)``, ``between_frames``,
+``stats`` and the ``results`` settings a copy is loaded with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
+
+from agent.config import Config, ModelConfig, PipelineConfig, ResultsConfig, RuntimeConfig
+from agent.control import AgentLock
+from agent.errors import EdgeAgentError, ModelError
+from agent.oneshot import reloader
+from agent.pipeline import PACE_WAIT_S, Pipeline, Result, Stats
+from agent.runtime.model import LoadedModel, ModelFiles, load_model
+from agent.sources import make_source
+from agent.store import Release, Store
+from agent.update.worker import Reporter, Updates
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from agent.contract import EventName
+
+log = logging.getLogger(__name__)
+
+
+class Target(Protocol):
+    """Where a unit's model serves: a pipeline (or, at merge, a cascade's slot)."""
+
+    results: ResultsConfig  # what a copy of the model is loaded with (top_k, min_score)
+
+    def swap(self, model: LoadedModel, timeout: float) -> None:
+        """Serve ``model`` from now on. Raises ModelError when not taken in time."""
+        ...
+
+    def between_frames(self, timeout: float = PACE_WAIT_S) -> bool: ...
+
+    def stats(self) -> Stats | None: ...
+
+
+class PipelineSlot:
+    """One ``pipelines`` entry: its stream, started on the first model it is given."""
+
+    def __init__(
+        self,
+        pipeline: PipelineConfig,
+        runtime: RuntimeConfig,
+        on_result: Callable[[Result], None],
+        on_event: Callable[[EventName, Mapping[str, Any]], None],
+    ) -> None:
+        self.config = pipeline
+        self.name = pipeline.name
+        self.results = pipeline.results
+        self.runtime = runtime
+        self.on_result = on_result
+        self.on_event = on_event
+        self.pipeline: Pipeline | None = None
+        self._stopped = False
+
+    def swap(self, model: LoadedModel, timeout: float) -> None:
+        pipeline = self.pipeline
+        if pipeline is None:
+            cfg, results = self.config, self.results
+            if self._stopped:
+                model.close()
+                raise ModelError(f"pipeline {self.name} is stopped")
+            self.pipeline = Pipeline(
+                make_source(cfg.source),
+                model,
+                on_result=self.on_result,
+                on_event=self.on_event,
+                fps=cfg.source.fps,
+                reconnect_max_s=cfg.source.reconnect_max_s,
+                invoke_timeout_s=self.runtime.invoke_timeout_ms / 1000.0,
+                reload=reloader(
+                    self.runtime, results.top_k, results.min_score, results.iou_threshold
+                ),
+            )
+            self.pipeline.start()
+            return
+        if not pipeline.swap(model, timeout) and pipeline.withdraw(model):
+            raise ModelError(f"the pipeline did not take the new model within {timeout:g} s")
+
+    def between_frames(self, timeout: float = PACE_WAIT_S) -> bool:
+        pipeline = self.pipeline
+        return pipeline.between_frames(timeout) if pipeline is not None else True
+
+    def stats(self) -> Stats | None:
+        pipeline = self.pipeline
+        return pipeline.stats() if pipeline is not None else None
+
+    def last_frame(self) -> np.ndarray | None:
+        pipeline = self.pipeline
+        return pipeline.last_frame() if pipeline is not None else None
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self.pipeline is not None:
+            self.pipeline.stop()
+
+
+def unit_config(
+    config: Config, model: ModelConfig, results: ResultsConfig, store_dir: Path
+) -> Config:
+    """``config`` as a single-model config of one unit: its model, the results its
+    copies load with, its store (the control socket stays where ``config`` puts it)."""
+    return msgspec.structs.replace(
+        config,
+        model=model,
+        results=results,
+        store=msgspec.structs.replace(config.store, dir=store_dir),
+        control=msgspec.structs.replace(config.control, socket=config.control_socket),
+        pipelines=(),
+        cascade=None,
+    )
+
+
+class ModelUnit:
+    """One served model: store, lock, update worker; the updater's ``Serving``."""
+
+    def __init__(
+        self,
+        name: str | None,
+        config: Config,
+        targets: list[Target],
+        reporter: Reporter,
+        *,
+        connected: Callable[[], bool] | None = None,
+        only_model: bool = False,
+        not_served: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.targets = targets
+        self.reporter = reporter
+        self.store = Store(config.store.dir, config.store.keep).open()
+        self.lock = AgentLock(self.store.root)
+        self.updates = Updates(
+            config,
+            self.store,
+            self,
+            reporter,
+            self._validate,
+            connected=connected,
+            only_model=only_model,
+            not_served=not_served,
+        )
+
+    # -- Serving, for the updater -----------------------------------------------------
+
+    def _pace(self) -> Callable[[], object] | None:
+        """Load and validate in the gaps between the first serving target's frames."""
+        for target in self.targets:
+            if target.stats() is not None:
+                return target.between_frames
+        return None
+
+    def load(self, release: Release) -> LoadedModel:
+        results = self.targets[0].results if self.targets else self.config.results
+        return self._load(ModelFiles.from_release(release), results)
+
+    def _load(self, files: ModelFiles, results: ResultsConfig) -> LoadedModel:
+        return load_model(
+            files,
+            self.config.runtime,
+            results.top_k,
+            results.min_score,
+            pace=self._pace(),
+            iou_threshold=results.iou_threshold,
+        )
+
+    def swap(self, model: LoadedModel, timeout: float) -> None:
+        """``model`` to the first target, a copy of it to each further one (loaded
+        before any switch: a copy that cannot be loaded changes nothing)."""
+        if not self.targets:
+            # TODO(lead): a cascade model's slot (agent/cascade.py) is its target: append
+            # it to self.targets where the service builds the units (Service._build_units).
+            model.close()
+            return
+        copies: list[LoadedModel] = []
+        try:
+            for target in self.targets[1:]:
+                copies.append(self._load(model.files, target.results))
+        except BaseException:
+            for copy in copies:
+                copy.close()
+            model.close()
+            raise
+        self.targets[0].swap(model, timeout)
+        for target, copy in zip(self.targets[1:], copies, strict=True):
+            target.swap(copy, timeout)
+
+    def stats(self) -> Stats | None:
+        for target in self.targets:
+            stats = target.stats()
+            if stats is not None:
+                return stats
+        return None
+
+    def _validate(self, release: Release, model: LoadedModel) -> Mapping[str, Any]:
+        from agent.validate import validate
+
+        cfg = self.config.update
+        report = validate(  # beside a running stream: each invoke in a gap between frames
+            release,
+            model,
+            budget_runs=cfg.budget_runs,
+            deadline_s=cfg.validate_timeout_s,
+            pace=self._pace(),
+        )
+        return report.to_dict()
+
+    # -- start --------------------------------------------------------------------------
+
+    def repair(self) -> None:
+        """Repair a damaged pointer or planted store files before anything reads them;
+        each repair is a ``state_repaired`` event naming the file and what was done."""
+        try:
+            repairs = self.store.repair()
+        except EdgeAgentError as exc:  # busy: the holder repairs on taking the lock
+            log.error("%s", exc)
+            repairs = self.store.take_repairs()
+        for repair in repairs:
+            self.reporter.event("state_repaired", repair.to_event())
+
+    def serve_active(self) -> None:
+        """Serve the active release (after the gate, for one pulled while the agent was
+        stopped), else the ones before it; one that cannot be loaded is reported and the
+        unit goes on without serving, reachable by commands and updates."""
+        try:
+            release = self.store.active()
+        except EdgeAgentError as exc:
+            log.error("%s", exc)
+            self.updates.last_error = str(exc)
+            release = None
+        for _ in range(3):
+            if release is None:
+                break
+            try:
+                model = self.load(release)
+                try:
+                    self.updates.gate(release, model)
+                except BaseException:
+                    model.close()
+                    raise
+                self.swap(model, self.config.update.activate_timeout_s)
+                break
+            except EdgeAgentError as exc:
+                log.error("cannot serve %s v%d: %s", release.model, release.version, exc)
+                self.updates.last_error = f"v{release.version}: {exc}"
+                self.reporter.event("model_failed", {"version": release.version, "error": str(exc)})
+                release = self.updates.fall_back(f"cannot be loaded at start: {exc}")
