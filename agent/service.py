@@ -45,10 +45,10 @@ from agent.pipeline import Pipeline, Result, Stats
 from agent.preflight import check
 from agent.reloading import Outcome, Reloads
 from agent.store import Store
-from agent.stores import store_dirs
+from agent.stores import store_dirs, unit_config
 from agent.sysinfo import SystemProbe
 from agent.telemetry import ResultGate, Telemetry, Topics
-from agent.units import ModelUnit, PipelineSlot, unit_config
+from agent.units import ModelUnit, PipelineSlot
 
 if TYPE_CHECKING:
     import numpy as np

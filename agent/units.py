@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import msgspec
-
-from agent.config import Config, ModelConfig, PipelineConfig, ResultsConfig, RuntimeConfig
+from agent.config import Config, PipelineConfig, ResultsConfig, RuntimeConfig
 from agent.control import AgentLock
 from agent.errors import EdgeAgentError, ModelError
 from agent.oneshot import reloader
@@ -111,22 +108,6 @@ class PipelineSlot:
         self._stopped = True
         if self.pipeline is not None:
             self.pipeline.stop()
-
-
-def unit_config(
-    config: Config, model: ModelConfig, results: ResultsConfig, store_dir: Path
-) -> Config:
-    """``config`` as a single-model config of one unit: its model, the results its
-    copies load with, its store (the control socket stays where ``config`` puts it)."""
-    return msgspec.structs.replace(
-        config,
-        model=model,
-        results=results,
-        store=msgspec.structs.replace(config.store, dir=store_dir),
-        control=msgspec.structs.replace(config.control, socket=config.control_socket),
-        pipelines=(),
-        cascade=None,
-    )
 
 
 class ModelUnit:

@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
+from agent.commands import CommandError
 from agent.config import parse_config
 from agent.config_pipelines import served_models
+from agent.control import ask
 from agent.desired import DesiredState, NotServedHere
 from agent.errors import ConfigError
 from agent.fleet.publish import publish
@@ -372,6 +374,22 @@ def test_two_pipelines_serve_two_models_and_update_one_alone(
         ignored = _events(tap, "desired_ignored")
         assert [(e["model"], e["reason"]) for e in ignored] == [("trees", "not served here")]
         assert serving("door", MODEL, 2)
+
+        # The control socket's commands name the model (default: the first pipeline's).
+        sock = agent.root / "control.sock"
+        pong = ask(sock, "ping")
+        assert (pong["model"], pong["version"]) == (MODEL, 2)
+        assert {m: p["version"] for m, p in pong["models"].items()} == {MODEL: 2, OTHER: 1}
+        with pytest.raises(CommandError, match=r"'trees' is not served here \(served: "):
+            ask(sock, "rollback", {"model": "trees"})
+        with pytest.raises(CommandError, match="no earlier release"):
+            ask(sock, "rollback", {"model": OTHER})  # boxes has only v1: nothing changed
+        status = ask(sock, "status")
+        assert status["pipelines_stats"]["yard"]["model"] == OTHER
+        done = ask(sock, "rollback", {"model": MODEL})
+        assert (done["from"], done["version"]) == (2, 1)
+        wait_alive(lambda: serving("door", MODEL, 1), 30, "door back on v1", agent)
+        assert all(r["version"] == 1 for r in tap.docs("/results/yard"))
         assert agent.terminate() == 0
     finally:
         tap.close()
