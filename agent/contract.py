@@ -387,6 +387,7 @@ class ResultDoc(TypedDict):
     backend: str  # edgetpu or cpu
     latency_ms: float
     infer_ms: float
+    pipeline: NotRequired[str]  # with pipelines: (on results/<pipeline>)
 
 
 # -- documents as they travel: the envelope and a body --------------------------------

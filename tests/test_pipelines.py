@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from agent import contract
 from agent.commands import CommandError
 from agent.config import parse_config
 from agent.config_pipelines import served_models
@@ -334,6 +335,12 @@ def test_two_pipelines_serve_two_models_and_update_one_alone(
             "telemetry per pipeline",
             agent,
         )
+        for stream, doc in (
+            ("state", _state(tap)),
+            ("telemetry", tap.docs("/telemetry")[-1]),
+            ("results", tap.docs("/results/yard")[-1]),
+        ):
+            contract.validator(stream).validate_python(doc)  # the typed documents
         figures = tap.docs("/telemetry")[-1]["pipelines"]
         assert figures["yard"]["model"] == OTHER and figures["yard"]["cascade"] is None
         assert tap.docs("/telemetry")[-1]["inference"]["model"] == MODEL
