@@ -48,7 +48,7 @@ from agent.store import Store
 from agent.stores import store_dirs, unit_config
 from agent.sysinfo import SystemProbe
 from agent.telemetry import ResultGate, Telemetry, Topics
-from agent.units import ModelUnit, PipelineSlot
+from agent.units import HeldSlot, ModelUnit, PipelineSlot, Target
 
 if TYPE_CHECKING:
     import numpy as np
@@ -157,6 +157,7 @@ class Service:
             self.metrics.observing(self.telemetry.result) if self.metrics else self.telemetry.result
         )
         self.slots = [self._slot(index, p) for index, p in enumerate(self.pipelines)]
+        self.held: list[HeldSlot] = []  # cascade models, loaded beside the pipelines
         self.units = self._build_units()
         first = self.units[0]
         self.updates = first.updates  # the first pipeline's model (the legacy shape's one)
@@ -217,15 +218,24 @@ class Service:
         dirs = store_dirs(config.store.dir, pointer.model if pointer else None, list(self.models))
         units: list[ModelUnit] = []
         for index, (name, model) in enumerate(self.models.items()):
-            slots = [s for s in self.slots if s.config.model.name == name]
-            # TODO(lead): a cascade model's slot (agent/cascade.py) joins its targets here:
-            # each pipeline whose cascade.model.name == name adds its cascade stage's slot.
-            results = slots[0].results if slots else self._cascade_results(name)
+            targets: list[Target] = [s for s in self.slots if s.config.model.name == name]
+            results = self.slots[0].results
+            if not targets:  # a cascade model only
+                results = self._cascade_results(name)
+                # TODO(lead): the cascade stage (agent/cascade.py) of each pipeline whose
+                # cascade.model.name == name is this unit's target instead of a HeldSlot:
+                # its swap(model, timeout) takes the model between frames, its stats()
+                # gives the cascade's figures (and _pipelines_figures its "cascade").
+                held = HeldSlot(results)
+                self.held.append(held)
+                targets = [held]
+            else:
+                results = targets[0].results
             units.append(
                 ModelUnit(
                     name,
                     unit_config(config, model, results, dirs[name]),
-                    list(slots),
+                    targets,
                     _Reporter(self),
                     connected=connected,
                     only_model=True,
@@ -305,6 +315,8 @@ class Service:
                 clean = unit.updates.stop() and clean
             for slot in self.slots:
                 slot.stop()
+            for held in self.held:
+                held.stop()
             if self.metrics is not None:
                 self.metrics.stop()
         finally:
@@ -326,6 +338,8 @@ class Service:
         """Config, models and sources are up; or a model has no release to serve yet."""
         for unit in self.units:
             for target in unit.targets:
+                if not isinstance(target, PipelineSlot):
+                    continue  # a cascade model held: it has no stream of its own
                 stats = target.stats()
                 if stats is None:
                     if not (unit.store.pointer() is None or unit.updates.last_error):

@@ -5,7 +5,8 @@ with this unit as its ``Serving``: load, swap, stats) and its serving targets: t
 pipelines whose primary model it is (:class:`PipelineSlot`). A model served by two
 pipelines has one unit: the gate validates one loaded copy, ``swap`` gives it to the
 first target and loads a copy for each further one. A cascade model has its unit
-(store, worker, desired state, state) and, until the cascade slot is wired, no target.
+(store, worker, desired state, state) and, until the cascade stage is wired, a
+:class:`HeldSlot` (the model loaded and kept, serving no frames).
 
 A :class:`Target` is small on purpose: ``swap(model, timeout)``, ``between_frames``,
 ``stats`` and the ``results`` settings a copy is loaded with.
@@ -14,6 +15,7 @@ A :class:`Target` is small on purpose: ``swap(model, timeout)``, ``between_frame
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -110,6 +112,53 @@ class PipelineSlot:
             self.pipeline.stop()
 
 
+class HeldSlot:
+    """A model loaded and kept, serving no frames yet: a cascade model's place until its
+    stage is wired (then it reports that stage's figures). Its stats say it is loaded
+    with no results and no errors, so its update's probation passes on time."""
+
+    def __init__(self, results: ResultsConfig) -> None:
+        self.results = results
+        self.model: LoadedModel | None = None
+        self._lock = threading.Lock()
+
+    def swap(self, model: LoadedModel, timeout: float) -> None:
+        with self._lock:
+            old, self.model = self.model, model
+        if old is not None:
+            old.close()
+
+    def between_frames(self, timeout: float = PACE_WAIT_S) -> bool:
+        return True
+
+    def stats(self) -> Stats | None:
+        model = self.model
+        if model is None:
+            return None
+        return Stats(
+            frames=0,
+            results=0,
+            dropped=0,
+            errors=0,
+            fps=0.0,
+            latency_ms_p50=0.0,
+            latency_ms_p95=0.0,
+            latency_ms_p99=0.0,
+            infer_ms_p50=0.0,
+            backend=model.backend_name,
+            model=model.name,
+            version=model.version,
+            source_connected=True,
+            runtime=model.choice.to_dict(),
+        )
+
+    def stop(self) -> None:
+        with self._lock:
+            old, self.model = self.model, None
+        if old is not None:
+            old.close()
+
+
 class ModelUnit:
     """One served model: store, lock, update worker; the updater's ``Serving``."""
 
@@ -167,9 +216,7 @@ class ModelUnit:
     def swap(self, model: LoadedModel, timeout: float) -> None:
         """``model`` to the first target, a copy of it to each further one (loaded
         before any switch: a copy that cannot be loaded changes nothing)."""
-        if not self.targets:
-            # TODO(lead): a cascade model's slot (agent/cascade.py) is its target: append
-            # it to self.targets where the service builds the units (Service._build_units).
+        if not self.targets:  # nothing to serve it (the service gives each unit one)
             model.close()
             return
         copies: list[LoadedModel] = []

@@ -31,6 +31,7 @@ from tests.conftest import Models
 
 DEV = "dev-p"
 OTHER = "boxes"
+CASCADE = "crops"
 
 # -- config ---------------------------------------------------------------------------
 
@@ -243,6 +244,15 @@ def _registry(tmp_path: Path, models: Models) -> Path:
         labels=models.labels,
         channels=("stable",),
     )
+    publish(
+        [models.path("v4_small.tflite")],
+        model=CASCADE,
+        version=1,
+        registry=root,
+        task="classification",
+        labels=models.labels,
+        channels=("stable",),
+    )
     return root
 
 
@@ -262,7 +272,13 @@ def _two_pipelines(tmp_path: Path, broker: Mosquitto, registry: Path) -> AgentPr
     every = {"publish": "every", "min_score": 0.0, "top_k": 1}
     settings["pipelines"] = [
         {"name": "door", "model": {"name": MODEL}, "source": synthetic, "results": every},
-        {"name": "yard", "model": {"name": OTHER}, "source": synthetic, "results": every},
+        {
+            "name": "yard",
+            "model": {"name": OTHER},
+            "source": synthetic,
+            "results": every,
+            "cascade": {"model": {"name": CASCADE}, "max_crops": 2},
+        },
     ]
     agent.config_path.write_text(yaml.safe_dump(settings))
     return agent
@@ -309,22 +325,26 @@ def test_two_pipelines_serve_two_models_and_update_one_alone(
         assert "classes" in tap.docs("/results/door")[-1]
         wait_alive(
             lambda: (
-                set(_state(tap).get("models", {})) == {MODEL, OTHER}
+                set(_state(tap).get("models", {})) == {MODEL, OTHER, CASCADE}
                 and all(m["serving"] == 1 for m in _state(tap)["models"].values())
+                and _state(tap)["models"][CASCADE]["phase"] == "succeeded"
             ),
             30,
-            "a state with both models serving",
+            "a state with the three models serving (the cascade's held, through probation)",
             agent,
         )
         state = _state(tap)
         assert state["model"] == MODEL and state["version"] == 1  # the first pipeline's
         assert state["pipelines"] == {
             "door": {"model": MODEL, "cascade": None, "source": "synthetic"},
-            "yard": {"model": OTHER, "cascade": None, "source": "synthetic"},
+            "yard": {"model": OTHER, "cascade": CASCADE, "source": "synthetic"},
         }
         store = agent.root / "store"
         assert json.loads((store / "active.json").read_text())["model"] == MODEL
-        assert json.loads((store / "models" / OTHER / "active.json").read_text())["model"] == OTHER
+        for name in (OTHER, CASCADE):  # each model its own store
+            assert (
+                json.loads((store / "models" / name / "active.json").read_text())["model"] == name
+            )
         wait_alive(
             lambda: (
                 set(tap.docs("/telemetry")[-1].get("pipelines", {})) == {"door", "yard"}
@@ -386,7 +406,11 @@ def test_two_pipelines_serve_two_models_and_update_one_alone(
         sock = agent.root / "control.sock"
         pong = ask(sock, "ping")
         assert (pong["model"], pong["version"]) == (MODEL, 2)
-        assert {m: p["version"] for m, p in pong["models"].items()} == {MODEL: 2, OTHER: 1}
+        assert {m: p["version"] for m, p in pong["models"].items()} == {
+            MODEL: 2,
+            OTHER: 1,
+            CASCADE: 1,
+        }
         with pytest.raises(CommandError, match=r"'trees' is not served here \(served: "):
             ask(sock, "rollback", {"model": "trees"})
         with pytest.raises(CommandError, match="no earlier release"):
