@@ -285,6 +285,10 @@ class DesiredState:
     def topics(self) -> list[str]:
         return list(self._topics)
 
+    def shared(self, topic: str) -> bool:
+        """``topic`` is one of the topics older fleets use (not a model's own)."""
+        return topic in self._topics and topic not in self._model_topics
+
     def update(self, topic: str, payload: bytes) -> Desired | None:
         """Take a message from ``topic``; returns what it says (None: cleared).
 

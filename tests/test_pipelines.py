@@ -9,6 +9,7 @@ what is asserted is what the fleet sees (results topics, the state document, eve
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -400,6 +401,14 @@ def test_two_pipelines_serve_two_models_and_update_one_alone(
         wait_alive(lambda: bool(_events(tap, "desired_ignored")), 30, "desired_ignored", agent)
         ignored = _events(tap, "desired_ignored")
         assert [(e["model"], e["reason"]) for e in ignored] == [("trees", "not served here")]
+        operator.publish(f"edge/{DEV}/desired", "{not json", retain=True)  # every unit reads it
+        wait_alive(lambda: len(_events(tap, "desired_invalid")) >= 2, 30, "desired_invalid", agent)
+        time.sleep(0.5)  # the other models' workers have read it too: reported once
+        invalid = _events(tap, "desired_invalid")
+        assert [e["topic"] for e in invalid] == [
+            f"edge/{DEV}/desired/{MODEL}",
+            f"edge/{DEV}/desired",
+        ]
         assert serving("door", MODEL, 2)
 
         # The control socket's commands name the model (default: the first pipeline's).

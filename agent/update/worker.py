@@ -159,6 +159,7 @@ class Updates:
         another model on the one topic older fleets use is not this worker's (and
         reported ``desired_ignored`` when ``not_served`` says no model here has it)."""
         self.config = config
+        self.only_model = only_model
         self.not_served = not_served
         self.store = store
         self.serving = serving
@@ -566,6 +567,8 @@ class Updates:
                 self._ignore(exc.desired, "not served here")
             return
         except ValueError as exc:
+            if self.only_model and self.not_served is None and self.desired.shared(message.topic):
+                return  # every model's worker reads that topic: the first one reports
             log.error("%s: ignored: %s", message.topic, exc)
             self.reporter.event("desired_invalid", {"topic": message.topic, "error": str(exc)})
             return
