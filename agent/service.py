@@ -126,7 +126,11 @@ class Service:
                 ha,
                 agent_version=__version__,
                 telemetry_interval_s=config.telemetry.interval_s,
-                results=config.results,
+                results=self.pipelines[0].results,
+                # with pipelines: the first pipeline's results (the label sensors)
+                results_stream=(
+                    f"results/{self.pipelines[0].name}" if config.pipelines else "results"
+                ),
             ),
             ha.prefix,
             config.store.dir,

@@ -19,12 +19,13 @@ import yaml
 
 from agent import contract
 from agent.commands import CommandError
-from agent.config import parse_config
+from agent.config import HomeAssistantConfig, parse_config
 from agent.config_pipelines import served_models
 from agent.control import ask
 from agent.desired import DesiredState, NotServedHere
 from agent.errors import ConfigError
 from agent.fleet.publish import publish
+from agent.homeassistant import discovery_configs
 from agent.stores import store_dirs
 from tests.agentproc import MODEL, AgentProcess, Tap, publish_models, wait_alive
 from tests.broker import Collector, Mosquitto, subscriber
@@ -142,6 +143,20 @@ def test_config_errors_are_one_line_naming_the_key(text: str, error: str) -> Non
         parse_config(text, env={})
     lines = str(caught.value).splitlines()
     assert len(lines) == 1 and error in lines[0], lines
+
+
+def test_home_assistant_label_sensors_read_the_first_pipelines_results() -> None:
+    ha = HomeAssistantConfig(discovery=True, labels=("person",))
+    found = discovery_configs(
+        "d1",
+        "edge/d1",
+        ha,
+        agent_version="0",
+        telemetry_interval_s=10,
+        results_stream="results/door",
+    )
+    (sensor,) = [d for d in found if d.object_id == "person_detected"]
+    assert sensor.config["state_topic"] == "edge/d1/results/door"
 
 
 # -- stores ---------------------------------------------------------------------------
