@@ -19,13 +19,14 @@ import yaml
 
 from agent import contract
 from agent.commands import CommandError
-from agent.config import HomeAssistantConfig, parse_config
+from agent.config import HomeAssistantConfig, config_from_dict, parse_config
 from agent.config_pipelines import served_models
 from agent.control import ask
 from agent.desired import DesiredState, NotServedHere
 from agent.errors import ConfigError
 from agent.fleet.publish import publish
 from agent.homeassistant import discovery_configs
+from agent.preflight import check
 from agent.stores import store_dirs
 from tests.agentproc import MODEL, AgentProcess, Tap, publish_models, wait_alive
 from tests.broker import Collector, Mosquitto, subscriber
@@ -497,3 +498,32 @@ def test_the_single_model_follows_its_own_desired_topic_and_publishes_as_before(
         assert agent.terminate() == 0
     finally:
         tap.close()
+
+
+def test_preflight_checks_each_pipelines_source_and_model(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    (registry / "people").mkdir(parents=True)
+    (registry / "people" / "index.json").write_text("{}")
+    config = config_from_dict(
+        {
+            "registry": {"url": registry.as_uri()},
+            "store": {"dir": str(tmp_path / "store")},
+            "telemetry": {"outbox": str(tmp_path / "outbox.sqlite")},
+            "pipelines": [
+                {"name": "door", "model": {"name": "people"}, "source": {"type": "synthetic"}},
+                {
+                    "name": "yard",
+                    "model": {"name": "cars"},
+                    "source": {"type": "video", "path": str(tmp_path / "none.mp4")},
+                    "cascade": {"model": {"name": "plates"}},
+                },
+            ],
+        }
+    )
+    found = check(config)
+    assert found.errors == []
+    assert f"pipelines[1].source.path: no video file at {tmp_path / 'none.mp4'} (yet)" in (
+        found.warnings
+    )
+    missing = [w for w in found.warnings if "index.json yet" in w]
+    assert [w.split(" has no ")[1].split("/")[0] for w in missing] == ["cars", "plates"]
