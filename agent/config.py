@@ -29,14 +29,11 @@ import yaml
 from msgspec import Meta
 
 from agent.config_pipelines import (
-    EXCLUSIVE,
-    MAX_PIPELINES,
-    PIPELINE_KEYS,
     CascadeConfig,
     PipelineConfig,
-    cascade_problems,
+    PipelineReader,
+    between_pipelines,
     pipeline_list,
-    pipeline_problems,
 )
 from agent.config_sections import (
     HA_LABEL_PATTERN,
@@ -442,102 +439,8 @@ def _source_kind(value: Any) -> type[SourceConfig] | str:
     return kind
 
 
-def _keyed(
-    where: tuple[str | int, ...], found: msgspec.Struct | list[Located]
-) -> msgspec.Struct | list[Located]:
-    """``found`` with the key paths of its problems put under ``where``."""
-    if isinstance(found, list):
-        return [((*where, *path[1:]), message) for path, message in found]
-    return found
-
-
-def _entry(
-    where: tuple[str | int, ...], name: str, kind: type[msgspec.Struct], value: Any
-) -> msgspec.Struct | list[Located]:
-    """One struct of a pipeline (or the top-level cascade), validated as a section."""
-    if isinstance(value, dict):
-        unknown = [k for k in value if k not in kind.__struct_fields__]
-        if unknown:
-            return [
-                ((*where, k if isinstance(k, str) else repr(k)), "unknown key") for k in unknown
-            ]
-    return _keyed(where, _section(name, kind, value))
-
-
-def _cascade(value: Any) -> CascadeConfig | list[Located] | None:
-    if value is None:
-        return None
-    found = _entry(("cascade",), "cascade", CascadeConfig, value)
-    return found if isinstance(found, (list, CascadeConfig)) else [(("cascade",), "invalid")]
-
-
-def _pipeline(index: int, value: Any) -> PipelineConfig | list[Located]:
-    where: tuple[str | int, ...] = ("pipelines", index)
-    if not isinstance(value, dict):
-        return [(where, "must be a mapping with name, model, source, results, cascade")]
-    problems: list[Located] = [
-        ((*where, k if isinstance(k, str) else repr(k)), "unknown key")
-        for k in value
-        if k not in PIPELINE_KEYS
-    ]
-    parts: dict[str, Any] = {}
-    if "name" not in value:
-        problems.append(((*where, "name"), "required"))
-    else:
-        try:
-            parts["name"] = msgspec.convert(value["name"], fields_of(PipelineConfig)["name"].type)
-        except msgspec.ValidationError as exc:
-            problems.append(((*where, "name"), locate(exc)[1]))
-    kinds: dict[str, Any] = {"model": ModelConfig, "results": ResultsConfig}
-    for key in ("model", "source", "results", "cascade"):
-        if key not in value or (key == "cascade" and value[key] is None):
-            continue
-        kind = kinds.get(key, CascadeConfig)
-        if key == "source":
-            kind = _source_kind(value[key])
-            if isinstance(kind, str):
-                problems.append(((*where, "source", "type"), kind))
-                continue
-        found = _entry((*where, key), key, kind, value[key])
-        if isinstance(found, list):
-            problems += found
-        else:
-            parts[key] = found
-    return problems or PipelineConfig(**parts)
-
-
-def _pipelines(value: Any) -> tuple[PipelineConfig, ...] | list[Located]:
-    """The ``pipelines`` list, entry by entry, or the problems of every entry."""
-    if not isinstance(value, list) or not 1 <= len(value) <= MAX_PIPELINES:
-        return [(("pipelines",), f"must be a list of 1 to {MAX_PIPELINES} pipelines")]
-    found = [_pipeline(index, item) for index, item in enumerate(value)]
-    problems = [problem for item in found if isinstance(item, list) for problem in item]
-    if problems:
-        return problems
-    pipelines = tuple(item for item in found if isinstance(item, PipelineConfig))
-    return pipeline_problems(pipelines)[:1] or pipelines
-
-
-def _between_pipelines(data: Mapping[str, Any], sections: Mapping[str, Any]) -> list[Located]:
-    """``pipelines`` excludes the single-model keys; a top-level cascade's model is not
-    the model itself."""
-    if "pipelines" in sections:
-        both = [key for key in EXCLUSIVE if key in data]
-        if both:
-            return [
-                (
-                    ("pipelines",),
-                    f"set either pipelines or model/source/results/cascade, not both "
-                    f"({', '.join(both)} set too): move them into a pipeline",
-                )
-            ]
-        return []
-    cascade = sections.get("cascade")
-    if cascade is None:
-        return []
-    model = sections.get("model", ModelConfig())
-    legacy = PipelineConfig(name="main", model=model, cascade=cascade)
-    return [((path[2:]), message) for path, message in cascade_problems(legacy, ("", 0))]
+# ``pipelines`` and ``cascade``: read entry by entry with the sections' own reading
+_PIPELINES = PipelineReader(_section, _source_kind)
 
 
 def config_from_dict(
@@ -574,7 +477,9 @@ def config_from_dict(
             continue
         value = data[name]
         if name in ("pipelines", "cascade"):
-            parsed = _pipelines(value) if name == "pipelines" else _cascade(value)
+            parsed = (
+                _PIPELINES.pipelines(value) if name == "pipelines" else _PIPELINES.cascade(value)
+            )
             if isinstance(parsed, list):
                 problems += [line(*problem) for problem in parsed]
             else:
@@ -601,7 +506,7 @@ def config_from_dict(
         else:
             sections[name] = section
     if not problems:
-        problems += [line(*problem) for problem in _between_pipelines(data, sections)]
+        problems += [line(*problem) for problem in between_pipelines(data, sections)]
     if problems:
         raise ConfigError(problems)
     try:

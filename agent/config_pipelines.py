@@ -14,15 +14,15 @@ and messages). Conventions as in :mod:`agent.config_sections`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
 from agent.config_sections import ModelConfig, ResultsConfig, Section
 from agent.config_sources import CameraSource, SourceConfig
-from agent.structs import rule_pattern
+from agent.structs import locate, rule_pattern
 
 if TYPE_CHECKING:
     from agent.config import Config
@@ -168,3 +168,116 @@ def served_models(pipelines: Sequence[PipelineConfig]) -> dict[str, ModelConfig]
             if model is not None and model.name is not None:
                 models.setdefault(model.name, model)
     return models
+
+
+# -- reading the entries (agent.config lends its section reader) ----------------------
+
+SectionReader = Callable[[str, type[msgspec.Struct], Any], "msgspec.Struct | list[Located]"]
+SourceKind = Callable[[Any], "type[msgspec.Struct] | str"]
+
+
+def _keyed(
+    where: tuple[str | int, ...], found: msgspec.Struct | list[Located]
+) -> msgspec.Struct | list[Located]:
+    """``found`` with the key paths of its problems put under ``where``."""
+    if isinstance(found, list):
+        return [((*where, *path[1:]), message) for path, message in found]
+    return found
+
+
+class PipelineReader:
+    """Reads ``pipelines`` and ``cascade`` with the config's reader of one section
+    (``section(name, kind, value)``: every wrong key, else the first rule broken) and
+    of a ``source``'s kind (by its ``type``)."""
+
+    def __init__(self, section: SectionReader, source_kind: SourceKind) -> None:
+        self.section = section
+        self.source_kind = source_kind
+
+    def _entry(
+        self, where: tuple[str | int, ...], name: str, kind: type[msgspec.Struct], value: Any
+    ) -> msgspec.Struct | list[Located]:
+        """One struct of a pipeline (or the top-level cascade), validated as a section."""
+        if isinstance(value, dict):
+            unknown = [k for k in value if k not in kind.__struct_fields__]
+            if unknown:
+                return [
+                    ((*where, k if isinstance(k, str) else repr(k)), "unknown key") for k in unknown
+                ]
+        return _keyed(where, self.section(name, kind, value))
+
+    def cascade(self, value: Any) -> CascadeConfig | list[Located] | None:
+        """The top-level ``cascade`` (None: unset), or its problems."""
+        if value is None:
+            return None
+        found = self._entry(("cascade",), "cascade", CascadeConfig, value)
+        return found if isinstance(found, (list, CascadeConfig)) else [(("cascade",), "invalid")]
+
+    def _pipeline(self, index: int, value: Any) -> PipelineConfig | list[Located]:
+        where: tuple[str | int, ...] = ("pipelines", index)
+        if not isinstance(value, dict):
+            return [(where, "must be a mapping with name, model, source, results, cascade")]
+        problems: list[Located] = [
+            ((*where, k if isinstance(k, str) else repr(k)), "unknown key")
+            for k in value
+            if k not in PIPELINE_KEYS
+        ]
+        parts: dict[str, Any] = {}
+        if "name" not in value:
+            problems.append(((*where, "name"), "required"))
+        else:
+            name_type = msgspec.structs.fields(PipelineConfig)[0].type
+            try:
+                parts["name"] = msgspec.convert(value["name"], name_type)
+            except msgspec.ValidationError as exc:
+                problems.append(((*where, "name"), locate(exc)[1]))
+        kinds: dict[str, Any] = {"model": ModelConfig, "results": ResultsConfig}
+        for key in ("model", "source", "results", "cascade"):
+            if key not in value or (key == "cascade" and value[key] is None):
+                continue
+            kind = kinds.get(key, CascadeConfig)
+            if key == "source":
+                kind = self.source_kind(value[key])
+                if isinstance(kind, str):
+                    problems.append(((*where, "source", "type"), kind))
+                    continue
+            found = self._entry((*where, key), key, kind, value[key])
+            if isinstance(found, list):
+                problems += found
+            else:
+                parts[key] = found
+        return problems or PipelineConfig(**parts)
+
+    def pipelines(self, value: Any) -> tuple[PipelineConfig, ...] | list[Located]:
+        """The ``pipelines`` list, entry by entry, or the problems of every entry (then
+        the first rule between them broken)."""
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_PIPELINES:
+            return [(("pipelines",), f"must be a list of 1 to {MAX_PIPELINES} pipelines")]
+        found = [self._pipeline(index, item) for index, item in enumerate(value)]
+        problems = [problem for item in found if isinstance(item, list) for problem in item]
+        if problems:
+            return problems
+        pipelines = tuple(item for item in found if isinstance(item, PipelineConfig))
+        return pipeline_problems(pipelines)[:1] or pipelines
+
+
+def between_pipelines(data: Mapping[str, Any], sections: Mapping[str, Any]) -> list[Located]:
+    """``pipelines`` excludes the single-model keys (as set in ``data``); a top-level
+    cascade's model is not the model itself."""
+    if "pipelines" in sections:
+        both = [key for key in EXCLUSIVE if key in data]
+        if both:
+            return [
+                (
+                    ("pipelines",),
+                    f"set either pipelines or model/source/results/cascade, not both "
+                    f"({', '.join(both)} set too): move them into a pipeline",
+                )
+            ]
+        return []
+    cascade = sections.get("cascade")
+    if cascade is None:
+        return []
+    model = sections.get("model", ModelConfig())
+    legacy = PipelineConfig(name="main", model=model, cascade=cascade)
+    return [(path[2:], message) for path, message in cascade_problems(legacy, ("", 0))]
