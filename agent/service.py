@@ -32,7 +32,7 @@ from agent import __version__
 from agent.commands import Commands
 from agent.config import Config, PipelineConfig, ResultsConfig, load_config
 from agent.config_pipelines import served_models
-from agent.contract import EventName, InferenceDoc, ModelStateDoc, PipelineInferenceDoc, StateDoc
+from agent.contract import EventName, InferenceDoc, PipelineInferenceDoc, StateDoc
 from agent.control import ControlServer
 from agent.desired import desired_topics
 from agent.diagnostics import Diagnostics
@@ -48,7 +48,7 @@ from agent.store import Store
 from agent.stores import store_dirs, unit_config
 from agent.sysinfo import SystemProbe
 from agent.telemetry import ResultGate, Telemetry, Topics
-from agent.units import HeldSlot, ModelUnit, PipelineSlot, Target
+from agent.units import HeldSlot, ModelUnit, PipelineSlot, Target, compose_state
 
 if TYPE_CHECKING:
     import numpy as np
@@ -411,33 +411,8 @@ class Service:
         doc = self.updates.state()
         if not self.multi:
             return doc
-        models: dict[str, ModelStateDoc] = {}
-        for unit in self.units:
-            part = unit.updates.state()
-            models[unit.name or ""] = {
-                "model": part["model"],
-                "version": part["version"],
-                "sha256": part["sha256"],
-                "backend": part["backend"],
-                "serving": part["serving"],
-                "previous": part["previous"],
-                "phase": part["phase"],
-                "last_error": part["last_error"],
-                "update": part["update"],
-                "desired": part["desired"],
-                "bad": part["bad"],
-                "runtime": part.get("runtime"),
-            }
-        doc["models"] = models
-        doc["pipelines"] = {
-            p.name: {
-                "model": p.model.name or "",
-                "cascade": p.cascade.model.name if p.cascade else None,
-                "source": p.source.type,
-            }
-            for p in self.pipelines
-        }
-        return doc
+        parts = {unit.name or "": unit.updates.state() for unit in self.units}
+        return compose_state(doc, parts, self.pipelines)
 
     def _build_metrics(self) -> Metrics | None:
         """The Prometheus endpoint when ``metrics.listen`` is set; without

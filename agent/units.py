@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from agent.config import Config, PipelineConfig, ResultsConfig, RuntimeConfig
 from agent.control import AgentLock
@@ -32,7 +32,7 @@ from agent.update.worker import Reporter, Updates
 if TYPE_CHECKING:
     import numpy as np
 
-    from agent.contract import EventName
+    from agent.contract import EventName, ModelStateDoc, StateDoc
 
 log = logging.getLogger(__name__)
 
@@ -292,3 +292,43 @@ class ModelUnit:
                 self.updates.last_error = f"v{release.version}: {exc}"
                 self.reporter.event("model_failed", {"version": release.version, "error": str(exc)})
                 release = self.updates.fall_back(f"cannot be loaded at start: {exc}")
+
+
+_MODEL_FIELDS = (
+    "model",
+    "version",
+    "sha256",
+    "backend",
+    "serving",
+    "previous",
+    "phase",
+    "last_error",
+    "update",
+    "desired",
+    "bad",
+)
+
+
+def compose_state(
+    first: StateDoc, parts: Mapping[str, StateDoc], pipelines: Sequence[PipelineConfig]
+) -> StateDoc:
+    """The one ``state`` of several models (pure): ``first`` (the first pipeline's
+    model's) as the top-level fields, each model's part under ``models``, and what each
+    pipeline runs under ``pipelines``."""
+    models: dict[str, ModelStateDoc] = {}
+    for name, part in parts.items():
+        doc: dict[str, Any] = {key: part[key] for key in _MODEL_FIELDS}  # type: ignore[literal-required]
+        doc["runtime"] = part.get("runtime")
+        models[name] = cast("ModelStateDoc", doc)
+    return {
+        **first,
+        "models": models,
+        "pipelines": {
+            p.name: {
+                "model": p.model.name or "",
+                "cascade": p.cascade.model.name if p.cascade else None,
+                "source": p.source.type,
+            }
+            for p in pipelines
+        },
+    }

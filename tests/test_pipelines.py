@@ -28,6 +28,7 @@ from agent.fleet.publish import publish
 from agent.homeassistant import discovery_configs
 from agent.preflight import check
 from agent.stores import store_dirs
+from agent.units import compose_state
 from tests.agentproc import MODEL, AgentProcess, Tap, publish_models, wait_alive
 from tests.broker import Collector, Mosquitto, subscriber
 from tests.conftest import Models
@@ -527,3 +528,41 @@ def test_preflight_checks_each_pipelines_source_and_model(tmp_path: Path) -> Non
     )
     missing = [w for w in found.warnings if "index.json yet" in w]
     assert [w.split(" has no ")[1].split("/")[0] for w in missing] == ["cars", "plates"]
+
+
+def test_the_state_of_several_models_keeps_the_first_ones_fields_on_top() -> None:
+    def part(model: str, version: int) -> dict[str, Any]:
+        return {
+            "agent_version": "0.1.0",
+            "model": model,
+            "version": version,
+            "sha256": f"{model}-sha",
+            "backend": "cpu",
+            "serving": version,
+            "previous": None,
+            "phase": "succeeded",
+            "last_error": None,
+            "update": None,
+            "desired": None,
+            "bad": [],
+            "runtime": None,
+        }
+
+    config = parse_config(TWO, env={})
+    parts = {"people": part("people", 3), "faces": part("faces", 1), "cars": part("cars", 7)}
+    doc = compose_state(parts["people"], parts, config.pipeline_list())  # type: ignore[arg-type]
+    assert {k: doc[k] for k in ("model", "version", "agent_version")} == {  # type: ignore[literal-required]
+        "model": "people",
+        "version": 3,
+        "agent_version": "0.1.0",
+    }
+    assert doc["models"]["cars"] == {k: v for k, v in parts["cars"].items() if k != "agent_version"}
+    assert list(doc["models"]) == ["people", "faces", "cars"]
+    assert doc["pipelines"] == {
+        "door": {"model": "people", "cascade": "faces", "source": "synthetic"},
+        "yard": {"model": "cars", "cascade": None, "source": "images"},
+        "gate": {"model": "people", "cascade": None, "source": "camera"},
+    }
+    contract.validator("state").validate_python(
+        {**doc, "schema": 1, "seq": 1, "id": "x", "ts": 1.0}
+    )
