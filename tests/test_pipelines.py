@@ -566,3 +566,51 @@ def test_the_state_of_several_models_keeps_the_first_ones_fields_on_top() -> Non
     contract.validator("state").validate_python(
         {**doc, "schema": 1, "seq": 1, "id": "x", "ts": 1.0}
     )
+
+
+def test_a_device_moving_to_pipelines_keeps_its_model_in_the_store_root(
+    tmp_path: Path, broker: Mosquitto, models: Models, agents: list[AgentProcess]
+) -> None:
+    registry = _registry(tmp_path, models)
+    agent = AgentProcess(
+        tmp_path / DEV,
+        DEV,
+        {
+            "registry": {"url": registry.as_uri(), "poll_interval_s": 3600},
+            "mqtt": {"url": broker.url, "reconnect_max_s": 1, "keepalive_s": 5},
+        },
+    )
+    agents.append(agent)
+    agent.start()
+    store = agent.root / "store"
+    wait_alive(lambda: "update to v1 succeeded" in agent.log(), 60, "colours v1", agent)
+    assert agent.terminate() == 0
+    settings = dict(agent.settings)
+    for key in ("model", "source", "results"):
+        settings.pop(key)
+    settings["pipelines"] = [  # the model the root holds is now the second pipeline's
+        {"name": "yard", "model": {"name": OTHER}, "source": {"type": "synthetic"}},
+        {"name": "door", "model": {"name": MODEL}, "source": {"type": "synthetic"}},
+    ]
+    agent.config_path.write_text(yaml.safe_dump(settings))
+    tap = Tap("127.0.0.1", broker.port, [f"edge/{DEV}/#"])
+    try:
+        agent.start()
+        wait_alive(
+            lambda: all(
+                (_state(tap).get("models") or {}).get(m, {}).get("serving") == 1
+                for m in (MODEL, OTHER)
+            ),
+            60,
+            "both models serving",
+            agent,
+        )
+        assert agent.terminate() == 0
+    finally:
+        tap.close()
+    assert json.loads((store / "active.json").read_text())["model"] == MODEL
+    assert json.loads((store / "models" / OTHER / "active.json").read_text())["model"] == OTHER
+    assert not (store / "models" / MODEL).exists()
+    assert _state(tap)["model"] == OTHER  # the first pipeline's model on top
+    started = [e for e in tap.docs("/events") if e["event"] == "update_started"]
+    assert [e["model"] for e in started] == [OTHER]  # colours was not pulled again
