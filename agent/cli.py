@@ -180,13 +180,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return cmd_status(config, as_json)
     from agent.cli_store import cmd_models_list, cmd_models_pull, cmd_models_rollback
+    from agent.stores import model_config
 
+    name = args.model_name
+    config = model_config(config, name)
     if args.models_command == "list":
         return cmd_models_list(config, args.remote, as_json)
     if args.models_command == "pull":
         wait_s = None if args.no_wait else args.wait
-        return cmd_models_pull(config, args.version, wait_s, as_json)
-    return cmd_models_rollback(config, args.to, as_json)
+        return cmd_models_pull(config, args.version, wait_s, as_json, name)
+    return cmd_models_rollback(config, args.to, as_json, name)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,7 @@ def build() -> argparse.ArgumentParser:
         [config, as_json, log],
     )
     listing.add_argument("--remote", action="store_true", help="also list the registry's index")
+    _model_option(listing)
     pull = command(
         msub,
         "pull",
@@ -193,6 +194,7 @@ def build() -> argparse.ArgumentParser:
     pull.add_argument(
         "--version", type=positive(int), help="version to pull (default: the channel's)"
     )
+    _model_option(pull)
     waiting = pull.add_mutually_exclusive_group()
     waiting.add_argument(
         "--wait",
@@ -217,6 +219,7 @@ def build() -> argparse.ArgumentParser:
         [config, as_json, log],
     )
     rollback.add_argument("--to", type=positive(int), help="version (default: the previous one)")
+    _model_option(rollback)
     model = options()
     model.add_argument("--model", type=Path, required=True, help="a .tflite file")
     model.add_argument("--labels", type=Path, help="labels file (N label, or one per line)")
@@ -304,3 +307,13 @@ def refuse_unused(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     for name in _NOT_FOR.get(args.command, ()):
         if hasattr(args, name):
             parser.error(f"{args.command} does not take --{name}")
+
+
+def _model_option(parser: argparse.ArgumentParser) -> None:
+    """``--model NAME``: which served model (several pipelines); default the first's."""
+    parser.add_argument(
+        "--model",
+        dest="model_name",
+        metavar="NAME",
+        help="the served model to act on (with pipelines:; default: the first pipeline's)",
+    )

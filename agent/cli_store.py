@@ -151,7 +151,11 @@ def cmd_models_list(config: Config, remote: bool, as_json: bool) -> int:
 
 
 def cmd_models_pull(
-    config: Config, version: int | None, wait_s: float | None, as_json: bool
+    config: Config,
+    version: int | None,
+    wait_s: float | None,
+    as_json: bool,
+    model: str | None = None,
 ) -> int:
     """Through the running agent (its gate and probation), else on the store: the
     release is journaled so that the agent's next start gates it before serving it."""
@@ -163,7 +167,7 @@ def cmd_models_pull(
 
     found = local.reach(config)
     if found.status is not None:
-        return _pull_through_agent(found, version, wait_s, as_json)
+        return _pull_through_agent(found, version, wait_s, as_json, model)
     local.require_reachable(found, "models pull")
     store = Store(config.store.dir, config.store.keep).open()
     registry = Registry.from_config(config.registry)
@@ -212,7 +216,7 @@ def cmd_models_pull(
 
 
 def _pull_through_agent(
-    found: Reach, version: int | None, wait_s: float | None, as_json: bool
+    found: Reach, version: int | None, wait_s: float | None, as_json: bool, model: str | None
 ) -> int:
     from agent import local
 
@@ -220,7 +224,7 @@ def _pull_through_agent(
         if not as_json:
             print(line, flush=True)
 
-    update = local.pull_through_agent(found, version, wait_s, say)
+    update = local.pull_through_agent(found, version, wait_s, say, model)
     outcome = update.get("outcome")
     target = update["version"]
     if outcome is None:
@@ -233,14 +237,16 @@ def _pull_through_agent(
     return 0 if outcome in (None, "succeeded") else 1
 
 
-def cmd_models_rollback(config: Config, to: int | None, as_json: bool) -> int:
+def cmd_models_rollback(
+    config: Config, to: int | None, as_json: bool, model: str | None = None
+) -> int:
     """Through the running agent (what serves changes), else on the store."""
     from agent import local
 
     found = local.reach(config)
     if found.status is not None:
-        done = local.rollback_through_agent(found, to)
-        model = found.status.get("model")
+        done = local.rollback_through_agent(found, to, model)
+        model = model or found.status.get("model")
         emit(
             {"through_agent": True, "from_version": done["from"], "version": done["version"]},
             as_json,

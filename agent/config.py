@@ -28,6 +28,13 @@ import msgspec
 import yaml
 from msgspec import Meta
 
+from agent.config_pipelines import (
+    CascadeConfig,
+    PipelineConfig,
+    PipelineReader,
+    between_pipelines,
+    pipeline_list,
+)
 from agent.config_sections import (
     HA_LABEL_PATTERN,
     MODEL_NAME_PATTERN,
@@ -81,6 +88,7 @@ __all__ = [
     "SOURCE_TYPES",
     "SUN_PATH_MAX",
     "CameraSource",
+    "CascadeConfig",
     "Config",
     "ControlConfig",
     "DeviceConfig",
@@ -92,6 +100,7 @@ __all__ = [
     "ModelConfig",
     "MqttConfig",
     "Picamera2Source",
+    "PipelineConfig",
     "PrivacyConfig",
     "RegistryConfig",
     "ResultsConfig",
@@ -113,6 +122,7 @@ __all__ = [
     "ha_slug",
     "load_config",
     "parse_config",
+    "pipeline_list",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.yaml")
@@ -165,6 +175,17 @@ class Config(Section, frozen=True):
     homeassistant: Annotated[
         HomeAssistantConfig, Meta(description="Home Assistant MQTT discovery.")
     ] = msgspec.field(default_factory=HomeAssistantConfig)
+    cascade: Annotated[
+        CascadeConfig | None,
+        Meta(description="A second model on crops of the single model's detections."),
+    ] = None
+    pipelines: Annotated[
+        tuple[PipelineConfig, ...],
+        Meta(
+            description="Several pipelines (1..8), each with its own model, source, results "
+            "and cascade; instead of the top-level model, source, results and cascade."
+        ),
+    ] = ()
 
     @property
     def control_socket(self) -> Path:
@@ -174,9 +195,13 @@ class Config(Section, frozen=True):
         """
         return self.control.socket or self.store.dir.parent / "control.sock"
 
+    def pipeline_list(self) -> tuple[PipelineConfig, ...]:
+        """The pipelines: ``pipelines``, else one named ``main`` of the single model."""
+        return pipeline_list(self)
+
     def __post_init__(self) -> None:
         """The rules between keys (listed in docs/configuration.md by agent.configdoc)."""
-        if self.registry.url is not None and self.model.name is None:
+        if self.registry.url is not None and self.model.name is None and not self.pipelines:
             raise ValueError("model.name is required when registry.url is set")
         mqtt = self.mqtt
         if (mqtt.cert is None) != (mqtt.key is None):
@@ -313,7 +338,7 @@ def _apply_env(
             continue
         rest = var[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
-        if section not in SECTIONS or not key:
+        if section not in SECTIONS or section == "pipelines" or not key:
             continue  # other EDGE_AGENT_* variables are not config
         target = data.setdefault(section, {})
         if not isinstance(target, dict):
@@ -414,6 +439,10 @@ def _source_kind(value: Any) -> type[SourceConfig] | str:
     return kind
 
 
+# ``pipelines`` and ``cascade``: read entry by entry with the sections' own reading
+_PIPELINES = PipelineReader(_section, _source_kind)
+
+
 def config_from_dict(
     data: Mapping[str, Any],
     file: str = "config",
@@ -447,6 +476,15 @@ def config_from_dict(
         if name not in data:
             continue
         value = data[name]
+        if name in ("pipelines", "cascade"):
+            parsed = (
+                _PIPELINES.pipelines(value) if name == "pipelines" else _PIPELINES.cascade(value)
+            )
+            if isinstance(parsed, list):
+                problems += [line(*problem) for problem in parsed]
+            else:
+                sections[name] = parsed
+            continue
         kind: Any = _section_kinds(name)[0]
         if name == "source":
             kind = _source_kind(value)
@@ -467,6 +505,8 @@ def config_from_dict(
             problems += [line(*problem) for problem in section]
         else:
             sections[name] = section
+    if not problems:
+        problems += [line(*problem) for problem in between_pipelines(data, sections)]
     if problems:
         raise ConfigError(problems)
     try:

@@ -68,6 +68,14 @@ update:
   desired_public_key: /etc/edge-agent/deploy.pub
 """
 
+PIPELINES_NOTE = (
+    "A pipeline's `model`, `source` and `results` take the keys of the top-level "
+    "sections of those names (a `source.type` picks its kind) and its `cascade` those "
+    "of the top-level `cascade`. Its results go to `edge/<device>/results/<name>`; each "
+    "model has its own store (the one `store.dir` holds keeps its model, the others are "
+    "in `store.dir/models/<model>/`) and its own desired state (docs/protocol.md)."
+)
+
 # The cross-key rules of Config._requirements, which no single field's schema shows.
 RULES = (
     "`model.name` is required when `registry.url` is set.",
@@ -75,6 +83,12 @@ RULES = (
     "`mqtt.ca`, `mqtt.cert` and `mqtt.key` need an `mqtts://` `mqtt.url`.",
     "`mqtt.password_file` and `mqtt.password_credential` exclude each other.",
     "A password (either of them) needs `mqtt.username`.",
+    "`pipelines` excludes the top-level `model`, `source`, `results` and `cascade`; a "
+    "config without it has one pipeline named `main` of those.",
+    "Pipeline names are unique; every pipeline's `model.name` (and its cascade's) is "
+    "required; a model followed by several pipelines has one `channel`.",
+    "A cascade's `model.name` differs from its pipeline's (the top-level cascade's from "
+    "`model.name`).",
 )
 
 
@@ -141,12 +155,14 @@ def _type_name(annotation: Any) -> str:
         choices = [f"`{_literal(a)}`" for a in args]
         return choices[0] if len(choices) == 1 else "one of " + ", ".join(choices)
     if origin in (Union, types.UnionType):
-        names = [_type_name(a) for a in args if a is not type(None)]
+        names = list(dict.fromkeys(_type_name(a) for a in args if a is not type(None)))
         return " or ".join(names)
-    if origin is list:
+    if origin is list or origin is tuple:
         return f"list of {_type_name(args[0])}"
     if origin is dict:
         return f"map of {_type_name(args[0])} to {_type_name(args[1])}"
+    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+        return "mapping"
     return _SCALARS.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
@@ -163,11 +179,15 @@ def field_default(field: FieldInfo) -> str:
         factory: Any = field.default_factory
         if factory in (list, dict):
             return "`[]`" if factory is list else "`{}`"
+        if isinstance(factory, type) and issubclass(factory, msgspec.Struct):
+            return "see its section"
         return "computed (see description)"
     if field.default is msgspec.NODEFAULT:
         return "**required**"
     if field.default is None:
         return "unset"
+    if field.default == ():
+        return "`[]`"
     return f"`{_literal(field.default)}`"
 
 
@@ -201,8 +221,12 @@ def source_types() -> list[type[msgspec.Struct]]:
 
 
 def _section_struct(field: FieldInfo) -> type[msgspec.Struct] | None:
-    """The struct of a section field (``None`` for ``source``, a union of kinds)."""
+    """The struct of a section field (``None`` for ``source``, a union of kinds): of
+    ``cascade`` (a struct or unset) and of ``pipelines`` (a list of them) too."""
     annotation = typing.get_args(field.type)[0]  # Annotated[Struct, Meta(...)]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple or (origin in (Union, types.UnionType) and type(None) in args):
+        annotation = args[0]
     if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
         return annotation
     return None
@@ -325,13 +349,16 @@ def render() -> str:
         lines.append("")
         struct = _section_struct(field)
         if struct is not None:
+            prefix = f"{name}[]" if name == "pipelines" else name
             lines += [
                 f"## `{name}`",
                 "",
                 *_wrap(description(field)),
                 "",
-                *_table(name, struct),
+                *_table(prefix, struct),
             ]
+            if name == "pipelines":  # its cascade's keys are the top-level cascade's
+                lines += ["", *_wrap(PIPELINES_NOTE)]
         else:
             lines += _source_section(name, field)
     lines += ["", "## Rules between keys", ""]

@@ -223,6 +223,36 @@ class StateDoc(TypedDict):
     desired: AppliedDesiredDoc | None
     bad: list[str]
     runtime: NotRequired[RuntimeDoc | None]  # None while nothing serves; older agents omit it
+    # several models (``pipelines:``, or a cascade): every model's part, by model name
+    models: NotRequired[dict[str, ModelStateDoc]]
+    pipelines: NotRequired[dict[str, PipelineDoc]]
+
+
+@_STRICT
+class ModelStateDoc(TypedDict):
+    """The state's ``models[MODEL]``: the top-level fields of one served model."""
+
+    model: str | None
+    version: int | None
+    sha256: str | None
+    backend: str | None
+    serving: int | None
+    previous: int | None
+    phase: StatePhase
+    last_error: str | None
+    update: UpdateDoc | None
+    desired: AppliedDesiredDoc | None
+    bad: list[str]
+    runtime: RuntimeDoc | None
+
+
+@_STRICT
+class PipelineDoc(TypedDict):
+    """The state's ``pipelines[NAME]``: its model, its cascade's, its source's type."""
+
+    model: str
+    cascade: str | None
+    source: str
 
 
 @_STRICT
@@ -242,6 +272,24 @@ class InferenceDoc(TypedDict):
     model: str
     version: int | None
     source_connected: bool
+
+
+@_STRICT
+class CascadeFiguresDoc(TypedDict):
+    """A pipeline's cascade in telemetry: its model and figures."""
+
+    model: str
+    version: int | None
+    crops: int
+    infer_ms_p50: float
+    errors: int
+
+
+@_STRICT
+class PipelineInferenceDoc(InferenceDoc):
+    """Telemetry's ``pipelines[NAME]``: the pipeline's figures and its cascade's."""
+
+    cascade: CascadeFiguresDoc | None
 
 
 @_STRICT
@@ -316,6 +364,7 @@ class TelemetryDoc(MachineDoc):
     inference: InferenceDoc | None
     outbox: OutboxFigures
     mqtt: MqttFigures
+    pipelines: NotRequired[dict[str, PipelineInferenceDoc]]  # with several pipelines
 
 
 @_OPEN
@@ -338,6 +387,7 @@ class ResultDoc(TypedDict):
     backend: str  # edgetpu or cpu
     latency_ms: float
     infer_ms: float
+    pipeline: NotRequired[str]  # with pipelines: (on results/<pipeline>)
 
 
 # -- documents as they travel: the envelope and a body --------------------------------

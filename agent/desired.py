@@ -235,11 +235,15 @@ def shadow_topic(prefix: str, target: str, model: str) -> str:
     return f"{_target_base(prefix, target)}/shadow/{model}"
 
 
-def desired_topics(prefix: str, device: str, groups: list[str]) -> dict[str, str]:
-    """Topic -> source (``device``, ``group:NAME``) of every desired state to follow."""
+def desired_topics(
+    prefix: str, device: str, groups: list[str], model: str | None = None
+) -> dict[str, str]:
+    """Topic -> source (``device``, ``group:NAME``) of every desired state to follow:
+    the one topic older fleets use of the device and of each group, or with ``model``
+    those of that model."""
     return {
-        desired_topic(prefix, f"device:{device}"): "device",
-        **{desired_topic(prefix, f"group:{g}"): f"group:{g}" for g in groups},
+        desired_topic(prefix, f"device:{device}", model): "device",
+        **{desired_topic(prefix, f"group:{g}", model): f"group:{g}" for g in groups},
     }
 
 
@@ -255,18 +259,35 @@ class DesiredState:
         *,
         max_skew_s: float | None = None,
         clock: Callable[[], float] = time.time,
+        model: str | None = None,
+        only_model: bool = False,
     ) -> None:
+        """``model``: also follow its own topics (``…/desired/MODEL``), where a state of
+        another model is refused; ``only_model``: a state of another model on the one
+        topic older fleets use is :class:`NotServedHere` (another model's, several
+        models on this device), else it is followed as before."""
         self._topics = desired_topics(prefix, device, groups)
+        self._model_topics: set[str] = set()
+        if model is not None:
+            own = desired_topics(prefix, device, groups, model)
+            self._model_topics = set(own)
+            self._topics.update(own)
+        self._model = model
+        self._only_model = only_model
         self._device = device
         self._key = key
         self._max_skew_s = max_skew_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._by_source: dict[str, Desired] = {}
+        self._by_topic: dict[str, Desired] = {}
 
     @property
     def topics(self) -> list[str]:
         return list(self._topics)
+
+    def shared(self, topic: str) -> bool:
+        """``topic`` is one of the topics older fleets use (not a model's own)."""
+        return topic in self._topics and topic not in self._model_topics
 
     def update(self, topic: str, payload: bytes) -> Desired | None:
         """Take a message from ``topic``; returns what it says (None: cleared).
@@ -285,20 +306,38 @@ class DesiredState:
         )
         if desired is not None and self._max_skew_s is not None:
             check_clock(desired, self._clock(), self._max_skew_s)
+        foreign = desired is not None and self._model is not None and desired.model != self._model
+        if foreign and topic in self._model_topics:
+            assert desired is not None
+            raise ValueError(
+                f"model: {desired.model!r} on the desired-state topic of model {self._model!r}"
+            )
         with self._lock:
-            if desired is None:
-                self._by_source.pop(source, None)
+            if desired is None or (foreign and self._only_model):
+                self._by_topic.pop(topic, None)
             else:
-                self._by_source[source] = desired
+                self._by_topic[topic] = desired
+        if foreign and self._only_model:
+            assert desired is not None
+            raise NotServedHere(desired)
         return desired
 
     def winner(self) -> Desired | None:
-        """The device's own desired state, else its groups' most recently issued one."""
+        """The device's own desired state (of its topics, the most recently issued),
+        else its groups' most recently issued one."""
         with self._lock:
-            if "device" in self._by_source:
-                return self._by_source["device"]
-            groups = list(self._by_source.values())
-        return max(groups, key=lambda d: (d.issued_at, d.source), default=None)
+            held = list(self._by_topic.values())
+        own = [d for d in held if d.source == "device"]
+        return max(own or held, key=lambda d: (d.issued_at, d.source), default=None)
+
+
+class NotServedHere(ValueError):
+    """A desired state on the one topic older fleets use, for a model this unit does not
+    serve (with several models: another unit's, or no model of this device)."""
+
+    def __init__(self, desired: Desired) -> None:
+        super().__init__(f"model {desired.model!r} is not this unit's")
+        self.desired = desired
 
 
 # -- progress reports while a desired state downloads ---------------------------------------

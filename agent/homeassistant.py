@@ -236,9 +236,12 @@ def discovery_configs(
     agent_version: str,
     telemetry_interval_s: float,
     results: ResultsConfig | None = None,
+    results_stream: str = "results",
 ) -> list[Discovery]:
     """The discovery messages ``config`` wants for ``device`` whose topics are under
-    ``base`` (``<topic_prefix>/<device>``); none when discovery is off.
+    ``base`` (``<topic_prefix>/<device>``); none when discovery is off. The label
+    sensors read ``<base>/<results_stream>`` (``results/<pipeline>`` with pipelines:
+    the first pipeline's).
 
     Guarantees: every ``unique_id`` is distinct and starts with ``edge_<device>_``; every
     topic a payload names is under ``base``; discovery topics are
@@ -313,7 +316,7 @@ def discovery_configs(
     for label in config.labels:
         object_id = f"{ha_slug(label)}_detected"
         entity = common("binary_sensor", object_id, f"{label} detected")
-        entity["state_topic"] = f"{base}/results"
+        entity["state_topic"] = f"{base}/{results_stream}"
         entity["value_template"] = label_template(label)
         entity["payload_on"] = "ON"
         entity["payload_off"] = "OFF"

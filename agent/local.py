@@ -172,6 +172,15 @@ def daemon_lines(found: Reach) -> list[str]:
     else:
         error = status.get("last_error")
         lines.append("serving:  nothing" + (f" ({error})" if error else ""))
+    for name, figures in (status.get("pipelines_stats") or {}).items():
+        if figures:
+            lines.append(
+                f"pipeline: {name}: {figures['model']} v{figures['version']} on "
+                f"{figures['backend']}: {figures['fps']:.1f} fps, p95 "
+                f"{figures['latency_ms_p95']:.1f} ms"
+            )
+        else:
+            lines.append(f"pipeline: {name}: nothing serving")
     update = status.get("update")
     if update:
         end = update["outcome"] or f"in phase {update['phase']}"
@@ -224,16 +233,21 @@ def pull_through_agent(
     version: int | None,
     wait_s: float | None,
     say: Callable[[str], None],
+    model: str | None = None,
 ) -> dict[str, Any]:
-    """Ask the agent to pull ``version``; wait (up to ``wait_s``; None: not at all) for the
+    """Ask the agent to pull ``version`` (of ``model``, a served one; None: the first
+    pipeline's); wait (up to ``wait_s``; None: not at all) for the
     update's outcome, telling ``say`` each phase seen.
 
     Returns the update's summary (``outcome`` None when not waited or not ended).
     Raises CommandError when the agent refused, ControlError when it stopped answering.
     """
     assert found.status is not None
-    before = (found.status.get("update") or {}).get("id")
-    queued = _ask(found.path, "pull", _Queued, {"version": version})
+    before = (_model_part(found.status, model).get("update") or {}).get("id")
+    args: dict[str, Any] = {"version": version}
+    if model is not None:
+        args["model"] = model
+    queued = _ask(found.path, "pull", _Queued, args)
     target = queued["version"]
     summary: dict[str, Any] = {"version": target, "outcome": None, "phase": "queued"}
     if wait_s is None:
@@ -241,7 +255,7 @@ def pull_through_agent(
     deadline = time.monotonic() + wait_s
     said = ""
     while time.monotonic() < deadline:
-        update = _ask(found.path, "status", _Status).get("update") or {}
+        update = _model_part(_ask(found.path, "status", _Status), model).get("update") or {}
         if update.get("id") != before and update.get("version") == target:
             summary = update
             if update["phase"] != said and update["outcome"] is None:
@@ -256,6 +270,19 @@ def pull_through_agent(
     )
 
 
-def rollback_through_agent(found: Reach, to: int | None) -> dict[str, Any]:
+def _model_part(status: dict[str, Any], model: str | None) -> dict[str, Any]:
+    """The status's part about ``model`` (``models[model]``; None: the top level)."""
+    if model is None:
+        return status
+    part = (status.get("models") or {}).get(model)
+    return part if isinstance(part, dict) else {}
+
+
+def rollback_through_agent(
+    found: Reach, to: int | None, model: str | None = None
+) -> dict[str, Any]:
     """The agent's own rollback (the MQTT ``rollback`` command's): what serves changes."""
-    return _ask(found.path, "rollback", _RolledBack, {"version": to})
+    args: dict[str, Any] = {"version": to}
+    if model is not None:
+        args["model"] = model
+    return _ask(found.path, "rollback", _RolledBack, args)

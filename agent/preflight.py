@@ -19,7 +19,8 @@ import socket
 import urllib.parse
 from pathlib import Path
 
-from agent.config import Config
+from agent.config import Config, SourceConfig
+from agent.config_pipelines import served_models
 from agent.errors import EdgeAgentError
 
 # A module the agent imports only when a part needs it -> what to install for it.
@@ -97,7 +98,7 @@ def _requirements(config: Config, found: Findings) -> None:
         found.errors.append(
             "registry.url: not set; name the registry to pull models from (https://… or file:///…)"
         )
-    if config.model.name is None:
+    if config.model.name is None and not config.pipelines:
         found.errors.append("model.name: not set; name the model to follow in the registry")
 
 
@@ -163,19 +164,22 @@ def _folders(config: Config, found: Findings) -> None:
         root = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
         if not root.is_dir():
             found.errors.append(f"registry.url: {url}: no such folder")
-        elif config.model.name and not (root / config.model.name / "index.json").is_file():
-            found.warnings.append(
-                f"registry.url: {url} has no {config.model.name}/index.json yet; "
-                "publish a release with edge-fleet publish"
-            )
+        else:
+            for name in served_models(config.pipeline_list()):
+                if not (root / name / "index.json").is_file():
+                    found.warnings.append(
+                        f"registry.url: {url} has no {name}/index.json yet; "
+                        "publish a release with edge-fleet publish"
+                    )
 
 
 def _libraries(config: Config, found: Findings) -> None:
     if not runtime_installed():
         found.errors.append(f"runtime: {RUNTIME_INSTALL}")
-    missing = missing_library(config.source.type)
-    if missing:
-        found.errors.append(f"source.type {config.source.type} needs {missing}")
+    for key, source in _sources(config):
+        missing = missing_library(source.type)
+        if missing:
+            found.errors.append(f"{key}.type {source.type} needs {missing}")
     if config.metrics.listen is not None and not installed("prometheus_client"):
         found.warnings.append(  # metrics are not worth refusing to serve for
             "metrics.listen: prometheus_client is not installed: pip install "
@@ -183,17 +187,24 @@ def _libraries(config: Config, found: Findings) -> None:
         )
 
 
+def _sources(config: Config) -> list[tuple[str, SourceConfig]]:
+    """Each pipeline's source by its key path (``source``, ``pipelines[1].source``)."""
+    if not config.pipelines:
+        return [("source", config.source)]
+    return [(f"pipelines[{i}].source", p.source) for i, p in enumerate(config.pipelines)]
+
+
 def _source_nodes(config: Config, found: Findings) -> None:
-    source = config.source
-    if source.type in ("camera", "serial") and source.device.startswith("/"):
-        if not Path(source.device).exists():
-            found.warnings.append(
-                f"source.device: {source.device} does not exist (yet); the agent waits for it"
-            )
-    elif source.type == "video" and not source.path.is_file():
-        found.warnings.append(f"source.path: no video file at {source.path} (yet)")
-    elif source.type == "images" and not source.path.is_dir():
-        found.warnings.append(f"source.path: no folder at {source.path} (yet)")
+    for key, source in _sources(config):
+        if source.type in ("camera", "serial") and source.device.startswith("/"):
+            if not Path(source.device).exists():
+                found.warnings.append(
+                    f"{key}.device: {source.device} does not exist (yet); the agent waits for it"
+                )
+        elif source.type == "video" and not source.path.is_file():
+            found.warnings.append(f"{key}.path: no video file at {source.path} (yet)")
+        elif source.type == "images" and not source.path.is_dir():
+            found.warnings.append(f"{key}.path: no folder at {source.path} (yet)")
 
 
 def _network(config: Config, found: Findings) -> None:

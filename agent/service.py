@@ -15,6 +15,7 @@ reconnecting); STATUS= a one-line summary; SIGHUP reloads the config; SIGTERM st
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -25,28 +26,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from agent import __version__
 from agent.commands import Commands
-from agent.config import Config, load_config
-from agent.contract import InferenceDoc
-from agent.control import AgentLock, ControlServer
+from agent.config import Config, PipelineConfig, ResultsConfig, load_config
+from agent.config_pipelines import served_models
+from agent.contract import EventName, InferenceDoc, PipelineInferenceDoc, StateDoc
+from agent.control import ControlServer
 from agent.desired import desired_topics
 from agent.diagnostics import Diagnostics
-from agent.errors import ConfigError, EdgeAgentError, ModelError
+from agent.errors import ConfigError, EdgeAgentError
 from agent.homeassistant import discovery_configs
 from agent.homeassistant_publish import DiscoveryPublisher
 from agent.notify import Notifier
-from agent.oneshot import reloader
 from agent.outbox import Outbox
-from agent.pipeline import Pipeline, Stats
+from agent.pipeline import Pipeline, Result, Stats
 from agent.preflight import check
 from agent.reloading import Outcome, Reloads
-from agent.runtime.model import LoadedModel, ModelFiles, load_model
-from agent.sources import make_source
-from agent.store import Release, Store
+from agent.store import Store
+from agent.stores import store_dirs, unit_config
 from agent.sysinfo import SystemProbe
-from agent.telemetry import Telemetry, Topics
-from agent.update.worker import Updates
+from agent.telemetry import ResultGate, Telemetry, Topics
+from agent.units import HeldSlot, ModelUnit, PipelineSlot, Target, compose_state
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,6 +61,20 @@ log = logging.getLogger(__name__)
 SOURCE_WAIT_S = 10.0  # at start, how long READY waits for the first frame
 STALL_S = 20.0  # no frame processed for this long (source up): no WATCHDOG=1
 LOCK_WAIT_S = 30.0  # at start, how long a command-line pull may keep the store
+
+
+class _Reporter:
+    """A unit's reporter: events as they are; its state merged into the one state
+    document (with several models, every unit's part under ``models``)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def event(self, name: EventName, detail: Mapping[str, Any] | None = None) -> None:
+        self.service.telemetry.event(name, detail)
+
+    def state(self, state: StateDoc) -> None:
+        self.service.publish_state(state)
 
 
 class Service:
@@ -78,6 +94,10 @@ class Service:
         self.reloads = reloads or Reloads()
         self.started = time.monotonic()
         self.store = Store(config.store.dir, config.store.keep).open()
+        self.pipelines = config.pipeline_list()
+        self.models = served_models(self.pipelines)
+        # several models (pipelines:, or a cascade): state and commands name them
+        self.multi = bool(config.pipelines) or len(self.models) > 1
         self.outbox = Outbox(config.telemetry.outbox, int(config.telemetry.outbox_max_mb * 1e6))
         topics = Topics(config.mqtt.topic_prefix, config.device.id)
         self.commands = Commands(
@@ -86,7 +106,6 @@ class Service:
             reply_topic=topics("reply"),
             max_bytes=config.mqtt.command_max_bytes,
         )
-        self.lock = AgentLock(self.store.root)
         self.control = ControlServer(
             config.control_socket,
             {
@@ -96,9 +115,8 @@ class Service:
                 "reload": self._reload_request,
             },
         )
-        self.pipeline: Pipeline | None = None
-        self._pipeline_lock = threading.Lock()
         self._stopped = False
+        self._state_lock = threading.Lock()
         ha = config.homeassistant
         self.discovery = DiscoveryPublisher(
             config.device.id,
@@ -108,7 +126,11 @@ class Service:
                 ha,
                 agent_version=__version__,
                 telemetry_interval_s=config.telemetry.interval_s,
-                results=config.results,
+                results=self.pipelines[0].results,
+                # with pipelines: the first pipeline's results (the label sensors)
+                results_stream=(
+                    f"results/{self.pipelines[0].name}" if config.pipelines else "results"
+                ),
             ),
             ha.prefix,
             config.store.dir,
@@ -117,12 +139,7 @@ class Service:
         handlers: dict[str, Callable[[Incoming], None]] = {
             **self.discovery.handlers(),
             topics("cmd/+"): self.commands.submit,
-            **{
-                topic: self._on_desired
-                for topic in desired_topics(
-                    config.mqtt.topic_prefix, config.device.id, list(config.device.groups)
-                )
-            },
+            **self._desired_handlers(),
         }
         self.telemetry = Telemetry(
             config.device.id,
@@ -137,7 +154,18 @@ class Service:
             observe=observe,
             status={"groups": list(config.device.groups), "agent_version": __version__},
             on_connect=self.discovery.on_connect,
+            pipelines=self._pipelines_figures if config.pipelines else None,
         )
+        self.metrics = self._build_metrics()
+        self._on_result = (
+            self.metrics.observing(self.telemetry.result) if self.metrics else self.telemetry.result
+        )
+        self.slots = [self._slot(index, p) for index, p in enumerate(self.pipelines)]
+        self.held: list[HeldSlot] = []  # cascade models, loaded beside the pipelines
+        self.units = self._build_units()
+        first = self.units[0]
+        self.updates = first.updates  # the first pipeline's model (the legacy shape's one)
+        self.lock = next(u.lock for u in self.units if u.store.root == self.store.root)
         diagnostics = Diagnostics(
             config,
             self.store,
@@ -147,85 +175,137 @@ class Service:
             self.telemetry.event,
         )
         self.commands.handlers.update(diagnostics.handlers())  # MQTT only: not the socket
+
+    def _slot(self, index: int, pipeline: PipelineConfig) -> PipelineSlot:
+        publish = self._on_result  # the single-model shape: results as ever
+        if self.config.pipelines:
+            publish = self._publisher(pipeline)
+            if index == 0 and self.metrics is not None:  # metrics: the first pipeline's
+                publish = self.metrics.observing(publish)
+        return PipelineSlot(
+            pipeline,
+            self.config.runtime,
+            publish,
+            self._event,
+        )
+
+    def _event(self, name: EventName, detail: Mapping[str, Any] | None = None) -> None:
+        self.telemetry.event(name, detail)
+
+    def _publisher(self, pipeline: PipelineConfig) -> Callable[[Result], None]:
+        """``results/<name>`` with ``"pipeline": name``, per the pipeline's results."""
+        gate, name, qos = ResultGate(pipeline.results), pipeline.name, pipeline.results.qos
+
+        def publish(result: Result) -> None:
+            if gate.admit(result):
+                self.telemetry.record(
+                    f"results/{name}", {**result.to_dict(), "pipeline": name}, qos=qos
+                )
+
+        return publish
+
+    def _build_units(self) -> list[ModelUnit]:
+        """One unit per served model, each with its store; the pipelines whose primary
+        model it is are its targets."""
+        config = self.config
         link = self.telemetry.link
-        self.updates = Updates(
-            config,
-            self.store,
-            self,
-            self.telemetry,
-            self._validate,
-            connected=(lambda: link.connected.is_set()) if link is not None else None,
-        )
-        self.metrics = self._build_metrics()
-        self._on_result = (
-            self.metrics.observing(self.telemetry.result) if self.metrics else self.telemetry.result
-        )
+        connected = (lambda: link.connected.is_set()) if link is not None else None
+        if not self.multi:  # the single model: the root store, the config as it is
+            unit = ModelUnit(
+                config.model.name, config, list(self.slots), _Reporter(self), connected=connected
+            )
+            return [unit]
+        try:
+            pointer = self.store.pointer()
+        except EdgeAgentError:
+            pointer = None  # damaged: the root unit repairs it at start
+        dirs = store_dirs(config.store.dir, pointer.model if pointer else None, list(self.models))
+        units: list[ModelUnit] = []
+        for index, (name, model) in enumerate(self.models.items()):
+            targets: list[Target] = [s for s in self.slots if s.config.model.name == name]
+            results = self.slots[0].results
+            if not targets:  # a cascade model only
+                results = self._cascade_results(name)
+                # TODO(lead): the cascade stage (agent/cascade.py) of each pipeline whose
+                # cascade.model.name == name is this unit's target instead of a HeldSlot:
+                # its swap(model, timeout) takes the model between frames, its stats()
+                # gives the cascade's figures (and _pipelines_figures its "cascade").
+                held = HeldSlot(results)
+                self.held.append(held)
+                targets = [held]
+            else:
+                results = targets[0].results
+            units.append(
+                ModelUnit(
+                    name,
+                    unit_config(config, model, results, dirs[name]),
+                    targets,
+                    _Reporter(self),
+                    connected=connected,
+                    only_model=True,
+                    not_served=(lambda m: m not in self.models) if index == 0 else None,
+                )
+            )
+        return units
+
+    def _cascade_results(self, name: str) -> ResultsConfig:
+        """A cascade model's copies load with its pipeline's results (its min_score
+        set by the cascade when given)."""
+        for pipeline in self.pipelines:
+            cascade = pipeline.cascade
+            if cascade is not None and cascade.model.name == name:
+                if cascade.min_score is None:
+                    return pipeline.results
+                return msgspec.structs.replace(pipeline.results, min_score=cascade.min_score)
+        return self.config.results
+
+    def _desired_handlers(self) -> dict[str, Callable[[Incoming], None]]:
+        """The one desired-state topic of older fleets (device and groups) goes to every
+        unit (each takes the states of its model); ``…/desired/MODEL`` to its unit."""
+        cfg = self.config
+        prefix, device, groups = cfg.mqtt.topic_prefix, cfg.device.id, list(cfg.device.groups)
+        handlers: dict[str, Callable[[Incoming], None]] = {
+            topic: self._on_desired for topic in desired_topics(prefix, device, groups)
+        }
+        for index, name in enumerate(self.models):
+            for topic in desired_topics(prefix, device, groups, name):
+                handlers[topic] = functools.partial(self._on_model_desired, index)
+        return handlers
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Take the outbox and the store (OutboxError, StoreError: another agent uses
-        them), start telemetry, settle the journal, serve the active release, start updates.
+        """Take the outbox and the stores (OutboxError, StoreError: another agent uses
+        them), start telemetry, settle each journal, serve each active release, start
+        the updates.
 
         A release that cannot be loaded is reported (event, state's last_error) and the
         agent keeps running without inference, reachable by commands and updates.
         """
         # One agent per outbox and store: a second one is refused here, at once.
         self.outbox.open()
-        # A command-line pull may be finishing on the store: give it a moment.
-        self.lock.acquire(wait_s=LOCK_WAIT_S)
+        # A command-line pull may be finishing on a store: give it a moment.
+        for unit in self.units:
+            unit.lock.acquire(wait_s=LOCK_WAIT_S)
         self.discovery.start()  # before the first connect: it clears what is stale
         self.telemetry.start()
         if self.metrics is not None:
             self.metrics.start()
         self.telemetry.event("agent_started", {"pid": os.getpid()})
-        self._repair_store()
-        self.updates.recover()
-        try:
-            release = self.store.active()
-        except EdgeAgentError as exc:
-            log.error("%s", exc)
-            self.updates.last_error = str(exc)
-            release = None
-        for _ in range(3):  # the active release, else the ones before it
-            if release is None:
-                break
-            try:
-                model = self.load(release)
-                try:  # a release pulled while the agent was stopped passes the gate first
-                    self.updates.gate(release, model)
-                except BaseException:
-                    model.close()
-                    raise
-                self._swap_in(model, self.config.update.activate_timeout_s)
-                break
-            except EdgeAgentError as exc:
-                log.error("cannot serve %s v%d: %s", release.model, release.version, exc)
-                self.updates.last_error = f"v{release.version}: {exc}"
-                self.telemetry.event(
-                    "model_failed", {"version": release.version, "error": str(exc)}
-                )
-                release = self.updates.fall_back(f"cannot be loaded at start: {exc}")
-        self.updates.publish_state()
-        self.updates.start()
+        for unit in self.units:
+            unit.repair()
+            unit.updates.recover()
+            unit.serve_active()
+        self.units[0].updates.publish_state()
+        for unit in self.units:
+            unit.updates.start()
         self.commands.start()
         self.control.start()
-
-    def _repair_store(self) -> None:
-        """Repair a damaged pointer or planted store files before anything reads them;
-        each repair is a ``state_repaired`` event naming the file and what was done."""
-        try:
-            repairs = self.store.repair()
-        except EdgeAgentError as exc:  # busy: the holder repairs on taking the lock
-            log.error("%s", exc)
-            repairs = self.store.take_repairs()
-        for repair in repairs:
-            self.telemetry.event("state_repaired", repair.to_event())
 
     def stop(self) -> bool:
         """Stop in reverse order; each step runs even when an earlier one failed.
 
-        Returns False when the update worker did not stop (a transfer that would not
+        Returns False when an update worker did not stop (a transfer that would not
         end): the process should exit then rather than start another service beside it.
         """
         if self._stopped:
@@ -235,10 +315,12 @@ class Service:
         try:
             self.control.stop()
             self.commands.stop()
-            clean = self.updates.stop()
-            with self._pipeline_lock:
-                if self.pipeline is not None:
-                    self.pipeline.stop()
+            for unit in self.units:
+                clean = unit.updates.stop() and clean
+            for slot in self.slots:
+                slot.stop()
+            for held in self.held:
+                held.stop()
             if self.metrics is not None:
                 self.metrics.stop()
         finally:
@@ -247,15 +329,36 @@ class Service:
                 self.telemetry.stop()
             finally:
                 self.outbox.close()
-                self.lock.release()
+                for unit in self.units:
+                    unit.lock.release()
         return clean
 
+    @property
+    def pipeline(self) -> Pipeline | None:
+        """The first pipeline's stream (None until it serves)."""
+        return self.slots[0].pipeline
+
     def ready(self) -> bool:
-        """Config, model and source are up; or there is no release to serve yet."""
-        stats = self._pipeline_stats()
-        if stats is None:
-            return self.store.pointer() is None or bool(self.updates.last_error)
-        return stats.source_connected and stats.results > 0
+        """Config, models and sources are up; or a model has no release to serve yet."""
+        for unit in self.units:
+            for target in unit.targets:
+                if not isinstance(target, PipelineSlot):
+                    continue  # a cascade model held: it has no stream of its own
+                stats = target.stats()
+                if stats is None:
+                    if not (unit.store.pointer() is None or unit.updates.last_error):
+                        return False
+                elif not (stats.source_connected and stats.results > 0):
+                    return False
+        return True
+
+    def overdue(self) -> tuple[ModelUnit, str] | None:
+        """A unit whose update got stuck past its deadline, and why."""
+        for unit in self.units:
+            stuck = unit.updates.overdue()
+            if stuck:
+                return unit, stuck
+        return None
 
     def status_line(self) -> str:
         """One line for systemctl status (STATUS=)."""
@@ -271,58 +374,45 @@ class Service:
                 f"{stats.model} v{stats.version} on {stats.backend}: {stats.fps:.1f} fps, "
                 f"p95 {stats.latency_ms_p95:.1f} ms{source}"
             )
+        if len(self.slots) > 1:
+            line += f" (+{len(self.slots) - 1} more pipelines)"
         mqtt = self.telemetry.link
         if mqtt is not None and not mqtt.connected.is_set():
             line += f"; broker unreachable, {self.telemetry.depth()} queued"
         return f"{line}; {update}" if update else line
 
-    # -- Serving, for the updater ---------------------------------------------------
-
-    def load(self, release: Release) -> LoadedModel:
-        pipeline = self.pipeline  # beside a running stream: load in its gaps between frames
-        return load_model(
-            ModelFiles.from_release(release),
-            self.config.runtime,
-            self.config.results.top_k,
-            self.config.results.min_score,
-            pace=pipeline.between_frames if pipeline is not None else None,
-            iou_threshold=self.config.results.iou_threshold,
-        )
-
-    def swap(self, model: LoadedModel, timeout: float) -> None:
-        self._swap_in(model, timeout)
-
     def stats(self) -> Stats | None:
         return self._pipeline_stats()
 
-    def _swap_in(self, model: LoadedModel, timeout: float) -> None:
-        with self._pipeline_lock:
-            if self.pipeline is None:
-                cfg, runtime = self.config, self.config.runtime
-                self.pipeline = Pipeline(
-                    make_source(cfg.source),
-                    model,
-                    on_result=self._on_result,
-                    on_event=self.telemetry.event,
-                    fps=cfg.source.fps,
-                    reconnect_max_s=cfg.source.reconnect_max_s,
-                    invoke_timeout_s=runtime.invoke_timeout_ms / 1000.0,
-                    reload=reloader(
-                        runtime,
-                        cfg.results.top_k,
-                        cfg.results.min_score,
-                        cfg.results.iou_threshold,
-                    ),
-                )
-                self.pipeline.start()
-                return
-            pipeline = self.pipeline
-        if not pipeline.swap(model, timeout) and pipeline.withdraw(model):
-            raise ModelError(f"the pipeline did not take the new model within {timeout:g} s")
-
     def _pipeline_stats(self) -> Stats | None:
-        pipeline = self.pipeline
-        return pipeline.stats() if pipeline else None
+        return self.slots[0].stats()
+
+    def _pipelines_figures(self) -> dict[str, PipelineInferenceDoc]:
+        """Telemetry's ``pipelines``: each serving pipeline's figures."""
+        figures: dict[str, PipelineInferenceDoc] = {}
+        for slot in self.slots:
+            stats = slot.stats()
+            if stats is not None:
+                # TODO(lead): "cascade": the cascade stage's figures (model, version,
+                # crops, infer_ms_p50, errors) once agent/cascade.py is wired.
+                figures[slot.name] = {**stats.to_dict(), "cascade": None}
+        return figures
+
+    def publish_state(self, state: StateDoc | None = None) -> None:
+        """The one retained ``state``: the first pipeline's model as the top-level
+        fields; with several models, every model's part and the pipelines too."""
+        with self._state_lock:  # composed and queued in one go: never an older one last
+            if not self.multi:
+                self.telemetry.state(state if state is not None else self.updates.state())
+                return
+            self.telemetry.state(self._state_doc())
+
+    def _state_doc(self) -> StateDoc:
+        doc = self.updates.state()
+        if not self.multi:
+            return doc
+        parts = {unit.name or "": unit.updates.state() for unit in self.units}
+        return compose_state(doc, parts, self.pipelines)
 
     def _build_metrics(self) -> Metrics | None:
         """The Prometheus endpoint when ``metrics.listen`` is set; without
@@ -354,22 +444,8 @@ class Service:
             machine=self.telemetry.machine,
         )
 
-    def _validate(self, release: Release, model: LoadedModel) -> Mapping[str, Any]:
-        from agent.validate import validate
-
-        cfg, pipeline = self.config.update, self.pipeline
-        report = validate(  # beside a running stream: each invoke in a gap between frames
-            release,
-            model,
-            budget_runs=cfg.budget_runs,
-            deadline_s=cfg.validate_timeout_s,
-            pace=pipeline.between_frames if pipeline is not None else None,
-        )
-        return report.to_dict()
-
     def _last_frame(self) -> np.ndarray | None:
-        pipeline = self.pipeline
-        return pipeline.last_frame() if pipeline else None
+        return self.slots[0].last_frame()
 
     def _stats(self) -> InferenceDoc | None:
         stats = self._pipeline_stats()
@@ -378,20 +454,47 @@ class Service:
     # -- MQTT and commands --------------------------------------------------------------
 
     def _on_desired(self, message: Incoming) -> None:
-        self.updates.on_desired(message)
+        for unit in self.units:  # each takes its model's (the first reports another's)
+            unit.updates.on_desired(message)
+
+    def _on_model_desired(self, index: int, message: Incoming) -> None:
+        self.units[index].updates.on_desired(message)
 
     def _reply(self, topic: str, body: Any, correlation: bytes | None) -> None:
         self.telemetry.reply(topic, body, correlation)
 
+    def _unit(self, args: Mapping[str, Any]) -> ModelUnit:
+        """The unit of the command's ``model`` (default: the first pipeline's)."""
+        from agent.commands import CommandError
+
+        name = args.get("model")
+        if name is None:
+            return self.units[0]
+        for unit in self.units:
+            if unit.name == name and isinstance(name, str):
+                return unit
+        served = ", ".join(u.name for u in self.units if u.name) or "none"
+        raise CommandError(f"model: {name!r} is not served here (served: {served})")
+
     def ping(self, args: dict[str, Any]) -> dict[str, Any]:
-        pointer = self.store.pointer()
-        return {
+        pointer = self.store.pointer() if not self.multi else self.units[0].store.pointer()
+        reply: dict[str, Any] = {
             "pong": True,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "model": pointer.model if pointer else None,
             "version": pointer.version if pointer else None,
             "phase": self.updates.phase(),
         }
+        if self.multi:
+            models = {}
+            for unit in self.units:
+                held = unit.store.pointer()
+                models[unit.name or ""] = {
+                    "version": held.version if held else None,
+                    "phase": unit.updates.phase(),
+                }
+            reply["models"] = models
+        return reply
 
     def _rollback(self, args: dict[str, Any]) -> dict[str, Any]:
         from agent.commands import CommandError
@@ -399,10 +502,10 @@ class Service:
         to = args.get("version")
         if to is not None and (not isinstance(to, int) or isinstance(to, bool) or to < 1):
             raise CommandError("version: must be a positive integer")
-        return self.updates.rollback(to)
+        return self._unit(args).updates.rollback(to)
 
     def _check(self, args: dict[str, Any]) -> dict[str, Any]:
-        return self.updates.check_now()
+        return self._unit(args).updates.check_now()
 
     def _pull(self, args: dict[str, Any]) -> dict[str, Any]:
         from agent.commands import CommandError
@@ -412,7 +515,7 @@ class Service:
             not isinstance(version, int) or isinstance(version, bool) or version < 1
         ):
             raise CommandError("version: must be a positive integer")
-        return self.updates.request_pull(version)
+        return self._unit(args).updates.request_pull(version)
 
     def _reload_request(self, args: dict[str, Any]) -> dict[str, Any]:
         """Ask ``run``'s loop for a reload; ``status``'s ``reload.done`` reaches the
@@ -421,11 +524,12 @@ class Service:
 
     def status(self, args: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What this agent serves now: the retained state's fields, plus the stream's
-        figures, the broker link and the process (the control socket's ``status``)."""
+        figures, the broker link and the process (the control socket's ``status``);
+        with several pipelines, each one's figures under ``pipelines_stats``."""
         stats = self._pipeline_stats()
         link = self.telemetry.link
-        return {
-            **self.updates.state(),
+        doc: dict[str, Any] = {
+            **self._state_doc(),
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "stats": stats.to_dict() if stats else None,
@@ -437,6 +541,12 @@ class Service:
             "status_line": self.status_line(),
             "reload": self.reloads.report(),
         }
+        if self.multi:
+            doc["pipelines_stats"] = {
+                slot.name: (s.to_dict() if (s := slot.stats()) is not None else None)
+                for slot in self.slots
+            }
+        return doc
 
 
 # -- the daemon's main loop ------------------------------------------------------------
@@ -523,10 +633,11 @@ def run(config: Config, path: Path) -> int:
                 if outcome == "exiting":
                     code = 1
                     break
-            stuck = service.updates.overdue()
-            if stuck:
+            overdue = service.overdue()
+            if overdue is not None:
+                unit, stuck = overdue
                 log.error("%s: restarting the agent to recover", stuck)
-                service.updates.give_up(stuck)
+                unit.updates.give_up(stuck)
                 code = 1
                 break
             now = time.monotonic()

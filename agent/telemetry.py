@@ -36,6 +36,7 @@ from agent.contract import (
     InferenceDoc,
     MachineDoc,
     OfflineReason,
+    PipelineInferenceDoc,
     StateDoc,
     StatusDoc,
     StatusExtra,
@@ -150,6 +151,7 @@ class Telemetry:
         status: StatusExtra | None = None,
         drop_report_s: float = DROP_REPORT_S,
         on_connect: Callable[[], None] | None = None,
+        pipelines: Callable[[], dict[str, PipelineInferenceDoc]] | None = None,
     ) -> None:
         """Build (no I/O but reading the password); ``handlers`` maps whole topic filters
         (``edge/<device>/cmd/+``, the desired-state topics) to functions called on
@@ -169,6 +171,7 @@ class Telemetry:
         self.interval_s = interval_s
         self.probe = probe
         self.stats_source = stats
+        self.pipelines_source = pipelines  # several pipelines: each one's figures
         self.gate = ResultGate(results)
         self.results_qos = results.qos
         self.counters = _Counters()
@@ -394,12 +397,15 @@ class Telemetry:
         self.machine = machine  # the latest sample, for the metrics endpoint
         inference = self.stats_source() if self.stats_source else None
         snapshot = self.snapshot()
-        return {
-            **machine,
+        doc: TelemetryDoc = {
+            **machine,  # type: ignore[typeddict-item]  # pipelines: set below
             "inference": inference,
             "outbox": snapshot["outbox"],
             "mqtt": snapshot["mqtt"],
         }
+        if self.pipelines_source is not None:
+            doc["pipelines"] = self.pipelines_source()
+        return doc
 
     def _run(self) -> None:
         next_tick = time.monotonic()

@@ -57,10 +57,12 @@ def test_the_reference_covers_every_key_and_source_type() -> None:
     text = REFERENCE.read_text(encoding="utf-8")
     for section, field in fields_of(configdoc.Config).items():
         assert f"## `{section}`" in text
-        kinds = configdoc.source_types() if section == "source" else [field.type.__origin__]
+        struct = configdoc._section_struct(field)
+        kinds = configdoc.source_types() if struct is None else [struct]
+        prefix = f"{section}[]" if section == "pipelines" else section
         for kind in kinds:
             for key in fields_of(kind):
-                assert f"| `{section}.{key}` |" in text
+                assert f"| `{prefix}.{key}` |" in text
     for kind in configdoc.source_types():
         tag = fields_of(kind)["type"].default
         assert f"### source type {tag}" in text

@@ -36,7 +36,7 @@ from agent.contract import (
     StateDoc,
     StatePhase,
 )
-from agent.desired import Desired, DesiredState, download_progress
+from agent.desired import Desired, DesiredState, NotServedHere, download_progress
 from agent.errors import EdgeAgentError, ModelError, StoreError, ValidationError
 from agent.faults import crash_point
 from agent.pull import channel_hold
@@ -152,8 +152,15 @@ class Updates:
         *,
         connected: Callable[[], bool] | None = None,
         steps: Steps | None = None,
+        only_model: bool = False,
+        not_served: Callable[[str], bool] | None = None,
     ) -> None:
+        """``only_model``: one of several models on this device; a desired state for
+        another model on the one topic older fleets use is not this worker's (and
+        reported ``desired_ignored`` when ``not_served`` says no model here has it)."""
         self.config = config
+        self.only_model = only_model
+        self.not_served = not_served
         self.store = store
         self.serving = serving
         self.reporter = reporter
@@ -166,6 +173,8 @@ class Updates:
             list(config.device.groups),
             KeyRing.load(config.update.desired_keys, "update.desired_public_key(s)"),
             max_skew_s=config.update.max_clock_skew_s,
+            model=config.model.name,
+            only_model=only_model,
         )
         self.journal = Journal.load(store.root / JOURNAL)
         self._last_error = ""
@@ -552,7 +561,14 @@ class Updates:
     def _take_desired(self, message: Incoming) -> None:
         try:
             desired = self.desired.update(message.topic, message.payload)
+        except NotServedHere as exc:  # another model's (several models on this device)
+            self._desired_seen = True
+            if self.not_served is not None and self.not_served(exc.desired.model):
+                self._ignore(exc.desired, "not served here")
+            return
         except ValueError as exc:
+            if self.only_model and self.not_served is None and self.desired.shared(message.topic):
+                return  # every model's worker reads that topic: the first one reports
             log.error("%s: ignored: %s", message.topic, exc)
             self.reporter.event("desired_invalid", {"topic": message.topic, "error": str(exc)})
             return

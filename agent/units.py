@@ -1,0 +1,334 @@
+"""One unit per served model, one slot per pipeline: what ``Service`` wires per model.
+
+A :class:`ModelUnit` has the model's store, its lock, its update worker (``Updates``,
+with this unit as its ``Serving``: load, swap, stats) and its serving targets: the
+pipelines whose primary model it is (:class:`PipelineSlot`). A model served by two
+pipelines has one unit: the gate validates one loaded copy, ``swap`` gives it to the
+first target and loads a copy for each further one. A cascade model has its unit
+(store, worker, desired state, state) and, until the cascade stage is wired, a
+:class:`HeldSlot` (the model loaded and kept, serving no frames).
+
+A :class:`Target` is small on purpose: ``swap(model, timeout)``, ``between_frames``,
+``stats`` and the ``results`` settings a copy is loaded with.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from agent.config import Config, PipelineConfig, ResultsConfig, RuntimeConfig
+from agent.control import AgentLock
+from agent.errors import EdgeAgentError, ModelError
+from agent.oneshot import reloader
+from agent.pipeline import PACE_WAIT_S, Pipeline, Result, Stats
+from agent.runtime.model import LoadedModel, ModelFiles, load_model
+from agent.sources import make_source
+from agent.store import Release, Store
+from agent.update.worker import Reporter, Updates
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from agent.contract import EventName, ModelStateDoc, StateDoc
+
+log = logging.getLogger(__name__)
+
+
+class Target(Protocol):
+    """Where a unit's model serves: a pipeline (or, at merge, a cascade's slot)."""
+
+    results: ResultsConfig  # what a copy of the model is loaded with (top_k, min_score)
+
+    def swap(self, model: LoadedModel, timeout: float) -> None:
+        """Serve ``model`` from now on. Raises ModelError when not taken in time."""
+        ...
+
+    def between_frames(self, timeout: float = PACE_WAIT_S) -> bool: ...
+
+    def stats(self) -> Stats | None: ...
+
+
+class PipelineSlot:
+    """One ``pipelines`` entry: its stream, started on the first model it is given."""
+
+    def __init__(
+        self,
+        pipeline: PipelineConfig,
+        runtime: RuntimeConfig,
+        on_result: Callable[[Result], None],
+        on_event: Callable[[EventName, Mapping[str, Any]], None],
+    ) -> None:
+        self.config = pipeline
+        self.name = pipeline.name
+        self.results = pipeline.results
+        self.runtime = runtime
+        self.on_result = on_result
+        self.on_event = on_event
+        self.pipeline: Pipeline | None = None
+        self._stopped = False
+
+    def swap(self, model: LoadedModel, timeout: float) -> None:
+        pipeline = self.pipeline
+        if pipeline is None:
+            cfg, results = self.config, self.results
+            if self._stopped:
+                model.close()
+                raise ModelError(f"pipeline {self.name} is stopped")
+            self.pipeline = Pipeline(
+                make_source(cfg.source),
+                model,
+                on_result=self.on_result,
+                on_event=self.on_event,
+                fps=cfg.source.fps,
+                reconnect_max_s=cfg.source.reconnect_max_s,
+                invoke_timeout_s=self.runtime.invoke_timeout_ms / 1000.0,
+                reload=reloader(
+                    self.runtime, results.top_k, results.min_score, results.iou_threshold
+                ),
+            )
+            self.pipeline.start()
+            return
+        if not pipeline.swap(model, timeout) and pipeline.withdraw(model):
+            raise ModelError(f"the pipeline did not take the new model within {timeout:g} s")
+
+    def between_frames(self, timeout: float = PACE_WAIT_S) -> bool:
+        pipeline = self.pipeline
+        return pipeline.between_frames(timeout) if pipeline is not None else True
+
+    def stats(self) -> Stats | None:
+        pipeline = self.pipeline
+        return pipeline.stats() if pipeline is not None else None
+
+    def last_frame(self) -> np.ndarray | None:
+        pipeline = self.pipeline
+        return pipeline.last_frame() if pipeline is not None else None
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self.pipeline is not None:
+            self.pipeline.stop()
+
+
+class HeldSlot:
+    """A model loaded and kept, serving no frames yet: a cascade model's place until its
+    stage is wired (then it reports that stage's figures). Its stats say it is loaded
+    with no results and no errors, so its update's probation passes on time."""
+
+    def __init__(self, results: ResultsConfig) -> None:
+        self.results = results
+        self.model: LoadedModel | None = None
+        self._lock = threading.Lock()
+
+    def swap(self, model: LoadedModel, timeout: float) -> None:
+        with self._lock:
+            old, self.model = self.model, model
+        if old is not None:
+            old.close()
+
+    def between_frames(self, timeout: float = PACE_WAIT_S) -> bool:
+        return True
+
+    def stats(self) -> Stats | None:
+        model = self.model
+        if model is None:
+            return None
+        return Stats(
+            frames=0,
+            results=0,
+            dropped=0,
+            errors=0,
+            fps=0.0,
+            latency_ms_p50=0.0,
+            latency_ms_p95=0.0,
+            latency_ms_p99=0.0,
+            infer_ms_p50=0.0,
+            backend=model.backend_name,
+            model=model.name,
+            version=model.version,
+            source_connected=True,
+            runtime=model.choice.to_dict(),
+        )
+
+    def stop(self) -> None:
+        with self._lock:
+            old, self.model = self.model, None
+        if old is not None:
+            old.close()
+
+
+class ModelUnit:
+    """One served model: store, lock, update worker; the updater's ``Serving``."""
+
+    def __init__(
+        self,
+        name: str | None,
+        config: Config,
+        targets: list[Target],
+        reporter: Reporter,
+        *,
+        connected: Callable[[], bool] | None = None,
+        only_model: bool = False,
+        not_served: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.targets = targets
+        self.reporter = reporter
+        self.store = Store(config.store.dir, config.store.keep).open()
+        self.lock = AgentLock(self.store.root)
+        self.updates = Updates(
+            config,
+            self.store,
+            self,
+            reporter,
+            self._validate,
+            connected=connected,
+            only_model=only_model,
+            not_served=not_served,
+        )
+
+    # -- Serving, for the updater -----------------------------------------------------
+
+    def _pace(self) -> Callable[[], object] | None:
+        """Load and validate in the gaps between the first serving target's frames."""
+        for target in self.targets:
+            if target.stats() is not None:
+                return target.between_frames
+        return None
+
+    def load(self, release: Release) -> LoadedModel:
+        results = self.targets[0].results if self.targets else self.config.results
+        return self._load(ModelFiles.from_release(release), results)
+
+    def _load(self, files: ModelFiles, results: ResultsConfig) -> LoadedModel:
+        return load_model(
+            files,
+            self.config.runtime,
+            results.top_k,
+            results.min_score,
+            pace=self._pace(),
+            iou_threshold=results.iou_threshold,
+        )
+
+    def swap(self, model: LoadedModel, timeout: float) -> None:
+        """``model`` to the first target, a copy of it to each further one (loaded
+        before any switch: a copy that cannot be loaded changes nothing)."""
+        if not self.targets:  # nothing to serve it (the service gives each unit one)
+            model.close()
+            return
+        copies: list[LoadedModel] = []
+        try:
+            for target in self.targets[1:]:
+                copies.append(self._load(model.files, target.results))
+        except BaseException:
+            for copy in copies:
+                copy.close()
+            model.close()
+            raise
+        self.targets[0].swap(model, timeout)
+        for target, copy in zip(self.targets[1:], copies, strict=True):
+            target.swap(copy, timeout)
+
+    def stats(self) -> Stats | None:
+        for target in self.targets:
+            stats = target.stats()
+            if stats is not None:
+                return stats
+        return None
+
+    def _validate(self, release: Release, model: LoadedModel) -> Mapping[str, Any]:
+        from agent.validate import validate
+
+        cfg = self.config.update
+        report = validate(  # beside a running stream: each invoke in a gap between frames
+            release,
+            model,
+            budget_runs=cfg.budget_runs,
+            deadline_s=cfg.validate_timeout_s,
+            pace=self._pace(),
+        )
+        return report.to_dict()
+
+    # -- start --------------------------------------------------------------------------
+
+    def repair(self) -> None:
+        """Repair a damaged pointer or planted store files before anything reads them;
+        each repair is a ``state_repaired`` event naming the file and what was done."""
+        try:
+            repairs = self.store.repair()
+        except EdgeAgentError as exc:  # busy: the holder repairs on taking the lock
+            log.error("%s", exc)
+            repairs = self.store.take_repairs()
+        for repair in repairs:
+            self.reporter.event("state_repaired", repair.to_event())
+
+    def serve_active(self) -> None:
+        """Serve the active release (after the gate, for one pulled while the agent was
+        stopped), else the ones before it; one that cannot be loaded is reported and the
+        unit goes on without serving, reachable by commands and updates."""
+        try:
+            release = self.store.active()
+        except EdgeAgentError as exc:
+            log.error("%s", exc)
+            self.updates.last_error = str(exc)
+            release = None
+        for _ in range(3):
+            if release is None:
+                break
+            try:
+                model = self.load(release)
+                try:
+                    self.updates.gate(release, model)
+                except BaseException:
+                    model.close()
+                    raise
+                self.swap(model, self.config.update.activate_timeout_s)
+                break
+            except EdgeAgentError as exc:
+                log.error("cannot serve %s v%d: %s", release.model, release.version, exc)
+                self.updates.last_error = f"v{release.version}: {exc}"
+                self.reporter.event("model_failed", {"version": release.version, "error": str(exc)})
+                release = self.updates.fall_back(f"cannot be loaded at start: {exc}")
+
+
+_MODEL_FIELDS = (
+    "model",
+    "version",
+    "sha256",
+    "backend",
+    "serving",
+    "previous",
+    "phase",
+    "last_error",
+    "update",
+    "desired",
+    "bad",
+)
+
+
+def compose_state(
+    first: StateDoc, parts: Mapping[str, StateDoc], pipelines: Sequence[PipelineConfig]
+) -> StateDoc:
+    """The one ``state`` of several models (pure): ``first`` (the first pipeline's
+    model's) as the top-level fields, each model's part under ``models``, and what each
+    pipeline runs under ``pipelines``."""
+    models: dict[str, ModelStateDoc] = {}
+    for name, part in parts.items():
+        doc: dict[str, Any] = {key: part[key] for key in _MODEL_FIELDS}  # type: ignore[literal-required]
+        doc["runtime"] = part.get("runtime")
+        models[name] = cast("ModelStateDoc", doc)
+    return {
+        **first,
+        "models": models,
+        "pipelines": {
+            p.name: {
+                "model": p.model.name or "",
+                "cascade": p.cascade.model.name if p.cascade else None,
+                "source": p.source.type,
+            }
+            for p in pipelines
+        },
+    }
