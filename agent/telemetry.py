@@ -41,6 +41,7 @@ from agent.contract import (
     StatusExtra,
     StatusState,
     TelemetryDoc,
+    TelemetryExtra,
 )
 from agent.mqtt import Incoming, Link, Will
 from agent.outbox import Message, Outbox, OutboxError, Record
@@ -144,6 +145,7 @@ class Telemetry:
         status: StatusExtra | None = None,
         drop_report_s: float = DROP_REPORT_S,
         on_connect: Callable[[], None] | None = None,
+        extra: Callable[[], TelemetryExtra] | None = None,
     ) -> None:
         """Build (no I/O but reading the password); ``handlers`` maps whole topic filters
         (``edge/<device>/cmd/+``, the desired-state topics) to functions called on
@@ -163,6 +165,7 @@ class Telemetry:
         self.interval_s = interval_s
         self.probe = probe
         self.stats_source = stats
+        self.extra = extra  # shadow runs and output statistics (agent/shadow/)
         self.gate = ResultGate(results)
         self.results_qos = results.qos
         self.counters = _Counters()
@@ -388,12 +391,18 @@ class Telemetry:
         self.machine = machine  # the latest sample, for the metrics endpoint
         inference = self.stats_source() if self.stats_source else None
         snapshot = self.snapshot()
-        return {
-            **machine,
+        doc: TelemetryDoc = {
+            **machine,  # type: ignore[typeddict-item]  # mypy: NotRequired keys beside **
             "inference": inference,
             "outbox": snapshot["outbox"],
             "mqtt": snapshot["mqtt"],
         }
+        extra = self.extra() if self.extra is not None else {}
+        if "shadows" in extra:
+            doc["shadows"] = extra["shadows"]
+        if "outputs" in extra:
+            doc["outputs"] = extra["outputs"]
+        return doc
 
     def _run(self) -> None:
         next_tick = time.monotonic()
