@@ -41,6 +41,8 @@ Promote = Callable[[str, int], None]  # ask the update worker for (model, versio
 Event = Callable[["EventName", "Mapping[str, Any]"], None]
 
 STOP_WAIT_S = 15.0
+STAGE_TRIES = 3  # a transient failure to stage the candidate is tried again, this often
+STAGE_RETRY_S = 5.0
 
 
 class Shadows:
@@ -210,14 +212,17 @@ class Shadows:
         log.info("shadow run of %s v%d: downloading", self.model, version)
         self._set("downloading")
         try:
-            release = self._stage(self.model, version)
-            if release is None:
-                raise ValueError(f"v{version} is the active version: nothing to compare")
+            release = self._stage_with_retries(version)
+            if release is None:  # promoted before a restart, say: nothing to compare
+                self._set("stopped", f"v{version} is the active version: nothing to compare")
+                return
             if self._superseded():
                 return
             self._set("loading")
             candidate = self._load(release)
         except Exception as exc:  # Failed, EdgeAgentError, MemoryError's kin: the run ends
+            if self._superseded():  # another instruction came: it is followed next
+                return
             reason = str(getattr(exc, "reason", "") or exc)
             log.error("shadow run of %s v%d failed: %s", self.model, version, reason)
             self._set("failed", reason)
@@ -235,6 +240,25 @@ class Shadows:
             "shadow_started",
             {"model": self.model, "version": version, "sample_pct": wanted.sample_pct},
         )
+
+    def _stage_with_retries(self, version: int) -> Release | None:
+        """Stage ``version``; a transient failure (the registry unreachable, the store
+        busy with an update) is tried again, STAGE_TRIES in all, STAGE_RETRY_S apart,
+        unless another instruction or a stop comes first."""
+        for attempt in range(1, STAGE_TRIES + 1):
+            try:
+                return self._stage(self.model, version)
+            except Exception as exc:
+                if not getattr(exc, "transient", False) or attempt == STAGE_TRIES:
+                    raise
+                reason = str(getattr(exc, "reason", "") or exc)
+                log.warning("shadow run of %s v%d: %s; trying again", self.model, version, reason)
+                self._set("downloading", reason)
+                with self._cond:
+                    self._cond.wait_for(lambda: self._dirty or self._stopping, STAGE_RETRY_S)
+                if self._superseded():
+                    raise
+        raise AssertionError("unreachable")
 
     def _superseded(self) -> bool:
         with self._cond:
