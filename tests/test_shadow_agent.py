@@ -19,7 +19,7 @@ from typing import Any
 import paho.mqtt.publish as mqtt_publish
 import pytest
 
-from agent import modelgen
+from agent import contract, modelgen
 from agent.fleet.publish import publish
 from tests.agentproc import MODEL, AgentProcess, Tap, wait_alive
 from tests.broker import Mosquitto
@@ -156,6 +156,8 @@ def test_a_disagreeing_candidate_runs_in_the_shadow_and_never_publishes(
         assert _events(tap, "shadow_started")[0]["version"] == 2
         state = tap.docs("/state")[-1]
         assert state["version"] == 1 and state["shadows"][MODEL]["version"] == 2
+        for stream in ("state", "telemetry"):  # the documents as the contract types them
+            contract.validator(stream).validate_python(tap.docs(f"/{stream}")[-1])
         results = tap.docs("/results")
         assert results and {r["version"] for r in results} == {1}  # v2's never go out
         outputs = tap.docs("/telemetry")[-1]["outputs"][MODEL]

@@ -63,7 +63,11 @@ class ShadowRun:
         self._promotable = False
 
     def observe(self, item: Item, result: Result) -> None:
-        if self._closed or result.model != self.instruction.model:
+        if (
+            self._closed
+            or result.model != self.instruction.model
+            or result.version == self.instruction.version  # the candidate serves already
+        ):
             return
         index, self._seen = self._seen, self._seen + 1
         if not sampled(index, self.instruction.sample_pct):
