@@ -254,3 +254,21 @@ def test_controller_promotes(models: Models, tmp_path: Path) -> None:
         assert detail["agreement"] == {"metric": "top1", "value": 1.0, "frames": 5}
     finally:
         shadows.stop()
+
+
+def test_shadow_run_of_a_detector_reports_f1(models: Models, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(COLOUR_LABELS) + "\n")
+
+    def detector(version: int) -> LoadedModel:
+        files = ModelFiles.from_file(models.path("detector.tflite"), "detection", labels)
+        files = dataclasses.replace(files, name="colours", version=version)
+        return load_model(files, RUNTIME, top_k=3, min_score=0.0)
+
+    active = detector(1)
+    assert active.run(_frames(1)[0]).detections  # boxes to match, not an empty agreement
+    run = ShadowRun(detector(2), _instruction(sample_pct=100, max_cpu_pct=100))
+    _feed(run, active, _frames(9))
+    assert run.agreement.doc() == {"metric": "f1", "value": 1.0, "frames": 9}
+    run.close()
+    active.close()
