@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent.commands import Commands
 from agent.config import Config, load_config
-from agent.contract import InferenceDoc, ShadowDoc, TelemetryExtra
+from agent.contract import InferenceDoc
 from agent.control import AgentLock, ControlServer
 from agent.desired import desired_topics
 from agent.diagnostics import Diagnostics
@@ -42,6 +42,7 @@ from agent.pipeline import Pipeline, Stats
 from agent.preflight import check
 from agent.reloading import Outcome, Reloads
 from agent.runtime.model import LoadedModel, ModelFiles, load_model
+from agent.shadow.unit import ShadowUnit
 from agent.sources import make_source
 from agent.store import Release, Store
 from agent.sysinfo import SystemProbe
@@ -51,7 +52,6 @@ from agent.update.worker import Updates
 if TYPE_CHECKING:
     import numpy as np
 
-    from agent.frames import Observer
     from agent.metrics import Metrics, Snapshot
     from agent.mqtt import Incoming
 
@@ -115,10 +115,19 @@ class Service:
             config.store.dir,
             lambda topic, payload: self.telemetry.publish_retained(topic, payload),
         )
-        self._shadow_wiring()  # agent/shadow/: before the handlers (its topics)
+        pointer = self.store.pointer()  # agent/shadow/ (shadow runs, output statistics)
+        self.shadow = ShadowUnit(
+            config,
+            pointer.model if pointer else config.model.name,
+            self.store.root,
+            updates=lambda: self.updates,
+            load=self.load,
+            event=lambda name, detail: self.telemetry.event(name, detail),
+            pipeline=lambda: self.pipeline,
+        )
         handlers: dict[str, Callable[[Incoming], None]] = {
             **self.discovery.handlers(),
-            **dict.fromkeys(self.shadows.topics if self.shadows else (), self._on_shadow),
+            **dict.fromkeys(self.shadow.topics, self.shadow.on_message),
             topics("cmd/+"): self.commands.submit,
             **{
                 topic: self._on_desired
@@ -140,7 +149,7 @@ class Service:
             observe=observe,
             status={"groups": list(config.device.groups), "agent_version": __version__},
             on_connect=self.discovery.on_connect,
-            extra=self._shadow_telemetry,
+            extra=self.shadow.telemetry,
         )
         diagnostics = Diagnostics(
             config,
@@ -160,7 +169,7 @@ class Service:
             self._validate,
             connected=(lambda: link.connected.is_set()) if link is not None else None,
         )
-        self.updates.shadows = self._shadow_state
+        self.updates.shadows = self.shadow.state
         self.metrics = self._build_metrics()
         self._on_result = (
             self.metrics.observing(self.telemetry.result) if self.metrics else self.telemetry.result
@@ -213,8 +222,7 @@ class Service:
                 release = self.updates.fall_back(f"cannot be loaded at start: {exc}")
         self.updates.publish_state()
         self.updates.start()
-        if self.shadows is not None:
-            self.shadows.start()
+        self.shadow.start()
         self.commands.start()
         self.control.start()
 
@@ -243,9 +251,7 @@ class Service:
             self.control.stop()
             self.commands.stop()
             clean = self.updates.stop()
-            if self.shadows is not None:
-                self.shadows.stop()
-            self.outputs.save()
+            self.shadow.stop()
             with self._pipeline_lock:
                 if self.pipeline is not None:
                     self.pipeline.stop()
@@ -324,70 +330,12 @@ class Service:
                         cfg.results.iou_threshold,
                     ),
                 )
-                self.pipeline.set_observers((self.outputs, *self._shadow_runs))
+                self.pipeline.set_observers(self.shadow.observers())
                 self.pipeline.start()
                 return
             pipeline = self.pipeline
         if not pipeline.swap(model, timeout) and pipeline.withdraw(model):
             raise ModelError(f"the pipeline did not take the new model within {timeout:g} s")
-
-    # -- shadow runs and output statistics (agent/shadow/; the lead ports this block
-    # onto the per-model units) ------------------------------------------------------
-
-    def _shadow_wiring(self) -> None:
-        from agent.shadow.control import Shadows
-        from agent.shadow.outputs import OutputStats
-        from agent.verify import KeyRing
-
-        cfg = self.config
-        pointer = self.store.pointer()
-        model = pointer.model if pointer else cfg.model.name
-        self.outputs = OutputStats(model or "", self.store.root)
-        self._shadow_runs: tuple[Observer, ...] = ()
-        self.shadows = (
-            None
-            if model is None
-            else Shadows(
-                model,
-                prefix=cfg.mqtt.topic_prefix,
-                device=cfg.device.id,
-                groups=list(cfg.device.groups),
-                stage=lambda m, v: self.updates.steps.stage(
-                    m, v, allow_downgrade=True, on_phase=lambda phase: None
-                ),
-                load=self.load,
-                attach=self._attach_shadow,
-                promote=lambda m, v: self.updates.request_update(m, v, "shadow"),
-                event=lambda name, detail: self.telemetry.event(name, detail),
-                changed=lambda: self.updates.publish_state(),
-                key=KeyRing.load(cfg.update.desired_keys, "update.desired_public_key(s)"),
-                max_skew_s=cfg.update.max_clock_skew_s,
-            )
-        )
-
-    def _attach_shadow(self, runs: tuple[Observer, ...]) -> None:
-        with self._pipeline_lock:
-            self._shadow_runs = runs
-            if self.pipeline is not None:
-                self.pipeline.set_observers((self.outputs, *runs))
-
-    def _on_shadow(self, message: Incoming) -> None:
-        if self.shadows is not None:
-            self.shadows.on_message(message)
-
-    def _shadow_state(self) -> dict[str, ShadowDoc]:
-        doc = self.shadows.doc() if self.shadows is not None else None
-        return {doc["model"]: doc} if doc else {}
-
-    def _shadow_telemetry(self) -> TelemetryExtra:
-        extra: TelemetryExtra = {}
-        shadows = self._shadow_state()
-        if shadows:
-            extra["shadows"] = shadows
-        outputs = self.outputs.doc()
-        if outputs is not None:
-            extra["outputs"] = {self.outputs.model: outputs}
-        return extra
 
     def _pipeline_stats(self) -> Stats | None:
         pipeline = self.pipeline

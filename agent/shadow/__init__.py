@@ -8,4 +8,6 @@
 - :mod:`agent.shadow.run`: ``ShadowRun``, the pipeline observer that runs the candidate.
 - :mod:`agent.shadow.control`: ``Shadows``, one model's shadow run: fetch, load,
   attach, report, promote, stop.
+- :mod:`agent.shadow.unit`: ``ShadowUnit``, all of it for one served model (what the
+  service holds: topics, observers, the state's and telemetry's parts).
 """

@@ -187,7 +187,9 @@ class Updates:
         self._manual: Target | None = None  # accepted by a local pull
         self._gate: Attempt | None = None  # pulled while stopped: validated at start
         self._view = View()
-        self.shadows: Callable[[], dict[str, ShadowDoc]] | None = None  # set by the service
+        self.shadows: Callable[[], dict[str, ShadowDoc]] | None = (
+            None  # agent/shadow/, set by the service
+        )
         # terminal outcomes since start (Prometheus' edge_agent_update_outcomes_total);
         # every key is there from the start, so readers on other threads can copy it
         self.outcomes: collections.Counter[str] = collections.Counter(
@@ -396,7 +398,9 @@ class Updates:
     def request_update(self, model: str, version: int, source: str) -> None:
         """Update to ``version`` of ``model`` as soon as the worker is free, through the
         same phases as any update (gate, probation); ``source`` names who asked (a
-        promoted shadow run: ``shadow``). Does not wait; the outcome shows in the state."""
+        promoted shadow run: ``shadow``). The version was named (by the fleet's signed
+        instruction), so it may be lower than the active one, as a desired state's.
+        Does not wait; the outcome shows in the state."""
         self._queue.put(_Request("update", (model, version, source)))
 
     def _ask(self, request: _Request, timeout: float) -> Any:
@@ -536,7 +540,7 @@ class Updates:
         elif request.kind == "update":  # taken after the update under way, if any
             model, version, source = request.payload
             self._retry_at.pop((model, version), None)
-            self._manual = (model, version, source, None, False)
+            self._manual = (model, version, source, None, True)  # named: may be lower
         elif request.kind == "pull":
             if busy:
                 raise CommandError(self._busy())
