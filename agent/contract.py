@@ -58,8 +58,8 @@ StatePhase = Literal[
 ]
 """The state's ``phase``: ``idle`` before any update, the phase while one runs, then
 its outcome."""
-SourceKind = Literal["device", "group", "channel", "local", "local-offline"]
-"""An update's ``source`` is ``device``, ``group:NAME``, ``channel:NAME``, ``local`` or
+SourceKind = Literal["device", "group", "channel", "local", "local-offline", "shadow"]
+"""An update's ``source`` is ``device``, ``group:NAME``, ``channel:NAME``, ``local``, ``shadow`` or
 ``local-offline``: this is the part before the colon."""
 MqttProtocol = Literal["5", "3.1.1"]  # telemetry's mqtt.protocol
 StatusState = Literal["online", "offline"]
@@ -91,7 +91,13 @@ EventName = Literal[
     "pipeline_error",
     "outbox_dropped",
     "diagnostics_requested",
+    "shadow_started",
+    "shadow_failed",
+    "shadow_promoted",
+    "shadow_stopped",
 ]
+ShadowPhase = Literal["downloading", "loading", "running", "failed", "promoted", "stopped"]
+AgreementMetric = Literal["top1", "f1", "mean_error"]
 
 UPDATE_PHASES: Final[tuple[UpdatePhase, ...]] = get_args(UpdatePhase)
 UPDATE_OUTCOMES: Final[tuple[UpdateOutcome, ...]] = get_args(UpdateOutcome)
@@ -100,9 +106,10 @@ SOURCE_KINDS: Final[tuple[SourceKind, ...]] = get_args(SourceKind)
 STATUS_STATES: Final[tuple[StatusState, ...]] = get_args(StatusState)
 OFFLINE_REASONS: Final[tuple[OfflineReason, ...]] = get_args(OfflineReason)
 EVENT_NAMES: Final[tuple[EventName, ...]] = get_args(EventName)
+SHADOW_PHASES: Final[tuple[ShadowPhase, ...]] = get_args(ShadowPhase)
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a group or channel name (a topic level)
-SOURCE_PATTERN: Final = rf"^(device|local|local-offline|(group|channel):{_NAME})$"
+SOURCE_PATTERN: Final = rf"^(device|local|local-offline|shadow|(group|channel):{_NAME})$"
 
 
 @dataclass(frozen=True)
@@ -207,6 +214,52 @@ class RuntimeDoc(TypedDict):
 
 
 @_STRICT
+class AgreementDoc(TypedDict):
+    """How far a shadow candidate agrees with the active model (agent/shadow/agreement.py):
+    top1 and f1 0..1 (higher: closer), mean_error the mean absolute difference."""
+
+    metric: AgreementMetric
+    value: float | None  # None before the first compared frame
+    frames: int
+
+
+@_STRICT
+class ShadowDoc(TypedDict):
+    """A shadow run of one model's candidate (state's and telemetry's ``shadows``)."""
+
+    model: str
+    version: int
+    issued_at: float
+    phase: ShadowPhase
+    sample_pct: int
+    max_cpu_pct: int
+    frames: int  # frames the candidate ran on and was compared
+    skipped: int  # sampled frames skipped for the CPU bound
+    errors: int
+    error: str | None
+    latency_ms_p50: float | None  # the candidate's invoke (its own resize included)
+    active_latency_ms_p50: float | None  # the active model's, on the same frames
+    agreement: AgreementDoc
+
+
+@_STRICT
+class OutputVersionDoc(TypedDict):
+    """One model version's output statistics (agent/shadow/outputs.py)."""
+
+    version: int | None
+    frames: int
+    scores: list[int]  # 10 bins of the top score per frame: [0,.1), …, [.9,1]
+    classes: dict[str, int]  # label -> frames where it was top / detected
+
+
+@_STRICT
+class OutputsDoc(OutputVersionDoc):
+    """Telemetry's ``outputs[MODEL]``: the serving version's, and the one before."""
+
+    previous: OutputVersionDoc | None
+
+
+@_STRICT
 class StateDoc(TypedDict):
     """``<device>/state`` (retained): the active release, what serves, the update."""
 
@@ -226,6 +279,7 @@ class StateDoc(TypedDict):
     # several models (``pipelines:``, or a cascade): every model's part, by model name
     models: NotRequired[dict[str, ModelStateDoc]]
     pipelines: NotRequired[dict[str, PipelineDoc]]
+    shadows: NotRequired[dict[str, ShadowDoc]]  # model -> its shadow run; older agents omit it
 
 
 @_STRICT
@@ -365,6 +419,15 @@ class TelemetryDoc(MachineDoc):
     outbox: OutboxFigures
     mqtt: MqttFigures
     pipelines: NotRequired[dict[str, PipelineInferenceDoc]]  # with several pipelines
+    shadows: NotRequired[dict[str, ShadowDoc]]  # model -> its shadow run (while one is on)
+    outputs: NotRequired[dict[str, OutputsDoc]]  # model -> output statistics per version
+
+
+class TelemetryExtra(TypedDict, total=False):
+    """What agent/shadow/ adds to a telemetry document."""
+
+    shadows: dict[str, ShadowDoc]
+    outputs: dict[str, OutputsDoc]
 
 
 @_OPEN

@@ -26,15 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from agent import __version__
+from agent.cascade import Cascade
 from agent.commands import Commands
-from agent.config import Config, PipelineConfig, ResultsConfig, load_config
+from agent.config import Config, PipelineConfig, load_config
 from agent.config_pipelines import served_models
-from agent.contract import EventName, InferenceDoc, PipelineInferenceDoc, StateDoc
+from agent.contract import (
+    EventName,
+    InferenceDoc,
+    PipelineInferenceDoc,
+    ShadowDoc,
+    StateDoc,
+    TelemetryExtra,
+)
 from agent.control import ControlServer
-from agent.desired import desired_topics
+from agent.desired import desired_topics, shadow_topic
 from agent.diagnostics import Diagnostics
 from agent.errors import ConfigError, EdgeAgentError
 from agent.homeassistant import discovery_configs
@@ -44,11 +50,12 @@ from agent.outbox import Outbox
 from agent.pipeline import Pipeline, Result, Stats
 from agent.preflight import check
 from agent.reloading import Outcome, Reloads
+from agent.shadow.unit import ShadowUnit
 from agent.store import Store
 from agent.stores import store_dirs, unit_config
 from agent.sysinfo import SystemProbe
 from agent.telemetry import ResultGate, Telemetry, Topics
-from agent.units import HeldSlot, ModelUnit, PipelineSlot, Target, compose_state
+from agent.units import CascadeSlot, ModelUnit, PipelineSlot, Target, compose_state
 
 if TYPE_CHECKING:
     import numpy as np
@@ -140,6 +147,7 @@ class Service:
             **self.discovery.handlers(),
             topics("cmd/+"): self.commands.submit,
             **self._desired_handlers(),
+            **self._shadow_handlers(),
         }
         self.telemetry = Telemetry(
             config.device.id,
@@ -155,14 +163,16 @@ class Service:
             status={"groups": list(config.device.groups), "agent_version": __version__},
             on_connect=self.discovery.on_connect,
             pipelines=self._pipelines_figures if config.pipelines else None,
+            extra=self._shadow_telemetry,
         )
         self.metrics = self._build_metrics()
         self._on_result = (
             self.metrics.observing(self.telemetry.result) if self.metrics else self.telemetry.result
         )
         self.slots = [self._slot(index, p) for index, p in enumerate(self.pipelines)]
-        self.held: list[HeldSlot] = []  # cascade models, loaded beside the pipelines
+        self.cascades = self._build_cascades()  # by pipeline name
         self.units = self._build_units()
+        self.shadows = self._build_shadows()  # by model: what pipelines serve
         first = self.units[0]
         self.updates = first.updates  # the first pipeline's model (the legacy shape's one)
         self.lock = next(u.lock for u in self.units if u.store.root == self.store.root)
@@ -205,8 +215,8 @@ class Service:
         return publish
 
     def _build_units(self) -> list[ModelUnit]:
-        """One unit per served model, each with its store; the pipelines whose primary
-        model it is are its targets."""
+        """One unit per served model, each with its store; its targets are the pipelines
+        whose primary model it is and the cascade stages that name it."""
         config = self.config
         link = self.telemetry.link
         connected = (lambda: link.connected.is_set()) if link is not None else None
@@ -223,18 +233,8 @@ class Service:
         units: list[ModelUnit] = []
         for index, (name, model) in enumerate(self.models.items()):
             targets: list[Target] = [s for s in self.slots if s.config.model.name == name]
-            results = self.slots[0].results
-            if not targets:  # a cascade model only
-                results = self._cascade_results(name)
-                # TODO(lead): the cascade stage (agent/cascade.py) of each pipeline whose
-                # cascade.model.name == name is this unit's target instead of a HeldSlot:
-                # its swap(model, timeout) takes the model between frames, its stats()
-                # gives the cascade's figures (and _pipelines_figures its "cascade").
-                held = HeldSlot(results)
-                self.held.append(held)
-                targets = [held]
-            else:
-                results = targets[0].results
+            targets += [c for c in self.cascades.values() if c.model_name == name]
+            results = targets[0].results
             units.append(
                 ModelUnit(
                     name,
@@ -248,16 +248,91 @@ class Service:
             )
         return units
 
-    def _cascade_results(self, name: str) -> ResultsConfig:
-        """A cascade model's copies load with its pipeline's results (its min_score
-        set by the cascade when given)."""
-        for pipeline in self.pipelines:
-            cascade = pipeline.cascade
-            if cascade is not None and cascade.model.name == name:
-                if cascade.min_score is None:
-                    return pipeline.results
-                return msgspec.structs.replace(pipeline.results, min_score=cascade.min_score)
-        return self.config.results
+    def _build_cascades(self) -> dict[str, CascadeSlot]:
+        """Each pipeline's cascade stage (``cascade:``), without its model until the
+        cascade model's unit serves it (results pass through until then)."""
+        from agent.cascade_rules import CascadeRules
+
+        cascades: dict[str, CascadeSlot] = {}
+        for slot in self.slots:
+            cascade = slot.config.cascade
+            if cascade is None or cascade.model.name is None:
+                continue
+            rules = CascadeRules(
+                labels=frozenset(cascade.labels) if cascade.labels else None,
+                max_crops=cascade.max_crops,
+                min_score=(
+                    cascade.min_score
+                    if cascade.min_score is not None
+                    else slot.config.results.min_score
+                ),
+                padding=cascade.padding,
+                min_size=cascade.min_size,
+            )
+            cascades[slot.name] = CascadeSlot(slot, Cascade(None, rules), cascade.model.name)
+        return cascades
+
+    def _build_shadows(self) -> dict[str, ShadowUnit]:
+        """Output statistics and shadow runs of each model a pipeline serves, on the
+        first pipeline serving it (agent/shadow/)."""
+        shadows: dict[str, ShadowUnit] = {}
+        for unit in self.units:
+            slots = [t for t in unit.targets if isinstance(t, PipelineSlot)]
+            name = unit.name or self._pointed_model(unit)
+            if not slots or name is None:
+                continue
+            slot = slots[0]
+            shadow = ShadowUnit(
+                unit.config,
+                name,
+                unit.store.root,
+                updates=lambda unit=unit: unit.updates,  # type: ignore[misc]
+                load=unit.load,
+                event=self._event,
+                pipeline=lambda slot=slot: slot,  # type: ignore[misc]
+            )
+            slot.set_observers(shadow.observers())
+            unit.updates.shadows = self._shadow_states
+            shadows[name] = shadow
+        return shadows
+
+    @staticmethod
+    def _pointed_model(unit: ModelUnit) -> str | None:
+        try:
+            pointer = unit.store.pointer()
+        except EdgeAgentError:
+            return None
+        return pointer.model if pointer else None
+
+    def _on_shadow(self, model: str, message: Incoming) -> None:
+        shadow = self.shadows.get(model)
+        if shadow is not None:
+            shadow.on_message(message)
+
+    def _shadow_handlers(self) -> dict[str, Callable[[Incoming], None]]:
+        """``…/shadow/MODEL`` of the device and its groups, for each model served."""
+        cfg = self.config
+        prefix, device = cfg.mqtt.topic_prefix, cfg.device.id
+        handlers: dict[str, Callable[[Incoming], None]] = {}
+        for name in self.models:
+            for target in (f"device:{device}", *(f"group:{g}" for g in cfg.device.groups)):
+                handlers[shadow_topic(prefix, target, name)] = functools.partial(
+                    self._on_shadow, name
+                )
+        return handlers
+
+    def _shadow_states(self) -> dict[str, ShadowDoc]:
+        return {k: v for shadow in self.shadows.values() for k, v in shadow.state().items()}
+
+    def _shadow_telemetry(self) -> TelemetryExtra:
+        extra: TelemetryExtra = {}
+        for shadow in self.shadows.values():
+            part = shadow.telemetry()
+            if "shadows" in part:
+                extra.setdefault("shadows", {}).update(part["shadows"])
+            if "outputs" in part:
+                extra.setdefault("outputs", {}).update(part["outputs"])
+        return extra
 
     def _desired_handlers(self) -> dict[str, Callable[[Incoming], None]]:
         """The one desired-state topic of older fleets (device and groups) goes to every
@@ -299,6 +374,8 @@ class Service:
         self.units[0].updates.publish_state()
         for unit in self.units:
             unit.updates.start()
+        for shadow in self.shadows.values():
+            shadow.start()
         self.commands.start()
         self.control.start()
 
@@ -317,10 +394,12 @@ class Service:
             self.commands.stop()
             for unit in self.units:
                 clean = unit.updates.stop() and clean
+            for shadow in self.shadows.values():
+                shadow.stop()
             for slot in self.slots:
                 slot.stop()
-            for held in self.held:
-                held.stop()
+            for cascade in self.cascades.values():
+                cascade.stop()
             if self.metrics is not None:
                 self.metrics.stop()
         finally:
@@ -343,7 +422,7 @@ class Service:
         for unit in self.units:
             for target in unit.targets:
                 if not isinstance(target, PipelineSlot):
-                    continue  # a cascade model held: it has no stream of its own
+                    continue  # a cascade model: it has no stream of its own
                 stats = target.stats()
                 if stats is None:
                     if not (unit.store.pointer() is None or unit.updates.last_error):
@@ -393,9 +472,11 @@ class Service:
         for slot in self.slots:
             stats = slot.stats()
             if stats is not None:
-                # TODO(lead): "cascade": the cascade stage's figures (model, version,
-                # crops, infer_ms_p50, errors) once agent/cascade.py is wired.
-                figures[slot.name] = {**stats.to_dict(), "cascade": None}
+                cascade = self.cascades.get(slot.name)
+                figures[slot.name] = {
+                    **stats.to_dict(),
+                    "cascade": cascade.figures() if cascade is not None else None,
+                }
         return figures
 
     def publish_state(self, state: StateDoc | None = None) -> None:

@@ -42,6 +42,7 @@ from agent.contract import (
     StatusExtra,
     StatusState,
     TelemetryDoc,
+    TelemetryExtra,
 )
 from agent.mqtt import Incoming, Link, Will
 from agent.outbox import Message, Outbox, OutboxError, Record
@@ -152,6 +153,7 @@ class Telemetry:
         drop_report_s: float = DROP_REPORT_S,
         on_connect: Callable[[], None] | None = None,
         pipelines: Callable[[], dict[str, PipelineInferenceDoc]] | None = None,
+        extra: Callable[[], TelemetryExtra] | None = None,
     ) -> None:
         """Build (no I/O but reading the password); ``handlers`` maps whole topic filters
         (``edge/<device>/cmd/+``, the desired-state topics) to functions called on
@@ -172,6 +174,7 @@ class Telemetry:
         self.probe = probe
         self.stats_source = stats
         self.pipelines_source = pipelines  # several pipelines: each one's figures
+        self.extra = extra  # shadow runs and output statistics (agent/shadow/)
         self.gate = ResultGate(results)
         self.results_qos = results.qos
         self.counters = _Counters()
@@ -405,6 +408,11 @@ class Telemetry:
         }
         if self.pipelines_source is not None:
             doc["pipelines"] = self.pipelines_source()
+        extra = self.extra() if self.extra is not None else {}
+        if "shadows" in extra:
+            doc["shadows"] = extra["shadows"]
+        if "outputs" in extra:
+            doc["outputs"] = extra["outputs"]
         return doc
 
     def _run(self) -> None:

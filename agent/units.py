@@ -5,8 +5,8 @@ with this unit as its ``Serving``: load, swap, stats) and its serving targets: t
 pipelines whose primary model it is (:class:`PipelineSlot`). A model served by two
 pipelines has one unit: the gate validates one loaded copy, ``swap`` gives it to the
 first target and loads a copy for each further one. A cascade model has its unit
-(store, worker, desired state, state) and, until the cascade stage is wired, a
-:class:`HeldSlot` (the model loaded and kept, serving no frames).
+(store, worker, desired state, state) too; its targets are the cascade stages of the
+pipelines that name it (:class:`CascadeSlot`).
 
 A :class:`Target` is small on purpose: ``swap(model, timeout)``, ``between_frames``,
 ``stats`` and the ``results`` settings a copy is loaded with.
@@ -15,10 +15,10 @@ A :class:`Target` is small on purpose: ``swap(model, timeout)``, ``between_frame
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from agent.cascade import Cascade
 from agent.config import Config, PipelineConfig, ResultsConfig, RuntimeConfig
 from agent.control import AgentLock
 from agent.errors import EdgeAgentError, ModelError
@@ -32,13 +32,14 @@ from agent.update.worker import Reporter, Updates
 if TYPE_CHECKING:
     import numpy as np
 
-    from agent.contract import EventName, ModelStateDoc, StateDoc
+    from agent.contract import CascadeFiguresDoc, EventName, ModelStateDoc, StateDoc
+    from agent.frames import Observer, Stage
 
 log = logging.getLogger(__name__)
 
 
 class Target(Protocol):
-    """Where a unit's model serves: a pipeline (or, at merge, a cascade's slot)."""
+    """Where a unit's model serves: a pipeline, or a pipeline's cascade stage."""
 
     results: ResultsConfig  # what a copy of the model is loaded with (top_k, min_score)
 
@@ -69,6 +70,21 @@ class PipelineSlot:
         self.on_event = on_event
         self.pipeline: Pipeline | None = None
         self._stopped = False
+        self._stages: tuple[Stage, ...] = ()
+        self._observers: tuple[Observer, ...] = ()
+
+    def set_stages(self, stages: tuple[Stage, ...]) -> None:
+        """The pipeline's stages (a cascade), now and for a pipeline started later."""
+        self._stages = stages
+        if self.pipeline is not None:
+            self.pipeline.set_stages(stages)
+
+    def set_observers(self, observers: tuple[Observer, ...]) -> None:
+        """The pipeline's observers (output statistics, a shadow run), now and later."""
+        self._observers = observers
+        pipeline = self.pipeline
+        if pipeline is not None:
+            pipeline.set_observers(observers)
 
     def swap(self, model: LoadedModel, timeout: float) -> None:
         pipeline = self.pipeline
@@ -89,6 +105,8 @@ class PipelineSlot:
                     self.runtime, results.top_k, results.min_score, results.iou_threshold
                 ),
             )
+            self.pipeline.set_stages(self._stages)
+            self.pipeline.set_observers(self._observers)
             self.pipeline.start()
             return
         if not pipeline.swap(model, timeout) and pipeline.withdraw(model):
@@ -112,39 +130,41 @@ class PipelineSlot:
             self.pipeline.stop()
 
 
-class HeldSlot:
-    """A model loaded and kept, serving no frames yet: a cascade model's place until its
-    stage is wired (then it reports that stage's figures). Its stats say it is loaded
-    with no results and no errors, so its update's probation passes on time."""
+class CascadeSlot:
+    """A pipeline's cascade stage as the second model's target: ``swap`` hands the model
+    to the stage between frames (and closes the one it replaces once no frame runs on
+    it); ``stats`` are the cascade's figures, so probation judges its errors."""
 
-    def __init__(self, results: ResultsConfig) -> None:
-        self.results = results
-        self.model: LoadedModel | None = None
-        self._lock = threading.Lock()
+    def __init__(self, slot: PipelineSlot, cascade: Cascade, model: str) -> None:
+        self.slot = slot
+        self.cascade = cascade
+        self.model_name = model
+        self.results = slot.results  # a crop's answer: top_k and min_score as the pipeline's
+        slot.set_stages((cascade,))
 
     def swap(self, model: LoadedModel, timeout: float) -> None:
-        with self._lock:
-            old, self.model = self.model, model
+        old = self.cascade.swap(model, timeout)
         if old is not None:
             old.close()
 
     def between_frames(self, timeout: float = PACE_WAIT_S) -> bool:
-        return True
+        return self.slot.between_frames(timeout)
 
     def stats(self) -> Stats | None:
-        model = self.model
+        model = self.cascade.model()
         if model is None:
             return None
+        figures = self.cascade.stats()
         return Stats(
-            frames=0,
-            results=0,
+            frames=figures.frames,
+            results=figures.crops - figures.errors,
             dropped=0,
-            errors=0,
+            errors=figures.errors,
             fps=0.0,
-            latency_ms_p50=0.0,
-            latency_ms_p95=0.0,
-            latency_ms_p99=0.0,
-            infer_ms_p50=0.0,
+            latency_ms_p50=figures.infer_ms_p50,
+            latency_ms_p95=figures.infer_ms_p50,
+            latency_ms_p99=figures.infer_ms_p50,
+            infer_ms_p50=figures.infer_ms_p50,
             backend=model.backend_name,
             model=model.name,
             version=model.version,
@@ -152,11 +172,19 @@ class HeldSlot:
             runtime=model.choice.to_dict(),
         )
 
+    def figures(self) -> CascadeFiguresDoc:
+        """Telemetry's ``pipelines.NAME.cascade``."""
+        stats = self.cascade.stats()
+        return {
+            "model": stats.model or self.model_name,
+            "version": stats.version,
+            "crops": stats.crops,
+            "infer_ms_p50": round(stats.infer_ms_p50, 2),
+            "errors": stats.errors,
+        }
+
     def stop(self) -> None:
-        with self._lock:
-            old, self.model = self.model, None
-        if old is not None:
-            old.close()
+        self.cascade.close()
 
 
 class ModelUnit:

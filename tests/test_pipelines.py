@@ -348,7 +348,7 @@ def test_two_pipelines_serve_two_models_and_update_one_alone(
                 and _state(tap)["models"][CASCADE]["phase"] == "succeeded"
             ),
             30,
-            "a state with the three models serving (the cascade's held, through probation)",
+            "a state with the three models serving (the cascade's through probation)",
             agent,
         )
         state = _state(tap)
@@ -380,7 +380,17 @@ def test_two_pipelines_serve_two_models_and_update_one_alone(
         ):
             contract.validator(stream).validate_python(doc)  # the typed documents
         figures = tap.docs("/telemetry")[-1]["pipelines"]
-        assert figures["yard"]["model"] == OTHER and figures["yard"]["cascade"] is None
+        assert figures["yard"]["model"] == OTHER and figures["door"]["cascade"] is None
+        cascade = figures["yard"]["cascade"]  # the cascade stage runs the served model
+        assert (cascade["model"], cascade["version"], cascade["errors"]) == (CASCADE, 1, 0)
+        assert cascade["crops"] > 0
+        nested = [
+            d["cascade"]
+            for r in tap.docs("/results/yard")
+            for d in r["detections"]
+            if "cascade" in d
+        ]
+        assert nested and all((n["model"], n["version"]) == (CASCADE, 1) for n in nested)
         assert tap.docs("/telemetry")[-1]["inference"]["model"] == MODEL
 
         # A desired state on the model's own topic updates that model alone.

@@ -33,6 +33,7 @@ from agent.contract import (
     UPDATE_OUTCOMES,
     AppliedDesiredDoc,
     EventName,
+    ShadowDoc,
     StateDoc,
     StatePhase,
 )
@@ -83,7 +84,7 @@ Target = tuple[str, int, str, "float | None", bool]
 
 # -- the queue ----------------------------------------------------------------------------
 
-Kind = Literal["wake", "desired", "poke", "rollback", "pull"]
+Kind = Literal["wake", "desired", "poke", "rollback", "pull", "update"]
 
 
 class _Request:
@@ -195,6 +196,9 @@ class Updates:
         self._manual: Target | None = None  # accepted by a local pull
         self._gate: Attempt | None = None  # pulled while stopped: validated at start
         self._view = View()
+        self.shadows: Callable[[], dict[str, ShadowDoc]] | None = (
+            None  # agent/shadow/, set by the service
+        )
         # terminal outcomes since start (Prometheus' edge_agent_update_outcomes_total);
         # every key is there from the start, so readers on other threads can copy it
         self.outcomes: collections.Counter[str] = collections.Counter(
@@ -400,6 +404,14 @@ class Updates:
         result: dict[str, Any] = self._ask(_Request("pull", version), timeout)
         return result
 
+    def request_update(self, model: str, version: int, source: str) -> None:
+        """Update to ``version`` of ``model`` as soon as the worker is free, through the
+        same phases as any update (gate, probation); ``source`` names who asked (a
+        promoted shadow run: ``shadow``). The version was named (by the fleet's signed
+        instruction), so it may be lower than the active one, as a desired state's.
+        Does not wait; the outcome shows in the state."""
+        self._queue.put(_Request("update", (model, version, source)))
+
     def _ask(self, request: _Request, timeout: float) -> Any:
         """Hand ``request`` to the worker and wait for its answer; busy when the worker
         does not take it within TAKE_WAIT_S (an update is under way)."""
@@ -466,7 +478,7 @@ class Updates:
             pointer, last_error = None, str(exc)
         stats = self.serving.stats()
         attempt = view.attempt
-        return {
+        doc: StateDoc = {
             "agent_version": __version__,
             "model": pointer.model if pointer else self.config.model.name,
             "version": pointer.version if pointer else None,
@@ -481,6 +493,10 @@ class Updates:
             "bad": [f"{b.model}@{b.version}" for b in view.bad],
             "runtime": stats.runtime if stats else None,
         }
+        shadows = self.shadows() if self.shadows is not None else None
+        if shadows:  # agent/shadow/: a shadow run is (or was) on
+            doc["shadows"] = shadows
+        return doc
 
     # -- the worker ------------------------------------------------------------------
 
@@ -530,6 +546,10 @@ class Updates:
             if busy:
                 raise CommandError(self._busy())
             return self._rollback_command(request.payload)
+        elif request.kind == "update":  # taken after the update under way, if any
+            model, version, source = request.payload
+            self._retry_at.pop((model, version), None)
+            self._manual = (model, version, source, None, True)  # named: may be lower
         elif request.kind == "pull":
             if busy:
                 raise CommandError(self._busy())

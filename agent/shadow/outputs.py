@@ -1,0 +1,180 @@
+"""Output statistics per model version: the top score's histogram and the class mix.
+
+``OutputStats`` is a pipeline observer (agent/frames.py): it counts every published
+result of one model, per version since that version became active, and keeps the
+figures of the version served before the last swap (``previous``) in memory and in
+``outputs.json`` in the model's store, so a restart keeps the comparison the fleet
+reads as drift (``edge-fleet status --model M``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.atomic import write_atomic
+
+if TYPE_CHECKING:
+    from agent.contract import OutputsDoc, OutputVersionDoc
+    from agent.frames import Item, Result
+    from agent.runtime.adapters import Output
+
+log = logging.getLogger(__name__)
+
+BINS = 10
+FILE = "outputs.json"
+MAX_CLASSES = 256  # labels kept per version (a hostile or huge label set stays bounded)
+DRIFT_FLAG = 0.3
+
+
+def top_score(output: Output) -> float | None:
+    """The frame's top score: the best class's or detection's; None for other tasks."""
+    if output.classes:
+        return max(s for _, _, s in output.classes)
+    if output.detections:
+        return max(d.score for d in output.detections)
+    return None
+
+
+def labels_of(output: Output) -> set[str]:
+    """The labels a frame counts for: the top class, or every detected label."""
+    if output.classes:
+        return {max(output.classes, key=lambda c: c[2])[1]}
+    return {d.label for d in output.detections}
+
+
+def bin_of(score: float) -> int:
+    """The bin of ``score`` in [0,.1), …, [.9,1] (clamped to [0, 1])."""
+    if score != score:  # NaN
+        return 0
+    return min(max(int(score * BINS), 0), BINS - 1)
+
+
+@dataclass
+class VersionStats:
+    version: int | None
+    frames: int = 0
+    scores: list[int] = field(default_factory=lambda: [0] * BINS)
+    classes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, output: Output) -> None:
+        self.frames += 1
+        score = top_score(output)
+        if score is not None:
+            self.scores[bin_of(score)] += 1
+        for label in labels_of(output):
+            if label in self.classes or len(self.classes) < MAX_CLASSES:
+                self.classes[label] = self.classes.get(label, 0) + 1
+
+    def doc(self) -> OutputVersionDoc:
+        return {
+            "version": self.version,
+            "frames": self.frames,
+            "scores": list(self.scores),
+            "classes": dict(self.classes),
+        }
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> VersionStats | None:
+        """A version's figures from ``outputs.json``; None when the shape is wrong."""
+        if not isinstance(doc, dict):
+            return None
+        version: Any = doc.get("version")
+        frames: Any = doc.get("frames")
+        scores: Any = doc.get("scores")
+        classes: Any = doc.get("classes")
+        ok = (
+            (version is None or (isinstance(version, int) and not isinstance(version, bool)))
+            and isinstance(frames, int)
+            and isinstance(scores, list)
+            and len(scores) == BINS
+            and all(isinstance(n, int) and n >= 0 for n in scores)
+            and isinstance(classes, dict)
+            and all(isinstance(k, str) and isinstance(n, int) for k, n in classes.items())
+        )
+        if not ok:
+            return None
+        return cls(version, frames, list(scores), dict(list(classes.items())[:MAX_CLASSES]))
+
+
+def distance(a: Mapping[Any, int], b: Mapping[Any, int]) -> float | None:
+    """Total variation distance of two count tables (0..1); None when one is empty."""
+    ta, tb = sum(a.values()), sum(b.values())
+    if ta <= 0 or tb <= 0:
+        return None
+    return 0.5 * sum(abs(a.get(k, 0) / ta - b.get(k, 0) / tb) for k in set(a) | set(b))
+
+
+def histogram_distance(a: list[int], b: list[int]) -> float | None:
+    """Total variation distance of two score histograms (0..1)."""
+    return distance(dict(enumerate(a)), dict(enumerate(b)))
+
+
+class OutputStats:
+    """One model's output statistics (an Observer): the current version, the previous."""
+
+    def __init__(self, model: str, store_dir: Path | None = None) -> None:
+        self.model = model
+        self.path = store_dir / FILE if store_dir is not None else None
+        self._lock = threading.Lock()
+        self._current: VersionStats | None = None
+        self._previous: VersionStats | None = None
+        self._load()
+
+    def _load(self) -> None:
+        if self.path is None:
+            return
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("%s: not read (%s); output statistics start afresh", self.path, exc)
+            return
+        if isinstance(doc, dict):
+            self._current = VersionStats.from_doc(doc.get("current"))
+            self._previous = VersionStats.from_doc(doc.get("previous"))
+
+    def save(self) -> None:
+        """Write ``outputs.json`` (atomically); a failure is logged, never raised."""
+        if self.path is None:
+            return
+        with self._lock:
+            doc = {
+                "model": self.model,
+                "current": self._current.doc() if self._current else None,
+                "previous": self._previous.doc() if self._previous else None,
+            }
+        try:
+            write_atomic(self.path, json.dumps(doc).encode())
+        except OSError as exc:
+            log.warning("%s: not written: %s", self.path, exc)
+
+    def observe(self, item: Item, result: Result) -> None:
+        swapped = False
+        with self._lock:
+            self.model = result.model
+            current = self._current
+            if current is None or current.version != result.version:
+                if current is not None and current.frames > 0:
+                    self._previous = current
+                    swapped = True
+                self._current = current = VersionStats(result.version)
+            current.add(result.output)
+        if swapped:
+            self.save()
+
+    def doc(self) -> OutputsDoc | None:
+        """Telemetry's ``outputs[MODEL]``; None before the first frame."""
+        with self._lock:
+            if self._current is None:
+                return None
+            return {
+                **self._current.doc(),
+                "previous": self._previous.doc() if self._previous else None,
+            }
