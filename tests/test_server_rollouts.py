@@ -86,7 +86,8 @@ def test_a_rollout_issues_each_step_judges_it_then_sets_the_group() -> None:
     assert (a.outcome, a.issued_at, a.prior) == ("pending", T0 + 1, ("colours", 1))
     assert [m.outcome for m in got.members[1:]] == [None, None]  # later steps untouched
     pubs = due(got.rollout, got.members, "edge")
-    assert pubs == [Publication("edge/a/desired/colours", "device:a", "colours", 2, T0 + 1, "a", "issue")]
+    issued = Publication("edge/a/desired/colours", "device:a", "colours", 2, T0 + 1, "a", "issue")
+    assert pubs == [issued]
     # sent: now judged; first look records the fingerprint, the device is pending
     members = [replace(got.members[0], sent=T0 + 2), *got.members[1:]]
     got = advance(got.rollout, got.steps, members, before, T0 + 3, issue)
@@ -109,8 +110,8 @@ def test_a_rollout_issues_each_step_judges_it_then_sets_the_group() -> None:
         None, "final",
     )  # fmt: skip
     assert [(p.topic, p.model) for p in pubs[1:]] == [
-        ("edge/a/desired/colours", None), ("edge/b/desired/colours", None), ("edge/c/desired/colours", None)
-    ]  # fmt: skip
+        (f"edge/{d}/desired/colours", None) for d in "abc"
+    ]
 
 
 def _sent(
