@@ -21,7 +21,7 @@ from typing import Any
 
 from agent.atomic import write_atomic
 from agent.config import MODEL_NAME_PATTERN
-from agent.desired import desired_topic, parse_desired
+from agent.desired import desired_topic, parse_desired, shadow_topic
 from agent.errors import ConfigError, VerificationError
 from agent.fleet.acl import check_device_id, check_prefix, render_acl
 from agent.fleet.broker import FleetBroker, options_from_args
@@ -32,14 +32,13 @@ from agent.fleet.rollout import plan, rollout
 from agent.fleet.server_client import ServerClient
 from agent.fleet.server_client import follow as server_follow
 from agent.fleet.server_client import summary as server_summary
+from agent.fleet.status import model_status, status_text
 from agent.fleet.view import (
     FOLLOWED,
     REPORTS,
     FleetView,
     describe,
     devices_table,
-    model_status,
-    status_text,
 )
 from agent.strictjson import dumps
 from agent.verify import KeyRing, generate_keypair, key_id, load_private_key
@@ -298,7 +297,7 @@ def _forget(args: argparse.Namespace) -> int:
     _check_names(args.device)
     view = FleetView(args.prefix)
     with _broker(args) as broker:
-        _load(broker, view, ("status", "desired"))
+        _load(broker, view, ("status", "desired", "shadow"))
         device = view.devices.get(args.device)
         if device is not None and device.online and not args.force:
             print(
@@ -309,6 +308,10 @@ def _forget(args: argparse.Namespace) -> int:
             return 1
         for stream in REPORTS:
             broker.publish(f"{args.prefix}/{args.device}/{stream}", b"")
+        for model in sorted(device.desired_models if device is not None else ()):
+            broker.publish(desired_topic(args.prefix, f"device:{args.device}", model), b"")
+        for model in sorted(device.shadows if device is not None else ()):
+            broker.publish(shadow_topic(args.prefix, f"device:{args.device}", model), b"")
     print(f"forgot {args.device}: its retained {', '.join(REPORTS)} are removed")
     return 0
 
@@ -323,7 +326,7 @@ def _load(broker: FleetBroker, view: FleetView, streams: tuple[str, ...] = REPOR
 def _snapshot(args: argparse.Namespace) -> FleetView:
     view = FleetView(args.prefix)
     with _broker(args) as broker:
-        _load(broker, view)
+        _load(broker, view, (*REPORTS, "shadow"))
     return view
 
 
