@@ -233,6 +233,23 @@ def test_the_device_list_filters_and_shows_live_figures_only_when_fresh(api: Api
     assert ids(page) == ["dev-b"] and page.body["total"] == 3
 
 
+def test_the_device_list_shows_every_model_a_device_serves(api: Api) -> None:
+    fill_fleet(api.engine)
+    faces = {**state("faces", 2), "update": {"model": "faces", "version": 3, "phase": "probation"}}
+    several = {**state("people", 5), "models": {"people": state("people", 5), "faces": faces}}
+    with api.engine.begin() as conn:
+        upsert_device(conn, "dev-d", NOW - 50, status=status("online", "door"))
+        upsert_device(conn, "dev-d", NOW - 40, state=several)
+    rows = {d["id"]: d for d in api.get("/api/v1/devices").body["devices"]}
+    assert set(rows["dev-d"]["models"]) == {"people", "faces"}
+    served = rows["dev-d"]["models"]["faces"]
+    assert (served["version"], served["phase"]) == (2, "idle")
+    assert served["update"]["phase"] == "probation"
+    assert (rows["dev-d"]["model"], rows["dev-d"]["version"]) == ("people", 5)  # as before
+    assert set(rows["dev-a"]["models"]) == {"colours"}  # one model: the top-level fields
+    assert rows["dev-a"]["models"]["colours"]["version"] == 3
+
+
 @pytest.mark.parametrize(
     ("params", "says"),
     [
