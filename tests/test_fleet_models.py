@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from agent.desired import parse_desired
-from agent.fleet.deploy import model_state, running_of, verdict_of
+from agent.fleet.deploy import model_state, running_of, serves, verdict_of
 from agent.fleet.drift import drift, shadow_figures, tvd
 from agent.fleet.shadow import Promote, check_options, shadow_payload
 from agent.verify import KeyRing, generate_keypair, load_private_key
@@ -192,6 +192,20 @@ def test_model_state_reads_models_then_the_top_level() -> None:
     assert verdict.status == "succeeded"
     top = verdict_of(SEVERAL, True, running_of(SEVERAL), "faces", 2, 100.0)
     assert top.status == "pending"  # what the old rule (top level) would have said
+
+
+@pytest.mark.parametrize(
+    ("state", "model", "expected"),
+    [
+        (SEVERAL, "faces", True),
+        (SEVERAL, "cars", False),  # it lists its models, not this one
+        ({"model": "people", "version": 1}, "cars", True),  # an older agent may switch
+        (None, "cars", True),  # not reported yet
+        ({"models": "junk"}, "cars", True),
+    ],
+)
+def test_serves(state: Any, model: str, expected: bool) -> None:
+    assert serves(state, model) is expected
 
 
 # -- edge-fleet on a real broker ---------------------------------------------------------
@@ -394,3 +408,24 @@ def test_devices_and_status_show_every_model_drift_and_shadow_figures(broker: Mo
     assert "drift: cam-3 v1 -> v2: classes 0.500, scores 1.000  DRIFT" in text, text
     assert "shadow run: cam-3 v3 running, top1 0.420 over 640 frames" in text, text
     assert "shadow: device cam-3 -> v3" in text, text
+
+
+def test_a_device_that_does_not_serve_the_model_fails_at_once_and_is_left_out_of_rollouts(
+    broker: Mosquitto,
+) -> None:
+    url = ("--broker", broker.url)
+    _leave(broker, _device("cam-5", "lab", SEVERAL))
+    begun = time.monotonic()
+    run = run_fleet("deploy", *url, "--model", "cars", "--version", "1", "--device", "cam-5",
+                    "--wait", "30", "--json")  # fmt: skip
+    assert run.code == 1 and time.monotonic() - begun < 10
+    assert "warning: cam-5 does not serve cars" in run.err
+    (device,) = run.json()["devices"]
+    assert device["detail"] == "does not serve cars (it serves: faces, people)"
+    run_issued = run.json()["issued_at"]
+    run = run_fleet("rollout", *url, "--model", "cars", "--version", "1", "--group", "lab")
+    assert run.code == 1
+    assert "do not serve cars and are left out: cam-5" in run.out
+    assert "no device reports group 'lab' under edge/ and serves cars" in run.err
+    kept = _retained(broker, "edge/cam-5/desired/cars")  # deploy's, retained for later
+    assert kept is not None and kept["issued_at"] == run_issued

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from agent.server import rollstore
 from agent.server.app import validation_detail
 from agent.server.auth import create_token
 from agent.server.context import Server
@@ -248,6 +249,11 @@ def test_the_device_list_shows_every_model_a_device_serves(api: Api) -> None:
     assert (rows["dev-d"]["model"], rows["dev-d"]["version"]) == ("people", 5)  # as before
     assert set(rows["dev-a"]["models"]) == {"colours"}  # one model: the top-level fields
     assert rows["dev-a"]["models"]["colours"]["version"] == 3
+    # a rollout of a model takes the members that may take it: not dev-d for cars
+    with api.engine.connect() as conn:
+        assert rollstore.members_of(conn, "door") == ["dev-a", "dev-c", "dev-d"]
+        assert rollstore.members_of(conn, "door", "faces") == ["dev-a", "dev-c", "dev-d"]
+        assert rollstore.members_of(conn, "door", "cars") == ["dev-a", "dev-c"]  # older agents
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,14 @@ from agent.errors import ConfigError, VerificationError
 from agent.fleet.acl import check_device_id, check_prefix, render_acl
 from agent.fleet.broker import FleetBroker, options_from_args
 from agent.fleet.cli_shadow import deploy_shadow, promote
-from agent.fleet.deploy import Watched, clear_desired, desired_payload, issue_time, watch
+from agent.fleet.deploy import (
+    Watched,
+    clear_desired,
+    desired_payload,
+    issue_time,
+    serves,
+    watch,
+)
 from agent.fleet.publish import index_info, publish, renew_index, signing_key_ids
 from agent.fleet.rollout import plan, rollout
 from agent.fleet.server_client import ServerClient
@@ -198,8 +205,15 @@ def _deploy(args: argparse.Namespace) -> int:
             f"(retained on {topic}{signed})"
         )
         members = [args.device] if args.device else view.members(args.group)
+        if args.device in view.devices and not serves(view.devices[args.device].state, args.model):
+            print(
+                f"edge-fleet: warning: {args.device} does not serve {args.model} (its state "
+                "lists its models); the desired state stays retained until it does",
+                file=sys.stderr,
+            )
         shadowed = []
         if args.group:
+            members = [m for m in members if serves(view.devices[m].state, args.model)]
             shadowed = [m for m in members if _own_desired_wins(view, m, public, args.model)]
             if shadowed:
                 print(

@@ -97,6 +97,15 @@ def model_state(state: Mapping[str, Any] | None, model: str) -> dict[str, Any] |
     return dict(state)
 
 
+def serves(state: Mapping[str, Any] | None, model: str) -> bool:
+    """Whether a device with this retained ``state`` takes a desired state of ``model``:
+    not when its state lists the models it serves (``models``) without ``model`` (it
+    does not follow that model's topic); an older agent (no ``models``) or one that has
+    not reported yet may."""
+    models = state.get("models") if isinstance(state, Mapping) else None
+    return not isinstance(models, Mapping) or model in models
+
+
 def running_of(part: Mapping[str, Any] | None) -> tuple[str | None, int | None]:
     """(model, version) a state (or a part of one, :func:`model_state`) says it runs."""
     part = part if isinstance(part, Mapping) else {}
@@ -113,6 +122,9 @@ def judge(view: FleetView, device_id: str, model: str, version: int, issued_at: 
     device = view.devices.get(device_id)
     if device is None:
         return verdict_of(None, None, (None, None), model, version, issued_at)
+    if not serves(device.state, model):
+        served = ", ".join(sorted((device.state or {}).get("models") or {}))[:200]
+        return Verdict("failed", f"does not serve {model} (it serves: {served})")
     part = model_state(device.state, model)
     return verdict_of(part, device.online, running_of(part), model, version, issued_at)
 

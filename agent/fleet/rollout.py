@@ -42,6 +42,7 @@ from agent.fleet.deploy import (
     issue_time,
     model_state,
     running_of,
+    serves,
     watch,
 )
 from agent.fleet.view import FleetView
@@ -149,11 +150,18 @@ def rollout(
     Raises BrokerError (no members, connection lost, a message refused), ConfigError
     (bad percentages) and VerificationError (the signing key cannot be loaded).
     """
-    members = view.members(group)
+    members = [d for d in view.members(group) if serves(view.devices[d].state, model)]
+    others = sorted(set(view.members(group)) - set(members))
+    if others:
+        say(
+            f"{len(others)} device(s) of group {group} do not serve {model} and are left "
+            f"out: {', '.join(others[:10])}{' …' if len(others) > 10 else ''}"
+        )
     if not members:
         raise BrokerError(
-            f"no device reports group {group!r} under {view.prefix}/ (devices name their "
-            "groups in their status; is device.groups set and the device connected once?)"
+            f"no device reports group {group!r} under {view.prefix}/ and serves {model} "
+            "(devices name their groups in their status and their models in their state; is "
+            "device.groups set and the device connected once?)"
         )
     unknown = [d.id for d in view.reporting() if d.status is not None and "groups" not in d.status]
     if unknown:

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from agent.desired import desired_topic
-from agent.fleet.deploy import model_state, refusal, running_of
+from agent.fleet.deploy import model_state, refusal, running_of, serves
 from agent.fleet.rollout import plan
 from agent.server.rollouts import (
     ACTIVE,
@@ -55,12 +55,19 @@ def json_doc(payload: bytes) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def members_of(conn: sa.Connection, group: str) -> list[str]:
-    """The devices whose last status names ``group``."""
+def members_of(conn: sa.Connection, group: str, model: str | None = None) -> list[str]:
+    """The devices whose last status names ``group`` (with ``model``: that may take a
+    desired state of it, :func:`agent.fleet.deploy.serves`)."""
     rows = conn.execute(
-        sa.select(device_groups.c.device).where(device_groups.c.group_name == group)
+        sa.select(device_groups.c.device, devices.c.state)
+        .join(devices, devices.c.id == device_groups.c.device, isouter=True)
+        .where(device_groups.c.group_name == group)
     )
-    return sorted(rows.scalars())
+    return sorted(
+        row.device
+        for row in rows
+        if model is None or serves(row.state if isinstance(row.state, dict) else None, model)
+    )
 
 
 def active_in(conn: sa.Connection, group: str) -> str | None:

@@ -252,12 +252,13 @@ def create_rollout(
     detail = body.model_dump()
     try:
         with server.engine.begin() as conn:
-            members = rollstore.members_of(conn, body.group)
+            members = rollstore.members_of(conn, body.group, body.model)
             if not members:
                 raise HTTPException(
                     409,
-                    f"no device reports group {body.group!r} (devices name their groups in "
-                    "their status; is device.groups set and the device connected once?)",
+                    f"no device reports group {body.group!r} and serves {body.model} (devices "
+                    "name their groups in their status and their models in their state; is "
+                    "device.groups set and the device connected once?)",
                 )
             rollout_id = rollstore.create(
                 conn,
