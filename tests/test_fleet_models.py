@@ -429,3 +429,34 @@ def test_a_device_that_does_not_serve_the_model_fails_at_once_and_is_left_out_of
     assert "no device reports group 'lab' under edge/ and serves cars" in run.err
     kept = _retained(broker, "edge/cam-5/desired/cars")  # deploy's, retained for later
     assert kept is not None and kept["issued_at"] == run_issued
+
+
+def test_hostile_models_outputs_and_shadows_are_skipped_not_shown_raw(broker: Mosquitto) -> None:
+    url = ("--broker", broker.url)
+    many = {f"m{i:02d}": {"model": f"m{i:02d}", "version": 1} for i in range(60)}
+    state = {
+        "model": "faces",
+        "version": 1,
+        "models": {
+            **many,
+            "faces": {"model": "faces", "version": "1; rm", "phase": "\x1b[2J"},
+            "bad name!": {"version": 1},
+            "junk": "not an object",
+        },
+        "shadows": {"faces": {"phase": 7, "agreement": "high", "frames": -1}},
+    }
+    outputs = {"faces": {"scores": "x", "classes": [], "previous": {"scores": [1] * 10}}}
+    _leave(broker, _device("cam-h", "lab", state, telemetry={"outputs": outputs}))
+    run = run_fleet("devices", *url, "--json")
+    assert run.code == 0, run.err
+    (row,) = run.json()
+    assert len(row["models"]) <= 32 and "bad name!" not in row["models"]
+    assert "junk" not in row["models"]
+    assert "\x1b" not in run.out + run.err and "\x1b" not in run_fleet("devices", *url).out
+    status = run_fleet("status", *url, "--model", "faces", "--json")
+    assert status.code == 0, status.err
+    assert status.json()["drift"] == {}
+    figures = status.json()["shadows"]["cam-h"]
+    assert (figures["phase"], figures["agreement"], figures["frames"]) == (None, None, None)
+    text = run_fleet("status", *url, "--model", "faces")
+    assert text.code == 0 and "\x1b" not in text.out

@@ -37,6 +37,7 @@ LIVE_S = 300.0  # telemetry older than this is not shown as a device's current f
 FOLLOWED = ("telemetry", "results", "events")
 ACTIVE_PHASES = ("downloading", "verifying", "validating", "activating", "probation")
 MAX_CELL = 64  # characters of one table cell
+MAX_MODELS = 32  # models read from one device's state (it serves at most 8 pipelines' worth)
 
 
 def warn_on_stderr(line: str) -> None:
@@ -115,7 +116,7 @@ class DeviceView:
         if isinstance(models, dict):
             return {
                 m: clean("state", part)[0]
-                for m, part in sorted(models.items())
+                for m, part in sorted(models.items())[:MAX_MODELS]
                 if isinstance(part, dict) and re.fullmatch(MODEL_NAME_PATTERN, m)
             }
         return {self.model: state} if self.model is not None else {}
