@@ -460,3 +460,15 @@ def test_hostile_models_outputs_and_shadows_are_skipped_not_shown_raw(broker: Mo
     assert (figures["phase"], figures["agreement"], figures["frames"]) == (None, None, None)
     text = run_fleet("status", *url, "--model", "faces")
     assert text.code == 0 and "\x1b" not in text.out
+
+
+def test_shadow_options_without_shadow_are_bad_usage() -> None:
+    run = run_fleet("deploy", "--broker", "mqtt://127.0.0.1:1", "--model", "m", "--version", "2",
+                    "--group", "g", "--sample", "50")  # fmt: skip
+    assert run.code == 2 and "--sample: only with --shadow" in run.err
+    run = run_fleet("deploy", "--broker", "mqtt://127.0.0.1:1", "--shadow", "--model", "m",
+                    "--group", "g", "--version", "2", "--wait", "5")  # fmt: skip
+    assert run.code == 2 and "--shadow: takes no --wait" in run.err
+    run = run_fleet("deploy", "--broker", "mqtt://127.0.0.1:1", "--shadow", "--clear",
+                    "--model", "m", "--group", "g", "--version", "2")  # fmt: skip
+    assert run.code == 2 and "--shadow --clear: takes only" in run.err

@@ -172,6 +172,11 @@ WATCHED = ("status", "state", "desired", "events", "telemetry")
 
 def _deploy(args: argparse.Namespace) -> int:
     _check_names(args.device, args.group)
+    shadow_only = ("--sample", "--max-cpu", "--promote-at", "--min-frames")
+    given = (args.sample, args.max_cpu, args.promote_at, args.min_frames)
+    if not args.shadow and any(v is not None for v in given):
+        named = [o for o, v in zip(shadow_only, given, strict=True) if v is not None]
+        raise ConfigError([f"{', '.join(named)}: only with --shadow"])
     if args.shadow:
         _release(args.model, args.version)
         _signing_key(args.sign_key)

@@ -272,14 +272,12 @@ def build() -> argparse.ArgumentParser:
     shadow.add_argument(
         "--sample",
         type=float,
-        default=10.0,
         metavar="PCT",
         help="share of frames the candidate runs on, 1..100 (default 10)",
     )
     shadow.add_argument(
         "--max-cpu",
         type=float,
-        default=25.0,
         metavar="PCT",
         help="share of wall time the candidate may take, 1..100 (default 25)",
     )

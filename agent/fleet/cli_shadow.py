@@ -22,7 +22,14 @@ from agent.desired import desired_topic, shadow_topic
 from agent.errors import ConfigError
 from agent.fleet.broker import FleetBroker
 from agent.fleet.deploy import Watched, desired_payload, issue_time, watch
-from agent.fleet.shadow import Promote, check_options, shadow_payload, shadow_version
+from agent.fleet.shadow import (
+    DEFAULT_MAX_CPU_PCT,
+    DEFAULT_SAMPLE_PCT,
+    Promote,
+    check_options,
+    shadow_payload,
+    shadow_version,
+)
 from agent.fleet.view import FleetView
 from agent.strictjson import dumps
 
@@ -56,7 +63,8 @@ def deploy_shadow(args: argparse.Namespace, broker: FleetBroker) -> int:
     topic = shadow_topic(args.prefix, target, args.model)
     say = _quiet(args)
     if args.clear:
-        if args.version is not None or args.sign_key or args.promote_at is not None:
+        extra = (args.version, args.promote_at, args.min_frames, args.sample, args.max_cpu)
+        if args.sign_key or any(v is not None for v in extra):
             raise ConfigError(["--shadow --clear: takes only --model and --device or --group"])
         with broker:
             broker.connect([])
@@ -67,7 +75,9 @@ def deploy_shadow(args: argparse.Namespace, broker: FleetBroker) -> int:
         return 0
     if args.version is None:
         raise ConfigError(["--shadow: needs --version (the candidate)"])
-    problems = check_options(args.sample, args.max_cpu, args.promote_at, args.min_frames)
+    sample = DEFAULT_SAMPLE_PCT if args.sample is None else args.sample
+    max_cpu = DEFAULT_MAX_CPU_PCT if args.max_cpu is None else args.max_cpu
+    problems = check_options(sample, max_cpu, args.promote_at, args.min_frames)
     if problems:
         raise ConfigError(problems)
     promote = None
@@ -79,8 +89,8 @@ def deploy_shadow(args: argparse.Namespace, broker: FleetBroker) -> int:
         args.version,
         target,
         issued_at,
-        sample_pct=args.sample,
-        max_cpu_pct=args.max_cpu,
+        sample_pct=sample,
+        max_cpu_pct=max_cpu,
         promote=promote,
         sign_key=args.sign_key,
     )
@@ -95,7 +105,7 @@ def deploy_shadow(args: argparse.Namespace, broker: FleetBroker) -> int:
     )
     say(
         f"shadow run of {args.model} v{args.version} on {target.replace(':', ' ')}: "
-        f"{args.sample:g} % of frames, at most {args.max_cpu:g} % CPU (retained on "
+        f"{sample:g} % of frames, at most {max_cpu:g} % CPU (retained on "
         f"{topic}{signed}){when}"
     )
     if args.json:
