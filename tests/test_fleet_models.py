@@ -251,6 +251,7 @@ def test_deploy_shadow_clear_and_promote_on_the_broker(broker: Mosquitto, tmp_pa
         "--sign-key", str(private), "--json",
     )  # fmt: skip
     assert run.code == 0, run.err
+    assert "warning" not in run.err  # cam-1 serves faces
     assert run.json()["topic"] == "edge/groups/door/shadow/faces"
     doc = _retained(broker, "edge/groups/door/shadow/faces")
     assert doc is not None
@@ -287,6 +288,9 @@ def test_deploy_shadow_clear_and_promote_on_the_broker(broker: Mosquitto, tmp_pa
     # a shadow run stopped by --clear
     assert run_fleet("deploy", *url, "--shadow", "--model", "faces", "--version", "4",
                      "--device", "cam-1").code == 0  # fmt: skip
+    other = run_fleet("deploy", *url, "--shadow", "--model", "cars", "--version", "1",
+                      "--group", "door")  # fmt: skip
+    assert other.code == 0 and "0 of 1 device(s) report serving cars: not cam-1" in other.err
     assert _retained(broker, "edge/cam-1/shadow/faces") is not None
     cleared = run_fleet("deploy", *url, "--shadow", "--clear", "--model", "faces",
                         "--device", "cam-1")  # fmt: skip

@@ -40,8 +40,8 @@ def _target(args: argparse.Namespace) -> str:
     return f"device:{args.device}" if args.device else f"group:{args.group}"
 
 
-def _load(broker: FleetBroker, view: FleetView) -> None:
-    broker.connect(view.subscriptions(WATCHED))
+def _load(broker: FleetBroker, view: FleetView, streams: tuple[str, ...] = WATCHED) -> None:
+    broker.connect(view.subscriptions(streams))
     for message in broker.messages():
         view.take(message)
 
@@ -94,9 +94,20 @@ def deploy_shadow(args: argparse.Namespace, broker: FleetBroker) -> int:
         promote=promote,
         sign_key=args.sign_key,
     )
+    view = FleetView(args.prefix)
     with broker:
-        broker.connect([])
+        _load(broker, view, ("status", "state"))
         broker.publish(topic, payload)
+    members = [args.device] if args.device else view.members(args.group)
+    serving = [m for m in members if m in view.devices and view.devices[m].served().get(args.model)]
+    if len(serving) < len(members) or not members:
+        left = sorted(set(members) - set(serving))
+        print(
+            f"edge-fleet: warning: {len(serving)} of {len(members)} device(s) report serving "
+            f"{args.model}{': not ' + ', '.join(left[:10]) if left else ''} (a device runs "
+            "the candidate only beside a model it serves)",
+            file=sys.stderr,
+        )
     signed = ", signed" if args.sign_key else ""
     when = (
         f"; promoted at agreement >= {promote.min_agreement:g} over {promote.min_frames} frames"
