@@ -126,7 +126,7 @@ def test_shadow_figures_keep_typed_values_only() -> None:
         ((100, 1, 0.95, 500), []),
         ((0, 25, None, None), ["--sample"]),
         ((10, 101, None, None), ["--max-cpu"]),
-        ((float("nan"), 25, None, None), ["--sample"]),
+        ((2.5, 25, None, None), ["--sample"]),  # a device takes whole percentages only
         ((10, 25, 1.5, 10), ["--promote-at"]),
         ((10, 25, 0.9, 0), ["--min-frames"]),
         ((10, 25, 0.9, None), ["--promote-at and --min-frames"]),
@@ -265,7 +265,7 @@ def test_deploy_shadow_clear_and_promote_on_the_broker(broker: Mosquitto, tmp_pa
 
     bad = run_fleet("deploy", *url, "--shadow", "--model", "faces", "--version", "3",
                     "--group", "door", "--sample", "0")  # fmt: skip
-    assert bad.code == 2 and "--sample: 0 is not a percentage from 1 to 100" in bad.err
+    assert bad.code == 2 and "--sample: 0 is not a whole percentage from 1 to 100" in bad.err
 
     status = run_fleet("status", *url, "--model", "faces", "--json")
     assert status.code == 0, status.err

@@ -271,15 +271,15 @@ def build() -> argparse.ArgumentParser:
     )
     shadow.add_argument(
         "--sample",
-        type=float,
+        type=int,
         metavar="PCT",
-        help="share of frames the candidate runs on, 1..100 (default 10)",
+        help="whole percentage of frames the candidate runs on, 1..100 (default 10)",
     )
     shadow.add_argument(
         "--max-cpu",
-        type=float,
+        type=int,
         metavar="PCT",
-        help="share of wall time the candidate may take, 1..100 (default 25)",
+        help="whole percentage of wall time the candidate may take, 1..100 (default 25)",
     )
     shadow.add_argument(
         "--promote-at",

@@ -28,8 +28,8 @@ from agent.desired import sign_desired
 from agent.fleet.deploy import MAX_AHEAD_S
 from agent.verify import load_private_key
 
-DEFAULT_SAMPLE_PCT = 10.0
-DEFAULT_MAX_CPU_PCT = 25.0
+DEFAULT_SAMPLE_PCT = 10  # whole percentages: a device refuses any other
+DEFAULT_MAX_CPU_PCT = 25
 
 
 @dataclass(frozen=True)
@@ -43,16 +43,20 @@ class Promote:
         return {"min_agreement": self.min_agreement, "min_frames": self.min_frames}
 
 
+def _whole_pct(value: float) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 100
+
+
 def check_options(
-    sample_pct: float, max_cpu_pct: float, promote_at: float | None, min_frames: int | None
+    sample_pct: int, max_cpu_pct: int, promote_at: float | None, min_frames: int | None
 ) -> list[str]:
     """One line per unusable option (``--sample``, ``--max-cpu``, ``--promote-at``,
     ``--min-frames``), naming it and the range it takes; [] when all are fine."""
     problems = []
-    if not (math.isfinite(sample_pct) and 1 <= sample_pct <= 100):
-        problems.append(f"--sample: {sample_pct:g} is not a percentage from 1 to 100")
-    if not (math.isfinite(max_cpu_pct) and 1 <= max_cpu_pct <= 100):
-        problems.append(f"--max-cpu: {max_cpu_pct:g} is not a percentage from 1 to 100")
+    if not _whole_pct(sample_pct):
+        problems.append(f"--sample: {sample_pct!r} is not a whole percentage from 1 to 100")
+    if not _whole_pct(max_cpu_pct):
+        problems.append(f"--max-cpu: {max_cpu_pct!r} is not a whole percentage from 1 to 100")
     if promote_at is not None and not (math.isfinite(promote_at) and 0 < promote_at <= 1):
         problems.append(f"--promote-at: {promote_at:g} is not an agreement above 0, at most 1")
     if min_frames is not None and min_frames < 1:
@@ -68,8 +72,8 @@ def shadow_payload(
     target: str,
     issued_at: float,
     *,
-    sample_pct: float = DEFAULT_SAMPLE_PCT,
-    max_cpu_pct: float = DEFAULT_MAX_CPU_PCT,
+    sample_pct: int = DEFAULT_SAMPLE_PCT,
+    max_cpu_pct: int = DEFAULT_MAX_CPU_PCT,
     promote: Promote | None = None,
     sign_key: Path | None = None,
 ) -> bytes:
@@ -93,18 +97,14 @@ def shadow_payload(
         "model": model,
         "version": version,
         "issued_at": issued_at,
-        "sample_pct": _whole(sample_pct),
-        "max_cpu_pct": _whole(max_cpu_pct),
+        "sample_pct": sample_pct,
+        "max_cpu_pct": max_cpu_pct,
         "promote": promote.to_dict() if promote else None,
         "target": target,
     }
     if sign_key is not None:
         doc = sign_desired(doc, load_private_key(sign_key))
     return json.dumps(doc).encode()
-
-
-def _whole(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else value
 
 
 def shadow_version(doc: Mapping[str, Any] | None, model: str) -> int | None:
