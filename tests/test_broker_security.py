@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,31 @@ def test_device_reads_its_groups_desired_state_and_no_other_group(
     assert topics_of(dev_a) == {"edge/groups/door/desired", "edge/dev-a/desired"}
     assert door and door[0].retain
     assert json.loads(door[0].payload)["for"] == "edge/groups/door/desired"
+
+
+def test_device_reads_its_own_and_its_groups_per_model_and_shadow_topics_only(
+    secure_broker: SecureBroker,
+) -> None:
+    mine = [
+        "edge/dev-a/desired/people",
+        "edge/dev-a/shadow/people",
+        "edge/groups/door/desired/people",
+        "edge/groups/door/shadow/people",
+    ]
+    others = ["edge/groups/yard/desired/people", "edge/groups/yard/shadow/people"]
+    others += ["edge/dev-b/desired/people", "edge/dev-b/shadow/people"]
+    with secure_broker.client("fleet") as fleet:
+        for topic in others + mine:
+            doc = {"model": "people", "version": 2, "for": topic}
+            sent = fleet.publish(topic, json.dumps(doc), retain=True)
+            assert sent in ("Success", "No matching subscribers")
+    filters = ["edge/groups/+/desired/+", "edge/groups/+/shadow/+", "edge/+/desired/+"]
+    with secure_broker.client("dev-a", [*filters, "edge/dev-a/shadow/+"]) as dev_a:
+        dev_a.wait_for_topic("edge/dev-a/shadow/people")
+        time.sleep(0.3)
+        for topic in mine:
+            assert dev_a.publish(topic, b'{"version": 1}', retain=True) == DENIED, topic
+    assert topics_of(dev_a) == set(mine)
 
 
 def test_device_cannot_write_desired_states_or_commands(secure_broker: SecureBroker) -> None:
@@ -251,6 +277,8 @@ def test_render_acl_grants_devices_only_their_own_topics() -> None:
         "pattern write acme/edge/%u/reply",
         "pattern write acme/edge/%u/reply/#",
         "pattern read acme/edge/%u/desired",
+        "pattern read acme/edge/%u/desired/+",
+        "pattern read acme/edge/%u/shadow/+",
         "pattern read acme/edge/%u/cmd/#",
         "pattern write homeassistant/sensor/%u/+/config",
         "pattern write homeassistant/binary_sensor/%u/+/config",
@@ -261,7 +289,11 @@ def test_render_acl_grants_devices_only_their_own_topics() -> None:
         "topic deny homeassistant/#",
         "user dev-a",
         "topic read acme/edge/groups/door/desired",
+        "topic read acme/edge/groups/door/desired/+",
+        "topic read acme/edge/groups/door/shadow/+",
         "topic read acme/edge/groups/lobby/desired",
+        "topic read acme/edge/groups/lobby/desired/+",
+        "topic read acme/edge/groups/lobby/shadow/+",
         "user fleet",
         "topic readwrite acme/edge/#",
         "topic readwrite homeassistant/#",

@@ -280,7 +280,7 @@ def test_deploy_signed_reaches_the_device_and_unsigned_foreign_or_stale_is_refus
     lab.publish(1)
     lab.publish(2)
     agent = lab.agent("dev-s").start()
-    topic = "edge/dev-s/desired"
+    topic = f"edge/dev-s/desired/{MODEL}"
     deploy = ("deploy", "--model", MODEL, "--device", "dev-s", "--wait", "30")
 
     run = lab.fleet(*deploy, "--version", "1")  # unsigned
@@ -548,7 +548,7 @@ def test_fleet_tools_work_over_mutual_tls_and_a_device_certificate_cannot_deploy
     ]
     run = as_cn("fleet", "deploy", "--model", "m", "--version", "2", "--group", "door", "--json")
     assert run.code == 0, run.err
-    assert run.json()["topic"] == "edge/groups/door/desired"
+    assert run.json()["topic"] == "edge/groups/door/desired/m"
     # A device's certificate may not give instructions, not even to itself.
     run = as_cn("dev-a", "deploy", "--model", "m", "--version", "3", "--device", "dev-a")
     assert run.code == 1 and "Not authorized" in run.err, run.err

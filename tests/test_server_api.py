@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from agent.server import rollstore
 from agent.server.app import validation_detail
 from agent.server.auth import create_token
 from agent.server.context import Server
@@ -231,6 +232,28 @@ def test_the_device_list_filters_and_shows_live_figures_only_when_fresh(api: Api
     assert ids(api.get("/api/v1/devices", model="other")) == []
     page = api.get("/api/v1/devices", limit=1, offset=1)
     assert ids(page) == ["dev-b"] and page.body["total"] == 3
+
+
+def test_the_device_list_shows_every_model_a_device_serves(api: Api) -> None:
+    fill_fleet(api.engine)
+    faces = {**state("faces", 2), "update": {"model": "faces", "version": 3, "phase": "probation"}}
+    several = {**state("people", 5), "models": {"people": state("people", 5), "faces": faces}}
+    with api.engine.begin() as conn:
+        upsert_device(conn, "dev-d", NOW - 50, status=status("online", "door"))
+        upsert_device(conn, "dev-d", NOW - 40, state=several)
+    rows = {d["id"]: d for d in api.get("/api/v1/devices").body["devices"]}
+    assert set(rows["dev-d"]["models"]) == {"people", "faces"}
+    served = rows["dev-d"]["models"]["faces"]
+    assert (served["version"], served["phase"]) == (2, "idle")
+    assert served["update"]["phase"] == "probation"
+    assert (rows["dev-d"]["model"], rows["dev-d"]["version"]) == ("people", 5)  # as before
+    assert set(rows["dev-a"]["models"]) == {"colours"}  # one model: the top-level fields
+    assert rows["dev-a"]["models"]["colours"]["version"] == 3
+    # a rollout of a model takes the members that may take it: not dev-d for cars
+    with api.engine.connect() as conn:
+        assert rollstore.members_of(conn, "door") == ["dev-a", "dev-c", "dev-d"]
+        assert rollstore.members_of(conn, "door", "faces") == ["dev-a", "dev-c", "dev-d"]
+        assert rollstore.members_of(conn, "door", "cars") == ["dev-a", "dev-c"]  # older agents
 
 
 @pytest.mark.parametrize(

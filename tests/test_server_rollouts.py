@@ -86,7 +86,8 @@ def test_a_rollout_issues_each_step_judges_it_then_sets_the_group() -> None:
     assert (a.outcome, a.issued_at, a.prior) == ("pending", T0 + 1, ("colours", 1))
     assert [m.outcome for m in got.members[1:]] == [None, None]  # later steps untouched
     pubs = due(got.rollout, got.members, "edge")
-    assert pubs == [Publication("edge/a/desired", "device:a", "colours", 2, T0 + 1, "a", "issue")]
+    issued = Publication("edge/a/desired/colours", "device:a", "colours", 2, T0 + 1, "a", "issue")
+    assert pubs == [issued]
     # sent: now judged; first look records the fingerprint, the device is pending
     members = [replace(got.members[0], sent=T0 + 2), *got.members[1:]]
     got = advance(got.rollout, got.steps, members, before, T0 + 3, issue)
@@ -105,12 +106,12 @@ def test_a_rollout_issues_each_step_judges_it_then_sets_the_group() -> None:
     assert got.rollout.status == "finishing" and got.rollout.final_issued_at is not None
     pubs = due(got.rollout, got.members, "edge")
     assert pubs[0] == Publication(
-        "edge/groups/door/desired", "group:door", "colours", 2, got.rollout.final_issued_at,
+        "edge/groups/door/desired/colours", "group:door", "colours", 2, got.rollout.final_issued_at,
         None, "final",
     )  # fmt: skip
     assert [(p.topic, p.model) for p in pubs[1:]] == [
-        ("edge/a/desired", None), ("edge/b/desired", None), ("edge/c/desired", None)
-    ]  # fmt: skip
+        (f"edge/{d}/desired/colours", None) for d in "abc"
+    ]
 
 
 def _sent(
@@ -170,7 +171,7 @@ def test_a_failure_in_a_step_halts_with_take_back(
     if status == "halting":
         assert got.rollout.reason == "canary failed on a"
         pubs = due(got.rollout, got.members, "edge")
-        assert len(pubs) == 1 and pubs[0].topic == "edge/a/desired"
+        assert len(pubs) == 1 and pubs[0].topic == "edge/a/desired/colours"
         if take_back == "set_back":
             assert (pubs[0].model, pubs[0].version) == ("colours", 1)
             assert a.timed_out and a.take_back_at is not None
@@ -267,7 +268,7 @@ class FakeDevice:
         status = {"schema": 1, "ts": time.time(), "state": "online", "groups": ["door"]}
         self._pub(f"edge/{device}/status", {**status, "agent_version": "0.1.0"})
         self.publish_state()
-        self.client.subscribe(f"edge/{device}/desired", qos=1)
+        self.client.subscribe(f"edge/{device}/desired/colours", qos=1)
 
     def _pub(self, topic: str, doc: dict[str, Any]) -> None:
         self.client.publish(topic, json.dumps(doc).encode(), qos=1, retain=True)
@@ -417,7 +418,7 @@ def test_a_rollout_succeeds_sets_the_group_and_clears_each_device(rig: Rig) -> N
     assert [s.status for s in steps] == ["succeeded"] * len(steps) and len(steps) == 3
     assert {m.outcome for m in members} == {"succeeded"}
     assert all(d.version == 2 for d in rig.devices.values())
-    group = json.loads(_retained(rig.broker, "edge/groups/door/desired") or b"{}")
+    group = json.loads(_retained(rig.broker, "edge/groups/door/desired/colours") or b"{}")
     assert (group["model"], group["version"], group["issued_at"]) == (
         "colours",
         2,
@@ -449,7 +450,7 @@ def test_a_failure_halts_the_rollout_and_takes_the_device_back(rig: Rig) -> None
     assert rig.devices[canary].got()[-1] is None  # its per-device desired state cleared
     others = [d for d in names if d != canary]
     assert all(rig.devices[d].got() == [] for d in others)  # untouched
-    assert _retained(rig.broker, "edge/groups/door/desired") is None
+    assert _retained(rig.broker, "edge/groups/door/desired/colours") is None
 
 
 def test_a_silent_device_fails_after_the_timeout_and_is_set_back(rig: Rig) -> None:
@@ -591,7 +592,8 @@ def test_deploy_over_http_publishes_the_desired_state_and_is_audited(rig: Rig) -
         assert wait_until(lambda: device.version == 2, WAIT_S)
         assert device.got()[0] is not None and device.got()[0]["issued_at"] == got.body["issued_at"]
         cleared = call("POST", f"{url}/api/v1/deploy", token=ops,
-                       body={"device": "d1", "clear": True})  # fmt: skip
+                       body={"device": "d1", "model": "colours", "clear": True})  # fmt: skip
+        assert cleared.body["topic"] == "edge/d1/desired/colours"
         assert cleared.status == 202 and wait_until(lambda: device.got()[-1] is None, WAIT_S)
     with rig.engine.connect() as conn:
         rows = conn.execute(

@@ -38,7 +38,8 @@ __all__ = [
 ]
 
 DEVICE_WRITES = ("status", "state", "telemetry", "results", "events", "reply", "reply/#")
-DEVICE_READS = ("desired", "cmd/#")
+DEVICE_READS = ("desired", "desired/+", "shadow/+", "cmd/#")
+GROUP_READS = ("desired", "desired/+", "shadow/+")  # a model's own topics: …/desired/MODEL
 HA_PREFIX = "homeassistant"  # Home Assistant's default discovery prefix
 
 
@@ -58,8 +59,9 @@ def render_acl(
 
     - a device (CN = device id) may write only ``PREFIX/<id>/status``, ``/state``,
       ``/telemetry``, ``/results``, ``/events``, ``/reply`` and ``/reply/#``, and read
-      only ``PREFIX/<id>/desired``, ``PREFIX/<id>/cmd/#`` and
-      ``PREFIX/groups/<group>/desired`` for the groups given here;
+      only ``PREFIX/<id>/desired``, ``PREFIX/<id>/desired/+``, ``PREFIX/<id>/shadow/+``,
+      ``PREFIX/<id>/cmd/#`` and ``PREFIX/groups/<group>/desired``, ``…/desired/+`` and
+      ``…/shadow/+`` for the groups given here (``+``: a model's own topic);
     - a device may write only its own Home Assistant discovery configs,
       ``HA_PREFIX/<component>/<id>/<object_id>/config``, and read ``HA_PREFIX/status``;
     - an admin may read and write everything under ``PREFIX/`` and ``HA_PREFIX/``;
@@ -126,10 +128,14 @@ def render_acl(
     ]
     grouped = {device: sorted(set(groups)) for device, groups in devices.items() if groups}
     if grouped:
-        lines += ["", "# The desired state of each device's groups (read only)."]
+        lines += ["", "# The desired states and shadow runs of each device's groups (read only)."]
     for device in sorted(grouped):
         lines.append(f"user {device}")
-        lines += [f"topic read {prefix}/groups/{group}/desired" for group in grouped[device]]
+        lines += [
+            f"topic read {prefix}/groups/{group}/{suffix}"
+            for group in grouped[device]
+            for suffix in GROUP_READS
+        ]
     lines += [
         "",
         "# Operators (edge-fleet deploy, devices, telemetry): everything under the prefix,",

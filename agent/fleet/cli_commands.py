@@ -21,24 +21,31 @@ from typing import Any
 
 from agent.atomic import write_atomic
 from agent.config import MODEL_NAME_PATTERN
-from agent.desired import desired_topic, parse_desired
+from agent.desired import desired_topic, parse_desired, shadow_topic
 from agent.errors import ConfigError, VerificationError
 from agent.fleet.acl import check_device_id, check_prefix, render_acl
 from agent.fleet.broker import FleetBroker, options_from_args
-from agent.fleet.deploy import Watched, desired_payload, issue_time, watch
+from agent.fleet.cli_shadow import deploy_shadow, promote
+from agent.fleet.deploy import (
+    Watched,
+    clear_desired,
+    desired_payload,
+    issue_time,
+    serves,
+    watch,
+)
 from agent.fleet.publish import index_info, publish, renew_index, signing_key_ids
 from agent.fleet.rollout import plan, rollout
 from agent.fleet.server_client import ServerClient
 from agent.fleet.server_client import follow as server_follow
 from agent.fleet.server_client import summary as server_summary
+from agent.fleet.status import model_status, status_text
 from agent.fleet.view import (
     FOLLOWED,
     REPORTS,
     FleetView,
     describe,
     devices_table,
-    model_status,
-    status_text,
 )
 from agent.strictjson import dumps
 from agent.verify import KeyRing, generate_keypair, key_id, load_private_key
@@ -141,17 +148,22 @@ def _signing_key(path: Path | None) -> KeyRing | None:
         raise ConfigError([f"--sign-key: {exc}"]) from exc
 
 
-def _own_desired_wins(view: FleetView, device: str, key: KeyRing | None) -> bool:
-    """Whether ``device`` has its own desired state that it accepts (so it wins over
-    its groups'); one it refuses (unsigned, another target) does not count."""
-    doc = view.devices[device].desired
-    if doc is None:
-        return False
-    try:
-        payload = dumps(doc).encode()
-        return parse_desired(payload, "device", target=f"device:{device}", key=key) is not None
-    except ValueError:
-        return False
+def _own_desired_wins(view: FleetView, device: str, key: KeyRing | None, model: str) -> bool:
+    """Whether ``device`` has its own desired state of ``model`` that it accepts (on the
+    model's topic or the legacy one; so it wins over its groups'); one it refuses
+    (unsigned, another target) does not count."""
+    own = view.devices[device]
+    docs = [own.desired_models.get(model), own.desired]
+    for doc in docs:
+        if doc is None or doc.get("model") != model:
+            continue
+        try:
+            payload = dumps(doc).encode()
+            if parse_desired(payload, "device", target=f"device:{device}", key=key) is not None:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 # What deploy --wait and rollout follow: telemetry counts as progress during probation.
@@ -160,8 +172,17 @@ WATCHED = ("status", "state", "desired", "events", "telemetry")
 
 def _deploy(args: argparse.Namespace) -> int:
     _check_names(args.device, args.group)
-    if args.clear and (args.model or args.version is not None or args.sign_key or args.wait):
-        raise ConfigError(["--clear: takes no --model, --version, --sign-key or --wait"])
+    shadow_only = ("--sample", "--max-cpu", "--promote-at", "--min-frames")
+    given = (args.sample, args.max_cpu, args.promote_at, args.min_frames)
+    if not args.shadow and any(v is not None for v in given):
+        named = [o for o, v in zip(shadow_only, given, strict=True) if v is not None]
+        raise ConfigError([f"{', '.join(named)}: only with --shadow"])
+    if args.shadow:
+        _release(args.model, args.version)
+        _signing_key(args.sign_key)
+        return deploy_shadow(args, _broker(args))
+    if args.clear and (args.version is not None or args.sign_key or args.wait):
+        raise ConfigError(["--clear: takes no --version, --sign-key or --wait"])
     if not args.clear and (not args.model or args.version is None):
         raise ConfigError(["--model and --version are required (or --clear)"])
     _release(args.model, args.version)
@@ -169,15 +190,15 @@ def _deploy(args: argparse.Namespace) -> int:
     public = _signing_key(args.sign_key)
     target = f"device:{args.device}" if args.device else f"group:{args.group}"
     view = FleetView(args.prefix)
-    topic = desired_topic(args.prefix, target)
+    topic = desired_topic(args.prefix, target, args.model)
     quiet = _say if not args.json else (lambda line: None)
     with _broker(args) as broker:
         _load(broker, view, WATCHED)
         if args.clear:
-            broker.publish(topic, b"")
-            quiet(f"cleared the desired state on {topic}")
+            cleared = clear_desired(broker, view, target, args.model)
+            quiet(f"cleared the desired state on {', '.join(cleared)}")
             if args.json:
-                print(dumps({"topic": topic, "cleared": True}))
+                print(dumps({"topic": topic, "topics": cleared, "cleared": True}))
             return 0
         issued_at = issue_time()
         broker.publish(
@@ -189,9 +210,16 @@ def _deploy(args: argparse.Namespace) -> int:
             f"(retained on {topic}{signed})"
         )
         members = [args.device] if args.device else view.members(args.group)
+        if args.device in view.devices and not serves(view.devices[args.device].state, args.model):
+            print(
+                f"edge-fleet: warning: {args.device} does not serve {args.model} (its state "
+                "lists its models); the desired state stays retained until it does",
+                file=sys.stderr,
+            )
         shadowed = []
         if args.group:
-            shadowed = [m for m in members if _own_desired_wins(view, m, public)]
+            members = [m for m in members if serves(view.devices[m].state, args.model)]
+            shadowed = [m for m in members if _own_desired_wins(view, m, public, args.model)]
             if shadowed:
                 print(
                     f"edge-fleet: warning: {len(shadowed)} device(s) of group {args.group} have "
@@ -288,7 +316,7 @@ def _forget(args: argparse.Namespace) -> int:
     _check_names(args.device)
     view = FleetView(args.prefix)
     with _broker(args) as broker:
-        _load(broker, view, ("status", "desired"))
+        _load(broker, view, ("status", "desired", "shadow"))
         device = view.devices.get(args.device)
         if device is not None and device.online and not args.force:
             print(
@@ -299,6 +327,10 @@ def _forget(args: argparse.Namespace) -> int:
             return 1
         for stream in REPORTS:
             broker.publish(f"{args.prefix}/{args.device}/{stream}", b"")
+        for model in sorted(device.desired_models if device is not None else ()):
+            broker.publish(desired_topic(args.prefix, f"device:{args.device}", model), b"")
+        for model in sorted(device.shadows if device is not None else ()):
+            broker.publish(shadow_topic(args.prefix, f"device:{args.device}", model), b"")
     print(f"forgot {args.device}: its retained {', '.join(REPORTS)} are removed")
     return 0
 
@@ -313,7 +345,7 @@ def _load(broker: FleetBroker, view: FleetView, streams: tuple[str, ...] = REPOR
 def _snapshot(args: argparse.Namespace) -> FleetView:
     view = FleetView(args.prefix)
     with _broker(args) as broker:
-        _load(broker, view)
+        _load(broker, view, (*REPORTS, "shadow"))
     return view
 
 
@@ -426,4 +458,10 @@ def run(args: argparse.Namespace) -> int:
         return _follow(args)
     elif args.command == "forget":
         return _forget(args)
+    elif args.command == "promote":
+        _check_names(args.device, args.group)
+        _release(args.model, args.version)
+        _seconds("--wait", args.wait)
+        _signing_key(args.sign_key)
+        return promote(args, _broker(args), args.sign_key)
     return 0

@@ -61,7 +61,16 @@ PAGES = {
         "with --sign-key). A lower version than a device runs is a deliberate rollback.",
         "edge-fleet deploy --model person-detector --version 3 --device pi-door-01 \\\n"
         "    --sign-key keys/deploy.key --wait 300\n"
-        "edge-fleet deploy --group door --clear",
+        "edge-fleet deploy --shadow --model person-detector --version 4 --group door \\\n"
+        "    --sample 10 --max-cpu 25 --promote-at 0.95 --min-frames 500\n"
+        "edge-fleet deploy --group door --model person-detector --clear",
+    ),
+    "promote": (
+        "Make the candidate of a shadow run (deploy --shadow) the desired release: a normal "
+        "desired state for it (through the device's gate and probation), and the shadow "
+        "run cleared. The version is the retained shadow instruction's unless --version.",
+        "edge-fleet promote --model person-detector --group door --sign-key keys/deploy.key "
+        "--wait 600",
     ),
     "rollout": (
         "Roll a release out to a group in steps: a canary share first, then --step shares, each "
@@ -247,7 +256,42 @@ def build() -> argparse.ArgumentParser:
     where.add_argument("--group", help="every device of a group without its own desired state")
     deploy.add_argument("--sign-key", type=Path, help="Ed25519 private key (from keygen)")
     deploy.add_argument(
-        "--clear", action="store_true", help="remove the desired state instead (no --model)"
+        "--clear",
+        action="store_true",
+        help="remove the desired state instead: of --model (its topic, and the legacy topic "
+        "when that names it), or without --model the legacy topic older fleet tools used",
+    )
+    shadow = deploy.add_argument_group(
+        "shadow run", "--shadow: run --version beside the active model, never publishing it"
+    )
+    shadow.add_argument(
+        "--shadow",
+        action="store_true",
+        help="publish a shadow run of --model v--version instead (with --clear: stop it)",
+    )
+    shadow.add_argument(
+        "--sample",
+        type=int,
+        metavar="PCT",
+        help="whole percentage of frames the candidate runs on, 1..100 (default 10)",
+    )
+    shadow.add_argument(
+        "--max-cpu",
+        type=int,
+        metavar="PCT",
+        help="whole percentage of wall time the candidate may take, 1..100 (default 25)",
+    )
+    shadow.add_argument(
+        "--promote-at",
+        type=float,
+        metavar="AGREEMENT",
+        help="the device promotes the candidate by itself at this agreement (0..1]",
+    )
+    shadow.add_argument(
+        "--min-frames",
+        type=int,
+        metavar="N",
+        help="... once it ran on at least N frames (with --promote-at)",
     )
     deploy.add_argument(
         "--wait",
@@ -258,6 +302,24 @@ def build() -> argparse.ArgumentParser:
         "waited for (exit 1 unless all succeed)",
     )
     deploy.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
+    prom = _sub(sub, "promote", "make a shadow run's candidate the desired release")
+    broker_options(prom)
+    prom.add_argument("--model", required=True, help="model name")
+    prom.add_argument(
+        "--version", type=int, help="release version (default: the shadow instruction's)"
+    )
+    where = prom.add_mutually_exclusive_group(required=True)
+    where.add_argument("--device", help="one device id")
+    where.add_argument("--group", help="a group")
+    prom.add_argument("--sign-key", type=Path, help="Ed25519 private key (from keygen)")
+    prom.add_argument(
+        "--wait",
+        type=float,
+        metavar="S",
+        help="wait for the devices' terminal states, as deploy --wait",
+    )
+    prom.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
     roll = _sub(sub, "rollout", "roll a release out to a group in steps")
     broker_options(roll)

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.desired import sign_desired
+from agent.desired import desired_topic, sign_desired
 from agent.fleet.broker import FleetBroker
+from agent.fleet.reports import clean
 from agent.fleet.view import FleetView
 from agent.verify import load_private_key
 
@@ -82,14 +83,50 @@ class Verdict:
     detail: str
 
 
+def model_state(state: Mapping[str, Any] | None, model: str) -> dict[str, Any] | None:
+    """The part of a device's ``state`` about ``model``: ``state.models[model]`` (checked
+    like a state document: :func:`agent.fleet.reports.clean`) when the device reports its
+    models (several pipelines, issue 20); ``{}`` when it reports them and ``model`` is
+    not one; else the top-level state (an older agent: its one model). None: no state."""
+    if not isinstance(state, Mapping):
+        return None
+    models = state.get("models")
+    if isinstance(models, Mapping):
+        part = models.get(model)
+        return clean("state", dict(part))[0] if isinstance(part, Mapping) else {}
+    return dict(state)
+
+
+def serves(state: Mapping[str, Any] | None, model: str) -> bool:
+    """Whether a device with this retained ``state`` takes a desired state of ``model``:
+    not when its state lists the models it serves (``models``) without ``model`` (it
+    does not follow that model's topic); an older agent (no ``models``) or one that has
+    not reported yet may."""
+    models = state.get("models") if isinstance(state, Mapping) else None
+    return not isinstance(models, Mapping) or model in models
+
+
+def running_of(part: Mapping[str, Any] | None) -> tuple[str | None, int | None]:
+    """(model, version) a state (or a part of one, :func:`model_state`) says it runs."""
+    part = part if isinstance(part, Mapping) else {}
+    model, version = part.get("model"), part.get("version")
+    return (
+        model if isinstance(model, str) else None,
+        version if isinstance(version, int) and not isinstance(version, bool) else None,
+    )
+
+
 def judge(view: FleetView, device_id: str, model: str, version: int, issued_at: float) -> Verdict:
-    """Where ``device_id`` stands on the desired state issued at ``issued_at``."""
+    """Where ``device_id`` stands on the desired state of ``model`` issued at
+    ``issued_at`` (from its state about that model: :func:`model_state`)."""
     device = view.devices.get(device_id)
     if device is None:
         return verdict_of(None, None, (None, None), model, version, issued_at)
-    return verdict_of(
-        device.state, device.online, (device.model, device.version), model, version, issued_at
-    )
+    if not serves(device.state, model):
+        served = ", ".join(sorted((device.state or {}).get("models") or {}))[:200]
+        return Verdict("failed", f"does not serve {model} (it serves: {served})")
+    part = model_state(device.state, model)
+    return verdict_of(part, device.online, running_of(part), model, version, issued_at)
 
 
 def verdict_of(
@@ -259,9 +296,34 @@ def watch(
             if w.verdict.status != "pending":
                 continue
             device = view.devices.get(report.device)
-            state = device.state if device is not None else None
-            if not report.retained and news(report.stream, report.doc, state, w.issued_at):
+            state = model_state(device.state if device is not None else None, model)
+            doc = state if report.stream == "state" else report.doc  # the state about it
+            if not report.retained and news(report.stream, doc, state, w.issued_at):
                 w.heard = time.monotonic()
             why = refusal(report.doc, w.topic, w.issued_at) if report.stream == "events" else None
             if why is not None:
                 settle(w, Verdict("failed", why))
+
+
+def clear_desired(
+    broker: FleetBroker, view: FleetView, target: str, model: str | None
+) -> list[str]:
+    """Clear ``target``'s desired state (``device:ID`` or ``group:NAME``) and return the
+    topics cleared: of ``model``, its own topic and the legacy one too when what ``view``
+    holds there names ``model`` (an older fleet tool put it there); without ``model``,
+    the legacy topic only."""
+    legacy = desired_topic(view.prefix, target)
+    topics = [legacy]
+    if model is not None:
+        kind, _, name = target.partition(":")
+        device = view.devices.get(name)
+        if kind == "group":
+            held = view.group_desired.get(name)
+        else:
+            held = device.desired if device is not None else None
+        topics = [desired_topic(view.prefix, target, model)]
+        if held is not None and held.get("model") == model:
+            topics.append(legacy)
+    for topic in topics:
+        broker.publish(topic, b"")
+    return topics

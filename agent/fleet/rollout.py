@@ -1,23 +1,23 @@
 """Staged rollouts: a release to a group, a few devices at a time, halting at the first
 failure.
 
-The group's members are the devices whose status names the group (online or not).
-They are put in a fixed order (by SHA-256 of ``group/device``, so the same devices are
-the canaries of every rollout in a group, and adding a device does not reshuffle the
-others) and cut into steps: the canary (``--canary`` percent, at least one device),
-then ``--step`` percent at a time. Each step sets the desired state of its devices
-(``<prefix>/<device>/desired``) and waits until every one of them has a terminal
-state. ``--timeout`` judges silence, not duration: a device that says nothing about
-the release for ``--timeout`` seconds counts as failed, so a rollout never stalls on a
-silent device, while one that keeps reporting progress (its phases, download progress,
-telemetry while on probation) is waited for, however long its probation or download
-(see :func:`agent.fleet.deploy.news`; the device's own deadlines bound every phase).
-Any failure halts the rollout: the devices not reached yet are left as they were,
-and the ones that took the release keep it. A device that refused the release or
-rolled it back runs what it ran before: its per-device desired state is cleared. A
-device that fell silent may still be updating (a stalled download, or it comes back
-online later): its per-device desired state is set back to the release it ran before
-the step, so it returns there instead of finishing the update unwatched.
+The group's members are the devices whose status names the group (online or not). They
+are put in a fixed order (by SHA-256 of ``group/device``, so the same devices are the
+canaries of every rollout in a group, and adding a device does not reshuffle the others)
+and cut into steps: the canary (``--canary`` percent, at least one device), then
+``--step`` percent at a time. Each step sets the desired state of its devices
+(``<prefix>/<device>/desired/<model>``: each model has its own) and waits until every
+one of them has a terminal state. ``--timeout`` judges silence, not duration: a device
+that says nothing about the release for ``--timeout`` seconds counts as failed, so a
+rollout never stalls on a silent device, while one that keeps reporting progress (its
+phases, download progress, telemetry while on probation) is waited for, however long its
+probation or download (see :func:`agent.fleet.deploy.news`; the device's own deadlines
+bound every phase). Any failure halts the rollout: the devices not reached yet are left
+as they were, and the ones that took the release keep it. A device that refused the
+release or rolled it back runs what it ran before: its per-device desired state is
+cleared. A device that fell silent may still be updating (a stalled download, or it
+comes back online later): its per-device desired state is set back to the release it ran
+before the step, so it returns there instead of finishing the update unwatched.
 
 When every member runs the release, the group's desired state is set (so devices that
 join the group later get it too) and the per-device desired states the rollout made
@@ -36,7 +36,15 @@ from typing import Any
 from agent.desired import desired_topic
 from agent.errors import ConfigError
 from agent.fleet.broker import BrokerError, FleetBroker
-from agent.fleet.deploy import Watched, desired_payload, issue_time, watch
+from agent.fleet.deploy import (
+    Watched,
+    desired_payload,
+    issue_time,
+    model_state,
+    running_of,
+    serves,
+    watch,
+)
 from agent.fleet.view import FleetView
 
 
@@ -142,11 +150,18 @@ def rollout(
     Raises BrokerError (no members, connection lost, a message refused), ConfigError
     (bad percentages) and VerificationError (the signing key cannot be loaded).
     """
-    members = view.members(group)
+    members = [d for d in view.members(group) if serves(view.devices[d].state, model)]
+    others = sorted(set(view.members(group)) - set(members))
+    if others:
+        say(
+            f"{len(others)} device(s) of group {group} do not serve {model} and are left "
+            f"out: {', '.join(others[:10])}{' …' if len(others) > 10 else ''}"
+        )
     if not members:
         raise BrokerError(
-            f"no device reports group {group!r} under {view.prefix}/ (devices name their "
-            "groups in their status; is device.groups set and the device connected once?)"
+            f"no device reports group {group!r} under {view.prefix}/ and serves {model} "
+            "(devices name their groups in their status and their models in their state; is "
+            "device.groups set and the device connected once?)"
         )
     unknown = [d.id for d in view.reporting() if d.status is not None and "groups" not in d.status]
     if unknown:
@@ -165,13 +180,13 @@ def rollout(
     for index, devices in enumerate(steps):
         name = step_name(index, canary_pct > 0)
         say(f"{name}: {', '.join(devices)}")
-        ran = {d: (view.devices[d].model, view.devices[d].version) for d in devices}
+        ran = {d: running_of(model_state(view.devices[d].state, model)) for d in devices}
         watched: list[Watched] = []
         outcome.steps.append(watched)
         try:
             for device in devices:
                 issued_at = issue_time()
-                topic = desired_topic(view.prefix, f"device:{device}")
+                topic = desired_topic(view.prefix, f"device:{device}", model)
                 payload = desired_payload(model, version, f"device:{device}", issued_at, sign_key)
                 broker.publish(topic, payload)
                 watched.append(Watched(device, topic, issued_at))
@@ -185,15 +200,15 @@ def rollout(
         if failed:
             outcome.halted = f"{name} failed on {', '.join(w.device for w in failed)}"
             outcome.untouched = [d for later in steps[index + 1 :] for d in later]
-            _take_back(broker, view, failed, ran, sign_key, say)
+            _take_back(broker, view, failed, ran, model, sign_key, say)
             return outcome
     issued_at = issue_time()
-    topic = desired_topic(view.prefix, f"group:{group}")
+    topic = desired_topic(view.prefix, f"group:{group}", model)
     broker.publish(topic, desired_payload(model, version, f"group:{group}", issued_at, sign_key))
     # The broker delivers in order: each device has the group's state before its own is
     # cleared, so it never falls back on an older group state meanwhile.
     for device in members:
-        broker.publish(desired_topic(view.prefix, f"device:{device}"), b"")
+        broker.publish(desired_topic(view.prefix, f"device:{device}", model), b"")
     say(f"group {group} desired state set to v{version}; per-device desired states cleared")
     return outcome
 
@@ -203,14 +218,16 @@ def _take_back(
     view: FleetView,
     failed: Sequence[Watched],
     ran: dict[str, tuple[str | None, int | None]],
+    model: str,
     sign_key: Path | None,
     say: Callable[[str], None],
 ) -> None:
-    """After a halt: failed devices go back to what they ran (see the module docstring)."""
+    """After a halt: failed devices go back to what they ran (see the module docstring),
+    on the model's own desired topic (so only a release of that model is set back)."""
     for w in failed:
-        topic = desired_topic(view.prefix, f"device:{w.device}")
-        model, version = ran.get(w.device, (None, None))
-        if w.timed_out and model is not None and version is not None:
+        topic = desired_topic(view.prefix, f"device:{w.device}", model)
+        ran_model, version = ran.get(w.device, (None, None))
+        if w.timed_out and ran_model == model and version is not None:
             target = f"device:{w.device}"
             broker.publish(topic, desired_payload(model, version, target, issue_time(), sign_key))
             say(

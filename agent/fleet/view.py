@@ -17,12 +17,14 @@ warning (stderr), and the rest of the fleet is shown as usual.
 from __future__ import annotations
 
 import datetime
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.config import MODEL_NAME_PATTERN
 from agent.errors import DocumentError
 from agent.fleet.acl import NAME_PATTERN, check_device_id
 from agent.fleet.broker import Message
@@ -30,10 +32,12 @@ from agent.fleet.reports import MAX_BYTES, MAX_DEPTH, clean, printable
 from agent.strictjson import dumps, parse_object
 
 REPORTS = ("status", "state", "telemetry", "desired")
+PER_MODEL = ("desired", "shadow")  # streams with a topic per model: …/desired/MODEL
 LIVE_S = 300.0  # telemetry older than this is not shown as a device's current figures
 FOLLOWED = ("telemetry", "results", "events")
 ACTIVE_PHASES = ("downloading", "verifying", "validating", "activating", "probation")
 MAX_CELL = 64  # characters of one table cell
+MAX_MODELS = 32  # models read from one device's state (it serves at most 8 pipelines' worth)
 
 
 def warn_on_stderr(line: str) -> None:
@@ -63,7 +67,9 @@ class DeviceView:
     status: dict[str, Any] | None = None
     state: dict[str, Any] | None = None
     telemetry: dict[str, Any] | None = None
-    desired: dict[str, Any] | None = None  # its own retained desired state
+    desired: dict[str, Any] | None = None  # its own retained desired state (legacy topic)
+    desired_models: dict[str, dict[str, Any]] = field(default_factory=dict)  # …/desired/M
+    shadows: dict[str, dict[str, Any]] = field(default_factory=dict)  # …/shadow/M
     last_seen: float | None = None  # the latest ``ts`` of anything it sent
 
     @property
@@ -102,6 +108,49 @@ class DeviceView:
                 return version
         return None
 
+    def served(self) -> dict[str, dict[str, Any]]:
+        """Every model the device serves -> its part of the state: ``state.models``
+        (several pipelines, cascade models too) or, from an older agent, its one model."""
+        state = self.state or {}
+        models = state.get("models")
+        if isinstance(models, dict):
+            return {
+                m: clean("state", part)[0]
+                for m, part in sorted(models.items())[:MAX_MODELS]
+                if isinstance(part, dict) and re.fullmatch(MODEL_NAME_PATTERN, m)
+            }
+        return {self.model: state} if self.model is not None else {}
+
+    def own_desired(self, model: str | None) -> dict[str, Any] | None:
+        """Its own retained desired state of ``model``: on the model's topic, else on
+        the legacy topic when that names ``model``."""
+        if model is None:
+            return None
+        if model in self.desired_models:
+            return self.desired_models[model]
+        return self.desired if (self.desired or {}).get("model") == model else None
+
+    def models_row(self) -> dict[str, dict[str, Any]]:
+        """Per served model: version, phase, the update, its own desired state, the
+        shadow instruction retained for it and the shadow run's figures."""
+        shadows = (self.state or {}).get("shadows")
+        shadows = shadows if isinstance(shadows, dict) else {}
+        out = {}
+        for model, part in self.served().items():
+            version = part.get("version")
+            update = part.get("update")
+            run = shadows.get(model)
+            out[model] = {
+                "version": version if isinstance(version, int) else None,
+                "phase": part.get("phase"),
+                "backend": part.get("backend"),
+                "update": update if isinstance(update, dict) else None,
+                "desired": self.own_desired(model),
+                "shadow": self.shadows.get(model),
+                "shadow_run": run if isinstance(run, dict) else None,
+            }
+        return out
+
     def _inference(self) -> dict[str, Any]:
         inference = (self.telemetry or {}).get("inference")
         return inference if isinstance(inference, dict) else {}
@@ -132,7 +181,8 @@ class DeviceView:
             "phase": self.phase,
             "update": update if isinstance(update, dict) else None,
             "last_error": (self.state or {}).get("last_error"),
-            "desired": self.desired,
+            "desired": self.own_desired(self.model) if self.model else self.desired,
+            "models": self.models_row(),
             "last_seen": self.last_seen,
             "agent_version": self.agent_version,
         }
@@ -147,6 +197,7 @@ class Report:
     doc: dict[str, Any] | None  # None: cleared (empty retained message)
     retained: bool
     group: str | None = None
+    model: str | None = None  # of a per-model topic (…/desired/MODEL, …/shadow/MODEL)
 
 
 @dataclass
@@ -156,14 +207,72 @@ class FleetView:
     prefix: str = "edge"
     devices: dict[str, DeviceView] = field(default_factory=dict)
     group_desired: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # group -> model -> its retained document on …/groups/G/desired/M, …/shadow/M
+    group_desired_models: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    group_shadows: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     warn: Callable[[str], None] = warn_on_stderr  # once per device (or topic) at most
     warned: set[str] = field(default_factory=set)
 
     def subscriptions(self, streams: Iterable[str] = REPORTS, device: str = "+") -> list[str]:
-        topics = [f"{self.prefix}/{device}/{stream}" for stream in streams]
+        topics = [f"{self.prefix}/{device}/{stream}" for stream in streams if stream != "shadow"]
+        topics += [f"{self.prefix}/{device}/{s}/+" for s in PER_MODEL if s in streams]
         if "desired" in streams and device == "+":
             topics.append(f"{self.prefix}/groups/+/desired")
+        if device == "+":
+            topics += [f"{self.prefix}/groups/+/{s}/+" for s in PER_MODEL if s in streams]
         return topics
+
+    def _per_model(self, message: Message, levels: list[str]) -> Report | None:
+        """A message on ``…/ID/desired|shadow/MODEL`` or ``…/groups/G/desired|shadow/MODEL``."""
+        group = levels[1] if len(levels) == 4 else None
+        name, stream, model = (levels[1], levels[2], levels[3]) if group else levels
+        who = f"topic {printable(message.topic, 120)}"
+        if group is not None and not NAME_PATTERN.fullmatch(group):
+            self._warn(who, "not a valid group name; skipped")
+            return None
+        if group is None and check_device_id(name) is not None:
+            self._warn(who, "not a valid device id; skipped")
+            return None
+        if not re.fullmatch(MODEL_NAME_PATTERN, model):
+            self._warn(who, "not a valid model name; skipped")
+            return None
+        usable, doc = self._read(
+            message, "desired", f"group {group}" if group else f"device {name}"
+        )
+        if not usable:
+            return None
+        if group is not None:
+            docs = self.group_desired_models if stream == "desired" else self.group_shadows
+            held = docs.setdefault(group, {})
+        else:
+            device = self.devices.get(name)
+            if device is None and doc is None:
+                return Report(name, stream, None, message.retained, model=model)
+            if device is None:
+                device = self.devices[name] = DeviceView(name)
+            held = device.desired_models if stream == "desired" else device.shadows
+        if doc is None:
+            held.pop(model, None)
+        else:
+            held[model] = doc
+        return Report(None if group else name, stream, doc, message.retained, group, model)
+
+    def desired_for(self, model: str) -> dict[str, dict[str, dict[str, Any]]]:
+        """The retained desired states of ``model``: ``{"groups": {G: doc}, "devices":
+        {ID: doc}}``, per-model topics first, else a legacy topic's naming ``model``."""
+        groups = {g: d for g, d in self.group_desired.items() if d.get("model") == model}
+        for g, docs in self.group_desired_models.items():
+            if model in docs:
+                groups[g] = docs[model]
+        own = {
+            i: d.desired
+            for i, d in self.devices.items()
+            if d.desired is not None and d.desired.get("model") == model
+        }
+        for i, d in self.devices.items():
+            if model in d.desired_models:
+                own[i] = d.desired_models[model]
+        return {"groups": groups, "devices": own}
 
     def _warn(self, who: str, line: str) -> None:
         if who not in self.warned:
@@ -196,6 +305,10 @@ class FleetView:
         if not message.topic.startswith(self.prefix + "/"):
             return None
         levels = message.topic[len(self.prefix) + 1 :].split("/")
+        if (len(levels) == 3 and levels[0] != "groups" and levels[1] in PER_MODEL) or (
+            len(levels) == 4 and levels[0] == "groups" and levels[2] in PER_MODEL
+        ):
+            return self._per_model(message, levels)
         if len(levels) == 3 and levels[0] == "groups" and levels[2] == "desired":
             group = levels[1]
             if not NAME_PATTERN.fullmatch(group):
@@ -288,6 +401,19 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _shadow_cell(part: dict[str, Any]) -> str:
+    """A model's shadow run in a few words: the candidate, its phase, its agreement."""
+    shadow, run = part["shadow"] or {}, part["shadow_run"] or {}
+    text = f"shadow v{shadow.get('version')}"
+    if run.get("version") == shadow.get("version") and run.get("phase"):
+        text += f" {run['phase']}"
+        agreement = run.get("agreement")
+        value = _number(agreement.get("value")) if isinstance(agreement, dict) else None
+        if value is not None:
+            text += f" agreement {value:.3f}"
+    return text
+
+
 def devices_table(view: FleetView, now: float | None = None) -> str:
     """``edge-fleet devices``: one row per device."""
     headers = [
@@ -323,83 +449,20 @@ def devices_table(view: FleetView, now: float | None = None) -> str:
                 _update_cell(row),
             ]
         )
+        # a device serving several models: one more row per other model (issue 20)
+        for model, part in row["models"].items():
+            if model == row["model"]:
+                continue
+            cell = {"phase": part["phase"], "update": part["update"]}
+            release = f"{model}@{part['version']}" if part["version"] else f"{model}@-"
+            blank = ["-"] * 6
+            rows.append(["", "", release, _fmt(part["backend"]), *blank, _update_cell(cell)])
+        shadowing = [f"{m}: {_shadow_cell(p)}" for m, p in row["models"].items() if p["shadow"]]
+        for line in shadowing:
+            rows.append(["", "", "", "", *["-"] * 6, line])
     if not rows:
         return "no device has reported under this prefix"
     return table(headers, rows)
-
-
-def _when(ts: Any) -> str:
-    value = _number(ts)
-    if value is None:
-        return printable(str(ts), 40)
-    try:
-        moment = datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
-    except (ValueError, OverflowError, OSError):  # a time out of range
-        return printable(str(ts), 40)
-    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def model_status(view: FleetView, model: str) -> dict[str, Any]:
-    """``edge-fleet status --model``: which versions run where, what is desired."""
-    versions: dict[str, list[str]] = {}
-    updating: list[dict[str, Any]] = []
-    offline: list[str] = []
-    bad: dict[str, list[str]] = {}
-    for device in view.reporting():
-        if device.model != model:
-            continue
-        key = str(device.version) if device.version is not None else "none"
-        versions.setdefault(key, []).append(device.id)
-        if device.online is False:
-            offline.append(device.id)
-        update = (device.state or {}).get("update")
-        if device.phase in ACTIVE_PHASES and isinstance(update, dict):
-            updating.append(
-                {"device": device.id, "version": update.get("version"), "phase": device.phase}
-            )
-        marks = (device.state or {}).get("bad")
-        for mark in marks if isinstance(marks, list) else []:
-            name, _, version = str(mark).partition("@")
-            if name == model:
-                bad.setdefault(version, []).append(device.id)
-    desired_devices = {
-        d.id: d.desired
-        for d in view.devices.values()
-        if d.desired is not None and d.desired.get("model") == model
-    }
-    desired_groups = {g: doc for g, doc in view.group_desired.items() if doc.get("model") == model}
-    return {
-        "model": model,
-        "versions": dict(sorted(versions.items(), key=lambda kv: kv[0])),
-        "offline": offline,
-        "updating": updating,
-        "bad": bad,
-        "desired": {"groups": desired_groups, "devices": desired_devices},
-    }
-
-
-def status_text(status: dict[str, Any]) -> str:
-    lines = [f"model {status['model']}"]
-    offline = set(status["offline"])
-    if not status["versions"]:
-        lines.append("  no device reports running it")
-    for version, devices in status["versions"].items():
-        names = ", ".join(f"{d} (offline)" if d in offline else d for d in devices)
-        count = f"{len(devices)} device" + ("s" if len(devices) != 1 else "")
-        label = f"v{version}" if version != "none" else "nothing active"
-        lines.append(f"  {label:<8} {count:<10} {names}")
-    for item in status["updating"]:
-        lines.append(f"  updating: {item['device']} -> v{item['version']} ({item['phase']})")
-    for version, devices in sorted(status["bad"].items()):
-        lines.append(f"  refused v{version} (marked bad): {', '.join(devices)}")
-    desired = status["desired"]
-    for kind in ("groups", "devices"):
-        for name, doc in sorted(desired[kind].items()):
-            issued = _when(doc.get("issued_at"))
-            lines.append(
-                f"  desired: {kind[:-1]} {name} -> v{doc.get('version')} (issued {issued})"
-            )
-    return "\n".join(lines)
 
 
 def _clock(ts: Any) -> str:

@@ -162,7 +162,7 @@ class RolloutDriver:
                 if loaded is None:
                     return
                 r, steps, members = loaded
-                observed = rollstore.observe(conn, members, self.server.prefix, r.step)
+                observed = rollstore.observe(conn, members, self.server.prefix, r.step, r.model)
             moved = advance(r, steps, members, observed, now, issue_time)
             changed = moved.rollout != r or moved.steps != steps or moved.members != members
             if changed:

@@ -309,7 +309,7 @@ def due(r: Rollout, members: Sequence[Member], prefix: str) -> list[Publication]
                 target = f"device:{m.device}"
                 out.append(
                     Publication(
-                        desired_topic(prefix, target),
+                        desired_topic(prefix, target, r.model),
                         target,
                         r.model,
                         r.version,
@@ -323,9 +323,9 @@ def due(r: Rollout, members: Sequence[Member], prefix: str) -> list[Publication]
             if m.take_back is None or m.take_back_sent is not None:
                 continue
             target = f"device:{m.device}"
-            topic = desired_topic(prefix, target)
-            if m.take_back == "set_back" and m.take_back_at is not None:
-                model, version = m.prior
+            topic = desired_topic(prefix, target, r.model)
+            model, version = m.prior
+            if m.take_back == "set_back" and m.take_back_at is not None and model == r.model:
                 at = m.take_back_at
                 out.append(Publication(topic, target, model, version, at, m.device, "take_back"))
             else:
@@ -334,7 +334,7 @@ def due(r: Rollout, members: Sequence[Member], prefix: str) -> list[Publication]
         target = f"group:{r.group}"
         out.append(
             Publication(
-                desired_topic(prefix, target),
+                desired_topic(prefix, target, r.model),
                 target,
                 r.model,
                 r.version,
@@ -344,7 +344,7 @@ def due(r: Rollout, members: Sequence[Member], prefix: str) -> list[Publication]
         )
         for m in members:
             target = f"device:{m.device}"
-            out.append(Publication(desired_topic(prefix, target), target, kind="clear"))
+            out.append(Publication(desired_topic(prefix, target, r.model), target, kind="clear"))
     return out
 
 

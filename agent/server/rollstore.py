@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from agent.desired import desired_topic
-from agent.fleet.deploy import refusal
+from agent.fleet.deploy import model_state, refusal, running_of, serves
 from agent.fleet.rollout import plan
 from agent.server.rollouts import (
     ACTIVE,
@@ -55,12 +55,19 @@ def json_doc(payload: bytes) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def members_of(conn: sa.Connection, group: str) -> list[str]:
-    """The devices whose last status names ``group``."""
+def members_of(conn: sa.Connection, group: str, model: str | None = None) -> list[str]:
+    """The devices whose last status names ``group`` (with ``model``: that may take a
+    desired state of it, :func:`agent.fleet.deploy.serves`)."""
     rows = conn.execute(
-        sa.select(device_groups.c.device).where(device_groups.c.group_name == group)
+        sa.select(device_groups.c.device, devices.c.state)
+        .join(devices, devices.c.id == device_groups.c.device, isouter=True)
+        .where(device_groups.c.group_name == group)
     )
-    return sorted(rows.scalars())
+    return sorted(
+        row.device
+        for row in rows
+        if model is None or serves(row.state if isinstance(row.state, dict) else None, model)
+    )
 
 
 def active_in(conn: sa.Connection, group: str) -> str | None:
@@ -328,10 +335,12 @@ def mark_sent(
 
 
 def observe(
-    conn: sa.Connection, members: Sequence[Member], prefix: str, current: int
+    conn: sa.Connection, members: Sequence[Member], prefix: str, current: int, model: str
 ) -> dict[str, Observed]:
     """What the ingested rows say about each member that is waited for (sent and
-    pending) or about to be issued (its step is ``all_current``: its running release)."""
+    pending) or about to be issued (its step is ``all_current``: its running release),
+    from its state about ``model`` (:func:`agent.fleet.deploy.model_state`: the state's
+    ``models[model]`` when the device reports its models, else the top-level state)."""
     out: dict[str, Observed] = {}
     for m in members:
         waited = m.outcome == "pending" and m.sent is not None and m.issued_at is not None
@@ -344,13 +353,13 @@ def observe(
         if row is None:
             out[m.device] = Observed()
             continue
-        state = row.state if isinstance(row.state, dict) else None
-        running = (row.model, row.version)
+        state = model_state(row.state if isinstance(row.state, dict) else None, model)
+        running = running_of(state) if state is not None else (row.model, row.version)
         if not waited or m.issued_at is None or m.sent is None:
             out[m.device] = Observed(state, row.online, running)
             continue
         docs = _events_since(conn, m.device, m.sent - EVENT_SKEW_S)
-        topic = desired_topic(prefix, f"device:{m.device}")
+        topic = desired_topic(prefix, f"device:{m.device}", model)
         why = next((w for d in docs if (w := refusal(d, topic, m.issued_at)) is not None), None)
         telemetry_ts = conn.execute(
             sa.select(sa.func.max(telemetry_raw.c.ts)).where(

@@ -47,6 +47,16 @@ class UpdateInfo(BaseModel):
     reason: str | None = None
 
 
+class ServedModel(BaseModel):
+    """One model a device serves, from its state (``models``, or the top-level fields
+    of an agent with one model)."""
+
+    version: int | None = None
+    phase: str | None = None
+    backend: str | None = None
+    update: UpdateInfo | None = None
+
+
 class DeviceSummary(BaseModel):
     """One device as ``edge-fleet devices`` shows it. fps, p95_ms and temp_c are null
     unless the device is online and its latest telemetry is at most 5 minutes old."""
@@ -68,6 +78,9 @@ class DeviceSummary(BaseModel):
     update: UpdateInfo | None
     last_error: str | None
     telemetry_ts: float | None = Field(description="Device time of the latest telemetry.")
+    models: dict[str, ServedModel] = Field(
+        default_factory=dict, description="Every model it serves (several pipelines, cascades)"
+    )
 
 
 class DeviceList(BaseModel):
@@ -152,6 +165,9 @@ def _unknown(device: str) -> HTTPException:
     return HTTPException(404, f"no device {device!r} has reported to this server")
 
 
+MAX_SERVED = 32  # models listed per device (a device serves at most 8 pipelines' worth)
+
+
 def _summary(row: Any, now: float) -> dict[str, Any]:
     live = queries.live_figures(row, now)
     update = live["update"]
@@ -173,7 +189,28 @@ def _summary(row: Any, now: float) -> dict[str, Any]:
         "update": _update(update) if update is not None else None,
         "last_error": _text(live["last_error"]),
         "telemetry_ts": row["telemetry_ts"],
+        "models": _served(row["state"] if isinstance(row["state"], dict) else {}),
     }
+
+
+def _served(state: dict[str, Any]) -> dict[str, ServedModel]:
+    """Every model the state says the device serves (MAX_SERVED at most)."""
+    models = state.get("models")
+    if not isinstance(models, dict):
+        model = state.get("model")
+        models = {model: state} if isinstance(model, str) else {}
+    out = {}
+    for name, part in list(models.items())[:MAX_SERVED]:
+        if not isinstance(part, dict):
+            continue
+        version, update = part.get("version"), part.get("update")
+        out[name] = ServedModel(
+            version=version if isinstance(version, int) and not isinstance(version, bool) else None,
+            phase=_text(part.get("phase")),
+            backend=_text(part.get("backend")),
+            update=_update(update) if isinstance(update, dict) else None,
+        )
+    return out
 
 
 def _text(value: Any) -> str | None:

@@ -53,7 +53,9 @@ class DeployRequest(BaseModel):
     """A desired state for one device or one group (or clearing it)."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, description="model name (not with clear)")
+    model: str | None = Field(
+        None, description="model name (with clear: its desired state; none: the legacy topic's)"
+    )
     version: int | None = Field(None, description="release version (not with clear)")
     device: str | None = Field(None, description="a device id (or group)")
     group: str | None = Field(None, description="a group name (or device)")
@@ -137,8 +139,8 @@ def deploy(
     problems: list[str] = []
     if (body.device is None) == (body.group is None):
         problems.append("give one of device or group")
-    if body.clear and (body.model is not None or body.version is not None):
-        problems.append("clear takes no model or version")
+    if body.clear and body.version is not None:
+        problems.append("clear takes no version (a model: clear that model's desired state)")
     if not body.clear and (body.model is None or body.version is None):
         problems.append("model and version are required (or clear)")
     problems += _check_release(body.model, body.version)
@@ -166,7 +168,9 @@ def deploy(
     if busy is not None:
         _audit(server, caller, action, target, "refused", rollout=busy)
         raise HTTPException(409, f"{kind} {name} is in rollout {busy}, in progress; abort it first")
-    topic = desired_topic(server.prefix, target)
+    # each model has its own topic; a clear without a model clears the one topic older
+    # fleet tools used (docs/server.md)
+    topic = desired_topic(server.prefix, target, body.model)
     issued_at = issue_time()
     try:
         if body.clear:
@@ -248,12 +252,13 @@ def create_rollout(
     detail = body.model_dump()
     try:
         with server.engine.begin() as conn:
-            members = rollstore.members_of(conn, body.group)
+            members = rollstore.members_of(conn, body.group, body.model)
             if not members:
                 raise HTTPException(
                     409,
-                    f"no device reports group {body.group!r} (devices name their groups in "
-                    "their status; is device.groups set and the device connected once?)",
+                    f"no device reports group {body.group!r} and serves {body.model} (devices "
+                    "name their groups in their status and their models in their state; is "
+                    "device.groups set and the device connected once?)",
                 )
             rollout_id = rollstore.create(
                 conn,
