@@ -23,7 +23,7 @@ from agent.shadow.agreement import (
     should_promote,
 )
 from agent.shadow.instruction import Promote, parse_shadow, winner
-from agent.shadow.outputs import OutputStats, bin_of, distance, histogram_distance
+from agent.shadow.outputs import OutputStats, bin_of
 from agent.verify import KeyRing, generate_keypair, load_private_key
 
 
@@ -168,14 +168,6 @@ def test_should_promote(
 )
 def test_bin_of(score: float, bin_: int) -> None:
     assert bin_of(score) == bin_
-
-
-def test_distance() -> None:
-    assert distance({"a": 5}, {"a": 1}) == 0.0
-    assert distance({"a": 5}, {"b": 5}) == 1.0
-    assert distance({"a": 1, "b": 1}, {"a": 1}) == pytest.approx(0.5)
-    assert distance({}, {"a": 1}) is None
-    assert histogram_distance([1] + [0] * 9, [0] * 9 + [1]) == 1.0
 
 
 def _result(version: int, output: Output) -> tuple[Item, Result]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,19 +99,6 @@ class VersionStats:
         if not ok:
             return None
         return cls(version, frames, list(scores), dict(list(classes.items())[:MAX_CLASSES]))
-
-
-def distance(a: Mapping[Any, int], b: Mapping[Any, int]) -> float | None:
-    """Total variation distance of two count tables (0..1); None when one is empty."""
-    ta, tb = sum(a.values()), sum(b.values())
-    if ta <= 0 or tb <= 0:
-        return None
-    return 0.5 * sum(abs(a.get(k, 0) / ta - b.get(k, 0) / tb) for k in set(a) | set(b))
-
-
-def histogram_distance(a: list[int], b: list[int]) -> float | None:
-    """Total variation distance of two score histograms (0..1)."""
-    return distance(dict(enumerate(a)), dict(enumerate(b)))
 
 
 class OutputStats:
