@@ -123,16 +123,16 @@ def main(argv: list[str] | None = None) -> int:
             ):  # it prints what it finds and logs nothing: the settings are only checked
                 logsettings.resolve_level(level, os.environ, default)
                 logsettings.resolve_format(fmt, os.environ)
-            else:
-                from agent import logs
+            elif args.command == "status" and not logsettings.old_variable_used(
+                level, os.environ
+            ):  # it seldom logs: logging is set up (and imported) before a first line
+                logsettings.resolve_level(level, os.environ, default)
+                logsettings.resolve_format(fmt, os.environ)
+                from agent import lazylog
 
-                logs.setup(
-                    level,
-                    fmt,
-                    sys.stderr,
-                    default=default,
-                    ring=args.command in ("run", "demo"),  # an agent serves its `logs` command
-                )
+                lazylog.defer(lambda: _setup_logs(level, fmt, default, ring=False))
+            else:  # an agent serves its `logs` command from a ring of the last lines
+                _setup_logs(level, fmt, default, ring=args.command in ("run", "demo"))
         except logsettings.LogSettingError as exc:  # from the environment (options are choices)
             print(f"edge-agent: {exc}", file=sys.stderr)
             return 2
@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as exc:  # a bug: one line, and the traceback when debugging
         return internal_error("edge-agent", exc)
+
+
+def _setup_logs(level: str | None, fmt: str | None, default: str, *, ring: bool) -> None:
+    from agent import logs
+
+    logs.setup(level, fmt, sys.stderr, default=default, ring=ring)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

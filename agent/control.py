@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import socket
 import stat
@@ -34,12 +33,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from agent import lazylog
 from agent.commands import CommandError, Handler
 from agent.errors import DocumentError, EdgeAgentError, StoreError
 from agent.locks import HolderLock, Role
 from agent.strictjson import dumps, parse_object
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)  # logging is imported when a line is logged
 
 MAX_BYTES = 64 * 1024
 IO_TIMEOUT_S = 5.0

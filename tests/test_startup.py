@@ -86,6 +86,9 @@ CHECK_CONFIG_FORBIDDEN = (
     "logging",
     "agent.logs",
 )
+# status seldom logs: logging and the agent's setup of it (~5 ms) are imported before a
+# first line (agent.lazylog); its small records are structs, not dataclasses (~3 ms).
+STATUS_FORBIDDEN = (*ONE_SHOT_FORBIDDEN, "logging", "agent.logs", "dataclasses")
 FLEET_HELP_FORBIDDEN = HEAVY + DOCUMENTS + DEVICE_SIDE + ("agent.fleet.cli_commands",)
 
 # Runs the entry point, then writes the names of the loaded modules as JSON to a file.
@@ -183,8 +186,46 @@ def test_status_and_check_config_load_no_heavy_module(tmp_path: Path, command: l
     code, modules, stderr = _loaded(tmp_path, "edge_agent", *command, "--config", str(config))
     assert code == 0, stderr
     assert "agent.config" in modules  # the command did run
-    forbidden = CHECK_CONFIG_FORBIDDEN if command == ["check-config"] else ONE_SHOT_FORBIDDEN
+    forbidden = CHECK_CONFIG_FORBIDDEN if command == ["check-config"] else STATUS_FORBIDDEN
     assert _forbidden_in(modules, forbidden) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--log-format", "json"], '"logger": "agent.store"'),
+        ([], "WARNING agent.store: store repaired: blobs/x: a link; removed"),
+    ],
+)
+def test_status_sets_logging_up_before_its_first_line(
+    tmp_path: Path, options: list[str], expected: str
+) -> None:
+    """status imports logging only to log, and then the line reads as the command's
+    settings say (the format chosen, the level), as if logging had been set up at start."""
+    config = _device_config(tmp_path)
+    script = (
+        "import sys\n"
+        "from agent import entry\n"
+        "sys.argv[0] = 'edge-agent'\n"
+        "code = entry.edge_agent()\n"
+        "assert 'logging' not in sys.modules\n"
+        "from agent import store\n"
+        "store.log.info('not at the default level')\n"
+        "store.log.warning('store repaired: %s', 'blobs/x: a link; removed')\n"
+        "sys.exit(code)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, "status", *options, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert expected in done.stderr and "not at the default level" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
 
 
 def test_check_config_reads_a_signing_key_when_one_is_set(tmp_path: Path) -> None:
