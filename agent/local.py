@@ -13,8 +13,6 @@
   is never modified under a running agent.
 """
 
-from __future__ import annotations
-
 import contextlib
 import time
 from collections.abc import Callable, Iterator

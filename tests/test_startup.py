@@ -88,7 +88,18 @@ CHECK_CONFIG_FORBIDDEN = (
 )
 # status seldom logs: logging and the agent's setup of it (~5 ms) are imported before a
 # first line (agent.lazylog); its small records are structs, not dataclasses (~3 ms).
-STATUS_FORBIDDEN = (*ONE_SHOT_FORBIDDEN, "logging", "agent.logs", "dataclasses")
+# OpenSSL's hashlib (~2.5 ms) is for files and downloads: a manifest is hashed with
+# CPython's own SHA-256; socket (~2 ms) only when a control socket file is there to ask.
+STATUS_FORBIDDEN = (
+    *ONE_SHOT_FORBIDDEN,
+    "logging",
+    "agent.logs",
+    "dataclasses",
+    "hashlib",
+    "_hashlib",
+    "socket",
+    "signal",
+)
 FLEET_HELP_FORBIDDEN = HEAVY + DOCUMENTS + DEVICE_SIDE + ("agent.fleet.cli_commands",)
 
 # Runs the entry point, then writes the names of the loaded modules as JSON to a file.
@@ -188,6 +199,48 @@ def test_status_and_check_config_load_no_heavy_module(tmp_path: Path, command: l
     assert "agent.config" in modules  # the command did run
     forbidden = CHECK_CONFIG_FORBIDDEN if command == ["check-config"] else STATUS_FORBIDDEN
     assert _forbidden_in(modules, forbidden) == []
+
+
+def test_status_with_a_release_active_loads_no_openssl(tmp_path: Path) -> None:
+    """The active manifest is hashed (and checked against the pointer) with CPython's
+    own SHA-256: the same digest as hashlib's, and neither hashlib nor socket loaded."""
+    import hashlib
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "v1.tflite").write_bytes(modelgen.colour_classifier())
+    (models / "colours.txt").write_text("red\ngreen\nblue\n")
+    publish_models(tmp_path / "registry", models, (1,))
+    config = _device_config(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings["model"] = {"name": MODEL}
+    settings["store"]["reserve_mb"] = 0
+    config.write_text(yaml.safe_dump(settings))
+    pull = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "models", "pull", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert pull.returncode == 0, pull.stderr
+    code, modules, stderr = _loaded(
+        tmp_path, "edge_agent", "status", "--json", "--config", str(config)
+    )
+    assert code == 0, stderr
+    assert _forbidden_in(modules, STATUS_FORBIDDEN) == []
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "status", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    active = json.loads(done.stdout)["active"]
+    raw = (tmp_path / "store" / "releases" / MODEL / "1" / "manifest.json").read_bytes()
+    assert active["version"] == 1
+    assert active["manifest_sha256"] == hashlib.sha256(raw).hexdigest()
 
 
 @pytest.mark.parametrize(
