@@ -76,6 +76,9 @@ ONE_SHOT_FORBIDDEN = (
     "shutil",  # and zlib, bz2, lzma: argparse sizes its help with it; the store removes
     "tempfile",  # the store writes
 )
+# msgspec is loaded without typing_extensions (inspect, dis, ast, tokenize: ~7 ms), whose
+# get_type_hints is typing's from Python 3.11 (agent.cli._load_msgspec_alone).
+MSGSPEC_ALONE = ("typing_extensions", "inspect") if sys.version_info >= (3, 11) else ()
 # check-config reads a key only when one is set; its path holds no dataclass (~1 ms); it
 # prints its findings and logs nothing, so logging is not set up (its settings are checked).
 CHECK_CONFIG_FORBIDDEN = (
@@ -85,6 +88,7 @@ CHECK_CONFIG_FORBIDDEN = (
     "dataclasses",
     "logging",
     "agent.logs",
+    *MSGSPEC_ALONE,
 )
 # status seldom logs: logging and the agent's setup of it (~5 ms) are imported before a
 # first line (agent.lazylog); its small records are structs, not dataclasses (~3 ms).
@@ -99,6 +103,7 @@ STATUS_FORBIDDEN = (
     "_hashlib",
     "socket",
     "signal",
+    *MSGSPEC_ALONE,
 )
 FLEET_HELP_FORBIDDEN = HEAVY + DOCUMENTS + DEVICE_SIDE + ("agent.fleet.cli_commands",)
 
