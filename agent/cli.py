@@ -123,16 +123,16 @@ def main(argv: list[str] | None = None) -> int:
             ):  # it prints what it finds and logs nothing: the settings are only checked
                 logsettings.resolve_level(level, os.environ, default)
                 logsettings.resolve_format(fmt, os.environ)
-            else:
-                from agent import logs
+            elif args.command == "status" and not logsettings.old_variable_used(
+                level, os.environ
+            ):  # it seldom logs: logging is set up (and imported) before a first line
+                logsettings.resolve_level(level, os.environ, default)
+                logsettings.resolve_format(fmt, os.environ)
+                from agent import lazylog
 
-                logs.setup(
-                    level,
-                    fmt,
-                    sys.stderr,
-                    default=default,
-                    ring=args.command in ("run", "demo"),  # an agent serves its `logs` command
-                )
+                lazylog.defer(lambda: _setup_logs(level, fmt, default, ring=False))
+            else:  # an agent serves its `logs` command from a ring of the last lines
+                _setup_logs(level, fmt, default, ring=args.command in ("run", "demo"))
         except logsettings.LogSettingError as exc:  # from the environment (options are choices)
             print(f"edge-agent: {exc}", file=sys.stderr)
             return 2
@@ -157,6 +157,33 @@ def main(argv: list[str] | None = None) -> int:
         return internal_error("edge-agent", exc)
 
 
+def _setup_logs(level: str | None, fmt: str | None, default: str, *, ring: bool) -> None:
+    from agent import logs
+
+    logs.setup(level, fmt, sys.stderr, default=default, ring=ring)
+
+
+def _load_msgspec_alone() -> None:
+    """Import msgspec without typing_extensions (and the inspect, dis, ast and tokenize
+    it imports: ~7 ms of ``status`` or ``check-config``, a third of their budget).
+
+    msgspec takes only ``get_type_hints``, ``Required`` and ``NotRequired`` from it and
+    falls back to typing's when it cannot be imported: from Python 3.11 they are the same
+    (typing_extensions' ``get_type_hints`` is typing's with ``include_extras=True``, as
+    msgspec always calls it; the other two are typing's objects). Kept out for that one
+    import only: a later import of typing_extensions works as ever.
+    """
+    if sys.version_info < (3, 11) or "msgspec" in sys.modules:
+        return
+    if "typing_extensions" in sys.modules:
+        return
+    sys.modules["typing_extensions"] = None  # a None entry: its import is an ImportError
+    try:
+        import msgspec  # noqa: F401
+    finally:
+        del sys.modules["typing_extensions"]
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     as_json = bool(getattr(args, "json", False))
     path = _config_path(args)
@@ -168,6 +195,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from agent.cli_reload import cmd_reload
 
         return cmd_reload(path, args.timeout, as_json)
+    if args.command in ("status", "check-config"):
+        _load_msgspec_alone()
     from agent.config import load_config
 
     config = load_config(path)

@@ -13,7 +13,15 @@ import argparse
 from pathlib import Path
 
 from agent import __version__
-from agent.clihelp import command, exit_codes, finite, options, positive, tool
+from agent.clihelp import (
+    command,
+    exit_codes,
+    finite,
+    options,
+    positive,
+    tool,
+    words_looked_up_once,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.yaml")  # agent.config's
 LOG_LEVELS = ("debug", "info", "warning", "error")  # agent.logs.LEVELS
@@ -82,6 +90,11 @@ def _broker_url(text: str) -> str:
 
 
 def build() -> argparse.ArgumentParser:
+    with words_looked_up_once():
+        return _build()
+
+
+def _build() -> argparse.ArgumentParser:
     config, as_json, log = _config_option(), _json_option(), _log_options()
     parser = tool(
         "edge-agent",

@@ -17,20 +17,21 @@ handler's failure each get an error reply; none of them stops the agent.
 from __future__ import annotations
 
 import contextlib
-import logging
 import queue
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
+from agent import lazylog
 from agent.errors import DocumentError, EdgeAgentError
 from agent.strictjson import parse_object
 
 if TYPE_CHECKING:  # paho only where MQTT runs (the control socket's clients use this too)
     from agent.mqtt import Incoming
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)  # logging is imported when a line is logged
 
 Handler = Callable[[dict[str, Any]], Mapping[str, Any]]
 Reply = Callable[[str, Mapping[str, Any], "bytes | None"], None]
@@ -42,8 +43,7 @@ class CommandError(EdgeAgentError):
     """A command was refused; the message goes back to the asker."""
 
 
-@dataclass(frozen=True)
-class _Request:
+class _Request(msgspec.Struct, frozen=True):
     name: str
     args: dict[str, Any]
     reply_to: str

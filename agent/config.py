@@ -15,8 +15,6 @@ the key's type as the config was read before (:mod:`agent.config_values`: " 3\\n
 the first one broken; msgspec's errors are read by :mod:`agent.structs`.
 """
 
-from __future__ import annotations
-
 import os
 import stat
 import typing

@@ -5,8 +5,6 @@ validates the section against that struct alone, so a key of another kind is ref
 as unknown). Conventions as in :mod:`agent.config_sections`.
 """
 
-from __future__ import annotations
-
 from typing import Annotated, ClassVar, Literal
 
 import msgspec

@@ -10,7 +10,6 @@ Unset (always, in production), a crash point is one dictionary lookup.
 from __future__ import annotations
 
 import os
-import signal
 
 CRASH_ENV = "EDGE_AGENT_CRASH_AT"
 
@@ -31,4 +30,6 @@ PUBLISH_CRASH_POINTS = ("publish_staged", "publish_renamed")
 def crash_point(name: str) -> None:
     """SIGKILL this process if the crash-point variable names ``name``."""
     if os.environ.get(CRASH_ENV) == name:
+        import signal  # not on a command line's path (~0.5 ms)
+
         os.kill(os.getpid(), signal.SIGKILL)

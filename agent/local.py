@@ -13,12 +13,9 @@
   is never modified under a running agent.
 """
 
-from __future__ import annotations
-
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +105,7 @@ def _ask(
     return result
 
 
-@dataclass(frozen=True)
-class Reach:
+class Reach(msgspec.Struct, frozen=True):
     """What asking the agent gave: its status, or why it could not be asked."""
 
     path: Path

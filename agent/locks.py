@@ -14,9 +14,10 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import msgspec
 
 from agent.errors import EdgeAgentError
 
@@ -24,8 +25,7 @@ Role = Literal["agent", "cli"]
 POLL_S = 0.1
 
 
-@dataclass(frozen=True)
-class Holder:
+class Holder(msgspec.Struct, frozen=True):
     """Who holds a lock: ``pid`` 0 when it has not written its pid yet."""
 
     pid: int

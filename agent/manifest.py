@@ -6,8 +6,6 @@ duplicate names and inconsistent references are refused with an error naming the
 (``files[1].name``). Parsing never touches the network or the disk.
 """
 
-from __future__ import annotations
-
 import json
 from typing import Annotated, Any, Literal
 

@@ -46,7 +46,7 @@ from agent.contract import EventName
 from agent.errors import EdgeAgentError
 from agent.frames import END, Item, Observer, Result, Slot, Stage, Stats, rate
 from agent.sources.base import EndOfStream, Source, SourceError
-from agent.workers import Pool
+from agent.workers import PREPARE_ON_WORKER, Pool
 
 if TYPE_CHECKING:
     import numpy as np
@@ -415,6 +415,9 @@ class Pipeline:
         self._frames += 1
         item = Item(index, time.time(), time.monotonic(), frame, None, None, None)
         model = self._pending or self._model  # frames from now on go to the newest model
+        if model.workers > 1:  # the worker running it prepares it: resizing on every core
+            item.key = PREPARE_ON_WORKER
+            return item
         try:
             item.tensor, item.geometry = model.prepare(frame)
             item.key = model.input_key
@@ -544,8 +547,11 @@ class Pipeline:
     def _hand_out(self, pool: Pool) -> None:
         for job in pool.take_done():  # in frame order
             if job.output is None:
-                self._infer_errors += 1
-                log.warning("frame %d: %s", job.item.index, job.error)
+                self._infer_errors += 1  # a frame that does not fit: counted here, in order
+                if job.unfit:
+                    log.warning("frame %d does not fit the model: %s", job.item.index, job.error)
+                else:
+                    log.warning("frame %d: %s", job.item.index, job.error)
             else:
                 self._emit(job.item, job.model, job.output, job.started, job.finished)
 

@@ -8,12 +8,12 @@ set aside or removed, never trusted, and the agent carries on. Each repair is on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
+import msgspec
 
-@dataclass(frozen=True)
-class Repair:
+
+class Repair(msgspec.Struct, frozen=True):
     """One repaired file: what was wrong and what was done (one line each)."""
 
     file: str

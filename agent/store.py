@@ -30,16 +30,17 @@ import contextlib
 import errno
 import fcntl
 import json
-import logging
 import os
 import re
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from agent import lazylog
 from agent.atomic import fsync_dir, is_ours, read_bounded, same_file, write_atomic
 from agent.config import MODEL_NAME_PATTERN
 from agent.errors import RefusedError, StoreError, VerificationError
@@ -49,7 +50,7 @@ from agent.manifest import MAX_BYTES as MANIFEST_MAX_BYTES
 from agent.manifest import FileEntry, Manifest, parse_manifest
 from agent.repairs import Repair
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)  # logging is imported when a line is logged
 
 POINTER = "active.json"
 HISTORY_MAX = 32
@@ -83,8 +84,7 @@ def _kind(st: os.stat_result) -> str:
     return "another user's file"
 
 
-@dataclass(frozen=True)
-class Release:
+class Release(msgspec.Struct, frozen=True):
     """A release present in the store: its manifest and where its files are."""
 
     manifest: Manifest
@@ -108,16 +108,16 @@ class Release:
         return None if entry is None else self.path(entry)
 
 
-@dataclass(frozen=True)
-class Pointer:
+class Pointer(msgspec.Struct, frozen=True):
     """The content of ``active.json``."""
 
     model: str
     version: int
     manifest_sha256: str
     activated_at: str
-    history: list[int] = field(default_factory=list)  # activation order, oldest first
-    rolled_back: list[int] = field(default_factory=list)  # left by rollback: channels skip them
+    history: list[int] = msgspec.field(default_factory=list)  # activation order, oldest first
+    # left by rollback: channels skip them
+    rolled_back: list[int] = msgspec.field(default_factory=list)
 
     @property
     def previous(self) -> int | None:
@@ -125,7 +125,7 @@ class Pointer:
         return earlier[-1] if earlier else None
 
     def to_json(self) -> bytes:
-        return (json.dumps({"schema": 1, **self.__dict__}, indent=2) + "\n").encode()
+        return (json.dumps({"schema": 1, **msgspec.structs.asdict(self)}, indent=2) + "\n").encode()
 
 
 def _refuse_constant(name: str) -> Any:

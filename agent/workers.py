@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from agent.runtime.adapters import Output
     from agent.runtime.model import LoadedModel
 
+# Item.key of a frame the worker running it prepares (resize, normalise): with several
+# interpreters the frames are prepared on as many cores, beside the invokes, instead of
+# one after the other on the capture thread (cv2 and numpy release the GIL).
+PREPARE_ON_WORKER = object()
 POLL_S = 0.1  # longest a worker waits for a job before looking at the stop flag
 BACKLOG = 2  # finished jobs held behind a slow head, per worker
 
@@ -41,6 +45,7 @@ class Job:
     finished: float = 0.0
     output: Output | None = None
     error: Exception | None = None
+    unfit: bool = False  # the frame could not be prepared for the model: not its failure
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -117,10 +122,18 @@ class Pool:
 
 
 def run(job: Job) -> None:
-    """Prepare (when the frame was prepared for another model), infer, interpret."""
+    """Prepare (a frame left to the worker, or prepared for another model), infer,
+    interpret."""
     item, model = job.item, job.model
     try:
-        if item.key != model.input_key:  # prepared before a swap to another input
+        if item.key is PREPARE_ON_WORKER:
+            try:
+                item.tensor, item.geometry = model.prepare(item.frame)
+            except Exception:  # ValueError, cv2.error: this frame only
+                job.unfit = True
+                raise
+            item.key = model.input_key
+        elif item.key != model.input_key:  # prepared before a swap to another input
             item.tensor, item.geometry = model.prepare(item.frame)
         job.started = time.monotonic()
         outputs = model.infer(item.tensor, job.worker)

@@ -455,3 +455,35 @@ def test_a_failed_invoke_on_one_interpreter_costs_that_frame_only(models: Models
     # the 50th invoke: frame 49, or a neighbour when two interpreters started out of turn
     assert len(missing) == 1 and 47 <= missing.pop() <= 51
     assert pipeline.stats().errors == 1
+
+
+def test_several_interpreters_prepare_each_frame_on_the_worker_that_runs_it(
+    zoo_file: Any,
+) -> None:
+    """With several interpreters the capture thread hands frames on as they come and the
+    workers resize them (both cores, beside each other's invokes); a frame that does not
+    fit costs that frame only, counted, and the others come out in frame order."""
+    files = ModelFiles.from_file(zoo_file("face_detection_short_range.tflite"))
+    model = load_model(files, RuntimeConfig(warmup_runs=1, interpreters=2))
+    prepared_on: set[str] = set()
+    prepare = model.prepare
+
+    def recording(frame: Any) -> Any:
+        prepared_on.add(threading.current_thread().name)
+        return prepare(frame)
+
+    model.prepare = recording  # type: ignore[method-assign]
+    unfit = FRAMES[0][:, :, :2]  # two channels: the model wants three
+    frames = [*FRAMES * 5, unfit, *FRAMES * 5]
+    seen = Seen()
+    pipeline = Pipeline(MemorySource(frames), model, seen.result)
+    pipeline.start()
+    try:
+        assert pipeline.wait(60)
+    finally:
+        pipeline.stop()
+    bad = len(FRAMES) * 5
+    assert [r.frame for r in seen.results] == [i for i in range(len(frames)) if i != bad]
+    assert prepared_on == {"pipeline-infer-w0", "pipeline-infer-w1"}
+    stats = pipeline.stats()
+    assert (stats.results, stats.errors) == (len(frames) - 1, 1)

@@ -76,6 +76,9 @@ ONE_SHOT_FORBIDDEN = (
     "shutil",  # and zlib, bz2, lzma: argparse sizes its help with it; the store removes
     "tempfile",  # the store writes
 )
+# msgspec is loaded without typing_extensions (inspect, dis, ast, tokenize: ~7 ms), whose
+# get_type_hints is typing's from Python 3.11 (agent.cli._load_msgspec_alone).
+MSGSPEC_ALONE = ("typing_extensions", "inspect") if sys.version_info >= (3, 11) else ()
 # check-config reads a key only when one is set; its path holds no dataclass (~1 ms); it
 # prints its findings and logs nothing, so logging is not set up (its settings are checked).
 CHECK_CONFIG_FORBIDDEN = (
@@ -85,6 +88,22 @@ CHECK_CONFIG_FORBIDDEN = (
     "dataclasses",
     "logging",
     "agent.logs",
+    *MSGSPEC_ALONE,
+)
+# status seldom logs: logging and the agent's setup of it (~5 ms) are imported before a
+# first line (agent.lazylog); its small records are structs, not dataclasses (~3 ms).
+# OpenSSL's hashlib (~2.5 ms) is for files and downloads: a manifest is hashed with
+# CPython's own SHA-256; socket (~2 ms) only when a control socket file is there to ask.
+STATUS_FORBIDDEN = (
+    *ONE_SHOT_FORBIDDEN,
+    "logging",
+    "agent.logs",
+    "dataclasses",
+    "hashlib",
+    "_hashlib",
+    "socket",
+    "signal",
+    *MSGSPEC_ALONE,
 )
 FLEET_HELP_FORBIDDEN = HEAVY + DOCUMENTS + DEVICE_SIDE + ("agent.fleet.cli_commands",)
 
@@ -183,8 +202,88 @@ def test_status_and_check_config_load_no_heavy_module(tmp_path: Path, command: l
     code, modules, stderr = _loaded(tmp_path, "edge_agent", *command, "--config", str(config))
     assert code == 0, stderr
     assert "agent.config" in modules  # the command did run
-    forbidden = CHECK_CONFIG_FORBIDDEN if command == ["check-config"] else ONE_SHOT_FORBIDDEN
+    forbidden = CHECK_CONFIG_FORBIDDEN if command == ["check-config"] else STATUS_FORBIDDEN
     assert _forbidden_in(modules, forbidden) == []
+
+
+def test_status_with_a_release_active_loads_no_openssl(tmp_path: Path) -> None:
+    """The active manifest is hashed (and checked against the pointer) with CPython's
+    own SHA-256: the same digest as hashlib's, and neither hashlib nor socket loaded."""
+    import hashlib
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "v1.tflite").write_bytes(modelgen.colour_classifier())
+    (models / "colours.txt").write_text("red\ngreen\nblue\n")
+    publish_models(tmp_path / "registry", models, (1,))
+    config = _device_config(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings["model"] = {"name": MODEL}
+    settings["store"]["reserve_mb"] = 0
+    config.write_text(yaml.safe_dump(settings))
+    pull = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "models", "pull", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert pull.returncode == 0, pull.stderr
+    code, modules, stderr = _loaded(
+        tmp_path, "edge_agent", "status", "--json", "--config", str(config)
+    )
+    assert code == 0, stderr
+    assert _forbidden_in(modules, STATUS_FORBIDDEN) == []
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "status", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    active = json.loads(done.stdout)["active"]
+    raw = (tmp_path / "store" / "releases" / MODEL / "1" / "manifest.json").read_bytes()
+    assert active["version"] == 1
+    assert active["manifest_sha256"] == hashlib.sha256(raw).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--log-format", "json"], '"logger": "agent.store"'),
+        ([], "WARNING agent.store: store repaired: blobs/x: a link; removed"),
+    ],
+)
+def test_status_sets_logging_up_before_its_first_line(
+    tmp_path: Path, options: list[str], expected: str
+) -> None:
+    """status imports logging only to log, and then the line reads as the command's
+    settings say (the format chosen, the level), as if logging had been set up at start."""
+    config = _device_config(tmp_path)
+    script = (
+        "import sys\n"
+        "from agent import entry\n"
+        "sys.argv[0] = 'edge-agent'\n"
+        "code = entry.edge_agent()\n"
+        "assert 'logging' not in sys.modules\n"
+        "from agent import store\n"
+        "store.log.info('not at the default level')\n"
+        "store.log.warning('store repaired: %s', 'blobs/x: a link; removed')\n"
+        "sys.exit(code)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, "status", *options, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert expected in done.stderr and "not at the default level" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
 
 
 def test_check_config_reads_a_signing_key_when_one_is_set(tmp_path: Path) -> None:

@@ -200,9 +200,9 @@ def _to_input(values: np.ndarray, spec: TensorSpec, norm: InputNorm) -> np.ndarr
     if dtype.kind == "f":
         if values.dtype.kind == "f" and not norm.explicit:
             return values.astype(dtype, copy=False)  # sensor values are already real numbers
-        return ((values.astype(np.float32) - norm.mean) / norm.std).astype(dtype, copy=False)
+        return _normalised(values, norm).astype(dtype, copy=False)
     if spec.quantised and norm.explicit:
-        real = (values.astype(np.float32) - norm.mean) / norm.std
+        real = _normalised(values, norm)
         quantised = np.round(real / spec.scale + spec.zero_point)
         info = np.iinfo(dtype)
         return np.clip(quantised, info.min, info.max).astype(dtype)
@@ -211,6 +211,18 @@ def _to_input(values: np.ndarray, spec: TensorSpec, norm: InputNorm) -> np.ndarr
     if dtype == np.int8 and values.dtype == np.uint8:
         return (values.astype(np.int16) - 128).astype(np.int8)  # pycoral's convention
     return values.astype(dtype)
+
+
+def _normalised(values: np.ndarray, norm: InputNorm) -> np.ndarray:
+    """``(values - mean) / std`` in float32, computed in the one array made (the same
+    values as the expression, which makes three: a 640x480 frame's worth of fresh pages
+    each, ~0.6 ms of a 256x256 input against ~0.04 ms)."""
+    import numpy as np
+
+    real = values.astype(np.float32)
+    real -= norm.mean
+    real /= norm.std
+    return real
 
 
 def dequantise(tensor: np.ndarray, spec: TensorSpec) -> np.ndarray:
