@@ -150,6 +150,18 @@ def test_device_reads_its_own_and_its_groups_per_model_and_shadow_topics_only(
     assert topics_of(dev_a) == set(mine)
 
 
+def test_device_writes_its_own_pipelines_results_only(secure_broker: SecureBroker) -> None:
+    with (
+        secure_broker.client("fleet", ["edge/+/results/#"]) as fleet,
+        secure_broker.client("dev-a") as dev_a,
+    ):
+        for topic in ("edge/dev-b/results/door", "edge/dev-a/results/door/x"):
+            assert dev_a.publish(topic, b"{}") == DENIED, topic
+        assert dev_a.publish("edge/dev-a/results/door", b"{}") == "Success"
+        fleet.wait_for_topic("edge/dev-a/results/door")
+    assert topics_of(fleet) == {"edge/dev-a/results/door"}
+
+
 def test_device_cannot_write_desired_states_or_commands(secure_broker: SecureBroker) -> None:
     forged = ["edge/dev-a/desired", "edge/groups/door/desired", "edge/dev-a/cmd/rollback"]
     with (
@@ -273,6 +285,7 @@ def test_render_acl_grants_devices_only_their_own_topics() -> None:
         "pattern write acme/edge/%u/state",
         "pattern write acme/edge/%u/telemetry",
         "pattern write acme/edge/%u/results",
+        "pattern write acme/edge/%u/results/+",
         "pattern write acme/edge/%u/events",
         "pattern write acme/edge/%u/reply",
         "pattern write acme/edge/%u/reply/#",

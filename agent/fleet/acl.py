@@ -37,7 +37,17 @@ __all__ = [
     "render_acl",
 ]
 
-DEVICE_WRITES = ("status", "state", "telemetry", "results", "events", "reply", "reply/#")
+# results/+: a pipeline's own results topic (``pipelines:``: …/results/PIPELINE)
+DEVICE_WRITES = (
+    "status",
+    "state",
+    "telemetry",
+    "results",
+    "results/+",
+    "events",
+    "reply",
+    "reply/#",
+)
 DEVICE_READS = ("desired", "desired/+", "shadow/+", "cmd/#")
 GROUP_READS = ("desired", "desired/+", "shadow/+")  # a model's own topics: …/desired/MODEL
 HA_PREFIX = "homeassistant"  # Home Assistant's default discovery prefix
@@ -58,7 +68,7 @@ def render_acl(
     Guarantees, for every certificate CN the broker accepts:
 
     - a device (CN = device id) may write only ``PREFIX/<id>/status``, ``/state``,
-      ``/telemetry``, ``/results``, ``/events``, ``/reply`` and ``/reply/#``, and read
+      ``/telemetry``, ``/results``, ``/results/+``, ``/events``, ``/reply`` and ``/reply/#``, and read
       only ``PREFIX/<id>/desired``, ``PREFIX/<id>/desired/+``, ``PREFIX/<id>/shadow/+``,
       ``PREFIX/<id>/cmd/#`` and ``PREFIX/groups/<group>/desired``, ``…/desired/+`` and
       ``…/shadow/+`` for the groups given here (``+``: a model's own topic);
