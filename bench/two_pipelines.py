@@ -15,7 +15,10 @@ Printed: each model's fps in both (medians over the rounds), each model's ratio
 (fps / that model's bare fps alone, measured once): 1.0 means the two pipelines do
 together what two bare loops do; the goal is >= 0.85 on 2 cores.
 
-    python bench/two_pipelines.py [--seconds 3] [--rounds 3] [--threads 1]
+Frames are resized with OpenCV as beside a camera or video source (``--resize numpy``:
+as beside a synthetic or sensor source, which load no OpenCV).
+
+    python bench/two_pipelines.py [--seconds 3] [--rounds 3] [--threads 1] [--resize numpy]
 """
 
 from __future__ import annotations
@@ -101,7 +104,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--resize",
+        choices=("opencv", "numpy"),
+        default="opencv",
+        help="opencv: as beside a camera or video source (they load OpenCV, and the "
+        "pipelines resize with it); numpy: as beside a synthetic or sensor source",
+    )
     args = parser.parse_args()
+    if args.resize == "opencv":
+        import cv2  # noqa: F401  # agent/runtime/resize.py resizes with it once loaded
+    print(f"resize: {args.resize}")
     runtime = RuntimeConfig(threads=args.threads)
     models = [load_model(ModelFiles.from_file(zoo.fetch(name)), runtime) for name in MODELS]
     frames = pattern_frames(640, 480)
