@@ -68,7 +68,8 @@ def render_acl(
     Guarantees, for every certificate CN the broker accepts:
 
     - a device (CN = device id) may write only ``PREFIX/<id>/status``, ``/state``,
-      ``/telemetry``, ``/results``, ``/results/+``, ``/events``, ``/reply`` and ``/reply/#``, and read
+      ``/telemetry``, ``/results``, ``/results/+``, ``/events``, ``/reply`` and
+      ``/reply/#``, and read
       only ``PREFIX/<id>/desired``, ``PREFIX/<id>/desired/+``, ``PREFIX/<id>/shadow/+``,
       ``PREFIX/<id>/cmd/#`` and ``PREFIX/groups/<group>/desired``, ``…/desired/+`` and
       ``…/shadow/+`` for the groups given here (``+``: a model's own topic);
