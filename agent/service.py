@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from agent.metrics import Metrics, Snapshot
+    from agent.metrics_models import PipelineFigures
     from agent.mqtt import Incoming
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,6 @@ class Service:
             extra=self._shadow_telemetry,
         )
         self.metrics = self._build_metrics()
-        self._on_result = (
-            self.metrics.observing(self.telemetry.result) if self.metrics else self.telemetry.result
-        )
         self.slots = [self._slot(index, p) for index, p in enumerate(self.pipelines)]
         self.cascades = self._build_cascades()  # by pipeline name
         self.units = self._build_units()
@@ -178,11 +176,11 @@ class Service:
         self.commands.handlers.update(diagnostics.handlers())  # MQTT only: not the socket
 
     def _slot(self, index: int, pipeline: PipelineConfig) -> PipelineSlot:
-        publish = self._on_result  # the single-model shape: results as ever
-        if self.config.pipelines:
-            publish = self._publisher(pipeline)
-            if index == 0 and self.metrics is not None:  # metrics: the first pipeline's
-                publish = self.metrics.observing(publish)
+        # the single-model shape: results as ever; pipelines: results/<name>
+        publish = self._publisher(pipeline) if self.config.pipelines else self.telemetry.result
+        if self.metrics is not None:  # several models: each pipeline's own series
+            named = (pipeline.name, pipeline.model.name or "") if self.multi else (None, "")
+            publish = self.metrics.observing(publish, *named)
         return PipelineSlot(
             pipeline,
             self.config.runtime,
@@ -501,12 +499,22 @@ class Service:
                 exc,
             )
             return None
-        return Metrics(listen, self._metrics_snapshot)
+        return Metrics(listen, self._metrics_snapshot, per_pipeline=self.multi)
 
     def _metrics_snapshot(self) -> Snapshot:
         """What a scrape reads: the figures telemetry sends (the endpoint's thread)."""
         from agent.metrics import Snapshot
+        from agent.metrics_models import UpdateFigures
 
+        extra = self._shadow_telemetry()
+        pipelines: tuple[PipelineFigures, ...] = ()
+        models: dict[str, UpdateFigures] = {}
+        if self.multi:  # every pipeline and every model, labelled
+            pipelines = tuple(self._pipeline_figures(slot) for slot in self.slots)
+            models = {
+                unit.name or "": UpdateFigures(unit.updates.phase(), dict(unit.updates.outcomes))
+                for unit in self.units
+            }
         return Snapshot(
             agent_version=__version__,
             inference=self._pipeline_stats(),
@@ -514,6 +522,22 @@ class Service:
             outcomes=dict(self.updates.outcomes),
             figures=self.telemetry.snapshot(),
             machine=self.telemetry.machine,
+            pipelines=pipelines,
+            models=models,
+            shadows=extra.get("shadows", {}),
+            outputs=extra.get("outputs", {}),
+        )
+
+    def _pipeline_figures(self, slot: PipelineSlot) -> PipelineFigures:
+        from agent.metrics_models import PipelineFigures
+
+        stats = slot.stats()
+        cascade = self.cascades.get(slot.name)
+        return PipelineFigures(
+            slot.name,
+            slot.config.model.name or (stats.model if stats else ""),
+            stats,
+            cascade.figures() if cascade is not None else None,
         )
 
     def _last_frame(self) -> np.ndarray | None:
