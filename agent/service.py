@@ -62,14 +62,21 @@ log = logging.getLogger(__name__)
 LOCK_WAIT_S = 30.0  # at start, how long a command-line pull may keep the store
 
 
-class _Reporter:
-    """A unit's reporter: events as they are; its state merged into the one state
-    document (with several models, every unit's part under ``models``)."""
+_NAMED_EVENTS = frozenset({"model_failed", "state_repaired"})  # a unit's, without its model
 
-    def __init__(self, service: Service) -> None:
+
+class _Reporter:
+    """A unit's reporter: events as they are (with several models, ``model_failed`` and
+    a store's ``state_repaired`` name the unit's model); its state merged into the one
+    state document (with several models, every unit's part under ``models``)."""
+
+    def __init__(self, service: Service, model: str | None = None) -> None:
         self.service = service
+        self.model = model
 
     def event(self, name: EventName, detail: Mapping[str, Any] | None = None) -> None:
+        if self.model is not None and name in _NAMED_EVENTS:
+            detail = {**(detail or {}), "model": self.model}
         self.service.telemetry.event(name, detail)
 
     def state(self, state: StateDoc) -> None:
@@ -229,7 +236,7 @@ class Service:
                     name,
                     unit_config(config, model, results, dirs[name]),
                     targets,
-                    _Reporter(self),
+                    _Reporter(self, name),
                     connected=connected,
                     only_model=True,
                     not_served=(lambda m: m not in self.models) if index == 0 else None,
