@@ -133,10 +133,8 @@ class Service:
                 agent_version=__version__,
                 telemetry_interval_s=config.telemetry.interval_s,
                 results=self.pipelines[0].results,
-                # with pipelines: the first pipeline's results (the label sensors)
-                results_stream=(
-                    f"results/{self.pipelines[0].name}" if config.pipelines else "results"
-                ),
+                # with pipelines: each pipeline's label sensors, fps and latency
+                pipelines=[(p.name, p.results) for p in config.pipelines],
             ),
             ha.prefix,
             config.store.dir,

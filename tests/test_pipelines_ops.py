@@ -1,5 +1,5 @@
 """Several models, as the operator sees them: events naming their model, each model's
-store in ``edge-agent status``.
+store in ``edge-agent status``, Home Assistant's entities per pipeline.
 
 The device is the real agent (``edge-agent run``) serving two generated models on two
 synthetic streams from a ``file://`` registry, reporting to a real mosquitto; its stores
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from agent.fleet.publish import publish
 from agent.store import POINTER, Store
@@ -27,7 +28,9 @@ DEV = "dev-ops"
 OTHER = "boxes"
 
 
-def _agent(tmp_path: Path, models: Models, broker: Mosquitto) -> AgentProcess:
+def _agent(
+    tmp_path: Path, models: Models, broker: Mosquitto, **extra: dict[str, Any]
+) -> AgentProcess:
     registry = tmp_path / "registry"
     publish_models(registry, models.root, (1,))
     publish(
@@ -45,6 +48,7 @@ def _agent(tmp_path: Path, models: Models, broker: Mosquitto) -> AgentProcess:
         {
             "registry": {"url": registry.as_uri(), "poll_interval_s": 3600},
             "mqtt": {"url": broker.url, "reconnect_max_s": 1, "keepalive_s": 5},
+            **extra,
         },
     )
     settings = dict(agent.settings)
@@ -132,6 +136,63 @@ def test_a_damaged_store_of_the_second_model_is_reported_with_its_model(
         (failed,) = _events(tap, "model_failed")
         assert (failed["model"], failed["version"]) == (OTHER, 1)
         assert agent.alive()
+        assert agent.terminate() == 0
+    finally:
+        tap.close()
+    assert "Traceback" not in agent.log()
+
+
+def test_home_assistant_gets_each_pipelines_sensors_reading_the_real_documents(
+    tmp_path: Path, models: Models, broker: Mosquitto, agents: list[AgentProcess]
+) -> None:
+    """The retained discovery configs of a two-pipeline agent, their templates rendered
+    (jinja2's sandbox, as Home Assistant does) against what the agent really sends."""
+    ha = {"discovery": True, "labels": ["red", "person"]}
+    agent = _agent(tmp_path, models, broker, homeassistant=ha, telemetry={"interval_s": 1})
+    agents.append(agent)
+    tap = Tap("127.0.0.1", broker.port, [f"edge/{DEV}/#", "homeassistant/#"])
+    env = ImmutableSandboxedEnvironment()
+
+    def config(component: str, object_id: str) -> dict[str, Any]:
+        found = tap.docs(f"homeassistant/{component}/{DEV}/{object_id}/config")
+        return found[-1] if found else {}
+
+    def render(entity: dict[str, Any]) -> str | None:
+        stream = entity["state_topic"].removeprefix(f"edge/{DEV}")
+        docs = tap.docs(stream)
+        if not docs:
+            return None
+        return env.from_string(entity["value_template"]).render(value_json=docs[-1]).strip()
+
+    try:
+        agent.start()
+        wait_alive(lambda: _serving(tap, 1), 60, "both models serving v1", agent)
+        wanted = [
+            ("sensor", f"{p}_{s}") for p in ("door", "yard") for s in ("fps", "latency_p95")
+        ] + [
+            ("binary_sensor", f"{p}_{label}_detected")
+            for p in ("door", "yard")
+            for label in ("red", "person")
+        ]
+        wait_alive(lambda: all(config(*w) for w in wanted), 30, "the discovery configs", agent)
+        assert not config("binary_sensor", "red_detected")  # the single model's: not made
+        assert config("binary_sensor", "yard_red_detected")["state_topic"] == (
+            f"edge/{DEV}/results/yard"
+        )
+        wait_alive(
+            lambda: all(
+                render(config("sensor", f"{p}_fps")) not in (None, "None") for p in ("door", "yard")
+            ),
+            30,
+            "each pipeline's fps in telemetry",
+            agent,
+        )
+        for pipeline in ("door", "yard"):
+            assert float(render(config("sensor", f"{pipeline}_fps")) or "") > 0
+            assert float(render(config("sensor", f"{pipeline}_latency_p95")) or "") > 0
+        # the colour classifier on the synthetic stream: door's results carry classes
+        assert render(config("binary_sensor", "door_red_detected")) in ("ON", "OFF")
+        assert render(config("binary_sensor", "yard_person_detected")) in ("ON", "OFF")
         assert agent.terminate() == 0
     finally:
         tap.close()
