@@ -163,7 +163,7 @@ class Service:
             extra=self._shadow_telemetry,
         )
         self.metrics = self._build_metrics()
-        self.slots = [self._slot(index, p) for index, p in enumerate(self.pipelines)]
+        self.slots = [self._slot(p) for p in self.pipelines]
         self.cascades = self._build_cascades()  # by pipeline name
         self.units = self._build_units()
         self.shadows = self._build_shadows()  # by model: what pipelines serve
@@ -180,7 +180,7 @@ class Service:
         )
         self.commands.handlers.update(diagnostics.handlers())  # MQTT only: not the socket
 
-    def _slot(self, index: int, pipeline: PipelineConfig) -> PipelineSlot:
+    def _slot(self, pipeline: PipelineConfig) -> PipelineSlot:
         # the single-model shape: results as ever; pipelines: results/<name>
         publish = self._publisher(pipeline) if self.config.pipelines else self.telemetry.result
         if self.metrics is not None:  # several models: each pipeline's own series
