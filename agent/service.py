@@ -62,13 +62,15 @@ log = logging.getLogger(__name__)
 LOCK_WAIT_S = 30.0  # at start, how long a command-line pull may keep the store
 
 
-_NAMED_EVENTS = frozenset({"model_failed", "state_repaired"})  # a unit's, without its model
+# a unit's events that carry no model of their own
+_NAMED_EVENTS = frozenset({"model_failed", "state_repaired", "rolled_back", "update_error"})
 
 
 class _Reporter:
-    """A unit's reporter: events as they are (with several models, ``model_failed`` and
-    a store's ``state_repaired`` name the unit's model); its state merged into the one
-    state document (with several models, every unit's part under ``models``)."""
+    """A unit's reporter: events as they are (with several models, ``model_failed``,
+    ``rolled_back``, ``update_error`` and a store's ``state_repaired`` name the unit's
+    model); its state merged into the one state document (with several models, every
+    unit's part under ``models``)."""
 
     def __init__(self, service: Service, model: str | None = None) -> None:
         self.service = service

@@ -458,6 +458,9 @@ def test_two_pipelines_serve_two_models_and_update_one_alone(
         assert status["pipelines_stats"]["yard"]["model"] == OTHER
         done = ask(sock, "rollback", {"model": MODEL})
         assert (done["from"], done["version"]) == (2, 1)
+        wait_alive(lambda: bool(_events(tap, "rolled_back")), 30, "rolled_back", agent)
+        (rolled,) = _events(tap, "rolled_back")  # with several models: which one
+        assert (rolled["model"], rolled["from"], rolled["to"]) == (MODEL, 2, 1)
         wait_alive(lambda: serving("door", MODEL, 1), 30, "door back on v1", agent)
         assert all(r["version"] == 1 for r in tap.docs("/results/yard"))
         assert agent.terminate() == 0
