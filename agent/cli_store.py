@@ -112,8 +112,9 @@ def cmd_status(config: Config, as_json: bool) -> int:
         ]
     served = served_models(config.pipeline_list())
     if config.pipelines or len(served) > 1:  # several models: each one's store
+        agent_view = (found.status or {}).get("models") or {}
         data["models"], more = _models_status(
-            config, list(served), pointer.model if pointer else None
+            config, list(served), pointer.model if pointer else None, agent_view
         )
         lines += more
     emit(data, as_json, lines)
@@ -121,10 +122,12 @@ def cmd_status(config: Config, as_json: bool) -> int:
 
 
 def _models_status(
-    config: Config, models: list[str], held: str | None
+    config: Config, models: list[str], held: str | None, agent_view: dict[str, Any]
 ) -> tuple[dict[str, Any], list[str]]:
     """Each served model's store (the root's, or ``models/<name>/``): what is active in
-    it, the version before and what is kept; a store that cannot be read says why."""
+    it, the version before and what is kept; a store that cannot be read says why. With
+    the agent answering (``agent_view``: its state's ``models``), a model's update under
+    way and its last error too."""
     data: dict[str, Any] = {}
     lines = ["models:"]
     for name, root in store_dirs(config.store.dir, held, models).items():
@@ -155,6 +158,12 @@ def _models_status(
                 f"v{active.version} (since {pointer.activated_at}); "
                 f"previous {previous}; stored {kept}"
             )
+        view = agent_view.get(name)
+        if isinstance(view, dict):
+            if view.get("phase") not in (None, "idle", "succeeded"):
+                what += f"; update: {view['phase']}"
+            if view.get("last_error"):
+                what += f"; last error: {view['last_error']}"
         lines.append(f"  {name}: {what}")
         lines.append(f"  {'':{len(name)}}  {store.root}")
     return data, lines

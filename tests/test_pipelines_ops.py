@@ -64,18 +64,22 @@ def _agent(
     return agent
 
 
-def _status(agent: AgentProcess) -> dict[str, Any]:
-    """``edge-agent status --json`` as an operator runs it."""
+def _status_text(agent: AgentProcess, *args: str) -> str:
+    """``edge-agent status`` as an operator runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
     run = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "status", "--json", "--config", str(agent.config_path)],
+        [sys.executable, "-m", "agent.cli", "status", *args, "--config", str(agent.config_path)],
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
     )
     assert run.returncode == 0, run.stderr
-    doc: dict[str, Any] = json.loads(run.stdout)
+    return run.stdout
+
+
+def _status(agent: AgentProcess) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(_status_text(agent, "--json"))
     return doc
 
 
@@ -136,6 +140,14 @@ def test_a_damaged_store_of_the_second_model_is_reported_with_its_model(
         (failed,) = _events(tap, "model_failed")
         assert (failed["model"], failed["version"]) == (OTHER, 1)
         assert agent.alive()
+        # status beside the running agent: each model's line, the failed one's error
+        lines = {
+            line.split(":")[0].strip(): line
+            for line in _status_text(agent).splitlines()
+            if line.startswith(f"  {MODEL}:") or line.startswith(f"  {OTHER}:")
+        }
+        assert lines[MODEL] == lines[MODEL].split(";")[0] + "; previous none; stored v1"
+        assert "; last error: v1: " in lines[OTHER], lines
         assert agent.terminate() == 0
     finally:
         tap.close()
