@@ -33,8 +33,8 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 
 def cmd_run(config: Config, path: Path) -> int:
-    """The daemon (agent.service.run): until SIGTERM or SIGINT; SIGHUP reloads."""
-    from agent.service import run
+    """The daemon (agent.daemon.run): until SIGTERM or SIGINT; SIGHUP reloads."""
+    from agent.daemon import run
 
     return run(config, path)
 

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.config import Config
+from agent.config_pipelines import served_models
 from agent.errors import StoreError, TransportError
 from agent.store import Release, Store
+from agent.stores import store_dirs
 from agent.strictjson import dumps
 
 if TYPE_CHECKING:  # the registry, the puller and urllib3: imported by the commands using them
@@ -108,8 +110,63 @@ def cmd_status(config: Config, as_json: bool) -> int:
             f"previous: {f'v{pointer.previous}' if pointer.previous else 'none'}",
             f"stored:   {', '.join(f'v{v}' for v in data['stored_versions'])}",
         ]
+    served = served_models(config.pipeline_list())
+    if config.pipelines or len(served) > 1:  # several models: each one's store
+        agent_view = (found.status or {}).get("models") or {}
+        data["models"], more = _models_status(
+            config, list(served), pointer.model if pointer else None, agent_view
+        )
+        lines += more
     emit(data, as_json, lines)
     return 0
+
+
+def _models_status(
+    config: Config, models: list[str], held: str | None, agent_view: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """Each served model's store (the root's, or ``models/<name>/``): what is active in
+    it, the version before and what is kept; a store that cannot be read says why. With
+    the agent answering (``agent_view``: its state's ``models``), a model's update under
+    way and its last error too."""
+    data: dict[str, Any] = {}
+    lines = ["models:"]
+    for name, root in store_dirs(config.store.dir, held, models).items():
+        store = Store(root, config.store.keep)
+        part: dict[str, Any] = {"store": str(store.root)}
+        try:
+            pointer = store.pointer()
+            active = store.active()
+        except (OSError, StoreError) as exc:
+            part["error"] = str(exc)
+            data[name] = part
+            lines.append(f"  {name}: {store.root}: cannot read: {exc}")
+            continue
+        stored = store.versions(name)
+        part.update(
+            active=_release_info(active, store) if active else None,
+            previous_version=pointer.previous if pointer else None,
+            activated_at=pointer.activated_at if pointer else None,
+            stored_versions=stored,
+        )
+        data[name] = part
+        if active is None or pointer is None:
+            what = "none (no release pulled yet)"
+        else:
+            previous = f"v{pointer.previous}" if pointer.previous else "none"
+            kept = ", ".join(f"v{v}" for v in stored)
+            what = (
+                f"v{active.version} (since {pointer.activated_at}); "
+                f"previous {previous}; stored {kept}"
+            )
+        view = agent_view.get(name)
+        if isinstance(view, dict):
+            if view.get("phase") not in (None, "idle", "succeeded"):
+                what += f"; update: {view['phase']}"
+            if view.get("last_error"):
+                what += f"; last error: {view['last_error']}"
+        lines.append(f"  {name}: {what}")
+        lines.append(f"  {'':{len(name)}}  {store.root}")
+    return data, lines
 
 
 def cmd_models_list(config: Config, remote: bool, as_json: bool) -> int:

@@ -11,6 +11,10 @@ is published for them:
   TPU temperature, CPU, memory) and ``…/state`` (model version, update phase);
 - a binary sensor per configured label from ``…/results`` (``ON`` when a class or a
   detection has that label; ``off_delay`` turns it off);
+- with several pipelines (``pipelines:``): the label sensors once per pipeline, from
+  ``…/results/<pipeline>`` (object ids ``<pipeline>_<label>_detected``), and each
+  pipeline's fps and p95 latency from telemetry's ``pipelines`` (``<pipeline>_fps``,
+  ``<pipeline>_latency_p95``); the device's fps and latency stay the first pipeline's;
 - an ``update`` entity from ``…/state``: installed = the active version, latest = the
   newest the agent was told of (its desired state's version, else its latest update's).
 
@@ -187,6 +191,12 @@ SENSORS: tuple[Sensor, ...] = (
     ),
 )
 
+# Each pipeline's sensors with pipelines: (telemetry's key, object id suffix, name, unit).
+PIPELINE_SENSORS = (
+    ("fps", "fps", "Inference rate", "fps"),
+    ("latency_ms_p95", "latency_p95", "Latency p95", "ms"),
+)
+
 # The update entity's state: JSON with the keys Home Assistant's MQTT update reads.
 UPDATE_TEMPLATE = (
     "{% set s = value_json %}"
@@ -208,6 +218,19 @@ MODEL_ATTRIBUTES_TEMPLATE = (
     "{{ {'model': value_json.model, 'serving': value_json.serving,"
     " 'backend': value_json.backend, 'previous': value_json.previous} | tojson }}"
 )
+
+
+def pipeline_number(pipeline: str, key: str) -> str:
+    """A template giving telemetry's ``pipelines[<pipeline>][<key>]``, or ``None`` while
+    that pipeline serves nothing (absent) or telemetry has no ``pipelines``. Pipeline
+    names are ``[A-Za-z0-9][A-Za-z0-9_-]*``: their JSON form is a valid Jinja literal."""
+    name, field = json.dumps(pipeline), json.dumps(key)
+    figures = "value_json.pipelines"
+    guard = (
+        f"{figures} is defined and {figures} is mapping and {name} in {figures}"
+        f" and {figures}[{name}] is mapping and {figures}[{name}][{field}] is number"
+    )
+    return f"{{{{ {figures}[{name}][{field}] if ({guard}) else None }}}}"
 
 
 def label_template(label: str) -> str:
@@ -236,12 +259,13 @@ def discovery_configs(
     agent_version: str,
     telemetry_interval_s: float,
     results: ResultsConfig | None = None,
-    results_stream: str = "results",
+    pipelines: Sequence[tuple[str, ResultsConfig]] = (),
 ) -> list[Discovery]:
     """The discovery messages ``config`` wants for ``device`` whose topics are under
     ``base`` (``<topic_prefix>/<device>``); none when discovery is off. The label
-    sensors read ``<base>/<results_stream>`` (``results/<pipeline>`` with pipelines:
-    the first pipeline's).
+    sensors read ``<base>/results`` (with ``results``' publishing); with ``pipelines``
+    (the ``pipelines:`` shape: each one's name and results), one set per pipeline
+    reading ``<base>/results/<name>``, and each pipeline's fps and latency sensors.
 
     Guarantees: every ``unique_id`` is distinct and starts with ``edge_<device>_``; every
     topic a payload names is under ``base``; discovery topics are
@@ -313,17 +337,38 @@ def discovery_configs(
             entity["json_attributes_template"] = MODEL_ATTRIBUTES_TEMPLATE
         add("sensor", sensor.object_id, entity)
 
-    for label in config.labels:
-        object_id = f"{ha_slug(label)}_detected"
-        entity = common("binary_sensor", object_id, f"{label} detected")
-        entity["state_topic"] = f"{base}/{results_stream}"
-        entity["value_template"] = label_template(label)
-        entity["payload_on"] = "ON"
-        entity["payload_off"] = "OFF"
-        if (delay := label_off_delay(config.off_delay_s, results or ResultsConfig())) is not None:
-            entity["off_delay"] = delay
-        entity["device_class"] = "occupancy" if ha_slug(label) == "person" else "motion"
-        add("binary_sensor", object_id, entity)
+    for pipeline, _ in pipelines:
+        for key, suffix, name, unit in PIPELINE_SENSORS:
+            object_id = _free_id(f"{pipeline}_{suffix}", out)
+            entity = common("sensor", object_id, f"{pipeline}: {name}")
+            entity["default_entity_id"] = f"sensor.{slug}_{ha_slug(object_id)}"
+            entity["state_topic"] = f"{base}/telemetry"
+            entity["value_template"] = pipeline_number(pipeline, key)
+            entity["unit_of_measurement"] = unit
+            if unit == "ms":
+                entity["device_class"] = "duration"
+            entity["state_class"] = "measurement"
+            entity["expire_after"] = expire
+            entity["suggested_display_precision"] = 1
+            add("sensor", object_id, entity)
+
+    streams: list[tuple[str, str, str, ResultsConfig | None]] = [
+        (f"{p}_", f"{p}: ", f"results/{p}", r) for p, r in pipelines
+    ]
+    for prefix, title, stream, published in streams or [("", "", "results", results)]:
+        for label in config.labels:
+            object_id = _free_id(f"{prefix}{ha_slug(label)}_detected", out)
+            entity = common("binary_sensor", object_id, f"{title}{label} detected")
+            entity["default_entity_id"] = f"binary_sensor.{slug}_{ha_slug(object_id)}"
+            entity["state_topic"] = f"{base}/{stream}"
+            entity["value_template"] = label_template(label)
+            entity["payload_on"] = "ON"
+            entity["payload_off"] = "OFF"
+            delay = label_off_delay(config.off_delay_s, published or ResultsConfig())
+            if delay is not None:
+                entity["off_delay"] = delay
+            entity["device_class"] = "occupancy" if ha_slug(label) == "person" else "motion"
+            add("binary_sensor", object_id, entity)
 
     entity = common("update", "model", "Model")
     entity["state_topic"] = f"{base}/state"
@@ -332,6 +377,17 @@ def discovery_configs(
     entity["entity_category"] = "diagnostic"
     add("update", "model", entity)
     return out
+
+
+def _free_id(wanted: str, taken: Sequence[Discovery]) -> str:
+    """``wanted``, or with ``_2``, ``_3`` … when another entity has it (pipeline names
+    and label slugs can spell the same object id: ``a`` + ``b_c``, ``a_b`` + ``c``)."""
+    used = {d.object_id for d in taken}
+    found, n = wanted, 1
+    while found in used:
+        n += 1
+        found = f"{wanted}_{n}"
+    return found
 
 
 def label_off_delay(off_delay_s: int, results: ResultsConfig) -> int | None:

@@ -8,7 +8,9 @@ The exposition is made by ``prometheus_client`` from a registry of this agent's 
 - everything else is read at scrape time by a collector from :class:`Snapshot`, the
   figures telemetry sends (pipeline stats, outbox and MQTT figures, the latest probe
   sample, the update phase and outcome counts): no second bookkeeping.
-  :func:`families` turns a snapshot into metric families and does no I/O;
+  :func:`families` turns a snapshot into metric families and does no I/O; with several
+  models the inference and update families carry ``pipeline``/``model`` labels, and
+  shadow runs and output statistics have families of their own (agent/metrics_models.py);
 - the library's process and platform collectors (``process_*``, ``python_info``).
 
 The endpoint is the library's WSGI app on a small threaded server bound to exactly
@@ -29,7 +31,7 @@ import socket
 import socketserver
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -48,14 +50,18 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from agent import metrics_models
 from agent.contract import (
     STATE_PHASES,
     THROTTLE_FLAGS,
     UPDATE_OUTCOMES,
     Figures,
     MachineDoc,
+    OutputsDoc,
+    ShadowDoc,
     StatePhase,
 )
+from agent.metrics_models import PipelineFigures, UpdateFigures
 from agent.pipeline import Result, Stats
 
 log = logging.getLogger(__name__)
@@ -79,6 +85,12 @@ class Snapshot:
     outcomes: Mapping[str, int]  # terminal update outcomes since start
     figures: Figures  # outbox and MQTT
     machine: MachineDoc  # the latest probe sample; empty before the first
+    # several models: every pipeline's figures and each model's update, labelled (then
+    # ``inference``, ``phase`` and ``outcomes`` are not exposed unlabelled)
+    pipelines: tuple[PipelineFigures, ...] = ()
+    models: Mapping[str, UpdateFigures] = field(default_factory=dict)
+    shadows: Mapping[str, ShadowDoc] = field(default_factory=dict)  # both shapes
+    outputs: Mapping[str, OutputsDoc] = field(default_factory=dict)  # both shapes
 
 
 def split_listen(listen: str) -> tuple[str, int, socket.AddressFamily]:
@@ -95,31 +107,6 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
-
-
-def _inference(stats: Stats) -> Iterable[Metric]:
-    model = InfoMetricFamily(
-        "edge_agent_model", "The model serving now (value 1).", labels=["model", "version"]
-    )
-    version = "" if stats.version is None else str(stats.version)
-    model.add_metric([stats.model, version], {"backend": stats.backend})
-    yield model
-    yield _gauge("edge_agent_inference_fps", "Results per second, recent window.", stats.fps)
-    yield _counter("edge_agent_frames", "Frames read from the source.", stats.frames)
-    yield _counter(
-        "edge_agent_frames_dropped",
-        "Frames overwritten before inference (live sources only).",
-        stats.dropped,
-    )
-    yield _counter("edge_agent_results", "Frames the model gave a result for.", stats.results)
-    yield _counter(
-        "edge_agent_inference_errors", "Frames that failed (capture or inference).", stats.errors
-    )
-    yield _gauge(
-        "edge_agent_source_connected",
-        "1 while the source delivers, 0 while it reconnects.",
-        float(stats.source_connected),
-    )
 
 
 def _update(snapshot: Snapshot) -> Iterable[Metric]:
@@ -212,9 +199,15 @@ def families(snapshot: Snapshot) -> list[Metric]:
     found: list[Metric] = [
         InfoMetricFamily("edge_agent", "This agent.", value={"version": snapshot.agent_version})
     ]
-    if snapshot.inference is not None:
-        found.extend(_inference(snapshot.inference))
-    found.extend(_update(snapshot))
+    if snapshot.pipelines or snapshot.models:  # several models: labelled
+        found.extend(metrics_models.pipelines(snapshot.pipelines))
+        found.extend(metrics_models.updates(snapshot.models))
+    else:
+        if snapshot.inference is not None:
+            found.extend(metrics_models.inference([((), snapshot.inference)], []))
+        found.extend(_update(snapshot))
+    found.extend(metrics_models.shadows(snapshot.shadows))
+    found.extend(metrics_models.outputs(snapshot.outputs))
     found.extend(_link(snapshot.figures))
     found.extend(_machine(snapshot.machine))
     return found
@@ -288,19 +281,26 @@ def _cut(sock: socket.socket) -> None:
 class Metrics:
     """The histograms, the registry and the endpoint: build, start(), stop()."""
 
-    def __init__(self, listen: str, read: Callable[[], Snapshot]) -> None:
+    def __init__(
+        self, listen: str, read: Callable[[], Snapshot], per_pipeline: bool = False
+    ) -> None:
+        """``per_pipeline``: several models; the histograms carry ``pipeline`` and
+        ``model`` labels (``observing`` names them)."""
         self.listen = listen
+        labels = ("pipeline", "model") if per_pipeline else ()
         self.address = split_listen(listen)
         self.registry = CollectorRegistry(auto_describe=False)
         self.latency = Histogram(
             "edge_agent_inference_latency_seconds",
             "Capture to result, per result.",
+            labelnames=labels,
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.invoke = Histogram(
             "edge_agent_inference_invoke_seconds",
             "The interpreter's invoke alone, per result.",
+            labelnames=labels,
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -312,16 +312,18 @@ class Metrics:
         self._retrying: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def observe(self, result: Result) -> None:
-        """Add one result to the histograms (the pipeline's thread)."""
-        self.latency.observe(result.latency_ms / 1000.0)
-        self.invoke.observe(result.infer_ms / 1000.0)
-
-    def observing(self, on_result: Callable[[Result], None]) -> Callable[[Result], None]:
-        """``on_result`` that observes each result first."""
+    def observing(
+        self, on_result: Callable[[Result], None], pipeline: str | None = None, model: str = ""
+    ) -> Callable[[Result], None]:
+        """``on_result`` that observes each result first; with ``per_pipeline``, into
+        the series of ``pipeline`` and ``model``."""
+        latency, invoke = self.latency, self.invoke
+        if pipeline is not None:
+            latency, invoke = latency.labels(pipeline, model), invoke.labels(pipeline, model)
 
         def both(result: Result) -> None:
-            self.observe(result)
+            latency.observe(result.latency_ms / 1000.0)
+            invoke.observe(result.infer_ms / 1000.0)
             on_result(result)
 
         return both

@@ -1,4 +1,4 @@
-"""The running agent: lifecycle, wiring, sd_notify and signals.
+"""The running agent: its parts, wired, started and stopped.
 
 ``Service`` builds the parts from a validated config and starts them in order: outbox
 and telemetry first (so every later step can be reported), then the journal's
@@ -7,10 +7,8 @@ before it is loaded), the active release and the stream, the update worker, and
 commands. ``stop()`` runs in reverse. The service holds no update logic: that is
 ``agent.update``; it only lends the updater its ``load`` and ``swap``.
 
-``run()`` is the daemon's main loop (``edge-agent run``): READY=1 once the config,
-the model and the source are up; WATCHDOG=1 only while frames are being processed
-(or while there is honestly nothing to process: no release yet, a source
-reconnecting); STATUS= a one-line summary; SIGHUP reloads the config; SIGTERM stops.
+The daemon's main loop around a service (signals, sd_notify, reloads) is
+``agent.daemon``.
 """
 
 from __future__ import annotations
@@ -18,18 +16,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.cascade import Cascade
 from agent.commands import Commands
-from agent.config import Config, PipelineConfig, load_config
+from agent.config import Config, PipelineConfig
 from agent.config_pipelines import served_models
 from agent.contract import (
     EventName,
@@ -42,14 +37,12 @@ from agent.contract import (
 from agent.control import ControlServer
 from agent.desired import desired_topics, shadow_topic
 from agent.diagnostics import Diagnostics
-from agent.errors import ConfigError, EdgeAgentError
+from agent.errors import EdgeAgentError
 from agent.homeassistant import discovery_configs
 from agent.homeassistant_publish import DiscoveryPublisher
-from agent.notify import Notifier
 from agent.outbox import Outbox
 from agent.pipeline import Pipeline, Result, Stats
-from agent.preflight import check
-from agent.reloading import Outcome, Reloads
+from agent.reloading import Reloads
 from agent.shadow.unit import ShadowUnit
 from agent.store import Store
 from agent.stores import store_dirs, unit_config
@@ -61,23 +54,31 @@ if TYPE_CHECKING:
     import numpy as np
 
     from agent.metrics import Metrics, Snapshot
+    from agent.metrics_models import PipelineFigures
     from agent.mqtt import Incoming
 
 log = logging.getLogger(__name__)
 
-SOURCE_WAIT_S = 10.0  # at start, how long READY waits for the first frame
-STALL_S = 20.0  # no frame processed for this long (source up): no WATCHDOG=1
 LOCK_WAIT_S = 30.0  # at start, how long a command-line pull may keep the store
 
 
-class _Reporter:
-    """A unit's reporter: events as they are; its state merged into the one state
-    document (with several models, every unit's part under ``models``)."""
+# a unit's events that carry no model of their own
+_NAMED_EVENTS = frozenset({"model_failed", "state_repaired", "rolled_back", "update_error"})
 
-    def __init__(self, service: Service) -> None:
+
+class _Reporter:
+    """A unit's reporter: events as they are (with several models, ``model_failed``,
+    ``rolled_back``, ``update_error`` and a store's ``state_repaired`` name the unit's
+    model); its state merged into the one state document (with several models, every
+    unit's part under ``models``)."""
+
+    def __init__(self, service: Service, model: str | None = None) -> None:
         self.service = service
+        self.model = model
 
     def event(self, name: EventName, detail: Mapping[str, Any] | None = None) -> None:
+        if self.model is not None and name in _NAMED_EVENTS:
+            detail = {**(detail or {}), "model": self.model}
         self.service.telemetry.event(name, detail)
 
     def state(self, state: StateDoc) -> None:
@@ -134,10 +135,8 @@ class Service:
                 agent_version=__version__,
                 telemetry_interval_s=config.telemetry.interval_s,
                 results=self.pipelines[0].results,
-                # with pipelines: the first pipeline's results (the label sensors)
-                results_stream=(
-                    f"results/{self.pipelines[0].name}" if config.pipelines else "results"
-                ),
+                # with pipelines: each pipeline's label sensors, fps and latency
+                pipelines=[(p.name, p.results) for p in config.pipelines],
             ),
             ha.prefix,
             config.store.dir,
@@ -166,10 +165,7 @@ class Service:
             extra=self._shadow_telemetry,
         )
         self.metrics = self._build_metrics()
-        self._on_result = (
-            self.metrics.observing(self.telemetry.result) if self.metrics else self.telemetry.result
-        )
-        self.slots = [self._slot(index, p) for index, p in enumerate(self.pipelines)]
+        self.slots = [self._slot(p) for p in self.pipelines]
         self.cascades = self._build_cascades()  # by pipeline name
         self.units = self._build_units()
         self.shadows = self._build_shadows()  # by model: what pipelines serve
@@ -186,12 +182,12 @@ class Service:
         )
         self.commands.handlers.update(diagnostics.handlers())  # MQTT only: not the socket
 
-    def _slot(self, index: int, pipeline: PipelineConfig) -> PipelineSlot:
-        publish = self._on_result  # the single-model shape: results as ever
-        if self.config.pipelines:
-            publish = self._publisher(pipeline)
-            if index == 0 and self.metrics is not None:  # metrics: the first pipeline's
-                publish = self.metrics.observing(publish)
+    def _slot(self, pipeline: PipelineConfig) -> PipelineSlot:
+        # the single-model shape: results as ever; pipelines: results/<name>
+        publish = self._publisher(pipeline) if self.config.pipelines else self.telemetry.result
+        if self.metrics is not None:  # several models: each pipeline's own series
+            named = (pipeline.name, pipeline.model.name or "") if self.multi else (None, "")
+            publish = self.metrics.observing(publish, *named)
         return PipelineSlot(
             pipeline,
             self.config.runtime,
@@ -240,7 +236,7 @@ class Service:
                     name,
                     unit_config(config, model, results, dirs[name]),
                     targets,
-                    _Reporter(self),
+                    _Reporter(self, name),
                     connected=connected,
                     only_model=True,
                     not_served=(lambda m: m not in self.models) if index == 0 else None,
@@ -510,12 +506,22 @@ class Service:
                 exc,
             )
             return None
-        return Metrics(listen, self._metrics_snapshot)
+        return Metrics(listen, self._metrics_snapshot, per_pipeline=self.multi)
 
     def _metrics_snapshot(self) -> Snapshot:
         """What a scrape reads: the figures telemetry sends (the endpoint's thread)."""
         from agent.metrics import Snapshot
+        from agent.metrics_models import UpdateFigures
 
+        extra = self._shadow_telemetry()
+        pipelines: tuple[PipelineFigures, ...] = ()
+        models: dict[str, UpdateFigures] = {}
+        if self.multi:  # every pipeline and every model, labelled
+            pipelines = tuple(self._pipeline_figures(slot) for slot in self.slots)
+            models = {
+                unit.name or "": UpdateFigures(unit.updates.phase(), dict(unit.updates.outcomes))
+                for unit in self.units
+            }
         return Snapshot(
             agent_version=__version__,
             inference=self._pipeline_stats(),
@@ -523,6 +529,22 @@ class Service:
             outcomes=dict(self.updates.outcomes),
             figures=self.telemetry.snapshot(),
             machine=self.telemetry.machine,
+            pipelines=pipelines,
+            models=models,
+            shadows=extra.get("shadows", {}),
+            outputs=extra.get("outputs", {}),
+        )
+
+    def _pipeline_figures(self, slot: PipelineSlot) -> PipelineFigures:
+        from agent.metrics_models import PipelineFigures
+
+        stats = slot.stats()
+        cascade = self.cascades.get(slot.name)
+        return PipelineFigures(
+            slot.name,
+            slot.config.model.name or (stats.model if stats else ""),
+            stats,
+            cascade.figures() if cascade is not None else None,
         )
 
     def _last_frame(self) -> np.ndarray | None:
@@ -628,165 +650,3 @@ class Service:
                 for slot in self.slots
             }
         return doc
-
-
-# -- the daemon's main loop ------------------------------------------------------------
-
-
-@dataclass
-class _Signals:
-    """What the handlers saw; they only append (no locks, no I/O in a handler)."""
-
-    received: list[int]
-
-    def take(self) -> list[int]:
-        count = len(self.received)  # a signal arriving meanwhile stays for the next take
-        taken = self.received[:count]
-        del self.received[:count]
-        return taken
-
-
-def _watchdog_interval() -> float | None:
-    """Half of systemd's WatchdogSec (from WATCHDOG_USEC), or None when it is off."""
-    usec = os.environ.get("WATCHDOG_USEC", "")
-    pid = os.environ.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or (pid and pid != str(os.getpid())):
-        return None
-    return int(usec) / 2e6
-
-
-class _Progress:
-    """Proves the pipeline moves: results advance, or there is nothing it could do."""
-
-    def __init__(self) -> None:
-        self.results = -1
-        self.moved_at = time.monotonic()
-
-    def alive(self, stats: Stats | None) -> bool:
-        now = time.monotonic()
-        if stats is None or not stats.source_connected:
-            self.moved_at = now  # no model yet, or a source reconnecting: the loop is alive
-            return True
-        if stats.results != self.results:
-            self.results, self.moved_at = stats.results, now
-        return now - self.moved_at < STALL_S
-
-
-def run(config: Config, path: Path) -> int:
-    """``edge-agent run``: serve until SIGTERM/SIGINT; SIGHUP reloads the config.
-
-    Returns the exit code: 0 after a signal, 1 when an update got stuck past its
-    deadline (systemd restarts the agent, and the journal ends that update).
-    """
-    findings = check(config)
-    if findings.errors:
-        raise ConfigError([f"{path}: {p}" for p in findings.errors])
-    for warning in findings.warnings:
-        log.warning("%s: %s", path, warning)
-    signals = _Signals([])
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda signum, frame: signals.received.append(signum))
-    notify = Notifier()
-    interval = _watchdog_interval()
-    reloads = Reloads()
-    service = Service(config, reloads=reloads)
-    code = 0
-    try:
-        notify.status("starting")
-        service.start()
-        _wait_ready(service, signals)
-        notify.send("READY=1", f"STATUS={service.status_line()}")
-        log.info("ready: %s", service.status_line())
-        progress = _Progress()
-        next_beat = 0.0
-        while True:
-            taken = signals.take()
-            if signal.SIGTERM in taken or signal.SIGINT in taken:
-                name = "SIGTERM" if signal.SIGTERM in taken else "SIGINT"
-                log.info("%s: stopping (draining the pipeline and the outbox)", name)
-                break
-            if signal.SIGHUP in taken:
-                reloads.request()
-            ticket = reloads.due()
-            if ticket is not None:  # SIGHUP, or edge-agent reload on the control socket
-                service, config, outcome, error = _reload(service, config, path, notify)
-                reloads.finish(ticket, outcome, error)
-                if outcome == "exiting":
-                    code = 1
-                    break
-            overdue = service.overdue()
-            if overdue is not None:
-                unit, stuck = overdue
-                log.error("%s: restarting the agent to recover", stuck)
-                unit.updates.give_up(stuck)
-                code = 1
-                break
-            now = time.monotonic()
-            if now >= next_beat:
-                next_beat = now + min(interval or 1.0, 1.0)
-                if interval is not None and progress.alive(service.stats()):
-                    notify.send("WATCHDOG=1")
-                notify.status(service.status_line())
-            time.sleep(0.2)
-    finally:
-        notify.send("STOPPING=1")
-        service.stop()
-    log.info("stopped (exit %d)", code)
-    return code
-
-
-def _wait_ready(service: Service, signals: _Signals) -> None:
-    deadline = time.monotonic() + SOURCE_WAIT_S
-    while time.monotonic() < deadline and not signals.received and not service.ready():
-        time.sleep(0.05)
-
-
-def _reload(
-    service: Service, config: Config, path: Path, notify: Notifier
-) -> tuple[Service, Config, Outcome, str | None]:
-    """Re-read the config; an invalid one is reported and the running agent goes on.
-
-    Returns the service now running, its config, the outcome and its error: "exiting"
-    when the agent must exit (the old service would not stop cleanly, or neither
-    config would start).
-    """
-    try:
-        fresh = load_config(path)
-        problems = check(fresh).errors
-        if problems:
-            raise ConfigError([f"{path}: {p}" for p in problems])
-    except (ConfigError, OSError) as exc:
-        log.error("reload: the new configuration is not used:\n%s", exc)
-        service.telemetry.event("config_rejected", {"error": str(exc)})
-        return service, config, "rejected", str(exc)
-    if fresh == config:
-        log.info("reload: configuration unchanged")
-        return service, config, "unchanged", None
-    log.info("reload: applying the new configuration")
-    monotonic_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    notify.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_us}")
-    if not service.stop():
-        log.error("reload: an update would not stop; exiting so that systemd restarts")
-        return service, config, "exiting", "an update would not stop"
-    failure: str | None = None
-    for candidate in (fresh, config):  # the new config, else the one that was running
-        which = "new" if candidate is fresh else "old"
-        replacement: Service | None = None
-        try:
-            replacement = Service(candidate, reloads=service.reloads)
-            replacement.start()
-        except Exception as exc:  # whatever it was: clean up, try the old config next
-            log.exception("reload: cannot start with the %s configuration", which)
-            failure = failure or f"the new configuration failed to start: {exc}"
-            if replacement is not None:
-                replacement.stop()
-            continue
-        replacement.telemetry.event(
-            "config_reloaded" if candidate is fresh else "config_rejected",
-            {} if candidate is fresh else {"error": failure},
-        )
-        notify.send("READY=1")
-        if candidate is fresh:
-            return replacement, candidate, "reloaded", None
-        return replacement, candidate, "failed", failure
-    return service, config, "exiting", failure

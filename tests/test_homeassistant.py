@@ -73,6 +73,7 @@ def configs(
     config: HomeAssistantConfig = ON,
     device: str = "pi-door-01",
     results: ResultsConfig | None = None,
+    pipelines: tuple[tuple[str, ResultsConfig], ...] = (),
 ) -> list[Discovery]:
     return discovery_configs(
         device,
@@ -81,7 +82,15 @@ def configs(
         agent_version="0.1.0",
         telemetry_interval_s=10,
         results=results,
+        pipelines=pipelines,
     )
+
+
+# pipelines: (names as the config allows them), each publishing its own way
+PIPELINES = (
+    ("door", ResultsConfig(publish="every")),
+    ("Yard-2", ResultsConfig(publish="on_change")),
+)
 
 
 def by_id(found: list[Discovery]) -> dict[str, Discovery]:
@@ -117,7 +126,11 @@ def test_one_device_with_the_sensors_a_binary_sensor_per_label_and_an_update_ent
     }
 
 
-@pytest.mark.parametrize("discovery", configs(), ids=lambda d: f"{d.component}-{d.object_id}")
+@pytest.mark.parametrize(
+    "discovery",
+    configs() + configs(pipelines=PIPELINES),
+    ids=lambda d: f"{d.component}-{d.object_id}",
+)
 def test_payload_follows_home_assistants_documented_schema(discovery: Discovery) -> None:
     doc = json.loads(discovery.payload())  # what goes on the wire, not the Python dict
     component = discovery.component
@@ -193,7 +206,7 @@ def test_discovery_topics_match_home_assistants_pattern(device: str) -> None:
     pattern = re.compile(
         r"(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?(?P<object_id>[a-zA-Z0-9_-]+)/config"
     )
-    for discovery in configs(device=device):
+    for discovery in configs(device=device) + configs(device=device, pipelines=PIPELINES):
         rest = discovery.topic.removeprefix("homeassistant/")
         assert pattern.fullmatch(rest), discovery.topic
 
@@ -248,6 +261,71 @@ def test_sensor_templates_give_the_documents_values(
     assert render(by_id(configs())[object_id].config["value_template"], payload) == expected
 
 
+def test_several_pipelines_get_label_sensors_fps_and_latency_each() -> None:
+    found = configs(pipelines=PIPELINES)
+    ids = [(d.component, d.object_id) for d in found]
+    assert ids[:8] == [(d.component, d.object_id) for d in configs()][:8]  # the device's
+    assert ids[8:] == [
+        ("sensor", "door_fps"),
+        ("sensor", "door_latency_p95"),
+        ("sensor", "Yard-2_fps"),
+        ("sensor", "Yard-2_latency_p95"),
+        ("binary_sensor", "door_person_detected"),
+        ("binary_sensor", "door_traffic_light_detected"),
+        ("binary_sensor", "Yard-2_person_detected"),
+        ("binary_sensor", "Yard-2_traffic_light_detected"),
+        ("update", "model"),
+    ]
+    got = by_id(found)
+    yard = got["Yard-2_person_detected"].config
+    assert yard["state_topic"] == f"{BASE}/results/Yard-2"
+    assert yard["name"] == "Yard-2: person detected"
+    assert yard["default_entity_id"] == "binary_sensor.pi_door_01_yard_2_person_detected"
+    assert "off_delay" not in yard  # on_change: the change sends OFF
+    assert got["door_person_detected"].config["off_delay"] == 7  # every: the delay
+    assert got["door_fps"].config["state_topic"] == f"{BASE}/telemetry"
+    assert got["door_fps"].config["expire_after"] == 60
+    ids_only = [d.config["unique_id"] for d in found]
+    assert len(ids_only) == len(set(ids_only))
+
+
+def test_object_ids_a_pipeline_and_a_label_spell_alike_stay_distinct() -> None:
+    config = HomeAssistantConfig(discovery=True, labels=["b c", "c"])
+    found = configs(config, pipelines=(("a", ResultsConfig()), ("a_b", ResultsConfig())))
+    labels = [d.object_id for d in found if d.component == "binary_sensor"]
+    assert labels == ["a_b_c_detected", "a_c_detected", "a_b_b_c_detected", "a_b_c_detected_2"]
+    topics = [d.topic for d in found]
+    assert len(topics) == len(set(topics))
+
+
+PIPELINE_TELEMETRY = {
+    **TELEMETRY,
+    "pipelines": {
+        "door": {"fps": 9.5, "latency_ms_p95": 30.25, "model": "colours", "cascade": None},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("object_id", "payload", "expected"),
+    [
+        ("door_fps", _with(PIPELINE_TELEMETRY), "9.5"),
+        ("door_latency_p95", _with(PIPELINE_TELEMETRY), "30.25"),
+        ("Yard-2_fps", _with(PIPELINE_TELEMETRY), "None"),  # nothing serving there yet
+        ("door_fps", _with(TELEMETRY), "None"),  # no pipelines in the document
+        ("door_fps", _with(TELEMETRY, pipelines=None), "None"),
+        ("door_fps", _with(TELEMETRY, pipelines={"door": None}), "None"),
+        ("door_fps", _with(TELEMETRY, pipelines={"door": {"fps": None}}), "None"),
+        ("fps", _with(PIPELINE_TELEMETRY), "19.7"),  # the device's: the first pipeline's
+    ],
+)
+def test_pipeline_sensor_templates_read_their_pipelines_figures(
+    object_id: str, payload: bytes, expected: str
+) -> None:
+    template = by_id(configs(pipelines=PIPELINES))[object_id].config["value_template"]
+    assert render(template, payload) == expected
+
+
 def _result(**found: list[str]) -> bytes:
     doc: dict[str, Any] = {"schema": 1, "seq": 1, "id": "x", "ts": 1.0, "frame": 3}
     for key, labels in found.items():
@@ -271,6 +349,13 @@ def test_label_templates_turn_on_for_their_label_only(
     object_id: str, payload: bytes, expected: str
 ) -> None:
     assert render(by_id(configs())[object_id].config["value_template"], payload) == expected
+
+
+def test_pipeline_label_sensors_turn_on_for_their_label_only() -> None:
+    found = by_id(configs(pipelines=PIPELINES))
+    template = found["Yard-2_person_detected"].config["value_template"]
+    assert render(template, _result(detections=["dog", "person"])) == "ON"
+    assert render(template, _result(detections=["dog"])) == "OFF"
 
 
 @pytest.mark.parametrize(

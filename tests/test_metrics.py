@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent import metrics as agent_metrics
 from agent.config import parse_config
-from agent.contract import Figures, MachineDoc
+from agent.contract import Figures, MachineDoc, OutputsDoc, ShadowDoc
 from agent.errors import ConfigError
+from agent.fleet.publish import publish
 from agent.metrics import Metrics, Snapshot, families
+from agent.metrics_models import PipelineFigures, UpdateFigures
 from agent.pipeline import Stats
-from tests.agentproc import AgentProcess, wait_alive
+from tests.agentproc import MODEL, AgentProcess, wait_alive
 from tests.broker import free_port
+from tests.conftest import Models
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -235,6 +239,161 @@ def test_snapshot_families_name_units_and_leave_missing_figures_out(
     _promtool(text)
 
 
+SHADOW: ShadowDoc = {
+    "model": "birds",
+    "version": 8,
+    "issued_at": 1.0,
+    "phase": "running",
+    "sample_pct": 10,
+    "max_cpu_pct": 25,
+    "frames": 40,
+    "skipped": 3,
+    "errors": 1,
+    "error": None,
+    "latency_ms_p50": 12.0,
+    "active_latency_ms_p50": 10.0,
+    "agreement": {"metric": "top1", "value": 0.975, "frames": 40},
+}
+OUTPUTS: OutputsDoc = {
+    "version": 7,
+    "frames": 100,
+    "scores": [0, 0, 0, 0, 0, 10, 20, 30, 25, 15],
+    "classes": {"robin": 60, "wren": 40},
+    "previous": None,
+}
+SEVERAL = _snapshot(
+    pipelines=(
+        PipelineFigures(
+            "door",
+            "birds",
+            STATS,
+            {"model": "faces", "version": 2, "crops": 33, "infer_ms_p50": 4.0, "errors": 2},
+        ),
+        PipelineFigures("yard", "cars", replace(STATS, model="cars", frames=9)),
+        PipelineFigures("gate", "birds", None),  # nothing serving there yet: no sample
+    ),
+    models={
+        "birds": UpdateFigures("probation", {"succeeded": 2}),
+        "faces": UpdateFigures("idle", {"failed": 1}),
+        "cars": UpdateFigures("downloading", {}),
+    },
+)
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "present", "absent"),
+    [
+        (
+            SEVERAL,
+            {
+                (
+                    "edge_agent_model_info",
+                    (
+                        ("backend", "edgetpu"),
+                        ("model", "birds"),
+                        ("pipeline", "door"),
+                        ("version", "7"),
+                    ),
+                ): 1.0,
+                ("edge_agent_frames_total", (("model", "birds"), ("pipeline", "door"))): 120.0,
+                ("edge_agent_frames_total", (("model", "cars"), ("pipeline", "yard"))): 9.0,
+                ("edge_agent_inference_fps", (("model", "cars"), ("pipeline", "yard"))): 14.5,
+                ("edge_agent_source_connected", (("model", "birds"), ("pipeline", "door"))): 1.0,
+                (
+                    "edge_agent_cascade_crops_total",
+                    (("model", "faces"), ("pipeline", "door")),
+                ): 33.0,
+                (
+                    "edge_agent_cascade_errors_total",
+                    (("model", "faces"), ("pipeline", "door")),
+                ): 2.0,
+                ("edge_agent_update_phase", (("model", "birds"), ("phase", "probation"))): 1.0,
+                ("edge_agent_update_phase", (("model", "cars"), ("phase", "downloading"))): 1.0,
+                ("edge_agent_update_phase", (("model", "cars"), ("phase", "idle"))): 0.0,
+                (
+                    "edge_agent_update_outcomes_total",
+                    (("model", "faces"), ("outcome", "failed")),
+                ): 1.0,
+                (
+                    "edge_agent_update_outcomes_total",
+                    (("model", "birds"), ("outcome", "failed")),
+                ): 0.0,
+            },
+            # every figure names its pipeline or model: none unlabelled, the idle one absent
+            {
+                ("edge_agent_frames_total", ()),
+                ("edge_agent_update_phase", (("phase", "probation"),)),
+                ("edge_agent_frames_total", (("model", "birds"), ("pipeline", "gate"))),
+            },
+        ),
+        (
+            _snapshot(shadows={"birds": SHADOW}, outputs={"birds": OUTPUTS}),
+            {
+                # the single model as it always was, beside its shadow run and outputs
+                ("edge_agent_frames_total", ()): 120.0,
+                ("edge_agent_update_phase", (("phase", "probation"),)): 1.0,
+                (
+                    "edge_agent_shadow_info",
+                    (("model", "birds"), ("phase", "running"), ("version", "8")),
+                ): 1.0,
+                ("edge_agent_shadow_frames_total", (("model", "birds"), ("version", "8"))): 40.0,
+                ("edge_agent_shadow_skipped_total", (("model", "birds"), ("version", "8"))): 3.0,
+                ("edge_agent_shadow_errors_total", (("model", "birds"), ("version", "8"))): 1.0,
+                (
+                    "edge_agent_shadow_agreement",
+                    (("metric", "top1"), ("model", "birds"), ("version", "8")),
+                ): 0.975,
+                ("edge_agent_output_frames_total", (("model", "birds"), ("version", "7"))): 100.0,
+                (
+                    "edge_agent_output_score_frames_total",
+                    (("bin", "0.7"), ("model", "birds"), ("version", "7")),
+                ): 30.0,
+                (
+                    "edge_agent_output_score_frames_total",
+                    (("bin", "0.0"), ("model", "birds"), ("version", "7")),
+                ): 0.0,
+                (
+                    "edge_agent_output_class_frames_total",
+                    (("label", "wren"), ("model", "birds"), ("version", "7")),
+                ): 40.0,
+            },
+            {("edge_agent_frames_total", (("model", "birds"), ("pipeline", "main")))},
+        ),
+        (
+            # a shadow run before its first compared frame: no agreement made up
+            _snapshot(
+                shadows={
+                    "birds": {
+                        **SHADOW,
+                        "phase": "loading",
+                        "agreement": {"metric": "f1", "value": None, "frames": 0},
+                    }
+                }
+            ),
+            {("edge_agent_shadow_frames_total", (("model", "birds"), ("version", "8"))): 40.0},
+            {
+                (
+                    "edge_agent_shadow_agreement",
+                    (("metric", "f1"), ("model", "birds"), ("version", "8")),
+                )
+            },
+        ),
+    ],
+    ids=["several-pipelines", "single-with-shadow", "shadow-not-compared-yet"],
+)
+def test_several_models_label_every_figure_and_shadows_name_their_model(
+    snapshot: Snapshot,
+    present: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+    absent: set[tuple[str, tuple[tuple[str, str], ...]]],
+) -> None:
+    text = _exposition(snapshot)
+    samples = _samples(text)
+    for key, value in present.items():
+        assert samples.get(key) == value, (key, text)
+    assert not set(samples) & absent, set(samples) & absent
+    _promtool(text)
+
+
 # -- config ---------------------------------------------------------------------------------
 
 
@@ -416,6 +575,65 @@ def test_a_reload_serves_metrics_on_the_same_port_again(
     assert agent.terminate() == 0
 
 
+def test_two_pipelines_serve_labelled_figures_per_pipeline_and_model(
+    tmp_path: Path, registry: Path, models: Models, agents: list[AgentProcess]
+) -> None:
+    """``pipelines:``: each pipeline's frames and histograms under its own labels, each
+    model's update phase; the scrape passes promtool."""
+    publish(
+        [models.path("detector.tflite")],
+        model="boxes",
+        version=1,
+        registry=registry,
+        task="detection",
+        labels=models.labels,
+        channels=("stable",),
+    )
+    port = free_port()
+    agent = _agent(tmp_path, registry, port, agents)
+    settings = dict(agent.settings)
+    for key in ("model", "source", "results"):
+        settings.pop(key)
+    synthetic = {"type": "synthetic", "width": 64, "height": 48, "fps": 20}
+    every = {"publish": "every", "min_score": 0.0, "top_k": 1}
+    settings["pipelines"] = [
+        {"name": "door", "model": {"name": MODEL}, "source": synthetic, "results": every},
+        {"name": "yard", "model": {"name": "boxes"}, "source": synthetic, "results": every},
+    ]
+    agent.config_path.write_text(yaml.safe_dump(settings))
+    agent.start()
+
+    def frames(pipeline: str, model: str) -> float:
+        try:
+            text = _scrape(port)
+        except OSError:
+            return 0.0
+        return _value(text, "edge_agent_frames_total", pipeline=pipeline, model=model) or 0.0
+
+    wait_alive(lambda: frames("door", MODEL) > 0 and frames("yard", "boxes") > 0, 60, "both", agent)
+    text = _scrape(port)
+    assert _value(text, "edge_agent_frames_total") is None  # no unlabelled series beside them
+    for pipeline, model in (("door", MODEL), ("yard", "boxes")):
+        labels = {"pipeline": pipeline, "model": model}
+        count = _value(text, "edge_agent_inference_latency_seconds_count", **labels)
+        assert (count or 0) > 0, (labels, text)
+        assert _value(text, "edge_agent_model_info", version="1", backend="cpu", **labels) == 1
+    wait_alive(
+        lambda: (
+            _value(_scrape(port), "edge_agent_update_phase", model="boxes", phase="succeeded")
+            == 1.0
+        ),
+        30,
+        "boxes' update succeeded",
+        agent,
+    )
+    text = _scrape(port)
+    assert _value(text, "edge_agent_update_outcomes_total", model=MODEL, outcome="succeeded") == 1
+    _promtool(text)
+    assert agent.terminate() == 0
+    assert "Traceback" not in agent.log()
+
+
 def _serving(port: int) -> bool:
     """Frames counted: the agent pulled v1 (it starts with an empty store) and serves."""
     try:
@@ -531,7 +749,8 @@ def test_docs_list_every_metric_and_no_other() -> None:
         machine={**MACHINE, "tpu_temp_c": 50.0, "cpu_freq_mhz": 1500, "wifi_rssi_dbm": -60}
     )
     suffix = {"counter": "_total", "info": "_info"}
-    made = {f.name + suffix.get(f.type, "") for f in families(full)} | {
+    several = replace(SEVERAL, shadows={"birds": SHADOW}, outputs={"birds": OUTPUTS})
+    made = {f.name + suffix.get(f.type, "") for f in [*families(full), *families(several)]} | {
         "edge_agent_inference_latency_seconds",
         "edge_agent_inference_invoke_seconds",
     }

@@ -19,7 +19,7 @@ import yaml
 
 from agent import contract
 from agent.commands import CommandError
-from agent.config import HomeAssistantConfig, config_from_dict, parse_config
+from agent.config import HomeAssistantConfig, ResultsConfig, config_from_dict, parse_config
 from agent.config_pipelines import served_models
 from agent.control import ask
 from agent.desired import DesiredState, NotServedHere
@@ -147,7 +147,7 @@ def test_config_errors_are_one_line_naming_the_key(text: str, error: str) -> Non
     assert len(lines) == 1 and error in lines[0], lines
 
 
-def test_home_assistant_label_sensors_read_the_first_pipelines_results() -> None:
+def test_home_assistant_label_sensors_read_each_pipelines_results() -> None:
     ha = HomeAssistantConfig(discovery=True, labels=("person",))
     found = discovery_configs(
         "d1",
@@ -155,10 +155,13 @@ def test_home_assistant_label_sensors_read_the_first_pipelines_results() -> None
         ha,
         agent_version="0",
         telemetry_interval_s=10,
-        results_stream="results/door",
+        pipelines=[("door", ResultsConfig()), ("yard", ResultsConfig())],
     )
-    (sensor,) = [d for d in found if d.object_id == "person_detected"]
-    assert sensor.config["state_topic"] == "edge/d1/results/door"
+    sensors = {d.object_id: d for d in found if d.component == "binary_sensor"}
+    assert {k: d.config["state_topic"] for k, d in sensors.items()} == {
+        "door_person_detected": "edge/d1/results/door",
+        "yard_person_detected": "edge/d1/results/yard",
+    }
 
 
 # -- stores ---------------------------------------------------------------------------
@@ -455,6 +458,9 @@ def test_two_pipelines_serve_two_models_and_update_one_alone(
         assert status["pipelines_stats"]["yard"]["model"] == OTHER
         done = ask(sock, "rollback", {"model": MODEL})
         assert (done["from"], done["version"]) == (2, 1)
+        wait_alive(lambda: bool(_events(tap, "rolled_back")), 30, "rolled_back", agent)
+        (rolled,) = _events(tap, "rolled_back")  # with several models: which one
+        assert (rolled["model"], rolled["from"], rolled["to"]) == (MODEL, 2, 1)
         wait_alive(lambda: serving("door", MODEL, 1), 30, "door back on v1", agent)
         assert all(r["version"] == 1 for r in tap.docs("/results/yard"))
         assert agent.terminate() == 0
