@@ -1,0 +1,106 @@
+"""Defects found reviewing issue 20 (several pipelines, cascades, shadow runs), each
+with the real models on the real interpreter where a model is involved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.config import RuntimeConfig, parse_config
+from agent.errors import ModelError
+from agent.pipeline import PACE_WAIT_S, Stats
+from agent.runtime import LoadedModel, ModelFiles, load_model
+from agent.units import ModelUnit
+from tests.conftest import Models
+
+RUNTIME = RuntimeConfig(warmup_runs=1, threads=1)
+
+
+def _load(models: Models) -> LoadedModel:
+    files = ModelFiles(
+        name="people",
+        version=2,
+        task="classification",
+        cpu=models.path("classifier.tflite"),
+        labels=models.labels,
+    )
+    return load_model(files, RUNTIME)
+
+
+class _Target:
+    """A serving target; ``stalled``: it does not take a model (a pipeline whose frame
+    in hand outlasts the timeout: the model is withdrawn and closed, ModelError)."""
+
+    def __init__(self, config: Any, stalled: bool = False) -> None:
+        self.results = config.results
+        self.stalled = stalled
+        self.model: LoadedModel | None = None
+
+    def swap(self, model: LoadedModel, timeout: float) -> None:
+        if self.stalled:
+            model.close()
+            raise ModelError(f"the pipeline did not take the new model within {timeout:g} s")
+        self.model = model
+
+    def between_frames(self, timeout: float = PACE_WAIT_S) -> bool:
+        return True
+
+    def stats(self) -> Stats | None:
+        return None
+
+
+class _Reporter:
+    def event(self, name: Any, detail: Any = None) -> None:
+        pass
+
+    def state(self, state: Any) -> None:
+        pass
+
+
+def _unit(tmp_path: Path, targets: list[_Target]) -> ModelUnit:
+    config = parse_config(
+        f"model: {{name: people}}\nstore: {{dir: {tmp_path / 'store'}}}\n"
+        f"telemetry: {{outbox: {tmp_path / 'outbox.db'}}}\n",
+        env={},
+    )
+    return ModelUnit("people", config, list(targets), _Reporter())
+
+
+def test_a_further_target_refusing_its_copy_never_closes_the_model_the_first_serves(
+    tmp_path: Path, models: Models
+) -> None:
+    config = parse_config("model: {name: people}", env={})
+    first, stalled = _Target(config), _Target(config, stalled=True)
+    unit = _unit(tmp_path, [first, stalled])
+    model = _load(models)
+    # the updater closes the model when swap raises (Steps.activate): swap must not
+    # raise once the first pipeline serves it
+    unit.swap(model, 0.1)
+    assert first.model is model
+    frame = np.zeros((32, 32, 3), np.uint8)
+    assert model.run(frame).classes  # still usable: not closed under the first pipeline
+    model.close()
+
+
+def test_the_first_target_refusing_closes_the_copies_and_raises(
+    tmp_path: Path, models: Models
+) -> None:
+    config = parse_config("model: {name: people}", env={})
+    stalled, second = _Target(config, stalled=True), _Target(config)
+    unit = _unit(tmp_path, [stalled, second])
+    copies: list[LoadedModel] = []
+    load = unit._load
+
+    def loading(files: ModelFiles, results: Any) -> LoadedModel:
+        copies.append(load(files, results))
+        return copies[-1]
+
+    unit._load = loading  # type: ignore[method-assign]
+    with pytest.raises(ModelError):
+        unit.swap(_load(models), 0.1)
+    assert second.model is None and len(copies) == 1
+    with pytest.raises(RuntimeError, match="closed"):
+        copies[0].run(np.zeros((32, 32, 3), np.uint8))
