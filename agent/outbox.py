@@ -58,6 +58,11 @@ FORMAT = 2  # PRAGMA user_version of the file: 0 (before streams and priorities)
 _OVERHEAD = 48  # bytes a row costs beyond its topic and payload, roughly (SQLite record + index)
 KEEP_DAMAGED = 3  # damaged outbox files kept aside, the newest
 SEQ_BLOCK = 10_000  # the high-water mark runs this far ahead of the counters
+# The largest message sent: the shipped broker's max_packet_size (a client sending more
+# is disconnected, and would send it again on every reconnect) and the fleet's limit of
+# one report, less room for the packet's header and properties.
+MAX_MESSAGE = 256 * 1024
+_PACKET_ROOM = 512
 _MAX_COUNT = 2**62  # a counter at or above this is damage (seq + 1 must stay an SQLite int)
 
 # The size cap drops the lowest first: results, telemetry (and any other stream), events,
@@ -410,6 +415,15 @@ class Outbox:
                     payload = envelope(record, n)
                 except (TypeError, ValueError) as exc:  # a body JSON cannot carry: a bug
                     log.error("%s: cannot encode a %s message: %s", self.path, record.stream, exc)
+                    continue
+                if len(payload) + len(record.topic.encode()) + _PACKET_ROOM > MAX_MESSAGE:
+                    log.error(  # never sendable: kept, it would stall the link for good
+                        "%s: a %s message of %d bytes is over the %d-byte limit: not sent",
+                        self.path,
+                        record.stream,
+                        len(payload),
+                        MAX_MESSAGE,
+                    )
                     continue
                 seq[record.stream] = n
                 rowid = 0

@@ -11,6 +11,7 @@ import pytest
 
 from agent.config import RuntimeConfig, parse_config
 from agent.errors import ModelError
+from agent.outbox import MAX_MESSAGE, Outbox, Record
 from agent.pipeline import PACE_WAIT_S, Stats
 from agent.runtime import LoadedModel, ModelFiles, load_model
 from agent.units import ModelUnit
@@ -104,3 +105,18 @@ def test_the_first_target_refusing_closes_the_copies_and_raises(
     assert second.model is None and len(copies) == 1
     with pytest.raises(RuntimeError, match="closed"):
         copies[0].run(np.zeros((32, 32, 3), np.uint8))
+
+
+def test_a_message_over_the_brokers_packet_limit_is_never_queued(tmp_path: Path) -> None:
+    """The shipped broker disconnects a client that sends a packet over 256 KiB: kept in
+    the outbox, such a message (8 pipelines' telemetry, a cascade's nested results) would
+    be sent again on every reconnect, and the device would report nothing any more."""
+    outbox = Outbox(tmp_path / "outbox.sqlite", 10**8).open()
+    try:
+        big = Record("results", "edge/d/results/door", {"ts": 1.0, "pad": "x" * MAX_MESSAGE})
+        small = Record("results", "edge/d/results/door", {"ts": 1.0, "pad": "x"})
+        messages, _ = outbox.write([big, small])
+        assert len(messages) == 1 and len(messages[0].payload) < 1000
+        assert [len(m.payload) for m in outbox.pending(0, 10)] == [len(messages[0].payload)]
+    finally:
+        outbox.close()
