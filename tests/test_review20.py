@@ -3,6 +3,7 @@ with the real models on the real interpreter where a model is involved."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,12 @@ import pytest
 
 from agent.config import RuntimeConfig, parse_config
 from agent.errors import ModelError
+from agent.frames import Result
 from agent.outbox import MAX_MESSAGE, Outbox, Record
 from agent.pipeline import PACE_WAIT_S, Stats
 from agent.runtime import LoadedModel, ModelFiles, load_model
+from agent.runtime.adapters import Detection, Output
+from agent.shadow.outputs import MAX_LABEL, OutputStats
 from agent.units import ModelUnit
 from tests.conftest import Models
 
@@ -120,3 +124,44 @@ def test_a_message_over_the_brokers_packet_limit_is_never_queued(tmp_path: Path)
         assert [len(m.payload) for m in outbox.pending(0, 10)] == [len(messages[0].payload)]
     finally:
         outbox.close()
+
+
+def test_eight_models_output_statistics_fit_one_telemetry_message(tmp_path: Path) -> None:
+    """A labels file of many long labels (non-ASCII: escaped in JSON) must not make the
+    ``outputs`` of 8 pipelines' models, each version and its previous, outgrow the
+    broker's packet limit (then no telemetry would ever be sent)."""
+    labels = [f"{'é' * 300} {i}" for i in range(1000)]
+    outputs = {}
+    kept = []
+    for m in range(8):
+        (tmp_path / f"m{m}").mkdir()
+        stats = OutputStats(f"model-{m}", tmp_path / f"m{m}")
+        kept.append(stats)
+        for version in (1, 2):
+            for start in range(0, len(labels), 50):
+                found = [
+                    Detection(i, label, 0.5, (0.0, 0.0, 1.0, 1.0))
+                    for i, label in enumerate(labels[start : start + 50])
+                ]
+                result = Result(
+                    0,
+                    0.0,
+                    f"model-{m}",
+                    version,
+                    "cpu",
+                    1.0,
+                    1.0,
+                    Output("detection", detections=found),
+                )
+                stats.observe(None, result)  # type: ignore[arg-type]
+        doc = stats.doc()
+        assert doc is not None and doc["previous"] is not None and doc["classes"]
+        outputs[f"model-{m}"] = doc
+    size = len(json.dumps({"outputs": outputs}))
+    assert size < MAX_MESSAGE // 2, size
+    first = outputs["model-0"]
+    assert all(len(label) <= MAX_LABEL for label in first["classes"])
+    # a restart reads outputs.json back within the same bounds
+    kept[0].save()
+    again = OutputStats("model-0", tmp_path / "m0").doc()
+    assert again is not None and again["classes"] == first["classes"]
