@@ -482,10 +482,10 @@ class Service:
     def publish_state(self, state: StateDoc | None = None) -> None:
         """The one retained ``state``: the first pipeline's model as the top-level
         fields; with several models, every model's part and the pipelines too."""
-        with self._state_lock:  # composed and queued in one go: never an older one last
-            if not self.multi:
-                self.telemetry.state(state if state is not None else self.updates.state())
-                return
+        # Composed and queued in one go: never an older one last. ``state`` (computed
+        # before the lock by the caller) is not used: a unit's worker and its shadow
+        # controller both publish, and the one computed first may come in last.
+        with self._state_lock:
             self.telemetry.state(self._state_doc())
 
     def _state_doc(self) -> StateDoc:

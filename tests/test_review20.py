@@ -165,3 +165,26 @@ def test_eight_models_output_statistics_fit_one_telemetry_message(tmp_path: Path
     kept[0].save()
     again = OutputStats("model-0", tmp_path / "m0").doc()
     assert again is not None and again["classes"] == first["classes"]
+
+
+def test_the_state_published_is_composed_under_the_lock_never_an_earlier_one(
+    tmp_path: Path,
+) -> None:
+    """The single model's update worker and its shadow controller both publish the state:
+    a state one of them computed before the other's newer one must not come in last."""
+    from agent.service import Service
+
+    config = parse_config(
+        f"model: {{name: people}}\nstore: {{dir: {tmp_path / 'store'}}}\n"
+        f"telemetry: {{outbox: {tmp_path / 'outbox.db'}}}\n"
+        f"control: {{socket: {tmp_path / 'agent.sock'}}}\n",
+        env={},
+    )
+    service = Service(config)
+    published: list[Any] = []
+    service.telemetry.state = published.append  # type: ignore[method-assign]
+    fresh = service.updates.state()
+    stale = {**fresh, "phase": "downloading", "last_error": "computed a while ago"}
+    service.publish_state(stale)  # type: ignore[arg-type]
+    assert published[-1]["phase"] == fresh["phase"] != "downloading"
+    assert published[-1]["last_error"] == fresh["last_error"]
