@@ -4,6 +4,7 @@ with the real models on the real interpreter where a model is involved."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +12,18 @@ import numpy as np
 import pytest
 
 from agent.config import RuntimeConfig, parse_config
+from agent.desired import DesiredState, sign_desired
 from agent.errors import ModelError
+from agent.fleet.shadow import shadow_payload
 from agent.frames import Result
 from agent.outbox import MAX_MESSAGE, Outbox, Record
 from agent.pipeline import PACE_WAIT_S, Stats
 from agent.runtime import LoadedModel, ModelFiles, load_model
 from agent.runtime.adapters import Detection, Output
+from agent.shadow.instruction import parse_shadow
 from agent.shadow.outputs import MAX_LABEL, OutputStats
 from agent.units import ModelUnit
+from agent.verify import KeyRing, generate_keypair, load_private_key
 from tests.conftest import Models
 
 RUNTIME = RuntimeConfig(warmup_runs=1, threads=1)
@@ -188,3 +193,30 @@ def test_the_state_published_is_composed_under_the_lock_never_an_earlier_one(
     service.publish_state(stale)  # type: ignore[arg-type]
     assert published[-1]["phase"] == fresh["phase"] != "downloading"
     assert published[-1]["last_error"] == fresh["last_error"]
+
+
+def test_a_signed_shadow_instruction_copied_onto_the_desired_topic_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Shadow instructions are signed with the deploy keys and the same ``target``:
+    whoever can write the desired topic (not holding the key) must not turn one into
+    an update to the candidate it only tries out."""
+    key_path, pub = generate_keypair(tmp_path)
+    ring = KeyRing.load((pub,), "update.desired_public_key")
+    payload = shadow_payload(
+        "people", 4, "device:dev1", time.time(), sign_key=key_path
+    )  # what edge-fleet deploy --shadow retains on edge/dev1/shadow/people
+    assert parse_shadow(payload, "device", "dev1", model="people", key=ring) is not None
+    state = DesiredState("edge", "dev1", [], ring, model="people")
+    for topic in ("edge/dev1/desired", "edge/dev1/desired/people"):
+        with pytest.raises(ValueError, match="sample_pct: a shadow instruction's field"):
+            state.update(topic, payload)
+    assert state.winner() is None
+    # a desired state signed the same way is taken as ever
+    desired = json.dumps(
+        sign_desired(
+            {"model": "people", "version": 4, "issued_at": time.time(), "target": "device:dev1"},
+            load_private_key(key_path),
+        )
+    ).encode()
+    assert state.update("edge/dev1/desired/people", desired) is not None
