@@ -116,7 +116,9 @@ def test_the_first_target_refusing_closes_the_copies_and_raises(
         copies[0].run(np.zeros((32, 32, 3), np.uint8))
 
 
-def test_a_message_over_the_brokers_packet_limit_is_never_queued(tmp_path: Path) -> None:
+def test_a_message_over_the_brokers_packet_limit_is_never_queued(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The shipped broker disconnects a client that sends a packet over 256 KiB: kept in
     the outbox, such a message (8 pipelines' telemetry, a cascade's nested results) would
     be sent again on every reconnect, and the device would report nothing any more."""
@@ -127,6 +129,10 @@ def test_a_message_over_the_brokers_packet_limit_is_never_queued(tmp_path: Path)
         messages, _ = outbox.write([big, small])
         assert len(messages) == 1 and len(messages[0].payload) < 1000
         assert [len(m.payload) for m in outbox.pending(0, 10)] == [len(messages[0].payload)]
+        for _ in range(20):  # one a frame: the log says so once a minute, not each time
+            assert outbox.write([big])[0] == []
+        lines = [r for r in caplog.records if "over the" in r.getMessage()]
+        assert len(lines) == 1 and "results message" in lines[0].getMessage()
     finally:
         outbox.close()
 
