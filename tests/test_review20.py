@@ -226,3 +226,33 @@ def test_a_signed_shadow_instruction_copied_onto_the_desired_topic_is_refused(
         )
     ).encode()
     assert state.update("edge/dev1/desired/people", desired) is not None
+
+
+def test_a_shadow_run_of_a_cascade_model_is_refused_out_loud(tmp_path: Path) -> None:
+    """No pipeline runs a cascade model on whole frames, so there is nothing to compare
+    a candidate with: the device says so (``shadow_failed``) instead of staying silent
+    while the fleet waits for a shadow run."""
+    from agent.mqtt import Incoming
+    from agent.service import Service
+
+    config = parse_config(
+        f"model: {{name: people}}\ncascade: {{model: {{name: faces}}}}\n"
+        f"device: {{id: dev1}}\nstore: {{dir: {tmp_path / 'store'}}}\n"
+        f"telemetry: {{outbox: {tmp_path / 'outbox.db'}}}\n"
+        f"control: {{socket: {tmp_path / 'agent.sock'}}}\n",
+        env={},
+    )
+    service = Service(config)
+    events: list[tuple[str, Any]] = []
+    service.telemetry.event = lambda name, detail=None: events.append((name, detail))  # type: ignore[method-assign]
+    payload = shadow_payload("faces", 3, "device:dev1", time.time())
+    service.telemetry._on_message(Incoming("edge/dev1/shadow/faces", payload, None, None))
+    assert [name for name, _ in events] == ["shadow_failed"]
+    detail = events[0][1]
+    assert (detail["model"], detail["version"]) == ("faces", 3)
+    assert "cascade model" in detail["error"]
+    wrong = shadow_payload("people", 3, "device:dev1", time.time())  # another model's
+    service.telemetry._on_message(Incoming("edge/dev1/shadow/faces", wrong, None, None))
+    assert events[-1][0] == "desired_invalid"
+    service.telemetry._on_message(Incoming("edge/dev1/shadow/faces", b"", None, None))
+    assert len(events) == 2  # a cleared one: nothing to say
