@@ -162,7 +162,7 @@ class Service:
             observe=observe,
             status={"groups": list(config.device.groups), "agent_version": __version__},
             on_connect=self.discovery.on_connect,
-            pipelines=self._pipelines_figures if config.pipelines else None,
+            pipelines=self._pipelines_figures if self.multi else None,  # a cascade too
             extra=self._shadow_telemetry,
         )
         self.metrics = self._build_metrics()

@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
+from agent import contract
 from agent.config import RuntimeConfig, parse_config
 from agent.desired import DesiredState, sign_desired
 from agent.errors import ModelError
@@ -24,7 +26,10 @@ from agent.shadow.instruction import parse_shadow
 from agent.shadow.outputs import MAX_LABEL, OutputStats
 from agent.units import ModelUnit
 from agent.verify import KeyRing, generate_keypair, load_private_key
+from tests.agentproc import AgentProcess, Tap, wait_alive
+from tests.broker import Mosquitto
 from tests.conftest import Models
+from tests.test_pipelines import CASCADE, DEV, OTHER, _registry
 
 RUNTIME = RuntimeConfig(warmup_runs=1, threads=1)
 
@@ -256,3 +261,48 @@ def test_a_shadow_run_of_a_cascade_model_is_refused_out_loud(tmp_path: Path) -> 
     assert events[-1][0] == "desired_invalid"
     service.telemetry._on_message(Incoming("edge/dev1/shadow/faces", b"", None, None))
     assert len(events) == 2  # a cleared one: nothing to say
+
+
+def test_the_top_level_cascade_reports_its_figures_in_telemetry(
+    tmp_path: Path, broker: Mosquitto, models: Models, agents: list[AgentProcess]
+) -> None:
+    """The single model with a top-level cascade: its results stay on ``results``, and
+    telemetry carries ``pipelines.main`` with the cascade's figures (else a cascade's
+    crops and errors were reported nowhere)."""
+    registry = _registry(tmp_path, models)
+    tap = Tap("127.0.0.1", broker.port, [f"edge/{DEV}/#"])
+    try:
+        agent = AgentProcess(
+            tmp_path / DEV,
+            DEV,
+            {
+                "registry": {"url": registry.as_uri(), "poll_interval_s": 3600},
+                "mqtt": {"url": broker.url, "reconnect_max_s": 1, "keepalive_s": 5},
+            },
+        )
+        settings = dict(agent.settings)
+        settings["model"] = {"name": OTHER}
+        settings["source"] = {"type": "synthetic", "width": 64, "height": 48, "fps": 20}
+        settings["results"] = {"publish": "every", "min_score": 0.0, "top_k": 1}
+        settings["cascade"] = {"model": {"name": CASCADE}, "max_crops": 2}
+        agent.config_path.write_text(yaml.safe_dump(settings))
+        agents.append(agent)
+        agent.start()
+
+        def figures() -> dict[str, Any] | None:
+            docs = tap.docs("/telemetry")
+            main = docs[-1].get("pipelines", {}).get("main") if docs else None
+            return main if isinstance(main, dict) and main.get("cascade") else None
+
+        wait_alive(
+            lambda: (figures() or {}).get("cascade", {}).get("crops", 0) > 0,
+            60,
+            "telemetry with the cascade's figures",
+            agent,
+        )
+        cascade = figures()["cascade"]  # type: ignore[index]
+        assert (cascade["model"], cascade["version"], cascade["errors"]) == (CASCADE, 1, 0)
+        contract.validator("telemetry").validate_python(tap.docs("/telemetry")[-1])
+        assert tap.docs(f"edge/{DEV}/results") and not tap.docs("/results/main")
+    finally:
+        tap.close()
