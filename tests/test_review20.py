@@ -28,7 +28,14 @@ from agent.units import ModelUnit
 from agent.verify import KeyRing, generate_keypair, load_private_key
 from tests.agentproc import AgentProcess, Tap, wait_alive
 from tests.broker import Mosquitto
-from tests.conftest import Models
+from tests.conftest import (
+    MODEL,
+    Device,
+    Fleet,
+    Models,
+    serving_v1_with_v2_published,
+)
+from tests.registry_server import RegistryServer
 from tests.test_pipelines import CASCADE, DEV, OTHER, _registry
 
 RUNTIME = RuntimeConfig(warmup_runs=1, threads=1)
@@ -306,3 +313,40 @@ def test_the_top_level_cascade_reports_its_figures_in_telemetry(
         assert tap.docs(f"edge/{DEV}/results") and not tap.docs("/results/main")
     finally:
         tap.close()
+
+
+class _Worker:
+    """The model's update worker as the shadow run sees it: its phase, its steps."""
+
+    def __init__(self, steps: Any, phase: str) -> None:
+        self.steps = steps
+        self.current = phase
+
+    def phase(self) -> str:
+        return self.current
+
+
+def test_a_shadow_candidate_is_not_downloaded_while_an_update_is_under_way(
+    fleet: Fleet, device: Device, server: RegistryServer
+) -> None:
+    """The candidate's download holds the model's store lock from start to end: during
+    an update's probation a failing release could not be rolled back then (the store
+    busy). The real registry and store: refused (transient) while the update is on,
+    staged (never activated) once the worker is idle."""
+    from agent.shadow.unit import stage_candidate
+    from agent.update.policy import Failed
+    from agent.update.steps import DeviceSteps
+
+    serving_v1_with_v2_published(fleet, device, server, 4096)
+    store = device.store
+    worker = _Worker(DeviceSteps(device.config, store, None, None), "probation")  # type: ignore[arg-type]
+    with pytest.raises(Failed) as refused:
+        stage_candidate(worker, MODEL, 2)  # type: ignore[arg-type]
+    assert refused.value.transient and "probation" in str(refused.value)
+    assert store.release(MODEL, 2) is None  # nothing fetched meanwhile
+    with store.lock():  # and the lock is free again: a rollback could take it
+        pass
+    worker.current = "succeeded"
+    staged = stage_candidate(worker, MODEL, 2)  # type: ignore[arg-type]
+    assert staged is not None and staged.version == 2
+    device.assert_serving(1)  # staged beside it, never activated
