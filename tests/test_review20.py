@@ -350,3 +350,36 @@ def test_a_shadow_candidate_is_not_downloaded_while_an_update_is_under_way(
     staged = stage_candidate(worker, MODEL, 2)  # type: ignore[arg-type]
     assert staged is not None and staged.version == 2
     device.assert_serving(1)  # staged beside it, never activated
+
+
+@pytest.mark.parametrize("planted", ["fifo", "deep", "link"])
+def test_outputs_json_that_is_not_a_plain_file_of_ours_never_stops_the_start(
+    tmp_path: Path, planted: str
+) -> None:
+    """The output statistics are read at the service's start: a FIFO there would block
+    it for good, a deeply nested document raise RecursionError, a link be followed.
+    Each is left unread (the statistics start afresh), at once."""
+    import os
+    import threading
+
+    from agent.shadow.outputs import FILE
+
+    path = tmp_path / FILE
+    if planted == "fifo":
+        os.mkfifo(path)
+    elif planted == "deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        secret = tmp_path / "elsewhere.json"
+        secret.write_text(
+            json.dumps({"current": {"version": 1, "frames": 1, "scores": [0] * 10, "classes": {}}})
+        )
+        path.symlink_to(secret)
+    made: list[OutputStats] = []
+    thread = threading.Thread(target=lambda: made.append(OutputStats("m", tmp_path)), daemon=True)
+    thread.start()
+    thread.join(5.0)
+    if planted == "fifo" and thread.is_alive():  # unblock the reader before failing
+        with open(path, "w"):
+            pass
+    assert made and made[0].doc() is None

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.atomic import write_atomic
+from agent.atomic import read_bounded, write_atomic
+from agent.strictjson import parse_object
 
 if TYPE_CHECKING:
     from agent.contract import OutputsDoc, OutputVersionDoc
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 BINS = 10
 FILE = "outputs.json"
+MAX_FILE = 256 * 1024  # outputs.json read back: two versions' figures are far smaller
 # Labels kept per version, and their length: a huge or hostile label set stays bounded,
 # so 8 pipelines' models (each version and its previous) fit in one telemetry message
 # under the broker's 256 KiB (agent/outbox.py's MAX_MESSAGE) beside everything else.
@@ -147,11 +149,12 @@ class OutputStats:
     def _load(self) -> None:
         if self.path is None:
             return
-        try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
+        try:  # never through a link or from a FIFO planted there, bounded, any bytes
+            data = read_bounded(self.path, MAX_FILE)
+            doc = parse_object(data, what=FILE, max_bytes=MAX_FILE)
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # DocumentError is a ValueError
             log.warning("%s: not read (%s); output statistics start afresh", self.path, exc)
             return
         if isinstance(doc, dict):
