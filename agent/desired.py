@@ -50,6 +50,11 @@ if TYPE_CHECKING:
     from agent.verify import KeyRing
 
 MAX_PAYLOAD = 4096
+# A shadow instruction's own fields (agent/shadow/instruction.py): signed with the same
+# keys and ``target`` as a desired state, so a desired-state topic refuses a document
+# that has them (a retained shadow instruction, copied onto the desired-state topic by
+# whoever can write there, would otherwise activate the candidate it only tries out).
+SHADOW_FIELDS = ("sample_pct", "max_cpu_pct", "promote")
 SIGNATURE = "signature"
 KEYID = "keyid"
 
@@ -189,18 +194,23 @@ def parse_desired(
     *,
     target: str | None = None,
     key: KeyRing | None = None,
+    refuse: tuple[str, ...] = (),
 ) -> Desired | None:
     """The desired state in ``payload``; None for an empty (cleared) one.
 
     ``target`` is what a ``target`` field must say (checked whenever the field is
     there); with ``key`` (the trusted deploy keys), a valid signature by one of them
-    and the ``target`` field are required.
+    and the ``target`` field are required. A field named in ``refuse`` (another kind
+    of document's: :data:`SHADOW_FIELDS`) makes the document unusable.
     Raises ValueError naming the field that is wrong (DocumentError, one, for bytes
     that are not a JSON object by :func:`agent.strictjson.parse_object`'s rules).
     """
     if not payload:
         return None
     doc = parse_object(payload, what="desired state", max_bytes=MAX_PAYLOAD)
+    for name in refuse:
+        if name in doc:
+            raise ValueError(f"{name}: a shadow instruction's field; this is not a desired state")
     if key is not None:
         _check_signature(doc, key)
         if "target" not in doc:
@@ -302,7 +312,11 @@ class DesiredState:
         if source is None:
             raise ValueError(f"{topic}: not a desired-state topic of this device")
         desired = parse_desired(
-            payload, source, target=target_of(source, self._device), key=self._key
+            payload,
+            source,
+            target=target_of(source, self._device),
+            key=self._key,
+            refuse=SHADOW_FIELDS,
         )
         if desired is not None and self._max_skew_s is not None:
             check_clock(desired, self._clock(), self._max_skew_s)

@@ -58,6 +58,12 @@ FORMAT = 2  # PRAGMA user_version of the file: 0 (before streams and priorities)
 _OVERHEAD = 48  # bytes a row costs beyond its topic and payload, roughly (SQLite record + index)
 KEEP_DAMAGED = 3  # damaged outbox files kept aside, the newest
 SEQ_BLOCK = 10_000  # the high-water mark runs this far ahead of the counters
+# The largest message sent: the shipped broker's max_packet_size (a client sending more
+# is disconnected, and would send it again on every reconnect) and the fleet's limit of
+# one report, less room for the packet's header and properties.
+MAX_MESSAGE = 256 * 1024
+_PACKET_ROOM = 512
+OVERSIZE_LOG_S = 60.0  # a stream's messages over MAX_MESSAGE: one log line this often
 _MAX_COUNT = 2**62  # a counter at or above this is damage (seq + 1 must stay an SQLite int)
 
 # The size cap drops the lowest first: results, telemetry (and any other stream), events,
@@ -201,6 +207,7 @@ class Outbox:
         self._dropped = 0
         self._depth = self._bytes = 0
         self._next_rowid = 1
+        self._oversize: dict[str, tuple[float, int]] = {}  # stream -> (logged at, not logged)
 
     # -- opening ------------------------------------------------------------------------
 
@@ -411,6 +418,9 @@ class Outbox:
                 except (TypeError, ValueError) as exc:  # a body JSON cannot carry: a bug
                     log.error("%s: cannot encode a %s message: %s", self.path, record.stream, exc)
                     continue
+                if len(payload) + len(record.topic.encode()) + _PACKET_ROOM > MAX_MESSAGE:
+                    self._too_large(record.stream, len(payload))  # kept, it would stall the link
+                    continue
                 seq[record.stream] = n
                 rowid = 0
                 if record.keep:
@@ -512,6 +522,25 @@ class Outbox:
             self._db.execute("ROLLBACK")
 
     # -- reading ------------------------------------------------------------------------
+
+    def _too_large(self, stream: str, size: int) -> None:
+        """Log a message over MAX_MESSAGE, left out: at most once per OVERSIZE_LOG_S and
+        stream (results come at the frame rate), with how many were left out since."""
+        now = time.monotonic()
+        logged_at, since = self._oversize.get(stream, (-OVERSIZE_LOG_S, 0))
+        if now - logged_at < OVERSIZE_LOG_S:
+            self._oversize[stream] = (logged_at, since + 1)
+            return
+        self._oversize[stream] = (now, 0)
+        log.error(
+            "%s: a %s message of %d bytes is over the %d-byte limit: not sent (%d more "
+            "since the last such line)",
+            self.path,
+            stream,
+            size,
+            MAX_MESSAGE,
+            since,
+        )
 
     def pending(self, after: int, limit: int) -> list[Message]:
         """Up to ``limit`` kept messages with a row id above ``after``, oldest first."""

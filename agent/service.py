@@ -161,7 +161,7 @@ class Service:
             observe=observe,
             status={"groups": list(config.device.groups), "agent_version": __version__},
             on_connect=self.discovery.on_connect,
-            pipelines=self._pipelines_figures if config.pipelines else None,
+            pipelines=self._pipelines_figures if self.multi else None,  # a cascade too
             extra=self._shadow_telemetry,
         )
         self.metrics = self._build_metrics()
@@ -300,20 +300,57 @@ class Service:
             return None
         return pointer.model if pointer else None
 
-    def _on_shadow(self, model: str, message: Incoming) -> None:
+    def _on_shadow(self, model: str, source: str, message: Incoming) -> None:
         shadow = self.shadows.get(model)
         if shadow is not None:
             shadow.on_message(message)
+        elif message.payload:  # a cascade model's: no pipeline runs it on whole frames
+            self._no_shadow_run(model, source, message)
+
+    def _no_shadow_run(self, model: str, source: str, message: Incoming) -> None:
+        """A shadow instruction for a model no pipeline has as its primary one (a cascade
+        model): checked as any, then refused out loud (``shadow_failed``), not dropped."""
+        from agent.shadow.instruction import parse_shadow
+        from agent.verify import KeyRing
+
+        cfg = self.config
+        try:
+            instruction = parse_shadow(
+                message.payload,
+                source,
+                cfg.device.id,
+                model=model,
+                key=KeyRing.load(cfg.update.desired_keys, "update.desired_public_key(s)"),
+                now=time.time(),
+                max_skew_s=cfg.update.max_clock_skew_s,
+            )
+        except ValueError as exc:
+            self._event("desired_invalid", {"topic": message.topic, "error": str(exc)})
+            return
+        if instruction is None:
+            return
+        error = (
+            f"{model} is a cascade model here: a shadow run compares a pipeline's own "
+            "model on its frames"
+        )
+        log.warning("%s: %s", message.topic, error)
+        self._event(
+            "shadow_failed", {"model": model, "version": instruction.version, "error": error}
+        )
 
     def _shadow_handlers(self) -> dict[str, Callable[[Incoming], None]]:
         """``…/shadow/MODEL`` of the device and its groups, for each model served."""
         cfg = self.config
         prefix, device = cfg.mqtt.topic_prefix, cfg.device.id
         handlers: dict[str, Callable[[Incoming], None]] = {}
+        sources = {
+            f"device:{device}": "device",
+            **{f"group:{g}": f"group:{g}" for g in cfg.device.groups},
+        }
         for name in self.models:
-            for target in (f"device:{device}", *(f"group:{g}" for g in cfg.device.groups)):
+            for target, source in sources.items():
                 handlers[shadow_topic(prefix, target, name)] = functools.partial(
-                    self._on_shadow, name
+                    self._on_shadow, name, source
                 )
         return handlers
 
@@ -478,10 +515,10 @@ class Service:
     def publish_state(self, state: StateDoc | None = None) -> None:
         """The one retained ``state``: the first pipeline's model as the top-level
         fields; with several models, every model's part and the pipelines too."""
-        with self._state_lock:  # composed and queued in one go: never an older one last
-            if not self.multi:
-                self.telemetry.state(state if state is not None else self.updates.state())
-                return
+        # Composed and queued in one go: never an older one last. ``state`` (computed
+        # before the lock by the caller) is not used: a unit's worker and its shadow
+        # controller both publish, and the one computed first may come in last.
+        with self._state_lock:
             self.telemetry.state(self._state_doc())
 
     def _state_doc(self) -> StateDoc:

@@ -243,7 +243,11 @@ class ModelUnit:
 
     def swap(self, model: LoadedModel, timeout: float) -> None:
         """``model`` to the first target, a copy of it to each further one (loaded
-        before any switch: a copy that cannot be loaded changes nothing)."""
+        before any switch: a copy that cannot be loaded changes nothing).
+
+        Raises only while nothing serves ``model`` (the caller closes it then): once the
+        first target took it, a further target that does not take its copy keeps its
+        model, said in the log, and the copy is closed."""
         if not self.targets:  # nothing to serve it (the service gives each unit one)
             model.close()
             return
@@ -251,14 +255,23 @@ class ModelUnit:
         try:
             for target in self.targets[1:]:
                 copies.append(self._load(model.files, target.results))
+            self.targets[0].swap(model, timeout)
         except BaseException:
             for copy in copies:
                 copy.close()
             model.close()
             raise
-        self.targets[0].swap(model, timeout)
         for target, copy in zip(self.targets[1:], copies, strict=True):
-            target.swap(copy, timeout)
+            try:
+                target.swap(copy, timeout)
+            except Exception as exc:  # the model serves already: closing it would break that
+                copy.close()  # not taken (a target that raises does not serve it)
+                log.error(
+                    "%s v%s: a further target did not take its copy (it keeps its model): %s",
+                    model.name,
+                    model.version,
+                    exc,
+                )
 
     def stats(self) -> Stats | None:
         for target in self.targets:

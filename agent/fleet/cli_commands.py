@@ -21,7 +21,7 @@ from typing import Any
 
 from agent.atomic import write_atomic
 from agent.config import MODEL_NAME_PATTERN
-from agent.desired import desired_topic, parse_desired, shadow_topic
+from agent.desired import SHADOW_FIELDS, desired_topic, parse_desired, shadow_topic
 from agent.errors import ConfigError, VerificationError
 from agent.fleet.acl import check_device_id, check_prefix, render_acl
 from agent.fleet.broker import FleetBroker, options_from_args
@@ -159,7 +159,8 @@ def _own_desired_wins(view: FleetView, device: str, key: KeyRing | None, model: 
             continue
         try:
             payload = dumps(doc).encode()
-            if parse_desired(payload, "device", target=f"device:{device}", key=key) is not None:
+            target = f"device:{device}"
+            if parse_desired(payload, "device", target=target, key=key, refuse=SHADOW_FIELDS):
                 return True
         except ValueError:
             continue

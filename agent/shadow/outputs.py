@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.atomic import write_atomic
+from agent.atomic import read_bounded, write_atomic
+from agent.strictjson import parse_object
 
 if TYPE_CHECKING:
     from agent.contract import OutputsDoc, OutputVersionDoc
@@ -27,7 +28,13 @@ log = logging.getLogger(__name__)
 
 BINS = 10
 FILE = "outputs.json"
-MAX_CLASSES = 256  # labels kept per version (a hostile or huge label set stays bounded)
+MAX_FILE = 256 * 1024  # outputs.json read back: two versions' figures are far smaller
+# Labels kept per version, and their length: a huge or hostile label set stays bounded,
+# so 8 pipelines' models (each version and its previous) fit in one telemetry message
+# under the broker's 256 KiB (agent/outbox.py's MAX_MESSAGE) beside everything else.
+MAX_CLASSES = 100
+MAX_LABEL = 64  # characters (longer ones are cut; the fleet cuts keys at 64 too)
+LABEL_BYTES = 6 * 1024  # the labels of one version, JSON-encoded (escapes counted)
 DRIFT_FLAG = 0.3
 
 
@@ -54,12 +61,38 @@ def bin_of(score: float) -> int:
     return min(max(int(score * BINS), 0), BINS - 1)
 
 
+def label_cost(label: str) -> int:
+    """The bytes ``label`` takes as a key of ``classes`` (JSON, non-ASCII escaped)."""
+    return len(json.dumps(label)) + 1
+
+
 @dataclass
 class VersionStats:
     version: int | None
     frames: int = 0
     scores: list[int] = field(default_factory=lambda: [0] * BINS)
     classes: dict[str, int] = field(default_factory=dict)
+    label_bytes: int = field(default=0, compare=False)  # label_cost of the classes kept
+
+    def __post_init__(self) -> None:
+        kept: dict[str, int] = {}
+        self.label_bytes = 0
+        for label, count in self.classes.items():
+            if self._room(label[:MAX_LABEL], kept):
+                kept[label[:MAX_LABEL]] = count
+        self.classes = kept
+
+    def _room(self, label: str, classes: dict[str, int]) -> bool:
+        """Whether ``label`` (cut) may be counted in ``classes``; takes its room."""
+        if label in classes:
+            return True
+        if len(classes) >= MAX_CLASSES:
+            return False
+        cost = label_cost(label)
+        if self.label_bytes + cost > LABEL_BYTES:
+            return False
+        self.label_bytes += cost
+        return True
 
     def add(self, output: Output) -> None:
         self.frames += 1
@@ -67,7 +100,8 @@ class VersionStats:
         if score is not None:
             self.scores[bin_of(score)] += 1
         for label in labels_of(output):
-            if label in self.classes or len(self.classes) < MAX_CLASSES:
+            label = label[:MAX_LABEL]
+            if self._room(label, self.classes):
                 self.classes[label] = self.classes.get(label, 0) + 1
 
     def doc(self) -> OutputVersionDoc:
@@ -98,7 +132,7 @@ class VersionStats:
         )
         if not ok:
             return None
-        return cls(version, frames, list(scores), dict(list(classes.items())[:MAX_CLASSES]))
+        return cls(version, frames, list(scores), dict(classes))  # bounded on the way in
 
 
 class OutputStats:
@@ -115,11 +149,12 @@ class OutputStats:
     def _load(self) -> None:
         if self.path is None:
             return
-        try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
+        try:  # never through a link or from a FIFO planted there, bounded, any bytes
+            data = read_bounded(self.path, MAX_FILE)
+            doc = parse_object(data, what=FILE, max_bytes=MAX_FILE)
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # DocumentError is a ValueError
             log.warning("%s: not read (%s); output statistics start afresh", self.path, exc)
             return
         if isinstance(doc, dict):

@@ -18,7 +18,25 @@ if TYPE_CHECKING:
     from agent.contract import ShadowDoc, TelemetryExtra
     from agent.frames import Observer
     from agent.mqtt import Incoming
+    from agent.store import Release
     from agent.update.worker import Updates
+
+
+def stage_candidate(updates: Updates, model: str, version: int) -> Release | None:
+    """Download and verify the candidate into the model's store (never activated), but
+    not while an update of the model is under way: the download holds the store's lock
+    for its whole length, and a rollback (probation failing) could not take it then.
+    Checked holding that lock (the stage's first phase), so no update can start its
+    own stage meanwhile. Busy: a transient StoreError (tried again, then ``failed``)."""
+    from agent.contract import UPDATE_PHASES
+    from agent.errors import StoreError
+
+    def check(phase: str) -> None:
+        busy = updates.phase()
+        if busy in UPDATE_PHASES:
+            raise StoreError(f"an update of {model} is under way ({busy}); the candidate waits")
+
+    return updates.steps.stage(model, version, allow_downgrade=True, on_phase=check)
 
 
 class Observed(Protocol):
@@ -57,9 +75,7 @@ class ShadowUnit:
             prefix=config.mqtt.topic_prefix,
             device=config.device.id,
             groups=list(config.device.groups),
-            stage=lambda m, v: updates().steps.stage(
-                m, v, allow_downgrade=True, on_phase=lambda phase: None
-            ),
+            stage=lambda m, v: stage_candidate(updates(), m, v),
             load=load,
             attach=self._attach,
             promote=lambda m, v: updates().request_update(m, v, "shadow"),
