@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,21 +53,28 @@ def _watchdog_interval() -> float | None:
     return int(usec) / 2e6
 
 
-class _Progress:
-    """Proves the pipeline moves: results advance, or there is nothing it could do."""
+class Progress:
+    """Proves every pipeline moves: each one's results advance, or there is nothing it
+    could do (no model yet, a source reconnecting). One stalled pipeline among several
+    (an inference that never returns, a cascade crop on a hung accelerator) is enough to
+    stop WATCHDOG=1, so that systemd restarts the agent."""
 
-    def __init__(self) -> None:
-        self.results = -1
-        self.moved_at = time.monotonic()
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.seen: dict[str, tuple[int, float]] = {}  # pipeline -> (results, moved at)
 
-    def alive(self, stats: Stats | None) -> bool:
-        now = time.monotonic()
-        if stats is None or not stats.source_connected:
-            self.moved_at = now  # no model yet, or a source reconnecting: the loop is alive
-            return True
-        if stats.results != self.results:
-            self.results, self.moved_at = stats.results, now
-        return now - self.moved_at < STALL_S
+    def alive(self, stats: Mapping[str, Stats | None]) -> bool:
+        now = self.clock()
+        alive = True
+        for name, figures in stats.items():
+            results, moved_at = self.seen.get(name, (-1, now))
+            if figures is None or not figures.source_connected:
+                moved_at = now  # nothing it could do: alive
+            elif figures.results != results:
+                results, moved_at = figures.results, now
+            self.seen[name] = (results, moved_at)
+            alive = alive and now - moved_at < STALL_S
+        return alive
 
 
 def run(config: Config, path: Path) -> int:
@@ -94,7 +102,7 @@ def run(config: Config, path: Path) -> int:
         _wait_ready(service, signals)
         notify.send("READY=1", f"STATUS={service.status_line()}")
         log.info("ready: %s", service.status_line())
-        progress = _Progress()
+        progress = Progress()
         next_beat = 0.0
         while True:
             taken = signals.take()
@@ -121,7 +129,7 @@ def run(config: Config, path: Path) -> int:
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + min(interval or 1.0, 1.0)
-                if interval is not None and progress.alive(service.stats()):
+                if interval is not None and progress.alive(service.pipelines_stats()):
                     notify.send("WATCHDOG=1")
                 notify.status(service.status_line())
             time.sleep(0.2)

@@ -496,6 +496,10 @@ class Service:
     def stats(self) -> Stats | None:
         return self._pipeline_stats()
 
+    def pipelines_stats(self) -> dict[str, Stats | None]:
+        """Each pipeline's figures, by name (None: not serving yet)."""
+        return {slot.name: slot.stats() for slot in self.slots}
+
     def _pipeline_stats(self) -> Stats | None:
         return self.slots[0].stats()
 
