@@ -60,6 +60,15 @@ class CascadeConfig(Section, frozen=True):
     min_size: Annotated[
         int, Meta(ge=1, le=8192, description="Pixels: a smaller crop (either side) is skipped.")
     ] = 16
+    top_k: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=100,
+            description="Most classes or boxes nested per crop, best first (the second "
+            "model's; its min_score is the pipeline's results.min_score).",
+        ),
+    ] = 5
 
 
 class PipelineConfig(Section, frozen=True):

@@ -265,7 +265,9 @@ class Service:
                 padding=cascade.padding,
                 min_size=cascade.min_size,
             )
-            cascades[slot.name] = CascadeSlot(slot, Cascade(None, rules), cascade.model.name)
+            cascades[slot.name] = CascadeSlot(
+                slot, Cascade(None, rules), cascade.model.name, cascade.top_k
+            )
         return cascades
 
     def _build_shadows(self) -> dict[str, ShadowUnit]:

@@ -18,6 +18,8 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+import msgspec
+
 from agent.cascade import Cascade
 from agent.config import Config, PipelineConfig, ResultsConfig, RuntimeConfig
 from agent.control import AgentLock
@@ -135,11 +137,13 @@ class CascadeSlot:
     to the stage between frames (and closes the one it replaces once no frame runs on
     it); ``stats`` are the cascade's figures, so probation judges its errors."""
 
-    def __init__(self, slot: PipelineSlot, cascade: Cascade, model: str) -> None:
+    def __init__(self, slot: PipelineSlot, cascade: Cascade, model: str, top_k: int) -> None:
         self.slot = slot
         self.cascade = cascade
         self.model_name = model
-        self.results = slot.results  # a crop's answer: top_k and min_score as the pipeline's
+        # a crop's answer: the pipeline's min_score, the cascade's own top_k (32 crops of
+        # the pipeline's top_k boxes each would not fit one message)
+        self.results = msgspec.structs.replace(slot.results, top_k=top_k)
         slot.set_stages((cascade,))
 
     def swap(self, model: LoadedModel, timeout: float) -> None:

@@ -129,6 +129,11 @@ def test_the_single_model_shape_is_one_pipeline_named_main() -> None:
             "config.yaml:4: pipelines[0].cascade.max_crops: Expected `int` <= 32",
         ),
         (
+            "pipelines:\n  - name: door\n    model: {name: a}\n"
+            "    cascade: {model: {name: b}, top_k: 0}\n",
+            "config.yaml:4: pipelines[0].cascade.top_k: Expected `int` >= 1",
+        ),
+        (
             "pipelines:\n  - {name: door, model: {name: a}}\n"
             "  - {name: yard, model: {name: a, channel: beta}}\n",
             "config.yaml:3: pipelines[1].model.channel: 'beta', but pipelines[0].model follows "
@@ -298,7 +303,7 @@ def _two_pipelines(tmp_path: Path, broker: Mosquitto, registry: Path) -> AgentPr
             "model": {"name": OTHER},
             "source": synthetic,
             "results": every,
-            "cascade": {"model": {"name": CASCADE}, "max_crops": 2},
+            "cascade": {"model": {"name": CASCADE}, "max_crops": 2, "top_k": 1},
         },
     ]
     agent.config_path.write_text(yaml.safe_dump(settings))
@@ -394,6 +399,7 @@ def test_two_pipelines_serve_two_models_and_update_one_alone(
             if "cascade" in d
         ]
         assert nested and all((n["model"], n["version"]) == (CASCADE, 1) for n in nested)
+        assert all(len(n["classes"]) <= 1 for n in nested)  # the cascade's own top_k
         assert tap.docs("/telemetry")[-1]["inference"]["model"] == MODEL
 
         # A desired state on the model's own topic updates that model alone.
