@@ -339,6 +339,9 @@ class ModelUnit:
                 release = self.updates.fall_back(f"cannot be loaded at start: {exc}")
 
 
+MODEL_BAD_MAX = 16  # state's models[M].bad: the latest marks
+MODEL_ERROR_MAX = 1000  # state's models[M].last_error: characters
+
 _MODEL_FIELDS = (
     "model",
     "version",
@@ -364,6 +367,11 @@ def compose_state(
     for name, part in parts.items():
         doc: dict[str, Any] = {key: part[key] for key in _MODEL_FIELDS}  # type: ignore[literal-required]
         doc["runtime"] = part.get("runtime")
+        # bounded, so that 16 models' parts fit one message (the top level keeps all)
+        doc["bad"] = list(part["bad"])[-MODEL_BAD_MAX:]
+        error = part["last_error"]
+        if error is not None and len(error) > MODEL_ERROR_MAX:
+            doc["last_error"] = error[: MODEL_ERROR_MAX - 1] + "…"
         models[name] = cast("ModelStateDoc", doc)
     return {
         **first,

@@ -588,6 +588,14 @@ def test_the_state_of_several_models_keeps_the_first_ones_fields_on_top() -> Non
     contract.validator("state").validate_python(
         {**doc, "schema": 1, "seq": 1, "id": "x", "ts": 1.0}
     )
+    # each model's part is bounded (16 models must fit one message); the top level not
+    parts["cars"]["bad"] = [f"cars@{n}" for n in range(1, 65)]
+    parts["cars"]["last_error"] = "x" * 5000
+    doc = compose_state(parts["people"], parts, config.pipeline_list())  # type: ignore[arg-type]
+    cars = doc["models"]["cars"]
+    assert cars["bad"] == [f"cars@{n}" for n in range(49, 65)]
+    assert cars["last_error"] is not None and len(cars["last_error"]) == 1000
+    assert cars["last_error"].endswith("…")
 
 
 def test_a_device_moving_to_pipelines_keeps_its_model_in_the_store_root(
