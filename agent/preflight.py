@@ -88,6 +88,7 @@ def check(config: Config, *, probe_network: bool = False) -> Findings:
     _folders(config, found)
     _libraries(config, found)
     _source_nodes(config, found)
+    _shared_sources(config, found)
     if probe_network:
         _network(config, found)
     return found
@@ -205,6 +206,38 @@ def _source_nodes(config: Config, found: Findings) -> None:
             found.warnings.append(f"{key}.path: no video file at {source.path} (yet)")
         elif source.type == "images" and not source.path.is_dir():
             found.warnings.append(f"{key}.path: no folder at {source.path} (yet)")
+
+
+def exclusive(source: SourceConfig) -> str | None:
+    """What only one pipeline can open (a camera, a serial device, a UDP port), as a
+    phrase naming it; None for what several can read (files, streams, synthetic)."""
+    if source.type == "camera":
+        device = source.device
+        return f"camera /dev/video{device}" if device.isdigit() else f"camera {device}"
+    if source.type == "serial":
+        return f"serial device {source.device}"
+    if source.type == "udp":
+        return f"UDP port {source.port}"
+    if source.type == "picamera2":
+        return "Pi camera"
+    return None
+
+
+def _shared_sources(config: Config, found: Findings) -> None:
+    """Two pipelines on one camera, serial device or UDP port: the second could never
+    open it and would reconnect for ever."""
+    first: dict[str, str] = {}
+    for key, source in _sources(config):
+        what = exclusive(source)
+        if what is None:
+            continue
+        if what in first:
+            found.errors.append(
+                f"{key}: the {what} is already {first[what]}'s; one pipeline per device "
+                "(give each pipeline its own source)"
+            )
+        else:
+            first[what] = key
 
 
 def _network(config: Config, found: Findings) -> None:

@@ -552,6 +552,46 @@ def test_preflight_checks_each_pipelines_source_and_model(tmp_path: Path) -> Non
     assert [w.split(" has no ")[1].split("/")[0] for w in missing] == ["cars", "plates"]
 
 
+@pytest.mark.parametrize(
+    ("sources", "error"),
+    [
+        (
+            [{"type": "camera", "device": "0"}, {"type": "camera", "device": "/dev/video0"}],
+            "pipelines[1].source: the camera /dev/video0 is already pipelines[0].source's",
+        ),
+        ([{"type": "camera", "device": "0"}, {"type": "camera", "device": "1"}], None),
+        (
+            [{"type": "udp", "port": 9000}, {"type": "udp", "port": 9000, "bind": "127.0.0.1"}],
+            "pipelines[1].source: the UDP port 9000 is already pipelines[0].source's",
+        ),
+        ([{"type": "udp", "port": 9000}, {"type": "udp", "port": 9001}], None),
+        (
+            [{"type": "serial", "device": "/dev/ttyUSB0"}] * 2,
+            "pipelines[1].source: the serial device /dev/ttyUSB0 is already",
+        ),
+        ([{"type": "synthetic"}] * 2, None),  # what several can read
+    ],
+)
+def test_two_pipelines_on_one_camera_port_or_serial_device_are_refused(
+    tmp_path: Path, sources: list[dict[str, Any]], error: str | None
+) -> None:
+    config = config_from_dict(
+        {
+            "store": {"dir": str(tmp_path / "store")},
+            "telemetry": {"outbox": str(tmp_path / "outbox.sqlite")},
+            "pipelines": [
+                {"name": f"p{n}", "model": {"name": f"m{n}"}, "source": source}
+                for n, source in enumerate(sources)
+            ],
+        }
+    )
+    shared = [e for e in check(config).errors if "one pipeline per device" in e]
+    if error is None:
+        assert shared == []
+    else:
+        assert len(shared) == 1 and shared[0].startswith(error), shared
+
+
 def test_the_state_of_several_models_keeps_the_first_ones_fields_on_top() -> None:
     def part(model: str, version: int) -> dict[str, Any]:
         return {
