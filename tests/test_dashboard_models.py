@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-
 from agent.server import queries, served
 from agent.server.db import open_database
 from agent.server.store import upsert_device
@@ -189,9 +187,9 @@ def test_several_models_and_a_shadow_run_reach_the_api_and_the_device_page(
             device.publish("edge/cam-evil/state", dumps(hostile), retain=True)
         finally:
             device.close()
-        assert wait_until(
-            lambda: serve.health().body["ingest"]["stored"] >= 5, 20
-        ), serve.health().body
+        assert wait_until(lambda: serve.health().body["ingest"]["stored"] >= 5, 20), (
+            serve.health().body
+        )
 
         got = serve.get("/api/v1/devices/cam-9", viewer)
         assert got.status == 200, got.body
