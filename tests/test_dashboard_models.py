@@ -15,10 +15,10 @@ from agent.server import queries, served
 from agent.server.db import open_database
 from agent.server.store import upsert_device
 from tests.broker import Mosquitto, subscriber, wait_until
-from tests.browser import browser, text_of
+from tests.browser import browser, text_of, wait_for
 from tests.test_dashboard import log_in
 from tests.test_server_api import NOW, state
-from tests.test_server_ingest import _envelope, dumps, status
+from tests.test_server_ingest import _envelope, dumps, state_doc, status
 from tests.test_server_serve import START_S, new_token, serving
 
 EVIL = "<img src=x onerror=alert(1)>"
@@ -226,6 +226,26 @@ def test_several_models_and_a_shadow_run_reach_the_api_and_the_device_page(
         drift = text_of(chrome.web, "id", "drift")
         assert "people v3 → v4 0.50 0.00 100 / 100 drifted" in drift, drift
         chrome.web.save_screenshot(str(tmp_path / "models.png"))
+
+        # one model: no models card, until the device's state names several (live)
+        device = subscriber(broker.url, [])
+        try:
+            device.publish("edge/cam-1/status", dumps(status()), retain=True)
+            device.publish("edge/cam-1/state", dumps(state_doc()), retain=True)
+            assert wait_until(lambda: serve.get("/api/v1/devices/cam-1", viewer).status == 200)
+            chrome.open("/ui/devices/cam-1")
+            assert not chrome.web.find_element("id", "models-card").is_displayed()
+            device.publish("edge/cam-1/state", dumps(multi_state()), retain=True)
+            wait_for(
+                chrome,
+                lambda web: web.find_element("id", "models-card").is_displayed()
+                and "faces" in text_of(web, "id", "models"),
+                20,
+                reload=False,
+                what="the models card swapped in by the live page",
+            )
+        finally:
+            device.close()
 
         chrome.open("/ui/devices/cam-evil")
         shown = chrome.web.find_elements("css selector", "#models tbody tr")
