@@ -238,8 +238,10 @@ def test_several_models_and_a_shadow_run_reach_the_api_and_the_device_page(
             device.publish("edge/cam-1/state", dumps(multi_state()), retain=True)
             wait_for(
                 chrome,
-                lambda web: web.find_element("id", "models-card").is_displayed()
-                and "faces" in text_of(web, "id", "models"),
+                lambda web: (
+                    web.find_element("id", "models-card").is_displayed()
+                    and "faces" in text_of(web, "id", "models")
+                ),
                 20,
                 reload=False,
                 what="the models card swapped in by the live page",
