@@ -11,12 +11,14 @@ to the caller.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import sqlalchemy as sa
 
+from agent.config import MODEL_NAME_PATTERN
 from agent.fleet.view import DeviceView
 from agent.server.retention import BUCKET_S, DAY_S
 from agent.server.schema import device_groups, devices, events, telemetry_agg, telemetry_raw
@@ -30,6 +32,7 @@ DEFAULT_RANGE_S = 3600.0
 MAX_TIME = 2.0**33  # seconds since the epoch (year 2242): larger is a mistake
 NICE_STEPS = (10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 MAX_METRICS = 500  # names listed for one device
+MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
 class QueryError(ValueError):
@@ -197,12 +200,24 @@ def _where(f: DeviceFilter) -> list[sa.ColumnElement[bool]]:
         members = sa.select(device_groups.c.device).where(device_groups.c.group_name == f.group)
         clauses.append(devices.c.id.in_(members))
     if f.model is not None:
-        clauses.append(devices.c.model == f.model)
+        clauses.append(serves(f.model))
     if f.version is not None:
         clauses.append(devices.c.version == f.version)
     if f.online is not None:
         clauses.append(devices.c.online == f.online)
     return clauses
+
+
+def serves(model: str) -> sa.ColumnElement[bool]:
+    """A device serves ``model``: its active release (the ``model`` column) or, with
+    several pipelines or a cascade, its state's ``models`` names it (a JSON path:
+    ``JSON_EXTRACT`` on SQLite, ``#>`` on PostgreSQL; a scan of the state column, as
+    cheap as the unindexed ``model`` column's). A name that is not a model name (the
+    pattern of ``model.name``) is matched by the column only, never put in a path."""
+    by_column = devices.c.model == model
+    if MODEL_NAME.fullmatch(model) is None:
+        return by_column
+    return sa.or_(by_column, devices.c.state[("models", model)].as_string().is_not(None))
 
 
 _LIST_COLUMNS = (

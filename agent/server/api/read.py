@@ -20,11 +20,24 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from pydantic import BaseModel, Field
 
 from agent.fleet.acl import check_device_id, check_group_name
+from agent.fleet.view import live_telemetry
 from agent.server import queries
 from agent.server.auth import Caller, viewer
 from agent.server.context import Server
 from agent.server.queries import DeviceFilter, EventFilter, QueryError
 from agent.server.releases import RegistryUnavailable, ReleaseCache, Releases
+from agent.server.served import (
+    Drift,
+    PipelineFigures,
+    ServedModel,
+    ShadowRun,
+    UpdateInfo,
+    drifts,
+    pipelines,
+    served,
+    shadows,
+    update_info,
+)
 
 router = APIRouter(prefix="/api/v1", tags=["read"])
 Viewer = Annotated[Caller, Depends(viewer)]
@@ -34,27 +47,6 @@ MAX_EVENTS = 1000
 
 
 # -- answers ----------------------------------------------------------------------------
-
-
-class UpdateInfo(BaseModel):
-    """The device's latest update, from its state document."""
-
-    id: str | None = None
-    model: str | None = None
-    version: int | None = None
-    phase: str | None = Field(None, description="downloading … probation while under way")
-    outcome: str | None = Field(None, description="succeeded, failed, rolled_back; or null")
-    reason: str | None = None
-
-
-class ServedModel(BaseModel):
-    """One model a device serves, from its state (``models``, or the top-level fields
-    of an agent with one model)."""
-
-    version: int | None = None
-    phase: str | None = None
-    backend: str | None = None
-    update: UpdateInfo | None = None
 
 
 class DeviceSummary(BaseModel):
@@ -96,6 +88,17 @@ class DeviceDetail(DeviceSummary):
     status: dict[str, Any] | None
     state: dict[str, Any] | None
     telemetry: dict[str, Any] | None
+    pipelines: list[PipelineFigures] = Field(
+        default_factory=list,
+        description="Every pipeline: its models, source and live figures (null unless live)",
+    )
+    shadows: list[ShadowRun] = Field(
+        default_factory=list, description="Each shadow run of a candidate beside a model"
+    )
+    drift: list[Drift] = Field(
+        default_factory=list,
+        description="Per model with a previous version: drift of its outputs (0..1)",
+    )
 
 
 class Point(BaseModel):
@@ -165,9 +168,6 @@ def _unknown(device: str) -> HTTPException:
     return HTTPException(404, f"no device {device!r} has reported to this server")
 
 
-MAX_SERVED = 32  # models listed per device (a device serves at most 8 pipelines' worth)
-
-
 def _summary(row: Any, now: float) -> dict[str, Any]:
     live = queries.live_figures(row, now)
     update = live["update"]
@@ -186,47 +186,25 @@ def _summary(row: Any, now: float) -> dict[str, Any]:
         "temp_c": live["temp_c"],
         "outbox": int(live["outbox"]) if live["outbox"] is not None else None,
         "phase": _text(live["phase"]),
-        "update": _update(update) if update is not None else None,
+        "update": update_info(update) if update is not None else None,
         "last_error": _text(live["last_error"]),
         "telemetry_ts": row["telemetry_ts"],
-        "models": _served(row["state"] if isinstance(row["state"], dict) else {}),
+        "models": served(row["state"]),
     }
-
-
-def _served(state: dict[str, Any]) -> dict[str, ServedModel]:
-    """Every model the state says the device serves (MAX_SERVED at most)."""
-    models = state.get("models")
-    if not isinstance(models, dict):
-        model = state.get("model")
-        models = {model: state} if isinstance(model, str) else {}
-    out = {}
-    for name, part in list(models.items())[:MAX_SERVED]:
-        if not isinstance(part, dict):
-            continue
-        version, update = part.get("version"), part.get("update")
-        out[name] = ServedModel(
-            version=version if isinstance(version, int) and not isinstance(version, bool) else None,
-            phase=_text(part.get("phase")),
-            backend=_text(part.get("backend")),
-            update=_update(update) if isinstance(update, dict) else None,
-        )
-    return out
 
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _update(doc: dict[str, Any]) -> UpdateInfo:
-    version = doc.get("version")
-    return UpdateInfo(
-        id=_text(doc.get("id")),
-        model=_text(doc.get("model")),
-        version=version if isinstance(version, int) and not isinstance(version, bool) else None,
-        phase=_text(doc.get("phase")),
-        outcome=_text(doc.get("outcome")),
-        reason=_text(doc.get("reason")),
-    )
+def _figures(row: Any, now: float) -> dict[str, Any]:
+    """A device's pipelines, shadow runs and drift (:mod:`agent.server.served`)."""
+    live = live_telemetry(bool(row["online"]), row["telemetry"], now)
+    return {
+        "pipelines": pipelines(row["state"], live),
+        "shadows": shadows(row["state"], live),
+        "drift": drifts(row["telemetry"]),
+    }
 
 
 # -- routes -------------------------------------------------------------------------------
@@ -275,6 +253,7 @@ def get_device(request: Request, _caller: Viewer, device: DeviceId) -> DeviceDet
             "status": row["status"] if isinstance(row["status"], dict) else None,
             "state": row["state"] if isinstance(row["state"], dict) else None,
             "telemetry": row["telemetry"] if isinstance(row["telemetry"], dict) else None,
+            **_figures(row, server.clock()),
         }
     )
 

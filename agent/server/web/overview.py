@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from agent.contract import UPDATE_PHASES
-from agent.server import queries
+from agent.server import queries, served
 from agent.server.rollouts import ACTIVE
 from agent.server.schema import device_groups, devices, rollouts
 from agent.server.web import alerts
@@ -220,6 +220,7 @@ def table_row(row: Any, now: float) -> dict[str, Any]:
         "online": bool(row["online"]),
         "agent_version": row["agent_version"],
         "last_seen": heard(row["last_seen"], row["telemetry_ts"], bool(row["online"]), now),
+        "served": served.served(row["state"]),
     }
 
 

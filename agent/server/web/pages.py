@@ -5,9 +5,10 @@ CSS and a little JavaScript, every asset served from the package (``/ui/static``
   (:mod:`agent.server.web.sessions`); ``POST /ui/logout`` ends it. Both are audited.
 - ``GET /ui/``: the fleet overview (counts, versions as bars, updates in progress, a
   paginated device table).
-- ``GET /ui/devices/{id}``: one device (identity, groups, model, version, backend, the
-  last events); ``POST /ui/devices/{id}/deploy`` (operators): the same code as
-  ``POST /api/v1/deploy``; the command buttons are :mod:`.commands_page`'s.
+- ``GET /ui/devices/{id}``: one device (identity, groups, model, version, backend, every
+  model it serves, its pipelines' figures, shadow runs and drift, the last events);
+  ``POST /ui/devices/{id}/deploy`` (operators): the same code as ``POST /api/v1/deploy``;
+  the command buttons are :mod:`.commands_page`'s.
 - ``GET /ui/live``: the server-sent events that keep a page live
   (:mod:`agent.server.web.live`, installed here).
 
@@ -31,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from agent import __version__
 from agent.fleet.acl import check_device_id
-from agent.server import queries
+from agent.server import queries, served
 from agent.server.api.rollouts import DeployRequest, deploy
 from agent.server.auth import record
 from agent.server.context import Server
@@ -285,7 +286,8 @@ def device_context(
             return None
         events = queries.event_rows(conn, queries.EventFilter(device=device), EVENTS_SHOWN)
         d = overview.table_row(row, now)
-        d["health"] = overview.health(alerts.fresh_telemetry(dict(row), now))
+        live = alerts.fresh_telemetry(dict(row), now)
+        d["health"] = overview.health(live)
         drawn = charts.charts(conn, device, span, now, server.options.raw_days)
         deploys, updates = charts.history(conn, device, d["groups"])
     return {
@@ -299,6 +301,9 @@ def device_context(
         "charts": drawn,
         "deploys": deploys,
         "updates": updates,
+        "pipelines": served.pipelines(row["state"], live),
+        "shadows": served.shadows(row["state"], live),
+        "drift": served.drifts(row["telemetry"]),
     }
 
 
