@@ -28,6 +28,7 @@ from agent.config import MODEL_NAME_PATTERN
 from agent.errors import DocumentError
 from agent.fleet.acl import NAME_PATTERN, check_device_id
 from agent.fleet.broker import Message
+from agent.fleet.drift import freshest_run
 from agent.fleet.reports import MAX_BYTES, MAX_DEPTH, clean, printable
 from agent.strictjson import dumps, parse_object
 
@@ -135,11 +136,13 @@ class DeviceView:
         shadow instruction retained for it and the shadow run's figures."""
         shadows = (self.state or {}).get("shadows")
         shadows = shadows if isinstance(shadows, dict) else {}
+        reported = (self.telemetry or {}).get("shadows")
+        reported = reported if isinstance(reported, dict) else {}
         out = {}
         for model, part in self.served().items():
             version = part.get("version")
             update = part.get("update")
-            run = shadows.get(model)
+            run = freshest_run(shadows.get(model), reported.get(model))
             out[model] = {
                 "version": version if isinstance(version, int) else None,
                 "phase": part.get("phase"),
