@@ -308,6 +308,13 @@ class Service:
         shadow = self.shadows.get(model)
         if shadow is not None:
             shadow.on_message(message)
+        elif message.payload:  # a cascade's model: no frames of its own to run a shadow on
+            error = (
+                f"{model} runs only on a cascade's crops here: a shadow run takes a model "
+                "that a pipeline runs on its frames"
+            )
+            log.error("%s: ignored: %s", message.topic, error)
+            self._event("desired_invalid", {"topic": message.topic, "error": error})
 
     def _shadow_handlers(self) -> dict[str, Callable[[Incoming], None]]:
         """``…/shadow/MODEL`` of the device and its groups, for each model served."""
