@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import yaml
 
-from agent import modelgen
+from agent import contract, modelgen
 from agent.modelgen_yolo import YoloObject, yolo_detector
 from tests.agentproc import AgentProcess, Tap, wait_alive
 from tests.broker import Mosquitto
@@ -47,6 +47,16 @@ OBJECTS = (
     YoloObject((0.25, 0.25, 0.3, 0.3), 0, channel=0, gain=1.0),  # A: person
     YoloObject((0.75, 0.25, 0.3, 0.3), 0, channel=0, gain=0.9),  # B: person, weaker
     YoloObject((0.5, 0.75, 0.4, 0.3), 2, channel=0, gain=0.8),  # C: car
+)
+# a candidate that finds the same objects half a box lower (higher for the car): IoU 1/3
+MOVED = tuple(
+    YoloObject(
+        (o.box[0], o.box[1] + (0.15 if o.box[1] < 0.5 else -0.15), *o.box[2:]),
+        o.class_id,
+        0,
+        o.gain,
+    )
+    for o in OBJECTS
 )
 A, B, C = [64, 64, 256, 256], [384, 64, 576, 256], [192, 384, 448, 576]
 RED = 1 - 2 * (192 * 192) / SIZE**2  # the red mean: red frame, A painted blue, B green
@@ -138,6 +148,7 @@ def _models(folder: Path) -> dict[str, Path]:
     made = {
         "people1.tflite": yolo_detector("yolov8", 320, classes=3, objects=OBJECTS, seed=1),
         "people2.tflite": yolo_detector("yolov8", 320, classes=3, objects=OBJECTS, seed=2),
+        "people3.tflite": yolo_detector("yolov8", 320, classes=3, objects=MOVED, seed=3),
         "shades1.tflite": modelgen.colour_classifier(),
         "shades2.tflite": modelgen.colour_classifier(offset=0.001),
         "colours1.tflite": modelgen.colour_classifier(offset=1.0),
@@ -218,6 +229,7 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     yolo = ("--task", "detection", "--detection-format", "yolov8")
     site.publish(DETECTOR, 1, paths["people1"], paths["yolo"], *yolo, "--channel", "stable")
     site.publish(DETECTOR, 2, paths["people2"], paths["yolo"], *yolo)
+    site.publish(DETECTOR, 3, paths["people3"], paths["yolo"], *yolo)
     for version in (1, 2):
         channel = ("--channel", "stable") if version == 1 else ()
         site.publish(
@@ -295,6 +307,60 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     )
     models = site.state()["models"]
     assert {m: models[m]["version"] for m in models} == {DETECTOR: 2, CROPS: 2, SECOND: 1}
+    started = [(e["model"], e["version"]) for e in site.events("update_started")]
+    assert started[started_before:] == [(DETECTOR, 2), (CROPS, 2)]
+    desired = [t for t, _, r in site.tap.messages if "/desired" in t and r is False]
+    assert set(desired) >= {f"edge/{DEV}/desired/{DETECTOR}", f"edge/{DEV}/desired/{CROPS}"}
+    for stream, doc in (
+        ("state", site.state()),
+        ("telemetry", site.telemetry()),
+        ("results", site.results("door")[-1]),
+    ):
+        contract.validator(stream).validate_python(doc)  # the documents as typed
+    # the detector's output statistics across its update: the same objects, no drift
+    site.wait(
+        lambda: (site.telemetry().get("outputs") or {}).get(DETECTOR, {}).get("version") == 2,
+        "the detector's outputs of v2",
+    )
+    detector = site.telemetry()["outputs"][DETECTOR]
+    assert detector["previous"]["version"] == 1
+    assert set(detector["classes"]) == {"person", "car"}
+    status, text = site.status(DETECTOR)
+    assert status["drift"][DEV]["classes"] == 0.0, status["drift"]
+    assert f"drift: {DEV} v1 -> v2: classes 0.000" in text, text
+
+    # 3a. A disagreeing detector in the shadow of the group: f1 of matched boxes, 0.
+    site.fleet(
+        "deploy", "--shadow", "--model", DETECTOR, "--version", "3", "--group", GROUP,
+        "--sample", "100", "--max-cpu", "100", "--sign-key", str(site.keys / "deploy.key"),
+    )  # fmt: skip
+
+    def shadow_frames(model: str, version: int, phase: str = "running") -> int:
+        run = (site.telemetry().get("shadows") or {}).get(model)
+        if not run or run["version"] != version or run["phase"] != phase:
+            return -1
+        frames: int = run["agreement"]["frames"]
+        return frames
+
+    site.wait(lambda: shadow_frames(DETECTOR, 3) >= 10, "10 detector frames compared", 60)
+    status, text = site.status(DETECTOR)
+    assert (status["shadows"][DEV]["metric"], status["shadows"][DEV]["agreement"]) == ("f1", 0.0)
+    assert f"shadow run: {DEV} v3 running, f1 0.000" in text, text
+    assert {r["version"] for r in site.results("door")} == {1, 2}  # v3's never go out
+    site.fleet("deploy", "--shadow", "--clear", "--model", DETECTOR, "--group", GROUP)
+    site.wait(lambda: shadow_frames(DETECTOR, 3, "stopped") >= 0, "the detector's run stopped")
+
+    # A cascade model has no frames of its own to shadow: refused, said, not silent.
+    site.deploy("--shadow", "--model", CROPS, "--version", "1")
+    site.wait(
+        lambda: any(
+            e["topic"] == f"edge/{DEV}/shadow/{CROPS}" for e in site.events("desired_invalid")
+        ),
+        "the cascade model's shadow run refused",
+    )
+    (refused,) = [e for e in site.events("desired_invalid") if CROPS in e["topic"]]
+    assert "cascade" in refused["error"], refused
+    site.fleet("deploy", "--shadow", "--clear", "--model", CROPS, "--device", DEV)
 
     # 3. A disagreeing candidate of the second pipeline's model in the shadow.
     site.deploy(
@@ -302,11 +368,7 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     )
 
     def run_frames(version: int, phase: str = "running") -> int:
-        run = (site.telemetry().get("shadows") or {}).get(SECOND)
-        if not run or run["version"] != version or run["phase"] != phase:
-            return -1
-        frames: int = run["agreement"]["frames"]
-        return frames
+        return shadow_frames(SECOND, version, phase)
 
     site.wait(lambda: run_frames(2) >= 20, "20 frames compared", 60)
     status, text = site.status(SECOND)
@@ -317,19 +379,20 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     assert status["shadow"]["devices"][DEV]["version"] == 2
     assert f"{SECOND}: shadow v2 running agreement 0.000" in site.fleet("devices").stdout
     assert {r["version"] for r in site.results("yard")} == {1}  # v2's never go out
-    assert not (site.telemetry().get("shadows") or {}).get(DETECTOR)  # not the first pipeline's
+    assert site.telemetry()["shadows"][DETECTOR]["phase"] == "stopped"  # not this one's
     site.fleet("deploy", "--shadow", "--clear", "--model", SECOND, "--device", DEV)
     site.wait(lambda: run_frames(2, "stopped") >= 0, "the shadow run stopped")
     assert site.events("shadow_stopped", SECOND)
 
-    site.deploy(
-        "--shadow", "--model", SECOND, "--version", "3", "--sample", "100", "--max-cpu", "100"
-    )
+    site.fleet(
+        "deploy", "--shadow", "--model", SECOND, "--version", "3", "--group", GROUP,
+        "--sample", "100", "--max-cpu", "100", "--sign-key", str(site.keys / "deploy.key"),
+    )  # fmt: skip
     site.wait(lambda: run_frames(3) >= 20, "20 frames of v3 compared", 60)
     status, _ = site.status(SECOND)
     assert status["shadows"][DEV]["agreement"] == 1.0
     done = site.fleet(
-        "promote", "--model", SECOND, "--device", DEV,
+        "promote", "--model", SECOND, "--group", GROUP,
         "--sign-key", str(site.keys / "deploy.key"), "--wait", "60", timeout=120,
     )  # fmt: skip
     assert "succeeded" in done.stdout, done.stdout
@@ -358,5 +421,7 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     # the device's own view, through its control socket
     local = _run("agent.cli", "status", "--config", str(site.agent.config_path), "--json")
     assert local.returncode == 0, local.stderr
+    daemon = json.loads(local.stdout)["daemon"]
+    assert daemon["running"] and daemon["status"]["model"] == DETECTOR
     assert site.agent.terminate() == 0
     assert "Traceback" not in site.agent.log()
