@@ -418,6 +418,29 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     assert moved["classes"] is not None and 0 <= moved["classes"] <= 1
     assert f"drift: {DEV} v1 -> v3: classes" in text, text
 
+    # A restart keeps every model where it was and the statistics of the versions before.
+    assert site.agent.terminate() == 0
+    started = len(site.events("update_started"))
+    site.tap.messages.clear()
+    site.agent.start()
+    site.wait(
+        lambda: site.serving("door", DETECTOR, 2) and site.serving("yard", SECOND, 3),
+        "both pipelines serving again",
+        60,
+    )
+    site.wait(
+        lambda: all(
+            (site.telemetry().get("outputs") or {}).get(m, {}).get("previous")
+            for m in (DETECTOR, SECOND)
+        ),
+        "the outputs after the restart",
+    )
+    kept = site.telemetry()["outputs"]
+    assert (kept[DETECTOR]["version"], kept[DETECTOR]["previous"]["version"]) == (2, 1)
+    assert (kept[SECOND]["version"], kept[SECOND]["previous"]["version"]) == (3, 1)
+    assert not site.events("update_started"), started  # nothing pulled again
+    assert site.results("door")[-1]["detections"][0]["cascade"]["version"] == 2
+
     # the device's own view, through its control socket
     local = _run("agent.cli", "status", "--config", str(site.agent.config_path), "--json")
     assert local.returncode == 0, local.stderr
