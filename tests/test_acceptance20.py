@@ -149,6 +149,8 @@ def _models(folder: Path) -> dict[str, Path]:
         "people1.tflite": yolo_detector("yolov8", 320, classes=3, objects=OBJECTS, seed=1),
         "people2.tflite": yolo_detector("yolov8", 320, classes=3, objects=OBJECTS, seed=2),
         "people3.tflite": yolo_detector("yolov8", 320, classes=3, objects=MOVED, seed=3),
+        "people4.tflite": yolo_detector("yolov8", 320, classes=3, objects=OBJECTS, seed=4),
+        "shades3.tflite": modelgen.colour_classifier(offset=0.002),
         "shades1.tflite": modelgen.colour_classifier(),
         "shades2.tflite": modelgen.colour_classifier(offset=0.001),
         "colours1.tflite": modelgen.colour_classifier(offset=1.0),
@@ -230,7 +232,8 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     site.publish(DETECTOR, 1, paths["people1"], paths["yolo"], *yolo, "--channel", "stable")
     site.publish(DETECTOR, 2, paths["people2"], paths["yolo"], *yolo)
     site.publish(DETECTOR, 3, paths["people3"], paths["yolo"], *yolo)
-    for version in (1, 2):
+    site.publish(DETECTOR, 4, paths["people4"], paths["yolo"], *yolo)
+    for version in (1, 2, 3):
         channel = ("--channel", "stable") if version == 1 else ()
         site.publish(
             CROPS, version, paths[f"shades{version}"], paths["colours"],
@@ -418,13 +421,47 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     assert moved["classes"] is not None and 0 <= moved["classes"] <= 1
     assert f"drift: {DEV} v1 -> v3: classes" in text, text
 
+    # 5. An agreeing detector with a threshold set at deploy promotes itself (f1 1).
+    site.fleet(
+        "deploy", "--shadow", "--model", DETECTOR, "--version", "4", "--group", GROUP,
+        "--sample", "100", "--max-cpu", "100", "--promote-at", "0.9", "--min-frames", "10",
+        "--sign-key", str(site.keys / "deploy.key"),
+    )  # fmt: skip
+    site.wait(lambda: site.serving("door", DETECTOR, 4), "door on v4, promoted", 60)
+    (promoted,) = site.events("shadow_promoted", DETECTOR)
+    assert promoted["version"] == 4 and promoted["agreement"]["value"] == 1.0
+    assert promoted["agreement"]["metric"] == "f1"
+    site.wait(
+        lambda: (
+            (site.state()["models"][DETECTOR].get("update") or {}).get("outcome") == "succeeded"
+        ),
+        "v4 through probation",
+    )
+    assert site.state()["models"][DETECTOR]["update"]["source"] == "shadow"
+    door = site.results("door")[-1]
+    assert [v for d in door["detections"] for v in _box(d)] == pytest.approx(A + B + C, abs=1.0)
+    assert door["detections"][0]["cascade"]["classes"][0]["label"] == "blue"
+
+    # 6. A rollout of the cascade model to the group (its own desired topic per model).
+    done = site.fleet(
+        "rollout", "--model", CROPS, "--version", "3", "--group", GROUP, "--canary", "100",
+        "--timeout", "60", "--sign-key", str(site.keys / "deploy.key"), timeout=120,
+    )  # fmt: skip
+    assert "succeeded" in done.stdout, done.stdout
+    site.wait(
+        lambda: site.results("door")[-1]["detections"][0].get("cascade", {}).get("version") == 3,
+        "the crops on shades v3",
+    )
+    models = site.state()["models"]
+    assert {m: models[m]["version"] for m in models} == {DETECTOR: 4, CROPS: 3, SECOND: 3}
+
     # A restart keeps every model where it was and the statistics of the versions before.
     assert site.agent.terminate() == 0
     started = len(site.events("update_started"))
     site.tap.messages.clear()
     site.agent.start()
     site.wait(
-        lambda: site.serving("door", DETECTOR, 2) and site.serving("yard", SECOND, 3),
+        lambda: site.serving("door", DETECTOR, 4) and site.serving("yard", SECOND, 3),
         "both pipelines serving again",
         60,
     )
@@ -436,15 +473,19 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
         "the outputs after the restart",
     )
     kept = site.telemetry()["outputs"]
-    assert (kept[DETECTOR]["version"], kept[DETECTOR]["previous"]["version"]) == (2, 1)
+    assert (kept[DETECTOR]["version"], kept[DETECTOR]["previous"]["version"]) == (4, 2)
     assert (kept[SECOND]["version"], kept[SECOND]["previous"]["version"]) == (3, 1)
     assert not site.events("update_started"), started  # nothing pulled again
-    assert site.results("door")[-1]["detections"][0]["cascade"]["version"] == 2
+    site.wait(lambda: "cascade" in site.results("door")[-1]["detections"][0], "crops again")
+    assert site.results("door")[-1]["detections"][0]["cascade"]["version"] == 3
 
     # the device's own view, through its control socket
     local = _run("agent.cli", "status", "--config", str(site.agent.config_path), "--json")
     assert local.returncode == 0, local.stderr
     daemon = json.loads(local.stdout)["daemon"]
-    assert daemon["running"] and daemon["status"]["model"] == DETECTOR
+    assert daemon["running"] and (daemon["status"]["model"], daemon["status"]["version"]) == (
+        DETECTOR,
+        4,
+    )
     assert site.agent.terminate() == 0
     assert "Traceback" not in site.agent.log()
