@@ -149,7 +149,8 @@ def _models(folder: Path) -> dict[str, Path]:
         "people1.tflite": yolo_detector("yolov8", 320, classes=3, objects=OBJECTS, seed=1),
         "people2.tflite": yolo_detector("yolov8", 320, classes=3, objects=OBJECTS, seed=2),
         "people3.tflite": yolo_detector("yolov8", 320, classes=3, objects=MOVED, seed=3),
-        "people4.tflite": yolo_detector("yolov8", 320, classes=3, objects=OBJECTS, seed=4),
+        # v4: the same objects from a full-integer YOLOv5 export (int8 in and out)
+        "people4.tflite": yolo_detector("yolov5", 320, 3, int8=True, objects=OBJECTS, seed=4),
         "shades3.tflite": modelgen.colour_classifier(offset=0.002),
         "shades1.tflite": modelgen.colour_classifier(),
         "shades2.tflite": modelgen.colour_classifier(offset=0.001),
@@ -232,7 +233,8 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     site.publish(DETECTOR, 1, paths["people1"], paths["yolo"], *yolo, "--channel", "stable")
     site.publish(DETECTOR, 2, paths["people2"], paths["yolo"], *yolo)
     site.publish(DETECTOR, 3, paths["people3"], paths["yolo"], *yolo)
-    site.publish(DETECTOR, 4, paths["people4"], paths["yolo"], *yolo)
+    v5 = ("--task", "detection", "--detection-format", "yolov5")
+    site.publish(DETECTOR, 4, paths["people4"], paths["yolo"], *v5)
     for version in (1, 2, 3):
         channel = ("--channel", "stable") if version == 1 else ()
         site.publish(
@@ -366,9 +368,10 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     site.fleet("deploy", "--shadow", "--clear", "--model", CROPS, "--device", DEV)
 
     # 3. A disagreeing candidate of the second pipeline's model in the shadow.
-    site.deploy(
+    done = site.deploy(
         "--shadow", "--model", SECOND, "--version", "2", "--sample", "100", "--max-cpu", "100"
     )
+    assert "warning" not in done.stderr, done.stderr  # the device serves it
 
     def run_frames(version: int, phase: str = "running") -> int:
         return shadow_frames(SECOND, version, phase)
@@ -438,8 +441,15 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
         "v4 through probation",
     )
     assert site.state()["models"][DETECTOR]["update"]["source"] == "shadow"
+    site.wait(lambda: bool(site.events("desired_ignored", DETECTOR)), "v2's desired state stale")
+    (stale,) = site.events("desired_ignored", DETECTOR)
+    assert stale["version"] == 2 and stale["reason"].startswith("stale"), stale
     door = site.results("door")[-1]
-    assert [v for d in door["detections"] for v in _box(d)] == pytest.approx(A + B + C, abs=1.0)
+    step = 320 / 255 / 0.5  # one int8 step of a box value, in frame pixels
+    assert [v for d in door["detections"] for v in _box(d)] == pytest.approx(A + B + C, abs=step)
+    assert [d["score"] for d in door["detections"]] == pytest.approx(
+        [RED, 0.9 * RED, 0.8 * RED], abs=0.02
+    )
     assert door["detections"][0]["cascade"]["classes"][0]["label"] == "blue"
 
     # 6. A rollout of the cascade model to the group (its own desired topic per model).
