@@ -501,3 +501,21 @@ def test_shadow_options_without_shadow_are_bad_usage() -> None:
     run = run_fleet("deploy", "--broker", "mqtt://127.0.0.1:1", "--shadow", "--clear",
                     "--model", "m", "--group", "g", "--version", "2")  # fmt: skip
     assert run.code == 2 and "--shadow --clear: takes only" in run.err
+
+
+def test_the_view_takes_each_pipelines_results_and_skips_a_bad_pipeline_name() -> None:
+    from agent.fleet.broker import Message
+    from agent.fleet.view import FleetView, describe
+
+    said: list[str] = []
+    view = FleetView("edge", warn=said.append)
+    assert "edge/+/results/+" in view.subscriptions(("results",))
+    assert "edge/d1/results/+" in view.subscriptions(("results",), device="d1")
+    body = {"model": "people", "version": 2, "pipeline": "door", "classes": []}
+    report = view.take(Message("edge/d1/results/door", json.dumps(body).encode(), False))
+    assert report is not None and (report.device, report.stream) == ("d1", "results")
+    assert describe(report).endswith("results   door: v2 nothing"), describe(report)
+    for topic in ("edge/d1/results/-x", "edge/d1/results/" + "a" * 33):
+        assert view.take(Message(topic, json.dumps(body).encode(), False)) is None
+    assert len(said) == 2 and all("not a valid pipeline name" in line for line in said), said
+    assert view.take(Message("edge/d1/telemetry/door", b"{}", False)) is None  # not a stream
