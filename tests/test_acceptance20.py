@@ -284,6 +284,15 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     assert set(row["models"]) == {DETECTOR, CROPS, SECOND}
     text = site.fleet("devices").stdout
     assert all(m in text for m in (DETECTOR, CROPS, SECOND)), text
+    followed = site.fleet(
+        "telemetry", "--device", DEV, "--stream", "results", "--count", "10", "--seconds", "20",
+        "--json",
+    )  # fmt: skip
+    lines = [json.loads(line) for line in followed.stdout.splitlines()]
+    assert {line["doc"]["pipeline"] for line in lines} == {"door", "yard"}, followed.stdout
+    assert all(line["stream"] == "results" for line in lines)
+    followed = site.fleet("telemetry", "--device", DEV, "--stream", "results", "--count", "10")
+    assert "door: v1 person" in followed.stdout and "yard: v1 " in followed.stdout, followed
 
     # 2. A deploy moves its model alone: the detector, then the cascade model.
     started_before = len(site.events("update_started"))
