@@ -376,7 +376,21 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     assert "cascade" in refused["error"], refused
     site.fleet("deploy", "--shadow", "--clear", "--model", CROPS, "--device", DEV)
 
-    # 3. A disagreeing candidate of the second pipeline's model in the shadow.
+    # 3. A candidate the registry does not have fails, said in status; the model serves on.
+    site.deploy("--shadow", "--model", SECOND, "--version", "9")
+    site.wait(lambda: bool(site.events("shadow_failed", SECOND)), "shadow_failed")
+    (failed,) = site.events("shadow_failed", SECOND)
+    assert failed["version"] == 9 and failed["error"]
+    site.wait(
+        lambda: (site.state().get("shadows") or {}).get(SECOND, {}).get("phase") == "failed",
+        "the failed run in the state",
+    )
+    status, text = site.status(SECOND)
+    assert status["shadows"][DEV]["phase"] == "failed" and status["shadows"][DEV]["error"]
+    assert f"shadow run: {DEV} v9 failed" in text, text
+    assert site.serving("yard", SECOND, 1)
+
+    # A disagreeing candidate of the second pipeline's model in the shadow.
     done = site.deploy(
         "--shadow", "--model", SECOND, "--version", "2", "--sample", "100", "--max-cpu", "100"
     )
