@@ -487,6 +487,19 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     )
     models = site.state()["models"]
     assert {m: models[m]["version"] for m in models} == {DETECTOR: 4, CROPS: 3, SECOND: 3}
+    assert site.state()["pipelines"] == {
+        "door": {"model": DETECTOR, "cascade": CROPS, "source": "images"},
+        "yard": {"model": SECOND, "cascade": None, "source": "synthetic"},
+    }
+    site.wait(
+        lambda: (site.telemetry()["pipelines"]["door"]["cascade"] or {}).get("version") == 3,
+        "telemetry's cascade figures on shades v3",
+    )
+    figures = site.telemetry()["pipelines"]
+    assert (figures["door"]["model"], figures["door"]["version"]) == (DETECTOR, 4)
+    assert (figures["yard"]["model"], figures["yard"]["version"]) == (SECOND, 3)
+    cascade = figures["door"]["cascade"]
+    assert cascade["model"] == CROPS and cascade["crops"] > 0 and cascade["errors"] == 0
 
     # A restart keeps every model where it was and the statistics of the versions before.
     assert site.agent.terminate() == 0
