@@ -292,7 +292,7 @@ def build() -> argparse.ArgumentParser:
         "--min-frames",
         type=int,
         metavar="N",
-        help="... once it ran on at least N frames (with --promote-at)",
+        help="with --promote-at: only once the candidate ran on at least N frames",
     )
     deploy.add_argument(
         "--wait",
