@@ -413,6 +413,8 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     site.wait(lambda: run_frames(2, "stopped") >= 0, "the shadow run stopped")
     assert site.events("shadow_stopped", SECOND)
 
+    # the device's own desired state of the model: a group's promotion must still reach it
+    site.deploy("--model", SECOND, "--version", "1", "--wait", "30")
     site.fleet(
         "deploy", "--shadow", "--model", SECOND, "--version", "3", "--group", GROUP,
         "--sample", "100", "--max-cpu", "100", "--sign-key", str(site.keys / "deploy.key"),
@@ -425,6 +427,7 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
         "--sign-key", str(site.keys / "deploy.key"), "--wait", "60", timeout=120,
     )  # fmt: skip
     assert "succeeded" in done.stdout, done.stdout
+    assert f"{DEV}: its own desired state of {SECOND} cleared" in done.stdout, done.stdout
     site.wait(lambda: site.serving("yard", SECOND, 3), "yard on v3")
     assert {r["version"] for r in site.results("yard")} <= {1, 3}
     validated = site.events("update_validated", SECOND)
