@@ -19,7 +19,7 @@ import pytest
 
 from agent.desired import parse_desired
 from agent.fleet.deploy import model_state, running_of, serves, verdict_of
-from agent.fleet.drift import drift, shadow_figures, tvd
+from agent.fleet.drift import drift, freshest_run, shadow_figures, tvd
 from agent.fleet.shadow import Promote, check_options, shadow_payload
 from agent.verify import KeyRing, generate_keypair, load_private_key
 from tests.broker import Mosquitto, subscriber
@@ -114,6 +114,31 @@ def test_shadow_figures_keep_typed_values_only() -> None:
     )
     assert (got["metric"], got["agreement"]) == ("f1", 0.5)
     assert shadow_figures("nope") is None
+
+
+def _run_doc(issued_at: float, frames: int, phase: str = "running") -> dict[str, Any]:
+    return {"issued_at": issued_at, "frames": frames, "skipped": 1, "errors": 0, "phase": phase}
+
+
+@pytest.mark.parametrize(
+    ("state", "telemetry", "expected"),
+    [
+        # the state stops at the run's last phase change; telemetry goes on
+        (_run_doc(10, 0), _run_doc(10, 40), "telemetry"),
+        (_run_doc(10, 40, "stopped"), _run_doc(10, 35), "state"),  # telemetry lags a stop
+        (_run_doc(10, 40, "stopped"), _run_doc(10, 40), "state"),  # a tie: the state's phase
+        (_run_doc(20, 0), _run_doc(10, 900), "state"),  # a newer run
+        (_run_doc(10, 900), _run_doc(20, 0), "telemetry"),
+        (None, _run_doc(10, 5), "telemetry"),
+        (_run_doc(10, 5), None, "state"),
+        (_run_doc(10, 5), "hostile", "state"),
+        ({"frames": "many"}, _run_doc(10, 5), "telemetry"),
+        (None, None, None),
+    ],
+)
+def test_the_freshest_shadow_run_report_is_shown(state: Any, telemetry: Any, expected: Any) -> None:
+    got = freshest_run(state, telemetry)
+    assert got is {"state": state, "telemetry": telemetry, None: None}[expected]
 
 
 # -- shadow options and the instruction --------------------------------------------------
@@ -476,3 +501,21 @@ def test_shadow_options_without_shadow_are_bad_usage() -> None:
     run = run_fleet("deploy", "--broker", "mqtt://127.0.0.1:1", "--shadow", "--clear",
                     "--model", "m", "--group", "g", "--version", "2")  # fmt: skip
     assert run.code == 2 and "--shadow --clear: takes only" in run.err
+
+
+def test_the_view_takes_each_pipelines_results_and_skips_a_bad_pipeline_name() -> None:
+    from agent.fleet.broker import Message
+    from agent.fleet.view import FleetView, describe
+
+    said: list[str] = []
+    view = FleetView("edge", warn=said.append)
+    assert "edge/+/results/+" in view.subscriptions(("results",))
+    assert "edge/d1/results/+" in view.subscriptions(("results",), device="d1")
+    body = {"model": "people", "version": 2, "pipeline": "door", "classes": []}
+    report = view.take(Message("edge/d1/results/door", json.dumps(body).encode(), False))
+    assert report is not None and (report.device, report.stream) == ("d1", "results")
+    assert describe(report).endswith("results   door: v2 nothing"), describe(report)
+    for topic in ("edge/d1/results/-x", "edge/d1/results/" + "a" * 33):
+        assert view.take(Message(topic, json.dumps(body).encode(), False)) is None
+    assert len(said) == 2 and all("not a valid pipeline name" in line for line in said), said
+    assert view.take(Message("edge/d1/telemetry/door", b"{}", False)) is None  # not a stream

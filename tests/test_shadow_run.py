@@ -178,7 +178,7 @@ def _controller(host: Host) -> Shadows:
         stage=host.stage,
         load=host.load,
         attach=host.attach,
-        promote=lambda m, v: host.promoted.append((m, v)),
+        promote=lambda m, v, at: host.promoted.append((m, v)),
         event=host.event,  # type: ignore[arg-type]
     )
     shadows.start()

@@ -68,7 +68,8 @@ PAGES = {
     "promote": (
         "Make the candidate of a shadow run (deploy --shadow) the desired release: a normal "
         "desired state for it (through the device's gate and probation), and the shadow "
-        "run cleared. The version is the retained shadow instruction's unless --version.",
+        "run cleared (for a group, its members' own desired states of the model too, as a "
+        "rollout does). The version is the retained shadow instruction's unless --version.",
         "edge-fleet promote --model person-detector --group door --sign-key keys/deploy.key "
         "--wait 600",
     ),

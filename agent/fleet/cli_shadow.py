@@ -4,7 +4,9 @@
 instruction, retained, on M's shadow topic; with ``--clear`` it clears that topic (the
 run stops). ``promote --model M (--device | --group) [--version V]`` publishes a normal
 desired state of M for V (V: the retained shadow instruction's, unless given) on M's
-desired topic, then clears the shadow topic; ``--wait`` waits as ``deploy --wait``.
+desired topic, then clears the shadow topic; for a group, as a rollout does, it clears
+the members' own desired states of M (they would win over the group's); ``--wait``
+waits as ``deploy --wait``.
 A staged shadow rollout is ``deploy --shadow --group``: a shadow run never reaches a
 terminal state for the rollout engine to wait for (docs/fleet.md).
 """
@@ -21,7 +23,7 @@ from typing import Any
 from agent.desired import desired_topic, shadow_topic
 from agent.errors import ConfigError
 from agent.fleet.broker import FleetBroker
-from agent.fleet.deploy import Watched, desired_payload, issue_time, watch
+from agent.fleet.deploy import Watched, clear_desired, desired_payload, issue_time, watch
 from agent.fleet.shadow import (
     DEFAULT_MAX_CPU_PCT,
     DEFAULT_SAMPLE_PCT,
@@ -157,6 +159,12 @@ def promote(args: argparse.Namespace, broker: FleetBroker, sign_key: Path | None
             f"on {desired}, shadow run cleared on {shadow}"
         )
         members = [args.device] if args.device else view.members(args.group)
+        if kind == "group":  # as a rollout does: a member's own state would win over it
+            for member in members:
+                held_by = view.devices.get(member)
+                if held_by is not None and held_by.own_desired(args.model) is not None:
+                    clear_desired(broker, view, f"device:{member}", args.model)
+                    say(f"  {member}: its own desired state of {args.model} cleared")
         watched = [Watched(m, desired, issued_at) for m in members]
         result: dict[str, Any] = {
             "topic": desired,

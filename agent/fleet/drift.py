@@ -112,3 +112,23 @@ def shadow_figures(run: Any) -> dict[str, Any] | None:
         "agreement": value,
         "error": run.get("error") if isinstance(run.get("error"), str) else None,
     }
+
+
+def _progress(run: Mapping[str, Any]) -> tuple[float, float]:
+    """A shadow run document's place in time: its run (issued_at), then how far that
+    run got (frames compared, skipped and failed only grow within a run)."""
+    issued = _count(run.get("issued_at")) or 0.0
+    done = sum(_count(run.get(k)) or 0.0 for k in ("frames", "skipped", "errors"))
+    return issued, done
+
+
+def freshest_run(state: Any, telemetry: Any) -> Any:
+    """The newer of a device's two reports of one model's shadow run: its retained
+    state (published when the run's phase changes, so its figures stop there) and its
+    latest telemetry (every interval). The later run wins, then the one further on;
+    on a tie the state (it carries the newest phase). Either may be missing (None)."""
+    if not isinstance(telemetry, Mapping):
+        return state
+    if not isinstance(state, Mapping):
+        return telemetry
+    return telemetry if _progress(telemetry) > _progress(state) else state

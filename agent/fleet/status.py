@@ -4,7 +4,8 @@ shadow runs of a candidate and the drift of the outputs across an update.
 A device counts as serving M when its state's ``models`` names M (several pipelines,
 cascade models too) or, from an older agent, when its top-level state does. Drift and
 shadow figures come from what each device reports (:mod:`agent.fleet.drift`): retained
-telemetry ``outputs[M]``, and ``shadows[M]`` of its state (else of its telemetry).
+telemetry ``outputs[M]``, and ``shadows[M]`` of its state or of its telemetry, whichever
+is further on (the state's figures stop at the run's last phase change).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from agent.fleet.drift import THRESHOLD, drift, shadow_figures
+from agent.fleet.drift import THRESHOLD, drift, freshest_run, shadow_figures
 from agent.fleet.reports import printable
 from agent.fleet.view import ACTIVE_PHASES, FleetView
 
@@ -66,7 +67,9 @@ def model_status(view: FleetView, model: str) -> dict[str, Any]:
         moved = drift(_part(device.telemetry, "outputs", model))
         if moved is not None:
             drifts[device.id] = moved
-        run = _part(device.state, "shadows", model) or _part(device.telemetry, "shadows", model)
+        run = freshest_run(
+            _part(device.state, "shadows", model), _part(device.telemetry, "shadows", model)
+        )
         figures = shadow_figures(run)
         if figures is not None:
             runs[device.id] = figures

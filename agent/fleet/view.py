@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config import MODEL_NAME_PATTERN
+from agent.config_pipelines import PIPELINE_NAME_PATTERN
 from agent.errors import DocumentError
 from agent.fleet.acl import NAME_PATTERN, check_device_id
 from agent.fleet.broker import Message
+from agent.fleet.drift import freshest_run
 from agent.fleet.reports import MAX_BYTES, MAX_DEPTH, clean, printable
 from agent.strictjson import dumps, parse_object
 
@@ -135,11 +137,13 @@ class DeviceView:
         shadow instruction retained for it and the shadow run's figures."""
         shadows = (self.state or {}).get("shadows")
         shadows = shadows if isinstance(shadows, dict) else {}
+        reported = (self.telemetry or {}).get("shadows")
+        reported = reported if isinstance(reported, dict) else {}
         out = {}
         for model, part in self.served().items():
             version = part.get("version")
             update = part.get("update")
-            run = shadows.get(model)
+            run = freshest_run(shadows.get(model), reported.get(model))
             out[model] = {
                 "version": version if isinstance(version, int) else None,
                 "phase": part.get("phase"),
@@ -216,6 +220,8 @@ class FleetView:
     def subscriptions(self, streams: Iterable[str] = REPORTS, device: str = "+") -> list[str]:
         topics = [f"{self.prefix}/{device}/{stream}" for stream in streams if stream != "shadow"]
         topics += [f"{self.prefix}/{device}/{s}/+" for s in PER_MODEL if s in streams]
+        if "results" in streams:  # a device with several pipelines: …/results/PIPELINE
+            topics.append(f"{self.prefix}/{device}/results/+")
         if "desired" in streams and device == "+":
             topics.append(f"{self.prefix}/groups/+/desired")
         if device == "+":
@@ -323,12 +329,17 @@ class FleetView:
             else:
                 self.group_desired[levels[1]] = doc
             return Report(None, "desired", doc, message.retained, group=levels[1])
-        if len(levels) != 2 or levels[0] == "groups":
+        pipeline = len(levels) == 3 and levels[0] != "groups" and levels[1] == "results"
+        if (len(levels) != 2 and not pipeline) or levels[0] == "groups":
             return None
-        device_id, stream = levels
+        device_id, stream = levels[:2]
         if check_device_id(device_id) is not None:
             who = f"topic {printable(message.topic, 120)}"
             self._warn(who, "not a valid device id; skipped")
+            return None
+        if pipeline and not re.fullmatch(PIPELINE_NAME_PATTERN, levels[2]):
+            who = f"topic {printable(message.topic, 120)}"
+            self._warn(who, "not a valid pipeline name; skipped")
             return None
         usable, doc = self._read(message, stream, f"device {device_id}")
         if not usable:
@@ -498,12 +509,14 @@ def describe(report: Report) -> str:
             parts.insert(0, f"v{inference.get('version')}/{inference.get('backend')}")
         gist = " ".join(parts)
     elif stream == "results":
-        found = doc.get("classes") or doc.get("detections")
-        if isinstance(found, list):
+        found = doc.get("classes") if "classes" in doc else doc.get("detections")
+        if isinstance(found, list):  # none found: "nothing", not values=None
             items = [f"{f.get('label')} {f.get('score')}" for f in found if isinstance(f, dict)]
             gist = f"v{doc.get('version')} " + (", ".join(items) or "nothing")
         else:
             gist = f"v{doc.get('version')} values={doc.get('values')}"
+        if isinstance(doc.get("pipeline"), str):  # several pipelines: which one
+            gist = f"{printable(doc['pipeline'], 32)}: {gist}"
     elif stream == "events":
         skip = {"schema", "ts", "seq", "id", "event"}
         extra = " ".join(f"{k}={v}" for k, v in doc.items() if k not in skip and v is not None)

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 Stage = Callable[[str, int], "Release | None"]  # (model, version) -> release; None: active
 Load = Callable[["Release"], "LoadedModel"]
 Attach = Callable[["tuple[Observer, ...]"], None]  # the shadow observers of the pipeline
-Promote = Callable[[str, int], None]  # ask the update worker for (model, version) now
+Promote = Callable[[str, int, float], None]  # ask the update worker for (model, version) now,
+# as an instruction issued when the shadow run's was (issued_at)
 Event = Callable[["EventName", "Mapping[str, Any]"], None]
 
 STOP_WAIT_S = 15.0
@@ -273,4 +274,4 @@ class Shadows:
         self._event(
             "shadow_promoted", {"model": self.model, "version": version, "agreement": agreement}
         )
-        self._promote(self.model, version)
+        self._promote(self.model, version, run.instruction.issued_at)

@@ -78,7 +78,7 @@ class ShadowUnit:
             stage=lambda m, v: stage_candidate(updates(), m, v),
             load=load,
             attach=self._attach,
-            promote=lambda m, v: updates().request_update(m, v, "shadow"),
+            promote=lambda m, v, at: updates().request_update(m, v, "shadow", at),
             event=event,
             changed=lambda: updates().publish_state(),
             key=KeyRing.load(config.update.desired_keys, "update.desired_public_key(s)"),

@@ -404,13 +404,18 @@ class Updates:
         result: dict[str, Any] = self._ask(_Request("pull", version), timeout)
         return result
 
-    def request_update(self, model: str, version: int, source: str) -> None:
+    def request_update(
+        self, model: str, version: int, source: str, issued_at: float | None = None
+    ) -> None:
         """Update to ``version`` of ``model`` as soon as the worker is free, through the
         same phases as any update (gate, probation); ``source`` names who asked (a
         promoted shadow run: ``shadow``). The version was named (by the fleet's signed
         instruction), so it may be lower than the active one, as a desired state's.
+        ``issued_at``: when that instruction was issued; the update then counts as a
+        desired state issued then (a desired state issued before it neither cuts it
+        short nor, once it is applied, undoes it; a later one wins as ever).
         Does not wait; the outcome shows in the state."""
-        self._queue.put(_Request("update", (model, version, source)))
+        self._queue.put(_Request("update", (model, version, source, issued_at)))
 
     def _ask(self, request: _Request, timeout: float) -> Any:
         """Hand ``request`` to the worker and wait for its answer; busy when the worker
@@ -547,9 +552,9 @@ class Updates:
                 raise CommandError(self._busy())
             return self._rollback_command(request.payload)
         elif request.kind == "update":  # taken after the update under way, if any
-            model, version, source = request.payload
+            model, version, source, issued_at = request.payload
             self._retry_at.pop((model, version), None)
-            self._manual = (model, version, source, None, True)  # named: may be lower
+            self._manual = (model, version, source, issued_at, True)  # named: may be lower
         elif request.kind == "pull":
             if busy:
                 raise CommandError(self._busy())
