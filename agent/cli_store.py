@@ -91,7 +91,11 @@ def cmd_status(config: Config, as_json: bool) -> int:
     data: dict[str, Any] = {
         "device": config.device.id,
         "agent_version": __version__,
-        "model": config.model.name,
+        # the first pipeline's model (with pipelines: config.model is unset), else the
+        # one the store root holds
+        "model": config.model.name
+        or (config.pipelines[0].model.name if config.pipelines else None)
+        or (pointer.model if pointer else None),
         "store": str(store.root),
         "active": _release_info(active, store) if active else None,
         "previous_version": pointer.previous if pointer else None,

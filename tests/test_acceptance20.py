@@ -526,7 +526,9 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     # the device's own view, through its control socket
     local = _run("agent.cli", "status", "--config", str(site.agent.config_path), "--json")
     assert local.returncode == 0, local.stderr
-    daemon = json.loads(local.stdout)["daemon"]
+    local_doc = json.loads(local.stdout)
+    assert local_doc["model"] == DETECTOR  # the first pipeline's, not null
+    daemon = local_doc["daemon"]
     assert daemon["running"] and (daemon["status"]["model"], daemon["status"]["version"]) == (
         DETECTOR,
         4,
