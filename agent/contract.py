@@ -260,10 +260,9 @@ class OutputsDoc(OutputVersionDoc):
 
 
 @_STRICT
-class StateDoc(TypedDict):
-    """``<device>/state`` (retained): the active release, what serves, the update."""
+class ModelFields(TypedDict):
+    """What the state says of one served model: its release, what serves, its update."""
 
-    agent_version: str
     model: str | None  # None: no model.name configured and nothing in the store
     version: int | None
     sha256: str | None
@@ -275,6 +274,14 @@ class StateDoc(TypedDict):
     update: UpdateDoc | None
     desired: AppliedDesiredDoc | None
     bad: list[str]
+
+
+@_STRICT
+class StateDoc(ModelFields):
+    """``<device>/state`` (retained): the first pipeline's model's fields on top (the
+    single model's), every model's under ``models`` when there are several."""
+
+    agent_version: str
     runtime: NotRequired[RuntimeDoc | None]  # None while nothing serves; older agents omit it
     # several models (``pipelines:``, or a cascade): every model's part, by model name
     models: NotRequired[dict[str, ModelStateDoc]]
@@ -283,20 +290,9 @@ class StateDoc(TypedDict):
 
 
 @_STRICT
-class ModelStateDoc(TypedDict):
+class ModelStateDoc(ModelFields):
     """The state's ``models[MODEL]``: the top-level fields of one served model."""
 
-    model: str | None
-    version: int | None
-    sha256: str | None
-    backend: str | None
-    serving: int | None
-    previous: int | None
-    phase: StatePhase
-    last_error: str | None
-    update: UpdateDoc | None
-    desired: AppliedDesiredDoc | None
-    bad: list[str]
     runtime: RuntimeDoc | None
 
 
