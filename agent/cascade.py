@@ -22,12 +22,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING
 
 from agent.cascade_rules import CascadeRules, Crop, plan_crops
 from agent.runtime.adapters import Nested, Output
 
 if TYPE_CHECKING:
+    from agent.contract import CascadeFiguresDoc
     from agent.frames import Item, Result
     from agent.runtime.model import LoadedModel
 
@@ -36,16 +37,6 @@ log = logging.getLogger(__name__)
 WINDOW = 2048  # crop times kept for the median
 SWAP_WAIT_S = 10.0  # longest swap/close wait for the frame in hand to finish
 ERROR_LOG_EVERY_S = 60.0  # a failing crop is logged at most this often
-
-
-class CascadeDoc(TypedDict):
-    """Telemetry's ``pipelines.NAME.cascade``."""
-
-    model: str | None
-    version: int | None
-    crops: int
-    infer_ms_p50: float
-    errors: int
 
 
 @dataclass(frozen=True)
@@ -61,9 +52,11 @@ class CascadeStats:
     errors: int  # crops whose run failed
     infer_ms_p50: float  # one crop: prepare, invoke, interpret
 
-    def to_dict(self) -> CascadeDoc:
+    def to_dict(self, name: str = "") -> CascadeFiguresDoc:
+        """Telemetry's ``pipelines.NAME.cascade``; ``name`` (the configured model's)
+        while no second model is there yet."""
         return {
-            "model": self.model,
+            "model": self.model or name,
             "version": self.version,
             "crops": self.crops,
             "infer_ms_p50": round(self.infer_ms_p50, 2),
@@ -231,4 +224,4 @@ class Cascade:
         )
 
 
-__all__ = ["Cascade", "CascadeDoc", "CascadeRules", "CascadeStats", "shifted"]
+__all__ = ["Cascade", "CascadeRules", "CascadeStats", "shifted"]

@@ -178,14 +178,7 @@ class CascadeSlot:
 
     def figures(self) -> CascadeFiguresDoc:
         """Telemetry's ``pipelines.NAME.cascade``."""
-        stats = self.cascade.stats()
-        return {
-            "model": stats.model or self.model_name,
-            "version": stats.version,
-            "crops": stats.crops,
-            "infer_ms_p50": round(stats.infer_ms_p50, 2),
-            "errors": stats.errors,
-        }
+        return self.cascade.stats().to_dict(self.model_name)
 
     def stop(self) -> None:
         self.cascade.close()
