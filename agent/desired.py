@@ -34,9 +34,9 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from agent.config import MODEL_NAME_PATTERN
 from agent.contract import EventName
@@ -341,8 +341,26 @@ class DesiredState:
         else its groups' most recently issued one."""
         with self._lock:
             held = list(self._by_topic.values())
-        own = [d for d in held if d.source == "device"]
-        return max(own or held, key=lambda d: (d.issued_at, d.source), default=None)
+        return prevailing(held)
+
+
+class _Issued(Protocol):
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def issued_at(self) -> float: ...
+
+
+IssuedT = TypeVar("IssuedT", bound=_Issued)
+
+
+def prevailing(held: Iterable[IssuedT]) -> IssuedT | None:
+    """Of instructions in force (desired states, shadow runs): the device's own (the most
+    recently issued of them), else its groups' most recently issued one."""
+    held = list(held)
+    own = [d for d in held if d.source == "device"]
+    return max(own or held, key=lambda d: (d.issued_at, d.source), default=None)
 
 
 class NotServedHere(ValueError):

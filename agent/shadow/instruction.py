@@ -14,7 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.desired import MAX_PAYLOAD, Desired, check_clock, parse_desired, target_of
+from agent.desired import (
+    MAX_PAYLOAD,
+    Desired,
+    check_clock,
+    parse_desired,
+    prevailing,
+    target_of,
+)
 from agent.strictjson import parse_object
 
 if TYPE_CHECKING:
@@ -105,6 +112,4 @@ def _instruction(desired: Desired, doc: dict[str, Any]) -> ShadowInstruction:
 
 def winner(by_source: dict[str, ShadowInstruction]) -> ShadowInstruction | None:
     """The device's own instruction, else its groups' most recently issued one."""
-    if "device" in by_source:
-        return by_source["device"]
-    return max(by_source.values(), key=lambda s: (s.issued_at, s.source), default=None)
+    return prevailing(by_source.values())
