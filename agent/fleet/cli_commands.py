@@ -35,10 +35,16 @@ from agent.fleet.deploy import (
     watch,
 )
 from agent.fleet.publish import index_info, publish, renew_index, signing_key_ids
-from agent.fleet.rollout import plan, rollout
+from agent.fleet.rollout import ShadowSteps, plan, rollout
 from agent.fleet.server_client import ServerClient
 from agent.fleet.server_client import follow as server_follow
 from agent.fleet.server_client import summary as server_summary
+from agent.fleet.shadow import (
+    DEFAULT_MAX_CPU_PCT,
+    DEFAULT_MIN_FRAMES,
+    DEFAULT_SAMPLE_PCT,
+    check_options,
+)
 from agent.fleet.status import model_status, status_text
 from agent.fleet.view import (
     FOLLOWED,
@@ -256,7 +262,39 @@ def _deploy(args: argparse.Namespace) -> int:
         return 0 if ok else 1
 
 
+def _shadow_steps(args: argparse.Namespace) -> ShadowSteps | None:
+    """``rollout --shadow``'s options (ConfigError naming any unusable one), or None
+    without ``--shadow`` (then none of them may be given)."""
+    options = (args.sample, args.max_cpu, args.min_frames, args.promote_at)
+    if not args.shadow:
+        if any(v is not None for v in options):
+            raise ConfigError(
+                ["--sample, --max-cpu, --min-frames, --promote-at: only with --shadow"]
+            )
+        return None
+    if args.server:
+        raise ConfigError(
+            [
+                "--shadow: not with --server (the server's rollouts have no shadow steps); "
+                "run it from here, against the broker"
+            ]
+        )
+    steps = ShadowSteps(
+        DEFAULT_SAMPLE_PCT if args.sample is None else args.sample,
+        DEFAULT_MAX_CPU_PCT if args.max_cpu is None else args.max_cpu,
+        DEFAULT_MIN_FRAMES if args.min_frames is None else args.min_frames,
+        args.promote_at,
+    )
+    problems = check_options(
+        steps.sample_pct, steps.max_cpu_pct, steps.promote_at, steps.min_frames, paired=False
+    )
+    if problems:
+        raise ConfigError(problems)
+    return steps
+
+
 def _rollout(args: argparse.Namespace) -> int:
+    shadow = _shadow_steps(args)
     if args.server:
         return _rollout_on_server(args)
     _check_names(group=args.group)
@@ -279,6 +317,7 @@ def _rollout(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             sign_key=args.sign_key,
             say=say,
+            shadow=shadow,
         )
     say(outcome.summary())
     if args.json:

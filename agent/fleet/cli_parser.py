@@ -80,7 +80,9 @@ PAGES = {
         "when it says nothing about the release for that long, not for a long probation or "
         "download it keeps reporting on.",
         "edge-fleet rollout --model person-detector --version 3 --group door \\\n"
-        "    --canary 10 --step 25 --timeout 900 --sign-key keys/deploy.key",
+        "    --canary 10 --step 25 --timeout 900 --sign-key keys/deploy.key\n"
+        "edge-fleet rollout --shadow --model person-detector --version 4 --group door \\\n"
+        "    --min-frames 300 --promote-at 0.95 --sign-key keys/deploy.key",
     ),
     "devices": (
         "A table of every device: online, model@version, backend, fps, p95 latency, "
@@ -348,6 +350,41 @@ def build() -> argparse.ArgumentParser:
     )
     roll.add_argument("--sign-key", type=Path, help="Ed25519 private key (from keygen)")
     roll.add_argument("--json", action="store_true", help="print the outcome as JSON at the end")
+    trial = roll.add_argument_group(
+        "shadow rollout",
+        "--shadow: each step's devices first run --version in the shadow of the active model; "
+        "the step passes once each compared --min-frames frames cleanly (and agreed at "
+        "--promote-at); a failed, erring or disagreeing shadow run halts the rollout. With "
+        "--promote-at a step's devices are then updated to it as in a rollout; without, the "
+        "group runs it in the shadow at the end, for edge-fleet promote",
+    )
+    trial.add_argument("--shadow", action="store_true", help="a shadow rollout (above)")
+    trial.add_argument(
+        "--sample",
+        type=int,
+        metavar="PCT",
+        help="whole percentage of frames the candidate runs on, 1..100 (default 10)",
+    )
+    trial.add_argument(
+        "--max-cpu",
+        type=int,
+        metavar="PCT",
+        help="whole percentage of wall time the candidate may take, 1..100 (default 25)",
+    )
+    trial.add_argument(
+        "--min-frames",
+        type=int,
+        metavar="N",
+        help="frames each device's candidate must be compared on before its step passes "
+        "(default 100)",
+    )
+    trial.add_argument(
+        "--promote-at",
+        type=float,
+        metavar="AGREEMENT",
+        help="the agreement (0..1] each device must reach; its devices are then updated to "
+        "the release (without: no agreement is required and nothing is promoted)",
+    )
     roll.add_argument(
         "--server",
         metavar="URL",

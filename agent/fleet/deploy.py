@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.desired import desired_topic, sign_desired
 from agent.fleet.broker import FleetBroker
 from agent.fleet.reports import clean
-from agent.fleet.view import FleetView
+from agent.fleet.view import FleetView, Report
 from agent.verify import load_private_key
 
 _issued_lock = threading.Lock()
@@ -73,7 +73,8 @@ def desired_payload(
     return json.dumps(doc).encode()
 
 
-def _same(value: Any, issued_at: float) -> bool:
+def same_instant(value: Any, issued_at: float) -> bool:
+    """Whether a reported ``issued_at`` is this one (documents carry it in ms)."""
     return isinstance(value, int | float) and abs(float(value) - issued_at) < 0.0005
 
 
@@ -145,7 +146,7 @@ def verdict_of(
     update = state.get("update")
     if (
         isinstance(update, Mapping)
-        and _same(update.get("issued_at"), issued_at)
+        and same_instant(update.get("issued_at"), issued_at)
         and (update.get("model"), update.get("version")) == (model, version)
     ):
         outcome, reason = update.get("outcome"), update.get("reason") or ""
@@ -159,7 +160,7 @@ def verdict_of(
             return Verdict("failed", reason)
         return Verdict("pending", str(update.get("phase")))
     applied = state.get("desired")
-    if isinstance(applied, Mapping) and _same(applied.get("issued_at"), issued_at):
+    if isinstance(applied, Mapping) and same_instant(applied.get("issued_at"), issued_at):
         if running == (model, version):
             return Verdict("succeeded", f"runs v{version}")
         bad = state.get("bad")
@@ -177,7 +178,7 @@ def refusal(doc: Mapping[str, Any] | None, topic: str, issued_at: float) -> str 
     event = doc.get("event")
     if event == "desired_invalid" and doc.get("topic") == topic:
         return f"refused the desired state: {doc.get('error')}"
-    if event == "desired_ignored" and _same(doc.get("issued_at"), issued_at):
+    if event == "desired_ignored" and same_instant(doc.get("issued_at"), issued_at):
         return f"ignored the desired state: {doc.get('reason')}"
     return None
 
@@ -199,16 +200,18 @@ def news(
         return False
     update = state.get("update") if isinstance(state, Mapping) else None
     ours: Mapping[str, Any] = (
-        update if isinstance(update, Mapping) and _same(update.get("issued_at"), issued_at) else {}
+        update
+        if isinstance(update, Mapping) and same_instant(update.get("issued_at"), issued_at)
+        else {}
     )
     if stream == "state":
         applied = doc.get("desired")
         return bool(ours) or (
-            isinstance(applied, Mapping) and _same(applied.get("issued_at"), issued_at)
+            isinstance(applied, Mapping) and same_instant(applied.get("issued_at"), issued_at)
         )
     if stream == "events":
         update_id = doc.get("update_id")
-        return _same(doc.get("issued_at"), issued_at) or (
+        return same_instant(doc.get("issued_at"), issued_at) or (
             isinstance(update_id, str) and update_id == ours.get("id")
         )
     if stream == "telemetry":
@@ -246,6 +249,43 @@ class Watched:
         }
 
 
+class Rules(Protocol):
+    """What a wait follows: where a device stands, and which of its reports are news.
+    :class:`DesiredRules` for a desired state; the shadow steps of a rollout have their
+    own (:class:`agent.fleet.shadow_watch.ShadowRules`)."""
+
+    def judge(self, view: FleetView, w: Watched) -> Verdict: ...
+
+    def heard(self, view: FleetView, report: Report, w: Watched) -> bool:
+        """Whether ``report`` (live, from ``w``'s device, already taken into ``view``)
+        is news about what ``w`` waits for."""
+        ...
+
+    def refused(self, report: Report, w: Watched) -> str | None:
+        """Why ``report`` says the device refused what ``w`` waits for, or None."""
+        ...
+
+
+@dataclass(frozen=True)
+class DesiredRules:
+    """Waiting for a desired state of ``model`` for ``version`` (the module docstring)."""
+
+    model: str
+    version: int
+
+    def judge(self, view: FleetView, w: Watched) -> Verdict:
+        return judge(view, w.device, self.model, self.version, w.issued_at)
+
+    def heard(self, view: FleetView, report: Report, w: Watched) -> bool:
+        device = view.devices.get(w.device)
+        state = model_state(device.state if device is not None else None, self.model)
+        doc = state if report.stream == "state" else report.doc  # the state about it
+        return news(report.stream, doc, state, w.issued_at)
+
+    def refused(self, report: Report, w: Watched) -> str | None:
+        return refusal(report.doc, w.topic, w.issued_at) if report.stream == "events" else None
+
+
 def watch(
     broker: FleetBroker,
     view: FleetView,
@@ -254,14 +294,18 @@ def watch(
     version: int,
     timeout_s: float,
     say: Callable[[str], None],
+    *,
+    rules: Rules | None = None,
 ) -> None:
     """Wait until every device in ``watched`` succeeded or failed; a device that says
     nothing about the desired state for ``timeout_s`` fails (see the module docstring).
-    Prints each change through ``say``. ``view`` must follow the devices' state, events
-    and telemetry.
+    ``rules``: what is waited for (default: the desired state of ``model`` for
+    ``version``). Prints each change through ``say``. ``view`` must follow the devices'
+    state, events and telemetry.
 
     Raises BrokerError when the connection is lost.
     """
+    rules = rules if rules is not None else DesiredRules(model, version)
     by_device = {w.device: w for w in watched}
 
     def settle(w: Watched, verdict: Verdict) -> None:
@@ -277,7 +321,7 @@ def watch(
     while True:
         for w in watched:
             if w.verdict.status == "pending":
-                settle(w, judge(view, w.device, model, version, w.issued_at))
+                settle(w, rules.judge(view, w))
         now = time.monotonic()
         for w in watched:
             verdict = after_silence(w.verdict, w.heard, now, timeout_s)
@@ -295,12 +339,9 @@ def watch(
             w = by_device[report.device]
             if w.verdict.status != "pending":
                 continue
-            device = view.devices.get(report.device)
-            state = model_state(device.state if device is not None else None, model)
-            doc = state if report.stream == "state" else report.doc  # the state about it
-            if not report.retained and news(report.stream, doc, state, w.issued_at):
+            if not report.retained and rules.heard(view, report, w):
                 w.heard = time.monotonic()
-            why = refusal(report.doc, w.topic, w.issued_at) if report.stream == "events" else None
+            why = rules.refused(report, w)
             if why is not None:
                 settle(w, Verdict("failed", why))
 

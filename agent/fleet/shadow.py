@@ -30,6 +30,7 @@ from agent.verify import load_private_key
 
 DEFAULT_SAMPLE_PCT = 10  # whole percentages: a device refuses any other
 DEFAULT_MAX_CPU_PCT = 25
+DEFAULT_MIN_FRAMES = 100  # what a shadow rollout's step waits for on each device
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,17 @@ def _whole_pct(value: float) -> bool:
 
 
 def check_options(
-    sample_pct: int, max_cpu_pct: int, promote_at: float | None, min_frames: int | None
+    sample_pct: int,
+    max_cpu_pct: int,
+    promote_at: float | None,
+    min_frames: int | None,
+    *,
+    paired: bool = True,
 ) -> list[str]:
     """One line per unusable option (``--sample``, ``--max-cpu``, ``--promote-at``,
-    ``--min-frames``), naming it and the range it takes; [] when all are fine."""
+    ``--min-frames``), naming it and the range it takes; [] when all are fine.
+    ``paired``: ``--promote-at`` and ``--min-frames`` go together (a device's own
+    promotion rule needs both; a shadow rollout has a default for the frames)."""
     problems = []
     if not _whole_pct(sample_pct):
         problems.append(f"--sample: {sample_pct!r} is not a whole percentage from 1 to 100")
@@ -61,7 +69,7 @@ def check_options(
         problems.append(f"--promote-at: {promote_at:g} is not an agreement above 0, at most 1")
     if min_frames is not None and min_frames < 1:
         problems.append(f"--min-frames: {min_frames} is not a positive number of frames")
-    if (promote_at is None) != (min_frames is None):
+    if paired and (promote_at is None) != (min_frames is None):
         problems.append("--promote-at and --min-frames go together (or neither)")
     return problems
 
