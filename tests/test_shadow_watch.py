@@ -40,7 +40,15 @@ CASES = [
     ("nothing, offline", None, ("m", 2), False, 0.9, "pending", "offline"),
     ("an older run", _run(issued_at=ISSUED - 60), ("m", 2), True, None, "pending", "waiting"),
     ("downloading", _run(phase="downloading"), ("m", 2), True, None, "pending", "downloading"),
-    ("too few frames", _run(frames=99), ("m", 2), True, 0.9, "pending", "running: top1 0.97"),
+    (
+        "too few frames",
+        _run(frames=99),
+        ("m", 2),
+        True,
+        0.9,
+        "pending",
+        "running: 99 of 100 frames compared, top1 0.97 so far",
+    ),
     (
         "failed",
         _run(phase="failed", error="bad signature"),

@@ -7,8 +7,7 @@ desired state of M for V (V: the retained shadow instruction's, unless given) on
 desired topic, then clears the shadow topic; for a group, as a rollout does, it clears
 the members' own desired states of M (they would win over the group's); ``--wait``
 waits as ``deploy --wait``.
-A staged shadow rollout is ``deploy --shadow --group``: a shadow run never reaches a
-terminal state for the rollout engine to wait for (docs/fleet.md).
+A staged shadow run over a group is ``rollout --shadow`` (:mod:`agent.fleet.rollout`).
 """
 
 from __future__ import annotations

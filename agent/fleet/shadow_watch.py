@@ -76,7 +76,9 @@ def shadow_verdict(
         return Verdict("pending", str(phase))
     frames, errors = int(figures["frames"] or 0), int(figures["errors"] or 0)
     if frames < min_frames:
-        return Verdict("pending", f"running: {_agreement(figures)} of {min_frames}")
+        value = figures["agreement"]
+        so_far = "" if value is None else f", {figures['metric']} {value:.3g} so far"
+        return Verdict("pending", f"running: {frames} of {min_frames} frames compared{so_far}")
     if errors > MAX_ERROR_SHARE * (frames + errors):
         return Verdict(
             "failed",
