@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from agent.fleet.shadow_watch import shadow_verdict
+from agent.fleet.deploy import Watched
+from agent.fleet.shadow_watch import ShadowRules, shadow_verdict
+from agent.fleet.view import Report
 
 ISSUED = 1764499990.0
 
@@ -142,3 +144,24 @@ def test_shadow_verdict(
         promote_at=promote_at,
     )
     assert (verdict.status, verdict.detail[: len(detail)]) == (status, detail), verdict
+
+
+REFUSALS = [
+    # (event document, why or None)
+    ({"event": "desired_invalid", "topic": "edge/d/shadow/m", "error": "signature: bad"},
+     "refused the shadow instruction: signature: bad"),
+    ({"event": "desired_invalid", "topic": "edge/d/shadow/other", "error": "x"}, None),
+    ({"event": "shadow_failed", "model": "m", "version": 3, "error": "m is a cascade model"},
+     "shadow run failed: m is a cascade model"),
+    ({"event": "shadow_failed", "model": "m", "version": 2, "error": "an older run"}, None),
+    ({"event": "shadow_failed", "model": "other", "version": 3, "error": "x"}, None),
+    ({"event": "shadow_started", "model": "m", "version": 3}, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("doc", "why"), REFUSALS)
+def test_shadow_refusals(doc: dict[str, Any], why: str | None) -> None:
+    rules = ShadowRules("m", 3, min_frames=100, promote_at=None)
+    watched = Watched("d", "edge/d/shadow/m", ISSUED)
+    assert rules.refused(Report("d", "events", doc, retained=False), watched) == why
+    assert rules.refused(Report("d", "state", doc, retained=False), watched) is None

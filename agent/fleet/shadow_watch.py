@@ -147,8 +147,15 @@ class ShadowRules:
         return moved
 
     def refused(self, report: Report, w: Watched) -> str | None:
+        """A refused instruction (``desired_invalid`` naming its topic), or a
+        ``shadow_failed`` of this model and version: a device that serves the model only
+        in a cascade refuses the run with that event alone (no run to report)."""
         doc = report.doc or {}
-        refused = doc.get("event") == "desired_invalid" and doc.get("topic") == w.topic
-        if report.stream == "events" and refused:
+        if report.stream != "events":
+            return None
+        if doc.get("event") == "desired_invalid" and doc.get("topic") == w.topic:
             return f"refused the shadow instruction: {doc.get('error')}"
+        ours = (doc.get("model"), doc.get("version")) == (self.model, self.version)
+        if doc.get("event") == "shadow_failed" and ours:
+            return f"shadow run failed: {doc.get('error')}"
         return None
