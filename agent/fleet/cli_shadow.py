@@ -66,7 +66,12 @@ def deploy_shadow(args: argparse.Namespace, broker: FleetBroker) -> int:
     if args.clear:
         extra = (args.version, args.promote_at, args.min_frames, args.sample, args.max_cpu)
         if args.sign_key or any(v is not None for v in extra):
-            raise ConfigError(["--shadow --clear: takes only --model and --device or --group"])
+            raise ConfigError(
+                [
+                    "--shadow --clear: takes only --model and --device or --group (a clear "
+                    "is an empty retained message: nothing to sign, no options)"
+                ]
+            )
         with broker:
             broker.connect([])
             broker.publish(topic, b"")

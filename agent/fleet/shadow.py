@@ -26,10 +26,10 @@ from typing import Any
 
 from agent.desired import sign_desired
 from agent.fleet.deploy import MAX_AHEAD_S
+from agent.shadow.instruction import DEFAULT_MAX_CPU_PCT as DEFAULT_MAX_CPU_PCT
+from agent.shadow.instruction import DEFAULT_SAMPLE_PCT as DEFAULT_SAMPLE_PCT
 from agent.verify import load_private_key
 
-DEFAULT_SAMPLE_PCT = 10  # whole percentages: a device refuses any other
-DEFAULT_MAX_CPU_PCT = 25
 DEFAULT_MIN_FRAMES = 100  # what a shadow rollout's step waits for on each device
 
 

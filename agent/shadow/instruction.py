@@ -27,7 +27,7 @@ from agent.strictjson import parse_object
 if TYPE_CHECKING:
     from agent.verify import KeyRing
 
-DEFAULT_SAMPLE_PCT = 10
+DEFAULT_SAMPLE_PCT = 10  # whole percentages: any other is refused
 DEFAULT_MAX_CPU_PCT = 25
 
 
