@@ -104,6 +104,17 @@ class Lab:
     def fleet(self, command: str, *args: str) -> Run:
         return run_fleet(command, "--broker", self.broker.url, *args)
 
+    def start(self, devices: tuple[str, ...], timeout: float = 60) -> None:
+        """Start an agent for each of ``devices`` and wait until the fleet sees each one
+        online."""
+        for device in devices:
+            self.agent(device).start()
+        self.wait(
+            lambda: {d for d, r in self.devices().items() if r["online"]} == set(devices),
+            timeout,
+            f"{', '.join(devices)} online",
+        )
+
     def rollout(self, version: int, *args: str) -> Run:
         return self.fleet(
             "rollout",
@@ -170,13 +181,7 @@ def test_rollouts_halt_on_a_failing_canary_and_on_a_silent_device_then_converge(
     lab: Lab,
 ) -> None:
     lab.publish(1)
-    for device in DEVICES:
-        lab.agent(device).start()
-    lab.wait(
-        lambda: {d for d, r in lab.devices().items() if r["online"]} == set(DEVICES),
-        60,
-        "three devices online",
-    )
+    lab.start(DEVICES)
     rows = lab.devices()
     assert all(r["groups"] == [GROUP] and r["version"] is None for r in rows.values()), rows
     assert {r["agent_version"] for r in rows.values()} == {__version__}  # from the status

@@ -77,13 +77,7 @@ def test_shadow_rollouts_halt_on_disagreement_promote_agreement_and_hand_a_run_t
 ) -> None:
     labels = list(modelgen.COLOUR_LABELS)
     lab.publish(1)
-    for device in DEVICES:
-        lab.agent(device).start()
-    lab.wait(
-        lambda: {d for d, r in lab.devices().items() if r["online"]} == set(DEVICES),
-        60,
-        "two devices online",
-    )
+    lab.start(DEVICES)
     run = lab.rollout(1, "--timeout", "60")
     assert run.code == 0, run.out + run.err
     canary, other = (d for step in plan(DEVICES, GROUP, 50, 100) for d in step)
