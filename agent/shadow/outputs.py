@@ -61,6 +61,11 @@ def bin_of(score: float) -> int:
     return min(max(int(score * BINS), 0), BINS - 1)
 
 
+def is_count(value: Any) -> bool:
+    """A count read back from ``outputs.json``: a whole number >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def label_cost(label: str) -> int:
     """The bytes ``label`` takes as a key of ``classes`` (JSON, non-ASCII escaped)."""
     return len(json.dumps(label)) + 1
@@ -114,7 +119,8 @@ class VersionStats:
 
     @classmethod
     def from_doc(cls, doc: Any) -> VersionStats | None:
-        """A version's figures from ``outputs.json``; None when the shape is wrong."""
+        """A version's figures from ``outputs.json``; None when the shape is wrong (a
+        count that is negative, a bool or not a whole number too)."""
         if not isinstance(doc, dict):
             return None
         version: Any = doc.get("version")
@@ -123,12 +129,12 @@ class VersionStats:
         classes: Any = doc.get("classes")
         ok = (
             (version is None or (isinstance(version, int) and not isinstance(version, bool)))
-            and isinstance(frames, int)
+            and is_count(frames)
             and isinstance(scores, list)
             and len(scores) == BINS
-            and all(isinstance(n, int) and n >= 0 for n in scores)
+            and all(is_count(n) for n in scores)
             and isinstance(classes, dict)
-            and all(isinstance(k, str) and isinstance(n, int) for k, n in classes.items())
+            and all(isinstance(k, str) and is_count(n) for k, n in classes.items())
         )
         if not ok:
             return None
@@ -157,9 +163,16 @@ class OutputStats:
         except (OSError, ValueError) as exc:  # DocumentError is a ValueError
             log.warning("%s: not read (%s); output statistics start afresh", self.path, exc)
             return
-        if isinstance(doc, dict):
-            self._current = VersionStats.from_doc(doc.get("current"))
-            self._previous = VersionStats.from_doc(doc.get("previous"))
+        current, previous = doc.get("current"), doc.get("previous")
+        self._current = VersionStats.from_doc(current)
+        self._previous = VersionStats.from_doc(previous)
+        if (current is not None and self._current is None) or (
+            previous is not None and self._previous is None
+        ):  # one damaged part: neither is trusted
+            self._current = self._previous = None
+            log.warning(
+                "%s: damaged (a version's figures); output statistics start afresh", self.path
+            )
 
     def save(self) -> None:
         """Write ``outputs.json`` (atomically); a failure is logged, never raised."""
