@@ -116,6 +116,21 @@ def test_a_damaged_store_of_the_second_model_is_reported_with_its_model(
         assert [p["active"]["version"] for p in status["models"].values()] == [1, 1]
         assert [p["stored_versions"] for p in status["models"].values()] == [[1], [1]]
 
+        # the root's pointer damaged: the other model's store is listed as ever, the
+        # damaged one named in one line (the agent takes the root as the first model's)
+        kept = (root / POINTER).read_bytes()
+        (root / POINTER).write_bytes(b'{"schema": 1, "mo')
+        status = _status(agent)
+        assert "damaged pointer" in status["store_error"]
+        assert "damaged pointer" in status["models"][MODEL]["error"]
+        assert status["models"][OTHER]["active"]["version"] == 1
+        assert status["models"][OTHER]["store"] == str(boxes)
+        text = _status_text(agent).splitlines()
+        (damaged,) = [line for line in text if line.startswith(f"  {MODEL}:")]
+        assert damaged.startswith(f"  {MODEL}: {root}: cannot read: ") and "damaged" in damaged
+        assert any(line.startswith(f"  {OTHER}: v1 (since ") for line in text), text
+        (root / POINTER).write_bytes(kept)
+
         # the second model's pointer damaged: status says so for that model alone
         (boxes / POINTER).write_bytes(b'{"schema": 1, "model": "bo')
         status = _status(agent)

@@ -1,7 +1,8 @@
 """Output statistics per model version: the top score's histogram and the class mix.
 
 ``OutputStats`` is a pipeline observer (agent/frames.py): it counts every published
-result of one model, per version since that version became active, and keeps the
+result of one model (a cascade model's: every crop it answered, each as a frame, fed
+by agent/cascade.py), per version since that version became active, and keeps the
 figures of the version served before the last swap (``previous``) in memory and in
 ``outputs.json`` in the model's store, so a restart keeps the comparison the fleet
 reads as drift (``edge-fleet status --model M``).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -190,16 +192,23 @@ class OutputStats:
             log.warning("%s: not written: %s", self.path, exc)
 
     def observe(self, item: Item, result: Result) -> None:
+        """A published result of the pipeline's own model: one frame."""
+        self.add(result.model, result.version, (result.output,))
+
+    def add(self, model: str, version: int | None, outputs: Iterable[Output]) -> None:
+        """Count ``outputs`` of ``model`` v``version``, each one as a frame (a cascade
+        model's: each crop it answered, agent/cascade.py's ``set_outputs``)."""
         swapped = False
         with self._lock:
-            self.model = result.model
+            self.model = model
             current = self._current
-            if current is None or current.version != result.version:
+            if current is None or current.version != version:
                 if current is not None and current.frames > 0:
                     self._previous = current
                     swapped = True
-                self._current = current = VersionStats(result.version)
-            current.add(result.output)
+                self._current = current = VersionStats(version)
+            for output in outputs:
+                current.add(output)
         if swapped:
             self.save()
 
