@@ -44,6 +44,7 @@ from agent.outbox import Outbox
 from agent.pipeline import Pipeline, Result, Stats
 from agent.reloading import Reloads
 from agent.shadow.control import Reader
+from agent.shadow.outputs import OutputStats
 from agent.shadow.unit import ShadowUnit
 from agent.store import Store
 from agent.stores import store_dirs, unit_config
@@ -170,6 +171,7 @@ class Service:
         self.cascades = self._build_cascades()  # by pipeline name
         self.units = self._build_units()
         self.shadows = self._build_shadows()  # by model: what pipelines serve
+        self.crop_outputs = self._build_crop_outputs()  # by model: cascade models alone
         self._readers = self._shadow_readers()  # the others': refused when asked for
         first = self.units[0]
         self.updates = first.updates  # the first pipeline's model (the legacy shape's one)
@@ -296,6 +298,19 @@ class Service:
             shadows[name] = shadow
         return shadows
 
+    def _build_crop_outputs(self) -> dict[str, OutputStats]:
+        """Output statistics of each model served only as a cascade model, over its crop
+        answers on the first pipeline whose cascade names it (kept in its store)."""
+        outputs: dict[str, OutputStats] = {}
+        for unit in self.units:
+            crops = [t for t in unit.targets if isinstance(t, CascadeSlot)]
+            if unit.name is None or unit.name in self.shadows or not crops:
+                continue
+            stats = OutputStats(unit.name, unit.store.root)
+            crops[0].cascade.set_outputs(stats.add)
+            outputs[unit.name] = stats
+        return outputs
+
     @staticmethod
     def _pointed_model(unit: ModelUnit) -> str | None:
         try:
@@ -378,6 +393,10 @@ class Service:
                 extra.setdefault("shadows", {}).update(part["shadows"])
             if "outputs" in part:
                 extra.setdefault("outputs", {}).update(part["outputs"])
+        for name, stats in self.crop_outputs.items():
+            doc = stats.doc()
+            if doc is not None:
+                extra.setdefault("outputs", {})[name] = doc
         return extra
 
     def _desired_handlers(self) -> dict[str, Callable[[Incoming], None]]:
@@ -446,6 +465,8 @@ class Service:
                 slot.stop()
             for cascade in self.cascades.values():
                 cascade.stop()
+            for stats in self.crop_outputs.values():
+                stats.save()
             if self.metrics is not None:
                 self.metrics.stop()
         finally:
