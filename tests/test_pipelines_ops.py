@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from agent.fleet.publish import publish
@@ -23,6 +22,7 @@ from agent.store import POINTER, Store
 from tests.agentproc import MODEL, AgentProcess, Tap, publish_models, wait_alive
 from tests.broker import Mosquitto
 from tests.conftest import Models
+from tests.pipecfg import two_pipelines
 
 DEV = "dev-ops"
 OTHER = "boxes"
@@ -51,17 +51,7 @@ def _agent(
             **extra,
         },
     )
-    settings = dict(agent.settings)
-    for key in ("model", "source", "results"):
-        settings.pop(key)
-    synthetic = {"type": "synthetic", "width": 64, "height": 48, "fps": 20}
-    every = {"publish": "every", "min_score": 0.0, "top_k": 1}
-    settings["pipelines"] = [
-        {"name": "door", "model": {"name": MODEL}, "source": synthetic, "results": every},
-        {"name": "yard", "model": {"name": OTHER}, "source": synthetic, "results": every},
-    ]
-    agent.config_path.write_text(yaml.safe_dump(settings))
-    return agent
+    return two_pipelines(agent, OTHER)
 
 
 def _status_text(agent: AgentProcess, *args: str) -> str:
