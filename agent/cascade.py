@@ -10,7 +10,9 @@ detections carry the crop's output under ``cascade`` (``{"model", "version", "cl
 The second model updates on its own: ``swap`` hands a new one in from any thread; the
 inference thread takes the model once per frame, so one frame's crops never mix
 versions. A crop whose run fails is counted; its detection gets no nested part and the
-frame still goes out. ``stats`` gives the figures for telemetry.
+frame still goes out. ``stats`` gives the figures for telemetry; ``set_outputs`` hands
+each frame's crop answers (the ones that ran) to an observer of the second model's
+output statistics (agent/shadow/outputs.py), with no extra invoke.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,10 @@ log = logging.getLogger(__name__)
 WINDOW = 2048  # crop times kept for the median
 SWAP_WAIT_S = 10.0  # longest swap/close wait for the frame in hand to finish
 ERROR_LOG_EVERY_S = 60.0  # a failing crop is logged at most this often
+
+# One frame's crop answers of the second model: (model, version, outputs), on the
+# inference thread; what it raises is logged, never loses the frame.
+CropOutputs = Callable[[str, int | None, Sequence[Output]], None]
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,11 @@ class Cascade:
         self._times: deque[float] = deque(maxlen=WINDOW)
         self._lock = threading.Lock()  # the times, read by stats() in another thread
         self._logged_at = -ERROR_LOG_EVERY_S
+        self._outputs: CropOutputs | None = None
+
+    def set_outputs(self, observer: CropOutputs | None) -> None:
+        """Hand each frame's crop answers to ``observer`` (from the next frame on)."""
+        self._outputs = observer
 
     # -- the inference thread ------------------------------------------------------
 
@@ -133,6 +144,9 @@ class Cascade:
             for old in retired:
                 old.close()
         self._frames += 1
+        observer = self._outputs
+        if observer is not None and nested:
+            self._observe(observer, model, [part.output for part in nested.values()])
         found = list(detections)
         for index, part in nested.items():
             found[index] = dataclasses.replace(found[index], cascade=part)
@@ -161,6 +175,15 @@ class Cascade:
             part = Nested(model.name, model.version, shifted(output, crop.x0, crop.y0))
             nested[crop.index] = part
         return nested
+
+    def _observe(self, observer: CropOutputs, model: LoadedModel, outputs: list[Output]) -> None:
+        try:
+            observer(model.name, model.version, outputs)
+        except Exception as exc:  # statistics must not lose the frame
+            now = self._clock()
+            if now - self._logged_at >= ERROR_LOG_EVERY_S:
+                self._logged_at = now
+                log.warning("cascade: output statistics: %s: %s", type(exc).__name__, exc)
 
     def _log_error(self, frame: int, index: int, exc: Exception) -> None:
         now = self._clock()
@@ -224,4 +247,4 @@ class Cascade:
         )
 
 
-__all__ = ["Cascade", "CascadeRules", "CascadeStats", "shifted"]
+__all__ = ["Cascade", "CascadeRules", "CascadeStats", "CropOutputs", "shifted"]

@@ -86,6 +86,9 @@ def cmd_status(config: Config, as_json: bool) -> int:
         if found.status is None:
             lines.append("          (the agent sets it aside and repairs it when it starts)")
         doc = {"device": config.device.id, "daemon": daemon, "store_error": str(exc)}
+        # the other models' stores are their own: listed as ever, the root's model (as
+        # the agent takes it with an unreadable pointer: the first one) in one line
+        lines += _several_models(config, None, found.status, doc)
         emit(doc, as_json, lines)
         return 0
     data: dict[str, Any] = {
@@ -114,15 +117,21 @@ def cmd_status(config: Config, as_json: bool) -> int:
             f"previous: {f'v{pointer.previous}' if pointer.previous else 'none'}",
             f"stored:   {', '.join(f'v{v}' for v in data['stored_versions'])}",
         ]
-    served = served_models(config.pipeline_list())
-    if config.pipelines or len(served) > 1:  # several models: each one's store
-        agent_view = (found.status or {}).get("models") or {}
-        data["models"], more = _models_status(
-            config, list(served), pointer.model if pointer else None, agent_view
-        )
-        lines += more
+    lines += _several_models(config, pointer.model if pointer else None, found.status, data)
     emit(data, as_json, lines)
     return 0
+
+
+def _several_models(
+    config: Config, held: str | None, status: dict[str, Any] | None, data: dict[str, Any]
+) -> list[str]:
+    """With several models: each one's store into ``data["models"]``, and its lines."""
+    served = served_models(config.pipeline_list())
+    if not (config.pipelines or len(served) > 1):
+        return []
+    agent_view = (status or {}).get("models") or {}
+    data["models"], lines = _models_status(config, list(served), held, agent_view)
+    return lines
 
 
 def _models_status(

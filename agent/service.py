@@ -43,6 +43,8 @@ from agent.homeassistant_publish import DiscoveryPublisher
 from agent.outbox import Outbox
 from agent.pipeline import Pipeline, Result, Stats
 from agent.reloading import Reloads
+from agent.shadow.control import Reader
+from agent.shadow.outputs import OutputStats
 from agent.shadow.unit import ShadowUnit
 from agent.store import Store
 from agent.stores import store_dirs, unit_config
@@ -169,6 +171,8 @@ class Service:
         self.cascades = self._build_cascades()  # by pipeline name
         self.units = self._build_units()
         self.shadows = self._build_shadows()  # by model: what pipelines serve
+        self.crop_outputs = self._build_crop_outputs()  # by model: cascade models alone
+        self._readers = self._shadow_readers()  # the others': refused when asked for
         first = self.units[0]
         self.updates = first.updates  # the first pipeline's model (the legacy shape's one)
         self.lock = next(u.lock for u in self.units if u.store.root == self.store.root)
@@ -294,6 +298,19 @@ class Service:
             shadows[name] = shadow
         return shadows
 
+    def _build_crop_outputs(self) -> dict[str, OutputStats]:
+        """Output statistics of each model served only as a cascade model, over its crop
+        answers on the first pipeline whose cascade names it (kept in its store)."""
+        outputs: dict[str, OutputStats] = {}
+        for unit in self.units:
+            crops = [t for t in unit.targets if isinstance(t, CascadeSlot)]
+            if unit.name is None or unit.name in self.shadows or not crops:
+                continue
+            stats = OutputStats(unit.name, unit.store.root)
+            crops[0].cascade.set_outputs(stats.add)
+            outputs[unit.name] = stats
+        return outputs
+
     @staticmethod
     def _pointed_model(unit: ModelUnit) -> str | None:
         try:
@@ -302,57 +319,66 @@ class Service:
             return None
         return pointer.model if pointer else None
 
-    def _on_shadow(self, model: str, source: str, message: Incoming) -> None:
+    def _on_shadow(self, model: str, message: Incoming) -> None:
         shadow = self.shadows.get(model)
         if shadow is not None:
             shadow.on_message(message)
         elif message.payload:  # a cascade model's: no pipeline runs it on whole frames
-            self._no_shadow_run(model, source, message)
+            self._no_shadow_run(model, message)
 
-    def _no_shadow_run(self, model: str, source: str, message: Incoming) -> None:
-        """A shadow instruction for a model no pipeline has as its primary one (a cascade
-        model): checked as any, then refused out loud (``shadow_failed``), not dropped."""
-        from agent.shadow.instruction import parse_shadow
+    def _shadow_readers(self) -> dict[str, Reader]:
+        """How a shadow instruction for each model without a shadow controller (a
+        cascade model) is read: the key ring loaded once here (a config reload builds a
+        new service, and so reads the keys again)."""
         from agent.verify import KeyRing
 
         cfg = self.config
-        try:
-            instruction = parse_shadow(
-                message.payload,
-                source,
-                cfg.device.id,
-                model=model,
-                key=KeyRing.load(cfg.update.desired_keys, "update.desired_public_key(s)"),
-                now=time.time(),
+        missing = [name for name in self.models if name not in self.shadows]
+        if not missing:
+            return {}
+        key = KeyRing.load(cfg.update.desired_keys, "update.desired_public_key(s)")
+        return {
+            name: Reader(
+                name,
+                prefix=cfg.mqtt.topic_prefix,
+                device=cfg.device.id,
+                groups=list(cfg.device.groups),
+                key=key,
                 max_skew_s=cfg.update.max_clock_skew_s,
             )
+            for name in missing
+        }
+
+    def _no_shadow_run(self, model: str, message: Incoming) -> None:
+        """A shadow instruction for a model no pipeline has as its primary one (a cascade
+        model): checked as any, then refused out loud (``shadow_failed``), not dropped."""
+        reader = self._readers.get(model)
+        if reader is None:
+            return
+        try:
+            read = reader.read(message)
         except ValueError as exc:
             self._event("desired_invalid", {"topic": message.topic, "error": str(exc)})
             return
-        if instruction is None:
+        if read is None or read[1] is None:
             return
         error = (
             f"{model} is a cascade model here: a shadow run compares a pipeline's own "
             "model on its frames"
         )
         log.warning("%s: %s", message.topic, error)
-        self._event(
-            "shadow_failed", {"model": model, "version": instruction.version, "error": error}
-        )
+        self._event("shadow_failed", {"model": model, "version": read[1].version, "error": error})
 
     def _shadow_handlers(self) -> dict[str, Callable[[Incoming], None]]:
         """``…/shadow/MODEL`` of the device and its groups, for each model served."""
         cfg = self.config
         prefix, device = cfg.mqtt.topic_prefix, cfg.device.id
         handlers: dict[str, Callable[[Incoming], None]] = {}
-        sources = {
-            f"device:{device}": "device",
-            **{f"group:{g}": f"group:{g}" for g in cfg.device.groups},
-        }
+        targets = [f"device:{device}", *(f"group:{g}" for g in cfg.device.groups)]
         for name in self.models:
-            for target, source in sources.items():
+            for target in targets:
                 handlers[shadow_topic(prefix, target, name)] = functools.partial(
-                    self._on_shadow, name, source
+                    self._on_shadow, name
                 )
         return handlers
 
@@ -367,6 +393,10 @@ class Service:
                 extra.setdefault("shadows", {}).update(part["shadows"])
             if "outputs" in part:
                 extra.setdefault("outputs", {}).update(part["outputs"])
+        for name, stats in self.crop_outputs.items():
+            doc = stats.doc()
+            if doc is not None:
+                extra.setdefault("outputs", {})[name] = doc
         return extra
 
     def _desired_handlers(self) -> dict[str, Callable[[Incoming], None]]:
@@ -435,6 +465,8 @@ class Service:
                 slot.stop()
             for cascade in self.cascades.values():
                 cascade.stop()
+            for stats in self.crop_outputs.values():
+                stats.save()
             if self.metrics is not None:
                 self.metrics.stop()
         finally:

@@ -342,6 +342,19 @@ def test_yolo_two_pipelines_a_cascade_and_a_shadow_deploy_that_disagrees(site: S
     status, text = site.status(DETECTOR)
     assert status["drift"][DEV]["classes"] == 0.0, status["drift"]
     assert f"drift: {DEV} v1 -> v2: classes 0.000" in text, text
+    # the cascade model's statistics over its crops (it has no frames of its own) across
+    # its update: the same crops named the same, no drift, in status like any model's
+    site.wait(
+        lambda: ((site.telemetry().get("outputs") or {}).get(CROPS) or {}).get("version") == 2,
+        "the cascade model's outputs of v2",
+    )
+    crops = site.telemetry()["outputs"][CROPS]
+    assert crops["previous"]["version"] == 1 and crops["previous"]["frames"] > 0
+    assert set(crops["classes"]) == set(crops["previous"]["classes"]) == {"blue"}
+    status, text = site.status(CROPS)
+    assert status["drift"][DEV]["classes"] == 0.0, status["drift"]
+    assert (status["drift"][DEV]["previous_version"], status["drift"][DEV]["version"]) == (1, 2)
+    assert f"drift: {DEV} v1 -> v2: classes 0.000" in text, text
 
     # 3a. A disagreeing detector in the shadow of the group: f1 of matched boxes, 0.
     site.fleet(

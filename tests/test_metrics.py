@@ -39,6 +39,7 @@ from agent.pipeline import Stats
 from tests.agentproc import MODEL, AgentProcess, wait_alive
 from tests.broker import free_port
 from tests.conftest import Models
+from tests.pipecfg import two_pipelines
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -590,17 +591,7 @@ def test_two_pipelines_serve_labelled_figures_per_pipeline_and_model(
         channels=("stable",),
     )
     port = free_port()
-    agent = _agent(tmp_path, registry, port, agents)
-    settings = dict(agent.settings)
-    for key in ("model", "source", "results"):
-        settings.pop(key)
-    synthetic = {"type": "synthetic", "width": 64, "height": 48, "fps": 20}
-    every = {"publish": "every", "min_score": 0.0, "top_k": 1}
-    settings["pipelines"] = [
-        {"name": "door", "model": {"name": MODEL}, "source": synthetic, "results": every},
-        {"name": "yard", "model": {"name": "boxes"}, "source": synthetic, "results": every},
-    ]
-    agent.config_path.write_text(yaml.safe_dump(settings))
+    agent = two_pipelines(_agent(tmp_path, registry, port, agents), "boxes")
     agent.start()
 
     def frames(pipeline: str, model: str) -> float:

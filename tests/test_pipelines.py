@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from agent import contract
 from agent.commands import CommandError
@@ -32,6 +31,7 @@ from agent.units import compose_state
 from tests.agentproc import MODEL, AgentProcess, Tap, publish_models, wait_alive
 from tests.broker import Collector, Mosquitto, subscriber
 from tests.conftest import Models
+from tests.pipecfg import two_pipelines, write_pipelines
 
 DEV = "dev-p"
 OTHER = "boxes"
@@ -291,23 +291,9 @@ def _two_pipelines(tmp_path: Path, broker: Mosquitto, registry: Path) -> AgentPr
             "mqtt": {"url": broker.url, "reconnect_max_s": 1, "keepalive_s": 5},
         },
     )
-    settings = dict(agent.settings)
-    for key in ("model", "source", "results"):
-        settings.pop(key)
-    synthetic = {"type": "synthetic", "width": 64, "height": 48, "fps": 20}
-    every = {"publish": "every", "min_score": 0.0, "top_k": 1}
-    settings["pipelines"] = [
-        {"name": "door", "model": {"name": MODEL}, "source": synthetic, "results": every},
-        {
-            "name": "yard",
-            "model": {"name": OTHER},
-            "source": synthetic,
-            "results": every,
-            "cascade": {"model": {"name": CASCADE}, "max_crops": 2, "top_k": 1},
-        },
-    ]
-    agent.config_path.write_text(yaml.safe_dump(settings))
-    return agent
+    return two_pipelines(
+        agent, OTHER, cascade={"model": {"name": CASCADE}, "max_crops": 2, "top_k": 1}
+    )
 
 
 def _events(tap: Tap, name: str) -> list[dict[str, Any]]:
@@ -655,14 +641,11 @@ def test_a_device_moving_to_pipelines_keeps_its_model_in_the_store_root(
     store = agent.root / "store"
     wait_alive(lambda: "update to v1 succeeded" in agent.log(), 60, "colours v1", agent)
     assert agent.terminate() == 0
-    settings = dict(agent.settings)
-    for key in ("model", "source", "results"):
-        settings.pop(key)
-    settings["pipelines"] = [  # the model the root holds is now the second pipeline's
+    write_pipelines(  # the model the root holds is now the second pipeline's
+        agent,
         {"name": "yard", "model": {"name": OTHER}, "source": {"type": "synthetic"}},
         {"name": "door", "model": {"name": MODEL}, "source": {"type": "synthetic"}},
-    ]
-    agent.config_path.write_text(yaml.safe_dump(settings))
+    )
     tap = Tap("127.0.0.1", broker.port, [f"edge/{DEV}/#"])
     try:
         agent.start()

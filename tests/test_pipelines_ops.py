@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from agent.fleet.publish import publish
@@ -23,6 +22,7 @@ from agent.store import POINTER, Store
 from tests.agentproc import MODEL, AgentProcess, Tap, publish_models, wait_alive
 from tests.broker import Mosquitto
 from tests.conftest import Models
+from tests.pipecfg import two_pipelines
 
 DEV = "dev-ops"
 OTHER = "boxes"
@@ -51,17 +51,7 @@ def _agent(
             **extra,
         },
     )
-    settings = dict(agent.settings)
-    for key in ("model", "source", "results"):
-        settings.pop(key)
-    synthetic = {"type": "synthetic", "width": 64, "height": 48, "fps": 20}
-    every = {"publish": "every", "min_score": 0.0, "top_k": 1}
-    settings["pipelines"] = [
-        {"name": "door", "model": {"name": MODEL}, "source": synthetic, "results": every},
-        {"name": "yard", "model": {"name": OTHER}, "source": synthetic, "results": every},
-    ]
-    agent.config_path.write_text(yaml.safe_dump(settings))
-    return agent
+    return two_pipelines(agent, OTHER)
 
 
 def _status_text(agent: AgentProcess, *args: str) -> str:
@@ -115,6 +105,21 @@ def test_a_damaged_store_of_the_second_model_is_reported_with_its_model(
         }
         assert [p["active"]["version"] for p in status["models"].values()] == [1, 1]
         assert [p["stored_versions"] for p in status["models"].values()] == [[1], [1]]
+
+        # the root's pointer damaged: the other model's store is listed as ever, the
+        # damaged one named in one line (the agent takes the root as the first model's)
+        kept = (root / POINTER).read_bytes()
+        (root / POINTER).write_bytes(b'{"schema": 1, "mo')
+        status = _status(agent)
+        assert "damaged pointer" in status["store_error"]
+        assert "damaged pointer" in status["models"][MODEL]["error"]
+        assert status["models"][OTHER]["active"]["version"] == 1
+        assert status["models"][OTHER]["store"] == str(boxes)
+        text = _status_text(agent).splitlines()
+        (damaged,) = [line for line in text if line.startswith(f"  {MODEL}:")]
+        assert damaged.startswith(f"  {MODEL}: {root}: cannot read: ") and "damaged" in damaged
+        assert any(line.startswith(f"  {OTHER}: v1 (since ") for line in text), text
+        (root / POINTER).write_bytes(kept)
 
         # the second model's pointer damaged: status says so for that model alone
         (boxes / POINTER).write_bytes(b'{"schema": 1, "model": "bo')

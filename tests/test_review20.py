@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
 from agent import contract
 from agent.config import RuntimeConfig, parse_config
@@ -35,6 +34,7 @@ from tests.conftest import (
     Models,
     serving_v1_with_v2_published,
 )
+from tests.pipecfg import write_cascade
 from tests.registry_server import RegistryServer
 from tests.test_pipelines import CASCADE, DEV, OTHER, _registry
 
@@ -287,12 +287,7 @@ def test_the_top_level_cascade_reports_its_figures_in_telemetry(
                 "mqtt": {"url": broker.url, "reconnect_max_s": 1, "keepalive_s": 5},
             },
         )
-        settings = dict(agent.settings)
-        settings["model"] = {"name": OTHER}
-        settings["source"] = {"type": "synthetic", "width": 64, "height": 48, "fps": 20}
-        settings["results"] = {"publish": "every", "min_score": 0.0, "top_k": 1}
-        settings["cascade"] = {"model": {"name": CASCADE}, "max_crops": 2}
-        agent.config_path.write_text(yaml.safe_dump(settings))
+        write_cascade(agent, OTHER, {"model": {"name": CASCADE}, "max_crops": 2})
         agents.append(agent)
         agent.start()
 

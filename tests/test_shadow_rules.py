@@ -200,6 +200,42 @@ def test_output_stats_ignores_a_damaged_file(tmp_path: Path) -> None:
     assert OutputStats("m", tmp_path).doc() is None
 
 
+def _figures(**fields: Any) -> dict[str, Any]:
+    return {"version": 1, "frames": 3, "scores": [0] * 9 + [3], "classes": {"a": 3}, **fields}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"frames": -1},
+        {"frames": True},
+        {"scores": [0] * 9 + [True]},
+        {"scores": [0] * 9 + [-3]},
+        {"classes": {"a": -3}},
+        {"classes": {"a": False}},
+        {"classes": {"a": 2.5}},
+    ],
+)
+def test_output_stats_refuse_negative_and_bool_counts_and_start_afresh(
+    tmp_path: Path, damage: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A count read back that is negative or a bool is a damaged file: both versions'
+    figures are dropped with one warning line, and counting starts afresh."""
+    path = tmp_path / "outputs.json"
+    path.write_text(json.dumps({"current": _figures(version=2), "previous": _figures(**damage)}))
+    with caplog.at_level("WARNING", logger="agent.shadow.outputs"):
+        stats = OutputStats("m", tmp_path)
+    assert stats.doc() is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "start afresh" in lines[0] and str(path) in lines[0], lines
+    stats.observe(*_result(3, cls("red")))
+    doc = stats.doc()
+    assert doc is not None and (doc["frames"], doc["previous"]) == (1, None)
+    path.write_text(json.dumps({"current": _figures(), "previous": None}))
+    good = OutputStats("m", tmp_path).doc()  # the same file undamaged is read back
+    assert good is not None and good["frames"] == 3 and good["classes"] == {"a": 3}
+
+
 # -- the instruction ---------------------------------------------------------------------
 
 

@@ -46,6 +46,48 @@ STAGE_TRIES = 3  # a transient failure to stage the candidate is tried again, th
 STAGE_RETRY_S = 5.0
 
 
+class Reader:
+    """One model's shadow topics (the device's and its groups') and how a message on one
+    is read: the key ring (loaded once, by the owner), the clock rule. The controller
+    below and the service's refusal for a cascade model share it."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        prefix: str,
+        device: str,
+        groups: list[str],
+        key: KeyRing | None = None,
+        max_skew_s: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.topics = {
+            shadow_topic(prefix, f"device:{device}", model): "device",
+            **{shadow_topic(prefix, f"group:{g}", model): f"group:{g}" for g in groups},
+        }
+        self._key, self._max_skew_s, self._clock = key, max_skew_s, clock
+
+    def read(self, message: Incoming) -> tuple[str, ShadowInstruction | None] | None:
+        """``(source, instruction)`` of a message on one of :attr:`topics` (instruction
+        None: cleared); None for another topic. Raises ValueError naming the field."""
+        source = self.topics.get(message.topic)
+        if source is None:
+            return None
+        instruction = parse_shadow(
+            message.payload,
+            source,
+            self.device,
+            model=self.model,
+            key=self._key,
+            now=self._clock(),
+            max_skew_s=self._max_skew_s,
+        )
+        return source, instruction
+
+
 class Shadows:
     """The shadow run of ``model`` on this device (at most one at a time)."""
 
@@ -68,13 +110,18 @@ class Shadows:
     ) -> None:
         self.model = model
         self.device = device
-        self.topics = {
-            shadow_topic(prefix, f"device:{device}", model): "device",
-            **{shadow_topic(prefix, f"group:{g}", model): f"group:{g}" for g in groups},
-        }
+        self.reader = Reader(
+            model,
+            prefix=prefix,
+            device=device,
+            groups=groups,
+            key=key,
+            max_skew_s=max_skew_s,
+            clock=clock,
+        )
+        self.topics = self.reader.topics
         self._stage, self._load, self._attach = stage, load, attach
         self._promote, self._event, self._changed = promote, event, changed
-        self._key, self._max_skew_s, self._clock = key, max_skew_s, clock
         self._cond = threading.Condition()
         self._by_source: dict[str, ShadowInstruction] = {}
         self._wanted: ShadowInstruction | None = None  # what the fleet asks for now
@@ -94,23 +141,15 @@ class Shadows:
     def on_message(self, message: Incoming) -> None:
         """A retained message on one of :attr:`topics` (paho's thread): parsed here,
         acted on by the controller's thread; a refused one changes nothing."""
-        source = self.topics.get(message.topic)
-        if source is None:
-            return
         try:
-            instruction = parse_shadow(
-                message.payload,
-                source,
-                self.device,
-                model=self.model,
-                key=self._key,
-                now=self._clock(),
-                max_skew_s=self._max_skew_s,
-            )
+            read = self.reader.read(message)
         except ValueError as exc:
             log.error("%s: ignored: %s", message.topic, exc)
             self._event("desired_invalid", {"topic": message.topic, "error": str(exc)})
             return
+        if read is None:
+            return
+        source, instruction = read
         with self._cond:
             if instruction is None:
                 self._by_source.pop(source, None)

@@ -1,7 +1,8 @@
 """Output statistics per model version: the top score's histogram and the class mix.
 
 ``OutputStats`` is a pipeline observer (agent/frames.py): it counts every published
-result of one model, per version since that version became active, and keeps the
+result of one model (a cascade model's: every crop it answered, each as a frame, fed
+by agent/cascade.py), per version since that version became active, and keeps the
 figures of the version served before the last swap (``previous``) in memory and in
 ``outputs.json`` in the model's store, so a restart keeps the comparison the fleet
 reads as drift (``edge-fleet status --model M``).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +61,11 @@ def bin_of(score: float) -> int:
     if score != score:  # NaN
         return 0
     return min(max(int(score * BINS), 0), BINS - 1)
+
+
+def is_count(value: Any) -> bool:
+    """A count read back from ``outputs.json``: a whole number >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def label_cost(label: str) -> int:
@@ -114,7 +121,8 @@ class VersionStats:
 
     @classmethod
     def from_doc(cls, doc: Any) -> VersionStats | None:
-        """A version's figures from ``outputs.json``; None when the shape is wrong."""
+        """A version's figures from ``outputs.json``; None when the shape is wrong (a
+        count that is negative, a bool or not a whole number too)."""
         if not isinstance(doc, dict):
             return None
         version: Any = doc.get("version")
@@ -123,12 +131,12 @@ class VersionStats:
         classes: Any = doc.get("classes")
         ok = (
             (version is None or (isinstance(version, int) and not isinstance(version, bool)))
-            and isinstance(frames, int)
+            and is_count(frames)
             and isinstance(scores, list)
             and len(scores) == BINS
-            and all(isinstance(n, int) and n >= 0 for n in scores)
+            and all(is_count(n) for n in scores)
             and isinstance(classes, dict)
-            and all(isinstance(k, str) and isinstance(n, int) for k, n in classes.items())
+            and all(isinstance(k, str) and is_count(n) for k, n in classes.items())
         )
         if not ok:
             return None
@@ -157,9 +165,16 @@ class OutputStats:
         except (OSError, ValueError) as exc:  # DocumentError is a ValueError
             log.warning("%s: not read (%s); output statistics start afresh", self.path, exc)
             return
-        if isinstance(doc, dict):
-            self._current = VersionStats.from_doc(doc.get("current"))
-            self._previous = VersionStats.from_doc(doc.get("previous"))
+        current, previous = doc.get("current"), doc.get("previous")
+        self._current = VersionStats.from_doc(current)
+        self._previous = VersionStats.from_doc(previous)
+        if (current is not None and self._current is None) or (
+            previous is not None and self._previous is None
+        ):  # one damaged part: neither is trusted
+            self._current = self._previous = None
+            log.warning(
+                "%s: damaged (a version's figures); output statistics start afresh", self.path
+            )
 
     def save(self) -> None:
         """Write ``outputs.json`` (atomically); a failure is logged, never raised."""
@@ -177,16 +192,23 @@ class OutputStats:
             log.warning("%s: not written: %s", self.path, exc)
 
     def observe(self, item: Item, result: Result) -> None:
+        """A published result of the pipeline's own model: one frame."""
+        self.add(result.model, result.version, (result.output,))
+
+    def add(self, model: str, version: int | None, outputs: Iterable[Output]) -> None:
+        """Count ``outputs`` of ``model`` v``version``, each one as a frame (a cascade
+        model's: each crop it answered, agent/cascade.py's ``set_outputs``)."""
         swapped = False
         with self._lock:
-            self.model = result.model
+            self.model = model
             current = self._current
-            if current is None or current.version != result.version:
+            if current is None or current.version != version:
                 if current is not None and current.frames > 0:
                     self._previous = current
                     swapped = True
-                self._current = current = VersionStats(result.version)
-            current.add(result.output)
+                self._current = current = VersionStats(version)
+            for output in outputs:
+                current.add(output)
         if swapped:
             self.save()
 
