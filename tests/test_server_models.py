@@ -22,7 +22,7 @@ from agent.server.db import alembic_config, open_database, parse_url
 from agent.server.metrics import MAX_RELEASES, read_figures, render
 from agent.server.schema import device_models, devices
 from agent.server.store import upsert_device
-from agent.server.web import overview
+from agent.server.web import overview, releases_page
 
 PROMTOOL = shutil.which("promtool")
 NOW = 1_700_000_000.0
@@ -89,6 +89,16 @@ def test_the_overview_and_the_known_models_count_every_model(engine: sa.Engine) 
     bars = {bar.label: bar.count for bar in figures.bars}
     assert bars == {"colours v3": 1, "faces v5": 1, "people v2": 1, "no model yet": 1}
     assert known == ["colours", "faces", "people"]
+
+
+def test_the_releases_page_lists_a_device_under_every_release_it_runs(engine: sa.Engine) -> None:
+    with engine.connect() as conn:
+        run = releases_page.running(conn)
+    assert {key: (r.count, r.devices) for key, r in run.items()} == {
+        ("colours", 3): (1, ["legacy"]),
+        ("faces", 5): (1, ["two"]),
+        ("people", 2): (1, ["two"]),
+    }
 
 
 def test_a_new_state_rewrites_the_devices_models(engine: sa.Engine) -> None:
