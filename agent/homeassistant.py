@@ -16,7 +16,11 @@ is published for them:
   pipeline's fps and p95 latency from telemetry's ``pipelines`` (``<pipeline>_fps``,
   ``<pipeline>_latency_p95``); the device's fps and latency stay the first pipeline's;
 - an ``update`` entity from ``…/state``: installed = the active version, latest = the
-  newest the agent was told of (its desired state's version, else its latest update's).
+  newest the agent was told of (its desired state's version, else its latest update's);
+- with several models served (``pipelines:``, or a cascade): the model version sensor
+  and the update entity once per model, from the state's ``models[<model>]`` (object
+  ids ``model_<model>_version`` and ``model_<model>``); the legacy shape keeps its
+  single ``model_version`` and ``model``.
 
 Every entity is available only while ``…/status`` says ``online``: the Last Will marks
 the whole device unavailable. :func:`stale_topics` says which configs published before
@@ -198,8 +202,7 @@ PIPELINE_SENSORS = (
 )
 
 # The update entity's state: JSON with the keys Home Assistant's MQTT update reads.
-UPDATE_TEMPLATE = (
-    "{% set s = value_json %}"
+UPDATE_BODY = (
     "{% set installed = s.version|string if s.version is not none else None %}"
     # a desired state that is not refused, else an update under way or done; a failed or
     # rolled-back one is not "an update available"
@@ -213,11 +216,42 @@ UPDATE_TEMPLATE = (
     " 'title': s.model, 'in_progress': s.phase in " + json.dumps(list(UPDATE_PHASES)) + "}"
     " | tojson }}"
 )
+UPDATE_TEMPLATE = "{% set s = value_json %}" + UPDATE_BODY
 
-MODEL_ATTRIBUTES_TEMPLATE = (
-    "{{ {'model': value_json.model, 'serving': value_json.serving,"
-    " 'backend': value_json.backend, 'previous': value_json.previous} | tojson }}"
+ATTRIBUTES_BODY = (
+    "{{ {'model': s.model, 'serving': s.serving,"
+    " 'backend': s.backend, 'previous': s.previous} | tojson }}"
 )
+MODEL_ATTRIBUTES_TEMPLATE = "{% set s = value_json %}" + ATTRIBUTES_BODY
+
+
+def _served(model: str, body: str, missing: str) -> str:
+    """``body`` (a template reading ``s``) with ``s`` = the state's ``models[<model>]``;
+    ``missing`` while the state has no such part (an older agent, or before the model
+    serves). Model names are ``[A-Za-z0-9][A-Za-z0-9._-]*``: their JSON form is a valid
+    Jinja literal."""
+    name, models = json.dumps(model), "value_json.models"
+    guard = f"{models} is defined and {models} is mapping and {name} in {models}"
+    return (
+        f"{{% if {guard} and {models}[{name}] is mapping %}}"
+        f"{{% set s = {models}[{name}] %}}{body}{{% else %}}{missing}{{% endif %}}"
+    )
+
+
+def model_update_template(model: str) -> str:
+    """The update entity of one served model (the state's ``models[<model>]``); ``{}``
+    while the state has no such part: Home Assistant ignores an empty JSON state."""
+    return _served(model, UPDATE_BODY, "{}")
+
+
+def model_version_template(model: str) -> str:
+    """The state's ``models[<model>].version``, or ``None`` (HA: unknown)."""
+    return _served(model, "{{ s.version if s.version is not none else None }}", "None")
+
+
+def model_attributes_template(model: str) -> str:
+    """The version sensor's attributes for one served model (``{}`` while absent)."""
+    return _served(model, ATTRIBUTES_BODY, "{}")
 
 
 def pipeline_number(pipeline: str, key: str) -> str:
@@ -260,12 +294,17 @@ def discovery_configs(
     telemetry_interval_s: float,
     results: ResultsConfig | None = None,
     pipelines: Sequence[tuple[str, ResultsConfig]] = (),
+    models: Sequence[str] = (),
 ) -> list[Discovery]:
     """The discovery messages ``config`` wants for ``device`` whose topics are under
     ``base`` (``<topic_prefix>/<device>``); none when discovery is off. The label
     sensors read ``<base>/results`` (with ``results``' publishing); with ``pipelines``
     (the ``pipelines:`` shape: each one's name and results), one set per pipeline
     reading ``<base>/results/<name>``, and each pipeline's fps and latency sensors.
+    With ``models`` (the names of the models served with ``pipelines:`` or a cascade),
+    a version sensor (``model_<model>_version``) and an update entity
+    (``model_<model>``) per model, reading the state's ``models[<model>]``, instead of
+    the single ``model_version`` and ``model`` (the legacy shape's, kept as they are).
 
     Guarantees: every ``unique_id`` is distinct and starts with ``edge_<device>_``; every
     topic a payload names is under ``base``; discovery topics are
@@ -313,6 +352,8 @@ def discovery_configs(
         out.append(Discovery(component, object_id, topic, entity))
 
     for sensor in SENSORS:
+        if models and sensor.object_id == "model_version":
+            continue  # one per model below
         entity = common("sensor", sensor.object_id, sensor.name)
         entity["state_topic"] = f"{base}/{sensor.stream}"
         entity["value_template"] = sensor.template
@@ -336,6 +377,18 @@ def discovery_configs(
             entity["json_attributes_topic"] = f"{base}/state"
             entity["json_attributes_template"] = MODEL_ATTRIBUTES_TEMPLATE
         add("sensor", sensor.object_id, entity)
+
+    for model in models:
+        object_id = _free_id(f"model_{ha_slug(model)}_version", out)
+        entity = common("sensor", object_id, f"Model version ({model})")
+        entity["default_entity_id"] = f"sensor.{slug}_{object_id}"
+        entity["state_topic"] = f"{base}/state"
+        entity["value_template"] = model_version_template(model)
+        entity["entity_category"] = "diagnostic"
+        entity["icon"] = "mdi:brain"
+        entity["json_attributes_topic"] = f"{base}/state"
+        entity["json_attributes_template"] = model_attributes_template(model)
+        add("sensor", object_id, entity)
 
     for pipeline, _ in pipelines:
         for key, suffix, name, unit in PIPELINE_SENSORS:
@@ -370,12 +423,22 @@ def discovery_configs(
             entity["device_class"] = "occupancy" if ha_slug(label) == "person" else "motion"
             add("binary_sensor", object_id, entity)
 
-    entity = common("update", "model", "Model")
-    entity["state_topic"] = f"{base}/state"
-    entity["value_template"] = UPDATE_TEMPLATE
-    entity["title"] = "Model"
-    entity["entity_category"] = "diagnostic"
-    add("update", "model", entity)
+    served: list[str | None] = [*models] or [None]  # None: the legacy single entity
+    for served_model in served:
+        object_id = (
+            "model" if served_model is None else _free_id(f"model_{ha_slug(served_model)}", out)
+        )
+        entity = common(
+            "update", object_id, "Model" if served_model is None else f"Model ({served_model})"
+        )
+        entity["default_entity_id"] = f"update.{slug}_{object_id}"
+        entity["state_topic"] = f"{base}/state"
+        entity["value_template"] = (
+            UPDATE_TEMPLATE if served_model is None else model_update_template(served_model)
+        )
+        entity["title"] = served_model or "Model"
+        entity["entity_category"] = "diagnostic"
+        add("update", object_id, entity)
     return out
 
 

@@ -63,8 +63,9 @@ class DiscoveryPublisher:
         self.stale: list[str] = []
         self._last = -BIRTH_MIN_S
         # a topic this device may have published: <prefix…>/<component>/<device>/<id>/config
+        # (object ids as HA's discovery reads them: pipeline names keep case and '-')
         self._ours = re.compile(
-            rf"^[A-Za-z0-9][A-Za-z0-9._/-]*/[a-z_]+/{re.escape(device)}/[a-z0-9_]+/config$"
+            rf"^[A-Za-z0-9][A-Za-z0-9._/-]*/[a-z_]+/{re.escape(device)}/[A-Za-z0-9_-]+/config$"
         )
 
     @property

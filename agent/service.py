@@ -139,6 +139,8 @@ class Service:
                 results=self.pipelines[0].results,
                 # with pipelines: each pipeline's label sensors, fps and latency
                 pipelines=[(p.name, p.results) for p in config.pipelines],
+                # several models: a version sensor and an update entity each
+                models=list(self.models) if self.multi else (),
             ),
             ha.prefix,
             config.store.dir,

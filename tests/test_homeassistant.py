@@ -74,6 +74,7 @@ def configs(
     device: str = "pi-door-01",
     results: ResultsConfig | None = None,
     pipelines: tuple[tuple[str, ResultsConfig], ...] = (),
+    models: tuple[str, ...] = (),
 ) -> list[Discovery]:
     return discovery_configs(
         device,
@@ -83,6 +84,7 @@ def configs(
         telemetry_interval_s=10,
         results=results,
         pipelines=pipelines,
+        models=models,
     )
 
 
@@ -91,6 +93,7 @@ PIPELINES = (
     ("door", ResultsConfig(publish="every")),
     ("Yard-2", ResultsConfig(publish="on_change")),
 )
+MODELS = ("people", "Faces.v2")  # served by them (a model name may hold '.' and capitals)
 
 
 def by_id(found: list[Discovery]) -> dict[str, Discovery]:
@@ -128,7 +131,7 @@ def test_one_device_with_the_sensors_a_binary_sensor_per_label_and_an_update_ent
 
 @pytest.mark.parametrize(
     "discovery",
-    configs() + configs(pipelines=PIPELINES),
+    configs() + configs(pipelines=PIPELINES, models=MODELS),
     ids=lambda d: f"{d.component}-{d.object_id}",
 )
 def test_payload_follows_home_assistants_documented_schema(discovery: Discovery) -> None:
@@ -206,7 +209,8 @@ def test_discovery_topics_match_home_assistants_pattern(device: str) -> None:
     pattern = re.compile(
         r"(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?(?P<object_id>[a-zA-Z0-9_-]+)/config"
     )
-    for discovery in configs(device=device) + configs(device=device, pipelines=PIPELINES):
+    several = configs(device=device, pipelines=PIPELINES, models=MODELS)
+    for discovery in configs(device=device) + several:
         rest = discovery.topic.removeprefix("homeassistant/")
         assert pattern.fullmatch(rest), discovery.topic
 
@@ -398,6 +402,137 @@ def test_update_entity_reads_installed_and_latest_from_the_state(
         render(by_id(configs())["model"].config["value_template"], _with(STATE, **changes))
     )
     assert {k: rendered[k] for k in expected} == expected
+
+
+# -- several models: a version sensor and an update entity each ---------------------------------
+
+
+def test_several_models_get_a_version_sensor_and_an_update_entity_each() -> None:
+    found = configs(pipelines=PIPELINES, models=MODELS)
+    ids = [(d.component, d.object_id) for d in found]
+    assert ("sensor", "model_version") not in ids and ("update", "model") not in ids
+    assert [i for i in ids if i[1].startswith("model_")] == [
+        ("sensor", "model_people_version"),
+        ("sensor", "model_faces_v2_version"),
+        ("update", "model_people"),
+        ("update", "model_faces_v2"),
+    ]
+    got = by_id(found)
+    faces = got["model_faces_v2"]
+    assert faces.topic == "homeassistant/update/pi-door-01/model_faces_v2/config"
+    assert faces.config["unique_id"] == "edge_pi-door-01_model_faces_v2"
+    assert faces.config["default_entity_id"] == "update.pi_door_01_model_faces_v2"
+    assert faces.config["title"] == "Faces.v2" and faces.config["state_topic"] == f"{BASE}/state"
+    version = got["model_people_version"].config
+    assert version["unique_id"] == "edge_pi-door-01_model_people_version"
+    assert version["default_entity_id"] == "sensor.pi_door_01_model_people_version"
+    # the legacy shape keeps exactly its entities and topics
+    legacy = by_id(configs())
+    assert legacy["model"].topic == "homeassistant/update/pi-door-01/model/config"
+    assert legacy["model"].config["unique_id"] == "edge_pi-door-01_model"
+    assert legacy["model_version"].config["unique_id"] == "edge_pi-door-01_model_version"
+    assert configs() == configs(models=())
+
+
+def test_models_whose_names_slug_alike_keep_distinct_entities() -> None:
+    found = configs(models=("a.b", "a_b", "A-B"))
+    ids = [d.object_id for d in found if d.object_id.startswith("model_")]
+    assert ids == [
+        "model_a_b_version",
+        "model_a_b_version_2",
+        "model_a_b_version_3",
+        "model_a_b",
+        "model_a_b_2",
+        "model_a_b_3",
+    ]
+    unique = [d.config["unique_id"] for d in found]
+    assert len(unique) == len(set(unique))
+
+
+def _part(**changes: Any) -> dict[str, Any]:
+    fields = ("model", "version", "serving", "backend", "previous", "phase", "update", "desired")
+    return {**{k: STATE[k] for k in fields}, "bad": [], "last_error": None, **changes}
+
+
+TWO_MODELS = _with(
+    STATE,
+    models={
+        "people": _part(model="people", version=3),
+        "Faces.v2": _part(
+            model="Faces.v2",
+            version=5,
+            phase="downloading",
+            update={"version": 6, "phase": "downloading"},
+        ),
+    },
+)
+
+
+@pytest.mark.parametrize(
+    ("model", "payload", "expected"),
+    [
+        ("people", TWO_MODELS, {"installed_version": "3", "latest_version": "2"}),
+        (
+            "Faces.v2",
+            TWO_MODELS,
+            {"installed_version": "5", "latest_version": "6", "in_progress": True},
+        ),
+        ("people", _with(STATE), {}),  # an older agent's state: HA ignores "{}"
+        ("other", TWO_MODELS, {}),  # not (yet) in the state
+        ("people", _with(STATE, models=None), {}),
+    ],
+)
+def test_each_models_update_entity_reads_its_own_part_of_the_state(
+    model: str, payload: bytes, expected: dict[str, Any]
+) -> None:
+    found = by_id(configs(models=("people", "Faces.v2", "other")))
+    config = found[f"model_{ha_slug(model)}"].config
+    rendered = json.loads(render(config["value_template"], payload))
+    assert {k: rendered[k] for k in expected} == expected and bool(rendered) == bool(expected)
+
+
+@pytest.mark.parametrize(
+    ("model", "payload", "version", "attributes"),
+    [
+        ("people", TWO_MODELS, "3", {"model": "people", "serving": 2}),
+        ("Faces.v2", TWO_MODELS, "5", {"model": "Faces.v2", "serving": 2}),
+        ("Faces.v2", _with(STATE), "None", {}),
+        ("people", _with(STATE, models={"people": "junk"}), "None", {}),
+    ],
+)
+def test_each_models_version_sensor_reads_its_own_part_of_the_state(
+    model: str, payload: bytes, version: str, attributes: dict[str, Any]
+) -> None:
+    config = by_id(configs(models=MODELS))[f"model_{ha_slug(model)}_version"].config
+    assert render(config["value_template"], payload) == version
+    got = json.loads(render(config["json_attributes_template"], payload))
+    assert {k: got[k] for k in attributes} == attributes and bool(got) == bool(attributes)
+
+
+def test_a_model_no_longer_served_has_its_configs_cleared(tmp_path: Path) -> None:
+    two = configs(pipelines=PIPELINES, models=MODELS)
+    one = configs(pipelines=PIPELINES[:1], models=MODELS[:1])
+    assert stale_topics([d.topic for d in two], one) == [
+        "homeassistant/binary_sensor/pi-door-01/Yard-2_person_detected/config",
+        "homeassistant/binary_sensor/pi-door-01/Yard-2_traffic_light_detected/config",
+        "homeassistant/sensor/pi-door-01/Yard-2_fps/config",
+        "homeassistant/sensor/pi-door-01/Yard-2_latency_p95/config",
+        "homeassistant/sensor/pi-door-01/model_faces_v2_version/config",
+        "homeassistant/update/pi-door-01/model_faces_v2/config",
+    ]
+    # the publisher's state file carries them across a restart: the next start clears them
+    sent: list[tuple[str, bytes]] = []
+    first = DiscoveryPublisher("pi-door-01", two, "homeassistant", tmp_path, lambda *_: True)
+    first.start()
+    first.on_connect()
+    later = DiscoveryPublisher(
+        "pi-door-01", one, "homeassistant", tmp_path, lambda t, p: sent.append((t, p)) is None
+    )
+    later.start()
+    later.on_connect()
+    cleared = sorted(t for t, p in sent if p == b"")
+    assert cleared == stale_topics([d.topic for d in two], one)
+    assert json.loads((tmp_path / STATE_FILE).read_text())["topics"] == sorted(d.topic for d in one)
 
 
 @pytest.mark.parametrize(

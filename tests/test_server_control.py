@@ -27,7 +27,7 @@ from agent.server.driver import RolloutDriver
 from agent.server.ingest import IngestOptions
 from agent.server.metrics import MAX_RELEASES, fold_releases, read_figures, render
 from agent.server.rollouts import DEFAULT_MAX_DEVICE_S, Member, Observed, Step, advance, due
-from agent.server.schema import audit, devices, leases
+from agent.server.schema import audit, device_models, devices, leases
 from tests.broker import Mosquitto, wait_until
 from tests.conftest import Fleet
 from tests.serverhttp import call, running
@@ -248,8 +248,10 @@ def test_metrics_series_stay_bounded_when_devices_invent_thousands_of_models(
              "first_seen": T0, "last_seen": T0, "online": True}
             for i in range(10)
         ]  # fmt: skip
+        served = [{"device": r["id"], "model": r["model"], "version": r["version"]} for r in rows]
         with engine.begin() as conn:
             conn.execute(devices.insert(), rows)
+            conn.execute(device_models.insert(), served)  # what ingesting their states writes
         with engine.connect() as conn:
             text = render(read_figures(conn), None, "srv-a").decode()
     finally:

@@ -10,9 +10,11 @@ out the families read from it; the ingester's still come.
 
 The metrics (docs/server.md "Metrics"):
 
-- ``edge_fleet_devices{model,version,online}`` (gauge): devices known, by the model and
-  version of their state document ("" when not reported yet) and whether their status
-  says online; the :data:`MAX_RELEASES` pairs with the most devices, the rest summed
+- ``edge_fleet_devices{model,version,online}`` (gauge): devices known, by each model
+  their state document says they serve (``models`` with several pipelines or a
+  cascade, else the top-level model: a device serving two models counts under each;
+  "" when not reported yet) and its version, and whether their status says online;
+  the :data:`MAX_RELEASES` pairs with the most devices, the rest summed
   under ``model="_other", version="_other"`` (:func:`fold_releases`);
 - ``edge_fleet_update_outcomes_total{outcome}`` (counter): terminal update events
   stored, fleet-wide, since the database was created: ``succeeded``
@@ -44,9 +46,10 @@ from prometheus_client.registry import Collector
 
 from agent import __version__
 from agent.contract import UPDATE_OUTCOMES, EventName, UpdateOutcome
+from agent.server import queries
 from agent.server.inbound import REASONS
 from agent.server.ingest import IngestStats
-from agent.server.schema import devices, events
+from agent.server.schema import device_models, events
 
 OUTCOME_EVENTS: Final[dict[EventName, UpdateOutcome]] = {
     "update_succeeded": "succeeded",
@@ -89,12 +92,9 @@ def fold_releases(
 
 
 def read_figures(conn: sa.Connection) -> FleetFigures:
-    """Count devices by model, version and online, and update outcomes by outcome."""
-    rows = conn.execute(
-        sa.select(devices.c.model, devices.c.version, devices.c.online, sa.func.count())
-        .group_by(devices.c.model, devices.c.version, devices.c.online)
-        .order_by(devices.c.model, devices.c.version, devices.c.online)
-    )
+    """Count devices by each model they serve, its version and online, and update
+    outcomes by outcome."""
+    rows = conn.execute(queries.models_by_online(device_models.c.version))
     by_device = [
         (model or "", "" if version is None else str(version), bool(online), int(count))
         for model, version, online, count in rows
@@ -125,7 +125,8 @@ class FleetCollector(Collector):
         if figures is not None:
             gauge = GaugeMetricFamily(
                 "edge_fleet_devices",
-                "Devices known, by active model, version and online.",
+                "Devices known, by each model they serve (a device serving two counts under each),"
+                " its version and online.",
                 labels=["model", "version", "online"],
             )
             for model, version, online, count in figures.devices:

@@ -21,7 +21,14 @@ import sqlalchemy as sa
 from agent.config import MODEL_NAME_PATTERN
 from agent.fleet.view import DeviceView
 from agent.server.retention import BUCKET_S, DAY_S
-from agent.server.schema import device_groups, devices, events, telemetry_agg, telemetry_raw
+from agent.server.schema import (
+    device_groups,
+    device_models,
+    devices,
+    events,
+    telemetry_agg,
+    telemetry_raw,
+)
 
 Source = Literal["raw", "agg"]
 MAX_POINTS = 10_000  # in one telemetry answer
@@ -319,12 +326,21 @@ def event_rows(conn: sa.Connection, where: EventFilter, limit: int) -> list[sa.R
 
 
 def known_models(conn: sa.Connection, limit: int) -> list[str]:
-    """Model names the server knows from devices' state documents, sorted."""
-    rows = conn.execute(
-        sa.select(devices.c.model)
-        .where(devices.c.model.is_not(None))
-        .distinct()
-        .order_by(devices.c.model)
-        .limit(limit)
-    )
+    """Model names the server knows from devices' state documents (every model a
+    device serves: ``device_models``), sorted."""
+    m = device_models.c
+    rows = conn.execute(sa.select(m.model).distinct().order_by(m.model).limit(limit))
     return [r[0] for r in rows]
+
+
+def models_by_online(*by: sa.ColumnElement[Any]) -> sa.Select[Any]:
+    """(model, *by, online, devices): every device once per model it serves
+    (``device_models``; a device serving two counts under each), a device serving
+    none under model NULL (an outer join)."""
+    m, d = device_models.c, devices.c
+    return (
+        sa.select(m.model, *by, d.online, sa.func.count())
+        .select_from(devices.outerjoin(device_models, m.device == d.id))
+        .group_by(m.model, *by, d.online)
+        .order_by(m.model, *by, d.online)
+    )

@@ -17,6 +17,7 @@ BUCKET_S = 60.0
 MAX_SAMPLES = 200  # numeric fields kept from one telemetry document
 MAX_METRIC = 128  # characters of a metric name (telemetry_raw.metric)
 MAX_GROUPS = 64  # groups kept from one status document
+MAX_MODELS = 32  # models kept from one state document (device_models rows)
 MAX_NAME = 128  # characters of a group name (device_groups.group_name)
 MAX_AGENT_VERSION = 64  # characters (devices.agent_version)
 MAX_UPDATE_ID = 64  # characters (events.update_id)
@@ -137,6 +138,32 @@ def state_fields(doc: Mapping[str, Any]) -> DeviceFields:
         model=model_name(doc.get("model")),
         version=version if isinstance(version, int) and not isinstance(version, bool) else None,
     )
+
+
+def served_models(doc: Mapping[str, Any]) -> dict[str, int | None]:
+    """Every model a state document says the device serves, with its version: the
+    top-level model (an agent with one model; the first pipeline's otherwise) and each
+    of ``models`` (several pipelines or a cascade), at most :data:`MAX_MODELS`; names
+    that are not model names and versions that are not integers are left out. A row of
+    ``device_models`` each."""
+    out: dict[str, int | None] = {}
+    top = model_name(doc.get("model"))
+    if top is not None:
+        out[top] = _version(doc.get("version"))
+    models = doc.get("models")
+    if isinstance(models, Mapping):
+        for name, part in models.items():
+            if len(out) >= MAX_MODELS:
+                break
+            if model_name(name) is not None and isinstance(part, Mapping):
+                out[name] = _version(part.get("version"))
+    return out
+
+
+def _version(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+        return value
+    return None
 
 
 def _str(value: object, limit: int) -> str | None:

@@ -64,6 +64,24 @@ device_groups = sa.Table(
     sa.Index(None, "group_name"),
 )
 
+# Every model a device serves, with its version, as rows (migration 0006): the state's
+# ``models`` (several pipelines or a cascade), else its top-level model. Rewritten from
+# each state document; what the fleet's counts by model (overview, /metrics, the known
+# models) group on, so a device serving two models counts under each.
+device_models = sa.Table(
+    "device_models",
+    metadata,
+    sa.Column(
+        "device",
+        sa.String(DEVICE),
+        sa.ForeignKey("devices.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("model", sa.String(NAME), primary_key=True),
+    sa.Column("version", sa.Integer),
+    sa.Index(None, "model", "version"),
+)
+
 # One row per (device, time, metric): a narrow table serves any metric a new agent adds
 # without a migration, and "one metric of one device over time" is one index range.
 telemetry_raw = sa.Table(

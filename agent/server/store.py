@@ -22,12 +22,14 @@ from agent.server.retention import (
     cutoffs,
     model_name,
     numeric_samples,
+    served_models,
     state_fields,
     status_fields,
     stored_time,
 )
 from agent.server.schema import (
     device_groups,
+    device_models,
     devices,
     events,
     messages,
@@ -57,7 +59,8 @@ def upsert_device(
 
     ``first_seen`` is set once; ``last_seen`` moves to ``now`` and never back. Columns
     the documents do not give (or give with a wrong type) keep their stored value; a
-    status document with ``groups`` rewrites the device's group rows.
+    status document with ``groups`` rewrites the device's group rows, a state document
+    its model rows (``device_models``: every model it serves).
     """
     fields = _merge(
         status_fields(status) if status is not None else DeviceFields(),
@@ -96,6 +99,14 @@ def upsert_device(
             conn.execute(
                 sa.insert(device_groups),
                 [{"device": device, "group_name": g} for g in fields.groups],
+            )
+    if state is not None:
+        conn.execute(sa.delete(device_models).where(device_models.c.device == device))
+        served = served_models(state)
+        if served:
+            conn.execute(
+                sa.insert(device_models),
+                [{"device": device, "model": m, "version": v} for m, v in served.items()],
             )
 
 

@@ -35,8 +35,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from agent.fleet.acl import check_device_id
+from agent.server import queries
 from agent.server.context import Server
-from agent.server.schema import device_groups, devices, events, rollout_devices, rollout_steps
+from agent.server.schema import (
+    device_groups,
+    device_models,
+    devices,
+    events,
+    rollout_devices,
+    rollout_steps,
+)
 from agent.server.schema import rollouts as rollouts_table
 from agent.server.web import sessions
 from agent.server.web.sessions import COOKIE
@@ -226,11 +234,8 @@ def fingerprint(conn: sa.Connection, view: View) -> str:
         r = rollouts_table.c
         row = conn.execute(sa.select(sa.func.count(), sa.func.max(r.updated))).one()
         return digest([tuple(row)])
-    versions = conn.execute(
-        sa.select(d.model, d.version, d.online, sa.func.count())
-        .group_by(d.model, d.version, d.online)
-        .order_by(d.model, d.version, d.online)
-        .limit(MAX_ROWS)
+    versions = conn.execute(  # every model each device serves (device_models)
+        queries.models_by_online(device_models.c.version).limit(MAX_ROWS)
     ).all()
     if view.kind == "releases":
         return digest([_rows(versions)])

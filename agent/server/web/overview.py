@@ -1,11 +1,13 @@
 """What the dashboard's fleet overview shows, and the rules behind it.
 
 Counts come from the database grouped (one query each: online/offline, by group, by
-model, by version), so the overview costs the same few queries for 10 or 10,000
-devices; the device table is one page of :data:`PER_PAGE` rows. Updates in progress are
-the devices whose state document names a phase of an update under way (``downloading``
-to ``probation``; not ``idle`` nor an outcome such as ``succeeded``) (read from the
-``state`` column, at most :data:`MAX_SCAN` rows) and the unfinished rollouts.
+model, by version; by model and version count each model a device serves, from
+``device_models``: a device serving two counts under each), so the overview costs the
+same few queries for 10 or 10,000 devices; the device table is one page of
+:data:`PER_PAGE` rows. Updates in progress are the devices whose state document names a
+phase of an update under way (``downloading`` to ``probation``; not ``idle`` nor an
+outcome such as ``succeeded``) (read from the ``state`` column, at most :data:`MAX_SCAN`
+rows) and the unfinished rollouts.
 
 The pure parts (pagination, the bars per version, which phase is an update under way)
 are tested by tables.
@@ -23,7 +25,7 @@ import sqlalchemy as sa
 from agent.contract import UPDATE_PHASES
 from agent.server import queries, served
 from agent.server.rollouts import ACTIVE
-from agent.server.schema import device_groups, devices, rollouts
+from agent.server.schema import device_groups, device_models, devices, rollouts
 from agent.server.web import alerts
 
 PER_PAGE = 50
@@ -154,14 +156,13 @@ def overview(conn: sa.Connection) -> Overview:
         .order_by(g.group_name)
         .limit(2 * MAX_GROUPS)
     ).all()
-    models = conn.execute(
-        sa.select(d.model, d.online, sa.func.count())
-        .group_by(d.model, d.online)
-        .order_by(d.model)
-        .limit(2 * MAX_GROUPS)
-    ).all()
+    # every model a device serves: a device serving two counts under each
+    models = conn.execute(queries.models_by_online().limit(2 * MAX_GROUPS)).all()
+    m = device_models.c
     versions = conn.execute(
-        sa.select(d.model, d.version, sa.func.count()).group_by(d.model, d.version)
+        sa.select(m.model, m.version, sa.func.count())
+        .select_from(devices.outerjoin(device_models, m.device == d.id))
+        .group_by(m.model, m.version)
     ).all()
     under_way: list[Updating] = []
     count = 0

@@ -1,7 +1,8 @@
 """The releases page, ``GET /ui/releases`` (issue 17): the registry's models and
 versions as ``GET /api/v1/releases`` reads them (the same :class:`ReleaseCache`), each
 version with its task, files and sizes, signers, self-test and budget, and the devices
-that run it (from the ``devices`` table: a count and the first few ids).
+that run it (every model a device serves, ``device_models``: a count and the first few
+ids).
 
 Without ``--registry``, or with a registry that cannot be read, the page says why
 (503) and still lists the versions the devices run.
@@ -17,12 +18,12 @@ from fastapi import APIRouter, Request, Response
 from agent.server import queries
 from agent.server.api.read import release_cache
 from agent.server.releases import RegistryUnavailable, Releases
-from agent.server.schema import devices
+from agent.server.schema import device_models
 from agent.server.web import pages
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 SHOWN_DEVICES = 10  # device ids listed per version (the count says how many in all)
-MAX_RUNNING = 2000  # (model, version) pairs read from the devices table
+MAX_RUNNING = 2000  # (model, version) pairs read from device_models
 
 
 @dataclass
@@ -37,29 +38,31 @@ Key = tuple[str, int]
 
 
 def running(conn: sa.Connection) -> dict[Key, Running]:
-    """Per (model, version) the devices running it: two grouped queries whatever the
-    fleet's size (a window function keeps the first :data:`SHOWN_DEVICES` ids)."""
-    d = devices.c
+    """Per (model, version) the devices running it (every model a device serves,
+    ``device_models``: a device serving two is listed under each): two grouped queries
+    whatever the fleet's size (a window function keeps the first :data:`SHOWN_DEVICES`
+    ids)."""
+    m = device_models.c
     out: dict[Key, Running] = {}
     counts = conn.execute(
-        sa.select(d.model, d.version, sa.func.count())
-        .where(d.model.is_not(None), d.version.is_not(None))
-        .group_by(d.model, d.version)
-        .order_by(d.model, d.version)
+        sa.select(m.model, m.version, sa.func.count())
+        .where(m.version.is_not(None))
+        .group_by(m.model, m.version)
+        .order_by(m.model, m.version)
         .limit(MAX_RUNNING)
     )
     for model, version, n in counts:
         out[(model, version)] = Running(int(n))
-    rank = sa.func.row_number().over(partition_by=(d.model, d.version), order_by=d.id).label("rank")
+    rank = sa.func.row_number().over(partition_by=(m.model, m.version), order_by=m.device)
     ranked = (
-        sa.select(d.model, d.version, d.id, rank)
-        .where(d.model.is_not(None), d.version.is_not(None))
+        sa.select(m.model, m.version, m.device, rank.label("rank"))
+        .where(m.version.is_not(None))
         .subquery()
     )
     first = conn.execute(
-        sa.select(ranked.c.model, ranked.c.version, ranked.c.id)
+        sa.select(ranked.c.model, ranked.c.version, ranked.c.device)
         .where(ranked.c.rank <= SHOWN_DEVICES)
-        .order_by(ranked.c.model, ranked.c.version, ranked.c.id)
+        .order_by(ranked.c.model, ranked.c.version, ranked.c.device)
     )
     for model, version, device in first:
         if (model, version) in out:
