@@ -7,12 +7,12 @@ Unknown keys are refused. Every error names the key path and where the value cam
 from (``config.yaml:12`` or the environment variable). Validation does no I/O;
 ``agent.preflight`` checks what a valid config refers to (files, folders, libraries).
 
-The sections are msgspec structs (:mod:`agent.config_sections`, the sources in
-:mod:`agent.config_sources`; all re-exported here): importing and validating them
-takes a few milliseconds and little memory on a small board. Values are first read by
-the key's type as the config was read before (:mod:`agent.config_values`: " 3\\n" and
-"yes" from the environment); every wrong key is reported, and of the rules between keys
-the first one broken; msgspec's errors are read by :mod:`agent.structs`.
+The sections are msgspec structs (:mod:`agent.config_sections`, :mod:`agent.config_links`,
+the sources in :mod:`agent.config_sources`; all re-exported here): importing and
+validating them takes a few milliseconds and little memory on a small board. Values are
+first read by the key's type as the config was read before (:mod:`agent.config_values`:
+" 3\\n" and "yes" from the environment); every wrong key is reported, and of the rules
+between keys the first one broken; msgspec's errors are read by :mod:`agent.structs`.
 
 This module holds the whole config (:class:`Config`) and puts it together section by
 section; reading the file, its YAML lines and the environment is
@@ -28,6 +28,18 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from agent.config_links import (
+    HA_LABEL_PATTERN,
+    SNAPSHOT_MAX_KB,
+    SUN_PATH_MAX,
+    ControlConfig,
+    HomeAssistantConfig,
+    MetricsConfig,
+    MqttConfig,
+    PrivacyConfig,
+    TelemetryConfig,
+    ha_slug,
+)
 from agent.config_load import (
     ENV_PREFIX,
     MAX_CONFIG_BYTES,
@@ -44,27 +56,17 @@ from agent.config_pipelines import (
     pipeline_list,
 )
 from agent.config_sections import (
-    HA_LABEL_PATTERN,
     MODEL_NAME_PATTERN,
-    SNAPSHOT_MAX_KB,
-    SUN_PATH_MAX,
-    ControlConfig,
     DeviceConfig,
     FilePath,
-    HomeAssistantConfig,
-    MetricsConfig,
     ModelConfig,
-    MqttConfig,
-    PrivacyConfig,
     RegistryConfig,
     ResultsConfig,
     RuntimeConfig,
     Section,
     StoreConfig,
-    TelemetryConfig,
     UpdateConfig,
     check_url,
-    ha_slug,
 )
 from agent.config_sources import (
     SOURCE_TYPES,
