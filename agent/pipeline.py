@@ -29,11 +29,13 @@ the GIL, a warm-up run takes the cores: each waits for a gap between frames), an
 the replaced model is closed by the thread that called ``swap``, not the inference
 thread.
 
-This module runs the threads and the inference loops; the parts each have a module:
-the capture loop (agent/pipeline_capture.py), the hand-over of models between frames
-(agent/pipeline_swap.py), the gaps given to loaders (agent/pipeline_gaps.py), the watch
-over a stalled accelerator call (agent/pipeline_watchdog.py), and the counters behind
-``stats`` (agent/pipeline_figures.py).
+This module runs the threads, the inference loop of one interpreter and the way of a
+result out; the parts each have a module: the capture loop (agent/pipeline_capture.py),
+the loop of several interpreters (agent/pipeline_pool.py), the hand-over of models
+between frames (agent/pipeline_swap.py), the gaps given to loaders
+(agent/pipeline_gaps.py), the watch over a stalled accelerator call
+(agent/pipeline_watchdog.py), and the counters behind ``stats``
+(agent/pipeline_figures.py).
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ from agent.frames import END, Item, Observer, Result, Slot, Stage, Stats, rate
 from agent.pipeline_capture import Capture, retry_delay
 from agent.pipeline_figures import Figures
 from agent.pipeline_gaps import Gaps
+from agent.pipeline_pool import PoolLoop
 from agent.pipeline_swap import Handover
 from agent.pipeline_watchdog import Watchdog
 from agent.sources.base import Source
-from agent.workers import PREPARE_ON_WORKER, Pool
+from agent.workers import PREPARE_ON_WORKER
 
 if TYPE_CHECKING:
     import numpy as np
@@ -99,7 +102,6 @@ class Pipeline:
         # Gaps between frames, for loaders (between_frames): the inference thread counts
         # the moments it goes idle, only while a loader waits for one.
         self._gaps = Gaps()
-        self._busy = False  # the inference thread has a frame in hand (or the pool has)
         self.on_result = on_result
         # After the model, on the inference thread: stages change the result before it is
         # handed on (a cascade), observers see it after (a shadow run). Replaced whole.
@@ -117,10 +119,6 @@ class Pipeline:
         self._abandoned: list[threading.Thread] = []  # stuck in a stalled inference
         self._watchdog = Watchdog(invoke_timeout_s)
         self._infer_thread: threading.Thread | None = None
-        self._pool: Pool | None = None  # with runtime.interpreters > 1: agent/workers.py
-        # A file played as fast as possible queues a next frame at each interpreter; a
-        # live source never does (it would serve an older frame, later).
-        self._depth = 1 if source.live else 2
         self._figures = Figures()
         self._capture = Capture(
             source,
@@ -132,6 +130,18 @@ class Pipeline:
             self._gaps,
             self._prepare,
             self._event,
+        )
+        self._pool = PoolLoop(
+            self._spawn,
+            self._stop,
+            self._finished,
+            self._slot,
+            self._models,
+            self._gaps,
+            self._figures,
+            source.live,
+            self._switch_if_pending,
+            self._emit,
         )
 
     # -- lifecycle ---------------------------------------------------------------
@@ -210,7 +220,7 @@ class Pipeline:
         """
         if not self._threads or self._finished.is_set() or self._stop.is_set():
             return False  # no stream to make room for
-        if self._gaps.slow_stream() and not self._busy and self._slot.empty():
+        if self._gaps.slow_stream() and not self._gaps.busy and self._slot.empty():
             return True  # frames far apart and none in hand: a step seldom meets one
         return self._gaps.wait(timeout, self._stop)
 
@@ -265,12 +275,12 @@ class Pipeline:
             if self._gaps.pacing:  # a loader waits for a gap between frames
                 self._gaps.going_idle(self._slot)
             if self._models.newest().workers > 1:
-                if self._pool_loop():
+                if self._pool.run():
                     return
                 continue
-            self._busy = False
+            self._gaps.busy = False
             item = self._slot.take(0.1)
-            self._busy = item is not None and item is not END
+            self._gaps.busy = item is not None and item is not END
             if item is None:  # no frame (a source reconnecting): a swap still happens
                 self._switch_if_pending()
                 continue
@@ -306,65 +316,6 @@ class Pipeline:
                 log.warning("frame %d: %s: %s", item.index, type(exc).__name__, exc)
                 continue
             self._emit(item, model, output, started, finished)
-
-    def _pool_loop(self) -> bool:
-        """Serve a model of several interpreters (CPU only: never watched) until the
-        stream ends (True), or a swap brings a model of one (False).
-
-        A swap to another model of several takes effect at the next frame handed out:
-        the frames in flight finish on the old one (each job names its model; results
-        still come out in frame order, so versions never go back), which is closed once
-        its last job is done. A swap to a model of one waits for the frames in flight.
-        """
-        if self._pool is None:
-            self._pool = Pool(self._spawn, self._stop, self._slot.wake)
-        pool = self._pool
-        try:
-            while not self._stop.is_set():
-                self._hand_out(pool)
-                self._models.retire_drained(pool.uses)
-                pending = self._models.pending
-                if pending is not None and pending.workers > 1:
-                    self._switch_if_pending(drain=True)
-                elif pending is not None or self._models.model.workers == 1:
-                    if not pool.idle:
-                        self._slot.until(pool.ready, 0.1)
-                        continue
-                    self._switch_if_pending()
-                    if self._models.model.workers == 1:
-                        return False
-                worker = pool.free(self._models.model.workers, self._depth)
-                if worker is None:
-                    self._slot.until(pool.ready, 0.1)
-                    continue
-                self._busy = not pool.idle
-                if self._gaps.pacing and pool.idle:  # a loader waits for a gap between frames
-                    self._gaps.going_idle(self._slot)
-                item = self._slot.take(0.1, pool.ready)
-                self._busy = not pool.idle or item is not None
-                if item is END:
-                    while not pool.idle and not self._stop.is_set():
-                        self._slot.until(pool.ready, 0.1)
-                        self._hand_out(pool)
-                        self._models.retire_drained(pool.uses)
-                    self._finished.set()
-                    return True
-                if item is not None:
-                    pool.submit(item, self._models.model, worker)
-            return True
-        finally:  # stopping: what still drains is closed by stop(), after the workers
-            self._models.retire_all_draining()
-
-    def _hand_out(self, pool: Pool) -> None:
-        for job in pool.take_done():  # in frame order
-            if job.output is None:
-                self._figures.infer_errors += 1  # a frame that does not fit: counted here, in order
-                if job.unfit:
-                    log.warning("frame %d does not fit the model: %s", job.item.index, job.error)
-                else:
-                    log.warning("frame %d: %s", job.item.index, job.error)
-            else:
-                self._emit(job.item, job.model, job.output, job.started, job.finished)
 
     def _begin(self, generation: int, model: LoadedModel) -> float:
         started = time.monotonic()

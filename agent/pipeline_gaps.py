@@ -17,13 +17,15 @@ SLOW_INTERVAL_S = 0.05  # frames further apart than this (under 20 fps): a slow 
 
 
 class Gaps:
-    """The moments the inference thread goes idle, and the recent frames' capture times."""
+    """The moments the inference thread goes idle, whether it has a frame in hand, and
+    the recent frames' capture times."""
 
     def __init__(self) -> None:
         self._idle = threading.Condition()
         self._serial = 0
         self._given = 0
         self.pacing = 0  # loaders waiting for a gap: read by the inference thread
+        self.busy = False  # the inference thread has a frame in hand (or the pool has)
         self._put_at: deque[float] = deque(maxlen=8)  # capture times of the last frames
 
     def put(self, mono: float) -> None:
