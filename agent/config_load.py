@@ -32,7 +32,7 @@ class Origin(NamedTuple):
     text: str
 
 
-def origins_from_yaml(
+def _origins_from_yaml(
     node: yaml.Node, file: str
 ) -> tuple[dict[tuple[str, ...], Origin], list[str]]:
     """Map every key path of a composed YAML document to its line; report duplicate keys."""
@@ -74,7 +74,7 @@ def _env_value(raw: str) -> Any:
     return raw
 
 
-def yaml_problem(exc: yaml.YAMLError | ValueError) -> str:
+def _yaml_problem(exc: yaml.YAMLError | ValueError) -> str:
     """One line for a YAML error: PyYAML's own text spans several lines (context, a
     caret); a ValueError comes from a value that parses but cannot be built (a
     5000-digit number, month 13)."""
@@ -105,7 +105,7 @@ def apply_env(
             target[key] = _env_value(raw)
         except (yaml.YAMLError, ValueError) as exc:
             raise ConfigError(
-                [f"{var}: {section}.{key}: not valid YAML: {yaml_problem(exc)}"]
+                [f"{var}: {section}.{key}: not valid YAML: {_yaml_problem(exc)}"]
             ) from exc
         origins[(section, key)] = Origin(var)
 
@@ -116,7 +116,7 @@ def read_yaml(text: str, file: str) -> tuple[Any, dict[tuple[str, ...], Origin]]
     try:  # the reader refuses control characters (NUL, ESC) already here
         loader = yaml.SafeLoader(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{file}: not valid YAML: {yaml_problem(exc)}"]) from exc
+        raise ConfigError([f"{file}: not valid YAML: {_yaml_problem(exc)}"]) from exc
     try:  # one parse: the node tree gives the lines, the same tree gives the values
         node = loader.get_single_node()
         data: Any = {} if node is None else loader.construct_document(node)
@@ -125,14 +125,14 @@ def read_yaml(text: str, file: str) -> tuple[Any, dict[tuple[str, ...], Origin]]
     except (yaml.YAMLError, ValueError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}" if mark is not None else file
-        raise ConfigError([f"{where}: not valid YAML: {yaml_problem(exc)}"]) from exc
+        raise ConfigError([f"{where}: not valid YAML: {_yaml_problem(exc)}"]) from exc
     finally:
         loader.dispose()
     origins: dict[tuple[str, ...], Origin] = {}
     if node is not None:
         if not isinstance(node, yaml.MappingNode):
             raise ConfigError([f"{file}:1: the configuration must be a mapping of sections"])
-        origins, problems = origins_from_yaml(node, file)
+        origins, problems = _origins_from_yaml(node, file)
         if problems:
             raise ConfigError(problems)
     return data, origins
@@ -146,7 +146,7 @@ def read_text(path: Path) -> str:
         # O_NONBLOCK: opening a FIFO would otherwise wait for a writer
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as file:
-            return read_regular(file, path).decode("utf-8")
+            return _read_regular(file, path).decode("utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(
             [
@@ -159,7 +159,7 @@ def read_text(path: Path) -> str:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
 
 
-def read_regular(file: BinaryIO, path: Path) -> bytes:
+def _read_regular(file: BinaryIO, path: Path) -> bytes:
     mode = os.fstat(file.fileno()).st_mode
     if stat.S_ISDIR(mode):
         raise ConfigError([f"{path}: is a folder; name the config file in it"])
