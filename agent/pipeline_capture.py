@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.backoff import backoff_delay
 from agent.frames import END, Item, Slot
@@ -24,6 +24,7 @@ from agent.sources.base import EndOfStream, Source, SourceError
 if TYPE_CHECKING:
     import numpy as np
 
+    from agent.contract import EventName
     from agent.pipeline_figures import Figures
     from agent.pipeline_gaps import Gaps
 
@@ -31,6 +32,12 @@ log = logging.getLogger("agent.pipeline")  # the pipeline's records, as before t
 
 READ_TIMEOUT_S = 0.25  # longest a source read blocks, so stop() is prompt
 RECONNECT_FIRST_S = 0.5  # first wait before reopening a source or reloading a model
+
+
+class EventSink(Protocol):
+    """Where the pipeline's events go (``Pipeline._event``)."""
+
+    def __call__(self, name: EventName, **detail: Any) -> None: ...
 
 
 def retry_delay(attempt: int, max_s: float) -> float:
@@ -51,7 +58,7 @@ class Capture:
         figures: Figures,
         gaps: Gaps,
         prepare: Callable[[np.ndarray], Item | None],
-        event: Callable[..., None],
+        event: EventSink,
     ) -> None:
         self.source = source
         self.fps = fps
@@ -61,7 +68,7 @@ class Capture:
         self.figures = figures
         self._gaps = gaps
         self._prepare_frame = prepare
-        self._event: Callable[..., None] = event
+        self._event = event
         self.connected = False
         self.last_frame: np.ndarray | None = None  # for a snapshot: a reference, no copy
 
