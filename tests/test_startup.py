@@ -379,7 +379,7 @@ def test_the_daemon_on_a_synthetic_stream_loads_only_what_it_uses(tmp_path: Path
 
 def test_the_light_parsers_repeat_the_owners_names() -> None:
     from agent import config, logs, manifest, oneshot
-    from agent.fleet import publish, view
+    from agent.fleet import registry_index, view
 
     assert cli_parser.DEFAULT_CONFIG_PATH == config.DEFAULT_CONFIG_PATH
     assert tuple(logs.LEVELS) == cli_parser.LOG_LEVELS
@@ -392,7 +392,7 @@ def test_the_light_parsers_repeat_the_owners_names() -> None:
     assert fleet_parser.TASKS == manifest.TASKS
     assert fleet_parser.DETECTION_FORMATS == manifest.DETECTION_FORMATS
     assert fleet_parser.FOLLOWED == view.FOLLOWED
-    assert fleet_parser.DEFAULT_INDEX_EXPIRY_DAYS == publish.DEFAULT_INDEX_EXPIRY_DAYS
+    assert fleet_parser.DEFAULT_INDEX_EXPIRY_DAYS == registry_index.DEFAULT_INDEX_EXPIRY_DAYS
 
 
 def test_what_a_command_writes_is_all_there_when_the_process_ends(tmp_path: Path) -> None:
