@@ -34,7 +34,8 @@ from agent.fleet.deploy import (
     serves,
     watch,
 )
-from agent.fleet.publish import index_info, publish, renew_index, signing_key_ids
+from agent.fleet.publish import publish
+from agent.fleet.registry_index import index_info, renew_index, signing_key_ids
 from agent.fleet.rollout import ShadowSteps, plan, rollout
 from agent.fleet.server_client import ServerClient
 from agent.fleet.server_client import follow as server_follow

@@ -18,7 +18,7 @@ from agent import __version__
 from agent.clihelp import command, exit_codes, tool
 from agent.server import cli_parser as server_cli
 
-DEFAULT_INDEX_EXPIRY_DAYS = 30.0  # agent.fleet.publish's
+DEFAULT_INDEX_EXPIRY_DAYS = 30.0  # agent.fleet.registry_index's
 TASKS = ("classification", "detection", "regression", "raw")  # agent.manifest's
 DETECTION_FORMATS = ("ssd", "yolov5", "yolov8")  # agent.manifest's
 FOLLOWED = ("telemetry", "results", "events")  # agent.fleet.view's

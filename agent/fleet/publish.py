@@ -39,12 +39,9 @@ from agent.fleet.registry_index import (
     DEFAULT_INDEX_EXPIRY_DAYS,
     PublishError,
     check_expiry_days,
-    index_info,
     load_keys,
     publish_lock,
     read_index,
-    renew_index,
-    signing_key_ids,
     update_index,
 )
 from agent.manifest import MAX_BYTES, TASKS, check_file_name, dump_json, parse_manifest
@@ -55,14 +52,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 # The names edge-fleet's commands and the tests import from here.
-__all__ = [
-    "PublishError",
-    "PublishResult",
-    "index_info",
-    "publish",
-    "renew_index",
-    "signing_key_ids",
-]
+__all__ = ["PublishError", "PublishResult", "publish"]
 
 TFLITE_IDENTIFIER = b"TFL3"
 RESERVED_NAMES = ("manifest.json", "manifest.json.sig", "index.json", "index.json.sig")
