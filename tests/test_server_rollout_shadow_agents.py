@@ -1,0 +1,158 @@
+"""A server-side shadow rollout with real agents (``edge-agent run`` subprocesses, a
+real mosquitto, the registry over HTTP, the colour classifier on the real interpreter),
+submitted with ``edge-fleet rollout --server --shadow`` to the real app, driven by the
+real driver from what the real ingester stored; instructions signed by the server.
+
+Two devices in one group run v1.
+
+- v2, the same model with its labels rotated, disagrees on every frame: the canary's
+  trial fails, the rollout halts, the canary's instruction is cleared (its run stops,
+  its figures stay), the other device never hears of it, both serve v1;
+- v3 agrees, with ``promote_at``: each step passes its trials, then its devices are
+  updated; all run v3, and no instruction is left retained.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from agent import modelgen
+from agent.fleet.broker import BrokerOptions, FleetBroker
+from agent.fleet.cli import main as fleet_main
+from agent.fleet.rollout import plan
+from agent.server import rollstore
+from agent.server.app import create_app
+from agent.server.auth import create_token
+from agent.server.context import ServeOptions, Server
+from agent.server.db import open_database
+from agent.server.driver import RolloutDriver
+from agent.server.ingest import Ingester, IngestOptions
+from agent.server.schema import devices
+from tests import test_fleet
+from tests.agentproc import MODEL
+from tests.broker import wait_until
+from tests.serverhttp import running
+from tests.test_fleet import GROUP, Lab
+from tests.test_rollout_shadow import _publish, _retained_shadows, _runs
+
+lab = test_fleet.lab  # the fixture: a registry, a deploy key, a broker, agents, a tap
+
+DEVICES = ("dev-a", "dev-b")
+
+
+class Fleet:
+    """The fleet server's parts on the lab's broker: database, ingester, driver, app."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.engine = open_database(f"sqlite:///{lab.root / 'fleet.db'}")
+        self.options = ServeOptions(
+            "sqlite:///fleet.db",
+            BrokerOptions(lab.broker.url),
+            IngestOptions("srv-a"),
+            sign_key=lab.key,
+        )
+        self.ingester = Ingester(self.engine, self.options.broker, self.options.ingest)
+        self.ingester.start()
+        self.publisher = FleetBroker(BrokerOptions(lab.broker.url))
+        self.publisher.connect()
+        self.server = Server(self.options, self.engine, self.publisher)
+        self.driver = RolloutDriver(self.server, tick_s=0.2)
+        self.driver.start()
+        with self.engine.begin() as conn:
+            self.token = create_token(conn, "ops", "operator", time.time())
+
+    def versions(self) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(devices.c.id, devices.c.version)).all()
+        return {row.id: row.version for row in rows}
+
+    def members(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return rollstore.members_of(conn, GROUP, MODEL)
+
+    def close(self) -> None:
+        self.driver.stop(5.0)
+        self.publisher.close()
+        self.ingester.stop()
+        self.engine.dispose()
+
+
+@pytest.fixture
+def fleet(lab: Lab) -> Iterator[Fleet]:
+    made = Fleet(lab)
+    yield made
+    made.close()
+
+
+def _rollout(url: str, token: str, version: int, *args: str) -> list[str]:
+    return [
+        "rollout", "--model", MODEL, "--version", str(version), "--group", GROUP,
+        "--canary", "50", "--step", "100", "--timeout", "60", "--server", url, "--token", token,
+        "--shadow", "--sample", "100", "--min-frames", "8", *args,
+    ]  # fmt: skip
+
+
+def test_a_server_shadow_rollout_halts_on_disagreement_and_promotes_agreement(
+    lab: Lab, fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = list(modelgen.COLOUR_LABELS)
+    lab.publish(1)
+    for device in DEVICES:
+        lab.agent(device).start()
+    lab.wait(lambda: fleet.members() == sorted(DEVICES), 60, "two devices ingested")
+    run = lab.rollout(1, "--timeout", "60")  # every device runs v1 (from the broker)
+    assert run.code == 0, run.out + run.err
+    assert wait_until(lambda: set(fleet.versions().values()) == {1}, 30), fleet.versions()
+    canary, other = (d for step in plan(DEVICES, GROUP, 50, 100) for d in step)
+
+    with running(create_app(fleet.server)) as url:
+        # v2 disagrees: the canary's trial halts the rollout; its instruction is cleared
+        _publish(lab, 2, "v2.tflite", labels[1:] + labels[:1])
+        code = fleet_main([*_rollout(url, fleet.token, 2, "--promote-at", "0.9"), "--json"])
+        out = capsys.readouterr()
+        assert code == 1, out.out + out.err
+        final = json.loads(out.out)
+        assert final["status"] == "halted" and final["reason"] == f"canary failed on {canary}"
+        assert f"{canary}: shadow failed (disagrees: top1 0 over" in out.err, out.err
+        assert f"failed: {canary}: disagrees: top1 0 over" in out.err, out.err
+        assert f"untouched: {other}" in out.err
+        rows = {d["device"]: d for s in final["steps"] for d in s["devices"]}
+        assert rows[canary]["trial"]["status"] == "failed"
+        assert rows[canary]["trial"]["cleared"] is not None
+        assert rows[canary]["status"] == "untouched"  # never sent the release
+        assert rows[other]["trial"] is None
+        assert final["options"]["shadow"]["promote_at"] == 0.9
+        assert not lab.tap.docs(f"{other}/shadow/{MODEL}")  # never sent one
+        assert not _retained_shadows(lab)
+        lab.wait(
+            lambda: (_runs(lab, canary) or [{}])[-1].get("phase") == "stopped",
+            15,
+            "the canary's shadow run stopped",
+        )
+        assert _runs(lab, canary)[-1]["frames"] >= 8  # its figures stay
+        assert set(fleet.versions().values()) == {1}
+        instruction = lab.tap.docs(f"{canary}/shadow/{MODEL}")[0]
+        assert instruction["target"] == f"device:{canary}" and instruction["promote"] is None
+        assert instruction["signature"]  # signed with the server's key
+
+        # v3 agrees: each step passes its trials, then its devices are updated
+        _publish(lab, 3, "v3.tflite", labels)
+        code = fleet_main([*_rollout(url, fleet.token, 3, "--promote-at", "0.9"), "--json"])
+        out = capsys.readouterr()
+        assert code == 0, out.out + out.err
+        final = json.loads(out.out)
+        assert final["status"] == "succeeded"
+        assert "rollout (shadow first) of colours v3 to group lab: succeeded, 2 device(s)" \
+            in out.err, out.err  # fmt: skip
+        trials = [d["trial"] for s in final["steps"] for d in s["devices"]]
+        assert all(t["status"] == "succeeded" and t["detail"].startswith("top1 1 over")
+                   for t in trials), trials  # fmt: skip
+        assert [d["status"] for s in final["steps"] for d in s["devices"]] == ["succeeded"] * 2
+    assert wait_until(lambda: set(fleet.versions().values()) == {3}, 30), fleet.versions()
+    assert not _retained_shadows(lab)
