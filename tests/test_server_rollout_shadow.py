@@ -11,7 +11,10 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
+from agent.server import rollstore
+from agent.server.db import open_database
 from agent.server.rollouts import (
     Member,
     Observed,
@@ -22,6 +25,7 @@ from agent.server.rollouts import (
     due,
 )
 from agent.server.rollshadow import Shadow, shadow_of
+from agent.server.schema import deploys
 
 T0 = 1_800_000_000.0
 AT = T0 - 100  # the rollout's one issued_at of its instructions
@@ -241,3 +245,42 @@ def test_pause_keeps_judging_trials_but_sends_no_desired_state() -> None:
     resumed = advance(replace(got.rollout, status="running"), got.steps, got.members, {},
                       T0 + 6, _issuer())  # fmt: skip
     assert resumed.members[0].outcome == "pending"
+
+
+def test_a_shadow_rollout_and_its_trials_survive_the_database(db_url: str) -> None:
+    engine = open_database(db_url)
+    try:
+        with engine.begin() as conn:
+            rollout_id = rollstore.create(
+                conn, who="ops", group="door", model="colours", version=2, canary_pct=50,
+                step_pct=100, timeout_s=60, members=["a", "b"], now=T0,
+                shadow=Shadow(AT, 100, 25, 8, 0.9),
+            )  # fmt: skip
+            loaded = rollstore.load(conn, rollout_id)
+        assert loaded is not None
+        r, steps, members = loaded
+        assert r.shadow == Shadow(AT, 100, 25, 8, 0.9)
+        got = advance(r, steps, members, {}, T0 + 1, _issuer())
+        with engine.begin() as conn:
+            rollstore.save(conn, got.rollout, got.steps, got.members, (r.status, members), T0 + 1)
+            pub = due(got.rollout, got.members, "edge")[0]
+            rollstore.mark_sent(conn, got.rollout, pub, None, "srv", T0 + 2)
+            sent = rollstore.load(conn, rollout_id)
+            assert sent is not None
+            moved = [replace(m, trial_seen=["running", 3, 0], trial_reason="x" * 3000)
+                     if m.trial else m for m in sent[2]]  # fmt: skip
+            rollstore.save(conn, sent[0], sent[1], moved, (r.status, sent[2]), T0 + 3)
+            reloaded = rollstore.load(conn, rollout_id)
+        assert reloaded is not None
+        tried = next(m for m in reloaded[2] if m.trial is not None)
+        assert (tried.trial, tried.trial_sent, tried.trial_heard) == ("pending", T0 + 2, T0 + 2)
+        assert tried.trial_seen == ["running", 3, 0] and len(tried.trial_reason or "") == 2000
+        pub = Publication(pub.topic, pub.target, device=tried.device, kind="shadow_clear")
+        with engine.begin() as conn:
+            rollstore.mark_sent(conn, reloaded[0], pub, None, "srv", T0 + 4)
+            again = rollstore.load(conn, rollout_id)
+            assert conn.execute(sa.select(sa.func.count()).select_from(deploys)).scalar() == 0
+        assert again is not None
+        assert next(m for m in again[2] if m.trial is not None).trial_cleared == T0 + 4
+    finally:
+        engine.dispose()

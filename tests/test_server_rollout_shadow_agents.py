@@ -9,7 +9,9 @@ Two devices in one group run v1.
   trial fails, the rollout halts, the canary's instruction is cleared (its run stops,
   its figures stay), the other device never hears of it, both serve v1;
 - v3 agrees, with ``promote_at``: each step passes its trials, then its devices are
-  updated; all run v3, and no instruction is left retained.
+  updated; all run v3, and no instruction is left retained;
+- v4 agrees, without ``promote_at``: the group's instruction (the same run) is set and
+  the per-device ones cleared; no device is updated.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from agent.server.schema import devices
 from tests import test_fleet
 from tests.agentproc import MODEL
 from tests.broker import wait_until
-from tests.serverhttp import running
+from tests.serverhttp import call, running
 from tests.test_fleet import GROUP, Lab
 from tests.test_rollout_shadow import _publish, _retained_shadows, _runs
 
@@ -154,5 +156,28 @@ def test_a_server_shadow_rollout_halts_on_disagreement_and_promotes_agreement(
         assert all(t["status"] == "succeeded" and t["detail"].startswith("top1 1 over")
                    for t in trials), trials  # fmt: skip
         assert [d["status"] for s in final["steps"] for d in s["devices"]] == ["succeeded"] * 2
-    assert wait_until(lambda: set(fleet.versions().values()) == {3}, 30), fleet.versions()
-    assert not _retained_shadows(lab)
+        assert wait_until(lambda: set(fleet.versions().values()) == {3}, 30), fleet.versions()
+        assert not _retained_shadows(lab)
+
+        # v4 agrees, without promote_at: the group's instruction takes the runs over
+        _publish(lab, 4, "v1.tflite", labels)
+        code = fleet_main(_rollout(url, fleet.token, 4))
+        out = capsys.readouterr()
+        assert code == 0, out.out + out.err
+        assert "shadow rollout of colours v4 to group lab: succeeded, 2 device(s) run v4 in " \
+            "the shadow" in out.out, out.out  # fmt: skip
+        retained = _retained_shadows(lab)
+        group = f"edge/groups/{GROUP}/shadow/{MODEL}"
+        assert list(retained) == [group], retained
+        per_device = [d for d in lab.tap.docs(f"{canary}/shadow/{MODEL}") if "raw" not in d][-1]
+        assert retained[group]["issued_at"] == per_device["issued_at"]  # the same run
+        assert retained[group]["target"] == f"group:{GROUP}" and retained[group]["version"] == 4
+        assert set(fleet.versions().values()) == {3}  # no release
+
+        # bad shadow options: one 422 line naming the field
+        body = {"model": MODEL, "version": 4, "group": GROUP, "shadow": {"sample_pct": 0}}
+        reply = call("POST", f"{url}/api/v1/rollouts", token=fleet.token, body=body)
+        assert reply.status == 422, reply
+        assert reply.body["detail"] == (
+            "shadow.sample_pct: 0 is not a whole percentage from 1 to 100"
+        )
