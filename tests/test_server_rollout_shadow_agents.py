@@ -9,7 +9,8 @@ Two devices in one group run v1.
   trial fails, the rollout halts, the canary's instruction is cleared (its run stops,
   its figures stay), the other device never hears of it, both serve v1;
 - v3 agrees, with ``promote_at``: each step passes its trials, then its devices are
-  updated; all run v3, and no instruction is left retained;
+  updated — across a server restart after the canary's trial; all run v3, and no
+  instruction is left retained;
 - v4 agrees, without ``promote_at``: the group's instruction (the same run) is set and
   the per-device ones cleared; no device is updated.
 """
@@ -17,8 +18,10 @@ Two devices in one group run v1.
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -35,7 +38,7 @@ from agent.server.context import ServeOptions, Server
 from agent.server.db import open_database
 from agent.server.driver import RolloutDriver
 from agent.server.ingest import Ingester, IngestOptions
-from agent.server.schema import devices
+from agent.server.schema import devices, rollouts
 from tests import test_fleet
 from tests.agentproc import MODEL
 from tests.broker import wait_until
@@ -64,8 +67,8 @@ class Fleet:
         self.publisher = FleetBroker(BrokerOptions(lab.broker.url))
         self.publisher.connect()
         self.server = Server(self.options, self.engine, self.publisher)
-        self.driver = RolloutDriver(self.server, tick_s=0.2)
-        self.driver.start()
+        self.drivers = [RolloutDriver(self.server, tick_s=0.2)]
+        self.drivers[0].start()
         with self.engine.begin() as conn:
             self.token = create_token(conn, "ops", "operator", time.time())
 
@@ -78,8 +81,36 @@ class Fleet:
         with self.engine.connect() as conn:
             return rollstore.members_of(conn, GROUP, MODEL)
 
+    def restart_when(self, condition: Callable[[], bool]) -> threading.Thread:
+        """In the background: once ``condition`` holds, stop the driver as a restarting
+        server would and start another instance's (it takes the lease and resumes)."""
+
+        def restart() -> None:
+            if not wait_until(condition, 60):
+                return
+            self.drivers[0].stop(5.0)
+            options = replace(self.options, ingest=IngestOptions("srv-b"))
+            second = RolloutDriver(Server(options, self.engine, self.publisher), tick_s=0.2)
+            second.start()
+            self.drivers.append(second)
+
+        thread = threading.Thread(target=restart, daemon=True)
+        thread.start()
+        return thread
+
+    def trial(self, device: str) -> str | None:
+        """The trial of ``device`` in the newest rollout."""
+        with self.engine.connect() as conn:
+            newest = conn.execute(
+                sa.select(rollouts.c.id).order_by(rollouts.c.created.desc()).limit(1)
+            ).scalar()
+            loaded = rollstore.load(conn, newest) if newest else None
+        members = loaded[2] if loaded else []
+        return next((m.trial for m in members if m.device == device), None)
+
     def close(self) -> None:
-        self.driver.stop(5.0)
+        for driver in self.drivers:
+            driver.stop(5.0)
         self.publisher.close()
         self.ingester.stop()
         self.engine.dispose()
@@ -143,9 +174,13 @@ def test_a_server_shadow_rollout_halts_on_disagreement_and_promotes_agreement(
         assert instruction["target"] == f"device:{canary}" and instruction["promote"] is None
         assert instruction["signature"]  # signed with the server's key
 
-        # v3 agrees: each step passes its trials, then its devices are updated
+        # v3 agrees: each step passes its trials, then its devices are updated; the
+        # server restarts once the canary's trial passed (another instance resumes)
         _publish(lab, 3, "v3.tflite", labels)
+        restarter = fleet.restart_when(lambda: fleet.trial(canary) == "succeeded")
         code = fleet_main([*_rollout(url, fleet.token, 3, "--promote-at", "0.9"), "--json"])
+        restarter.join(10)
+        assert len(fleet.drivers) == 2  # it did restart mid-rollout
         out = capsys.readouterr()
         assert code == 0, out.out + out.err
         final = json.loads(out.out)
