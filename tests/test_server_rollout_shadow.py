@@ -284,3 +284,10 @@ def test_a_shadow_rollout_and_its_trials_survive_the_database(db_url: str) -> No
         assert next(m for m in again[2] if m.trial is not None).trial_cleared == T0 + 4
     finally:
         engine.dispose()
+
+
+def test_a_hostile_phase_is_bounded_before_it_is_stored() -> None:
+    r, steps, members = _tried()
+    got = advance(r, steps, members, {"a": _seen(_run("x" * 100_000))}, T0 + 5, _issuer())
+    a = got.members[0]
+    assert a.trial == "pending" and a.trial_seen == ["x" * 32, 10, 0]

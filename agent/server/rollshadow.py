@@ -76,7 +76,8 @@ def shadow_of(options: Mapping[str, Any] | None) -> Shadow | None:
 def progress(run: Mapping[str, Any] | None) -> list[Any]:
     """What moves while a shadow run goes on: its phase, frames and errors."""
     figures = shadow_figures(run) or {}
-    return [figures.get("phase"), figures.get("frames"), figures.get("errors")]
+    phase = figures.get("phase")  # a device's string: bounded before it is stored
+    return [phase[:32] if phase else phase, figures.get("frames"), figures.get("errors")]
 
 
 def about(run: Mapping[str, Any] | None, issued_at: float) -> bool:
