@@ -269,7 +269,7 @@ def advance(
                 after = f" after {judged.seconds:g} s" if judged.seconds is not None else ""
                 lines.append(f"  {m.device}: {judged.outcome} ({judged.reason}){after}")
             m = judged
-        if r.status in ("running", "paused") and m.trial == "pending" and m.trial_sent:
+        if r.status in ("running", "paused") and m.trial == "pending" and m.trial_sent is not None:
             tried = rollshadow.judge_trial(r, m, observed.get(m.device, NOTHING), now)
             if (tried.trial, tried.trial_reason) != (m.trial, m.trial_reason):
                 after = f" after {tried.trial_seconds:g} s" if tried.trial_seconds else ""
