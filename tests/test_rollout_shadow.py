@@ -156,7 +156,11 @@ def test_shadow_rollout_options_are_checked_before_connecting(lab: Lab) -> None:
         (("--shadow", "--sample", "0"), "--sample: 0 is not a whole percentage"),
         (("--shadow", "--min-frames", "0"), "--min-frames: 0 is not a positive number"),
         (("--shadow", "--promote-at", "1.5"), "--promote-at: 1.5 is not an agreement"),
-        (("--shadow", "--server", "http://127.0.0.1:9"), "--shadow: not with --server"),
+        # with --server too (checked here, before the request)
+        (
+            ("--shadow", "--server", "http://127.0.0.1:9", "--max-cpu", "101"),
+            "--max-cpu: 101 is not a whole percentage",
+        ),
     ):
         run = lab.fleet("rollout", *base, *args)
         assert run.code == 2, (args, run.out, run.err)

@@ -273,13 +273,6 @@ def _shadow_steps(args: argparse.Namespace) -> ShadowSteps | None:
                 ["--sample, --max-cpu, --min-frames, --promote-at: only with --shadow"]
             )
         return None
-    if args.server:
-        raise ConfigError(
-            [
-                "--shadow: not with --server (the server's rollouts have no shadow steps); "
-                "run it from here, against the broker"
-            ]
-        )
     steps = ShadowSteps(
         DEFAULT_SAMPLE_PCT if args.sample is None else args.sample,
         DEFAULT_MAX_CPU_PCT if args.max_cpu is None else args.max_cpu,
@@ -297,7 +290,7 @@ def _shadow_steps(args: argparse.Namespace) -> ShadowSteps | None:
 def _rollout(args: argparse.Namespace) -> int:
     shadow = _shadow_steps(args)
     if args.server:
-        return _rollout_on_server(args)
+        return _rollout_on_server(args, shadow)
     _check_names(group=args.group)
     _release(args.model, args.version)
     _seconds("--timeout", args.timeout)
@@ -326,7 +319,7 @@ def _rollout(args: argparse.Namespace) -> int:
     return 0 if outcome.succeeded else 1
 
 
-def _rollout_on_server(args: argparse.Namespace) -> int:
+def _rollout_on_server(args: argparse.Namespace, shadow: ShadowSteps | None) -> int:
     """``rollout --server``: the server plans, signs, drives and persists it."""
     if args.sign_key:
         raise ConfigError(["--sign-key: with --server the server signs (serve --sign-key)"])
@@ -339,6 +332,8 @@ def _rollout_on_server(args: argparse.Namespace) -> int:
         "step_pct": args.step,
         "timeout_s": args.timeout,
     }
+    if shadow is not None:
+        body["shadow"] = shadow.to_dict()
     say = _say if not args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     made = client.request("POST", "/api/v1/rollouts", body)
     say(f"rollout {made.get('id')} submitted to {args.server}")

@@ -105,6 +105,7 @@ def changes(before: dict[str, Any] | None, after: dict[str, Any]) -> list[str]:
         old_devices = {d.get("device"): d for d in old.get("devices", [])}
         for d in step.get("devices", []):
             was = old_devices.get(d.get("device"), {})
+            lines += _trial_change(d, was)
             if (d.get("status"), d.get("detail")) == (was.get("status"), was.get("detail")):
                 continue
             if d.get("status") in ("succeeded", "failed"):
@@ -118,6 +119,27 @@ def changes(before: dict[str, Any] | None, after: dict[str, Any]) -> list[str]:
         reason = f" ({after.get('reason')})" if after.get("reason") else ""
         lines.append(f"rollout {after.get('id')}: {after.get('status')}{reason}")
     return lines
+
+
+def _trial(d: dict[str, Any]) -> dict[str, Any]:
+    trial = d.get("trial")
+    return trial if isinstance(trial, dict) else {}
+
+
+def _trial_change(d: dict[str, Any], was: dict[str, Any]) -> list[str]:
+    """A shadow rollout's line for a device whose trial (its shadow run) moved on."""
+    now, before = _trial(d), _trial(was)
+    if not now or (now.get("status"), now.get("detail")) == (
+        before.get("status"),
+        before.get("detail"),
+    ):
+        return []
+    if now.get("status") in ("succeeded", "failed"):
+        return [
+            f"  {d.get('device')}: shadow {now.get('status')} ({now.get('detail')}) "
+            f"after {now.get('seconds')} s"
+        ]
+    return [f"  {d.get('device')}: shadow: {now.get('detail')}"]
 
 
 def follow(
@@ -154,21 +176,38 @@ def follow(
 def summary(view: dict[str, Any]) -> str:
     """The closing lines, as the standalone rollout prints them."""
     devices = [d for s in view.get("steps", []) for d in s.get("devices", [])]
-    ok = [d["device"] for d in devices if d.get("status") == "succeeded"]
-    head = f"rollout of {view.get('model')} v{view.get('version')} to group {view.get('group')}"
+    options = view.get("options")
+    shadow = options.get("shadow") if isinstance(options, dict) else None
+    shadow = shadow if isinstance(shadow, dict) else None
+    trials_only = shadow is not None and shadow.get("promote_at") is None
+    # a device's verdict: its desired state's, or its trial's when it had no desired
+    # state (a shadow rollout without promote_at, or a trial that failed)
+    verdicts = [
+        (d["device"], _trial(d).get("status"), _trial(d).get("detail"))
+        if _trial(d) and (trials_only or d.get("status") == "untouched")
+        else (d["device"], d.get("status"), d.get("detail"))
+        for d in devices
+    ]
+    ok = [device for device, status, _ in verdicts if status == "succeeded"]
+    what = "rollout"
+    if shadow is not None:
+        what = "shadow rollout" if trials_only else "rollout (shadow first)"
+    head = f"{what} of {view.get('model')} v{view.get('version')} to group {view.get('group')}"
     if view.get("status") == "succeeded":
-        return f"{head}: succeeded, {len(ok)} device(s) run it"
+        runs = f"run v{view.get('version')} in the shadow" if trials_only else "run it"
+        lines = [f"{head}: succeeded, {len(ok)} device(s) {runs}"]
+        lines += [f"  {d['device']}: shadow: {_trial(d).get('detail')}" for d in devices
+                  if _trial(d)]  # fmt: skip
+        return "\n".join(lines)
     lines = [f"{head}: {str(view.get('status')).upper()} ({view.get('reason')})"]
     lines.append(f"  succeeded: {', '.join(ok) or 'none'}")
     lines += [
-        f"  failed: {d['device']}: {d.get('detail')}"
-        for d in devices
-        if d.get("status") == "failed"
+        f"  failed: {device}: {detail}" for device, status, detail in verdicts if status == "failed"
     ]
     lines += [
-        f"  unknown: {d['device']}: {d.get('detail')}"
-        for d in devices
-        if d.get("status") == "pending"
+        f"  unknown: {device}: {detail}"
+        for device, status, detail in verdicts
+        if status == "pending"
     ]
     lines.append(f"  untouched: {', '.join(view.get('untouched') or []) or 'none'}")
     return "\n".join(lines)

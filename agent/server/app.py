@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from agent import __version__
-from agent.server.api import audit, commands, health, history, read, rollouts
+from agent.server.api import audit, commands, deploys, health, history, read, rollouts
 from agent.server.auth import viewer
 from agent.server.context import Server
 from agent.server.limits import BodyLimit
@@ -42,7 +42,7 @@ def create_app(server: Server) -> FastAPI:
     )
     app.state.server = server
     app.add_middleware(BodyLimit)  # before FastAPI reads a body, and before any token check
-    for module in (health, read, rollouts, commands, history, audit):
+    for module in (health, read, deploys, rollouts, commands, history, audit):
         app.include_router(module.router)
     pages.install(app)  # the dashboard under /ui (agent/server/web)
 

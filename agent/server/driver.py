@@ -9,6 +9,9 @@ Crash safety, the order of writes around each publication:
 2. It is published retained, QoS 1; the broker's PUBACK is awaited.
 3. Only then is it marked sent (``sent``, ``take_back_sent``; a ``deploys`` row).
 
+The same holds for a shadow rollout's instructions: their one ``issued_at`` is in the
+rollout's options from its creation, and ``trial_sent`` / ``trial_cleared`` mark them.
+
 A crash between 2 and 3 re-publishes the same document after the restart: same
 fields, same ``issued_at``, and an Ed25519 signature is deterministic, so the very same
 bytes. A device that already applied it sees the desired state it applied (the agent
@@ -38,6 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from agent.errors import EdgeAgentError
 from agent.fleet.deploy import desired_payload, issue_time
+from agent.fleet.shadow import shadow_payload
 from agent.server import lease, rollstore
 from agent.server.context import Server
 from agent.server.rollouts import ACTIVE, TERMINAL, Publication, Rollout, advance, due
@@ -162,7 +166,7 @@ class RolloutDriver:
                 if loaded is None:
                     return
                 r, steps, members = loaded
-                observed = rollstore.observe(conn, members, self.server.prefix, r.step, r.model)
+                observed = rollstore.observe(conn, members, self.server.prefix, r.step, r.model, r)
             moved = advance(r, steps, members, observed, now, issue_time)
             changed = moved.rollout != r or moved.steps != steps or moved.members != members
             if changed:
@@ -195,7 +199,11 @@ class RolloutDriver:
         for pub in pubs:
             desired: dict[str, Any] | None = None
             try:
-                if pub.model is not None and pub.version is not None and pub.issued_at is not None:
+                if pub.kind == "shadow":
+                    payload = self._instruction(r, pub)
+                elif (
+                    pub.model is not None and pub.version is not None and pub.issued_at is not None
+                ):
                     payload = desired_payload(
                         pub.model, pub.version, pub.target, pub.issued_at,
                         self.server.options.sign_key,
@@ -207,10 +215,26 @@ class RolloutDriver:
             except (EdgeAgentError, ValueError) as exc:
                 log.warning("rollout %s: cannot publish to %s: %s", r.id, pub.topic, exc)
                 return False
-            if pub.kind in ("issue", "take_back") or desired is not None:
+            if pub.kind in ("issue", "take_back", "shadow", "shadow_clear") or desired is not None:
                 with self._writing(r.id) as conn:
                     rollstore.mark_sent(conn, r, pub, desired, self.instance, self.server.clock())
         return True
+
+    def _instruction(self, r: Rollout, pub: Publication) -> bytes:
+        """A shadow rollout's instruction for ``pub.target`` (its own: no promotion rule;
+        the rollout judges and promotes). Raises ValueError, EdgeAgentError."""
+        if r.shadow is None or pub.model is None or pub.version is None:
+            raise ValueError("a shadow instruction of a rollout without shadow options")
+        return shadow_payload(
+            pub.model,
+            pub.version,
+            pub.target,
+            r.shadow.issued_at,
+            sample_pct=r.shadow.sample_pct,
+            max_cpu_pct=r.shadow.max_cpu_pct,
+            promote=None,
+            sign_key=self.server.options.sign_key,
+        )
 
     def _end(self, rollout_id: str) -> None:
         name = lease_name(rollout_id)

@@ -24,6 +24,8 @@ purpose, would hold its step and the group for ever (:data:`DEFAULT_MAX_DEVICE_S
 
 A member's ``outcome`` is None until its step issues its desired state, then
 ``pending``, ``succeeded`` or ``failed`` (the verdict's status; ``reason`` its detail).
+A shadow rollout (``Rollout.shadow``) runs each step's members on the candidate in the
+shadow first, their ``trial`` (:mod:`agent.server.rollshadow`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from agent.config import RegistryConfig, UpdateConfig
 from agent.desired import desired_topic
 from agent.fleet.deploy import Verdict, after_silence, news, verdict_of
 from agent.fleet.rollout import step_name
+from agent.server import rollshadow
+from agent.server.rollshadow import Shadow
 
 Status = Literal[
     "running", "paused", "halting", "aborting", "finishing", "succeeded", "halted", "aborted"
@@ -88,6 +92,7 @@ class Rollout:
     reason: str | None = None
     final_issued_at: float | None = None
     max_device_s: float = DEFAULT_MAX_DEVICE_S  # pending this long after sent: failed
+    shadow: Shadow | None = None  # a shadow rollout (agent.server.rollshadow)
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,13 @@ class Member:
     take_back_at: float | None = None
     take_back_sent: float | None = None
     seen: list[Any] | None = None
+    trial: str | None = None  # its shadow run: None, pending, succeeded, failed
+    trial_reason: str | None = None
+    trial_sent: float | None = None  # its shadow instruction acknowledged by the broker
+    trial_heard: float | None = None
+    trial_seen: list[Any] | None = None  # the run's progress at the last news
+    trial_seconds: float | None = None  # from trial_sent to the trial's verdict
+    trial_cleared: float | None = None  # its shadow instruction cleared
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,8 @@ class Observed:
     running: Running = (None, None)
     fingerprint: list[Any] = field(default_factory=list)  # see :func:`fingerprint`
     refusal: str | None = None  # an event refusing this desired state
+    run: Mapping[str, Any] | None = None  # its latest report of its shadow run of the model
+    trial_refusal: str | None = None  # an event refusing or failing the shadow instruction
 
 
 NOTHING: Final = Observed()
@@ -147,7 +161,8 @@ class Advanced:
 
 @dataclass(frozen=True)
 class Publication:
-    """A retained message due: a desired state (``model`` set) or a clear (empty)."""
+    """A retained message due: a desired state (``model`` set) or a clear (empty); kinds
+    ``shadow`` / ``shadow_clear``: a shadow instruction or its clear."""
 
     topic: str
     target: str  # device:ID or group:NAME
@@ -155,7 +170,7 @@ class Publication:
     version: int | None = None
     issued_at: float | None = None
     device: str | None = None  # the member it is for (None: the group's)
-    kind: Literal["issue", "take_back", "final", "clear"] = "issue"
+    kind: Literal["issue", "take_back", "final", "clear", "shadow", "shadow_clear"] = "issue"
 
 
 def fingerprint(
@@ -254,11 +269,16 @@ def advance(
                 after = f" after {judged.seconds:g} s" if judged.seconds is not None else ""
                 lines.append(f"  {m.device}: {judged.outcome} ({judged.reason}){after}")
             m = judged
+        if r.status in ("running", "paused") and m.trial == "pending" and m.trial_sent is not None:
+            tried = rollshadow.judge_trial(r, m, observed.get(m.device, NOTHING), now)
+            if (tried.trial, tried.trial_reason) != (m.trial, m.trial_reason):
+                after = f" after {tried.trial_seconds:g} s" if tried.trial_seconds else ""
+                lines.append(f"  {m.device}: shadow {tried.trial} ({tried.trial_reason}){after}")
+            m = tried
         out.append(m)
     current = [m for m in out if m.step == r.step]
     step = steps[r.step]
-    over = not any(m.outcome in (None, "pending") for m in current)
-    failed = [m.device for m in current if m.outcome == "failed"]
+    over, failed = rollshadow.step_over(r, current)
     if r.status in ("running", "paused") and step.status == "running" and over and failed:
         steps[r.step] = replace(step, status="failed", finished=now)
         reason = f"{name} failed on {', '.join(failed)}"
@@ -271,8 +291,10 @@ def advance(
     if r.status == "aborting":
         out = [_take_back(m) if m.step == r.step else m for m in out]
     out = with_take_back_times(out, issue)
-    if r.status in ("halting", "aborting") and not any(
-        m.take_back is not None and m.take_back_sent is None for m in out
+    if (
+        r.status in ("halting", "aborting")
+        and not any(m.take_back is not None and m.take_back_sent is None for m in out)
+        and not rollshadow.uncleared(out)
     ):
         # every take-back is sent (or there was none): the end
         r = replace(r, status="halted" if r.status == "halting" else "aborted")
@@ -282,42 +304,69 @@ def advance(
             r = replace(r, step=r.step + 1)
         else:
             r = replace(r, status="finishing", final_issued_at=issue())
-            lines.append(f"every step succeeded: setting group {r.group}'s desired state")
+            if r.shadow is not None and r.shadow.promote_at is None:
+                lines.append(f"every step succeeded: handing the shadow run to group {r.group}")
+            else:
+                lines.append(f"every step succeeded: setting group {r.group}'s desired state")
     if r.status == "running" and steps[r.step].status == "waiting":
-        devices = []
-        for i, m in enumerate(out):
-            if m.step == r.step and m.outcome is None:
-                running = observed.get(m.device, NOTHING).running
-                out[i] = replace(
-                    m, issued_at=issue(), outcome="pending", reason="not sent yet", prior=running
-                )
-                devices.append(m.device)
+        devices = [m.device for m in out if m.step == r.step and m.outcome is None]
+        if r.shadow is not None:
+            out = [
+                replace(m, trial="pending", trial_reason="not sent yet")
+                if m.step == r.step and m.trial is None
+                else m
+                for m in out
+            ]
+        else:
+            out = _issued(out, r.step, observed, issue)
         steps[r.step] = replace(steps[r.step], status="running", started=now)
-        lines.append(f"{step_name(r.step, r.canary)}: {', '.join(devices)}")
+        shadow = " (shadow first)" if r.shadow is not None else ""
+        lines.append(f"{step_name(r.step, r.canary)}{shadow}: {', '.join(devices)}")
+    elif r.status == "running" and steps[r.step].status == "running":
+        current = [m for m in out if m.step == r.step]
+        if rollshadow.trials_passed(r, current) and any(m.outcome is None for m in current):
+            out = _issued(out, r.step, observed, issue)
+            lines.append(f"{name}: shadow runs passed, desired states issued")
     return Advanced(r, steps, out, lines)
+
+
+def _issued(
+    members: Sequence[Member],
+    step: int,
+    observed: Mapping[str, Observed],
+    issue: Callable[[], float],
+) -> list[Member]:
+    """``members`` with the desired states of ``step``'s unissued ones chosen."""
+    return [
+        replace(
+            m,
+            issued_at=issue(),
+            outcome="pending",
+            reason="not sent yet",
+            prior=observed.get(m.device, NOTHING).running,
+        )
+        if m.step == step and m.outcome is None
+        else m
+        for m in members
+    ]
 
 
 def due(r: Rollout, members: Sequence[Member], prefix: str) -> list[Publication]:
     """The publications this rollout still owes, in order: desired states issued and
     not yet acknowledged, take-backs not yet sent, and when finishing the group's
     desired state followed by a clear of every member's (the broker delivers in order:
-    a device has the group's state before its own is cleared)."""
+    a device has the group's state before its own is cleared). A shadow rollout's
+    instructions and clears come with them (:mod:`agent.server.rollshadow`)."""
     out: list[Publication] = []
+    shadow = r.shadow is not None
     if r.status in ("running", "paused"):
         for m in members:
+            target = f"device:{m.device}"
             if m.outcome == "pending" and m.issued_at is not None and m.sent is None:
-                target = f"device:{m.device}"
-                out.append(
-                    Publication(
-                        desired_topic(prefix, target, r.model),
-                        target,
-                        r.model,
-                        r.version,
-                        m.issued_at,
-                        m.device,
-                        "issue",
-                    )
-                )
+                desired = desired_topic(prefix, target, r.model)
+                out.append(Publication(desired, target, r.model, r.version, m.issued_at, m.device))
+            if shadow:  # an instruction, or its clear after the desired state
+                out += rollshadow.running_due(r, m, prefix)
     elif r.status in ("halting", "aborting"):
         for m in members:
             if m.take_back is None or m.take_back_sent is not None:
@@ -330,21 +379,23 @@ def due(r: Rollout, members: Sequence[Member], prefix: str) -> list[Publication]
                 out.append(Publication(topic, target, model, version, at, m.device, "take_back"))
             else:
                 out.append(Publication(topic, target, device=m.device, kind="take_back"))
+        out += [
+            rollshadow.clear(r, f"device:{m.device}", prefix, m.device)
+            for m in rollshadow.uncleared(members)
+        ]
+    elif r.status == "finishing" and r.shadow is not None and r.shadow.promote_at is None:
+        out += rollshadow.final_due(r, members, prefix)
     elif r.status == "finishing" and r.final_issued_at is not None:
         target = f"group:{r.group}"
-        out.append(
-            Publication(
-                desired_topic(prefix, target, r.model),
-                target,
-                r.model,
-                r.version,
-                r.final_issued_at,
-                kind="final",
-            )
-        )
+        topic = desired_topic(prefix, target, r.model)
+        out.append(Publication(topic, target, r.model, r.version, r.final_issued_at, kind="final"))
         for m in members:
             target = f"device:{m.device}"
             out.append(Publication(desired_topic(prefix, target, r.model), target, kind="clear"))
+        if shadow:  # any instruction left (none unless a crash came between), the group's
+            out += [rollshadow.clear(r, f"device:{m.device}", prefix, None)
+                    for m in rollshadow.uncleared(members)]  # fmt: skip
+            out.append(rollshadow.clear(r, f"group:{r.group}", prefix, None))
     return out
 
 

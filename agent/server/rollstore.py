@@ -14,35 +14,31 @@ from typing import Any, get_args
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from agent.desired import desired_topic
-from agent.fleet.deploy import model_state, refusal, running_of, serves
+from agent.fleet.deploy import serves
 from agent.fleet.rollout import plan
+from agent.server.rollobserve import EVENT_SKEW_S as EVENT_SKEW_S
+from agent.server.rollobserve import MAX_EVENTS as MAX_EVENTS
+from agent.server.rollobserve import observe as observe
 from agent.server.rollouts import (
     ACTIVE,
     DEFAULT_MAX_DEVICE_S,
     STATUSES,
     Member,
-    Observed,
     Publication,
     Rollout,
     Status,
     Step,
     StepStatus,
-    fingerprint,
 )
+from agent.server.rollshadow import Shadow, shadow_of
 from agent.server.schema import (
     deploys,
     device_groups,
     devices,
-    events,
     rollout_devices,
     rollout_steps,
     rollouts,
-    telemetry_raw,
 )
-
-EVENT_SKEW_S = 5.0  # events are stamped by the device's clock: this much before sending
-MAX_EVENTS = 500  # events read per device and look (a hostile device sends many)
 
 
 class GroupBusy(Exception):
@@ -104,13 +100,15 @@ def create(
     members: Sequence[str],
     now: float,
     max_device_s: float | None = None,
+    shadow: Shadow | None = None,
 ) -> str:
     """Store a new running rollout over ``members`` (planned by
     :func:`agent.fleet.rollout.plan`); returns its id. Raises GroupBusy when the group
     has an unfinished rollout (checked here; the partial unique index refuses a
     concurrent one: sqlalchemy's IntegrityError), ConfigError for bad percentages.
     ``max_device_s`` defaults to the larger of ``timeout_s`` and
-    :data:`~agent.server.rollouts.DEFAULT_MAX_DEVICE_S`."""
+    :data:`~agent.server.rollouts.DEFAULT_MAX_DEVICE_S`. ``shadow``: a shadow rollout
+    (its instructions' ``issued_at`` is stored here, before any is published)."""
     busy = active_in(conn, group)
     if busy is not None:
         raise GroupBusy(busy)
@@ -118,12 +116,14 @@ def create(
     rollout_id = uuid.uuid4().hex[:16]
     if max_device_s is None:
         max_device_s = max(timeout_s, DEFAULT_MAX_DEVICE_S)
-    options = {
+    options: dict[str, Any] = {
         "canary_pct": canary_pct,
         "step_pct": step_pct,
         "timeout_s": timeout_s,
         "max_device_s": max_device_s,
     }
+    if shadow is not None:
+        options["shadow"] = shadow.to_dict()
     conn.execute(
         rollouts.insert().values(
             id=rollout_id,
@@ -185,6 +185,13 @@ def load(conn: sa.Connection, rollout_id: str) -> tuple[Rollout, list[Step], lis
             take_back_at=m.take_back_at,
             take_back_sent=m.take_back_sent,
             seen=m.seen if isinstance(m.seen, list) else None,
+            trial=m.trial,
+            trial_reason=m.trial_reason,
+            trial_sent=m.trial_sent,
+            trial_heard=m.trial_heard,
+            trial_seen=m.trial_seen if isinstance(m.trial_seen, list) else None,
+            trial_seconds=m.trial_seconds,
+            trial_cleared=m.trial_cleared,
         )
         for m in conn.execute(
             sa.select(rollout_devices)
@@ -206,6 +213,7 @@ def load(conn: sa.Connection, rollout_id: str) -> tuple[Rollout, list[Step], lis
         reason=row.reason,
         final_issued_at=row.final_issued_at,
         max_device_s=float(options.get("max_device_s", DEFAULT_MAX_DEVICE_S)),
+        shadow=shadow_of(options),
     )
     return rollout, steps, members
 
@@ -277,6 +285,13 @@ def save(
                 take_back_at=m.take_back_at,
                 take_back_sent=m.take_back_sent,
                 seen=m.seen,
+                trial=m.trial,
+                trial_reason=m.trial_reason[:2000] if m.trial_reason else m.trial_reason,
+                trial_sent=m.trial_sent,
+                trial_heard=m.trial_heard,
+                trial_seen=m.trial_seen,
+                trial_seconds=m.trial_seconds,
+                trial_cleared=m.trial_cleared,
                 updated=now,
             )
         )
@@ -297,22 +312,25 @@ def mark_sent(
     now: float,
 ) -> None:
     """Record that the broker acknowledged ``pub``; a desired state also becomes a
-    ``deploys`` row (keyed by rollout, target and issued_at: stored once)."""
-    if pub.device is not None and pub.kind == "issue":
-        column = rollout_devices.c.sent
-    elif pub.device is not None and pub.kind == "take_back":
-        column = rollout_devices.c.take_back_sent
-    else:
-        column = None
-    if column is not None:
+    ``deploys`` row (keyed by rollout, target and issued_at: stored once); a shadow
+    instruction or its clear marks the member's trial."""
+    values: dict[str, float] = {}
+    if pub.device is not None:
+        values = {
+            "issue": {"sent": now, "last_heard": now},
+            "take_back": {"take_back_sent": now},
+            "shadow": {"trial_sent": now, "trial_heard": now},
+            "shadow_clear": {"trial_cleared": now},
+        }.get(pub.kind, {})
+    if values:
         conn.execute(
             rollout_devices.update()
             .where(
                 rollout_devices.c.rollout_id == rollout.id, rollout_devices.c.device == pub.device
             )
-            .values({column: now, "last_heard": now} if pub.kind == "issue" else {column: now})
+            .values(values)
         )
-    if desired is None or pub.model is None or pub.version is None:
+    if desired is None or pub.model is None or pub.version is None or pub.kind == "shadow":
         return
     insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     kind, _, target = pub.target.partition(":")
@@ -332,59 +350,3 @@ def mark_sent(
         )
         .on_conflict_do_nothing(index_elements=[deploys.c.id])
     )
-
-
-def observe(
-    conn: sa.Connection, members: Sequence[Member], prefix: str, current: int, model: str
-) -> dict[str, Observed]:
-    """What the ingested rows say about each member that is waited for (sent and
-    pending) or about to be issued (its step is ``all_current``: its running release),
-    from its state about ``model`` (:func:`agent.fleet.deploy.model_state`: the state's
-    ``models[model]`` when the device reports its models, else the top-level state)."""
-    out: dict[str, Observed] = {}
-    for m in members:
-        waited = m.outcome == "pending" and m.sent is not None and m.issued_at is not None
-        if not waited and not (m.step == current and m.outcome is None):
-            continue
-        row = conn.execute(
-            sa.select(devices.c.state, devices.c.online, devices.c.model, devices.c.version,
-                      devices.c.last_seen).where(devices.c.id == m.device)
-        ).first()  # fmt: skip
-        if row is None:
-            out[m.device] = Observed()
-            continue
-        state = model_state(row.state if isinstance(row.state, dict) else None, model)
-        running = running_of(state) if state is not None else (row.model, row.version)
-        if not waited or m.issued_at is None or m.sent is None:
-            out[m.device] = Observed(state, row.online, running)
-            continue
-        docs = _events_since(conn, m.device, m.sent - EVENT_SKEW_S)
-        topic = desired_topic(prefix, f"device:{m.device}", model)
-        why = next((w for d in docs if (w := refusal(d, topic, m.issued_at)) is not None), None)
-        telemetry_ts = conn.execute(
-            sa.select(sa.func.max(telemetry_raw.c.ts)).where(
-                telemetry_raw.c.device == m.device, telemetry_raw.c.ts >= m.sent - EVENT_SKEW_S
-            )
-        ).scalar()
-        out[m.device] = Observed(
-            state,
-            row.online,
-            running,
-            fingerprint(state, row.last_seen, docs, telemetry_ts, m.issued_at),
-            why,
-        )
-    return out
-
-
-def _events_since(conn: sa.Connection, device: str, since: float) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        sa.select(events.c.event, events.c.update_id, events.c.fields)
-        .where(events.c.device == device, events.c.ts >= since)
-        .order_by(events.c.ts)
-        .limit(MAX_EVENTS)
-    )
-    out = []
-    for row in rows:
-        fields = row.fields if isinstance(row.fields, dict) else {}
-        out.append({**fields, "event": row.event, "update_id": row.update_id})
-    return out

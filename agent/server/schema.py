@@ -236,6 +236,14 @@ rollout_devices = sa.Table(
     sa.Column("take_back_at", Time),  # issued_at of a set-back desired state
     sa.Column("take_back_sent", Time),
     sa.Column("seen", sa.JSON),  # the fingerprint of its reports at the last news
+    # Migration 0006: a shadow rollout's trial of the member (agent.server.rollshadow).
+    sa.Column("trial", sa.String(16)),  # None, pending, succeeded, failed
+    sa.Column("trial_reason", sa.Text),
+    sa.Column("trial_sent", Time),  # its shadow instruction acknowledged by the broker
+    sa.Column("trial_heard", Time),
+    sa.Column("trial_seen", sa.JSON),  # the run's progress at the last news
+    sa.Column("trial_seconds", Time),
+    sa.Column("trial_cleared", Time),  # its shadow instruction cleared
     sa.Index(None, "device"),
 )
 

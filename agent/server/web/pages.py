@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from agent import __version__
 from agent.fleet.acl import check_device_id
 from agent.server import queries, served
-from agent.server.api.rollouts import DeployRequest, deploy
+from agent.server.api.deploys import DeployRequest, deploy
 from agent.server.auth import record
 from agent.server.context import Server
 from agent.server.web import alerts, charts, formats, overview, sessions

@@ -4,10 +4,12 @@ device with its pause / resume / abort buttons.
 - ``GET /ui/rollouts?page=N&status=S``: rollouts newest first, 50 a page; operators
   also get the create form.
 - ``POST /ui/rollouts`` (operator): fields ``group``, ``model``, ``version``,
-  ``canary_pct``, ``step_pct``, ``timeout_s`` → the API's own
+  ``canary_pct``, ``step_pct``, ``timeout_s``, and "shadow first" (``shadow`` ticked,
+  ``sample_pct``, ``max_cpu_pct``, ``min_frames``, ``promote_at``) → the API's own
   :func:`agent.server.api.rollouts.create_rollout` (same checks, same audit entry);
   303 to the new rollout's page.
-- ``GET /ui/rollouts/{id}``: the rollout, each step and each device's verdict.
+- ``GET /ui/rollouts/{id}``: the rollout, each step and each device's verdict (and
+  its shadow run's, in a shadow rollout).
 - ``POST /ui/rollouts/{id}/pause|resume|abort`` (operator): the API's own moves.
 
 Every POST checks the session, its CSRF field and the ``Origin`` (403); a viewer's POST
@@ -26,6 +28,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
+from agent.fleet.shadow import DEFAULT_MAX_CPU_PCT, DEFAULT_MIN_FRAMES, DEFAULT_SAMPLE_PCT
 from agent.server.api import rollouts as api
 from agent.server.rollouts import STATUSES
 from agent.server.schema import device_groups, rollouts
@@ -46,6 +49,12 @@ DONE = {
 }
 MOVES = {"pause": api.pause, "resume": api.resume, "abort": api.abort}  # the API's routes
 DEFAULTS = {"canary_pct": "10", "step_pct": "25", "timeout_s": "900"}
+SHADOW_DEFAULTS = {
+    "sample_pct": str(DEFAULT_SAMPLE_PCT),
+    "max_cpu_pct": str(DEFAULT_MAX_CPU_PCT),
+    "min_frames": str(DEFAULT_MIN_FRAMES),
+    "promote_at": "",
+}
 
 
 class FormProblems(ValueError):
@@ -66,6 +75,31 @@ def _number(form: dict[str, str], name: str, problems: list[str]) -> float:
     return value
 
 
+def _whole(form: dict[str, str], name: str, problems: list[str]) -> int:
+    text = form.get(name, SHADOW_DEFAULTS.get(name, "")).strip()
+    if not text.isdigit() or len(text) > 10:
+        problems.append(f"{name}: {text[:20]!r} is not a whole number")
+        return 0
+    return int(text)
+
+
+def _shadow(form: dict[str, str], problems: list[str]) -> api.ShadowRequest | None:
+    """The "shadow first" section: None unless its box is ticked; an empty
+    ``promote_at`` is none (the group's shadow run at the end)."""
+    if form.get("shadow", "") not in ("on", "1", "true"):
+        return None
+    sample, cpu, frames = (_whole(form, n, problems) for n in ("sample_pct", "max_cpu_pct",
+                                                                "min_frames"))  # fmt: skip
+    promote = None
+    if form.get("promote_at", "").strip():
+        promote = _number(form, "promote_at", problems)
+    if problems:
+        return None
+    return api.ShadowRequest(
+        sample_pct=sample, max_cpu_pct=cpu, min_frames=frames, promote_at=promote
+    )
+
+
 def rollout_request(form: dict[str, str]) -> api.RolloutRequest:
     """The API request a create form stands for. Raises FormProblems when a number
     cannot be read (names, ranges and the group are the API's to check)."""
@@ -74,6 +108,7 @@ def rollout_request(form: dict[str, str]) -> api.RolloutRequest:
     if not version.isdigit() or len(version) > 10:
         problems.append(f"version: {version[:20]!r} is not a positive integer")
     canary, step, timeout = (_number(form, n, problems) for n in DEFAULTS)
+    shadow = _shadow(form, problems)
     if problems:
         raise FormProblems("; ".join(problems))
     return api.RolloutRequest(
@@ -83,6 +118,7 @@ def rollout_request(form: dict[str, str]) -> api.RolloutRequest:
         canary_pct=canary,
         step_pct=step,
         timeout_s=timeout,
+        shadow=shadow,
     )
 
 
@@ -97,7 +133,10 @@ def tally(rollout: dict[str, Any]) -> dict[str, int]:
     counts = {"succeeded": 0, "failed": 0, "pending": 0, "untouched": 0}
     for step in rollout["steps"]:
         for device in step["devices"]:
-            key = device["status"] if device["status"] in counts else "pending"
+            status = device["status"]
+            if status == "untouched" and device.get("trial"):  # only its shadow run so far
+                status = device["trial"]["status"]
+            key = status if status in counts else "pending"
             counts[key] += 1
     return counts
 
@@ -150,7 +189,7 @@ def _list_context(
         "status": status,
         "statuses": STATUSES,
         "groups": group_names,
-        "form": DEFAULTS,
+        "form": {**DEFAULTS, **SHADOW_DEFAULTS},
         "error": None,
     }
 
@@ -184,7 +223,8 @@ async def create_form(request: Request) -> Response:
     except HTTPException as exc:
         context = await run_in_threadpool(_list_context, request, session, 1, None)
         context["error"] = str(exc.detail)
-        context["form"] = {**DEFAULTS, **{k: v[:200] for k, v in form.items() if k != "csrf"}}
+        typed = {k: v[:200] for k, v in form.items() if k != "csrf"}
+        context["form"] = {**DEFAULTS, **SHADOW_DEFAULTS, **typed}
         return pages.render(request, "rollouts.html", context, exc.status_code)
     return RedirectResponse(f"/ui/rollouts/{made['id']}?done=created", status_code=303)
 
