@@ -61,7 +61,7 @@ def test_migrations_create_the_schema_and_a_second_start_changes_nothing(db_url:
         tables = set(sa.inspect(conn).get_table_names())
         kept = conn.execute(sa.select(devices.c.id)).scalars().all()
     second.dispose()
-    assert version == _head() == "0006"
+    assert version == _head() == "0007"
     assert tables == set(metadata.tables) | {"alembic_version"}
     assert kept == ["cam-1"]
 

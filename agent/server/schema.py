@@ -236,7 +236,7 @@ rollout_devices = sa.Table(
     sa.Column("take_back_at", Time),  # issued_at of a set-back desired state
     sa.Column("take_back_sent", Time),
     sa.Column("seen", sa.JSON),  # the fingerprint of its reports at the last news
-    # Migration 0006: a shadow rollout's trial of the member (agent.server.rollshadow).
+    # Migration 0007: a shadow rollout's trial of the member (agent.server.rollshadow).
     sa.Column("trial", sa.String(16)),  # None, pending, succeeded, failed
     sa.Column("trial_reason", sa.Text),
     sa.Column("trial_sent", Time),  # its shadow instruction acknowledged by the broker

@@ -4,8 +4,8 @@ when its instruction was sent, its last news and the run's progress then, how lo
 took, and when its instruction was cleared. The rollout's shadow options (and the one
 ``issued_at`` of its instructions) live in ``rollouts.options``.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006"
-down_revision: str | None = "0005"
+revision = "0007"
+down_revision: str | None = "0006"
 branch_labels: str | None = None
 depends_on: str | None = None
 
