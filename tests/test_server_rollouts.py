@@ -529,9 +529,9 @@ def test_another_instance_takes_over_when_the_holder_dies(rig: Rig) -> None:
     assert wait_until(lambda: rig.rows(rollout_id)[0].step == 1, WAIT_S)
     holder.stop(5.0, release=False)  # dies: the lease stays until it expires
     rig.drivers.remove(holder)
-    other = rig.driver("srv-b", lease_s=2.0)
-    with rig.engine.connect() as conn:
+    with rig.engine.connect() as conn:  # (before srv-b starts: it takes it once expired)
         assert lease.holder_of(conn, f"rollout:{rollout_id}") == "srv-a"
+    other = rig.driver("srv-b", lease_s=2.0)
     for name in steps[1]:
         device = rig.devices[name]
         device.behaviour = "ok"
