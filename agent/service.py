@@ -7,6 +7,10 @@ before it is loaded), the active release and the stream, the update worker, and
 commands. ``stop()`` runs in reverse. The service holds no update logic: that is
 ``agent.update``; it only lends the updater its ``load`` and ``swap``.
 
+Each model's unit and each pipeline's cascade stage are built by
+``agent.service_units``; shadow runs and output statistics are wired per model by
+``agent.service_shadows``.
+
 The daemon's main loop around a service (signals, sd_notify, reloads) is
 ``agent.daemon``.
 """
@@ -22,7 +26,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.cascade import Cascade
 from agent.commands import Commands
 from agent.config import Config, PipelineConfig
 from agent.config_pipelines import served_models
@@ -30,27 +33,22 @@ from agent.contract import (
     EventName,
     InferenceDoc,
     PipelineInferenceDoc,
-    ShadowDoc,
     StateDoc,
-    TelemetryExtra,
 )
 from agent.control import ControlServer
-from agent.desired import desired_topics, shadow_topic
+from agent.desired import desired_topics
 from agent.diagnostics import Diagnostics
-from agent.errors import EdgeAgentError
 from agent.homeassistant import discovery_configs
 from agent.homeassistant_publish import DiscoveryPublisher
 from agent.outbox import Outbox
 from agent.pipeline import Pipeline, Result, Stats
 from agent.reloading import Reloads
-from agent.shadow.control import Reader
-from agent.shadow.outputs import OutputStats
-from agent.shadow.unit import ShadowUnit
+from agent.service_shadows import ServedShadows
+from agent.service_units import UnitReporter, build_cascades, build_units
 from agent.store import Store
-from agent.stores import store_dirs, unit_config
 from agent.sysinfo import SystemProbe
 from agent.telemetry import ResultGate, Telemetry, Topics
-from agent.units import CascadeSlot, ModelUnit, PipelineSlot, Target, compose_state
+from agent.units import ModelUnit, PipelineSlot, compose_state
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,29 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOCK_WAIT_S = 30.0  # at start, how long a command-line pull may keep the store
-
-
-# a unit's events that carry no model of their own
-_NAMED_EVENTS = frozenset({"model_failed", "state_repaired", "rolled_back", "update_error"})
-
-
-class _Reporter:
-    """A unit's reporter: events as they are (with several models, ``model_failed``,
-    ``rolled_back``, ``update_error`` and a store's ``state_repaired`` name the unit's
-    model); its state merged into the one state document (with several models, every
-    unit's part under ``models``)."""
-
-    def __init__(self, service: Service, model: str | None = None) -> None:
-        self.service = service
-        self.model = model
-
-    def event(self, name: EventName, detail: Mapping[str, Any] | None = None) -> None:
-        if self.model is not None and name in _NAMED_EVENTS:
-            detail = {**(detail or {}), "model": self.model}
-        self.service.telemetry.event(name, detail)
-
-    def state(self, state: StateDoc) -> None:
-        self.service.publish_state(state)
 
 
 class Service:
@@ -146,11 +121,13 @@ class Service:
             config.store.dir,
             lambda topic, payload: self.telemetry.publish_retained(topic, payload),
         )
+        # shadow runs and output statistics per model: filled in once the units exist
+        self.served = ServedShadows(config, self.models, self._event)
         handlers: dict[str, Callable[[Incoming], None]] = {
             **self.discovery.handlers(),
             topics("cmd/+"): self.commands.submit,
             **self._desired_handlers(),
-            **self._shadow_handlers(),
+            **self.served.handlers(),
         }
         self.telemetry = Telemetry(
             config.device.id,
@@ -166,15 +143,23 @@ class Service:
             status={"groups": list(config.device.groups), "agent_version": __version__},
             on_connect=self.discovery.on_connect,
             pipelines=self._pipelines_figures if self.multi else None,  # a cascade too
-            extra=self._shadow_telemetry,
+            extra=self.served.telemetry,
         )
         self.metrics = self._build_metrics()
         self.slots = [self._slot(p) for p in self.pipelines]
-        self.cascades = self._build_cascades()  # by pipeline name
-        self.units = self._build_units()
-        self.shadows = self._build_shadows()  # by model: what pipelines serve
-        self.crop_outputs = self._build_crop_outputs()  # by model: cascade models alone
-        self._readers = self._shadow_readers()  # the others': refused when asked for
+        self.cascades = build_cascades(self.slots)  # by pipeline name
+        link = self.telemetry.link
+        self.units = build_units(
+            config,
+            self.store,
+            self.models,
+            self.slots,
+            self.cascades,
+            lambda model: UnitReporter(self._event, self.publish_state, model),
+            multi=self.multi,
+            connected=(lambda: link.connected.is_set()) if link is not None else None,
+        )
+        self.served.attach(self.units)
         first = self.units[0]
         self.updates = first.updates  # the first pipeline's model (the legacy shape's one)
         self.lock = next(u.lock for u in self.units if u.store.root == self.store.root)
@@ -216,191 +201,6 @@ class Service:
 
         return publish
 
-    def _build_units(self) -> list[ModelUnit]:
-        """One unit per served model, each with its store; its targets are the pipelines
-        whose primary model it is and the cascade stages that name it."""
-        config = self.config
-        link = self.telemetry.link
-        connected = (lambda: link.connected.is_set()) if link is not None else None
-        if not self.multi:  # the single model: the root store, the config as it is
-            unit = ModelUnit(
-                config.model.name, config, list(self.slots), _Reporter(self), connected=connected
-            )
-            return [unit]
-        try:
-            pointer = self.store.pointer()
-        except EdgeAgentError:
-            pointer = None  # damaged: the root unit repairs it at start
-        dirs = store_dirs(config.store.dir, pointer.model if pointer else None, list(self.models))
-        units: list[ModelUnit] = []
-        for index, (name, model) in enumerate(self.models.items()):
-            targets: list[Target] = [s for s in self.slots if s.config.model.name == name]
-            targets += [c for c in self.cascades.values() if c.model_name == name]
-            results = targets[0].results
-            units.append(
-                ModelUnit(
-                    name,
-                    unit_config(config, model, results, dirs[name]),
-                    targets,
-                    _Reporter(self, name),
-                    connected=connected,
-                    only_model=True,
-                    not_served=(lambda m: m not in self.models) if index == 0 else None,
-                )
-            )
-        return units
-
-    def _build_cascades(self) -> dict[str, CascadeSlot]:
-        """Each pipeline's cascade stage (``cascade:``), without its model until the
-        cascade model's unit serves it (results pass through until then)."""
-        from agent.cascade_rules import CascadeRules
-
-        cascades: dict[str, CascadeSlot] = {}
-        for slot in self.slots:
-            cascade = slot.config.cascade
-            if cascade is None or cascade.model.name is None:
-                continue
-            rules = CascadeRules(
-                labels=frozenset(cascade.labels) if cascade.labels else None,
-                max_crops=cascade.max_crops,
-                min_score=(
-                    cascade.min_score
-                    if cascade.min_score is not None
-                    else slot.config.results.min_score
-                ),
-                padding=cascade.padding,
-                min_size=cascade.min_size,
-            )
-            cascades[slot.name] = CascadeSlot(
-                slot, Cascade(None, rules), cascade.model.name, cascade.top_k
-            )
-        return cascades
-
-    def _build_shadows(self) -> dict[str, ShadowUnit]:
-        """Output statistics and shadow runs of each model a pipeline serves, on the
-        first pipeline serving it (agent/shadow/)."""
-        shadows: dict[str, ShadowUnit] = {}
-        for unit in self.units:
-            slots = [t for t in unit.targets if isinstance(t, PipelineSlot)]
-            name = unit.name or self._pointed_model(unit)
-            if not slots or name is None:
-                continue
-            slot = slots[0]
-            shadow = ShadowUnit(
-                unit.config,
-                name,
-                unit.store.root,
-                updates=lambda unit=unit: unit.updates,  # type: ignore[misc]
-                load=unit.load,
-                event=self._event,
-                pipeline=lambda slot=slot: slot,  # type: ignore[misc]
-            )
-            slot.set_observers(shadow.observers())
-            unit.updates.shadows = self._shadow_states
-            shadows[name] = shadow
-        return shadows
-
-    def _build_crop_outputs(self) -> dict[str, OutputStats]:
-        """Output statistics of each model served only as a cascade model, over its crop
-        answers on the first pipeline whose cascade names it (kept in its store)."""
-        outputs: dict[str, OutputStats] = {}
-        for unit in self.units:
-            crops = [t for t in unit.targets if isinstance(t, CascadeSlot)]
-            if unit.name is None or unit.name in self.shadows or not crops:
-                continue
-            stats = OutputStats(unit.name, unit.store.root)
-            crops[0].cascade.set_outputs(stats.add)
-            outputs[unit.name] = stats
-        return outputs
-
-    @staticmethod
-    def _pointed_model(unit: ModelUnit) -> str | None:
-        try:
-            pointer = unit.store.pointer()
-        except EdgeAgentError:
-            return None
-        return pointer.model if pointer else None
-
-    def _on_shadow(self, model: str, message: Incoming) -> None:
-        shadow = self.shadows.get(model)
-        if shadow is not None:
-            shadow.on_message(message)
-        elif message.payload:  # a cascade model's: no pipeline runs it on whole frames
-            self._no_shadow_run(model, message)
-
-    def _shadow_readers(self) -> dict[str, Reader]:
-        """How a shadow instruction for each model without a shadow controller (a
-        cascade model) is read: the key ring loaded once here (a config reload builds a
-        new service, and so reads the keys again)."""
-        from agent.verify import KeyRing
-
-        cfg = self.config
-        missing = [name for name in self.models if name not in self.shadows]
-        if not missing:
-            return {}
-        key = KeyRing.load(cfg.update.desired_keys, "update.desired_public_key(s)")
-        return {
-            name: Reader(
-                name,
-                prefix=cfg.mqtt.topic_prefix,
-                device=cfg.device.id,
-                groups=list(cfg.device.groups),
-                key=key,
-                max_skew_s=cfg.update.max_clock_skew_s,
-            )
-            for name in missing
-        }
-
-    def _no_shadow_run(self, model: str, message: Incoming) -> None:
-        """A shadow instruction for a model no pipeline has as its primary one (a cascade
-        model): checked as any, then refused out loud (``shadow_failed``), not dropped."""
-        reader = self._readers.get(model)
-        if reader is None:
-            return
-        try:
-            read = reader.read(message)
-        except ValueError as exc:
-            self._event("desired_invalid", {"topic": message.topic, "error": str(exc)})
-            return
-        if read is None or read[1] is None:
-            return
-        error = (
-            f"{model} is a cascade model here: a shadow run compares a pipeline's own "
-            "model on its frames"
-        )
-        log.warning("%s: %s", message.topic, error)
-        self._event("shadow_failed", {"model": model, "version": read[1].version, "error": error})
-
-    def _shadow_handlers(self) -> dict[str, Callable[[Incoming], None]]:
-        """``…/shadow/MODEL`` of the device and its groups, for each model served."""
-        cfg = self.config
-        prefix, device = cfg.mqtt.topic_prefix, cfg.device.id
-        handlers: dict[str, Callable[[Incoming], None]] = {}
-        targets = [f"device:{device}", *(f"group:{g}" for g in cfg.device.groups)]
-        for name in self.models:
-            for target in targets:
-                handlers[shadow_topic(prefix, target, name)] = functools.partial(
-                    self._on_shadow, name
-                )
-        return handlers
-
-    def _shadow_states(self) -> dict[str, ShadowDoc]:
-        return {k: v for shadow in self.shadows.values() for k, v in shadow.state().items()}
-
-    def _shadow_telemetry(self) -> TelemetryExtra:
-        extra: TelemetryExtra = {}
-        for shadow in self.shadows.values():
-            part = shadow.telemetry()
-            if "shadows" in part:
-                extra.setdefault("shadows", {}).update(part["shadows"])
-            if "outputs" in part:
-                extra.setdefault("outputs", {}).update(part["outputs"])
-        for name, stats in self.crop_outputs.items():
-            doc = stats.doc()
-            if doc is not None:
-                extra.setdefault("outputs", {})[name] = doc
-        return extra
-
     def _desired_handlers(self) -> dict[str, Callable[[Incoming], None]]:
         """The one desired-state topic of older fleets (device and groups) goes to every
         unit (each takes the states of its model); ``…/desired/MODEL`` to its unit."""
@@ -441,8 +241,7 @@ class Service:
         self.units[0].updates.publish_state()
         for unit in self.units:
             unit.updates.start()
-        for shadow in self.shadows.values():
-            shadow.start()
+        self.served.start()
         self.commands.start()
         self.control.start()
 
@@ -461,14 +260,12 @@ class Service:
             self.commands.stop()
             for unit in self.units:
                 clean = unit.updates.stop() and clean
-            for shadow in self.shadows.values():
-                shadow.stop()
+            self.served.stop()
             for slot in self.slots:
                 slot.stop()
             for cascade in self.cascades.values():
                 cascade.stop()
-            for stats in self.crop_outputs.values():
-                stats.save()
+            self.served.save()
             if self.metrics is not None:
                 self.metrics.stop()
         finally:
@@ -590,7 +387,7 @@ class Service:
         from agent.metrics import Snapshot
         from agent.metrics_models import UpdateFigures
 
-        extra = self._shadow_telemetry()
+        extra = self.served.telemetry()
         pipelines: tuple[PipelineFigures, ...] = ()
         models: dict[str, UpdateFigures] = {}
         if self.multi:  # every pipeline and every model, labelled

@@ -135,16 +135,16 @@ def test_the_service_counts_a_cascade_only_model_in_telemetry_outputs(
         env={},
     )
     service = Service(config)
-    assert set(service.crop_outputs) == {"faces"} and "faces" not in service.shadows
-    stats = service.crop_outputs["faces"]
+    assert set(service.served.crop_outputs) == {"faces"} and "faces" not in service.served.shadows
+    stats = service.served.crop_outputs["faces"]
     assert stats.path == tmp_path / "store" / "models" / "faces" / "outputs.json"
-    assert "outputs" not in service._shadow_telemetry()  # nothing counted yet
+    assert "outputs" not in service.served.telemetry()  # nothing counted yet
     detector = load(models, "detector.tflite", "detection", name="people")
     slot = service.cascades["main"]
     slot.swap(load(models, "classifier.tflite", "classification", 4, name="faces"), 5.0)
     try:
         slot.cascade.run(*first(detector, painted()))
-        outputs = service._shadow_telemetry()["outputs"]
+        outputs = service.served.telemetry()["outputs"]
         assert list(outputs) == ["faces"]
         assert (outputs["faces"]["version"], outputs["faces"]["frames"]) == (4, 3)
         assert outputs["faces"]["classes"] == {"red": 1, "green": 1, "blue": 1}
