@@ -10,8 +10,9 @@ import time
 from agent.desired import desired_topic, shadow_topic
 from agent.errors import ConfigError
 from agent.fleet.cli_common import check_names, check_seconds, fleet_broker, load_reports, snapshot
+from agent.fleet.render import describe, devices_table
 from agent.fleet.status import model_status, status_text
-from agent.fleet.view import FOLLOWED, REPORTS, FleetView, describe, devices_table
+from agent.fleet.view import FOLLOWED, REPORTS, FleetView
 from agent.strictjson import dumps
 
 
