@@ -29,6 +29,7 @@ def fleet_broker(args: argparse.Namespace) -> FleetBroker:
 
 
 def check_names(device: str | None = None, group: str | None = None) -> None:
+    """``--device`` and ``--group`` usable in topics; else ConfigError naming each."""
     problems = []
     if device is not None and (problem := check_device_id(device)):
         problems.append(f"--device: {problem}")
@@ -39,15 +40,18 @@ def check_names(device: str | None = None, group: str | None = None) -> None:
 
 
 def print_line(line: str) -> None:
+    """A progress line on stdout, flushed (the commands' ``say``)."""
     print(line, flush=True)
 
 
 def check_seconds(option: str, value: float | None) -> None:
+    """``value`` (of ``option``) None or a finite positive number; else ConfigError."""
     if value is not None and not (math.isfinite(value) and value > 0):
         raise ConfigError([f"{option}: {value:g} is not a positive number of seconds"])
 
 
 def check_release(model: str | None, version: int | None) -> None:
+    """``--model`` a model name and ``--version`` positive (when given); else ConfigError."""
     if model is not None and not re.fullmatch(MODEL_NAME_PATTERN, model):
         raise ConfigError([f"--model: {model!r} is not a model name"])
     if version is not None and version < 1:
@@ -72,6 +76,7 @@ def load_reports(broker: FleetBroker, view: FleetView, streams: tuple[str, ...] 
 
 
 def snapshot(args: argparse.Namespace) -> FleetView:
+    """The fleet's retained reports (shadow instructions too), read once from the broker."""
     view = FleetView(args.prefix)
     with fleet_broker(args) as broker:
         load_reports(broker, view, (*REPORTS, "shadow"))

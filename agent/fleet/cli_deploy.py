@@ -67,6 +67,8 @@ WATCHED = ("status", "state", "desired", "events", "telemetry")
 
 
 def run_deploy(args: argparse.Namespace) -> int:
+    """``deploy``: retain a desired state (or ``--clear`` it, or ``--shadow``); with
+    ``--wait``, 0 only when every targeted device runs it."""
     check_names(args.device, args.group)
     shadow_only = ("--sample", "--max-cpu", "--promote-at", "--min-frames")
     given = (args.sample, args.max_cpu, args.promote_at, args.min_frames)
@@ -176,6 +178,7 @@ def _shadow_steps(args: argparse.Namespace) -> ShadowSteps | None:
 
 
 def run_rollout(args: argparse.Namespace) -> int:
+    """``rollout``: a staged rollout to a group, here or ``--server``; 0 when it succeeded."""
     shadow = _shadow_steps(args)
     if args.server:
         return _rollout_on_server(args, shadow)

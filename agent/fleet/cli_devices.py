@@ -17,6 +17,8 @@ from agent.strictjson import dumps
 
 
 def run_forget(args: argparse.Namespace) -> int:
+    """``forget``: clear a device's retained reports, desired states and shadow
+    instructions (1 while it says it is online, unless ``--force``)."""
     check_names(args.device)
     view = FleetView(args.prefix)
     with fleet_broker(args) as broker:
@@ -40,6 +42,7 @@ def run_forget(args: argparse.Namespace) -> int:
 
 
 def run_devices(args: argparse.Namespace) -> int:
+    """``devices``: the table (or ``--json`` rows) of the reporting devices."""
     if args.group:
         check_names(group=args.group)
     view = snapshot(args)
@@ -54,6 +57,7 @@ def run_devices(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    """``status --model``: versions, shadow runs and drift of one model across the fleet."""
     view = snapshot(args)
     status = model_status(view, args.model)
     print(dumps(status, indent=2) if args.json else status_text(status))
@@ -61,6 +65,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_telemetry(args: argparse.Namespace) -> int:
+    """``telemetry``: follow live reports, one line each, for ``--seconds`` or ``--count``."""
     if args.device:
         check_names(args.device)
     view = FleetView(args.prefix)

@@ -17,6 +17,7 @@ from agent.verify import generate_keypair, key_id, load_private_key
 
 
 def run_keygen(args: argparse.Namespace) -> None:
+    """``keygen``: write a signing key pair and say its key id."""
     private, public = generate_keypair(args.out, args.name, args.force)
     print(
         f"wrote {private} (keep it secret) and {public} (copy to devices); "
@@ -25,6 +26,7 @@ def run_keygen(args: argparse.Namespace) -> None:
 
 
 def run_publish(args: argparse.Namespace) -> None:
+    """``publish``: put a release in the registry (its manifest with ``--json``)."""
     result = publish(
         args.files,
         model=args.model,
@@ -58,6 +60,7 @@ def run_publish(args: argparse.Namespace) -> None:
 
 
 def run_index(args: argparse.Namespace) -> None:
+    """``index``: show a model's index, or ``--renew`` it (re-signed, a new expiry)."""
     if args.renew:
         info = renew_index(args.registry, args.model, args.sign_key or [], args.index_expiry_days)
     else:
