@@ -25,6 +25,7 @@ is published for them:
 Every entity is available only while ``…/status`` says ``online``: the Last Will marks
 the whole device unavailable. :func:`stale_topics` says which configs published before
 must be cleared (an empty retained message) because the config no longer wants them.
+The entities' Jinja templates are :mod:`agent.homeassistant_templates`.
 docs/homeassistant.md describes the same; tests/test_homeassistant.py renders every
 template with jinja2 against real documents.
 """
@@ -39,7 +40,17 @@ from typing import Literal
 from typing_extensions import NotRequired, TypedDict
 
 from agent.config import HomeAssistantConfig, ResultsConfig, ha_slug
-from agent.contract import STATE_PHASES, UPDATE_PHASES
+from agent.contract import STATE_PHASES
+from agent.homeassistant_templates import (
+    MODEL_ATTRIBUTES_TEMPLATE,
+    UPDATE_TEMPLATE,
+    label_template,
+    model_attributes_template,
+    model_update_template,
+    model_version_template,
+    pipeline_number,
+    value_number,
+)
 
 Component = Literal["sensor", "binary_sensor", "update"]  # the ACL grants these (fleet/acl.py)
 MANUFACTURER = "edge-agent"
@@ -125,21 +136,12 @@ class Sensor:
     precision: int | None = None
 
 
-def _number(path: str) -> str:
-    """A template giving ``value_json.<path>``, or ``None`` (HA: unknown) when a part is
-    missing or null (``inference`` is null while nothing serves)."""
-    parts = path.split(".")
-    guards = [f"value_json.{'.'.join(parts[: i + 1])} is not none" for i in range(len(parts))]
-    defined = f"value_json.{parts[0]} is defined"
-    return f"{{{{ value_json.{path} if ({defined} and {' and '.join(guards)}) else None }}}}"
-
-
 SENSORS: tuple[Sensor, ...] = (
     Sensor(
         "fps",
         "Inference rate",
         "telemetry",
-        _number("inference.fps"),
+        value_number("inference.fps"),
         "fps",
         icon="mdi:speedometer",
         precision=1,
@@ -148,7 +150,7 @@ SENSORS: tuple[Sensor, ...] = (
         "latency_p95",
         "Latency p95",
         "telemetry",
-        _number("inference.latency_ms_p95"),
+        value_number("inference.latency_ms_p95"),
         "ms",
         "duration",
         precision=1,
@@ -157,7 +159,7 @@ SENSORS: tuple[Sensor, ...] = (
         "temperature",
         "Temperature",
         "telemetry",
-        _number("temp_c"),
+        value_number("temp_c"),
         "°C",
         "temperature",
         precision=1,
@@ -166,20 +168,28 @@ SENSORS: tuple[Sensor, ...] = (
         "tpu_temperature",
         "TPU temperature",
         "telemetry",
-        _number("tpu_temp_c"),
+        value_number("tpu_temp_c"),
         "°C",
         "temperature",
         precision=1,
     ),
-    Sensor("cpu", "CPU", "telemetry", _number("cpu_pct"), "%", icon="mdi:cpu-64-bit", precision=0),
     Sensor(
-        "memory", "Memory", "telemetry", _number("mem_pct"), "%", icon="mdi:memory", precision=0
+        "cpu", "CPU", "telemetry", value_number("cpu_pct"), "%", icon="mdi:cpu-64-bit", precision=0
+    ),
+    Sensor(
+        "memory",
+        "Memory",
+        "telemetry",
+        value_number("mem_pct"),
+        "%",
+        icon="mdi:memory",
+        precision=0,
     ),
     Sensor(
         "model_version",
         "Model version",
         "state",
-        _number("version"),
+        value_number("version"),
         state_class=None,
         diagnostic=True,
         icon="mdi:brain",
@@ -200,85 +210,6 @@ PIPELINE_SENSORS = (
     ("fps", "fps", "Inference rate", "fps"),
     ("latency_ms_p95", "latency_p95", "Latency p95", "ms"),
 )
-
-# The update entity's state: JSON with the keys Home Assistant's MQTT update reads.
-UPDATE_BODY = (
-    "{% set installed = s.version|string if s.version is not none else None %}"
-    # a desired state that is not refused, else an update under way or done; a failed or
-    # rolled-back one is not "an update available"
-    "{% if s.desired and (s.desired.model ~ '@' ~ s.desired.version) not in (s.bad or []) %}"
-    "{% set latest = s.desired.version|string %}"
-    # s['update'], not s.update: Jinja's dot finds the dict's update() method first
-    "{% elif s['update'] and s['update'].outcome not in ('failed', 'rolled_back') %}"
-    "{% set latest = s['update'].version|string %}"
-    "{% else %}{% set latest = installed %}{% endif %}"
-    "{{ {'installed_version': installed, 'latest_version': latest,"
-    " 'title': s.model, 'in_progress': s.phase in " + json.dumps(list(UPDATE_PHASES)) + "}"
-    " | tojson }}"
-)
-UPDATE_TEMPLATE = "{% set s = value_json %}" + UPDATE_BODY
-
-ATTRIBUTES_BODY = (
-    "{{ {'model': s.model, 'serving': s.serving,"
-    " 'backend': s.backend, 'previous': s.previous} | tojson }}"
-)
-MODEL_ATTRIBUTES_TEMPLATE = "{% set s = value_json %}" + ATTRIBUTES_BODY
-
-
-def _served(model: str, body: str, missing: str) -> str:
-    """``body`` (a template reading ``s``) with ``s`` = the state's ``models[<model>]``;
-    ``missing`` while the state has no such part (an older agent, or before the model
-    serves). Model names are ``[A-Za-z0-9][A-Za-z0-9._-]*``: their JSON form is a valid
-    Jinja literal."""
-    name, models = json.dumps(model), "value_json.models"
-    guard = f"{models} is defined and {models} is mapping and {name} in {models}"
-    return (
-        f"{{% if {guard} and {models}[{name}] is mapping %}}"
-        f"{{% set s = {models}[{name}] %}}{body}{{% else %}}{missing}{{% endif %}}"
-    )
-
-
-def model_update_template(model: str) -> str:
-    """The update entity of one served model (the state's ``models[<model>]``); ``{}``
-    while the state has no such part: Home Assistant ignores an empty JSON state."""
-    return _served(model, UPDATE_BODY, "{}")
-
-
-def model_version_template(model: str) -> str:
-    """The state's ``models[<model>].version``, or ``None`` (HA: unknown)."""
-    return _served(model, "{{ s.version if s.version is not none else None }}", "None")
-
-
-def model_attributes_template(model: str) -> str:
-    """The version sensor's attributes for one served model (``{}`` while absent)."""
-    return _served(model, ATTRIBUTES_BODY, "{}")
-
-
-def pipeline_number(pipeline: str, key: str) -> str:
-    """A template giving telemetry's ``pipelines[<pipeline>][<key>]``, or ``None`` while
-    that pipeline serves nothing (absent) or telemetry has no ``pipelines``. Pipeline
-    names are ``[A-Za-z0-9][A-Za-z0-9_-]*``: their JSON form is a valid Jinja literal."""
-    name, field = json.dumps(pipeline), json.dumps(key)
-    figures = "value_json.pipelines"
-    guard = (
-        f"{figures} is defined and {figures} is mapping and {name} in {figures}"
-        f" and {figures}[{name}] is mapping and {figures}[{name}][{field}] is number"
-    )
-    return f"{{{{ {figures}[{name}][{field}] if ({guard}) else None }}}}"
-
-
-def label_template(label: str) -> str:
-    """``ON`` when a result's classes or detections include ``label``, else ``OFF``.
-
-    ``label`` matches ``HA_LABEL_PATTERN`` (no quotes or backslashes), so its JSON form is
-    a valid Jinja string literal.
-    """
-    quoted = json.dumps(label)
-    return (
-        "{% set found = (value_json.classes | default([]) | map(attribute='label') | list)"
-        " + (value_json.detections | default([]) | map(attribute='label') | list) %}"
-        f"{{{{ 'ON' if {quoted} in found else 'OFF' }}}}"
-    )
 
 
 def _entity_slug(device: str) -> str:

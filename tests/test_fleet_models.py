@@ -505,7 +505,8 @@ def test_shadow_options_without_shadow_are_bad_usage() -> None:
 
 def test_the_view_takes_each_pipelines_results_and_skips_a_bad_pipeline_name() -> None:
     from agent.fleet.broker import Message
-    from agent.fleet.view import FleetView, describe
+    from agent.fleet.render import describe
+    from agent.fleet.view import FleetView
 
     said: list[str] = []
     view = FleetView("edge", warn=said.append)

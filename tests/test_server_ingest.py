@@ -502,13 +502,13 @@ def _refuse_events_of(engine: sa.Engine, device: str) -> None:
 def test_a_batch_stores_every_message_but_the_one_the_database_refuses(
     engine: sa.Engine, broker: Mosquitto
 ) -> None:
-    from agent.server.ingest import _Pending
+    from agent.server.ingest_batch import Pending
 
     _refuse_events_of(engine, "bad-1")
     ingester = Ingester(engine, BrokerOptions(broker.url), IngestOptions(client_id="srv-b"))
     now = time.time()
     batch = [
-        _Pending(topic, dumps(doc), mid, 0, 0, now)
+        Pending(topic, dumps(doc), mid, 0, 0, now)
         for mid, (topic, doc) in enumerate(
             [
                 ("edge/ok-1/telemetry", telemetry()),
@@ -518,7 +518,7 @@ def test_a_batch_stores_every_message_but_the_one_the_database_refuses(
             start=1,
         )
     ]
-    batch.append(_Pending("edge/ok-2/events", b"not json", 4, 0, 0, now))
+    batch.append(Pending("edge/ok-2/events", b"not json", 4, 0, 0, now))
     ingester._take(batch)  # one batch, as the worker takes it
     stats = ingester.snapshot()
     assert (stats.stored, stats.duplicates) == (2, 0), stats

@@ -25,8 +25,9 @@ from agent.control import ControlServer
 from agent.desired import parse_desired
 from agent.errors import DocumentError, VerificationError
 from agent.fleet.broker import Message
+from agent.fleet.render import describe, devices_table
 from agent.fleet.status import model_status, status_text
-from agent.fleet.view import FleetView, describe, devices_table
+from agent.fleet.view import FleetView
 from agent.manifest import parse_index, parse_manifest
 from agent.mqtt import Incoming
 from agent.outbox import Outbox, Record

@@ -1,7 +1,7 @@
 """The fleet as the broker shows it: one record per device, built from its retained
 ``status``, ``state`` and ``telemetry`` and its own ``desired`` state, plus the groups'
 desired states. ``edge-fleet devices``, ``status``, ``telemetry`` and the rollouts all
-read the fleet through :class:`FleetView`.
+read the fleet through :class:`FleetView`; :mod:`agent.fleet.render` makes text of it.
 
 The view only believes what devices report. It never guesses: a device that has not
 reported a figure shows ``-``, and live figures (fps, p95, temperature) of a device
@@ -16,7 +16,6 @@ warning (stderr), and the rest of the fleet is shown as usual.
 
 from __future__ import annotations
 
-import datetime
 import re
 import sys
 import time
@@ -31,14 +30,13 @@ from agent.fleet.acl import NAME_PATTERN, check_device_id
 from agent.fleet.broker import Message
 from agent.fleet.drift import freshest_run
 from agent.fleet.reports import MAX_BYTES, MAX_DEPTH, clean, printable
-from agent.strictjson import dumps, parse_object
+from agent.strictjson import parse_object
 
 REPORTS = ("status", "state", "telemetry", "desired")
 PER_MODEL = ("desired", "shadow")  # streams with a topic per model: …/desired/MODEL
 LIVE_S = 300.0  # telemetry older than this is not shown as a device's current figures
 FOLLOWED = ("telemetry", "results", "events")
 ACTIVE_PHASES = ("downloading", "verifying", "validating", "activating", "probation")
-MAX_CELL = 64  # characters of one table cell
 MAX_MODELS = 32  # models read from one device's state (it serves at most 8 pipelines' worth)
 
 
@@ -47,7 +45,8 @@ def warn_on_stderr(line: str) -> None:
     print(f"edge-fleet: warning: {line}", file=sys.stderr, flush=True)
 
 
-def _number(value: Any) -> float | None:
+def number(value: Any) -> float | None:
+    """A JSON number (not a bool) as a float; None for anything else."""
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
@@ -57,7 +56,7 @@ def live_telemetry(online: bool | None, telemetry: Any, now: float) -> dict[str,
     outage sends hours-old telemetry, retained, for a while); else ``{}``."""
     if online is not True or not isinstance(telemetry, dict):
         return {}
-    ts = _number(telemetry.get("ts"))
+    ts = number(telemetry.get("ts"))
     return telemetry if ts is not None and ts >= now - LIVE_S else {}
 
 
@@ -178,10 +177,10 @@ class DeviceView:
             "model": self.model,
             "version": self.version,
             "backend": inference.get("backend") or (self.state or {}).get("backend"),
-            "fps": _number(inference.get("fps")),
-            "p95_ms": _number(inference.get("latency_ms_p95")),
-            "temp_c": _number(telemetry.get("temp_c")) if live else None,
-            "outbox": _number(outbox.get("depth")) if isinstance(outbox, dict) else None,
+            "fps": number(inference.get("fps")),
+            "p95_ms": number(inference.get("latency_ms_p95")),
+            "temp_c": number(telemetry.get("temp_c")) if live else None,
+            "outbox": number(outbox.get("depth")) if isinstance(outbox, dict) else None,
             "phase": self.phase,
             "update": update if isinstance(update, dict) else None,
             "last_error": (self.state or {}).get("last_error"),
@@ -351,7 +350,7 @@ class FleetView:
             device = self.devices[device_id] = DeviceView(device_id)
         if stream in REPORTS:
             setattr(device, stream, doc)
-        ts = _number((doc or {}).get("ts"))
+        ts = number((doc or {}).get("ts"))
         if ts is not None and stream != "desired":
             device.last_seen = max(device.last_seen or 0.0, ts)
         return Report(device_id, stream, doc, message.retained)
@@ -366,163 +365,3 @@ class FleetView:
             (d for d in self.devices.values() if d.status or d.state),
             key=lambda d: d.id,
         )
-
-
-# -- rendering ---------------------------------------------------------------------------
-
-
-def age(ts: float | None, now: float | None = None) -> str:
-    if ts is None:
-        return "-"
-    seconds = max(0.0, (time.time() if now is None else now) - ts)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit} ago"
-    return f"{int(seconds)}s ago"
-
-
-def _fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}" if abs(value) < 1e9 else f"{value:.3g}"
-    return str(value)
-
-
-def _update_cell(row: dict[str, Any]) -> str:
-    phase, update = row["phase"], row["update"] or {}
-    if phase in (None, "idle"):
-        return "-"
-    version = update.get("version")
-    text = f"{phase} v{version}" if version is not None else phase
-    if phase in ("failed", "rolled_back") and update.get("reason"):
-        text += f": {update['reason']}"
-    return text if len(text) <= 48 else text[:47] + "…"
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    """Columns padded to their widest cell; each cell printable and cut to MAX_CELL."""
-    rows = [[printable(cell, MAX_CELL) for cell in row] for row in rows]
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    for row in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    return "\n".join(lines)
-
-
-def _shadow_cell(part: dict[str, Any]) -> str:
-    """A model's shadow run in a few words: the candidate, its phase, its agreement."""
-    shadow, run = part["shadow"] or {}, part["shadow_run"] or {}
-    text = f"shadow v{shadow.get('version')}"
-    if run.get("version") == shadow.get("version") and run.get("phase"):
-        text += f" {run['phase']}"
-        agreement = run.get("agreement")
-        value = _number(agreement.get("value")) if isinstance(agreement, dict) else None
-        if value is not None:
-            text += f" agreement {value:.3f}"
-    return text
-
-
-def devices_table(view: FleetView, now: float | None = None) -> str:
-    """``edge-fleet devices``: one row per device."""
-    headers = [
-        "DEVICE",
-        "ONLINE",
-        "MODEL@VERSION",
-        "BACKEND",
-        "FPS",
-        "P95_MS",
-        "TEMP_C",
-        "OUTBOX",
-        "LAST_SEEN",
-        "AGENT",
-        "UPDATE",
-    ]
-    rows = []
-    for device in view.reporting():
-        row = device.row(now)
-        online = {True: "yes", False: "no", None: "?"}[row["online"]]
-        release = f"{row['model']}@{row['version']}" if row["model"] and row["version"] else "-"
-        rows.append(
-            [
-                row["device"],
-                online,
-                release,
-                _fmt(row["backend"]),
-                _fmt(row["fps"]),
-                _fmt(row["p95_ms"]),
-                _fmt(row["temp_c"]),
-                _fmt(int(row["outbox"]) if row["outbox"] is not None else None),
-                age(row["last_seen"], now),
-                _fmt(row["agent_version"]),
-                _update_cell(row),
-            ]
-        )
-        # a device serving several models: one more row per other model (issue 20)
-        for model, part in row["models"].items():
-            if model == row["model"]:
-                continue
-            cell = {"phase": part["phase"], "update": part["update"]}
-            release = f"{model}@{part['version']}" if part["version"] else f"{model}@-"
-            blank = ["-"] * 6
-            rows.append(["", "", release, _fmt(part["backend"]), *blank, _update_cell(cell)])
-        shadowing = [f"{m}: {_shadow_cell(p)}" for m, p in row["models"].items() if p["shadow"]]
-        for line in shadowing:
-            rows.append(["", "", "", "", *["-"] * 6, line])
-    if not rows:
-        return "no device has reported under this prefix"
-    return table(headers, rows)
-
-
-def _clock(ts: Any) -> str:
-    value = _number(ts)
-    try:
-        moment = datetime.datetime.fromtimestamp(time.time() if value is None else value)
-    except (ValueError, OverflowError, OSError):  # a time out of range
-        moment = datetime.datetime.now()
-    return moment.strftime("%H:%M:%S")
-
-
-def _part(doc: dict[str, Any], name: str) -> dict[str, Any]:
-    value = doc.get(name)
-    return value if isinstance(value, dict) else {}
-
-
-def describe(report: Report) -> str:
-    """One line for ``edge-fleet telemetry``: time, device, stream, the gist."""
-    doc = report.doc or {}
-    stream = report.stream
-    if stream == "telemetry":
-        inference = _part(doc, "inference")
-        outbox = _part(doc, "outbox")
-        parts = [
-            f"fps={_fmt(_number(inference.get('fps')))}",
-            f"p95={_fmt(_number(inference.get('latency_ms_p95')))}ms",
-            f"cpu={_fmt(_number(doc.get('cpu_pct')), 0)}%",
-            f"temp={_fmt(_number(doc.get('temp_c')))}C",
-            f"rss={_fmt(_number(doc.get('rss_mb')), 0)}MB",
-            f"outbox={outbox.get('depth', '-')}",
-        ]
-        if inference.get("version") is not None:
-            parts.insert(0, f"v{inference.get('version')}/{inference.get('backend')}")
-        gist = " ".join(parts)
-    elif stream == "results":
-        found = doc.get("classes") if "classes" in doc else doc.get("detections")
-        if isinstance(found, list):  # none found: "nothing", not values=None
-            items = [f"{f.get('label')} {f.get('score')}" for f in found if isinstance(f, dict)]
-            gist = f"v{doc.get('version')} " + (", ".join(items) or "nothing")
-        else:
-            gist = f"v{doc.get('version')} values={doc.get('values')}"
-        if isinstance(doc.get("pipeline"), str):  # several pipelines: which one
-            gist = f"{printable(doc['pipeline'], 32)}: {gist}"
-    elif stream == "events":
-        skip = {"schema", "ts", "seq", "id", "event"}
-        extra = " ".join(f"{k}={v}" for k, v in doc.items() if k not in skip and v is not None)
-        gist = f"{doc.get('event')} {extra}".rstrip()
-    else:
-        gist = dumps(doc, sort_keys=True)
-    if len(gist) > 300:
-        gist = gist[:299] + "…"
-    return f"{_clock(doc.get('ts'))} {report.device} {stream:<9} {gist}"

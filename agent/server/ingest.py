@@ -11,10 +11,11 @@ session (``clean_start=False`` and a session expiry) and QoS 1 subscriptions:
 
 paho's network thread only puts each message in a bounded queue; one worker thread
 reads it (:func:`agent.server.inbound.read`), stores it in ONE transaction
-(``record_messages`` on the keys, then the streams' writes), commits, and only then
-acknowledges it (``manual_ack``). A message the broker delivered but we never
-acknowledged is delivered again after a reconnect, to this session: nothing
-acknowledged is lost, and a repeat finds its key and is counted as a duplicate.
+(``record_messages`` on the keys, then the streams' writes; the batch and its retries:
+:mod:`agent.server.ingest_batch`), commits, and only then acknowledges it
+(``manual_ack``). A message the broker delivered but we never acknowledged is delivered
+again after a reconnect, to this session: nothing acknowledged is lost, and a repeat
+finds its key and is counted as a duplicate.
 
 The database down: the worker keeps the message and retries with capped backoff; the
 queue fills up to ``max_pending``, which is also the Receive Maximum we announce, so
@@ -31,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -41,22 +42,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from agent.errors import ConfigError
 from agent.fleet.acl import check_device_id, check_group_name, check_prefix
 from agent.fleet.broker import BrokerError, BrokerOptions, configure
 from agent.mqtt_reasons import explain, in_fleet_terms
-from agent.server.inbound import REASONS, Inbound, Malformed, Reason, read, subscriptions
-from agent.server.retention import stored_time
-from agent.server.store import store_batch
+from agent.server.inbound import subscriptions
+from agent.server.ingest_batch import BatchWriter, Counters, Pending
 
 log = logging.getLogger(__name__)
 
-RETRY_MIN_S = 0.2
-RETRY_MAX_S = 5.0
 BATCH_MAX = 200  # messages stored in one transaction: one commit, not one per message
-NEWS = frozenset({"status", "state", "events"})  # what a rollout step is judged on
 
 
 @dataclass(frozen=True)
@@ -83,26 +79,6 @@ class IngestStats:
     connects: int  # successful connections so far (> 1 after reconnects)
     database_ok: bool
     database_error: str | None
-
-
-@dataclass
-class _Counters:
-    received: int = 0
-    stored: int = 0
-    duplicates: int = 0
-    malformed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
-    lag_s: float | None = None
-    database_error: str | None = None
-
-
-@dataclass(frozen=True)
-class _Pending:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    session: int  # which connection delivered it: acknowledged only on that one
-    received: float
 
 
 class Ingester:
@@ -135,9 +111,9 @@ class Ingester:
         self.options = options
         self.clock = clock
         self.host, self.port, self.tls = broker.endpoint()
-        self._queue: queue.Queue[_Pending] = queue.Queue(options.max_pending)
+        self._queue: queue.Queue[Pending] = queue.Queue(options.max_pending)
         self._lock = threading.Lock()
-        self._counters = _Counters()
+        self._counters = Counters()
         self._session = 0  # bumped on every CONNACK
         self._refused = False  # the last CONNACK refused us (already logged)
         self._holding = 0  # messages of the batch being stored (taken off the queue)
@@ -147,6 +123,9 @@ class Ingester:
         self._acks: dict[int, ReasonCode] = {}  # PUBACKs of publish() not yet taken
         self._abandoned: set[int] = set()  # publishes given up on: their PUBACK is dropped
         self._ack_ready = threading.Condition(self._lock)
+        self._writer = BatchWriter(
+            engine, broker.prefix, self._counters, self._lock, self._stopping, clock
+        )
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=options.client_id,
@@ -344,7 +323,7 @@ class Ingester:
         with self._lock:
             self._counters.received += 1
             session = self._session
-        pending = _Pending(msg.topic, bytes(msg.payload), msg.mid, msg.qos, session, self.clock())
+        pending = Pending(msg.topic, bytes(msg.payload), msg.mid, msg.qos, session, self.clock())
         try:
             # Never blocks for long: the broker sends at most max_pending unacknowledged.
             self._queue.put(pending, timeout=1.0)
@@ -367,7 +346,7 @@ class Ingester:
                     break
             self._take(batch)
 
-    def _take(self, batch: list[_Pending]) -> None:
+    def _take(self, batch: list[Pending]) -> None:
         """Store ``batch`` in one transaction (retrying while the database is down),
         then acknowledge every message of it, in the order they arrived (MQTT §4.6)."""
         self._holding = len(batch)
@@ -376,96 +355,19 @@ class Ingester:
         finally:
             self._holding = 0
 
-    def _take_batch(self, batch: list[_Pending]) -> None:
-        read_ = [(p, read(self.broker.prefix, p.topic, p.payload)) for p in batch]
-        good: list[tuple[_Pending, Inbound]] = []
-        for pending, inbound in read_:
-            if isinstance(inbound, Malformed):
-                log.debug("skipped a message on %r: %s", pending.topic[:200], inbound.detail)
-                self._count_malformed(inbound.reason)
-            else:
-                good.append((pending, inbound))
-        delay = RETRY_MIN_S
-        results: list[bool | None] = []
-        while good:
-            try:
-                try:
-                    results = self._store(good)
-                except DBAPIError as exc:
-                    if exc.connection_invalidated or _transient(exc):
-                        raise
-                    results = self._one_by_one(good)  # the database refuses one of them
-                break
-            except SQLAlchemyError as exc:
-                self._database_down(exc)
-            if self._stopping.wait(delay):
-                return  # not acknowledged: delivered again to this session later
-            delay = min(delay * 2, RETRY_MAX_S)
-        self._count_stored(good, results)
+    def _take_batch(self, batch: list[Pending]) -> None:
+        news = self._writer.write(batch)
+        if news is None:
+            return  # stopping: not acknowledged, delivered again to this session later
         for pending in batch:
             self._ack(pending)
-        news = any(r is True and m.stream in NEWS for (_, m), r in zip(good, results, strict=True))
         if news and self.on_news is not None:
             self.on_news()
 
-    def _one_by_one(self, batch: list[tuple[_Pending, Inbound]]) -> list[bool | None]:
-        """Each message in its own transaction, after their batch was refused: the one
-        the database refuses for itself (not a connection failure) is counted
-        ``contract`` and skipped (None). A connection failure is raised: the caller
-        retries the batch, whose stored messages are then duplicates."""
-        results: list[bool | None] = []
-        for item in batch:
-            try:
-                results.append(self._store([item])[0])
-            except DBAPIError as exc:
-                if exc.connection_invalidated or _transient(exc):
-                    raise
-                log.warning("database refused a message of %s: %s", item[1].device, exc)
-                self._count_malformed("contract")
-                results.append(None)
-        return results
-
-    def _count_stored(
-        self, msgs: list[tuple[_Pending, Inbound]], results: list[bool | None]
-    ) -> None:
-        with self._lock:
-            c = self._counters
-            c.database_error = None
-            for (pending, msg), stored in zip(msgs, results, strict=True):
-                if stored is True:
-                    c.stored += 1
-                    if msg.ts is not None:
-                        c.lag_s = max(0.0, self.clock() - stored_time(msg.ts, pending.received))
-                elif stored is False:
-                    c.duplicates += 1
-
-    def _store(self, batch: list[tuple[_Pending, Inbound]]) -> list[bool | None]:
-        """One transaction for ``batch`` (:func:`agent.server.store.store_batch`)."""
-        with self.engine.begin() as conn:
-            stored = store_batch(conn, [(m, p.received) for p, m in batch])
-        return list(stored)
-
-    def _ack(self, pending: _Pending) -> None:
+    def _ack(self, pending: Pending) -> None:
         with self._lock:
             current = pending.session == self._session
         # After a reconnect the broker sends the message again (same session): that
         # copy is found by its key and acknowledged then.
         if pending.qos > 0 and current:
             self.client.ack(pending.mid, pending.qos)
-
-    def _count_malformed(self, reason: Reason) -> None:
-        with self._lock:
-            self._counters.malformed[reason] += 1
-
-    def _database_down(self, exc: SQLAlchemyError) -> None:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0:1]
-        with self._lock:
-            first = self._counters.database_error is None
-            self._counters.database_error = reason[0] if reason else type(exc).__name__
-        if first:
-            log.warning("database unavailable, holding messages: %s", reason)
-
-
-def _transient(exc: DBAPIError) -> bool:
-    """A failure of the database, not of the message: retried."""
-    return isinstance(exc, OperationalError | InterfaceError)
