@@ -15,15 +15,11 @@ from typing import Any
 
 from agent.fleet.drift import THRESHOLD, drift, freshest_run, shadow_figures
 from agent.fleet.reports import printable
-from agent.fleet.view import ACTIVE_PHASES, FleetView
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+from agent.fleet.view import ACTIVE_PHASES, FleetView, number
 
 
 def _when(ts: Any) -> str:
-    value = _number(ts)
+    value = number(ts)
     if value is None:
         return printable(str(ts), 40)
     try:
